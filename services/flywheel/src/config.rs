@@ -1,0 +1,89 @@
+//! Configuration: defaults, overridden by `FLYWHEEL_*` environment variables
+//! (and the conventional `DATABASE_URL`, `HF_ENDPOINT`). CLI flags are only
+//! for the knobs of one command.
+
+use std::path::PathBuf;
+
+/// A database URL whose `Debug` hides the password.
+#[derive(Clone)]
+pub struct DatabaseUrl(pub String);
+
+impl std::fmt::Debug for DatabaseUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0.split_once('@') {
+            Some((creds, host)) if creds.contains(':') && creds.matches(':').count() > 1 => {
+                let user = creds.rsplit_once(':').map_or(creds, |(u, _)| u);
+                write!(f, "{user}:***@{host}")
+            }
+            _ => f.write_str(&self.0),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Where `up` keeps its database, models and key: `FLYWHEEL_HOME`.
+    pub home: PathBuf,
+    /// `FLYWHEEL_ADDR`.
+    pub addr: String,
+    /// `DATABASE_URL`; `up` starts its own Postgres when unset.
+    pub database_url: Option<DatabaseUrl>,
+    /// `FLYWHEEL_MODEL_CACHE`.
+    pub model_cache: PathBuf,
+    /// `FLYWHEEL_PYPI_INDEX`.
+    pub pypi_index: String,
+    /// `HF_ENDPOINT`.
+    pub hf_endpoint: String,
+    /// `FLYWHEEL_QUEUE_CAPACITY`.
+    pub queue_capacity: usize,
+    /// `FLYWHEEL_DEFAULT_MAX_TOKENS`.
+    pub default_max_tokens: usize,
+    /// `FLYWHEEL_MAX_BODY_BYTES`.
+    pub max_body_bytes: usize,
+    /// `FLYWHEEL_LOG_COMPLETIONS` (true/false).
+    pub log_completions: bool,
+    /// `FLYWHEEL_PG_PORT`: port of the Postgres that `up` starts.
+    pub local_pg_port: u16,
+}
+
+impl Config {
+    pub fn from_env() -> anyhow::Result<Self> {
+        let var = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+        let parse = |k: &str, default: usize| -> anyhow::Result<usize> {
+            match var(k) {
+                Some(v) => v
+                    .parse()
+                    .map_err(|_| anyhow::anyhow!("{k}={v:?} is not a number")),
+                None => Ok(default),
+            }
+        };
+        let home = var("FLYWHEEL_HOME")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from(".flywheel"));
+        let home = std::path::absolute(&home).unwrap_or(home);
+        Ok(Self {
+            model_cache: var("FLYWHEEL_MODEL_CACHE")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| home.join("models")),
+            home,
+            addr: var("FLYWHEEL_ADDR").unwrap_or_else(|| "127.0.0.1:8080".into()),
+            database_url: var("DATABASE_URL").map(DatabaseUrl),
+            pypi_index: var("FLYWHEEL_PYPI_INDEX")
+                .unwrap_or_else(|| "https://pypi.org/simple".into()),
+            hf_endpoint: var("HF_ENDPOINT").unwrap_or_else(|| "https://huggingface.co".into()),
+            queue_capacity: parse("FLYWHEEL_QUEUE_CAPACITY", 64)?,
+            default_max_tokens: parse("FLYWHEEL_DEFAULT_MAX_TOKENS", 512)?,
+            max_body_bytes: parse("FLYWHEEL_MAX_BODY_BYTES", 1 << 20)?,
+            log_completions: var("FLYWHEEL_LOG_COMPLETIONS").is_none_or(|v| v != "false"),
+            local_pg_port: parse("FLYWHEEL_PG_PORT", 54329)? as u16,
+        })
+    }
+
+    pub fn gateway(&self) -> flywheel_gateway::GatewayConfig {
+        flywheel_gateway::GatewayConfig {
+            max_body_bytes: self.max_body_bytes,
+            default_max_tokens: self.default_max_tokens,
+            log_completions: self.log_completions,
+        }
+    }
+}

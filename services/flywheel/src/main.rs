@@ -1,0 +1,293 @@
+//! `flywheel`: one binary, a subcommand per part of the system.
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use flywheel::{Config, pg::LocalPostgres};
+
+#[derive(Parser)]
+#[command(
+    name = "flywheel",
+    version,
+    about = "A self-hosted feedback data flywheel for small language models"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Everything on embedded defaults: database, model, gateway.
+    Up,
+    /// The gateway alone (FLYWHEEL_ADDR, DATABASE_URL).
+    Serve,
+    /// Apply database migrations.
+    Migrate,
+    /// Start the private PostgreSQL cluster `up` uses and print its URL.
+    Postgres {
+        /// Print `export DATABASE_URL=...` for `eval`.
+        #[arg(long)]
+        print_env: bool,
+    },
+    /// API keys.
+    Keys {
+        #[command(subcommand)]
+        command: KeysCommand,
+    },
+    /// Model versions.
+    Models {
+        #[command(subcommand)]
+        command: ModelsCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum KeysCommand {
+    /// Create a key for a team (created if new); the key is the last line printed.
+    Create {
+        #[arg(long)]
+        team: String,
+    },
+    /// List keys (prefixes only; secrets are never stored).
+    List {
+        #[arg(long)]
+        team: Option<String>,
+    },
+    /// Revoke a key by id or prefix.
+    Revoke { key: String },
+}
+
+#[derive(Subcommand)]
+enum ModelsCommand {
+    /// Fetch a model and register it: the default SmolLM2-135M-Instruct, or
+    /// a Hugging Face hub file `owner/repo/file.gguf[@revision]`.
+    Pull {
+        spec: Option<String>,
+        /// Make it the champion.
+        #[arg(long)]
+        champion: bool,
+    },
+    /// Register a local GGUF file.
+    Import {
+        path: std::path::PathBuf,
+        #[arg(long)]
+        name: Option<String>,
+        #[arg(long)]
+        champion: bool,
+    },
+    /// List model versions.
+    List,
+    /// Make a model version the champion.
+    Promote { name: String },
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,sqlx=warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let cfg = Config::from_env()?;
+    match cli.command {
+        Command::Up => up(cfg).await,
+        Command::Postgres { print_env } => {
+            let pg = LocalPostgres::new(&cfg.home.join("pgdata"), cfg.local_pg_port)?;
+            pg.start()?;
+            let url = pg.url("postgres");
+            if print_env {
+                println!("export DATABASE_URL={url}");
+            } else {
+                println!("{url}");
+            }
+            Ok(())
+        }
+        Command::Serve => {
+            let pool = pool(&cfg).await?;
+            flywheel::serve(cfg, pool, flywheel::shutdown_signal()).await
+        }
+        Command::Migrate => {
+            pool(&cfg).await?;
+            println!("migrations applied");
+            Ok(())
+        }
+        Command::Keys { command } => {
+            let pool = pool(&cfg).await?;
+            keys(&pool, command).await
+        }
+        Command::Models { command } => {
+            let pool = pool(&cfg).await?;
+            models(&cfg, &pool, command).await
+        }
+    }
+}
+
+async fn pool(cfg: &Config) -> anyhow::Result<flywheel_store::PgPool> {
+    let url = cfg
+        .database_url
+        .as_ref()
+        .context("DATABASE_URL is not set (or use `flywheel up`, which starts its own database)")?;
+    flywheel::connect_and_migrate(&url.0).await
+}
+
+async fn up(mut cfg: Config) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&cfg.home)?;
+    let local = match &cfg.database_url {
+        Some(_) => None,
+        None => {
+            let pg = LocalPostgres::new(&cfg.home.join("pgdata"), cfg.local_pg_port)?;
+            pg.start()?;
+            ensure_database(&pg.url("postgres"), "flywheel").await?;
+            cfg.database_url = Some(flywheel::config::DatabaseUrl(pg.url("flywheel")));
+            Some(pg)
+        }
+    };
+    let pool = pool(&cfg).await?;
+    let champion = flywheel::ensure_champion(&cfg, &pool).await?;
+    let key = dev_key(&cfg, &pool).await?;
+    println!(
+        "Flywheel is starting on http://{}/v1 with model {}",
+        cfg.addr, champion.name
+    );
+    println!(
+        "API key (team \"default\", saved in {}):",
+        cfg.home.join("api-key").display()
+    );
+    println!("{key}");
+    let result = flywheel::serve(cfg, pool, flywheel::shutdown_signal()).await;
+    if let Some(pg) = local {
+        eprintln!("stopping PostgreSQL");
+        pg.stop()?;
+    }
+    result
+}
+
+/// Creates the database if it does not exist.
+async fn ensure_database(admin_url: &str, name: &str) -> anyhow::Result<()> {
+    let admin = flywheel_store::connect(admin_url).await?;
+    let exists: bool =
+        sqlx::query_scalar("select exists(select 1 from pg_database where datname = $1)")
+            .bind(name)
+            .fetch_one(&admin)
+            .await?;
+    if !exists {
+        // `name` is ours, never user input.
+        sqlx::query(sqlx::AssertSqlSafe(format!("create database \"{name}\"")))
+            .execute(&admin)
+            .await?;
+    }
+    Ok(())
+}
+
+/// The key `up` prints: reused from `FLYWHEEL_HOME/api-key` while it is valid.
+async fn dev_key(cfg: &Config, pool: &flywheel_store::PgPool) -> anyhow::Result<String> {
+    let path = cfg.home.join("api-key");
+    if let Ok(saved) = std::fs::read_to_string(&path) {
+        let saved = saved.trim().to_string();
+        if flywheel_store::keys::authenticate(pool, &saved)
+            .await?
+            .is_some()
+        {
+            return Ok(saved);
+        }
+    }
+    let (_, secret) = flywheel_store::keys::create_key(pool, "default").await?;
+    std::fs::write(&path, format!("{secret}\n"))?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+    }
+    Ok(secret)
+}
+
+async fn keys(pool: &flywheel_store::PgPool, command: KeysCommand) -> anyhow::Result<()> {
+    use flywheel_store::keys;
+    match command {
+        KeysCommand::Create { team } => {
+            let (info, secret) = keys::create_key(pool, &team).await?;
+            println!(
+                "created key {} ({}) for team {}",
+                info.id, info.prefix, info.team
+            );
+            println!("{secret}");
+        }
+        KeysCommand::List { team } => {
+            println!(
+                "{:<36}  {:<16}  {:<12}  {:<20}  status",
+                "id", "team", "prefix", "created"
+            );
+            for k in keys::list_keys(pool, team.as_deref()).await? {
+                let status = match k.revoked_at {
+                    Some(t) => format!("revoked {}", t.format("%Y-%m-%d %H:%M")),
+                    None => "active".into(),
+                };
+                println!(
+                    "{:<36}  {:<16}  {:<12}  {:<20}  {status}",
+                    k.id,
+                    k.team,
+                    k.prefix,
+                    k.created_at.format("%Y-%m-%d %H:%M:%S")
+                );
+            }
+        }
+        KeysCommand::Revoke { key } => match keys::revoke_key(pool, &key).await? {
+            0 => anyhow::bail!("no active key matches {key}"),
+            n => println!("revoked {n} key(s)"),
+        },
+    }
+    Ok(())
+}
+
+async fn models(
+    cfg: &Config,
+    pool: &flywheel_store::PgPool,
+    command: ModelsCommand,
+) -> anyhow::Result<()> {
+    use flywheel_store::models;
+    let (fetched, champion) = match command {
+        ModelsCommand::Pull { spec, champion } => {
+            (flywheel::pull(cfg, spec.as_deref()).await?, champion)
+        }
+        ModelsCommand::Import {
+            path,
+            name,
+            champion,
+        } => {
+            let cache = flywheel_modelhub::ModelCache::new(&cfg.model_cache)?;
+            (cache.import(&path, name.as_deref()).await?, champion)
+        }
+        ModelsCommand::List => {
+            println!(
+                "{:<36}  {:<32}  {:<10}  {:<8}  source",
+                "id", "name", "sha256", "champion"
+            );
+            for v in models::list(pool).await? {
+                println!(
+                    "{:<36}  {:<32}  {:<10}  {:<8}  {}",
+                    v.id,
+                    v.name,
+                    &v.sha256[..10.min(v.sha256.len())],
+                    if v.is_champion { "yes" } else { "" },
+                    v.source
+                );
+            }
+            return Ok(());
+        }
+        ModelsCommand::Promote { name } => {
+            let v = models::set_champion(pool, &name).await?;
+            println!("{} is now the champion", v.name);
+            return Ok(());
+        }
+    };
+    let v = flywheel::register(pool, &fetched).await?;
+    println!("registered {} ({}) sha256 {}", v.name, v.id, v.sha256);
+    if champion || models::champion(pool).await?.is_none() {
+        models::set_champion(pool, &v.name).await?;
+        println!("{} is now the champion", v.name);
+    }
+    Ok(())
+}

@@ -1,0 +1,404 @@
+//! The chat request as OpenAI clients send it, and its validation into
+//! engine parameters. Every rejection names the offending field.
+
+use std::collections::HashMap;
+
+use flywheel_engine::{ChatMessage, SamplingParams};
+use serde::Deserialize;
+use serde_json::Value;
+
+use crate::AppError;
+
+#[derive(Debug, Deserialize)]
+pub struct ChatRequest {
+    pub model: String,
+    pub messages: Vec<InMessage>,
+    pub temperature: Option<f32>,
+    pub top_p: Option<f32>,
+    /// Not in OpenAI's API, but common in compatible servers.
+    pub top_k: Option<i64>,
+    pub seed: Option<i64>,
+    pub presence_penalty: Option<f32>,
+    pub frequency_penalty: Option<f32>,
+    pub max_tokens: Option<i64>,
+    pub max_completion_tokens: Option<i64>,
+    pub stop: Option<Stop>,
+    #[serde(default)]
+    pub stream: Option<bool>,
+    pub stream_options: Option<StreamOptions>,
+    pub logprobs: Option<bool>,
+    pub top_logprobs: Option<i64>,
+    pub n: Option<i64>,
+    pub user: Option<String>,
+    /// Everything else, checked against what we support or knowingly ignore.
+    #[serde(flatten)]
+    pub rest: HashMap<String, Value>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct InMessage {
+    pub role: String,
+    #[serde(default)]
+    pub content: Option<Content>,
+    /// Accepted and ignored, as it only labels participants.
+    #[serde(default)]
+    #[allow(dead_code)]
+    pub name: Option<String>,
+    #[serde(flatten)]
+    pub rest: HashMap<String, Value>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum Content {
+    Text(String),
+    Parts(Vec<Part>),
+}
+
+#[derive(Debug, Deserialize)]
+pub struct Part {
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub text: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum Stop {
+    One(String),
+    Many(Vec<String>),
+}
+
+#[derive(Debug, Deserialize, Default)]
+pub struct StreamOptions {
+    pub include_usage: Option<bool>,
+}
+
+/// Fields OpenAI defines that change nothing for a self-hosted text model.
+const IGNORED: &[&str] = &[
+    "store",
+    "metadata",
+    "service_tier",
+    "parallel_tool_calls",
+    "safety_identifier",
+    "prompt_cache_key",
+    "user",
+];
+
+/// Fields OpenAI defines that we do not implement: refused, not ignored.
+const UNSUPPORTED: &[(&str, &str)] = &[
+    ("tools", "tool calling is not supported by this server"),
+    (
+        "functions",
+        "function calling is not supported by this server",
+    ),
+    (
+        "function_call",
+        "function calling is not supported by this server",
+    ),
+    ("logit_bias", "logit_bias is not supported by this server"),
+    ("audio", "audio output is not supported by this server"),
+    (
+        "prediction",
+        "predicted outputs are not supported by this server",
+    ),
+    (
+        "web_search_options",
+        "web search is not supported by this server",
+    ),
+    (
+        "reasoning_effort",
+        "reasoning_effort is not supported by this model",
+    ),
+];
+
+fn bad(message: impl Into<String>, param: &str) -> AppError {
+    AppError::bad_request(message, Some(param))
+}
+
+/// A validated request, ready for the engine.
+#[derive(Debug)]
+pub struct Validated {
+    pub messages: Vec<ChatMessage>,
+    pub params: SamplingParams,
+    /// `max_tokens` as asked; `None` means "as many as fit".
+    pub max_tokens: Option<usize>,
+    pub stream: bool,
+    pub include_usage: bool,
+}
+
+impl ChatRequest {
+    pub fn validate(self) -> Result<Validated, AppError> {
+        for (field, value) in &self.rest {
+            if value.is_null() || IGNORED.contains(&field.as_str()) {
+                continue;
+            }
+            if let Some((_, why)) = UNSUPPORTED.iter().find(|(f, _)| f == field) {
+                return Err(bad(*why, field));
+            }
+            match field.as_str() {
+                "tool_choice" if value == "none" => {}
+                "tool_choice" => return Err(bad("tool calling is not supported", field)),
+                "modalities" if value == &serde_json::json!(["text"]) => {}
+                "modalities" => return Err(bad("only the text modality is supported", field)),
+                "response_format" if value["type"] == "text" => {}
+                "response_format" => {
+                    return Err(bad(
+                        format!(
+                            "response_format type {} is not supported; only \"text\"",
+                            value["type"]
+                        ),
+                        field,
+                    ));
+                }
+                _ => {
+                    return Err(bad(
+                        format!("Unrecognized request argument supplied: {field}"),
+                        field,
+                    ));
+                }
+            }
+        }
+        if self.n.is_some_and(|n| n != 1) {
+            return Err(bad("only n=1 is supported", "n"));
+        }
+        if self.model.trim().is_empty() {
+            return Err(bad("model must not be empty", "model"));
+        }
+        let messages = convert_messages(self.messages)?;
+
+        let temperature = self.temperature.unwrap_or(1.0);
+        if !(0.0..=2.0).contains(&temperature) {
+            return Err(bad(
+                format!("temperature must be between 0 and 2, got {temperature}"),
+                "temperature",
+            ));
+        }
+        let top_p = self.top_p.unwrap_or(1.0);
+        if !(top_p > 0.0 && top_p <= 1.0) {
+            return Err(bad(
+                format!("top_p must be in (0, 1], got {top_p}"),
+                "top_p",
+            ));
+        }
+        let top_k = match self.top_k {
+            Some(k) if k < 0 => return Err(bad("top_k must not be negative", "top_k")),
+            Some(k) => k as usize,
+            None => 0,
+        };
+        for (name, v) in [
+            ("presence_penalty", self.presence_penalty),
+            ("frequency_penalty", self.frequency_penalty),
+        ] {
+            if let Some(v) = v
+                && !(-2.0..=2.0).contains(&v)
+            {
+                return Err(bad(
+                    format!("{name} must be between -2 and 2, got {v}"),
+                    name,
+                ));
+            }
+        }
+        let max_tokens = match (self.max_completion_tokens, self.max_tokens) {
+            (Some(n), _) => Some(("max_completion_tokens", n)),
+            (None, Some(n)) => Some(("max_tokens", n)),
+            (None, None) => None,
+        };
+        let max_tokens = match max_tokens {
+            Some((name, n)) if n < 1 => {
+                return Err(bad(format!("{name} must be at least 1, got {n}"), name));
+            }
+            Some((_, n)) => Some(n as usize),
+            None => None,
+        };
+        let stop = match self.stop {
+            None => Vec::new(),
+            Some(Stop::One(s)) => vec![s],
+            Some(Stop::Many(v)) => v,
+        };
+        if stop.len() > 4 {
+            return Err(bad("at most 4 stop sequences are allowed", "stop"));
+        }
+        if stop.iter().any(|s| s.is_empty()) {
+            return Err(bad("stop sequences must not be empty", "stop"));
+        }
+        let logprobs = self.logprobs.unwrap_or(false);
+        let top_logprobs = match self.top_logprobs {
+            None => 0,
+            Some(n) if !(0..=20).contains(&n) => {
+                return Err(bad("top_logprobs must be between 0 and 20", "top_logprobs"));
+            }
+            Some(_) if !logprobs => {
+                return Err(bad(
+                    "top_logprobs requires logprobs to be true",
+                    "top_logprobs",
+                ));
+            }
+            Some(n) => n as usize,
+        };
+        let stream = self.stream.unwrap_or(false);
+        if self.stream_options.is_some() && !stream {
+            return Err(bad(
+                "stream_options is only allowed when stream is true",
+                "stream_options",
+            ));
+        }
+        Ok(Validated {
+            messages,
+            params: SamplingParams {
+                temperature,
+                top_p,
+                top_k,
+                seed: self.seed.map(|s| s as u64),
+                presence_penalty: self.presence_penalty.unwrap_or(0.0),
+                frequency_penalty: self.frequency_penalty.unwrap_or(0.0),
+                max_tokens: max_tokens.unwrap_or(usize::MAX),
+                stop,
+                logprobs,
+                top_logprobs,
+            },
+            max_tokens,
+            stream,
+            include_usage: self
+                .stream_options
+                .and_then(|o| o.include_usage)
+                .unwrap_or(false),
+        })
+    }
+}
+
+fn convert_messages(messages: Vec<InMessage>) -> Result<Vec<ChatMessage>, AppError> {
+    if messages.is_empty() {
+        return Err(bad(
+            "messages must contain at least one message",
+            "messages",
+        ));
+    }
+    messages
+        .into_iter()
+        .enumerate()
+        .map(|(i, m)| {
+            let at = |field: &str| format!("messages[{i}].{field}");
+            if let Some(field) = m.rest.iter().find(|(_, v)| !v.is_null()).map(|(k, _)| k) {
+                let why = if field == "tool_calls" {
+                    "tool calls are not supported by this server".to_string()
+                } else {
+                    format!("unsupported message field {field}")
+                };
+                return Err(bad(why, &at(field)));
+            }
+            let role = match m.role.as_str() {
+                "system" | "developer" => "system",
+                "user" => "user",
+                "assistant" => "assistant",
+                other => {
+                    return Err(bad(
+                        format!("role {other:?} is not supported; use system, developer, user or assistant"),
+                        &at("role"),
+                    ));
+                }
+            };
+            let content = match m.content {
+                Some(Content::Text(t)) => t,
+                Some(Content::Parts(parts)) => {
+                    let mut text = String::new();
+                    for p in parts {
+                        match (p.kind.as_str(), p.text) {
+                            ("text", Some(t)) => text.push_str(&t),
+                            (kind, _) => {
+                                return Err(bad(
+                                    format!("content part type {kind:?} is not supported; only text"),
+                                    &at("content"),
+                                ));
+                            }
+                        }
+                    }
+                    text
+                }
+                None => return Err(bad("content is required", &at("content"))),
+            };
+            Ok(ChatMessage {
+                role: role.to_string(),
+                content,
+            })
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(v: Value) -> Result<Validated, AppError> {
+        serde_json::from_value::<ChatRequest>(v).unwrap().validate()
+    }
+
+    fn param_of(e: AppError) -> Option<String> {
+        e.body()["error"]["param"].as_str().map(str::to_string)
+    }
+
+    #[test]
+    fn minimal_request_gets_openai_defaults() {
+        let v = parse(
+            serde_json::json!({"model": "m", "messages": [{"role": "user", "content": "hi"}]}),
+        )
+        .unwrap();
+        assert_eq!(v.params.temperature, 1.0);
+        assert_eq!(v.params.top_p, 1.0);
+        assert!(v.max_tokens.is_none());
+        assert!(!v.stream);
+    }
+
+    #[test]
+    fn text_parts_are_joined_and_developer_is_system() {
+        let v = parse(serde_json::json!({"model": "m", "messages": [
+            {"role": "developer", "content": "be brief"},
+            {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}
+        ]}))
+        .unwrap();
+        assert_eq!(v.messages[0].role, "system");
+        assert_eq!(v.messages[1].content, "ab");
+    }
+
+    #[test]
+    fn each_bad_field_is_named() {
+        let base =
+            || serde_json::json!({"model": "m", "messages": [{"role": "user", "content": "hi"}]});
+        let cases = [
+            ("temperature", serde_json::json!(-0.5)),
+            ("top_p", serde_json::json!(0.0)),
+            ("max_tokens", serde_json::json!(0)),
+            ("n", serde_json::json!(2)),
+            ("tools", serde_json::json!([{"type": "function"}])),
+            (
+                "response_format",
+                serde_json::json!({"type": "json_schema"}),
+            ),
+            ("frequency_penalty", serde_json::json!(3.0)),
+            ("top_logprobs", serde_json::json!(5)),
+            ("bogus_field", serde_json::json!(1)),
+        ];
+        for (field, value) in cases {
+            let mut req = base();
+            req[field] = value;
+            let err = parse(req).unwrap_err();
+            assert_eq!(param_of(err).as_deref(), Some(field), "{field}");
+        }
+        let err = parse(serde_json::json!({"model": "m", "messages": []})).unwrap_err();
+        assert_eq!(param_of(err).as_deref(), Some("messages"));
+        let err = parse(
+            serde_json::json!({"model": "m", "messages": [{"role": "tool", "content": "x"}]}),
+        )
+        .unwrap_err();
+        assert_eq!(param_of(err).as_deref(), Some("messages[0].role"));
+    }
+
+    #[test]
+    fn null_and_ignorable_fields_pass() {
+        let v = parse(
+            serde_json::json!({"model": "m", "messages": [{"role": "user", "content": "hi"}],
+            "tools": null, "store": false, "tool_choice": "none", "response_format": {"type": "text"}}),
+        );
+        assert!(v.is_ok());
+    }
+}

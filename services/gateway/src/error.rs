@@ -1,0 +1,138 @@
+//! One error type for the HTTP API, rendered in OpenAI's shape:
+//! `{"error": {"message", "type", "param", "code"}}`.
+
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{FromRequest, Request};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde_json::json;
+
+#[derive(Debug, thiserror::Error)]
+pub enum AppError {
+    #[error("{message}")]
+    BadRequest {
+        message: String,
+        param: Option<String>,
+        code: Option<&'static str>,
+    },
+    #[error("{0}")]
+    Unauthorized(String),
+    #[error("{message}")]
+    NotFound { message: String, code: &'static str },
+    #[error("the request body is larger than this server accepts")]
+    PayloadTooLarge,
+    #[error("{0}")]
+    UnsupportedMediaType(String),
+    #[error("the server is at capacity; retry after {retry_after_s} s")]
+    Overloaded { retry_after_s: u64 },
+    #[error("{0}")]
+    Unavailable(String),
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl AppError {
+    pub fn bad_request(message: impl Into<String>, param: Option<&str>) -> Self {
+        Self::BadRequest {
+            message: message.into(),
+            param: param.map(str::to_string),
+            code: None,
+        }
+    }
+
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Self::BadRequest { .. } => StatusCode::BAD_REQUEST,
+            Self::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            Self::NotFound { .. } => StatusCode::NOT_FOUND,
+            Self::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            Self::Overloaded { .. } => StatusCode::TOO_MANY_REQUESTS,
+            Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    fn kind(&self) -> &'static str {
+        match self {
+            Self::Overloaded { .. } => "rate_limit_error",
+            Self::Unavailable(_) | Self::Internal(_) => "server_error",
+            _ => "invalid_request_error",
+        }
+    }
+
+    fn code(&self) -> Option<&'static str> {
+        match self {
+            Self::BadRequest { code, .. } => *code,
+            Self::Unauthorized(_) => Some("invalid_api_key"),
+            Self::NotFound { code, .. } => Some(code),
+            Self::PayloadTooLarge => Some("request_too_large"),
+            Self::Overloaded { .. } => Some("rate_limit_exceeded"),
+            Self::Unavailable(_) => Some("service_unavailable"),
+            _ => None,
+        }
+    }
+
+    /// The error as the JSON object clients see (also used inside SSE streams).
+    pub fn body(&self) -> serde_json::Value {
+        let message = match self {
+            // Internals stay in the log, not in the response.
+            Self::Internal(_) => "The server had an error while processing your request.".into(),
+            other => other.to_string(),
+        };
+        let param = match self {
+            Self::BadRequest { param, .. } => param.clone(),
+            _ => None,
+        };
+        json!({"error": {"message": message, "type": self.kind(), "param": param, "code": self.code()}})
+    }
+}
+
+impl IntoResponse for AppError {
+    fn into_response(self) -> Response {
+        let status = self.status();
+        if status.is_server_error() {
+            tracing::error!(error = %self, "request failed");
+        }
+        let mut resp = (status, axum::Json(self.body())).into_response();
+        if let Self::Overloaded { retry_after_s } = self {
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(retry_after_s));
+        }
+        resp
+    }
+}
+
+impl From<flywheel_store::StoreError> for AppError {
+    fn from(e: flywheel_store::StoreError) -> Self {
+        Self::Internal(e.to_string())
+    }
+}
+
+/// `Json` whose rejections are [`AppError`]s, so malformed bodies get the
+/// same error shape as everything else.
+pub struct ApiJson<T>(pub T);
+
+impl<S, T> FromRequest<S> for ApiJson<T>
+where
+    axum::Json<T>: FromRequest<S, Rejection = JsonRejection>,
+    S: Send + Sync,
+{
+    type Rejection = AppError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        match axum::Json::<T>::from_request(req, state).await {
+            Ok(axum::Json(v)) => Ok(Self(v)),
+            Err(rejection) => Err(match rejection.status() {
+                StatusCode::PAYLOAD_TOO_LARGE => AppError::PayloadTooLarge,
+                StatusCode::UNSUPPORTED_MEDIA_TYPE => AppError::UnsupportedMediaType(
+                    "expected a request with `Content-Type: application/json`".into(),
+                ),
+                _ => AppError::bad_request(
+                    format!("could not parse the JSON body: {}", rejection.body_text()),
+                    None,
+                ),
+            }),
+        }
+    }
+}

@@ -1,0 +1,82 @@
+//! The OpenAI-compatible HTTP API.
+//!
+//! [`router`] builds the whole API over an [`AppState`]; [`serve`] runs it
+//! on a listener until `shutdown` resolves, so tests can bind port 0. The
+//! gateway never touches the model directly: it talks to the engine through
+//! [`flywheel_engine::EngineHandle`].
+
+mod auth;
+mod chat;
+pub mod error;
+mod health;
+mod models;
+mod state;
+
+use std::future::Future;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::DefaultBodyLimit;
+use axum::http::{HeaderName, Request};
+use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+use tower_http::trace::TraceLayer;
+
+pub use error::AppError;
+pub use state::{AppState, GatewayConfig, ServedModel};
+
+const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// The complete HTTP API.
+pub fn router(state: AppState) -> Router {
+    let api = Router::new()
+        .merge(chat::router())
+        .merge(models::router())
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            auth::require_key,
+        ));
+    Router::new()
+        .nest("/v1", api)
+        .merge(health::router())
+        .fallback(|| async {
+            AppError::NotFound {
+                message: "no such route".into(),
+                code: "not_found",
+            }
+        })
+        .layer(DefaultBodyLimit::max(state.config().max_body_bytes))
+        .layer(
+            TraceLayer::new_for_http().make_span_with(|req: &Request<_>| {
+                let route = req
+                    .extensions()
+                    .get::<axum::extract::MatchedPath>()
+                    .map(|p| p.as_str().to_string())
+                    .unwrap_or_default();
+                let id = req
+                    .headers()
+                    .get(&REQUEST_ID)
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or_default()
+                    .to_string();
+                tracing::info_span!("http", method = %req.method(), route, request_id = id)
+            }),
+        )
+        .layer(PropagateRequestIdLayer::new(REQUEST_ID))
+        .layer(SetRequestIdLayer::new(REQUEST_ID, MakeRequestUuid))
+        .with_state(state)
+}
+
+/// Serves the API on `listener` until `shutdown` completes, then lets
+/// in-flight requests finish.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    state: AppState,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(listener, router(state))
+        .with_graceful_shutdown(shutdown)
+        .await
+}
+
+/// How long clients are told to wait after a 429.
+pub(crate) const RETRY_AFTER: Duration = Duration::from_secs(1);

@@ -1,0 +1,117 @@
+//! Teams and their API keys. Only a key's SHA-256 is stored: the secret is
+//! shown once, when it is created.
+
+use chrono::{DateTime, Utc};
+use rand::RngCore;
+use sha2::{Digest, Sha256};
+use sqlx::PgExecutor;
+use uuid::Uuid;
+
+use crate::Result;
+
+const KEY_PREFIX: &str = "fw-";
+
+/// The team a request acts for, found from its key.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Principal {
+    pub team_id: Uuid,
+    pub team_name: String,
+    pub key_id: Uuid,
+}
+
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct KeyInfo {
+    pub id: Uuid,
+    pub team: String,
+    pub prefix: String,
+    pub created_at: DateTime<Utc>,
+    pub revoked_at: Option<DateTime<Utc>>,
+}
+
+pub fn hash_key(secret: &str) -> Vec<u8> {
+    Sha256::digest(secret.as_bytes()).to_vec()
+}
+
+/// Returns the team's id, creating the team if needed.
+pub async fn ensure_team(ex: impl PgExecutor<'_>, name: &str) -> Result<Uuid> {
+    let id = sqlx::query_scalar(
+        "insert into teams (name) values ($1)
+         on conflict (name) do update set name = excluded.name
+         returning id",
+    )
+    .bind(name)
+    .fetch_one(ex)
+    .await?;
+    Ok(id)
+}
+
+/// Creates a key for `team` (creating the team too) and returns its info and
+/// the secret, which is not stored anywhere.
+pub async fn create_key(pool: &sqlx::PgPool, team: &str) -> Result<(KeyInfo, String)> {
+    let mut tx = pool.begin().await?;
+    let team_id = ensure_team(&mut *tx, team).await?;
+    let mut bytes = [0u8; 24];
+    rand::rng().fill_bytes(&mut bytes);
+    let secret = format!("{KEY_PREFIX}{}", hex::encode(bytes));
+    let prefix = secret[..KEY_PREFIX.len() + 8].to_string();
+    let (id, created_at): (Uuid, DateTime<Utc>) = sqlx::query_as(
+        "insert into api_keys (team_id, prefix, key_hash) values ($1, $2, $3)
+         returning id, created_at",
+    )
+    .bind(team_id)
+    .bind(&prefix)
+    .bind(hash_key(&secret))
+    .fetch_one(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    let info = KeyInfo {
+        id,
+        team: team.to_string(),
+        prefix,
+        created_at,
+        revoked_at: None,
+    };
+    Ok((info, secret))
+}
+
+/// The principal behind a live (not revoked) key.
+pub async fn authenticate(ex: impl PgExecutor<'_>, secret: &str) -> Result<Option<Principal>> {
+    let row: Option<(Uuid, String, Uuid)> = sqlx::query_as(
+        "select t.id, t.name, k.id from api_keys k join teams t on t.id = k.team_id
+         where k.key_hash = $1 and k.revoked_at is null",
+    )
+    .bind(hash_key(secret))
+    .fetch_optional(ex)
+    .await?;
+    Ok(row.map(|(team_id, team_name, key_id)| Principal {
+        team_id,
+        team_name,
+        key_id,
+    }))
+}
+
+pub async fn list_keys(ex: impl PgExecutor<'_>, team: Option<&str>) -> Result<Vec<KeyInfo>> {
+    Ok(sqlx::query_as(
+        "select k.id, t.name as team, k.prefix, k.created_at, k.revoked_at
+         from api_keys k join teams t on t.id = k.team_id
+         where $1::text is null or t.name = $1
+         order by k.created_at",
+    )
+    .bind(team)
+    .fetch_all(ex)
+    .await?)
+}
+
+/// Revokes a key by id or prefix; returns how many keys were revoked.
+pub async fn revoke_key(ex: impl PgExecutor<'_>, id_or_prefix: &str) -> Result<u64> {
+    let id = Uuid::parse_str(id_or_prefix).ok();
+    let done = sqlx::query(
+        "update api_keys set revoked_at = now()
+         where revoked_at is null and (id = $1 or prefix = $2)",
+    )
+    .bind(id)
+    .bind(id_or_prefix)
+    .execute(ex)
+    .await?;
+    Ok(done.rows_affected())
+}

@@ -1,0 +1,116 @@
+//! The model-version registry: every model file Flywheel can serve, and
+//! which one is the champion.
+
+use chrono::{DateTime, Utc};
+use sqlx::PgExecutor;
+use uuid::Uuid;
+
+use crate::{Result, StoreError};
+
+#[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
+pub struct ModelVersion {
+    pub id: Uuid,
+    pub name: String,
+    pub source: String,
+    pub sha256: String,
+    pub format: String,
+    pub path: String,
+    pub size_bytes: i64,
+    pub is_champion: bool,
+    pub created_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone)]
+pub struct NewModelVersion {
+    pub name: String,
+    pub source: String,
+    pub sha256: String,
+    pub format: String,
+    pub path: String,
+    pub size_bytes: i64,
+}
+
+/// The columns of [`ModelVersion`], as a literal so queries stay `&'static str`.
+macro_rules! columns {
+    () => {
+        "id, name, source, sha256, format, path, size_bytes, is_champion, created_at"
+    };
+}
+
+/// Registers a model version. Registering the same file (same sha256) under
+/// the same name again returns the existing version.
+pub async fn register(pool: &sqlx::PgPool, new: &NewModelVersion) -> Result<ModelVersion> {
+    if let Some(existing) = by_name(pool, &new.name).await? {
+        if existing.sha256 == new.sha256 {
+            return Ok(existing);
+        }
+        return Err(StoreError::Conflict(format!(
+            "a model version named {} already exists with different contents",
+            new.name
+        )));
+    }
+    Ok(sqlx::query_as(concat!(
+        "insert into model_versions (name, source, sha256, format, path, size_bytes)
+         values ($1, $2, $3, $4, $5, $6) returning ",
+        columns!(),
+        ""
+    ))
+    .bind(&new.name)
+    .bind(&new.source)
+    .bind(&new.sha256)
+    .bind(&new.format)
+    .bind(&new.path)
+    .bind(new.size_bytes)
+    .fetch_one(pool)
+    .await?)
+}
+
+pub async fn list(ex: impl PgExecutor<'_>) -> Result<Vec<ModelVersion>> {
+    Ok(sqlx::query_as(concat!(
+        "select ",
+        columns!(),
+        " from model_versions order by created_at"
+    ))
+    .fetch_all(ex)
+    .await?)
+}
+
+pub async fn by_name(ex: impl PgExecutor<'_>, name: &str) -> Result<Option<ModelVersion>> {
+    Ok(sqlx::query_as(concat!(
+        "select ",
+        columns!(),
+        " from model_versions where name = $1"
+    ))
+    .bind(name)
+    .fetch_optional(ex)
+    .await?)
+}
+
+pub async fn champion(ex: impl PgExecutor<'_>) -> Result<Option<ModelVersion>> {
+    Ok(sqlx::query_as(concat!(
+        "select ",
+        columns!(),
+        " from model_versions where is_champion"
+    ))
+    .fetch_optional(ex)
+    .await?)
+}
+
+/// Makes `name` the one champion.
+pub async fn set_champion(pool: &sqlx::PgPool, name: &str) -> Result<ModelVersion> {
+    let mut tx = pool.begin().await?;
+    sqlx::query("update model_versions set is_champion = false where is_champion")
+        .execute(&mut *tx)
+        .await?;
+    let v: Option<ModelVersion> = sqlx::query_as(concat!(
+        "update model_versions set is_champion = true where name = $1 returning ",
+        columns!(),
+        ""
+    ))
+    .bind(name)
+    .fetch_optional(&mut *tx)
+    .await?;
+    let v = v.ok_or_else(|| StoreError::NotFound(format!("model version {name}")))?;
+    tx.commit().await?;
+    Ok(v)
+}

