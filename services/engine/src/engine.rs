@@ -8,7 +8,7 @@
 
 use std::path::Path;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
 
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
@@ -113,6 +113,27 @@ struct Shared {
     tokenizer: TextTokenizer,
     template: ChatTemplate,
     queued: AtomicUsize,
+    stats: Counters,
+}
+
+#[derive(Default)]
+struct Counters {
+    generated_tokens: AtomicU64,
+    prompt_tokens: AtomicU64,
+    finished: AtomicU64,
+    cancelled: AtomicU64,
+    failed: AtomicU64,
+}
+
+/// Running totals since the engine started, for `/metrics`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct EngineStats {
+    pub queued: usize,
+    pub generated_tokens: u64,
+    pub prompt_tokens: u64,
+    pub finished: u64,
+    pub cancelled: u64,
+    pub failed: u64,
 }
 
 /// Cheap to clone; every clone feeds the same engine thread.
@@ -140,6 +161,7 @@ impl EngineHandle {
             tokenizer,
             template,
             queued: AtomicUsize::new(0),
+            stats: Counters::default(),
         });
         let (tx, rx) = sync_channel(cfg.queue_capacity);
         let thread_shared = shared.clone();
@@ -158,6 +180,19 @@ impl EngineHandle {
     /// Requests waiting for the engine, not counting the one running.
     pub fn queue_depth(&self) -> usize {
         self.shared.queued.load(Ordering::Relaxed)
+    }
+
+    pub fn stats(&self) -> EngineStats {
+        let c = &self.shared.stats;
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        EngineStats {
+            queued: self.queue_depth(),
+            generated_tokens: get(&c.generated_tokens),
+            prompt_tokens: get(&c.prompt_tokens),
+            finished: get(&c.finished),
+            cancelled: get(&c.cancelled),
+            failed: get(&c.failed),
+        }
     }
 
     /// Prompt token ids for a conversation, rendered with the model's template.
@@ -193,13 +228,21 @@ impl EngineHandle {
 fn run(model: Llama, shared: Arc<Shared>, rx: Receiver<Job>) {
     while let Ok(job) = rx.recv() {
         shared.queued.fetch_sub(1, Ordering::Relaxed);
+        let stats = &shared.stats;
         if job.events.is_closed() {
-            continue; // the client left while the request was queued
+            // The client left while the request was queued.
+            stats.cancelled.fetch_add(1, Ordering::Relaxed);
+            continue;
         }
-        if let Err(e) = generate(&model, &shared, &job) {
-            tracing::error!(error = %e, "generation failed");
-            let _ = job.events.send(Event::Error(e.to_string()));
-        }
+        match generate(&model, &shared, &job) {
+            Ok(End::Finished(_)) => stats.finished.fetch_add(1, Ordering::Relaxed),
+            Ok(End::Cancelled) => stats.cancelled.fetch_add(1, Ordering::Relaxed),
+            Err(e) => {
+                tracing::error!(error = %e, "generation failed");
+                let _ = job.events.send(Event::Error(e.to_string()));
+                stats.failed.fetch_add(1, Ordering::Relaxed)
+            }
+        };
     }
 }
 
@@ -209,7 +252,7 @@ enum End {
     Cancelled,
 }
 
-fn generate(model: &Llama, shared: &Shared, job: &Job) -> Result<()> {
+fn generate(model: &Llama, shared: &Shared, job: &Job) -> Result<End> {
     let p = &job.req.params;
     let tok = &shared.tokenizer;
     let ctx = model.config().context_length;
@@ -233,6 +276,10 @@ fn generate(model: &Llama, shared: &Shared, job: &Job) -> Result<()> {
             break End::Finished(FinishReason::Stop);
         }
         generated += 1;
+        shared
+            .stats
+            .generated_tokens
+            .fetch_add(1, Ordering::Relaxed);
         let step = stops.push(&decoder.push(tok, next)?);
         let logprobs = logprobs.map(|lp| TokenLogprob {
             token: tok.token_text(next),
@@ -259,7 +306,8 @@ fn generate(model: &Llama, shared: &Shared, job: &Job) -> Result<()> {
         }
         logits = model.forward(&[next], &mut cache)?.to_vec1::<f32>()?;
     };
-    if let End::Finished(reason) = end {
+    if let End::Finished(reason) = &end {
+        let reason = *reason;
         let rest = stops.flush();
         if !rest.is_empty() {
             send(Event::Delta {
@@ -273,7 +321,7 @@ fn generate(model: &Llama, shared: &Shared, job: &Job) -> Result<()> {
             completion_tokens: generated,
         });
     }
-    Ok(())
+    Ok(end)
 }
 
 fn log_softmax(logits: &[f32]) -> Vec<f32> {
@@ -387,6 +435,32 @@ mod tests {
             seen += 1;
         }
         assert!(seen >= 1);
+    }
+
+    #[test]
+    fn dropping_the_receiver_stops_generation() {
+        let engine = tiny_engine(4);
+        let long = SamplingParams {
+            temperature: 1.0,
+            seed: Some(3),
+            max_tokens: 200,
+            ..Default::default()
+        };
+        let mut rx = engine.submit(request(&engine, long)).unwrap();
+        assert!(matches!(rx.blocking_recv(), Some(Event::Delta { .. })));
+        drop(rx); // the client went away
+        // The engine runs one request at a time, so once this one is done
+        // the first has ended.
+        let short = SamplingParams {
+            temperature: 0.0,
+            max_tokens: 1,
+            ..Default::default()
+        };
+        let (_, done) = collect(engine.submit(request(&engine, short)).unwrap());
+        assert!(matches!(done, Some(Event::Done { .. })));
+        let stats = engine.stats();
+        assert_eq!(stats.cancelled, 1);
+        assert!(stats.generated_tokens < 200, "{stats:?}");
     }
 
     #[test]

@@ -16,8 +16,8 @@ pub mod tiny;
 pub mod tokenizer;
 
 pub use engine::{
-    EngineConfig, EngineHandle, Event, FinishReason, GenerateRequest, ModelInfo, SubmitError,
-    TokenLogprob, TopLogprob,
+    EngineConfig, EngineHandle, EngineStats, Event, FinishReason, GenerateRequest, ModelInfo,
+    SubmitError, TokenLogprob, TopLogprob,
 };
 pub use sampling::SamplingParams;
 pub use template::ChatMessage;

@@ -9,6 +9,7 @@ mod auth;
 mod chat;
 pub mod error;
 mod health;
+mod metrics;
 mod models;
 mod state;
 
@@ -38,6 +39,7 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .nest("/v1", api)
         .merge(health::router())
+        .merge(metrics::router())
         .fallback(|| async {
             AppError::NotFound {
                 message: "no such route".into(),

@@ -1,0 +1,73 @@
+//! `GET /metrics` in Prometheus' text format: the engine's queue and token
+//! counters and whether a model is loaded.
+
+use std::fmt::Write;
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::header;
+use axum::response::IntoResponse;
+use axum::routing::get;
+
+use crate::AppState;
+
+pub fn router() -> Router<AppState> {
+    Router::new().route("/metrics", get(metrics))
+}
+
+async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
+    let mut out = String::new();
+    let mut metric = |name: &str, kind: &str, help: &str, value: String| {
+        let _ = writeln!(
+            out,
+            "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
+        );
+    };
+    let served = state.served();
+    metric(
+        "flywheel_model_loaded",
+        "gauge",
+        "1 when a model is loaded and serving.",
+        u8::from(served.is_some()).to_string(),
+    );
+    if let Some(m) = served {
+        let s = m.engine.stats();
+        metric(
+            "flywheel_engine_queue_depth",
+            "gauge",
+            "Requests waiting for the engine.",
+            s.queued.to_string(),
+        );
+        metric(
+            "flywheel_engine_generated_tokens_total",
+            "counter",
+            "Tokens generated.",
+            s.generated_tokens.to_string(),
+        );
+        metric(
+            "flywheel_engine_prompt_tokens_total",
+            "counter",
+            "Prompt tokens processed.",
+            s.prompt_tokens.to_string(),
+        );
+        metric(
+            "flywheel_engine_requests_finished_total",
+            "counter",
+            "Generations that ran to a stop or length limit.",
+            s.finished.to_string(),
+        );
+        metric(
+            "flywheel_engine_requests_cancelled_total",
+            "counter",
+            "Generations stopped because the client left.",
+            s.cancelled.to_string(),
+        );
+        metric(
+            "flywheel_engine_requests_failed_total",
+            "counter",
+            "Generations that failed inside the engine.",
+            s.failed.to_string(),
+        );
+    }
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out)
+}

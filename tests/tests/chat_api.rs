@@ -1,0 +1,316 @@
+//! The chat API on the real SmolLM2 model, driven by a real OpenAI client
+//! (`async-openai`), against real Postgres.
+
+use async_openai::Client;
+use async_openai::config::OpenAIConfig;
+use async_openai::types::chat::{
+    ChatCompletionRequestUserMessageArgs, ChatCompletionStreamOptions, CreateChatCompletionRequest,
+    CreateChatCompletionRequestArgs, FinishReason,
+};
+use flywheel_tests::{TestGateway, eventually};
+use futures::StreamExt;
+
+const FRANCE: &str = "What is the capital of France?";
+
+fn client(gw: &TestGateway) -> Client<OpenAIConfig> {
+    Client::with_config(
+        OpenAIConfig::new()
+            .with_api_base(format!("{}/v1", gw.base))
+            .with_api_key(gw.key.clone()),
+    )
+}
+
+fn ask(gw: &TestGateway, question: &str) -> CreateChatCompletionRequestArgs {
+    let mut args = CreateChatCompletionRequestArgs::default();
+    args.model(gw.model()).messages(vec![
+        ChatCompletionRequestUserMessageArgs::default()
+            .content(question)
+            .build()
+            .unwrap()
+            .into(),
+    ]);
+    args
+}
+
+fn build(args: &mut CreateChatCompletionRequestArgs) -> CreateChatCompletionRequest {
+    args.build().unwrap()
+}
+
+#[tokio::test]
+async fn france_is_answered_with_paris_and_logged() {
+    let gw = TestGateway::real().await;
+    let resp = client(&gw)
+        .chat()
+        .create(build(
+            ask(&gw, FRANCE)
+                .temperature(0.0)
+                .max_completion_tokens(30u32),
+        ))
+        .await
+        .unwrap();
+    let choice = &resp.choices[0];
+    let text = choice.message.content.clone().unwrap();
+    assert!(text.contains("Paris"), "answer: {text:?}");
+    assert_eq!(choice.finish_reason, Some(FinishReason::Stop));
+    assert!(resp.id.starts_with("chatcmpl-"));
+    assert_eq!(resp.model, gw.model());
+    let usage = resp.usage.unwrap();
+    assert_eq!(usage.prompt_tokens, 37, "the reference prompt is 37 tokens");
+    assert_eq!(
+        usage.total_tokens,
+        usage.prompt_tokens + usage.completion_tokens
+    );
+
+    // The completion is in Postgres with the model version that made it.
+    let team_id = flywheel_store::keys::authenticate(&gw.db.pool, &gw.key)
+        .await
+        .unwrap()
+        .unwrap()
+        .team_id;
+    let row = eventually(10, || async {
+        flywheel_store::completions::get(&gw.db.pool, team_id, &resp.id)
+            .await
+            .unwrap()
+    })
+    .await
+    .expect("completion logged");
+    assert_eq!(row.model_version_id, gw.served.version_id);
+    assert_eq!(row.output, text);
+    assert_eq!(row.finish_reason, "stop");
+    assert_eq!(row.completion_tokens as u32, usage.completion_tokens);
+    assert_eq!(row.request["messages"][0]["content"], FRANCE);
+}
+
+#[tokio::test]
+async fn streaming_answers_and_reports_usage() {
+    let gw = TestGateway::real().await;
+    let mut stream = client(&gw)
+        .chat()
+        .create_stream(build(
+            ask(&gw, FRANCE)
+                .temperature(0.0)
+                .max_completion_tokens(30u32)
+                .stream_options(ChatCompletionStreamOptions {
+                    include_usage: Some(true),
+                    include_obfuscation: None,
+                }),
+        ))
+        .await
+        .unwrap();
+    let (mut text, mut finish, mut usage, mut ids) = (String::new(), None, None, Vec::new());
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.unwrap();
+        ids.push(chunk.id.clone());
+        for c in &chunk.choices {
+            if let Some(t) = &c.delta.content {
+                text.push_str(t);
+            }
+            if c.finish_reason.is_some() {
+                finish = c.finish_reason;
+            }
+        }
+        if chunk.usage.is_some() {
+            usage = chunk.usage;
+        }
+    }
+    assert!(text.contains("Paris"), "answer: {text:?}");
+    assert_eq!(finish, Some(FinishReason::Stop));
+    let usage = usage.expect("usage chunk with include_usage");
+    assert_eq!(usage.prompt_tokens, 37);
+    assert!(usage.completion_tokens > 0);
+    assert!(
+        ids.len() > 3 && ids.iter().all(|id| id == &ids[0]),
+        "one id per completion"
+    );
+
+    // Streaming and not give the same greedy text.
+    let full = client(&gw)
+        .chat()
+        .create(build(
+            ask(&gw, FRANCE)
+                .temperature(0.0)
+                .max_completion_tokens(30u32),
+        ))
+        .await
+        .unwrap();
+    assert_eq!(
+        full.choices[0].message.content.as_deref(),
+        Some(text.as_str())
+    );
+    assert_ne!(full.id, ids[0], "ids are unique per completion");
+}
+
+#[tokio::test]
+async fn same_seed_gives_same_text() {
+    let gw = TestGateway::real().await;
+    let c = client(&gw);
+    let run = |seed: i64| {
+        let req = build(
+            ask(&gw, "Write a sentence about the sea.")
+                .temperature(1.0)
+                .seed(seed)
+                .max_completion_tokens(20u32),
+        );
+        let c = c.clone();
+        async move {
+            c.chat().create(req).await.unwrap().choices[0]
+                .message
+                .content
+                .clone()
+                .unwrap()
+        }
+    };
+    let a = run(42).await;
+    let b = run(42).await;
+    assert_eq!(a, b);
+    let others = [run(1).await, run(2).await, run(3).await];
+    assert!(others.iter().any(|o| o != &a), "seeds 1-3 all gave {a:?}");
+}
+
+#[tokio::test]
+async fn max_tokens_five_finishes_with_length() {
+    let gw = TestGateway::real().await;
+    let resp = client(&gw)
+        .chat()
+        .create(build(
+            ask(&gw, "Tell me a long story about dragons.").max_completion_tokens(5u32),
+        ))
+        .await
+        .unwrap();
+    assert_eq!(resp.choices[0].finish_reason, Some(FinishReason::Length));
+    assert_eq!(resp.usage.unwrap().completion_tokens, 5);
+    // The older `max_tokens` spelling works the same way.
+    #[allow(deprecated)]
+    let resp = client(&gw)
+        .chat()
+        .create(build(
+            ask(&gw, "Tell me a long story about dragons.").max_tokens(3u32),
+        ))
+        .await
+        .unwrap();
+    assert_eq!(resp.usage.unwrap().completion_tokens, 3);
+}
+
+#[tokio::test]
+async fn logprobs_and_stop_strings() {
+    let gw = TestGateway::real().await;
+    let resp = client(&gw)
+        .chat()
+        .create(build(
+            ask(&gw, FRANCE)
+                .temperature(0.0)
+                .max_completion_tokens(12u32)
+                .logprobs(true)
+                .top_logprobs(3u8),
+        ))
+        .await
+        .unwrap();
+    let content = resp.choices[0].logprobs.clone().unwrap().content.unwrap();
+    assert_eq!(content.len() as u32, resp.usage.unwrap().completion_tokens);
+    // Greedy: each chosen token is its position's most likely one; the first
+    // matches llama.cpp's reference log-probability for "The".
+    assert_eq!(content[0].token, "The");
+    assert!(
+        (content[0].logprob - -1.8851).abs() < 5e-3,
+        "{}",
+        content[0].logprob
+    );
+    for t in &content {
+        assert_eq!(t.top_logprobs.len(), 3);
+        assert_eq!(t.top_logprobs[0].logprob, t.logprob);
+    }
+
+    let resp = client(&gw)
+        .chat()
+        .create(build(
+            ask(&gw, FRANCE)
+                .temperature(0.0)
+                .max_completion_tokens(30u32)
+                .stop(vec!["Paris".to_string()]),
+        ))
+        .await
+        .unwrap();
+    let text = resp.choices[0].message.content.clone().unwrap();
+    assert_eq!(resp.choices[0].finish_reason, Some(FinishReason::Stop));
+    assert!(
+        !text.contains("Paris") && text.starts_with("The capital of France is"),
+        "{text:?}"
+    );
+}
+
+#[tokio::test]
+async fn simultaneous_requests_all_complete_correctly() {
+    let gw = TestGateway::real().await;
+    let c = client(&gw);
+    let questions = [
+        FRANCE,
+        "Name three colours.",
+        "What is 2+2?",
+        "Say hello.",
+        FRANCE,
+    ];
+    let alone = c
+        .chat()
+        .create(build(
+            ask(&gw, FRANCE)
+                .temperature(0.0)
+                .max_completion_tokens(16u32),
+        ))
+        .await
+        .unwrap()
+        .choices[0]
+        .message
+        .content
+        .clone();
+    let tasks: Vec<_> = questions
+        .iter()
+        .map(|q| {
+            let req = build(ask(&gw, q).temperature(0.0).max_completion_tokens(16u32));
+            let c = c.clone();
+            tokio::spawn(async move { c.chat().create(req).await })
+        })
+        .collect();
+    let mut answers = Vec::new();
+    for t in tasks {
+        let resp = t.await.unwrap().expect("every request completes");
+        assert!(resp.usage.unwrap().completion_tokens > 0);
+        answers.push(resp.choices[0].message.content.clone());
+    }
+    assert_eq!(answers[0], alone, "same answer under load as alone");
+    assert_eq!(answers[0], answers[4]);
+}
+
+#[tokio::test]
+async fn models_lists_the_served_version() {
+    let gw = TestGateway::real().await;
+    let list = client(&gw).models().list().await.unwrap();
+    assert_eq!(list.data.len(), 1);
+    assert_eq!(list.data[0].id, gw.model());
+}
+
+#[tokio::test]
+async fn client_leaving_a_stream_stops_generation() {
+    let gw = TestGateway::real().await;
+    let before = gw.served.engine.stats().cancelled;
+    let resp = reqwest::Client::new()
+        .post(format!("{}/v1/chat/completions", gw.base))
+        .bearer_auth(&gw.key)
+        .json(&serde_json::json!({
+            "model": gw.model(), "stream": true, "max_tokens": 2000, "temperature": 1.0,
+            "messages": [{"role": "user", "content": "Write a very long essay about rivers."}]
+        }))
+        .send()
+        .await
+        .unwrap();
+    let mut body = resp.bytes_stream();
+    let first = body.next().await.unwrap().unwrap();
+    assert!(first.starts_with(b"data: "));
+    drop(body); // the client goes away after the first chunk
+    let stopped = eventually(60, || async {
+        (gw.served.engine.stats().cancelled > before).then_some(())
+    })
+    .await;
+    assert!(stopped.is_some(), "generation kept running after the client left");
+    let metrics = reqwest::get(format!("{}/metrics", gw.base)).await.unwrap().text().await.unwrap();
+    assert!(metrics.contains("flywheel_engine_requests_cancelled_total"), "{metrics}");
+}
