@@ -80,6 +80,13 @@ impl GgufFile {
         self.content.tensor_infos.contains_key(name)
     }
 
+    /// Loads one tensor as stored (quantized or not), on the CPU.
+    pub fn qtensor(&mut self, name: &str) -> Result<candle_core::quantized::QTensor> {
+        self.content
+            .tensor(&mut self.file, name, &Device::Cpu)
+            .map_err(|e| EngineError::Load(format!("tensor {name}: {e}")))
+    }
+
     /// Loads one tensor and dequantizes it to f32.
     ///
     /// SmolLM2's weights are Q4_1; running them through candle's quantized

@@ -7,7 +7,9 @@
 //! new kernels) without the gateway noticing.
 
 pub mod engine;
+pub mod fast;
 pub mod gguf;
+pub mod kernels;
 pub mod model;
 pub mod sampling;
 pub mod stop;

@@ -1,0 +1,369 @@
+//! The serving forward pass: our llama on quantized-weight kernels, run
+//! over a batch of sequences at different positions.
+//!
+//! A step takes any mix of sequences and token counts: prompt chunks
+//! (prefill) and single tokens (decode). All their rows go through each
+//! weight matrix together, so every pass over the weights is shared;
+//! attention is per sequence, against that sequence's own KV cache.
+//!
+//! The candle forward in [`crate::model`] is the reference this one is
+//! tested against (and what training differentiates through).
+
+use rayon::prelude::*;
+
+use crate::gguf::GgufFile;
+use crate::kernels::{QMatrix, axpy, dot};
+use crate::model::LlamaConfig;
+use crate::{EngineError, Result};
+
+struct Layer {
+    attn_norm: Vec<f32>,
+    /// `attn_q`, `attn_k`, `attn_v` stacked: one pass for all three.
+    wqkv: QMatrix,
+    wo: QMatrix,
+    ffn_norm: Vec<f32>,
+    /// `ffn_gate` and `ffn_up` stacked.
+    w_gate_up: QMatrix,
+    w_down: QMatrix,
+}
+
+pub struct FastLlama {
+    cfg: LlamaConfig,
+    embed: QMatrix,
+    /// `None` when the output projection is tied to the embedding.
+    lm_head: Option<QMatrix>,
+    layers: Vec<Layer>,
+    norm: Vec<f32>,
+    /// `[position][head_dim / 2]`.
+    cos: Vec<f32>,
+    sin: Vec<f32>,
+    pool: rayon::ThreadPool,
+}
+
+/// Keys and values of one sequence: per layer `[position][kv_heads * head_dim]`.
+#[derive(Debug, Default)]
+pub struct SeqCache {
+    k: Vec<Vec<f32>>,
+    v: Vec<Vec<f32>>,
+    len: usize,
+}
+
+impl SeqCache {
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+/// One sequence's part of a step.
+pub struct BatchItem<'a> {
+    pub cache: &'a mut SeqCache,
+    pub tokens: &'a [u32],
+    /// Whether the logits after this item's last token are needed.
+    pub want_logits: bool,
+}
+
+fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
+    let ms = x.iter().map(|v| v * v).sum::<f32>() / x.len() as f32;
+    let scale = 1.0 / (ms + eps).sqrt();
+    for ((o, v), w) in out.iter_mut().zip(x).zip(w) {
+        *o = v * scale * w;
+    }
+}
+
+fn vec_of(gguf: &mut GgufFile, name: &str) -> Result<Vec<f32>> {
+    Ok(gguf
+        .tensor_f32(name, &candle_core::Device::Cpu)?
+        .flatten_all()?
+        .to_vec1::<f32>()?)
+}
+
+impl FastLlama {
+    /// Loads the weights in their stored formats; `threads` sizes the pool
+    /// the kernels run on (0 = one per core).
+    pub fn load(gguf: &mut GgufFile, threads: usize) -> Result<Self> {
+        let cfg = gguf.llama_config()?;
+        fn mat(gguf: &mut GgufFile, name: &str) -> Result<QMatrix> {
+            QMatrix::from_qtensor(&gguf.qtensor(name)?)
+        }
+        let embed = mat(gguf, "token_embd.weight")?;
+        let lm_head = match gguf.has_tensor("output.weight") {
+            true => Some(mat(gguf, "output.weight")?),
+            false => None,
+        };
+        let mut layers = Vec::with_capacity(cfg.n_layers);
+        for i in 0..cfg.n_layers {
+            let name = |n: &str| format!("blk.{i}.{n}.weight");
+            let wqkv = QMatrix::stack(vec![
+                mat(gguf, &name("attn_q"))?,
+                mat(gguf, &name("attn_k"))?,
+                mat(gguf, &name("attn_v"))?,
+            ])?;
+            let wo = mat(gguf, &name("attn_output"))?;
+            let w_gate_up = QMatrix::stack(vec![mat(gguf, &name("ffn_gate"))?, mat(gguf, &name("ffn_up"))?])?;
+            let w_down = mat(gguf, &name("ffn_down"))?;
+            layers.push(Layer {
+                attn_norm: vec_of(gguf, &name("attn_norm"))?,
+                wqkv,
+                wo,
+                ffn_norm: vec_of(gguf, &name("ffn_norm"))?,
+                w_gate_up,
+                w_down,
+            });
+        }
+        let norm = vec_of(gguf, "output_norm.weight")?;
+        let half = cfg.head_dim() / 2;
+        let (mut cos, mut sin) = (Vec::new(), Vec::new());
+        for p in 0..cfg.context_length {
+            for i in 0..half {
+                let inv = 1.0 / cfg.rope_theta.powf(2.0 * i as f32 / cfg.head_dim() as f32);
+                let a = p as f32 * inv;
+                cos.push(a.cos());
+                sin.push(a.sin());
+            }
+        }
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .thread_name(|i| format!("flywheel-kernel-{i}"))
+            .build()
+            .map_err(|e| EngineError::Load(format!("thread pool: {e}")))?;
+        Ok(Self { cfg, embed, lm_head, layers, norm, cos, sin, pool })
+    }
+
+    pub fn config(&self) -> &LlamaConfig {
+        &self.cfg
+    }
+
+    pub fn threads(&self) -> usize {
+        self.pool.current_num_threads()
+    }
+
+    /// Bytes of weights read per step (whatever the batch size).
+    pub fn weight_bytes(&self) -> usize {
+        let layers: usize = self
+            .layers
+            .iter()
+            .map(|l| l.wqkv.weight_bytes() + l.wo.weight_bytes() + l.w_gate_up.weight_bytes() + l.w_down.weight_bytes())
+            .sum();
+        layers + self.lm_head.as_ref().unwrap_or(&self.embed).weight_bytes()
+    }
+
+    pub fn new_cache(&self) -> SeqCache {
+        SeqCache {
+            k: vec![Vec::new(); self.cfg.n_layers],
+            v: vec![Vec::new(); self.cfg.n_layers],
+            len: 0,
+        }
+    }
+
+    /// Runs one step; returns, per item, the logits after its last token
+    /// when asked for.
+    pub fn step(&self, items: &mut [BatchItem<'_>]) -> Result<Vec<Option<Vec<f32>>>> {
+        for it in items.iter() {
+            if it.tokens.is_empty() {
+                return Err(EngineError::Invalid("an item without tokens".into()));
+            }
+            if it.cache.len + it.tokens.len() > self.cfg.context_length {
+                return Err(EngineError::Invalid(format!(
+                    "{} tokens exceed the context window of {}",
+                    it.cache.len + it.tokens.len(),
+                    self.cfg.context_length
+                )));
+            }
+            if let Some(&bad) = it.tokens.iter().find(|&&t| t as usize >= self.cfg.vocab) {
+                return Err(EngineError::Invalid(format!("token id {bad} is outside the vocabulary")));
+            }
+        }
+        self.pool.install(|| self.step_inner(items))
+    }
+
+    fn step_inner(&self, items: &mut [BatchItem<'_>]) -> Result<Vec<Option<Vec<f32>>>> {
+        let c = &self.cfg;
+        let (hidden, hd, nh, nkv) = (c.hidden, c.head_dim(), c.n_heads, c.n_kv_heads);
+        let kv_dim = nkv * hd;
+        let qkv_dim = hidden + 2 * kv_dim;
+        let n: usize = items.iter().map(|i| i.tokens.len()).sum();
+        // Row r of the step belongs to item `owner[r].0` at position `owner[r].1`.
+        let mut owner = Vec::with_capacity(n);
+        for (i, it) in items.iter().enumerate() {
+            owner.extend((0..it.tokens.len()).map(|j| (i, it.cache.len + j)));
+        }
+
+        let mut x = vec![0f32; n * hidden];
+        for (r, tok) in items.iter().flat_map(|i| i.tokens.iter()).enumerate() {
+            self.embed.row(*tok as usize, &mut x[r * hidden..(r + 1) * hidden]);
+        }
+        let mut h = vec![0f32; n * hidden];
+        let mut qkv = vec![0f32; n * qkv_dim];
+        let mut att = vec![0f32; n * hidden];
+        let mut proj = vec![0f32; n * hidden];
+        let mut gu = vec![0f32; n * 2 * c.intermediate];
+        let mut act = vec![0f32; n * c.intermediate];
+
+        for (li, layer) in self.layers.iter().enumerate() {
+            for r in 0..n {
+                let s = r * hidden..(r + 1) * hidden;
+                rms_norm(&x[s.clone()], &layer.attn_norm, c.rms_eps, &mut h[s]);
+            }
+            layer.wqkv.matmul(&h, n, &mut qkv);
+            for (r, &(_, pos)) in owner.iter().enumerate() {
+                let row = &mut qkv[r * qkv_dim..(r + 1) * qkv_dim];
+                self.rope(&mut row[..hidden + kv_dim], pos);
+            }
+            // Append the new keys and values to each sequence's cache.
+            let mut r = 0;
+            for it in items.iter_mut() {
+                for _ in 0..it.tokens.len() {
+                    let row = &qkv[r * qkv_dim..(r + 1) * qkv_dim];
+                    it.cache.k[li].extend_from_slice(&row[hidden..hidden + kv_dim]);
+                    it.cache.v[li].extend_from_slice(&row[hidden + kv_dim..]);
+                    r += 1;
+                }
+            }
+            // Attention, one (row, head) at a time, in parallel.
+            let caches: Vec<(&[f32], &[f32])> = items
+                .iter()
+                .map(|it| (it.cache.k[li].as_slice(), it.cache.v[li].as_slice()))
+                .collect();
+            let scale = 1.0 / (hd as f32).sqrt();
+            att.par_chunks_mut(hd).enumerate().for_each(|(idx, out)| {
+                let (r, head) = (idx / nh, idx % nh);
+                let (item, pos) = owner[r];
+                let (k, v) = caches[item];
+                let kvh = head / (nh / nkv);
+                let q = &qkv[r * qkv_dim + head * hd..r * qkv_dim + (head + 1) * hd];
+                let mut scores: Vec<f32> = (0..=pos)
+                    .map(|p| dot(q, &k[p * kv_dim + kvh * hd..p * kv_dim + (kvh + 1) * hd]) * scale)
+                    .collect();
+                let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let mut sum = 0.0;
+                for s in scores.iter_mut() {
+                    *s = (*s - max).exp();
+                    sum += *s;
+                }
+                out.fill(0.0);
+                for (p, s) in scores.iter().enumerate() {
+                    axpy(out, s / sum, &v[p * kv_dim + kvh * hd..p * kv_dim + (kvh + 1) * hd]);
+                }
+            });
+            layer.wo.matmul(&att, n, &mut proj);
+            x.iter_mut().zip(&proj).for_each(|(x, p)| *x += p);
+
+            for r in 0..n {
+                let s = r * hidden..(r + 1) * hidden;
+                rms_norm(&x[s.clone()], &layer.ffn_norm, c.rms_eps, &mut h[s]);
+            }
+            layer.w_gate_up.matmul(&h, n, &mut gu);
+            let f = c.intermediate;
+            for r in 0..n {
+                let (g, u) = gu[r * 2 * f..(r + 1) * 2 * f].split_at(f);
+                for ((a, g), u) in act[r * f..(r + 1) * f].iter_mut().zip(g).zip(u) {
+                    *a = g / (1.0 + (-g).exp()) * u;
+                }
+            }
+            layer.w_down.matmul(&act, n, &mut proj);
+            x.iter_mut().zip(&proj).for_each(|(x, p)| *x += p);
+        }
+
+        // Logits only for the rows that need them.
+        let mut last = 0;
+        let mut rows = Vec::new();
+        for it in items.iter_mut() {
+            last += it.tokens.len();
+            it.cache.len += it.tokens.len();
+            if it.want_logits {
+                rows.push(last - 1);
+            }
+        }
+        let mut normed = vec![0f32; rows.len() * hidden];
+        for (i, &r) in rows.iter().enumerate() {
+            rms_norm(&x[r * hidden..(r + 1) * hidden], &self.norm, c.rms_eps, &mut normed[i * hidden..(i + 1) * hidden]);
+        }
+        let head = self.lm_head.as_ref().unwrap_or(&self.embed);
+        let vocab = head.rows();
+        let mut logits = vec![0f32; rows.len() * vocab];
+        if !rows.is_empty() {
+            head.matmul(&normed, rows.len(), &mut logits);
+        }
+        let mut chunks = logits.chunks_exact(vocab);
+        Ok(items
+            .iter()
+            .map(|it| it.want_logits.then(|| chunks.next().map(<[f32]>::to_vec)).flatten())
+            .collect())
+    }
+
+    /// Interleaved rotary embedding of the q and k heads in `row`.
+    fn rope(&self, row: &mut [f32], pos: usize) {
+        let half = self.cfg.head_dim() / 2;
+        let (cos, sin) = (&self.cos[pos * half..(pos + 1) * half], &self.sin[pos * half..(pos + 1) * half]);
+        for head in row.chunks_exact_mut(self.cfg.head_dim()) {
+            for i in 0..half {
+                let (a, b) = (head[2 * i], head[2 * i + 1]);
+                head[2 * i] = a * cos[i] - b * sin[i];
+                head[2 * i + 1] = a * sin[i] + b * cos[i];
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::Llama;
+
+    fn tiny() -> std::path::PathBuf {
+        let dir = std::env::temp_dir().join(format!("fw-fast-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        crate::tiny::write_tiny_model(&dir, 5).unwrap()
+    }
+
+    #[test]
+    fn matches_the_candle_reference_forward() {
+        let path = tiny();
+        let mut g = GgufFile::open(&path).unwrap();
+        let fast = FastLlama::load(&mut g, 2).unwrap();
+        let reference = Llama::load(&mut g, &candle_core::Device::Cpu).unwrap();
+        let prompt: Vec<u32> = (3..40).collect();
+        let mut rc = reference.new_cache();
+        let want = reference.forward(&prompt, &mut rc).unwrap().to_vec1::<f32>().unwrap();
+        let mut fc = fast.new_cache();
+        let got = fast.step(&mut [BatchItem { cache: &mut fc, tokens: &prompt, want_logits: true }]).unwrap();
+        let got = got[0].as_ref().unwrap();
+        let diff = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        assert!(diff < 1e-3, "prefill logits differ by {diff}");
+        // And one decode step after it.
+        let want = reference.forward(&[7], &mut rc).unwrap().to_vec1::<f32>().unwrap();
+        let got = fast.step(&mut [BatchItem { cache: &mut fc, tokens: &[7], want_logits: true }]).unwrap();
+        let diff = got[0].as_ref().unwrap().iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        assert!(diff < 1e-3, "decode logits differ by {diff}");
+    }
+
+    #[test]
+    fn batching_and_chunking_give_identical_logits() {
+        let path = tiny();
+        let fast = FastLlama::load(&mut GgufFile::open(&path).unwrap(), 2).unwrap();
+        let a: Vec<u32> = (10..50).collect();
+        let b: Vec<u32> = (60..75).collect();
+        // Alone, whole prompts.
+        let alone = |p: &[u32]| {
+            let mut c = fast.new_cache();
+            fast.step(&mut [BatchItem { cache: &mut c, tokens: p, want_logits: true }]).unwrap()[0].clone().unwrap()
+        };
+        let (la, lb) = (alone(&a), alone(&b));
+        // Together, `a` in two chunks while `b` runs whole beside it.
+        let (mut ca, mut cb) = (fast.new_cache(), fast.new_cache());
+        let first = fast
+            .step(&mut [
+                BatchItem { cache: &mut ca, tokens: &a[..25], want_logits: false },
+                BatchItem { cache: &mut cb, tokens: &b, want_logits: true },
+            ])
+            .unwrap();
+        assert!(first[0].is_none());
+        assert_eq!(first[1].as_ref().unwrap(), &lb);
+        let second = fast.step(&mut [BatchItem { cache: &mut ca, tokens: &a[25..], want_logits: true }]).unwrap();
+        assert_eq!(second[0].as_ref().unwrap(), &la);
+    }
+}
