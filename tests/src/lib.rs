@@ -83,18 +83,16 @@ pub async fn real_engine() -> EngineHandle {
     if let Some(e) = REAL_ENGINE.get() {
         return e.clone();
     }
-    let engine = load_engine(model, 64).await;
+    let engine = load_engine(model, EngineConfig::default()).await;
     REAL_ENGINE.get_or_init(|| engine).clone()
 }
 
-pub async fn load_engine(model: &FetchedModel, queue_capacity: usize) -> EngineHandle {
+pub async fn load_engine(model: &FetchedModel, cfg: EngineConfig) -> EngineHandle {
     let (path, name) = (model.path.clone(), model.name.clone());
-    tokio::task::spawn_blocking(move || {
-        EngineHandle::load(&path, &name, EngineConfig { queue_capacity })
-    })
-    .await
-    .unwrap()
-    .expect("load model")
+    tokio::task::spawn_blocking(move || EngineHandle::load(&path, &name, cfg))
+        .await
+        .unwrap()
+        .expect("load model")
 }
 
 /// A gateway on 127.0.0.1:0 over a fresh database, serving `engine` as the

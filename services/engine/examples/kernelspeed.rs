@@ -11,13 +11,24 @@ fn main() {
         for t in [1usize, 4, 16] {
             let x = vec![0.5f32; t * cols];
             let mut y = vec![0f32; t * rows];
-            let pool = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(1)
+                .build()
+                .unwrap();
             let iters = 2000 / t;
             let s = Instant::now();
-            pool.install(|| for _ in 0..iters { m.matmul(&x, t, &mut y); });
+            pool.install(|| {
+                for _ in 0..iters {
+                    m.matmul(&x, t, &mut y);
+                }
+            });
             let secs = s.elapsed().as_secs_f64();
             let blocks = (rows * cols / 32 * iters) as f64;
-            println!("{dt:?} t={t}: {:.1} ns/block, {:.1} GFLOP/s", secs * 1e9 / blocks, 2.0 * (rows * cols * t * iters) as f64 / secs / 1e9);
+            println!(
+                "{dt:?} t={t}: {:.1} ns/block, {:.1} GFLOP/s",
+                secs * 1e9 / blocks,
+                2.0 * (rows * cols * t * iters) as f64 / secs / 1e9
+            );
         }
     }
 }

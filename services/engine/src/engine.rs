@@ -1,20 +1,28 @@
 //! The inference thread and the handle the HTTP layer talks to.
 //!
-//! One thread owns the model and runs requests from a bounded queue; a full
-//! queue is refused at once ([`SubmitError::QueueFull`], HTTP 429) rather
-//! than letting latency grow without bound. Each request gets its own
-//! channel of [`Event`]s; when the receiver is dropped (the client went
-//! away) generation stops at the next token.
+//! One thread owns the model and runs every admitted request together:
+//! each step, sequences that are generating contribute one token each and
+//! sequences still reading their prompt contribute a chunk of it, within a
+//! token budget, so a long prompt never stalls the others for long
+//! (continuous batching with chunked prefill). New requests join between
+//! steps; finished or abandoned ones leave and free their cache at once.
+//!
+//! Requests wait in a bounded queue; a full queue is refused at once
+//! ([`SubmitError::QueueFull`], HTTP 429) rather than letting latency grow
+//! without bound. Each request gets its own channel of [`Event`]s; when the
+//! receiver is dropped (the client went away) the sequence leaves the batch
+//! at the next step.
 
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
+use std::sync::mpsc::{Receiver, SyncSender, TryRecvError, TrySendError, sync_channel};
+use std::time::Instant;
 
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
 
+use crate::fast::{BatchItem, FastLlama, SeqCache};
 use crate::gguf::GgufFile;
-use crate::model::Llama;
 use crate::sampling::{Sampler, SamplingParams, top_n};
 use crate::stop::StopMatcher;
 use crate::template::{CHATML, ChatMessage, ChatTemplate};
@@ -25,11 +33,23 @@ use crate::{EngineError, Result};
 pub struct EngineConfig {
     /// Requests that may wait for the engine; one more is answered 429.
     pub queue_capacity: usize,
+    /// Sequences generating at once.
+    pub max_batch: usize,
+    /// Tokens per step, all sequences together: bounds how long one step
+    /// (and so every running stream's next token) can take.
+    pub max_batched_tokens: usize,
+    /// Kernel threads; 0 means one per core.
+    pub threads: usize,
 }
 
 impl Default for EngineConfig {
     fn default() -> Self {
-        Self { queue_capacity: 64 }
+        Self {
+            queue_capacity: 64,
+            max_batch: 16,
+            max_batched_tokens: 256,
+            threads: 0,
+        }
     }
 }
 
@@ -123,17 +143,30 @@ struct Counters {
     finished: AtomicU64,
     cancelled: AtomicU64,
     failed: AtomicU64,
+    steps: AtomicU64,
+    running: AtomicU64,
+    last_batch: AtomicU64,
+    ttft_micros: AtomicU64,
+    ttft_count: AtomicU64,
 }
 
 /// Running totals since the engine started, for `/metrics`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct EngineStats {
     pub queued: usize,
+    /// Sequences in the running batch.
+    pub running: u64,
+    /// Sequences in the last step.
+    pub last_batch: u64,
+    pub steps: u64,
     pub generated_tokens: u64,
     pub prompt_tokens: u64,
     pub finished: u64,
     pub cancelled: u64,
     pub failed: u64,
+    /// Sum and count of times from admission to first token.
+    pub ttft_micros: u64,
+    pub ttft_count: u64,
 }
 
 /// Cheap to clone; every clone feeds the same engine thread.
@@ -150,7 +183,7 @@ impl EngineHandle {
         let tokenizer = TextTokenizer::from_gguf(&gguf)?;
         let source = gguf.get_str("tokenizer.chat_template").unwrap_or(CHATML);
         let template = ChatTemplate::new(source, tokenizer.bos.clone(), tokenizer.eos.clone())?;
-        let model = Llama::load(&mut gguf, &crate::device())?;
+        let model = FastLlama::load(&mut gguf, cfg.threads)?;
         let info = ModelInfo {
             name: name.to_string(),
             context_length: model.config().context_length,
@@ -167,7 +200,7 @@ impl EngineHandle {
         let thread_shared = shared.clone();
         std::thread::Builder::new()
             .name("flywheel-engine".into())
-            .spawn(move || run(model, thread_shared, rx))
+            .spawn(move || Scheduler::new(model, thread_shared, cfg).run(rx))
             .map_err(|e| EngineError::Load(format!("engine thread: {e}")))?;
         tracing::info!(model = name, path = %path.display(), "model loaded");
         Ok(Self { tx, shared })
@@ -187,6 +220,11 @@ impl EngineHandle {
         let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
         EngineStats {
             queued: self.queue_depth(),
+            running: get(&c.running),
+            last_batch: get(&c.last_batch),
+            steps: get(&c.steps),
+            ttft_micros: get(&c.ttft_micros),
+            ttft_count: get(&c.ttft_count),
             generated_tokens: get(&c.generated_tokens),
             prompt_tokens: get(&c.prompt_tokens),
             finished: get(&c.finished),
@@ -225,103 +263,257 @@ impl EngineHandle {
     }
 }
 
-fn run(model: Llama, shared: Arc<Shared>, rx: Receiver<Job>) {
-    while let Ok(job) = rx.recv() {
-        shared.queued.fetch_sub(1, Ordering::Relaxed);
-        let stats = &shared.stats;
-        if job.events.is_closed() {
-            // The client left while the request was queued.
-            stats.cancelled.fetch_add(1, Ordering::Relaxed);
-            continue;
-        }
-        match generate(&model, &shared, &job) {
-            Ok(End::Finished(_)) => stats.finished.fetch_add(1, Ordering::Relaxed),
-            Ok(End::Cancelled) => stats.cancelled.fetch_add(1, Ordering::Relaxed),
-            Err(e) => {
-                tracing::error!(error = %e, "generation failed");
-                let _ = job.events.send(Event::Error(e.to_string()));
-                stats.failed.fetch_add(1, Ordering::Relaxed)
-            }
-        };
-    }
+/// One request in the running batch.
+struct Seq {
+    job: Job,
+    cache: SeqCache,
+    sampler: Sampler,
+    decoder: IncrementalDecoder,
+    stops: StopMatcher,
+    /// Prompt tokens already run through the model.
+    prefilled: usize,
+    /// The token to feed next, once the prompt is done.
+    next: [u32; 1],
+    generated: usize,
+    admitted: Instant,
+    first_token: bool,
 }
 
-/// Why generation ended, including the client leaving.
+/// Why a sequence left the batch.
 enum End {
-    Finished(FinishReason),
+    Finished,
     Cancelled,
 }
 
-fn generate(model: &Llama, shared: &Shared, job: &Job) -> Result<End> {
-    let p = &job.req.params;
-    let tok = &shared.tokenizer;
-    let ctx = model.config().context_length;
-    let mut cache = model.new_cache();
-    let mut logits = model
-        .forward(&job.req.prompt_ids, &mut cache)?
-        .to_vec1::<f32>()?;
-    let mut sampler = Sampler::new(p.clone());
-    let mut decoder = IncrementalDecoder::default();
-    let mut stops = StopMatcher::new(p.stop.clone());
-    let mut generated = 0usize;
-    let send = |ev: Event| job.events.send(ev).is_ok();
+struct Scheduler {
+    model: FastLlama,
+    shared: Arc<Shared>,
+    cfg: EngineConfig,
+    active: Vec<Seq>,
+}
 
-    let end = loop {
-        if job.events.is_closed() {
-            break End::Cancelled;
+impl Scheduler {
+    fn new(model: FastLlama, shared: Arc<Shared>, cfg: EngineConfig) -> Self {
+        Self {
+            model,
+            shared,
+            cfg,
+            active: Vec::new(),
+        }
+    }
+
+    fn run(mut self, rx: Receiver<Job>) {
+        loop {
+            // Wait for work when idle; otherwise take what is queued, up to
+            // the batch size, without waiting.
+            if self.active.is_empty() {
+                match rx.recv() {
+                    Ok(job) => self.admit(job),
+                    Err(_) => return,
+                }
+            }
+            while self.active.len() < self.cfg.max_batch.max(1) {
+                match rx.try_recv() {
+                    Ok(job) => self.admit(job),
+                    Err(TryRecvError::Empty) => break,
+                    Err(TryRecvError::Disconnected) if self.active.is_empty() => return,
+                    Err(TryRecvError::Disconnected) => break,
+                }
+            }
+            let stats = &self.shared.stats;
+            let before = self.active.len();
+            self.active.retain(|s| !s.job.events.is_closed());
+            stats
+                .cancelled
+                .fetch_add((before - self.active.len()) as u64, Ordering::Relaxed);
+            stats
+                .running
+                .store(self.active.len() as u64, Ordering::Relaxed);
+            if !self.active.is_empty() {
+                self.step();
+            }
+        }
+    }
+
+    fn admit(&mut self, job: Job) {
+        self.shared.queued.fetch_sub(1, Ordering::Relaxed);
+        let n = job.req.prompt_ids.len();
+        if n == 0 || n >= self.model.config().context_length {
+            let _ = job.events.send(Event::Error(format!(
+                "a prompt of {n} tokens does not fit the context window of {}",
+                self.model.config().context_length
+            )));
+            self.shared.stats.failed.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        self.active.push(Seq {
+            sampler: Sampler::new(job.req.params.clone()),
+            stops: StopMatcher::new(job.req.params.stop.clone()),
+            cache: self.model.new_cache(),
+            decoder: IncrementalDecoder::default(),
+            prefilled: 0,
+            next: [0],
+            generated: 0,
+            admitted: Instant::now(),
+            first_token: true,
+            job,
+        });
+    }
+
+    /// Plans and runs one step, then samples for every sequence that got logits.
+    fn step(&mut self) {
+        let mut budget = self.cfg.max_batched_tokens.max(1);
+        // Generating sequences first (one token each), then prompt chunks in
+        // arrival order with what is left of the budget.
+        let mut take = vec![0usize; self.active.len()];
+        for (i, s) in self.active.iter().enumerate() {
+            if s.prefilled == s.job.req.prompt_ids.len() && budget > 0 {
+                take[i] = 1;
+                budget -= 1;
+            }
+        }
+        for (i, s) in self.active.iter().enumerate() {
+            let left = s.job.req.prompt_ids.len() - s.prefilled;
+            if left > 0 && budget > 0 {
+                take[i] = left.min(budget);
+                budget -= take[i];
+            }
+        }
+        let mut items = Vec::new();
+        let mut who = Vec::new();
+        for (i, s) in self.active.iter_mut().enumerate() {
+            if take[i] == 0 {
+                continue;
+            }
+            let prompt_len = s.job.req.prompt_ids.len();
+            let (tokens, want_logits) = if s.prefilled < prompt_len {
+                let end = s.prefilled + take[i];
+                (&s.job.req.prompt_ids[s.prefilled..end], end == prompt_len)
+            } else {
+                (&s.next[..], true)
+            };
+            items.push(BatchItem {
+                cache: &mut s.cache,
+                tokens,
+                want_logits,
+            });
+            who.push(i);
+        }
+        let shared = self.shared.clone();
+        let stats = &shared.stats;
+        stats.steps.fetch_add(1, Ordering::Relaxed);
+        stats.last_batch.store(who.len() as u64, Ordering::Relaxed);
+        let result = self.model.step(&mut items);
+        drop(items);
+        let logits = match result {
+            Ok(l) => l,
+            Err(e) => {
+                // A failed step fails the sequences in it, not the engine.
+                tracing::error!(error = %e, "engine step failed");
+                for &i in who.iter().rev() {
+                    let s = self.active.remove(i);
+                    let _ = s.job.events.send(Event::Error(e.to_string()));
+                    stats.failed.fetch_add(1, Ordering::Relaxed);
+                }
+                return;
+            }
+        };
+        let mut ended = Vec::new();
+        for (&i, logits) in who.iter().zip(logits) {
+            let s = &mut self.active[i];
+            let prompt_len = s.job.req.prompt_ids.len();
+            if s.prefilled < prompt_len {
+                s.prefilled += take[i];
+                stats
+                    .prompt_tokens
+                    .fetch_add(take[i] as u64, Ordering::Relaxed);
+            }
+            let Some(logits) = logits else { continue };
+            if let Some(end) = self.emit(i, logits) {
+                ended.push((i, end));
+            }
+        }
+        for (i, end) in ended.into_iter().rev() {
+            // Dropping the sequence frees its cache.
+            self.active.remove(i);
+            match end {
+                End::Finished => stats.finished.fetch_add(1, Ordering::Relaxed),
+                End::Cancelled => stats.cancelled.fetch_add(1, Ordering::Relaxed),
+            };
+        }
+    }
+
+    /// Samples sequence `i`'s next token and streams it; says if it ended.
+    fn emit(&mut self, i: usize, mut logits: Vec<f32>) -> Option<End> {
+        let tok = &self.shared.tokenizer;
+        let stats = &self.shared.stats;
+        let ctx = self.model.config().context_length;
+        let s = &mut self.active[i];
+        let p = &s.job.req.params;
+        if s.first_token {
+            s.first_token = false;
+            stats
+                .ttft_micros
+                .fetch_add(s.admitted.elapsed().as_micros() as u64, Ordering::Relaxed);
+            stats.ttft_count.fetch_add(1, Ordering::Relaxed);
         }
         let logprobs = p.logprobs.then(|| log_softmax(&logits));
-        let next = sampler.sample(&mut logits);
-        if tok.stop_ids.contains(&next) {
-            break End::Finished(FinishReason::Stop);
-        }
-        generated += 1;
-        shared
-            .stats
-            .generated_tokens
-            .fetch_add(1, Ordering::Relaxed);
-        let step = stops.push(&decoder.push(tok, next)?);
-        let logprobs = logprobs.map(|lp| TokenLogprob {
-            token: tok.token_text(next),
-            logprob: lp[next as usize],
-            top: top_n(&lp, p.top_logprobs)
-                .into_iter()
-                .map(|(id, logprob)| TopLogprob {
-                    token: tok.token_text(id),
-                    logprob,
-                })
-                .collect(),
-        });
-        if !send(Event::Delta {
-            text: step.emit,
-            logprobs,
-        }) {
-            break End::Cancelled;
-        }
-        if step.stopped {
-            break End::Finished(FinishReason::Stop);
-        }
-        if generated >= p.max_tokens || cache.len() >= ctx {
-            break End::Finished(FinishReason::Length);
-        }
-        logits = model.forward(&[next], &mut cache)?.to_vec1::<f32>()?;
-    };
-    if let End::Finished(reason) = &end {
-        let reason = *reason;
-        let rest = stops.flush();
+        let next = s.sampler.sample(&mut logits);
+        let end = if tok.stop_ids.contains(&next) {
+            Some(FinishReason::Stop)
+        } else {
+            s.generated += 1;
+            stats.generated_tokens.fetch_add(1, Ordering::Relaxed);
+            let delta = match s.decoder.push(tok, next) {
+                Ok(d) => d,
+                Err(e) => {
+                    let _ = s.job.events.send(Event::Error(e.to_string()));
+                    return Some(End::Cancelled);
+                }
+            };
+            let step = s.stops.push(&delta);
+            let logprobs = logprobs.map(|lp| TokenLogprob {
+                token: tok.token_text(next),
+                logprob: lp[next as usize],
+                top: top_n(&lp, p.top_logprobs)
+                    .into_iter()
+                    .map(|(id, logprob)| TopLogprob {
+                        token: tok.token_text(id),
+                        logprob,
+                    })
+                    .collect(),
+            });
+            let sent = s.job.events.send(Event::Delta {
+                text: step.emit,
+                logprobs,
+            });
+            if sent.is_err() {
+                return Some(End::Cancelled);
+            }
+            s.next = [next];
+            if step.stopped {
+                Some(FinishReason::Stop)
+            } else if s.generated >= p.max_tokens || s.cache.len() >= ctx {
+                Some(FinishReason::Length)
+            } else {
+                None
+            }
+        };
+        let reason = end?;
+        let rest = s.stops.flush();
         if !rest.is_empty() {
-            send(Event::Delta {
+            let _ = s.job.events.send(Event::Delta {
                 text: rest,
                 logprobs: None,
             });
         }
-        send(Event::Done {
+        let _ = s.job.events.send(Event::Done {
             finish_reason: reason,
-            prompt_tokens: job.req.prompt_ids.len(),
-            completion_tokens: generated,
+            prompt_tokens: s.job.req.prompt_ids.len(),
+            completion_tokens: s.generated,
         });
+        Some(End::Finished)
     }
-    Ok(end)
 }
 
 fn log_softmax(logits: &[f32]) -> Vec<f32> {
@@ -337,17 +529,17 @@ mod tests {
     use crate::tiny;
 
     fn tiny_engine(queue: usize) -> EngineHandle {
+        tiny_engine_with(EngineConfig {
+            queue_capacity: queue,
+            ..Default::default()
+        })
+    }
+
+    fn tiny_engine_with(cfg: EngineConfig) -> EngineHandle {
         let dir = std::env::temp_dir().join(format!("fw-engine-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = tiny::write_tiny_model(&dir, 1).unwrap();
-        EngineHandle::load(
-            &path,
-            "tiny",
-            EngineConfig {
-                queue_capacity: queue,
-            },
-        )
-        .unwrap()
+        EngineHandle::load(&path, "tiny", cfg).unwrap()
     }
 
     fn collect(mut rx: UnboundedReceiver<Event>) -> (String, Option<Event>) {
@@ -438,6 +630,31 @@ mod tests {
     }
 
     #[test]
+    fn batched_requests_give_the_same_text_as_alone() {
+        // A prompt-chunk budget smaller than the prompts forces chunked
+        // prefill next to running decodes.
+        let engine = tiny_engine_with(EngineConfig {
+            max_batched_tokens: 7,
+            ..Default::default()
+        });
+        let params = |seed| SamplingParams {
+            temperature: 0.9,
+            seed: Some(seed),
+            max_tokens: 30,
+            ..Default::default()
+        };
+        let alone: Vec<_> = (0..6)
+            .map(|i| collect(engine.submit(request(&engine, params(i))).unwrap()))
+            .collect();
+        let receivers: Vec<_> = (0..6)
+            .map(|i| engine.submit(request(&engine, params(i))).unwrap())
+            .collect();
+        let together: Vec<_> = receivers.into_iter().map(collect).collect();
+        assert_eq!(alone, together);
+        assert!(engine.stats().steps > 0);
+    }
+
+    #[test]
     fn dropping_the_receiver_stops_generation() {
         let engine = tiny_engine(4);
         let long = SamplingParams {
@@ -465,7 +682,12 @@ mod tests {
 
     #[test]
     fn full_queue_is_refused() {
-        let engine = tiny_engine(1);
+        // One running, one waiting: everything else is refused.
+        let engine = tiny_engine_with(EngineConfig {
+            queue_capacity: 1,
+            max_batch: 1,
+            ..Default::default()
+        });
         let params = SamplingParams {
             max_tokens: 200,
             temperature: 1.0,

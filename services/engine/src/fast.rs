@@ -103,7 +103,10 @@ impl FastLlama {
                 mat(gguf, &name("attn_v"))?,
             ])?;
             let wo = mat(gguf, &name("attn_output"))?;
-            let w_gate_up = QMatrix::stack(vec![mat(gguf, &name("ffn_gate"))?, mat(gguf, &name("ffn_up"))?])?;
+            let w_gate_up = QMatrix::stack(vec![
+                mat(gguf, &name("ffn_gate"))?,
+                mat(gguf, &name("ffn_up"))?,
+            ])?;
             let w_down = mat(gguf, &name("ffn_down"))?;
             layers.push(Layer {
                 attn_norm: vec_of(gguf, &name("attn_norm"))?,
@@ -130,7 +133,16 @@ impl FastLlama {
             .thread_name(|i| format!("flywheel-kernel-{i}"))
             .build()
             .map_err(|e| EngineError::Load(format!("thread pool: {e}")))?;
-        Ok(Self { cfg, embed, lm_head, layers, norm, cos, sin, pool })
+        Ok(Self {
+            cfg,
+            embed,
+            lm_head,
+            layers,
+            norm,
+            cos,
+            sin,
+            pool,
+        })
     }
 
     pub fn config(&self) -> &LlamaConfig {
@@ -146,7 +158,12 @@ impl FastLlama {
         let layers: usize = self
             .layers
             .iter()
-            .map(|l| l.wqkv.weight_bytes() + l.wo.weight_bytes() + l.w_gate_up.weight_bytes() + l.w_down.weight_bytes())
+            .map(|l| {
+                l.wqkv.weight_bytes()
+                    + l.wo.weight_bytes()
+                    + l.w_gate_up.weight_bytes()
+                    + l.w_down.weight_bytes()
+            })
             .sum();
         layers + self.lm_head.as_ref().unwrap_or(&self.embed).weight_bytes()
     }
@@ -174,7 +191,9 @@ impl FastLlama {
                 )));
             }
             if let Some(&bad) = it.tokens.iter().find(|&&t| t as usize >= self.cfg.vocab) {
-                return Err(EngineError::Invalid(format!("token id {bad} is outside the vocabulary")));
+                return Err(EngineError::Invalid(format!(
+                    "token id {bad} is outside the vocabulary"
+                )));
             }
         }
         self.pool.install(|| self.step_inner(items))
@@ -194,7 +213,8 @@ impl FastLlama {
 
         let mut x = vec![0f32; n * hidden];
         for (r, tok) in items.iter().flat_map(|i| i.tokens.iter()).enumerate() {
-            self.embed.row(*tok as usize, &mut x[r * hidden..(r + 1) * hidden]);
+            self.embed
+                .row(*tok as usize, &mut x[r * hidden..(r + 1) * hidden]);
         }
         let mut h = vec![0f32; n * hidden];
         let mut qkv = vec![0f32; n * qkv_dim];
@@ -246,7 +266,11 @@ impl FastLlama {
                 }
                 out.fill(0.0);
                 for (p, s) in scores.iter().enumerate() {
-                    axpy(out, s / sum, &v[p * kv_dim + kvh * hd..p * kv_dim + (kvh + 1) * hd]);
+                    axpy(
+                        out,
+                        s / sum,
+                        &v[p * kv_dim + kvh * hd..p * kv_dim + (kvh + 1) * hd],
+                    );
                 }
             });
             layer.wo.matmul(&att, n, &mut proj);
@@ -280,7 +304,12 @@ impl FastLlama {
         }
         let mut normed = vec![0f32; rows.len() * hidden];
         for (i, &r) in rows.iter().enumerate() {
-            rms_norm(&x[r * hidden..(r + 1) * hidden], &self.norm, c.rms_eps, &mut normed[i * hidden..(i + 1) * hidden]);
+            rms_norm(
+                &x[r * hidden..(r + 1) * hidden],
+                &self.norm,
+                c.rms_eps,
+                &mut normed[i * hidden..(i + 1) * hidden],
+            );
         }
         let head = self.lm_head.as_ref().unwrap_or(&self.embed);
         let vocab = head.rows();
@@ -291,14 +320,21 @@ impl FastLlama {
         let mut chunks = logits.chunks_exact(vocab);
         Ok(items
             .iter()
-            .map(|it| it.want_logits.then(|| chunks.next().map(<[f32]>::to_vec)).flatten())
+            .map(|it| {
+                it.want_logits
+                    .then(|| chunks.next().map(<[f32]>::to_vec))
+                    .flatten()
+            })
             .collect())
     }
 
     /// Interleaved rotary embedding of the q and k heads in `row`.
     fn rope(&self, row: &mut [f32], pos: usize) {
         let half = self.cfg.head_dim() / 2;
-        let (cos, sin) = (&self.cos[pos * half..(pos + 1) * half], &self.sin[pos * half..(pos + 1) * half]);
+        let (cos, sin) = (
+            &self.cos[pos * half..(pos + 1) * half],
+            &self.sin[pos * half..(pos + 1) * half],
+        );
         for head in row.chunks_exact_mut(self.cfg.head_dim()) {
             for i in 0..half {
                 let (a, b) = (head[2 * i], head[2 * i + 1]);
@@ -328,16 +364,46 @@ mod tests {
         let reference = Llama::load(&mut g, &candle_core::Device::Cpu).unwrap();
         let prompt: Vec<u32> = (3..40).collect();
         let mut rc = reference.new_cache();
-        let want = reference.forward(&prompt, &mut rc).unwrap().to_vec1::<f32>().unwrap();
+        let want = reference
+            .forward(&prompt, &mut rc)
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
         let mut fc = fast.new_cache();
-        let got = fast.step(&mut [BatchItem { cache: &mut fc, tokens: &prompt, want_logits: true }]).unwrap();
+        let got = fast
+            .step(&mut [BatchItem {
+                cache: &mut fc,
+                tokens: &prompt,
+                want_logits: true,
+            }])
+            .unwrap();
         let got = got[0].as_ref().unwrap();
-        let diff = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        let diff = got
+            .iter()
+            .zip(&want)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
         assert!(diff < 1e-3, "prefill logits differ by {diff}");
         // And one decode step after it.
-        let want = reference.forward(&[7], &mut rc).unwrap().to_vec1::<f32>().unwrap();
-        let got = fast.step(&mut [BatchItem { cache: &mut fc, tokens: &[7], want_logits: true }]).unwrap();
-        let diff = got[0].as_ref().unwrap().iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        let want = reference
+            .forward(&[7], &mut rc)
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        let got = fast
+            .step(&mut [BatchItem {
+                cache: &mut fc,
+                tokens: &[7],
+                want_logits: true,
+            }])
+            .unwrap();
+        let diff = got[0]
+            .as_ref()
+            .unwrap()
+            .iter()
+            .zip(&want)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
         assert!(diff < 1e-3, "decode logits differ by {diff}");
     }
 
@@ -350,20 +416,41 @@ mod tests {
         // Alone, whole prompts.
         let alone = |p: &[u32]| {
             let mut c = fast.new_cache();
-            fast.step(&mut [BatchItem { cache: &mut c, tokens: p, want_logits: true }]).unwrap()[0].clone().unwrap()
+            fast.step(&mut [BatchItem {
+                cache: &mut c,
+                tokens: p,
+                want_logits: true,
+            }])
+            .unwrap()[0]
+                .clone()
+                .unwrap()
         };
         let (la, lb) = (alone(&a), alone(&b));
         // Together, `a` in two chunks while `b` runs whole beside it.
         let (mut ca, mut cb) = (fast.new_cache(), fast.new_cache());
         let first = fast
             .step(&mut [
-                BatchItem { cache: &mut ca, tokens: &a[..25], want_logits: false },
-                BatchItem { cache: &mut cb, tokens: &b, want_logits: true },
+                BatchItem {
+                    cache: &mut ca,
+                    tokens: &a[..25],
+                    want_logits: false,
+                },
+                BatchItem {
+                    cache: &mut cb,
+                    tokens: &b,
+                    want_logits: true,
+                },
             ])
             .unwrap();
         assert!(first[0].is_none());
         assert_eq!(first[1].as_ref().unwrap(), &lb);
-        let second = fast.step(&mut [BatchItem { cache: &mut ca, tokens: &a[25..], want_logits: true }]).unwrap();
+        let second = fast
+            .step(&mut [BatchItem {
+                cache: &mut ca,
+                tokens: &a[25..],
+                want_logits: true,
+            }])
+            .unwrap();
         assert_eq!(second[0].as_ref().unwrap(), &la);
     }
 }

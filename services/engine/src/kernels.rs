@@ -72,13 +72,23 @@ impl QMatrix {
         match t.dtype() {
             GgmlDType::Q4_1 if cols % QK == 0 => {
                 let n = rows * cols / QK;
-                let (mut d, mut m, mut qs) = (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n * 16));
+                let (mut d, mut m, mut qs) = (
+                    Vec::with_capacity(n),
+                    Vec::with_capacity(n),
+                    Vec::with_capacity(n * 16),
+                );
                 for b in raw.chunks_exact(20) {
                     d.push(f16(b[0], b[1]));
                     m.push(f16(b[2], b[3]));
                     qs.extend_from_slice(&b[4..20]);
                 }
-                Ok(Self::Q4_1(Q4_1Matrix { rows, cols, d, m, qs }))
+                Ok(Self::Q4_1(Q4_1Matrix {
+                    rows,
+                    cols,
+                    d,
+                    m,
+                    qs,
+                }))
             }
             GgmlDType::Q8_0 if cols % QK == 0 => {
                 let n = rows * cols / QK;
@@ -138,7 +148,13 @@ impl QMatrix {
         }
         let rows = parts.iter().map(|p| p.rows()).sum();
         if parts.iter().all(|p| matches!(p, Self::Q4_1(_))) {
-            let mut out = Q4_1Matrix { rows, cols, d: vec![], m: vec![], qs: vec![] };
+            let mut out = Q4_1Matrix {
+                rows,
+                cols,
+                d: vec![],
+                m: vec![],
+                qs: vec![],
+            };
             for p in parts {
                 if let Self::Q4_1(p) = p {
                     out.d.extend(p.d);
@@ -149,7 +165,12 @@ impl QMatrix {
             return Ok(Self::Q4_1(out));
         }
         if parts.iter().all(|p| matches!(p, Self::Q8_0(_))) {
-            let mut out = Q8_0Matrix { rows, cols, d: vec![], qs: vec![] };
+            let mut out = Q8_0Matrix {
+                rows,
+                cols,
+                d: vec![],
+                qs: vec![],
+            };
             for p in parts {
                 if let Self::Q8_0(p) = p {
                     out.d.extend(p.d);
@@ -410,9 +431,17 @@ mod avx2 {
                     let mn = _mm256_set1_ps(m.m[i]);
                     [
                         _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo)), d, mn),
-                        _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8))), d, mn),
+                        _mm256_fmadd_ps(
+                            _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8))),
+                            d,
+                            mn,
+                        ),
                         _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi)), d, mn),
-                        _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8))), d, mn),
+                        _mm256_fmadd_ps(
+                            _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8))),
+                            d,
+                            mn,
+                        ),
                     ]
                 }};
             }
@@ -446,9 +475,15 @@ mod avx2 {
                     let d = _mm256_set1_ps(m.d[i]);
                     [
                         _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(lo)), d),
-                        _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(lo, 8))), d),
+                        _mm256_mul_ps(
+                            _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(lo, 8))),
+                            d,
+                        ),
                         _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(hi)), d),
-                        _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(hi, 8))), d),
+                        _mm256_mul_ps(
+                            _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(hi, 8))),
+                            d,
+                        ),
                     ]
                 }};
             }
@@ -490,7 +525,11 @@ mod tests {
         let (rows, cols) = (70, 128);
         let w = Tensor::from_vec(random(rows * cols, 1), (rows, cols), &Device::Cpu).unwrap();
         let q = QTensor::quantize(&w, dtype).unwrap();
-        let wd = q.dequantize(&Device::Cpu).unwrap().to_vec2::<f32>().unwrap();
+        let wd = q
+            .dequantize(&Device::Cpu)
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
         let m = QMatrix::from_qtensor(&q).unwrap();
         for t in [1, 2, 3, 4, 5, 9] {
             let x = random(t * cols, 2 + t as u64);
@@ -498,9 +537,14 @@ mod tests {
             m.matmul(&x, t, &mut y);
             for j in 0..t {
                 for r in 0..rows {
-                    let want: f64 = (0..cols).map(|c| wd[r][c] as f64 * x[j * cols + c] as f64).sum();
+                    let want: f64 = (0..cols)
+                        .map(|c| wd[r][c] as f64 * x[j * cols + c] as f64)
+                        .sum();
                     let got = y[j * rows + r] as f64;
-                    assert!((got - want).abs() < 1e-4 * (1.0 + want.abs()), "{dtype:?} t={t} r={r}: {got} vs {want}");
+                    assert!(
+                        (got - want).abs() < 1e-4 * (1.0 + want.abs()),
+                        "{dtype:?} t={t} r={r}: {got} vs {want}"
+                    );
                 }
             }
         }
@@ -522,8 +566,15 @@ mod tests {
 
     #[test]
     fn other_formats_fall_back_to_f32() {
-        let q = QTensor::quantize(&Tensor::ones((4, 64), candle_core::DType::F32, &Device::Cpu).unwrap(), GgmlDType::F16).unwrap();
-        assert!(matches!(QMatrix::from_qtensor(&q).unwrap(), QMatrix::F32(_)));
+        let q = QTensor::quantize(
+            &Tensor::ones((4, 64), candle_core::DType::F32, &Device::Cpu).unwrap(),
+            GgmlDType::F16,
+        )
+        .unwrap();
+        assert!(matches!(
+            QMatrix::from_qtensor(&q).unwrap(),
+            QMatrix::F32(_)
+        ));
         check(GgmlDType::F16);
     }
 
@@ -545,9 +596,20 @@ mod tests {
     #[test]
     fn stacking_equals_separate_matmuls() {
         let cols = 64;
-        let a = QTensor::quantize(&Tensor::from_vec(random(16 * cols, 3), (16, cols), &Device::Cpu).unwrap(), GgmlDType::Q4_1).unwrap();
-        let b = QTensor::quantize(&Tensor::from_vec(random(8 * cols, 4), (8, cols), &Device::Cpu).unwrap(), GgmlDType::Q4_1).unwrap();
-        let (ma, mb) = (QMatrix::from_qtensor(&a).unwrap(), QMatrix::from_qtensor(&b).unwrap());
+        let a = QTensor::quantize(
+            &Tensor::from_vec(random(16 * cols, 3), (16, cols), &Device::Cpu).unwrap(),
+            GgmlDType::Q4_1,
+        )
+        .unwrap();
+        let b = QTensor::quantize(
+            &Tensor::from_vec(random(8 * cols, 4), (8, cols), &Device::Cpu).unwrap(),
+            GgmlDType::Q4_1,
+        )
+        .unwrap();
+        let (ma, mb) = (
+            QMatrix::from_qtensor(&a).unwrap(),
+            QMatrix::from_qtensor(&b).unwrap(),
+        );
         let s = QMatrix::stack(vec![ma.clone(), mb.clone()]).unwrap();
         let x = random(cols, 5);
         let (mut ya, mut yb, mut ys) = (vec![0f32; 16], vec![0f32; 8], vec![0f32; 24]);

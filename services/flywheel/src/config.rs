@@ -36,6 +36,12 @@ pub struct Config {
     pub hf_endpoint: String,
     /// `FLYWHEEL_QUEUE_CAPACITY`.
     pub queue_capacity: usize,
+    /// `FLYWHEEL_MAX_BATCH`: sequences generating at once.
+    pub max_batch: usize,
+    /// `FLYWHEEL_MAX_BATCHED_TOKENS`: tokens per engine step.
+    pub max_batched_tokens: usize,
+    /// `FLYWHEEL_THREADS`: kernel threads (0 = one per core).
+    pub threads: usize,
     /// `FLYWHEEL_DEFAULT_MAX_TOKENS`.
     pub default_max_tokens: usize,
     /// `FLYWHEEL_MAX_BODY_BYTES`.
@@ -72,11 +78,23 @@ impl Config {
                 .unwrap_or_else(|| "https://pypi.org/simple".into()),
             hf_endpoint: var("HF_ENDPOINT").unwrap_or_else(|| "https://huggingface.co".into()),
             queue_capacity: parse("FLYWHEEL_QUEUE_CAPACITY", 64)?,
+            max_batch: parse("FLYWHEEL_MAX_BATCH", 16)?,
+            max_batched_tokens: parse("FLYWHEEL_MAX_BATCHED_TOKENS", 256)?,
+            threads: parse("FLYWHEEL_THREADS", 0)?,
             default_max_tokens: parse("FLYWHEEL_DEFAULT_MAX_TOKENS", 512)?,
             max_body_bytes: parse("FLYWHEEL_MAX_BODY_BYTES", 1 << 20)?,
             log_completions: var("FLYWHEEL_LOG_COMPLETIONS").is_none_or(|v| v != "false"),
             local_pg_port: parse("FLYWHEEL_PG_PORT", 54329)? as u16,
         })
+    }
+
+    pub fn engine(&self) -> flywheel_engine::EngineConfig {
+        flywheel_engine::EngineConfig {
+            queue_capacity: self.queue_capacity,
+            max_batch: self.max_batch,
+            max_batched_tokens: self.max_batched_tokens,
+            threads: self.threads,
+        }
     }
 
     pub fn gateway(&self) -> flywheel_gateway::GatewayConfig {

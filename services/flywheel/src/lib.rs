@@ -6,7 +6,7 @@ pub mod config;
 pub mod pg;
 
 use anyhow::Context;
-use flywheel_engine::{EngineConfig, EngineHandle};
+use flywheel_engine::EngineHandle;
 use flywheel_gateway::{AppState, ServedModel};
 use flywheel_modelhub::{DEFAULT_MODEL, FetchedModel, ModelCache};
 use flywheel_store::PgPool;
@@ -82,9 +82,7 @@ pub async fn ensure_champion(cfg: &Config, pool: &PgPool) -> anyhow::Result<Mode
 /// Loads a model version into an engine (on a blocking thread).
 pub async fn load(cfg: &Config, v: &ModelVersion) -> anyhow::Result<ServedModel> {
     let (path, name) = (v.path.clone(), v.name.clone());
-    let engine_cfg = EngineConfig {
-        queue_capacity: cfg.queue_capacity,
-    };
+    let engine_cfg = cfg.engine();
     let engine = tokio::task::spawn_blocking(move || {
         EngineHandle::load(std::path::Path::new(&path), &name, engine_cfg)
     })

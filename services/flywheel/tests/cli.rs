@@ -15,7 +15,10 @@ async fn fresh_database() -> String {
         .execute(&admin)
         .await
         .unwrap();
-    let (base, _) = admin_url().rsplit_once('/').map(|(b, d)| (b.to_string(), d.to_string())).unwrap();
+    let (base, _) = admin_url()
+        .rsplit_once('/')
+        .map(|(b, d)| (b.to_string(), d.to_string()))
+        .unwrap();
     format!("{base}/{name}")
 }
 
@@ -23,7 +26,10 @@ fn flywheel(db: &str, args: &[&str]) -> (bool, String, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_flywheel"))
         .args(args)
         .env("DATABASE_URL", db)
-        .env("FLYWHEEL_MODEL_CACHE", std::env::temp_dir().join(format!("fw-cli-{}", std::process::id())))
+        .env(
+            "FLYWHEEL_MODEL_CACHE",
+            std::env::temp_dir().join(format!("fw-cli-{}", std::process::id())),
+        )
         .output()
         .unwrap();
     (
@@ -41,17 +47,31 @@ async fn keys_create_list_revoke() {
     let (ok, out, err) = flywheel(&db, &["keys", "create", "--team", "search"]);
     assert!(ok, "{out}{err}");
     let key = out.lines().last().unwrap().trim().to_string();
-    assert!(key.starts_with("fw-") && key.len() > 40, "last line is the key: {out}");
+    assert!(
+        key.starts_with("fw-") && key.len() > 40,
+        "last line is the key: {out}"
+    );
 
     let pool = flywheel_store::connect(&db).await.unwrap();
-    let who = flywheel_store::keys::authenticate(&pool, &key).await.unwrap().unwrap();
+    let who = flywheel_store::keys::authenticate(&pool, &key)
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(who.team_name, "search");
 
     let (ok, out, _) = flywheel(&db, &["keys", "list", "--team", "search"]);
-    assert!(ok && out.contains(&key[..11]) && out.contains("active"), "{out}");
+    assert!(
+        ok && out.contains(&key[..11]) && out.contains("active"),
+        "{out}"
+    );
     let (ok, out, err) = flywheel(&db, &["keys", "revoke", &key[..11]]);
     assert!(ok, "{out}{err}");
-    assert!(flywheel_store::keys::authenticate(&pool, &key).await.unwrap().is_none());
+    assert!(
+        flywheel_store::keys::authenticate(&pool, &key)
+            .await
+            .unwrap()
+            .is_none()
+    );
     // Revoking again is an error with a message, not a crash.
     let (ok, _, err) = flywheel(&db, &["keys", "revoke", &key[..11]]);
     assert!(!ok && err.contains("no active key"), "{err}");
@@ -64,17 +84,32 @@ async fn models_import_list_promote() {
     std::fs::create_dir_all(&dir).unwrap();
     let a = flywheel_engine::tiny::write_tiny_model(&dir, 1).unwrap();
     let b = flywheel_engine::tiny::write_tiny_model(&dir, 2).unwrap();
-    let (ok, out, err) = flywheel(&db, &["models", "import", a.to_str().unwrap(), "--name", "tiny-a"]);
-    assert!(ok && out.contains("tiny-a is now the champion"), "{out}{err}");
-    let (ok, out, err) = flywheel(&db, &["models", "import", b.to_str().unwrap(), "--name", "tiny-b"]);
+    let (ok, out, err) = flywheel(
+        &db,
+        &["models", "import", a.to_str().unwrap(), "--name", "tiny-a"],
+    );
+    assert!(
+        ok && out.contains("tiny-a is now the champion"),
+        "{out}{err}"
+    );
+    let (ok, out, err) = flywheel(
+        &db,
+        &["models", "import", b.to_str().unwrap(), "--name", "tiny-b"],
+    );
     assert!(ok && !out.contains("champion"), "{out}{err}");
     let (ok, out, err) = flywheel(&db, &["models", "promote", "tiny-b"]);
     assert!(ok, "{out}{err}");
     let pool = flywheel_store::connect(&db).await.unwrap();
-    let champion = flywheel_store::models::champion(&pool).await.unwrap().unwrap();
+    let champion = flywheel_store::models::champion(&pool)
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(champion.name, "tiny-b");
     let (ok, out, _) = flywheel(&db, &["models", "list"]);
-    assert!(ok && out.contains("tiny-a") && out.contains("tiny-b"), "{out}");
+    assert!(
+        ok && out.contains("tiny-a") && out.contains("tiny-b"),
+        "{out}"
+    );
     let (ok, _, err) = flywheel(&db, &["models", "import", "/no/such/file.gguf"]);
     assert!(!ok && err.contains("No such file"), "{err}");
 }
