@@ -459,7 +459,7 @@ impl Scheduler {
         }
         let logprobs = p.logprobs.then(|| log_softmax(&logits));
         let next = s.sampler.sample(&mut logits);
-        let end = if tok.stop_ids.contains(&next) {
+        let end = if tok.stop_ids.contains(&next) && !p.ignore_eos {
             Some(FinishReason::Stop)
         } else {
             s.generated += 1;

@@ -249,30 +249,38 @@ impl FastLlama {
                 .map(|it| (it.cache.k[li].as_slice(), it.cache.v[li].as_slice()))
                 .collect();
             let scale = 1.0 / (hd as f32).sqrt();
-            att.par_chunks_mut(hd).enumerate().for_each(|(idx, out)| {
-                let (r, head) = (idx / nh, idx % nh);
-                let (item, pos) = owner[r];
-                let (k, v) = caches[item];
-                let kvh = head / (nh / nkv);
-                let q = &qkv[r * qkv_dim + head * hd..r * qkv_dim + (head + 1) * hd];
-                let mut scores: Vec<f32> = (0..=pos)
-                    .map(|p| dot(q, &k[p * kv_dim + kvh * hd..p * kv_dim + (kvh + 1) * hd]) * scale)
-                    .collect();
-                let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                let mut sum = 0.0;
-                for s in scores.iter_mut() {
-                    *s = (*s - max).exp();
-                    sum += *s;
-                }
-                out.fill(0.0);
-                for (p, s) in scores.iter().enumerate() {
-                    axpy(
-                        out,
-                        s / sum,
-                        &v[p * kv_dim + kvh * hd..p * kv_dim + (kvh + 1) * hd],
-                    );
-                }
-            });
+            // About two tasks per thread: enough to balance, few enough to
+            // keep rayon's overhead off the single-stream path.
+            let per_task = (n * nh).div_ceil(2 * rayon::current_num_threads()).max(1);
+            att.par_chunks_mut(hd)
+                .with_min_len(per_task)
+                .enumerate()
+                .for_each(|(idx, out)| {
+                    let (r, head) = (idx / nh, idx % nh);
+                    let (item, pos) = owner[r];
+                    let (k, v) = caches[item];
+                    let kvh = head / (nh / nkv);
+                    let q = &qkv[r * qkv_dim + head * hd..r * qkv_dim + (head + 1) * hd];
+                    let mut scores: Vec<f32> = (0..=pos)
+                        .map(|p| {
+                            dot(q, &k[p * kv_dim + kvh * hd..p * kv_dim + (kvh + 1) * hd]) * scale
+                        })
+                        .collect();
+                    let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                    let mut sum = 0.0;
+                    for s in scores.iter_mut() {
+                        *s = (*s - max).exp();
+                        sum += *s;
+                    }
+                    out.fill(0.0);
+                    for (p, s) in scores.iter().enumerate() {
+                        axpy(
+                            out,
+                            s / sum,
+                            &v[p * kv_dim + kvh * hd..p * kv_dim + (kvh + 1) * hd],
+                        );
+                    }
+                });
             layer.wo.matmul(&att, n, &mut proj);
             x.iter_mut().zip(&proj).for_each(|(x, p)| *x += p);
 

@@ -225,33 +225,51 @@ impl QMatrix {
         let (rows, cols) = (self.rows(), self.cols());
         assert_eq!(x.len(), t * cols);
         assert_eq!(y.len(), t * rows);
-        // Work is split by output rows; each chunk writes its rows for all t
-        // columns into `yt` (rows x t), transposed into `y` at the end.
-        let mut yt = vec![0f32; rows * t];
         let chunk_rows = (rows / (rayon::current_num_threads() * 4)).clamp(8, 256);
-        yt.par_chunks_mut(chunk_rows * t)
-            .enumerate()
-            .for_each(|(c, out)| {
+        let out = SharedOut(y.as_mut_ptr());
+        (0..rows.div_ceil(chunk_rows))
+            .into_par_iter()
+            .for_each(|c| {
                 let row0 = c * chunk_rows;
-                let n = out.len() / t;
-                self.rows_into(x, t, row0, n, out);
+                let n = chunk_rows.min(rows - row0);
+                // Each chunk computes its rows for all t columns into a small
+                // local buffer, then writes them to their places in `y`.
+                let mut local = vec![0f32; n * t];
+                self.rows_into(x, t, row0, n, &mut local);
+                for (r, col) in local.chunks_exact(t).enumerate() {
+                    for (j, &v) in col.iter().enumerate() {
+                        // SAFETY: (j, row0 + r) is inside y (t x rows), and no two
+                        // chunks share a row, so writes never overlap.
+                        unsafe { out.write(j * rows + row0 + r, v) };
+                    }
+                }
             });
-        for (r, col) in yt.chunks_exact(t).enumerate() {
-            for (i, &v) in col.iter().enumerate() {
-                y[i * rows + r] = v;
-            }
-        }
     }
 
     fn rows_into(&self, x: &[f32], t: usize, row0: usize, n: usize, out: &mut [f32]) {
+        #[cfg(target_arch = "x86_64")]
+        if has_avx512() {
+            // SAFETY: the CPU supports AVX-512F (checked above); the kernels
+            // assert their bounds.
+            let done = unsafe {
+                match self {
+                    Self::Q4_1(m) => avx512::rows(m, x, t, row0, n, out),
+                    Self::Q8_0(m) => avx512::rows(m, x, t, row0, n, out),
+                    Self::F32(_) => false,
+                }
+            };
+            if done {
+                return;
+            }
+        }
         #[cfg(target_arch = "x86_64")]
         if has_avx2() {
             // SAFETY: the CPU supports AVX2 and FMA (checked above); the
             // kernels only read within the slices' bounds (asserted there).
             unsafe {
                 match self {
-                    Self::Q4_1(m) => avx2::q4_1_rows(m, x, t, row0, n, out),
-                    Self::Q8_0(m) => avx2::q8_0_rows(m, x, t, row0, n, out),
+                    Self::Q4_1(m) => avx2::rows(m, x, t, row0, n, out),
+                    Self::Q8_0(m) => avx2::rows(m, x, t, row0, n, out),
                     Self::F32(m) => avx2::f32_rows(m, x, t, row0, n, out),
                 }
             }
@@ -267,6 +285,21 @@ impl QMatrix {
     }
 }
 
+/// The output of a parallel matmul, written by chunks that own disjoint rows.
+struct SharedOut(*mut f32);
+// SAFETY: chunks write disjoint elements (see `matmul`), and the buffer
+// outlives the parallel loop, which joins before `matmul` returns.
+unsafe impl Sync for SharedOut {}
+unsafe impl Send for SharedOut {}
+
+impl SharedOut {
+    /// # Safety
+    /// `i` must be in bounds and written by no other thread.
+    unsafe fn write(&self, i: usize, v: f32) {
+        unsafe { *self.0.add(i) = v };
+    }
+}
+
 fn dot_portable(a: &[f32], b: &[f32]) -> f32 {
     // Eight running sums, like the SIMD path, so the order is similar.
     let mut acc = [0f32; 8];
@@ -278,10 +311,29 @@ fn dot_portable(a: &[f32], b: &[f32]) -> f32 {
     acc.iter().sum()
 }
 
+/// Which SIMD path runs: `FLYWHEEL_SIMD=avx2` (or `portable`) forces a
+/// narrower one, for comparison and for machines where wide vectors throttle.
+fn simd_limit() -> &'static str {
+    static LIMIT: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    LIMIT.get_or_init(|| std::env::var("FLYWHEEL_SIMD").unwrap_or_default())
+}
+
+#[cfg(target_arch = "x86_64")]
+fn has_avx512() -> bool {
+    static HAS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *HAS.get_or_init(|| {
+        simd_limit().is_empty() && is_x86_feature_detected!("avx512f") && has_avx2()
+    })
+}
+
 #[cfg(target_arch = "x86_64")]
 fn has_avx2() -> bool {
     static HAS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *HAS.get_or_init(|| is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"))
+    *HAS.get_or_init(|| {
+        simd_limit() != "portable"
+            && is_x86_feature_detected!("avx2")
+            && is_x86_feature_detected!("fma")
+    })
 }
 
 /// `sum(a[i] * b[i])`.
@@ -343,151 +395,184 @@ mod avx2 {
         s
     }
 
-    /// Loads the 32 inputs of block `b` of column `col` and adds their
-    /// products with the block's weights to that column's four accumulators.
-    /// Every column, in every tile width, goes through exactly this.
-    macro_rules! fma_block {
-        ($acc:ident, $w:ident, $x:expr, $cols:expr, $col:expr, $b:expr) => {{
-            // SAFETY: col < t and b < bpr, so the 32 floats are inside `x`
-            // (length t * cols, asserted by the caller).
-            let xp = unsafe { $x.as_ptr().add($col * $cols + $b * QK) };
-            let (x0, x1, x2, x3) = unsafe {
+    /// A weight format whose 32-weight blocks can be expanded to f32.
+    pub trait Blocks {
+        fn cols(&self) -> usize;
+        fn blocks(&self) -> usize;
+        /// The 32 weights of block `i` (row-major block order).
+        ///
+        /// # Safety
+        /// AVX2 and FMA must be available and `i < self.blocks()`.
+        unsafe fn dequant(&self, i: usize) -> [__m256; 4];
+    }
+
+    impl Blocks for Q4_1Matrix {
+        fn cols(&self) -> usize {
+            self.cols
+        }
+        fn blocks(&self) -> usize {
+            self.d.len()
+        }
+        #[inline]
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn dequant(&self, i: usize) -> [__m256; 4] {
+            // SAFETY: i < blocks and qs holds 16 bytes per block.
+            let (v, d, mn) = unsafe {
                 (
-                    _mm256_loadu_ps(xp),
-                    _mm256_loadu_ps(xp.add(8)),
-                    _mm256_loadu_ps(xp.add(16)),
-                    _mm256_loadu_ps(xp.add(24)),
+                    _mm_loadu_si128(self.qs.as_ptr().add(i * 16) as *const __m128i),
+                    _mm256_set1_ps(*self.d.get_unchecked(i)),
+                    _mm256_set1_ps(*self.m.get_unchecked(i)),
                 )
             };
-            $acc[0] = _mm256_fmadd_ps($w[0], x0, $acc[0]);
-            $acc[1] = _mm256_fmadd_ps($w[1], x1, $acc[1]);
-            $acc[2] = _mm256_fmadd_ps($w[2], x2, $acc[2]);
-            $acc[3] = _mm256_fmadd_ps($w[3], x3, $acc[3]);
-        }};
-    }
-
-    macro_rules! finish {
-        ($acc:ident) => {
-            hsum(_mm256_add_ps(
-                _mm256_add_ps($acc[0], $acc[1]),
-                _mm256_add_ps($acc[2], $acc[3]),
-            ))
-        };
-    }
-
-    /// One output row against all `t` columns: two columns per pass over the
-    /// row's blocks (12 accumulator and weight registers of AVX2's 16), then
-    /// the odd one out alone.
-    macro_rules! all_columns {
-        ($t:expr, $cols:expr, $bpr:expr, $x:expr, $out:expr, $dequant:ident) => {{
-            let mut t0 = 0;
-            while t0 + 2 <= $t {
-                let mut a = [_mm256_setzero_ps(); 4];
-                let mut c = [_mm256_setzero_ps(); 4];
-                for b in 0..$bpr {
-                    let w: [__m256; 4] = $dequant!(b);
-                    fma_block!(a, w, $x, $cols, t0, b);
-                    fma_block!(c, w, $x, $cols, t0 + 1, b);
-                }
-                $out[t0] = finish!(a);
-                $out[t0 + 1] = finish!(c);
-                t0 += 2;
-            }
-            if t0 < $t {
-                let mut a = [_mm256_setzero_ps(); 4];
-                for b in 0..$bpr {
-                    let w: [__m256; 4] = $dequant!(b);
-                    fma_block!(a, w, $x, $cols, t0, b);
-                }
-                $out[t0] = finish!(a);
-            }
-        }};
-    }
-
-    #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn q4_1_rows(
-        m: &Q4_1Matrix,
-        x: &[f32],
-        t: usize,
-        row0: usize,
-        n: usize,
-        out: &mut [f32],
-    ) {
-        let bpr = m.cols / QK;
-        assert!(x.len() >= t * m.cols && out.len() >= n * t);
-        assert!((row0 + n) * bpr <= m.d.len() && m.qs.len() == 16 * m.d.len());
-        let mask = _mm_set1_epi8(0x0F);
-        for r in 0..n {
-            let base = (row0 + r) * bpr;
-            let row_out = &mut out[r * t..(r + 1) * t];
-            macro_rules! dequant {
-                ($b:expr) => {{
-                    let i = base + $b;
-                    // SAFETY: i < d.len() (asserted), so 16 bytes at i * 16 are in qs.
-                    let v = unsafe { _mm_loadu_si128(m.qs.as_ptr().add(i * 16) as *const __m128i) };
-                    let lo = _mm_and_si128(v, mask);
-                    let hi = _mm_and_si128(_mm_srli_epi16(v, 4), mask);
-                    let d = _mm256_set1_ps(m.d[i]);
-                    let mn = _mm256_set1_ps(m.m[i]);
-                    [
-                        _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo)), d, mn),
-                        _mm256_fmadd_ps(
-                            _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8))),
-                            d,
-                            mn,
-                        ),
-                        _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi)), d, mn),
-                        _mm256_fmadd_ps(
-                            _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8))),
-                            d,
-                            mn,
-                        ),
-                    ]
-                }};
-            }
-            all_columns!(t, m.cols, bpr, x, row_out, dequant);
+            let mask = _mm_set1_epi8(0x0F);
+            let lo = _mm_and_si128(v, mask);
+            let hi = _mm_and_si128(_mm_srli_epi16(v, 4), mask);
+            [
+                _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo)), d, mn),
+                _mm256_fmadd_ps(
+                    _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8))),
+                    d,
+                    mn,
+                ),
+                _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi)), d, mn),
+                _mm256_fmadd_ps(
+                    _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8))),
+                    d,
+                    mn,
+                ),
+            ]
         }
     }
 
+    impl Blocks for Q8_0Matrix {
+        fn cols(&self) -> usize {
+            self.cols
+        }
+        fn blocks(&self) -> usize {
+            self.d.len()
+        }
+        #[inline]
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn dequant(&self, i: usize) -> [__m256; 4] {
+            // SAFETY: i < blocks and qs holds 32 bytes per block.
+            let (lo, hi, d) = unsafe {
+                let p = self.qs.as_ptr().add(i * QK) as *const __m128i;
+                (
+                    _mm_loadu_si128(p),
+                    _mm_loadu_si128(p.add(1)),
+                    _mm256_set1_ps(*self.d.get_unchecked(i)),
+                )
+            };
+            [
+                _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(lo)), d),
+                _mm256_mul_ps(
+                    _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(lo, 8))),
+                    d,
+                ),
+                _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(hi)), d),
+                _mm256_mul_ps(
+                    _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(hi, 8))),
+                    d,
+                ),
+            ]
+        }
+    }
+
+    /// `R` rows against `C` columns: each block is expanded once and used
+    /// for all `C` columns; each column's 32 inputs are loaded once and used
+    /// for all `R` rows. Whatever the tile shape, one (row, column) dot
+    /// product is always the same two chains of fused multiply-adds over
+    /// the blocks in order, so results do not depend on the batch.
+    #[inline]
     #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn q8_0_rows(
-        m: &Q8_0Matrix,
+    #[allow(clippy::needless_range_loop)] // indices keep the tile's registers explicit
+    unsafe fn tile<B: Blocks, const R: usize, const C: usize>(
+        m: &B,
+        x: &[f32],
+        t: usize,
+        t0: usize,
+        rows: [usize; R],
+        local: [usize; R],
+        out: &mut [f32],
+    ) {
+        let cols = m.cols();
+        let bpr = cols / QK;
+        let mut acc = [[[_mm256_setzero_ps(); 2]; C]; R];
+        for b in 0..bpr {
+            let mut w = [[_mm256_setzero_ps(); 4]; R];
+            for r in 0..R {
+                // SAFETY: rows[r] is a row of m, so the block index is in range.
+                w[r] = unsafe { m.dequant(rows[r] * bpr + b) };
+            }
+            for c in 0..C {
+                // SAFETY: t0 + c < t and b < bpr: the 32 floats lie in `x`.
+                let xs = unsafe {
+                    let p = x.as_ptr().add((t0 + c) * cols + b * QK);
+                    [
+                        _mm256_loadu_ps(p),
+                        _mm256_loadu_ps(p.add(8)),
+                        _mm256_loadu_ps(p.add(16)),
+                        _mm256_loadu_ps(p.add(24)),
+                    ]
+                };
+                for r in 0..R {
+                    let a = &mut acc[r][c];
+                    a[0] = _mm256_fmadd_ps(w[r][0], xs[0], a[0]);
+                    a[1] = _mm256_fmadd_ps(w[r][1], xs[1], a[1]);
+                    a[0] = _mm256_fmadd_ps(w[r][2], xs[2], a[0]);
+                    a[1] = _mm256_fmadd_ps(w[r][3], xs[3], a[1]);
+                }
+            }
+        }
+        for r in 0..R {
+            for c in 0..C {
+                out[local[r] * t + t0 + c] = hsum(_mm256_add_ps(acc[r][c][0], acc[r][c][1]));
+            }
+        }
+    }
+
+    /// Rows `row0..row0 + n` of `m` against all `t` columns of `x`, into
+    /// `out` laid out `[n][t]`. One column (decode of one stream): rows in
+    /// pairs, so two independent chains hide the FMA latency. Several
+    /// columns: four columns per expanded block.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn rows<B: Blocks>(
+        m: &B,
         x: &[f32],
         t: usize,
         row0: usize,
         n: usize,
         out: &mut [f32],
     ) {
-        let bpr = m.cols / QK;
-        assert!(x.len() >= t * m.cols && out.len() >= n * t);
-        assert!((row0 + n) * bpr <= m.d.len() && m.qs.len() == QK * m.d.len());
-        for r in 0..n {
-            let base = (row0 + r) * bpr;
-            let row_out = &mut out[r * t..(r + 1) * t];
-            macro_rules! dequant {
-                ($b:expr) => {{
-                    let i = base + $b;
-                    // SAFETY: i < d.len() (asserted), so 32 bytes at i * 32 are in qs.
-                    let (lo, hi) = unsafe {
-                        let p = m.qs.as_ptr().add(i * QK) as *const __m128i;
-                        (_mm_loadu_si128(p), _mm_loadu_si128(p.add(1)))
-                    };
-                    let d = _mm256_set1_ps(m.d[i]);
-                    [
-                        _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(lo)), d),
-                        _mm256_mul_ps(
-                            _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(lo, 8))),
-                            d,
-                        ),
-                        _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(hi)), d),
-                        _mm256_mul_ps(
-                            _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(hi, 8))),
-                            d,
-                        ),
-                    ]
-                }};
+        let bpr = m.cols() / QK;
+        assert!(x.len() >= t * m.cols() && out.len() >= n * t && (row0 + n) * bpr <= m.blocks());
+        // SAFETY (all tiles): rows < row0 + n and columns < t, checked above.
+        unsafe {
+            if t == 1 {
+                let mut r = 0;
+                while r + 2 <= n {
+                    tile::<B, 2, 1>(m, x, 1, 0, [row0 + r, row0 + r + 1], [r, r + 1], out);
+                    r += 2;
+                }
+                if r < n {
+                    tile::<B, 1, 1>(m, x, 1, 0, [row0 + r], [r], out);
+                }
+                return;
             }
-            all_columns!(t, m.cols, bpr, x, row_out, dequant);
+            for r in 0..n {
+                let (g, l) = ([row0 + r], [r]);
+                let mut t0 = 0;
+                while t0 + 4 <= t {
+                    tile::<B, 1, 4>(m, x, t, t0, g, l, out);
+                    t0 += 4;
+                }
+                match t - t0 {
+                    3 => tile::<B, 1, 3>(m, x, t, t0, g, l, out),
+                    2 => tile::<B, 1, 2>(m, x, t, t0, g, l, out),
+                    1 => tile::<B, 1, 1>(m, x, t, t0, g, l, out),
+                    _ => {}
+                }
+            }
         }
     }
 
@@ -507,6 +592,182 @@ mod avx2 {
                 out[r * t + j] = unsafe { dot(w, &x[j * m.cols..(j + 1) * m.cols]) };
             }
         }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    //! The same kernels with 512-bit registers: a 32-weight block is two
+    //! registers, and 32 of them let a tile cover two rows by four columns.
+    //! Every function here requires AVX-512F; callers check first.
+    use std::arch::x86_64::*;
+
+    use super::{Q4_1Matrix, Q8_0Matrix, QK};
+
+    pub trait Blocks {
+        fn cols(&self) -> usize;
+        fn blocks(&self) -> usize;
+        /// The 32 weights of block `i`.
+        ///
+        /// # Safety
+        /// AVX-512F must be available and `i < self.blocks()`.
+        unsafe fn dequant(&self, i: usize) -> [__m512; 2];
+    }
+
+    impl Blocks for Q4_1Matrix {
+        fn cols(&self) -> usize {
+            self.cols
+        }
+        fn blocks(&self) -> usize {
+            self.d.len()
+        }
+        #[inline]
+        #[target_feature(enable = "avx512f")]
+        unsafe fn dequant(&self, i: usize) -> [__m512; 2] {
+            // SAFETY: i < blocks and qs holds 16 bytes per block.
+            let (v, d, mn) = unsafe {
+                (
+                    _mm_loadu_si128(self.qs.as_ptr().add(i * 16) as *const __m128i),
+                    _mm512_set1_ps(*self.d.get_unchecked(i)),
+                    _mm512_set1_ps(*self.m.get_unchecked(i)),
+                )
+            };
+            let mask = _mm_set1_epi8(0x0F);
+            let lo = _mm_and_si128(v, mask);
+            let hi = _mm_and_si128(_mm_srli_epi16(v, 4), mask);
+            [
+                _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(lo)), d, mn),
+                _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(hi)), d, mn),
+            ]
+        }
+    }
+
+    impl Blocks for Q8_0Matrix {
+        fn cols(&self) -> usize {
+            self.cols
+        }
+        fn blocks(&self) -> usize {
+            self.d.len()
+        }
+        #[inline]
+        #[target_feature(enable = "avx512f")]
+        unsafe fn dequant(&self, i: usize) -> [__m512; 2] {
+            // SAFETY: i < blocks and qs holds 32 bytes per block.
+            let (lo, hi, d) = unsafe {
+                let p = self.qs.as_ptr().add(i * QK) as *const __m128i;
+                (
+                    _mm_loadu_si128(p),
+                    _mm_loadu_si128(p.add(1)),
+                    _mm512_set1_ps(*self.d.get_unchecked(i)),
+                )
+            };
+            [
+                _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(lo)), d),
+                _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(hi)), d),
+            ]
+        }
+    }
+
+    /// `R` rows by `C` columns; one (row, column) dot product is always two
+    /// chains (first and second half of each block) of one FMA per block,
+    /// whatever the tile, so results do not depend on the batch.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    #[allow(clippy::needless_range_loop)] // indices keep the tile's registers explicit
+    unsafe fn tile<B: Blocks, const R: usize, const C: usize>(
+        m: &B,
+        x: &[f32],
+        t: usize,
+        t0: usize,
+        rows: [usize; R],
+        local: [usize; R],
+        out: &mut [f32],
+    ) {
+        let cols = m.cols();
+        let bpr = cols / QK;
+        let mut acc = [[[_mm512_setzero_ps(); 2]; C]; R];
+        for b in 0..bpr {
+            let mut w = [[_mm512_setzero_ps(); 2]; R];
+            for r in 0..R {
+                // SAFETY: rows[r] is a row of m.
+                w[r] = unsafe { m.dequant(rows[r] * bpr + b) };
+            }
+            for c in 0..C {
+                // SAFETY: t0 + c < t and b < bpr: the 32 floats lie in `x`.
+                let xs = unsafe {
+                    let p = x.as_ptr().add((t0 + c) * cols + b * QK);
+                    [_mm512_loadu_ps(p), _mm512_loadu_ps(p.add(16))]
+                };
+                for r in 0..R {
+                    let a = &mut acc[r][c];
+                    a[0] = _mm512_fmadd_ps(w[r][0], xs[0], a[0]);
+                    a[1] = _mm512_fmadd_ps(w[r][1], xs[1], a[1]);
+                }
+            }
+        }
+        for r in 0..R {
+            for c in 0..C {
+                out[local[r] * t + t0 + c] =
+                    _mm512_reduce_add_ps(_mm512_add_ps(acc[r][c][0], acc[r][c][1]));
+            }
+        }
+    }
+
+    /// Rows `row0..row0 + n` against all `t` columns, into `out` as `[n][t]`.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn rows<B: Blocks>(
+        m: &B,
+        x: &[f32],
+        t: usize,
+        row0: usize,
+        n: usize,
+        out: &mut [f32],
+    ) -> bool {
+        let bpr = m.cols() / QK;
+        assert!(x.len() >= t * m.cols() && out.len() >= n * t && (row0 + n) * bpr <= m.blocks());
+        // SAFETY (all tiles): rows < row0 + n and columns < t, checked above.
+        unsafe {
+            if t == 1 {
+                // Four rows at once: eight independent chains hide latency.
+                let mut r = 0;
+                while r + 4 <= n {
+                    let g = [row0 + r, row0 + r + 1, row0 + r + 2, row0 + r + 3];
+                    tile::<B, 4, 1>(m, x, 1, 0, g, [r, r + 1, r + 2, r + 3], out);
+                    r += 4;
+                }
+                while r < n {
+                    tile::<B, 1, 1>(m, x, 1, 0, [row0 + r], [r], out);
+                    r += 1;
+                }
+                return true;
+            }
+            let mut r = 0;
+            while r < n {
+                let pair = r + 2 <= n;
+                let mut t0 = 0;
+                macro_rules! run {
+                    ($c:literal) => {
+                        if pair {
+                            tile::<B, 2, $c>(m, x, t, t0, [row0 + r, row0 + r + 1], [r, r + 1], out)
+                        } else {
+                            tile::<B, 1, $c>(m, x, t, t0, [row0 + r], [r], out)
+                        }
+                    };
+                }
+                while t0 + 4 <= t {
+                    run!(4);
+                    t0 += 4;
+                }
+                match t - t0 {
+                    3 => run!(3),
+                    2 => run!(2),
+                    1 => run!(1),
+                    _ => {}
+                }
+                r += if pair { 2 } else { 1 };
+            }
+        }
+        true
     }
 }
 

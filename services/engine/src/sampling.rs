@@ -18,6 +18,8 @@ pub struct SamplingParams {
     pub stop: Vec<String>,
     pub logprobs: bool,
     pub top_logprobs: usize,
+    /// Keep generating past end-of-turn tokens (benchmarks want exact lengths).
+    pub ignore_eos: bool,
 }
 
 impl Default for SamplingParams {
@@ -33,6 +35,7 @@ impl Default for SamplingParams {
             stop: Vec::new(),
             logprobs: false,
             top_logprobs: 0,
+            ignore_eos: false,
         }
     }
 }

@@ -256,6 +256,7 @@ impl ChatRequest {
                 stop,
                 logprobs,
                 top_logprobs,
+                ignore_eos: false,
             },
             max_tokens,
             stream,
