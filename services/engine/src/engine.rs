@@ -21,7 +21,7 @@ use std::time::Instant;
 
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
 
-use crate::fast::{BatchItem, FastLlama, SeqCache};
+use crate::fast::{BatchItem, FastLlama, StepModel};
 use crate::gguf::GgufFile;
 use crate::sampling::{Sampler, SamplingParams, top_n};
 use crate::stop::StopMatcher;
@@ -40,6 +40,17 @@ pub struct EngineConfig {
     pub max_batched_tokens: usize,
     /// Kernel threads; 0 means one per core.
     pub threads: usize,
+    pub backend: Backend,
+}
+
+/// Which forward pass serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Backend {
+    /// Our kernels on the CPU; candle on a GPU when built with `cuda` and one is present.
+    #[default]
+    Auto,
+    /// The candle forward (f32 weights, one sequence at a time), on `device()`.
+    Candle,
 }
 
 impl Default for EngineConfig {
@@ -49,6 +60,7 @@ impl Default for EngineConfig {
             max_batch: 16,
             max_batched_tokens: 256,
             threads: 0,
+            backend: Backend::Auto,
         }
     }
 }
@@ -183,11 +195,11 @@ impl EngineHandle {
         let tokenizer = TextTokenizer::from_gguf(&gguf)?;
         let source = gguf.get_str("tokenizer.chat_template").unwrap_or(CHATML);
         let template = ChatTemplate::new(source, tokenizer.bos.clone(), tokenizer.eos.clone())?;
-        let model = FastLlama::load(&mut gguf, cfg.threads)?;
+        let llama = gguf.llama_config()?;
         let info = ModelInfo {
             name: name.to_string(),
-            context_length: model.config().context_length,
-            vocab_size: model.config().vocab,
+            context_length: llama.context_length,
+            vocab_size: llama.vocab,
         };
         let shared = Arc::new(Shared {
             info,
@@ -197,11 +209,14 @@ impl EngineHandle {
             stats: Counters::default(),
         });
         let (tx, rx) = sync_channel(cfg.queue_capacity);
-        let thread_shared = shared.clone();
-        std::thread::Builder::new()
-            .name("flywheel-engine".into())
-            .spawn(move || Scheduler::new(model, thread_shared, cfg).run(rx))
-            .map_err(|e| EngineError::Load(format!("engine thread: {e}")))?;
+        let device = crate::device();
+        if device.is_cpu() && cfg.backend == Backend::Auto {
+            // Our kernels: quantized weights, batched steps.
+            spawn(FastLlama::load(&mut gguf, cfg.threads)?, shared.clone(), cfg, rx)?;
+        } else {
+            // A GPU through candle: the reference forward on that device.
+            spawn(crate::model::Llama::load(&mut gguf, &device)?, shared.clone(), cfg, rx)?;
+        }
         tracing::info!(model = name, path = %path.display(), "model loaded");
         Ok(Self { tx, shared })
     }
@@ -263,10 +278,23 @@ impl EngineHandle {
     }
 }
 
+fn spawn<M: StepModel>(
+    model: M,
+    shared: Arc<Shared>,
+    cfg: EngineConfig,
+    rx: Receiver<Job>,
+) -> Result<()> {
+    std::thread::Builder::new()
+        .name("flywheel-engine".into())
+        .spawn(move || Scheduler::new(model, shared, cfg).run(rx))
+        .map_err(|e| EngineError::Load(format!("engine thread: {e}")))?;
+    Ok(())
+}
+
 /// One request in the running batch.
-struct Seq {
+struct Seq<C> {
     job: Job,
-    cache: SeqCache,
+    cache: C,
     sampler: Sampler,
     decoder: IncrementalDecoder,
     stops: StopMatcher,
@@ -285,15 +313,15 @@ enum End {
     Cancelled,
 }
 
-struct Scheduler {
-    model: FastLlama,
+struct Scheduler<M: StepModel> {
+    model: M,
     shared: Arc<Shared>,
     cfg: EngineConfig,
-    active: Vec<Seq>,
+    active: Vec<Seq<M::Cache>>,
 }
 
-impl Scheduler {
-    fn new(model: FastLlama, shared: Arc<Shared>, cfg: EngineConfig) -> Self {
+impl<M: StepModel> Scheduler<M> {
+    fn new(model: M, shared: Arc<Shared>, cfg: EngineConfig) -> Self {
         Self {
             model,
             shared,
@@ -493,7 +521,7 @@ impl Scheduler {
             s.next = [next];
             if step.stopped {
                 Some(FinishReason::Stop)
-            } else if s.generated >= p.max_tokens || s.cache.len() >= ctx {
+            } else if s.generated >= p.max_tokens || M::cache_len(&s.cache) >= ctx {
                 Some(FinishReason::Length)
             } else {
                 None
@@ -652,6 +680,24 @@ mod tests {
         let together: Vec<_> = receivers.into_iter().map(collect).collect();
         assert_eq!(alone, together);
         assert!(engine.stats().steps > 0);
+    }
+
+    #[test]
+    fn candle_backend_serves_the_same_greedy_text() {
+        let kernels = tiny_engine(4);
+        let candle = tiny_engine_with(EngineConfig {
+            backend: Backend::Candle,
+            ..Default::default()
+        });
+        let params = SamplingParams {
+            temperature: 0.0,
+            max_tokens: 12,
+            ..Default::default()
+        };
+        let a = collect(kernels.submit(request(&kernels, params.clone())).unwrap());
+        let b = collect(candle.submit(request(&candle, params)).unwrap());
+        assert!(matches!(b.1, Some(Event::Done { .. })));
+        assert_eq!(a, b);
     }
 
     #[test]

@@ -59,8 +59,8 @@ impl SeqCache {
 }
 
 /// One sequence's part of a step.
-pub struct BatchItem<'a> {
-    pub cache: &'a mut SeqCache,
+pub struct BatchItem<'a, C = SeqCache> {
+    pub cache: &'a mut C,
     pub tokens: &'a [u32],
     /// Whether the logits after this item's last token are needed.
     pub want_logits: bool,
@@ -79,6 +79,62 @@ fn vec_of(gguf: &mut GgufFile, name: &str) -> Result<Vec<f32>> {
         .tensor_f32(name, &candle_core::Device::Cpu)?
         .flatten_all()?
         .to_vec1::<f32>()?)
+}
+
+/// What the scheduler needs from a model: a cache per sequence and batched
+/// steps over any mix of prompt chunks and single tokens.
+pub trait StepModel: Send + 'static {
+    type Cache: Send;
+    fn config(&self) -> &LlamaConfig;
+    fn new_cache(&self) -> Self::Cache;
+    fn cache_len(cache: &Self::Cache) -> usize;
+    /// Runs one step; per item, the logits after its last token when asked for.
+    fn step(&self, items: &mut [BatchItem<'_, Self::Cache>]) -> Result<Vec<Option<Vec<f32>>>>;
+}
+
+impl StepModel for FastLlama {
+    type Cache = SeqCache;
+    fn config(&self) -> &LlamaConfig {
+        FastLlama::config(self)
+    }
+    fn new_cache(&self) -> SeqCache {
+        FastLlama::new_cache(self)
+    }
+    fn cache_len(cache: &SeqCache) -> usize {
+        cache.len()
+    }
+    fn step(&self, items: &mut [BatchItem<'_>]) -> Result<Vec<Option<Vec<f32>>>> {
+        FastLlama::step(self, items)
+    }
+}
+
+/// The candle reference forward as a step model: sequences run one after
+/// another (no shared weight passes), on whatever device candle drives, so
+/// the same scheduler serves on a GPU with the `cuda` feature.
+impl StepModel for crate::model::Llama {
+    type Cache = crate::model::KvCache;
+    fn config(&self) -> &LlamaConfig {
+        crate::model::Llama::config(self)
+    }
+    fn new_cache(&self) -> Self::Cache {
+        crate::model::Llama::new_cache(self)
+    }
+    fn cache_len(cache: &Self::Cache) -> usize {
+        cache.len()
+    }
+    fn step(&self, items: &mut [BatchItem<'_, Self::Cache>]) -> Result<Vec<Option<Vec<f32>>>> {
+        items
+            .iter_mut()
+            .map(|it| {
+                let logits = self.forward(it.tokens, it.cache)?;
+                Ok(if it.want_logits {
+                    Some(logits.to_dtype(candle_core::DType::F32)?.to_vec1::<f32>()?)
+                } else {
+                    None
+                })
+            })
+            .collect()
+    }
 }
 
 impl FastLlama {

@@ -33,23 +33,37 @@ pub enum QMatrix {
     F32(F32Matrix),
 }
 
+/// GGUF's Q4_1 blocks, kept byte for byte: per 32 weights an f16 scale `d`,
+/// an f16 minimum `m` and 16 bytes whose byte j holds weight j (low nibble)
+/// and weight j+16 (high nibble); weight = q * d + m.
 #[derive(Debug, Clone)]
 pub struct Q4_1Matrix {
     rows: usize,
     cols: usize,
-    /// Per block, in row-major block order.
-    d: Vec<f32>,
-    m: Vec<f32>,
-    /// 16 bytes per block: byte j holds weight j (low nibble) and j+16 (high).
-    qs: Vec<u8>,
+    raw: Vec<u8>,
 }
 
+/// GGUF's Q8_0 blocks: per 32 weights an f16 scale and 32 signed bytes.
 #[derive(Debug, Clone)]
 pub struct Q8_0Matrix {
     rows: usize,
     cols: usize,
-    d: Vec<f32>,
-    qs: Vec<i8>,
+    raw: Vec<u8>,
+}
+
+const Q4_1_BYTES: usize = 20;
+const Q8_0_BYTES: usize = 34;
+
+fn f16_at(raw: &[u8], at: usize) -> f32 {
+    f16(raw[at], raw[at + 1])
+}
+
+impl Q4_1Matrix {
+    const BYTES: usize = Q4_1_BYTES;
+}
+
+impl Q8_0Matrix {
+    const BYTES: usize = Q8_0_BYTES;
 }
 
 #[derive(Debug, Clone)]
@@ -71,33 +85,14 @@ impl QMatrix {
         let raw = t.data()?;
         match t.dtype() {
             GgmlDType::Q4_1 if cols % QK == 0 => {
-                let n = rows * cols / QK;
-                let (mut d, mut m, mut qs) = (
-                    Vec::with_capacity(n),
-                    Vec::with_capacity(n),
-                    Vec::with_capacity(n * 16),
-                );
-                for b in raw.chunks_exact(20) {
-                    d.push(f16(b[0], b[1]));
-                    m.push(f16(b[2], b[3]));
-                    qs.extend_from_slice(&b[4..20]);
-                }
-                Ok(Self::Q4_1(Q4_1Matrix {
-                    rows,
-                    cols,
-                    d,
-                    m,
-                    qs,
-                }))
+                let raw = raw.to_vec();
+                assert_eq!(raw.len(), rows * cols / QK * Q4_1_BYTES);
+                Ok(Self::Q4_1(Q4_1Matrix { rows, cols, raw }))
             }
             GgmlDType::Q8_0 if cols % QK == 0 => {
-                let n = rows * cols / QK;
-                let (mut d, mut qs) = (Vec::with_capacity(n), Vec::with_capacity(n * QK));
-                for b in raw.chunks_exact(34) {
-                    d.push(f16(b[0], b[1]));
-                    qs.extend(b[2..34].iter().map(|&x| x as i8));
-                }
-                Ok(Self::Q8_0(Q8_0Matrix { rows, cols, d, qs }))
+                let raw = raw.to_vec();
+                assert_eq!(raw.len(), rows * cols / QK * Q8_0_BYTES);
+                Ok(Self::Q8_0(Q8_0Matrix { rows, cols, raw }))
             }
             _ => {
                 let w = t
@@ -133,8 +128,8 @@ impl QMatrix {
     /// Bytes of weight data read by one pass over the matrix.
     pub fn weight_bytes(&self) -> usize {
         match self {
-            Self::Q4_1(m) => m.qs.len() + 8 * m.d.len(),
-            Self::Q8_0(m) => m.qs.len() + 4 * m.d.len(),
+            Self::Q4_1(m) => m.raw.len(),
+            Self::Q8_0(m) => m.raw.len(),
             Self::F32(m) => 4 * m.w.len(),
         }
     }
@@ -148,33 +143,19 @@ impl QMatrix {
         }
         let rows = parts.iter().map(|p| p.rows()).sum();
         if parts.iter().all(|p| matches!(p, Self::Q4_1(_))) {
-            let mut out = Q4_1Matrix {
-                rows,
-                cols,
-                d: vec![],
-                m: vec![],
-                qs: vec![],
-            };
+            let mut out = Q4_1Matrix { rows, cols, raw: vec![] };
             for p in parts {
                 if let Self::Q4_1(p) = p {
-                    out.d.extend(p.d);
-                    out.m.extend(p.m);
-                    out.qs.extend(p.qs);
+                    out.raw.extend(p.raw);
                 }
             }
             return Ok(Self::Q4_1(out));
         }
         if parts.iter().all(|p| matches!(p, Self::Q8_0(_))) {
-            let mut out = Q8_0Matrix {
-                rows,
-                cols,
-                d: vec![],
-                qs: vec![],
-            };
+            let mut out = Q8_0Matrix { rows, cols, raw: vec![] };
             for p in parts {
                 if let Self::Q8_0(p) = p {
-                    out.d.extend(p.d);
-                    out.qs.extend(p.qs);
+                    out.raw.extend(p.raw);
                 }
             }
             return Ok(Self::Q8_0(out));
@@ -197,21 +178,23 @@ impl QMatrix {
             Self::Q4_1(m) => {
                 let bpr = m.cols / QK;
                 for b in 0..bpr {
-                    let i = r * bpr + b;
-                    let q = &m.qs[i * 16..i * 16 + 16];
+                    let at = (r * bpr + b) * Q4_1_BYTES;
+                    let (d, mn) = (f16_at(&m.raw, at), f16_at(&m.raw, at + 2));
+                    let q = &m.raw[at + 4..at + Q4_1_BYTES];
                     let o = &mut out[b * QK..b * QK + QK];
                     for j in 0..16 {
-                        o[j] = (q[j] & 0x0F) as f32 * m.d[i] + m.m[i];
-                        o[j + 16] = (q[j] >> 4) as f32 * m.d[i] + m.m[i];
+                        o[j] = (q[j] & 0x0F) as f32 * d + mn;
+                        o[j + 16] = (q[j] >> 4) as f32 * d + mn;
                     }
                 }
             }
             Self::Q8_0(m) => {
                 let bpr = m.cols / QK;
                 for b in 0..bpr {
-                    let i = r * bpr + b;
+                    let at = (r * bpr + b) * Q8_0_BYTES;
+                    let d = f16_at(&m.raw, at);
                     for j in 0..QK {
-                        out[b * QK + j] = m.qs[i * QK + j] as f32 * m.d[i];
+                        out[b * QK + j] = m.raw[at + 2 + j] as i8 as f32 * d;
                     }
                 }
             }
@@ -333,6 +316,7 @@ fn has_avx2() -> bool {
         simd_limit() != "portable"
             && is_x86_feature_detected!("avx2")
             && is_x86_feature_detected!("fma")
+            && is_x86_feature_detected!("f16c")
     })
 }
 
@@ -359,9 +343,9 @@ mod avx2 {
     //! Every function here requires AVX2 and FMA; callers check first.
     use std::arch::x86_64::*;
 
-    use super::{F32Matrix, Q4_1Matrix, Q8_0Matrix, QK};
+    use super::{F32Matrix, Q4_1_BYTES, Q4_1Matrix, Q8_0_BYTES, Q8_0Matrix, QK};
 
-    #[target_feature(enable = "avx2,fma")]
+    #[target_feature(enable = "avx2,fma,f16c")]
     fn hsum(v: __m256) -> f32 {
         let lo = _mm256_castps256_ps128(v);
         let hi = _mm256_extractf128_ps(v, 1);
@@ -371,7 +355,7 @@ mod avx2 {
         _mm_cvtss_f32(s)
     }
 
-    #[target_feature(enable = "avx2,fma")]
+    #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn dot(a: &[f32], b: &[f32]) -> f32 {
         let n = a.len().min(b.len());
         let mut acc = _mm256_setzero_ps();
@@ -411,17 +395,18 @@ mod avx2 {
             self.cols
         }
         fn blocks(&self) -> usize {
-            self.d.len()
+            self.raw.len() / Self::BYTES
         }
         #[inline]
-        #[target_feature(enable = "avx2,fma")]
+        #[target_feature(enable = "avx2,fma,f16c")]
         unsafe fn dequant(&self, i: usize) -> [__m256; 4] {
-            // SAFETY: i < blocks and qs holds 16 bytes per block.
+            // SAFETY: i < blocks, so the block's bytes are inside raw.
             let (v, d, mn) = unsafe {
+                let p = self.raw.as_ptr().add(i * Q4_1_BYTES);
                 (
-                    _mm_loadu_si128(self.qs.as_ptr().add(i * 16) as *const __m128i),
-                    _mm256_set1_ps(*self.d.get_unchecked(i)),
-                    _mm256_set1_ps(*self.m.get_unchecked(i)),
+                    _mm_loadu_si128(p.add(4) as *const __m128i),
+                    _mm256_cvtph_ps(_mm_set1_epi16((p as *const u16).read_unaligned() as i16)),
+                    _mm256_cvtph_ps(_mm_set1_epi16((p.add(2) as *const u16).read_unaligned() as i16)),
                 )
             };
             let mask = _mm_set1_epi8(0x0F);
@@ -449,18 +434,18 @@ mod avx2 {
             self.cols
         }
         fn blocks(&self) -> usize {
-            self.d.len()
+            self.raw.len() / Self::BYTES
         }
         #[inline]
-        #[target_feature(enable = "avx2,fma")]
+        #[target_feature(enable = "avx2,fma,f16c")]
         unsafe fn dequant(&self, i: usize) -> [__m256; 4] {
-            // SAFETY: i < blocks and qs holds 32 bytes per block.
+            // SAFETY: i < blocks, so the block's bytes are inside raw.
             let (lo, hi, d) = unsafe {
-                let p = self.qs.as_ptr().add(i * QK) as *const __m128i;
+                let p = self.raw.as_ptr().add(i * Q8_0_BYTES);
                 (
-                    _mm_loadu_si128(p),
-                    _mm_loadu_si128(p.add(1)),
-                    _mm256_set1_ps(*self.d.get_unchecked(i)),
+                    _mm_loadu_si128(p.add(2) as *const __m128i),
+                    _mm_loadu_si128(p.add(18) as *const __m128i),
+                    _mm256_cvtph_ps(_mm_set1_epi16((p as *const u16).read_unaligned() as i16)),
                 )
             };
             [
@@ -484,7 +469,7 @@ mod avx2 {
     /// product is always the same two chains of fused multiply-adds over
     /// the blocks in order, so results do not depend on the batch.
     #[inline]
-    #[target_feature(enable = "avx2,fma")]
+    #[target_feature(enable = "avx2,fma,f16c")]
     #[allow(clippy::needless_range_loop)] // indices keep the tile's registers explicit
     unsafe fn tile<B: Blocks, const R: usize, const C: usize>(
         m: &B,
@@ -535,7 +520,7 @@ mod avx2 {
     /// `out` laid out `[n][t]`. One column (decode of one stream): rows in
     /// pairs, so two independent chains hide the FMA latency. Several
     /// columns: four columns per expanded block.
-    #[target_feature(enable = "avx2,fma")]
+    #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn rows<B: Blocks>(
         m: &B,
         x: &[f32],
@@ -576,7 +561,7 @@ mod avx2 {
         }
     }
 
-    #[target_feature(enable = "avx2,fma")]
+    #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn f32_rows(
         m: &F32Matrix,
         x: &[f32],
@@ -602,7 +587,7 @@ mod avx512 {
     //! Every function here requires AVX-512F; callers check first.
     use std::arch::x86_64::*;
 
-    use super::{Q4_1Matrix, Q8_0Matrix, QK};
+    use super::{Q4_1_BYTES, Q4_1Matrix, Q8_0_BYTES, Q8_0Matrix, QK};
 
     pub trait Blocks {
         fn cols(&self) -> usize;
@@ -619,17 +604,18 @@ mod avx512 {
             self.cols
         }
         fn blocks(&self) -> usize {
-            self.d.len()
+            self.raw.len() / Self::BYTES
         }
         #[inline]
-        #[target_feature(enable = "avx512f")]
+        #[target_feature(enable = "avx512f,f16c")]
         unsafe fn dequant(&self, i: usize) -> [__m512; 2] {
-            // SAFETY: i < blocks and qs holds 16 bytes per block.
+            // SAFETY: i < blocks, so the block's bytes are inside raw.
             let (v, d, mn) = unsafe {
+                let p = self.raw.as_ptr().add(i * Q4_1_BYTES);
                 (
-                    _mm_loadu_si128(self.qs.as_ptr().add(i * 16) as *const __m128i),
-                    _mm512_set1_ps(*self.d.get_unchecked(i)),
-                    _mm512_set1_ps(*self.m.get_unchecked(i)),
+                    _mm_loadu_si128(p.add(4) as *const __m128i),
+                    _mm512_cvtph_ps(_mm256_set1_epi16((p as *const u16).read_unaligned() as i16)),
+                    _mm512_cvtph_ps(_mm256_set1_epi16((p.add(2) as *const u16).read_unaligned() as i16)),
                 )
             };
             let mask = _mm_set1_epi8(0x0F);
@@ -647,18 +633,18 @@ mod avx512 {
             self.cols
         }
         fn blocks(&self) -> usize {
-            self.d.len()
+            self.raw.len() / Self::BYTES
         }
         #[inline]
-        #[target_feature(enable = "avx512f")]
+        #[target_feature(enable = "avx512f,f16c")]
         unsafe fn dequant(&self, i: usize) -> [__m512; 2] {
-            // SAFETY: i < blocks and qs holds 32 bytes per block.
+            // SAFETY: i < blocks, so the block's bytes are inside raw.
             let (lo, hi, d) = unsafe {
-                let p = self.qs.as_ptr().add(i * QK) as *const __m128i;
+                let p = self.raw.as_ptr().add(i * Q8_0_BYTES);
                 (
-                    _mm_loadu_si128(p),
-                    _mm_loadu_si128(p.add(1)),
-                    _mm512_set1_ps(*self.d.get_unchecked(i)),
+                    _mm_loadu_si128(p.add(2) as *const __m128i),
+                    _mm_loadu_si128(p.add(18) as *const __m128i),
+                    _mm512_cvtph_ps(_mm256_set1_epi16((p as *const u16).read_unaligned() as i16)),
                 )
             };
             [
@@ -672,7 +658,7 @@ mod avx512 {
     /// chains (first and second half of each block) of one FMA per block,
     /// whatever the tile, so results do not depend on the batch.
     #[inline]
-    #[target_feature(enable = "avx512f")]
+    #[target_feature(enable = "avx512f,f16c")]
     #[allow(clippy::needless_range_loop)] // indices keep the tile's registers explicit
     unsafe fn tile<B: Blocks, const R: usize, const C: usize>(
         m: &B,
@@ -714,7 +700,7 @@ mod avx512 {
     }
 
     /// Rows `row0..row0 + n` against all `t` columns, into `out` as `[n][t]`.
-    #[target_feature(enable = "avx512f")]
+    #[target_feature(enable = "avx512f,f16c")]
     pub unsafe fn rows<B: Blocks>(
         m: &B,
         x: &[f32],

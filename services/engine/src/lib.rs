@@ -18,7 +18,7 @@ pub mod tiny;
 pub mod tokenizer;
 
 pub use engine::{
-    EngineConfig, EngineHandle, EngineStats, Event, FinishReason, GenerateRequest, ModelInfo,
+    Backend, EngineConfig, EngineHandle, EngineStats, Event, FinishReason, GenerateRequest, ModelInfo,
     SubmitError, TokenLogprob, TopLogprob,
 };
 pub use sampling::SamplingParams;
