@@ -212,10 +212,20 @@ impl EngineHandle {
         let device = crate::device();
         if device.is_cpu() && cfg.backend == Backend::Auto {
             // Our kernels: quantized weights, batched steps.
-            spawn(FastLlama::load(&mut gguf, cfg.threads)?, shared.clone(), cfg, rx)?;
+            spawn(
+                FastLlama::load(&mut gguf, cfg.threads)?,
+                shared.clone(),
+                cfg,
+                rx,
+            )?;
         } else {
             // A GPU through candle: the reference forward on that device.
-            spawn(crate::model::Llama::load(&mut gguf, &device)?, shared.clone(), cfg, rx)?;
+            spawn(
+                crate::model::Llama::load(&mut gguf, &device)?,
+                shared.clone(),
+                cfg,
+                rx,
+            )?;
         }
         tracing::info!(model = name, path = %path.display(), "model loaded");
         Ok(Self { tx, shared })

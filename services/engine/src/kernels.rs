@@ -143,7 +143,11 @@ impl QMatrix {
         }
         let rows = parts.iter().map(|p| p.rows()).sum();
         if parts.iter().all(|p| matches!(p, Self::Q4_1(_))) {
-            let mut out = Q4_1Matrix { rows, cols, raw: vec![] };
+            let mut out = Q4_1Matrix {
+                rows,
+                cols,
+                raw: vec![],
+            };
             for p in parts {
                 if let Self::Q4_1(p) = p {
                     out.raw.extend(p.raw);
@@ -152,7 +156,11 @@ impl QMatrix {
             return Ok(Self::Q4_1(out));
         }
         if parts.iter().all(|p| matches!(p, Self::Q8_0(_))) {
-            let mut out = Q8_0Matrix { rows, cols, raw: vec![] };
+            let mut out = Q8_0Matrix {
+                rows,
+                cols,
+                raw: vec![],
+            };
             for p in parts {
                 if let Self::Q8_0(p) = p {
                     out.raw.extend(p.raw);
@@ -406,7 +414,9 @@ mod avx2 {
                 (
                     _mm_loadu_si128(p.add(4) as *const __m128i),
                     _mm256_cvtph_ps(_mm_set1_epi16((p as *const u16).read_unaligned() as i16)),
-                    _mm256_cvtph_ps(_mm_set1_epi16((p.add(2) as *const u16).read_unaligned() as i16)),
+                    _mm256_cvtph_ps(_mm_set1_epi16(
+                        (p.add(2) as *const u16).read_unaligned() as i16
+                    )),
                 )
             };
             let mask = _mm_set1_epi8(0x0F);
@@ -615,7 +625,9 @@ mod avx512 {
                 (
                     _mm_loadu_si128(p.add(4) as *const __m128i),
                     _mm512_cvtph_ps(_mm256_set1_epi16((p as *const u16).read_unaligned() as i16)),
-                    _mm512_cvtph_ps(_mm256_set1_epi16((p.add(2) as *const u16).read_unaligned() as i16)),
+                    _mm512_cvtph_ps(_mm256_set1_epi16(
+                        (p.add(2) as *const u16).read_unaligned() as i16
+                    )),
                 )
             };
             let mask = _mm_set1_epi8(0x0F);

@@ -18,8 +18,8 @@ pub mod tiny;
 pub mod tokenizer;
 
 pub use engine::{
-    Backend, EngineConfig, EngineHandle, EngineStats, Event, FinishReason, GenerateRequest, ModelInfo,
-    SubmitError, TokenLogprob, TopLogprob,
+    Backend, EngineConfig, EngineHandle, EngineStats, Event, FinishReason, GenerateRequest,
+    ModelInfo, SubmitError, TokenLogprob, TopLogprob,
 };
 pub use sampling::SamplingParams;
 pub use template::ChatMessage;

@@ -94,6 +94,7 @@ impl Config {
             max_batch: self.max_batch,
             max_batched_tokens: self.max_batched_tokens,
             threads: self.threads,
+            ..Default::default()
         }
     }
 
