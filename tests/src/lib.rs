@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::sync::OnceLock;
 
 use flywheel_engine::{EngineConfig, EngineHandle};
-use flywheel_gateway::{AppState, GatewayConfig, ServedModel};
+use flywheel_gateway::{AppState, GatewayConfig, Journal, JournalConfig, ServedModel};
 use flywheel_modelhub::FetchedModel;
 use flywheel_store::PgPool;
 use tokio::sync::{OnceCell, oneshot};
@@ -102,6 +102,7 @@ pub struct TestGateway {
     pub key: String,
     pub db: TestDb,
     pub served: ServedModel,
+    pub state: AppState,
     shutdown: Option<oneshot::Sender<()>>,
 }
 
@@ -117,8 +118,12 @@ impl TestGateway {
             version_id: v.id,
             name: v.name.clone(),
         };
-        let state = AppState::new(db.pool.clone(), cfg);
+        let journal_dir = std::env::temp_dir().join(format!("fw-journal-{}", uuid::Uuid::new_v4()));
+        let (journal, _) = Journal::open(JournalConfig::new(journal_dir)).expect("journal");
+        journal.spawn_flusher(db.pool.clone());
+        let state = AppState::new(db.pool.clone(), cfg, journal);
         state.set_served(served.clone());
+        let state_for_test = state.clone();
         let (_, key) = flywheel_store::keys::create_key(&db.pool, "team-a")
             .await
             .unwrap();
@@ -133,6 +138,7 @@ impl TestGateway {
             key,
             db,
             served,
+            state: state_for_test,
             shutdown: Some(tx),
         }
     }

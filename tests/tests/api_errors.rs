@@ -243,7 +243,11 @@ async fn full_queue_answers_429_with_retry_after() {
 #[tokio::test]
 async fn not_ready_until_a_model_is_loaded() {
     let db = TestDb::new().await;
-    let state = AppState::new(db.pool.clone(), GatewayConfig::default());
+    let (journal, _) = flywheel_gateway::Journal::open(flywheel_gateway::JournalConfig::new(
+        std::env::temp_dir().join(format!("fw-j-{}", uuid::Uuid::new_v4())),
+    ))
+    .unwrap();
+    let state = AppState::new(db.pool.clone(), GatewayConfig::default(), journal);
     let (_, key) = flywheel_store::keys::create_key(&db.pool, "t")
         .await
         .unwrap();

@@ -50,6 +50,10 @@ pub struct Config {
     pub log_completions: bool,
     /// `FLYWHEEL_PG_PORT`: port of the Postgres that `up` starts.
     pub local_pg_port: u16,
+    /// `FLYWHEEL_JOURNAL_DIR`: where acknowledged writes wait for Postgres.
+    pub journal_dir: PathBuf,
+    /// `FLYWHEEL_JOURNAL_MAX_PENDING`: records that may wait before writes are refused.
+    pub journal_max_pending: usize,
 }
 
 impl Config {
@@ -67,6 +71,9 @@ impl Config {
             .map(PathBuf::from)
             .unwrap_or_else(|| PathBuf::from(".flywheel"));
         let home = std::path::absolute(&home).unwrap_or(home);
+        let journal_dir = var("FLYWHEEL_JOURNAL_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| home.join("journal"));
         Ok(Self {
             model_cache: var("FLYWHEEL_MODEL_CACHE")
                 .map(PathBuf::from)
@@ -85,6 +92,8 @@ impl Config {
             max_body_bytes: parse("FLYWHEEL_MAX_BODY_BYTES", 1 << 20)?,
             log_completions: var("FLYWHEEL_LOG_COMPLETIONS").is_none_or(|v| v != "false"),
             local_pg_port: parse("FLYWHEEL_PG_PORT", 54329)? as u16,
+            journal_dir,
+            journal_max_pending: parse("FLYWHEEL_JOURNAL_MAX_PENDING", 1_000_000)?,
         })
     }
 
@@ -96,6 +105,12 @@ impl Config {
             threads: self.threads,
             ..Default::default()
         }
+    }
+
+    pub fn journal(&self) -> flywheel_gateway::JournalConfig {
+        let mut j = flywheel_gateway::JournalConfig::new(&self.journal_dir);
+        j.max_pending = self.journal_max_pending;
+        j
     }
 
     pub fn gateway(&self) -> flywheel_gateway::GatewayConfig {

@@ -104,7 +104,13 @@ pub async fn serve(
     let listener = tokio::net::TcpListener::bind(&cfg.addr)
         .await
         .with_context(|| format!("binding {}", cfg.addr))?;
-    let state = AppState::new(pool.clone(), cfg.gateway());
+    let (journal, replayed) = flywheel_gateway::Journal::open(cfg.journal())
+        .with_context(|| format!("opening the journal in {}", cfg.journal_dir.display()))?;
+    if replayed > 0 {
+        tracing::info!(records = replayed, "journal replay pending");
+    }
+    journal.spawn_flusher(pool.clone());
+    let state = AppState::new(pool.clone(), cfg.gateway(), journal.clone());
     let loader_state = state.clone();
     let loader_cfg = cfg.clone();
     let loader = tokio::spawn(async move {
@@ -118,12 +124,24 @@ pub async fn serve(
     let server = flywheel_gateway::serve(listener, state, shutdown);
     tokio::pin!(server);
     tokio::select! {
-        res = &mut server => return Ok(res?),
+        res = &mut server => res?,
         res = loader => {
             res.context("model loader panicked")?.context("loading the model")?;
+            server.await?;
         }
     }
-    Ok(server.await?)
+    // Everything acknowledged is in the journal already; this only saves
+    // the next start a replay.
+    if !journal
+        .wait_flushed(std::time::Duration::from_secs(5))
+        .await
+    {
+        tracing::warn!(
+            pending = journal.stats().pending,
+            "stopping with writes still in the journal; they are replayed on the next start"
+        );
+    }
+    Ok(())
 }
 
 /// Resolves when the process gets Ctrl-C or SIGTERM.

@@ -39,6 +39,22 @@ enum Command {
         #[command(subcommand)]
         command: ModelsCommand,
     },
+    /// Team settings.
+    Teams {
+        #[command(subcommand)]
+        command: TeamsCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum TeamsCommand {
+    /// Change a team's settings.
+    Set {
+        team: String,
+        /// Store message text (false: hashes and counts only).
+        #[arg(long)]
+        store_text: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -117,6 +133,16 @@ async fn main() -> anyhow::Result<()> {
         Command::Keys { command } => {
             let pool = pool(&cfg).await?;
             keys(&pool, command).await
+        }
+        Command::Teams {
+            command: TeamsCommand::Set { team, store_text },
+        } => {
+            let pool = pool(&cfg).await?;
+            if !flywheel_store::keys::set_store_text(&pool, &team, store_text).await? {
+                anyhow::bail!("no team named {team}");
+            }
+            println!("team {team}: store_text = {store_text}");
+            Ok(())
         }
         Command::Models { command } => {
             let pool = pool(&cfg).await?;

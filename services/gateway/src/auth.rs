@@ -1,5 +1,8 @@
 //! Bearer-key authentication: every `/v1` request acts for the team that
-//! owns its key.
+//! owns its key. Postgres is asked every time, so a revoked key is refused
+//! at once; keys it confirmed earlier keep working while it is unreachable.
+
+use std::time::Duration;
 
 use axum::extract::{Request, State};
 use axum::http::header;
@@ -7,6 +10,8 @@ use axum::middleware::Next;
 use axum::response::Response;
 
 use crate::{AppError, AppState};
+
+const DB_WAIT: Duration = Duration::from_millis(800);
 
 pub async fn require_key(
     State(state): State<AppState>,
@@ -28,9 +33,32 @@ pub async fn require_key(
                 "You didn't provide an API key. Send it as `Authorization: Bearer <key>`.".into(),
             )
         })?;
-    let principal = flywheel_store::keys::authenticate(state.pool(), key)
-        .await?
-        .ok_or_else(|| AppError::Unauthorized("Incorrect or revoked API key provided.".into()))?;
+    let hash = flywheel_store::keys::hash_key(key);
+    let looked_up = if state.journal().database_ok() || state.cached_principal(&hash).is_none() {
+        tokio::time::timeout(
+            DB_WAIT,
+            flywheel_store::keys::authenticate(state.pool(), key),
+        )
+        .await
+        .ok()
+        .and_then(Result::ok)
+    } else {
+        None
+    };
+    let principal = match looked_up {
+        Some(found) => {
+            state.remember_principal(hash, found.as_ref());
+            found.ok_or_else(|| {
+                AppError::Unauthorized("Incorrect or revoked API key provided.".into())
+            })?
+        }
+        None => state.cached_principal(&hash).ok_or_else(|| {
+            AppError::Unavailable(
+                "the database is unreachable and this key has not been seen yet; retry shortly"
+                    .into(),
+            )
+        })?,
+    };
     req.extensions_mut().insert(principal);
     Ok(next.run(req).await)
 }

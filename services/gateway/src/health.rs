@@ -14,25 +14,34 @@ pub fn router() -> Router<AppState> {
         .route("/readyz", get(readyz))
 }
 
-/// Ready when the model is loaded and the database answers.
+/// Ready when the model is loaded and writes can be accepted: straight into
+/// Postgres, or into the journal while Postgres is away ("degraded").
 async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<serde_json::Value>) {
-    let db_ok = sqlx_ping(&state).await;
-    match state.served() {
-        Some(m) if db_ok => (
-            StatusCode::OK,
-            Json(json!({"status": "ready", "model": m.name, "database": "ok"})),
-        ),
-        served => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            Json(json!({
-                "status": "not ready",
-                "model": if served.is_some() { "loaded" } else { "loading" },
-                "database": if db_ok { "ok" } else { "unreachable" },
-            })),
-        ),
-    }
-}
-
-async fn sqlx_ping(state: &AppState) -> bool {
-    flywheel_store::ping(state.pool()).await.is_ok()
+    let db_ok = tokio::time::timeout(
+        std::time::Duration::from_secs(1),
+        flywheel_store::ping(state.pool()),
+    )
+    .await
+    .is_ok_and(|r| r.is_ok());
+    let journal = state.journal().stats();
+    let served = state.served();
+    let status = match (&served, db_ok, journal.full) {
+        (None, _, _) | (_, _, true) => "not ready",
+        (Some(_), true, _) => "ready",
+        (Some(_), false, _) => "degraded",
+    };
+    let code = if status == "not ready" {
+        StatusCode::SERVICE_UNAVAILABLE
+    } else {
+        StatusCode::OK
+    };
+    (
+        code,
+        Json(json!({
+            "status": status,
+            "model": served.map_or("loading".to_string(), |m| m.name),
+            "database": if db_ok { "ok" } else { "unreachable" },
+            "journal": {"pending": journal.pending, "full": journal.full},
+        })),
+    )
 }

@@ -8,9 +8,12 @@
 mod auth;
 mod chat;
 pub mod error;
+mod feedback;
 mod health;
+pub mod journal;
 mod metrics;
 mod models;
+mod records;
 mod state;
 
 use std::future::Future;
@@ -23,6 +26,7 @@ use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetReques
 use tower_http::trace::TraceLayer;
 
 pub use error::AppError;
+pub use journal::{Journal, JournalConfig};
 pub use state::{AppState, GatewayConfig, ServedModel};
 
 const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
@@ -31,6 +35,8 @@ const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 pub fn router(state: AppState) -> Router {
     let api = Router::new()
         .merge(chat::router())
+        .merge(feedback::router())
+        .merge(records::router())
         .merge(models::router())
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),

@@ -23,6 +23,43 @@ async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
             "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
         );
     };
+    let j = state.journal().stats();
+    metric(
+        "flywheel_journal_pending_records",
+        "gauge",
+        "Acknowledged writes not yet in Postgres.",
+        j.pending.to_string(),
+    );
+    metric(
+        "flywheel_journal_written_total",
+        "counter",
+        "Records written to the journal.",
+        j.written.to_string(),
+    );
+    metric(
+        "flywheel_journal_stored_total",
+        "counter",
+        "Records copied from the journal to Postgres.",
+        j.stored.to_string(),
+    );
+    metric(
+        "flywheel_journal_flush_failures_total",
+        "counter",
+        "Failed attempts to write to Postgres.",
+        j.flush_failures.to_string(),
+    );
+    metric(
+        "flywheel_journal_full",
+        "gauge",
+        "1 while writes are refused because the journal is full.",
+        u8::from(j.full).to_string(),
+    );
+    metric(
+        "flywheel_database_up",
+        "gauge",
+        "1 while the last write to Postgres succeeded.",
+        u8::from(j.database_ok).to_string(),
+    );
     let served = state.served();
     metric(
         "flywheel_model_loaded",

@@ -18,10 +18,13 @@ pub struct Completion {
     pub prompt_tokens: i32,
     pub completion_tokens: i32,
     pub latency_ms: f64,
+    pub request_id: Option<String>,
+    pub ttft_ms: Option<f64>,
+    pub started_at: Option<DateTime<Utc>>,
     pub created_at: DateTime<Utc>,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct NewCompletion {
     pub id: String,
     pub team_id: Uuid,
@@ -33,36 +36,74 @@ pub struct NewCompletion {
     pub prompt_tokens: i32,
     pub completion_tokens: i32,
     pub latency_ms: f64,
+    #[serde(default)]
+    pub request_id: Option<String>,
+    #[serde(default)]
+    pub ttft_ms: Option<f64>,
+    #[serde(default)]
+    pub started_at: Option<DateTime<Utc>>,
 }
 
 /// Stores a completion; storing the same id twice keeps the first.
 pub async fn insert(ex: impl PgExecutor<'_>, c: &NewCompletion) -> Result<()> {
-    sqlx::query(
+    insert_many(ex, std::slice::from_ref(c)).await?;
+    Ok(())
+}
+
+/// Stores many completions in one statement; ids already present are
+/// skipped, so replaying a journal never duplicates a row.
+pub async fn insert_many(ex: impl PgExecutor<'_>, rows: &[NewCompletion]) -> Result<u64> {
+    if rows.is_empty() {
+        return Ok(0);
+    }
+    let col = |f: fn(&NewCompletion) -> String| rows.iter().map(f).collect::<Vec<_>>();
+    let done = sqlx::query(
         "insert into completions (id, team_id, model_version_id, end_user, request, output,
-             finish_reason, prompt_tokens, completion_tokens, latency_ms)
-         values ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
+             finish_reason, prompt_tokens, completion_tokens, latency_ms, request_id, ttft_ms,
+             started_at)
+         select * from unnest($1::text[], $2::uuid[], $3::uuid[], $4::text[], $5::jsonb[],
+             $6::text[], $7::text[], $8::int4[], $9::int4[], $10::float8[], $11::text[],
+             $12::float8[], $13::timestamptz[])
          on conflict (id) do nothing",
     )
-    .bind(&c.id)
-    .bind(c.team_id)
-    .bind(c.model_version_id)
-    .bind(&c.end_user)
-    .bind(&c.request)
-    .bind(&c.output)
-    .bind(&c.finish_reason)
-    .bind(c.prompt_tokens)
-    .bind(c.completion_tokens)
-    .bind(c.latency_ms)
+    .bind(col(|c| c.id.clone()))
+    .bind(rows.iter().map(|c| c.team_id).collect::<Vec<_>>())
+    .bind(rows.iter().map(|c| c.model_version_id).collect::<Vec<_>>())
+    .bind(rows.iter().map(|c| c.end_user.clone()).collect::<Vec<_>>())
+    .bind(rows.iter().map(|c| c.request.clone()).collect::<Vec<_>>())
+    .bind(col(|c| c.output.clone()))
+    .bind(col(|c| c.finish_reason.clone()))
+    .bind(rows.iter().map(|c| c.prompt_tokens).collect::<Vec<_>>())
+    .bind(rows.iter().map(|c| c.completion_tokens).collect::<Vec<_>>())
+    .bind(rows.iter().map(|c| c.latency_ms).collect::<Vec<_>>())
+    .bind(
+        rows.iter()
+            .map(|c| c.request_id.clone())
+            .collect::<Vec<_>>(),
+    )
+    .bind(rows.iter().map(|c| c.ttft_ms).collect::<Vec<_>>())
+    .bind(rows.iter().map(|c| c.started_at).collect::<Vec<_>>())
     .execute(ex)
     .await?;
-    Ok(())
+    Ok(done.rows_affected())
+}
+
+/// The team that owns a completion, if it exists.
+pub async fn owner(ex: impl PgExecutor<'_>, id: &str) -> Result<Option<Uuid>> {
+    Ok(
+        sqlx::query_scalar("select team_id from completions where id = $1")
+            .bind(id)
+            .fetch_optional(ex)
+            .await?,
+    )
 }
 
 /// A team's own completion; other teams' ids are simply not found.
 pub async fn get(ex: impl PgExecutor<'_>, team_id: Uuid, id: &str) -> Result<Option<Completion>> {
     Ok(sqlx::query_as(
         "select id, team_id, model_version_id, end_user, request, output, finish_reason,
-                prompt_tokens, completion_tokens, latency_ms, created_at
+                prompt_tokens, completion_tokens, latency_ms, request_id, ttft_ms, started_at,
+                created_at
          from completions where id = $1 and team_id = $2",
     )
     .bind(id)

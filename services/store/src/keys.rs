@@ -17,6 +17,8 @@ pub struct Principal {
     pub team_id: Uuid,
     pub team_name: String,
     pub key_id: Uuid,
+    /// Whether message text may be stored for this team.
+    pub store_text: bool,
 }
 
 #[derive(Debug, Clone, sqlx::FromRow)]
@@ -76,18 +78,21 @@ pub async fn create_key(pool: &sqlx::PgPool, team: &str) -> Result<(KeyInfo, Str
 
 /// The principal behind a live (not revoked) key.
 pub async fn authenticate(ex: impl PgExecutor<'_>, secret: &str) -> Result<Option<Principal>> {
-    let row: Option<(Uuid, String, Uuid)> = sqlx::query_as(
-        "select t.id, t.name, k.id from api_keys k join teams t on t.id = k.team_id
+    let row: Option<(Uuid, String, Uuid, bool)> = sqlx::query_as(
+        "select t.id, t.name, k.id, t.store_text from api_keys k join teams t on t.id = k.team_id
          where k.key_hash = $1 and k.revoked_at is null",
     )
     .bind(hash_key(secret))
     .fetch_optional(ex)
     .await?;
-    Ok(row.map(|(team_id, team_name, key_id)| Principal {
-        team_id,
-        team_name,
-        key_id,
-    }))
+    Ok(
+        row.map(|(team_id, team_name, key_id, store_text)| Principal {
+            team_id,
+            team_name,
+            key_id,
+            store_text,
+        }),
+    )
 }
 
 pub async fn list_keys(ex: impl PgExecutor<'_>, team: Option<&str>) -> Result<Vec<KeyInfo>> {
@@ -114,4 +119,14 @@ pub async fn revoke_key(ex: impl PgExecutor<'_>, id_or_prefix: &str) -> Result<u
     .execute(ex)
     .await?;
     Ok(done.rows_affected())
+}
+
+/// Sets whether a team's message text is stored; false if no such team.
+pub async fn set_store_text(ex: impl PgExecutor<'_>, team: &str, store_text: bool) -> Result<bool> {
+    let done = sqlx::query("update teams set store_text = $2 where name = $1")
+        .bind(team)
+        .bind(store_text)
+        .execute(ex)
+        .await?;
+    Ok(done.rows_affected() == 1)
 }

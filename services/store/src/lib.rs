@@ -2,6 +2,7 @@
 //! executor, so handlers and jobs can compose them in one transaction.
 
 pub mod completions;
+pub mod feedback;
 pub mod keys;
 pub mod models;
 

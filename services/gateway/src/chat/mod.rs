@@ -1,4 +1,9 @@
 //! `POST /v1/chat/completions`, streaming (SSE) and not.
+//!
+//! Generation runs in a task of its own that outlives the HTTP exchange, so
+//! every completion is recorded exactly once whatever happens to it:
+//! finished, cut by `max_tokens`, abandoned by the client, or failed. The
+//! record is in the journal before the client sees the end of the answer.
 
 mod request;
 mod response;
@@ -7,17 +12,20 @@ use std::convert::Infallible;
 use std::time::Instant;
 
 use axum::extract::State;
+use axum::http::HeaderMap;
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::{Extension, Json, Router};
 use flywheel_engine::{Event, GenerateRequest, SubmitError};
 use flywheel_store::keys::Principal;
-use serde_json::Value;
-use tokio::sync::mpsc;
+use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
+use tokio::sync::{mpsc, oneshot};
 use tokio_stream::wrappers::ReceiverStream;
 
 use crate::error::ApiJson;
+use crate::journal::Record;
 use crate::{AppError, AppState, RETRY_AFTER, ServedModel};
 use request::ChatRequest;
 use response::{Chunker, Collected};
@@ -30,15 +38,22 @@ pub fn router() -> Router<AppState> {
 async fn create(
     State(state): State<AppState>,
     Extension(principal): Extension<Principal>,
+    headers: HeaderMap,
     ApiJson(body): ApiJson<Value>,
 ) -> Result<Response, AppError> {
     let started = Instant::now();
+    let started_at = chrono::Utc::now();
     let req: ChatRequest = serde_json::from_value(body.clone())
         .map_err(|e| AppError::bad_request(format!("invalid request: {e}"), None))?;
     let end_user = req.user.clone();
     let model = req.model.clone();
     let v = req.validate()?;
     let served = resolve_model(&state, &model).await?;
+    if state.config().log_completions && state.journal().stats().full {
+        return Err(AppError::Unavailable(
+            "completions cannot be recorded right now (the journal is full); retry later".into(),
+        ));
+    }
 
     let prompt_ids = served
         .engine
@@ -74,23 +89,31 @@ async fn create(
                 AppError::Unavailable("the inference engine has stopped".into())
             }
         })?;
+    let id = format!("chatcmpl-{}", uuid::Uuid::new_v4());
     let log = LogContext {
         state: state.clone(),
+        id: id.clone(),
         principal,
         served: served.clone(),
         request: body,
         end_user,
+        request_id: headers
+            .get("x-request-id")
+            .and_then(|h| h.to_str().ok())
+            .map(str::to_string),
         started,
+        started_at,
     };
-    let id = format!("chatcmpl-{}", uuid::Uuid::new_v4());
     let chunker = Chunker::new(id, served.name.clone(), v.include_usage);
     if v.stream {
         Ok(stream(events, chunker, log).into_response())
     } else {
-        let collected = Collected::drain(events).await?;
-        let body = chunker.full_response(&collected);
-        log.record(&chunker.id, &collected);
-        Ok(Json(body).into_response())
+        let (tx, rx) = oneshot::channel();
+        tokio::spawn(complete(events, log, tx));
+        let collected = rx
+            .await
+            .map_err(|_| AppError::Internal("the generation task ended early".into()))??;
+        Ok(Json(chunker.full_response(&collected)).into_response())
     }
 }
 
@@ -102,7 +125,10 @@ async fn resolve_model(state: &AppState, name: &str) -> Result<ServedModel, AppE
     if served.name == name {
         return Ok(served);
     }
-    let known = flywheel_store::models::by_name(state.pool(), name).await?;
+    let known = flywheel_store::models::by_name(state.pool(), name)
+        .await
+        .ok()
+        .flatten();
     Err(AppError::NotFound {
         message: match known {
             Some(_) => format!(
@@ -115,9 +141,57 @@ async fn resolve_model(state: &AppState, name: &str) -> Result<ServedModel, AppE
     })
 }
 
-/// Runs the generation in its own task so the completion is logged even if
-/// the client stops reading; the client leaving drops the engine's channel,
-/// which stops generation.
+/// Non-streaming: collects the whole answer, records it, then hands it to
+/// the waiting handler. If the handler is gone (client disconnected), the
+/// generation stops and is recorded as cancelled.
+async fn complete(
+    mut events: mpsc::UnboundedReceiver<Event>,
+    log: LogContext,
+    done: oneshot::Sender<Result<Collected, AppError>>,
+) {
+    let mut collected = Collected::default();
+    let mut done = done;
+    let outcome = loop {
+        tokio::select! {
+            ev = events.recv() => match ev {
+                Some(ev) => match collected.push(ev) {
+                    Ok(_) if collected.finish.is_some() => break Outcome::Finished,
+                    Ok(_) => {}
+                    Err(e) => break Outcome::Failed(e),
+                },
+                None => break Outcome::Failed(AppError::Internal("the engine ended the generation without finishing".into())),
+            },
+            _ = done.closed() => break Outcome::Cancelled,
+        }
+    };
+    drop(events); // stops the engine if it is still generating
+    let recorded = log.record(&collected, outcome.label());
+    let reply = match (outcome, recorded) {
+        (Outcome::Finished, Ok(())) => Ok(collected),
+        (Outcome::Finished, Err(e)) | (Outcome::Failed(e), _) => Err(e),
+        (Outcome::Cancelled, _) => return,
+    };
+    let _ = done.send(reply);
+}
+
+enum Outcome {
+    Finished,
+    Cancelled,
+    Failed(AppError),
+}
+
+impl Outcome {
+    fn label(&self) -> Option<&'static str> {
+        match self {
+            Self::Finished => None,
+            Self::Cancelled => Some("cancelled"),
+            Self::Failed(_) => Some("error"),
+        }
+    }
+}
+
+/// Streaming: forwards deltas as they come; the record is written before
+/// the final chunks and `[DONE]`, or when the client leaves.
 fn stream(
     mut events: mpsc::UnboundedReceiver<Event>,
     chunker: Chunker,
@@ -135,65 +209,125 @@ fn stream(
         };
         let mut collected = Collected::default();
         let mut open = send(chunker.role_chunk()).await;
+        let mut failure = None;
         while open {
-            let Some(ev) = events.recv().await else { break };
+            let Some(ev) = events.recv().await else {
+                failure = Some(AppError::Internal(
+                    "the engine ended the generation without finishing".into(),
+                ));
+                break;
+            };
             match collected.push(ev) {
                 Ok(Some(delta)) => open = send(chunker.delta_chunk(&delta)).await,
                 Ok(None) => {}
                 Err(e) => {
-                    send(e.body()).await;
-                    return;
+                    failure = Some(e);
+                    break;
                 }
             }
             if collected.finish.is_some() {
                 break;
             }
         }
-        if !open || collected.finish.is_none() {
-            // The client left; the engine stops when `events` drops.
+        drop(events); // stops the engine if it is still generating
+        if let Some(e) = failure {
+            let _ = log.record(&collected, Some("error"));
+            send(e.body()).await;
+            return;
+        }
+        if !open {
+            let _ = log.record(&collected, Some("cancelled"));
+            return;
+        }
+        if let Err(e) = log.record(&collected, None) {
+            send(e.body()).await;
             return;
         }
         for chunk in chunker.final_chunks(&collected) {
             send(chunk).await;
         }
         let _ = tx.send(Ok(SseEvent::default().data("[DONE]"))).await;
-        log.record(&chunker.id, &collected);
     });
     Sse::new(ReceiverStream::new(rx)).keep_alive(KeepAlive::default())
 }
 
-/// Everything needed to store a completion once it is finished.
+/// Everything needed to record a completion once it has ended.
 struct LogContext {
     state: AppState,
+    id: String,
     principal: Principal,
     served: ServedModel,
     request: Value,
     end_user: Option<String>,
+    request_id: Option<String>,
     started: Instant,
+    started_at: chrono::DateTime<chrono::Utc>,
+}
+
+fn sha256_hex(s: &str) -> String {
+    format!("sha256:{}", hex::encode(Sha256::digest(s.as_bytes())))
+}
+
+/// A team that keeps no message text: contents become hashes and sizes.
+fn redact_request(mut request: Value) -> Value {
+    if let Some(messages) = request.get_mut("messages").and_then(Value::as_array_mut) {
+        for m in messages.iter_mut() {
+            let text = match &m["content"] {
+                Value::String(s) => s.clone(),
+                other => other.to_string(),
+            };
+            m["content"] = json!({"sha256": sha256_hex(&text), "chars": text.chars().count()});
+        }
+    }
+    for key in ["stop"] {
+        if request.get(key).is_some() {
+            request[key] = json!("[redacted]");
+        }
+    }
+    request
 }
 
 impl LogContext {
-    fn record(self, id: &str, c: &Collected) {
+    /// Writes the completion to the journal; `reason` overrides the
+    /// engine's finish reason for cancelled and failed generations.
+    fn record(&self, c: &Collected, reason: Option<&str>) -> Result<(), AppError> {
         if !self.state.config().log_completions {
-            return;
+            return Ok(());
         }
+        let (request, output) = if self.principal.store_text {
+            (self.request.clone(), c.text.clone())
+        } else {
+            (redact_request(self.request.clone()), sha256_hex(&c.text))
+        };
         let row = flywheel_store::completions::NewCompletion {
-            id: id.to_string(),
+            id: self.id.clone(),
             team_id: self.principal.team_id,
             model_version_id: self.served.version_id,
-            end_user: self.end_user,
-            request: self.request,
-            output: c.text.clone(),
-            finish_reason: c.finish.map_or("unknown", |f| f.as_str()).to_string(),
+            end_user: self.end_user.clone(),
+            request,
+            output,
+            finish_reason: reason
+                .or(c.finish.map(|f| f.as_str()))
+                .unwrap_or("error")
+                .to_string(),
             prompt_tokens: c.prompt_tokens as i32,
             completion_tokens: c.completion_tokens as i32,
             latency_ms: self.started.elapsed().as_secs_f64() * 1000.0,
+            request_id: self.request_id.clone(),
+            ttft_ms: c
+                .first_token_after
+                .map(|d| (d - self.started).as_secs_f64() * 1000.0),
+            started_at: Some(self.started_at),
         };
-        let pool = self.state.pool().clone();
-        tokio::spawn(async move {
-            if let Err(e) = flywheel_store::completions::insert(&pool, &row).await {
-                tracing::error!(error = %e, id = row.id, "could not log completion");
-            }
-        });
+        self.state
+            .journal()
+            .append(Record::Completion(row))
+            .map_err(|e| {
+                tracing::error!(error = %e, id = self.id, "could not record a completion");
+                AppError::Unavailable(format!("the completion could not be recorded: {e}"))
+            })?;
+        self.state
+            .remember_completion(&self.id, self.principal.team_id);
+        Ok(())
     }
 }

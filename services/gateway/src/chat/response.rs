@@ -2,7 +2,6 @@
 
 use flywheel_engine::{Event, FinishReason, TokenLogprob};
 use serde_json::{Value, json};
-use tokio::sync::mpsc::UnboundedReceiver;
 
 use crate::AppError;
 
@@ -14,6 +13,8 @@ pub struct Collected {
     pub finish: Option<FinishReason>,
     pub prompt_tokens: usize,
     pub completion_tokens: usize,
+    /// When the first token arrived.
+    pub first_token_after: Option<std::time::Instant>,
 }
 
 /// A piece of output to stream.
@@ -27,6 +28,8 @@ impl Collected {
     pub fn push(&mut self, ev: Event) -> Result<Option<Delta>, AppError> {
         match ev {
             Event::Delta { text, logprobs } => {
+                self.first_token_after
+                    .get_or_insert_with(std::time::Instant::now);
                 self.text.push_str(&text);
                 if let Some(lp) = &logprobs {
                     self.logprobs.push(lp.clone());
@@ -48,20 +51,6 @@ impl Collected {
             }
             Event::Error(e) => Err(AppError::Internal(e)),
         }
-    }
-
-    /// Reads events to the end of the generation.
-    pub async fn drain(mut events: UnboundedReceiver<Event>) -> Result<Self, AppError> {
-        let mut c = Self::default();
-        while let Some(ev) = events.recv().await {
-            c.push(ev)?;
-            if c.finish.is_some() {
-                return Ok(c);
-            }
-        }
-        Err(AppError::Internal(
-            "the engine ended the generation without finishing".into(),
-        ))
     }
 
     fn usage(&self) -> Value {
