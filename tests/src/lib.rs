@@ -149,6 +149,73 @@ impl TestGateway {
         Self::start(real_model().await, engine, GatewayConfig::default()).await
     }
 
+    /// The tiny random-weight model: for tests of data paths, not answers.
+    pub async fn tiny() -> Self {
+        let dir = std::env::temp_dir().join(format!("fw-tiny-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = flywheel_engine::tiny::write_tiny_model(&dir, 3).unwrap();
+        let cache = flywheel_modelhub::ModelCache::new(dir.join("cache")).unwrap();
+        let model = cache.import(&path, Some("tiny")).await.unwrap();
+        let engine = load_engine(&model, EngineConfig::default()).await;
+        Self::start(&model, engine, GatewayConfig::default()).await
+    }
+
+    /// A chat completion through the API; returns its id.
+    pub async fn complete(&self, key: &str, user: Option<&str>) -> String {
+        let mut body = serde_json::json!({
+            "model": self.model(), "max_tokens": 4, "temperature": 0.0,
+            "messages": [{"role": "user", "content": "hello"}],
+        });
+        if let Some(u) = user {
+            body["user"] = u.into();
+        }
+        let resp = reqwest::Client::new()
+            .post(format!("{}/v1/chat/completions", self.base))
+            .bearer_auth(key)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+        resp.json::<serde_json::Value>().await.unwrap()["id"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    }
+
+    /// POSTs JSON to `path` with `key`; returns status and body.
+    pub async fn post(
+        &self,
+        key: &str,
+        path: &str,
+        body: serde_json::Value,
+    ) -> (u16, serde_json::Value) {
+        let resp = reqwest::Client::new()
+            .post(format!("{}{path}", self.base))
+            .bearer_auth(key)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        (
+            resp.status().as_u16(),
+            resp.json().await.unwrap_or_default(),
+        )
+    }
+
+    pub async fn get(&self, key: &str, path: &str) -> (u16, serde_json::Value) {
+        let resp = reqwest::Client::new()
+            .get(format!("{}{path}", self.base))
+            .bearer_auth(key)
+            .send()
+            .await
+            .unwrap();
+        (
+            resp.status().as_u16(),
+            resp.json().await.unwrap_or_default(),
+        )
+    }
+
     pub fn model(&self) -> &str {
         &self.served.name
     }

@@ -1,0 +1,161 @@
+//! Nothing acknowledged is lost when the gateway process is killed outright:
+//! votes that got a 201 are in the journal and reach Postgres after restart,
+//! each exactly once.
+
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use serde_json::json;
+
+fn admin_url() -> String {
+    std::env::var("TEST_DATABASE_URL")
+        .or_else(|_| std::env::var("DATABASE_URL"))
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
+}
+
+async fn fresh_database() -> String {
+    let admin = flywheel_store::connect(&admin_url()).await.unwrap();
+    let name = format!("fw_kill_{}", uuid::Uuid::new_v4().simple());
+    sqlx::query(sqlx::AssertSqlSafe(format!("create database {name}")))
+        .execute(&admin)
+        .await
+        .unwrap();
+    let base = admin_url().rsplit_once('/').unwrap().0.to_string();
+    format!("{base}/{name}")
+}
+
+fn cli(db: &str, args: &[&str]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_flywheel"))
+        .args(args)
+        .env("DATABASE_URL", db)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).to_string()
+}
+
+fn serve(db: &str, port: u16, journal: &std::path::Path) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_flywheel"))
+        .arg("serve")
+        .env("DATABASE_URL", db)
+        .env("FLYWHEEL_ADDR", format!("127.0.0.1:{port}"))
+        .env("FLYWHEEL_JOURNAL_DIR", journal)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
+async fn wait_ready(base: &str) {
+    for _ in 0..300 {
+        if let Ok(r) = reqwest::get(format!("{base}/readyz")).await
+            && r.status() == 200
+        {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("the gateway did not become ready");
+}
+
+#[tokio::test]
+async fn kill_9_after_acknowledged_votes_loses_none_and_duplicates_none() {
+    let db = fresh_database().await;
+    cli(&db, &["migrate"]);
+    let dir = std::env::temp_dir().join(format!("fw-kill-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let model = flywheel_engine::tiny::write_tiny_model(&dir, 4).unwrap();
+    cli(
+        &db,
+        &[
+            "models",
+            "import",
+            model.to_str().unwrap(),
+            "--name",
+            "tiny",
+        ],
+    );
+    let key = cli(&db, &["keys", "create", "--team", "kill"])
+        .lines()
+        .last()
+        .unwrap()
+        .to_string();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let base = format!("http://127.0.0.1:{port}");
+    let journal = dir.join("journal");
+
+    let mut gateway = serve(&db, port, &journal);
+    wait_ready(&base).await;
+    let http = reqwest::Client::new();
+    let chat: serde_json::Value = http
+        .post(format!("{base}/v1/chat/completions"))
+        .bearer_auth(&key)
+        .json(&json!({"model": "tiny", "max_tokens": 3, "messages": [{"role": "user", "content": "hi"}]}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let id = chat["id"].as_str().unwrap().to_string();
+
+    // Keep the flusher from writing votes, so they are only in the journal
+    // when the process dies.
+    let pool = flywheel_store::connect(&db).await.unwrap();
+    let mut blocker = pool.begin().await.unwrap();
+    sqlx::query("lock table feedback in access exclusive mode")
+        .execute(&mut *blocker)
+        .await
+        .unwrap();
+    const N: usize = 120;
+    for i in 0..N {
+        let resp = http
+            .post(format!("{base}/v1/feedback"))
+            .bearer_auth(&key)
+            .json(&json!({"completion_id": id, "rating": if i % 2 == 0 { "up" } else { "down" }, "user": format!("u{i}")}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 201);
+    }
+    gateway.kill().unwrap(); // SIGKILL
+    gateway.wait().unwrap();
+    blocker.rollback().await.unwrap();
+    let count = || async {
+        sqlx::query_as::<_, (i64, i64)>("select count(*), count(distinct id) from feedback")
+            .fetch_one(&pool)
+            .await
+            .unwrap()
+    };
+    assert!(
+        count().await.0 < N as i64,
+        "the votes were still only in the journal"
+    );
+
+    let mut gateway = serve(&db, port, &journal);
+    wait_ready(&base).await;
+    let mut last = (0, 0);
+    for _ in 0..150 {
+        last = count().await;
+        if last.0 >= N as i64 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    gateway.kill().unwrap();
+    gateway.wait().unwrap();
+    assert_eq!(last, (N as i64, N as i64), "every acknowledged vote, once");
+    let completions: i64 = sqlx::query_scalar("select count(*) from completions")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(completions, 1);
+}

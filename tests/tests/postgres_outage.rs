@@ -1,0 +1,126 @@
+//! Postgres stopped in the middle of traffic and started again: the gateway
+//! keeps answering (keys it has seen, completions, votes), says "degraded"
+//! on /readyz, and once Postgres is back every acknowledged row is there,
+//! once. The database is a private cluster of this test's own, so stopping
+//! it disturbs nothing else.
+
+use std::time::Duration;
+
+use flywheel::pg::LocalPostgres;
+use flywheel_engine::EngineConfig;
+use flywheel_gateway::{AppState, GatewayConfig, Journal, JournalConfig, ServedModel};
+use flywheel_tests::load_engine;
+use serde_json::json;
+
+#[tokio::test]
+async fn traffic_survives_a_postgres_restart() {
+    let dir = std::env::temp_dir().join(format!("fw-outage-{}", uuid::Uuid::new_v4()));
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let pg = LocalPostgres::new(&dir.join("pgdata"), port).unwrap();
+    pg.start().unwrap();
+    let admin = flywheel_store::connect(&pg.url("postgres")).await.unwrap();
+    sqlx::query("create database outage")
+        .execute(&admin)
+        .await
+        .unwrap();
+    admin.close().await;
+    let pool = flywheel::connect_and_migrate(&pg.url("outage"))
+        .await
+        .unwrap();
+
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = flywheel_engine::tiny::write_tiny_model(&dir, 8).unwrap();
+    let model = flywheel_modelhub::ModelCache::new(dir.join("models"))
+        .unwrap()
+        .import(&path, Some("tiny"))
+        .await
+        .unwrap();
+    let version = flywheel::register(&pool, &model).await.unwrap();
+    let engine = load_engine(&model, EngineConfig::default()).await;
+    let (journal, _) = Journal::open(JournalConfig::new(dir.join("journal"))).unwrap();
+    journal.spawn_flusher(pool.clone());
+    let state = AppState::new(pool.clone(), GatewayConfig::default(), journal.clone());
+    state.set_served(ServedModel {
+        engine,
+        version_id: version.id,
+        name: "tiny".into(),
+    });
+    let (_, key) = flywheel_store::keys::create_key(&pool, "t").await.unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(flywheel_gateway::serve(
+        listener,
+        state,
+        std::future::pending(),
+    ));
+
+    let http = reqwest::Client::new();
+    let (mut completions, mut votes) = (0, 0);
+    let mut saw_degraded = false;
+    for round in 0..30 {
+        if round == 10 {
+            pg.stop().unwrap();
+        }
+        if round == 20 {
+            pg.start().unwrap();
+        }
+        let resp = http
+            .post(format!("{base}/v1/chat/completions"))
+            .bearer_auth(&key)
+            .json(&json!({"model": "tiny", "max_tokens": 3, "messages": [{"role": "user", "content": format!("n{round}")}]}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(
+            resp.status(),
+            200,
+            "round {round}: {}",
+            resp.text().await.unwrap()
+        );
+        let id = resp.json::<serde_json::Value>().await.unwrap()["id"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        completions += 1;
+        let resp = http
+            .post(format!("{base}/v1/feedback"))
+            .bearer_auth(&key)
+            .json(&json!({"completion_id": id, "rating": "up"}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 201, "round {round}");
+        votes += 1;
+        if (10..20).contains(&round) {
+            let ready: serde_json::Value = reqwest::get(format!("{base}/readyz"))
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            saw_degraded |= ready["status"] == "degraded";
+        }
+    }
+    assert!(saw_degraded, "/readyz said nothing while Postgres was down");
+    assert!(
+        journal.wait_flushed(Duration::from_secs(30)).await,
+        "the journal drained"
+    );
+    let (c, cd): (i64, i64) =
+        sqlx::query_as("select count(*), count(distinct id) from completions")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    let (f, fd): (i64, i64) = sqlx::query_as("select count(*), count(distinct id) from feedback")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!((c, cd), (completions, completions));
+    assert_eq!((f, fd), (votes, votes));
+    assert!(journal.stats().flush_failures > 0, "the outage was real");
+    pg.stop().unwrap();
+}
