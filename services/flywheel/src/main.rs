@@ -51,8 +51,8 @@ enum TeamsCommand {
     /// Change a team's settings.
     Set {
         team: String,
-        /// Store message text (false: hashes and counts only).
-        #[arg(long)]
+        /// Store message text (`false`: hashes and counts only).
+        #[arg(long, action = clap::ArgAction::Set)]
         store_text: bool,
     },
 }

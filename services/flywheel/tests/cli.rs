@@ -72,6 +72,16 @@ async fn keys_create_list_revoke() {
             .unwrap()
             .is_none()
     );
+    // Team settings.
+    let (ok, out, err) = flywheel(&db, &["teams", "set", "search", "--store-text", "false"]);
+    assert!(ok && out.contains("store_text = false"), "{out}{err}");
+    let stored: bool = sqlx::query_scalar("select store_text from teams where name = 'search'")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert!(!stored);
+    let (ok, _, err) = flywheel(&db, &["teams", "set", "nobody", "--store-text", "true"]);
+    assert!(!ok && err.contains("no team named nobody"), "{err}");
     // Revoking again is an error with a message, not a crash.
     let (ok, _, err) = flywheel(&db, &["keys", "revoke", &key[..11]]);
     assert!(!ok && err.contains("no active key"), "{err}");
