@@ -12,7 +12,8 @@ cd "$(dirname "$0")/.."
 duration=${1:-30s}
 conns=${2:-64}
 admin=${TEST_DATABASE_URL:-postgres://postgres@127.0.0.1:5432/postgres}
-cargo build --release --quiet -p flywheel -p flywheel-engine --example tiny_model
+cargo build --release --quiet -p flywheel --bin flywheel
+cargo build --release --quiet -p flywheel-engine --example tiny_model
 bin=$PWD/target/release/flywheel
 work=$(mktemp -d)
 export BENCH_DIR=$work
@@ -55,7 +56,10 @@ for _ in $(seq 600); do
   sleep 0.1
 done
 stored=$(psql -tA "$DATABASE_URL" -c "select count(*) from feedback")
-echo "acknowledged=$created stored=$stored lost=$((created - stored))"
+# wrk stops counting with requests still in flight; those are stored too, so
+# stored may exceed what wrk saw acknowledged. Lost = acknowledged but absent.
+lost=$(( created > stored ? created - stored : 0 ))
+echo "acknowledged=$created stored=$stored lost=$lost (in flight when wrk stopped: $(( stored > created ? stored - created : 0 )))"
 
 echo "== chat latency, completion log on"
 wrk -t1 -c4 -d20s --latency -s bench/chat.lua "http://127.0.0.1:$port" | grep RESULT

@@ -122,6 +122,7 @@ impl TestGateway {
         let (journal, _) = Journal::open(JournalConfig::new(journal_dir)).expect("journal");
         journal.spawn_flusher(db.pool.clone());
         let state = AppState::new(db.pool.clone(), cfg, journal);
+        state.spawn_key_listener();
         state.set_served(served.clone());
         let state_for_test = state.clone();
         let (_, key) = flywheel_store::keys::create_key(&db.pool, "team-a")

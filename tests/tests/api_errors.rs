@@ -133,11 +133,25 @@ async fn bad_missing_and_revoked_keys_are_401() {
         .unwrap();
     let (status, body) = post(&gw, Some(&key), chat(&gw, json!({}))).await;
     assert_eq!(status, StatusCode::OK, "{body}");
+    // Used once more, so the gateway has it cached as good...
+    let (status, _) = post(&gw, Some(&key), chat(&gw, json!({}))).await;
+    assert_eq!(status, StatusCode::OK);
+    let revoked_at = std::time::Instant::now();
     flywheel_store::keys::revoke_key(&gw.db.pool, &info.id.to_string())
         .await
         .unwrap();
-    let (status, _) = post(&gw, Some(&key), chat(&gw, json!({}))).await;
-    assert_eq!(status, StatusCode::UNAUTHORIZED, "revoked at once");
+    // ...yet refused as soon as the revocation commits (the gateway hears it
+    // over LISTEN/NOTIFY); allow the notification its milliseconds.
+    let refused = flywheel_tests::eventually(2, || async {
+        let (status, _) = post(&gw, Some(&key), chat(&gw, json!({}))).await;
+        (status == StatusCode::UNAUTHORIZED).then_some(revoked_at.elapsed())
+    })
+    .await
+    .expect("a revoked key is refused");
+    assert!(
+        refused < std::time::Duration::from_millis(500),
+        "took {refused:?}"
+    );
 }
 
 #[tokio::test]

@@ -111,6 +111,7 @@ pub async fn serve(
     }
     journal.spawn_flusher(pool.clone());
     let state = AppState::new(pool.clone(), cfg.gateway(), journal.clone());
+    state.spawn_key_listener();
     let loader_state = state.clone();
     let loader_cfg = cfg.clone();
     let loader = tokio::spawn(async move {

@@ -1,6 +1,8 @@
 //! Bearer-key authentication: every `/v1` request acts for the team that
-//! owns its key. Postgres is asked every time, so a revoked key is refused
-//! at once; keys it confirmed earlier keep working while it is unreachable.
+//! owns its key. Keys Postgres confirmed are trusted for a while without
+//! asking again, but only while the gateway is listening for revocations,
+//! which clear that trust the moment they commit. Keys confirmed earlier
+//! keep working while Postgres is unreachable.
 
 use std::time::Duration;
 
@@ -34,6 +36,10 @@ pub async fn require_key(
             )
         })?;
     let hash = flywheel_store::keys::hash_key(key);
+    if let Some(principal) = state.fresh_principal(&hash) {
+        req.extensions_mut().insert(principal);
+        return Ok(next.run(req).await);
+    }
     let looked_up = if state.journal().database_ok() || state.cached_principal(&hash).is_none() {
         tokio::time::timeout(
             DB_WAIT,

@@ -2,7 +2,9 @@
 //! acknowledged write goes through, and the model being served.
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
 
 use flywheel_engine::EngineHandle;
 use flywheel_store::PgPool;
@@ -49,8 +51,10 @@ struct Inner {
     config: GatewayConfig,
     journal: Journal,
     served: RwLock<Option<ServedModel>>,
-    /// Keys seen valid, by hash: used only while Postgres cannot answer.
-    principals: Mutex<HashMap<Vec<u8>, Principal>>,
+    /// Keys seen valid, by hash, with when Postgres last confirmed them.
+    principals: Mutex<HashMap<Vec<u8>, (Principal, Instant)>>,
+    /// Whether this gateway is hearing revocations (see `spawn_key_listener`).
+    listening: AtomicBool,
     recent: Mutex<Recent>,
 }
 
@@ -64,6 +68,10 @@ struct Recent {
 
 const RECENT_CAPACITY: usize = 200_000;
 
+/// How long a confirmed key is used without asking Postgres again (while
+/// revocations are being heard).
+const KEY_TRUST: Duration = Duration::from_secs(30);
+
 impl AppState {
     pub fn new(pool: PgPool, config: GatewayConfig, journal: Journal) -> Self {
         Self {
@@ -73,6 +81,7 @@ impl AppState {
                 journal,
                 served: RwLock::new(None),
                 principals: Mutex::new(HashMap::new()),
+                listening: AtomicBool::new(false),
                 recent: Mutex::new(Recent::default()),
             }),
         }
@@ -112,7 +121,7 @@ impl AppState {
             .unwrap_or_else(|e| e.into_inner());
         match p {
             Some(p) => {
-                map.insert(hash, p.clone());
+                map.insert(hash, (p.clone(), Instant::now()));
             }
             None => {
                 map.remove(&hash);
@@ -120,13 +129,84 @@ impl AppState {
         }
     }
 
+    /// A key Postgres confirmed, however long ago (for when it cannot answer).
     pub(crate) fn cached_principal(&self, hash: &[u8]) -> Option<Principal> {
         self.inner
             .principals
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .get(hash)
-            .cloned()
+            .map(|(p, _)| p.clone())
+    }
+
+    /// A key confirmed recently enough to skip Postgres: only while this
+    /// gateway is hearing revocations, which clear the cache.
+    pub(crate) fn fresh_principal(&self, hash: &[u8]) -> Option<Principal> {
+        if !self.inner.listening.load(Ordering::Relaxed) {
+            return None;
+        }
+        let map = self
+            .inner
+            .principals
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        map.get(hash)
+            .filter(|(_, at)| at.elapsed() < KEY_TRUST)
+            .map(|(p, _)| p.clone())
+    }
+
+    fn forget_principals(&self) {
+        self.inner
+            .principals
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
+    }
+
+    /// Keeps the entries (for outages) but stops trusting them without asking.
+    fn distrust_principals(&self) {
+        let mut map = self
+            .inner
+            .principals
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let old = Instant::now()
+            .checked_sub(KEY_TRUST)
+            .unwrap_or_else(Instant::now);
+        for (_, at) in map.values_mut() {
+            *at = old;
+        }
+    }
+
+    /// Listens for key revocations: each one clears the key cache, so a
+    /// revoked key is refused on its next request. While not listening
+    /// (connection lost), every request asks Postgres.
+    pub fn spawn_key_listener(&self) -> tokio::task::JoinHandle<()> {
+        let state = self.clone();
+        tokio::spawn(async move {
+            loop {
+                match flywheel_store::PgListener::connect_with(state.pool()).await {
+                    Ok(mut listener) => {
+                        if listener
+                            .listen(flywheel_store::keys::REVOKED_CHANNEL)
+                            .await
+                            .is_ok()
+                        {
+                            // Revocations missed while away: forget everything.
+                            state.forget_principals();
+                            state.inner.listening.store(true, Ordering::Relaxed);
+                            while listener.try_recv().await.is_ok_and(|n| n.is_some()) {
+                                state.forget_principals();
+                            }
+                        }
+                    }
+                    Err(e) => tracing::debug!(error = %e, "key revocation listener cannot connect"),
+                }
+                state.inner.listening.store(false, Ordering::Relaxed);
+                state.distrust_principals();
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        })
     }
 
     pub(crate) fn remember_completion(&self, id: &str, team: Uuid) {

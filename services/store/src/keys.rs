@@ -107,17 +107,27 @@ pub async fn list_keys(ex: impl PgExecutor<'_>, team: Option<&str>) -> Result<Ve
     .await?)
 }
 
+/// The channel on which revocations are announced to running gateways.
+pub const REVOKED_CHANNEL: &str = "flywheel_keys_revoked";
+
 /// Revokes a key by id or prefix; returns how many keys were revoked.
-pub async fn revoke_key(ex: impl PgExecutor<'_>, id_or_prefix: &str) -> Result<u64> {
+/// Gateways listening on [`REVOKED_CHANNEL`] hear of it when it commits.
+pub async fn revoke_key(pool: &sqlx::PgPool, id_or_prefix: &str) -> Result<u64> {
     let id = Uuid::parse_str(id_or_prefix).ok();
+    let mut tx = pool.begin().await?;
     let done = sqlx::query(
         "update api_keys set revoked_at = now()
          where revoked_at is null and (id = $1 or prefix = $2)",
     )
     .bind(id)
     .bind(id_or_prefix)
-    .execute(ex)
+    .execute(&mut *tx)
     .await?;
+    sqlx::query("select pg_notify($1, '')")
+        .bind(REVOKED_CHANNEL)
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await?;
     Ok(done.rows_affected())
 }
 

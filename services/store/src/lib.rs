@@ -6,6 +6,7 @@ pub mod feedback;
 pub mod keys;
 pub mod models;
 
+pub use sqlx::postgres::PgListener;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 pub use sqlx::{PgPool, Postgres, Transaction};
 
