@@ -3,8 +3,8 @@
 # Postgres on this machine:
 #   1. POST /v1/feedback for DURATION: ratings/s, p50/p99 latency, then every
 #      acknowledged (201) rating counted in Postgres;
-#   2. small chat requests with the completion log on, then off (same run):
-#      the p99 latency the log adds.
+#   2. small chat requests, one at a time (latency, not saturation), with
+#      the completion log on, then off (same run): the p99 latency it adds.
 #   scripts/bench-feedback.sh [DURATION=30s] [CONNECTIONS=64]
 # Needs wrk (apt-get install wrk) and psql; PostgreSQL as for `make test`.
 set -euo pipefail
@@ -62,10 +62,10 @@ lost=$(( created > stored ? created - stored : 0 ))
 echo "acknowledged=$created stored=$stored lost=$lost (in flight when wrk stopped: $(( stored > created ? stored - created : 0 )))"
 
 echo "== chat latency, completion log on"
-wrk -t1 -c4 -d20s --latency -s bench/chat.lua "http://127.0.0.1:$port" | grep RESULT
+wrk -t1 -c1 -d20s --latency -s bench/chat.lua "http://127.0.0.1:$port" | grep RESULT
 stop
 start false
 echo "== chat latency, completion log off"
-wrk -t1 -c4 -d20s --latency -s bench/chat.lua "http://127.0.0.1:$port" | grep RESULT
+wrk -t1 -c1 -d20s --latency -s bench/chat.lua "http://127.0.0.1:$port" | grep RESULT
 stop
 psql -q "$admin" -c "drop database $db"
