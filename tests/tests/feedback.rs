@@ -297,3 +297,74 @@ async fn teams_can_keep_text_out_and_users_can_be_forgotten() {
     assert_eq!(status, 200);
     assert_eq!(rest["feedback"]["history"].as_array().unwrap().len(), 0);
 }
+
+#[tokio::test]
+async fn a_full_journal_refuses_votes_loudly() {
+    use flywheel_gateway::{AppState, GatewayConfig, Journal, JournalConfig};
+    let gw = TestGateway::tiny().await;
+    let id = gw.complete(&gw.key, None).await;
+    assert!(
+        gw.state
+            .journal()
+            .wait_flushed(std::time::Duration::from_secs(10))
+            .await
+    );
+    // A second gateway on the same database whose journal holds three records
+    // and whose flusher cannot write (the table is locked).
+    let mut cfg =
+        JournalConfig::new(std::env::temp_dir().join(format!("fw-full-{}", uuid::Uuid::new_v4())));
+    cfg.max_pending = 3;
+    let (journal, _) = Journal::open(cfg).unwrap();
+    journal.spawn_flusher(gw.db.pool.clone());
+    let state = AppState::new(gw.db.pool.clone(), GatewayConfig::default(), journal);
+    state.set_served(gw.served.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(flywheel_gateway::serve(
+        listener,
+        state,
+        std::future::pending(),
+    ));
+    let mut blocker = gw.db.pool.begin().await.unwrap();
+    sqlx::query("lock table feedback in access exclusive mode")
+        .execute(&mut *blocker)
+        .await
+        .unwrap();
+    let http = reqwest::Client::new();
+    let mut statuses = Vec::new();
+    for _ in 0..5 {
+        let resp = http
+            .post(format!("{base}/v1/feedback"))
+            .bearer_auth(&gw.key)
+            .json(&json!({"completion_id": id, "rating": "up"}))
+            .send()
+            .await
+            .unwrap();
+        statuses.push(resp.status().as_u16());
+    }
+    assert_eq!(statuses, vec![201, 201, 201, 503, 503]);
+    let metrics = reqwest::get(format!("{base}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(metrics.contains("flywheel_journal_full 1"), "{metrics}");
+    let ready = reqwest::get(format!("{base}/readyz")).await.unwrap();
+    assert_eq!(ready.status(), 503);
+    blocker.rollback().await.unwrap();
+    // The three acknowledged votes land; the refused ones were never promised.
+    let team = flywheel_store::keys::authenticate(&gw.db.pool, &gw.key)
+        .await
+        .unwrap()
+        .unwrap()
+        .team_id;
+    let n = eventually(15, || async {
+        let n = flywheel_store::feedback::count_for_team(&gw.db.pool, team)
+            .await
+            .unwrap();
+        (n == 3).then_some(n)
+    })
+    .await;
+    assert_eq!(n, Some(3));
+}

@@ -1,4 +1,4 @@
-//! Postgres stopped in the middle of traffic and started again: the gateway
+//! Postgres stopped for a minute in the middle of traffic and started again: the gateway
 //! keeps answering (keys it has seen, completions, votes), says "degraded"
 //! on /readyz, and once Postgres is back every acknowledged row is there,
 //! once. The database is a private cluster of this test's own, so stopping
@@ -61,12 +61,20 @@ async fn traffic_survives_a_postgres_restart() {
     let http = reqwest::Client::new();
     let (mut completions, mut votes) = (0, 0);
     let mut saw_degraded = false;
+    // Postgres is down for rounds 10..20, a little over a minute: traffic
+    // keeps coming every six seconds meanwhile.
+    let mut down_since = None;
     for round in 0..30 {
         if round == 10 {
             pg.stop().unwrap();
+            down_since = Some(std::time::Instant::now());
         }
         if round == 20 {
+            assert!(down_since.unwrap().elapsed() >= Duration::from_secs(60));
             pg.start().unwrap();
+        }
+        if (11..20).contains(&round) {
+            tokio::time::sleep(Duration::from_millis(6700)).await;
         }
         let resp = http
             .post(format!("{base}/v1/chat/completions"))

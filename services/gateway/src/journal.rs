@@ -89,6 +89,11 @@ struct Inner {
     written: AtomicU64,
     stored: AtomicU64,
     failures: AtomicU64,
+    /// Records ever queued (replayed ones included) and ever stored, in
+    /// journal order: everything queued before a moment is in Postgres once
+    /// `stored_seq` reaches `queued_seq` of that moment.
+    queued_seq: AtomicU64,
+    stored_seq: AtomicU64,
 }
 
 /// Cheap to clone; all clones share one journal.
@@ -182,6 +187,8 @@ impl Journal {
             written: AtomicU64::new(0),
             stored: AtomicU64::new(0),
             failures: AtomicU64::new(0),
+            queued_seq: AtomicU64::new(replayed as u64),
+            stored_seq: AtomicU64::new(0),
         };
         Ok((
             Self {
@@ -221,6 +228,7 @@ impl Journal {
             st.pending_completions.insert(c.id.clone(), c.team_id);
         }
         st.pending.push_back((index, rec));
+        self.inner.queued_seq.fetch_add(1, Ordering::SeqCst);
         drop(st);
         self.inner.written.fetch_add(1, Ordering::Relaxed);
         self.inner.wake.notify_one();
@@ -248,17 +256,20 @@ impl Journal {
         self.inner.db_ok.load(Ordering::Relaxed)
     }
 
-    /// Waits until everything written so far is in Postgres, or `timeout`.
+    /// Waits until everything written before this call is in Postgres
+    /// (later writes do not delay it); false after `timeout`.
     pub async fn wait_flushed(&self, timeout: Duration) -> bool {
+        let target = self.inner.queued_seq.load(Ordering::SeqCst);
+        let done = || self.inner.stored_seq.load(Ordering::SeqCst) >= target;
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
             let flushed = self.inner.flushed.notified();
-            if self.lock().pending.is_empty() {
+            if done() {
                 return true;
             }
             self.inner.wake.notify_one();
             if tokio::time::timeout_at(deadline, flushed).await.is_err() {
-                return self.lock().pending.is_empty();
+                return done();
             }
         }
     }
@@ -297,6 +308,10 @@ impl Journal {
                         .stored
                         .fetch_add(batch.len() as u64, Ordering::Relaxed);
                     self.forget(batch.len());
+                    self.inner
+                        .stored_seq
+                        .fetch_add(batch.len() as u64, Ordering::SeqCst);
+                    self.inner.flushed.notify_waiters();
                 }
                 Err(e) => {
                     if self.inner.db_ok.swap(false, Ordering::Relaxed) {

@@ -30,12 +30,11 @@ async fn completion(
     Extension(principal): Extension<Principal>,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, AppError> {
-    // Whatever the journal still holds for it must be in Postgres first.
-    if state.journal().pending_owner(&id) == Some(principal.team_id)
-        && !state.journal().wait_flushed(Duration::from_secs(5)).await
-    {
+    // Read your writes: the completion and every vote acknowledged before
+    // this request must be in Postgres first.
+    if !state.journal().wait_flushed(Duration::from_secs(5)).await {
         return Err(AppError::Unavailable(
-            "this completion is not in the database yet; retry shortly".into(),
+            "recent writes are not in the database yet; retry shortly".into(),
         ));
     }
     let c = flywheel_store::completions::get(state.pool(), principal.team_id, &id)
