@@ -217,6 +217,30 @@ impl TestGateway {
         )
     }
 
+    /// The id of the team this gateway's key belongs to.
+    pub async fn team_id(&self) -> uuid::Uuid {
+        flywheel_store::keys::authenticate(&self.db.pool, &self.key)
+            .await
+            .unwrap()
+            .unwrap()
+            .team_id
+    }
+
+    /// Waits until `count(team)` reaches `want` in Postgres (15 s at most).
+    pub async fn wait_for_rows<F, Fut>(&self, want: i64, count: F) -> bool
+    where
+        F: Fn(PgPool, uuid::Uuid) -> Fut,
+        Fut: std::future::Future<Output = i64>,
+    {
+        let team = self.team_id().await;
+        eventually(15, || {
+            let n = count(self.db.pool.clone(), team);
+            async move { (n.await == want).then_some(()) }
+        })
+        .await
+        .is_some()
+    }
+
     pub fn model(&self) -> &str {
         &self.served.name
     }

@@ -2,8 +2,20 @@
 //! team isolation, bulk import, privacy, and votes that arrive before the
 //! completion's row is in Postgres. Data paths, so the tiny model serves.
 
-use flywheel_tests::{TestGateway, eventually};
+use flywheel_tests::TestGateway;
 use serde_json::json;
+
+async fn votes(pool: sqlx::PgPool, team: uuid::Uuid) -> i64 {
+    flywheel_store::feedback::count_for_team(&pool, team)
+        .await
+        .unwrap()
+}
+
+async fn completions(pool: sqlx::PgPool, team: uuid::Uuid) -> i64 {
+    flywheel_store::completions::count_for_team(&pool, team)
+        .await
+        .unwrap()
+}
 
 #[tokio::test]
 async fn votes_replace_per_user_and_keep_history() {
@@ -158,19 +170,10 @@ async fn batch_says_what_happened_to_each_item() {
         .await;
     assert_eq!(status, 400);
     assert_eq!(body["error"]["param"], "items");
-    let team = flywheel_store::keys::authenticate(&gw.db.pool, &gw.key)
-        .await
-        .unwrap()
-        .unwrap()
-        .team_id;
-    let stored = eventually(10, || async {
-        let n = flywheel_store::feedback::count_for_team(&gw.db.pool, team)
-            .await
-            .unwrap();
-        (n == 2).then_some(n)
-    })
-    .await;
-    assert_eq!(stored, Some(2));
+    assert!(
+        gw.wait_for_rows(2, votes).await,
+        "every accepted vote is stored"
+    );
 }
 
 #[tokio::test]
@@ -196,25 +199,11 @@ async fn a_vote_before_its_completion_is_stored_is_accepted_and_lands() {
         "both wait in the journal"
     );
     blocker.rollback().await.unwrap();
-    let team = flywheel_store::keys::authenticate(&gw.db.pool, &gw.key)
-        .await
-        .unwrap()
-        .unwrap()
-        .team_id;
-    let landed = eventually(15, || async {
-        let votes = flywheel_store::feedback::count_for_team(&gw.db.pool, team)
-            .await
-            .unwrap();
-        let rows = flywheel_store::completions::count_for_team(&gw.db.pool, team)
-            .await
-            .unwrap();
-        (votes == 1 && rows == 1).then_some(())
-    })
-    .await;
     assert!(
-        landed.is_some(),
-        "the completion and the vote reach Postgres"
+        gw.wait_for_rows(1, completions).await,
+        "the completion reaches Postgres"
     );
+    assert!(gw.wait_for_rows(1, votes).await, "so does the vote");
 }
 
 #[tokio::test]
@@ -229,19 +218,7 @@ async fn cancelled_streams_are_logged_once() {
         .await
         .unwrap();
     drop(resp);
-    let team = flywheel_store::keys::authenticate(&gw.db.pool, &gw.key)
-        .await
-        .unwrap()
-        .unwrap()
-        .team_id;
-    let n = eventually(15, || async {
-        let n = flywheel_store::completions::count_for_team(&gw.db.pool, team)
-            .await
-            .unwrap();
-        (n >= 1).then_some(n)
-    })
-    .await;
-    assert_eq!(n, Some(1));
+    assert!(gw.wait_for_rows(1, completions).await, "logged once");
 }
 
 #[tokio::test]
@@ -354,17 +331,8 @@ async fn a_full_journal_refuses_votes_loudly() {
     assert_eq!(ready.status(), 503);
     blocker.rollback().await.unwrap();
     // The three acknowledged votes land; the refused ones were never promised.
-    let team = flywheel_store::keys::authenticate(&gw.db.pool, &gw.key)
-        .await
-        .unwrap()
-        .unwrap()
-        .team_id;
-    let n = eventually(15, || async {
-        let n = flywheel_store::feedback::count_for_team(&gw.db.pool, team)
-            .await
-            .unwrap();
-        (n == 3).then_some(n)
-    })
-    .await;
-    assert_eq!(n, Some(3));
+    assert!(
+        gw.wait_for_rows(3, votes).await,
+        "every accepted vote is stored"
+    );
 }

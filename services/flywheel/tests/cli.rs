@@ -2,25 +2,9 @@
 
 use std::process::Command;
 
-fn admin_url() -> String {
-    std::env::var("TEST_DATABASE_URL")
-        .or_else(|_| std::env::var("DATABASE_URL"))
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
-}
+mod common;
 
-async fn fresh_database() -> String {
-    let admin = flywheel_store::connect(&admin_url()).await.unwrap();
-    let name = format!("fw_cli_{}", uuid::Uuid::new_v4().simple());
-    sqlx::query(sqlx::AssertSqlSafe(format!("create database {name}")))
-        .execute(&admin)
-        .await
-        .unwrap();
-    let (base, _) = admin_url()
-        .rsplit_once('/')
-        .map(|(b, d)| (b.to_string(), d.to_string()))
-        .unwrap();
-    format!("{base}/{name}")
-}
+use common::fresh_database;
 
 fn flywheel(db: &str, args: &[&str]) -> (bool, String, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_flywheel"))
@@ -41,7 +25,7 @@ fn flywheel(db: &str, args: &[&str]) -> (bool, String, String) {
 
 #[tokio::test]
 async fn keys_create_list_revoke() {
-    let db = fresh_database().await;
+    let db = fresh_database("fw_cli").await;
     let (ok, out, err) = flywheel(&db, &["migrate"]);
     assert!(ok, "{out}{err}");
     let (ok, out, err) = flywheel(&db, &["keys", "create", "--team", "search"]);
@@ -89,7 +73,7 @@ async fn keys_create_list_revoke() {
 
 #[tokio::test]
 async fn models_import_list_promote() {
-    let db = fresh_database().await;
+    let db = fresh_database("fw_cli").await;
     let dir = std::env::temp_dir().join(format!("fw-cli-models-{}", uuid::Uuid::new_v4()));
     std::fs::create_dir_all(&dir).unwrap();
     let a = flywheel_engine::tiny::write_tiny_model(&dir, 1).unwrap();

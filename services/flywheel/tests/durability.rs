@@ -7,22 +7,9 @@ use std::time::Duration;
 
 use serde_json::json;
 
-fn admin_url() -> String {
-    std::env::var("TEST_DATABASE_URL")
-        .or_else(|_| std::env::var("DATABASE_URL"))
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
-}
+mod common;
 
-async fn fresh_database() -> String {
-    let admin = flywheel_store::connect(&admin_url()).await.unwrap();
-    let name = format!("fw_kill_{}", uuid::Uuid::new_v4().simple());
-    sqlx::query(sqlx::AssertSqlSafe(format!("create database {name}")))
-        .execute(&admin)
-        .await
-        .unwrap();
-    let base = admin_url().rsplit_once('/').unwrap().0.to_string();
-    format!("{base}/{name}")
-}
+use common::fresh_database;
 
 fn cli(db: &str, args: &[&str]) -> String {
     let out = Command::new(env!("CARGO_BIN_EXE_flywheel"))
@@ -64,7 +51,7 @@ async fn wait_ready(base: &str) {
 
 #[tokio::test]
 async fn kill_9_after_acknowledged_votes_loses_none_and_duplicates_none() {
-    let db = fresh_database().await;
+    let db = fresh_database("fw_kill").await;
     cli(&db, &["migrate"]);
     let dir = std::env::temp_dir().join(format!("fw-kill-{}", uuid::Uuid::new_v4()));
     std::fs::create_dir_all(&dir).unwrap();

@@ -1,0 +1,19 @@
+//! Shared by the binary's tests: a fresh database on the test server.
+
+pub fn admin_url() -> String {
+    std::env::var("TEST_DATABASE_URL")
+        .or_else(|_| std::env::var("DATABASE_URL"))
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
+}
+
+/// Creates an empty database named `<prefix>_<uuid>` and returns its URL.
+pub async fn fresh_database(prefix: &str) -> String {
+    let admin = flywheel_store::connect(&admin_url()).await.unwrap();
+    let name = format!("{prefix}_{}", uuid::Uuid::new_v4().simple());
+    sqlx::query(sqlx::AssertSqlSafe(format!("create database {name}")))
+        .execute(&admin)
+        .await
+        .unwrap();
+    let base = admin_url().rsplit_once('/').unwrap().0.to_string();
+    format!("{base}/{name}")
+}
