@@ -1,0 +1,6 @@
+//! Curation rules: the pure functions the dataset builder applies to every
+//! example before anything is written. Each rule is deterministic, so the
+//! same input always gives the same snapshot.
+
+pub mod minhash;
+pub mod pii;

@@ -1,0 +1,196 @@
+//! Near-duplicate detection: MinHash signatures over word shingles, and a
+//! banded locality-sensitive index that finds earlier examples whose
+//! estimated Jaccard similarity passes a threshold without comparing every
+//! pair. Hashes are fixed functions (FNV-1a, then a splitmix finalizer per
+//! permutation), so signatures are the same on every machine and run.
+
+use std::collections::HashMap;
+
+/// Lowercases, drops punctuation and collapses whitespace, so trivial
+/// variations ("Hello, world!" / "hello world") compare equal.
+pub fn normalize(text: &str) -> String {
+    text.chars()
+        .map(|c| {
+            if c.is_alphanumeric() {
+                c.to_ascii_lowercase()
+            } else {
+                ' '
+            }
+        })
+        .collect::<String>()
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
+        (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3)
+    })
+}
+
+fn mix(mut z: u64) -> u64 {
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+#[derive(Debug, Clone)]
+pub struct MinHasher {
+    permutations: usize,
+    shingle_words: usize,
+}
+
+impl Default for MinHasher {
+    fn default() -> Self {
+        Self {
+            permutations: 128,
+            shingle_words: 3,
+        }
+    }
+}
+
+impl MinHasher {
+    pub fn new(permutations: usize, shingle_words: usize) -> Self {
+        Self {
+            permutations: permutations.max(1),
+            shingle_words: shingle_words.max(1),
+        }
+    }
+
+    pub fn permutations(&self) -> usize {
+        self.permutations
+    }
+
+    /// The signature of `text` (normalized first).
+    pub fn signature(&self, text: &str) -> Vec<u64> {
+        let norm = normalize(text);
+        let words: Vec<&str> = norm.split(' ').filter(|w| !w.is_empty()).collect();
+        let shingles: Vec<u64> = if words.len() <= self.shingle_words {
+            vec![fnv1a(norm.as_bytes())]
+        } else {
+            words
+                .windows(self.shingle_words)
+                .map(|w| fnv1a(w.join(" ").as_bytes()))
+                .collect()
+        };
+        (0..self.permutations as u64)
+            .map(|i| {
+                let seed = mix(i.wrapping_add(0x9e37_79b9_7f4a_7c15));
+                shingles
+                    .iter()
+                    .map(|&h| mix(h ^ seed))
+                    .min()
+                    .unwrap_or(u64::MAX)
+            })
+            .collect()
+    }
+}
+
+/// Estimated Jaccard similarity: the share of equal signature components.
+pub fn similarity(a: &[u64], b: &[u64]) -> f64 {
+    let same = a.iter().zip(b).filter(|(x, y)| x == y).count();
+    same as f64 / a.len().max(1) as f64
+}
+
+/// Signatures seen so far, bucketed by bands of `rows` components.
+#[derive(Debug)]
+pub struct LshIndex {
+    rows: usize,
+    threshold: f64,
+    buckets: HashMap<(usize, u64), Vec<usize>>,
+    signatures: Vec<Vec<u64>>,
+}
+
+impl LshIndex {
+    /// `rows` per band sets the similarity at which candidates appear
+    /// (about `(1/bands)^(1/rows)`); `threshold` is what counts as a duplicate.
+    pub fn new(rows: usize, threshold: f64) -> Self {
+        Self {
+            rows: rows.max(1),
+            threshold,
+            buckets: HashMap::new(),
+            signatures: Vec::new(),
+        }
+    }
+
+    /// Adds `sig` unless an earlier signature is a near duplicate; returns
+    /// the new index, or the index of the earlier one it duplicates.
+    pub fn insert(&mut self, sig: Vec<u64>) -> Result<usize, usize> {
+        let bands: Vec<(usize, u64)> = sig
+            .chunks(self.rows)
+            .enumerate()
+            .map(|(b, rows)| (b, rows.iter().fold(0u64, |h, &x| mix(h ^ x))))
+            .collect();
+        let mut best: Option<usize> = None;
+        for key in &bands {
+            for &other in self.buckets.get(key).into_iter().flatten() {
+                if similarity(&sig, &self.signatures[other]) >= self.threshold {
+                    best = Some(best.map_or(other, |b: usize| b.min(other)));
+                }
+            }
+        }
+        if let Some(dup) = best {
+            return Err(dup);
+        }
+        let id = self.signatures.len();
+        for key in bands {
+            self.buckets.entry(key).or_default().push(id);
+        }
+        self.signatures.push(sig);
+        Ok(id)
+    }
+
+    pub fn len(&self) -> usize {
+        self.signatures.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.signatures.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn normalization_ignores_case_punctuation_and_spacing() {
+        assert_eq!(normalize("  Hello,   WORLD!! "), "hello world");
+    }
+
+    #[test]
+    fn signatures_are_deterministic_and_track_similarity() {
+        let h = MinHasher::default();
+        let a = "how do I reset my password on the mobile app when I forgot the old one";
+        let near = "How do I reset my password on the mobile app, when I forgot the old one?";
+        let edit = "how do I reset my password on the mobile app when I lost the old one";
+        let other = "what is the weather going to be like in paris tomorrow afternoon";
+        assert_eq!(h.signature(a), h.signature(a));
+        assert_eq!(similarity(&h.signature(a), &h.signature(near)), 1.0);
+        let s_edit = similarity(&h.signature(a), &h.signature(edit));
+        let s_other = similarity(&h.signature(a), &h.signature(other));
+        assert!(s_edit > 0.5 && s_edit < 1.0, "{s_edit}");
+        assert!(s_other < 0.1, "{s_other}");
+    }
+
+    #[test]
+    fn index_finds_near_duplicates_and_keeps_the_rest() {
+        let h = MinHasher::default();
+        let mut idx = LshIndex::new(4, 0.8);
+        let texts = [
+            "please summarize this article about climate change in three sentences",
+            "Please summarize this article about climate change in three sentences!",
+            "translate the following paragraph from english into french please",
+            "please summarize this article about climate change in three short sentences",
+        ];
+        let results: Vec<_> = texts.iter().map(|t| idx.insert(h.signature(t))).collect();
+        assert_eq!(results[0], Ok(0));
+        assert_eq!(results[1], Err(0), "same after normalization");
+        assert_eq!(results[2], Ok(1));
+        // One inserted word: a duplicate exactly when the estimate passes 0.8.
+        let s = similarity(&h.signature(texts[0]), &h.signature(texts[3]));
+        let expected = if s >= 0.8 { Err(0) } else { Ok(2) };
+        assert_eq!(results[3], expected, "similarity {s}");
+    }
+}
