@@ -2,5 +2,6 @@
 //! example before anything is written. Each rule is deterministic, so the
 //! same input always gives the same snapshot.
 
+pub mod build;
 pub mod minhash;
 pub mod pii;
