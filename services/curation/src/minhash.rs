@@ -58,10 +58,6 @@ impl MinHasher {
         }
     }
 
-    pub fn permutations(&self) -> usize {
-        self.permutations
-    }
-
     /// The signature of `text` (normalized first).
     pub fn signature(&self, text: &str) -> Vec<u64> {
         let norm = normalize(text);

@@ -76,6 +76,13 @@ fn main() {
         },
     )
     .unwrap();
+    // Bytes of weights one step reads, whatever the batch (the kernel path).
+    let weight_bytes = flywheel_engine::fast::FastLlama::load(
+        &mut flywheel_engine::gguf::GgufFile::open(std::path::Path::new(&path)).unwrap(),
+        1,
+    )
+    .unwrap()
+    .weight_bytes();
     let greedy = |max_tokens| SamplingParams {
         temperature: 0.0,
         max_tokens,
@@ -195,6 +202,7 @@ fn main() {
             "engine": "flywheel",
             "threads": threads,
             "prompt_tokens": long.len(),
+            "weight_bytes_per_step": weight_bytes,
             "prefill_tokens_per_s": prefill,
             "decode_tokens_per_s": decode_one,
             "aggregate": aggregate,

@@ -205,10 +205,6 @@ impl FastLlama {
         &self.cfg
     }
 
-    pub fn threads(&self) -> usize {
-        self.pool.current_num_threads()
-    }
-
     /// Bytes of weights read per step (whatever the batch size).
     pub fn weight_bytes(&self) -> usize {
         let layers: usize = self

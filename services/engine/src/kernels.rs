@@ -104,11 +104,6 @@ impl QMatrix {
         }
     }
 
-    pub fn from_f32(rows: usize, cols: usize, w: Vec<f32>) -> Self {
-        assert_eq!(w.len(), rows * cols);
-        Self::F32(F32Matrix { rows, cols, w })
-    }
-
     pub fn rows(&self) -> usize {
         match self {
             Self::Q4_1(m) => m.rows,

@@ -141,12 +141,6 @@ impl Llama {
         Ok(linear(&last, &self.lm_head)?.squeeze(0)?)
     }
 
-    /// Logits for every position of `tokens`: `(tokens, vocab)`.
-    pub fn forward_all(&self, tokens: &[u32], cache: &mut KvCache) -> Result<Tensor> {
-        let hidden = self.hidden_states(tokens, cache)?;
-        linear(&hidden, &self.lm_head)
-    }
-
     fn hidden_states(&self, tokens: &[u32], cache: &mut KvCache) -> Result<Tensor> {
         let t = tokens.len();
         let pos = cache.len;

@@ -95,10 +95,6 @@ impl TextTokenizer {
     pub fn token_text(&self, id: u32) -> String {
         self.decode(&[id], false).unwrap_or_default()
     }
-
-    pub fn vocab_size(&self) -> usize {
-        self.inner.get_vocab_size(true)
-    }
 }
 
 fn build(tokens: &[String], merges: &[String], pre: &str) -> Result<Tokenizer> {

@@ -37,20 +37,16 @@ async fn served_models(state: &AppState) -> Result<Vec<serde_json::Value>, AppEr
     let Some(served) = state.served() else {
         return Ok(Vec::new());
     };
-    let versions = flywheel_store::models::list(state.pool()).await?;
-    Ok(versions
-        .into_iter()
-        .filter(|v| v.id == served.version_id)
-        .map(|v| {
-            json!({
-                "id": v.name,
-                "object": "model",
-                "created": v.created_at.timestamp(),
-                "owned_by": "flywheel",
-                "version_id": v.id,
-                "sha256": v.sha256,
-                "champion": v.is_champion,
-            })
-        })
-        .collect())
+    let Some(v) = flywheel_store::models::by_name(state.pool(), &served.name).await? else {
+        return Ok(Vec::new());
+    };
+    Ok(vec![json!({
+        "id": v.name,
+        "object": "model",
+        "created": v.created_at.timestamp(),
+        "owned_by": "flywheel",
+        "version_id": v.id,
+        "sha256": v.sha256,
+        "champion": v.is_champion,
+    })])
 }

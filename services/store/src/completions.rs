@@ -44,12 +44,6 @@ pub struct NewCompletion {
     pub started_at: Option<DateTime<Utc>>,
 }
 
-/// Stores a completion; storing the same id twice keeps the first.
-pub async fn insert(ex: impl PgExecutor<'_>, c: &NewCompletion) -> Result<()> {
-    insert_many(ex, std::slice::from_ref(c)).await?;
-    Ok(())
-}
-
 /// Stores many completions in one statement; ids already present are
 /// skipped, so replaying a journal never duplicates a row.
 pub async fn insert_many(ex: impl PgExecutor<'_>, rows: &[NewCompletion]) -> Result<u64> {

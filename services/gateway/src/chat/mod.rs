@@ -279,10 +279,8 @@ fn redact_request(mut request: Value) -> Value {
             m["content"] = json!({"sha256": sha256_hex(&text), "chars": text.chars().count()});
         }
     }
-    for key in ["stop"] {
-        if request.get(key).is_some() {
-            request[key] = json!("[redacted]");
-        }
+    if request.get("stop").is_some() {
+        request["stop"] = json!("[redacted]");
     }
     request
 }
