@@ -128,12 +128,11 @@ impl TestGateway {
         let (_, key) = flywheel_store::keys::create_key(&db.pool, "team-a")
             .await
             .unwrap();
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let base = format!("http://{}", listener.local_addr().unwrap());
         let (tx, rx) = oneshot::channel();
-        tokio::spawn(flywheel_gateway::serve(listener, state, async {
+        let base = spawn_gateway(state, async {
             let _ = rx.await;
-        }));
+        })
+        .await;
         Self {
             base,
             key,
@@ -252,6 +251,17 @@ impl Drop for TestGateway {
             let _ = tx.send(());
         }
     }
+}
+
+/// Serves `state` on 127.0.0.1:0 until `shutdown`; returns the base URL.
+pub async fn spawn_gateway(
+    state: AppState,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(flywheel_gateway::serve(listener, state, shutdown));
+    base
 }
 
 /// Polls `check` until it returns `Some`, for up to `secs` seconds.

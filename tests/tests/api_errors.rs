@@ -265,13 +265,7 @@ async fn not_ready_until_a_model_is_loaded() {
     let (_, key) = flywheel_store::keys::create_key(&db.pool, "t")
         .await
         .unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let base = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(flywheel_gateway::serve(
-        listener,
-        state.clone(),
-        std::future::pending(),
-    ));
+    let base = flywheel_tests::spawn_gateway(state.clone(), std::future::pending()).await;
 
     assert_eq!(
         reqwest::get(format!("{base}/healthz"))

@@ -207,18 +207,36 @@ async fn a_vote_before_its_completion_is_stored_is_accepted_and_lands() {
 }
 
 #[tokio::test]
-async fn cancelled_streams_are_logged_once() {
-    let gw = TestGateway::tiny().await;
+async fn a_stream_the_client_abandons_is_logged_once_as_cancelled() {
+    // The real model: 2000 tokens take far longer than reading one chunk.
+    let gw = TestGateway::real().await;
     let resp = reqwest::Client::new()
         .post(format!("{}/v1/chat/completions", gw.base))
         .bearer_auth(&gw.key)
-        .json(&json!({"model": gw.model(), "stream": true, "max_tokens": 200, "temperature": 1.0, "seed": 1,
-                      "messages": [{"role": "user", "content": "go on"}]}))
+        .json(&json!({"model": gw.model(), "stream": true, "max_tokens": 2000, "temperature": 1.0,
+                      "seed": 1, "user": "leaver",
+                      "messages": [{"role": "user", "content": "Write a very long essay about rivers."}]}))
         .send()
         .await
         .unwrap();
-    drop(resp);
+    let mut body = resp.bytes_stream();
+    use futures::StreamExt;
+    let first = body.next().await.unwrap().unwrap();
+    assert!(first.starts_with(b"data: "));
+    drop(body);
     assert!(gw.wait_for_rows(1, completions).await, "logged once");
+    let (reason, tokens, output): (String, i32, String) = sqlx::query_as(
+        "select finish_reason, completion_tokens, output from completions where end_user = 'leaver'",
+    )
+    .fetch_one(&gw.db.pool)
+    .await
+    .unwrap();
+    assert_eq!(reason, "cancelled");
+    assert!((1..2000).contains(&tokens), "{tokens}");
+    assert!(
+        !output.is_empty(),
+        "the text produced before the client left is kept"
+    );
 }
 
 #[tokio::test]
@@ -295,13 +313,7 @@ async fn a_full_journal_refuses_votes_loudly() {
     journal.spawn_flusher(gw.db.pool.clone());
     let state = AppState::new(gw.db.pool.clone(), GatewayConfig::default(), journal);
     state.set_served(gw.served.clone());
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let base = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(flywheel_gateway::serve(
-        listener,
-        state,
-        std::future::pending(),
-    ));
+    let base = flywheel_tests::spawn_gateway(state, std::future::pending()).await;
     let mut blocker = gw.db.pool.begin().await.unwrap();
     sqlx::query("lock table feedback in access exclusive mode")
         .execute(&mut *blocker)

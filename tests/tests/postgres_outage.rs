@@ -50,13 +50,7 @@ async fn traffic_survives_a_postgres_restart() {
         name: "tiny".into(),
     });
     let (_, key) = flywheel_store::keys::create_key(&pool, "t").await.unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let base = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(flywheel_gateway::serve(
-        listener,
-        state,
-        std::future::pending(),
-    ));
+    let base = flywheel_tests::spawn_gateway(state, std::future::pending()).await;
 
     let http = reqwest::Client::new();
     let (mut completions, mut votes) = (0, 0);

@@ -30,6 +30,10 @@ impl Collected {
             Event::Delta { text, logprobs } => {
                 self.first_token_after
                     .get_or_insert_with(std::time::Instant::now);
+                // One delta per generated token until `Done` gives the exact
+                // count (it may follow a last flush of held-back text), so
+                // an abandoned generation still records what it produced.
+                self.completion_tokens += 1;
                 self.text.push_str(&text);
                 if let Some(lp) = &logprobs {
                     self.logprobs.push(lp.clone());
