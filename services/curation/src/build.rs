@@ -5,12 +5,12 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::minhash::{LshIndex, MinHasher, normalize};
 use crate::pii::{Redactions, redact};
 
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Message {
     pub role: String,
     pub content: String,
@@ -44,7 +44,8 @@ pub struct Vote {
 }
 
 /// The rules, all recorded in the manifest.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct Rules {
     pub redact_pii: bool,
     /// Estimated Jaccard similarity of prompts at which a later example is a duplicate.
@@ -70,14 +71,14 @@ impl Default for Rules {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Split {
     Train,
     Eval,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SftExample {
     pub prompt: Vec<Message>,
     pub completion: String,
@@ -86,7 +87,7 @@ pub struct SftExample {
     pub source: String,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct DpoPair {
     pub prompt: Vec<Message>,
     pub chosen: String,
@@ -95,7 +96,7 @@ pub struct DpoPair {
     pub sources: Vec<String>,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct KtoExample {
     pub prompt: Vec<Message>,
     pub completion: String,

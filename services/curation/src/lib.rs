@@ -3,5 +3,6 @@
 //! same input always gives the same snapshot.
 
 pub mod build;
+pub mod export;
 pub mod minhash;
 pub mod pii;

@@ -89,14 +89,23 @@ pub fn similarity(a: &[u64], b: &[u64]) -> f64 {
     same as f64 / a.len().max(1) as f64
 }
 
-/// Signatures seen so far, bucketed by bands of `rows` components.
+/// Signatures seen so far, bucketed by bands of `rows` components. Kept
+/// compact for builds over hundreds of thousands of prompts: signatures in
+/// one flat vector, and each bucket a linked list threaded through `next`.
 #[derive(Debug)]
 pub struct LshIndex {
     rows: usize,
     threshold: f64,
-    buckets: HashMap<(usize, u64), Vec<usize>>,
-    signatures: Vec<Vec<u64>>,
+    /// Components per signature (fixed by the first insert).
+    width: usize,
+    /// Band key -> newest id in that bucket.
+    heads: HashMap<u64, u32>,
+    /// `next[id * bands + band]`: the previous id in the same bucket.
+    next: Vec<u32>,
+    signatures: Vec<u64>,
 }
+
+const NONE: u32 = u32::MAX;
 
 impl LshIndex {
     /// `rows` per band sets the similarity at which candidates appear
@@ -105,40 +114,63 @@ impl LshIndex {
         Self {
             rows: rows.max(1),
             threshold,
-            buckets: HashMap::new(),
+            width: 0,
+            heads: HashMap::new(),
+            next: Vec::new(),
             signatures: Vec::new(),
         }
     }
 
+    fn signature(&self, id: usize) -> &[u64] {
+        &self.signatures[id * self.width..(id + 1) * self.width]
+    }
+
     /// Adds `sig` unless an earlier signature is a near duplicate; returns
-    /// the new index, or the index of the earlier one it duplicates.
+    /// the new index, or the index of the earliest one it duplicates.
     pub fn insert(&mut self, sig: Vec<u64>) -> Result<usize, usize> {
-        let bands: Vec<(usize, u64)> = sig
+        if self.width == 0 {
+            self.width = sig.len();
+        }
+        assert_eq!(
+            sig.len(),
+            self.width,
+            "signatures of one index have one width"
+        );
+        let keys: Vec<u64> = sig
             .chunks(self.rows)
             .enumerate()
-            .map(|(b, rows)| (b, rows.iter().fold(0u64, |h, &x| mix(h ^ x))))
+            .map(|(b, rows)| rows.iter().fold(mix(b as u64), |h, &x| mix(h ^ x)))
             .collect();
-        let mut best: Option<usize> = None;
-        for key in &bands {
-            for &other in self.buckets.get(key).into_iter().flatten() {
-                if similarity(&sig, &self.signatures[other]) >= self.threshold {
-                    best = Some(best.map_or(other, |b: usize| b.min(other)));
-                }
+        let bands = keys.len();
+        // A similar signature shares many bands: check each candidate once,
+        // lowest id first.
+        let mut candidates = Vec::new();
+        for (b, key) in keys.iter().enumerate() {
+            let mut at = self.heads.get(key).copied().unwrap_or(NONE);
+            while at != NONE {
+                candidates.push(at);
+                at = self.next[at as usize * bands + b];
             }
         }
-        if let Some(dup) = best {
-            return Err(dup);
+        candidates.sort_unstable();
+        candidates.dedup();
+        if let Some(&dup) = candidates
+            .iter()
+            .find(|&&other| similarity(&sig, self.signature(other as usize)) >= self.threshold)
+        {
+            return Err(dup as usize);
         }
-        let id = self.signatures.len();
-        for key in bands {
-            self.buckets.entry(key).or_default().push(id);
+        let id = self.len();
+        for key in keys {
+            let previous = self.heads.insert(key, id as u32).unwrap_or(NONE);
+            self.next.push(previous);
         }
-        self.signatures.push(sig);
+        self.signatures.extend_from_slice(&sig);
         Ok(id)
     }
 
     pub fn len(&self) -> usize {
-        self.signatures.len()
+        self.signatures.len().checked_div(self.width).unwrap_or(0)
     }
 
     pub fn is_empty(&self) -> bool {

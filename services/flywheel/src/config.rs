@@ -54,6 +54,22 @@ pub struct Config {
     pub journal_dir: PathBuf,
     /// `FLYWHEEL_JOURNAL_MAX_PENDING`: records that may wait before writes are refused.
     pub journal_max_pending: usize,
+    /// `FLYWHEEL_CURATION_SCHEDULE`: cron expression (seconds first) for
+    /// scheduled curation, or `off`.
+    pub curation_schedule: Option<String>,
+    /// `FLYWHEEL_CURATION_RULES`: JSON overriding curation rules, e.g.
+    /// `{"max_per_user": 50}`.
+    pub curation_rules: flywheel_curation::build::Rules,
+    /// `FLYWHEEL_JOB_MAX_ATTEMPTS`.
+    pub job_max_attempts: u32,
+    /// `FLYWHEEL_JOB_BACKOFF_SECS`: delay after a first failed attempt,
+    /// doubled for each further one.
+    pub job_backoff_secs: u64,
+    /// `FLYWHEEL_JOB_HEARTBEAT_SECS`: a worker silent for 5 heartbeats is
+    /// presumed dead and its job goes to another worker.
+    pub job_heartbeat_secs: u64,
+    /// `FLYWHEEL_JOB_PAUSE_MS`: test knob, a sleep inside each curation job.
+    pub job_pause_ms: u64,
 }
 
 impl Config {
@@ -94,6 +110,23 @@ impl Config {
             local_pg_port: parse("FLYWHEEL_PG_PORT", 54329)? as u16,
             journal_dir,
             journal_max_pending: parse("FLYWHEEL_JOURNAL_MAX_PENDING", 1_000_000)?,
+            curation_schedule: match var("FLYWHEEL_CURATION_SCHEDULE") {
+                Some(v) if v == "off" => None,
+                Some(v) => Some(v),
+                None => Some(flywheel_jobs::schedule::DEFAULT_CURATION_CRON.into()),
+            },
+            curation_rules: match var("FLYWHEEL_CURATION_RULES") {
+                Some(v) => serde_json::from_str(&v)
+                    .map_err(|e| anyhow::anyhow!("FLYWHEEL_CURATION_RULES: {e}"))?,
+                None => Default::default(),
+            },
+            job_max_attempts: parse(
+                "FLYWHEEL_JOB_MAX_ATTEMPTS",
+                flywheel_jobs::queue::DEFAULT_MAX_ATTEMPTS as usize,
+            )? as u32,
+            job_backoff_secs: parse("FLYWHEEL_JOB_BACKOFF_SECS", 10)? as u64,
+            job_heartbeat_secs: parse("FLYWHEEL_JOB_HEARTBEAT_SECS", 3)? as u64,
+            job_pause_ms: parse("FLYWHEEL_JOB_PAUSE_MS", 0)? as u64,
         })
     }
 
@@ -111,6 +144,33 @@ impl Config {
         let mut j = flywheel_gateway::JournalConfig::new(&self.journal_dir);
         j.max_pending = self.journal_max_pending;
         j
+    }
+
+    /// The worker's settings; its name is unique to this process.
+    pub fn worker(&self) -> anyhow::Result<flywheel_jobs::worker::WorkerConfig> {
+        use flywheel_jobs::{schedule, worker};
+        let host = std::fs::read_to_string("/etc/hostname").unwrap_or_default();
+        let name = format!(
+            "{}-{}-{}",
+            host.trim().chars().take(32).collect::<String>(),
+            std::process::id(),
+            &uuid::Uuid::new_v4().simple().to_string()[..8]
+        );
+        let mut w = worker::WorkerConfig::new(name);
+        w.heartbeat = std::time::Duration::from_secs(self.job_heartbeat_secs.max(1));
+        w.max_attempts = self.job_max_attempts.max(1);
+        w.backoff.base = std::time::Duration::from_secs(self.job_backoff_secs);
+        w.pause =
+            (self.job_pause_ms > 0).then(|| std::time::Duration::from_millis(self.job_pause_ms));
+        w.curation = match &self.curation_schedule {
+            Some(expr) => Some(schedule::CurationSchedule {
+                cron: schedule::parse_cron(expr)?,
+                rules: self.curation_rules.clone(),
+                max_attempts: w.max_attempts,
+            }),
+            None => None,
+        };
+        Ok(w)
     }
 
     pub fn gateway(&self) -> flywheel_gateway::GatewayConfig {

@@ -3,6 +3,7 @@
 //! the command line; tests drive these functions directly.
 
 pub mod config;
+pub mod datasets;
 pub mod pg;
 
 use anyhow::Context;
@@ -14,7 +15,8 @@ use flywheel_store::models::{ModelVersion, NewModelVersion};
 
 pub use config::Config;
 
-/// Connects to the database and applies migrations.
+/// Connects to the database and applies migrations (ours and the job
+/// queue's).
 pub async fn connect_and_migrate(url: &str) -> anyhow::Result<PgPool> {
     let pool = flywheel_store::connect(url)
         .await
@@ -22,6 +24,9 @@ pub async fn connect_and_migrate(url: &str) -> anyhow::Result<PgPool> {
     flywheel_store::migrate(&pool)
         .await
         .context("running migrations")?;
+    flywheel_jobs::queue::setup(&pool)
+        .await
+        .context("setting up the job queue")?;
     Ok(pool)
 }
 

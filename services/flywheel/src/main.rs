@@ -21,6 +21,8 @@ enum Command {
     Up,
     /// The gateway alone (FLYWHEEL_ADDR, DATABASE_URL).
     Serve,
+    /// The background job worker and its schedules (FLYWHEEL_CURATION_SCHEDULE, FLYWHEEL_JOB_*).
+    Worker,
     /// Apply database migrations.
     Migrate,
     /// Start the private PostgreSQL cluster `up` uses and print its URL.
@@ -44,6 +46,66 @@ enum Command {
         #[command(subcommand)]
         command: TeamsCommand,
     },
+    /// Curated training datasets.
+    Datasets {
+        #[command(subcommand)]
+        command: DatasetsCommand,
+    },
+    /// Recent background job attempts, newest first.
+    Jobs {
+        #[arg(long, default_value_t = 20)]
+        limit: i64,
+    },
+}
+
+#[derive(Subcommand)]
+enum DatasetsCommand {
+    /// Build a new dataset version from feedback (a job for the worker by default).
+    Build {
+        /// The team whose feedback to curate.
+        #[arg(long)]
+        team: Option<String>,
+        /// Pool the feedback of every team that shares it.
+        #[arg(long)]
+        shared: bool,
+        /// Run the build in this process instead of queueing it.
+        #[arg(long)]
+        inline: bool,
+        /// Queue the job and return without waiting.
+        #[arg(long, conflicts_with = "inline")]
+        no_wait: bool,
+        #[command(flatten)]
+        rules: flywheel::datasets::RuleFlags,
+    },
+    /// List dataset versions.
+    List {
+        #[arg(long)]
+        team: Option<String>,
+    },
+    /// A version's manifest and lineage size (VERSION: id, TEAM@N or shared@N).
+    Show { version: String },
+    /// Write a version's examples as JSON Lines.
+    Export {
+        version: String,
+        /// trl-sft, trl-dpo, trl-kto, messages, openai, openai-dpo.
+        #[arg(long)]
+        format: flywheel_curation::export::Format,
+        /// train or eval (default: both).
+        #[arg(long)]
+        split: Option<String>,
+        /// Output file (default: stdout).
+        #[arg(long, short)]
+        out: Option<std::path::PathBuf>,
+    },
+    /// Generate synthetic completions and ratings for benchmarks.
+    Synth {
+        #[arg(long)]
+        team: String,
+        #[arg(long, default_value_t = 1_000_000)]
+        completions: i64,
+        #[arg(long, default_value_t = 500_000)]
+        ratings: i64,
+    },
 }
 
 #[derive(Subcommand)]
@@ -53,7 +115,10 @@ enum TeamsCommand {
         team: String,
         /// Store message text (`false`: hashes and counts only).
         #[arg(long, action = clap::ArgAction::Set)]
-        store_text: bool,
+        store_text: Option<bool>,
+        /// Let this team's feedback go into datasets shared across teams.
+        #[arg(long, action = clap::ArgAction::Set)]
+        share_for_training: Option<bool>,
     },
 }
 
@@ -134,15 +199,43 @@ async fn main() -> anyhow::Result<()> {
             let pool = pool(&cfg).await?;
             keys(&pool, command).await
         }
+        Command::Worker => {
+            let pool = pool(&cfg).await?;
+            flywheel_jobs::worker::run(pool, cfg.worker()?, flywheel::shutdown_signal()).await
+        }
         Command::Teams {
-            command: TeamsCommand::Set { team, store_text },
+            command:
+                TeamsCommand::Set {
+                    team,
+                    store_text,
+                    share_for_training,
+                },
         } => {
             let pool = pool(&cfg).await?;
-            if !flywheel_store::keys::set_store_text(&pool, &team, store_text).await? {
-                anyhow::bail!("no team named {team}");
+            if store_text.is_none() && share_for_training.is_none() {
+                anyhow::bail!("nothing to set: give --store-text and/or --share-for-training");
             }
-            println!("team {team}: store_text = {store_text}");
+            if let Some(v) = store_text {
+                if !flywheel_store::keys::set_store_text(&pool, &team, v).await? {
+                    anyhow::bail!("no team named {team}");
+                }
+                println!("team {team}: store_text = {v}");
+            }
+            if let Some(v) = share_for_training {
+                if !flywheel_store::keys::set_share_for_training(&pool, &team, v).await? {
+                    anyhow::bail!("no team named {team}");
+                }
+                println!("team {team}: share_for_training = {v}");
+            }
             Ok(())
+        }
+        Command::Datasets { command } => {
+            let pool = pool(&cfg).await?;
+            datasets(&cfg, &pool, command).await
+        }
+        Command::Jobs { limit } => {
+            let pool = pool(&cfg).await?;
+            flywheel::datasets::jobs(&pool, limit).await
         }
         Command::Models { command } => {
             let pool = pool(&cfg).await?;
@@ -183,7 +276,26 @@ async fn up(mut cfg: Config) -> anyhow::Result<()> {
         cfg.home.join("api-key").display()
     );
     println!("{key}");
-    let result = flywheel::serve(cfg, pool, flywheel::shutdown_signal()).await;
+    // One signal stops both the gateway and the worker.
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        flywheel::shutdown_signal().await;
+        let _ = stop_tx.send(true);
+    });
+    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|stop| *stop).await;
+    };
+    let worker = tokio::spawn(flywheel_jobs::worker::run(
+        pool.clone(),
+        cfg.worker()?,
+        stopped(stop_rx.clone()),
+    ));
+    let mut result = flywheel::serve(cfg, pool, stopped(stop_rx)).await;
+    match worker.await {
+        Ok(Err(e)) if result.is_ok() => result = Err(e),
+        Err(e) if result.is_ok() => result = Err(anyhow::anyhow!("worker panicked: {e}")),
+        _ => {}
+    }
     if let Some(pg) = local {
         eprintln!("stopping PostgreSQL");
         pg.stop()?;
@@ -228,6 +340,52 @@ async fn dev_key(cfg: &Config, pool: &flywheel_store::PgPool) -> anyhow::Result<
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
     }
     Ok(secret)
+}
+
+async fn datasets(
+    cfg: &Config,
+    pool: &flywheel_store::PgPool,
+    command: DatasetsCommand,
+) -> anyhow::Result<()> {
+    use flywheel::datasets::{self as ds, RunMode};
+    match command {
+        DatasetsCommand::Build {
+            team,
+            shared,
+            inline,
+            no_wait,
+            rules,
+        } => {
+            let job = flywheel_jobs::curate::CurateJob {
+                scope: ds::scope(pool, team.as_deref(), shared).await?,
+                rules: rules.apply(cfg.curation_rules.clone())?,
+                until: None,
+            };
+            let mode = match (inline, no_wait) {
+                (true, _) => RunMode::Inline,
+                (false, true) => RunMode::Enqueue,
+                (false, false) => RunMode::Wait,
+            };
+            ds::build(pool, job, mode, cfg.job_max_attempts).await?;
+        }
+        DatasetsCommand::List { team } => ds::list(pool, team.as_deref()).await?,
+        DatasetsCommand::Show { version } => ds::show(pool, &version).await?,
+        DatasetsCommand::Export {
+            version,
+            format,
+            split,
+            out,
+        } => {
+            let n = ds::export(pool, &version, format, split.as_deref(), out.as_deref()).await?;
+            eprintln!("exported {n} examples");
+        }
+        DatasetsCommand::Synth {
+            team,
+            completions,
+            ratings,
+        } => ds::synth(pool, &team, completions, ratings).await?,
+    }
+    Ok(())
 }
 
 async fn keys(pool: &flywheel_store::PgPool, command: KeysCommand) -> anyhow::Result<()> {

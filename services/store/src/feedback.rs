@@ -73,14 +73,16 @@ pub async fn count_for_team(ex: impl PgExecutor<'_>, team_id: Uuid) -> Result<i6
     )
 }
 
-/// Deletes one end user's completions and votes in a team; returns how many
-/// of each were removed.
+/// Deletes one end user's completions and votes in a team and marks the
+/// dataset versions built from them; returns how many completions and votes
+/// were removed.
 pub async fn delete_user_data(
     pool: &sqlx::PgPool,
     team_id: Uuid,
     end_user: &str,
 ) -> Result<(u64, u64)> {
     let mut tx = pool.begin().await?;
+    crate::datasets::mark_user_deleted(&mut *tx, team_id, end_user).await?;
     let votes = sqlx::query("delete from feedback where team_id = $1 and end_user = $2")
         .bind(team_id)
         .bind(end_user)

@@ -140,3 +140,26 @@ pub async fn set_store_text(ex: impl PgExecutor<'_>, team: &str, store_text: boo
         .await?;
     Ok(done.rows_affected() == 1)
 }
+
+/// Sets whether a team's feedback may go into datasets shared across teams;
+/// false if no such team.
+pub async fn set_share_for_training(
+    ex: impl PgExecutor<'_>,
+    team: &str,
+    share: bool,
+) -> Result<bool> {
+    let done = sqlx::query("update teams set share_for_training = $2 where name = $1")
+        .bind(team)
+        .bind(share)
+        .execute(ex)
+        .await?;
+    Ok(done.rows_affected() == 1)
+}
+
+/// A team's id by name.
+pub async fn team_id(ex: impl PgExecutor<'_>, team: &str) -> Result<Option<Uuid>> {
+    Ok(sqlx::query_scalar("select id from teams where name = $1")
+        .bind(team)
+        .fetch_optional(ex)
+        .await?)
+}

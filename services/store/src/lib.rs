@@ -2,9 +2,12 @@
 //! executor, so handlers and jobs can compose them in one transaction.
 
 pub mod completions;
+pub mod datasets;
 pub mod feedback;
+pub mod jobs;
 pub mod keys;
 pub mod models;
+pub mod synth;
 
 pub use sqlx::postgres::PgListener;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};

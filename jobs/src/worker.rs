@@ -1,0 +1,189 @@
+//! `flywheel worker`: an apalis worker on the Postgres queues plus the
+//! schedules. Each attempt is recorded in `job_runs`; a failed attempt pushes
+//! its task's next run back exponentially (in the queue table, so the delay
+//! survives restarts); a worker that dies mid-job stops heartbeating and its
+//! task is handed to another worker. Locks taken with `FOR UPDATE SKIP
+//! LOCKED` mean two workers never run the same task at once.
+
+use std::time::Duration;
+
+use apalis::prelude::{Attempt, BoxDynError, Data, TaskId, WorkerBuilder, WorkerBuilderExt};
+use apalis_postgres::{Config, PostgresStorage};
+use flywheel_store::PgPool;
+
+use crate::curate::{self, CurateJob, Pause};
+use crate::queue;
+use crate::schedule::{self, CurationSchedule};
+
+#[derive(Debug, Clone)]
+pub struct WorkerConfig {
+    /// Unique per process: the queue's locks name it.
+    pub name: String,
+    /// How often the worker says it is alive and looks for due tasks.
+    pub heartbeat: Duration,
+    /// Heartbeats missed before a worker's running tasks go back to the queue.
+    pub missed_heartbeats: usize,
+    pub max_attempts: u32,
+    pub backoff: Backoff,
+    /// `None`: no scheduled curation in this process.
+    pub curation: Option<CurationSchedule>,
+    /// Test knob: sleep this long inside each curation job, between the
+    /// build and the write (`FLYWHEEL_JOB_PAUSE_MS`).
+    pub pause: Pause,
+}
+
+impl WorkerConfig {
+    pub fn new(name: impl Into<String>) -> Self {
+        Self {
+            name: name.into(),
+            heartbeat: Duration::from_secs(3),
+            missed_heartbeats: 5,
+            max_attempts: queue::DEFAULT_MAX_ATTEMPTS,
+            backoff: Backoff::default(),
+            curation: None,
+            pause: None,
+        }
+    }
+}
+
+/// Delay before attempt `n + 1` after attempt `n` failed: `base * 2^(n-1)`,
+/// at most `max`.
+#[derive(Debug, Clone, Copy)]
+pub struct Backoff {
+    pub base: Duration,
+    pub max: Duration,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Self {
+            base: Duration::from_secs(10),
+            max: Duration::from_secs(600),
+        }
+    }
+}
+
+impl Backoff {
+    pub fn after(&self, attempt: u32) -> Duration {
+        let factor = 2u32.saturating_pow(attempt.saturating_sub(1).min(20));
+        self.base.saturating_mul(factor).min(self.max)
+    }
+}
+
+#[derive(Clone)]
+struct Ctx {
+    pool: PgPool,
+    worker: String,
+    backoff: Backoff,
+    pause: Pause,
+}
+
+/// One attempt of a curation task.
+async fn curate_task(
+    job: CurateJob,
+    task_id: TaskId,
+    attempt: Attempt,
+    ctx: Data<Ctx>,
+) -> Result<(), BoxDynError> {
+    let task_id = task_id.to_string();
+    let attempt = attempt.current().max(1) as u32;
+    let args = serde_json::to_value(&job)?;
+    let store = &ctx.pool;
+    let run = flywheel_store::jobs::run_started(
+        store,
+        &task_id,
+        "curate",
+        attempt as i32,
+        &ctx.worker,
+        &args,
+    )
+    .await?;
+    match curate::run(store, &job, ctx.pause).await {
+        Ok(outcome) => {
+            let result = serde_json::to_value(&outcome)?;
+            flywheel_store::jobs::run_finished(store, run, Ok(&result)).await?;
+            tracing::info!(task = %task_id, ?outcome.version, created = outcome.created, "curation done");
+            Ok(())
+        }
+        Err(e) => {
+            let message = format!("{e:#}");
+            let delay = ctx.backoff.after(attempt);
+            tracing::warn!(task = %task_id, attempt, error = %message, retry_in = ?delay, "curation failed");
+            flywheel_store::jobs::run_finished(store, run, Err(&message)).await?;
+            flywheel_store::jobs::delay_task(store, &task_id, delay).await?;
+            Err(message.into())
+        }
+    }
+}
+
+/// Runs the worker (and, if configured, the curation schedule) until
+/// `shutdown` resolves.
+pub async fn run(
+    pool: PgPool,
+    config: WorkerConfig,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    queue::setup(&pool).await?;
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let schedule = config.curation.clone().map(|s| {
+        let mut rx = stop_rx.clone();
+        tokio::spawn(schedule::run_curation_schedule(
+            pool.clone(),
+            s,
+            async move {
+                let _ = rx.wait_for(|stop| *stop).await;
+            },
+        ))
+    });
+
+    let backend = PostgresStorage::<CurateJob>::new(&pool)
+        .with_config(
+            Config::default()
+                .queue(queue::CURATION)
+                .batch_size(1)
+                .heartbeat_interval(config.heartbeat)
+                .missed_heartbeats(config.missed_heartbeats),
+        )
+        .with_pubsub();
+    let ctx = Ctx {
+        pool: pool.clone(),
+        worker: config.name.clone(),
+        backoff: config.backoff,
+        pause: config.pause,
+    };
+    let worker = WorkerBuilder::new(config.name.as_str())
+        .backend(backend)
+        .concurrency(1)
+        .data(ctx)
+        .build(curate_task);
+    tracing::info!(worker = %config.name, queue = queue::CURATION, "worker started");
+    let result = worker
+        .run_until(async move {
+            shutdown.await;
+            Ok::<(), std::io::Error>(())
+        })
+        .await;
+    let _ = stop_tx.send(true);
+    if let Some(s) = schedule {
+        let _ = s.await;
+    }
+    result.map_err(|e| anyhow::anyhow!("worker stopped: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_up_to_its_cap() {
+        let b = Backoff {
+            base: Duration::from_secs(2),
+            max: Duration::from_secs(10),
+        };
+        assert_eq!(b.after(1), Duration::from_secs(2));
+        assert_eq!(b.after(2), Duration::from_secs(4));
+        assert_eq!(b.after(3), Duration::from_secs(8));
+        assert_eq!(b.after(4), Duration::from_secs(10));
+        assert_eq!(b.after(40), Duration::from_secs(10));
+    }
+}

@@ -1,0 +1,220 @@
+//! The job worker as users run it (`flywheel worker`, real processes): a
+//! worker killed mid-job is replaced and the job finishes once; failures are
+//! retried with growing delays and recorded; two workers never run one job
+//! twice.
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use flywheel_jobs::curate::CurateJob;
+use flywheel_store::PgPool;
+use flywheel_store::datasets::Scope;
+use flywheel_store::jobs::{JobRun, TaskState};
+
+mod common;
+
+use common::fresh_database;
+
+fn cli(db: &str, args: &[&str]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_flywheel"))
+        .args(args)
+        .env("DATABASE_URL", db)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).to_string()
+}
+
+/// A worker process with a fast heartbeat, no schedule and the given knobs.
+fn worker(db: &str, env: &[(&str, &str)]) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_flywheel"))
+        .arg("worker")
+        .env("DATABASE_URL", db)
+        .env("FLYWHEEL_JOB_HEARTBEAT_SECS", "1")
+        .env("FLYWHEEL_CURATION_SCHEDULE", "off")
+        .envs(env.iter().copied())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
+/// `datasets build --no-wait` prints the task id.
+fn enqueue_build(db: &str, team: &str) -> String {
+    let out = cli(db, &["datasets", "build", "--team", team, "--no-wait"]);
+    out.trim()
+        .strip_prefix("queued curation job ")
+        .unwrap_or_else(|| panic!("unexpected output: {out}"))
+        .to_string()
+}
+
+async fn state(pool: &PgPool, task: &str) -> TaskState {
+    flywheel_store::jobs::task_state(pool, task)
+        .await
+        .unwrap()
+        .unwrap()
+}
+
+async fn runs(pool: &PgPool, task: &str) -> Vec<JobRun> {
+    flywheel_store::jobs::runs_of(pool, task).await.unwrap()
+}
+
+/// Polls `check` every 200 ms for up to `secs`.
+async fn until<F, Fut>(secs: u64, mut check: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while Instant::now() < deadline {
+        if check().await {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    false
+}
+
+struct Killed(Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test]
+async fn a_worker_killed_mid_job_is_replaced_and_the_job_finishes_once() {
+    let db = fresh_database("fw_worker_kill").await;
+    cli(
+        &db,
+        &[
+            "datasets",
+            "synth",
+            "--team",
+            "acme",
+            "--completions",
+            "400",
+            "--ratings",
+            "200",
+        ],
+    );
+    let pool = flywheel_store::connect(&db).await.unwrap();
+    // This worker stops for a minute between building and writing.
+    let mut slow = worker(&db, &[("FLYWHEEL_JOB_PAUSE_MS", "60000")]);
+    let task = enqueue_build(&db, "acme");
+    assert!(
+        until(30, || async {
+            runs(&pool, &task)
+                .await
+                .iter()
+                .any(|r| r.status == "running")
+        })
+        .await,
+        "the first worker never started the job"
+    );
+    slow.kill().unwrap();
+    slow.wait().unwrap();
+
+    let _replacement = Killed(worker(&db, &[]));
+    assert!(
+        until(60, || async { state(&pool, &task).await.status == "Done" }).await,
+        "the job was not finished by the second worker: {:?}",
+        state(&pool, &task).await
+    );
+    let history = runs(&pool, &task).await;
+    assert_eq!(history.len(), 2, "{history:#?}");
+    assert_eq!(
+        history[0].status, "running",
+        "the killed attempt never ended"
+    );
+    assert_eq!(history[1].status, "succeeded");
+    assert_ne!(history[0].worker, history[1].worker);
+    assert!(history[1].attempt > history[0].attempt);
+    let versions = flywheel_store::datasets::list(&pool, None).await.unwrap();
+    assert_eq!(versions.len(), 1, "the job wrote its version once");
+    assert!(versions[0].kto_count > 0);
+}
+
+#[tokio::test]
+async fn failing_jobs_are_retried_with_growing_delays_and_their_errors_kept() {
+    let db = fresh_database("fw_worker_retry").await;
+    cli(&db, &["migrate"]);
+    let pool = flywheel_store::connect(&db).await.unwrap();
+    let _w = Killed(worker(&db, &[("FLYWHEEL_JOB_BACKOFF_SECS", "1")]));
+    let missing = uuid::Uuid::new_v4();
+    let job = CurateJob {
+        scope: Scope::Team(missing),
+        rules: Default::default(),
+        until: None,
+    };
+    let task = flywheel_jobs::queue::push_curation(&pool, &job, 3)
+        .await
+        .unwrap();
+    assert!(
+        until(60, || async {
+            let s = state(&pool, &task).await;
+            s.status == "Failed" && s.attempts >= 3
+        })
+        .await,
+        "the job did not use up its attempts: {:?}",
+        state(&pool, &task).await
+    );
+    let history = runs(&pool, &task).await;
+    assert_eq!(history.len(), 3, "{history:#?}");
+    for r in &history {
+        assert_eq!(r.status, "failed");
+        let error = r.error.as_deref().unwrap();
+        assert!(error.contains(&missing.to_string()), "{error}");
+    }
+    let gap = |a: &JobRun, b: &JobRun| (b.started_at - a.started_at).num_milliseconds();
+    assert!(gap(&history[0], &history[1]) >= 1000, "{history:#?}");
+    assert!(gap(&history[1], &history[2]) >= 2000, "{history:#?}");
+    // Out of attempts: it is not picked up again.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert_eq!(runs(&pool, &task).await.len(), 3);
+}
+
+#[tokio::test]
+async fn two_workers_run_each_job_once() {
+    let db = fresh_database("fw_worker_pair").await;
+    let teams = ["north", "south", "east", "west"];
+    for team in teams {
+        cli(
+            &db,
+            &[
+                "datasets",
+                "synth",
+                "--team",
+                team,
+                "--completions",
+                "200",
+                "--ratings",
+                "100",
+            ],
+        );
+    }
+    let pool = flywheel_store::connect(&db).await.unwrap();
+    let _a = Killed(worker(&db, &[]));
+    let _b = Killed(worker(&db, &[]));
+    let tasks: Vec<String> = teams.iter().map(|t| enqueue_build(&db, t)).collect();
+    for task in &tasks {
+        assert!(
+            until(60, || async { state(&pool, task).await.status == "Done" }).await,
+            "{task}: {:?}",
+            state(&pool, task).await
+        );
+    }
+    for task in &tasks {
+        let history = runs(&pool, task).await;
+        assert_eq!(history.len(), 1, "{history:#?}");
+        assert_eq!(history[0].status, "succeeded");
+    }
+    let versions = flywheel_store::datasets::list(&pool, None).await.unwrap();
+    assert_eq!(versions.len(), teams.len());
+}
