@@ -113,7 +113,7 @@ pub async fn run(pool: &PgPool, job: &CurateJob, pause: Pause) -> anyhow::Result
 
     let t1 = Instant::now();
     let (job2, fp) = (job.clone(), fingerprint.clone());
-    let built = tokio::task::spawn_blocking(move || assemble(&job2, fp, &votes, &completions))
+    let built = tokio::task::spawn_blocking(move || assemble(&job2, fp, &votes, completions))
         .await
         .context("dataset build panicked")??;
     outcome.build_ms = t1.elapsed().as_millis() as u64;
@@ -183,17 +183,19 @@ fn assemble(
     job: &CurateJob,
     fingerprint: String,
     votes: &[VoteRow],
-    rows: &[RatedCompletion],
+    rows: Vec<RatedCompletion>,
 ) -> anyhow::Result<Built> {
+    let rows_read = rows.len();
     let mut without_text = 0usize;
     let mut completions = Vec::with_capacity(rows.len());
+    // Moved, not copied: at a million rows the text is most of the memory.
     for r in rows {
         match prompt_of(&r.messages.0) {
             Some(prompt) => completions.push(Completion {
-                id: r.id.clone(),
-                end_user: r.end_user.clone(),
+                id: r.id,
+                end_user: r.end_user,
                 prompt,
-                output: r.output.clone(),
+                output: r.output,
                 created_at: r.created_at.timestamp_micros(),
             }),
             // Teams that store no text have hashes where the words were.
@@ -215,6 +217,7 @@ fn assemble(
         })
         .collect();
     let ds = build::build(&completions, &curation_votes, &job.rules);
+    drop(curation_votes);
 
     let mut examples = Vec::with_capacity(ds.sft.len() + ds.dpo.len() + ds.kto.len());
     let mut used: HashSet<&str> = HashSet::new();
@@ -230,9 +233,9 @@ fn assemble(
         examples.push(example("kto", e.split, e)?);
         used.insert(&e.source);
     }
-    let authors: HashMap<&str, &str> = rows
+    let authors: HashMap<&str, &str> = completions
         .iter()
-        .map(|r| (r.id.as_str(), r.end_user.as_deref().unwrap_or("")))
+        .map(|c| (c.id.as_str(), c.end_user.as_deref().unwrap_or("")))
         .collect();
     let lineage: Vec<LineageRow> = votes
         .iter()
@@ -256,7 +259,7 @@ fn assemble(
         job,
         &ds,
         votes.len(),
-        rows.len(),
+        rows_read,
         without_text,
         &lineage,
         (window_start, window_end),
@@ -342,7 +345,12 @@ fn manifest(
             "redact_pii": job.rules.redact_pii,
             "pii_rules": if job.rules.redact_pii { pii_rules } else { Default::default() },
             "near_duplicate_threshold": job.rules.near_duplicate_threshold,
-            "near_duplicate_method": "MinHash, 128 permutations over word 3-shingles of the normalized prompt and verdict, LSH with 32 bands of 4",
+            "near_duplicate_method": format!(
+                "MinHash, 128 permutations over word 3-shingles of the normalized prompt and \
+                 verdict; exact repeats by signature; LSH with 32 bands of 4, buckets with \
+                 more than {} entries not searched",
+                flywheel_curation::minhash::HOT_BUCKET
+            ),
             "conflicts": "latest vote per end user, then majority; ties dropped",
             "max_per_user": job.rules.max_per_user,
             "min_output_chars": job.rules.min_output_chars,

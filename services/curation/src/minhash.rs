@@ -98,14 +98,24 @@ pub struct LshIndex {
     threshold: f64,
     /// Components per signature (fixed by the first insert).
     width: usize,
-    /// Band key -> newest id in that bucket.
-    heads: HashMap<u64, u32>,
+    /// Band key -> (newest id in that bucket, entries in it).
+    heads: HashMap<u64, (u32, u32)>,
     /// `next[id * bands + band]`: the previous id in the same bucket.
     next: Vec<u32>,
     signatures: Vec<u64>,
+    /// Hash of a whole signature -> its id: exact repeats found in O(1).
+    exact: HashMap<u64, u32>,
 }
 
 const NONE: u32 = u32::MAX;
+
+/// Buckets holding more entries than this are not searched. Prompts that
+/// share common phrasing fill some buckets with thousands of entries that
+/// are not near-duplicates of each other; a true near-duplicate shares about
+/// 13 of its 32 bands at the 0.8 threshold (all of them when it is an exact
+/// repeat), so it is found through the others. This keeps a build linear in
+/// its input.
+pub const HOT_BUCKET: u32 = 64;
 
 impl LshIndex {
     /// `rows` per band sets the similarity at which candidates appear
@@ -118,6 +128,7 @@ impl LshIndex {
             heads: HashMap::new(),
             next: Vec::new(),
             signatures: Vec::new(),
+            exact: HashMap::new(),
         }
     }
 
@@ -136,6 +147,10 @@ impl LshIndex {
             self.width,
             "signatures of one index have one width"
         );
+        let whole = sig.iter().fold(0u64, |h, &x| mix(h ^ x));
+        if let Some(&dup) = self.exact.get(&whole) {
+            return Err(dup as usize);
+        }
         let keys: Vec<u64> = sig
             .chunks(self.rows)
             .enumerate()
@@ -146,7 +161,12 @@ impl LshIndex {
         // lowest id first.
         let mut candidates = Vec::new();
         for (b, key) in keys.iter().enumerate() {
-            let mut at = self.heads.get(key).copied().unwrap_or(NONE);
+            let Some(&(mut at, len)) = self.heads.get(key) else {
+                continue;
+            };
+            if len > HOT_BUCKET {
+                continue;
+            }
             while at != NONE {
                 candidates.push(at);
                 at = self.next[at as usize * bands + b];
@@ -162,10 +182,13 @@ impl LshIndex {
         }
         let id = self.len();
         for key in keys {
-            let previous = self.heads.insert(key, id as u32).unwrap_or(NONE);
-            self.next.push(previous);
+            let (head, len) = self.heads.entry(key).or_insert((NONE, 0));
+            self.next.push(*head);
+            *head = id as u32;
+            *len += 1;
         }
         self.signatures.extend_from_slice(&sig);
+        self.exact.insert(whole, id as u32);
         Ok(id)
     }
 

@@ -49,7 +49,13 @@ pub async fn build(
         let t = Instant::now();
         let outcome = curate::run(pool, &job, None).await?;
         report(&outcome);
-        eprintln!("built in {:.2} s", t.elapsed().as_secs_f64());
+        eprintln!(
+            "built in {:.2} s (load {} ms, curate {} ms, write {} ms)",
+            t.elapsed().as_secs_f64(),
+            outcome.load_ms,
+            outcome.build_ms,
+            outcome.write_ms
+        );
         return Ok(Some(outcome));
     }
     let task = queue::push_curation(pool, &job, max_attempts).await?;
@@ -67,6 +73,7 @@ pub async fn build(
 async fn wait(pool: &PgPool, task: &str) -> anyhow::Result<Outcome> {
     let started = Instant::now();
     let mut last = String::new();
+    let mut warned = false;
     loop {
         let state = flywheel_store::jobs::task_state(pool, task)
             .await?
@@ -94,10 +101,13 @@ async fn wait(pool: &PgPool, task: &str) -> anyhow::Result<Outcome> {
                     error.unwrap_or_else(|| "no error recorded".into())
                 );
             }
-            "Pending" if state.attempts == 0 && started.elapsed() > Duration::from_secs(10) => {
-                if started.elapsed().as_secs() % 30 < 1 {
-                    eprintln!("still waiting for a worker; is `flywheel worker` running?");
-                }
+            "Pending"
+                if !warned
+                    && state.attempts == 0
+                    && started.elapsed() > Duration::from_secs(10) =>
+            {
+                eprintln!("still waiting for a worker; is `flywheel worker` running?");
+                warned = true;
             }
             _ => {}
         }
