@@ -9,7 +9,7 @@
 //! rotary embeddings (pairs `(2i, 2i+1)` rotate together), so we use
 //! `rope_i`. Weights are `(out, in)`; activations are `(tokens, hidden)`.
 
-use candle_core::{D, DType, Device, Tensor};
+use candle_core::{CpuStorage, CustomOp1, D, DType, Device, Layout, Shape, Tensor};
 use candle_nn::ops;
 
 use crate::Result;
@@ -82,6 +82,171 @@ fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     Ok(x.matmul(&w.t()?)?)
 }
 
+/// The projections of a layer that an adapter (LoRA) can add to, named as
+/// PEFT's `target_modules` name them.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
+pub enum Proj {
+    #[serde(rename = "q_proj")]
+    Q,
+    #[serde(rename = "k_proj")]
+    K,
+    #[serde(rename = "v_proj")]
+    V,
+    #[serde(rename = "o_proj")]
+    O,
+    #[serde(rename = "gate_proj")]
+    Gate,
+    #[serde(rename = "up_proj")]
+    Up,
+    #[serde(rename = "down_proj")]
+    Down,
+}
+
+impl Proj {
+    pub const ALL: [Proj; 7] = [
+        Proj::Q,
+        Proj::K,
+        Proj::V,
+        Proj::O,
+        Proj::Gate,
+        Proj::Up,
+        Proj::Down,
+    ];
+
+    /// The module's name in Hugging Face llama checkpoints (and PEFT).
+    pub fn hf_name(self) -> &'static str {
+        match self {
+            Proj::Q => "self_attn.q_proj",
+            Proj::K => "self_attn.k_proj",
+            Proj::V => "self_attn.v_proj",
+            Proj::O => "self_attn.o_proj",
+            Proj::Gate => "mlp.gate_proj",
+            Proj::Up => "mlp.up_proj",
+            Proj::Down => "mlp.down_proj",
+        }
+    }
+}
+
+/// Something added to a projection's output: a LoRA adapter in training or
+/// serving. `x` is the projection's input `(tokens, in)`; the result must be
+/// `(tokens, out)`.
+pub trait Adapter {
+    fn delta(&self, layer: usize, proj: Proj, x: &Tensor) -> Result<Option<Tensor>>;
+}
+
+/// How a forward pass runs: fused candle kernels for inference, or ops
+/// that all have gradients (candle's fused rms_norm, rope and softmax have
+/// none) for training.
+#[derive(Clone, Copy)]
+struct Pass<'a> {
+    adapter: Option<&'a dyn Adapter>,
+    differentiable: bool,
+}
+
+/// `x @ w^T` for a weight that is not trained: its backward passes the
+/// gradient to `x` only. Candle's matmul backward also computes the
+/// weight's gradient, a third of all training FLOPs, thrown away here.
+struct FrozenLinear {
+    w: Tensor,
+}
+
+impl CustomOp1 for FrozenLinear {
+    fn name(&self) -> &'static str {
+        "frozen-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &CpuStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let Some((start, end)) = layout.contiguous_offsets() else {
+            candle_core::bail!("frozen-linear needs a contiguous input");
+        };
+        let x = Tensor::from_slice(
+            &storage.as_slice::<f32>()?[start..end],
+            layout.shape(),
+            &Device::Cpu,
+        )?;
+        let y = x.matmul(&self.w.t()?)?;
+        let shape = y.shape().clone();
+        Ok((CpuStorage::F32(y.flatten_all()?.to_vec1::<f32>()?), shape))
+    }
+
+    fn bwd(&self, _x: &Tensor, _y: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        Ok(Some(grad.matmul(&self.w)?))
+    }
+}
+
+/// A frozen projection for training: the custom op on the CPU, a plain
+/// matmul elsewhere.
+fn frozen_linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    if x.device().is_cpu() && x.dtype() == DType::F32 {
+        Ok(x.contiguous()?.apply_op1(FrozenLinear { w: w.clone() })?)
+    } else {
+        linear(x, w)
+    }
+}
+
+impl Pass<'_> {
+    fn linear(&self, x: &Tensor, w: &Tensor, layer: usize, proj: Proj) -> Result<Tensor> {
+        let base = if self.differentiable {
+            frozen_linear(x, w)?
+        } else {
+            linear(x, w)?
+        };
+        match self.adapter {
+            Some(a) => match a.delta(layer, proj, x)? {
+                Some(d) => Ok((base + d)?),
+                None => Ok(base),
+            },
+            None => Ok(base),
+        }
+    }
+
+    fn rms_norm(&self, x: &Tensor, w: &Tensor, eps: f32) -> Result<Tensor> {
+        if !self.differentiable {
+            return Ok(ops::rms_norm(x, w, eps)?);
+        }
+        let inv = (x.sqr()?.mean_keepdim(D::Minus1)? + eps as f64)?
+            .sqrt()?
+            .recip()?;
+        Ok(x.broadcast_mul(&inv)?.broadcast_mul(w)?)
+    }
+
+    /// Interleaved rotary embedding on `(1, heads, t, hd)`: pairs
+    /// `(2i, 2i+1)` rotate by the position's angle `i`.
+    fn rope(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+        if !self.differentiable {
+            return Ok(candle_nn::rotary_emb::rope_i(x, cos, sin)?);
+        }
+        let (b, h, t, hd) = x.dims4()?;
+        let pairs = x.reshape((b, h, t, hd / 2, 2))?;
+        let x0 = pairs.narrow(4, 0, 1)?.squeeze(4)?;
+        let x1 = pairs.narrow(4, 1, 1)?.squeeze(4)?;
+        let (cos, sin) = (
+            cos.reshape((1, 1, t, hd / 2))?,
+            sin.reshape((1, 1, t, hd / 2))?,
+        );
+        let r0 = (x0.broadcast_mul(&cos)? - x1.broadcast_mul(&sin)?)?;
+        let r1 = (x0.broadcast_mul(&sin)? + x1.broadcast_mul(&cos)?)?;
+        Ok(Tensor::stack(&[r0, r1], 4)?.reshape((b, h, t, hd))?)
+    }
+
+    fn softmax(&self, x: &Tensor) -> Result<Tensor> {
+        if !self.differentiable {
+            return Ok(ops::softmax_last_dim(x)?);
+        }
+        // Softmax does not change when a constant is subtracted, so the
+        // max needs no gradient.
+        let max = x.max_keepdim(D::Minus1)?.detach();
+        let e = x.broadcast_sub(&max)?.exp()?;
+        Ok(e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?)
+    }
+}
+
 impl Llama {
     /// Loads every weight from a GGUF file, dequantized to f32.
     pub fn load(gguf: &mut GgufFile, device: &Device) -> Result<Self> {
@@ -136,12 +301,62 @@ impl Llama {
     /// Runs `tokens` (appended after what `cache` holds) through the model
     /// and returns the logits of the last position as a `(vocab,)` tensor.
     pub fn forward(&self, tokens: &[u32], cache: &mut KvCache) -> Result<Tensor> {
-        let hidden = self.hidden_states(tokens, cache)?;
+        let pass = Pass {
+            adapter: None,
+            differentiable: false,
+        };
+        let hidden = self.hidden_states(tokens, cache, pass)?;
         let last = hidden.narrow(0, tokens.len() - 1, 1)?;
         Ok(linear(&last, &self.lm_head)?.squeeze(0)?)
     }
 
-    fn hidden_states(&self, tokens: &[u32], cache: &mut KvCache) -> Result<Tensor> {
+    /// The logits of positions `first..` of `tokens`, `(tokens - first,
+    /// vocab)`, with `adapter` added to the projections and every op
+    /// differentiable: the training forward. Gradients flow to whatever
+    /// variables the adapter holds; the base weights are constants.
+    pub fn forward_logits(
+        &self,
+        tokens: &[u32],
+        first: usize,
+        adapter: Option<&dyn Adapter>,
+    ) -> Result<Tensor> {
+        if first >= tokens.len() {
+            return Err(crate::EngineError::Invalid(format!(
+                "no logits after position {first} of {}",
+                tokens.len()
+            )));
+        }
+        let pass = Pass {
+            adapter,
+            differentiable: true,
+        };
+        let hidden = self.hidden_states(tokens, &mut self.new_cache(), pass)?;
+        // The output projection is the largest matmul; only the positions
+        // that are scored need it.
+        let hidden = hidden.narrow(0, first, tokens.len() - first)?;
+        frozen_linear(&hidden, &self.lm_head)
+    }
+
+    /// The device the weights live on.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// A base weight as the forward uses it, `(out, in)`.
+    pub fn weight(&self, layer: usize, proj: Proj) -> &Tensor {
+        let l = &self.layers[layer];
+        match proj {
+            Proj::Q => &l.wq,
+            Proj::K => &l.wk,
+            Proj::V => &l.wv,
+            Proj::O => &l.wo,
+            Proj::Gate => &l.w_gate,
+            Proj::Up => &l.w_up,
+            Proj::Down => &l.w_down,
+        }
+    }
+
+    fn hidden_states(&self, tokens: &[u32], cache: &mut KvCache, pass: Pass) -> Result<Tensor> {
         let t = tokens.len();
         let pos = cache.len;
         if t == 0 {
@@ -162,40 +377,45 @@ impl Llama {
         let cos = self.cos.narrow(0, pos, t)?;
         let sin = self.sin.narrow(0, pos, t)?;
         let mask = causal_mask(t, pos, self.cfg.n_heads / self.cfg.n_kv_heads, &self.device)?;
-        for (layer, slot) in self.layers.iter().zip(cache.layers.iter_mut()) {
-            let h = ops::rms_norm(&x, &layer.attn_norm, self.cfg.rms_eps)?;
-            let attn = self.attention(layer, &h, &cos, &sin, mask.as_ref(), slot)?;
+        let eps = self.cfg.rms_eps;
+        for (i, (layer, slot)) in self.layers.iter().zip(cache.layers.iter_mut()).enumerate() {
+            let h = pass.rms_norm(&x, &layer.attn_norm, eps)?;
+            let attn = self.attention(i, layer, &h, &cos, &sin, mask.as_ref(), slot, pass)?;
             x = (x + attn)?;
-            let h = ops::rms_norm(&x, &layer.ffn_norm, self.cfg.rms_eps)?;
-            let gate = linear(&h, &layer.w_gate)?.silu()?;
-            let up = linear(&h, &layer.w_up)?;
-            x = (x + linear(&(gate * up)?, &layer.w_down)?)?;
+            let h = pass.rms_norm(&x, &layer.ffn_norm, eps)?;
+            let gate = pass.linear(&h, &layer.w_gate, i, Proj::Gate)?.silu()?;
+            let up = pass.linear(&h, &layer.w_up, i, Proj::Up)?;
+            x = (x + pass.linear(&(gate * up)?, &layer.w_down, i, Proj::Down)?)?;
         }
         cache.len += t;
-        Ok(ops::rms_norm(&x, &self.norm, self.cfg.rms_eps)?)
+        pass.rms_norm(&x, &self.norm, eps)
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn attention(
         &self,
+        i: usize,
         layer: &Layer,
         h: &Tensor,
         cos: &Tensor,
         sin: &Tensor,
         mask: Option<&Tensor>,
         slot: &mut Option<(Tensor, Tensor)>,
+        pass: Pass,
     ) -> Result<Tensor> {
         let (t, _) = h.dims2()?;
         let (nh, nkv, hd) = (self.cfg.n_heads, self.cfg.n_kv_heads, self.cfg.head_dim());
-        let heads = |w: &Tensor, n: usize| -> Result<Tensor> {
+        let heads = |w: &Tensor, n: usize, proj: Proj| -> Result<Tensor> {
             // (t, n*hd) -> (1, n, t, hd)
-            Ok(linear(h, w)?
+            Ok(pass
+                .linear(h, w, i, proj)?
                 .reshape((1, t, n, hd))?
                 .transpose(1, 2)?
                 .contiguous()?)
         };
-        let q = candle_nn::rotary_emb::rope_i(&heads(&layer.wq, nh)?, cos, sin)?;
-        let k = candle_nn::rotary_emb::rope_i(&heads(&layer.wk, nkv)?, cos, sin)?;
-        let v = heads(&layer.wv, nkv)?;
+        let q = pass.rope(&heads(&layer.wq, nh, Proj::Q)?, cos, sin)?;
+        let k = pass.rope(&heads(&layer.wk, nkv, Proj::K)?, cos, sin)?;
+        let v = heads(&layer.wv, nkv, Proj::V)?;
         let (k, v) = match slot.take() {
             Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
             None => (k, v),
@@ -210,13 +430,13 @@ impl Llama {
         if let Some(mask) = mask {
             att = att.broadcast_add(mask)?;
         }
-        let att = ops::softmax_last_dim(&att)?;
+        let att = pass.softmax(&att)?;
         let out = att.matmul(&v)?; // (1, nkv, rep*t, hd)
         let out = out
             .reshape((1, nh, t, hd))?
             .transpose(1, 2)?
             .reshape((t, nh * hd))?;
-        linear(&out, &layer.wo)
+        pass.linear(&out, &layer.wo, i, Proj::O)
     }
 }
 

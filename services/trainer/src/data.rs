@@ -1,0 +1,185 @@
+//! Training examples as token ids: the prompt rendered with the model's own
+//! chat template (ending where the assistant's turn starts), then the answer
+//! and the end-of-turn token. Only the answer's tokens carry loss.
+
+use std::path::Path;
+
+use anyhow::Context;
+use flywheel_engine::ChatMessage;
+use flywheel_engine::gguf::GgufFile;
+use flywheel_engine::model::Llama;
+use flywheel_engine::template::{CHATML, ChatTemplate};
+use flywheel_engine::tokenizer::TextTokenizer;
+use serde::Deserialize;
+
+/// The frozen base model with what it needs to turn chats into tokens.
+pub struct Base {
+    pub model: Llama,
+    pub tokenizer: TextTokenizer,
+    pub template: ChatTemplate,
+    /// Ends the assistant's turn (`<|im_end|>` for ChatML).
+    pub eos: u32,
+}
+
+impl Base {
+    /// Loads a GGUF model, dequantized to f32 (gradients do not flow through
+    /// quantized matmuls).
+    pub fn load(path: &Path) -> anyhow::Result<Self> {
+        let mut gguf = GgufFile::open(path)?;
+        let tokenizer = TextTokenizer::from_gguf(&gguf)?;
+        let source = gguf
+            .get_str("tokenizer.chat_template")
+            .unwrap_or(CHATML)
+            .to_string();
+        let template = ChatTemplate::new(&source, tokenizer.bos.clone(), tokenizer.eos.clone())?;
+        let eos_text = tokenizer.eos.clone().unwrap_or_else(|| "<|im_end|>".into());
+        let eos = match tokenizer.encode(&eos_text)?.as_slice() {
+            [id] => *id,
+            other => anyhow::bail!("end-of-turn token {eos_text} is not one token: {other:?}"),
+        };
+        let model = Llama::load(&mut gguf, &candle_core::Device::Cpu)?;
+        Ok(Self {
+            model,
+            tokenizer,
+            template,
+            eos,
+        })
+    }
+
+    /// Prompt ids and answer ids (with the end-of-turn token) for one example.
+    pub fn encode(&self, prompt: &[Message], answer: &str) -> anyhow::Result<Encoded> {
+        let messages: Vec<ChatMessage> = prompt
+            .iter()
+            .map(|m| ChatMessage {
+                role: m.role.clone(),
+                content: m.content.clone(),
+            })
+            .collect();
+        let text = self.template.render(&messages)?;
+        let prompt = self.tokenizer.encode(&text)?;
+        let mut answer = self.tokenizer.encode(answer)?;
+        answer.push(self.eos);
+        Ok(Encoded { prompt, answer })
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct Message {
+    pub role: String,
+    pub content: String,
+}
+
+/// One sequence: the prompt (no loss) and the answer (loss).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Encoded {
+    pub prompt: Vec<u32>,
+    pub answer: Vec<u32>,
+}
+
+impl Encoded {
+    /// Cuts the prompt from the left (the answer from the right if it must)
+    /// so the sequence fits in `max_len` tokens.
+    pub fn truncated(mut self, max_len: usize) -> Self {
+        if self.answer.len() >= max_len {
+            self.answer.truncate(max_len.saturating_sub(1).max(1));
+        }
+        let room = max_len.saturating_sub(self.answer.len());
+        if self.prompt.len() > room {
+            self.prompt.drain(..self.prompt.len() - room);
+        }
+        self
+    }
+
+    pub fn len(&self) -> usize {
+        self.prompt.len() + self.answer.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// The training data of one run, as read from an exported dataset line.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Example {
+    Sft {
+        prompt: Encoded,
+    },
+    Dpo {
+        chosen: Encoded,
+        rejected: Encoded,
+    },
+    Kto {
+        completion: Encoded,
+        desirable: bool,
+    },
+}
+
+/// A line of `trl-sft`, `trl-dpo` or `trl-kto` JSONL.
+#[derive(Debug, Deserialize)]
+struct Line {
+    prompt: Vec<Message>,
+    #[serde(default)]
+    completion: Option<Vec<Message>>,
+    #[serde(default)]
+    chosen: Option<Vec<Message>>,
+    #[serde(default)]
+    rejected: Option<Vec<Message>>,
+    #[serde(default)]
+    label: Option<bool>,
+}
+
+fn answer_text(turns: &[Message]) -> anyhow::Result<&str> {
+    turns
+        .iter()
+        .find(|m| m.role == "assistant")
+        .map(|m| m.content.as_str())
+        .context("no assistant message")
+}
+
+/// Parses one exported line (TRL conversational forms) into an example.
+pub fn parse_line(base: &Base, line: &str, max_len: usize) -> anyhow::Result<Example> {
+    let l: Line = serde_json::from_str(line)?;
+    let enc = |answer: &str| -> anyhow::Result<Encoded> {
+        Ok(base.encode(&l.prompt, answer)?.truncated(max_len))
+    };
+    Ok(match (&l.completion, &l.chosen, &l.rejected, l.label) {
+        (Some(c), None, None, None) => Example::Sft {
+            prompt: enc(answer_text(c)?)?,
+        },
+        (None, Some(c), Some(r), None) => Example::Dpo {
+            chosen: enc(answer_text(c)?)?,
+            rejected: enc(answer_text(r)?)?,
+        },
+        (Some(c), None, None, Some(label)) => Example::Kto {
+            completion: enc(answer_text(c)?)?,
+            desirable: label,
+        },
+        _ => anyhow::bail!(
+            "a line must be prompt/completion, prompt/chosen/rejected or prompt/completion/label"
+        ),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn truncation_keeps_the_answer_and_the_end_of_the_prompt() {
+        let e = Encoded {
+            prompt: (0..10).collect(),
+            answer: vec![100, 101, 102],
+        };
+        let t = e.clone().truncated(6);
+        assert_eq!(t.answer, vec![100, 101, 102]);
+        assert_eq!(t.prompt, vec![7, 8, 9]);
+        let long = Encoded {
+            prompt: vec![1, 2],
+            answer: (0..10).collect(),
+        }
+        .truncated(4);
+        assert_eq!(long.len(), 4);
+        assert_eq!(long.prompt, vec![2]);
+    }
+}

@@ -1,0 +1,135 @@
+//! LoRA adapters: for each targeted projection `W (out, in)` of each layer,
+//! two trainable matrices `A (r, in)` and `B (out, r)`, added to the frozen
+//! projection as `x A^T B^T * alpha / r`. `B` starts at zero, so a fresh
+//! adapter leaves the model unchanged.
+
+use std::collections::BTreeMap;
+
+use candle_core::{DType, Device, Tensor, Var};
+use flywheel_engine::model::{Adapter, Llama, Proj};
+use rand::{Rng, SeedableRng};
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct LoraConfig {
+    pub rank: usize,
+    pub alpha: f64,
+    /// Dropout on the adapter's input while training.
+    pub dropout: f32,
+    pub targets: Vec<Proj>,
+    pub seed: u64,
+}
+
+impl Default for LoraConfig {
+    fn default() -> Self {
+        Self {
+            rank: 8,
+            alpha: 16.0,
+            dropout: 0.0,
+            targets: vec![Proj::Q, Proj::K, Proj::V, Proj::O],
+            seed: 0,
+        }
+    }
+}
+
+impl LoraConfig {
+    pub fn scale(&self) -> f64 {
+        self.alpha / self.rank as f64
+    }
+}
+
+/// One projection's adapter.
+#[derive(Debug, Clone)]
+pub struct LoraPair {
+    pub a: Var,
+    pub b: Var,
+}
+
+/// The adapters of a model, keyed by (layer, projection).
+#[derive(Debug, Clone)]
+pub struct Lora {
+    pub config: LoraConfig,
+    pub pairs: BTreeMap<(usize, Proj), LoraPair>,
+    /// Dropout applies only while training.
+    pub training: bool,
+}
+
+impl Lora {
+    /// A fresh adapter for `model`: `A` uniform in `±1/sqrt(in)` (PEFT's
+    /// default Kaiming init), `B` zero.
+    pub fn new(model: &Llama, config: LoraConfig) -> candle_core::Result<Self> {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(config.seed);
+        let device = model.device();
+        let mut pairs = BTreeMap::new();
+        for layer in 0..model.config().n_layers {
+            for &proj in &config.targets {
+                let (out, inp) = model.weight(layer, proj).dims2()?;
+                let bound = 1.0 / (inp as f32).sqrt();
+                let a: Vec<f32> = (0..config.rank * inp)
+                    .map(|_| rng.random_range(-bound..bound))
+                    .collect();
+                let a = Var::from_tensor(&Tensor::from_vec(a, (config.rank, inp), device)?)?;
+                let b = Var::zeros((out, config.rank), DType::F32, device)?;
+                pairs.insert((layer, proj), LoraPair { a, b });
+            }
+        }
+        Ok(Self {
+            config,
+            pairs,
+            training: false,
+        })
+    }
+
+    /// Every trainable tensor, in a fixed order.
+    pub fn vars(&self) -> Vec<Var> {
+        self.pairs
+            .values()
+            .flat_map(|p| [p.a.clone(), p.b.clone()])
+            .collect()
+    }
+
+    pub fn parameter_count(&self) -> usize {
+        self.vars().iter().map(|v| v.elem_count()).sum()
+    }
+
+    /// A frozen copy (same values, not shared with training).
+    pub fn snapshot(&self, device: &Device) -> candle_core::Result<Self> {
+        let mut pairs = BTreeMap::new();
+        for (k, p) in &self.pairs {
+            pairs.insert(
+                *k,
+                LoraPair {
+                    a: Var::from_tensor(&p.a.as_tensor().to_device(device)?.copy()?)?,
+                    b: Var::from_tensor(&p.b.as_tensor().to_device(device)?.copy()?)?,
+                },
+            );
+        }
+        Ok(Self {
+            config: self.config.clone(),
+            pairs,
+            training: false,
+        })
+    }
+}
+
+impl Adapter for Lora {
+    fn delta(
+        &self,
+        layer: usize,
+        proj: Proj,
+        x: &Tensor,
+    ) -> flywheel_engine::Result<Option<Tensor>> {
+        let Some(p) = self.pairs.get(&(layer, proj)) else {
+            return Ok(None);
+        };
+        let x = if self.training && self.config.dropout > 0.0 {
+            candle_nn::ops::dropout(x, self.config.dropout)?
+        } else {
+            x.clone()
+        };
+        let down = x.matmul(&p.a.as_tensor().t()?)?;
+        let up = down.matmul(&p.b.as_tensor().t()?)?;
+        Ok(Some((up * self.config.scale())?))
+    }
+}

@@ -1,0 +1,318 @@
+//! Each objective on a tiny random-weight llama the engine writes itself:
+//! the loss falls and the model moves the intended way; the training
+//! forward matches the serving forward; gradients match finite differences;
+//! adapters round-trip through the PEFT layout.
+
+use std::path::PathBuf;
+
+use candle_core::Tensor;
+use flywheel_engine::model::{Adapter, Proj};
+use flywheel_trainer::data::Message;
+use flywheel_trainer::train::answer_logprobs;
+use flywheel_trainer::{Base, Encoded, Example, Lora, LoraConfig, Objective, TrainConfig, Trainer};
+
+fn tiny() -> Base {
+    let dir = std::env::temp_dir().join(format!("fw-trainer-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = flywheel_engine::tiny::write_tiny_model(&dir, 7).unwrap();
+    Base::load(&path).unwrap()
+}
+
+fn user(text: &str) -> Vec<Message> {
+    vec![Message {
+        role: "user".into(),
+        content: text.into(),
+    }]
+}
+
+fn encode(base: &Base, prompt: &str, answer: &str) -> Encoded {
+    base.encode(&user(prompt), answer).unwrap()
+}
+
+fn lora(base: &Base, seed: u64) -> Lora {
+    Lora::new(
+        &base.model,
+        LoraConfig {
+            rank: 4,
+            alpha: 8.0,
+            targets: Proj::ALL.to_vec(),
+            seed,
+            ..Default::default()
+        },
+    )
+    .unwrap()
+}
+
+fn logprob(base: &Base, lora: Option<&Lora>, e: &Encoded) -> f32 {
+    let adapter = lora.map(|l| l as &dyn Adapter);
+    answer_logprobs(&base.model, adapter, e)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .to_scalar()
+        .unwrap()
+}
+
+fn train(base: &Base, config: TrainConfig, examples: Vec<Example>) -> (Lora, Vec<f64>) {
+    let mut t = Trainer::new(&base.model, lora(base, 1), config.clone(), examples).unwrap();
+    let losses = (0..config.steps)
+        .map(|_| t.train_step().unwrap().loss)
+        .collect();
+    let mut trained = t.lora;
+    trained.training = false;
+    (trained, losses)
+}
+
+#[test]
+fn training_forward_matches_serving_forward() {
+    let base = tiny();
+    let e = encode(&base, "hello there", "general kenobi");
+    let ids: Vec<u32> = e.prompt.iter().chain(&e.answer).copied().collect();
+    let mut cache = base.model.new_cache();
+    let serving = base.model.forward(&ids, &mut cache).unwrap();
+    // A fresh adapter (B = 0) changes nothing.
+    let fresh = lora(&base, 3);
+    let last = base
+        .model
+        .forward_logits(&ids, ids.len() - 1, Some(&fresh))
+        .unwrap()
+        .squeeze(0)
+        .unwrap();
+    let diff = (serving - last)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert!(diff < 1e-4, "max difference {diff}");
+}
+
+#[test]
+fn gradients_match_finite_differences() {
+    let base = tiny();
+    let e = encode(&base, "abc", "xyz");
+    let mut l = lora(&base, 5);
+    // Give B values so every path carries gradient.
+    for (i, p) in l.pairs.values().enumerate() {
+        let (out, r) = p.b.as_tensor().dims2().unwrap();
+        let vals: Vec<f32> = (0..out * r)
+            .map(|k| (((k * 31 + i * 17) % 13) as f32 - 6.0) * 0.01)
+            .collect();
+        p.b.set(&Tensor::from_vec(vals, (out, r), base.model.device()).unwrap())
+            .unwrap();
+    }
+    let loss = |l: &Lora| {
+        answer_logprobs(&base.model, Some(l), &e)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+    };
+    let grads = loss(&l).backward().unwrap();
+    for proj in [Proj::Q, Proj::K, Proj::O, Proj::Down] {
+        let a = l.pairs[&(1, proj)].a.clone();
+        let g = grads
+            .get(a.as_tensor())
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        let at = g
+            .iter()
+            .enumerate()
+            .max_by(|x, y| x.1.abs().total_cmp(&y.1.abs()))
+            .unwrap()
+            .0;
+        let original = a
+            .as_tensor()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        let h = 1e-2f32;
+        let at_value = |delta: f32| {
+            let mut v = original.clone();
+            v[at] += delta;
+            a.set(&Tensor::from_vec(v, a.as_tensor().shape(), base.model.device()).unwrap())
+                .unwrap();
+            loss(&l).to_scalar::<f32>().unwrap()
+        };
+        let numeric = (at_value(h) - at_value(-h)) / (2.0 * h);
+        at_value(0.0);
+        let rel = (numeric - g[at]).abs() / g[at].abs().max(1e-3);
+        assert!(
+            rel < 0.05,
+            "{proj:?}: autograd {} vs finite difference {numeric}",
+            g[at]
+        );
+    }
+    l.training = false;
+}
+
+#[test]
+fn sft_lowers_the_loss_and_raises_the_answers_likelihood() {
+    let base = tiny();
+    let pairs = [
+        ("capital of france?", "paris"),
+        ("capital of italy?", "rome"),
+        ("capital of spain?", "madrid"),
+        ("capital of peru?", "lima"),
+    ];
+    let examples: Vec<Example> = pairs
+        .iter()
+        .map(|(q, a)| Example::Sft {
+            prompt: encode(&base, q, a),
+        })
+        .collect();
+    let before = logprob(&base, None, &encode(&base, pairs[0].0, pairs[0].1));
+    let config = TrainConfig {
+        objective: Objective::Sft,
+        learning_rate: 1e-2,
+        steps: 24,
+        grad_accum: 2,
+        warmup_steps: 2,
+        ..Default::default()
+    };
+    let (trained, losses) = train(&base, config, examples);
+    let first = (losses[0] + losses[1]) / 2.0;
+    let last = (losses[losses.len() - 1] + losses[losses.len() - 2]) / 2.0;
+    assert!(last < first * 0.5, "loss {first} -> {last}: {losses:?}");
+    let after = logprob(
+        &base,
+        Some(&trained),
+        &encode(&base, pairs[0].0, pairs[0].1),
+    );
+    assert!(after > before + 1.0, "log-prob {before} -> {after}");
+}
+
+#[test]
+fn dpo_grows_the_margin_of_chosen_over_rejected() {
+    let base = tiny();
+    let prompts = ["pick a colour", "pick a number", "pick a fruit"];
+    let choices = [("blue", "red"), ("seven", "three"), ("apple", "pear")];
+    let examples: Vec<Example> = prompts
+        .iter()
+        .zip(choices)
+        .map(|(p, (c, r))| Example::Dpo {
+            chosen: encode(&base, p, c),
+            rejected: encode(&base, p, r),
+        })
+        .collect();
+    let margin = |l: Option<&Lora>| {
+        prompts
+            .iter()
+            .zip(choices)
+            .map(|(p, (c, r))| {
+                logprob(&base, l, &encode(&base, p, c)) - logprob(&base, l, &encode(&base, p, r))
+            })
+            .sum::<f32>()
+    };
+    let before = margin(None);
+    let config = TrainConfig {
+        objective: Objective::Dpo,
+        learning_rate: 1e-2,
+        steps: 15,
+        beta: 0.5,
+        ..Default::default()
+    };
+    let (trained, losses) = train(&base, config, examples);
+    let after = margin(Some(&trained));
+    assert!(after > before + 3.0, "margin {before} -> {after}");
+    assert!(
+        (losses[0] - std::f64::consts::LN_2).abs() < 1e-3,
+        "DPO starts at ln 2"
+    );
+    assert!(losses[losses.len() - 1] < losses[0]);
+}
+
+#[test]
+fn kto_raises_desirable_and_lowers_undesirable_answers() {
+    let base = tiny();
+    let good = encode(&base, "say something nice", "thank you");
+    let bad = encode(&base, "say something rude", "go away");
+    let examples = vec![
+        Example::Kto {
+            completion: good.clone(),
+            desirable: true,
+        },
+        Example::Kto {
+            completion: bad.clone(),
+            desirable: false,
+        },
+    ];
+    let (g0, b0) = (logprob(&base, None, &good), logprob(&base, None, &bad));
+    let config = TrainConfig {
+        objective: Objective::Kto,
+        learning_rate: 1e-2,
+        steps: 16,
+        grad_accum: 2,
+        beta: 0.5,
+        ..Default::default()
+    };
+    let (trained, losses) = train(&base, config, examples);
+    let (g1, b1) = (
+        logprob(&base, Some(&trained), &good),
+        logprob(&base, Some(&trained), &bad),
+    );
+    assert!(g1 > g0 + 1.0, "desirable {g0} -> {g1}");
+    assert!(b1 < b0 - 1.0, "undesirable {b0} -> {b1}");
+    assert!(losses[losses.len() - 1] < losses[0]);
+}
+
+#[test]
+fn objectives_refuse_examples_of_another_kind() {
+    let base = tiny();
+    let sft = vec![Example::Sft {
+        prompt: encode(&base, "a", "b"),
+    }];
+    let config = TrainConfig {
+        objective: Objective::Dpo,
+        ..Default::default()
+    };
+    assert!(Trainer::new(&base.model, lora(&base, 1), config, sft).is_err());
+}
+
+#[test]
+fn adapters_round_trip_through_the_peft_layout() {
+    let base = tiny();
+    let e = encode(&base, "the weather today", "sunny");
+    let config = TrainConfig {
+        learning_rate: 1e-2,
+        steps: 4,
+        ..Default::default()
+    };
+    let (trained, _) = train(&base, config, vec![Example::Sft { prompt: e.clone() }]);
+    let dir: PathBuf = std::env::temp_dir().join(format!("fw-peft-{}", std::process::id()));
+    flywheel_trainer::peft::save(&trained, &base.model, "tiny-random-llama", &dir).unwrap();
+
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("adapter_config.json")).unwrap())
+            .unwrap();
+    assert_eq!(cfg["peft_type"], "LORA");
+    assert_eq!(cfg["r"], 4);
+    assert_eq!(cfg["target_modules"][0], "q_proj");
+    let tensors = candle_core::safetensors::load(
+        dir.join("adapter_model.safetensors"),
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
+    let a = &tensors["base_model.model.model.layers.1.self_attn.q_proj.lora_A.weight"];
+    let b = &tensors["base_model.model.model.layers.1.mlp.down_proj.lora_B.weight"];
+    assert_eq!(a.dims2().unwrap().0, 4);
+    assert_eq!(b.dims2().unwrap().1, 4);
+
+    let loaded = flywheel_trainer::peft::load(&base.model, &dir).unwrap();
+    assert_eq!(loaded.pairs.len(), trained.pairs.len());
+    let (x, y) = (
+        logprob(&base, Some(&trained), &e),
+        logprob(&base, Some(&loaded), &e),
+    );
+    assert!((x - y).abs() < 1e-4, "{x} vs {y}");
+    assert!(
+        (x - logprob(&base, None, &e)).abs() > 1e-3,
+        "the adapter changes the model"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
