@@ -5,6 +5,7 @@
 pub mod config;
 pub mod datasets;
 pub mod pg;
+pub mod train;
 
 use anyhow::Context;
 use flywheel_engine::EngineHandle;
