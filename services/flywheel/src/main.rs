@@ -251,7 +251,7 @@ async fn run() -> anyhow::Result<()> {
         }
         Command::Train(args) => {
             let pool = pool(&cfg).await?;
-            flywheel::train::train(&pool, *args).await
+            flywheel::train::train(&cfg, &pool, *args).await
         }
         Command::Jobs { limit } => {
             let pool = pool(&cfg).await?;

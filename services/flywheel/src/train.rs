@@ -54,6 +54,10 @@ pub struct TrainArgs {
     /// Where the adapter goes (PEFT layout).
     #[arg(long, short)]
     pub out: PathBuf,
+    /// Also merge the adapter into the base (Q8_0 GGUF) and register it as
+    /// a candidate model version with this name, with its lineage.
+    #[arg(long)]
+    pub register: Option<String>,
 }
 
 fn to_messages(m: &[flywheel_curation::build::Message]) -> Vec<Message> {
@@ -101,7 +105,7 @@ fn example(
     })
 }
 
-pub async fn train(pool: &PgPool, args: TrainArgs) -> anyhow::Result<()> {
+pub async fn train(cfg: &crate::Config, pool: &PgPool, args: TrainArgs) -> anyhow::Result<()> {
     let version = crate::datasets::resolve(pool, &args.dataset).await?;
     let objective = match args.objective.as_deref() {
         Some("sft") => Objective::Sft,
@@ -145,7 +149,9 @@ pub async fn train(pool: &PgPool, args: TrainArgs) -> anyhow::Result<()> {
         model.name
     );
     let dataset_id = version.id;
-    tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
+    let (base_id, base_path) = (model.id, PathBuf::from(&model.path));
+    let (out, register) = (args.out.clone(), args.register.clone());
+    let record = tokio::task::spawn_blocking(move || -> anyhow::Result<serde_json::Value> {
         let base = Base::load(std::path::Path::new(&model.path))?;
         let (mut train_set, mut eval_set) = (Vec::new(), Vec::new());
         for (split, stored) in rows {
@@ -216,8 +222,41 @@ pub async fn train(pool: &PgPool, args: TrainArgs) -> anyhow::Result<()> {
             args.out.display(),
             seconds
         );
-        Ok(())
+        if args.register.is_some() {
+            let note = format!("LoRA from dataset version {dataset_id} on {}", model.name);
+            flywheel_trainer::merge::merge_to_gguf(
+                &base_path,
+                &trainer.lora,
+                &args.out.join("merged.gguf"),
+                &note,
+            )?;
+        }
+        Ok(record)
     })
     .await
-    .context("training panicked")?
+    .context("training panicked")??;
+
+    if let Some(name) = register {
+        let cache = flywheel_modelhub::ModelCache::new(&cfg.model_cache)?;
+        let fetched = cache.import(&out.join("merged.gguf"), Some(&name)).await?;
+        let v = crate::register(pool, &fetched).await?;
+        std::fs::remove_file(out.join("merged.gguf"))?;
+        let adapter = std::path::absolute(&out).unwrap_or(out.clone());
+        flywheel_store::models::set_lineage(
+            pool,
+            v.id,
+            &flywheel_store::models::Lineage {
+                base_version_id: Some(base_id),
+                dataset_version_id: Some(dataset_id),
+                adapter_path: Some(adapter.display().to_string()),
+                training: Some(record),
+            },
+        )
+        .await?;
+        println!(
+            "registered candidate model version {} ({}); serve it with `flywheel models promote {}`",
+            v.name, v.id, v.name
+        );
+    }
+    Ok(())
 }

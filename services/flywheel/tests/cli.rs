@@ -8,6 +8,7 @@ use common::fresh_database;
 
 fn flywheel(db: &str, args: &[&str]) -> (bool, String, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_flywheel"))
+        .env("FLYWHEEL_HOME", common::test_home())
         .args(args)
         .env("DATABASE_URL", db)
         .env(

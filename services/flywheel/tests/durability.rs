@@ -13,6 +13,7 @@ use common::fresh_database;
 
 fn cli(db: &str, args: &[&str]) -> String {
     let out = Command::new(env!("CARGO_BIN_EXE_flywheel"))
+        .env("FLYWHEEL_HOME", common::test_home())
         .args(args)
         .env("DATABASE_URL", db)
         .output()
@@ -27,6 +28,7 @@ fn cli(db: &str, args: &[&str]) -> String {
 
 fn serve(db: &str, port: u16, journal: &std::path::Path) -> Child {
     Command::new(env!("CARGO_BIN_EXE_flywheel"))
+        .env("FLYWHEEL_HOME", common::test_home())
         .arg("serve")
         .env("DATABASE_URL", db)
         .env("FLYWHEEL_ADDR", format!("127.0.0.1:{port}"))

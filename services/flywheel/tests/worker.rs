@@ -17,6 +17,7 @@ use common::fresh_database;
 
 fn cli(db: &str, args: &[&str]) -> String {
     let out = Command::new(env!("CARGO_BIN_EXE_flywheel"))
+        .env("FLYWHEEL_HOME", common::test_home())
         .args(args)
         .env("DATABASE_URL", db)
         .output()
@@ -32,6 +33,7 @@ fn cli(db: &str, args: &[&str]) -> String {
 /// A worker process with a fast heartbeat, no schedule and the given knobs.
 fn worker(db: &str, env: &[(&str, &str)]) -> Child {
     Command::new(env!("CARGO_BIN_EXE_flywheel"))
+        .env("FLYWHEEL_HOME", common::test_home())
         .arg("worker")
         .env("DATABASE_URL", db)
         .env("FLYWHEEL_JOB_HEARTBEAT_SECS", "1")

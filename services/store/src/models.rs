@@ -114,3 +114,39 @@ pub async fn set_champion(pool: &sqlx::PgPool, name: &str) -> Result<ModelVersio
     tx.commit().await?;
     Ok(v)
 }
+
+/// Lineage of a trained model version.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, sqlx::FromRow)]
+pub struct Lineage {
+    pub base_version_id: Option<Uuid>,
+    pub dataset_version_id: Option<Uuid>,
+    pub adapter_path: Option<String>,
+    pub training: Option<serde_json::Value>,
+}
+
+/// Records where a trained version came from.
+pub async fn set_lineage(ex: impl PgExecutor<'_>, id: Uuid, lineage: &Lineage) -> Result<()> {
+    sqlx::query(
+        "update model_versions set base_version_id = $2, dataset_version_id = $3,
+             adapter_path = $4, training = $5
+         where id = $1",
+    )
+    .bind(id)
+    .bind(lineage.base_version_id)
+    .bind(lineage.dataset_version_id)
+    .bind(&lineage.adapter_path)
+    .bind(&lineage.training)
+    .execute(ex)
+    .await?;
+    Ok(())
+}
+
+pub async fn lineage(ex: impl PgExecutor<'_>, id: Uuid) -> Result<Option<Lineage>> {
+    Ok(sqlx::query_as(
+        "select base_version_id, dataset_version_id, adapter_path, training
+         from model_versions where id = $1",
+    )
+    .bind(id)
+    .fetch_optional(ex)
+    .await?)
+}

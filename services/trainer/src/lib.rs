@@ -5,6 +5,7 @@
 
 pub mod data;
 pub mod lora;
+pub mod merge;
 pub mod peft;
 pub mod train;
 

@@ -316,3 +316,36 @@ fn adapters_round_trip_through_the_peft_layout() {
     );
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn a_merged_gguf_answers_like_base_plus_adapter() {
+    let base = tiny();
+    let e = encode(&base, "the weather today", "sunny");
+    let config = TrainConfig {
+        learning_rate: 1e-2,
+        steps: 6,
+        ..Default::default()
+    };
+    let (trained, _) = train(&base, config, vec![Example::Sft { prompt: e.clone() }]);
+    let dir = std::env::temp_dir().join(format!("fw-merge-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let src = flywheel_engine::tiny::write_tiny_model(&dir, 7).unwrap();
+    let out = dir.join("merged.gguf");
+    flywheel_trainer::merge::merge_to_gguf(&src, &trained, &out, "test adapter").unwrap();
+    let merged = Base::load(&out).unwrap();
+    let (adapted, plain, from_merged) = (
+        logprob(&base, Some(&trained), &e),
+        logprob(&base, None, &e),
+        logprob(&merged, None, &e),
+    );
+    assert!(
+        (adapted - from_merged).abs() < 0.05 * (adapted - plain).abs(),
+        "base {plain}, base+adapter {adapted}, merged {from_merged}"
+    );
+    let gguf = flywheel_engine::gguf::GgufFile::open(&out).unwrap();
+    assert_eq!(
+        gguf.get_str("flywheel.merged_adapter").unwrap(),
+        "test adapter"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -17,3 +17,10 @@ pub async fn fresh_database(prefix: &str) -> String {
     let base = admin_url().rsplit_once('/').unwrap().0.to_string();
     format!("{base}/{name}")
 }
+
+/// `FLYWHEEL_HOME` for the binary under test: models it imports and its
+/// journal go to a temporary folder, never into the source tree.
+#[allow(dead_code)]
+pub fn test_home() -> std::path::PathBuf {
+    std::env::temp_dir().join("flywheel-test-home")
+}

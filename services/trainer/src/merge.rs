@@ -1,0 +1,81 @@
+//! Merging an adapter into its base for serving: a copy of the base GGUF in
+//! which each adapted projection becomes `W + B A * alpha / r`, re-quantized
+//! to Q8_0 (8-bit blocks keep the adapter's small changes that 4-bit blocks
+//! would round away); every other tensor is copied as stored. The serving
+//! engine reads Q8_0 and Q4_1 alike.
+
+use std::path::Path;
+
+use anyhow::Context;
+use candle_core::quantized::gguf_file::{self, Value};
+use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::{Device, Tensor};
+use flywheel_engine::model::Proj;
+
+use crate::lora::Lora;
+
+/// The GGUF tensor name of a projection.
+fn gguf_name(layer: usize, proj: Proj) -> String {
+    let short = match proj {
+        Proj::Q => "attn_q",
+        Proj::K => "attn_k",
+        Proj::V => "attn_v",
+        Proj::O => "attn_output",
+        Proj::Gate => "ffn_gate",
+        Proj::Up => "ffn_up",
+        Proj::Down => "ffn_down",
+    };
+    format!("blk.{layer}.{short}.weight")
+}
+
+/// Writes `out`: `base` with `lora` merged in. `note` goes into the
+/// metadata (`flywheel.merged_adapter`) so the file says what it is.
+pub fn merge_to_gguf(base: &Path, lora: &Lora, out: &Path, note: &str) -> anyhow::Result<()> {
+    let mut file =
+        std::fs::File::open(base).with_context(|| format!("opening {}", base.display()))?;
+    let content = gguf_file::Content::read(&mut file)?;
+    let mut names: Vec<(&String, u64)> = content
+        .tensor_infos
+        .iter()
+        .map(|(name, info)| (name, info.offset))
+        .collect();
+    names.sort_by_key(|(_, offset)| *offset);
+    let scale = lora.config.scale();
+    let mut tensors: Vec<(String, QTensor)> = Vec::with_capacity(names.len());
+    for (name, _) in names {
+        let stored = content.tensor(&mut file, name, &Device::Cpu)?;
+        let pair = lora
+            .pairs
+            .iter()
+            .find(|((layer, proj), _)| gguf_name(*layer, *proj) == *name);
+        let tensor = match pair {
+            Some((_, p)) => {
+                let w = stored.dequantize(&Device::Cpu)?;
+                let delta: Tensor = (p.b.as_tensor().matmul(p.a.as_tensor())? * scale)?;
+                let merged = (w + delta.reshape(stored.shape())?)?;
+                QTensor::quantize(&merged, GgmlDType::Q8_0)?
+            }
+            None => stored,
+        };
+        tensors.push((name.clone(), tensor));
+    }
+    let mut metadata: Vec<(String, Value)> = content
+        .metadata
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    metadata.retain(|(k, _)| k != "flywheel.merged_adapter");
+    metadata.push((
+        "flywheel.merged_adapter".into(),
+        Value::String(note.to_string()),
+    ));
+    metadata.sort_by(|a, b| a.0.cmp(&b.0));
+    let md: Vec<(&str, &Value)> = metadata.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let ts: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let tmp = out.with_extension("partial");
+    let mut w = std::fs::File::create(&tmp)?;
+    gguf_file::write(&mut w, &md, &ts)?;
+    w.sync_all()?;
+    std::fs::rename(&tmp, out)?;
+    Ok(())
+}
