@@ -11,6 +11,9 @@ use crate::curate::CurateJob;
 /// The queue curation jobs run on.
 pub const CURATION: &str = "flywheel.curate";
 
+/// The queue training runs go through.
+pub const TRAINING: &str = "flywheel.train";
+
 /// Attempts a job gets unless configured otherwise.
 pub const DEFAULT_MAX_ATTEMPTS: u32 = 5;
 

@@ -14,6 +14,7 @@ use flywheel_store::PgPool;
 use crate::curate::{self, CurateJob, Pause};
 use crate::queue;
 use crate::schedule::{self, CurationSchedule};
+use crate::train::{self, TrainEnv, TrainJob};
 
 #[derive(Debug, Clone)]
 pub struct WorkerConfig {
@@ -30,6 +31,9 @@ pub struct WorkerConfig {
     /// Test knob: sleep this long inside each curation job, between the
     /// build and the write (`FLYWHEEL_JOB_PAUSE_MS`).
     pub pause: Pause,
+    /// Where training runs keep their files; `None`: this worker takes no
+    /// training runs.
+    pub training: Option<TrainEnv>,
 }
 
 impl WorkerConfig {
@@ -42,6 +46,7 @@ impl WorkerConfig {
             backoff: Backoff::default(),
             curation: None,
             pause: None,
+            training: None,
         }
     }
 }
@@ -76,6 +81,62 @@ struct Ctx {
     worker: String,
     backoff: Backoff,
     pause: Pause,
+    training: Option<TrainEnv>,
+}
+
+/// Records an attempt's start and end in `job_runs`; a failure pushes the
+/// task's next attempt back by the backoff.
+async fn recorded<T, F>(
+    ctx: &Ctx,
+    kind: &str,
+    task_id: &str,
+    attempt: u32,
+    args: serde_json::Value,
+    work: F,
+) -> Result<(), BoxDynError>
+where
+    T: serde::Serialize,
+    F: std::future::Future<Output = anyhow::Result<T>>,
+{
+    let store = &ctx.pool;
+    let run =
+        flywheel_store::jobs::run_started(store, task_id, kind, attempt as i32, &ctx.worker, &args)
+            .await?;
+    match work.await {
+        Ok(outcome) => {
+            let result = serde_json::to_value(&outcome)?;
+            flywheel_store::jobs::run_finished(store, run, Ok(&result)).await?;
+            tracing::info!(task = %task_id, kind, %result, "job done");
+            Ok(())
+        }
+        Err(e) => {
+            let message = format!("{e:#}");
+            let delay = ctx.backoff.after(attempt);
+            tracing::warn!(task = %task_id, kind, attempt, error = %message, retry_in = ?delay, "job failed");
+            flywheel_store::jobs::run_finished(store, run, Err(&message)).await?;
+            flywheel_store::jobs::delay_task(store, task_id, delay).await?;
+            Err(message.into())
+        }
+    }
+}
+
+/// One attempt of a training run.
+async fn train_task(
+    job: TrainJob,
+    task_id: TaskId,
+    attempt: Attempt,
+    ctx: Data<Ctx>,
+) -> Result<(), BoxDynError> {
+    let env = ctx
+        .training
+        .clone()
+        .ok_or("this worker takes no training runs")?;
+    let args = serde_json::to_value(&job)?;
+    let attempt = attempt.current().max(1) as u32;
+    recorded(&ctx, "train", &task_id.to_string(), attempt, args, async {
+        train::run(&ctx.pool, &env, job.run_id).await
+    })
+    .await
 }
 
 /// One attempt of a curation task.
@@ -85,35 +146,12 @@ async fn curate_task(
     attempt: Attempt,
     ctx: Data<Ctx>,
 ) -> Result<(), BoxDynError> {
-    let task_id = task_id.to_string();
-    let attempt = attempt.current().max(1) as u32;
     let args = serde_json::to_value(&job)?;
-    let store = &ctx.pool;
-    let run = flywheel_store::jobs::run_started(
-        store,
-        &task_id,
-        "curate",
-        attempt as i32,
-        &ctx.worker,
-        &args,
-    )
-    .await?;
-    match curate::run(store, &job, ctx.pause).await {
-        Ok(outcome) => {
-            let result = serde_json::to_value(&outcome)?;
-            flywheel_store::jobs::run_finished(store, run, Ok(&result)).await?;
-            tracing::info!(task = %task_id, ?outcome.version, created = outcome.created, "curation done");
-            Ok(())
-        }
-        Err(e) => {
-            let message = format!("{e:#}");
-            let delay = ctx.backoff.after(attempt);
-            tracing::warn!(task = %task_id, attempt, error = %message, retry_in = ?delay, "curation failed");
-            flywheel_store::jobs::run_finished(store, run, Err(&message)).await?;
-            flywheel_store::jobs::delay_task(store, &task_id, delay).await?;
-            Err(message.into())
-        }
-    }
+    let attempt = attempt.current().max(1) as u32;
+    recorded(&ctx, "curate", &task_id.to_string(), attempt, args, async {
+        curate::run(&ctx.pool, &job, ctx.pause).await
+    })
+    .await
 }
 
 /// Runs the worker (and, if configured, the curation schedule) until
@@ -136,33 +174,66 @@ pub async fn run(
         ))
     });
 
-    let backend = PostgresStorage::<CurateJob>::new(&pool)
-        .with_config(
-            Config::default()
-                .queue(queue::CURATION)
-                .batch_size(1)
-                .heartbeat_interval(config.heartbeat)
-                .missed_heartbeats(config.missed_heartbeats),
-        )
-        .with_pubsub();
+    let storage_config = |queue: &str| {
+        Config::default()
+            .queue(queue)
+            .batch_size(1)
+            .heartbeat_interval(config.heartbeat)
+            .missed_heartbeats(config.missed_heartbeats)
+    };
     let ctx = Ctx {
         pool: pool.clone(),
         worker: config.name.clone(),
         backoff: config.backoff,
         pause: config.pause,
+        training: config.training.clone(),
     };
-    let worker = WorkerBuilder::new(config.name.as_str())
-        .backend(backend)
+    let curation = WorkerBuilder::new(format!("{}-curate", config.name))
+        .backend(
+            PostgresStorage::<CurateJob>::new(&pool)
+                .with_config(storage_config(queue::CURATION))
+                .with_pubsub(),
+        )
         .concurrency(1)
-        .data(ctx)
+        .data(ctx.clone())
         .build(curate_task);
-    tracing::info!(worker = %config.name, queue = queue::CURATION, "worker started");
-    let result = worker
-        .run_until(async move {
-            shutdown.await;
+    let (stop_all, _) = tokio::sync::broadcast::channel::<()>(1);
+    let stopped = |tx: &tokio::sync::broadcast::Sender<()>| {
+        let mut rx = tx.subscribe();
+        async move {
+            let _ = rx.recv().await;
             Ok::<(), std::io::Error>(())
-        })
-        .await;
+        }
+    };
+    tracing::info!(worker = %config.name, queue = queue::CURATION, "worker started");
+    let curation = curation.run_until(stopped(&stop_all));
+    let train_stop = stopped(&stop_all);
+    let training = async {
+        if config.training.is_none() {
+            return Ok(());
+        }
+        tracing::info!(worker = %config.name, queue = queue::TRAINING, "training worker started");
+        WorkerBuilder::new(format!("{}-train", config.name))
+            .backend(
+                PostgresStorage::<TrainJob>::new(&pool)
+                    .with_config(storage_config(queue::TRAINING))
+                    .with_pubsub(),
+            )
+            .concurrency(1)
+            .data(ctx.clone())
+            .build(train_task)
+            .run_until(train_stop)
+            .await
+    };
+    let signal = {
+        let stop_all = stop_all.clone();
+        async move {
+            shutdown.await;
+            let _ = stop_all.send(());
+        }
+    };
+    let (_, curation, training) = tokio::join!(signal, curation, training);
+    let result = curation.and(training);
     let _ = stop_tx.send(true);
     if let Some(s) = schedule {
         let _ = s.await;

@@ -70,6 +70,13 @@ pub struct Config {
     pub job_heartbeat_secs: u64,
     /// `FLYWHEEL_JOB_PAUSE_MS`: test knob, a sleep inside each curation job.
     pub job_pause_ms: u64,
+    /// `FLYWHEEL_ARTIFACTS`: training checkpoints and adapters.
+    pub artifacts: PathBuf,
+    /// `FLYWHEEL_CHECKPOINT_EVERY`: steps between training checkpoints.
+    pub checkpoint_every: usize,
+    /// `FLYWHEEL_TRAIN_CRASH_AFTER`: test knob, a training attempt fails
+    /// after this many steps as if its worker had died.
+    pub train_crash_after: Option<usize>,
 }
 
 impl Config {
@@ -87,6 +94,9 @@ impl Config {
             .map(PathBuf::from)
             .unwrap_or_else(|| PathBuf::from(".flywheel"));
         let home = std::path::absolute(&home).unwrap_or(home);
+        let artifacts = var("FLYWHEEL_ARTIFACTS")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| home.join("artifacts"));
         let journal_dir = var("FLYWHEEL_JOURNAL_DIR")
             .map(PathBuf::from)
             .unwrap_or_else(|| home.join("journal"));
@@ -127,6 +137,12 @@ impl Config {
             job_backoff_secs: parse("FLYWHEEL_JOB_BACKOFF_SECS", 10)? as u64,
             job_heartbeat_secs: parse("FLYWHEEL_JOB_HEARTBEAT_SECS", 3)? as u64,
             job_pause_ms: parse("FLYWHEEL_JOB_PAUSE_MS", 0)? as u64,
+            artifacts,
+            checkpoint_every: parse("FLYWHEEL_CHECKPOINT_EVERY", 50)?,
+            train_crash_after: match parse("FLYWHEEL_TRAIN_CRASH_AFTER", 0)? {
+                0 => None,
+                n => Some(n),
+            },
         })
     }
 
@@ -162,6 +178,12 @@ impl Config {
         w.backoff.base = std::time::Duration::from_secs(self.job_backoff_secs);
         w.pause =
             (self.job_pause_ms > 0).then(|| std::time::Duration::from_millis(self.job_pause_ms));
+        w.training = Some(flywheel_jobs::train::TrainEnv {
+            artifacts: self.artifacts.clone(),
+            model_cache: self.model_cache.clone(),
+            checkpoint_every: self.checkpoint_every,
+            crash_after: self.train_crash_after,
+        });
         w.curation = match &self.curation_schedule {
             Some(expr) => Some(schedule::CurationSchedule {
                 cron: schedule::parse_cron(expr)?,

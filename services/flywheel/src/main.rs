@@ -53,11 +53,26 @@ enum Command {
     },
     /// Fine-tune a LoRA adapter on a dataset version (in this process).
     Train(Box<flywheel::train::TrainArgs>),
+    /// Training runs: list, show, cancel.
+    Runs {
+        #[command(subcommand)]
+        command: RunsCommand,
+    },
     /// Recent background job attempts, newest first.
     Jobs {
         #[arg(long, default_value_t = 20)]
         limit: i64,
     },
+}
+
+#[derive(Subcommand)]
+enum RunsCommand {
+    /// The latest training runs.
+    List,
+    /// One run with its per-step loss and learning rate.
+    Show { id: uuid::Uuid },
+    /// Stop a run at its next step.
+    Cancel { id: uuid::Uuid },
 }
 
 #[derive(Subcommand)]
@@ -252,6 +267,14 @@ async fn run() -> anyhow::Result<()> {
         Command::Train(args) => {
             let pool = pool(&cfg).await?;
             flywheel::train::train(&cfg, &pool, *args).await
+        }
+        Command::Runs { command } => {
+            let pool = pool(&cfg).await?;
+            match command {
+                RunsCommand::List => flywheel::train::list_runs(&pool).await,
+                RunsCommand::Show { id } => flywheel::train::show_run(&pool, id).await,
+                RunsCommand::Cancel { id } => flywheel::train::cancel_run(&pool, id).await,
+            }
         }
         Command::Jobs { limit } => {
             let pool = pool(&cfg).await?;

@@ -1,18 +1,18 @@
 //! `flywheel train`: fine-tune a LoRA adapter on a curated dataset version,
-//! starting from the champion model (or a named version), and save it in
-//! PEFT layout with a record of the run. Runs in this process; the queued
-//! training job, run records in Postgres, checkpoints and serving the
-//! adapter come with the rest of the training issue.
+//! starting from the champion model (or a named version). With `--queue` it
+//! becomes a recorded run for the workers (checkpoints, resume, cancel,
+//! candidate registration: `flywheel_jobs::train`); without, it trains in
+//! this process and writes the adapter (PEFT layout) and a run record to
+//! `--out`. And `flywheel runs ...` to watch and cancel runs.
 
 use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{Context, bail};
-use flywheel_curation::build::{DpoPair, KtoExample, SftExample};
 use flywheel_engine::model::Proj;
+use flywheel_jobs::train::{RunSpec, load_examples};
 use flywheel_store::PgPool;
-use flywheel_trainer::data::Message;
-use flywheel_trainer::{Base, Example, Lora, LoraConfig, Objective, TrainConfig, Trainer};
+use flywheel_trainer::{Base, Lora, LoraConfig, Objective, TrainConfig, Trainer};
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct TrainArgs {
@@ -51,58 +51,16 @@ pub struct TrainArgs {
     /// DPO's and KTO's beta.
     #[arg(long, default_value_t = 0.1)]
     pub beta: f64,
-    /// Where the adapter goes (PEFT layout).
-    #[arg(long, short)]
-    pub out: PathBuf,
+    /// Where the adapter goes (PEFT layout); not with --queue.
+    #[arg(long, short, required_unless_present = "queue")]
+    pub out: Option<PathBuf>,
+    /// Queue a recorded training run for the workers instead of training here.
+    #[arg(long, conflicts_with_all = ["out", "register"])]
+    pub queue: bool,
     /// Also merge the adapter into the base (Q8_0 GGUF) and register it as
     /// a candidate model version with this name, with its lineage.
     #[arg(long)]
     pub register: Option<String>,
-}
-
-fn to_messages(m: &[flywheel_curation::build::Message]) -> Vec<Message> {
-    m.iter()
-        .map(|m| Message {
-            role: m.role.clone(),
-            content: m.content.clone(),
-        })
-        .collect()
-}
-
-/// A stored example as a training example.
-fn example(
-    base: &Base,
-    objective: Objective,
-    stored: serde_json::Value,
-    max_len: usize,
-) -> anyhow::Result<Example> {
-    Ok(match objective {
-        Objective::Sft => {
-            let e: SftExample = serde_json::from_value(stored)?;
-            Example::Sft {
-                prompt: base
-                    .encode(&to_messages(&e.prompt), &e.completion)?
-                    .truncated(max_len),
-            }
-        }
-        Objective::Dpo => {
-            let e: DpoPair = serde_json::from_value(stored)?;
-            let prompt = to_messages(&e.prompt);
-            Example::Dpo {
-                chosen: base.encode(&prompt, &e.chosen)?.truncated(max_len),
-                rejected: base.encode(&prompt, &e.rejected)?.truncated(max_len),
-            }
-        }
-        Objective::Kto => {
-            let e: KtoExample = serde_json::from_value(stored)?;
-            Example::Kto {
-                completion: base
-                    .encode(&to_messages(&e.prompt), &e.completion)?
-                    .truncated(max_len),
-                desirable: e.label,
-            }
-        }
-    })
 }
 
 pub async fn train(cfg: &crate::Config, pool: &PgPool, args: TrainArgs) -> anyhow::Result<()> {
@@ -148,43 +106,53 @@ pub async fn train(cfg: &crate::Config, pool: &PgPool, args: TrainArgs) -> anyho
         rows.len(),
         model.name
     );
+    let lora_config = LoraConfig {
+        rank: args.rank,
+        alpha: args.alpha,
+        dropout: args.dropout,
+        targets,
+        seed: 0,
+    };
+    let train_config = TrainConfig {
+        objective,
+        learning_rate: args.learning_rate,
+        steps: args.steps,
+        grad_accum: args.grad_accum,
+        warmup_steps: args.warmup_steps.min(args.steps),
+        max_len: args.max_len,
+        beta: args.beta,
+        ..Default::default()
+    };
+    if args.queue {
+        let spec = RunSpec {
+            lora: lora_config,
+            train: train_config,
+        };
+        let (run, task) = flywheel_jobs::train::create_run(
+            pool,
+            version.id,
+            model.id,
+            &spec,
+            cfg.job_max_attempts,
+        )
+        .await?;
+        println!(
+            "queued training run {run} (job {task}); follow it with `flywheel runs show {run}`"
+        );
+        return Ok(());
+    }
+    let Some(out) = args.out.clone() else {
+        bail!("--out is required unless --queue");
+    };
     let dataset_id = version.id;
     let (base_id, base_path) = (model.id, PathBuf::from(&model.path));
-    let (out, register) = (args.out.clone(), args.register.clone());
+    let register = args.register.clone();
+    let out2 = out.clone();
     let record = tokio::task::spawn_blocking(move || -> anyhow::Result<serde_json::Value> {
         let base = Base::load(std::path::Path::new(&model.path))?;
-        let (mut train_set, mut eval_set) = (Vec::new(), Vec::new());
-        for (split, stored) in rows {
-            let e = example(&base, objective, stored, args.max_len)?;
-            if split == "eval" {
-                eval_set.push(e);
-            } else {
-                train_set.push(e);
-            }
-        }
-        if train_set.is_empty() {
-            bail!("no training examples in the train split");
-        }
-        let lora = Lora::new(
-            &base.model,
-            LoraConfig {
-                rank: args.rank,
-                alpha: args.alpha,
-                dropout: args.dropout,
-                targets,
-                seed: 0,
-            },
-        )?;
-        let config = TrainConfig {
-            objective,
-            learning_rate: args.learning_rate,
-            steps: args.steps,
-            grad_accum: args.grad_accum,
-            warmup_steps: args.warmup_steps.min(args.steps),
-            max_len: args.max_len,
-            beta: args.beta,
-            ..Default::default()
-        };
+        let (train_set, eval_set) = load_examples(&base, objective, rows, args.max_len)?;
+        let lora = Lora::new(&base.model, lora_config)?;
+        let config = train_config;
         let (n_train, n_eval) = (train_set.len(), eval_set.len());
         let mut trainer = Trainer::new(&base.model, lora, config.clone(), train_set)?;
         let eval_before = trainer.evaluate(&eval_set)?;
@@ -201,7 +169,7 @@ pub async fn train(cfg: &crate::Config, pool: &PgPool, args: TrainArgs) -> anyho
         }
         let eval_after = trainer.evaluate(&eval_set)?;
         let seconds = started.elapsed().as_secs_f64();
-        flywheel_trainer::peft::save(&trainer.lora, &base.model, &model.name, &args.out)?;
+        flywheel_trainer::peft::save(&trainer.lora, &base.model, &model.name, &out2)?;
         let record = serde_json::json!({
             "dataset_version": dataset_id,
             "base_model": {"id": model.id, "name": model.name, "sha256": model.sha256},
@@ -214,12 +182,12 @@ pub async fn train(cfg: &crate::Config, pool: &PgPool, args: TrainArgs) -> anyho
             "steps": log,
         });
         std::fs::write(
-            args.out.join("flywheel_run.json"),
+            out2.join("flywheel_run.json"),
             serde_json::to_string_pretty(&record)?,
         )?;
         println!(
             "adapter saved to {} ({:.0} s): eval loss {eval_before:.4} -> {eval_after:.4}",
-            args.out.display(),
+            out2.display(),
             seconds
         );
         if args.register.is_some() {
@@ -227,7 +195,7 @@ pub async fn train(cfg: &crate::Config, pool: &PgPool, args: TrainArgs) -> anyho
             flywheel_trainer::merge::merge_to_gguf(
                 &base_path,
                 &trainer.lora,
-                &args.out.join("merged.gguf"),
+                &out2.join("merged.gguf"),
                 &note,
             )?;
         }
@@ -258,5 +226,49 @@ pub async fn train(cfg: &crate::Config, pool: &PgPool, args: TrainArgs) -> anyho
             v.name, v.id, v.name
         );
     }
+    Ok(())
+}
+
+/// `flywheel runs list`.
+pub async fn list_runs(pool: &PgPool) -> anyhow::Result<()> {
+    println!(
+        "{:<36}  {:<9}  {:<4}  {:>11}  {:>9}  {:>9}  created",
+        "run", "status", "obj", "steps", "eval bef.", "eval aft."
+    );
+    let loss = |v: Option<f64>| v.map(|l| format!("{l:.4}")).unwrap_or_default();
+    for r in flywheel_store::training::list(pool, 50).await? {
+        println!(
+            "{:<36}  {:<9}  {:<4}  {:>5}/{:<5}  {:>9}  {:>9}  {}",
+            r.id,
+            r.status,
+            r.objective,
+            r.step,
+            r.total_steps,
+            loss(r.eval_loss_before),
+            loss(r.eval_loss_after),
+            r.created_at.format("%Y-%m-%d %H:%M:%S")
+        );
+    }
+    Ok(())
+}
+
+/// `flywheel runs show ID`: the record and its per-step losses.
+pub async fn show_run(pool: &PgPool, id: uuid::Uuid) -> anyhow::Result<()> {
+    let run = flywheel_store::training::get(pool, id)
+        .await?
+        .with_context(|| format!("no training run {id}"))?;
+    let steps = flywheel_store::training::steps(pool, id).await?;
+    let mut out = serde_json::to_value(&run)?;
+    out["steps"] = serde_json::to_value(&steps)?;
+    println!("{}", serde_json::to_string_pretty(&out)?);
+    Ok(())
+}
+
+/// `flywheel runs cancel ID`.
+pub async fn cancel_run(pool: &PgPool, id: uuid::Uuid) -> anyhow::Result<()> {
+    if !flywheel_store::training::request_cancel(pool, id).await? {
+        bail!("training run {id} is not queued or running");
+    }
+    println!("cancel requested for training run {id}");
     Ok(())
 }

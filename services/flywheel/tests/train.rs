@@ -188,3 +188,195 @@ async fn train_turns_a_dataset_version_into_a_peft_adapter() {
     assert!(answer["choices"][0]["message"]["content"].is_string());
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// A database with the tiny model as champion and a curated dataset `acme@1`.
+async fn trained_setup(prefix: &str, seed: u64) -> (String, std::path::PathBuf) {
+    let db = fresh_database(prefix).await;
+    let dir = std::env::temp_dir().join(format!("{prefix}-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir_all(&dir).unwrap();
+    // A seed per test: tests run in parallel and share the model cache.
+    let model = flywheel_engine::tiny::write_tiny_model(&dir, seed).unwrap();
+    cli(
+        &db,
+        &[
+            "models",
+            "import",
+            model.to_str().unwrap(),
+            "--name",
+            "tiny",
+            "--champion",
+        ],
+    );
+    cli(
+        &db,
+        &[
+            "datasets",
+            "synth",
+            "--team",
+            "acme",
+            "--completions",
+            "400",
+            "--ratings",
+            "200",
+        ],
+    );
+    cli(&db, &["datasets", "build", "--team", "acme", "--inline"]);
+    (db, dir)
+}
+
+fn queue_run(db: &str, steps: &str) -> uuid::Uuid {
+    let out = cli(
+        db,
+        &[
+            "train",
+            "--dataset",
+            "acme@1",
+            "--queue",
+            "--steps",
+            steps,
+            "--learning-rate",
+            "5e-3",
+            "--warmup-steps",
+            "1",
+            "--rank",
+            "4",
+            "--max-len",
+            "96",
+        ],
+    );
+    out.split_whitespace()
+        .nth(3)
+        .and_then(|id| id.parse().ok())
+        .unwrap_or_else(|| panic!("unexpected output: {out}"))
+}
+
+fn train_worker(db: &str, dir: &std::path::Path, env: &[(&str, &str)]) -> std::process::Child {
+    Command::new(env!("CARGO_BIN_EXE_flywheel"))
+        .env("FLYWHEEL_HOME", common::test_home())
+        .arg("worker")
+        .env("DATABASE_URL", db)
+        .env("FLYWHEEL_ARTIFACTS", dir.join("artifacts"))
+        .env("FLYWHEEL_JOB_HEARTBEAT_SECS", "1")
+        .env("FLYWHEEL_JOB_BACKOFF_SECS", "1")
+        .env("FLYWHEEL_CURATION_SCHEDULE", "off")
+        .envs(env.iter().copied())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
+async fn wait_for_run<F: Fn(&flywheel_store::training::TrainingRun) -> bool>(
+    pool: &flywheel_store::PgPool,
+    id: uuid::Uuid,
+    secs: u64,
+    done: F,
+) -> flywheel_store::training::TrainingRun {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+    loop {
+        let run = flywheel_store::training::get(pool, id)
+            .await
+            .unwrap()
+            .unwrap();
+        if done(&run) || std::time::Instant::now() > deadline {
+            return run;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_queued_run_resumes_from_its_checkpoint_after_a_crash() {
+    let (db, dir) = trained_setup("fw_train_resume", 13).await;
+    let run_id = queue_run(&db, "8");
+    let pool = flywheel_store::connect(&db).await.unwrap();
+    let mut w = train_worker(
+        &db,
+        &dir,
+        &[
+            ("FLYWHEEL_CHECKPOINT_EVERY", "3"),
+            ("FLYWHEEL_TRAIN_CRASH_AFTER", "5"),
+        ],
+    );
+    let run = wait_for_run(&pool, run_id, 90, |r| r.status == "succeeded").await;
+    let _ = w.kill();
+    let _ = w.wait();
+    assert_eq!(run.status, "succeeded", "{run:#?}");
+    assert_eq!(run.step, 8);
+    assert!(run.eval_loss_after.unwrap() < run.eval_loss_before.unwrap());
+    // Two attempts: the crash after step 5, then a resume from step 3.
+    let attempts = flywheel_store::jobs::recent_runs(&pool, 10).await.unwrap();
+    let train: Vec<_> = attempts.iter().filter(|r| r.kind == "train").collect();
+    assert_eq!(train.len(), 2, "{train:#?}");
+    let (second, first) = (train[0], train[1]);
+    assert_eq!(first.status, "failed");
+    assert!(
+        first
+            .error
+            .as_deref()
+            .unwrap()
+            .contains("simulated crash after step 5")
+    );
+    assert_eq!(second.status, "succeeded");
+    assert_eq!(second.result.as_ref().unwrap()["resumed_from"], 3);
+    // Every step recorded once, the replayed ones overwritten.
+    let steps = flywheel_store::training::steps(&pool, run_id)
+        .await
+        .unwrap();
+    assert_eq!(
+        steps.iter().map(|s| s.step).collect::<Vec<_>>(),
+        (1..=8).collect::<Vec<_>>()
+    );
+    // The candidate is registered with its lineage.
+    let candidate = flywheel_store::models::get(&pool, run.candidate_version_id.unwrap())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(candidate.name.starts_with("tiny-ft-"));
+    let lineage = flywheel_store::models::lineage(&pool, candidate.id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(lineage.dataset_version_id, Some(run.dataset_version_id));
+    assert!(
+        std::path::Path::new(&lineage.adapter_path.unwrap())
+            .join("adapter_model.safetensors")
+            .exists()
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[tokio::test]
+async fn a_running_run_can_be_cancelled_and_a_base_trains_one_run_at_a_time() {
+    let (db, dir) = trained_setup("fw_train_cancel", 17).await;
+    let run_id = queue_run(&db, "100000");
+    // The base model already has an active run.
+    let second = Command::new(env!("CARGO_BIN_EXE_flywheel"))
+        .env("FLYWHEEL_HOME", common::test_home())
+        .args(["train", "--dataset", "acme@1", "--queue"])
+        .env("DATABASE_URL", &db)
+        .output()
+        .unwrap();
+    assert!(!second.status.success());
+    assert!(String::from_utf8_lossy(&second.stderr).contains("already queued or running"));
+
+    let pool = flywheel_store::connect(&db).await.unwrap();
+    let mut w = train_worker(&db, &dir, &[]);
+    let running = wait_for_run(&pool, run_id, 60, |r| r.step >= 3).await;
+    assert_eq!(running.status, "running", "{running:#?}");
+    cli(&db, &["runs", "cancel", &run_id.to_string()]);
+    let run = wait_for_run(&pool, run_id, 30, |r| r.status == "cancelled").await;
+    let _ = w.kill();
+    let _ = w.wait();
+    assert_eq!(run.status, "cancelled", "{run:#?}");
+    assert!(run.step < 100000 && run.candidate_version_id.is_none());
+    // Cancelling again is refused: the run is over.
+    let again = Command::new(env!("CARGO_BIN_EXE_flywheel"))
+        .env("FLYWHEEL_HOME", common::test_home())
+        .args(["runs", "cancel", &run_id.to_string()])
+        .env("DATABASE_URL", &db)
+        .output()
+        .unwrap();
+    assert!(!again.status.success());
+    std::fs::remove_dir_all(&dir).unwrap();
+}

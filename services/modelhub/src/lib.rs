@@ -164,9 +164,18 @@ impl ModelCache {
             endpoint.trim_end_matches('/')
         );
         tokio::fs::create_dir_all(&self.dir).await?;
-        let part = self.dir.join(format!(".{name}.part"));
+        let part = self.part_path(&name);
         self.download(&url, &part).await?;
         self.keep(part, &name, source).await
+    }
+
+    /// A temporary file name no concurrent pull or import (in this process
+    /// or another) shares.
+    fn part_path(&self, name: &str) -> PathBuf {
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.dir
+            .join(format!(".{name}.{}-{n}.part", std::process::id()))
     }
 
     /// Copies a local file into the cache.
@@ -180,7 +189,7 @@ impl ModelCache {
                 .to_string(),
         };
         tokio::fs::create_dir_all(&self.dir).await?;
-        let part = self.dir.join(format!(".{name}.part"));
+        let part = self.part_path(&name);
         tokio::fs::copy(path, &part).await?;
         self.keep(part, &name, format!("file:{}", path.display()))
             .await

@@ -8,6 +8,7 @@ pub mod jobs;
 pub mod keys;
 pub mod models;
 pub mod synth;
+pub mod training;
 
 pub use sqlx::postgres::PgListener;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};

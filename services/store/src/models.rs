@@ -150,3 +150,14 @@ pub async fn lineage(ex: impl PgExecutor<'_>, id: Uuid) -> Result<Option<Lineage
     .fetch_optional(ex)
     .await?)
 }
+
+pub async fn get(ex: impl PgExecutor<'_>, id: Uuid) -> Result<Option<ModelVersion>> {
+    Ok(sqlx::query_as(concat!(
+        "select ",
+        columns!(),
+        " from model_versions where id = $1"
+    ))
+    .bind(id)
+    .fetch_optional(ex)
+    .await?)
+}

@@ -209,6 +209,14 @@ impl<'a> Trainer<'a> {
         })
     }
 
+    /// Continues a run from a checkpoint taken after `step` steps: the
+    /// schedule and the data order pick up where they were. (AdamW's moment
+    /// estimates start afresh.)
+    pub fn resume_at(&mut self, step: usize) {
+        self.step = step;
+        self.cursor = (step * self.config.grad_accum.max(1)) % self.data.len();
+    }
+
     /// The loss of one example (scalar tensor) and its token count.
     fn loss(&self, p: &Prepared, kl: f64) -> anyhow::Result<(Tensor, usize)> {
         let adapter: Option<&dyn Adapter> = Some(&self.lora);

@@ -1,0 +1,219 @@
+//! Training runs and their per-step records.
+
+use chrono::{DateTime, Utc};
+use sqlx::PgExecutor;
+use uuid::Uuid;
+
+use crate::{Result, StoreError};
+
+#[derive(Debug, Clone, PartialEq, serde::Serialize, sqlx::FromRow)]
+pub struct TrainingRun {
+    pub id: Uuid,
+    pub dataset_version_id: Uuid,
+    pub base_version_id: Uuid,
+    pub objective: String,
+    pub config: serde_json::Value,
+    pub status: String,
+    pub step: i32,
+    pub total_steps: i32,
+    pub checkpoint_step: Option<i32>,
+    pub checkpoint_path: Option<String>,
+    pub cancel_requested: bool,
+    pub candidate_version_id: Option<Uuid>,
+    pub eval_loss_before: Option<f64>,
+    pub eval_loss_after: Option<f64>,
+    pub error: Option<String>,
+    pub created_at: DateTime<Utc>,
+    pub started_at: Option<DateTime<Utc>>,
+    pub finished_at: Option<DateTime<Utc>>,
+}
+
+macro_rules! run_columns {
+    () => {
+        "id, dataset_version_id, base_version_id, objective, config, status, step, total_steps,
+         checkpoint_step, checkpoint_path, cancel_requested, candidate_version_id,
+         eval_loss_before, eval_loss_after, error, created_at, started_at, finished_at"
+    };
+}
+
+/// Creates a queued run; a conflict when the base already has one active.
+pub async fn create(
+    ex: impl PgExecutor<'_>,
+    dataset_version_id: Uuid,
+    base_version_id: Uuid,
+    objective: &str,
+    config: &serde_json::Value,
+    total_steps: i32,
+) -> Result<Uuid> {
+    let id = Uuid::new_v4();
+    let done = sqlx::query(
+        "insert into training_runs (id, dataset_version_id, base_version_id, objective, config,
+             status, total_steps)
+         values ($1, $2, $3, $4, $5, 'queued', $6)
+         on conflict do nothing",
+    )
+    .bind(id)
+    .bind(dataset_version_id)
+    .bind(base_version_id)
+    .bind(objective)
+    .bind(config)
+    .bind(total_steps)
+    .execute(ex)
+    .await?;
+    if done.rows_affected() == 0 {
+        return Err(StoreError::Conflict(
+            "a training run on this base model is already queued or running".into(),
+        ));
+    }
+    Ok(id)
+}
+
+pub async fn get(ex: impl PgExecutor<'_>, id: Uuid) -> Result<Option<TrainingRun>> {
+    Ok(sqlx::query_as(concat!(
+        "select ",
+        run_columns!(),
+        " from training_runs where id = $1"
+    ))
+    .bind(id)
+    .fetch_optional(ex)
+    .await?)
+}
+
+pub async fn list(ex: impl PgExecutor<'_>, limit: i64) -> Result<Vec<TrainingRun>> {
+    Ok(sqlx::query_as(concat!(
+        "select ",
+        run_columns!(),
+        " from training_runs order by created_at desc limit $1"
+    ))
+    .bind(limit)
+    .fetch_all(ex)
+    .await?)
+}
+
+/// Marks a run running (again, when resumed).
+pub async fn start(ex: impl PgExecutor<'_>, id: Uuid) -> Result<()> {
+    sqlx::query(
+        "update training_runs set status = 'running', started_at = coalesce(started_at, now()),
+             error = null
+         where id = $1",
+    )
+    .bind(id)
+    .execute(ex)
+    .await?;
+    Ok(())
+}
+
+/// One step's record; writing a step again (after a resume) replaces it.
+#[allow(clippy::too_many_arguments)]
+pub async fn record_step(
+    ex: impl PgExecutor<'_>,
+    id: Uuid,
+    step: i32,
+    loss: f64,
+    learning_rate: f64,
+    grad_norm: f64,
+    tokens: i32,
+    seconds: f64,
+) -> Result<bool> {
+    // Returns whether a cancel was requested, so the loop needs one query.
+    Ok(sqlx::query_scalar(
+        "with s as (
+             insert into training_steps (run_id, step, loss, learning_rate, grad_norm, tokens,
+                 seconds)
+             values ($1, $2, $3, $4, $5, $6, $7)
+             on conflict (run_id, step) do update set loss = excluded.loss,
+                 learning_rate = excluded.learning_rate, grad_norm = excluded.grad_norm,
+                 tokens = excluded.tokens, seconds = excluded.seconds
+         )
+         update training_runs set step = $2 where id = $1 returning cancel_requested",
+    )
+    .bind(id)
+    .bind(step)
+    .bind(loss)
+    .bind(learning_rate)
+    .bind(grad_norm)
+    .bind(tokens)
+    .bind(seconds)
+    .fetch_one(ex)
+    .await?)
+}
+
+pub async fn checkpoint(ex: impl PgExecutor<'_>, id: Uuid, step: i32, path: &str) -> Result<()> {
+    sqlx::query(
+        "update training_runs set checkpoint_step = $2, checkpoint_path = $3 where id = $1",
+    )
+    .bind(id)
+    .bind(step)
+    .bind(path)
+    .execute(ex)
+    .await?;
+    Ok(())
+}
+
+pub async fn set_eval_before(ex: impl PgExecutor<'_>, id: Uuid, loss: f64) -> Result<()> {
+    sqlx::query(
+        "update training_runs set eval_loss_before = coalesce(eval_loss_before, $2) where id = $1",
+    )
+    .bind(id)
+    .bind(loss)
+    .execute(ex)
+    .await?;
+    Ok(())
+}
+
+/// Ends a run: `succeeded` (with its candidate and held-out loss),
+/// `failed` (with the error) or `cancelled`.
+pub async fn finish(
+    ex: impl PgExecutor<'_>,
+    id: Uuid,
+    status: &str,
+    candidate: Option<Uuid>,
+    eval_loss_after: Option<f64>,
+    error: Option<&str>,
+) -> Result<()> {
+    sqlx::query(
+        "update training_runs set status = $2, candidate_version_id = $3, eval_loss_after = $4,
+             error = $5, finished_at = now()
+         where id = $1",
+    )
+    .bind(id)
+    .bind(status)
+    .bind(candidate)
+    .bind(eval_loss_after)
+    .bind(error)
+    .execute(ex)
+    .await?;
+    Ok(())
+}
+
+/// Asks a run to stop at its next step; a queued run is cancelled at once.
+/// False if the run is already over.
+pub async fn request_cancel(ex: impl PgExecutor<'_>, id: Uuid) -> Result<bool> {
+    Ok(sqlx::query(
+        "update training_runs set cancel_requested = true,
+             status = case when status = 'queued' then 'cancelled' else status end,
+             finished_at = case when status = 'queued' then now() else finished_at end
+         where id = $1 and status in ('queued', 'running')",
+    )
+    .bind(id)
+    .execute(ex)
+    .await?
+    .rows_affected()
+        == 1)
+}
+
+#[derive(Debug, Clone, PartialEq, serde::Serialize, sqlx::FromRow)]
+pub struct StepRow {
+    pub step: i32,
+    pub loss: f64,
+    pub learning_rate: f64,
+}
+
+pub async fn steps(ex: impl PgExecutor<'_>, id: Uuid) -> Result<Vec<StepRow>> {
+    Ok(sqlx::query_as(
+        "select step, loss, learning_rate from training_steps where run_id = $1 order by step",
+    )
+    .bind(id)
+    .fetch_all(ex)
+    .await?)
+}
