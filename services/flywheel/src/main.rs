@@ -177,6 +177,17 @@ enum ModelsCommand {
     List,
     /// Make a model version the champion.
     Promote { name: String },
+    /// Register a PEFT LoRA adapter trained elsewhere: merged into its base
+    /// (Q8_0 GGUF) as a new model version.
+    ImportAdapter {
+        /// Folder with adapter_config.json and adapter_model.safetensors.
+        dir: std::path::PathBuf,
+        /// The base model version (default: the champion).
+        #[arg(long)]
+        base: Option<String>,
+        #[arg(long)]
+        name: String,
+    },
 }
 
 #[allow(unsafe_code)]
@@ -502,6 +513,17 @@ async fn models(
                     v.source
                 );
             }
+            return Ok(());
+        }
+        ModelsCommand::ImportAdapter { dir, base, name } => {
+            let v =
+                flywheel::train::import_adapter(cfg, pool, &dir, base.as_deref(), &name).await?;
+            println!(
+                "registered {} ({}) from the adapter in {}",
+                v.name,
+                v.id,
+                dir.display()
+            );
             return Ok(());
         }
         ModelsCommand::Promote { name } => {

@@ -272,3 +272,53 @@ pub async fn cancel_run(pool: &PgPool, id: uuid::Uuid) -> anyhow::Result<()> {
     println!("cancel requested for training run {id}");
     Ok(())
 }
+
+/// Merges a PEFT adapter (trained here or elsewhere) into its base and
+/// registers the result as a model version with its lineage.
+pub async fn import_adapter(
+    cfg: &crate::Config,
+    pool: &PgPool,
+    dir: &std::path::Path,
+    base: Option<&str>,
+    name: &str,
+) -> anyhow::Result<flywheel_store::models::ModelVersion> {
+    let base = match base {
+        Some(b) => flywheel_store::models::by_name(pool, b)
+            .await?
+            .with_context(|| format!("no model version named {b}"))?,
+        None => flywheel_store::models::champion(pool)
+            .await?
+            .context("no champion model to merge into: give --base")?,
+    };
+    let tmp = std::env::temp_dir().join(format!("flywheel-merge-{}.gguf", uuid::Uuid::new_v4()));
+    let (adapter, base_path, note) = (
+        dir.to_path_buf(),
+        PathBuf::from(&base.path),
+        format!("PEFT adapter {} on {}", dir.display(), base.name),
+    );
+    let tmp2 = tmp.clone();
+    tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
+        let model = Base::load(&base_path)?.model;
+        let lora = flywheel_trainer::peft::load(&model, &adapter)?;
+        flywheel_trainer::merge::merge_to_gguf(&base_path, &lora, &tmp2, &note)
+    })
+    .await
+    .context("merging panicked")??;
+    let cache = flywheel_modelhub::ModelCache::new(&cfg.model_cache)?;
+    let fetched = cache.import(&tmp, Some(name)).await;
+    let _ = std::fs::remove_file(&tmp);
+    let v = crate::register(pool, &fetched?).await?;
+    let adapter = std::path::absolute(dir).unwrap_or(dir.to_path_buf());
+    flywheel_store::models::set_lineage(
+        pool,
+        v.id,
+        &flywheel_store::models::Lineage {
+            base_version_id: Some(base.id),
+            dataset_version_id: None,
+            adapter_path: Some(adapter.display().to_string()),
+            training: Some(serde_json::json!({"imported_adapter": adapter})),
+        },
+    )
+    .await?;
+    Ok(v)
+}

@@ -130,6 +130,45 @@ async fn train_turns_a_dataset_version_into_a_peft_adapter() {
         lineage.training.unwrap()["steps"].as_array().unwrap().len(),
         12
     );
+    // The adapter imports back as a model version of its own.
+    let imported = cli(
+        &db,
+        &[
+            "models",
+            "import-adapter",
+            out.to_str().unwrap(),
+            "--base",
+            "tiny",
+            "--name",
+            "tiny-imported",
+        ],
+    );
+    assert!(imported.contains("registered tiny-imported"), "{imported}");
+    let again = flywheel_store::models::by_name(&pool, "tiny-imported")
+        .await
+        .unwrap()
+        .unwrap();
+    let imported_lineage = flywheel_store::models::lineage(&pool, again.id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(imported_lineage.base_version_id, Some(base.id));
+    // Same adapter, same base: the same merged weights as the candidate
+    // (q and k rows went through PEFT's order and back).
+    for name in ["blk.0.attn_q.weight", "blk.1.attn_k.weight", "blk.1.attn_v.weight"] {
+        let weights = |path: &str| {
+            flywheel_engine::gguf::GgufFile::open(std::path::Path::new(path))
+                .unwrap()
+                .tensor_f32(name, &candle_core::Device::Cpu)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+        };
+        assert_eq!(weights(&again.path), weights(&tuned.path), "{name}");
+    }
+    assert_ne!(again.sha256, base.sha256);
     cli(&db, &["models", "promote", "tiny-tuned"]);
     let key = cli(&db, &["keys", "create", "--team", "acme"])
         .lines()
