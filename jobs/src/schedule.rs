@@ -18,6 +18,8 @@ pub struct CurationSchedule {
     pub cron: cron::Schedule,
     pub rules: Rules,
     pub max_attempts: u32,
+    /// Checked on the same slots, after curation is queued.
+    pub training: Option<TrainingTrigger>,
 }
 
 pub const CURATION_SCHEDULE: &str = "curation";
@@ -77,5 +79,66 @@ pub async fn run_curation_schedule(
             Ok(_) => {}
             Err(e) => tracing::warn!(%slot, error = %e, "scheduled curation failed to enqueue"),
         }
+        if let Some(t) = &s.training
+            && let Err(e) = fire_training(&pool, t, slot).await
+        {
+            tracing::warn!(%slot, error = %e, "training trigger failed");
+        }
     }
+}
+
+/// The scheduled training trigger: starts a run on the champion when a
+/// team's newest dataset version has at least `min_new_examples` more
+/// examples than the version of its last run.
+#[derive(Debug, Clone)]
+pub struct TrainingTrigger {
+    pub min_new_examples: i64,
+    pub spec: crate::train::RunSpec,
+    pub max_attempts: u32,
+}
+
+pub const TRAINING_SCHEDULE: &str = "training";
+
+/// Fires the trigger for one slot; returns the run it queued, if any. At
+/// most one run per base at a time, so at most one team per slot.
+pub async fn fire_training(
+    pool: &PgPool,
+    t: &TrainingTrigger,
+    slot: DateTime<Utc>,
+) -> anyhow::Result<Option<uuid::Uuid>> {
+    if !flywheel_store::jobs::claim_tick(pool, TRAINING_SCHEDULE, slot).await? {
+        return Ok(None);
+    }
+    let Some(champion) = flywheel_store::models::champion(pool).await? else {
+        return Ok(None);
+    };
+    if flywheel_store::training::active_on_base(pool, champion.id).await? {
+        return Ok(None);
+    }
+    for p in flywheel_store::training::team_progress(pool).await? {
+        if p.latest_examples - p.trained_examples < t.min_new_examples {
+            continue;
+        }
+        let mut spec = t.spec.clone();
+        let v = flywheel_store::datasets::get(pool, p.latest_version_id)
+            .await?
+            .ok_or_else(|| anyhow::anyhow!("dataset version vanished"))?;
+        spec.train.objective = if v.sft_count > 0 {
+            flywheel_trainer::Objective::Sft
+        } else if v.dpo_count > 0 {
+            flywheel_trainer::Objective::Dpo
+        } else {
+            flywheel_trainer::Objective::Kto
+        };
+        match crate::train::create_run(pool, v.id, champion.id, &spec, t.max_attempts).await {
+            Ok((run, _)) => {
+                tracing::info!(%run, team = %p.team_id, "scheduled training run queued");
+                return Ok(Some(run));
+            }
+            // Another process queued one for this base meanwhile.
+            Err(e) if e.to_string().contains("already queued or running") => return Ok(None),
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(None)
 }

@@ -490,6 +490,7 @@ async fn a_schedule_slot_fires_once_across_workers() {
         cron: flywheel_jobs::schedule::parse_cron("0 */15 * * * *").unwrap(),
         rules: Rules::default(),
         max_attempts: 3,
+        training: None,
     };
     let slot = Utc::now();
     let fired = flywheel_jobs::schedule::fire_curation(&db.pool, &s, slot)
@@ -507,4 +508,84 @@ async fn a_schedule_slot_fires_once_across_workers() {
     assert_eq!(state.status, "Pending");
     assert_eq!(state.max_attempts, 3);
     assert!(flywheel_jobs::schedule::parse_cron("every tuesday").is_err());
+}
+
+#[tokio::test]
+async fn the_training_trigger_starts_one_run_when_enough_new_examples_arrive() {
+    let db = TestDb::new().await;
+    let mut f = Fixture::new(&db.pool, "acme").await;
+    flywheel_store::models::set_champion(&db.pool, "fixture-model")
+        .await
+        .unwrap();
+    rules_fixture(&mut f);
+    f.save().await;
+    let first = curate::run(&db.pool, &f.job(Rules::default()), None)
+        .await
+        .unwrap();
+    let trigger = flywheel_jobs::schedule::TrainingTrigger {
+        min_new_examples: 10,
+        spec: flywheel_jobs::train::RunSpec {
+            lora: Default::default(),
+            train: Default::default(),
+        },
+        max_attempts: 2,
+    };
+    let fire = |minutes: i64| {
+        let (pool, trigger) = (db.pool.clone(), trigger.clone());
+        async move {
+            let slot = Utc::now() + Duration::minutes(minutes);
+            flywheel_jobs::schedule::fire_training(&pool, &trigger, slot)
+                .await
+                .unwrap()
+        }
+    };
+    let run = fire(1).await.expect("version 1 is new: a run starts");
+    let r = flywheel_store::training::get(&db.pool, run)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(r.dataset_version_id, first.version_id.unwrap());
+    assert_eq!((r.status.as_str(), r.objective.as_str()), ("queued", "sft"));
+    assert!(fire(2).await.is_none(), "one run per base at a time");
+
+    flywheel_store::training::finish(&db.pool, run, "succeeded", None, Some(0.1), None)
+        .await
+        .unwrap();
+    assert!(fire(3).await.is_none(), "nothing new since the last run");
+
+    for i in 0..12 {
+        let id = format!("new{i}");
+        f.completion(
+            &id,
+            &format!("n{i}"),
+            &format!(
+                "Brand new question {i} about {}",
+                ["kites", "maps", "clocks", "ferns"][i % 4]
+            ),
+            "A fresh answer.",
+        );
+        f.vote(&id, &format!("n{i}"), "up", None);
+    }
+    f.save().await;
+    let second = curate::run(&db.pool, &f.job(Rules::default()), None)
+        .await
+        .unwrap();
+    let next = fire(4).await.expect("enough new examples: another run");
+    let r = flywheel_store::training::get(&db.pool, next)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(r.dataset_version_id, second.version_id.unwrap());
+    // A slot fires once.
+    let slot = Utc::now() + Duration::minutes(5);
+    flywheel_store::training::request_cancel(&db.pool, next)
+        .await
+        .unwrap();
+    let a = flywheel_jobs::schedule::fire_training(&db.pool, &trigger, slot)
+        .await
+        .unwrap();
+    let b = flywheel_jobs::schedule::fire_training(&db.pool, &trigger, slot)
+        .await
+        .unwrap();
+    assert!(a.is_some() && b.is_none());
 }

@@ -74,6 +74,10 @@ pub struct Config {
     pub artifacts: PathBuf,
     /// `FLYWHEEL_CHECKPOINT_EVERY`: steps between training checkpoints.
     pub checkpoint_every: usize,
+    /// `FLYWHEEL_TRAIN_MIN_NEW_EXAMPLES`: the schedule starts a training
+    /// run on the champion when a team's newest dataset version has this
+    /// many more examples than its last run's (0: never).
+    pub train_min_new_examples: usize,
     /// `FLYWHEEL_TRAIN_CRASH_AFTER`: test knob, a training attempt fails
     /// after this many steps as if its worker had died.
     pub train_crash_after: Option<usize>,
@@ -139,6 +143,7 @@ impl Config {
             job_pause_ms: parse("FLYWHEEL_JOB_PAUSE_MS", 0)? as u64,
             artifacts,
             checkpoint_every: parse("FLYWHEEL_CHECKPOINT_EVERY", 50)?,
+            train_min_new_examples: parse("FLYWHEEL_TRAIN_MIN_NEW_EXAMPLES", 200)?,
             train_crash_after: match parse("FLYWHEEL_TRAIN_CRASH_AFTER", 0)? {
                 0 => None,
                 n => Some(n),
@@ -189,6 +194,14 @@ impl Config {
                 cron: schedule::parse_cron(expr)?,
                 rules: self.curation_rules.clone(),
                 max_attempts: w.max_attempts,
+                training: (self.train_min_new_examples > 0).then(|| schedule::TrainingTrigger {
+                    min_new_examples: self.train_min_new_examples as i64,
+                    spec: flywheel_jobs::train::RunSpec {
+                        lora: Default::default(),
+                        train: Default::default(),
+                    },
+                    max_attempts: w.max_attempts,
+                }),
             }),
             None => None,
         };

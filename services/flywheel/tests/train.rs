@@ -155,7 +155,11 @@ async fn train_turns_a_dataset_version_into_a_peft_adapter() {
     assert_eq!(imported_lineage.base_version_id, Some(base.id));
     // Same adapter, same base: the same merged weights as the candidate
     // (q and k rows went through PEFT's order and back).
-    for name in ["blk.0.attn_q.weight", "blk.1.attn_k.weight", "blk.1.attn_v.weight"] {
+    for name in [
+        "blk.0.attn_q.weight",
+        "blk.1.attn_k.weight",
+        "blk.1.attn_v.weight",
+    ] {
         let weights = |path: &str| {
             flywheel_engine::gguf::GgufFile::open(std::path::Path::new(path))
                 .unwrap()

@@ -217,3 +217,48 @@ pub async fn steps(ex: impl PgExecutor<'_>, id: Uuid) -> Result<Vec<StepRow>> {
     .fetch_all(ex)
     .await?)
 }
+
+/// Each team's newest dataset version with its example count, and the
+/// example count of the dataset version its last training run used (0 when
+/// it has none): what the training trigger compares.
+#[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
+pub struct TeamProgress {
+    pub team_id: Uuid,
+    pub latest_version_id: Uuid,
+    pub latest_examples: i64,
+    pub trained_examples: i64,
+}
+
+pub async fn team_progress(ex: impl PgExecutor<'_>) -> Result<Vec<TeamProgress>> {
+    Ok(sqlx::query_as(
+        "with latest as (
+             select distinct on (team_id) team_id, id,
+                 (sft_count + dpo_count + kto_count)::bigint as examples
+             from dataset_versions where team_id is not null
+             order by team_id, version desc
+         ), trained as (
+             select distinct on (d.team_id) d.team_id,
+                 (d.sft_count + d.dpo_count + d.kto_count)::bigint as examples
+             from training_runs r join dataset_versions d on d.id = r.dataset_version_id
+             where d.team_id is not null and r.status <> 'cancelled'
+             order by d.team_id, r.created_at desc
+         )
+         select l.team_id, l.id as latest_version_id, l.examples as latest_examples,
+                coalesce(t.examples, 0) as trained_examples
+         from latest l left join trained t on t.team_id = l.team_id
+         order by l.team_id",
+    )
+    .fetch_all(ex)
+    .await?)
+}
+
+/// Whether a base model has a queued or running run.
+pub async fn active_on_base(ex: impl PgExecutor<'_>, base_version_id: Uuid) -> Result<bool> {
+    Ok(sqlx::query_scalar(
+        "select exists(select 1 from training_runs
+                       where base_version_id = $1 and status in ('queued', 'running'))",
+    )
+    .bind(base_version_id)
+    .fetch_one(ex)
+    .await?)
+}
