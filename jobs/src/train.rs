@@ -30,6 +30,9 @@ pub struct TrainJob {
 pub struct RunSpec {
     pub lora: LoraConfig,
     pub train: TrainConfig,
+    /// Train with the configured external command instead of in-process.
+    #[serde(default)]
+    pub external: bool,
 }
 
 /// Where runs keep their files, and the knobs a worker sets.
@@ -40,6 +43,11 @@ pub struct TrainEnv {
     /// Where merged candidate models are stored (the model cache).
     pub model_cache: PathBuf,
     pub checkpoint_every: usize,
+    /// The external trainer (`FLYWHEEL_EXTERNAL_TRAINER`): a shell command
+    /// with `{train}`, `{eval}` (TRL JSONL files), `{base}` (the base GGUF),
+    /// `{out}` (where it must leave a PEFT adapter), `{objective}`,
+    /// `{steps}` and `{flywheel}` (this program) filled in.
+    pub external_command: Option<String>,
     /// Test knob: fail a fresh (not resumed) attempt after this many steps,
     /// as a crash would.
     pub crash_after: Option<usize>,
@@ -188,15 +196,12 @@ pub async fn run(pool: &PgPool, env: &TrainEnv, run_id: Uuid) -> anyhow::Result<
     let handle = tokio::runtime::Handle::current();
     let (pool2, env2, run2) = (pool.clone(), env.clone(), run.clone());
     let result = tokio::task::spawn_blocking(move || {
-        train_blocking(
-            &handle,
-            &pool2,
-            &env2,
-            &run2,
-            &spec,
-            rows,
-            Path::new(&base.path),
-        )
+        let base_path = Path::new(&base.path);
+        if spec.external {
+            external_blocking(&handle, &pool2, &env2, &run2, &spec, rows, base_path)
+        } else {
+            train_blocking(&handle, &pool2, &env2, &run2, &spec, rows, base_path)
+        }
     })
     .await
     .context("training panicked")?;
@@ -303,19 +308,50 @@ fn train_blocking(
     }
     let after = trainer.evaluate(&eval_set)?;
     let adapter = dir.join("adapter");
+    let base_name = rt
+        .block_on(flywheel_store::models::get(pool, run.base_version_id))?
+        .context("the run's base model version is gone")?
+        .name;
+    flywheel_trainer::peft::save(&trainer.lora, &base.model, &base_name, &adapter)?;
+    let mut o = conclude(
+        rt,
+        pool,
+        env,
+        run,
+        &trainer.lora,
+        base_path,
+        &adapter,
+        after,
+    )?;
+    o.resumed_from = resumed_from;
+    Ok(o)
+}
+
+/// Merges the finished adapter, registers the candidate and closes the run.
+#[allow(clippy::too_many_arguments)]
+fn conclude(
+    rt: &tokio::runtime::Handle,
+    pool: &PgPool,
+    env: &TrainEnv,
+    run: &TrainingRun,
+    lora: &Lora,
+    base_path: &Path,
+    adapter: &Path,
+    eval_after: f64,
+) -> anyhow::Result<RunOutcome> {
     let base_row = rt
         .block_on(flywheel_store::models::get(pool, run.base_version_id))?
         .context("the run's base model version is gone")?;
-    flywheel_trainer::peft::save(&trainer.lora, &base.model, &base_row.name, &adapter)?;
+    let dir = run_dir(env, run.id);
     let merged = dir.join("merged.gguf");
     let note = format!(
         "LoRA from dataset version {} on {} (run {})",
         run.dataset_version_id, base_row.name, run.id
     );
-    flywheel_trainer::merge::merge_to_gguf(base_path, &trainer.lora, &merged, &note)?;
+    flywheel_trainer::merge::merge_to_gguf(base_path, lora, &merged, &note)?;
     let name = format!("{}-ft-{}", base_row.name, &run.id.simple().to_string()[..8]);
     let candidate = rt.block_on(register_candidate(
-        pool, env, run, &base_row, &merged, &adapter, &name,
+        pool, env, run, &base_row, &merged, adapter, &name,
     ))?;
     std::fs::remove_file(&merged)?;
     let before = rt
@@ -326,17 +362,147 @@ fn train_blocking(
         run.id,
         "succeeded",
         Some(candidate),
-        Some(after),
+        Some(eval_after),
         None,
     ))?;
     Ok(RunOutcome {
         status: "succeeded".into(),
-        resumed_from,
-        steps: total as i32,
+        resumed_from: None,
+        steps: run.total_steps,
         candidate: Some(name),
         eval_loss_before: before,
-        eval_loss_after: Some(after),
+        eval_loss_after: Some(eval_after),
     })
+}
+
+/// Mean loss of `lora` (or the base, with a fresh adapter) on `eval`.
+fn eval_loss(base: &Base, lora: Lora, spec: &RunSpec, eval: &[Example]) -> anyhow::Result<f64> {
+    if eval.is_empty() {
+        return Ok(0.0);
+    }
+    let mut t = Trainer::new(&base.model, lora, spec.train.clone(), eval.to_vec())?;
+    t.evaluate(eval)
+}
+
+/// A run trained by the configured external command: the dataset goes out
+/// as TRL JSONL, a PEFT adapter comes back, and Flywheel keeps the record,
+/// the held-out loss and the candidate.
+#[allow(clippy::too_many_arguments)]
+fn external_blocking(
+    rt: &tokio::runtime::Handle,
+    pool: &PgPool,
+    env: &TrainEnv,
+    run: &TrainingRun,
+    spec: &RunSpec,
+    rows: Vec<(String, serde_json::Value)>,
+    base_path: &Path,
+) -> anyhow::Result<RunOutcome> {
+    use flywheel_curation::export::Format;
+    let template = env
+        .external_command
+        .as_deref()
+        .context("this run wants the external trainer, but FLYWHEEL_EXTERNAL_TRAINER is not set")?;
+    let dir = run_dir(env, run.id);
+    std::fs::create_dir_all(&dir)?;
+    let format = match spec.train.objective {
+        Objective::Sft => Format::TrlSft,
+        Objective::Dpo => Format::TrlDpo,
+        Objective::Kto => Format::TrlKto,
+    };
+    let (train_file, eval_file) = (dir.join("train.jsonl"), dir.join("eval.jsonl"));
+    let (mut train_text, mut eval_text) = (String::new(), String::new());
+    for (split, stored) in &rows {
+        let line = serde_json::to_string(&format.line(stored.clone())?)? + "\n";
+        if split == "eval" {
+            eval_text.push_str(&line);
+        } else {
+            train_text.push_str(&line);
+        }
+    }
+    std::fs::write(&train_file, train_text)?;
+    std::fs::write(&eval_file, eval_text)?;
+    let adapter = dir.join("adapter");
+    let _ = std::fs::remove_dir_all(&adapter);
+    let exe = std::env::current_exe()?;
+    let command = template
+        .replace("{train}", &train_file.display().to_string())
+        .replace("{eval}", &eval_file.display().to_string())
+        .replace("{base}", &base_path.display().to_string())
+        .replace("{out}", &adapter.display().to_string())
+        .replace("{objective}", kind_of(spec.train.objective))
+        .replace("{steps}", &spec.train.steps.to_string())
+        .replace("{flywheel}", &exe.display().to_string());
+    let log_path = dir.join("external.log");
+    let log = std::fs::File::create(&log_path)?;
+    tracing::info!(%command, "starting the external trainer");
+    let mut child = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(&command)
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .spawn()
+        .context("starting the external trainer")?;
+    let status = loop {
+        if let Some(status) = child.try_wait()? {
+            break status;
+        }
+        let cancel = rt
+            .block_on(training::get(pool, run.id))?
+            .is_some_and(|r| r.cancel_requested);
+        if cancel {
+            let _ = child.kill();
+            let _ = child.wait();
+            rt.block_on(training::finish(
+                pool,
+                run.id,
+                "cancelled",
+                None,
+                None,
+                None,
+            ))?;
+            return Ok(RunOutcome {
+                status: "cancelled".into(),
+                resumed_from: None,
+                steps: 0,
+                candidate: None,
+                eval_loss_before: None,
+                eval_loss_after: None,
+            });
+        }
+        std::thread::sleep(std::time::Duration::from_millis(500));
+    };
+    if !status.success() {
+        let text = std::fs::read_to_string(&log_path).unwrap_or_default();
+        let tail: Vec<&str> = text.lines().rev().take(5).collect();
+        bail!(
+            "the external trainer exited with {status}: {}",
+            tail.into_iter().rev().collect::<Vec<_>>().join(" | ")
+        );
+    }
+    // What came back must be a LoRA adapter for this base.
+    let base = Base::load(base_path)?;
+    let lora = flywheel_trainer::peft::load(&base.model, &adapter)
+        .context("the external trainer did not leave a usable PEFT adapter")?;
+    let (_, eval_set) = load_examples(&base, spec.train.objective, rows, spec.train.max_len)?;
+    let before = eval_loss(
+        &base,
+        Lora::new(&base.model, spec.lora.clone())?,
+        spec,
+        &eval_set,
+    )?;
+    rt.block_on(training::set_eval_before(pool, run.id, before))?;
+    let after = eval_loss(&base, lora.clone(), spec, &eval_set)?;
+    rt.block_on(training::record_step(
+        pool,
+        run.id,
+        run.total_steps,
+        after,
+        0.0,
+        0.0,
+        0,
+        0.0,
+    ))?;
+    conclude(rt, pool, env, run, &lora, base_path, &adapter, after)
 }
 
 #[allow(clippy::too_many_arguments)]

@@ -527,6 +527,7 @@ async fn the_training_trigger_starts_one_run_when_enough_new_examples_arrive() {
         spec: flywheel_jobs::train::RunSpec {
             lora: Default::default(),
             train: Default::default(),
+            external: false,
         },
         max_attempts: 2,
     };

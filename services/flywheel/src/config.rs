@@ -74,6 +74,9 @@ pub struct Config {
     pub artifacts: PathBuf,
     /// `FLYWHEEL_CHECKPOINT_EVERY`: steps between training checkpoints.
     pub checkpoint_every: usize,
+    /// `FLYWHEEL_EXTERNAL_TRAINER`: the command `train --queue --external`
+    /// runs (see `flywheel_jobs::train::TrainEnv::external_command`).
+    pub external_trainer: Option<String>,
     /// `FLYWHEEL_TRAIN_MIN_NEW_EXAMPLES`: the schedule starts a training
     /// run on the champion when a team's newest dataset version has this
     /// many more examples than its last run's (0: never).
@@ -143,6 +146,7 @@ impl Config {
             job_pause_ms: parse("FLYWHEEL_JOB_PAUSE_MS", 0)? as u64,
             artifacts,
             checkpoint_every: parse("FLYWHEEL_CHECKPOINT_EVERY", 50)?,
+            external_trainer: var("FLYWHEEL_EXTERNAL_TRAINER"),
             train_min_new_examples: parse("FLYWHEEL_TRAIN_MIN_NEW_EXAMPLES", 200)?,
             train_crash_after: match parse("FLYWHEEL_TRAIN_CRASH_AFTER", 0)? {
                 0 => None,
@@ -187,6 +191,7 @@ impl Config {
             artifacts: self.artifacts.clone(),
             model_cache: self.model_cache.clone(),
             checkpoint_every: self.checkpoint_every,
+            external_command: self.external_trainer.clone(),
             crash_after: self.train_crash_after,
         });
         w.curation = match &self.curation_schedule {
@@ -199,6 +204,7 @@ impl Config {
                     spec: flywheel_jobs::train::RunSpec {
                         lora: Default::default(),
                         train: Default::default(),
+                        external: false,
                     },
                     max_attempts: w.max_attempts,
                 }),

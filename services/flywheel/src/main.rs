@@ -275,6 +275,7 @@ async fn run() -> anyhow::Result<()> {
             let pool = pool(&cfg).await?;
             datasets(&cfg, &pool, command).await
         }
+        Command::Train(args) if args.jsonl.is_some() => flywheel::train::train_file(*args).await,
         Command::Train(args) => {
             let pool = pool(&cfg).await?;
             flywheel::train::train(&cfg, &pool, *args).await

@@ -17,8 +17,18 @@ use flywheel_trainer::{Base, Lora, LoraConfig, Objective, TrainConfig, Trainer};
 #[derive(Debug, Clone, clap::Args)]
 pub struct TrainArgs {
     /// Dataset version: id, TEAM@N or shared@N.
+    #[arg(long, required_unless_present = "jsonl")]
+    pub dataset: Option<String>,
+    /// Train on an exported file instead (`trl-sft`, `trl-dpo` or `trl-kto`
+    /// JSONL), without the database: what an external trainer command runs.
+    #[arg(long, conflicts_with_all = ["dataset", "queue", "register", "model"], requires = "base_gguf")]
+    pub jsonl: Option<PathBuf>,
+    /// Held-out examples for `--jsonl` (same format).
+    #[arg(long, requires = "jsonl")]
+    pub eval_jsonl: Option<PathBuf>,
+    /// The base model file for `--jsonl`.
     #[arg(long)]
-    pub dataset: String,
+    pub base_gguf: Option<PathBuf>,
     /// sft, dpo or kto (default: sft if the version has SFT examples, else dpo, else kto).
     #[arg(long)]
     pub objective: Option<String>,
@@ -57,19 +67,175 @@ pub struct TrainArgs {
     /// Queue a recorded training run for the workers instead of training here.
     #[arg(long, conflicts_with_all = ["out", "register"])]
     pub queue: bool,
+    /// With --queue: train with the workers' external trainer command
+    /// (FLYWHEEL_EXTERNAL_TRAINER) instead of in-process.
+    #[arg(long, requires = "queue")]
+    pub external: bool,
     /// Also merge the adapter into the base (Q8_0 GGUF) and register it as
     /// a candidate model version with this name, with its lineage.
     #[arg(long)]
     pub register: Option<String>,
 }
 
-pub async fn train(cfg: &crate::Config, pool: &PgPool, args: TrainArgs) -> anyhow::Result<()> {
-    let version = crate::datasets::resolve(pool, &args.dataset).await?;
-    let objective = match args.objective.as_deref() {
-        Some("sft") => Objective::Sft,
-        Some("dpo") => Objective::Dpo,
-        Some("kto") => Objective::Kto,
+/// The adapter's and the optimizer's settings from the flags.
+fn configs(args: &TrainArgs, objective: Objective) -> anyhow::Result<(LoraConfig, TrainConfig)> {
+    let targets: Vec<Proj> = args
+        .targets
+        .iter()
+        .map(|t| {
+            serde_json::from_value(serde_json::Value::String(t.clone()))
+                .map_err(|_| anyhow::anyhow!("unknown target module {t}"))
+        })
+        .collect::<anyhow::Result<_>>()?;
+    Ok((
+        LoraConfig {
+            rank: args.rank,
+            alpha: args.alpha,
+            dropout: args.dropout,
+            targets,
+            seed: 0,
+        },
+        TrainConfig {
+            objective,
+            learning_rate: args.learning_rate,
+            steps: args.steps,
+            grad_accum: args.grad_accum,
+            warmup_steps: args.warmup_steps.min(args.steps),
+            max_len: args.max_len,
+            beta: args.beta,
+            ..Default::default()
+        },
+    ))
+}
+
+fn parse_objective(s: Option<&str>) -> anyhow::Result<Option<Objective>> {
+    Ok(match s {
+        None => None,
+        Some("sft") => Some(Objective::Sft),
+        Some("dpo") => Some(Objective::Dpo),
+        Some("kto") => Some(Objective::Kto),
         Some(other) => bail!("--objective must be sft, dpo or kto, not {other}"),
+    })
+}
+
+/// Trains, prints progress, saves the adapter and `flywheel_run.json` in
+/// `out`; returns the trained adapter and the run record.
+#[allow(clippy::too_many_arguments)]
+fn fit(
+    base: &Base,
+    train_set: Vec<flywheel_trainer::Example>,
+    eval_set: Vec<flywheel_trainer::Example>,
+    lora_config: LoraConfig,
+    config: TrainConfig,
+    out: &std::path::Path,
+    base_name: &str,
+    source: serde_json::Value,
+) -> anyhow::Result<(Lora, serde_json::Value)> {
+    let lora = Lora::new(&base.model, lora_config)?;
+    let (n_train, n_eval) = (train_set.len(), eval_set.len());
+    let steps = config.steps;
+    let mut trainer = Trainer::new(&base.model, lora, config.clone(), train_set)?;
+    let eval_before = trainer.evaluate(&eval_set)?;
+    eprintln!("{n_train} train / {n_eval} eval examples; eval loss before: {eval_before:.4}");
+    let started = Instant::now();
+    let mut log = Vec::with_capacity(steps);
+    for _ in 0..steps {
+        let s = trainer.train_step()?;
+        eprintln!(
+            "step {:>4}/{steps}  loss {:.4}  lr {:.2e}  grad norm {:.3}  {:.2} s",
+            s.step, s.loss, s.learning_rate, s.grad_norm, s.seconds
+        );
+        log.push(s);
+    }
+    let eval_after = trainer.evaluate(&eval_set)?;
+    let seconds = started.elapsed().as_secs_f64();
+    flywheel_trainer::peft::save(&trainer.lora, &base.model, base_name, out)?;
+    let record = serde_json::json!({
+        "source": source,
+        "base_model": base_name,
+        "objective": config.objective,
+        "lora": trainer.lora.config,
+        "train": config,
+        "examples": {"train": n_train, "eval": n_eval},
+        "eval_loss": {"before": eval_before, "after": eval_after},
+        "seconds": seconds,
+        "steps": log,
+    });
+    std::fs::write(
+        out.join("flywheel_run.json"),
+        serde_json::to_string_pretty(&record)?,
+    )?;
+    println!(
+        "adapter saved to {} ({seconds:.0} s): eval loss {eval_before:.4} -> {eval_after:.4}",
+        out.display()
+    );
+    let mut lora = trainer.lora;
+    lora.training = false;
+    Ok((lora, record))
+}
+
+/// `flywheel train --jsonl FILE --base-gguf MODEL --out DIR`: no database.
+pub async fn train_file(args: TrainArgs) -> anyhow::Result<()> {
+    let (Some(jsonl), Some(base_path), Some(out)) =
+        (args.jsonl.clone(), args.base_gguf.clone(), args.out.clone())
+    else {
+        bail!("--jsonl needs --base-gguf and --out");
+    };
+    let wanted = parse_objective(args.objective.as_deref())?;
+    tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
+        let base = Base::load(&base_path)?;
+        let read = |path: &std::path::Path| -> anyhow::Result<Vec<flywheel_trainer::Example>> {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading {}", path.display()))?;
+            text.lines()
+                .filter(|l| !l.trim().is_empty())
+                .enumerate()
+                .map(|(i, l)| {
+                    flywheel_trainer::data::parse_line(&base, l, args.max_len)
+                        .with_context(|| format!("{} line {}", path.display(), i + 1))
+                })
+                .collect()
+        };
+        let train_set = read(&jsonl)?;
+        let eval_set = match &args.eval_jsonl {
+            Some(p) => read(p)?,
+            None => Vec::new(),
+        };
+        let objective = match (wanted, train_set.first()) {
+            (Some(o), _) => o,
+            (None, Some(flywheel_trainer::Example::Dpo { .. })) => Objective::Dpo,
+            (None, Some(flywheel_trainer::Example::Kto { .. })) => Objective::Kto,
+            (None, _) => Objective::Sft,
+        };
+        let (lora_config, config) = configs(&args, objective)?;
+        let name = base_path
+            .file_stem()
+            .map(|s| s.to_string_lossy().to_string())
+            .unwrap_or_default();
+        let source = serde_json::json!({"jsonl": jsonl});
+        fit(
+            &base,
+            train_set,
+            eval_set,
+            lora_config,
+            config,
+            &out,
+            &name,
+            source,
+        )?;
+        Ok(())
+    })
+    .await
+    .context("training panicked")?
+}
+
+pub async fn train(cfg: &crate::Config, pool: &PgPool, args: TrainArgs) -> anyhow::Result<()> {
+    let Some(spec) = args.dataset.clone() else {
+        bail!("give --dataset (or --jsonl)");
+    };
+    let version = crate::datasets::resolve(pool, &spec).await?;
+    let objective = match parse_objective(args.objective.as_deref())? {
+        Some(o) => o,
         None if version.sft_count > 0 => Objective::Sft,
         None if version.dpo_count > 0 => Objective::Dpo,
         None => Objective::Kto,
@@ -81,7 +247,7 @@ pub async fn train(cfg: &crate::Config, pool: &PgPool, args: TrainArgs) -> anyho
     };
     let rows = flywheel_store::datasets::examples(pool, version.id, kind, None).await?;
     if rows.is_empty() {
-        bail!("dataset version {} has no {kind} examples", args.dataset);
+        bail!("dataset version {spec} has no {kind} examples");
     }
     let model = match &args.model {
         Some(name) => flywheel_store::models::by_name(pool, name)
@@ -91,14 +257,6 @@ pub async fn train(cfg: &crate::Config, pool: &PgPool, args: TrainArgs) -> anyho
             .await?
             .context("no champion model: `flywheel models pull` first")?,
     };
-    let targets: Vec<Proj> = args
-        .targets
-        .iter()
-        .map(|t| {
-            serde_json::from_value(serde_json::Value::String(t.clone()))
-                .map_err(|_| anyhow::anyhow!("unknown target module {t}"))
-        })
-        .collect::<anyhow::Result<_>>()?;
     eprintln!(
         "training {kind} on dataset {} (version {}, {} examples) from {}",
         version.id,
@@ -106,27 +264,12 @@ pub async fn train(cfg: &crate::Config, pool: &PgPool, args: TrainArgs) -> anyho
         rows.len(),
         model.name
     );
-    let lora_config = LoraConfig {
-        rank: args.rank,
-        alpha: args.alpha,
-        dropout: args.dropout,
-        targets,
-        seed: 0,
-    };
-    let train_config = TrainConfig {
-        objective,
-        learning_rate: args.learning_rate,
-        steps: args.steps,
-        grad_accum: args.grad_accum,
-        warmup_steps: args.warmup_steps.min(args.steps),
-        max_len: args.max_len,
-        beta: args.beta,
-        ..Default::default()
-    };
+    let (lora_config, train_config) = configs(&args, objective)?;
     if args.queue {
         let spec = RunSpec {
             lora: lora_config,
             train: train_config,
+            external: args.external,
         };
         let (run, task) = flywheel_jobs::train::create_run(
             pool,
@@ -151,50 +294,22 @@ pub async fn train(cfg: &crate::Config, pool: &PgPool, args: TrainArgs) -> anyho
     let record = tokio::task::spawn_blocking(move || -> anyhow::Result<serde_json::Value> {
         let base = Base::load(std::path::Path::new(&model.path))?;
         let (train_set, eval_set) = load_examples(&base, objective, rows, args.max_len)?;
-        let lora = Lora::new(&base.model, lora_config)?;
-        let config = train_config;
-        let (n_train, n_eval) = (train_set.len(), eval_set.len());
-        let mut trainer = Trainer::new(&base.model, lora, config.clone(), train_set)?;
-        let eval_before = trainer.evaluate(&eval_set)?;
-        eprintln!("{n_train} train / {n_eval} eval examples; eval loss before: {eval_before:.4}");
-        let started = Instant::now();
-        let mut log = Vec::with_capacity(args.steps);
-        for _ in 0..args.steps {
-            let s = trainer.train_step()?;
-            eprintln!(
-                "step {:>4}/{}  loss {:.4}  lr {:.2e}  grad norm {:.3}  {:.2} s",
-                s.step, args.steps, s.loss, s.learning_rate, s.grad_norm, s.seconds
-            );
-            log.push(s);
-        }
-        let eval_after = trainer.evaluate(&eval_set)?;
-        let seconds = started.elapsed().as_secs_f64();
-        flywheel_trainer::peft::save(&trainer.lora, &base.model, &model.name, &out2)?;
-        let record = serde_json::json!({
-            "dataset_version": dataset_id,
-            "base_model": {"id": model.id, "name": model.name, "sha256": model.sha256},
-            "objective": objective,
-            "lora": trainer.lora.config,
-            "train": config,
-            "examples": {"train": n_train, "eval": n_eval},
-            "eval_loss": {"before": eval_before, "after": eval_after},
-            "seconds": seconds,
-            "steps": log,
-        });
-        std::fs::write(
-            out2.join("flywheel_run.json"),
-            serde_json::to_string_pretty(&record)?,
+        let source = serde_json::json!({"dataset_version": dataset_id, "base_model_id": model.id});
+        let (lora, record) = fit(
+            &base,
+            train_set,
+            eval_set,
+            lora_config,
+            train_config,
+            &out2,
+            &model.name,
+            source,
         )?;
-        println!(
-            "adapter saved to {} ({:.0} s): eval loss {eval_before:.4} -> {eval_after:.4}",
-            out2.display(),
-            seconds
-        );
         if args.register.is_some() {
             let note = format!("LoRA from dataset version {dataset_id} on {}", model.name);
             flywheel_trainer::merge::merge_to_gguf(
                 &base_path,
-                &trainer.lora,
+                &lora,
                 &out2.join("merged.gguf"),
                 &note,
             )?;

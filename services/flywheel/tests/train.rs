@@ -268,25 +268,28 @@ async fn trained_setup(prefix: &str, seed: u64) -> (String, std::path::PathBuf) 
 }
 
 fn queue_run(db: &str, steps: &str) -> uuid::Uuid {
-    let out = cli(
-        db,
-        &[
-            "train",
-            "--dataset",
-            "acme@1",
-            "--queue",
-            "--steps",
-            steps,
-            "--learning-rate",
-            "5e-3",
-            "--warmup-steps",
-            "1",
-            "--rank",
-            "4",
-            "--max-len",
-            "96",
-        ],
-    );
+    queue_run_with(db, steps, &[])
+}
+
+fn queue_run_with(db: &str, steps: &str, extra: &[&str]) -> uuid::Uuid {
+    let mut args = vec![
+        "train",
+        "--dataset",
+        "acme@1",
+        "--queue",
+        "--steps",
+        steps,
+        "--learning-rate",
+        "5e-3",
+        "--warmup-steps",
+        "1",
+        "--rank",
+        "4",
+        "--max-len",
+        "96",
+    ];
+    args.extend_from_slice(extra);
+    let out = cli(db, &args);
     out.split_whitespace()
         .nth(3)
         .and_then(|id| id.parse().ok())
@@ -422,4 +425,62 @@ async fn a_running_run_can_be_cancelled_and_a_base_trains_one_run_at_a_time() {
         .unwrap();
     assert!(!again.status.success());
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[tokio::test]
+async fn an_external_trainer_command_trains_a_run_at_low_priority() {
+    let (db, dir) = trained_setup("fw_train_external", 19).await;
+    let run_id = queue_run_with(&db, "4", &["--external"]);
+    let pool = flywheel_store::connect(&db).await.unwrap();
+    // The external command here is Flywheel's own file-based trainer under
+    // `nice`: any tool that reads TRL JSONL and writes a PEFT adapter fits.
+    let command = "nice -n 10 {flywheel} train --jsonl {train} --eval-jsonl {eval} \
+                   --base-gguf {base} --out {out} --steps {steps} --rank 4 --max-len 96 \
+                   --learning-rate 5e-3 --warmup-steps 1";
+    let mut w = train_worker(&db, &dir, &[("FLYWHEEL_EXTERNAL_TRAINER", command)]);
+    let run = wait_for_run(&pool, run_id, 90, |r| {
+        matches!(r.status.as_str(), "succeeded" | "failed")
+    })
+    .await;
+    let _ = w.kill();
+    let _ = w.wait();
+    assert_eq!(run.status, "succeeded", "{run:#?}");
+    assert!(run.eval_loss_after.unwrap() < run.eval_loss_before.unwrap());
+    let candidate = flywheel_store::models::get(&pool, run.candidate_version_id.unwrap())
+        .await
+        .unwrap()
+        .unwrap();
+    let lineage = flywheel_store::models::lineage(&pool, candidate.id)
+        .await
+        .unwrap()
+        .unwrap();
+    let adapter = std::path::PathBuf::from(lineage.adapter_path.unwrap());
+    // The command's own record came back with the adapter.
+    let record: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(adapter.join("flywheel_run.json")).unwrap())
+            .unwrap();
+    assert_eq!(record["steps"].as_array().unwrap().len(), 4);
+
+    // A command that fails fails the run, with its output in the error.
+    let (db2, dir2) = trained_setup("fw_train_external_bad", 23).await;
+    let bad = queue_run_with(&db2, "4", &["--external"]);
+    let pool2 = flywheel_store::connect(&db2).await.unwrap();
+    let mut w = train_worker(
+        &db2,
+        &dir2,
+        &[
+            ("FLYWHEEL_EXTERNAL_TRAINER", "echo no gpu here >&2; exit 3"),
+            ("FLYWHEEL_JOB_MAX_ATTEMPTS", "1"),
+        ],
+    );
+    let run = wait_for_run(&pool2, bad, 60, |r| r.status == "failed").await;
+    let _ = w.kill();
+    let _ = w.wait();
+    assert_eq!(run.status, "failed", "{run:#?}");
+    assert!(
+        run.error.as_deref().unwrap().contains("no gpu here"),
+        "{run:#?}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+    std::fs::remove_dir_all(&dir2).unwrap();
 }
