@@ -43,6 +43,9 @@ pub struct TrainEnv {
     /// Where merged candidate models are stored (the model cache).
     pub model_cache: PathBuf,
     pub checkpoint_every: usize,
+    /// Niceness of the training thread (and of the external command's
+    /// process), so serving on the same machine keeps the CPU.
+    pub nice: i32,
     /// The external trainer (`FLYWHEEL_EXTERNAL_TRAINER`): a shell command
     /// with `{train}`, `{eval}` (TRL JSONL files), `{base}` (the base GGUF),
     /// `{out}` (where it must leave a PEFT adapter), `{objective}`,
@@ -195,16 +198,22 @@ pub async fn run(pool: &PgPool, env: &TrainEnv, run_id: Uuid) -> anyhow::Result<
         .context("the run's base model version is gone")?;
     let handle = tokio::runtime::Handle::current();
     let (pool2, env2, run2) = (pool.clone(), env.clone(), run.clone());
-    let result = tokio::task::spawn_blocking(move || {
-        let base_path = Path::new(&base.path);
-        if spec.external {
-            external_blocking(&handle, &pool2, &env2, &run2, &spec, rows, base_path)
-        } else {
-            train_blocking(&handle, &pool2, &env2, &run2, &spec, rows, base_path)
-        }
-    })
-    .await
-    .context("training panicked")?;
+    // A thread of its own, so its lowered priority stays with training.
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let nice = env.nice;
+    std::thread::Builder::new()
+        .name(format!("train-{}", &run_id.simple().to_string()[..8]))
+        .spawn(move || {
+            flywheel_trainer::lower_thread_priority(nice);
+            let base_path = Path::new(&base.path);
+            let result = if spec.external {
+                external_blocking(&handle, &pool2, &env2, &run2, &spec, rows, base_path)
+            } else {
+                train_blocking(&handle, &pool2, &env2, &run2, &spec, rows, base_path)
+            };
+            let _ = tx.send(result);
+        })?;
+    let result = rx.await.context("the training thread panicked")?;
     match result {
         Ok(o) => Ok(o),
         Err(e) => {
@@ -435,7 +444,10 @@ fn external_blocking(
     let log_path = dir.join("external.log");
     let log = std::fs::File::create(&log_path)?;
     tracing::info!(%command, "starting the external trainer");
-    let mut child = std::process::Command::new("sh")
+    let mut child = std::process::Command::new("nice")
+        .arg("-n")
+        .arg(env.nice.clamp(0, 19).to_string())
+        .arg("sh")
         .arg("-c")
         .arg(&command)
         .stdout(log.try_clone()?)

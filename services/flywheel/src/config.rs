@@ -74,6 +74,8 @@ pub struct Config {
     pub artifacts: PathBuf,
     /// `FLYWHEEL_CHECKPOINT_EVERY`: steps between training checkpoints.
     pub checkpoint_every: usize,
+    /// `FLYWHEEL_TRAIN_NICE`: priority (0-19) training runs at, below serving.
+    pub train_nice: i32,
     /// `FLYWHEEL_EXTERNAL_TRAINER`: the command `train --queue --external`
     /// runs (see `flywheel_jobs::train::TrainEnv::external_command`).
     pub external_trainer: Option<String>,
@@ -147,6 +149,7 @@ impl Config {
             artifacts,
             checkpoint_every: parse("FLYWHEEL_CHECKPOINT_EVERY", 50)?,
             external_trainer: var("FLYWHEEL_EXTERNAL_TRAINER"),
+            train_nice: parse("FLYWHEEL_TRAIN_NICE", 19)?.min(19) as i32,
             train_min_new_examples: parse("FLYWHEEL_TRAIN_MIN_NEW_EXAMPLES", 200)?,
             train_crash_after: match parse("FLYWHEEL_TRAIN_CRASH_AFTER", 0)? {
                 0 => None,
@@ -192,6 +195,7 @@ impl Config {
             model_cache: self.model_cache.clone(),
             checkpoint_every: self.checkpoint_every,
             external_command: self.external_trainer.clone(),
+            nice: self.train_nice,
             crash_after: self.train_crash_after,
         });
         w.curation = match &self.curation_schedule {

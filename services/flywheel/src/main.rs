@@ -242,6 +242,7 @@ async fn run() -> anyhow::Result<()> {
             keys(&pool, command).await
         }
         Command::Worker => {
+            low_priority_training_pool(&cfg);
             let pool = pool(&cfg).await?;
             flywheel_jobs::worker::run(pool, cfg.worker()?, flywheel::shutdown_signal()).await
         }
@@ -307,7 +308,22 @@ async fn pool(cfg: &Config) -> anyhow::Result<flywheel_store::PgPool> {
     flywheel::connect_and_migrate(&url.0).await
 }
 
+/// The global rayon pool is where candle's matmuls run, that is training
+/// (serving has a pool of its own): its threads get the training priority.
+fn low_priority_training_pool(cfg: &Config) {
+    let nice = cfg.train_nice;
+    let built = rayon::ThreadPoolBuilder::new()
+        .start_handler(move |_| {
+            flywheel_trainer::lower_thread_priority(nice);
+        })
+        .build_global();
+    if let Err(e) = built {
+        tracing::warn!(error = %e, "training threads keep normal priority");
+    }
+}
+
 async fn up(mut cfg: Config) -> anyhow::Result<()> {
+    low_priority_training_pool(&cfg);
     std::fs::create_dir_all(&cfg.home)?;
     let local = match &cfg.database_url {
         Some(_) => None,
