@@ -9,22 +9,7 @@ use serde_json::json;
 
 mod common;
 
-use common::fresh_database;
-
-fn cli(db: &str, args: &[&str]) -> String {
-    let out = Command::new(env!("CARGO_BIN_EXE_flywheel"))
-        .env("FLYWHEEL_HOME", common::test_home())
-        .args(args)
-        .env("DATABASE_URL", db)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).to_string()
-}
+use common::{cli, fresh_database};
 
 fn serve(db: &str, port: u16, journal: &std::path::Path) -> Child {
     Command::new(env!("CARGO_BIN_EXE_flywheel"))

@@ -6,54 +6,11 @@ use std::process::Command;
 
 mod common;
 
-use common::fresh_database;
-
-fn cli(db: &str, args: &[&str]) -> String {
-    let out = Command::new(env!("CARGO_BIN_EXE_flywheel"))
-        .env("FLYWHEEL_HOME", common::test_home())
-        .args(args)
-        .env("DATABASE_URL", db)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).to_string()
-}
+use common::{cli, fresh_database};
 
 #[tokio::test]
 async fn train_turns_a_dataset_version_into_a_peft_adapter() {
-    let db = fresh_database("fw_train").await;
-    let dir = std::env::temp_dir().join(format!("fw-train-{}", uuid::Uuid::new_v4()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let model = flywheel_engine::tiny::write_tiny_model(&dir, 11).unwrap();
-    cli(
-        &db,
-        &[
-            "models",
-            "import",
-            model.to_str().unwrap(),
-            "--name",
-            "tiny",
-            "--champion",
-        ],
-    );
-    cli(
-        &db,
-        &[
-            "datasets",
-            "synth",
-            "--team",
-            "acme",
-            "--completions",
-            "600",
-            "--ratings",
-            "300",
-        ],
-    );
-    cli(&db, &["datasets", "build", "--team", "acme", "--inline"]);
+    let (db, dir) = trained_setup("fw_train", 11).await;
     let out = dir.join("adapter");
     let printed = cli(
         &db,

@@ -13,22 +13,7 @@ use flywheel_store::jobs::{JobRun, TaskState};
 
 mod common;
 
-use common::fresh_database;
-
-fn cli(db: &str, args: &[&str]) -> String {
-    let out = Command::new(env!("CARGO_BIN_EXE_flywheel"))
-        .env("FLYWHEEL_HOME", common::test_home())
-        .args(args)
-        .env("DATABASE_URL", db)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).to_string()
-}
+use common::{cli, fresh_database};
 
 /// A worker process with a fast heartbeat, no schedule and the given knobs.
 fn worker(db: &str, env: &[(&str, &str)]) -> Child {

@@ -24,3 +24,21 @@ pub async fn fresh_database(prefix: &str) -> String {
 pub fn test_home() -> std::path::PathBuf {
     std::env::temp_dir().join("flywheel-test-home")
 }
+
+/// Runs the binary under test against `db`; panics with its stderr if it
+/// fails, returns its stdout.
+#[allow(dead_code)]
+pub fn cli(db: &str, args: &[&str]) -> String {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_flywheel"))
+        .env("FLYWHEEL_HOME", test_home())
+        .args(args)
+        .env("DATABASE_URL", db)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).to_string()
+}
