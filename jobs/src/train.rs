@@ -279,22 +279,9 @@ fn train_blocking(
             s.seconds,
         ))?;
         if cancel {
-            rt.block_on(training::finish(
-                pool,
-                run.id,
-                "cancelled",
-                None,
-                None,
-                None,
-            ))?;
-            return Ok(RunOutcome {
-                status: "cancelled".into(),
-                resumed_from,
-                steps: s.step as i32,
-                candidate: None,
-                eval_loss_before: run.eval_loss_before,
-                eval_loss_after: None,
-            });
+            let mut o = cancelled(rt, pool, run, s.step as i32)?;
+            o.resumed_from = resumed_from;
+            return Ok(o);
         }
         if s.step % every == 0 && s.step < total {
             // Written next to the old one and renamed, so a crash mid-save
@@ -334,6 +321,31 @@ fn train_blocking(
     )?;
     o.resumed_from = resumed_from;
     Ok(o)
+}
+
+/// Closes a run whose cancel was requested, after `steps` steps.
+fn cancelled(
+    rt: &tokio::runtime::Handle,
+    pool: &PgPool,
+    run: &TrainingRun,
+    steps: i32,
+) -> anyhow::Result<RunOutcome> {
+    rt.block_on(training::finish(
+        pool,
+        run.id,
+        "cancelled",
+        None,
+        None,
+        None,
+    ))?;
+    Ok(RunOutcome {
+        status: "cancelled".into(),
+        resumed_from: None,
+        steps,
+        candidate: None,
+        eval_loss_before: run.eval_loss_before,
+        eval_loss_after: None,
+    })
 }
 
 /// Merges the finished adapter, registers the candidate and closes the run.
@@ -464,22 +476,7 @@ fn external_blocking(
         if cancel {
             let _ = child.kill();
             let _ = child.wait();
-            rt.block_on(training::finish(
-                pool,
-                run.id,
-                "cancelled",
-                None,
-                None,
-                None,
-            ))?;
-            return Ok(RunOutcome {
-                status: "cancelled".into(),
-                resumed_from: None,
-                steps: 0,
-                candidate: None,
-                eval_loss_before: None,
-                eval_loss_after: None,
-            });
+            return cancelled(rt, pool, run, 0);
         }
         std::thread::sleep(std::time::Duration::from_millis(500));
     };
