@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, bail};
 use flywheel_curation::build::{DpoPair, KtoExample, SftExample};
 use flywheel_store::PgPool;
+use flywheel_store::models::{Lineage, ModelVersion};
 use flywheel_store::training::{self, TrainingRun};
 use flywheel_trainer::data::Message;
 use flywheel_trainer::{Base, Example, Lora, LoraConfig, Objective, TrainConfig, Trainer};
@@ -363,18 +364,28 @@ fn conclude(
     let base_row = rt
         .block_on(flywheel_store::models::get(pool, run.base_version_id))?
         .context("the run's base model version is gone")?;
-    let dir = run_dir(env, run.id);
-    let merged = dir.join("merged.gguf");
     let note = format!(
         "LoRA from dataset version {} on {} (run {})",
         run.dataset_version_id, base_row.name, run.id
     );
-    flywheel_trainer::merge::merge_to_gguf(base_path, lora, &merged, &note)?;
     let name = format!("{}-ft-{}", base_row.name, &run.id.simple().to_string()[..8]);
-    let candidate = rt.block_on(register_candidate(
-        pool, env, run, &base_row, &merged, adapter, &name,
-    ))?;
-    std::fs::remove_file(&merged)?;
+    let lineage = Lineage {
+        base_version_id: Some(base_row.id),
+        dataset_version_id: Some(run.dataset_version_id),
+        adapter_path: Some(adapter.display().to_string()),
+        training: Some(serde_json::json!({"run": run.id})),
+    };
+    let candidate = rt
+        .block_on(register_candidate(
+            pool,
+            &env.model_cache,
+            base_path,
+            lora,
+            &name,
+            &note,
+            &lineage,
+        ))?
+        .id;
     let before = rt
         .block_on(training::get(pool, run.id))?
         .and_then(|r| r.eval_loss_before);
@@ -514,18 +525,36 @@ fn external_blocking(
     conclude(rt, pool, env, run, &lora, base_path, &adapter, after)
 }
 
+/// Merges `lora` into the base GGUF (Q8_0 where adapted), keeps the result
+/// in the model cache and registers it as model version `name` with its
+/// lineage. Every way a candidate appears (a run, `train --register`,
+/// `models import-adapter`) goes through here.
 #[allow(clippy::too_many_arguments)]
-async fn register_candidate(
+pub async fn register_candidate(
     pool: &PgPool,
-    env: &TrainEnv,
-    run: &TrainingRun,
-    base: &flywheel_store::models::ModelVersion,
-    merged: &Path,
-    adapter: &Path,
+    model_cache: &Path,
+    base_path: &Path,
+    lora: &Lora,
     name: &str,
-) -> anyhow::Result<Uuid> {
-    let cache = flywheel_modelhub::ModelCache::new(&env.model_cache)?;
-    let fetched = cache.import(merged, Some(name)).await?;
+    note: &str,
+    lineage: &Lineage,
+) -> anyhow::Result<ModelVersion> {
+    let tmp = std::env::temp_dir().join(format!("flywheel-merge-{}.gguf", Uuid::new_v4()));
+    let (base, adapter, out, note) = (
+        base_path.to_path_buf(),
+        lora.clone(),
+        tmp.clone(),
+        note.to_string(),
+    );
+    tokio::task::spawn_blocking(move || {
+        flywheel_trainer::merge::merge_to_gguf(&base, &adapter, &out, &note)
+    })
+    .await
+    .context("merging panicked")??;
+    let cache = flywheel_modelhub::ModelCache::new(model_cache)?;
+    let fetched = cache.import(&tmp, Some(name)).await;
+    let _ = std::fs::remove_file(&tmp);
+    let fetched = fetched?;
     let v = flywheel_store::models::register(
         pool,
         &flywheel_store::models::NewModelVersion {
@@ -538,16 +567,6 @@ async fn register_candidate(
         },
     )
     .await?;
-    flywheel_store::models::set_lineage(
-        pool,
-        v.id,
-        &flywheel_store::models::Lineage {
-            base_version_id: Some(base.id),
-            dataset_version_id: Some(run.dataset_version_id),
-            adapter_path: Some(adapter.display().to_string()),
-            training: Some(serde_json::json!({"run": run.id})),
-        },
-    )
-    .await?;
-    Ok(v.id)
+    flywheel_store::models::set_lineage(pool, v.id, lineage).await?;
+    Ok(v)
 }

@@ -291,7 +291,7 @@ pub async fn train(cfg: &crate::Config, pool: &PgPool, args: TrainArgs) -> anyho
     let (base_id, base_path) = (model.id, PathBuf::from(&model.path));
     let register = args.register.clone();
     let out2 = out.clone();
-    let record = tokio::task::spawn_blocking(move || -> anyhow::Result<serde_json::Value> {
+    let (record, lora) = tokio::task::spawn_blocking(move || {
         let base = Base::load(std::path::Path::new(&model.path))?;
         let (train_set, eval_set) = load_examples(&base, objective, rows, args.max_len)?;
         let source = serde_json::json!({"dataset_version": dataset_id, "base_model_id": model.id});
@@ -305,29 +305,20 @@ pub async fn train(cfg: &crate::Config, pool: &PgPool, args: TrainArgs) -> anyho
             &model.name,
             source,
         )?;
-        if args.register.is_some() {
-            let note = format!("LoRA from dataset version {dataset_id} on {}", model.name);
-            flywheel_trainer::merge::merge_to_gguf(
-                &base_path,
-                &lora,
-                &out2.join("merged.gguf"),
-                &note,
-            )?;
-        }
-        Ok(record)
+        anyhow::Ok((record, lora))
     })
     .await
     .context("training panicked")??;
 
     if let Some(name) = register {
-        let cache = flywheel_modelhub::ModelCache::new(&cfg.model_cache)?;
-        let fetched = cache.import(&out.join("merged.gguf"), Some(&name)).await?;
-        let v = crate::register(pool, &fetched).await?;
-        std::fs::remove_file(out.join("merged.gguf"))?;
         let adapter = std::path::absolute(&out).unwrap_or(out.clone());
-        flywheel_store::models::set_lineage(
+        let v = flywheel_jobs::train::register_candidate(
             pool,
-            v.id,
+            &cfg.model_cache,
+            &base_path,
+            &lora,
+            &name,
+            &format!("LoRA from dataset version {dataset_id}"),
             &flywheel_store::models::Lineage {
                 base_version_id: Some(base_id),
                 dataset_version_id: Some(dataset_id),
@@ -405,28 +396,22 @@ pub async fn import_adapter(
             .await?
             .context("no champion model to merge into: give --base")?,
     };
-    let tmp = std::env::temp_dir().join(format!("flywheel-merge-{}.gguf", uuid::Uuid::new_v4()));
-    let (adapter, base_path, note) = (
-        dir.to_path_buf(),
-        PathBuf::from(&base.path),
-        format!("PEFT adapter {} on {}", dir.display(), base.name),
-    );
-    let tmp2 = tmp.clone();
-    tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
-        let model = Base::load(&base_path)?.model;
-        let lora = flywheel_trainer::peft::load(&model, &adapter)?;
-        flywheel_trainer::merge::merge_to_gguf(&base_path, &lora, &tmp2, &note)
+    let (adapter_dir, base_path) = (dir.to_path_buf(), PathBuf::from(&base.path));
+    let path = base_path.clone();
+    let lora = tokio::task::spawn_blocking(move || {
+        let model = Base::load(&path)?.model;
+        flywheel_trainer::peft::load(&model, &adapter_dir)
     })
     .await
-    .context("merging panicked")??;
-    let cache = flywheel_modelhub::ModelCache::new(&cfg.model_cache)?;
-    let fetched = cache.import(&tmp, Some(name)).await;
-    let _ = std::fs::remove_file(&tmp);
-    let v = crate::register(pool, &fetched?).await?;
+    .context("loading the adapter panicked")??;
     let adapter = std::path::absolute(dir).unwrap_or(dir.to_path_buf());
-    flywheel_store::models::set_lineage(
+    flywheel_jobs::train::register_candidate(
         pool,
-        v.id,
+        &cfg.model_cache,
+        &base_path,
+        &lora,
+        name,
+        &format!("PEFT adapter {} on {}", dir.display(), base.name),
         &flywheel_store::models::Lineage {
             base_version_id: Some(base.id),
             dataset_version_id: None,
@@ -434,6 +419,5 @@ pub async fn import_adapter(
             training: Some(serde_json::json!({"imported_adapter": adapter})),
         },
     )
-    .await?;
-    Ok(v)
+    .await
 }

@@ -24,18 +24,6 @@ fn serve(db: &str, port: u16, journal: &std::path::Path) -> Child {
         .unwrap()
 }
 
-async fn wait_ready(base: &str) {
-    for _ in 0..300 {
-        if let Ok(r) = reqwest::get(format!("{base}/readyz")).await
-            && r.status() == 200
-        {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("the gateway did not become ready");
-}
-
 #[tokio::test]
 async fn kill_9_after_acknowledged_votes_loses_none_and_duplicates_none() {
     let db = fresh_database("fw_kill").await;
@@ -67,7 +55,10 @@ async fn kill_9_after_acknowledged_votes_loses_none_and_duplicates_none() {
     let journal = dir.join("journal");
 
     let mut gateway = serve(&db, port, &journal);
-    wait_ready(&base).await;
+    assert!(
+        common::ready(&base).await,
+        "the gateway did not become ready"
+    );
     let http = reqwest::Client::new();
     let chat: serde_json::Value = http
         .post(format!("{base}/v1/chat/completions"))
@@ -115,7 +106,10 @@ async fn kill_9_after_acknowledged_votes_loses_none_and_duplicates_none() {
     );
 
     let mut gateway = serve(&db, port, &journal);
-    wait_ready(&base).await;
+    assert!(
+        common::ready(&base).await,
+        "the gateway did not become ready"
+    );
     let mut last = (0, 0);
     for _ in 0..150 {
         last = count().await;

@@ -152,16 +152,7 @@ async fn train_turns_a_dataset_version_into_a_peft_adapter() {
         .spawn()
         .unwrap();
     let base_url = format!("http://127.0.0.1:{port}");
-    let mut ready = false;
-    for _ in 0..300 {
-        if let Ok(r) = reqwest::get(format!("{base_url}/readyz")).await
-            && r.status() == 200
-        {
-            ready = true;
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
+    let ready = common::ready(&base_url).await;
     let answer: serde_json::Value = if ready {
         reqwest::Client::new()
             .post(format!("{base_url}/v1/chat/completions"))
@@ -275,17 +266,19 @@ async fn wait_for_run<F: Fn(&flywheel_store::training::TrainingRun) -> bool>(
     secs: u64,
     done: F,
 ) -> flywheel_store::training::TrainingRun {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
-    loop {
-        let run = flywheel_store::training::get(pool, id)
-            .await
-            .unwrap()
-            .unwrap();
-        if done(&run) || std::time::Instant::now() > deadline {
-            return run;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-    }
+    common::until(secs, || async {
+        done(
+            &flywheel_store::training::get(pool, id)
+                .await
+                .unwrap()
+                .unwrap(),
+        )
+    })
+    .await;
+    flywheel_store::training::get(pool, id)
+        .await
+        .unwrap()
+        .unwrap()
 }
 
 #[tokio::test]

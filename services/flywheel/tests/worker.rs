@@ -4,7 +4,7 @@
 //! twice.
 
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use flywheel_jobs::curate::CurateJob;
 use flywheel_store::PgPool;
@@ -13,7 +13,7 @@ use flywheel_store::jobs::{JobRun, TaskState};
 
 mod common;
 
-use common::{cli, fresh_database};
+use common::{cli, fresh_database, until};
 
 /// A worker process with a fast heartbeat, no schedule and the given knobs.
 fn worker(db: &str, env: &[(&str, &str)]) -> Child {
@@ -48,22 +48,6 @@ async fn state(pool: &PgPool, task: &str) -> TaskState {
 
 async fn runs(pool: &PgPool, task: &str) -> Vec<JobRun> {
     flywheel_store::jobs::runs_of(pool, task).await.unwrap()
-}
-
-/// Polls `check` every 200 ms for up to `secs`.
-async fn until<F, Fut>(secs: u64, mut check: F) -> bool
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    while Instant::now() < deadline {
-        if check().await {
-            return true;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    false
 }
 
 struct Killed(Child);

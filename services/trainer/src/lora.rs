@@ -5,7 +5,7 @@
 
 use std::collections::BTreeMap;
 
-use candle_core::{DType, Device, Tensor, Var};
+use candle_core::{DType, Tensor, Var};
 use flywheel_engine::model::{Adapter, Llama, Proj};
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
@@ -91,25 +91,6 @@ impl Lora {
 
     pub fn parameter_count(&self) -> usize {
         self.vars().iter().map(|v| v.elem_count()).sum()
-    }
-
-    /// A frozen copy (same values, not shared with training).
-    pub fn snapshot(&self, device: &Device) -> candle_core::Result<Self> {
-        let mut pairs = BTreeMap::new();
-        for (k, p) in &self.pairs {
-            pairs.insert(
-                *k,
-                LoraPair {
-                    a: Var::from_tensor(&p.a.as_tensor().to_device(device)?.copy()?)?,
-                    b: Var::from_tensor(&p.b.as_tensor().to_device(device)?.copy()?)?,
-                },
-            );
-        }
-        Ok(Self {
-            config: self.config.clone(),
-            pairs,
-            training: false,
-        })
     }
 }
 

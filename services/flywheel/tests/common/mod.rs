@@ -42,3 +42,31 @@ pub fn cli(db: &str, args: &[&str]) -> String {
     );
     String::from_utf8_lossy(&out.stdout).to_string()
 }
+
+/// Polls `check` every 200 ms for up to `secs`; whether it came true.
+#[allow(dead_code)]
+pub async fn until<F, Fut>(secs: u64, mut check: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+    while std::time::Instant::now() < deadline {
+        if check().await {
+            return true;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    false
+}
+
+/// Whether the gateway at `base` answered `/readyz` with 200 within 60 s.
+#[allow(dead_code)]
+pub async fn ready(base: &str) -> bool {
+    until(60, || async {
+        reqwest::get(format!("{base}/readyz"))
+            .await
+            .is_ok_and(|r| r.status() == 200)
+    })
+    .await
+}
