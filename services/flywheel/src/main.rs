@@ -193,9 +193,10 @@ enum ModelsCommand {
 #[allow(unsafe_code)]
 fn main() -> anyhow::Result<()> {
     if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
-        // candle's element-wise pool spin-waits between ops and starves its
-        // own matmul threads on small machines (training: 4.6 s a step
-        // instead of 1.4); matmuls still use every core.
+        // candle's element-wise pool spin-waits between ops and competes
+        // with its own matmul threads on small machines (a training step:
+        // 1.48 s instead of 1.33 on an idle 2-vCPU machine, much worse when
+        // the machine is busy); matmuls still use every core.
         // SAFETY: no other thread exists yet to read the environment.
         unsafe { std::env::set_var("CANDLE_NUM_THREADS", "1") };
     }
