@@ -3,6 +3,7 @@
 //! and promotion to come), their schedules, and the worker that runs them. Each
 //! job's step function is public so tests can run it directly.
 
+pub mod artifacts;
 pub mod curate;
 pub mod queue;
 pub mod schedule;

@@ -18,6 +18,7 @@ use flywheel_trainer::{Base, Example, Lora, LoraConfig, Objective, TrainConfig, 
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
+use crate::artifacts::{self, Artifacts};
 use crate::queue;
 
 /// The queue's payload: which run to (continue to) train.
@@ -39,22 +40,51 @@ pub struct RunSpec {
 /// Where runs keep their files, and the knobs a worker sets.
 #[derive(Debug, Clone)]
 pub struct TrainEnv {
-    /// Checkpoints and adapters: `<artifacts>/runs/<run id>/`.
-    pub artifacts: PathBuf,
+    /// Checkpoints, adapters, exported datasets and logs, under
+    /// `runs/<run id>/` in this store (local folder or S3).
+    pub artifacts: Artifacts,
+    /// Local scratch space for the files a run works on.
+    pub work_dir: PathBuf,
     /// Where merged candidate models are stored (the model cache).
     pub model_cache: PathBuf,
     pub checkpoint_every: usize,
     /// Niceness of the training thread (and of the external command's
     /// process), so serving on the same machine keeps the CPU.
     pub nice: i32,
-    /// The external trainer (`FLYWHEEL_EXTERNAL_TRAINER`): a shell command
-    /// with `{train}`, `{eval}` (TRL JSONL files), `{base}` (the base GGUF),
-    /// `{out}` (where it must leave a PEFT adapter), `{objective}`,
-    /// `{steps}` and `{flywheel}` (this program) filled in.
-    pub external_command: Option<String>,
+    /// Where `--external` runs train.
+    pub external: Option<External>,
     /// Test knob: fail a fresh (not resumed) attempt after this many steps,
     /// as a crash would.
     pub crash_after: Option<usize>,
+}
+
+/// An external trainer: it receives the exported dataset and must return a
+/// PEFT adapter; Flywheel keeps the record, the evaluation and the candidate.
+#[derive(Debug, Clone)]
+pub enum External {
+    /// `FLYWHEEL_EXTERNAL_TRAINER`: a shell command run on the worker's
+    /// machine with `{train}`, `{eval}` (TRL JSONL files), `{base}` (the base
+    /// GGUF), `{out}` (where it must leave a PEFT adapter), `{objective}`,
+    /// `{steps}` and `{flywheel}` (this program) filled in.
+    Command(String),
+    /// `FLYWHEEL_EXTERNAL_TRAINER_JOB`: a Kubernetes Job manifest (YAML or
+    /// JSON) submitted with `kubectl`. Its containers reach the data through
+    /// the artifact store: `{train_url}`, `{eval_url}`, `{base_url}` (the
+    /// base GGUF, uploaded once per model) to read, `{out_url}` to leave the
+    /// adapter under; also `{job}` (the Job's name, which the manifest must
+    /// use), `{run}`, `{base_name}`, `{objective}`, `{steps}`.
+    KubernetesJob(KubeJob),
+}
+
+#[derive(Debug, Clone)]
+pub struct KubeJob {
+    /// The manifest's text, placeholders unfilled.
+    pub template: String,
+    /// The kubectl program (`FLYWHEEL_KUBECTL`, default `kubectl`); it
+    /// brings the cluster's address and credentials (kubeconfig).
+    pub kubectl: String,
+    /// Seconds between status polls.
+    pub poll_secs: u64,
 }
 
 /// How a run ended (for the job's result).
@@ -167,8 +197,14 @@ pub fn load_examples(
     Ok((train, eval))
 }
 
-fn run_dir(env: &TrainEnv, run: Uuid) -> PathBuf {
-    env.artifacts.join("runs").join(run.to_string())
+/// The run's scratch folder on this machine.
+fn work_dir(env: &TrainEnv, run: Uuid) -> PathBuf {
+    env.work_dir.join("runs").join(run.to_string())
+}
+
+/// The run's keys in the artifact store.
+fn run_key(run: Uuid, what: &str) -> String {
+    format!("runs/{run}/{what}")
 }
 
 /// Trains (or resumes) one run to its end. The step function the worker
@@ -247,26 +283,42 @@ fn train_blocking(
     let base = Base::load(base_path)?;
     let (train_set, eval_set) =
         load_examples(&base, spec.train.objective, rows, spec.train.max_len)?;
-    let dir = run_dir(env, run.id);
-    let checkpoint = dir.join("checkpoint");
-    let (lora, resumed_from) = match (run.checkpoint_step, &run.checkpoint_path) {
-        (Some(step), Some(path)) => (
-            flywheel_trainer::peft::load(&base.model, Path::new(path))?,
-            Some(step),
-        ),
-        _ => (Lora::new(&base.model, spec.lora.clone())?, None),
+    let dir = work_dir(env, run.id);
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    let (mut trainer, resumed_from) = match (run.checkpoint_step, &run.checkpoint_path) {
+        (Some(step), Some(url)) => {
+            // The checkpoint may have been written on another machine.
+            let local = dir.join("resume");
+            rt.block_on(artifacts::download(url, &local))
+                .with_context(|| format!("fetching checkpoint {url}"))?;
+            tracing::info!(step, %url, "resuming from checkpoint");
+            let t = Trainer::resume(
+                &base.model,
+                &local,
+                step as usize,
+                spec.train.clone(),
+                train_set,
+            )?;
+            (t, Some(step))
+        }
+        _ => {
+            let lora = Lora::new(&base.model, spec.lora.clone())?;
+            let t = Trainer::new(&base.model, lora, spec.train.clone(), train_set)?;
+            (t, None)
+        }
     };
-    let mut trainer = Trainer::new(&base.model, lora, spec.train.clone(), train_set)?;
-    if let Some(step) = resumed_from {
-        trainer.resume_at(step as usize);
-        tracing::info!(step, "resuming from checkpoint");
-    }
     if run.eval_loss_before.is_none() && resumed_from.is_none() {
         let before = trainer.evaluate(&eval_set)?;
         rt.block_on(training::set_eval_before(pool, run.id, before))?;
     }
+    let base_name = rt
+        .block_on(flywheel_store::models::get(pool, run.base_version_id))?
+        .context("the run's base model version is gone")?
+        .name;
     let total = spec.train.steps;
     let every = env.checkpoint_every.max(1);
+    let mut previous = run.checkpoint_step;
     while trainer.step < total {
         let s = trainer.train_step()?;
         let cancel = rt.block_on(training::record_step(
@@ -285,19 +337,26 @@ fn train_blocking(
             return Ok(o);
         }
         if s.step % every == 0 && s.step < total {
-            // Written next to the old one and renamed, so a crash mid-save
-            // leaves the previous checkpoint intact.
-            let tmp = dir.join("checkpoint.partial");
-            let _ = std::fs::remove_dir_all(&tmp);
-            flywheel_trainer::peft::save(&trainer.lora, &base.model, "base", &tmp)?;
-            let _ = std::fs::remove_dir_all(&checkpoint);
-            std::fs::rename(&tmp, &checkpoint)?;
+            // Each checkpoint has its own key; the run's row names the
+            // newest only once it is stored whole, so a crash mid-upload
+            // leaves the previous one in force.
+            let local = dir.join(format!("checkpoint-{}", s.step));
+            trainer.save_checkpoint(&base_name, &local)?;
+            let key = run_key(run.id, &format!("checkpoints/{}", s.step));
+            rt.block_on(env.artifacts.put_dir(&key, &local))?;
             rt.block_on(training::checkpoint(
                 pool,
                 run.id,
                 s.step as i32,
-                &checkpoint.display().to_string(),
+                &env.artifacts.url(&key),
             ))?;
+            std::fs::remove_dir_all(&local)?;
+            if let Some(old) = previous.replace(s.step as i32) {
+                let old = run_key(run.id, &format!("checkpoints/{old}"));
+                if let Err(e) = rt.block_on(env.artifacts.delete_dir(&old)) {
+                    tracing::warn!(error = %format!("{e:#}"), "could not delete an old checkpoint");
+                }
+            }
         }
         if env.crash_after == Some(s.step) && resumed_from.is_none() {
             bail!("simulated crash after step {}", s.step);
@@ -305,10 +364,6 @@ fn train_blocking(
     }
     let after = trainer.evaluate(&eval_set)?;
     let adapter = dir.join("adapter");
-    let base_name = rt
-        .block_on(flywheel_store::models::get(pool, run.base_version_id))?
-        .context("the run's base model version is gone")?
-        .name;
     flywheel_trainer::peft::save(&trainer.lora, &base.model, &base_name, &adapter)?;
     let mut o = conclude(
         rt,
@@ -321,6 +376,7 @@ fn train_blocking(
         after,
     )?;
     o.resumed_from = resumed_from;
+    let _ = std::fs::remove_dir_all(&dir);
     Ok(o)
 }
 
@@ -369,10 +425,12 @@ fn conclude(
         run.dataset_version_id, base_row.name, run.id
     );
     let name = format!("{}-ft-{}", base_row.name, &run.id.simple().to_string()[..8]);
+    let key = run_key(run.id, "adapter");
+    rt.block_on(env.artifacts.put_dir(&key, adapter))?;
     let lineage = Lineage {
         base_version_id: Some(base_row.id),
         dataset_version_id: Some(run.dataset_version_id),
-        adapter_path: Some(adapter.display().to_string()),
+        adapter_path: Some(env.artifacts.url(&key)),
         training: Some(serde_json::json!({"run": run.id})),
     };
     let candidate = rt
@@ -416,9 +474,9 @@ fn eval_loss(base: &Base, lora: Lora, spec: &RunSpec, eval: &[Example]) -> anyho
     t.evaluate(eval)
 }
 
-/// A run trained by the configured external command: the dataset goes out
-/// as TRL JSONL, a PEFT adapter comes back, and Flywheel keeps the record,
-/// the held-out loss and the candidate.
+/// A run trained outside this process: the dataset goes out as TRL JSONL
+/// (kept in the artifact store), a PEFT adapter comes back, and Flywheel
+/// keeps the record, the held-out loss and the candidate.
 #[allow(clippy::too_many_arguments)]
 fn external_blocking(
     rt: &tokio::runtime::Handle,
@@ -430,11 +488,12 @@ fn external_blocking(
     base_path: &Path,
 ) -> anyhow::Result<RunOutcome> {
     use flywheel_curation::export::Format;
-    let template = env
-        .external_command
-        .as_deref()
-        .context("this run wants the external trainer, but FLYWHEEL_EXTERNAL_TRAINER is not set")?;
-    let dir = run_dir(env, run.id);
+    let external = env.external.as_ref().context(
+        "this run wants an external trainer, but neither FLYWHEEL_EXTERNAL_TRAINER nor \
+         FLYWHEEL_EXTERNAL_TRAINER_JOB is set",
+    )?;
+    let dir = work_dir(env, run.id);
+    let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir)?;
     let format = match spec.train.objective {
         Objective::Sft => Format::TrlSft,
@@ -453,51 +512,31 @@ fn external_blocking(
     }
     std::fs::write(&train_file, train_text)?;
     std::fs::write(&eval_file, eval_text)?;
+    for (file, name) in [(&train_file, "train.jsonl"), (&eval_file, "eval.jsonl")] {
+        rt.block_on(
+            env.artifacts
+                .put_file(&run_key(run.id, &format!("data/{name}")), file),
+        )?;
+    }
     let adapter = dir.join("adapter");
-    let _ = std::fs::remove_dir_all(&adapter);
-    let exe = std::env::current_exe()?;
-    let command = template
-        .replace("{train}", &train_file.display().to_string())
-        .replace("{eval}", &eval_file.display().to_string())
-        .replace("{base}", &base_path.display().to_string())
-        .replace("{out}", &adapter.display().to_string())
-        .replace("{objective}", kind_of(spec.train.objective))
-        .replace("{steps}", &spec.train.steps.to_string())
-        .replace("{flywheel}", &exe.display().to_string());
-    let log_path = dir.join("external.log");
-    let log = std::fs::File::create(&log_path)?;
-    tracing::info!(%command, "starting the external trainer");
-    let mut child = std::process::Command::new("nice")
-        .arg("-n")
-        .arg(env.nice.clamp(0, 19).to_string())
-        .arg("sh")
-        .arg("-c")
-        .arg(&command)
-        .stdout(log.try_clone()?)
-        .stderr(log)
-        .spawn()
-        .context("starting the external trainer")?;
-    let status = loop {
-        if let Some(status) = child.try_wait()? {
-            break status;
+    let finished = match external {
+        External::Command(template) => run_command(
+            rt,
+            pool,
+            env,
+            run,
+            spec,
+            template,
+            (&train_file, &eval_file),
+            base_path,
+            &adapter,
+        )?,
+        External::KubernetesJob(job) => {
+            run_kube_job(rt, pool, env, run, spec, job, base_path, &adapter)?
         }
-        let cancel = rt
-            .block_on(training::get(pool, run.id))?
-            .is_some_and(|r| r.cancel_requested);
-        if cancel {
-            let _ = child.kill();
-            let _ = child.wait();
-            return cancelled(rt, pool, run, 0);
-        }
-        std::thread::sleep(std::time::Duration::from_millis(500));
     };
-    if !status.success() {
-        let text = std::fs::read_to_string(&log_path).unwrap_or_default();
-        let tail: Vec<&str> = text.lines().rev().take(5).collect();
-        bail!(
-            "the external trainer exited with {status}: {}",
-            tail.into_iter().rev().collect::<Vec<_>>().join(" | ")
-        );
+    if !finished {
+        return cancelled(rt, pool, run, 0);
     }
     // What came back must be a LoRA adapter for this base.
     let base = Base::load(base_path)?;
@@ -522,7 +561,234 @@ fn external_blocking(
         0,
         0.0,
     ))?;
-    conclude(rt, pool, env, run, &lora, base_path, &adapter, after)
+    let o = conclude(rt, pool, env, run, &lora, base_path, &adapter, after)?;
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(o)
+}
+
+fn cancel_requested(rt: &tokio::runtime::Handle, pool: &PgPool, run: Uuid) -> anyhow::Result<bool> {
+    Ok(rt
+        .block_on(training::get(pool, run))?
+        .is_some_and(|r| r.cancel_requested))
+}
+
+/// The last `n` lines of `text`, joined with " | ".
+fn tail(text: &str, n: usize) -> String {
+    let lines: Vec<&str> = text.lines().rev().take(n).collect();
+    lines.into_iter().rev().collect::<Vec<_>>().join(" | ")
+}
+
+/// Runs the external command to its end; false when the run was cancelled
+/// meanwhile (the command is killed).
+#[allow(clippy::too_many_arguments)]
+fn run_command(
+    rt: &tokio::runtime::Handle,
+    pool: &PgPool,
+    env: &TrainEnv,
+    run: &TrainingRun,
+    spec: &RunSpec,
+    template: &str,
+    (train_file, eval_file): (&Path, &Path),
+    base_path: &Path,
+    adapter: &Path,
+) -> anyhow::Result<bool> {
+    let exe = std::env::current_exe()?;
+    let command = template
+        .replace("{train}", &train_file.display().to_string())
+        .replace("{eval}", &eval_file.display().to_string())
+        .replace("{base}", &base_path.display().to_string())
+        .replace("{out}", &adapter.display().to_string())
+        .replace("{objective}", kind_of(spec.train.objective))
+        .replace("{steps}", &spec.train.steps.to_string())
+        .replace("{flywheel}", &exe.display().to_string());
+    let log_path = work_dir(env, run.id).join("external.log");
+    let log = std::fs::File::create(&log_path)?;
+    tracing::info!(%command, "starting the external trainer");
+    let mut child = std::process::Command::new("nice")
+        .arg("-n")
+        .arg(env.nice.clamp(0, 19).to_string())
+        .arg("sh")
+        .arg("-c")
+        .arg(&command)
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .spawn()
+        .context("starting the external trainer")?;
+    let status = loop {
+        if let Some(status) = child.try_wait()? {
+            break status;
+        }
+        if cancel_requested(rt, pool, run.id)? {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Ok(false);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(500));
+    };
+    rt.block_on(
+        env.artifacts
+            .put_file(&run_key(run.id, "external.log"), &log_path),
+    )?;
+    if !status.success() {
+        let text = std::fs::read_to_string(&log_path).unwrap_or_default();
+        bail!(
+            "the external trainer exited with {status}: {}",
+            tail(&text, 5)
+        );
+    }
+    Ok(true)
+}
+
+/// Runs `kubectl` with `args` (and `stdin`), returning its stdout; its
+/// stderr is the error when it fails.
+fn kubectl(job: &KubeJob, args: &[&str], stdin: Option<&str>) -> anyhow::Result<String> {
+    use std::io::Write;
+    use std::process::{Command, Stdio};
+    let mut child = Command::new(&job.kubectl)
+        .args(args)
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("starting {}", job.kubectl))?;
+    if let Some(text) = stdin {
+        child
+            .stdin
+            .take()
+            .context("kubectl's stdin")?
+            .write_all(text.as_bytes())?;
+    }
+    let out = child.wait_with_output()?;
+    if !out.status.success() {
+        bail!(
+            "kubectl {} failed ({}): {}",
+            args.join(" "),
+            out.status,
+            tail(&String::from_utf8_lossy(&out.stderr), 3)
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// What a Job's status says.
+#[derive(Debug, PartialEq)]
+enum JobState {
+    Running,
+    Succeeded,
+    Failed(String),
+}
+
+fn job_state(status: &serde_json::Value) -> JobState {
+    let conditions = status["conditions"].as_array().cloned().unwrap_or_default();
+    let holds = |kind: &str| {
+        conditions
+            .iter()
+            .find(|c| c["type"] == kind && c["status"] == "True")
+    };
+    if let Some(c) = holds("Failed") {
+        let why = [&c["reason"], &c["message"]]
+            .iter()
+            .filter_map(|v| v.as_str())
+            .collect::<Vec<_>>()
+            .join(": ");
+        JobState::Failed(why)
+    } else if holds("Complete").is_some() || status["succeeded"].as_i64().unwrap_or(0) > 0 {
+        JobState::Succeeded
+    } else {
+        JobState::Running
+    }
+}
+
+/// Trains on a Kubernetes cluster: uploads the base model if the store lacks
+/// it, submits the Job (or finds the one an earlier attempt submitted),
+/// follows it, and fetches the adapter it stored. False when the run was
+/// cancelled meanwhile (the Job is deleted).
+#[allow(clippy::too_many_arguments)]
+fn run_kube_job(
+    rt: &tokio::runtime::Handle,
+    pool: &PgPool,
+    env: &TrainEnv,
+    run: &TrainingRun,
+    spec: &RunSpec,
+    job: &KubeJob,
+    base_path: &Path,
+    adapter: &Path,
+) -> anyhow::Result<bool> {
+    let base = rt
+        .block_on(flywheel_store::models::get(pool, run.base_version_id))?
+        .context("the run's base model version is gone")?;
+    let base_key = format!("models/{}.gguf", base.sha256);
+    if !rt.block_on(env.artifacts.exists(&base_key))? {
+        tracing::info!(model = %base.name, "uploading the base model for the cluster");
+        rt.block_on(env.artifacts.put_file(&base_key, base_path))?;
+    }
+    let name = format!("flywheel-train-{}", &run.id.simple().to_string()[..12]);
+    let out_key = run_key(run.id, "returned");
+    let manifest = job
+        .template
+        .replace("{job}", &name)
+        .replace("{run}", &run.id.to_string())
+        .replace(
+            "{train_url}",
+            &env.artifacts.url(&run_key(run.id, "data/train.jsonl")),
+        )
+        .replace(
+            "{eval_url}",
+            &env.artifacts.url(&run_key(run.id, "data/eval.jsonl")),
+        )
+        .replace("{base_url}", &env.artifacts.url(&base_key))
+        .replace("{out_url}", &env.artifacts.url(&out_key))
+        .replace("{base_name}", &base.name)
+        .replace("{objective}", kind_of(spec.train.objective))
+        .replace("{steps}", &spec.train.steps.to_string());
+    if !manifest.contains(&name) {
+        bail!("the Job template must name its Job {{job}}");
+    }
+    // A worker that died while the Job ran left it running: follow it
+    // rather than train twice.
+    if kubectl(job, &["get", "job", &name, "-o", "name"], None).is_ok() {
+        tracing::info!(job = %name, "following the Job an earlier attempt submitted");
+    } else {
+        rt.block_on(env.artifacts.delete_dir(&out_key))?;
+        kubectl(job, &["apply", "-f", "-"], Some(&manifest))?;
+        tracing::info!(job = %name, "submitted the training Job");
+    }
+    loop {
+        if cancel_requested(rt, pool, run.id)? {
+            kubectl(
+                job,
+                &[
+                    "delete",
+                    "job",
+                    &name,
+                    "--wait=false",
+                    "--cascade=background",
+                ],
+                None,
+            )?;
+            return Ok(false);
+        }
+        let text = kubectl(job, &["get", "job", &name, "-o", "json"], None)?;
+        let state: serde_json::Value =
+            serde_json::from_str(&text).context("kubectl get job printed no JSON")?;
+        match job_state(&state["status"]) {
+            JobState::Running => {}
+            JobState::Succeeded => break,
+            JobState::Failed(why) => {
+                let logs = kubectl(job, &["logs", &format!("job/{name}"), "--tail=20"], None)
+                    .unwrap_or_default();
+                bail!("Job {name} failed ({why}): {}", tail(&logs, 5));
+            }
+        }
+        std::thread::sleep(std::time::Duration::from_secs(job.poll_secs.max(1)));
+    }
+    rt.block_on(env.artifacts.get_dir(&out_key, adapter))
+        .with_context(|| format!("Job {name} succeeded but left no adapter"))?;
+    Ok(true)
 }
 
 /// Merges `lora` into the base GGUF (Q8_0 where adapted), keeps the result

@@ -70,15 +70,23 @@ pub struct Config {
     pub job_heartbeat_secs: u64,
     /// `FLYWHEEL_JOB_PAUSE_MS`: test knob, a sleep inside each curation job.
     pub job_pause_ms: u64,
-    /// `FLYWHEEL_ARTIFACTS`: training checkpoints and adapters.
-    pub artifacts: PathBuf,
+    /// `FLYWHEEL_ARTIFACTS`: where training checkpoints, adapters and
+    /// exported datasets are kept: a folder (default `<home>/artifacts`) or
+    /// an `s3://bucket/prefix` URL (configured by the `AWS_*` variables).
+    pub artifacts: String,
     /// `FLYWHEEL_CHECKPOINT_EVERY`: steps between training checkpoints.
     pub checkpoint_every: usize,
     /// `FLYWHEEL_TRAIN_NICE`: priority (0-19) training runs at, below serving.
     pub train_nice: i32,
     /// `FLYWHEEL_EXTERNAL_TRAINER`: the command `train --queue --external`
-    /// runs (see `flywheel_jobs::train::TrainEnv::external_command`).
+    /// runs (see `flywheel_jobs::train::External::Command`).
     pub external_trainer: Option<String>,
+    /// `FLYWHEEL_EXTERNAL_TRAINER_JOB`: a Kubernetes Job template file that
+    /// `--external` runs submit instead (see
+    /// `flywheel_jobs::train::External::KubernetesJob`), with
+    /// `FLYWHEEL_KUBECTL` (default `kubectl`).
+    pub external_trainer_job: Option<PathBuf>,
+    pub kubectl: String,
     /// `FLYWHEEL_TRAIN_MIN_NEW_EXAMPLES`: the schedule starts a training
     /// run on the champion when a team's newest dataset version has this
     /// many more examples than its last run's (0: never).
@@ -104,8 +112,7 @@ impl Config {
             .unwrap_or_else(|| PathBuf::from(".flywheel"));
         let home = std::path::absolute(&home).unwrap_or(home);
         let artifacts = var("FLYWHEEL_ARTIFACTS")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| home.join("artifacts"));
+            .unwrap_or_else(|| home.join("artifacts").display().to_string());
         let journal_dir = var("FLYWHEEL_JOURNAL_DIR")
             .map(PathBuf::from)
             .unwrap_or_else(|| home.join("journal"));
@@ -149,6 +156,8 @@ impl Config {
             artifacts,
             checkpoint_every: parse("FLYWHEEL_CHECKPOINT_EVERY", 50)?,
             external_trainer: var("FLYWHEEL_EXTERNAL_TRAINER"),
+            external_trainer_job: var("FLYWHEEL_EXTERNAL_TRAINER_JOB").map(PathBuf::from),
+            kubectl: var("FLYWHEEL_KUBECTL").unwrap_or_else(|| "kubectl".into()),
             train_nice: parse("FLYWHEEL_TRAIN_NICE", 19)?.min(19) as i32,
             train_min_new_examples: parse("FLYWHEEL_TRAIN_MIN_NEW_EXAMPLES", 200)?,
             train_crash_after: match parse("FLYWHEEL_TRAIN_CRASH_AFTER", 0)? {
@@ -174,6 +183,36 @@ impl Config {
         j
     }
 
+    /// What training runs need: the artifact store, scratch space, the
+    /// external trainer if one is configured.
+    pub fn train_env(&self) -> anyhow::Result<flywheel_jobs::train::TrainEnv> {
+        use flywheel_jobs::train::{External, KubeJob, TrainEnv};
+        let external = match (&self.external_trainer_job, &self.external_trainer) {
+            (Some(_), Some(_)) => anyhow::bail!(
+                "set FLYWHEEL_EXTERNAL_TRAINER or FLYWHEEL_EXTERNAL_TRAINER_JOB, not both"
+            ),
+            (Some(path), None) => Some(External::KubernetesJob(KubeJob {
+                template: std::fs::read_to_string(path).map_err(|e| {
+                    anyhow::anyhow!("FLYWHEEL_EXTERNAL_TRAINER_JOB={}: {e}", path.display())
+                })?,
+                kubectl: self.kubectl.clone(),
+                poll_secs: 5,
+            })),
+            (None, Some(command)) => Some(External::Command(command.clone())),
+            (None, None) => None,
+        };
+        Ok(TrainEnv {
+            artifacts: flywheel_jobs::artifacts::Artifacts::open(&self.artifacts)
+                .map_err(|e| anyhow::anyhow!("FLYWHEEL_ARTIFACTS={}: {e:#}", self.artifacts))?,
+            work_dir: self.home.join("work"),
+            model_cache: self.model_cache.clone(),
+            checkpoint_every: self.checkpoint_every,
+            external,
+            nice: self.train_nice,
+            crash_after: self.train_crash_after,
+        })
+    }
+
     /// The worker's settings; its name is unique to this process.
     pub fn worker(&self) -> anyhow::Result<flywheel_jobs::worker::WorkerConfig> {
         use flywheel_jobs::{schedule, worker};
@@ -190,14 +229,7 @@ impl Config {
         w.backoff.base = std::time::Duration::from_secs(self.job_backoff_secs);
         w.pause =
             (self.job_pause_ms > 0).then(|| std::time::Duration::from_millis(self.job_pause_ms));
-        w.training = Some(flywheel_jobs::train::TrainEnv {
-            artifacts: self.artifacts.clone(),
-            model_cache: self.model_cache.clone(),
-            checkpoint_every: self.checkpoint_every,
-            external_command: self.external_trainer.clone(),
-            nice: self.train_nice,
-            crash_after: self.train_crash_after,
-        });
+        w.training = Some(self.train_env()?);
         w.curation = match &self.curation_schedule {
             Some(expr) => Some(schedule::CurationSchedule {
                 cron: schedule::parse_cron(expr)?,

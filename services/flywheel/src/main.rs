@@ -58,10 +58,30 @@ enum Command {
         #[command(subcommand)]
         command: RunsCommand,
     },
+    /// Copy files or folders to and from an artifact store (file://, s3://),
+    /// with the same settings (AWS_*) the worker uses.
+    Artifacts {
+        #[command(subcommand)]
+        command: ArtifactsCommand,
+    },
     /// Recent background job attempts, newest first.
     Jobs {
         #[arg(long, default_value_t = 20)]
         limit: i64,
+    },
+}
+
+#[derive(Subcommand)]
+enum ArtifactsCommand {
+    /// Download URL (an object, or every object below it) to PATH.
+    Get {
+        url: String,
+        path: std::path::PathBuf,
+    },
+    /// Upload PATH (a file, or every file below a folder) to URL.
+    Put {
+        path: std::path::PathBuf,
+        url: String,
     },
 }
 
@@ -180,8 +200,9 @@ enum ModelsCommand {
     /// Register a PEFT LoRA adapter trained elsewhere: merged into its base
     /// (Q8_0 GGUF) as a new model version.
     ImportAdapter {
-        /// Folder with adapter_config.json and adapter_model.safetensors.
-        dir: std::path::PathBuf,
+        /// Folder with adapter_config.json and adapter_model.safetensors,
+        /// or its URL in an artifact store (file://, s3://).
+        dir: String,
         /// The base model version (default: the champion).
         #[arg(long)]
         base: Option<String>,
@@ -289,6 +310,23 @@ async fn run() -> anyhow::Result<()> {
                 RunsCommand::Show { id } => flywheel::train::show_run(&pool, id).await,
                 RunsCommand::Cancel { id } => flywheel::train::cancel_run(&pool, id).await,
             }
+        }
+        Command::Artifacts { command } => {
+            use flywheel_jobs::artifacts;
+            let (n, from, to) = match command {
+                ArtifactsCommand::Get { url, path } => (
+                    artifacts::download(&url, &path).await?,
+                    url,
+                    path.display().to_string(),
+                ),
+                ArtifactsCommand::Put { path, url } => (
+                    artifacts::upload(&path, &url).await?,
+                    path.display().to_string(),
+                    url,
+                ),
+            };
+            println!("copied {n} file(s) from {from} to {to}");
+            Ok(())
         }
         Command::Jobs { limit } => {
             let pool = pool(&cfg).await?;
@@ -536,12 +574,7 @@ async fn models(
         ModelsCommand::ImportAdapter { dir, base, name } => {
             let v =
                 flywheel::train::import_adapter(cfg, pool, &dir, base.as_deref(), &name).await?;
-            println!(
-                "registered {} ({}) from the adapter in {}",
-                v.name,
-                v.id,
-                dir.display()
-            );
+            println!("registered {} ({}) from the adapter in {dir}", v.name, v.id);
             return Ok(());
         }
         ModelsCommand::Promote { name } => {

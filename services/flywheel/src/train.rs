@@ -384,7 +384,37 @@ pub async fn cancel_run(pool: &PgPool, id: uuid::Uuid) -> anyhow::Result<()> {
 pub async fn import_adapter(
     cfg: &crate::Config,
     pool: &PgPool,
+    dir: &str,
+    base: Option<&str>,
+    name: &str,
+) -> anyhow::Result<flywheel_store::models::ModelVersion> {
+    // An adapter in an artifact store is fetched to a scratch folder first.
+    let fetched = dir
+        .contains("://")
+        .then(|| std::env::temp_dir().join(format!("flywheel-adapter-{}", uuid::Uuid::new_v4())));
+    let (local, recorded) = match &fetched {
+        Some(tmp) => {
+            flywheel_jobs::artifacts::download(dir, tmp).await?;
+            (tmp.clone(), dir.to_string())
+        }
+        None => {
+            let p = PathBuf::from(dir);
+            let abs = std::path::absolute(&p).unwrap_or(p.clone());
+            (p, abs.display().to_string())
+        }
+    };
+    let result = import_local_adapter(cfg, pool, &local, &recorded, base, name).await;
+    if let Some(tmp) = fetched {
+        let _ = std::fs::remove_dir_all(tmp);
+    }
+    result
+}
+
+async fn import_local_adapter(
+    cfg: &crate::Config,
+    pool: &PgPool,
     dir: &std::path::Path,
+    recorded: &str,
     base: Option<&str>,
     name: &str,
 ) -> anyhow::Result<flywheel_store::models::ModelVersion> {
@@ -404,19 +434,18 @@ pub async fn import_adapter(
     })
     .await
     .context("loading the adapter panicked")??;
-    let adapter = std::path::absolute(dir).unwrap_or(dir.to_path_buf());
     flywheel_jobs::train::register_candidate(
         pool,
         &cfg.model_cache,
         &base_path,
         &lora,
         name,
-        &format!("PEFT adapter {} on {}", dir.display(), base.name),
+        &format!("PEFT adapter {recorded} on {}", base.name),
         &flywheel_store::models::Lineage {
             base_version_id: Some(base.id),
             dataset_version_id: None,
-            adapter_path: Some(adapter.display().to_string()),
-            training: Some(serde_json::json!({"imported_adapter": adapter})),
+            adapter_path: Some(recorded.to_string()),
+            training: Some(serde_json::json!({"imported_adapter": recorded})),
         },
     )
     .await

@@ -281,19 +281,21 @@ async fn wait_for_run<F: Fn(&flywheel_store::training::TrainingRun) -> bool>(
         .unwrap()
 }
 
+/// Checkpoints and adapters in S3-compatible storage: a resumed attempt
+/// reads its checkpoint back from the bucket, as a worker on another machine
+/// would.
 #[tokio::test]
 async fn a_queued_run_resumes_from_its_checkpoint_after_a_crash() {
     let (db, dir) = trained_setup("fw_train_resume", 13).await;
+    let s3 = common::S3::start("flywheel-artifacts").await;
     let run_id = queue_run(&db, "8");
     let pool = flywheel_store::connect(&db).await.unwrap();
-    let mut w = train_worker(
-        &db,
-        &dir,
-        &[
-            ("FLYWHEEL_CHECKPOINT_EVERY", "3"),
-            ("FLYWHEEL_TRAIN_CRASH_AFTER", "5"),
-        ],
-    );
+    let mut env = s3.env();
+    env.push(("FLYWHEEL_ARTIFACTS", s3.url("prod")));
+    env.push(("FLYWHEEL_CHECKPOINT_EVERY", "3".into()));
+    env.push(("FLYWHEEL_TRAIN_CRASH_AFTER", "5".into()));
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let mut w = train_worker(&db, &dir, &env);
     let run = wait_for_run(&pool, run_id, 90, |r| r.status == "succeeded").await;
     let _ = w.kill();
     let _ = w.wait();
@@ -334,10 +336,75 @@ async fn a_queued_run_resumes_from_its_checkpoint_after_a_crash() {
         .unwrap()
         .unwrap();
     assert_eq!(lineage.dataset_version_id, Some(run.dataset_version_id));
+    // Everything the run kept is in the bucket: the adapter, and the last
+    // checkpoint (step 6, with the optimizer's state) in place of step 3's.
+    let adapter_url = lineage.adapter_path.unwrap();
+    assert_eq!(adapter_url, s3.url(&format!("prod/runs/{run_id}/adapter")));
+    assert_eq!(
+        run.checkpoint_path.as_deref(),
+        Some(
+            s3.url(&format!("prod/runs/{run_id}/checkpoints/6"))
+                .as_str()
+        )
+    );
+    let mut keys = s3.keys(&format!("prod/runs/{run_id}/")).await;
+    keys.sort();
+    let expected: Vec<String> = [
+        "adapter/adapter_config.json",
+        "adapter/adapter_model.safetensors",
+        "checkpoints/6/adapter_config.json",
+        "checkpoints/6/adapter_model.safetensors",
+        "checkpoints/6/optimizer.safetensors",
+    ]
+    .iter()
+    .map(|k| format!("prod/runs/{run_id}/{k}"))
+    .collect();
+    assert_eq!(keys, expected);
+    // `flywheel artifacts get` fetches it with the same settings, and the
+    // adapter imports from its URL.
+    let local = dir.join("fetched");
+    let got = Command::new(env!("CARGO_BIN_EXE_flywheel"))
+        .args(["artifacts", "get", &adapter_url, local.to_str().unwrap()])
+        .envs(s3.env())
+        .output()
+        .unwrap();
     assert!(
-        std::path::Path::new(&lineage.adapter_path.unwrap())
-            .join("adapter_model.safetensors")
-            .exists()
+        got.status.success(),
+        "{}",
+        String::from_utf8_lossy(&got.stderr)
+    );
+    assert!(local.join("adapter_model.safetensors").exists());
+    let imported = Command::new(env!("CARGO_BIN_EXE_flywheel"))
+        .env("FLYWHEEL_HOME", common::test_home())
+        .env("DATABASE_URL", &db)
+        .args([
+            "models",
+            "import-adapter",
+            &adapter_url,
+            "--base",
+            "tiny",
+            "--name",
+            "tiny-from-s3",
+        ])
+        .envs(s3.env())
+        .output()
+        .unwrap();
+    assert!(
+        imported.status.success(),
+        "{}",
+        String::from_utf8_lossy(&imported.stderr)
+    );
+    let from_s3 = flywheel_store::models::by_name(&pool, "tiny-from-s3")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        flywheel_store::models::lineage(&pool, from_s3.id)
+            .await
+            .unwrap()
+            .unwrap()
+            .adapter_path,
+        Some(adapter_url)
     );
     std::fs::remove_dir_all(&dir).unwrap();
 }
@@ -404,7 +471,10 @@ async fn an_external_trainer_command_trains_a_run_at_low_priority() {
         .await
         .unwrap()
         .unwrap();
-    let adapter = std::path::PathBuf::from(lineage.adapter_path.unwrap());
+    // The adapter is kept in the (default, local) artifact store.
+    let url = lineage.adapter_path.unwrap();
+    let adapter = std::path::PathBuf::from(url.strip_prefix("file://").unwrap());
+    assert!(adapter.starts_with(dir.join("artifacts")), "{url}");
     // The command's own record came back with the adapter.
     let record: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(adapter.join("flywheel_run.json")).unwrap())

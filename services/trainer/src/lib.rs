@@ -6,6 +6,7 @@
 pub mod data;
 pub mod lora;
 pub mod merge;
+pub mod optim;
 pub mod peft;
 pub mod train;
 

@@ -4,17 +4,21 @@
 //! before training). AdamW, gradient accumulation, linear warmup then cosine
 //! decay, clipping by global norm.
 
+use std::path::Path;
 use std::time::Instant;
 
 use anyhow::bail;
 use candle_core::backprop::GradStore;
 use candle_core::{D, Tensor};
-use candle_nn::optim::{AdamW, Optimizer, ParamsAdamW};
 use flywheel_engine::model::{Adapter, Llama};
 use serde::{Deserialize, Serialize};
 
 use crate::data::{Encoded, Example};
 use crate::lora::Lora;
+use crate::optim::AdamW;
+
+/// The optimizer's state inside a checkpoint folder (beside the PEFT files).
+pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -189,14 +193,7 @@ impl<'a> Trainer<'a> {
             (1.0, 1.0)
         };
         lora.training = true;
-        let optimizer = AdamW::new(
-            lora.vars(),
-            ParamsAdamW {
-                lr: config.learning_rate_at(0),
-                weight_decay: config.weight_decay,
-                ..Default::default()
-            },
-        )?;
+        let optimizer = AdamW::new(lora.vars(), config.learning_rate_at(0), config.weight_decay)?;
         Ok(Self {
             model,
             lora,
@@ -211,10 +208,40 @@ impl<'a> Trainer<'a> {
 
     /// Continues a run from a checkpoint taken after `step` steps: the
     /// schedule and the data order pick up where they were. (AdamW's moment
-    /// estimates start afresh.)
+    /// estimates start afresh unless [`load_optimizer`](Self::load_optimizer)
+    /// restores them.)
     pub fn resume_at(&mut self, step: usize) {
         self.step = step;
         self.cursor = (step * self.config.grad_accum.max(1)) % self.data.len();
+    }
+
+    /// Saves a checkpoint to `dir`: the adapter in PEFT layout and the
+    /// optimizer's moments. [`Trainer::resume`] continues from it.
+    pub fn save_checkpoint(&self, base_name: &str, dir: &Path) -> anyhow::Result<()> {
+        crate::peft::save(&self.lora, self.model, base_name, dir)?;
+        self.optimizer.save(&dir.join(OPTIMIZER_FILE))
+    }
+
+    /// Restores the optimizer's state from a checkpoint folder.
+    pub fn load_optimizer(&mut self, dir: &Path) -> anyhow::Result<()> {
+        self.optimizer.load(&dir.join(OPTIMIZER_FILE))
+    }
+
+    /// A trainer that continues from the checkpoint in `dir`, taken after
+    /// `step` steps: same adapter, same optimizer state, same place in the
+    /// schedule and the data.
+    pub fn resume(
+        model: &'a Llama,
+        dir: &Path,
+        step: usize,
+        config: TrainConfig,
+        examples: Vec<Example>,
+    ) -> anyhow::Result<Self> {
+        let lora = crate::peft::load(model, dir)?;
+        let mut trainer = Self::new(model, lora, config, examples)?;
+        trainer.resume_at(step);
+        trainer.load_optimizer(dir)?;
+        Ok(trainer)
     }
 
     /// The loss of one example (scalar tensor) and its token count.
@@ -270,7 +297,7 @@ impl<'a> Trainer<'a> {
     pub fn train_step(&mut self) -> anyhow::Result<StepLog> {
         let started = Instant::now();
         let lr = self.config.learning_rate_at(self.step);
-        self.optimizer.set_learning_rate(lr);
+        self.optimizer.learning_rate = lr;
         let accum = self.config.grad_accum.max(1);
         let batch: Vec<usize> = (0..accum)
             .map(|k| (self.cursor + k) % self.data.len())

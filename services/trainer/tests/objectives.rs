@@ -348,3 +348,75 @@ fn a_merged_gguf_answers_like_base_plus_adapter() {
     );
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// Largest absolute difference between two adapters' weights.
+fn max_diff(x: &Lora, y: &Lora) -> f32 {
+    let mut worst = 0.0f32;
+    for (key, p) in &x.pairs {
+        let q = &y.pairs[key];
+        for (s, t) in [(&p.a, &q.a), (&p.b, &q.b)] {
+            let d = (s.as_tensor() - t.as_tensor())
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            worst = worst.max(d);
+        }
+    }
+    worst
+}
+
+#[test]
+fn a_resumed_run_continues_with_its_optimizer_state() {
+    let base = tiny();
+    let examples: Vec<Example> = [("one", "uno"), ("two", "dos"), ("three", "tres")]
+        .iter()
+        .map(|(q, a)| Example::Sft {
+            prompt: encode(&base, q, a),
+        })
+        .collect();
+    let config = TrainConfig {
+        learning_rate: 1e-2,
+        steps: 6,
+        warmup_steps: 1,
+        ..Default::default()
+    };
+    let (straight, _) = train(&base, config.clone(), examples.clone());
+
+    // Three steps, a checkpoint, then a new trainer for the other three.
+    let mut first = Trainer::new(
+        &base.model,
+        lora(&base, 1),
+        config.clone(),
+        examples.clone(),
+    )
+    .unwrap();
+    for _ in 0..3 {
+        first.train_step().unwrap();
+    }
+    let dir = std::env::temp_dir().join(format!("fw-resume-{}", std::process::id()));
+    first.save_checkpoint("tiny", &dir).unwrap();
+    drop(first);
+    let mut resumed =
+        Trainer::resume(&base.model, &dir, 3, config.clone(), examples.clone()).unwrap();
+    while resumed.step < config.steps {
+        resumed.train_step().unwrap();
+    }
+    let d = max_diff(&straight, &resumed.lora);
+    assert!(d < 1e-6, "resumed run differs from the straight one by {d}");
+
+    // Without the optimizer's moments the same resume ends elsewhere: the
+    // state is what makes the two runs agree.
+    let adapter = flywheel_trainer::peft::load(&base.model, &dir).unwrap();
+    let mut amnesiac = Trainer::new(&base.model, adapter, config.clone(), examples).unwrap();
+    amnesiac.resume_at(3);
+    while amnesiac.step < config.steps {
+        amnesiac.train_step().unwrap();
+    }
+    let d = max_diff(&straight, &amnesiac.lora);
+    assert!(d > 1e-4, "fresh moments changed nothing ({d})");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
