@@ -50,8 +50,6 @@ impl Artifacts {
                 let path = url
                     .to_file_path()
                     .map_err(|()| anyhow::anyhow!("{url} is not a local path"))?;
-                std::fs::create_dir_all(&path)
-                    .with_context(|| format!("creating the artifact folder {}", path.display()))?;
                 (
                     Arc::new(LocalFileSystem::new()),
                     Key::from_absolute_path(&path)?,
