@@ -20,4 +20,19 @@ if [ -z "${TEST_DATABASE_URL:-}" ]; then
   fi
 fi
 echo "tests use PostgreSQL at $TEST_DATABASE_URL"
+
+# Databases earlier runs' tests created (fw_*), left for inspection: drop them.
+if command -v psql >/dev/null; then
+  stale=$(psql "$TEST_DATABASE_URL" -Atc "select datname from pg_database where datname like 'fw\_%'")
+  for db in $stale; do
+    psql "$TEST_DATABASE_URL" -qc "drop database if exists \"$db\" with (force)"
+  done
+  [ -z "$stale" ] || echo "dropped $(echo "$stale" | wc -l) test databases left by earlier runs"
+fi
+
+# The S3 tests run against moto's S3-compatible server (a PyPI package).
+if ! python3 -c "import moto.server" 2>/dev/null; then
+  echo "installing moto (an S3-compatible server for the artifact store tests)"
+  python3 -m pip install --quiet 'moto[server]==5.2.5'
+fi
 cargo test --workspace --all-targets "$@"

@@ -87,6 +87,55 @@ pub struct KubeJob {
     pub poll_secs: u64,
 }
 
+/// What a Job template may ask for.
+pub const JOB_PLACEHOLDERS: [&str; 9] = [
+    "job",
+    "run",
+    "train_url",
+    "eval_url",
+    "base_url",
+    "out_url",
+    "base_name",
+    "objective",
+    "steps",
+];
+
+impl KubeJob {
+    /// Checks the template before any run needs it: it names the Job
+    /// `{job}` and asks for nothing unknown (a misspelt placeholder would
+    /// otherwise reach the cluster as text). `${VAR}` is left to the shell.
+    pub fn new(template: String, kubectl: String) -> anyhow::Result<Self> {
+        if !template.contains("{job}") {
+            bail!("the Job template must name its Job {{job}}");
+        }
+        let mut rest = template.as_str();
+        let mut unknown = Vec::new();
+        while let Some(open) = rest.find('{') {
+            let shell = rest[..open].ends_with('$');
+            rest = &rest[open + 1..];
+            let Some(close) = rest.find('}') else { break };
+            let word = &rest[..close];
+            let is_name =
+                !word.is_empty() && word.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+            if is_name && !shell && !JOB_PLACEHOLDERS.contains(&word) {
+                unknown.push(format!("{{{word}}}"));
+            }
+        }
+        if !unknown.is_empty() {
+            bail!(
+                "the Job template asks for {}; known: {}",
+                unknown.join(", "),
+                JOB_PLACEHOLDERS.map(|p| format!("{{{p}}}")).join(" ")
+            );
+        }
+        Ok(Self {
+            template,
+            kubectl,
+            poll_secs: 5,
+        })
+    }
+}
+
 /// How a run ended (for the job's result).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RunOutcome {
@@ -745,9 +794,6 @@ fn run_kube_job(
         .replace("{base_name}", &base.name)
         .replace("{objective}", kind_of(spec.train.objective))
         .replace("{steps}", &spec.train.steps.to_string());
-    if !manifest.contains(&name) {
-        bail!("the Job template must name its Job {{job}}");
-    }
     // A worker that died while the Job ran left it running: follow it
     // rather than train twice.
     if kubectl(job, &["get", "job", &name, "-o", "name"], None).is_ok() {
@@ -835,4 +881,58 @@ pub async fn register_candidate(
     .await?;
     flywheel_store::models::set_lineage(pool, v.id, lineage).await?;
     Ok(v)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn job_status_reads_as_kubernetes_reports_it() {
+        assert_eq!(job_state(&json!({})), JobState::Running);
+        assert_eq!(job_state(&json!({"active": 1})), JobState::Running);
+        assert_eq!(
+            job_state(
+                &json!({"succeeded": 1, "conditions": [{"type": "Complete", "status": "True"}]})
+            ),
+            JobState::Succeeded
+        );
+        // A condition that no longer holds decides nothing.
+        assert_eq!(
+            job_state(&json!({"conditions": [{"type": "Failed", "status": "False"}]})),
+            JobState::Running
+        );
+        assert_eq!(
+            job_state(&json!({"failed": 1, "conditions": [{
+                "type": "Failed", "status": "True",
+                "reason": "DeadlineExceeded", "message": "Job was active longer than specified deadline"
+            }]})),
+            JobState::Failed(
+                "DeadlineExceeded: Job was active longer than specified deadline".into()
+            )
+        );
+    }
+
+    #[test]
+    fn job_templates_are_checked_up_front() {
+        let ok = KubeJob::new(
+            r#"{"metadata": {"name": "{job}"}, "args": ["get {train_url} ${HOME}/x"]}"#.into(),
+            "kubectl".into(),
+        );
+        assert!(ok.is_ok(), "{ok:?}");
+        let typo = KubeJob::new("name: {job}\nurl: {trian_url}".into(), "kubectl".into());
+        assert!(format!("{:#}", typo.unwrap_err()).contains("{trian_url}"));
+        let nameless = KubeJob::new("name: fixed".into(), "kubectl".into());
+        assert!(nameless.is_err());
+        // The template shipped in deploy/ passes.
+        let shipped = include_str!("../../deploy/kubernetes/train-job.yaml");
+        KubeJob::new(shipped.into(), "kubectl".into()).unwrap();
+    }
+
+    #[test]
+    fn tail_keeps_the_last_lines_in_order() {
+        assert_eq!(tail("a\nb\nc\nd", 2), "c | d");
+        assert_eq!(tail("", 3), "");
+    }
 }

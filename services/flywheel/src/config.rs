@@ -191,13 +191,14 @@ impl Config {
             (Some(_), Some(_)) => anyhow::bail!(
                 "set FLYWHEEL_EXTERNAL_TRAINER or FLYWHEEL_EXTERNAL_TRAINER_JOB, not both"
             ),
-            (Some(path), None) => Some(External::KubernetesJob(KubeJob {
-                template: std::fs::read_to_string(path).map_err(|e| {
+            (Some(path), None) => {
+                let at = |e: &dyn std::fmt::Display| {
                     anyhow::anyhow!("FLYWHEEL_EXTERNAL_TRAINER_JOB={}: {e}", path.display())
-                })?,
-                kubectl: self.kubectl.clone(),
-                poll_secs: 5,
-            })),
+                };
+                let template = std::fs::read_to_string(path).map_err(|e| at(&e))?;
+                let job = KubeJob::new(template, self.kubectl.clone()).map_err(|e| at(&e))?;
+                Some(External::KubernetesJob(job))
+            }
             (None, Some(command)) => Some(External::Command(command.clone())),
             (None, None) => None,
         };

@@ -338,13 +338,13 @@ pub async fn train(cfg: &crate::Config, pool: &PgPool, args: TrainArgs) -> anyho
 /// `flywheel runs list`.
 pub async fn list_runs(pool: &PgPool) -> anyhow::Result<()> {
     println!(
-        "{:<36}  {:<9}  {:<4}  {:>11}  {:>9}  {:>9}  created",
-        "run", "status", "obj", "steps", "eval bef.", "eval aft."
+        "{:<36}  {:<9}  {:<4}  {:>11}  {:>9}  {:>9}  {:>7}  created",
+        "run", "status", "obj", "steps", "eval bef.", "eval aft.", "tok/s"
     );
     let loss = |v: Option<f64>| v.map(|l| format!("{l:.4}")).unwrap_or_default();
     for r in flywheel_store::training::list(pool, 50).await? {
         println!(
-            "{:<36}  {:<9}  {:<4}  {:>5}/{:<5}  {:>9}  {:>9}  {}",
+            "{:<36}  {:<9}  {:<4}  {:>5}/{:<5}  {:>9}  {:>9}  {:>7}  {}",
             r.id,
             r.status,
             r.objective,
@@ -352,6 +352,9 @@ pub async fn list_runs(pool: &PgPool) -> anyhow::Result<()> {
             r.total_steps,
             loss(r.eval_loss_before),
             loss(r.eval_loss_after),
+            r.tokens_per_second
+                .map(|t| format!("{t:.0}"))
+                .unwrap_or_default(),
             r.created_at.format("%Y-%m-%d %H:%M:%S")
         );
     }

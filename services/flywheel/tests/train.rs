@@ -302,6 +302,7 @@ async fn a_queued_run_resumes_from_its_checkpoint_after_a_crash() {
     assert_eq!(run.status, "succeeded", "{run:#?}");
     assert_eq!(run.step, 8);
     assert!(run.eval_loss_after.unwrap() < run.eval_loss_before.unwrap());
+    assert!(run.tokens_per_second.is_some_and(|t| t > 0.0), "{run:#?}");
     // Two attempts: the crash after step 5, then a resume from step 3.
     let attempts = flywheel_store::jobs::recent_runs(&pool, 10).await.unwrap();
     let train: Vec<_> = attempts.iter().filter(|r| r.kind == "train").collect();
@@ -503,4 +504,134 @@ async fn an_external_trainer_command_trains_a_run_at_low_priority() {
     );
     std::fs::remove_dir_all(&dir).unwrap();
     std::fs::remove_dir_all(&dir2).unwrap();
+}
+
+/// The Kubernetes Job form of the external trainer, against a stand-in for
+/// kubectl (`tests/kubectl_standin.py`: no cluster is reachable here) that
+/// runs the Job's container as a local process with only the manifest's
+/// environment. The Job and the worker share nothing but the S3 bucket:
+/// the container fetches the dataset and the base model from it and leaves
+/// the adapter there.
+#[tokio::test]
+async fn an_external_trainer_job_trains_through_the_object_store() {
+    let (db, dir) = trained_setup("fw_train_kube", 29).await;
+    let s3 = common::S3::start("flywheel-kube").await;
+    let state = dir.join("kube");
+    std::fs::create_dir_all(&state).unwrap();
+    let kubectl = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/kubectl_standin.py");
+    let flywheel = env!("CARGO_BIN_EXE_flywheel");
+    let job = |script: String| {
+        let env: Vec<serde_json::Value> = s3
+            .env()
+            .into_iter()
+            .map(|(k, v)| serde_json::json!({"name": k, "value": v}))
+            .collect();
+        serde_json::json!({
+            "apiVersion": "batch/v1",
+            "kind": "Job",
+            "metadata": {"name": "{job}", "labels": {"flywheel.dev/run": "{run}"}},
+            "spec": {"backoffLimit": 0, "template": {"spec": {
+                "restartPolicy": "Never",
+                "containers": [{
+                    "name": "trainer",
+                    "image": "flywheel:latest",
+                    "command": ["sh", "-c", script],
+                    "env": env,
+                }],
+            }}},
+        })
+        .to_string()
+    };
+    let script = format!(
+        "set -e; W=$(mktemp -d); \
+         {flywheel} artifacts get {{train_url}} $W/train.jsonl; \
+         {flywheel} artifacts get {{eval_url}} $W/eval.jsonl; \
+         {flywheel} artifacts get {{base_url}} $W/base.gguf; \
+         {flywheel} train --jsonl $W/train.jsonl --eval-jsonl $W/eval.jsonl \
+           --base-gguf $W/base.gguf --out $W/adapter --steps {{steps}} --rank 4 \
+           --max-len 96 --learning-rate 5e-3 --warmup-steps 1; \
+         {flywheel} artifacts put $W/adapter {{out_url}}"
+    );
+    let template = dir.join("job.json");
+    std::fs::write(&template, job(script)).unwrap();
+    let worker_env = |template: &std::path::Path, attempts: &str| {
+        let mut env = s3.env();
+        env.push(("FLYWHEEL_ARTIFACTS", s3.url("team")));
+        env.push((
+            "FLYWHEEL_EXTERNAL_TRAINER_JOB",
+            template.display().to_string(),
+        ));
+        env.push(("FLYWHEEL_KUBECTL", kubectl.to_string()));
+        env.push(("KUBECTL_STANDIN_STATE", state.display().to_string()));
+        env.push(("FLYWHEEL_JOB_MAX_ATTEMPTS", attempts.to_string()));
+        env
+    };
+    let env = worker_env(&template, "3");
+    let env_refs: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+
+    let run_id = queue_run_with(&db, "4", &["--external"]);
+    let pool = flywheel_store::connect(&db).await.unwrap();
+    // The first worker submits the Job and dies while it runs; the next one
+    // follows the same Job instead of submitting another.
+    let mut first = train_worker(&db, &dir, &env_refs);
+    let calls = state.join("calls.log");
+    let submitted = common::until(60, || async {
+        std::fs::read_to_string(&calls).is_ok_and(|c| c.contains("apply"))
+    })
+    .await;
+    assert!(submitted, "the worker never submitted the Job");
+    let _ = first.kill();
+    let _ = first.wait();
+    let mut second = train_worker(&db, &dir, &env_refs);
+    let run = wait_for_run(&pool, run_id, 120, |r| {
+        matches!(r.status.as_str(), "succeeded" | "failed")
+    })
+    .await;
+    let _ = second.kill();
+    let _ = second.wait();
+    assert_eq!(run.status, "succeeded", "{run:#?}");
+    assert!(run.eval_loss_after.unwrap() < run.eval_loss_before.unwrap());
+    let log = std::fs::read_to_string(&calls).unwrap();
+    assert_eq!(log.matches("apply -f -").count(), 1, "{log}");
+    // The data went out and the adapter came back through the bucket.
+    let base = flywheel_store::models::by_name(&pool, "tiny")
+        .await
+        .unwrap()
+        .unwrap();
+    let keys = s3.keys("team/").await;
+    for key in [
+        format!("team/models/{}.gguf", base.sha256),
+        format!("team/runs/{run_id}/data/train.jsonl"),
+        format!("team/runs/{run_id}/returned/adapter_model.safetensors"),
+        format!("team/runs/{run_id}/returned/flywheel_run.json"),
+        format!("team/runs/{run_id}/adapter/adapter_model.safetensors"),
+    ] {
+        assert!(keys.contains(&key), "{key} missing from {keys:#?}");
+    }
+    let candidate = flywheel_store::models::get(&pool, run.candidate_version_id.unwrap())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(candidate.name.starts_with("tiny-ft-"));
+
+    // A Job that fails fails the run, with the reason and the pod's output.
+    let bad_template = dir.join("bad-job.json");
+    std::fs::write(
+        &bad_template,
+        job("echo CUDA out of memory >&2; exit 1".into()),
+    )
+    .unwrap();
+    let env = worker_env(&bad_template, "1");
+    let env_refs: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let bad = queue_run_with(&db, "4", &["--external"]);
+    let mut w = train_worker(&db, &dir, &env_refs);
+    let run = wait_for_run(&pool, bad, 60, |r| r.status == "failed").await;
+    let _ = w.kill();
+    let _ = w.wait();
+    let error = run.error.unwrap_or_default();
+    assert!(
+        error.contains("BackoffLimitExceeded") && error.contains("CUDA out of memory"),
+        "{error}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
 }

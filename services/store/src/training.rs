@@ -26,13 +26,18 @@ pub struct TrainingRun {
     pub created_at: DateTime<Utc>,
     pub started_at: Option<DateTime<Utc>>,
     pub finished_at: Option<DateTime<Utc>>,
+    /// Throughput over the steps recorded: tokens trained on per second of
+    /// step time (None before the first step, or for an external trainer).
+    pub tokens_per_second: Option<f64>,
 }
 
 macro_rules! run_columns {
     () => {
         "id, dataset_version_id, base_version_id, objective, config, status, step, total_steps,
          checkpoint_step, checkpoint_path, cancel_requested, candidate_version_id,
-         eval_loss_before, eval_loss_after, error, created_at, started_at, finished_at"
+         eval_loss_before, eval_loss_after, error, created_at, started_at, finished_at,
+         (select sum(s.tokens) / nullif(sum(s.seconds), 0) from training_steps s
+           where s.run_id = training_runs.id) as tokens_per_second"
     };
 }
 

@@ -71,9 +71,9 @@ pub async fn ready(base: &str) -> bool {
     .await
 }
 
-/// A private S3-compatible server (moto's `moto_server`, installed by
-/// `scripts/test.sh`) on a free port, holding one empty bucket. Stopped when
-/// dropped.
+/// A private S3-compatible server (moto's, `python3 -m moto.server`;
+/// `scripts/test.sh` installs it) on a free port, holding one empty bucket.
+/// Stopped when dropped.
 #[allow(dead_code)]
 pub struct S3 {
     child: std::process::Child,
@@ -89,13 +89,13 @@ impl S3 {
             .local_addr()
             .unwrap()
             .port();
-        let child = std::process::Command::new("moto_server")
-            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+        let child = std::process::Command::new("python3")
+            .args(["-m", "moto.server", "-H", "127.0.0.1", "-p", &port.to_string()])
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
             .spawn()
             .expect(
-                "the S3 tests need moto_server: pip install 'moto[server]' (scripts/test.sh does)",
+                "the S3 tests need python3 with moto: pip install 'moto[server]' (scripts/test.sh does)",
             );
         let s3 = S3 {
             child,
