@@ -485,6 +485,7 @@ fn conclude(
     let candidate = rt
         .block_on(register_candidate(
             pool,
+            &env.artifacts,
             &env.model_cache,
             base_path,
             lora,
@@ -838,12 +839,15 @@ fn run_kube_job(
 }
 
 /// Merges `lora` into the base GGUF (Q8_0 where adapted), keeps the result
-/// in the model cache and registers it as model version `name` with its
-/// lineage. Every way a candidate appears (a run, `train --register`,
-/// `models import-adapter`) goes through here.
+/// in the model cache and in the artifact store (`models/<sha256>.gguf`, the
+/// version's source, so a gateway on another machine can fetch it) and
+/// registers it as model version `name` with its lineage. Every way a
+/// candidate appears (a run, `train --register`, `models import-adapter`)
+/// goes through here.
 #[allow(clippy::too_many_arguments)]
 pub async fn register_candidate(
     pool: &PgPool,
+    artifacts: &Artifacts,
     model_cache: &Path,
     base_path: &Path,
     lora: &Lora,
@@ -867,11 +871,15 @@ pub async fn register_candidate(
     let fetched = cache.import(&tmp, Some(name)).await;
     let _ = std::fs::remove_file(&tmp);
     let fetched = fetched?;
+    let key = format!("models/{}.gguf", fetched.sha256);
+    if !artifacts.exists(&key).await? {
+        artifacts.put_file(&key, &fetched.path).await?;
+    }
     let v = flywheel_store::models::register(
         pool,
         &flywheel_store::models::NewModelVersion {
             name: fetched.name.clone(),
-            source: fetched.source.clone(),
+            source: artifacts.url(&key),
             sha256: fetched.sha256.clone(),
             format: fetched.format.clone(),
             path: fetched.path.display().to_string(),

@@ -68,17 +68,56 @@ pub async fn pull(cfg: &Config, spec: Option<&str>) -> anyhow::Result<FetchedMod
     }
 }
 
+/// A version whose file is missing here but whose source is an artifact
+/// store (a candidate trained on another machine, say) is fetched into the
+/// model cache, checked against its sha256 and its path updated. Returns
+/// the version as it now is, or None when its file cannot be had that way.
+pub async fn ensure_local(
+    cfg: &Config,
+    pool: &PgPool,
+    v: ModelVersion,
+) -> anyhow::Result<Option<ModelVersion>> {
+    if std::path::Path::new(&v.path).exists() {
+        return Ok(Some(v));
+    }
+    if !(v.source.starts_with("s3://") || v.source.starts_with("file://")) {
+        return Ok(None);
+    }
+    tracing::info!(model = v.name, source = v.source, "fetching the model file");
+    std::fs::create_dir_all(&cfg.model_cache)?;
+    let path = cfg.model_cache.join(format!("{}.gguf", v.sha256));
+    let part = cfg
+        .model_cache
+        .join(format!(".{}.{}.part", v.sha256, std::process::id()));
+    flywheel_jobs::artifacts::download(&v.source, &part).await?;
+    let sha = flywheel_modelhub::sha256_file(&part).await?;
+    if sha != v.sha256 {
+        let _ = std::fs::remove_file(&part);
+        anyhow::bail!(
+            "{} has sha256 {sha}, but model version {} was registered as {}",
+            v.source,
+            v.name,
+            v.sha256
+        );
+    }
+    std::fs::rename(&part, &path)?;
+    let path = path.display().to_string();
+    flywheel_store::models::set_path(pool, v.id, &path).await?;
+    Ok(Some(ModelVersion { path, ..v }))
+}
+
 /// The champion model version; with none registered, the default model is
 /// pulled (if absent), registered and made champion.
 pub async fn ensure_champion(cfg: &Config, pool: &PgPool) -> anyhow::Result<ModelVersion> {
     if let Some(v) = flywheel_store::models::champion(pool).await? {
-        if std::path::Path::new(&v.path).exists() {
+        let (name, path) = (v.name.clone(), v.path.clone());
+        if let Some(v) = ensure_local(cfg, pool, v)
+            .await
+            .with_context(|| format!("fetching the champion {name}"))?
+        {
             return Ok(v);
         }
-        tracing::warn!(
-            path = v.path,
-            "champion model file is missing; pulling it again"
-        );
+        tracing::warn!(path, "champion model file is missing; pulling it again");
     }
     let fetched = pull(cfg, None).await?;
     let v = register(pool, &fetched).await?;

@@ -314,6 +314,7 @@ pub async fn train(cfg: &crate::Config, pool: &PgPool, args: TrainArgs) -> anyho
         let adapter = std::path::absolute(&out).unwrap_or(out.clone());
         let v = flywheel_jobs::train::register_candidate(
             pool,
+            &flywheel_jobs::artifacts::Artifacts::open(&cfg.artifacts)?,
             &cfg.model_cache,
             &base_path,
             &lora,
@@ -439,6 +440,7 @@ async fn import_local_adapter(
     .context("loading the adapter panicked")??;
     flywheel_jobs::train::register_candidate(
         pool,
+        &flywheel_jobs::artifacts::Artifacts::open(&cfg.artifacts)?,
         &cfg.model_cache,
         &base_path,
         &lora,

@@ -407,6 +407,54 @@ async fn a_queued_run_resumes_from_its_checkpoint_after_a_crash() {
             .adapter_path,
         Some(adapter_url)
     );
+
+    // The merged candidate is in the bucket too, as its source: a gateway
+    // whose disk lacks the file (another machine) fetches it from there.
+    assert_eq!(
+        candidate.source,
+        s3.url(&format!("prod/models/{}.gguf", candidate.sha256))
+    );
+    cli(&db, &["models", "promote", &candidate.name]);
+    std::fs::remove_file(&candidate.path).unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut server = Command::new(env!("CARGO_BIN_EXE_flywheel"))
+        .env("FLYWHEEL_HOME", common::test_home())
+        .env("FLYWHEEL_MODEL_CACHE", dir.join("other-machine"))
+        .arg("serve")
+        .env("DATABASE_URL", &db)
+        .env("FLYWHEEL_ADDR", format!("127.0.0.1:{port}"))
+        .env("FLYWHEEL_JOURNAL_DIR", dir.join("journal"))
+        .envs(s3.env())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let ready = common::ready(&format!("http://127.0.0.1:{port}")).await;
+    let _ = server.kill();
+    let _ = server.wait();
+    assert!(ready, "the gateway did not fetch and load the candidate");
+    let served = flywheel_store::models::get(&pool, candidate.id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(served.is_champion);
+    assert!(
+        served
+            .path
+            .starts_with(dir.join("other-machine").to_str().unwrap()),
+        "{}",
+        served.path
+    );
+    assert_eq!(
+        flywheel_modelhub::sha256_file(std::path::Path::new(&served.path))
+            .await
+            .unwrap(),
+        candidate.sha256
+    );
     std::fs::remove_dir_all(&dir).unwrap();
 }
 

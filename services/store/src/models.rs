@@ -151,6 +151,17 @@ pub async fn lineage(ex: impl PgExecutor<'_>, id: Uuid) -> Result<Option<Lineage
     .await?)
 }
 
+/// Records where a version's file now lies on this machine (after it was
+/// fetched again from its source).
+pub async fn set_path(ex: impl PgExecutor<'_>, id: Uuid, path: &str) -> Result<()> {
+    sqlx::query("update model_versions set path = $2 where id = $1")
+        .bind(id)
+        .bind(path)
+        .execute(ex)
+        .await?;
+    Ok(())
+}
+
 pub async fn get(ex: impl PgExecutor<'_>, id: Uuid) -> Result<Option<ModelVersion>> {
     Ok(sqlx::query_as(concat!(
         "select ",
