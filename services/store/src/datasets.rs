@@ -85,6 +85,22 @@ pub async fn votes(
     .await?)
 }
 
+/// The ids of the votes [`votes`] would read: all a rebuild needs to see
+/// that nothing changed.
+pub async fn vote_ids(
+    ex: impl PgExecutor<'_>,
+    teams: &[Uuid],
+    until: DateTime<Utc>,
+) -> Result<Vec<Uuid>> {
+    Ok(sqlx::query_scalar(
+        "select id from feedback where team_id = any($1) and created_at <= $2",
+    )
+    .bind(teams)
+    .bind(until)
+    .fetch_all(ex)
+    .await?)
+}
+
 /// The completions those votes rate.
 pub async fn rated_completions(
     ex: impl PgExecutor<'_>,
