@@ -87,7 +87,11 @@ pub async fn run(pool: &PgPool, job: &CurateJob, pause: Pause) -> anyhow::Result
     if let Some(v) = datasets::find_by_fingerprint(&mut *tx, job.scope, &fingerprint).await? {
         tx.commit().await?;
         let load_ms = t0.elapsed().as_millis() as u64;
-        tracing::info!(load_ms, version = v.version, "nothing new since this version");
+        tracing::info!(
+            load_ms,
+            version = v.version,
+            "nothing new since this version"
+        );
         return Ok(found(
             Outcome {
                 votes_read,

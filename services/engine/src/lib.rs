@@ -16,6 +16,7 @@ pub mod stop;
 pub mod template;
 pub mod tiny;
 pub mod tokenizer;
+pub mod train_ops;
 
 pub use engine::{
     Backend, EngineConfig, EngineHandle, EngineStats, Event, FinishReason, GenerateRequest,

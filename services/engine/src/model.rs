@@ -9,11 +9,12 @@
 //! rotary embeddings (pairs `(2i, 2i+1)` rotate together), so we use
 //! `rope_i`. Weights are `(out, in)`; activations are `(tokens, hidden)`.
 
-use candle_core::{CpuStorage, CustomOp1, D, DType, Device, Layout, Shape, Tensor};
+use candle_core::{D, DType, Device, Tensor};
 use candle_nn::ops;
 
 use crate::Result;
 use crate::gguf::GgufFile;
+use crate::train_ops;
 
 /// Hyper-parameters of a llama-architecture model.
 #[derive(Debug, Clone, PartialEq)]
@@ -145,46 +146,12 @@ struct Pass<'a> {
     differentiable: bool,
 }
 
-/// `x @ w^T` for a weight that is not trained: its backward passes the
-/// gradient to `x` only. Candle's matmul backward also computes the
-/// weight's gradient, a third of all training FLOPs, thrown away here.
-struct FrozenLinear {
-    w: Tensor,
-}
-
-impl CustomOp1 for FrozenLinear {
-    fn name(&self) -> &'static str {
-        "frozen-linear"
-    }
-
-    fn cpu_fwd(
-        &self,
-        storage: &CpuStorage,
-        layout: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let Some((start, end)) = layout.contiguous_offsets() else {
-            candle_core::bail!("frozen-linear needs a contiguous input");
-        };
-        let x = Tensor::from_slice(
-            &storage.as_slice::<f32>()?[start..end],
-            layout.shape(),
-            &Device::Cpu,
-        )?;
-        let y = x.matmul(&self.w.t()?)?;
-        let shape = y.shape().clone();
-        Ok((CpuStorage::F32(y.flatten_all()?.to_vec1::<f32>()?), shape))
-    }
-
-    fn bwd(&self, _x: &Tensor, _y: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        Ok(Some(grad.matmul(&self.w)?))
-    }
-}
-
 /// A frozen projection for training: the custom op on the CPU, a plain
 /// matmul elsewhere.
 fn frozen_linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
-    if x.device().is_cpu() && x.dtype() == DType::F32 {
-        Ok(x.contiguous()?.apply_op1(FrozenLinear { w: w.clone() })?)
+    if train_ops::fused(x) {
+        Ok(x.contiguous()?
+            .apply_op1(train_ops::FrozenLinear { w: w.clone() })?)
     } else {
         linear(x, w)
     }
@@ -210,6 +177,10 @@ impl Pass<'_> {
         if !self.differentiable {
             return Ok(ops::rms_norm(x, w, eps)?);
         }
+        if train_ops::fused(x) {
+            let op = train_ops::RmsNorm { w: w.clone(), eps };
+            return Ok(x.contiguous()?.apply_op1(op)?);
+        }
         let inv = (x.sqr()?.mean_keepdim(D::Minus1)? + eps as f64)?
             .sqrt()?
             .recip()?;
@@ -221,6 +192,13 @@ impl Pass<'_> {
     fn rope(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
         if !self.differentiable {
             return Ok(candle_nn::rotary_emb::rope_i(x, cos, sin)?);
+        }
+        if train_ops::fused(x) {
+            let op = train_ops::Rope {
+                cos: cos.clone(),
+                sin: sin.clone(),
+            };
+            return Ok(x.contiguous()?.apply_op1(op)?);
         }
         let (b, h, t, hd) = x.dims4()?;
         let pairs = x.reshape((b, h, t, hd / 2, 2))?;
@@ -426,11 +404,22 @@ impl Llama {
         let rep = nh / nkv;
         let q = q.reshape((1, nkv, rep * t, hd))?;
         let scale = 1.0 / (hd as f64).sqrt();
-        let mut att = (q.matmul(&k.t()?)? * scale)?;
-        if let Some(mask) = mask {
-            att = att.broadcast_add(mask)?;
-        }
-        let att = pass.softmax(&att)?;
+        let scores = q.matmul(&k.t()?)?;
+        let att = if pass.differentiable && train_ops::fused(&scores) {
+            // Scale, mask and softmax in one pass, forward and backward.
+            let op = train_ops::CausalSoftmax {
+                scale: scale as f32,
+                t,
+                offset: k.dim(2)? - t,
+            };
+            scores.apply_op1(op)?
+        } else {
+            let mut att = (scores * scale)?;
+            if let Some(mask) = mask {
+                att = att.broadcast_add(mask)?;
+            }
+            pass.softmax(&att)?
+        };
         let out = att.matmul(&v)?; // (1, nkv, rep*t, hd)
         let out = out
             .reshape((1, nh, t, hd))?

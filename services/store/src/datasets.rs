@@ -92,13 +92,13 @@ pub async fn vote_ids(
     teams: &[Uuid],
     until: DateTime<Utc>,
 ) -> Result<Vec<Uuid>> {
-    Ok(sqlx::query_scalar(
-        "select id from feedback where team_id = any($1) and created_at <= $2",
+    Ok(
+        sqlx::query_scalar("select id from feedback where team_id = any($1) and created_at <= $2")
+            .bind(teams)
+            .bind(until)
+            .fetch_all(ex)
+            .await?,
     )
-    .bind(teams)
-    .bind(until)
-    .fetch_all(ex)
-    .await?)
 }
 
 /// The completions those votes rate.

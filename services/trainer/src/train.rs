@@ -87,6 +87,12 @@ pub fn answer_logprobs(
     let ids: Vec<u32> = e.prompt.iter().chain(&e.answer).copied().collect();
     // Position p predicts token p + 1; the answer starts at prompt.len().
     let logits = model.forward_logits(&ids[..ids.len() - 1], e.prompt.len() - 1, adapter)?;
+    if flywheel_engine::train_ops::fused(&logits) {
+        let op = flywheel_engine::train_ops::TargetLogProbs {
+            targets: e.answer.clone(),
+        };
+        return Ok(logits.contiguous()?.apply_op1(op)?);
+    }
     let max = logits.max_keepdim(D::Minus1)?.detach();
     let shifted = logits.broadcast_sub(&max)?;
     let log_z = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;

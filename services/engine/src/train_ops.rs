@@ -1,0 +1,611 @@
+//! The training forward's operations, each one pass over memory with its
+//! backward written out. Built from candle's element-wise ops, softmax, RMS
+//! norm and rotary embedding take 5 to 10 passes forward and more backward,
+//! each allocating a new tensor; candle's own fused versions have no
+//! backward. CPU and f32 only: other devices use the composed versions.
+//!
+//! Every op here is checked against the composed formulation and against
+//! finite differences (`tests` below, and the trainer's gradient test).
+
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Shape, Storage, Tensor};
+use rayon::prelude::*;
+
+/// The input as a contiguous f32 slice.
+fn contiguous<'a>(
+    storage: &'a CpuStorage,
+    layout: &Layout,
+    op: &str,
+) -> candle_core::Result<&'a [f32]> {
+    let Some((start, end)) = layout.contiguous_offsets() else {
+        candle_core::bail!("{op} needs a contiguous input");
+    };
+    Ok(&storage.as_slice::<f32>()?[start..end])
+}
+
+/// Whether the fused ops apply to `x`.
+pub fn fused(x: &Tensor) -> bool {
+    x.device().is_cpu() && x.dtype() == DType::F32
+}
+
+/// `x @ w^T` for a weight that is not trained: its backward passes the
+/// gradient to `x` only. Candle's matmul backward also computes the
+/// weight's gradient, a third of all training FLOPs, thrown away here.
+pub struct FrozenLinear {
+    pub w: Tensor,
+}
+
+impl CustomOp1 for FrozenLinear {
+    fn name(&self) -> &'static str {
+        "frozen-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &CpuStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (m, k) = layout.shape().dims2()?;
+        let (n, wk) = self.w.dims2()?;
+        if k != wk {
+            candle_core::bail!("frozen-linear: input has {k} columns, the weight {wk}");
+        }
+        let (w_storage, w_layout) = self.w.storage_and_layout();
+        let Storage::Cpu(w) = &*w_storage else {
+            candle_core::bail!("frozen-linear: the weight is not on the CPU");
+        };
+        // The gemm reads `w` transposed in place: no copy of either side.
+        let out = storage.matmul(w, (1, m, n, k), layout, &w_layout.transpose(0, 1)?)?;
+        Ok((out, Shape::from((m, n))))
+    }
+
+    fn bwd(&self, _x: &Tensor, _y: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        Ok(Some(grad.matmul(&self.w)?))
+    }
+}
+
+/// Attention weights: `softmax(scale * s + causal mask)` over the last
+/// dimension of scores `s` (rows of `kv` keys). Row `r` belongs to query
+/// position `offset + r % t` and sees keys `0..=offset + r % t` (query heads
+/// that share a key head are stacked along the rows, `t` rows each).
+pub struct CausalSoftmax {
+    pub scale: f32,
+    pub t: usize,
+    pub offset: usize,
+}
+
+impl CustomOp1 for CausalSoftmax {
+    fn name(&self) -> &'static str {
+        "train-causal-softmax"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &CpuStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = contiguous(storage, layout, "softmax")?;
+        let kv = layout.shape().dims().last().copied().unwrap_or(1).max(1);
+        let mut out = vec![0f32; x.len()];
+        out.par_chunks_mut(kv)
+            .zip(x.par_chunks(kv))
+            .enumerate()
+            .for_each(|(r, (y, x))| {
+                let seen = (self.offset + r % self.t.max(1) + 1).min(kv);
+                let max = x[..seen]
+                    .iter()
+                    .fold(f32::NEG_INFINITY, |m, &v| m.max(v * self.scale));
+                let mut sum = 0f32;
+                for (y, &x) in y[..seen].iter_mut().zip(&x[..seen]) {
+                    *y = (x * self.scale - max).exp();
+                    sum += *y;
+                }
+                let inv = 1.0 / sum;
+                y[..seen].iter_mut().for_each(|y| *y *= inv);
+                // Masked keys keep weight 0.
+            });
+        Ok((CpuStorage::F32(out), layout.shape().clone()))
+    }
+
+    fn bwd(&self, _x: &Tensor, y: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let back = SoftmaxBackward { scale: self.scale };
+        Ok(Some(grad.contiguous()?.apply_op2(&y.contiguous()?, back)?))
+    }
+}
+
+/// The gradient of `softmax(scale * x)` from the output gradient `g` and
+/// the output `y`: `scale * y * (g - sum(g * y))`, one pass per row.
+struct SoftmaxBackward {
+    scale: f32,
+}
+
+impl CustomOp2 for SoftmaxBackward {
+    fn name(&self) -> &'static str {
+        "train-softmax-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        gs: &CpuStorage,
+        gl: &Layout,
+        ys: &CpuStorage,
+        yl: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (g, y) = (
+            contiguous(gs, gl, "softmax backward")?,
+            contiguous(ys, yl, "softmax backward")?,
+        );
+        let n = gl.shape().dims().last().copied().unwrap_or(1).max(1);
+        let mut out = vec![0f32; g.len()];
+        out.par_chunks_mut(n)
+            .zip(g.par_chunks(n).zip(y.par_chunks(n)))
+            .for_each(|(d, (g, y))| {
+                let dot: f32 = g.iter().zip(y).map(|(g, y)| g * y).sum();
+                for ((d, &g), &y) in d.iter_mut().zip(g).zip(y) {
+                    *d = self.scale * y * (g - dot);
+                }
+            });
+        Ok((CpuStorage::F32(out), gl.shape().clone()))
+    }
+}
+
+/// Log-probabilities of the target tokens: for logits `(n, vocab)` and
+/// `targets[i]`, `log_softmax(logits[i])[targets[i]]`, shape `(n,)`. The
+/// backward, `g_i * (onehot(targets[i]) - softmax(logits[i]))`, is one pass
+/// over the logits; the composed version makes a dozen, each the size of
+/// the vocabulary times the positions scored.
+pub struct TargetLogProbs {
+    pub targets: Vec<u32>,
+}
+
+impl CustomOp1 for TargetLogProbs {
+    fn name(&self) -> &'static str {
+        "train-target-logprobs"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &CpuStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = contiguous(storage, layout, "target log-probs")?;
+        let (n, vocab) = layout.shape().dims2()?;
+        if self.targets.len() != n || self.targets.iter().any(|&t| t as usize >= vocab) {
+            candle_core::bail!(
+                "target log-probs: {} targets for {n} rows of {vocab}",
+                self.targets.len()
+            );
+        }
+        let out: Vec<f32> = x
+            .par_chunks(vocab)
+            .zip(self.targets.par_iter())
+            .map(|(row, &t)| row[t as usize] - log_sum_exp(row))
+            .collect();
+        Ok((CpuStorage::F32(out), Shape::from(n)))
+    }
+
+    fn bwd(&self, x: &Tensor, _y: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let back = TargetLogProbsBackward {
+            targets: self.targets.clone(),
+        };
+        Ok(Some(x.contiguous()?.apply_op2(&grad.contiguous()?, back)?))
+    }
+}
+
+/// `log(sum(exp(row)))`, summed in f64: a vocabulary is 50k terms.
+fn log_sum_exp(row: &[f32]) -> f32 {
+    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let sum: f64 = row.iter().map(|&v| (v - max).exp() as f64).sum();
+    max + sum.ln() as f32
+}
+
+struct TargetLogProbsBackward {
+    targets: Vec<u32>,
+}
+
+impl CustomOp2 for TargetLogProbsBackward {
+    fn name(&self) -> &'static str {
+        "train-target-logprobs-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        gs: &CpuStorage,
+        gl: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (x, g) = (
+            contiguous(xs, xl, "target log-probs backward")?,
+            contiguous(gs, gl, "target log-probs backward")?,
+        );
+        let (_, vocab) = xl.shape().dims2()?;
+        let mut out = vec![0f32; x.len()];
+        out.par_chunks_mut(vocab)
+            .zip(x.par_chunks(vocab))
+            .zip(g.par_iter().zip(self.targets.par_iter()))
+            .for_each(|((d, row), (&g, &t))| {
+                let lse = log_sum_exp(row);
+                for (d, &v) in d.iter_mut().zip(row) {
+                    *d = -g * (v - lse).exp();
+                }
+                d[t as usize] += g;
+            });
+        Ok((CpuStorage::F32(out), xl.shape().clone()))
+    }
+}
+
+/// RMS norm over the last dimension with a frozen weight:
+/// `y = x / sqrt(mean(x^2) + eps) * w`.
+pub struct RmsNorm {
+    pub w: Tensor,
+    pub eps: f32,
+}
+
+impl CustomOp1 for RmsNorm {
+    fn name(&self) -> &'static str {
+        "train-rms-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &CpuStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = contiguous(storage, layout, "rms-norm")?;
+        let w = self.w.to_vec1::<f32>()?;
+        let n = w.len();
+        if layout.shape().dims().last() != Some(&n) {
+            candle_core::bail!(
+                "rms-norm: rows of {:?} against a weight of {n}",
+                layout.shape()
+            );
+        }
+        let mut out = vec![0f32; x.len()];
+        out.par_chunks_mut(n)
+            .zip(x.par_chunks(n))
+            .for_each(|(y, x)| {
+                let mean = x.iter().map(|v| v * v).sum::<f32>() / n as f32;
+                let inv = 1.0 / (mean + self.eps).sqrt();
+                for ((y, &x), &w) in y.iter_mut().zip(x).zip(&w) {
+                    *y = x * inv * w;
+                }
+            });
+        Ok((CpuStorage::F32(out), layout.shape().clone()))
+    }
+
+    fn bwd(&self, x: &Tensor, _y: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let back = RmsNormBackward {
+            w: self.w.clone(),
+            eps: self.eps,
+        };
+        Ok(Some(grad.contiguous()?.apply_op2(&x.contiguous()?, back)?))
+    }
+}
+
+/// The gradient of [`RmsNorm`] from the output gradient `g` and the input
+/// `x`: with `r = 1/rms(x)`, `dx = r g w - x r^3 mean(g w x)`, per row.
+struct RmsNormBackward {
+    w: Tensor,
+    eps: f32,
+}
+
+impl CustomOp2 for RmsNormBackward {
+    fn name(&self) -> &'static str {
+        "train-rms-norm-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        gs: &CpuStorage,
+        gl: &Layout,
+        xs: &CpuStorage,
+        xl: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (g, x) = (
+            contiguous(gs, gl, "rms-norm backward")?,
+            contiguous(xs, xl, "rms-norm backward")?,
+        );
+        let w = self.w.to_vec1::<f32>()?;
+        let n = w.len();
+        let mut out = vec![0f32; g.len()];
+        out.par_chunks_mut(n)
+            .zip(g.par_chunks(n).zip(x.par_chunks(n)))
+            .for_each(|(d, (g, x))| {
+                let mean = x.iter().map(|v| v * v).sum::<f32>() / n as f32;
+                let r = 1.0 / (mean + self.eps).sqrt();
+                let dot = g
+                    .iter()
+                    .zip(x)
+                    .zip(&w)
+                    .map(|((g, x), w)| g * w * x)
+                    .sum::<f32>()
+                    / n as f32;
+                let c = r * r * r * dot;
+                for (((d, &g), &x), &w) in d.iter_mut().zip(g).zip(x).zip(&w) {
+                    *d = r * g * w - x * c;
+                }
+            });
+        Ok((CpuStorage::F32(out), gl.shape().clone()))
+    }
+}
+
+/// Interleaved rotary embedding on `(b, heads, t, hd)`: pairs `(2i, 2i+1)`
+/// of position `p` rotate by the angle whose cosine and sine are
+/// `cos[p, i]`, `sin[p, i]` (`(t, hd/2)` tables). Its backward is the
+/// rotation by the opposite angle.
+pub struct Rope {
+    pub cos: Tensor,
+    pub sin: Tensor,
+}
+
+impl CustomOp1 for Rope {
+    fn name(&self) -> &'static str {
+        "train-rope"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &CpuStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = contiguous(storage, layout, "rope")?;
+        let (_, _, t, hd) = layout.shape().dims4()?;
+        let (cos, sin) = (
+            self.cos.flatten_all()?.to_vec1::<f32>()?,
+            self.sin.flatten_all()?.to_vec1::<f32>()?,
+        );
+        if cos.len() != t * hd / 2 || sin.len() != cos.len() {
+            candle_core::bail!("rope: tables of {} for {t} positions of {hd}", cos.len());
+        }
+        let mut out = vec![0f32; x.len()];
+        out.par_chunks_mut(t * hd)
+            .zip(x.par_chunks(t * hd))
+            .for_each(|(y, x)| {
+                for p in 0..t {
+                    let (c, s) = (&cos[p * hd / 2..][..hd / 2], &sin[p * hd / 2..][..hd / 2]);
+                    let (y, x) = (&mut y[p * hd..][..hd], &x[p * hd..][..hd]);
+                    for i in 0..hd / 2 {
+                        let (x0, x1) = (x[2 * i], x[2 * i + 1]);
+                        y[2 * i] = x0 * c[i] - x1 * s[i];
+                        y[2 * i + 1] = x0 * s[i] + x1 * c[i];
+                    }
+                }
+            });
+        Ok((CpuStorage::F32(out), layout.shape().clone()))
+    }
+
+    fn bwd(&self, _x: &Tensor, _y: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let back = Rope {
+            cos: self.cos.clone(),
+            sin: self.sin.neg()?,
+        };
+        Ok(Some(grad.contiguous()?.apply_op1(back)?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    fn t(data: &[f32], shape: &[usize]) -> Tensor {
+        Tensor::from_slice(data, shape, &Device::Cpu).unwrap()
+    }
+
+    fn data(n: usize, seed: u32) -> Vec<f32> {
+        (0..n)
+            .map(|i| (((i as u32).wrapping_mul(2654435761) ^ seed) % 1000) as f32 / 250.0 - 2.0)
+            .collect()
+    }
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar()
+            .unwrap()
+    }
+
+    /// Values and gradients (of a weighted sum, so every output counts
+    /// differently) of `fused` and `composed` agree.
+    fn same(x: &Tensor, fused: impl Fn(&Tensor) -> Tensor, composed: impl Fn(&Tensor) -> Tensor) {
+        let v1 = Var::from_tensor(x).unwrap();
+        let v2 = Var::from_tensor(x).unwrap();
+        let (y1, y2) = (fused(v1.as_tensor()), composed(v2.as_tensor()));
+        assert!(
+            max_diff(&y1, &y2) < 1e-5,
+            "values differ by {}",
+            max_diff(&y1, &y2)
+        );
+        let weights = t(&data(y1.elem_count(), 7), y1.dims());
+        let g1 = (y1 * &weights)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let g2 = (y2 * &weights)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let (g1, g2) = (
+            g1.get(v1.as_tensor()).unwrap(),
+            g2.get(v2.as_tensor()).unwrap(),
+        );
+        assert!(
+            max_diff(g1, g2) < 1e-4,
+            "gradients differ by {}",
+            max_diff(g1, g2)
+        );
+    }
+
+    #[test]
+    fn causal_softmax_matches_the_composed_version() {
+        // 2 key heads, 3 query heads each stacked on 4 positions, 6 keys (2 cached).
+        let (tq, rep, offset) = (4, 3, 2);
+        let kv = offset + tq;
+        let x = t(&data(2 * rep * tq * kv, 1), &[1, 2, rep * tq, kv]);
+        let mask: Vec<f32> = (0..rep * tq)
+            .flat_map(|r| {
+                (0..kv).map(move |j| {
+                    if j > offset + r % tq {
+                        f32::NEG_INFINITY
+                    } else {
+                        0.0
+                    }
+                })
+            })
+            .collect();
+        let mask = t(&mask, &[rep * tq, kv]);
+        let op = || CausalSoftmax {
+            scale: 0.125,
+            t: tq,
+            offset,
+        };
+        same(
+            &x,
+            |x| x.apply_op1(op()).unwrap(),
+            |x| {
+                let s = (x * 0.125).unwrap().broadcast_add(&mask).unwrap();
+                let max = s.max_keepdim(candle_core::D::Minus1).unwrap().detach();
+                let e = s.broadcast_sub(&max).unwrap().exp().unwrap();
+                e.broadcast_div(&e.sum_keepdim(candle_core::D::Minus1).unwrap())
+                    .unwrap()
+            },
+        );
+    }
+
+    #[test]
+    fn rms_norm_matches_the_composed_version() {
+        let x = t(&data(5 * 8, 2), &[5, 8]);
+        let w = t(&data(8, 3), &[8]);
+        let op = || RmsNorm {
+            w: w.clone(),
+            eps: 1e-5,
+        };
+        same(
+            &x,
+            |x| x.apply_op1(op()).unwrap(),
+            |x| {
+                let inv = (x
+                    .sqr()
+                    .unwrap()
+                    .mean_keepdim(candle_core::D::Minus1)
+                    .unwrap()
+                    + 1e-5)
+                    .unwrap()
+                    .sqrt()
+                    .unwrap()
+                    .recip()
+                    .unwrap();
+                x.broadcast_mul(&inv).unwrap().broadcast_mul(&w).unwrap()
+            },
+        );
+    }
+
+    #[test]
+    fn rope_matches_candles_and_the_composed_version() {
+        let (h, tt, hd) = (3, 5, 8);
+        let x = t(&data(h * tt * hd, 4), &[1, h, tt, hd]);
+        let angles: Vec<f32> = (0..tt * hd / 2).map(|i| i as f32 * 0.37).collect();
+        let cos = t(
+            &angles.iter().map(|a| a.cos()).collect::<Vec<_>>(),
+            &[tt, hd / 2],
+        );
+        let sin = t(
+            &angles.iter().map(|a| a.sin()).collect::<Vec<_>>(),
+            &[tt, hd / 2],
+        );
+        let op = || Rope {
+            cos: cos.clone(),
+            sin: sin.clone(),
+        };
+        let reference = candle_nn::rotary_emb::rope_i(&x, &cos, &sin).unwrap();
+        assert!(max_diff(&x.apply_op1(op()).unwrap(), &reference) < 1e-6);
+        same(
+            &x,
+            |x| x.apply_op1(op()).unwrap(),
+            |x| {
+                let pairs = x.reshape((1, h, tt, hd / 2, 2)).unwrap();
+                let x0 = pairs.narrow(4, 0, 1).unwrap().squeeze(4).unwrap();
+                let x1 = pairs.narrow(4, 1, 1).unwrap().squeeze(4).unwrap();
+                let (c, s) = (
+                    cos.reshape((1, 1, tt, hd / 2)).unwrap(),
+                    sin.reshape((1, 1, tt, hd / 2)).unwrap(),
+                );
+                let r0 = (x0.broadcast_mul(&c).unwrap() - x1.broadcast_mul(&s).unwrap()).unwrap();
+                let r1 = (x0.broadcast_mul(&s).unwrap() + x1.broadcast_mul(&c).unwrap()).unwrap();
+                Tensor::stack(&[r0, r1], 4)
+                    .unwrap()
+                    .reshape((1, h, tt, hd))
+                    .unwrap()
+            },
+        );
+    }
+
+    #[test]
+    fn target_log_probs_match_the_composed_version() {
+        let x = t(&data(4 * 11, 8), &[4, 11]);
+        let targets = vec![3u32, 0, 10, 7];
+        let op = || TargetLogProbs {
+            targets: targets.clone(),
+        };
+        same(
+            &x,
+            |x| x.apply_op1(op()).unwrap(),
+            |x| {
+                let max = x.max_keepdim(candle_core::D::Minus1).unwrap().detach();
+                let s = x.broadcast_sub(&max).unwrap();
+                let lz = s
+                    .exp()
+                    .unwrap()
+                    .sum_keepdim(candle_core::D::Minus1)
+                    .unwrap()
+                    .log()
+                    .unwrap();
+                let logp = s.broadcast_sub(&lz).unwrap();
+                let idx = Tensor::new(targets.as_slice(), &Device::Cpu)
+                    .unwrap()
+                    .unsqueeze(1)
+                    .unwrap();
+                logp.gather(&idx, 1).unwrap().squeeze(1).unwrap()
+            },
+        );
+        assert!(
+            x.apply_op1(TargetLogProbs {
+                targets: vec![11, 0, 0, 0]
+            })
+            .is_err()
+        );
+    }
+
+    #[test]
+    fn frozen_linear_matches_matmul_and_passes_no_weight_gradient() {
+        let x = t(&data(6 * 4, 5), &[6, 4]);
+        let w = Var::from_tensor(&t(&data(3 * 4, 6), &[3, 4])).unwrap();
+        let op = || FrozenLinear {
+            w: w.as_tensor().clone(),
+        };
+        same(
+            &x,
+            |x| x.apply_op1(op()).unwrap(),
+            |x| x.matmul(&w.as_tensor().t().unwrap()).unwrap(),
+        );
+        let v = Var::from_tensor(&x).unwrap();
+        let grads = v
+            .as_tensor()
+            .apply_op1(op())
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        assert!(grads.get(w.as_tensor()).is_none());
+    }
+}
