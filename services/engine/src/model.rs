@@ -135,6 +135,13 @@ impl Proj {
 /// `(tokens, out)`.
 pub trait Adapter {
     fn delta(&self, layer: usize, proj: Proj, x: &Tensor) -> Result<Option<Tensor>>;
+
+    /// `(A, B, scale)` when `layer`'s `proj` delta is exactly
+    /// `scale * x A^T B^T` (a LoRA pair without dropout): the training
+    /// forward then computes it inside the frozen projection's op.
+    fn low_rank(&self, _layer: usize, _proj: Proj) -> Option<(Tensor, Tensor, f64)> {
+        None
+    }
 }
 
 /// How a forward pass runs: fused candle kernels for inference, or ops
@@ -159,6 +166,16 @@ fn frozen_linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
 
 impl Pass<'_> {
     fn linear(&self, x: &Tensor, w: &Tensor, layer: usize, proj: Proj) -> Result<Tensor> {
+        if self.differentiable
+            && train_ops::fused(x)
+            && let Some((a, b, scale)) = self.adapter.and_then(|a| a.low_rank(layer, proj))
+        {
+            let op = train_ops::LoraLinear {
+                w: w.clone(),
+                scale,
+            };
+            return Ok(x.contiguous()?.apply_op3(&a, &b, op)?);
+        }
         let base = if self.differentiable {
             frozen_linear(x, w)?
         } else {

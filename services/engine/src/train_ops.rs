@@ -8,7 +8,9 @@
 //! finite differences (`tests` below, and the trainer's gradient test).
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Shape, Storage, Tensor};
+use candle_core::{
+    CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Shape, Storage, Tensor,
+};
 use rayon::prelude::*;
 
 /// The input as a contiguous f32 slice.
@@ -146,6 +148,84 @@ impl CustomOp2 for SoftmaxBackward {
                 }
             });
         Ok((CpuStorage::F32(out), gl.shape().clone()))
+    }
+}
+
+/// A frozen projection with a LoRA pair on it, one node in the graph:
+/// `y = x W^T + scale * (x A^T) B^T` for input `x (m, in)`, `A (r, in)`,
+/// `B (out, r)`. The backward gives `x`, `A` and `B` their gradients (none
+/// for `W`); done as separate ops, `x` would feed two branches whose
+/// gradients candle sums in extra passes.
+pub struct LoraLinear {
+    pub w: Tensor,
+    pub scale: f64,
+}
+
+/// `a @ b^T` on CPU storage (both 2-D and laid out as their layouts say).
+fn matmul_t(
+    a: &CpuStorage,
+    al: &Layout,
+    b: &CpuStorage,
+    bl: &Layout,
+) -> candle_core::Result<Vec<f32>> {
+    let (m, k) = al.shape().dims2()?;
+    let (n, bk) = bl.shape().dims2()?;
+    if k != bk {
+        candle_core::bail!("lora-linear: inner sizes {k} and {bk}");
+    }
+    match a.matmul(b, (1, m, n, k), al, &bl.transpose(0, 1)?)? {
+        CpuStorage::F32(v) => Ok(v),
+        _ => candle_core::bail!("lora-linear: f32 only"),
+    }
+}
+
+impl CustomOp3 for LoraLinear {
+    fn name(&self) -> &'static str {
+        "train-lora-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        a_s: &CpuStorage,
+        al: &Layout,
+        bs: &CpuStorage,
+        bl: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (m, _) = xl.shape().dims2()?;
+        let (n, r) = bl.shape().dims2()?;
+        let (w_storage, w_layout) = self.w.storage_and_layout();
+        let Storage::Cpu(w) = &*w_storage else {
+            candle_core::bail!("lora-linear: the weight is not on the CPU");
+        };
+        let mut y = matmul_t(xs, xl, w, w_layout)?;
+        let down = CpuStorage::F32(matmul_t(xs, xl, a_s, al)?);
+        let up = matmul_t(&down, &Layout::contiguous((m, r)), bs, bl)?;
+        let scale = self.scale as f32;
+        y.par_iter_mut()
+            .zip(up.par_iter())
+            .for_each(|(y, u)| *y += scale * u);
+        Ok((CpuStorage::F32(y), Shape::from((m, n))))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        a: &Tensor,
+        b: &Tensor,
+        _y: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        // Gradients carry no graph of their own (A and B are variables: a
+        // gradient built from them would keep every step's graph alive).
+        let (x, a, b, grad) = (&x.detach(), &a.detach(), &b.detach(), &grad.detach());
+        let down = x.matmul(&a.t()?)?; // (m, r)
+        let g_down = (grad.matmul(b)? * self.scale)?; // (m, r)
+        let d_b = (grad.t()?.matmul(&down)? * self.scale)?; // (out, r)
+        let d_a = g_down.t()?.matmul(x)?; // (r, in)
+        let d_x = (grad.matmul(&self.w)? + g_down.matmul(a)?)?;
+        Ok((Some(d_x), Some(d_a), Some(d_b)))
     }
 }
 
@@ -583,6 +663,55 @@ mod tests {
             })
             .is_err()
         );
+    }
+
+    #[test]
+    fn lora_linear_matches_the_composed_version() {
+        let (m, k, n, r) = (6, 5, 4, 2);
+        let x = t(&data(m * k, 9), &[m, k]);
+        let w = t(&data(n * k, 10), &[n, k]);
+        let a = Var::from_tensor(&t(&data(r * k, 11), &[r, k])).unwrap();
+        let b = Var::from_tensor(&t(&data(n * r, 12), &[n, r])).unwrap();
+        let weights = t(&data(m * n, 13), &[m, n]);
+        let xv = Var::from_tensor(&x).unwrap();
+        let fused = xv
+            .as_tensor()
+            .apply_op3(
+                a.as_tensor(),
+                b.as_tensor(),
+                LoraLinear {
+                    w: w.clone(),
+                    scale: 1.5,
+                },
+            )
+            .unwrap();
+        let composed = (xv.as_tensor().matmul(&w.t().unwrap()).unwrap()
+            + (xv
+                .as_tensor()
+                .matmul(&a.as_tensor().t().unwrap())
+                .unwrap()
+                .matmul(&b.as_tensor().t().unwrap())
+                .unwrap()
+                * 1.5)
+                .unwrap())
+        .unwrap();
+        assert!(max_diff(&fused, &composed) < 1e-5);
+        let g1 = (fused * &weights)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let g2 = (composed * &weights)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        for v in [xv.as_tensor(), a.as_tensor(), b.as_tensor()] {
+            let d = max_diff(g1.get(v).unwrap(), g2.get(v).unwrap());
+            assert!(d < 1e-4, "gradient differs by {d}");
+        }
     }
 
     #[test]

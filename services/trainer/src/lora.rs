@@ -113,4 +113,16 @@ impl Adapter for Lora {
         let up = down.matmul(&p.b.as_tensor().t()?)?;
         Ok(Some((up * self.config.scale())?))
     }
+
+    fn low_rank(&self, layer: usize, proj: Proj) -> Option<(Tensor, Tensor, f64)> {
+        if self.training && self.config.dropout > 0.0 {
+            return None;
+        }
+        let p = self.pairs.get(&(layer, proj))?;
+        Some((
+            p.a.as_tensor().clone(),
+            p.b.as_tensor().clone(),
+            self.config.scale(),
+        ))
+    }
 }

@@ -62,6 +62,8 @@ impl AdamW {
             let Some(g) = grads.get(var.as_tensor()) else {
                 continue;
             };
+            // The moments outlive the step: they must not hold its graph.
+            let g = &g.detach();
             let m = ((&self.m[i] * b1)? + (g * (1.0 - b1))?)?;
             let v = ((&self.v[i] * b2)? + (g.sqr()? * (1.0 - b2))?)?;
             let step = ((&m * correct1)? / ((&v * correct2)?.sqrt()? + self.eps)?)?;
