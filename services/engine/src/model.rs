@@ -378,9 +378,15 @@ impl Llama {
             let attn = self.attention(i, layer, &h, &cos, &sin, mask.as_ref(), slot, pass)?;
             x = (x + attn)?;
             let h = pass.rms_norm(&x, &layer.ffn_norm, eps)?;
-            let gate = pass.linear(&h, &layer.w_gate, i, Proj::Gate)?.silu()?;
+            let gate = pass.linear(&h, &layer.w_gate, i, Proj::Gate)?;
             let up = pass.linear(&h, &layer.w_up, i, Proj::Up)?;
-            x = (x + pass.linear(&(gate * up)?, &layer.w_down, i, Proj::Down)?)?;
+            let act = if pass.differentiable && train_ops::fused(&gate) {
+                gate.contiguous()?
+                    .apply_op2(&up.contiguous()?, train_ops::SwiGlu)?
+            } else {
+                (gate.silu()? * up)?
+            };
+            x = (x + pass.linear(&act, &layer.w_down, i, Proj::Down)?)?;
         }
         cache.len += t;
         pass.rms_norm(&x, &self.norm, eps)

@@ -229,6 +229,77 @@ impl CustomOp3 for LoraLinear {
     }
 }
 
+/// The MLP's gate: `silu(gate) * up`, element-wise, one node. Its backward
+/// gives `up` the gradient `g * silu(gate)` and `gate` the gradient
+/// `g * up * silu'(gate)`, with `silu'(z) = s (1 + z (1 - s))`, `s = sigmoid(z)`.
+pub struct SwiGlu;
+
+fn sigmoid(z: f32) -> f32 {
+    1.0 / (1.0 + (-z).exp())
+}
+
+impl CustomOp2 for SwiGlu {
+    fn name(&self) -> &'static str {
+        "train-swiglu"
+    }
+
+    fn cpu_fwd(
+        &self,
+        gs: &CpuStorage,
+        gl: &Layout,
+        us: &CpuStorage,
+        ul: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (gate, up) = (contiguous(gs, gl, "swiglu")?, contiguous(us, ul, "swiglu")?);
+        if gl.shape() != ul.shape() {
+            candle_core::bail!("swiglu: {:?} against {:?}", gl.shape(), ul.shape());
+        }
+        let out: Vec<f32> = gate
+            .par_iter()
+            .zip(up.par_iter())
+            .map(|(&z, &u)| z * sigmoid(z) * u)
+            .collect();
+        Ok((CpuStorage::F32(out), gl.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        gate: &Tensor,
+        up: &Tensor,
+        _y: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let (gate, up, grad) = (gate.contiguous()?, up.contiguous()?, grad.contiguous()?);
+        let (d_gate, d_up) = {
+            let (gs, gl) = gate.storage_and_layout();
+            let (us, ul) = up.storage_and_layout();
+            let (ds, dl) = grad.storage_and_layout();
+            let (Storage::Cpu(gs), Storage::Cpu(us), Storage::Cpu(ds)) = (&*gs, &*us, &*ds) else {
+                candle_core::bail!("swiglu: CPU tensors only");
+            };
+            let (z, u, g) = (
+                contiguous(gs, gl, "swiglu backward")?,
+                contiguous(us, ul, "swiglu backward")?,
+                contiguous(ds, dl, "swiglu backward")?,
+            );
+            let pairs: Vec<(f32, f32)> = z
+                .par_iter()
+                .zip(u.par_iter().zip(g.par_iter()))
+                .map(|(&z, (&u, &g))| {
+                    let s = sigmoid(z);
+                    (g * u * s * (1.0 + z * (1.0 - s)), g * z * s)
+                })
+                .collect();
+            let (d_gate, d_up): (Vec<f32>, Vec<f32>) = pairs.into_iter().unzip();
+            (d_gate, d_up)
+        };
+        Ok((
+            Some(Tensor::from_vec(d_gate, gate.shape(), gate.device())?),
+            Some(Tensor::from_vec(d_up, up.shape(), up.device())?),
+        ))
+    }
+}
+
 /// Log-probabilities of the target tokens: for logits `(n, vocab)` and
 /// `targets[i]`, `log_softmax(logits[i])[targets[i]]`, shape `(n,)`. The
 /// backward, `g_i * (onehot(targets[i]) - softmax(logits[i]))`, is one pass
@@ -709,6 +780,32 @@ mod tests {
             .backward()
             .unwrap();
         for v in [xv.as_tensor(), a.as_tensor(), b.as_tensor()] {
+            let d = max_diff(g1.get(v).unwrap(), g2.get(v).unwrap());
+            assert!(d < 1e-4, "gradient differs by {d}");
+        }
+    }
+
+    #[test]
+    fn swiglu_matches_the_composed_version() {
+        let gate = Var::from_tensor(&t(&data(7 * 5, 14), &[7, 5])).unwrap();
+        let up = Var::from_tensor(&t(&data(7 * 5, 15), &[7, 5])).unwrap();
+        let weights = t(&data(7 * 5, 16), &[7, 5]);
+        let fused = gate.as_tensor().apply_op2(up.as_tensor(), SwiGlu).unwrap();
+        let composed = (gate.as_tensor().silu().unwrap() * up.as_tensor()).unwrap();
+        assert!(max_diff(&fused, &composed) < 1e-5);
+        let g1 = (fused * &weights)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let g2 = (composed * &weights)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        for v in [gate.as_tensor(), up.as_tensor()] {
             let d = max_diff(g1.get(v).unwrap(), g2.get(v).unwrap());
             assert!(d < 1e-4, "gradient differs by {d}");
         }
