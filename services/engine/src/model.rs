@@ -414,9 +414,30 @@ impl Llama {
                 .transpose(1, 2)?
                 .contiguous()?)
         };
-        let q = pass.rope(&heads(&layer.wq, nh, Proj::Q)?, cos, sin)?;
-        let k = pass.rope(&heads(&layer.wk, nkv, Proj::K)?, cos, sin)?;
-        let v = heads(&layer.wv, nkv, Proj::V)?;
+        let fused = pass.differentiable && train_ops::fused(h);
+        // Training: the head layout and the rotation in one op.
+        let split = |w: &Tensor, n: usize, proj: Proj, rope: bool| -> Result<Tensor> {
+            let op = train_ops::Heads {
+                n,
+                hd,
+                split: true,
+                rope: rope.then(|| (cos.clone(), sin.clone())),
+            };
+            Ok(pass.linear(h, w, i, proj)?.contiguous()?.apply_op1(op)?)
+        };
+        let (q, k, v) = if fused {
+            (
+                split(&layer.wq, nh, Proj::Q, true)?,
+                split(&layer.wk, nkv, Proj::K, true)?,
+                split(&layer.wv, nkv, Proj::V, false)?,
+            )
+        } else {
+            (
+                pass.rope(&heads(&layer.wq, nh, Proj::Q)?, cos, sin)?,
+                pass.rope(&heads(&layer.wk, nkv, Proj::K)?, cos, sin)?,
+                heads(&layer.wv, nkv, Proj::V)?,
+            )
+        };
         let (k, v) = match slot.take() {
             Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
             None => (k, v),
@@ -444,10 +465,18 @@ impl Llama {
             pass.softmax(&att)?
         };
         let out = att.matmul(&v)?; // (1, nkv, rep*t, hd)
-        let out = out
-            .reshape((1, nh, t, hd))?
-            .transpose(1, 2)?
-            .reshape((t, nh * hd))?;
+        let out = out.reshape((1, nh, t, hd))?;
+        let out = if fused {
+            let op = train_ops::Heads {
+                n: nh,
+                hd,
+                split: false,
+                rope: None,
+            };
+            out.contiguous()?.apply_op1(op)?
+        } else {
+            out.transpose(1, 2)?.reshape((t, nh * hd))?
+        };
         pass.linear(&out, &layer.wo, i, Proj::O)
     }
 }

@@ -300,6 +300,105 @@ impl CustomOp2 for SwiGlu {
     }
 }
 
+/// Between a projection's rows and attention heads, rotating on the way
+/// if asked: `split` takes `(t, n*hd)` to `(1, n, t, hd)`, the other way
+/// back. With `rope`, pairs `(2i, 2i+1)` at position `p` turn by the angle of
+/// `(cos[p, i], sin[p, i])`, as [`Rope`] does. One pass instead of a copy
+/// for the transpose plus one for the rotation; the backward is the same
+/// op the other way with the opposite angle.
+pub struct Heads {
+    pub n: usize,
+    pub hd: usize,
+    pub split: bool,
+    pub rope: Option<(Tensor, Tensor)>,
+}
+
+impl CustomOp1 for Heads {
+    fn name(&self) -> &'static str {
+        "train-heads"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &CpuStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = contiguous(storage, layout, "heads")?;
+        let (n, hd) = (self.n, self.hd);
+        let t = x.len() / (n * hd).max(1);
+        let expected: Shape = if self.split {
+            (t, n * hd).into()
+        } else {
+            (1, n, t, hd).into()
+        };
+        if layout.shape() != &expected {
+            candle_core::bail!("heads: {:?}, expected {expected:?}", layout.shape());
+        }
+        let tables = match &self.rope {
+            Some((c, s)) => Some((
+                c.flatten_all()?.to_vec1::<f32>()?,
+                s.flatten_all()?.to_vec1::<f32>()?,
+            )),
+            None => None,
+        };
+        if let Some((c, _)) = &tables
+            && c.len() != t * hd / 2
+        {
+            candle_core::bail!(
+                "heads: rope tables of {} for {t} positions of {hd}",
+                c.len()
+            );
+        }
+        // Moves one head's row at position p from `src` to `dst`.
+        let place = |dst: &mut [f32], src: &[f32], p: usize| match &tables {
+            Some((c, s)) => {
+                let (c, s) = (&c[p * hd / 2..][..hd / 2], &s[p * hd / 2..][..hd / 2]);
+                for i in 0..hd / 2 {
+                    let (x0, x1) = (src[2 * i], src[2 * i + 1]);
+                    dst[2 * i] = x0 * c[i] - x1 * s[i];
+                    dst[2 * i + 1] = x0 * s[i] + x1 * c[i];
+                }
+            }
+            None => dst.copy_from_slice(src),
+        };
+        let mut out = vec![0f32; x.len()];
+        if self.split {
+            // out (n, t, hd) <- x (t, n, hd)
+            out.par_chunks_mut(t * hd).enumerate().for_each(|(h, dst)| {
+                for p in 0..t {
+                    place(&mut dst[p * hd..][..hd], &x[(p * n + h) * hd..][..hd], p);
+                }
+            });
+        } else {
+            // out (t, n, hd) <- x (n, t, hd)
+            out.par_chunks_mut(n * hd).enumerate().for_each(|(p, dst)| {
+                for h in 0..n {
+                    place(&mut dst[h * hd..][..hd], &x[(h * t + p) * hd..][..hd], p);
+                }
+            });
+        }
+        let shape: Shape = if self.split {
+            (1, n, t, hd).into()
+        } else {
+            (t, n * hd).into()
+        };
+        Ok((CpuStorage::F32(out), shape))
+    }
+
+    fn bwd(&self, _x: &Tensor, _y: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let back = Heads {
+            n: self.n,
+            hd: self.hd,
+            split: !self.split,
+            rope: match &self.rope {
+                Some((c, s)) => Some((c.clone(), s.neg()?)),
+                None => None,
+            },
+        };
+        Ok(Some(grad.contiguous()?.apply_op1(back)?))
+    }
+}
+
 /// Log-probabilities of the target tokens: for logits `(n, vocab)` and
 /// `targets[i]`, `log_softmax(logits[i])[targets[i]]`, shape `(n,)`. The
 /// backward, `g_i * (onehot(targets[i]) - softmax(logits[i]))`, is one pass
@@ -809,6 +908,57 @@ mod tests {
             let d = max_diff(g1.get(v).unwrap(), g2.get(v).unwrap());
             assert!(d < 1e-4, "gradient differs by {d}");
         }
+    }
+
+    #[test]
+    fn heads_match_the_composed_layout_and_rotation() {
+        let (tq, n, hd) = (5, 3, 4);
+        let x = t(&data(tq * n * hd, 17), &[tq, n * hd]);
+        let angles: Vec<f32> = (0..tq * hd / 2).map(|i| i as f32 * 0.29).collect();
+        let cos = t(
+            &angles.iter().map(|a| a.cos()).collect::<Vec<_>>(),
+            &[tq, hd / 2],
+        );
+        let sin = t(
+            &angles.iter().map(|a| a.sin()).collect::<Vec<_>>(),
+            &[tq, hd / 2],
+        );
+        let split = |rope: bool| Heads {
+            n,
+            hd,
+            split: true,
+            rope: rope.then(|| (cos.clone(), sin.clone())),
+        };
+        let layout = |x: &Tensor| {
+            x.reshape((1, tq, n, hd))
+                .unwrap()
+                .transpose(1, 2)
+                .unwrap()
+                .contiguous()
+                .unwrap()
+        };
+        same(&x, |x| x.apply_op1(split(false)).unwrap(), layout);
+        same(
+            &x,
+            |x| x.apply_op1(split(true)).unwrap(),
+            |x| {
+                layout(x)
+                    .apply_op1(Rope {
+                        cos: cos.clone(),
+                        sin: sin.clone(),
+                    })
+                    .unwrap()
+            },
+        );
+        // Merging undoes splitting.
+        let merge = Heads {
+            n,
+            hd,
+            split: false,
+            rope: None,
+        };
+        let back = x.apply_op1(split(false)).unwrap().apply_op1(merge).unwrap();
+        assert_eq!(max_diff(&back, &x), 0.0);
     }
 
     #[test]
