@@ -210,13 +210,6 @@ impl Pass<'_> {
         if !self.differentiable {
             return Ok(candle_nn::rotary_emb::rope_i(x, cos, sin)?);
         }
-        if train_ops::fused(x) {
-            let op = train_ops::Rope {
-                cos: cos.clone(),
-                sin: sin.clone(),
-            };
-            return Ok(x.contiguous()?.apply_op1(op)?);
-        }
         let (b, h, t, hd) = x.dims4()?;
         let pairs = x.reshape((b, h, t, hd / 2, 2))?;
         let x0 = pairs.narrow(4, 0, 1)?.squeeze(4)?;

@@ -303,7 +303,7 @@ impl CustomOp2 for SwiGlu {
 /// Between a projection's rows and attention heads, rotating on the way
 /// if asked: `split` takes `(t, n*hd)` to `(1, n, t, hd)`, the other way
 /// back. With `rope`, pairs `(2i, 2i+1)` at position `p` turn by the angle of
-/// `(cos[p, i], sin[p, i])`, as [`Rope`] does. One pass instead of a copy
+/// `(cos[p, i], sin[p, i])`, llama.cpp's interleaved order. One pass instead of a copy
 /// for the transpose plus one for the rotation; the backward is the same
 /// op the other way with the opposite angle.
 pub struct Heads {
@@ -580,60 +580,6 @@ impl CustomOp2 for RmsNormBackward {
     }
 }
 
-/// Interleaved rotary embedding on `(b, heads, t, hd)`: pairs `(2i, 2i+1)`
-/// of position `p` rotate by the angle whose cosine and sine are
-/// `cos[p, i]`, `sin[p, i]` (`(t, hd/2)` tables). Its backward is the
-/// rotation by the opposite angle.
-pub struct Rope {
-    pub cos: Tensor,
-    pub sin: Tensor,
-}
-
-impl CustomOp1 for Rope {
-    fn name(&self) -> &'static str {
-        "train-rope"
-    }
-
-    fn cpu_fwd(
-        &self,
-        storage: &CpuStorage,
-        layout: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let x = contiguous(storage, layout, "rope")?;
-        let (_, _, t, hd) = layout.shape().dims4()?;
-        let (cos, sin) = (
-            self.cos.flatten_all()?.to_vec1::<f32>()?,
-            self.sin.flatten_all()?.to_vec1::<f32>()?,
-        );
-        if cos.len() != t * hd / 2 || sin.len() != cos.len() {
-            candle_core::bail!("rope: tables of {} for {t} positions of {hd}", cos.len());
-        }
-        let mut out = vec![0f32; x.len()];
-        out.par_chunks_mut(t * hd)
-            .zip(x.par_chunks(t * hd))
-            .for_each(|(y, x)| {
-                for p in 0..t {
-                    let (c, s) = (&cos[p * hd / 2..][..hd / 2], &sin[p * hd / 2..][..hd / 2]);
-                    let (y, x) = (&mut y[p * hd..][..hd], &x[p * hd..][..hd]);
-                    for i in 0..hd / 2 {
-                        let (x0, x1) = (x[2 * i], x[2 * i + 1]);
-                        y[2 * i] = x0 * c[i] - x1 * s[i];
-                        y[2 * i + 1] = x0 * s[i] + x1 * c[i];
-                    }
-                }
-            });
-        Ok((CpuStorage::F32(out), layout.shape().clone()))
-    }
-
-    fn bwd(&self, _x: &Tensor, _y: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        let back = Rope {
-            cos: self.cos.clone(),
-            sin: self.sin.neg()?,
-        };
-        Ok(Some(grad.contiguous()?.apply_op1(back)?))
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -759,44 +705,23 @@ mod tests {
         );
     }
 
-    #[test]
-    fn rope_matches_candles_and_the_composed_version() {
-        let (h, tt, hd) = (3, 5, 8);
-        let x = t(&data(h * tt * hd, 4), &[1, h, tt, hd]);
-        let angles: Vec<f32> = (0..tt * hd / 2).map(|i| i as f32 * 0.37).collect();
-        let cos = t(
-            &angles.iter().map(|a| a.cos()).collect::<Vec<_>>(),
-            &[tt, hd / 2],
+    /// Interleaved rotary embedding from candle's differentiable ops, on
+    /// `(1, h, t, hd)`.
+    fn composed_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Tensor {
+        let (_, h, tt, hd) = x.dims4().unwrap();
+        let pairs = x.reshape((1, h, tt, hd / 2, 2)).unwrap();
+        let x0 = pairs.narrow(4, 0, 1).unwrap().squeeze(4).unwrap();
+        let x1 = pairs.narrow(4, 1, 1).unwrap().squeeze(4).unwrap();
+        let (c, s) = (
+            cos.reshape((1, 1, tt, hd / 2)).unwrap(),
+            sin.reshape((1, 1, tt, hd / 2)).unwrap(),
         );
-        let sin = t(
-            &angles.iter().map(|a| a.sin()).collect::<Vec<_>>(),
-            &[tt, hd / 2],
-        );
-        let op = || Rope {
-            cos: cos.clone(),
-            sin: sin.clone(),
-        };
-        let reference = candle_nn::rotary_emb::rope_i(&x, &cos, &sin).unwrap();
-        assert!(max_diff(&x.apply_op1(op()).unwrap(), &reference) < 1e-6);
-        same(
-            &x,
-            |x| x.apply_op1(op()).unwrap(),
-            |x| {
-                let pairs = x.reshape((1, h, tt, hd / 2, 2)).unwrap();
-                let x0 = pairs.narrow(4, 0, 1).unwrap().squeeze(4).unwrap();
-                let x1 = pairs.narrow(4, 1, 1).unwrap().squeeze(4).unwrap();
-                let (c, s) = (
-                    cos.reshape((1, 1, tt, hd / 2)).unwrap(),
-                    sin.reshape((1, 1, tt, hd / 2)).unwrap(),
-                );
-                let r0 = (x0.broadcast_mul(&c).unwrap() - x1.broadcast_mul(&s).unwrap()).unwrap();
-                let r1 = (x0.broadcast_mul(&s).unwrap() + x1.broadcast_mul(&c).unwrap()).unwrap();
-                Tensor::stack(&[r0, r1], 4)
-                    .unwrap()
-                    .reshape((1, h, tt, hd))
-                    .unwrap()
-            },
-        );
+        let r0 = (x0.broadcast_mul(&c).unwrap() - x1.broadcast_mul(&s).unwrap()).unwrap();
+        let r1 = (x0.broadcast_mul(&s).unwrap() + x1.broadcast_mul(&c).unwrap()).unwrap();
+        Tensor::stack(&[r0, r1], 4)
+            .unwrap()
+            .reshape((1, h, tt, hd))
+            .unwrap()
     }
 
     #[test]
@@ -941,15 +866,11 @@ mod tests {
         same(
             &x,
             |x| x.apply_op1(split(true)).unwrap(),
-            |x| {
-                layout(x)
-                    .apply_op1(Rope {
-                        cos: cos.clone(),
-                        sin: sin.clone(),
-                    })
-                    .unwrap()
-            },
+            |x| composed_rope(&layout(x), &cos, &sin),
         );
+        // The rotation is candle's (and llama.cpp's) interleaved one.
+        let reference = candle_nn::rotary_emb::rope_i(&layout(&x), &cos, &sin).unwrap();
+        assert!(max_diff(&x.apply_op1(split(true)).unwrap(), &reference) < 1e-6);
         // Merging undoes splitting.
         let merge = Heads {
             n,
