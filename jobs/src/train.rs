@@ -291,11 +291,10 @@ pub async fn run(pool: &PgPool, env: &TrainEnv, run_id: Uuid) -> anyhow::Result<
         .name(format!("train-{}", &run_id.simple().to_string()[..8]))
         .spawn(move || {
             flywheel_trainer::lower_thread_priority(nice);
-            let base_path = Path::new(&base.path);
             let result = if spec.external {
-                external_blocking(&handle, &pool2, &env2, &run2, &spec, rows, base_path)
+                external_blocking(&handle, &pool2, &env2, &run2, &spec, rows, &base)
             } else {
-                train_blocking(&handle, &pool2, &env2, &run2, &spec, rows, base_path)
+                train_blocking(&handle, &pool2, &env2, &run2, &spec, rows, &base)
             };
             let _ = tx.send(result);
         })?;
@@ -327,9 +326,9 @@ fn train_blocking(
     run: &TrainingRun,
     spec: &RunSpec,
     rows: Vec<(String, serde_json::Value)>,
-    base_path: &Path,
+    base_row: &ModelVersion,
 ) -> anyhow::Result<RunOutcome> {
-    let base = Base::load(base_path)?;
+    let base = Base::load(Path::new(&base_row.path))?;
     let (train_set, eval_set) =
         load_examples(&base, spec.train.objective, rows, spec.train.max_len)?;
     let dir = work_dir(env, run.id);
@@ -361,10 +360,7 @@ fn train_blocking(
         let before = trainer.evaluate(&eval_set)?;
         rt.block_on(training::set_eval_before(pool, run.id, before))?;
     }
-    let base_name = rt
-        .block_on(flywheel_store::models::get(pool, run.base_version_id))?
-        .context("the run's base model version is gone")?
-        .name;
+    let base_name = &base_row.name;
     let total = spec.train.steps;
     let every = env.checkpoint_every.max(1);
     let mut previous = run.checkpoint_step;
@@ -390,7 +386,7 @@ fn train_blocking(
             // newest only once it is stored whole, so a crash mid-upload
             // leaves the previous one in force.
             let local = dir.join(format!("checkpoint-{}", s.step));
-            trainer.save_checkpoint(&base_name, &local)?;
+            trainer.save_checkpoint(base_name, &local)?;
             let key = run_key(run.id, &format!("checkpoints/{}", s.step));
             rt.block_on(env.artifacts.put_dir(&key, &local))?;
             rt.block_on(training::checkpoint(
@@ -413,17 +409,8 @@ fn train_blocking(
     }
     let after = trainer.evaluate(&eval_set)?;
     let adapter = dir.join("adapter");
-    flywheel_trainer::peft::save(&trainer.lora, &base.model, &base_name, &adapter)?;
-    let mut o = conclude(
-        rt,
-        pool,
-        env,
-        run,
-        &trainer.lora,
-        base_path,
-        &adapter,
-        after,
-    )?;
+    flywheel_trainer::peft::save(&trainer.lora, &base.model, base_name, &adapter)?;
+    let mut o = conclude(rt, pool, env, run, &trainer.lora, base_row, &adapter, after)?;
     o.resumed_from = resumed_from;
     let _ = std::fs::remove_dir_all(&dir);
     Ok(o)
@@ -462,13 +449,10 @@ fn conclude(
     env: &TrainEnv,
     run: &TrainingRun,
     lora: &Lora,
-    base_path: &Path,
+    base_row: &ModelVersion,
     adapter: &Path,
     eval_after: f64,
 ) -> anyhow::Result<RunOutcome> {
-    let base_row = rt
-        .block_on(flywheel_store::models::get(pool, run.base_version_id))?
-        .context("the run's base model version is gone")?;
     let note = format!(
         "LoRA from dataset version {} on {} (run {})",
         run.dataset_version_id, base_row.name, run.id
@@ -487,7 +471,7 @@ fn conclude(
             pool,
             &env.artifacts,
             &env.model_cache,
-            base_path,
+            Path::new(&base_row.path),
             lora,
             &name,
             &note,
@@ -535,8 +519,9 @@ fn external_blocking(
     run: &TrainingRun,
     spec: &RunSpec,
     rows: Vec<(String, serde_json::Value)>,
-    base_path: &Path,
+    base_row: &ModelVersion,
 ) -> anyhow::Result<RunOutcome> {
+    let base_path = Path::new(&base_row.path);
     use flywheel_curation::export::Format;
     let external = env.external.as_ref().context(
         "this run wants an external trainer, but neither FLYWHEEL_EXTERNAL_TRAINER nor \
@@ -582,7 +567,7 @@ fn external_blocking(
             &adapter,
         )?,
         External::KubernetesJob(job) => {
-            run_kube_job(rt, pool, env, run, spec, job, base_path, &adapter)?
+            run_kube_job(rt, pool, env, run, spec, job, base_row, &adapter)?
         }
     };
     if !finished {
@@ -611,7 +596,7 @@ fn external_blocking(
         0,
         0.0,
     ))?;
-    let o = conclude(rt, pool, env, run, &lora, base_path, &adapter, after)?;
+    let o = conclude(rt, pool, env, run, &lora, base_row, &adapter, after)?;
     let _ = std::fs::remove_dir_all(&dir);
     Ok(o)
 }
@@ -765,16 +750,13 @@ fn run_kube_job(
     run: &TrainingRun,
     spec: &RunSpec,
     job: &KubeJob,
-    base_path: &Path,
+    base: &ModelVersion,
     adapter: &Path,
 ) -> anyhow::Result<bool> {
-    let base = rt
-        .block_on(flywheel_store::models::get(pool, run.base_version_id))?
-        .context("the run's base model version is gone")?;
     let base_key = format!("models/{}.gguf", base.sha256);
     if !rt.block_on(env.artifacts.exists(&base_key))? {
         tracing::info!(model = %base.name, "uploading the base model for the cluster");
-        rt.block_on(env.artifacts.put_file(&base_key, base_path))?;
+        rt.block_on(env.artifacts.put_file(&base_key, Path::new(&base.path)))?;
     }
     let name = format!("flywheel-train-{}", &run.id.simple().to_string()[..12]);
     let out_key = run_key(run.id, "returned");

@@ -609,36 +609,44 @@ mod tests {
     /// Values and gradients (of a weighted sum, so every output counts
     /// differently) of `fused` and `composed` agree.
     fn same(x: &Tensor, fused: impl Fn(&Tensor) -> Tensor, composed: impl Fn(&Tensor) -> Tensor) {
-        let v1 = Var::from_tensor(x).unwrap();
-        let v2 = Var::from_tensor(x).unwrap();
-        let (y1, y2) = (fused(v1.as_tensor()), composed(v2.as_tensor()));
-        assert!(
-            max_diff(&y1, &y2) < 1e-5,
-            "values differ by {}",
-            max_diff(&y1, &y2)
-        );
+        same_all(&[x], |v| fused(&v[0]), |v| composed(&v[0]));
+    }
+
+    /// [`same`] for an op of several inputs: every input's gradient agrees.
+    fn same_all(
+        inputs: &[&Tensor],
+        fused: impl Fn(&[Tensor]) -> Tensor,
+        composed: impl Fn(&[Tensor]) -> Tensor,
+    ) {
+        let vars = || -> Vec<Var> {
+            inputs
+                .iter()
+                .map(|x| Var::from_tensor(x).unwrap())
+                .collect()
+        };
+        let (v1, v2) = (vars(), vars());
+        let as_tensors =
+            |v: &[Var]| -> Vec<Tensor> { v.iter().map(|v| v.as_tensor().clone()).collect() };
+        let (y1, y2) = (fused(&as_tensors(&v1)), composed(&as_tensors(&v2)));
+        let d = max_diff(&y1, &y2);
+        assert!(d < 1e-5, "values differ by {d}");
         let weights = t(&data(y1.elem_count(), 7), y1.dims());
-        let g1 = (y1 * &weights)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
-        let g2 = (y2 * &weights)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
-        let (g1, g2) = (
-            g1.get(v1.as_tensor()).unwrap(),
-            g2.get(v2.as_tensor()).unwrap(),
-        );
-        assert!(
-            max_diff(g1, g2) < 1e-4,
-            "gradients differ by {}",
-            max_diff(g1, g2)
-        );
+        let backward = |y: Tensor| {
+            (y * &weights)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap()
+        };
+        let (g1, g2) = (backward(y1), backward(y2));
+        for (i, (a, b)) in v1.iter().zip(&v2).enumerate() {
+            let d = max_diff(
+                g1.get(a.as_tensor()).unwrap(),
+                g2.get(b.as_tensor()).unwrap(),
+            );
+            assert!(d < 1e-4, "gradients of input {i} differ by {d}");
+        }
     }
 
     #[test]
@@ -765,74 +773,33 @@ mod tests {
         let (m, k, n, r) = (6, 5, 4, 2);
         let x = t(&data(m * k, 9), &[m, k]);
         let w = t(&data(n * k, 10), &[n, k]);
-        let a = Var::from_tensor(&t(&data(r * k, 11), &[r, k])).unwrap();
-        let b = Var::from_tensor(&t(&data(n * r, 12), &[n, r])).unwrap();
-        let weights = t(&data(m * n, 13), &[m, n]);
-        let xv = Var::from_tensor(&x).unwrap();
-        let fused = xv
-            .as_tensor()
-            .apply_op3(
-                a.as_tensor(),
-                b.as_tensor(),
-                LoraLinear {
-                    w: w.clone(),
-                    scale: 1.5,
-                },
-            )
-            .unwrap();
-        let composed = (xv.as_tensor().matmul(&w.t().unwrap()).unwrap()
-            + (xv
-                .as_tensor()
-                .matmul(&a.as_tensor().t().unwrap())
-                .unwrap()
-                .matmul(&b.as_tensor().t().unwrap())
-                .unwrap()
-                * 1.5)
-                .unwrap())
-        .unwrap();
-        assert!(max_diff(&fused, &composed) < 1e-5);
-        let g1 = (fused * &weights)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
-        let g2 = (composed * &weights)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
-        for v in [xv.as_tensor(), a.as_tensor(), b.as_tensor()] {
-            let d = max_diff(g1.get(v).unwrap(), g2.get(v).unwrap());
-            assert!(d < 1e-4, "gradient differs by {d}");
-        }
+        let a = t(&data(r * k, 11), &[r, k]);
+        let b = t(&data(n * r, 12), &[n, r]);
+        let op = || LoraLinear {
+            w: w.clone(),
+            scale: 1.5,
+        };
+        same_all(
+            &[&x, &a, &b],
+            |v| v[0].apply_op3(&v[1], &v[2], op()).unwrap(),
+            |v| {
+                let base = v[0].matmul(&w.t().unwrap()).unwrap();
+                let down = v[0].matmul(&v[1].t().unwrap()).unwrap();
+                let up = down.matmul(&v[2].t().unwrap()).unwrap();
+                (base + (up * 1.5).unwrap()).unwrap()
+            },
+        );
     }
 
     #[test]
     fn swiglu_matches_the_composed_version() {
-        let gate = Var::from_tensor(&t(&data(7 * 5, 14), &[7, 5])).unwrap();
-        let up = Var::from_tensor(&t(&data(7 * 5, 15), &[7, 5])).unwrap();
-        let weights = t(&data(7 * 5, 16), &[7, 5]);
-        let fused = gate.as_tensor().apply_op2(up.as_tensor(), SwiGlu).unwrap();
-        let composed = (gate.as_tensor().silu().unwrap() * up.as_tensor()).unwrap();
-        assert!(max_diff(&fused, &composed) < 1e-5);
-        let g1 = (fused * &weights)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
-        let g2 = (composed * &weights)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
-        for v in [gate.as_tensor(), up.as_tensor()] {
-            let d = max_diff(g1.get(v).unwrap(), g2.get(v).unwrap());
-            assert!(d < 1e-4, "gradient differs by {d}");
-        }
+        let gate = t(&data(7 * 5, 14), &[7, 5]);
+        let up = t(&data(7 * 5, 15), &[7, 5]);
+        same_all(
+            &[&gate, &up],
+            |v| v[0].apply_op2(&v[1], SwiGlu).unwrap(),
+            |v| (v[0].silu().unwrap() * &v[1]).unwrap(),
+        );
     }
 
     #[test]
