@@ -119,7 +119,7 @@ impl TestGateway {
             name: v.name.clone(),
         };
         let journal_dir = std::env::temp_dir().join(format!("fw-journal-{}", uuid::Uuid::new_v4()));
-        let (journal, _) = Journal::open(JournalConfig::new(journal_dir)).expect("journal");
+        let journal = open_journal(&db.pool, JournalConfig::new(journal_dir)).await;
         journal.spawn_flusher(db.pool.clone());
         let state = AppState::new(db.pool.clone(), cfg, journal);
         state.spawn_key_listener();
@@ -251,6 +251,14 @@ impl Drop for TestGateway {
             let _ = tx.send(());
         }
     }
+}
+
+/// A journal for the database behind `pool`.
+pub async fn open_journal(pool: &PgPool, cfg: JournalConfig) -> Journal {
+    let database = flywheel_store::instance::identity(pool)
+        .await
+        .expect("the database's identity");
+    Journal::open(cfg, database).expect("journal").0
 }
 
 /// Serves `state` on 127.0.0.1:0 until `shutdown`; returns the base URL.

@@ -257,10 +257,13 @@ async fn full_queue_answers_429_with_retry_after() {
 #[tokio::test]
 async fn not_ready_until_a_model_is_loaded() {
     let db = TestDb::new().await;
-    let (journal, _) = flywheel_gateway::Journal::open(flywheel_gateway::JournalConfig::new(
-        std::env::temp_dir().join(format!("fw-j-{}", uuid::Uuid::new_v4())),
-    ))
-    .unwrap();
+    let journal = flywheel_tests::open_journal(
+        &db.pool,
+        flywheel_gateway::JournalConfig::new(
+            std::env::temp_dir().join(format!("fw-j-{}", uuid::Uuid::new_v4())),
+        ),
+    )
+    .await;
     let state = AppState::new(db.pool.clone(), GatewayConfig::default(), journal);
     let (_, key) = flywheel_store::keys::create_key(&db.pool, "t")
         .await

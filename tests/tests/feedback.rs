@@ -295,7 +295,7 @@ async fn teams_can_keep_text_out_and_users_can_be_forgotten() {
 
 #[tokio::test]
 async fn a_full_journal_refuses_votes_loudly() {
-    use flywheel_gateway::{AppState, GatewayConfig, Journal, JournalConfig};
+    use flywheel_gateway::{AppState, GatewayConfig, JournalConfig};
     let gw = TestGateway::tiny().await;
     let id = gw.complete(&gw.key, None).await;
     assert!(
@@ -309,7 +309,7 @@ async fn a_full_journal_refuses_votes_loudly() {
     let mut cfg =
         JournalConfig::new(std::env::temp_dir().join(format!("fw-full-{}", uuid::Uuid::new_v4())));
     cfg.max_pending = 3;
-    let (journal, _) = Journal::open(cfg).unwrap();
+    let journal = flywheel_tests::open_journal(&gw.db.pool, cfg).await;
     journal.spawn_flusher(gw.db.pool.clone());
     let state = AppState::new(gw.db.pool.clone(), GatewayConfig::default(), journal);
     state.set_served(gw.served.clone());

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use flywheel::pg::LocalPostgres;
 use flywheel_engine::EngineConfig;
-use flywheel_gateway::{AppState, GatewayConfig, Journal, JournalConfig, ServedModel};
+use flywheel_gateway::{AppState, GatewayConfig, JournalConfig, ServedModel};
 use flywheel_tests::load_engine;
 use serde_json::json;
 
@@ -41,7 +41,8 @@ async fn traffic_survives_a_postgres_restart() {
         .unwrap();
     let version = flywheel::register(&pool, &model).await.unwrap();
     let engine = load_engine(&model, EngineConfig::default()).await;
-    let (journal, _) = Journal::open(JournalConfig::new(dir.join("journal"))).unwrap();
+    let journal =
+        flywheel_tests::open_journal(&pool, JournalConfig::new(dir.join("journal"))).await;
     journal.spawn_flusher(pool.clone());
     let state = AppState::new(pool.clone(), GatewayConfig::default(), journal.clone());
     state.set_served(ServedModel {

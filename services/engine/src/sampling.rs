@@ -84,6 +84,11 @@ impl Rng {
     }
 }
 
+/// Temperatures below this decode greedily: dividing logits by less would
+/// overflow to infinity (1e-38 did, and sampled garbage), and the
+/// distribution is that of the argmax anyway.
+pub const MIN_TEMPERATURE: f32 = 1e-5;
+
 pub struct Sampler {
     params: SamplingParams,
     rng: Rng,
@@ -113,7 +118,7 @@ impl Sampler {
                 }
             }
         }
-        let chosen = if p.temperature <= 0.0 {
+        let chosen = if p.temperature < MIN_TEMPERATURE {
             argmax(logits)
         } else {
             self.sample_random(logits)
@@ -209,6 +214,18 @@ mod tests {
     fn greedy_takes_the_argmax() {
         let mut s = Sampler::new(params(0.0));
         assert_eq!(s.sample(&mut [0.1, 3.0, 2.0]), 1);
+    }
+
+    #[test]
+    fn tiny_temperatures_are_greedy() {
+        let logits: Vec<f32> = (0..50).map(|i| ((i * 7) % 11) as f32 * 0.9 - 3.0).collect();
+        let best = argmax(&logits);
+        for t in [1e-38f32, 1e-20, 1e-6] {
+            let mut s = Sampler::new(params(t));
+            for _ in 0..20 {
+                assert_eq!(s.sample(&mut logits.clone()), best, "temperature {t}");
+            }
+        }
     }
 
     #[test]

@@ -54,6 +54,10 @@ pub struct Config {
     pub journal_dir: PathBuf,
     /// `FLYWHEEL_JOURNAL_MAX_PENDING`: records that may wait before writes are refused.
     pub journal_max_pending: usize,
+    /// `FLYWHEEL_JOURNAL_SYNC`: `always`, `batch` (group commit, default) or `never`.
+    pub journal_sync: flywheel_gateway::SyncPolicy,
+    /// `FLYWHEEL_JOURNAL_SYNC_MS`: how long `batch` gathers writes per fsync.
+    pub journal_sync_ms: u64,
     /// `FLYWHEEL_CURATION_SCHEDULE`: cron expression (seconds first) for
     /// scheduled curation, or `off`.
     pub curation_schedule: Option<String>,
@@ -136,6 +140,13 @@ impl Config {
             local_pg_port: parse("FLYWHEEL_PG_PORT", 54329)? as u16,
             journal_dir,
             journal_max_pending: parse("FLYWHEEL_JOURNAL_MAX_PENDING", 1_000_000)?,
+            journal_sync: match var("FLYWHEEL_JOURNAL_SYNC") {
+                Some(v) => v
+                    .parse()
+                    .map_err(|e| anyhow::anyhow!("FLYWHEEL_JOURNAL_SYNC: {e}"))?,
+                None => Default::default(),
+            },
+            journal_sync_ms: parse("FLYWHEEL_JOURNAL_SYNC_MS", 2)? as u64,
             curation_schedule: match var("FLYWHEEL_CURATION_SCHEDULE") {
                 Some(v) if v == "off" => None,
                 Some(v) => Some(v),
@@ -180,6 +191,8 @@ impl Config {
     pub fn journal(&self) -> flywheel_gateway::JournalConfig {
         let mut j = flywheel_gateway::JournalConfig::new(&self.journal_dir);
         j.max_pending = self.journal_max_pending;
+        j.sync = self.journal_sync;
+        j.sync_interval = std::time::Duration::from_millis(self.journal_sync_ms);
         j
     }
 

@@ -4,6 +4,7 @@
 
 pub mod config;
 pub mod datasets;
+pub mod journal;
 pub mod pg;
 pub mod train;
 
@@ -149,10 +150,13 @@ pub async fn serve(
     let listener = tokio::net::TcpListener::bind(&cfg.addr)
         .await
         .with_context(|| format!("binding {}", cfg.addr))?;
-    let (journal, replayed) = flywheel_gateway::Journal::open(cfg.journal())
+    let database = flywheel_store::instance::identity(&pool)
+        .await
+        .context("reading the database's identity")?;
+    let (journal, opened) = flywheel_gateway::Journal::open(cfg.journal(), database)
         .with_context(|| format!("opening the journal in {}", cfg.journal_dir.display()))?;
-    if replayed > 0 {
-        tracing::info!(records = replayed, "journal replay pending");
+    if opened.replayed > 0 {
+        tracing::info!(records = opened.replayed, "journal replay pending");
     }
     journal.spawn_flusher(pool.clone());
     let state = AppState::new(pool.clone(), cfg.gateway(), journal.clone());

@@ -64,6 +64,11 @@ enum Command {
         #[command(subcommand)]
         command: ArtifactsCommand,
     },
+    /// The gateway's journal: records set aside (dead letters), replay.
+    Journal {
+        #[command(subcommand)]
+        command: flywheel::journal::JournalCommand,
+    },
     /// Recent background job attempts, newest first.
     Jobs {
         #[arg(long, default_value_t = 20)]
@@ -327,6 +332,15 @@ async fn run() -> anyhow::Result<()> {
             };
             println!("copied {n} file(s) from {from} to {to}");
             Ok(())
+        }
+        Command::Journal { command } => {
+            let pool = match (&command, &cfg.database_url) {
+                (flywheel::journal::JournalCommand::Replay { .. }, Some(_)) => {
+                    Some(pool(&cfg).await?)
+                }
+                _ => None,
+            };
+            flywheel::journal::run(&cfg, command, pool).await
         }
         Command::Jobs { limit } => {
             let pool = pool(&cfg).await?;

@@ -4,8 +4,11 @@
 //! to the caller's team, else 404 whatever the reason), written to the
 //! journal, and acknowledged with 201; it reaches Postgres in the
 //! background. A vote may come before its completion's row is in Postgres:
-//! the journal knows the completion, so the vote is accepted.
+//! the journal knows the completion, so the vote is accepted. In a batch,
+//! votes identical to an earlier item (same completion, user, rating,
+//! comment and correction) are stored once and answered with that vote.
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use axum::extract::State;
@@ -18,13 +21,13 @@ use serde_json::{Map, Value, json};
 use uuid::Uuid;
 
 use crate::error::ApiJson;
+use crate::input::{self, MAX_USER};
 use crate::journal::{JournalError, Record};
 use crate::{AppError, AppState};
 
 pub const MAX_BATCH: usize = 1000;
 const MAX_COMMENT: usize = 10_000;
 const MAX_CORRECTION: usize = 100_000;
-const MAX_USER: usize = 256;
 
 pub fn router() -> Router<AppState> {
     Router::new()
@@ -59,12 +62,22 @@ async fn batch(
         ));
     }
     let mut results = Vec::with_capacity(items.len());
-    let (mut created, mut failed) = (0, 0);
+    let (mut created, mut failed, mut duplicates) = (0, 0, 0);
+    // What each accepted vote says, to its index: a repeat is not stored again.
+    let mut seen: HashMap<String, (usize, Feedback)> = HashMap::new();
     for (index, item) in items.iter().enumerate() {
+        let key = item.to_string();
+        if let Some((first, vote)) = seen.get(&key) {
+            duplicates += 1;
+            results.push(json!({"index": index, "status": 200, "duplicate_of": first,
+                                "feedback": to_json(vote)}));
+            continue;
+        }
         match accept(&state, &principal, item).await {
             Ok(vote) => {
                 created += 1;
                 results.push(json!({"index": index, "status": 201, "feedback": to_json(&vote)}));
+                seen.insert(key, (index, vote));
             }
             Err(e) => {
                 failed += 1;
@@ -73,7 +86,8 @@ async fn batch(
         }
     }
     Ok(Json(
-        json!({"object": "list", "created": created, "failed": failed, "data": results}),
+        json!({"object": "list", "created": created, "duplicates": duplicates,
+                   "failed": failed, "data": results}),
     ))
 }
 
@@ -119,6 +133,7 @@ async fn accept(
     let obj = body
         .as_object()
         .ok_or_else(|| AppError::bad_request("feedback must be a JSON object", None))?;
+    input::refuse_nul(body)?;
     if let Some(unknown) = obj.keys().find(|k| {
         !["completion_id", "rating", "comment", "correction", "user"].contains(&k.as_str())
     }) {
@@ -152,7 +167,9 @@ async fn accept(
     let correction = optional_text(obj, "correction", MAX_CORRECTION)?;
     let end_user = optional_text(obj, "user", MAX_USER)?.unwrap_or_default();
 
-    if owner(state, &completion_id).await? != Some(principal.team_id) {
+    if !input::plausible_id(&completion_id)
+        || owner(state, &completion_id).await? != Some(principal.team_id)
+    {
         // Another team's completion is indistinguishable from none at all.
         return Err(AppError::NotFound {
             message: format!("No completion `{completion_id}` was found."),
@@ -172,6 +189,7 @@ async fn accept(
     state
         .journal()
         .append(Record::Feedback(vote.clone()))
+        .await
         .map_err(|e| match e {
             JournalError::Full(_) => AppError::Unavailable(
                 "feedback cannot be accepted right now (the journal is full); retry later".into(),
@@ -181,8 +199,9 @@ async fn accept(
     Ok(vote)
 }
 
-/// The team that owns a completion: from the journal, this gateway's recent
-/// completions, or Postgres. An error when none can answer.
+/// The team that owns a completion: from the journal, the completions this
+/// gateway made or looked up lately, or Postgres. An error when none can
+/// answer.
 pub(crate) async fn owner(state: &AppState, id: &str) -> Result<Option<Uuid>, AppError> {
     if let Some(team) = state
         .journal()
@@ -197,7 +216,13 @@ pub(crate) async fn owner(state: &AppState, id: &str) -> Result<Option<Uuid>, Ap
     )
     .await
     {
-        Ok(Ok(team)) => Ok(team),
+        // A completion's team never changes: later votes on it (often on
+        // another gateway than the one that answered) need not ask again.
+        Ok(Ok(Some(team))) => {
+            state.remember_completion(id, team);
+            Ok(Some(team))
+        }
+        Ok(Ok(None)) => Ok(None),
         _ => Err(AppError::Unavailable(
             "the database is unreachable and this completion is not known locally; retry shortly"
                 .into(),

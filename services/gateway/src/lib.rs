@@ -10,6 +10,7 @@ mod chat;
 pub mod error;
 mod feedback;
 mod health;
+mod input;
 pub mod journal;
 mod metrics;
 mod models;
@@ -26,7 +27,7 @@ use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetReques
 use tower_http::trace::TraceLayer;
 
 pub use error::AppError;
-pub use journal::{Journal, JournalConfig};
+pub use journal::{Journal, JournalConfig, SyncPolicy};
 pub use state::{AppState, GatewayConfig, ServedModel};
 
 const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");

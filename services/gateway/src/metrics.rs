@@ -49,6 +49,42 @@ async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
         j.flush_failures.to_string(),
     );
     metric(
+        "flywheel_journal_set_aside_total",
+        "counter",
+        "Records Postgres refused for their data, set aside as dead letters by this process.",
+        j.set_aside.to_string(),
+    );
+    metric(
+        "flywheel_journal_dead_letters",
+        "gauge",
+        "Records in the journal's dead-letter folder (`flywheel journal dead-letters`).",
+        j.dead_letters.to_string(),
+    );
+    metric(
+        "flywheel_journal_torn_records_total",
+        "counter",
+        "Last journal lines cut short by a crash, skipped when the journal was opened.",
+        j.opened.torn.to_string(),
+    );
+    metric(
+        "flywheel_journal_corrupt_records_total",
+        "counter",
+        "Damaged journal lines set aside when the journal was opened.",
+        j.opened.corrupt.to_string(),
+    );
+    metric(
+        "flywheel_journal_replayed_records_total",
+        "counter",
+        "Records an earlier run left in the journal, replayed at start.",
+        j.opened.replayed.to_string(),
+    );
+    metric(
+        "flywheel_journal_syncs_total",
+        "counter",
+        "fsync calls that made journal records durable.",
+        j.syncs.to_string(),
+    );
+    metric(
         "flywheel_journal_full",
         "gauge",
         "1 while writes are refused because the journal is full.",
@@ -57,7 +93,7 @@ async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
     metric(
         "flywheel_database_up",
         "gauge",
-        "1 while the last write to Postgres succeeded.",
+        "0 while Postgres cannot be reached.",
         u8::from(j.database_ok).to_string(),
     );
     let served = state.served();

@@ -1,20 +1,28 @@
-//! `GET /v1/completions/{id}` (a team's own completion with its feedback)
-//! and `DELETE /v1/users/{user}/data` (one end user's data removed).
+//! `GET /v1/completions/{id}` (a team's own completion with its feedback),
+//! `GET /v1/completions/{id}/feedback` (its votes, a page at a time) and
+//! `DELETE /v1/users/{user}/data` (one end user's data removed).
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
-use axum::extract::{Path, State};
+use axum::extract::{Path, Query, State};
 use axum::routing::{delete, get};
 use axum::{Extension, Json, Router};
+use flywheel_store::feedback::{Feedback, View};
 use flywheel_store::keys::Principal;
+use serde::Deserialize;
 use serde_json::{Value, json};
+use uuid::Uuid;
 
-use crate::{AppError, AppState};
+use crate::{AppError, AppState, input};
+
+/// Votes shown with a completion, and the default page size.
+const PAGE: i64 = 100;
+const MAX_PAGE: i64 = 1000;
 
 pub fn router() -> Router<AppState> {
     Router::new()
         .route("/completions/{id}", get(completion))
+        .route("/completions/{id}/feedback", get(feedback))
         .route("/users/{user}/data", delete(delete_user))
 }
 
@@ -25,34 +33,54 @@ fn not_found(id: &str) -> AppError {
     }
 }
 
+fn vote_json(f: &Feedback) -> Value {
+    json!({
+        "id": f.id, "object": "feedback",
+        "user": if f.end_user.is_empty() { Value::Null } else { json!(f.end_user) },
+        "rating": f.rating, "comment": f.comment, "correction": f.correction,
+        "created_at": f.created_at.to_rfc3339(),
+    })
+}
+
+/// Read your writes: the completion and every vote acknowledged before this
+/// request must be in Postgres first.
+async fn flushed(state: &AppState) -> Result<(), AppError> {
+    if state.journal().wait_flushed(Duration::from_secs(5)).await {
+        Ok(())
+    } else {
+        Err(AppError::Unavailable(
+            "recent writes are not in the database yet; retry shortly".into(),
+        ))
+    }
+}
+
+/// The caller's own completion, or 404.
+async fn own_completion(
+    state: &AppState,
+    principal: &Principal,
+    id: &str,
+) -> Result<flywheel_store::completions::Completion, AppError> {
+    if !input::plausible_id(id) {
+        return Err(not_found(id));
+    }
+    flushed(state).await?;
+    flywheel_store::completions::get(state.pool(), principal.team_id, id)
+        .await?
+        .ok_or_else(|| not_found(id))
+}
+
 async fn completion(
     State(state): State<AppState>,
     Extension(principal): Extension<Principal>,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, AppError> {
-    // Read your writes: the completion and every vote acknowledged before
-    // this request must be in Postgres first.
-    if !state.journal().wait_flushed(Duration::from_secs(5)).await {
-        return Err(AppError::Unavailable(
-            "recent writes are not in the database yet; retry shortly".into(),
-        ));
-    }
-    let c = flywheel_store::completions::get(state.pool(), principal.team_id, &id)
-        .await?
-        .ok_or_else(|| not_found(&id))?;
-    let votes = flywheel_store::feedback::for_completion(state.pool(), &id).await?;
-    let vote_json = |f: &flywheel_store::feedback::Feedback| {
-        json!({
-            "id": f.id, "user": if f.end_user.is_empty() { Value::Null } else { json!(f.end_user) },
-            "rating": f.rating, "comment": f.comment, "correction": f.correction,
-            "created_at": f.created_at.to_rfc3339(),
-        })
-    };
-    // Latest vote per user wins.
-    let mut current: BTreeMap<&str, Value> = BTreeMap::new();
-    for f in &votes {
-        current.insert(&f.end_user, vote_json(f));
-    }
+    let c = own_completion(&state, &principal, &id).await?;
+    let pool = state.pool();
+    let summary = flywheel_store::feedback::summary(pool, &id).await?;
+    let (current, current_more) =
+        flywheel_store::feedback::page(pool, &id, View::Current, None, PAGE).await?;
+    let (history, history_more) =
+        flywheel_store::feedback::page(pool, &id, View::History, None, PAGE).await?;
     Ok(Json(json!({
         "id": c.id,
         "object": "chat.completion.record",
@@ -68,10 +96,70 @@ async fn completion(
         "request_id": c.request_id,
         "started_at": c.started_at.map(|t| t.to_rfc3339()),
         "created_at": c.created_at.to_rfc3339(),
+        // The first page of each view; the rest from `/feedback`.
         "feedback": {
-            "current": current.into_values().collect::<Vec<_>>(),
-            "history": votes.iter().map(vote_json).collect::<Vec<_>>(),
+            "votes": summary.votes, "users": summary.users,
+            "up": summary.up, "down": summary.down,
+            "current": current.iter().map(vote_json).collect::<Vec<_>>(),
+            "current_has_more": current_more,
+            "history": history.iter().map(vote_json).collect::<Vec<_>>(),
+            "history_has_more": history_more,
         },
+    })))
+}
+
+#[derive(Debug, Deserialize)]
+struct PageQuery {
+    /// `history` (every vote, the default) or `current` (latest per user).
+    view: Option<String>,
+    limit: Option<String>,
+    /// The id of the last vote of the previous page.
+    after: Option<String>,
+}
+
+/// One page of a completion's votes in OpenAI's list shape.
+async fn feedback(
+    State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
+    Path(id): Path<String>,
+    Query(q): Query<PageQuery>,
+) -> Result<Json<Value>, AppError> {
+    let view = match q.view.as_deref() {
+        None | Some("history") => View::History,
+        Some("current") => View::Current,
+        Some(other) => {
+            return Err(AppError::bad_request(
+                format!("view must be history or current, not {other:?}"),
+                Some("view"),
+            ));
+        }
+    };
+    let limit = match q.limit.as_deref() {
+        None => PAGE,
+        Some(l) => l.parse().unwrap_or(0),
+    };
+    if !(1..=MAX_PAGE).contains(&limit) {
+        return Err(AppError::bad_request(
+            format!("limit must be between 1 and {MAX_PAGE}"),
+            Some("limit"),
+        ));
+    }
+    let after =
+        match q.after.as_deref() {
+            None => None,
+            Some(a) => Some(Uuid::parse_str(a).map_err(|_| {
+                AppError::bad_request("after must be the id of a vote", Some("after"))
+            })?),
+        };
+    own_completion(&state, &principal, &id).await?;
+    let (votes, has_more) =
+        flywheel_store::feedback::page(state.pool(), &id, view, after, limit).await?;
+    Ok(Json(json!({
+        "object": "list",
+        "data": votes.iter().map(vote_json).collect::<Vec<_>>(),
+        "first_id": votes.first().map(|v| v.id),
+        "last_id": votes.last().map(|v| v.id),
+        "has_more": has_more,
     })))
 }
 
@@ -80,6 +168,7 @@ async fn delete_user(
     Extension(principal): Extension<Principal>,
     Path(user): Path<String>,
 ) -> Result<Json<Value>, AppError> {
+    input::end_user(&user, "user")?;
     // Anything of theirs still in the journal must land first, or it would
     // arrive after the delete.
     if !state.journal().wait_flushed(Duration::from_secs(10)).await {

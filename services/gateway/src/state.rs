@@ -58,7 +58,7 @@ struct Inner {
     recent: Mutex<Recent>,
 }
 
-/// Owners of the completions this gateway made lately, so votes on them
+/// Owners of the completions this gateway made or looked up lately, so votes on them
 /// can be checked while Postgres is away.
 #[derive(Default)]
 struct Recent {

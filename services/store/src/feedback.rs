@@ -53,14 +53,73 @@ pub async fn insert_many(ex: impl PgExecutor<'_>, rows: &[Feedback]) -> Result<u
     Ok(done.rows_affected())
 }
 
-/// Every vote on a completion, oldest first.
-pub async fn for_completion(ex: impl PgExecutor<'_>, completion_id: &str) -> Result<Vec<Feedback>> {
-    Ok(sqlx::query_as(
+/// Which of a completion's votes a page lists.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum View {
+    /// Every vote, oldest first.
+    History,
+    /// Each end user's latest vote, oldest first.
+    Current,
+}
+
+/// Up to `limit` of a completion's votes after the vote `after` (in the
+/// view's order: by time, then id), and whether more follow.
+pub async fn page(
+    ex: impl PgExecutor<'_>,
+    completion_id: &str,
+    view: View,
+    after: Option<Uuid>,
+    limit: i64,
+) -> Result<(Vec<Feedback>, bool)> {
+    let source = match view {
+        View::History => "select * from feedback where completion_id = $1",
+        View::Current => {
+            "select distinct on (end_user) * from feedback where completion_id = $1
+             order by end_user, created_at desc, id desc"
+        }
+    };
+    let sql = format!(
         "select id, completion_id, team_id, end_user, rating, comment, correction, created_at
-         from feedback where completion_id = $1 order by created_at, id",
+         from ({source}) v
+         where $2::uuid is null
+            or (created_at, id) > (select created_at, id from feedback where id = $2)
+         order by created_at, id
+         limit $3"
+    );
+    let mut rows: Vec<Feedback> = sqlx::query_as(sqlx::AssertSqlSafe(sql))
+        .bind(completion_id)
+        .bind(after)
+        .bind(limit + 1)
+        .fetch_all(ex)
+        .await?;
+    let more = rows.len() as i64 > limit;
+    rows.truncate(limit.max(0) as usize);
+    Ok((rows, more))
+}
+
+/// Counts over a completion's votes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, sqlx::FromRow)]
+pub struct Summary {
+    /// Every vote ever cast.
+    pub votes: i64,
+    /// End users who voted (the anonymous `""` counts as one).
+    pub users: i64,
+    /// Current (latest per user) ratings.
+    pub up: i64,
+    pub down: i64,
+}
+
+pub async fn summary(ex: impl PgExecutor<'_>, completion_id: &str) -> Result<Summary> {
+    Ok(sqlx::query_as(
+        "select (select count(*) from feedback where completion_id = $1) as votes,
+                count(*) as users,
+                count(*) filter (where rating = 'up') as up,
+                count(*) filter (where rating = 'down') as down
+         from (select distinct on (end_user) rating from feedback where completion_id = $1
+               order by end_user, created_at desc, id desc) latest",
     )
     .bind(completion_id)
-    .fetch_all(ex)
+    .fetch_one(ex)
     .await?)
 }
 
@@ -73,9 +132,9 @@ pub async fn count_for_team(ex: impl PgExecutor<'_>, team_id: Uuid) -> Result<i6
     )
 }
 
-/// Deletes one end user's completions and votes in a team and marks the
-/// dataset versions built from them; returns how many completions and votes
-/// were removed.
+/// Deletes one end user's completions and votes in a team (their own votes,
+/// and everyone's votes on their completions) and marks the dataset versions
+/// built from them; returns how many completions and votes were removed.
 pub async fn delete_user_data(
     pool: &sqlx::PgPool,
     team_id: Uuid,
@@ -83,7 +142,11 @@ pub async fn delete_user_data(
 ) -> Result<(u64, u64)> {
     let mut tx = pool.begin().await?;
     crate::datasets::mark_user_deleted(&mut *tx, team_id, end_user).await?;
-    let votes = sqlx::query("delete from feedback where team_id = $1 and end_user = $2")
+    let votes = sqlx::query(
+        "delete from feedback where team_id = $1
+           and (end_user = $2
+                or completion_id in (select id from completions where team_id = $1 and end_user = $2))",
+    )
         .bind(team_id)
         .bind(end_user)
         .execute(&mut *tx)

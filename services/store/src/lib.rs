@@ -4,6 +4,7 @@
 pub mod completions;
 pub mod datasets;
 pub mod feedback;
+pub mod instance;
 pub mod jobs;
 pub mod keys;
 pub mod models;
@@ -28,6 +29,54 @@ pub enum StoreError {
 }
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+/// Postgres refused a statement because of the data it carried, so sending
+/// the same data again gets the same answer: a value it cannot store (a NUL
+/// character in text or JSON, an invalid number), a constraint (a foreign key
+/// whose row is gone, a check), or a size limit (an index row too large).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    /// The SQLSTATE code, e.g. `22021` or `23503`.
+    pub code: String,
+    pub message: String,
+}
+
+impl StoreError {
+    /// `Some` when the database refused the data itself (retrying cannot
+    /// help); `None` for everything else: the database unreachable, busy,
+    /// shutting down, or refusing for reasons outside the data (a missing
+    /// table, permissions), all of which may pass.
+    pub fn refusal(&self) -> Option<Refusal> {
+        let Self::Db(sqlx::Error::Database(e)) = self else {
+            return None;
+        };
+        let code = e.code()?.into_owned();
+        // Class 22: data exception; class 23: integrity constraint
+        // violation; 54000: program limit exceeded (e.g. index row size).
+        let refused = code.starts_with("22") || code.starts_with("23") || code == "54000";
+        refused.then(|| Refusal {
+            code,
+            message: e.message().to_string(),
+        })
+    }
+
+    /// Whether the error says the database could not be reached at all (as
+    /// opposed to an answer it gave).
+    pub fn is_unreachable(&self) -> bool {
+        matches!(
+            self,
+            Self::Db(
+                sqlx::Error::Io(_)
+                    | sqlx::Error::Tls(_)
+                    | sqlx::Error::PoolTimedOut
+                    | sqlx::Error::PoolClosed
+                    | sqlx::Error::WorkerCrashed
+                    | sqlx::Error::Protocol(_)
+            )
+        ) || matches!(self, Self::Db(sqlx::Error::Database(e))
+            if e.code().is_some_and(|c| c.starts_with("08") || c.starts_with("57P")))
+    }
+}
 
 /// Connects a pool to `url`.
 pub async fn connect(url: &str) -> Result<PgPool> {

@@ -157,3 +157,151 @@ impl Drop for S3 {
         let _ = self.child.wait();
     }
 }
+
+/// A free port on 127.0.0.1.
+#[allow(dead_code)]
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A database with the tiny random-weight model registered as champion and
+/// a scratch folder; `key(team)` makes API keys.
+#[allow(dead_code)]
+pub struct TinySetup {
+    pub db: String,
+    pub dir: std::path::PathBuf,
+}
+
+#[allow(dead_code)]
+impl TinySetup {
+    pub async fn new(prefix: &str) -> Self {
+        let db = fresh_database(prefix).await;
+        cli(&db, &["migrate"]);
+        let dir = std::env::temp_dir().join(format!("{prefix}-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let model = flywheel_engine::tiny::write_tiny_model(&dir, 4).unwrap();
+        cli(
+            &db,
+            &[
+                "models",
+                "import",
+                model.to_str().unwrap(),
+                "--name",
+                "tiny",
+            ],
+        );
+        Self { db, dir }
+    }
+
+    pub fn key(&self, team: &str) -> String {
+        cli(&self.db, &["keys", "create", "--team", team])
+            .lines()
+            .last()
+            .unwrap()
+            .to_string()
+    }
+}
+
+/// A `flywheel serve` process on its own port; killed when dropped.
+#[allow(dead_code)]
+pub struct GatewayProcess {
+    pub child: std::process::Child,
+    pub base: String,
+}
+
+#[allow(dead_code)]
+impl GatewayProcess {
+    /// Starts `flywheel serve` on `db` with the journal in `journal` and
+    /// `env` on top; waits until it is ready.
+    pub async fn start(db: &str, journal: &std::path::Path, env: &[(&str, &str)]) -> Self {
+        let port = free_port();
+        let child = Self::spawn(db, port, journal, env, std::process::Stdio::null());
+        let base = format!("http://127.0.0.1:{port}");
+        assert!(ready(&base).await, "the gateway did not become ready");
+        Self { child, base }
+    }
+
+    pub fn spawn(
+        db: &str,
+        port: u16,
+        journal: &std::path::Path,
+        env: &[(&str, &str)],
+        stderr: std::process::Stdio,
+    ) -> std::process::Child {
+        std::process::Command::new(env!("CARGO_BIN_EXE_flywheel"))
+            .env("FLYWHEEL_HOME", test_home())
+            .arg("serve")
+            .env("DATABASE_URL", db)
+            .env("FLYWHEEL_ADDR", format!("127.0.0.1:{port}"))
+            .env("FLYWHEEL_JOURNAL_DIR", journal)
+            .envs(env.iter().copied())
+            .stdout(std::process::Stdio::null())
+            .stderr(stderr)
+            .spawn()
+            .unwrap()
+    }
+
+    /// Kills it outright (SIGKILL) and waits for it.
+    pub fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    pub async fn metric(&self, name: &str) -> f64 {
+        let text = reqwest::get(format!("{}/metrics", self.base))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        text.lines()
+            .find_map(|l| l.strip_prefix(&format!("{name} ")))
+            .unwrap_or_else(|| panic!("no metric {name} in\n{text}"))
+            .trim()
+            .parse()
+            .unwrap()
+    }
+
+    /// POSTs JSON with `key`; returns status and body.
+    pub async fn post(
+        &self,
+        key: &str,
+        path: &str,
+        body: serde_json::Value,
+    ) -> (u16, serde_json::Value) {
+        let resp = reqwest::Client::new()
+            .post(format!("{}{path}", self.base))
+            .bearer_auth(key)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        (
+            resp.status().as_u16(),
+            resp.json().await.unwrap_or_default(),
+        )
+    }
+
+    /// A chat completion on the tiny model; returns its id.
+    pub async fn complete(&self, key: &str, user: Option<&str>) -> String {
+        let mut body = serde_json::json!({"model": "tiny", "max_tokens": 3,
+            "messages": [{"role": "user", "content": "hi"}]});
+        if let Some(u) = user {
+            body["user"] = u.into();
+        }
+        let (status, body) = self.post(key, "/v1/chat/completions", body).await;
+        assert_eq!(status, 200, "{body}");
+        body["id"].as_str().unwrap().to_string()
+    }
+}
+
+impl Drop for GatewayProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

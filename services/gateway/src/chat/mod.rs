@@ -43,9 +43,11 @@ async fn create(
 ) -> Result<Response, AppError> {
     let started = Instant::now();
     let started_at = chrono::Utc::now();
+    crate::input::refuse_nul(&body)?;
     let req: ChatRequest = serde_json::from_value(body.clone())
         .map_err(|e| AppError::bad_request(format!("invalid request: {e}"), None))?;
-    let end_user = req.user.clone();
+    // An empty `user` names nobody.
+    let end_user = req.user.clone().filter(|u| !u.is_empty());
     let model = req.model.clone();
     let v = req.validate()?;
     let served = resolve_model(&state, &model).await?;
@@ -165,7 +167,7 @@ async fn complete(
         }
     };
     drop(events); // stops the engine if it is still generating
-    let recorded = log.record(&collected, outcome.label());
+    let recorded = log.record(&collected, outcome.label()).await;
     let reply = match (outcome, recorded) {
         (Outcome::Finished, Ok(())) => Ok(collected),
         (Outcome::Finished, Err(e)) | (Outcome::Failed(e), _) => Err(e),
@@ -231,15 +233,15 @@ fn stream(
         }
         drop(events); // stops the engine if it is still generating
         if let Some(e) = failure {
-            let _ = log.record(&collected, Some("error"));
+            let _ = log.record(&collected, Some("error")).await;
             send(e.body()).await;
             return;
         }
         if !open {
-            let _ = log.record(&collected, Some("cancelled"));
+            let _ = log.record(&collected, Some("cancelled")).await;
             return;
         }
-        if let Err(e) = log.record(&collected, None) {
+        if let Err(e) = log.record(&collected, None).await {
             send(e.body()).await;
             return;
         }
@@ -288,7 +290,7 @@ fn redact_request(mut request: Value) -> Value {
 impl LogContext {
     /// Writes the completion to the journal; `reason` overrides the
     /// engine's finish reason for cancelled and failed generations.
-    fn record(&self, c: &Collected, reason: Option<&str>) -> Result<(), AppError> {
+    async fn record(&self, c: &Collected, reason: Option<&str>) -> Result<(), AppError> {
         if !self.state.config().log_completions {
             return Ok(());
         }
@@ -320,6 +322,7 @@ impl LogContext {
         self.state
             .journal()
             .append(Record::Completion(row))
+            .await
             .map_err(|e| {
                 tracing::error!(error = %e, id = self.id, "could not record a completion");
                 AppError::Unavailable(format!("the completion could not be recorded: {e}"))

@@ -165,6 +165,9 @@ impl ChatRequest {
         if self.model.trim().is_empty() {
             return Err(bad("model must not be empty", "model"));
         }
+        if let Some(user) = self.user.as_deref().filter(|u| !u.is_empty()) {
+            crate::input::end_user(user, "user")?;
+        }
         let messages = convert_messages(self.messages)?;
 
         let temperature = self.temperature.unwrap_or(1.0);
