@@ -15,7 +15,7 @@ duration=${1:-30s}
 conns=${2:-64}
 admin=${TEST_DATABASE_URL:-postgres://postgres@127.0.0.1:5432/postgres}
 cargo build --release --quiet -p flywheel --bin flywheel
-cargo build --release --quiet -p flywheel-engine --example tiny_model
+cargo build --release --quiet -p flywheel-model --features testing --example tiny_model
 bin=$PWD/target/release/flywheel
 work=$(mktemp -d)
 export BENCH_DIR=$work

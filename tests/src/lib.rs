@@ -153,7 +153,7 @@ impl TestGateway {
     pub async fn tiny() -> Self {
         let dir = std::env::temp_dir().join(format!("fw-tiny-{}", uuid::Uuid::new_v4()));
         std::fs::create_dir_all(&dir).unwrap();
-        let path = flywheel_engine::tiny::write_tiny_model(&dir, 3).unwrap();
+        let path = flywheel_model::testing::write_tiny_model(&dir, 3).unwrap();
         let cache = flywheel_modelhub::ModelCache::new(dir.join("cache")).unwrap();
         let model = cache.import(&path, Some("tiny")).await.unwrap();
         let engine = load_engine(&model, EngineConfig::default()).await;

@@ -2,12 +2,34 @@
 //! (tests/testdata, produced with llama-cpp-python 0.3.36 on the same GGUF):
 //! tokenizer ids, first-token log-probabilities and greedy continuations.
 
-use flywheel_engine::gguf::GgufFile;
-use flywheel_engine::model::{Llama, log_softmax};
-use flywheel_engine::sampling::{argmax, top_n};
-use flywheel_engine::tokenizer::TextTokenizer;
+use flywheel_model::gguf::GgufFile;
+use flywheel_model::ops::log_softmax;
+use flywheel_model::{Llama, TextTokenizer};
 use flywheel_tests::real_model;
 use serde_json::Value;
+
+/// The index of the largest value.
+fn argmax(xs: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &x) in xs.iter().enumerate() {
+        if x > xs[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+/// The `n` highest entries of `logprobs`, best first.
+fn top_n(logprobs: &[f32], n: usize) -> Vec<(u32, f32)> {
+    let mut all: Vec<(u32, f32)> = logprobs
+        .iter()
+        .enumerate()
+        .map(|(i, &l)| (i as u32, l))
+        .collect();
+    all.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+    all.truncate(n);
+    all
+}
 
 fn lines(name: &str) -> Vec<Value> {
     let path = format!("{}/testdata/{name}", env!("CARGO_MANIFEST_DIR"));
@@ -51,7 +73,7 @@ async fn forward_matches_f32_reference() {
     tokio::task::spawn_blocking(move || {
         let mut gguf = GgufFile::open(&path).unwrap();
         let tok = TextTokenizer::from_gguf(&gguf).unwrap();
-        let model = Llama::load(&mut gguf, &flywheel_engine::device()).unwrap();
+        let model = Llama::load(&mut gguf, &flywheel_model::device()).unwrap();
         for case in reference {
             let prompt = case["prompt"].as_str().unwrap();
             let prompt_ids = ids(&case["prompt_ids"]);
@@ -98,7 +120,7 @@ async fn batched_prompt_equals_token_by_token() {
     tokio::task::spawn_blocking(move || {
         let mut gguf = GgufFile::open(&path).unwrap();
         let tok = TextTokenizer::from_gguf(&gguf).unwrap();
-        let model = Llama::load(&mut gguf, &flywheel_engine::device()).unwrap();
+        let model = Llama::load(&mut gguf, &flywheel_model::device()).unwrap();
         let ids = tok.encode("The quick brown fox jumps over").unwrap();
         let all = model
             .forward(&ids, &mut model.new_cache())
@@ -127,27 +149,16 @@ async fn batched_prompt_equals_token_by_token() {
 
 #[tokio::test]
 async fn serving_forward_matches_f32_reference() {
-    use flywheel_engine::fast::{BatchItem, FastLlama};
+    use flywheel_engine::testing::CpuForward;
     let path = real_model().await.path.clone();
     let reference = lines("smollm2_f32_reference.jsonl");
     tokio::task::spawn_blocking(move || {
-        let mut gguf = GgufFile::open(&path).unwrap();
-        let tok = TextTokenizer::from_gguf(&gguf).unwrap();
-        let model = FastLlama::load(&mut gguf, 2).unwrap();
+        let tok = TextTokenizer::from_gguf(&GgufFile::open(&path).unwrap()).unwrap();
+        let model = CpuForward::load(&path, 2).unwrap();
         for case in reference {
             let prompt_ids = ids(&case["prompt_ids"]);
-            let mut cache = model.new_cache();
-            let step = |cache: &mut _, tokens: &[u32]| {
-                model
-                    .step(&mut [BatchItem {
-                        cache,
-                        tokens,
-                        want_logits: true,
-                    }])
-                    .unwrap()
-                    .remove(0)
-                    .unwrap()
-            };
+            let mut cache = model.new_sequence();
+            let step = |cache: &mut _, tokens: &[u32]| model.logits(cache, tokens).unwrap();
             let logits = step(&mut cache, &prompt_ids);
             let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
             let lse = max + logits.iter().map(|l| (l - max).exp()).sum::<f32>().ln();

@@ -8,7 +8,7 @@ use axum::Router;
 use axum::extract::Path;
 use axum::http::{HeaderMap, StatusCode};
 use axum::routing::get;
-use flywheel_engine::tiny::write_tiny_model;
+use flywheel_model::testing::write_tiny_model;
 use flywheel_modelhub::ModelCache;
 use flywheel_tests::{TestDb, config, eventually};
 use sha2::Digest;

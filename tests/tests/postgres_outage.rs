@@ -33,7 +33,7 @@ async fn traffic_survives_a_postgres_restart() {
         .unwrap();
 
     std::fs::create_dir_all(&dir).unwrap();
-    let path = flywheel_engine::tiny::write_tiny_model(&dir, 8).unwrap();
+    let path = flywheel_model::testing::write_tiny_model(&dir, 8).unwrap();
     let model = flywheel_modelhub::ModelCache::new(dir.join("models"))
         .unwrap()
         .import(&path, Some("tiny"))

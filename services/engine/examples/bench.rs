@@ -77,12 +77,7 @@ fn main() {
     )
     .unwrap();
     // Bytes of weights one step reads, whatever the batch (the kernel path).
-    let weight_bytes = flywheel_engine::fast::FastLlama::load(
-        &mut flywheel_engine::gguf::GgufFile::open(std::path::Path::new(&path)).unwrap(),
-        1,
-    )
-    .unwrap()
-    .weight_bytes();
+    let weight_bytes = engine.info().weight_bytes;
     let greedy = |max_tokens| SamplingParams {
         temperature: 0.0,
         max_tokens,

@@ -1,53 +1,46 @@
-//! The inference engine: everything that touches the model.
+//! The serving engine: everything that runs the model for answers.
 //!
 //! The HTTP layer sees only [`EngineHandle`]: it renders a chat into prompt
 //! token ids ([`EngineHandle::prepare_chat`]), submits a [`GenerateRequest`]
-//! and reads [`Event`]s back. Candle, the tokenizer and the sampling code
-//! stay behind that handle, so the engine's insides can change (batching,
-//! new kernels) without the gateway noticing.
+//! and reads [`Event`]s back. Behind it: the scheduler (continuous batching,
+//! `scheduler`), the step-model trait (`step`) with our CPU kernels (`cpu`,
+//! `kernels/`, one module per instruction set) and candle's forward for GPUs
+//! (`candle`), sampling and stop strings. Only the handle's types are
+//! public. Reading the model (GGUF, tokenizer, template) and the reference
+//! forward live in `flywheel-model`.
+//!
+//! The engine knows nothing of the database, HTTP or training.
 
-pub mod engine;
-pub mod fast;
-pub mod gguf;
-pub mod kernels;
-pub mod model;
-pub mod sampling;
-pub mod stop;
-pub mod template;
-pub mod tiny;
-pub mod tokenizer;
-pub mod train_ops;
+mod candle;
+mod cpu;
+mod handle;
+mod kernels;
+mod sampling;
+mod scheduler;
+mod step;
+mod stop;
+#[cfg(feature = "testing")]
+pub mod testing;
 
-pub use engine::{
+pub use flywheel_model::ChatMessage;
+pub use handle::{
     Backend, EngineConfig, EngineHandle, EngineStats, Event, FinishReason, GenerateRequest,
     ModelInfo, SubmitError, TokenLogprob, TopLogprob,
 };
-pub use sampling::SamplingParams;
-pub use template::ChatMessage;
+pub use kernels::Simd;
+pub use sampling::{MIN_TEMPERATURE, SamplingParams};
 
 /// Errors from loading a model or running it.
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
-    #[error("model file: {0}")]
-    Load(String),
+    #[error(transparent)]
+    Model(#[from] flywheel_model::ModelError),
     #[error("tensor computation: {0}")]
     Candle(#[from] candle_core::Error),
-    #[error("tokenizer: {0}")]
-    Tokenizer(String),
-    #[error("chat template: {0}")]
-    Template(String),
+    #[error("model file: {0}")]
+    Load(String),
     #[error("{0}")]
     Invalid(String),
 }
 
 pub type Result<T, E = EngineError> = std::result::Result<T, E>;
-
-/// The device the engine runs on: the first CUDA GPU when built with the
-/// `cuda` feature and one is present, the CPU otherwise.
-pub fn device() -> candle_core::Device {
-    #[cfg(feature = "cuda")]
-    if let Ok(dev) = candle_core::Device::new_cuda(0) {
-        return dev;
-    }
-    candle_core::Device::Cpu
-}

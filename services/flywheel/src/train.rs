@@ -9,8 +9,8 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{Context, bail};
-use flywheel_engine::model::Proj;
 use flywheel_jobs::train::{RunSpec, load_examples};
+use flywheel_model::Proj;
 use flywheel_store::PgPool;
 use flywheel_trainer::{Base, Lora, LoraConfig, Objective, TrainConfig, Trainer};
 

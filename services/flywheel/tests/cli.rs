@@ -77,8 +77,8 @@ async fn models_import_list_promote() {
     let db = fresh_database("fw_cli").await;
     let dir = std::env::temp_dir().join(format!("fw-cli-models-{}", uuid::Uuid::new_v4()));
     std::fs::create_dir_all(&dir).unwrap();
-    let a = flywheel_engine::tiny::write_tiny_model(&dir, 1).unwrap();
-    let b = flywheel_engine::tiny::write_tiny_model(&dir, 2).unwrap();
+    let a = flywheel_model::testing::write_tiny_model(&dir, 1).unwrap();
+    let b = flywheel_model::testing::write_tiny_model(&dir, 2).unwrap();
     let (ok, out, err) = flywheel(
         &db,
         &["models", "import", a.to_str().unwrap(), "--name", "tiny-a"],

@@ -30,7 +30,7 @@ async fn kill_9_after_acknowledged_votes_loses_none_and_duplicates_none() {
     cli(&db, &["migrate"]);
     let dir = std::env::temp_dir().join(format!("fw-kill-{}", uuid::Uuid::new_v4()));
     std::fs::create_dir_all(&dir).unwrap();
-    let model = flywheel_engine::tiny::write_tiny_model(&dir, 4).unwrap();
+    let model = flywheel_model::testing::write_tiny_model(&dir, 4).unwrap();
     cli(
         &db,
         &[

@@ -118,7 +118,7 @@ async fn train_turns_a_dataset_version_into_a_peft_adapter() {
         "blk.1.attn_v.weight",
     ] {
         let weights = |path: &str| {
-            flywheel_engine::gguf::GgufFile::open(std::path::Path::new(path))
+            flywheel_model::gguf::GgufFile::open(std::path::Path::new(path))
                 .unwrap()
                 .tensor_f32(name, &candle_core::Device::Cpu)
                 .unwrap()
@@ -186,7 +186,7 @@ async fn trained_setup(prefix: &str, seed: u64) -> (String, std::path::PathBuf) 
     let dir = std::env::temp_dir().join(format!("{prefix}-{}", uuid::Uuid::new_v4()));
     std::fs::create_dir_all(&dir).unwrap();
     // A seed per test: tests run in parallel and share the model cache.
-    let model = flywheel_engine::tiny::write_tiny_model(&dir, seed).unwrap();
+    let model = flywheel_model::testing::write_tiny_model(&dir, seed).unwrap();
     cli(
         &db,
         &[

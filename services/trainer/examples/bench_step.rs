@@ -11,7 +11,7 @@
 
 use std::time::Instant;
 
-use flywheel_engine::model::Proj;
+use flywheel_model::Proj;
 use flywheel_trainer::{Base, Encoded, Example, Lora, LoraConfig, TrainConfig, Trainer};
 
 fn peak_rss_mb() -> f64 {

@@ -5,11 +5,7 @@
 use std::path::Path;
 
 use anyhow::Context;
-use flywheel_engine::ChatMessage;
-use flywheel_engine::gguf::GgufFile;
-use flywheel_engine::model::Llama;
-use flywheel_engine::template::{CHATML, ChatTemplate};
-use flywheel_engine::tokenizer::TextTokenizer;
+use flywheel_model::{ChatMessage, ChatTemplate, Llama, ModelFiles, TextTokenizer};
 use serde::Deserialize;
 
 /// The frozen base model with what it needs to turn chats into tokens.
@@ -25,24 +21,13 @@ impl Base {
     /// Loads a GGUF model, dequantized to f32 (gradients do not flow through
     /// quantized matmuls).
     pub fn load(path: &Path) -> anyhow::Result<Self> {
-        let mut gguf = GgufFile::open(path)?;
-        let tokenizer = TextTokenizer::from_gguf(&gguf)?;
-        let source = gguf
-            .get_str("tokenizer.chat_template")
-            .unwrap_or(CHATML)
-            .to_string();
-        let template = ChatTemplate::new(&source, tokenizer.bos.clone(), tokenizer.eos.clone())?;
-        let eos_text = tokenizer.eos.clone().unwrap_or_else(|| "<|im_end|>".into());
-        let eos = match tokenizer.encode(&eos_text)?.as_slice() {
-            [id] => *id,
-            other => anyhow::bail!("end-of-turn token {eos_text} is not one token: {other:?}"),
-        };
-        let model = Llama::load(&mut gguf, &candle_core::Device::Cpu)?;
+        let mut files = ModelFiles::open(path)?;
+        let model = Llama::load(&mut files.gguf, &candle_core::Device::Cpu)?;
         Ok(Self {
             model,
-            tokenizer,
-            template,
-            eos,
+            tokenizer: files.tokenizer,
+            template: files.template,
+            eos: files.eos,
         })
     }
 

@@ -1,18 +1,24 @@
 //! Fine-tuning LoRA adapters on llama-architecture models with candle
-//! autograd, on the engine's own forward pass (`Llama::forward_logits`): SFT,
-//! DPO against the frozen base, KTO on unpaired thumbs. Adapters are saved
-//! and loaded in Hugging Face PEFT layout.
+//! autograd, on the model crate's own forward pass (`Llama::logits`) run
+//! with this crate's differentiable ops ([`ops::TrainOps`], the fused CPU
+//! ops with written-out backwards): SFT, DPO against the frozen base, KTO on
+//! unpaired thumbs. AdamW, the training loop ([`fit`]) shared by every caller,
+//! adapters saved and loaded in Hugging Face PEFT layout, merging into GGUF.
+//!
+//! It knows nothing of the database, HTTP or serving: the job that records a
+//! run (`flywheel-jobs`) and `flywheel train` both drive it.
 
 pub mod data;
 pub mod lora;
 pub mod merge;
+pub mod ops;
 pub mod optim;
 pub mod peft;
 pub mod train;
 
 pub use data::{Base, Encoded, Example};
 pub use lora::{Lora, LoraConfig};
-pub use train::{Objective, StepLog, TrainConfig, Trainer};
+pub use train::{Control, Objective, Progress, StepLog, TrainConfig, Trainer, fit};
 
 /// Lowers the calling thread's scheduling priority (Linux `nice`, 0-19), so
 /// training yields the CPU to serving on a shared machine. Elsewhere a no-op.

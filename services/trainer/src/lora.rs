@@ -6,7 +6,7 @@
 use std::collections::BTreeMap;
 
 use candle_core::{DType, Tensor, Var};
-use flywheel_engine::model::{Adapter, Llama, Proj};
+use flywheel_model::{Llama, Proj};
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
@@ -92,15 +92,15 @@ impl Lora {
     pub fn parameter_count(&self) -> usize {
         self.vars().iter().map(|v| v.elem_count()).sum()
     }
-}
 
-impl Adapter for Lora {
-    fn delta(
+    /// What the adapter adds to `layer`'s `proj` for input `x` `(tokens,
+    /// in)`: `(tokens, out)`, or `None` where it has no pair.
+    pub fn delta(
         &self,
         layer: usize,
         proj: Proj,
         x: &Tensor,
-    ) -> flywheel_engine::Result<Option<Tensor>> {
+    ) -> candle_core::Result<Option<Tensor>> {
         let Some(p) = self.pairs.get(&(layer, proj)) else {
             return Ok(None);
         };
@@ -114,7 +114,10 @@ impl Adapter for Lora {
         Ok(Some((up * self.config.scale())?))
     }
 
-    fn low_rank(&self, layer: usize, proj: Proj) -> Option<(Tensor, Tensor, f64)> {
+    /// `(A, B, scale)` when `layer`'s `proj` delta is exactly
+    /// `scale * x A^T B^T` (no dropout now): the training forward then
+    /// computes it inside the frozen projection's op.
+    pub fn low_rank(&self, layer: usize, proj: Proj) -> Option<(Tensor, Tensor, f64)> {
         if self.training && self.config.dropout > 0.0 {
             return None;
         }

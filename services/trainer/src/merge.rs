@@ -10,23 +10,8 @@ use anyhow::Context;
 use candle_core::quantized::gguf_file::{self, Value};
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
-use flywheel_engine::model::Proj;
 
 use crate::lora::Lora;
-
-/// The GGUF tensor name of a projection.
-fn gguf_name(layer: usize, proj: Proj) -> String {
-    let short = match proj {
-        Proj::Q => "attn_q",
-        Proj::K => "attn_k",
-        Proj::V => "attn_v",
-        Proj::O => "attn_output",
-        Proj::Gate => "ffn_gate",
-        Proj::Up => "ffn_up",
-        Proj::Down => "ffn_down",
-    };
-    format!("blk.{layer}.{short}.weight")
-}
 
 /// Writes `out`: `base` with `lora` merged in. `note` goes into the
 /// metadata (`flywheel.merged_adapter`) so the file says what it is.
@@ -47,7 +32,7 @@ pub fn merge_to_gguf(base: &Path, lora: &Lora, out: &Path, note: &str) -> anyhow
         let pair = lora
             .pairs
             .iter()
-            .find(|((layer, proj), _)| gguf_name(*layer, *proj) == *name);
+            .find(|((layer, proj), _)| proj.gguf_tensor(*layer) == *name);
         let tensor = match pair {
             Some((_, p)) => {
                 let w = stored.dequantize(&Device::Cpu)?;

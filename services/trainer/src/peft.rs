@@ -13,7 +13,7 @@ use std::path::Path;
 
 use anyhow::{Context, bail};
 use candle_core::{Device, Tensor, Var};
-use flywheel_engine::model::{Llama, Proj};
+use flywheel_model::{Llama, Proj};
 use serde_json::json;
 
 use crate::lora::{Lora, LoraConfig, LoraPair};

@@ -10,11 +10,12 @@ use std::time::Instant;
 use anyhow::bail;
 use candle_core::backprop::GradStore;
 use candle_core::{D, Tensor};
-use flywheel_engine::model::{Adapter, Llama};
+use flywheel_model::Llama;
 use serde::{Deserialize, Serialize};
 
 use crate::data::{Encoded, Example};
 use crate::lora::Lora;
+use crate::ops::{TrainOps, fused};
 use crate::optim::AdamW;
 
 /// The optimizer's state inside a checkpoint folder (beside the PEFT files).
@@ -75,20 +76,20 @@ impl TrainConfig {
 }
 
 /// Log-probabilities of the answer's tokens given everything before them,
-/// `(answer_len,)`.
-pub fn answer_logprobs(
-    model: &Llama,
-    adapter: Option<&dyn Adapter>,
-    e: &Encoded,
-) -> anyhow::Result<Tensor> {
+/// `(answer_len,)`, under the base model with `lora` (if any).
+pub fn answer_logprobs(model: &Llama, lora: Option<&Lora>, e: &Encoded) -> anyhow::Result<Tensor> {
     if e.prompt.is_empty() || e.answer.is_empty() {
         bail!("an example needs a prompt and an answer");
     }
     let ids: Vec<u32> = e.prompt.iter().chain(&e.answer).copied().collect();
     // Position p predicts token p + 1; the answer starts at prompt.len().
-    let logits = model.forward_logits(&ids[..ids.len() - 1], e.prompt.len() - 1, adapter)?;
-    if flywheel_engine::train_ops::fused(&logits) {
-        let op = flywheel_engine::train_ops::TargetLogProbs {
+    let logits = model.logits(
+        &TrainOps::new(lora),
+        &ids[..ids.len() - 1],
+        e.prompt.len() - 1,
+    )?;
+    if fused::fused(&logits) {
+        let op = fused::TargetLogProbs {
             targets: e.answer.clone(),
         };
         return Ok(logits.contiguous()?.apply_op1(op)?);
@@ -252,7 +253,7 @@ impl<'a> Trainer<'a> {
 
     /// The loss of one example (scalar tensor) and its token count.
     fn loss(&self, p: &Prepared, kl: f64) -> anyhow::Result<(Tensor, usize)> {
-        let adapter: Option<&dyn Adapter> = Some(&self.lora);
+        let adapter = Some(&self.lora);
         let beta = self.config.beta;
         Ok(match &p.example {
             Example::Sft { prompt } => {
@@ -391,6 +392,33 @@ impl<'a> Trainer<'a> {
         self.lora.training = training;
         Ok(total / examples.len().max(1) as f64)
     }
+}
+
+/// What [`fit`] asks its caller after every step.
+pub trait Progress {
+    /// Called after each optimizer step with its record (a checkpoint,
+    /// a database row, a line of output); [`Control::Stop`] ends the run
+    /// there (a cancel).
+    fn step(&mut self, trainer: &Trainer, log: &StepLog) -> anyhow::Result<Control>;
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Control {
+    Continue,
+    Stop,
+}
+
+/// The training loop every caller shares: steps from wherever `trainer` is
+/// (a fresh run or a resumed one) to `config.steps`, telling `progress`
+/// after each. Returns false when `progress` stopped it early.
+pub fn fit(trainer: &mut Trainer, progress: &mut impl Progress) -> anyhow::Result<bool> {
+    while trainer.step < trainer.config.steps {
+        let log = trainer.train_step()?;
+        if progress.step(trainer, &log)? == Control::Stop {
+            return Ok(false);
+        }
+    }
+    Ok(true)
 }
 
 #[cfg(test)]

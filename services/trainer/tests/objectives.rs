@@ -1,4 +1,4 @@
-//! Each objective on a tiny random-weight llama the engine writes itself:
+//! Each objective on a tiny random-weight llama the model crate writes itself:
 //! the loss falls and the model moves the intended way; the training
 //! forward matches the serving forward; gradients match finite differences;
 //! adapters round-trip through the PEFT layout.
@@ -6,15 +6,16 @@
 use std::path::PathBuf;
 
 use candle_core::Tensor;
-use flywheel_engine::model::{Adapter, Proj};
+use flywheel_model::Proj;
 use flywheel_trainer::data::Message;
+use flywheel_trainer::ops::TrainOps;
 use flywheel_trainer::train::answer_logprobs;
 use flywheel_trainer::{Base, Encoded, Example, Lora, LoraConfig, Objective, TrainConfig, Trainer};
 
 fn tiny() -> Base {
     let dir = std::env::temp_dir().join(format!("fw-trainer-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let path = flywheel_engine::tiny::write_tiny_model(&dir, 7).unwrap();
+    let path = flywheel_model::testing::write_tiny_model(&dir, 7).unwrap();
     Base::load(&path).unwrap()
 }
 
@@ -44,8 +45,7 @@ fn lora(base: &Base, seed: u64) -> Lora {
 }
 
 fn logprob(base: &Base, lora: Option<&Lora>, e: &Encoded) -> f32 {
-    let adapter = lora.map(|l| l as &dyn Adapter);
-    answer_logprobs(&base.model, adapter, e)
+    answer_logprobs(&base.model, lora, e)
         .unwrap()
         .sum_all()
         .unwrap()
@@ -74,7 +74,7 @@ fn training_forward_matches_serving_forward() {
     let fresh = lora(&base, 3);
     let last = base
         .model
-        .forward_logits(&ids, ids.len() - 1, Some(&fresh))
+        .logits(&TrainOps::new(Some(&fresh)), &ids, ids.len() - 1)
         .unwrap()
         .squeeze(0)
         .unwrap();
@@ -328,7 +328,7 @@ fn a_merged_gguf_answers_like_base_plus_adapter() {
     let (trained, _) = train(&base, config, vec![Example::Sft { prompt: e.clone() }]);
     let dir = std::env::temp_dir().join(format!("fw-merge-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let src = flywheel_engine::tiny::write_tiny_model(&dir, 7).unwrap();
+    let src = flywheel_model::testing::write_tiny_model(&dir, 7).unwrap();
     let out = dir.join("merged.gguf");
     flywheel_trainer::merge::merge_to_gguf(&src, &trained, &out, "test adapter").unwrap();
     let merged = Base::load(&out).unwrap();
@@ -341,7 +341,7 @@ fn a_merged_gguf_answers_like_base_plus_adapter() {
         (adapted - from_merged).abs() < 0.05 * (adapted - plain).abs(),
         "base {plain}, base+adapter {adapted}, merged {from_merged}"
     );
-    let gguf = flywheel_engine::gguf::GgufFile::open(&out).unwrap();
+    let gguf = flywheel_model::gguf::GgufFile::open(&out).unwrap();
     assert_eq!(
         gguf.get_str("flywheel.merged_adapter").unwrap(),
         "test adapter"

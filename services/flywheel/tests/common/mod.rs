@@ -183,7 +183,7 @@ impl TinySetup {
         cli(&db, &["migrate"]);
         let dir = std::env::temp_dir().join(format!("{prefix}-{}", uuid::Uuid::new_v4()));
         std::fs::create_dir_all(&dir).unwrap();
-        let model = flywheel_engine::tiny::write_tiny_model(&dir, 4).unwrap();
+        let model = flywheel_model::testing::write_tiny_model(&dir, 4).unwrap();
         cli(
             &db,
             &[

@@ -5,7 +5,7 @@
 use minijinja::{Environment, Error, ErrorKind, context};
 use serde::{Deserialize, Serialize};
 
-use crate::{EngineError, Result};
+use crate::{ModelError, Result};
 
 /// One message of a conversation, text only.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -32,7 +32,7 @@ impl ChatTemplate {
             Err(Error::new(ErrorKind::InvalidOperation, msg))
         });
         env.add_template_owned("chat", source.to_string())
-            .map_err(|e| EngineError::Template(e.to_string()))?;
+            .map_err(|e| ModelError::Template(e.to_string()))?;
         Ok(Self {
             env,
             bos: bos.unwrap_or_default(),
@@ -45,7 +45,7 @@ impl ChatTemplate {
         let tmpl = self
             .env
             .get_template("chat")
-            .map_err(|e| EngineError::Template(e.to_string()))?;
+            .map_err(|e| ModelError::Template(e.to_string()))?;
         tmpl.render(context! {
             messages => minijinja::Value::from(minijinja::value::Serde(messages)),
             add_generation_prompt => true,
@@ -54,7 +54,7 @@ impl ChatTemplate {
         })
         // A template that raises is telling the caller the conversation is
         // malformed (e.g. roles out of order): that is bad input, not a crash.
-        .map_err(|e| EngineError::Invalid(format!("chat template rejected the messages: {e}")))
+        .map_err(|e| ModelError::Invalid(format!("chat template rejected the messages: {e}")))
     }
 }
 

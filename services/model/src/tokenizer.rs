@@ -13,7 +13,7 @@ use tokenizers::pre_tokenizers::sequence::Sequence;
 use tokenizers::{AddedToken, PreTokenizerWrapper, Tokenizer};
 
 use crate::gguf::GgufFile;
-use crate::{EngineError, Result};
+use crate::{ModelError, Result};
 
 /// GGUF `token_type` of control tokens (`<|im_start|>` and friends).
 const TOKEN_TYPE_CONTROL: i32 = 3;
@@ -34,7 +34,7 @@ impl TextTokenizer {
     pub fn from_gguf(gguf: &GgufFile) -> Result<Self> {
         let model = gguf.get_str("tokenizer.ggml.model")?;
         if model != "gpt2" {
-            return Err(EngineError::Tokenizer(format!(
+            return Err(ModelError::Tokenizer(format!(
                 "tokenizer model {model} is not supported (byte-level BPE `gpt2` only)"
             )));
         }
@@ -58,7 +58,7 @@ impl TextTokenizer {
             .collect();
         inner
             .add_special_tokens(special)
-            .map_err(|e| EngineError::Tokenizer(e.to_string()))?;
+            .map_err(|e| ModelError::Tokenizer(e.to_string()))?;
 
         let eos_id = tok_id("tokenizer.ggml.eos_token_id");
         let mut stop_ids: Vec<u32> = eos_id.into_iter().collect();
@@ -82,14 +82,14 @@ impl TextTokenizer {
         self.inner
             .encode_fast(text, false)
             .map(|e| e.get_ids().to_vec())
-            .map_err(|e| EngineError::Tokenizer(e.to_string()))
+            .map_err(|e| ModelError::Tokenizer(e.to_string()))
     }
 
     /// Text of `ids`; special tokens are kept when `skip_special` is false.
     pub fn decode(&self, ids: &[u32], skip_special: bool) -> Result<String> {
         self.inner
             .decode(ids, skip_special)
-            .map_err(|e| EngineError::Tokenizer(e.to_string()))
+            .map_err(|e| ModelError::Tokenizer(e.to_string()))
     }
 
     pub fn token_text(&self, id: u32) -> String {
@@ -108,13 +108,13 @@ fn build(tokens: &[String], merges: &[String], pre: &str) -> Result<Tokenizer> {
         .map(|m| {
             m.split_once(' ')
                 .map(|(a, b)| (a.to_string(), b.to_string()))
-                .ok_or_else(|| EngineError::Tokenizer(format!("malformed merge {m:?}")))
+                .ok_or_else(|| ModelError::Tokenizer(format!("malformed merge {m:?}")))
         })
         .collect::<Result<Vec<_>>>()?;
     let bpe = BPE::builder()
         .vocab_and_merges(vocab, merges)
         .build()
-        .map_err(|e| EngineError::Tokenizer(e.to_string()))?;
+        .map_err(|e| ModelError::Tokenizer(e.to_string()))?;
     let mut tok = Tokenizer::new(bpe);
     let byte_level = ByteLevel::new(false, true, true);
     let pre_tokenizer: PreTokenizerWrapper = match pre {
@@ -163,7 +163,7 @@ impl IncrementalDecoder {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::tiny;
+    use crate::testing as tiny;
 
     #[test]
     fn tiny_tokenizer_roundtrips_bytes_and_specials() {

@@ -5,6 +5,6 @@ fn main() {
     let dir = std::path::PathBuf::from(args.next().expect("usage: tiny_model DIR [SEED]"));
     let seed = args.next().map_or(1, |s| s.parse().expect("seed"));
     std::fs::create_dir_all(&dir).expect("create dir");
-    let path = flywheel_engine::tiny::write_tiny_model(&dir, seed).expect("write model");
+    let path = flywheel_model::testing::write_tiny_model(&dir, seed).expect("write model");
     println!("{}", path.display());
 }

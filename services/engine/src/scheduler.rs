@@ -1,290 +1,38 @@
-//! The inference thread and the handle the HTTP layer talks to.
+//! The engine thread: one thread owns the model and runs every admitted
+//! request together. Each step, sequences that are generating contribute one
+//! token each and sequences still reading their prompt contribute a chunk of
+//! it, within a token budget, so a long prompt never stalls the others for
+//! long (continuous batching with chunked prefill). New requests join
+//! between steps; finished or abandoned ones leave and free their cache at
+//! once.
 //!
-//! One thread owns the model and runs every admitted request together:
-//! each step, sequences that are generating contribute one token each and
-//! sequences still reading their prompt contribute a chunk of it, within a
-//! token budget, so a long prompt never stalls the others for long
-//! (continuous batching with chunked prefill). New requests join between
-//! steps; finished or abandoned ones leave and free their cache at once.
-//!
-//! Requests wait in a bounded queue; a full queue is refused at once
-//! ([`SubmitError::QueueFull`], HTTP 429) rather than letting latency grow
-//! without bound. Each request gets its own channel of [`Event`]s; when the
-//! receiver is dropped (the client went away) the sequence leaves the batch
-//! at the next step.
+//! A step has three parts, as vLLM's engine core has: [`Scheduler::plan`]
+//! decides which sequences run and how many tokens each brings,
+//! [`Scheduler::execute`] runs the step model once over all of them, and
+//! [`Scheduler::update`] samples, streams and retires.
 
-use std::path::Path;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::mpsc::{Receiver, SyncSender, TryRecvError, TrySendError, sync_channel};
+use std::sync::atomic::Ordering;
+use std::sync::mpsc::{Receiver, TryRecvError};
 use std::time::Instant;
 
-use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
+use flywheel_model::IncrementalDecoder;
+use tokio::sync::mpsc::UnboundedSender;
 
-use crate::fast::{BatchItem, FastLlama, StepModel};
-use crate::gguf::GgufFile;
-use crate::sampling::{Sampler, SamplingParams, top_n};
+use crate::handle::{
+    EngineConfig, Event, FinishReason, GenerateRequest, Shared, TokenLogprob, TopLogprob,
+};
+use crate::sampling::{Sampler, top_n};
+use crate::step::{BatchItem, StepModel};
 use crate::stop::StopMatcher;
-use crate::template::{CHATML, ChatMessage, ChatTemplate};
-use crate::tokenizer::{IncrementalDecoder, TextTokenizer};
 use crate::{EngineError, Result};
 
-#[derive(Debug, Clone)]
-pub struct EngineConfig {
-    /// Requests that may wait for the engine; one more is answered 429.
-    pub queue_capacity: usize,
-    /// Sequences generating at once.
-    pub max_batch: usize,
-    /// Tokens per step, all sequences together: bounds how long one step
-    /// (and so every running stream's next token) can take.
-    pub max_batched_tokens: usize,
-    /// Kernel threads; 0 means one per core.
-    pub threads: usize,
-    pub backend: Backend,
+pub(crate) struct Job {
+    pub req: GenerateRequest,
+    pub events: UnboundedSender<Event>,
 }
 
-/// Which forward pass serves.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum Backend {
-    /// Our kernels on the CPU; candle on a GPU when built with `cuda` and one is present.
-    #[default]
-    Auto,
-    /// The candle forward (f32 weights, one sequence at a time), on `device()`.
-    Candle,
-}
-
-impl Default for EngineConfig {
-    fn default() -> Self {
-        Self {
-            queue_capacity: 64,
-            max_batch: 16,
-            max_batched_tokens: 256,
-            threads: 0,
-            backend: Backend::Auto,
-        }
-    }
-}
-
-/// What the gateway may know about the served model.
-#[derive(Debug, Clone)]
-pub struct ModelInfo {
-    pub name: String,
-    pub context_length: usize,
-    pub vocab_size: usize,
-}
-
-#[derive(Debug, Clone)]
-pub struct GenerateRequest {
-    pub prompt_ids: Vec<u32>,
-    pub params: SamplingParams,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum FinishReason {
-    /// End-of-turn token or a stop string.
-    Stop,
-    /// `max_tokens` or the context window reached.
-    Length,
-}
-
-impl FinishReason {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Stop => "stop",
-            Self::Length => "length",
-        }
-    }
-}
-
-#[derive(Debug, Clone, PartialEq)]
-pub struct TopLogprob {
-    pub token: String,
-    pub logprob: f32,
-}
-
-#[derive(Debug, Clone, PartialEq)]
-pub struct TokenLogprob {
-    pub token: String,
-    pub logprob: f32,
-    pub top: Vec<TopLogprob>,
-}
-
-#[derive(Debug, Clone, PartialEq)]
-pub enum Event {
-    /// Text released by one generated token (may be empty while a stop
-    /// string or a multi-byte character is incomplete) and that token's
-    /// log-probabilities when asked for.
-    Delta {
-        text: String,
-        logprobs: Option<TokenLogprob>,
-    },
-    Done {
-        finish_reason: FinishReason,
-        prompt_tokens: usize,
-        completion_tokens: usize,
-    },
-    /// The engine failed on this request; nothing more follows.
-    Error(String),
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum SubmitError {
-    #[error("the engine queue is full")]
-    QueueFull,
-    #[error("the engine has stopped")]
-    Stopped,
-}
-
-struct Job {
-    req: GenerateRequest,
-    events: UnboundedSender<Event>,
-}
-
-struct Shared {
-    info: ModelInfo,
-    tokenizer: TextTokenizer,
-    template: ChatTemplate,
-    queued: AtomicUsize,
-    stats: Counters,
-}
-
-#[derive(Default)]
-struct Counters {
-    generated_tokens: AtomicU64,
-    prompt_tokens: AtomicU64,
-    finished: AtomicU64,
-    cancelled: AtomicU64,
-    failed: AtomicU64,
-    steps: AtomicU64,
-    running: AtomicU64,
-    last_batch: AtomicU64,
-    ttft_micros: AtomicU64,
-    ttft_count: AtomicU64,
-}
-
-/// Running totals since the engine started, for `/metrics`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct EngineStats {
-    pub queued: usize,
-    /// Sequences in the running batch.
-    pub running: u64,
-    /// Sequences in the last step.
-    pub last_batch: u64,
-    pub steps: u64,
-    pub generated_tokens: u64,
-    pub prompt_tokens: u64,
-    pub finished: u64,
-    pub cancelled: u64,
-    pub failed: u64,
-    /// Sum and count of times from admission to first token.
-    pub ttft_micros: u64,
-    pub ttft_count: u64,
-}
-
-/// Cheap to clone; every clone feeds the same engine thread.
-#[derive(Clone)]
-pub struct EngineHandle {
-    tx: SyncSender<Job>,
-    shared: Arc<Shared>,
-}
-
-impl EngineHandle {
-    /// Loads a GGUF model and starts its engine thread.
-    pub fn load(path: &Path, name: &str, cfg: EngineConfig) -> Result<Self> {
-        let mut gguf = GgufFile::open(path)?;
-        let tokenizer = TextTokenizer::from_gguf(&gguf)?;
-        let source = gguf.get_str("tokenizer.chat_template").unwrap_or(CHATML);
-        let template = ChatTemplate::new(source, tokenizer.bos.clone(), tokenizer.eos.clone())?;
-        let llama = gguf.llama_config()?;
-        let info = ModelInfo {
-            name: name.to_string(),
-            context_length: llama.context_length,
-            vocab_size: llama.vocab,
-        };
-        let shared = Arc::new(Shared {
-            info,
-            tokenizer,
-            template,
-            queued: AtomicUsize::new(0),
-            stats: Counters::default(),
-        });
-        let (tx, rx) = sync_channel(cfg.queue_capacity);
-        let device = crate::device();
-        if device.is_cpu() && cfg.backend == Backend::Auto {
-            // Our kernels: quantized weights, batched steps.
-            spawn(
-                FastLlama::load(&mut gguf, cfg.threads)?,
-                shared.clone(),
-                cfg,
-                rx,
-            )?;
-        } else {
-            // A GPU through candle: the reference forward on that device.
-            spawn(
-                crate::model::Llama::load(&mut gguf, &device)?,
-                shared.clone(),
-                cfg,
-                rx,
-            )?;
-        }
-        tracing::info!(model = name, path = %path.display(), "model loaded");
-        Ok(Self { tx, shared })
-    }
-
-    pub fn info(&self) -> &ModelInfo {
-        &self.shared.info
-    }
-
-    /// Requests waiting for the engine, not counting the one running.
-    pub fn queue_depth(&self) -> usize {
-        self.shared.queued.load(Ordering::Relaxed)
-    }
-
-    pub fn stats(&self) -> EngineStats {
-        let c = &self.shared.stats;
-        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        EngineStats {
-            queued: self.queue_depth(),
-            running: get(&c.running),
-            last_batch: get(&c.last_batch),
-            steps: get(&c.steps),
-            ttft_micros: get(&c.ttft_micros),
-            ttft_count: get(&c.ttft_count),
-            generated_tokens: get(&c.generated_tokens),
-            prompt_tokens: get(&c.prompt_tokens),
-            finished: get(&c.finished),
-            cancelled: get(&c.cancelled),
-            failed: get(&c.failed),
-        }
-    }
-
-    /// Prompt token ids for a conversation, rendered with the model's template.
-    pub fn prepare_chat(&self, messages: &[ChatMessage]) -> Result<Vec<u32>> {
-        let text = self.shared.template.render(messages)?;
-        self.shared.tokenizer.encode(&text)
-    }
-
-    /// Queues a request; events arrive on the returned channel.
-    pub fn submit(
-        &self,
-        req: GenerateRequest,
-    ) -> std::result::Result<UnboundedReceiver<Event>, SubmitError> {
-        let (events, rx) = unbounded_channel();
-        self.shared.queued.fetch_add(1, Ordering::Relaxed);
-        match self.tx.try_send(Job { req, events }) {
-            Ok(()) => Ok(rx),
-            Err(e) => {
-                self.shared.queued.fetch_sub(1, Ordering::Relaxed);
-                Err(match e {
-                    TrySendError::Full(_) => SubmitError::QueueFull,
-                    TrySendError::Disconnected(_) => SubmitError::Stopped,
-                })
-            }
-        }
-    }
-}
-
-fn spawn<M: StepModel>(
+pub(crate) fn spawn<M: StepModel>(
     model: M,
     shared: Arc<Shared>,
     cfg: EngineConfig,
@@ -311,6 +59,13 @@ struct Seq<C> {
     generated: usize,
     admitted: Instant,
     first_token: bool,
+}
+
+/// One step's plan: per active sequence, the tokens it brings (0: it sits
+/// this step out), and the indices of those that take part.
+struct Plan {
+    take: Vec<usize>,
+    who: Vec<usize>,
 }
 
 /// Why a sequence left the batch.
@@ -354,19 +109,24 @@ impl<M: StepModel> Scheduler<M> {
                     Err(TryRecvError::Disconnected) => break,
                 }
             }
-            let stats = &self.shared.stats;
-            let before = self.active.len();
-            self.active.retain(|s| !s.job.events.is_closed());
-            stats
-                .cancelled
-                .fetch_add((before - self.active.len()) as u64, Ordering::Relaxed);
-            stats
-                .running
-                .store(self.active.len() as u64, Ordering::Relaxed);
+            self.drop_cancelled();
             if !self.active.is_empty() {
                 self.step();
             }
         }
+    }
+
+    /// Sequences whose client went away leave the batch.
+    fn drop_cancelled(&mut self) {
+        let stats = &self.shared.stats;
+        let before = self.active.len();
+        self.active.retain(|s| !s.job.events.is_closed());
+        stats
+            .cancelled
+            .fetch_add((before - self.active.len()) as u64, Ordering::Relaxed);
+        stats
+            .running
+            .store(self.active.len() as u64, Ordering::Relaxed);
     }
 
     fn admit(&mut self, job: Job) {
@@ -394,11 +154,18 @@ impl<M: StepModel> Scheduler<M> {
         });
     }
 
-    /// Plans and runs one step, then samples for every sequence that got logits.
+    /// One step: plan, execute, update.
     fn step(&mut self) {
+        let plan = self.plan();
+        let logits = self.execute(&plan);
+        self.update(&plan, logits);
+    }
+
+    /// How many tokens each active sequence brings to this step:
+    /// generating sequences first (one token each), then prompt chunks in
+    /// arrival order with what is left of the budget.
+    fn plan(&self) -> Plan {
         let mut budget = self.cfg.max_batched_tokens.max(1);
-        // Generating sequences first (one token each), then prompt chunks in
-        // arrival order with what is left of the budget.
         let mut take = vec![0usize; self.active.len()];
         for (i, s) in self.active.iter().enumerate() {
             if s.prefilled == s.job.req.prompt_ids.len() && budget > 0 {
@@ -413,15 +180,21 @@ impl<M: StepModel> Scheduler<M> {
                 budget -= take[i];
             }
         }
-        let mut items = Vec::new();
-        let mut who = Vec::new();
+        let who = (0..take.len()).filter(|&i| take[i] > 0).collect();
+        Plan { take, who }
+    }
+
+    /// Runs the step model once over the planned sequences; per sequence in
+    /// `plan.who`, the logits after its last token when it needs them.
+    fn execute(&mut self, plan: &Plan) -> Result<Vec<Option<Vec<f32>>>> {
+        let mut items = Vec::with_capacity(plan.who.len());
         for (i, s) in self.active.iter_mut().enumerate() {
-            if take[i] == 0 {
+            if plan.take[i] == 0 {
                 continue;
             }
             let prompt_len = s.job.req.prompt_ids.len();
             let (tokens, want_logits) = if s.prefilled < prompt_len {
-                let end = s.prefilled + take[i];
+                let end = s.prefilled + plan.take[i];
                 (&s.job.req.prompt_ids[s.prefilled..end], end == prompt_len)
             } else {
                 (&s.next[..], true)
@@ -431,20 +204,26 @@ impl<M: StepModel> Scheduler<M> {
                 tokens,
                 want_logits,
             });
-            who.push(i);
         }
+        let stats = &self.shared.stats;
+        stats.steps.fetch_add(1, Ordering::Relaxed);
+        stats
+            .last_batch
+            .store(plan.who.len() as u64, Ordering::Relaxed);
+        self.model.step(&mut items)
+    }
+
+    /// Advances each planned sequence, samples for those that got logits,
+    /// streams their tokens, and retires those that ended.
+    fn update(&mut self, plan: &Plan, result: Result<Vec<Option<Vec<f32>>>>) {
         let shared = self.shared.clone();
         let stats = &shared.stats;
-        stats.steps.fetch_add(1, Ordering::Relaxed);
-        stats.last_batch.store(who.len() as u64, Ordering::Relaxed);
-        let result = self.model.step(&mut items);
-        drop(items);
         let logits = match result {
             Ok(l) => l,
             Err(e) => {
                 // A failed step fails the sequences in it, not the engine.
                 tracing::error!(error = %e, "engine step failed");
-                for &i in who.iter().rev() {
+                for &i in plan.who.iter().rev() {
                     let s = self.active.remove(i);
                     let _ = s.job.events.send(Event::Error(e.to_string()));
                     stats.failed.fetch_add(1, Ordering::Relaxed);
@@ -453,14 +232,14 @@ impl<M: StepModel> Scheduler<M> {
             }
         };
         let mut ended = Vec::new();
-        for (&i, logits) in who.iter().zip(logits) {
+        for (&i, logits) in plan.who.iter().zip(logits) {
             let s = &mut self.active[i];
             let prompt_len = s.job.req.prompt_ids.len();
             if s.prefilled < prompt_len {
-                s.prefilled += take[i];
+                s.prefilled += plan.take[i];
                 stats
                     .prompt_tokens
-                    .fetch_add(take[i] as u64, Ordering::Relaxed);
+                    .fetch_add(plan.take[i] as u64, Ordering::Relaxed);
             }
             let Some(logits) = logits else { continue };
             if let Some(end) = self.emit(i, logits) {
@@ -559,8 +338,15 @@ fn log_softmax(logits: &[f32]) -> Vec<f32> {
 
 #[cfg(test)]
 mod tests {
+    use flywheel_model::testing as tiny;
+    use flywheel_model::{ChatMessage, ModelFiles};
+    use tokio::sync::mpsc::{UnboundedReceiver, unbounded_channel};
+
     use super::*;
-    use crate::tiny;
+    use crate::cpu::CpuLlama;
+    use crate::handle::{Backend, EngineHandle, SubmitError};
+    use crate::kernels::Simd;
+    use crate::sampling::SamplingParams;
 
     fn tiny_engine(queue: usize) -> EngineHandle {
         tiny_engine_with(EngineConfig {
@@ -705,30 +491,62 @@ mod tests {
         assert_eq!(a, b);
     }
 
+    /// A scheduler on the tiny model, driven step by step by the test.
+    fn tiny_scheduler() -> (Scheduler<CpuLlama>, Arc<Shared>) {
+        let dir = std::env::temp_dir().join(format!("fw-engine-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = tiny::write_tiny_model(&dir, 1).unwrap();
+        let mut files = ModelFiles::open(&path).unwrap();
+        let model = CpuLlama::load(&mut files.gguf, 1, Simd::Avx512).unwrap();
+        let shared = Arc::new(Shared {
+            info: crate::ModelInfo {
+                name: "tiny".into(),
+                context_length: files.config.context_length,
+                vocab_size: files.config.vocab,
+                weight_bytes: model.weight_bytes(),
+            },
+            tokenizer: files.tokenizer,
+            template: files.template,
+            queued: Default::default(),
+            stats: Default::default(),
+        });
+        (
+            Scheduler::new(model, shared.clone(), EngineConfig::default()),
+            shared,
+        )
+    }
+
     #[test]
     fn dropping_the_receiver_stops_generation() {
-        let engine = tiny_engine(4);
+        let (mut scheduler, shared) = tiny_scheduler();
+        let prompt_ids = shared.tokenizer.encode("<|im_start|>user\nhello").unwrap();
         let long = SamplingParams {
             temperature: 1.0,
             seed: Some(3),
             max_tokens: 200,
+            // It must not end by itself before the client leaves.
+            ignore_eos: true,
             ..Default::default()
         };
-        let mut rx = engine.submit(request(&engine, long)).unwrap();
-        assert!(matches!(rx.blocking_recv(), Some(Event::Delta { .. })));
+        let (events, mut rx) = unbounded_channel();
+        shared.queued.fetch_add(1, Ordering::Relaxed);
+        scheduler.admit(Job {
+            req: GenerateRequest {
+                prompt_ids,
+                params: long,
+            },
+            events,
+        });
+        while !matches!(rx.try_recv(), Ok(Event::Delta { .. })) {
+            scheduler.step();
+        }
         drop(rx); // the client went away
-        // The engine runs one request at a time, so once this one is done
-        // the first has ended.
-        let short = SamplingParams {
-            temperature: 0.0,
-            max_tokens: 1,
-            ..Default::default()
-        };
-        let (_, done) = collect(engine.submit(request(&engine, short)).unwrap());
-        assert!(matches!(done, Some(Event::Done { .. })));
-        let stats = engine.stats();
-        assert_eq!(stats.cancelled, 1);
-        assert!(stats.generated_tokens < 200, "{stats:?}");
+        scheduler.drop_cancelled();
+        assert!(scheduler.active.is_empty(), "it left the batch");
+        let stats = &shared.stats;
+        assert_eq!(stats.cancelled.load(Ordering::Relaxed), 1);
+        let generated = stats.generated_tokens.load(Ordering::Relaxed);
+        assert!(generated < 200, "{generated} tokens");
     }
 
     #[test]

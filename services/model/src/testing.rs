@@ -1,4 +1,5 @@
-//! A tiny llama with random weights, written as a real GGUF file.
+//! A tiny llama with random weights, written as a real GGUF file: test
+//! support (the `testing` feature), never used in serving.
 //!
 //! Tests of mechanics (queueing, streaming, cancellation, errors) run on it
 //! in milliseconds; everything it exercises also runs on the real model in
@@ -11,9 +12,10 @@ use candle_core::quantized::gguf_file::{self, Value};
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
 
-use crate::sampling::Rng;
+use crate::config::{self, Proj};
+use crate::rng::Rng;
 use crate::template::CHATML;
-use crate::{EngineError, Result};
+use crate::{ModelError, Result};
 
 pub const TINY_SPECIALS: [&str; 3] = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"];
 pub const TINY_CONTEXT: u32 = 256;
@@ -82,40 +84,37 @@ pub fn write_tiny_model(dir: &Path, seed: u64) -> Result<PathBuf> {
             .collect();
         Ok(Tensor::from_vec(data, shape, &dev)?)
     };
-    let q = |t: Tensor, dt: GgmlDType| QTensor::quantize(&t, dt).map_err(EngineError::from);
+    let q = |t: Tensor, dt: GgmlDType| QTensor::quantize(&t, dt).map_err(ModelError::from);
     let ones = |n: usize| -> Result<QTensor> {
         QTensor::quantize(
             &Tensor::ones(n, candle_core::DType::F32, &dev)?,
             GgmlDType::F32,
         )
-        .map_err(EngineError::from)
+        .map_err(ModelError::from)
     };
     let kv_dim = hidden / heads as usize * kv_heads as usize;
     let mut tensors: Vec<(String, QTensor)> = vec![
         (
-            "token_embd.weight".into(),
+            config::TOKEN_EMBEDDING.into(),
             q(random((vocab, hidden), 1.0)?, GgmlDType::Q8_0)?,
         ),
-        ("output_norm.weight".into(), ones(hidden)?),
+        (config::OUTPUT_NORM.into(), ones(hidden)?),
     ];
     for i in 0..layers {
         let w = 0.3;
-        for (name, shape) in [
-            ("attn_q", (hidden, hidden)),
-            ("attn_k", (kv_dim, hidden)),
-            ("attn_v", (kv_dim, hidden)),
-            ("attn_output", (hidden, hidden)),
-            ("ffn_gate", (ffn, hidden)),
-            ("ffn_up", (ffn, hidden)),
-            ("ffn_down", (hidden, ffn)),
+        for (proj, shape) in [
+            (Proj::Q, (hidden, hidden)),
+            (Proj::K, (kv_dim, hidden)),
+            (Proj::V, (kv_dim, hidden)),
+            (Proj::O, (hidden, hidden)),
+            (Proj::Gate, (ffn, hidden)),
+            (Proj::Up, (ffn, hidden)),
+            (Proj::Down, (hidden, ffn)),
         ] {
-            tensors.push((
-                format!("blk.{i}.{name}.weight"),
-                q(random(shape, w)?, GgmlDType::Q4_1)?,
-            ));
+            tensors.push((proj.gguf_tensor(i), q(random(shape, w)?, GgmlDType::Q4_1)?));
         }
-        tensors.push((format!("blk.{i}.attn_norm.weight"), ones(hidden)?));
-        tensors.push((format!("blk.{i}.ffn_norm.weight"), ones(hidden)?));
+        tensors.push((config::block_tensor(i, config::ATTN_NORM), ones(hidden)?));
+        tensors.push((config::block_tensor(i, config::FFN_NORM), ones(hidden)?));
     }
 
     // Tests write the same model from several threads: each writes its own
@@ -124,12 +123,12 @@ pub fn write_tiny_model(dir: &Path, seed: u64) -> Result<PathBuf> {
     let n = WRITERS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let tmp = path.with_extension(format!("tmp{}-{n}", std::process::id()));
     let mut file = std::io::BufWriter::new(
-        std::fs::File::create(&tmp).map_err(|e| EngineError::Load(e.to_string()))?,
+        std::fs::File::create(&tmp).map_err(|e| ModelError::Load(e.to_string()))?,
     );
     let md: Vec<(&str, &Value)> = metadata.iter().map(|(k, v)| (*k, v)).collect();
     let ts: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
     gguf_file::write(&mut file, &md, &ts)?;
     drop(file);
-    std::fs::rename(&tmp, &path).map_err(|e| EngineError::Load(e.to_string()))?;
+    std::fs::rename(&tmp, &path).map_err(|e| ModelError::Load(e.to_string()))?;
     Ok(path)
 }

@@ -1,19 +1,20 @@
-//! The serving forward pass: our llama on quantized-weight kernels, run
-//! over a batch of sequences at different positions.
+//! The serving forward pass on the CPU: our llama on quantized-weight
+//! kernels, run over a batch of sequences at different positions.
 //!
 //! A step takes any mix of sequences and token counts: prompt chunks
 //! (prefill) and single tokens (decode). All their rows go through each
 //! weight matrix together, so every pass over the weights is shared;
 //! attention is per sequence, against that sequence's own KV cache.
 //!
-//! The candle forward in [`crate::model`] is the reference this one is
+//! The candle forward in `flywheel_model` is the reference this one is
 //! tested against (and what training differentiates through).
 
+use flywheel_model::config::{self, LlamaConfig, Proj};
+use flywheel_model::gguf::GgufFile;
 use rayon::prelude::*;
 
-use crate::gguf::GgufFile;
-use crate::kernels::{QMatrix, axpy, dot};
-use crate::model::LlamaConfig;
+use crate::kernels::{QMatrix, Simd, axpy, dot};
+use crate::step::{BatchItem, StepModel};
 use crate::{EngineError, Result};
 
 struct Layer {
@@ -27,7 +28,7 @@ struct Layer {
     w_down: QMatrix,
 }
 
-pub struct FastLlama {
+pub struct CpuLlama {
     cfg: LlamaConfig,
     embed: QMatrix,
     /// `None` when the output projection is tied to the embedding.
@@ -38,6 +39,7 @@ pub struct FastLlama {
     cos: Vec<f32>,
     sin: Vec<f32>,
     pool: rayon::ThreadPool,
+    simd: Simd,
 }
 
 /// Keys and values of one sequence: per layer `[position][kv_heads * head_dim]`.
@@ -48,22 +50,11 @@ pub struct SeqCache {
     len: usize,
 }
 
+#[allow(clippy::len_without_is_empty)]
 impl SeqCache {
     pub fn len(&self) -> usize {
         self.len
     }
-
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-}
-
-/// One sequence's part of a step.
-pub struct BatchItem<'a, C = SeqCache> {
-    pub cache: &'a mut C,
-    pub tokens: &'a [u32],
-    /// Whether the logits after this item's last token are needed.
-    pub want_logits: bool,
 }
 
 fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
@@ -81,99 +72,52 @@ fn vec_of(gguf: &mut GgufFile, name: &str) -> Result<Vec<f32>> {
         .to_vec1::<f32>()?)
 }
 
-/// What the scheduler needs from a model: a cache per sequence and batched
-/// steps over any mix of prompt chunks and single tokens.
-pub trait StepModel: Send + 'static {
-    type Cache: Send;
-    fn config(&self) -> &LlamaConfig;
-    fn new_cache(&self) -> Self::Cache;
-    fn cache_len(cache: &Self::Cache) -> usize;
-    /// Runs one step; per item, the logits after its last token when asked for.
-    fn step(&self, items: &mut [BatchItem<'_, Self::Cache>]) -> Result<Vec<Option<Vec<f32>>>>;
-}
-
-impl StepModel for FastLlama {
+impl StepModel for CpuLlama {
     type Cache = SeqCache;
     fn config(&self) -> &LlamaConfig {
-        FastLlama::config(self)
+        &self.cfg
     }
     fn new_cache(&self) -> SeqCache {
-        FastLlama::new_cache(self)
+        CpuLlama::new_cache(self)
     }
     fn cache_len(cache: &SeqCache) -> usize {
         cache.len()
     }
-    fn step(&self, items: &mut [BatchItem<'_>]) -> Result<Vec<Option<Vec<f32>>>> {
-        FastLlama::step(self, items)
+    fn step(&self, items: &mut [BatchItem<'_, SeqCache>]) -> Result<Vec<Option<Vec<f32>>>> {
+        CpuLlama::step(self, items)
     }
 }
 
-/// The candle reference forward as a step model: sequences run one after
-/// another (no shared weight passes), on whatever device candle drives, so
-/// the same scheduler serves on a GPU with the `cuda` feature.
-impl StepModel for crate::model::Llama {
-    type Cache = crate::model::KvCache;
-    fn config(&self) -> &LlamaConfig {
-        crate::model::Llama::config(self)
-    }
-    fn new_cache(&self) -> Self::Cache {
-        crate::model::Llama::new_cache(self)
-    }
-    fn cache_len(cache: &Self::Cache) -> usize {
-        cache.len()
-    }
-    fn step(&self, items: &mut [BatchItem<'_, Self::Cache>]) -> Result<Vec<Option<Vec<f32>>>> {
-        items
-            .iter_mut()
-            .map(|it| {
-                let logits = self.forward(it.tokens, it.cache)?;
-                Ok(if it.want_logits {
-                    Some(logits.to_dtype(candle_core::DType::F32)?.to_vec1::<f32>()?)
-                } else {
-                    None
-                })
-            })
-            .collect()
-    }
-}
-
-impl FastLlama {
+impl CpuLlama {
     /// Loads the weights in their stored formats; `threads` sizes the pool
-    /// the kernels run on (0 = one per core).
-    pub fn load(gguf: &mut GgufFile, threads: usize) -> Result<Self> {
-        let cfg = gguf.llama_config()?;
+    /// the kernels run on (0 = one per core), `simd` caps their instruction set.
+    pub fn load(gguf: &mut GgufFile, threads: usize, simd: Simd) -> Result<Self> {
+        let cfg = LlamaConfig::from_gguf(gguf)?;
         fn mat(gguf: &mut GgufFile, name: &str) -> Result<QMatrix> {
             QMatrix::from_qtensor(&gguf.qtensor(name)?)
         }
-        let embed = mat(gguf, "token_embd.weight")?;
-        let lm_head = match gguf.has_tensor("output.weight") {
-            true => Some(mat(gguf, "output.weight")?),
+        let embed = mat(gguf, config::TOKEN_EMBEDDING)?;
+        let lm_head = match gguf.has_tensor(config::OUTPUT) {
+            true => Some(mat(gguf, config::OUTPUT)?),
             false => None,
         };
         let mut layers = Vec::with_capacity(cfg.n_layers);
         for i in 0..cfg.n_layers {
-            let name = |n: &str| format!("blk.{i}.{n}.weight");
-            let wqkv = QMatrix::stack(vec![
-                mat(gguf, &name("attn_q"))?,
-                mat(gguf, &name("attn_k"))?,
-                mat(gguf, &name("attn_v"))?,
-            ])?;
-            let wo = mat(gguf, &name("attn_output"))?;
-            let w_gate_up = QMatrix::stack(vec![
-                mat(gguf, &name("ffn_gate"))?,
-                mat(gguf, &name("ffn_up"))?,
-            ])?;
-            let w_down = mat(gguf, &name("ffn_down"))?;
+            let mut proj = |p: Proj| mat(gguf, &p.gguf_tensor(i));
+            let wqkv = QMatrix::stack(vec![proj(Proj::Q)?, proj(Proj::K)?, proj(Proj::V)?])?;
+            let wo = proj(Proj::O)?;
+            let w_gate_up = QMatrix::stack(vec![proj(Proj::Gate)?, proj(Proj::Up)?])?;
+            let w_down = proj(Proj::Down)?;
             layers.push(Layer {
-                attn_norm: vec_of(gguf, &name("attn_norm"))?,
+                attn_norm: vec_of(gguf, &config::block_tensor(i, config::ATTN_NORM))?,
                 wqkv,
                 wo,
-                ffn_norm: vec_of(gguf, &name("ffn_norm"))?,
+                ffn_norm: vec_of(gguf, &config::block_tensor(i, config::FFN_NORM))?,
                 w_gate_up,
                 w_down,
             });
         }
-        let norm = vec_of(gguf, "output_norm.weight")?;
+        let norm = vec_of(gguf, config::OUTPUT_NORM)?;
         let half = cfg.head_dim() / 2;
         let (mut cos, mut sin) = (Vec::new(), Vec::new());
         for p in 0..cfg.context_length {
@@ -198,11 +142,8 @@ impl FastLlama {
             cos,
             sin,
             pool,
+            simd: Simd::detect(simd),
         })
-    }
-
-    pub fn config(&self) -> &LlamaConfig {
-        &self.cfg
     }
 
     /// Bytes of weights read per step (whatever the batch size).
@@ -230,7 +171,7 @@ impl FastLlama {
 
     /// Runs one step; returns, per item, the logits after its last token
     /// when asked for.
-    pub fn step(&self, items: &mut [BatchItem<'_>]) -> Result<Vec<Option<Vec<f32>>>> {
+    pub fn step(&self, items: &mut [BatchItem<'_, SeqCache>]) -> Result<Vec<Option<Vec<f32>>>> {
         for it in items.iter() {
             if it.tokens.is_empty() {
                 return Err(EngineError::Invalid("an item without tokens".into()));
@@ -251,7 +192,7 @@ impl FastLlama {
         self.pool.install(|| self.step_inner(items))
     }
 
-    fn step_inner(&self, items: &mut [BatchItem<'_>]) -> Result<Vec<Option<Vec<f32>>>> {
+    fn step_inner(&self, items: &mut [BatchItem<'_, SeqCache>]) -> Result<Vec<Option<Vec<f32>>>> {
         let c = &self.cfg;
         let (hidden, hd, nh, nkv) = (c.hidden, c.head_dim(), c.n_heads, c.n_kv_heads);
         let kv_dim = nkv * hd;
@@ -280,7 +221,7 @@ impl FastLlama {
                 let s = r * hidden..(r + 1) * hidden;
                 rms_norm(&x[s.clone()], &layer.attn_norm, c.rms_eps, &mut h[s]);
             }
-            layer.wqkv.matmul(&h, n, &mut qkv);
+            layer.wqkv.matmul(self.simd, &h, n, &mut qkv);
             for (r, &(_, pos)) in owner.iter().enumerate() {
                 let row = &mut qkv[r * qkv_dim..(r + 1) * qkv_dim];
                 self.rope(&mut row[..hidden + kv_dim], pos);
@@ -301,6 +242,7 @@ impl FastLlama {
                 .map(|it| (it.cache.k[li].as_slice(), it.cache.v[li].as_slice()))
                 .collect();
             let scale = 1.0 / (hd as f32).sqrt();
+            let simd = self.simd;
             // About two tasks per thread: enough to balance, few enough to
             // keep rayon's overhead off the single-stream path.
             let per_task = (n * nh).div_ceil(2 * rayon::current_num_threads()).max(1);
@@ -315,7 +257,11 @@ impl FastLlama {
                     let q = &qkv[r * qkv_dim + head * hd..r * qkv_dim + (head + 1) * hd];
                     let mut scores: Vec<f32> = (0..=pos)
                         .map(|p| {
-                            dot(q, &k[p * kv_dim + kvh * hd..p * kv_dim + (kvh + 1) * hd]) * scale
+                            dot(
+                                simd,
+                                q,
+                                &k[p * kv_dim + kvh * hd..p * kv_dim + (kvh + 1) * hd],
+                            ) * scale
                         })
                         .collect();
                     let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
@@ -333,14 +279,14 @@ impl FastLlama {
                         );
                     }
                 });
-            layer.wo.matmul(&att, n, &mut proj);
+            layer.wo.matmul(self.simd, &att, n, &mut proj);
             x.iter_mut().zip(&proj).for_each(|(x, p)| *x += p);
 
             for r in 0..n {
                 let s = r * hidden..(r + 1) * hidden;
                 rms_norm(&x[s.clone()], &layer.ffn_norm, c.rms_eps, &mut h[s]);
             }
-            layer.w_gate_up.matmul(&h, n, &mut gu);
+            layer.w_gate_up.matmul(self.simd, &h, n, &mut gu);
             let f = c.intermediate;
             for r in 0..n {
                 let (g, u) = gu[r * 2 * f..(r + 1) * 2 * f].split_at(f);
@@ -348,7 +294,7 @@ impl FastLlama {
                     *a = g / (1.0 + (-g).exp()) * u;
                 }
             }
-            layer.w_down.matmul(&act, n, &mut proj);
+            layer.w_down.matmul(self.simd, &act, n, &mut proj);
             x.iter_mut().zip(&proj).for_each(|(x, p)| *x += p);
         }
 
@@ -375,7 +321,7 @@ impl FastLlama {
         let vocab = head.rows();
         let mut logits = vec![0f32; rows.len() * vocab];
         if !rows.is_empty() {
-            head.matmul(&normed, rows.len(), &mut logits);
+            head.matmul(self.simd, &normed, rows.len(), &mut logits);
         }
         let mut chunks = logits.chunks_exact(vocab);
         Ok(items
@@ -408,19 +354,19 @@ impl FastLlama {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::Llama;
+    use flywheel_model::Llama;
 
     fn tiny() -> std::path::PathBuf {
-        let dir = std::env::temp_dir().join(format!("fw-fast-{}", std::process::id()));
+        let dir = std::env::temp_dir().join(format!("fw-cpu-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
-        crate::tiny::write_tiny_model(&dir, 5).unwrap()
+        flywheel_model::testing::write_tiny_model(&dir, 5).unwrap()
     }
 
     #[test]
     fn matches_the_candle_reference_forward() {
         let path = tiny();
         let mut g = GgufFile::open(&path).unwrap();
-        let fast = FastLlama::load(&mut g, 2).unwrap();
+        let fast = CpuLlama::load(&mut g, 2, Simd::Avx512).unwrap();
         let reference = Llama::load(&mut g, &candle_core::Device::Cpu).unwrap();
         let prompt: Vec<u32> = (3..40).collect();
         let mut rc = reference.new_cache();
@@ -470,7 +416,7 @@ mod tests {
     #[test]
     fn batching_and_chunking_give_identical_logits() {
         let path = tiny();
-        let fast = FastLlama::load(&mut GgufFile::open(&path).unwrap(), 2).unwrap();
+        let fast = CpuLlama::load(&mut GgufFile::open(&path).unwrap(), 2, Simd::Avx512).unwrap();
         let a: Vec<u32> = (10..50).collect();
         let b: Vec<u32> = (60..75).collect();
         // Alone, whole prompts.

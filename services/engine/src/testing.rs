@@ -1,0 +1,40 @@
+//! Test support (the `testing` feature): the CPU forward pass without the
+//! scheduler, so reference tests can compare its logits with llama.cpp's.
+
+use std::path::Path;
+
+use flywheel_model::gguf::GgufFile;
+
+use crate::Result;
+use crate::cpu::{CpuLlama, SeqCache};
+use crate::kernels::Simd;
+use crate::step::BatchItem;
+
+pub struct CpuForward {
+    model: CpuLlama,
+}
+
+/// One sequence's keys and values.
+pub struct Sequence(SeqCache);
+
+impl CpuForward {
+    pub fn load(path: &Path, threads: usize) -> Result<Self> {
+        Ok(Self {
+            model: CpuLlama::load(&mut GgufFile::open(path)?, threads, Simd::Avx512)?,
+        })
+    }
+
+    pub fn new_sequence(&self) -> Sequence {
+        Sequence(self.model.new_cache())
+    }
+
+    /// Runs `tokens` after what `seq` holds; the logits after the last one.
+    pub fn logits(&self, seq: &mut Sequence, tokens: &[u32]) -> Result<Vec<f32>> {
+        let mut out = self.model.step(&mut [BatchItem {
+            cache: &mut seq.0,
+            tokens,
+            want_logits: true,
+        }])?;
+        Ok(out.remove(0).unwrap_or_default())
+    }
+}

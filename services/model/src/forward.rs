@@ -1,0 +1,278 @@
+//! A llama-architecture transformer on candle tensors, weights from GGUF,
+//! written once over [`Ops`]: [`Llama::forward`] serves with the inference
+//! ops, [`Llama::logits`] takes any implementation (the trainer's).
+//!
+//! Our own forward pass rather than `candle_transformers::quantized_llama`:
+//! we need f32 activations for correct answers on SmolLM2, and a KV cache
+//! that belongs to each sequence rather than to the model.
+//!
+//! Layout notes: GGUF stores q/k projections permuted for *interleaved*
+//! rotary embeddings (pairs `(2i, 2i+1)` rotate together). Weights are
+//! `(out, in)`; activations are `(tokens, hidden)`.
+
+use candle_core::{DType, Device, Tensor};
+
+use crate::config::{self, LlamaConfig, Proj};
+use crate::gguf::GgufFile;
+use crate::ops::{Inference, Ops, Site};
+use crate::{ModelError, Result};
+
+struct Layer {
+    attn_norm: Tensor,
+    wq: Tensor,
+    wk: Tensor,
+    wv: Tensor,
+    wo: Tensor,
+    ffn_norm: Tensor,
+    w_gate: Tensor,
+    w_up: Tensor,
+    w_down: Tensor,
+}
+
+/// The model's weights; immutable once loaded and shared by all sequences.
+pub struct Llama {
+    cfg: LlamaConfig,
+    embed: Tensor,
+    layers: Vec<Layer>,
+    norm: Tensor,
+    lm_head: Tensor,
+    cos: Tensor,
+    sin: Tensor,
+    device: Device,
+}
+
+/// Keys and values of one sequence, per layer: `(kv_heads, len, head_dim)`.
+#[derive(Default)]
+pub struct KvCache {
+    layers: Vec<Option<(Tensor, Tensor)>>,
+    len: usize,
+}
+
+impl KvCache {
+    /// Number of positions already in the cache.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+impl Llama {
+    /// Loads every weight from a GGUF file, dequantized to f32.
+    pub fn load(gguf: &mut GgufFile, device: &Device) -> Result<Self> {
+        let cfg = LlamaConfig::from_gguf(gguf)?;
+        let embed = gguf.tensor_f32(config::TOKEN_EMBEDDING, device)?;
+        let mut layers = Vec::with_capacity(cfg.n_layers);
+        for i in 0..cfg.n_layers {
+            let mut proj = |p: Proj| gguf.tensor_f32(&p.gguf_tensor(i), device);
+            let (wq, wk, wv, wo) = (
+                proj(Proj::Q)?,
+                proj(Proj::K)?,
+                proj(Proj::V)?,
+                proj(Proj::O)?,
+            );
+            let (w_gate, w_up, w_down) = (proj(Proj::Gate)?, proj(Proj::Up)?, proj(Proj::Down)?);
+            let mut norm = |n: &str| gguf.tensor_f32(&config::block_tensor(i, n), device);
+            layers.push(Layer {
+                attn_norm: norm(config::ATTN_NORM)?,
+                ffn_norm: norm(config::FFN_NORM)?,
+                wq,
+                wk,
+                wv,
+                wo,
+                w_gate,
+                w_up,
+                w_down,
+            });
+        }
+        let norm = gguf.tensor_f32(config::OUTPUT_NORM, device)?;
+        // Small models tie the output projection to the embedding.
+        let lm_head = if gguf.has_tensor(config::OUTPUT) {
+            gguf.tensor_f32(config::OUTPUT, device)?
+        } else {
+            embed.clone()
+        };
+        let (cos, sin) = rope_tables(&cfg, device)?;
+        Ok(Self {
+            cfg,
+            embed,
+            layers,
+            norm,
+            lm_head,
+            cos,
+            sin,
+            device: device.clone(),
+        })
+    }
+
+    pub fn config(&self) -> &LlamaConfig {
+        &self.cfg
+    }
+
+    pub fn new_cache(&self) -> KvCache {
+        KvCache {
+            layers: (0..self.cfg.n_layers).map(|_| None).collect(),
+            len: 0,
+        }
+    }
+
+    /// Runs `tokens` (appended after what `cache` holds) through the model
+    /// and returns the logits of the last position as a `(vocab,)` tensor.
+    pub fn forward(&self, tokens: &[u32], cache: &mut KvCache) -> Result<Tensor> {
+        let hidden = self.hidden_states(&Inference, tokens, cache)?;
+        let last = hidden.narrow(0, tokens.len() - 1, 1)?;
+        Ok(Inference
+            .linear(&last, &self.lm_head, Site::Output)?
+            .squeeze(0)?)
+    }
+
+    /// The logits of positions `first..` of `tokens`, `(tokens - first,
+    /// vocab)`, computed with `ops` from an empty cache: the training
+    /// forward when `ops` is differentiable.
+    pub fn logits(&self, ops: &impl Ops, tokens: &[u32], first: usize) -> Result<Tensor> {
+        if first >= tokens.len() {
+            return Err(ModelError::Invalid(format!(
+                "no logits after position {first} of {}",
+                tokens.len()
+            )));
+        }
+        let hidden = self.hidden_states(ops, tokens, &mut self.new_cache())?;
+        // The output projection is the largest matmul; only the positions
+        // that are scored need it.
+        let hidden = hidden.narrow(0, first, tokens.len() - first)?;
+        ops.linear(&hidden, &self.lm_head, Site::Output)
+    }
+
+    /// Bytes of weights held (f32), the tied output projection counted once.
+    pub fn weight_bytes(&self) -> usize {
+        let layers: usize = self
+            .layers
+            .iter()
+            .map(|l| {
+                [
+                    &l.attn_norm,
+                    &l.wq,
+                    &l.wk,
+                    &l.wv,
+                    &l.wo,
+                    &l.ffn_norm,
+                    &l.w_gate,
+                    &l.w_up,
+                    &l.w_down,
+                ]
+                .iter()
+                .map(|t| t.elem_count())
+                .sum::<usize>()
+            })
+            .sum();
+        let head = if self.lm_head.id() == self.embed.id() {
+            0
+        } else {
+            self.lm_head.elem_count()
+        };
+        4 * (layers + self.embed.elem_count() + self.norm.elem_count() + head)
+    }
+
+    /// The device the weights live on.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// A base weight as the forward uses it, `(out, in)`.
+    pub fn weight(&self, layer: usize, proj: Proj) -> &Tensor {
+        let l = &self.layers[layer];
+        match proj {
+            Proj::Q => &l.wq,
+            Proj::K => &l.wk,
+            Proj::V => &l.wv,
+            Proj::O => &l.wo,
+            Proj::Gate => &l.w_gate,
+            Proj::Up => &l.w_up,
+            Proj::Down => &l.w_down,
+        }
+    }
+
+    fn hidden_states(&self, ops: &impl Ops, tokens: &[u32], cache: &mut KvCache) -> Result<Tensor> {
+        let t = tokens.len();
+        let pos = cache.len;
+        if t == 0 {
+            return Err(ModelError::Invalid("no tokens to run".into()));
+        }
+        if pos + t > self.cfg.context_length {
+            return Err(ModelError::Invalid(format!(
+                "{} tokens exceed the context window of {}",
+                pos + t,
+                self.cfg.context_length
+            )));
+        }
+        if cache.layers.len() != self.cfg.n_layers {
+            *cache = self.new_cache();
+        }
+        let ids = Tensor::new(tokens, &self.device)?;
+        let mut x = self.embed.index_select(&ids, 0)?;
+        let cos = self.cos.narrow(0, pos, t)?;
+        let sin = self.sin.narrow(0, pos, t)?;
+        let eps = self.cfg.rms_eps;
+        for (i, (layer, slot)) in self.layers.iter().zip(cache.layers.iter_mut()).enumerate() {
+            let h = ops.rms_norm(&x, &layer.attn_norm, eps)?;
+            let attn = self.attention(ops, i, layer, &h, (&cos, &sin), slot)?;
+            x = (x + attn)?;
+            let h = ops.rms_norm(&x, &layer.ffn_norm, eps)?;
+            let gate = ops.linear(&h, &layer.w_gate, Site::Proj(i, Proj::Gate))?;
+            let up = ops.linear(&h, &layer.w_up, Site::Proj(i, Proj::Up))?;
+            let act = ops.swiglu(&gate, &up)?;
+            x = (x + ops.linear(&act, &layer.w_down, Site::Proj(i, Proj::Down))?)?;
+        }
+        cache.len += t;
+        ops.rms_norm(&x, &self.norm, eps)
+    }
+
+    fn attention(
+        &self,
+        ops: &impl Ops,
+        i: usize,
+        layer: &Layer,
+        h: &Tensor,
+        (cos, sin): (&Tensor, &Tensor),
+        slot: &mut Option<(Tensor, Tensor)>,
+    ) -> Result<Tensor> {
+        let (t, _) = h.dims2()?;
+        let (nh, nkv, hd) = (self.cfg.n_heads, self.cfg.n_kv_heads, self.cfg.head_dim());
+        let heads = |w: &Tensor, n: usize, proj: Proj, rope: bool| -> Result<Tensor> {
+            let x = ops.linear(h, w, Site::Proj(i, proj))?;
+            ops.split_heads(&x, n, hd, rope.then_some((cos, sin)))
+        };
+        let q = heads(&layer.wq, nh, Proj::Q, true)?;
+        let k = heads(&layer.wk, nkv, Proj::K, true)?;
+        let v = heads(&layer.wv, nkv, Proj::V, false)?;
+        let (k, v) = match slot.take() {
+            Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
+            None => (k, v),
+        };
+        *slot = Some((k.clone(), v.clone()));
+        // Grouped-query attention without copying keys: query heads that share
+        // a kv head are stacked along the row axis, (1, nkv, rep*t, hd).
+        let rep = nh / nkv;
+        let q = q.reshape((1, nkv, rep * t, hd))?;
+        let scale = 1.0 / (hd as f64).sqrt();
+        let scores = q.matmul(&k.t()?)?;
+        let att = ops.attention_weights(&scores, scale, t, k.dim(2)? - t)?;
+        let out = att.matmul(&v)?.reshape((1, nh, t, hd))?;
+        ops.linear(&ops.merge_heads(&out)?, &layer.wo, Site::Proj(i, Proj::O))
+    }
+}
+
+fn rope_tables(cfg: &LlamaConfig, device: &Device) -> Result<(Tensor, Tensor)> {
+    let half = cfg.head_dim() / 2;
+    let inv: Vec<f32> = (0..half)
+        .map(|i| 1.0 / cfg.rope_theta.powf(2.0 * i as f32 / cfg.head_dim() as f32))
+        .collect();
+    let inv = Tensor::from_vec(inv, (1, half), device)?;
+    let positions = Tensor::arange(0u32, cfg.context_length as u32, device)?
+        .to_dtype(DType::F32)?
+        .reshape((cfg.context_length, 1))?;
+    let freqs = positions.broadcast_mul(&inv)?;
+    Ok((freqs.cos()?, freqs.sin()?))
+}
