@@ -5,7 +5,7 @@
 //! it made before instead of making another.
 
 use std::collections::{HashMap, HashSet};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::{Context, bail};
 use chrono::{DateTime, Utc};
@@ -52,19 +52,12 @@ pub struct Outcome {
     pub write_ms: u64,
 }
 
-/// Called between the build and the write; tests use it to stop a worker
-/// mid-job.
-pub type Pause = Option<Duration>;
-
 /// Builds (or finds) the dataset version for `job`.
 #[tracing::instrument(skip_all, err, fields(scope = ?job.scope))]
-pub async fn run(pool: &PgPool, job: &CurateJob, pause: Pause) -> anyhow::Result<Outcome> {
+pub async fn run(pool: &PgPool, job: &CurateJob) -> anyhow::Result<Outcome> {
     let t0 = Instant::now();
     // One snapshot for both reads, so votes and completions agree.
-    let mut tx = pool.begin().await?;
-    sqlx::query("set transaction isolation level repeatable read, read only")
-        .execute(&mut *tx)
-        .await?;
+    let mut tx = datasets::begin_snapshot(pool).await?;
     let teams = datasets::scope_teams(&mut *tx, job.scope).await?;
     if let Scope::Team(id) = job.scope
         && teams.is_empty()
@@ -73,11 +66,7 @@ pub async fn run(pool: &PgPool, job: &CurateJob, pause: Pause) -> anyhow::Result
     }
     let until = match job.until {
         Some(t) => t,
-        None => {
-            sqlx::query_scalar("select now()")
-                .fetch_one(&mut *tx)
-                .await?
-        }
+        None => flywheel_store::now(&mut *tx).await?,
     };
     // The vote ids decide whether a version with this input exists; only
     // when none does are the votes and completions read whole.
@@ -135,7 +124,8 @@ pub async fn run(pool: &PgPool, job: &CurateJob, pause: Pause) -> anyhow::Result
         .await
         .context("dataset build panicked")??;
     outcome.build_ms = t1.elapsed().as_millis() as u64;
-    if let Some(p) = pause {
+    // Tests stop a worker here, between the build and the write.
+    if let Some(p) = crate::faults::get().curate_pause {
         tokio::time::sleep(p).await;
     }
 

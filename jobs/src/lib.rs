@@ -1,10 +1,15 @@
 //! Background jobs on apalis with its Postgres storage, in the same database
-//! as everything else: dataset curation and LoRA training runs (evaluation
-//! and promotion to come), their schedules, and the worker that runs them. Each
-//! job's step function is public so tests can run it directly.
+//! as everything else: dataset curation and LoRA training runs (with their
+//! backends behind one trait), their schedules, the artifact store, and the
+//! worker that runs them. Each job's step function is public so tests can
+//! run it directly.
+//!
+//! Jobs call the store for every SQL statement and the trainer for every
+//! gradient; they serve no HTTP.
 
 pub mod artifacts;
 pub mod curate;
+pub mod faults;
 pub mod queue;
 pub mod schedule;
 pub mod train;

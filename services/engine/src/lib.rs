@@ -21,14 +21,16 @@ mod step;
 mod stop;
 #[cfg(feature = "testing")]
 pub mod testing;
+mod types;
 
 pub use flywheel_model::ChatMessage;
-pub use handle::{
-    Backend, EngineConfig, EngineHandle, EngineStats, Event, FinishReason, GenerateRequest,
-    ModelInfo, SubmitError, TokenLogprob, TopLogprob,
-};
+pub use handle::EngineHandle;
 pub use kernels::Simd;
 pub use sampling::{MIN_TEMPERATURE, SamplingParams};
+pub use types::{
+    Backend, EngineConfig, EngineStats, Event, FinishReason, GenerateRequest, ModelInfo,
+    SubmitError, TokenLogprob, TopLogprob,
+};
 
 /// Errors from loading a model or running it.
 #[derive(Debug, thiserror::Error)]

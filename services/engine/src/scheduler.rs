@@ -19,12 +19,12 @@ use std::time::Instant;
 use flywheel_model::IncrementalDecoder;
 use tokio::sync::mpsc::UnboundedSender;
 
-use crate::handle::{
-    EngineConfig, Event, FinishReason, GenerateRequest, Shared, TokenLogprob, TopLogprob,
-};
 use crate::sampling::{Sampler, top_n};
 use crate::step::{BatchItem, StepModel};
 use crate::stop::StopMatcher;
+use crate::types::{
+    EngineConfig, Event, FinishReason, GenerateRequest, Shared, TokenLogprob, TopLogprob,
+};
 use crate::{EngineError, Result};
 
 pub(crate) struct Job {
@@ -344,9 +344,10 @@ mod tests {
 
     use super::*;
     use crate::cpu::CpuLlama;
-    use crate::handle::{Backend, EngineHandle, SubmitError};
+    use crate::handle::EngineHandle;
     use crate::kernels::Simd;
     use crate::sampling::SamplingParams;
+    use crate::types::{Backend, SubmitError};
 
     fn tiny_engine(queue: usize) -> EngineHandle {
         tiny_engine_with(EngineConfig {
@@ -499,7 +500,7 @@ mod tests {
         let mut files = ModelFiles::open(&path).unwrap();
         let model = CpuLlama::load(&mut files.gguf, 1, Simd::Avx512).unwrap();
         let shared = Arc::new(Shared {
-            info: crate::ModelInfo {
+            info: crate::types::ModelInfo {
                 name: "tiny".into(),
                 context_length: files.config.context_length,
                 vocab_size: files.config.vocab,

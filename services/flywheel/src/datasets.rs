@@ -47,7 +47,7 @@ pub async fn build(
 ) -> anyhow::Result<Option<Outcome>> {
     if mode == RunMode::Inline {
         let t = Instant::now();
-        let outcome = curate::run(pool, &job, None).await?;
+        let outcome = curate::run(pool, &job).await?;
         report(&outcome);
         eprintln!(
             "built in {:.2} s (load {} ms, curate {} ms, write {} ms)",
@@ -264,8 +264,7 @@ pub async fn synth(
             first + n
         );
     }
-    sqlx::query("analyze completions").execute(pool).await?;
-    sqlx::query("analyze feedback").execute(pool).await?;
+    flywheel_store::admin::analyze_log(pool).await?;
     println!("team {team}: {completions} completions, {ratings} ratings");
     Ok(())
 }
@@ -343,4 +342,100 @@ impl RuleFlags {
         r.max_output_chars = self.max_output_chars.unwrap_or(r.max_output_chars);
         Ok(r)
     }
+}
+
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum DatasetsCommand {
+    /// Build a new dataset version from feedback (a job for the worker by default).
+    Build {
+        /// The team whose feedback to curate.
+        #[arg(long)]
+        team: Option<String>,
+        /// Pool the feedback of every team that shares it.
+        #[arg(long)]
+        shared: bool,
+        /// Run the build in this process instead of queueing it.
+        #[arg(long)]
+        inline: bool,
+        /// Queue the job and return without waiting.
+        #[arg(long, conflicts_with = "inline")]
+        no_wait: bool,
+        #[command(flatten)]
+        rules: RuleFlags,
+    },
+    /// List dataset versions.
+    List {
+        #[arg(long)]
+        team: Option<String>,
+    },
+    /// A version's manifest and lineage size (VERSION: id, TEAM@N or shared@N).
+    Show { version: String },
+    /// Write a version's examples as JSON Lines.
+    Export {
+        version: String,
+        /// trl-sft, trl-dpo, trl-kto, messages, openai, openai-dpo.
+        #[arg(long)]
+        format: flywheel_curation::export::Format,
+        /// train or eval (default: both).
+        #[arg(long)]
+        split: Option<String>,
+        /// Output file (default: stdout).
+        #[arg(long, short)]
+        out: Option<std::path::PathBuf>,
+    },
+    /// Generate synthetic completions and ratings for benchmarks.
+    Synth {
+        #[arg(long)]
+        team: String,
+        #[arg(long, default_value_t = 1_000_000)]
+        completions: i64,
+        #[arg(long, default_value_t = 500_000)]
+        ratings: i64,
+    },
+}
+
+pub async fn run(
+    cfg: &crate::Config,
+    pool: &PgPool,
+    command: DatasetsCommand,
+) -> anyhow::Result<()> {
+    use self as ds;
+    match command {
+        DatasetsCommand::Build {
+            team,
+            shared,
+            inline,
+            no_wait,
+            rules,
+        } => {
+            let job = flywheel_jobs::curate::CurateJob {
+                scope: ds::scope(pool, team.as_deref(), shared).await?,
+                rules: rules.apply(cfg.jobs.curation_rules.clone())?,
+                until: None,
+            };
+            let mode = match (inline, no_wait) {
+                (true, _) => RunMode::Inline,
+                (false, true) => RunMode::Enqueue,
+                (false, false) => RunMode::Wait,
+            };
+            ds::build(pool, job, mode, cfg.jobs.max_attempts).await?;
+        }
+        DatasetsCommand::List { team } => ds::list(pool, team.as_deref()).await?,
+        DatasetsCommand::Show { version } => ds::show(pool, &version).await?,
+        DatasetsCommand::Export {
+            version,
+            format,
+            split,
+            out,
+        } => {
+            let n = ds::export(pool, &version, format, split.as_deref(), out.as_deref()).await?;
+            eprintln!("exported {n} examples");
+        }
+        DatasetsCommand::Synth {
+            team,
+            completions,
+            ratings,
+        } => ds::synth(pool, &team, completions, ratings).await?,
+    }
+    Ok(())
 }

@@ -22,7 +22,7 @@ pub async fn run(
     command: JournalCommand,
     pool: Option<PgPool>,
 ) -> anyhow::Result<()> {
-    let letters = DeadLetters::new(&cfg.journal_dir);
+    let letters = DeadLetters::new(&cfg.journal.dir);
     match command {
         JournalCommand::DeadLetters { json } => {
             let all = letters.list()?;

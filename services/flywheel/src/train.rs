@@ -9,10 +9,12 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{Context, bail};
-use flywheel_jobs::train::{RunSpec, load_examples};
+use flywheel_jobs::train::{Candidate, RunSpec, load_examples};
 use flywheel_model::Proj;
 use flywheel_store::PgPool;
-use flywheel_trainer::{Base, Lora, LoraConfig, Objective, TrainConfig, Trainer};
+use flywheel_trainer::{
+    Base, Control, Lora, LoraConfig, Objective, Progress, StepLog, TrainConfig, Trainer,
+};
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct TrainArgs {
@@ -118,6 +120,23 @@ fn parse_objective(s: Option<&str>) -> anyhow::Result<Option<Objective>> {
     })
 }
 
+/// Prints each step as it ends and keeps the records.
+struct Printer {
+    steps: usize,
+    log: Vec<StepLog>,
+}
+
+impl Progress for Printer {
+    fn step(&mut self, _: &Trainer, s: &StepLog) -> anyhow::Result<Control> {
+        eprintln!(
+            "step {:>4}/{}  loss {:.4}  lr {:.2e}  grad norm {:.3}  {:.2} s",
+            s.step, self.steps, s.loss, s.learning_rate, s.grad_norm, s.seconds
+        );
+        self.log.push(s.clone());
+        Ok(Control::Continue)
+    }
+}
+
 /// Trains, prints progress, saves the adapter and `flywheel_run.json` in
 /// `out`; returns the trained adapter and the run record.
 #[allow(clippy::too_many_arguments)]
@@ -138,15 +157,12 @@ fn fit(
     let eval_before = trainer.evaluate(&eval_set)?;
     eprintln!("{n_train} train / {n_eval} eval examples; eval loss before: {eval_before:.4}");
     let started = Instant::now();
-    let mut log = Vec::with_capacity(steps);
-    for _ in 0..steps {
-        let s = trainer.train_step()?;
-        eprintln!(
-            "step {:>4}/{steps}  loss {:.4}  lr {:.2e}  grad norm {:.3}  {:.2} s",
-            s.step, s.loss, s.learning_rate, s.grad_norm, s.seconds
-        );
-        log.push(s);
-    }
+    let mut printer = Printer {
+        steps,
+        log: Vec::with_capacity(steps),
+    };
+    flywheel_trainer::fit(&mut trainer, &mut printer)?;
+    let log = printer.log;
     let eval_after = trainer.evaluate(&eval_set)?;
     let seconds = started.elapsed().as_secs_f64();
     flywheel_trainer::peft::save(&trainer.lora, &base.model, base_name, out)?;
@@ -276,7 +292,7 @@ pub async fn train(cfg: &crate::Config, pool: &PgPool, args: TrainArgs) -> anyho
             version.id,
             model.id,
             &spec,
-            cfg.job_max_attempts,
+            cfg.jobs.max_attempts,
         )
         .await?;
         println!(
@@ -314,17 +330,19 @@ pub async fn train(cfg: &crate::Config, pool: &PgPool, args: TrainArgs) -> anyho
         let adapter = std::path::absolute(&out).unwrap_or(out.clone());
         let v = flywheel_jobs::train::register_candidate(
             pool,
-            &flywheel_jobs::artifacts::Artifacts::open(&cfg.artifacts)?,
-            &cfg.model_cache,
-            &base_path,
-            &lora,
-            &name,
-            &format!("LoRA from dataset version {dataset_id}"),
-            &flywheel_store::models::Lineage {
-                base_version_id: Some(base_id),
-                dataset_version_id: Some(dataset_id),
-                adapter_path: Some(adapter.display().to_string()),
-                training: Some(record),
+            &flywheel_jobs::artifacts::Artifacts::open(&cfg.training.artifacts)?,
+            &cfg.models.cache,
+            &Candidate {
+                base_path: &base_path,
+                lora: &lora,
+                name: &name,
+                note: &format!("LoRA from dataset version {dataset_id}"),
+                lineage: &flywheel_store::models::Lineage {
+                    base_version_id: Some(base_id),
+                    dataset_version_id: Some(dataset_id),
+                    adapter_path: Some(adapter.display().to_string()),
+                    training: Some(record),
+                },
             },
         )
         .await?;
@@ -440,18 +458,39 @@ async fn import_local_adapter(
     .context("loading the adapter panicked")??;
     flywheel_jobs::train::register_candidate(
         pool,
-        &flywheel_jobs::artifacts::Artifacts::open(&cfg.artifacts)?,
-        &cfg.model_cache,
-        &base_path,
-        &lora,
-        name,
-        &format!("PEFT adapter {recorded} on {}", base.name),
-        &flywheel_store::models::Lineage {
-            base_version_id: Some(base.id),
-            dataset_version_id: None,
-            adapter_path: Some(recorded.to_string()),
-            training: Some(serde_json::json!({"imported_adapter": recorded})),
+        &flywheel_jobs::artifacts::Artifacts::open(&cfg.training.artifacts)?,
+        &cfg.models.cache,
+        &Candidate {
+            base_path: &base_path,
+            lora: &lora,
+            name,
+            note: &format!("PEFT adapter {recorded} on {}", base.name),
+            lineage: &flywheel_store::models::Lineage {
+                base_version_id: Some(base.id),
+                dataset_version_id: None,
+                adapter_path: Some(recorded.to_string()),
+                training: Some(serde_json::json!({"imported_adapter": recorded})),
+            },
         },
     )
     .await
+}
+
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum RunsCommand {
+    /// The latest training runs.
+    List,
+    /// One run with its per-step loss and learning rate.
+    Show { id: uuid::Uuid },
+    /// Stop a run at its next step.
+    Cancel { id: uuid::Uuid },
+}
+
+/// `flywheel runs ...`.
+pub async fn runs(pool: &PgPool, command: RunsCommand) -> anyhow::Result<()> {
+    match command {
+        RunsCommand::List => list_runs(pool).await,
+        RunsCommand::Show { id } => show_run(pool, id).await,
+        RunsCommand::Cancel { id } => cancel_run(pool, id).await,
+    }
 }

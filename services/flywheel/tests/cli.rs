@@ -2,13 +2,11 @@
 
 use std::process::Command;
 
-mod common;
-
-use common::fresh_database;
+use flywheel_tests::fresh_database;
 
 fn flywheel(db: &str, args: &[&str]) -> (bool, String, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_flywheel"))
-        .env("FLYWHEEL_HOME", common::test_home())
+        .env("FLYWHEEL_HOME", flywheel_tests::test_home())
         .args(args)
         .env("DATABASE_URL", db)
         .env(
@@ -107,4 +105,67 @@ async fn models_import_list_promote() {
     );
     let (ok, _, err) = flywheel(&db, &["models", "import", "/no/such/file.gguf"]);
     assert!(!ok && err.contains("No such file"), "{err}");
+}
+
+/// Runs the binary with `env` and `args` and no database; returns whether
+/// it succeeded and its stderr.
+fn start_with(env: &[(&str, &str)], args: &[&str]) -> (bool, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_flywheel"))
+        .env("FLYWHEEL_HOME", flywheel_tests::test_home())
+        .env_remove("DATABASE_URL")
+        .envs(env.iter().copied())
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).to_string(),
+    )
+}
+
+#[test]
+fn bad_configuration_stops_the_start_and_names_the_setting() {
+    let file = std::env::temp_dir().join(format!("fw-{}.toml", uuid::Uuid::new_v4()));
+    std::fs::write(&file, "[gateway]\nadr = \"0.0.0.0:8080\"\n").unwrap();
+    let (ok, err) = start_with(&[], &["--config", file.to_str().unwrap(), "serve"]);
+    assert!(!ok);
+    assert!(err.contains("unknown setting `gateway.adr`"), "{err}");
+
+    let (ok, err) = start_with(&[("FLYWHEEL_LOG_COMPLETIONS", "flase")], &["serve"]);
+    assert!(!ok);
+    assert!(
+        err.contains("FLYWHEEL_LOG_COMPLETIONS = \"flase\": expected true or false"),
+        "{err}"
+    );
+
+    let (ok, err) = start_with(&[("FLYWHEEL_PG_PORT", "70000")], &["up"]);
+    assert!(!ok);
+    assert!(
+        err.contains("FLYWHEEL_PG_PORT = \"70000\": expected a number from 1 to 65535"),
+        "{err}"
+    );
+
+    // The same settings, valid, are shown with where they came from.
+    std::fs::write(&file, "[gateway]\naddr = \"0.0.0.0:9999\"\n").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_flywheel"))
+        .args(["--config", file.to_str().unwrap(), "config", "show"])
+        .env("FLYWHEEL_PG_PORT", "6543")
+        .env("DATABASE_URL", "postgres://fw:s3cret@db/fw")
+        .output()
+        .unwrap();
+    let shown = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success());
+    let line = |key: &str| {
+        shown
+            .lines()
+            .find(|l| l.starts_with(key))
+            .unwrap_or_else(|| panic!("no {key} in\n{shown}"))
+            .to_string()
+    };
+    assert!(line("gateway.addr").contains("0.0.0.0:9999"));
+    assert!(line("gateway.addr").ends_with(file.to_str().unwrap()));
+    assert!(line("database.local_port").contains("environment (FLYWHEEL_PG_PORT)"));
+    assert!(line("database.url").contains("postgres://fw:***@db/fw"));
+    assert!(!shown.contains("s3cret"));
+    assert!(line("journal.sync").ends_with("default"));
 }

@@ -7,13 +7,11 @@ use std::time::Duration;
 
 use serde_json::json;
 
-mod common;
-
-use common::{cli, fresh_database};
+use flywheel_tests::{cli, fresh_database};
 
 fn serve(db: &str, port: u16, journal: &std::path::Path) -> Child {
     Command::new(env!("CARGO_BIN_EXE_flywheel"))
-        .env("FLYWHEEL_HOME", common::test_home())
+        .env("FLYWHEEL_HOME", flywheel_tests::test_home())
         .arg("serve")
         .env("DATABASE_URL", db)
         .env("FLYWHEEL_ADDR", format!("127.0.0.1:{port}"))
@@ -56,7 +54,7 @@ async fn kill_9_after_acknowledged_votes_loses_none_and_duplicates_none() {
 
     let mut gateway = serve(&db, port, &journal);
     assert!(
-        common::ready(&base).await,
+        flywheel_tests::ready(&base).await,
         "the gateway did not become ready"
     );
     let http = reqwest::Client::new();
@@ -107,7 +105,7 @@ async fn kill_9_after_acknowledged_votes_loses_none_and_duplicates_none() {
 
     let mut gateway = serve(&db, port, &journal);
     assert!(
-        common::ready(&base).await,
+        flywheel_tests::ready(&base).await,
         "the gateway did not become ready"
     );
     let mut last = (0, 0);

@@ -12,14 +12,12 @@ use flywheel_store::feedback::Feedback;
 use serde_json::json;
 use uuid::Uuid;
 
-mod common;
-
-use common::{GatewayProcess, TinySetup, until};
+use flywheel_tests::{GatewayProcess, TinySetup, until};
 
 /// `flywheel journal ...` on `journal`.
 fn journal_cli(db: &str, journal: &std::path::Path, args: &[&str]) -> String {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_flywheel"))
-        .env("FLYWHEEL_HOME", common::test_home())
+        .env("FLYWHEEL_HOME", flywheel_tests::test_home())
         .env("DATABASE_URL", db)
         .env("FLYWHEEL_JOURNAL_DIR", journal)
         .arg("journal")
@@ -350,7 +348,7 @@ async fn a_journal_for_another_database_is_refused_at_start() {
 
     let mut wrong = GatewayProcess::spawn(
         &other.db,
-        common::free_port(),
+        flywheel_tests::free_port(),
         &journal,
         &[],
         std::process::Stdio::piped(),

@@ -4,9 +4,7 @@
 
 use std::process::Command;
 
-mod common;
-
-use common::{cli, fresh_database};
+use flywheel_tests::{cli, fresh_database};
 
 #[tokio::test]
 async fn train_turns_a_dataset_version_into_a_peft_adapter() {
@@ -58,7 +56,7 @@ async fn train_turns_a_dataset_version_into_a_peft_adapter() {
 
     // A dataset version that does not exist is a clear error.
     let bad = Command::new(env!("CARGO_BIN_EXE_flywheel"))
-        .env("FLYWHEEL_HOME", common::test_home())
+        .env("FLYWHEEL_HOME", flywheel_tests::test_home())
         .args(["train", "--dataset", "acme@9", "--out", "/tmp/unused"])
         .env("DATABASE_URL", &db)
         .output()
@@ -142,7 +140,7 @@ async fn train_turns_a_dataset_version_into_a_peft_adapter() {
         .unwrap()
         .port();
     let mut server = Command::new(env!("CARGO_BIN_EXE_flywheel"))
-        .env("FLYWHEEL_HOME", common::test_home())
+        .env("FLYWHEEL_HOME", flywheel_tests::test_home())
         .arg("serve")
         .env("DATABASE_URL", &db)
         .env("FLYWHEEL_ADDR", format!("127.0.0.1:{port}"))
@@ -152,7 +150,7 @@ async fn train_turns_a_dataset_version_into_a_peft_adapter() {
         .spawn()
         .unwrap();
     let base_url = format!("http://127.0.0.1:{port}");
-    let ready = common::ready(&base_url).await;
+    let ready = flywheel_tests::ready(&base_url).await;
     let answer: serde_json::Value = if ready {
         reqwest::Client::new()
             .post(format!("{base_url}/v1/chat/completions"))
@@ -246,7 +244,7 @@ fn queue_run_with(db: &str, steps: &str, extra: &[&str]) -> uuid::Uuid {
 
 fn train_worker(db: &str, dir: &std::path::Path, env: &[(&str, &str)]) -> std::process::Child {
     Command::new(env!("CARGO_BIN_EXE_flywheel"))
-        .env("FLYWHEEL_HOME", common::test_home())
+        .env("FLYWHEEL_HOME", flywheel_tests::test_home())
         .arg("worker")
         .env("DATABASE_URL", db)
         .env("FLYWHEEL_ARTIFACTS", dir.join("artifacts"))
@@ -266,7 +264,7 @@ async fn wait_for_run<F: Fn(&flywheel_store::training::TrainingRun) -> bool>(
     secs: u64,
     done: F,
 ) -> flywheel_store::training::TrainingRun {
-    common::until(secs, || async {
+    flywheel_tests::until(secs, || async {
         done(
             &flywheel_store::training::get(pool, id)
                 .await
@@ -287,13 +285,13 @@ async fn wait_for_run<F: Fn(&flywheel_store::training::TrainingRun) -> bool>(
 #[tokio::test]
 async fn a_queued_run_resumes_from_its_checkpoint_after_a_crash() {
     let (db, dir) = trained_setup("fw_train_resume", 13).await;
-    let s3 = common::S3::start("flywheel-artifacts").await;
+    let s3 = flywheel_tests::S3::start("flywheel-artifacts").await;
     let run_id = queue_run(&db, "8");
     let pool = flywheel_store::connect(&db).await.unwrap();
     let mut env = s3.env();
     env.push(("FLYWHEEL_ARTIFACTS", s3.url("prod")));
     env.push(("FLYWHEEL_CHECKPOINT_EVERY", "3".into()));
-    env.push(("FLYWHEEL_TRAIN_CRASH_AFTER", "5".into()));
+    env.push(("FLYWHEEL_TEST_FAULTS", "train_crash_after=5".into()));
     let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
     let mut w = train_worker(&db, &dir, &env);
     let run = wait_for_run(&pool, run_id, 90, |r| r.status == "succeeded").await;
@@ -376,7 +374,7 @@ async fn a_queued_run_resumes_from_its_checkpoint_after_a_crash() {
     );
     assert!(local.join("adapter_model.safetensors").exists());
     let imported = Command::new(env!("CARGO_BIN_EXE_flywheel"))
-        .env("FLYWHEEL_HOME", common::test_home())
+        .env("FLYWHEEL_HOME", flywheel_tests::test_home())
         .env("DATABASE_URL", &db)
         .args([
             "models",
@@ -422,7 +420,7 @@ async fn a_queued_run_resumes_from_its_checkpoint_after_a_crash() {
         .unwrap()
         .port();
     let mut server = Command::new(env!("CARGO_BIN_EXE_flywheel"))
-        .env("FLYWHEEL_HOME", common::test_home())
+        .env("FLYWHEEL_HOME", flywheel_tests::test_home())
         .env("FLYWHEEL_MODEL_CACHE", dir.join("other-machine"))
         .arg("serve")
         .env("DATABASE_URL", &db)
@@ -433,7 +431,7 @@ async fn a_queued_run_resumes_from_its_checkpoint_after_a_crash() {
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
-    let ready = common::ready(&format!("http://127.0.0.1:{port}")).await;
+    let ready = flywheel_tests::ready(&format!("http://127.0.0.1:{port}")).await;
     let _ = server.kill();
     let _ = server.wait();
     assert!(ready, "the gateway did not fetch and load the candidate");
@@ -464,7 +462,7 @@ async fn a_running_run_can_be_cancelled_and_a_base_trains_one_run_at_a_time() {
     let run_id = queue_run(&db, "100000");
     // The base model already has an active run.
     let second = Command::new(env!("CARGO_BIN_EXE_flywheel"))
-        .env("FLYWHEEL_HOME", common::test_home())
+        .env("FLYWHEEL_HOME", flywheel_tests::test_home())
         .args(["train", "--dataset", "acme@1", "--queue"])
         .env("DATABASE_URL", &db)
         .output()
@@ -484,7 +482,7 @@ async fn a_running_run_can_be_cancelled_and_a_base_trains_one_run_at_a_time() {
     assert!(run.step < 100000 && run.candidate_version_id.is_none());
     // Cancelling again is refused: the run is over.
     let again = Command::new(env!("CARGO_BIN_EXE_flywheel"))
-        .env("FLYWHEEL_HOME", common::test_home())
+        .env("FLYWHEEL_HOME", flywheel_tests::test_home())
         .args(["runs", "cancel", &run_id.to_string()])
         .env("DATABASE_URL", &db)
         .output()
@@ -563,7 +561,7 @@ async fn an_external_trainer_command_trains_a_run_at_low_priority() {
 #[tokio::test]
 async fn an_external_trainer_job_trains_through_the_object_store() {
     let (db, dir) = trained_setup("fw_train_kube", 29).await;
-    let s3 = common::S3::start("flywheel-kube").await;
+    let s3 = flywheel_tests::S3::start("flywheel-kube").await;
     let state = dir.join("kube");
     std::fs::create_dir_all(&state).unwrap();
     let kubectl = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/kubectl_standin.py");
@@ -623,7 +621,7 @@ async fn an_external_trainer_job_trains_through_the_object_store() {
     // follows the same Job instead of submitting another.
     let mut first = train_worker(&db, &dir, &env_refs);
     let calls = state.join("calls.log");
-    let submitted = common::until(60, || async {
+    let submitted = flywheel_tests::until(60, || async {
         std::fs::read_to_string(&calls).is_ok_and(|c| c.contains("apply"))
     })
     .await;

@@ -11,14 +11,12 @@ use flywheel_store::PgPool;
 use flywheel_store::datasets::Scope;
 use flywheel_store::jobs::{JobRun, TaskState};
 
-mod common;
-
-use common::{cli, fresh_database, until};
+use flywheel_tests::{cli, fresh_database, until};
 
 /// A worker process with a fast heartbeat, no schedule and the given knobs.
 fn worker(db: &str, env: &[(&str, &str)]) -> Child {
     Command::new(env!("CARGO_BIN_EXE_flywheel"))
-        .env("FLYWHEEL_HOME", common::test_home())
+        .env("FLYWHEEL_HOME", flywheel_tests::test_home())
         .arg("worker")
         .env("DATABASE_URL", db)
         .env("FLYWHEEL_JOB_HEARTBEAT_SECS", "1")
@@ -77,7 +75,7 @@ async fn a_worker_killed_mid_job_is_replaced_and_the_job_finishes_once() {
     );
     let pool = flywheel_store::connect(&db).await.unwrap();
     // This worker stops for a minute between building and writing.
-    let mut slow = worker(&db, &[("FLYWHEEL_JOB_PAUSE_MS", "60000")]);
+    let mut slow = worker(&db, &[("FLYWHEEL_TEST_FAULTS", "curate_pause_ms=60000")]);
     let task = enqueue_build(&db, "acme");
     assert!(
         until(30, || async {

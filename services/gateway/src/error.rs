@@ -19,6 +19,8 @@ pub enum AppError {
     Unauthorized(String),
     #[error("{message}")]
     NotFound { message: String, code: &'static str },
+    #[error("{0}")]
+    Conflict(String),
     #[error("the request body is larger than this server accepts")]
     PayloadTooLarge,
     #[error("{0}")]
@@ -45,6 +47,7 @@ impl AppError {
             Self::BadRequest { .. } => StatusCode::BAD_REQUEST,
             Self::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             Self::NotFound { .. } => StatusCode::NOT_FOUND,
+            Self::Conflict(_) => StatusCode::CONFLICT,
             Self::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Self::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::Overloaded { .. } => StatusCode::TOO_MANY_REQUESTS,
@@ -66,6 +69,7 @@ impl AppError {
             Self::BadRequest { code, .. } => *code,
             Self::Unauthorized(_) => Some("invalid_api_key"),
             Self::NotFound { code, .. } => Some(code),
+            Self::Conflict(_) => Some("conflict"),
             Self::PayloadTooLarge => Some("request_too_large"),
             Self::Overloaded { .. } => Some("rate_limit_exceeded"),
             Self::Unavailable(_) => Some("service_unavailable"),
@@ -103,9 +107,19 @@ impl IntoResponse for AppError {
     }
 }
 
+/// Not-found and conflict reach clients as 404 and 409; everything else
+/// the store says is the server's problem.
 impl From<flywheel_store::StoreError> for AppError {
     fn from(e: flywheel_store::StoreError) -> Self {
-        Self::Internal(e.to_string())
+        use flywheel_store::StoreError;
+        match e {
+            StoreError::NotFound(what) => Self::NotFound {
+                message: format!("{what} was not found."),
+                code: "not_found",
+            },
+            StoreError::Conflict(why) => Self::Conflict(why),
+            other => Self::Internal(other.to_string()),
+        }
     }
 }
 
@@ -134,5 +148,30 @@ where
                 ),
             }),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use flywheel_store::StoreError;
+
+    #[test]
+    fn store_errors_keep_their_meaning_over_http() {
+        let e = AppError::from(StoreError::NotFound("model version x".into()));
+        assert_eq!(e.status(), StatusCode::NOT_FOUND);
+        assert_eq!(
+            e.body()["error"]["message"],
+            "model version x was not found."
+        );
+        let e = AppError::from(StoreError::Conflict("already running".into()));
+        assert_eq!(e.status(), StatusCode::CONFLICT);
+        assert_eq!(e.body()["error"]["code"], "conflict");
+        let e = AppError::from(StoreError::Db(sqlx_error()));
+        assert_eq!(e.status(), StatusCode::INTERNAL_SERVER_ERROR);
+    }
+
+    fn sqlx_error() -> flywheel_store::sqlx::Error {
+        flywheel_store::sqlx::Error::PoolTimedOut
     }
 }

@@ -3,7 +3,10 @@
 //! [`router`] builds the whole API over an [`AppState`]; [`serve`] runs it
 //! on a listener until `shutdown` resolves, so tests can bind port 0. The
 //! gateway never touches the model directly: it talks to the engine through
-//! [`flywheel_engine::EngineHandle`].
+//! [`flywheel_engine::EngineHandle`]. It owns the write path of the log (the
+//! [`journal`]) and reads and writes the database only through the store.
+//!
+//! The gateway does not train, curate or schedule.
 
 mod auth;
 mod chat;

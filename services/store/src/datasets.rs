@@ -421,6 +421,18 @@ pub async fn teams_with_new_feedback(ex: impl PgExecutor<'_>) -> Result<Vec<Uuid
     .await?)
 }
 
+/// A read-only transaction that sees one snapshot for all its reads
+/// (repeatable read), so the votes and the completions they rate agree.
+pub async fn begin_snapshot(
+    pool: &sqlx::PgPool,
+) -> Result<sqlx::Transaction<'static, sqlx::Postgres>> {
+    let mut tx = pool.begin().await?;
+    sqlx::query("set transaction isolation level repeatable read, read only")
+        .execute(&mut *tx)
+        .await?;
+    Ok(tx)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

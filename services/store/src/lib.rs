@@ -1,6 +1,10 @@
-//! Every SQL query Flywheel runs lives here, as small functions over any
-//! executor, so handlers and jobs can compose them in one transaction.
+//! Every SQL statement Flywheel runs lives here, as small functions over any
+//! executor, so handlers and jobs can compose them in one transaction; the
+//! migrations are embedded from `migrations/`.
+//!
+//! The store knows nothing of models, HTTP or jobs: it takes and returns rows.
 
+pub mod admin;
 pub mod completions;
 pub mod datasets;
 pub mod feedback;
@@ -11,6 +15,7 @@ pub mod models;
 pub mod synth;
 pub mod training;
 
+pub use sqlx;
 pub use sqlx::postgres::PgListener;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 pub use sqlx::{PgPool, Postgres, Transaction};
@@ -95,6 +100,11 @@ pub async fn migrate(pool: &PgPool) -> Result<()> {
     migrator.set_ignore_missing(true);
     migrator.run(pool).await?;
     Ok(())
+}
+
+/// The database's clock (the transaction's start, inside one).
+pub async fn now(ex: impl sqlx::PgExecutor<'_>) -> Result<chrono::DateTime<chrono::Utc>> {
+    Ok(sqlx::query_scalar("select now()").fetch_one(ex).await?)
 }
 
 /// A round trip to the database.

@@ -6,6 +6,47 @@ use uuid::Uuid;
 
 use crate::{Result, StoreError};
 
+/// Where a training run is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, sqlx::Type)]
+#[serde(rename_all = "lowercase")]
+#[sqlx(type_name = "text", rename_all = "lowercase")]
+pub enum RunStatus {
+    Queued,
+    Running,
+    Succeeded,
+    Failed,
+    Cancelled,
+}
+
+impl RunStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Queued => "queued",
+            Self::Running => "running",
+            Self::Succeeded => "succeeded",
+            Self::Failed => "failed",
+            Self::Cancelled => "cancelled",
+        }
+    }
+
+    /// Whether the run is over (nothing will change it again).
+    pub fn is_final(self) -> bool {
+        matches!(self, Self::Succeeded | Self::Failed | Self::Cancelled)
+    }
+}
+
+impl std::fmt::Display for RunStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl PartialEq<&str> for RunStatus {
+    fn eq(&self, other: &&str) -> bool {
+        self.as_str() == *other
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, serde::Serialize, sqlx::FromRow)]
 pub struct TrainingRun {
     pub id: Uuid,
@@ -13,7 +54,7 @@ pub struct TrainingRun {
     pub base_version_id: Uuid,
     pub objective: String,
     pub config: serde_json::Value,
-    pub status: String,
+    pub status: RunStatus,
     pub step: i32,
     pub total_steps: i32,
     pub checkpoint_step: Option<i32>,
@@ -108,18 +149,19 @@ pub async fn start(ex: impl PgExecutor<'_>, id: Uuid) -> Result<()> {
     Ok(())
 }
 
+/// One optimizer step of a run.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct NewStep {
+    pub step: i32,
+    pub loss: f64,
+    pub learning_rate: f64,
+    pub grad_norm: f64,
+    pub tokens: i32,
+    pub seconds: f64,
+}
+
 /// One step's record; writing a step again (after a resume) replaces it.
-#[allow(clippy::too_many_arguments)]
-pub async fn record_step(
-    ex: impl PgExecutor<'_>,
-    id: Uuid,
-    step: i32,
-    loss: f64,
-    learning_rate: f64,
-    grad_norm: f64,
-    tokens: i32,
-    seconds: f64,
-) -> Result<bool> {
+pub async fn record_step(ex: impl PgExecutor<'_>, id: Uuid, s: &NewStep) -> Result<bool> {
     // Returns whether a cancel was requested, so the loop needs one query.
     Ok(sqlx::query_scalar(
         "with s as (
@@ -133,12 +175,12 @@ pub async fn record_step(
          update training_runs set step = $2 where id = $1 returning cancel_requested",
     )
     .bind(id)
-    .bind(step)
-    .bind(loss)
-    .bind(learning_rate)
-    .bind(grad_norm)
-    .bind(tokens)
-    .bind(seconds)
+    .bind(s.step)
+    .bind(s.loss)
+    .bind(s.learning_rate)
+    .bind(s.grad_norm)
+    .bind(s.tokens)
+    .bind(s.seconds)
     .fetch_one(ex)
     .await?)
 }
@@ -166,12 +208,12 @@ pub async fn set_eval_before(ex: impl PgExecutor<'_>, id: Uuid, loss: f64) -> Re
     Ok(())
 }
 
-/// Ends a run: `succeeded` (with its candidate and held-out loss),
-/// `failed` (with the error) or `cancelled`.
+/// Ends a run: `Succeeded` (with its candidate and held-out loss),
+/// `Failed` (with the error) or `Cancelled`.
 pub async fn finish(
     ex: impl PgExecutor<'_>,
     id: Uuid,
-    status: &str,
+    status: RunStatus,
     candidate: Option<Uuid>,
     eval_loss_after: Option<f64>,
     error: Option<&str>,

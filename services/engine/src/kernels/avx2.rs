@@ -2,7 +2,7 @@
 
 use std::arch::x86_64::*;
 
-use super::{F32Matrix, Q4_1_BYTES, Q4_1Matrix, Q8_0_BYTES, Q8_0Matrix, QK};
+use super::formats::{F32Matrix, Q4_1_BYTES, Q4_1Matrix, Q8_0_BYTES, Q8_0Matrix, QK};
 
 #[target_feature(enable = "avx2,fma,f16c")]
 fn hsum(v: __m256) -> f32 {

@@ -4,7 +4,7 @@
 
 use std::arch::x86_64::*;
 
-use super::{Q4_1_BYTES, Q4_1Matrix, Q8_0_BYTES, Q8_0Matrix, QK};
+use super::formats::{Q4_1_BYTES, Q4_1Matrix, Q8_0_BYTES, Q8_0Matrix, QK};
 
 pub trait Blocks {
     fn cols(&self) -> usize;

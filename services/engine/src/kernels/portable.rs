@@ -1,7 +1,7 @@
 //! The kernels in plain Rust, for CPUs without AVX2: the same results as
 //! the SIMD paths up to summation order.
 
-use super::QMatrix;
+use super::formats::QMatrix;
 
 pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     // Eight running sums, like the SIMD path, so the order is similar.

@@ -13,7 +13,8 @@ use flywheel_store::PgPool;
 use flywheel_store::instance::DatabaseIdentity;
 use serde::{Deserialize, Serialize};
 
-use super::{Record, format, store_batch};
+use super::format;
+use super::record::{Record, store_batch};
 
 /// One set-aside record.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

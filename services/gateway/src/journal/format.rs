@@ -11,7 +11,7 @@ use std::path::Path;
 use flywheel_store::instance::DatabaseIdentity;
 use serde::{Deserialize, Serialize};
 
-use super::Record;
+use super::record::Record;
 
 /// The current format's number, in every header.
 pub const FORMAT: u32 = 2;

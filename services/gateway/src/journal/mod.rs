@@ -34,6 +34,7 @@
 
 pub mod dead_letter;
 pub mod format;
+mod record;
 
 use std::collections::{HashMap, VecDeque};
 use std::io::Write;
@@ -43,32 +44,14 @@ use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use flywheel_store::PgPool;
-use flywheel_store::completions::NewCompletion;
-use flywheel_store::feedback::Feedback;
 use flywheel_store::instance::DatabaseIdentity;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{Notify, watch};
 use uuid::Uuid;
 
 pub use dead_letter::{DeadLetter, DeadLetters};
-
-/// One acknowledged write.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "kind", rename_all = "snake_case")]
-pub enum Record {
-    Completion(NewCompletion),
-    Feedback(Feedback),
-}
-
-impl Record {
-    /// The id the client saw, for logs.
-    pub fn id(&self) -> String {
-        match self {
-            Self::Completion(c) => c.id.clone(),
-            Self::Feedback(f) => f.id.to_string(),
-        }
-    }
-}
+pub use record::Record;
+use record::store_batch;
 
 /// When a record reaches stable storage (`FLYWHEEL_JOURNAL_SYNC`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -717,28 +700,10 @@ fn group_commit(journal: Weak<Inner>, wake: std::sync::mpsc::Receiver<()>) {
     }
 }
 
-/// Completions first, so votes in the same batch find their completion.
-pub(crate) async fn store_batch(
-    pool: &PgPool,
-    batch: &[Record],
-) -> Result<(), flywheel_store::StoreError> {
-    let mut completions = Vec::new();
-    let mut votes = Vec::new();
-    for r in batch {
-        match r {
-            Record::Completion(c) => completions.push(c.clone()),
-            Record::Feedback(f) => votes.push(f.clone()),
-        }
-    }
-    let mut tx = pool.begin().await?;
-    flywheel_store::completions::insert_many(&mut *tx, &completions).await?;
-    flywheel_store::feedback::insert_many(&mut *tx, &votes).await?;
-    tx.commit().await?;
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
+    use flywheel_store::completions::NewCompletion;
+
     use super::*;
 
     fn completion(id: &str) -> Record {

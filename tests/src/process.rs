@@ -1,35 +1,39 @@
-//! Shared by the binary's tests: a fresh database on the test server.
+//! The real `flywheel` binary as a process: its admin commands, and
+//! `flywheel serve` on a free port over a fresh database with the tiny
+//! model. Only the integration tests of the `flywheel` package build the
+//! binary; these helpers find it beside their test executable.
 
-pub fn admin_url() -> String {
-    std::env::var("TEST_DATABASE_URL")
-        .or_else(|_| std::env::var("DATABASE_URL"))
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
-}
+use std::path::PathBuf;
 
-/// Creates an empty database named `<prefix>_<uuid>` and returns its URL.
-pub async fn fresh_database(prefix: &str) -> String {
-    let admin = flywheel_store::connect(&admin_url()).await.unwrap();
-    let name = format!("{prefix}_{}", uuid::Uuid::new_v4().simple());
-    sqlx::query(sqlx::AssertSqlSafe(format!("create database {name}")))
-        .execute(&admin)
-        .await
-        .unwrap();
-    let base = admin_url().rsplit_once('/').unwrap().0.to_string();
-    format!("{base}/{name}")
+use crate::db::fresh_database;
+use crate::wait::until;
+
+/// The `flywheel` binary cargo built for the running test (`target/<profile>/flywheel`).
+pub fn binary() -> PathBuf {
+    let exe = std::env::current_exe().expect("the test's own path");
+    let dir = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("tests run from target/<profile>/deps");
+    let bin = dir.join("flywheel");
+    assert!(
+        bin.exists(),
+        "{} is missing: run the tests of the flywheel package (cargo test -p flywheel)",
+        bin.display()
+    );
+    bin
 }
 
 /// `FLYWHEEL_HOME` for the binary under test: models it imports and its
 /// journal go to a temporary folder, never into the source tree.
-#[allow(dead_code)]
 pub fn test_home() -> std::path::PathBuf {
     std::env::temp_dir().join("flywheel-test-home")
 }
 
 /// Runs the binary under test against `db`; panics with its stderr if it
 /// fails, returns its stdout.
-#[allow(dead_code)]
 pub fn cli(db: &str, args: &[&str]) -> String {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_flywheel"))
+    let out = std::process::Command::new(binary())
         .env("FLYWHEEL_HOME", test_home())
         .args(args)
         .env("DATABASE_URL", db)
@@ -43,25 +47,7 @@ pub fn cli(db: &str, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).to_string()
 }
 
-/// Polls `check` every 200 ms for up to `secs`; whether it came true.
-#[allow(dead_code)]
-pub async fn until<F, Fut>(secs: u64, mut check: F) -> bool
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
-    while std::time::Instant::now() < deadline {
-        if check().await {
-            return true;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-    }
-    false
-}
-
 /// Whether the gateway at `base` answered `/readyz` with 200 within 60 s.
-#[allow(dead_code)]
 pub async fn ready(base: &str) -> bool {
     until(60, || async {
         reqwest::get(format!("{base}/readyz"))
@@ -71,95 +57,7 @@ pub async fn ready(base: &str) -> bool {
     .await
 }
 
-/// A private S3-compatible server (moto's, `python3 -m moto.server`;
-/// `scripts/test.sh` installs it) on a free port, holding one empty bucket.
-/// Stopped when dropped.
-#[allow(dead_code)]
-pub struct S3 {
-    child: std::process::Child,
-    pub endpoint: String,
-    pub bucket: String,
-}
-
-#[allow(dead_code)]
-impl S3 {
-    pub async fn start(bucket: &str) -> S3 {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let child = std::process::Command::new("python3")
-            .args(["-m", "moto.server", "-H", "127.0.0.1", "-p", &port.to_string()])
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect(
-                "the S3 tests need python3 with moto: pip install 'moto[server]' (scripts/test.sh does)",
-            );
-        let s3 = S3 {
-            child,
-            endpoint: format!("http://127.0.0.1:{port}"),
-            bucket: bucket.into(),
-        };
-        let bucket_url = format!("{}/{bucket}", s3.endpoint);
-        let made = until(30, || async {
-            let client = reqwest::Client::new();
-            client
-                .put(&bucket_url)
-                .send()
-                .await
-                .is_ok_and(|r| r.status().is_success())
-        })
-        .await;
-        assert!(made, "moto_server did not come up on {}", s3.endpoint);
-        s3
-    }
-
-    /// `s3://<bucket>/<prefix>`.
-    pub fn url(&self, prefix: &str) -> String {
-        format!("s3://{}/{prefix}", self.bucket)
-    }
-
-    /// The settings any S3 client of ours needs to reach it.
-    pub fn env(&self) -> Vec<(&'static str, String)> {
-        vec![
-            ("AWS_ENDPOINT", self.endpoint.clone()),
-            ("AWS_ACCESS_KEY_ID", "test".into()),
-            ("AWS_SECRET_ACCESS_KEY", "test".into()),
-            ("AWS_REGION", "us-east-1".into()),
-            ("AWS_ALLOW_HTTP", "true".into()),
-        ]
-    }
-
-    /// Every key in the bucket below `prefix`, from the server's own listing.
-    pub async fn keys(&self, prefix: &str) -> Vec<String> {
-        let text = reqwest::get(format!(
-            "{}/{}?list-type=2&prefix={prefix}",
-            self.endpoint, self.bucket
-        ))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-        text.split("<Key>")
-            .skip(1)
-            .filter_map(|s| s.split("</Key>").next())
-            .map(str::to_string)
-            .collect()
-    }
-}
-
-impl Drop for S3 {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 /// A free port on 127.0.0.1.
-#[allow(dead_code)]
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -170,13 +68,11 @@ pub fn free_port() -> u16 {
 
 /// A database with the tiny random-weight model registered as champion and
 /// a scratch folder; `key(team)` makes API keys.
-#[allow(dead_code)]
 pub struct TinySetup {
     pub db: String,
     pub dir: std::path::PathBuf,
 }
 
-#[allow(dead_code)]
 impl TinySetup {
     pub async fn new(prefix: &str) -> Self {
         let db = fresh_database(prefix).await;
@@ -207,13 +103,11 @@ impl TinySetup {
 }
 
 /// A `flywheel serve` process on its own port; killed when dropped.
-#[allow(dead_code)]
 pub struct GatewayProcess {
     pub child: std::process::Child,
     pub base: String,
 }
 
-#[allow(dead_code)]
 impl GatewayProcess {
     /// Starts `flywheel serve` on `db` with the journal in `journal` and
     /// `env` on top; waits until it is ready.
@@ -232,7 +126,7 @@ impl GatewayProcess {
         env: &[(&str, &str)],
         stderr: std::process::Stdio,
     ) -> std::process::Child {
-        std::process::Command::new(env!("CARGO_BIN_EXE_flywheel"))
+        std::process::Command::new(binary())
             .env("FLYWHEEL_HOME", test_home())
             .arg("serve")
             .env("DATABASE_URL", db)

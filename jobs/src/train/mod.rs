@@ -1,0 +1,149 @@
+//! The training job: fine-tune a LoRA adapter on a dataset version, as a
+//! recorded run. A run trains through one of the backends behind
+//! [`backend::TrainingBackend`]: in this process ([`in_process`]: every
+//! step's loss to `training_steps`, a checkpoint every `checkpoint_every`
+//! steps so a worker killed mid-run is followed by one that resumes there, a
+//! cancel request honoured at the next step), or outside it, with a shell
+//! command ([`command`]) or a Kubernetes Job ([`kubernetes`]), which receive
+//! the dataset as TRL JSONL and return a PEFT adapter. Whatever trained it,
+//! the adapter becomes a candidate model version with its lineage
+//! ([`register`]), and the run records its held-out loss.
+
+pub mod backend;
+mod command;
+mod data;
+mod in_process;
+mod kubernetes;
+pub mod register;
+mod spec;
+
+use anyhow::{Context, bail};
+use flywheel_store::PgPool;
+use flywheel_store::training::{self, RunStatus, TrainingRun};
+use uuid::Uuid;
+
+use crate::queue;
+use backend::{RunContext, Trained, TrainingBackend};
+use spec::kind_of;
+
+pub use data::{example, load_examples};
+pub use register::{Candidate, register_candidate};
+pub use spec::{External, JOB_PLACEHOLDERS, KubeJob, RunOutcome, RunSpec, TrainEnv, TrainJob};
+
+/// Creates a queued run and its job in one transaction.
+pub async fn create_run(
+    pool: &PgPool,
+    dataset_version_id: Uuid,
+    base_version_id: Uuid,
+    spec: &RunSpec,
+    max_attempts: u32,
+) -> anyhow::Result<(Uuid, String)> {
+    let mut tx = pool.begin().await?;
+    let run_id = training::create(
+        &mut *tx,
+        dataset_version_id,
+        base_version_id,
+        kind_of(spec.train.objective),
+        &serde_json::to_value(spec)?,
+        spec.train.steps as i32,
+    )
+    .await?;
+    let task = queue::push(&mut tx, queue::TRAINING, &TrainJob { run_id }, max_attempts).await?;
+    tx.commit().await?;
+    Ok((run_id, task))
+}
+
+/// Trains (or resumes) one run to its end. The step function the worker
+/// calls; public so tests can run it directly.
+#[tracing::instrument(skip_all, err, fields(run = %run_id))]
+pub async fn run(pool: &PgPool, env: &TrainEnv, run_id: Uuid) -> anyhow::Result<RunOutcome> {
+    let run = training::get(pool, run_id)
+        .await?
+        .with_context(|| format!("training run {run_id} does not exist"))?;
+    if matches!(run.status, RunStatus::Succeeded | RunStatus::Cancelled) {
+        return Ok(RunOutcome::of(&run));
+    }
+    if run.cancel_requested {
+        return cancelled(pool, &run, run.step).await;
+    }
+    training::start(pool, run_id).await?;
+    let spec: RunSpec = serde_json::from_value(run.config.clone())?;
+    let rows = flywheel_store::datasets::examples(
+        pool,
+        run.dataset_version_id,
+        kind_of(spec.train.objective),
+        None,
+    )
+    .await?;
+    let base = flywheel_store::models::get(pool, run.base_version_id)
+        .await?
+        .context("the run's base model version is gone")?;
+    let dir = env.work_dir.join("runs").join(run.id.to_string());
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    let ctx = RunContext {
+        pool,
+        env,
+        run: &run,
+        spec: &spec,
+        rows: &rows,
+        base: &base,
+        dir: dir.clone(),
+    };
+    let result = match train_with_backend(&ctx).await {
+        Ok(Trained::Cancelled {
+            steps,
+            resumed_from,
+        }) => {
+            let mut o = cancelled(pool, &run, steps).await?;
+            o.resumed_from = resumed_from;
+            Ok(o)
+        }
+        Ok(trained) => register::conclude(&ctx, trained).await,
+        Err(e) => Err(e),
+    };
+    match result {
+        Ok(o) => {
+            let _ = std::fs::remove_dir_all(&dir);
+            Ok(o)
+        }
+        Err(e) => {
+            training::finish(
+                pool,
+                run_id,
+                RunStatus::Failed,
+                None,
+                None,
+                Some(&format!("{e:#}")),
+            )
+            .await?;
+            Err(e)
+        }
+    }
+}
+
+async fn train_with_backend(ctx: &RunContext<'_>) -> anyhow::Result<Trained> {
+    if !ctx.spec.external {
+        return in_process::InProcess.train(ctx).await;
+    }
+    match &ctx.env.external {
+        Some(External::Command(template)) => command::Command { template }.train(ctx).await,
+        Some(External::KubernetesJob(job)) => kubernetes::Kubernetes { job }.train(ctx).await,
+        None => bail!(
+            "this run wants an external trainer, but neither FLYWHEEL_EXTERNAL_TRAINER nor \
+             FLYWHEEL_EXTERNAL_TRAINER_JOB is set"
+        ),
+    }
+}
+
+/// Closes a run whose cancel was requested, after `steps` steps.
+async fn cancelled(pool: &PgPool, run: &TrainingRun, steps: i32) -> anyhow::Result<RunOutcome> {
+    training::finish(pool, run.id, RunStatus::Cancelled, None, None, None).await?;
+    Ok(RunOutcome {
+        status: RunStatus::Cancelled,
+        steps,
+        candidate: None,
+        eval_loss_after: None,
+        ..RunOutcome::of(run)
+    })
+}

@@ -1,0 +1,159 @@
+//! The command line: one subcommand per part of the system, each handled by
+//! its module. [`run`] loads the configuration and dispatches.
+
+use clap::{Parser, Subcommand};
+
+use crate::Config;
+use crate::bootstrap::pool;
+use crate::pg::LocalPostgres;
+
+#[derive(Parser)]
+#[command(
+    name = "flywheel",
+    version,
+    about = "A self-hosted feedback data flywheel for small language models",
+    after_help = "Settings come from defaults, then the --config file (or FLYWHEEL_CONFIG), then the environment; `flywheel config show` prints them."
+)]
+pub struct Cli {
+    /// A flywheel.toml whose settings override the defaults (the
+    /// environment overrides both).
+    #[arg(long, global = true, value_name = "FILE")]
+    pub config: Option<std::path::PathBuf>,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// Everything on embedded defaults: database, model, gateway, worker.
+    Up,
+    /// The gateway alone (gateway.addr, DATABASE_URL).
+    Serve,
+    /// The background job worker and its schedules.
+    Worker,
+    /// Apply database migrations.
+    Migrate,
+    /// Start the private PostgreSQL cluster `up` uses and print its URL.
+    Postgres {
+        /// Print `export DATABASE_URL=...` for `eval`.
+        #[arg(long)]
+        print_env: bool,
+    },
+    /// The effective configuration.
+    Config {
+        #[command(subcommand)]
+        command: ConfigCommand,
+    },
+    /// API keys.
+    Keys {
+        #[command(subcommand)]
+        command: crate::keys::KeysCommand,
+    },
+    /// Model versions.
+    Models {
+        #[command(subcommand)]
+        command: crate::models::ModelsCommand,
+    },
+    /// Team settings.
+    Teams {
+        #[command(subcommand)]
+        command: crate::teams::TeamsCommand,
+    },
+    /// Curated training datasets.
+    Datasets {
+        #[command(subcommand)]
+        command: crate::datasets::DatasetsCommand,
+    },
+    /// Fine-tune a LoRA adapter on a dataset version.
+    Train(Box<crate::train::TrainArgs>),
+    /// Training runs: list, show, cancel.
+    Runs {
+        #[command(subcommand)]
+        command: crate::train::RunsCommand,
+    },
+    /// Copy files or folders to and from an artifact store (file://, s3://),
+    /// with the same settings (AWS_*) the worker uses.
+    Artifacts {
+        #[command(subcommand)]
+        command: crate::artifacts::ArtifactsCommand,
+    },
+    /// The gateway's journal: records set aside (dead letters), replay.
+    Journal {
+        #[command(subcommand)]
+        command: crate::journal::JournalCommand,
+    },
+    /// Recent background job attempts, newest first.
+    Jobs {
+        #[arg(long, default_value_t = 20)]
+        limit: i64,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum ConfigCommand {
+    /// Every setting, its value (secrets redacted) and where it came from.
+    Show {
+        /// Print the settings' reference table (as in the README) instead.
+        #[arg(long)]
+        markdown: bool,
+    },
+}
+
+pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    let cfg = Config::load(cli.config.as_deref())?;
+    match cli.command {
+        Command::Up => crate::up::up(cfg).await,
+        Command::Serve => {
+            let pool = pool(&cfg).await?;
+            crate::serve::serve(cfg, pool, crate::serve::shutdown_signal()).await
+        }
+        Command::Worker => {
+            crate::bootstrap::low_priority_training_pool(&cfg);
+            let pool = pool(&cfg).await?;
+            flywheel_jobs::worker::run(pool, cfg.worker()?, crate::serve::shutdown_signal()).await
+        }
+        Command::Migrate => {
+            pool(&cfg).await?;
+            println!("migrations applied");
+            Ok(())
+        }
+        Command::Postgres { print_env } => {
+            let pg = LocalPostgres::new(&cfg.home.join("pgdata"), cfg.database.local_port)?;
+            pg.start()?;
+            let url = pg.url("postgres");
+            if print_env {
+                println!("export DATABASE_URL={url}");
+            } else {
+                println!("{url}");
+            }
+            Ok(())
+        }
+        Command::Config {
+            command: ConfigCommand::Show { markdown },
+        } => {
+            match markdown {
+                true => print!("{}", crate::config::settings::markdown_table()),
+                false => print!("{}", cfg.show()),
+            }
+            Ok(())
+        }
+        Command::Keys { command } => crate::keys::run(&pool(&cfg).await?, command).await,
+        Command::Models { command } => crate::models::run(&cfg, &pool(&cfg).await?, command).await,
+        Command::Teams { command } => crate::teams::run(&pool(&cfg).await?, command).await,
+        Command::Datasets { command } => {
+            crate::datasets::run(&cfg, &pool(&cfg).await?, command).await
+        }
+        Command::Train(args) if args.jsonl.is_some() => crate::train::train_file(*args).await,
+        Command::Train(args) => crate::train::train(&cfg, &pool(&cfg).await?, *args).await,
+        Command::Runs { command } => crate::train::runs(&pool(&cfg).await?, command).await,
+        Command::Artifacts { command } => crate::artifacts::run(command).await,
+        Command::Journal { command } => {
+            let pool = match (&command, &cfg.database.url) {
+                (crate::journal::JournalCommand::Replay { .. }, Some(_)) => Some(pool(&cfg).await?),
+                _ => None,
+            };
+            crate::journal::run(&cfg, command, pool).await
+        }
+        Command::Jobs { limit } => crate::datasets::jobs(&pool(&cfg).await?, limit).await,
+    }
+}
