@@ -155,6 +155,7 @@ impl std::str::FromStr for Simd {
 }
 
 /// `sum(a[i] * b[i])`.
+#[inline]
 pub fn dot(simd: Simd, a: &[f32], b: &[f32]) -> f32 {
     debug_assert_eq!(a.len(), b.len());
     #[cfg(target_arch = "x86_64")]
@@ -167,6 +168,7 @@ pub fn dot(simd: Simd, a: &[f32], b: &[f32]) -> f32 {
 }
 
 /// `y += a * x`.
+#[inline]
 pub fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
     for (y, x) in y.iter_mut().zip(x) {
         *y += a * x;

@@ -3,6 +3,7 @@
 
 use super::formats::QMatrix;
 
+#[inline]
 pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     // Eight running sums, like the SIMD path, so the order is similar.
     let mut acc = [0f32; 8];
