@@ -18,7 +18,9 @@ old=${BENCH_OLD_TREE:-/tmp/flywheel-bench-$(git rev-parse --short "$ref")}
 cargo build --release --quiet -p flywheel-engine --example bench -p flywheel-trainer --example bench_step
 out=$(mktemp -d)
 for r in $(seq "$rounds"); do
-  for side in new old; do
+  # Which side goes first alternates too, so an order effect cancels.
+  order="new old"; [ $((r % 2)) = 0 ] && order="old new"
+  for side in $order; do
     dir=$PWD; [ "$side" = old ] && dir=$old
     "$dir/target/release/examples/bench" "$model" "$threads" tests/testdata/quality.jsonl > "$out/engine-$side-$r.json"
     RAYON_NUM_THREADS=$threads CANDLE_NUM_THREADS=1 "$dir/target/release/examples/bench_step" "$model" 6 2>/dev/null > "$out/train-$side-$r.json"
