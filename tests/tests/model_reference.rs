@@ -211,7 +211,11 @@ async fn quality_check_answers_every_factual_prompt() {
             ..Default::default()
         };
         let mut rx = engine
-            .submit(GenerateRequest { prompt_ids, params })
+            .submit(GenerateRequest {
+                prompt_ids,
+                params,
+                adapter: None,
+            })
             .unwrap();
         let mut text = String::new();
         while let Some(ev) = rx.recv().await {

@@ -91,6 +91,7 @@ fn main() {
         vec![GenerateRequest {
             prompt_ids: chat(&engine, "Hi"),
             params: greedy(8),
+            adapter: None,
         }],
     );
 
@@ -103,6 +104,7 @@ fn main() {
                 vec![GenerateRequest {
                     prompt_ids: long.clone(),
                     params: greedy(1),
+                    adapter: None,
                 }],
             );
             long.len() as f64 / out[0].0
@@ -118,6 +120,7 @@ fn main() {
                 vec![GenerateRequest {
                     prompt_ids: short.clone(),
                     params: greedy(DECODE_TOKENS),
+                    adapter: None,
                 }],
             );
             (out[0].1 - 1) as f64 / (wall - out[0].0)
@@ -144,6 +147,7 @@ fn main() {
                 .map(|i| GenerateRequest {
                     prompt_ids: chat(&engine, &format!("Write a story about {}.", topics[i])),
                     params: greedy(DECODE_TOKENS),
+                    adapter: None,
                 })
                 .collect();
             let (wall, out) = run(&engine, reqs);
@@ -180,6 +184,7 @@ fn main() {
                 vec![GenerateRequest {
                     prompt_ids: chat(&engine, prompt),
                     params,
+                    adapter: None,
                 }],
             );
             let ok = out[0]

@@ -19,6 +19,11 @@ impl StepModel for Llama {
         cache.len()
     }
     fn step(&self, items: &mut [BatchItem<'_, KvCache>]) -> Result<Vec<Option<Vec<f32>>>> {
+        if items.iter().any(|it| it.adapter.is_some()) {
+            return Err(crate::EngineError::Invalid(
+                "the candle backend applies no adapters".into(),
+            ));
+        }
         items
             .iter_mut()
             .map(|it| {

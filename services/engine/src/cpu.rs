@@ -15,7 +15,51 @@ use rayon::prelude::*;
 
 use crate::kernels::{QMatrix, Simd, axpy, dot};
 use crate::step::{BatchItem, StepModel};
+use crate::types::AdapterWeights;
 use crate::{EngineError, Result};
+
+/// A LoRA adapter as the kernels apply it: per layer and projection
+/// (indexed as [`Proj::ALL`]) `A (rank, in)` and `B (out, rank)`, added as
+/// `scale * B A x` to the projection's output before anything else uses it.
+/// The base weights are shared by every adapter on the same engine.
+pub struct Adapter {
+    scale: f32,
+    pairs: Vec<[Option<(QMatrix, QMatrix)>; 7]>,
+    bytes: usize,
+}
+
+impl Adapter {
+    /// Checks `w`'s shapes against the model and lays it out.
+    pub fn new(w: AdapterWeights, cfg: &LlamaConfig) -> Result<Self> {
+        let mut pairs: Vec<[Option<(QMatrix, QMatrix)>; 7]> =
+            (0..cfg.n_layers).map(|_| Default::default()).collect();
+        let mut bytes = 0;
+        for p in w.pairs {
+            let (out, inp) = cfg.proj_shape(p.proj);
+            let slot = pairs
+                .get_mut(p.layer)
+                .ok_or_else(|| EngineError::Invalid(format!("no layer {}", p.layer)))?;
+            bytes += 4 * (p.a.len() + p.b.len());
+            let a = QMatrix::f32(p.rank, inp, p.a)?;
+            let b = QMatrix::f32(out, p.rank, p.b)?;
+            slot[proj_index(p.proj)] = Some((a, b));
+        }
+        Ok(Self {
+            scale: w.scale,
+            pairs,
+            bytes,
+        })
+    }
+
+    /// Bytes of adapter weights held.
+    pub fn weight_bytes(&self) -> usize {
+        self.bytes
+    }
+}
+
+fn proj_index(p: Proj) -> usize {
+    Proj::ALL.iter().position(|&q| q == p).unwrap_or(0)
+}
 
 struct Layer {
     attn_norm: Vec<f32>,
@@ -204,6 +248,15 @@ impl CpuLlama {
             owner.extend((0..it.tokens.len()).map(|j| (i, it.cache.len + j)));
         }
 
+        // Which adapter each row runs with.
+        let adapters: Vec<Option<&Adapter>> =
+            owner.iter().map(|&(i, _)| items[i].adapter).collect();
+        let any_adapter = adapters.iter().any(Option::is_some);
+        let lora = |li: usize, proj: Proj, x: &[f32], y: &mut [f32], y_cols: usize, at: usize| {
+            if any_adapter {
+                self.lora(&adapters, li, proj, x, y, y_cols, at);
+            }
+        };
         let mut x = vec![0f32; n * hidden];
         for (r, tok) in items.iter().flat_map(|i| i.tokens.iter()).enumerate() {
             self.embed
@@ -222,6 +275,9 @@ impl CpuLlama {
                 rms_norm(&x[s.clone()], &layer.attn_norm, c.rms_eps, &mut h[s]);
             }
             layer.wqkv.matmul(self.simd, &h, n, &mut qkv);
+            lora(li, Proj::Q, &h, &mut qkv, qkv_dim, 0);
+            lora(li, Proj::K, &h, &mut qkv, qkv_dim, hidden);
+            lora(li, Proj::V, &h, &mut qkv, qkv_dim, hidden + kv_dim);
             for (r, &(_, pos)) in owner.iter().enumerate() {
                 let row = &mut qkv[r * qkv_dim..(r + 1) * qkv_dim];
                 self.rope(&mut row[..hidden + kv_dim], pos);
@@ -280,6 +336,7 @@ impl CpuLlama {
                     }
                 });
             layer.wo.matmul(self.simd, &att, n, &mut proj);
+            lora(li, Proj::O, &att, &mut proj, hidden, 0);
             x.iter_mut().zip(&proj).for_each(|(x, p)| *x += p);
 
             for r in 0..n {
@@ -288,6 +345,8 @@ impl CpuLlama {
             }
             layer.w_gate_up.matmul(self.simd, &h, n, &mut gu);
             let f = c.intermediate;
+            lora(li, Proj::Gate, &h, &mut gu, 2 * f, 0);
+            lora(li, Proj::Up, &h, &mut gu, 2 * f, f);
             for r in 0..n {
                 let (g, u) = gu[r * 2 * f..(r + 1) * 2 * f].split_at(f);
                 for ((a, g), u) in act[r * f..(r + 1) * f].iter_mut().zip(g).zip(u) {
@@ -295,6 +354,7 @@ impl CpuLlama {
                 }
             }
             layer.w_down.matmul(self.simd, &act, n, &mut proj);
+            lora(li, Proj::Down, &act, &mut proj, hidden, 0);
             x.iter_mut().zip(&proj).for_each(|(x, p)| *x += p);
         }
 
@@ -332,6 +392,54 @@ impl CpuLlama {
                     .flatten()
             })
             .collect())
+    }
+
+    /// Adds each row's adapter delta for `proj` of layer `li`: rows of `x`
+    /// (the projection's input) into columns `at..at + out` of `y` (`y_cols`
+    /// wide). Rows sharing an adapter go through its two small matrices
+    /// together; a row's numbers never depend on the others.
+    #[allow(clippy::too_many_arguments)]
+    fn lora(
+        &self,
+        adapters: &[Option<&Adapter>],
+        li: usize,
+        proj: Proj,
+        x: &[f32],
+        y: &mut [f32],
+        y_cols: usize,
+        at: usize,
+    ) {
+        let n = adapters.len();
+        let x_cols = x.len() / n.max(1);
+        let mut done = vec![false; n];
+        for first in 0..n {
+            let Some(adapter) = adapters[first].filter(|_| !done[first]) else {
+                continue;
+            };
+            let rows: Vec<usize> = (first..n)
+                .filter(|&r| adapters[r].is_some_and(|a| std::ptr::eq(a, adapter)))
+                .collect();
+            rows.iter().for_each(|&r| done[r] = true);
+            let Some((a, b)) = &adapter.pairs[li][proj_index(proj)] else {
+                continue;
+            };
+            let m = rows.len();
+            let mut xs = Vec::with_capacity(m * x_cols);
+            for &r in &rows {
+                xs.extend_from_slice(&x[r * x_cols..(r + 1) * x_cols]);
+            }
+            let mut down = vec![0f32; m * a.rows()];
+            a.matmul(self.simd, &xs, m, &mut down);
+            let out = b.rows();
+            let mut up = vec![0f32; m * out];
+            b.matmul(self.simd, &down, m, &mut up);
+            for (i, &r) in rows.iter().enumerate() {
+                let dst = &mut y[r * y_cols + at..r * y_cols + at + out];
+                for (d, u) in dst.iter_mut().zip(&up[i * out..(i + 1) * out]) {
+                    *d += adapter.scale * u;
+                }
+            }
+        }
     }
 
     /// Interleaved rotary embedding of the q and k heads in `row`.
@@ -381,6 +489,7 @@ mod tests {
                 cache: &mut fc,
                 tokens: &prompt,
                 want_logits: true,
+                adapter: None,
             }])
             .unwrap();
         let got = got[0].as_ref().unwrap();
@@ -401,6 +510,7 @@ mod tests {
                 cache: &mut fc,
                 tokens: &[7],
                 want_logits: true,
+                adapter: None,
             }])
             .unwrap();
         let diff = got[0]
@@ -426,6 +536,7 @@ mod tests {
                 cache: &mut c,
                 tokens: p,
                 want_logits: true,
+                adapter: None,
             }])
             .unwrap()[0]
                 .clone()
@@ -440,11 +551,13 @@ mod tests {
                     cache: &mut ca,
                     tokens: &a[..25],
                     want_logits: false,
+                    adapter: None,
                 },
                 BatchItem {
                     cache: &mut cb,
                     tokens: &b,
                     want_logits: true,
+                    adapter: None,
                 },
             ])
             .unwrap();
@@ -455,8 +568,83 @@ mod tests {
                 cache: &mut ca,
                 tokens: &a[25..],
                 want_logits: true,
+                adapter: None,
             }])
             .unwrap();
         assert_eq!(second[0].as_ref().unwrap(), &la);
+    }
+
+    /// A random adapter on every projection of every layer; `b_scale` 0
+    /// gives one that changes nothing.
+    fn adapter(cfg: &LlamaConfig, b_scale: f32) -> Adapter {
+        let mut rng = flywheel_model::rng::Rng::seeded(11);
+        let mut random = |n: usize, s: f32| -> Vec<f32> {
+            (0..n)
+                .map(|_| (rng.next_f64() as f32 * 2.0 - 1.0) * s)
+                .collect()
+        };
+        let rank = 4;
+        let mut pairs = Vec::new();
+        for layer in 0..cfg.n_layers {
+            for proj in Proj::ALL {
+                let (out, inp) = cfg.proj_shape(proj);
+                pairs.push(crate::types::AdapterPair {
+                    layer,
+                    proj,
+                    rank,
+                    a: random(rank * inp, 0.3),
+                    b: random(out * rank, b_scale),
+                });
+            }
+        }
+        Adapter::new(AdapterWeights { scale: 2.0, pairs }, cfg).unwrap()
+    }
+
+    #[test]
+    fn adapters_apply_per_sequence_and_batching_changes_nothing() {
+        let path = tiny();
+        let fast = CpuLlama::load(&mut GgufFile::open(&path).unwrap(), 2, Simd::Avx512).unwrap();
+        let (zero, real) = (adapter(&fast.cfg, 0.0), adapter(&fast.cfg, 0.5));
+        let prompt: Vec<u32> = (20..45).collect();
+        let alone = |a: Option<&Adapter>| {
+            let mut c = fast.new_cache();
+            fast.step(&mut [BatchItem {
+                cache: &mut c,
+                tokens: &prompt,
+                want_logits: true,
+                adapter: a,
+            }])
+            .unwrap()[0]
+                .clone()
+                .unwrap()
+        };
+        let (plain, with) = (alone(None), alone(Some(&real)));
+        assert_eq!(alone(Some(&zero)), plain, "a zero adapter changes nothing");
+        let diff = plain
+            .iter()
+            .zip(&with)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        assert!(diff > 1e-2, "the adapter moved the logits by only {diff}");
+        // Side by side in one step, each gets what it got alone.
+        let (mut c1, mut c2) = (fast.new_cache(), fast.new_cache());
+        let both = fast
+            .step(&mut [
+                BatchItem {
+                    cache: &mut c1,
+                    tokens: &prompt,
+                    want_logits: true,
+                    adapter: Some(&real),
+                },
+                BatchItem {
+                    cache: &mut c2,
+                    tokens: &prompt,
+                    want_logits: true,
+                    adapter: None,
+                },
+            ])
+            .unwrap();
+        assert_eq!(both[0].as_ref().unwrap(), &with);
+        assert_eq!(both[1].as_ref().unwrap(), &plain);
     }
 }

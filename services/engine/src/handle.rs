@@ -17,8 +17,8 @@ use crate::Result;
 use crate::cpu::CpuLlama;
 use crate::scheduler::{Job, spawn};
 use crate::types::{
-    Backend, Counters, EngineConfig, EngineStats, Event, GenerateRequest, ModelInfo, Shared,
-    SubmitError,
+    AdapterId, AdapterWeights, Backend, Counters, EngineConfig, EngineStats, Event,
+    GenerateRequest, ModelInfo, Shared, SubmitError,
 };
 
 /// Cheap to clone; every clone feeds the same engine thread.
@@ -47,16 +47,22 @@ impl EngineHandle {
         };
         let (tx, rx) = sync_channel(cfg.queue_capacity);
         let device = flywheel_model::device();
+        let llama = config.clone();
+        let cpu = device.is_cpu() && cfg.backend == Backend::Auto;
         let shared = |info| {
             Arc::new(Shared {
                 info,
+                config: llama,
                 tokenizer,
                 template,
                 queued: AtomicUsize::new(0),
                 stats: Counters::default(),
+                adapters: Default::default(),
+                next_adapter: AtomicU64::new(1),
+                kernels: cpu,
             })
         };
-        let shared = if device.is_cpu() && cfg.backend == Backend::Auto {
+        let shared = if cpu {
             // Our kernels: quantized weights, batched steps.
             let model = CpuLlama::load(&mut gguf, cfg.threads, cfg.simd)?;
             info.weight_bytes = model.weight_bytes();
@@ -77,6 +83,48 @@ impl EngineHandle {
 
     pub fn info(&self) -> &ModelInfo {
         &self.shared.info
+    }
+
+    /// Makes a LoRA adapter available to requests (`GenerateRequest::adapter`):
+    /// it runs on this engine's base weights, which it shares with every
+    /// other adapter and with requests that name none. Only the CPU kernels
+    /// apply adapters.
+    pub fn add_adapter(&self, weights: AdapterWeights) -> Result<AdapterId> {
+        if !self.shared.kernels {
+            return Err(crate::EngineError::Invalid(
+                "adapters are applied by the CPU kernels only; serve the merged model instead"
+                    .into(),
+            ));
+        }
+        let adapter = crate::cpu::Adapter::new(weights, &self.shared.config)?;
+        let id = AdapterId(self.shared.next_adapter.fetch_add(1, Ordering::Relaxed));
+        self.shared
+            .adapters
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id, Arc::new(adapter));
+        Ok(id)
+    }
+
+    /// Forgets an adapter; generations already running with it finish.
+    pub fn remove_adapter(&self, id: AdapterId) -> bool {
+        self.shared
+            .adapters
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&id)
+            .is_some()
+    }
+
+    /// Bytes of adapter weights loaded.
+    pub fn adapter_bytes(&self) -> usize {
+        self.shared
+            .adapters
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .map(|a| a.weight_bytes())
+            .sum()
     }
 
     /// Requests waiting for the engine, not counting the one running.

@@ -28,8 +28,8 @@ pub use handle::EngineHandle;
 pub use kernels::Simd;
 pub use sampling::{MIN_TEMPERATURE, SamplingParams};
 pub use types::{
-    Backend, EngineConfig, EngineStats, Event, FinishReason, GenerateRequest, ModelInfo,
-    SubmitError, TokenLogprob, TopLogprob,
+    AdapterId, AdapterPair, AdapterWeights, Backend, EngineConfig, EngineStats, Event,
+    FinishReason, GenerateRequest, ModelInfo, SubmitError, TokenLogprob, TopLogprob,
 };
 
 /// Errors from loading a model or running it.

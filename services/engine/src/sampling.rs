@@ -20,6 +20,10 @@ pub struct SamplingParams {
     pub top_logprobs: usize,
     /// Keep generating past end-of-turn tokens (benchmarks want exact lengths).
     pub ignore_eos: bool,
+    /// Score these tokens instead of sampling: each step takes the next one
+    /// and reports its log-probability; the generation ends after the last
+    /// (evaluations score given answers this way, on the serving path).
+    pub forced: Vec<u32>,
 }
 
 impl Default for SamplingParams {
@@ -36,6 +40,7 @@ impl Default for SamplingParams {
             logprobs: false,
             top_logprobs: 0,
             ignore_eos: false,
+            forced: Vec::new(),
         }
     }
 }

@@ -48,6 +48,7 @@ pub(crate) fn spawn<M: StepModel>(
 /// One request in the running batch.
 struct Seq<C> {
     job: Job,
+    adapter: Option<Arc<crate::cpu::Adapter>>,
     cache: C,
     sampler: Sampler,
     decoder: IncrementalDecoder,
@@ -140,7 +141,30 @@ impl<M: StepModel> Scheduler<M> {
             self.shared.stats.failed.fetch_add(1, Ordering::Relaxed);
             return;
         }
+        let adapter = match job.req.adapter {
+            None => None,
+            Some(id) => {
+                let found = self
+                    .shared
+                    .adapters
+                    .read()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .get(&id)
+                    .cloned();
+                match found {
+                    Some(a) => Some(a),
+                    None => {
+                        let _ = job
+                            .events
+                            .send(Event::Error("the adapter is not loaded".into()));
+                        self.shared.stats.failed.fetch_add(1, Ordering::Relaxed);
+                        return;
+                    }
+                }
+            }
+        };
         self.active.push(Seq {
+            adapter,
             sampler: Sampler::new(job.req.params.clone()),
             stops: StopMatcher::new(job.req.params.stop.clone()),
             cache: self.model.new_cache(),
@@ -203,6 +227,7 @@ impl<M: StepModel> Scheduler<M> {
                 cache: &mut s.cache,
                 tokens,
                 want_logits,
+                adapter: s.adapter.as_deref(),
             });
         }
         let stats = &self.shared.stats;
@@ -270,9 +295,19 @@ impl<M: StepModel> Scheduler<M> {
                 .fetch_add(s.admitted.elapsed().as_micros() as u64, Ordering::Relaxed);
             stats.ttft_count.fetch_add(1, Ordering::Relaxed);
         }
-        let logprobs = p.logprobs.then(|| log_softmax(&logits));
-        let next = s.sampler.sample(&mut logits);
-        let end = if tok.stop_ids.contains(&next) && !p.ignore_eos {
+        let forced = p.forced.get(s.generated).copied();
+        let logprobs = (p.logprobs || forced.is_some()).then(|| log_softmax(&logits));
+        let next = match forced {
+            Some(t) if (t as usize) < logits.len() => t,
+            Some(t) => {
+                let _ = s.job.events.send(Event::Error(format!(
+                    "forced token {t} is outside the vocabulary"
+                )));
+                return Some(End::Cancelled);
+            }
+            None => s.sampler.sample(&mut logits),
+        };
+        let end = if forced.is_none() && tok.stop_ids.contains(&next) && !p.ignore_eos {
             Some(FinishReason::Stop)
         } else {
             s.generated += 1;
@@ -304,7 +339,9 @@ impl<M: StepModel> Scheduler<M> {
                 return Some(End::Cancelled);
             }
             s.next = [next];
-            if step.stopped {
+            if !p.forced.is_empty() {
+                (s.generated >= p.forced.len()).then_some(FinishReason::Stop)
+            } else if step.stopped {
                 Some(FinishReason::Stop)
             } else if s.generated >= p.max_tokens || M::cache_len(&s.cache) >= ctx {
                 Some(FinishReason::Length)
@@ -381,7 +418,11 @@ mod tests {
                 content: "hello".into(),
             }])
             .unwrap();
-        GenerateRequest { prompt_ids, params }
+        GenerateRequest {
+            prompt_ids,
+            params,
+            ..Default::default()
+        }
     }
 
     #[test]
@@ -506,10 +547,14 @@ mod tests {
                 vocab_size: files.config.vocab,
                 weight_bytes: model.weight_bytes(),
             },
+            config: files.config.clone(),
+            kernels: true,
             tokenizer: files.tokenizer,
             template: files.template,
             queued: Default::default(),
             stats: Default::default(),
+            adapters: Default::default(),
+            next_adapter: Default::default(),
         });
         (
             Scheduler::new(model, shared.clone(), EngineConfig::default()),
@@ -535,6 +580,7 @@ mod tests {
             req: GenerateRequest {
                 prompt_ids,
                 params: long,
+                ..Default::default()
             },
             events,
         });

@@ -13,6 +13,8 @@ pub struct BatchItem<'a, C> {
     pub tokens: &'a [u32],
     /// Whether the logits after this item's last token are needed.
     pub want_logits: bool,
+    /// The LoRA adapter this sequence runs with, if any.
+    pub adapter: Option<&'a crate::cpu::Adapter>,
 }
 
 pub trait StepModel: Send + 'static {

@@ -6,7 +6,7 @@ use std::path::Path;
 use flywheel_model::gguf::GgufFile;
 
 use crate::Result;
-use crate::cpu::{CpuLlama, SeqCache};
+use crate::cpu::{Adapter, CpuLlama, SeqCache};
 use crate::kernels::Simd;
 use crate::step::BatchItem;
 
@@ -30,10 +30,24 @@ impl CpuForward {
 
     /// Runs `tokens` after what `seq` holds; the logits after the last one.
     pub fn logits(&self, seq: &mut Sequence, tokens: &[u32]) -> Result<Vec<f32>> {
+        self.logits_with(seq, tokens, None)
+    }
+
+    /// [`logits`](Self::logits) with a LoRA adapter applied.
+    pub fn logits_with(
+        &self,
+        seq: &mut Sequence,
+        tokens: &[u32],
+        adapter: Option<&crate::AdapterWeights>,
+    ) -> Result<Vec<f32>> {
+        let adapter = adapter
+            .map(|w| Adapter::new(w.clone(), crate::step::StepModel::config(&self.model)))
+            .transpose()?;
         let mut out = self.model.step(&mut [BatchItem {
             cache: &mut seq.0,
             tokens,
             want_logits: true,
+            adapter: adapter.as_ref(),
         }])?;
         Ok(out.remove(0).unwrap_or_default())
     }

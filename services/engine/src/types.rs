@@ -2,9 +2,11 @@
 //! events a generation streams back, statistics; and what the handle and
 //! the engine thread share.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize};
+use std::sync::{Arc, RwLock};
 
-use flywheel_model::{ChatTemplate, TextTokenizer};
+use flywheel_model::{ChatTemplate, Proj, TextTokenizer};
 
 use crate::kernels::Simd;
 use crate::sampling::SamplingParams;
@@ -58,11 +60,37 @@ pub struct ModelInfo {
     pub weight_bytes: usize,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct GenerateRequest {
     pub prompt_ids: Vec<u32>,
     pub params: SamplingParams,
+    /// A LoRA adapter added to the base weights for this request only
+    /// ([`crate::EngineHandle::add_adapter`]).
+    pub adapter: Option<AdapterId>,
 }
+
+/// A LoRA adapter for the serving kernels: per adapted projection `A (rank,
+/// in)` and `B (out, rank)`, row-major f32, rows in the model file's order
+/// (GGUF's interleaved-rope order for q and k); the delta is
+/// `scale * B A x`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AdapterWeights {
+    pub scale: f32,
+    pub pairs: Vec<AdapterPair>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct AdapterPair {
+    pub layer: usize,
+    pub proj: Proj,
+    pub rank: usize,
+    pub a: Vec<f32>,
+    pub b: Vec<f32>,
+}
+
+/// An adapter loaded into an engine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct AdapterId(pub(crate) u64);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FinishReason {
@@ -123,10 +151,17 @@ pub enum SubmitError {
 /// What the handle and the engine thread share.
 pub(crate) struct Shared {
     pub info: ModelInfo,
+    pub config: flywheel_model::LlamaConfig,
+    /// Whether our CPU kernels serve (they alone apply adapters).
+    pub kernels: bool,
     pub tokenizer: TextTokenizer,
     pub template: ChatTemplate,
     pub queued: AtomicUsize,
     pub stats: Counters,
+    /// Adapters requests may name; a sequence keeps its own `Arc` while it
+    /// runs, so removing one never disturbs a generation in flight.
+    pub adapters: RwLock<HashMap<AdapterId, Arc<crate::cpu::Adapter>>>,
+    pub next_adapter: AtomicU64,
 }
 
 #[derive(Default)]

@@ -24,6 +24,17 @@ impl LlamaConfig {
         self.hidden / self.n_heads
     }
 
+    /// `(out, in)` of a projection's weight.
+    pub fn proj_shape(&self, proj: Proj) -> (usize, usize) {
+        let kv = self.n_kv_heads * self.head_dim();
+        match proj {
+            Proj::Q | Proj::O => (self.hidden, self.hidden),
+            Proj::K | Proj::V => (kv, self.hidden),
+            Proj::Gate | Proj::Up => (self.intermediate, self.hidden),
+            Proj::Down => (self.hidden, self.intermediate),
+        }
+    }
+
     /// The hyper-parameters in a GGUF file's `llama.*` metadata.
     pub fn from_gguf(gguf: &GgufFile) -> Result<Self> {
         let arch = gguf.get_str("general.architecture")?;

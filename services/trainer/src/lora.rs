@@ -46,6 +46,10 @@ pub struct LoraPair {
     pub b: Var,
 }
 
+/// One projection's adapter as plain data: `(layer, proj, rank, A, B)`,
+/// `A` row-major `(rank, in)`, `B` `(out, rank)`.
+pub type PlainPair = (usize, Proj, usize, Vec<f32>, Vec<f32>);
+
 /// The adapters of a model, keyed by (layer, projection).
 #[derive(Debug, Clone)]
 pub struct Lora {
@@ -87,6 +91,20 @@ impl Lora {
             .values()
             .flat_map(|p| [p.a.clone(), p.b.clone()])
             .collect()
+    }
+
+    /// The adapter as plain row-major matrices `(layer, proj, rank, A, B)`
+    /// with `scale`: what the serving kernels take.
+    pub fn plain(
+        &self,
+    ) -> candle_core::Result<(f32, Vec<(usize, Proj, usize, Vec<f32>, Vec<f32>)>)> {
+        let mut out = Vec::with_capacity(self.pairs.len());
+        for (&(layer, proj), p) in &self.pairs {
+            let a = p.a.as_tensor().flatten_all()?.to_vec1::<f32>()?;
+            let b = p.b.as_tensor().flatten_all()?.to_vec1::<f32>()?;
+            out.push((layer, proj, self.config.rank, a, b));
+        }
+        Ok((self.config.scale() as f32, out))
     }
 
     pub fn parameter_count(&self) -> usize {

@@ -13,7 +13,7 @@ use std::path::Path;
 
 use anyhow::{Context, bail};
 use candle_core::{Device, Tensor, Var};
-use flywheel_model::{Llama, Proj};
+use flywheel_model::{Llama, LlamaConfig, Proj};
 use serde_json::json;
 
 use crate::lora::{Lora, LoraConfig, LoraPair};
@@ -29,10 +29,10 @@ fn tensor_name(layer: usize, proj: Proj, ab: &str) -> String {
 }
 
 /// Heads whose rows GGUF permutes for this projection, if any.
-fn permuted_heads(model: &Llama, proj: Proj) -> Option<usize> {
+fn permuted_heads(cfg: &LlamaConfig, proj: Proj) -> Option<usize> {
     match proj {
-        Proj::Q => Some(model.config().n_heads),
-        Proj::K => Some(model.config().n_kv_heads),
+        Proj::Q => Some(cfg.n_heads),
+        Proj::K => Some(cfg.n_kv_heads),
         _ => None,
     }
 }
@@ -63,7 +63,7 @@ pub fn save(lora: &Lora, model: &Llama, base_name: &str, dir: &Path) -> anyhow::
     let mut tensors: HashMap<String, Tensor> = HashMap::new();
     for (&(layer, proj), p) in &lora.pairs {
         let mut b = p.b.as_tensor().to_device(&Device::Cpu)?;
-        if let Some(heads) = permuted_heads(model, proj) {
+        if let Some(heads) = permuted_heads(model.config(), proj) {
             b = to_hf_rows(&b, heads)?;
         }
         tensors.insert(
@@ -98,6 +98,12 @@ pub fn save(lora: &Lora, model: &Llama, base_name: &str, dir: &Path) -> anyhow::
 
 /// Reads a PEFT LoRA adapter for `model` from `dir`.
 pub fn load(model: &Llama, dir: &Path) -> anyhow::Result<Lora> {
+    load_for(model.config(), model.device(), dir)
+}
+
+/// Reads a PEFT LoRA adapter for a model of `cfg`'s shape from `dir`, onto
+/// `device`, without the model itself (serving loads adapters this way).
+pub fn load_for(shape: &LlamaConfig, device: &Device, dir: &Path) -> anyhow::Result<Lora> {
     let text = std::fs::read_to_string(dir.join(CONFIG_FILE))
         .with_context(|| format!("reading {}", dir.join(CONFIG_FILE).display()))?;
     let cfg: serde_json::Value = serde_json::from_str(&text)?;
@@ -114,10 +120,9 @@ pub fn load(model: &Llama, dir: &Path) -> anyhow::Result<Lora> {
             .context("target_modules names a module other than the llama projections")?,
         other => bail!("target_modules must be a list, not {other}"),
     };
-    let device = model.device();
     let tensors = candle_core::safetensors::load(dir.join(WEIGHTS_FILE), device)?;
     let mut pairs = BTreeMap::new();
-    for layer in 0..model.config().n_layers {
+    for layer in 0..shape.n_layers {
         for &proj in &targets {
             let get = |ab: &str| {
                 let name = tensor_name(layer, proj, ab);
@@ -128,7 +133,7 @@ pub fn load(model: &Llama, dir: &Path) -> anyhow::Result<Lora> {
             };
             let a = get("A")?;
             let mut b = get("B")?;
-            let (out, inp) = model.weight(layer, proj).dims2()?;
+            let (out, inp) = shape.proj_shape(proj);
             if a.dims2()? != (rank, inp) || b.dims2()? != (out, rank) {
                 bail!(
                     "{} of layer {layer}: shapes {:?} and {:?} do not fit a ({out}, {inp}) projection at rank {rank}",
@@ -137,7 +142,7 @@ pub fn load(model: &Llama, dir: &Path) -> anyhow::Result<Lora> {
                     b.dims()
                 );
             }
-            if let Some(heads) = permuted_heads(model, proj) {
+            if let Some(heads) = permuted_heads(shape, proj) {
                 b = from_hf_rows(&b, heads)?;
             }
             pairs.insert(

@@ -60,6 +60,18 @@ fn f16(lo: u8, hi: u8) -> f32 {
 }
 
 impl QMatrix {
+    /// An f32 matrix from its rows.
+    pub fn f32(rows: usize, cols: usize, w: Vec<f32>) -> Result<Self> {
+        if w.len() != rows * cols {
+            return Err(EngineError::Invalid(format!(
+                "a {rows} x {cols} matrix needs {} values, not {}",
+                rows * cols,
+                w.len()
+            )));
+        }
+        Ok(Self::F32(F32Matrix { rows, cols, w }))
+    }
+
     /// Takes a GGUF tensor as it is stored when we have a kernel for its
     /// format; any other format is dequantized to f32.
     pub fn from_qtensor(t: &QTensor) -> Result<Self> {

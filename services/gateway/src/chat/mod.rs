@@ -82,7 +82,11 @@ async fn create(
 
     let events = served
         .engine
-        .submit(GenerateRequest { prompt_ids, params })
+        .submit(GenerateRequest {
+            prompt_ids,
+            params,
+            adapter: None,
+        })
         .map_err(|e| match e {
             SubmitError::QueueFull => AppError::Overloaded {
                 retry_after_s: RETRY_AFTER.as_secs(),

@@ -260,6 +260,7 @@ impl ChatRequest {
                 logprobs,
                 top_logprobs,
                 ignore_eos: false,
+                forced: Vec::new(),
             },
             max_tokens,
             stream,
