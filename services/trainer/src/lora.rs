@@ -93,11 +93,9 @@ impl Lora {
             .collect()
     }
 
-    /// The adapter as plain row-major matrices `(layer, proj, rank, A, B)`
-    /// with `scale`: what the serving kernels take.
-    pub fn plain(
-        &self,
-    ) -> candle_core::Result<(f32, Vec<(usize, Proj, usize, Vec<f32>, Vec<f32>)>)> {
+    /// The adapter as plain row-major matrices with `scale`: what the
+    /// serving kernels take.
+    pub fn plain(&self) -> candle_core::Result<(f32, Vec<PlainPair>)> {
         let mut out = Vec::with_capacity(self.pairs.len());
         for (&(layer, proj), p) in &self.pairs {
             let a = p.a.as_tensor().flatten_all()?.to_vec1::<f32>()?;
