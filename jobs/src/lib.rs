@@ -12,5 +12,6 @@ pub mod curate;
 pub mod faults;
 pub mod queue;
 pub mod schedule;
+pub mod serving;
 pub mod train;
 pub mod worker;

@@ -81,6 +81,7 @@ impl TestGateway {
             .unwrap();
         let served = ServedModel {
             engine,
+            adapter: None,
             version_id: v.id,
             name: v.name.clone(),
         };
@@ -88,12 +89,15 @@ impl TestGateway {
         let journal = open_journal(&db.pool, JournalConfig::new(journal_dir)).await;
         journal.spawn_flusher(db.pool.clone());
         let state = AppState::new(db.pool.clone(), cfg, journal);
+        state.set_loader(flywheel::serve::gateway_loader(&config(), &db.pool));
         state.spawn_key_listener();
         state.set_served(served.clone());
         let state_for_test = state.clone();
         let (_, key) = flywheel_store::keys::create_key(&db.pool, "team-a")
             .await
             .unwrap();
+        state.refresh_routes().await.expect("routes");
+        state.spawn_route_listener();
         let (tx, rx) = oneshot::channel();
         let base = spawn_gateway(state, async {
             let _ = rx.await;

@@ -36,6 +36,7 @@ impl Fixture {
                 format: "gguf".into(),
                 path: "/nonexistent".into(),
                 size_bytes: 0,
+                context_length: None,
             },
         )
         .await
@@ -72,6 +73,8 @@ impl Fixture {
             request_id: None,
             ttft_ms: None,
             started_at: None,
+            route: "champion".into(),
+            canary_id: None,
         });
     }
 

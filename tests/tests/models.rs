@@ -74,7 +74,7 @@ async fn pulls_from_a_hub_endpoint_and_registers_the_version() {
         flywheel::register(&db.pool, &fetched).await.unwrap().id,
         v.id
     );
-    let served = flywheel::load(&cfg, &v).await.unwrap();
+    let served = flywheel::load(&cfg, &db.pool, &v).await.unwrap();
     assert_eq!(served.engine.info().context_length, 256);
 
     // A file the hub does not have is a clear error, not a panic.

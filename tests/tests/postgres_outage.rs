@@ -47,6 +47,7 @@ async fn traffic_survives_a_postgres_restart() {
     let state = AppState::new(pool.clone(), GatewayConfig::default(), journal.clone());
     state.set_served(ServedModel {
         engine,
+        adapter: None,
         version_id: version.id,
         name: "tiny".into(),
     });

@@ -66,6 +66,7 @@ pub async fn register_candidate(
             format: fetched.format.clone(),
             path: fetched.path.display().to_string(),
             size_bytes: fetched.size_bytes as i64,
+            context_length: flywheel_model::context_length(&fetched.path),
         },
     )
     .await?;

@@ -37,7 +37,7 @@ impl EngineHandle {
             config,
             tokenizer,
             template,
-            ..
+            eos,
         } = files;
         let mut info = ModelInfo {
             name: name.to_string(),
@@ -55,6 +55,7 @@ impl EngineHandle {
                 config: llama,
                 tokenizer,
                 template,
+                eos,
                 queued: AtomicUsize::new(0),
                 stats: Counters::default(),
                 adapters: Default::default(),
@@ -154,6 +155,14 @@ impl EngineHandle {
     pub fn prepare_chat(&self, messages: &[ChatMessage]) -> Result<Vec<u32>> {
         let text = self.shared.template.render(messages)?;
         Ok(self.shared.tokenizer.encode(&text)?)
+    }
+
+    /// Token ids of an assistant's answer as the model would end it (its
+    /// text, then the end-of-turn token): what scoring forces.
+    pub fn answer_ids(&self, text: &str) -> Result<Vec<u32>> {
+        let mut ids = self.shared.tokenizer.encode(text)?;
+        ids.push(self.shared.eos);
+        Ok(ids)
     }
 
     /// Queues a request; events arrive on the returned channel.

@@ -551,6 +551,7 @@ mod tests {
             kernels: true,
             tokenizer: files.tokenizer,
             template: files.template,
+            eos: files.eos,
             queued: Default::default(),
             stats: Default::default(),
             adapters: Default::default(),

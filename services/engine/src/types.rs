@@ -156,6 +156,8 @@ pub(crate) struct Shared {
     pub kernels: bool,
     pub tokenizer: TextTokenizer,
     pub template: ChatTemplate,
+    /// Ends the assistant's turn.
+    pub eos: u32,
     pub queued: AtomicUsize,
     pub stats: Counters,
     /// Adapters requests may name; a sequence keeps its own `Arc` while it

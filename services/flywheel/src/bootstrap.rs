@@ -44,6 +44,7 @@ pub async fn register(pool: &PgPool, m: &FetchedModel) -> anyhow::Result<ModelVe
             format: m.format.clone(),
             path: m.path.display().to_string(),
             size_bytes: m.size_bytes as i64,
+            context_length: flywheel_model::context_length(&m.path),
         },
     )
     .await?)
@@ -70,43 +71,22 @@ pub async fn pull(cfg: &Config, spec: Option<&str>) -> anyhow::Result<FetchedMod
     }
 }
 
-/// A version whose file is missing here but whose source is an artifact
-/// store (a candidate trained on another machine, say) is fetched into the
-/// model cache, checked against its sha256 and its path updated. Returns
-/// the version as it now is, or None when its file cannot be had that way.
+/// How this process loads model versions (files, engines, adapters).
+pub fn versions(cfg: &Config, pool: &PgPool) -> flywheel_jobs::serving::Versions {
+    flywheel_jobs::serving::Versions {
+        pool: pool.clone(),
+        cache: cfg.models.cache.clone(),
+        engine: cfg.engine.clone(),
+    }
+}
+
+/// `v` with its file on this machine (see `Versions::ensure_local`).
 pub async fn ensure_local(
     cfg: &Config,
     pool: &PgPool,
     v: ModelVersion,
 ) -> anyhow::Result<Option<ModelVersion>> {
-    if std::path::Path::new(&v.path).exists() {
-        return Ok(Some(v));
-    }
-    if !(v.source.starts_with("s3://") || v.source.starts_with("file://")) {
-        return Ok(None);
-    }
-    tracing::info!(model = v.name, source = v.source, "fetching the model file");
-    std::fs::create_dir_all(&cfg.models.cache)?;
-    let path = cfg.models.cache.join(format!("{}.gguf", v.sha256));
-    let part = cfg
-        .models
-        .cache
-        .join(format!(".{}.{}.part", v.sha256, std::process::id()));
-    flywheel_jobs::artifacts::download(&v.source, &part).await?;
-    let sha = flywheel_modelhub::sha256_file(&part).await?;
-    if sha != v.sha256 {
-        let _ = std::fs::remove_file(&part);
-        anyhow::bail!(
-            "{} has sha256 {sha}, but model version {} was registered as {}",
-            v.source,
-            v.name,
-            v.sha256
-        );
-    }
-    std::fs::rename(&part, &path)?;
-    let path = path.display().to_string();
-    flywheel_store::models::set_path(pool, v.id, &path).await?;
-    Ok(Some(ModelVersion { path, ..v }))
+    versions(cfg, pool).ensure_local(v).await
 }
 
 /// The champion model version; with none registered, the default model is

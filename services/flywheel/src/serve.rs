@@ -1,28 +1,62 @@
 //! `flywheel serve`: the gateway on `gateway.addr`, the champion loaded in
 //! the background while `/readyz` says 503.
 
+use std::sync::Arc;
+
 use anyhow::Context;
-use flywheel_engine::EngineHandle;
-use flywheel_gateway::{AppState, ServedModel};
+use flywheel_engine::{AdapterWeights, EngineHandle};
+use flywheel_gateway::serving::LoadError;
+use flywheel_gateway::{AppState, Loader, ServedModel};
+use flywheel_jobs::serving::Versions;
 use flywheel_store::PgPool;
 use flywheel_store::models::ModelVersion;
 
 use crate::Config;
-use crate::bootstrap::ensure_champion;
+use crate::bootstrap::{ensure_champion, versions};
 
-/// Loads a model version into an engine (on a blocking thread).
-pub async fn load(cfg: &Config, v: &ModelVersion) -> anyhow::Result<ServedModel> {
-    let (path, name) = (v.path.clone(), v.name.clone());
-    let engine_cfg = cfg.engine.clone();
-    let engine = tokio::task::spawn_blocking(move || {
-        EngineHandle::load(std::path::Path::new(&path), &name, engine_cfg)
-    })
-    .await??;
+/// Loads a model version into an engine of its own (on a blocking thread).
+pub async fn load(cfg: &Config, pool: &PgPool, v: &ModelVersion) -> anyhow::Result<ServedModel> {
+    let engine = versions(cfg, pool).engine(v).await?;
     Ok(ServedModel {
         engine,
+        adapter: None,
         version_id: v.id,
         name: v.name.clone(),
     })
+}
+
+/// The gateway's way of loading versions: [`Versions`].
+struct GatewayLoader(Arc<Versions>);
+
+/// A loader for a gateway of this configuration on `pool`.
+pub fn gateway_loader(cfg: &Config, pool: &PgPool) -> Arc<dyn Loader> {
+    Arc::new(GatewayLoader(Arc::new(versions(cfg, pool))))
+}
+
+fn boxed(e: anyhow::Error) -> LoadError {
+    format!("{e:#}").into()
+}
+
+impl Loader for GatewayLoader {
+    fn engine(
+        &self,
+        version: ModelVersion,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<EngineHandle, LoadError>> + Send>>
+    {
+        let v = self.0.clone();
+        Box::pin(async move { v.engine(&version).await.map_err(boxed) })
+    }
+
+    fn adapter(
+        &self,
+        version: ModelVersion,
+        adapter_path: String,
+    ) -> std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<AdapterWeights, LoadError>> + Send>,
+    > {
+        let v = self.0.clone();
+        Box::pin(async move { v.adapter(&version, &adapter_path).await.map_err(boxed) })
+    }
 }
 
 /// Runs the gateway on `cfg.gateway.addr`: it answers at once (`/readyz` says 503)
@@ -45,12 +79,15 @@ pub async fn serve(
     }
     journal.spawn_flusher(pool.clone());
     let state = AppState::new(pool.clone(), cfg.gateway.http.clone(), journal.clone());
+    state.set_loader(gateway_loader(&cfg, &pool));
     state.spawn_key_listener();
+    state.spawn_route_listener();
     let loader_state = state.clone();
     let loader_cfg = cfg.clone();
     let loader = tokio::spawn(async move {
         let v = ensure_champion(&loader_cfg, &pool).await?;
-        let served = load(&loader_cfg, &v).await?;
+        loader_state.refresh_routes().await?;
+        let served = load(&loader_cfg, &pool, &v).await?;
         loader_state.set_served(served);
         tracing::info!(model = v.name, "ready");
         anyhow::Ok(())

@@ -85,6 +85,8 @@ fn completion(id: &str, team: Uuid, model: Uuid, user: Option<String>, output: &
         request_id: None,
         ttft_ms: None,
         started_at: None,
+        route: "champion".into(),
+        canary_id: None,
     })
 }
 

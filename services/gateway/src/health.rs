@@ -27,7 +27,7 @@ async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<serde_json::
     .is_ok_and(|r| r.is_ok());
     let journal = state.journal().stats();
     let flushing = journal.flush == FlushState::Ok;
-    let served = state.served();
+    let served = state.served().filter(|_| state.routes().loaded);
     let status = match (&served, db_ok && flushing, journal.full) {
         (None, _, _) | (_, _, true) => "not ready",
         (Some(_), true, _) => "ready",

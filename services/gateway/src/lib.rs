@@ -18,6 +18,7 @@ pub mod journal;
 mod metrics;
 mod models;
 mod records;
+pub mod serving;
 mod state;
 
 use std::future::Future;
@@ -31,7 +32,8 @@ use tower_http::trace::TraceLayer;
 
 pub use error::AppError;
 pub use journal::{Journal, JournalConfig, SyncPolicy};
-pub use state::{AppState, GatewayConfig, ServedModel};
+pub use serving::{Loader, ServedModel};
+pub use state::{AppState, GatewayConfig};
 
 const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 

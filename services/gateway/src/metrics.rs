@@ -103,6 +103,19 @@ async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
         "1 when a model is loaded and serving.",
         u8::from(served.is_some()).to_string(),
     );
+    let loaded = state.models().loaded();
+    metric(
+        "flywheel_models_loaded",
+        "gauge",
+        "Base engines loaded (adapters run on them).",
+        loaded.len().to_string(),
+    );
+    metric(
+        "flywheel_model_weight_bytes",
+        "gauge",
+        "Bytes of model and adapter weights held by the loaded engines.",
+        loaded.iter().map(|(_, b)| b).sum::<usize>().to_string(),
+    );
     if let Some(m) = served {
         let s = m.engine.stats();
         metric(

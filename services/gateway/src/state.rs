@@ -1,17 +1,18 @@
 //! Shared state of the gateway: the database pool, the journal every
-//! acknowledged write goes through, and the model being served.
+//! acknowledged write goes through, the routes and the loaded models.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
-use flywheel_engine::EngineHandle;
 use flywheel_store::PgPool;
 use flywheel_store::keys::Principal;
 use uuid::Uuid;
 
+use crate::AppError;
 use crate::journal::Journal;
+use crate::serving::{Loader, ModelPool, RouteKind, RouteTable, ServedModel, Unresolved};
 
 #[derive(Debug, Clone)]
 pub struct GatewayConfig {
@@ -21,6 +22,11 @@ pub struct GatewayConfig {
     pub default_max_tokens: usize,
     /// Store every completion in Postgres.
     pub log_completions: bool,
+    /// Base engines kept loaded at once (versions that are adapters on a
+    /// loaded base cost no engine).
+    pub max_loaded_models: usize,
+    /// How often the routes are read again when no notification came.
+    pub route_refresh: Duration,
 }
 
 impl Default for GatewayConfig {
@@ -29,16 +35,10 @@ impl Default for GatewayConfig {
             max_body_bytes: 1 << 20,
             default_max_tokens: 512,
             log_completions: true,
+            max_loaded_models: 4,
+            route_refresh: Duration::from_secs(5),
         }
     }
-}
-
-/// A loaded model and the registry row it came from.
-#[derive(Clone)]
-pub struct ServedModel {
-    pub engine: EngineHandle,
-    pub version_id: Uuid,
-    pub name: String,
 }
 
 #[derive(Clone)]
@@ -50,7 +50,11 @@ struct Inner {
     pool: PgPool,
     config: GatewayConfig,
     journal: Journal,
-    served: RwLock<Option<ServedModel>>,
+    routes: RwLock<Arc<RouteTable>>,
+    models: ModelPool,
+    loader: RwLock<Option<Arc<dyn Loader>>>,
+    /// The first model this gateway loaded (before routes are known).
+    first: RwLock<Option<ServedModel>>,
     /// Keys seen valid, by hash, with when Postgres last confirmed them.
     principals: Mutex<HashMap<Vec<u8>, (Principal, Instant)>>,
     /// Whether this gateway is hearing revocations (see `spawn_key_listener`).
@@ -77,9 +81,12 @@ impl AppState {
         Self {
             inner: Arc::new(Inner {
                 pool,
-                config,
+                config: config.clone(),
                 journal,
-                served: RwLock::new(None),
+                routes: RwLock::new(Arc::new(RouteTable::default())),
+                models: ModelPool::new(config.max_loaded_models),
+                loader: RwLock::new(None),
+                first: RwLock::new(None),
                 principals: Mutex::new(HashMap::new()),
                 listening: AtomicBool::new(false),
                 recent: Mutex::new(Recent::default()),
@@ -99,18 +106,163 @@ impl AppState {
         &self.inner.journal
     }
 
-    /// The model being served, or `None` while it loads.
+    /// How versions get loaded when a request needs one not in memory.
+    pub fn set_loader(&self, loader: Arc<dyn Loader>) {
+        *self.inner.loader.write().unwrap_or_else(|p| p.into_inner()) = Some(loader);
+    }
+
+    /// The gateway's first model, once loaded (for readiness and metrics).
     pub fn served(&self) -> Option<ServedModel> {
         self.inner
-            .served
+            .first
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .clone()
     }
 
-    /// Starts serving `model` (replacing any previous one).
+    /// Serves `model` (already loaded) from now on: the first model, and
+    /// any request routed to its version.
     pub fn set_served(&self, model: ServedModel) {
-        *self.inner.served.write().unwrap_or_else(|p| p.into_inner()) = Some(model);
+        self.inner
+            .models
+            .insert(model.version_id, model.engine.clone());
+        *self.inner.first.write().unwrap_or_else(|p| p.into_inner()) = Some(model);
+    }
+
+    pub fn routes(&self) -> Arc<RouteTable> {
+        self.inner
+            .routes
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    pub fn models(&self) -> &ModelPool {
+        &self.inner.models
+    }
+
+    /// Reads the routes again from Postgres; on failure the last ones stay.
+    pub async fn refresh_routes(&self) -> Result<(), flywheel_store::StoreError> {
+        let snapshot = flywheel_store::routes::snapshot(self.pool()).await?;
+        *self.inner.routes.write().unwrap_or_else(|p| p.into_inner()) =
+            Arc::new(RouteTable::from_snapshot(snapshot));
+        Ok(())
+    }
+
+    /// Keeps the routes fresh: on every `flywheel_routes` notification, and
+    /// every `route_refresh` besides (a notification can be missed while
+    /// the connection is down).
+    pub fn spawn_route_listener(&self) -> tokio::task::JoinHandle<()> {
+        let state = self.clone();
+        tokio::spawn(async move {
+            let every = state.config().route_refresh;
+            loop {
+                let mut listener =
+                    match flywheel_store::PgListener::connect_with(state.pool()).await {
+                        Ok(mut l) => match l.listen(flywheel_store::routes::ROUTES_CHANNEL).await {
+                            Ok(()) => Some(l),
+                            Err(_) => None,
+                        },
+                        Err(_) => None,
+                    };
+                // Changes made while not listening: read them now.
+                let _ = state.refresh_routes().await;
+                loop {
+                    // Some(true): notified or quiet for a while, read again;
+                    // Some(false) / None: the connection is gone.
+                    let again = match listener.as_mut() {
+                        Some(l) => match tokio::time::timeout(every, l.try_recv()).await {
+                            Ok(Ok(Some(_))) | Err(_) => true,
+                            Ok(Ok(None)) | Ok(Err(_)) => false,
+                        },
+                        None => {
+                            tokio::time::sleep(every).await;
+                            true
+                        }
+                    };
+                    if again && let Err(e) = state.refresh_routes().await {
+                        tracing::debug!(error = %e, "could not refresh the routes");
+                    }
+                    if !again || listener.is_none() {
+                        break;
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        })
+    }
+
+    /// The version that answers this request, loaded: routed by the team's
+    /// champion and canary, or the version named.
+    pub async fn route(
+        &self,
+        principal: &Principal,
+        name: &str,
+        user: Option<&str>,
+        fallback: &str,
+    ) -> Result<(ServedModel, RouteKind), AppError> {
+        let routes = self.routes();
+        // Before the first routes arrive (Postgres not answered yet), the
+        // gateway's first model answers to its own name.
+        if !routes.loaded
+            && let Some(first) = self
+                .served()
+                .filter(|f| f.name == name || name == "default")
+        {
+            return Ok((first, RouteKind::Champion));
+        }
+        let resolved = match routes.resolve(principal.team_id, name, user, fallback) {
+            Ok(r) => r,
+            Err(Unresolved::NotReady) => {
+                return Err(AppError::Unavailable(
+                    "the model is still loading; retry shortly".into(),
+                ));
+            }
+            Err(Unresolved::NotFound) => {
+                return Err(AppError::NotFound {
+                    message: format!("The model `{name}` does not exist."),
+                    code: "model_not_found",
+                });
+            }
+        };
+        if let Some(engine) = self.inner.models.get(resolved.version.id)
+            && routes.adapter_of(resolved.version.id).is_none()
+        {
+            return Ok((
+                ServedModel {
+                    engine,
+                    adapter: None,
+                    version_id: resolved.version.id,
+                    name: resolved.version.name.clone(),
+                },
+                resolved.kind,
+            ));
+        }
+        let loader = self
+            .inner
+            .loader
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            .ok_or_else(|| {
+                AppError::Unavailable(format!(
+                    "the model `{}` is not loaded on this gateway",
+                    resolved.version.name
+                ))
+            })?;
+        let served = self
+            .inner
+            .models
+            .serve(loader.as_ref(), &routes, &resolved.version)
+            .await
+            .map_err(|e| {
+                tracing::error!(version = %resolved.version.name, error = %e, "could not load a model");
+                AppError::Unavailable(format!(
+                    "the model `{}` could not be loaded; retry shortly",
+                    resolved.version.name
+                ))
+            })?;
+        Ok((served, resolved.kind))
     }
 
     pub(crate) fn remember_principal(&self, hash: Vec<u8>, p: Option<&Principal>) {

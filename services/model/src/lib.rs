@@ -48,6 +48,14 @@ pub enum ModelError {
 
 pub type Result<T, E = ModelError> = std::result::Result<T, E>;
 
+/// The context window a model file declares, if it is a llama GGUF file.
+pub fn context_length(path: &std::path::Path) -> Option<i32> {
+    let gguf = gguf::GgufFile::open(path).ok()?;
+    LlamaConfig::from_gguf(&gguf)
+        .ok()
+        .map(|c| c.context_length as i32)
+}
+
 /// The device models run on: the first CUDA GPU when built with the `cuda`
 /// feature and one is present, the CPU otherwise.
 pub fn device() -> candle_core::Device {

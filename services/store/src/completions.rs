@@ -42,6 +42,16 @@ pub struct NewCompletion {
     pub ttft_ms: Option<f64>,
     #[serde(default)]
     pub started_at: Option<DateTime<Utc>>,
+    /// `champion`, `canary` or `named` (the request named the version).
+    #[serde(default = "champion_route")]
+    pub route: String,
+    /// The canary that served it.
+    #[serde(default)]
+    pub canary_id: Option<Uuid>,
+}
+
+fn champion_route() -> String {
+    "champion".into()
 }
 
 /// Stores many completions in one statement; ids already present are
@@ -54,10 +64,10 @@ pub async fn insert_many(ex: impl PgExecutor<'_>, rows: &[NewCompletion]) -> Res
     let done = sqlx::query(
         "insert into completions (id, team_id, model_version_id, end_user, request, output,
              finish_reason, prompt_tokens, completion_tokens, latency_ms, request_id, ttft_ms,
-             started_at)
+             started_at, route, canary_id)
          select * from unnest($1::text[], $2::uuid[], $3::uuid[], $4::text[], $5::jsonb[],
              $6::text[], $7::text[], $8::int4[], $9::int4[], $10::float8[], $11::text[],
-             $12::float8[], $13::timestamptz[])
+             $12::float8[], $13::timestamptz[], $14::text[], $15::uuid[])
          on conflict (id) do nothing",
     )
     .bind(col(|c| c.id.clone()))
@@ -77,6 +87,8 @@ pub async fn insert_many(ex: impl PgExecutor<'_>, rows: &[NewCompletion]) -> Res
     )
     .bind(rows.iter().map(|c| c.ttft_ms).collect::<Vec<_>>())
     .bind(rows.iter().map(|c| c.started_at).collect::<Vec<_>>())
+    .bind(col(|c| c.route.clone()))
+    .bind(rows.iter().map(|c| c.canary_id).collect::<Vec<_>>())
     .execute(ex)
     .await?;
     Ok(done.rows_affected())

@@ -5,13 +5,17 @@
 //! The store knows nothing of models, HTTP or jobs: it takes and returns rows.
 
 pub mod admin;
+pub mod canaries;
 pub mod completions;
 pub mod datasets;
+pub mod decisions;
+pub mod evals;
 pub mod feedback;
 pub mod instance;
 pub mod jobs;
 pub mod keys;
 pub mod models;
+pub mod routes;
 pub mod synth;
 pub mod training;
 

@@ -18,6 +18,23 @@ pub struct ModelVersion {
     pub size_bytes: i64,
     pub is_champion: bool,
     pub created_at: DateTime<Utc>,
+    /// The team whose feedback trained it: only that team may use it.
+    pub team_id: Option<Uuid>,
+    /// Trained on a shared dataset: only teams that pool feedback may use it.
+    pub pooled: bool,
+    /// The context window it serves, when known.
+    pub context_length: Option<i32>,
+}
+
+impl ModelVersion {
+    /// Whether a team may be served by this version: its own candidates,
+    /// pooled ones when it pools, base models always.
+    pub fn usable_by(&self, team: Uuid, team_pools: bool) -> bool {
+        match self.team_id {
+            Some(owner) => owner == team,
+            None => !self.pooled || team_pools,
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -28,12 +45,14 @@ pub struct NewModelVersion {
     pub format: String,
     pub path: String,
     pub size_bytes: i64,
+    pub context_length: Option<i32>,
 }
 
 /// The columns of [`ModelVersion`], as a literal so queries stay `&'static str`.
 macro_rules! columns {
     () => {
-        "id, name, source, sha256, format, path, size_bytes, is_champion, created_at"
+        "id, name, source, sha256, format, path, size_bytes, is_champion, created_at, team_id, pooled,
+         context_length"
     };
 }
 
@@ -50,8 +69,9 @@ pub async fn register(pool: &sqlx::PgPool, new: &NewModelVersion) -> Result<Mode
         )));
     }
     Ok(sqlx::query_as(concat!(
-        "insert into model_versions (name, source, sha256, format, path, size_bytes)
-         values ($1, $2, $3, $4, $5, $6) returning ",
+        "insert into model_versions (name, source, sha256, format, path, size_bytes,
+             context_length)
+         values ($1, $2, $3, $4, $5, $6, $7) returning ",
         columns!(),
         ""
     ))
@@ -61,6 +81,7 @@ pub async fn register(pool: &sqlx::PgPool, new: &NewModelVersion) -> Result<Mode
     .bind(&new.format)
     .bind(&new.path)
     .bind(new.size_bytes)
+    .bind(new.context_length)
     .fetch_one(pool)
     .await?)
 }
@@ -111,8 +132,57 @@ pub async fn set_champion(pool: &sqlx::PgPool, name: &str) -> Result<ModelVersio
     .fetch_optional(&mut *tx)
     .await?;
     let v = v.ok_or_else(|| StoreError::NotFound(format!("model version {name}")))?;
+    crate::routes::notify(&mut *tx).await?;
     tx.commit().await?;
     Ok(v)
+}
+
+/// Whose a version is (see [`ModelVersion::usable_by`]).
+pub async fn set_scope(
+    ex: impl PgExecutor<'_>,
+    id: Uuid,
+    team_id: Option<Uuid>,
+    pooled: bool,
+) -> Result<()> {
+    sqlx::query("update model_versions set team_id = $2, pooled = $3 where id = $1")
+        .bind(id)
+        .bind(team_id)
+        .bind(pooled)
+        .execute(ex)
+        .await?;
+    Ok(())
+}
+
+/// A team's champion: its own, or the global one.
+pub async fn team_champion(ex: impl PgExecutor<'_>, team_id: Uuid) -> Result<Option<ModelVersion>> {
+    Ok(sqlx::query_as(concat!(
+        "select ",
+        columns!(),
+        " from model_versions where id = coalesce(
+             (select champion_version_id from teams where id = $1),
+             (select id from model_versions where is_champion))"
+    ))
+    .bind(team_id)
+    .fetch_optional(ex)
+    .await?)
+}
+
+/// Makes `version` the team's champion (`None`: back to the global one),
+/// and tells every gateway.
+pub async fn set_team_champion(
+    conn: &mut sqlx::PgConnection,
+    team_id: Uuid,
+    version: Option<Uuid>,
+) -> Result<()> {
+    let done = sqlx::query("update teams set champion_version_id = $2 where id = $1")
+        .bind(team_id)
+        .bind(version)
+        .execute(&mut *conn)
+        .await?;
+    if done.rows_affected() == 0 {
+        return Err(StoreError::NotFound(format!("team {team_id}")));
+    }
+    crate::routes::notify(&mut *conn).await
 }
 
 /// Lineage of a trained model version.

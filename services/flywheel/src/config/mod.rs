@@ -52,6 +52,11 @@ pub struct Config {
     pub models: ModelSettings,
     pub jobs: JobSettings,
     pub training: TrainingSettings,
+    pub promotion: flywheel_eval::Policy,
+    /// Evaluation requests in flight at once.
+    pub eval_concurrency: usize,
+    /// How often the worker checks running canaries.
+    pub canary_check_secs: u64,
     /// Every value as loaded, for `config show`.
     pub layers: Layers,
 }
@@ -170,6 +175,8 @@ impl Config {
                     max_body_bytes: usize_of("gateway.max_body_bytes", 1)?,
                     default_max_tokens: usize_of("gateway.default_max_tokens", 1)?,
                     log_completions: l.bool("gateway.log_completions")?,
+                    max_loaded_models: usize_of("gateway.max_loaded_models", 1)?,
+                    ..Default::default()
                 },
             },
             engine,
@@ -195,6 +202,20 @@ impl Config {
                 kubectl: l.value("training.kubectl").to_string(),
                 min_new_examples: usize_of("training.min_new_examples", 0)?,
             },
+            promotion: flywheel_eval::Policy {
+                task_min_lower_bound: l.float("promotion.task_min_lower_bound", -1.0..=1.0)?,
+                retention_min_lower_bound: l
+                    .float("promotion.retention_min_lower_bound", -1.0..=1.0)?,
+                max_latency_ratio: l.float("promotion.max_latency_ratio", 0.1..=100.0)?,
+                min_items: usize_of("promotion.min_items", 1)?,
+                canary_share: l.float("promotion.canary_share", 0.0..=0.9)?,
+                canary_min_votes: l.number("promotion.canary_min_votes", 1..=1_000_000)?,
+                canary_deadline_hours: l
+                    .float("promotion.canary_deadline_hours", 0.0..=10_000.0)?,
+                canary_confidence: l.float("promotion.canary_confidence", 0.5..=0.9999)?,
+            },
+            eval_concurrency: usize_of("promotion.eval_concurrency", 1)?,
+            canary_check_secs: l.number("jobs.canary_check_secs", 1..=86_400)?,
             home,
             layers: l,
         })

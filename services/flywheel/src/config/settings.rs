@@ -80,6 +80,12 @@ pub const SETTINGS: &[Setting] = &[
         "store completions",
     ),
     s(
+        "gateway.max_loaded_models",
+        "FLYWHEEL_MAX_LOADED_MODELS",
+        "4",
+        "base engines a gateway keeps loaded, least recently used unloaded first (candidates that are adapters run on their base's engine)",
+    ),
+    s(
         "engine.queue_capacity",
         "FLYWHEEL_QUEUE_CAPACITY",
         "64",
@@ -180,6 +186,66 @@ pub const SETTINGS: &[Setting] = &[
         "FLYWHEEL_JOB_HEARTBEAT_SECS",
         "3",
         "worker heartbeat; 5 missed and its job moves on",
+    ),
+    s(
+        "promotion.task_min_lower_bound",
+        "FLYWHEEL_PROMOTION_TASK_MIN_LOWER_BOUND",
+        "0",
+        "each task suite's pass-rate difference (candidate minus champion) must have its 95% lower bound above this",
+    ),
+    s(
+        "promotion.retention_min_lower_bound",
+        "FLYWHEEL_PROMOTION_RETENTION_MIN_LOWER_BOUND",
+        "-0.03",
+        "the retention suite's pass-rate difference must have its 95% lower bound above this (-0.03: at most 3 points worse)",
+    ),
+    s(
+        "promotion.max_latency_ratio",
+        "FLYWHEEL_PROMOTION_MAX_LATENCY_RATIO",
+        "1.5",
+        "the candidate's p95 time per output token may be at most this many times the champion's",
+    ),
+    s(
+        "promotion.min_items",
+        "FLYWHEEL_PROMOTION_MIN_ITEMS",
+        "10",
+        "held-out examples needed before they count as task evidence (when a team has no task suite)",
+    ),
+    s(
+        "promotion.canary_share",
+        "FLYWHEEL_CANARY_SHARE",
+        "0.1",
+        "share of a team's traffic a candidate that passed the offline gate serves, sticky per end user (0: promote on the offline evidence)",
+    ),
+    s(
+        "promotion.canary_min_votes",
+        "FLYWHEEL_CANARY_MIN_VOTES",
+        "50",
+        "votes each arm (canary, champion) needs before the canary is decided",
+    ),
+    s(
+        "promotion.canary_deadline_hours",
+        "FLYWHEEL_CANARY_DEADLINE_HOURS",
+        "24",
+        "a canary still undecided after this long is rolled back",
+    ),
+    s(
+        "promotion.canary_confidence",
+        "FLYWHEEL_CANARY_CONFIDENCE",
+        "0.95",
+        "promote when P(canary's thumbs-up rate is higher) reaches this; roll back when it falls to 1 minus this",
+    ),
+    s(
+        "promotion.eval_concurrency",
+        "FLYWHEEL_EVAL_CONCURRENCY",
+        "16",
+        "evaluation requests in flight at once (the engine batches them)",
+    ),
+    s(
+        "jobs.canary_check_secs",
+        "FLYWHEEL_CANARY_CHECK_SECS",
+        "30",
+        "how often the worker checks running canaries",
     ),
     s(
         "training.artifacts",
@@ -411,6 +477,26 @@ impl Layers {
             ));
         }
         Ok(n)
+    }
+
+    /// A number in `range`.
+    pub fn float(
+        &self,
+        key: &str,
+        range: std::ops::RangeInclusive<f64>,
+    ) -> Result<f64, ConfigError> {
+        let x: f64 = self.parse(key, "a number")?;
+        if !range.contains(&x) {
+            return Err(self.invalid(
+                key,
+                format!(
+                    "expected a number from {} to {}",
+                    range.start(),
+                    range.end()
+                ),
+            ));
+        }
+        Ok(x)
     }
 
     /// The text, or `None` when it is empty.

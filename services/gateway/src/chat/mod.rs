@@ -26,6 +26,7 @@ use tokio_stream::wrappers::ReceiverStream;
 
 use crate::error::ApiJson;
 use crate::journal::Record;
+use crate::serving::RouteKind;
 use crate::{AppError, AppState, RETRY_AFTER, ServedModel};
 use request::ChatRequest;
 use response::{Chunker, Collected};
@@ -50,7 +51,12 @@ async fn create(
     let end_user = req.user.clone().filter(|u| !u.is_empty());
     let model = req.model.clone();
     let v = req.validate()?;
-    let served = resolve_model(&state, &model).await?;
+    let id = format!("chatcmpl-{}", uuid::Uuid::new_v4());
+    // The route is fixed here: a promotion or rollback from now on changes
+    // the next request, not this one.
+    let (served, route) = state
+        .route(&principal, &model, end_user.as_deref(), &id)
+        .await?;
     if state.config().log_completions && state.journal().stats().full {
         return Err(AppError::Unavailable(
             "completions cannot be recorded right now (the journal is full); retry later".into(),
@@ -95,12 +101,12 @@ async fn create(
                 AppError::Unavailable("the inference engine has stopped".into())
             }
         })?;
-    let id = format!("chatcmpl-{}", uuid::Uuid::new_v4());
     let log = LogContext {
         state: state.clone(),
         id: id.clone(),
         principal,
         served: served.clone(),
+        route,
         request: body,
         end_user,
         request_id: headers
@@ -110,7 +116,12 @@ async fn create(
         started,
         started_at,
     };
-    let chunker = Chunker::new(id, served.name.clone(), v.include_usage);
+    let chunker = Chunker::new(
+        id,
+        served.name.clone(),
+        served.version_id.to_string(),
+        v.include_usage,
+    );
     if v.stream {
         Ok(stream(events, chunker, log).into_response())
     } else {
@@ -121,30 +132,6 @@ async fn create(
             .map_err(|_| AppError::Internal("the generation task ended early".into()))??;
         Ok(Json(chunker.full_response(&collected)).into_response())
     }
-}
-
-/// The served model if `name` names it; 404 otherwise, 503 while loading.
-async fn resolve_model(state: &AppState, name: &str) -> Result<ServedModel, AppError> {
-    let served = state
-        .served()
-        .ok_or_else(|| AppError::Unavailable("the model is still loading; retry shortly".into()))?;
-    if served.name == name {
-        return Ok(served);
-    }
-    let known = flywheel_store::models::by_name(state.pool(), name)
-        .await
-        .ok()
-        .flatten();
-    Err(AppError::NotFound {
-        message: match known {
-            Some(_) => format!(
-                "The model `{name}` is registered but not served by this gateway (it serves `{}`).",
-                served.name
-            ),
-            None => format!("The model `{name}` does not exist."),
-        },
-        code: "model_not_found",
-    })
 }
 
 /// Non-streaming: collects the whole answer, records it, then hands it to
@@ -263,6 +250,7 @@ struct LogContext {
     id: String,
     principal: Principal,
     served: ServedModel,
+    route: RouteKind,
     request: Value,
     end_user: Option<String>,
     request_id: Option<String>,
@@ -322,6 +310,11 @@ impl LogContext {
                 .first_token_after
                 .map(|d| (d - self.started).as_secs_f64() * 1000.0),
             started_at: Some(self.started_at),
+            route: self.route.label().into(),
+            canary_id: match self.route {
+                RouteKind::Canary(id) => Some(id),
+                _ => None,
+            },
         };
         self.state
             .journal()

@@ -81,15 +81,18 @@ fn logprob_json(lp: &TokenLogprob) -> Value {
 pub struct Chunker {
     pub id: String,
     model: String,
+    /// The model version that answers (`system_fingerprint`).
+    fingerprint: String,
     created: i64,
     include_usage: bool,
 }
 
 impl Chunker {
-    pub fn new(id: String, model: String, include_usage: bool) -> Self {
+    pub fn new(id: String, model: String, fingerprint: String, include_usage: bool) -> Self {
         Self {
             id,
             model,
+            fingerprint,
             created: chrono::Utc::now().timestamp(),
             include_usage,
         }
@@ -106,7 +109,7 @@ impl Chunker {
             "object": "chat.completion",
             "created": self.created,
             "model": self.model,
-            "system_fingerprint": Value::Null,
+            "system_fingerprint": self.fingerprint,
             "choices": [{
                 "index": 0,
                 "message": {"role": "assistant", "content": c.text, "refusal": Value::Null},
@@ -123,7 +126,7 @@ impl Chunker {
             "object": "chat.completion.chunk",
             "created": self.created,
             "model": self.model,
-            "system_fingerprint": Value::Null,
+            "system_fingerprint": self.fingerprint,
             "choices": [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}],
         });
         if self.include_usage {
@@ -157,7 +160,7 @@ impl Chunker {
                 "object": "chat.completion.chunk",
                 "created": self.created,
                 "model": self.model,
-                "system_fingerprint": Value::Null,
+                "system_fingerprint": self.fingerprint,
                 "choices": [],
                 "usage": c.usage(),
             }));

@@ -721,6 +721,8 @@ mod tests {
             request_id: None,
             ttft_ms: None,
             started_at: None,
+            route: "champion".into(),
+            canary_id: None,
         })
     }
 

@@ -1,0 +1,453 @@
+//! Running a model as it is served: through its engine (and its adapter,
+//! for a candidate served on its base's weights), with the serving sampling
+//! code. Generations answer suites and held-out prompts; forced tokens
+//! score given answers (held-out loss, preference margins). Requests go to
+//! the engine together, so it batches them as it batches traffic.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use flywheel_engine::{
+    AdapterId, ChatMessage, EngineHandle, Event, GenerateRequest, SamplingParams, SubmitError,
+};
+use futures::StreamExt;
+use serde::{Deserialize, Serialize};
+
+use crate::stats::{self, Interval};
+use crate::suite::Suite;
+
+/// A model version as it is served.
+#[derive(Clone)]
+pub struct Served {
+    pub engine: EngineHandle,
+    pub adapter: Option<AdapterId>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("the engine: {0}")]
+    Engine(String),
+}
+
+type Result<T, E = RunError> = std::result::Result<T, E>;
+
+/// One generation and its timing.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Generation {
+    pub text: String,
+    pub tokens: usize,
+    pub ttft_ms: f64,
+    /// Decode time per generated token after the first.
+    pub ms_per_token: f64,
+}
+
+/// Runs a request to its end, waiting for room when the engine's queue is
+/// full; returns the text, the forced tokens' log-probabilities, and times.
+async fn drive(
+    m: &Served,
+    prompt_ids: Vec<u32>,
+    params: SamplingParams,
+) -> Result<(Generation, Vec<f32>)> {
+    let req = GenerateRequest {
+        prompt_ids,
+        params,
+        adapter: m.adapter,
+    };
+    let started = Instant::now();
+    let mut rx = loop {
+        match m.engine.submit(req.clone()) {
+            Ok(rx) => break rx,
+            Err(SubmitError::QueueFull) => tokio::time::sleep(Duration::from_millis(20)).await,
+            Err(e) => return Err(RunError::Engine(e.to_string())),
+        }
+    };
+    let (mut text, mut logprobs, mut first, mut tokens) = (String::new(), Vec::new(), None, 0);
+    while let Some(ev) = rx.recv().await {
+        match ev {
+            Event::Delta {
+                text: t,
+                logprobs: lp,
+            } => {
+                first.get_or_insert_with(|| started.elapsed());
+                text.push_str(&t);
+                if let Some(lp) = lp {
+                    logprobs.push(lp.logprob);
+                }
+            }
+            Event::Done {
+                completion_tokens, ..
+            } => {
+                tokens = completion_tokens;
+                break;
+            }
+            Event::Error(e) => return Err(RunError::Engine(e)),
+        }
+    }
+    let total = started.elapsed();
+    let first = first.unwrap_or(total);
+    let ms_per_token = if tokens > 1 {
+        (total - first).as_secs_f64() * 1000.0 / (tokens - 1) as f64
+    } else {
+        0.0
+    };
+    Ok((
+        Generation {
+            text,
+            tokens,
+            ttft_ms: first.as_secs_f64() * 1000.0,
+            ms_per_token,
+        },
+        logprobs,
+    ))
+}
+
+fn prompt(m: &Served, messages: &[ChatMessage]) -> Result<Vec<u32>> {
+    m.engine
+        .prepare_chat(messages)
+        .map_err(|e| RunError::Engine(e.to_string()))
+}
+
+/// Generates an answer to `messages` as served.
+pub async fn generate(
+    m: &Served,
+    messages: &[ChatMessage],
+    max_tokens: usize,
+    temperature: f32,
+) -> Result<Generation> {
+    let params = SamplingParams {
+        temperature,
+        max_tokens,
+        seed: Some(0),
+        ..Default::default()
+    };
+    Ok(drive(m, prompt(m, messages)?, params).await?.0)
+}
+
+/// The log-probability of `answer` (ended as the model ends a turn) after
+/// `messages`, and its token count.
+pub async fn score(m: &Served, messages: &[ChatMessage], answer: &str) -> Result<(f64, usize)> {
+    let forced = m
+        .engine
+        .answer_ids(answer)
+        .map_err(|e| RunError::Engine(e.to_string()))?;
+    let n = forced.len();
+    let params = SamplingParams {
+        temperature: 0.0,
+        max_tokens: n,
+        forced,
+        ..Default::default()
+    };
+    let (_, lps) = drive(m, prompt(m, messages)?, params).await?;
+    Ok((lps.iter().map(|&l| l as f64).sum(), n))
+}
+
+/// Runs `f` over `items` with up to `concurrency` at a time, in order.
+async fn each<'a, T, R, F, Fut>(items: &'a [T], concurrency: usize, f: F) -> Result<Vec<R>>
+where
+    F: Fn(&'a T) -> Fut,
+    Fut: std::future::Future<Output = Result<R>>,
+{
+    futures::stream::iter(items.iter().map(f))
+        .buffered(concurrency.max(1))
+        .collect::<Vec<_>>()
+        .await
+        .into_iter()
+        .collect()
+}
+
+/// A held-out preference pair: the chosen answer was preferred.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Pair {
+    pub id: String,
+    pub prompt: Vec<ChatMessage>,
+    pub chosen: String,
+    pub rejected: String,
+}
+
+/// A held-out answer users liked or wrote (a correction).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Answer {
+    pub id: String,
+    pub prompt: Vec<ChatMessage>,
+    pub answer: String,
+}
+
+/// What an evaluation runs both models on.
+#[derive(Debug, Clone, Default)]
+pub struct Inputs {
+    /// The team's task suites.
+    pub task_suites: Vec<Suite>,
+    /// The general retention suite.
+    pub retention: Option<Suite>,
+    pub pairs: Vec<Pair>,
+    pub answers: Vec<Answer>,
+    /// Tokens per held-out answer generation.
+    pub answer_max_tokens: usize,
+}
+
+/// One metric of one model pair.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Metric {
+    pub suite: String,
+    pub metric: String,
+    pub items: usize,
+    pub candidate: f64,
+    pub champion: f64,
+    pub difference: f64,
+    pub ci_low: f64,
+    pub ci_high: f64,
+}
+
+impl Metric {
+    fn paired(
+        suite: &str,
+        metric: &str,
+        cand: &[f64],
+        champ: &[f64],
+        stat: impl Fn(&mut dyn Iterator<Item = f64>) -> f64 + Copy,
+    ) -> Self {
+        let d: Interval = stats::paired(cand, champ, stat);
+        Self {
+            suite: suite.into(),
+            metric: metric.into(),
+            items: cand.len(),
+            candidate: stat(&mut cand.iter().copied()),
+            champion: stat(&mut champ.iter().copied()),
+            difference: d.estimate,
+            ci_low: d.low,
+            ci_high: d.high,
+        }
+    }
+}
+
+/// One example's output by one of the two models.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ItemOutput {
+    pub suite: String,
+    pub item: String,
+    /// `candidate` or `champion`.
+    pub model: String,
+    pub prompt: serde_json::Value,
+    pub output: String,
+    pub passed: Option<bool>,
+    pub score: Option<f64>,
+}
+
+/// Both models' metrics and outputs.
+#[derive(Debug, Clone, Default)]
+pub struct Comparison {
+    pub metrics: Vec<Metric>,
+    pub items: Vec<ItemOutput>,
+}
+
+/// Progress, for long evaluations.
+pub type OnProgress = Arc<dyn Fn(&str) + Send + Sync>;
+
+/// A suite's answers, as served.
+async fn answer_suite(m: &Served, suite: &Suite, concurrency: usize) -> Result<Vec<Generation>> {
+    each(&suite.items, concurrency, |item| {
+        let max = item.max_tokens.unwrap_or(suite.defaults.max_tokens);
+        generate(m, &item.messages, max, suite.defaults.temperature)
+    })
+    .await
+}
+
+/// Each pair's margin: log-probability of the chosen answer minus the
+/// rejected one's.
+async fn margins(m: &Served, pairs: &[Pair], concurrency: usize) -> Result<Vec<f64>> {
+    each(pairs, concurrency, |p| async move {
+        let (c, _) = score(m, &p.prompt, &p.chosen).await?;
+        let (r, _) = score(m, &p.prompt, &p.rejected).await?;
+        Ok(c - r)
+    })
+    .await
+}
+
+/// Each held-out answer's loss (mean negative log-probability per token)
+/// and the model's own answer to the same prompt.
+async fn answer_heldout(
+    m: &Served,
+    answers: &[Answer],
+    max_tokens: usize,
+    concurrency: usize,
+) -> Result<Vec<(f64, Generation)>> {
+    each(answers, concurrency, |a| async move {
+        let (lp, n) = score(m, &a.prompt, &a.answer).await?;
+        let g = generate(m, &a.prompt, max_tokens, 0.0).await?;
+        Ok((-lp / n.max(1) as f64, g))
+    })
+    .await
+}
+
+/// Runs both models over everything in `inputs` and compares them.
+pub async fn compare(
+    candidate: &Served,
+    champion: &Served,
+    inputs: &Inputs,
+    concurrency: usize,
+    progress: OnProgress,
+) -> Result<Comparison> {
+    let mut out = Comparison::default();
+    let mut latency: Vec<(Generation, Generation)> = Vec::new();
+    let suites = inputs.task_suites.iter().chain(inputs.retention.as_ref());
+    for suite in suites {
+        progress(&format!(
+            "suite {} ({} items)",
+            suite.name,
+            suite.items.len()
+        ));
+        let (cand, champ) = (
+            answer_suite(candidate, suite, concurrency).await?,
+            answer_suite(champion, suite, concurrency).await?,
+        );
+        let pass = |gens: &[Generation]| -> Vec<f64> {
+            suite
+                .items
+                .iter()
+                .zip(gens)
+                .map(|(item, g)| f64::from(u8::from(item.passes(&g.text))))
+                .collect()
+        };
+        let (pc, ph) = (pass(&cand), pass(&champ));
+        out.metrics.push(Metric::paired(
+            &suite.name,
+            "pass_rate",
+            &pc,
+            &ph,
+            stats::mean,
+        ));
+        for (who, gens, passed) in [("candidate", &cand, &pc), ("champion", &champ, &ph)] {
+            for ((item, g), p) in suite.items.iter().zip(gens.iter()).zip(passed.iter()) {
+                out.items.push(ItemOutput {
+                    suite: suite.name.clone(),
+                    item: item.id.clone(),
+                    model: who.into(),
+                    prompt: serde_json::to_value(&item.messages).unwrap_or_default(),
+                    output: g.text.clone(),
+                    passed: Some(*p > 0.5),
+                    score: None,
+                });
+            }
+        }
+        latency.extend(cand.into_iter().zip(champ));
+    }
+
+    if !inputs.pairs.is_empty() {
+        progress(&format!(
+            "held-out preference pairs ({})",
+            inputs.pairs.len()
+        ));
+        let (mc, mh) = (
+            margins(candidate, &inputs.pairs, concurrency).await?,
+            margins(champion, &inputs.pairs, concurrency).await?,
+        );
+        let won = |v: &[f64]| {
+            v.iter()
+                .map(|&m| f64::from(u8::from(m > 0.0)))
+                .collect::<Vec<_>>()
+        };
+        out.metrics.push(Metric::paired(
+            "heldout-dpo",
+            "preference_accuracy",
+            &won(&mc),
+            &won(&mh),
+            stats::mean,
+        ));
+        out.metrics.push(Metric::paired(
+            "heldout-dpo",
+            "reward_margin",
+            &mc,
+            &mh,
+            stats::mean,
+        ));
+    }
+
+    if !inputs.answers.is_empty() {
+        progress(&format!("held-out answers ({})", inputs.answers.len()));
+        let max = inputs.answer_max_tokens.max(1);
+        let (rc, rh) = (
+            answer_heldout(candidate, &inputs.answers, max, concurrency).await?,
+            answer_heldout(champion, &inputs.answers, max, concurrency).await?,
+        );
+        let loss = |r: &[(f64, Generation)]| r.iter().map(|x| x.0).collect::<Vec<_>>();
+        let matches = |r: &[(f64, Generation)], exact: bool| -> Vec<f64> {
+            inputs
+                .answers
+                .iter()
+                .zip(r)
+                .map(|(a, (_, g))| {
+                    let (want, got) = (a.answer.trim(), g.text.trim());
+                    let hit = if exact {
+                        got == want
+                    } else {
+                        got.to_lowercase().contains(&want.to_lowercase())
+                    };
+                    f64::from(u8::from(hit))
+                })
+                .collect()
+        };
+        out.metrics.push(Metric::paired(
+            "heldout-sft",
+            "loss",
+            &loss(&rc),
+            &loss(&rh),
+            stats::mean,
+        ));
+        for (name, exact) in [("exact_match", true), ("contains_match", false)] {
+            out.metrics.push(Metric::paired(
+                "heldout-sft",
+                name,
+                &matches(&rc, exact),
+                &matches(&rh, exact),
+                stats::mean,
+            ));
+        }
+        for (who, r) in [("candidate", &rc), ("champion", &rh)] {
+            for (a, (l, g)) in inputs.answers.iter().zip(r.iter()) {
+                out.items.push(ItemOutput {
+                    suite: "heldout-sft".into(),
+                    item: a.id.clone(),
+                    model: who.into(),
+                    prompt: serde_json::to_value(&a.prompt).unwrap_or_default(),
+                    output: g.text.clone(),
+                    passed: Some(g.text.trim() == a.answer.trim()),
+                    score: Some(*l),
+                });
+            }
+        }
+        latency.extend(rc.into_iter().map(|r| r.1).zip(rh.into_iter().map(|r| r.1)));
+    }
+
+    // Latency over every generation, by quantile, paired by item.
+    let decoded: Vec<&(Generation, Generation)> = latency
+        .iter()
+        .filter(|(c, h)| c.tokens > 1 && h.tokens > 1)
+        .collect();
+    if !decoded.is_empty() {
+        let per_token = |f: fn(&(Generation, Generation)) -> f64| {
+            decoded.iter().map(|g| f(g)).collect::<Vec<f64>>()
+        };
+        let (tc, th) = (
+            per_token(|g| g.0.ms_per_token),
+            per_token(|g| g.1.ms_per_token),
+        );
+        let (fc, fh) = (per_token(|g| g.0.ttft_ms), per_token(|g| g.1.ttft_ms));
+        for (name, q) in [("p50", 0.5), ("p95", 0.95)] {
+            out.metrics.push(Metric::paired(
+                "latency",
+                &format!("ms_per_token_{name}"),
+                &tc,
+                &th,
+                stats::quantile(q),
+            ));
+            out.metrics.push(Metric::paired(
+                "latency",
+                &format!("ttft_ms_{name}"),
+                &fc,
+                &fh,
+                stats::quantile(q),
+            ));
+        }
+    }
+    Ok(out)
+}
