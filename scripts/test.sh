@@ -35,4 +35,4 @@ if ! python3 -c "import moto.server" 2>/dev/null; then
   echo "installing moto (an S3-compatible server for the artifact store tests)"
   python3 -m pip install --quiet 'moto[server]==5.2.5'
 fi
-cargo test --workspace --all-targets "$@"
+cargo test --workspace --all-targets --no-fail-fast "$@"

@@ -8,8 +8,11 @@
 //! gradient; they serve no HTTP.
 
 pub mod artifacts;
+pub mod canary;
 pub mod curate;
+pub mod evaluate;
 pub mod faults;
+pub mod promote;
 pub mod queue;
 pub mod schedule;
 pub mod serving;

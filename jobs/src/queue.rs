@@ -14,6 +14,9 @@ pub const CURATION: &str = "flywheel.curate";
 /// The queue training runs go through.
 pub const TRAINING: &str = "flywheel.train";
 
+/// The queue evaluations go through.
+pub const EVALUATION: &str = "flywheel.eval";
+
 /// Attempts a job gets unless configured otherwise.
 pub const DEFAULT_MAX_ATTEMPTS: u32 = 5;
 

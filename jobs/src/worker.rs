@@ -12,6 +12,7 @@ use apalis_postgres::{Config, PostgresStorage};
 use flywheel_store::PgPool;
 
 use crate::curate::{self, CurateJob};
+use crate::evaluate::{self, EvalEnv, EvalJob};
 use crate::queue;
 use crate::schedule::{self, CurationSchedule};
 use crate::train::{self, TrainEnv, TrainJob};
@@ -31,6 +32,10 @@ pub struct WorkerConfig {
     /// Where training runs keep their files; `None`: this worker takes no
     /// training runs.
     pub training: Option<TrainEnv>,
+    /// How evaluations run; `None`: this worker takes none.
+    pub evaluation: Option<EvalEnv>,
+    /// How often running canaries are checked; `None`: not in this worker.
+    pub canary_check: Option<Duration>,
 }
 
 impl WorkerConfig {
@@ -43,6 +48,8 @@ impl WorkerConfig {
             backoff: Backoff::default(),
             curation: None,
             training: None,
+            evaluation: None,
+            canary_check: None,
         }
     }
 }
@@ -77,6 +84,7 @@ struct Ctx {
     worker: String,
     backoff: Backoff,
     training: Option<TrainEnv>,
+    evaluation: Option<EvalEnv>,
 }
 
 /// Records an attempt's start and end in `job_runs`; a failure pushes the
@@ -134,6 +142,30 @@ async fn train_task(
     .await
 }
 
+/// One attempt of an evaluation.
+async fn eval_task(
+    job: EvalJob,
+    task_id: TaskId,
+    attempt: Attempt,
+    ctx: Data<Ctx>,
+) -> Result<(), BoxDynError> {
+    let env = ctx
+        .evaluation
+        .clone()
+        .ok_or("this worker takes no evaluations")?;
+    let args = serde_json::to_value(&job)?;
+    let attempt = attempt.current().max(1) as u32;
+    recorded(
+        &ctx,
+        "evaluate",
+        &task_id.to_string(),
+        attempt,
+        args,
+        async { evaluate::run(&ctx.pool, &env, &job).await },
+    )
+    .await
+}
+
 /// One attempt of a curation task.
 async fn curate_task(
     job: CurateJob,
@@ -181,6 +213,7 @@ pub async fn run(
         worker: config.name.clone(),
         backoff: config.backoff,
         training: config.training.clone(),
+        evaluation: config.evaluation.clone(),
     };
     let curation = WorkerBuilder::new(format!("{}-curate", config.name))
         .backend(
@@ -219,6 +252,38 @@ pub async fn run(
             .run_until(train_stop)
             .await
     };
+    let eval_stop = stopped(&stop_all);
+    let evaluation = async {
+        if config.evaluation.is_none() {
+            return Ok(());
+        }
+        tracing::info!(worker = %config.name, queue = queue::EVALUATION, "evaluation worker started");
+        WorkerBuilder::new(format!("{}-eval", config.name))
+            .backend(
+                PostgresStorage::<EvalJob>::new(&pool)
+                    .with_config(storage_config(queue::EVALUATION))
+                    .with_pubsub(),
+            )
+            .concurrency(1)
+            .data(ctx.clone())
+            .build(eval_task)
+            .run_until(eval_stop)
+            .await
+    };
+    let monitor = match (&config.canary_check, &config.evaluation) {
+        (Some(every), Some(env)) => {
+            let mut rx = stop_rx.clone();
+            Some(tokio::spawn(crate::canary::monitor(
+                pool.clone(),
+                env.policy.clone(),
+                *every,
+                async move {
+                    let _ = rx.wait_for(|stop| *stop).await;
+                },
+            )))
+        }
+        _ => None,
+    };
     let signal = {
         let stop_all = stop_all.clone();
         async move {
@@ -226,11 +291,14 @@ pub async fn run(
             let _ = stop_all.send(());
         }
     };
-    let (_, curation, training) = tokio::join!(signal, curation, training);
-    let result = curation.and(training);
+    let (_, curation, training, evaluation) = tokio::join!(signal, curation, training, evaluation);
+    let result = curation.and(training).and(evaluation);
     let _ = stop_tx.send(true);
     if let Some(s) = schedule {
         let _ = s.await;
+    }
+    if let Some(m) = monitor {
+        let _ = m.await;
     }
     result.map_err(|e| anyhow::anyhow!("worker stopped: {e}"))
 }

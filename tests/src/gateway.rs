@@ -121,13 +121,18 @@ impl TestGateway {
 
     /// The tiny random-weight model: for tests of data paths, not answers.
     pub async fn tiny() -> Self {
+        Self::tiny_with(GatewayConfig::default()).await
+    }
+
+    /// [`tiny`](Self::tiny) with other gateway settings.
+    pub async fn tiny_with(cfg: GatewayConfig) -> Self {
         let dir = std::env::temp_dir().join(format!("fw-tiny-{}", uuid::Uuid::new_v4()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = flywheel_model::testing::write_tiny_model(&dir, 3).unwrap();
         let cache = flywheel_modelhub::ModelCache::new(dir.join("cache")).unwrap();
         let model = cache.import(&path, Some("tiny")).await.unwrap();
         let engine = load_engine(&model, EngineConfig::default()).await;
-        Self::start(&model, engine, GatewayConfig::default()).await
+        Self::start(&model, engine, cfg).await
     }
 
     /// A chat completion through the API; returns its id.

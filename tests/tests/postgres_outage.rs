@@ -40,6 +40,9 @@ async fn traffic_survives_a_postgres_restart() {
         .await
         .unwrap();
     let version = flywheel::register(&pool, &model).await.unwrap();
+    flywheel_store::models::set_champion(&pool, &version.name)
+        .await
+        .unwrap();
     let engine = load_engine(&model, EngineConfig::default()).await;
     let journal =
         flywheel_tests::open_journal(&pool, JournalConfig::new(dir.join("journal"))).await;
@@ -52,6 +55,8 @@ async fn traffic_survives_a_postgres_restart() {
         name: "tiny".into(),
     });
     let (_, key) = flywheel_store::keys::create_key(&pool, "t").await.unwrap();
+    state.refresh_routes().await.unwrap();
+    state.spawn_route_listener();
     let base = flywheel_tests::spawn_gateway(state, std::future::pending()).await;
 
     let http = reqwest::Client::new();
@@ -71,6 +76,17 @@ async fn traffic_survives_a_postgres_restart() {
         }
         if (11..20).contains(&round) {
             tokio::time::sleep(Duration::from_millis(6700)).await;
+            // OpenAI clients often list the models first: that works from
+            // memory while Postgres is away.
+            let models = http
+                .get(format!("{base}/v1/models"))
+                .bearer_auth(&key)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(models.status(), 200, "round {round}");
+            let listed: serde_json::Value = models.json().await.unwrap();
+            assert_eq!(listed["data"][0]["id"], "tiny", "round {round}: {listed}");
         }
         let resp = http
             .post(format!("{base}/v1/chat/completions"))

@@ -99,7 +99,10 @@ pub async fn run(pool: &PgPool, env: &TrainEnv, run_id: Uuid) -> anyhow::Result<
             o.resumed_from = resumed_from;
             Ok(o)
         }
-        Ok(trained) => register::conclude(&ctx, trained).await,
+        Ok(trained) => match register::conclude(&ctx, trained).await {
+            Ok(o) => evaluate_candidate(pool, &run, o).await,
+            Err(e) => Err(e),
+        },
         Err(e) => Err(e),
     };
     match result {
@@ -120,6 +123,44 @@ pub async fn run(pool: &PgPool, env: &TrainEnv, run_id: Uuid) -> anyhow::Result<
             Err(e)
         }
     }
+}
+
+/// Every candidate a team's run produced is evaluated against the team's
+/// champion, and the loop acts on the verdict.
+async fn evaluate_candidate(
+    pool: &PgPool,
+    run: &TrainingRun,
+    o: RunOutcome,
+) -> anyhow::Result<RunOutcome> {
+    let dataset = flywheel_store::datasets::get(pool, run.dataset_version_id).await?;
+    let (Some(team), Some(candidate)) = (dataset.and_then(|d| d.team_id), o.candidate.as_ref())
+    else {
+        return Ok(o);
+    };
+    let candidate = flywheel_store::models::by_name(pool, candidate)
+        .await?
+        .context("the candidate is gone")?;
+    let champion = flywheel_store::models::team_champion(pool, team)
+        .await?
+        .context("the team has no champion")?;
+    let (evaluation, _) = crate::evaluate::enqueue(
+        pool,
+        &flywheel_store::evals::NewEvaluation {
+            team_id: Some(team),
+            candidate_version_id: candidate.id,
+            champion_version_id: champion.id,
+            dataset_version_id: Some(run.dataset_version_id),
+            training_run_id: Some(run.id),
+        },
+        true,
+        queue::DEFAULT_MAX_ATTEMPTS,
+    )
+    .await?;
+    tracing::info!(%evaluation, candidate = candidate.name, "evaluation queued");
+    Ok(RunOutcome {
+        evaluation: Some(evaluation),
+        ..o
+    })
 }
 
 async fn train_with_backend(ctx: &RunContext<'_>) -> anyhow::Result<Trained> {

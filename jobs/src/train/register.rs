@@ -168,6 +168,11 @@ pub async fn conclude(ctx: &RunContext<'_>, trained: Trained) -> anyhow::Result<
     )
     .await?
     .id;
+    // A candidate serves the team whose feedback trained it (or the teams
+    // that pool feedback, for a shared dataset).
+    let dataset = flywheel_store::datasets::get(pool, run.dataset_version_id).await?;
+    let team = dataset.as_ref().and_then(|d| d.team_id);
+    flywheel_store::models::set_scope(pool, candidate, team, team.is_none()).await?;
     let before = training::get(pool, run.id)
         .await?
         .and_then(|r| r.eval_loss_before);
@@ -187,5 +192,6 @@ pub async fn conclude(ctx: &RunContext<'_>, trained: Trained) -> anyhow::Result<
         candidate: Some(name),
         eval_loss_before: before,
         eval_loss_after: Some(eval_after),
+        evaluation: None,
     })
 }

@@ -68,6 +68,9 @@ pub struct RunOutcome {
     pub candidate: Option<String>,
     pub eval_loss_before: Option<f64>,
     pub eval_loss_after: Option<f64>,
+    /// The evaluation queued for the candidate.
+    #[serde(default)]
+    pub evaluation: Option<Uuid>,
 }
 
 impl RunOutcome {
@@ -79,6 +82,7 @@ impl RunOutcome {
             candidate: run.candidate_version_id.map(|c| c.to_string()),
             eval_loss_before: run.eval_loss_before,
             eval_loss_after: run.eval_loss_after,
+            evaluation: None,
         }
     }
 }

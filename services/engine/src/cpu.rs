@@ -13,53 +13,10 @@ use flywheel_model::config::{self, LlamaConfig, Proj};
 use flywheel_model::gguf::GgufFile;
 use rayon::prelude::*;
 
+use crate::adapter::{Adapter, proj_index};
 use crate::kernels::{QMatrix, Simd, axpy, dot};
 use crate::step::{BatchItem, StepModel};
-use crate::types::AdapterWeights;
 use crate::{EngineError, Result};
-
-/// A LoRA adapter as the kernels apply it: per layer and projection
-/// (indexed as [`Proj::ALL`]) `A (rank, in)` and `B (out, rank)`, added as
-/// `scale * B A x` to the projection's output before anything else uses it.
-/// The base weights are shared by every adapter on the same engine.
-pub struct Adapter {
-    scale: f32,
-    pairs: Vec<[Option<(QMatrix, QMatrix)>; 7]>,
-    bytes: usize,
-}
-
-impl Adapter {
-    /// Checks `w`'s shapes against the model and lays it out.
-    pub fn new(w: AdapterWeights, cfg: &LlamaConfig) -> Result<Self> {
-        let mut pairs: Vec<[Option<(QMatrix, QMatrix)>; 7]> =
-            (0..cfg.n_layers).map(|_| Default::default()).collect();
-        let mut bytes = 0;
-        for p in w.pairs {
-            let (out, inp) = cfg.proj_shape(p.proj);
-            let slot = pairs
-                .get_mut(p.layer)
-                .ok_or_else(|| EngineError::Invalid(format!("no layer {}", p.layer)))?;
-            bytes += 4 * (p.a.len() + p.b.len());
-            let a = QMatrix::f32(p.rank, inp, p.a)?;
-            let b = QMatrix::f32(out, p.rank, p.b)?;
-            slot[proj_index(p.proj)] = Some((a, b));
-        }
-        Ok(Self {
-            scale: w.scale,
-            pairs,
-            bytes,
-        })
-    }
-
-    /// Bytes of adapter weights held.
-    pub fn weight_bytes(&self) -> usize {
-        self.bytes
-    }
-}
-
-fn proj_index(p: Proj) -> usize {
-    Proj::ALL.iter().position(|&q| q == p).unwrap_or(0)
-}
 
 struct Layer {
     attn_norm: Vec<f32>,
@@ -588,7 +545,7 @@ mod tests {
         for layer in 0..cfg.n_layers {
             for proj in Proj::ALL {
                 let (out, inp) = cfg.proj_shape(proj);
-                pairs.push(crate::types::AdapterPair {
+                pairs.push(crate::adapter::AdapterPair {
                     layer,
                     proj,
                     rank,
@@ -597,7 +554,7 @@ mod tests {
                 });
             }
         }
-        Adapter::new(AdapterWeights { scale: 2.0, pairs }, cfg).unwrap()
+        Adapter::new(crate::adapter::AdapterWeights { scale: 2.0, pairs }, cfg).unwrap()
     }
 
     #[test]

@@ -14,11 +14,12 @@ use flywheel_model::{ChatMessage, ModelFiles};
 use tokio::sync::mpsc::{UnboundedReceiver, unbounded_channel};
 
 use crate::Result;
+use crate::adapter::AdapterWeights;
 use crate::cpu::CpuLlama;
 use crate::scheduler::{Job, spawn};
 use crate::types::{
-    AdapterId, AdapterWeights, Backend, Counters, EngineConfig, EngineStats, Event,
-    GenerateRequest, ModelInfo, Shared, SubmitError,
+    AdapterId, Backend, Counters, EngineConfig, EngineStats, Event, GenerateRequest, ModelInfo,
+    Shared, SubmitError,
 };
 
 /// Cheap to clone; every clone feeds the same engine thread.
@@ -97,7 +98,7 @@ impl EngineHandle {
                     .into(),
             ));
         }
-        let adapter = crate::cpu::Adapter::new(weights, &self.shared.config)?;
+        let adapter = crate::adapter::Adapter::new(weights, &self.shared.config)?;
         let id = AdapterId(self.shared.next_adapter.fetch_add(1, Ordering::Relaxed));
         self.shared
             .adapters

@@ -11,6 +11,7 @@
 //!
 //! The engine knows nothing of the database, HTTP or training.
 
+mod adapter;
 mod candle;
 mod cpu;
 mod handle;
@@ -23,13 +24,14 @@ mod stop;
 pub mod testing;
 mod types;
 
+pub use adapter::{AdapterPair, AdapterWeights};
 pub use flywheel_model::ChatMessage;
 pub use handle::EngineHandle;
 pub use kernels::Simd;
 pub use sampling::{MIN_TEMPERATURE, SamplingParams};
 pub use types::{
-    AdapterId, AdapterPair, AdapterWeights, Backend, EngineConfig, EngineStats, Event,
-    FinishReason, GenerateRequest, ModelInfo, SubmitError, TokenLogprob, TopLogprob,
+    AdapterId, Backend, EngineConfig, EngineStats, Event, FinishReason, GenerateRequest, ModelInfo,
+    SubmitError, TokenLogprob, TopLogprob,
 };
 
 /// Errors from loading a model or running it.

@@ -48,7 +48,7 @@ pub(crate) fn spawn<M: StepModel>(
 /// One request in the running batch.
 struct Seq<C> {
     job: Job,
-    adapter: Option<Arc<crate::cpu::Adapter>>,
+    adapter: Option<Arc<crate::adapter::Adapter>>,
     cache: C,
     sampler: Sampler,
     decoder: IncrementalDecoder,

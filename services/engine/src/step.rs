@@ -14,7 +14,7 @@ pub struct BatchItem<'a, C> {
     /// Whether the logits after this item's last token are needed.
     pub want_logits: bool,
     /// The LoRA adapter this sequence runs with, if any.
-    pub adapter: Option<&'a crate::cpu::Adapter>,
+    pub adapter: Option<&'a crate::adapter::Adapter>,
 }
 
 pub trait StepModel: Send + 'static {

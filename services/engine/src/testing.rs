@@ -6,7 +6,8 @@ use std::path::Path;
 use flywheel_model::gguf::GgufFile;
 
 use crate::Result;
-use crate::cpu::{Adapter, CpuLlama, SeqCache};
+use crate::adapter::Adapter;
+use crate::cpu::{CpuLlama, SeqCache};
 use crate::kernels::Simd;
 use crate::step::BatchItem;
 

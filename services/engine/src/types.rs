@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize};
 use std::sync::{Arc, RwLock};
 
-use flywheel_model::{ChatTemplate, Proj, TextTokenizer};
+use flywheel_model::{ChatTemplate, TextTokenizer};
 
 use crate::kernels::Simd;
 use crate::sampling::SamplingParams;
@@ -67,25 +67,6 @@ pub struct GenerateRequest {
     /// A LoRA adapter added to the base weights for this request only
     /// ([`crate::EngineHandle::add_adapter`]).
     pub adapter: Option<AdapterId>,
-}
-
-/// A LoRA adapter for the serving kernels: per adapted projection `A (rank,
-/// in)` and `B (out, rank)`, row-major f32, rows in the model file's order
-/// (GGUF's interleaved-rope order for q and k); the delta is
-/// `scale * B A x`.
-#[derive(Debug, Clone, PartialEq)]
-pub struct AdapterWeights {
-    pub scale: f32,
-    pub pairs: Vec<AdapterPair>,
-}
-
-#[derive(Debug, Clone, PartialEq)]
-pub struct AdapterPair {
-    pub layer: usize,
-    pub proj: Proj,
-    pub rank: usize,
-    pub a: Vec<f32>,
-    pub b: Vec<f32>,
 }
 
 /// An adapter loaded into an engine.
@@ -162,7 +143,7 @@ pub(crate) struct Shared {
     pub stats: Counters,
     /// Adapters requests may name; a sequence keeps its own `Arc` while it
     /// runs, so removing one never disturbs a generation in flight.
-    pub adapters: RwLock<HashMap<AdapterId, Arc<crate::cpu::Adapter>>>,
+    pub adapters: RwLock<HashMap<AdapterId, Arc<crate::adapter::Adapter>>>,
     pub next_adapter: AtomicU64,
 }
 

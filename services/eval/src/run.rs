@@ -145,9 +145,17 @@ pub async fn score(m: &Served, messages: &[ChatMessage], answer: &str) -> Result
 async fn each<'a, T, R, F, Fut>(items: &'a [T], concurrency: usize, f: F) -> Result<Vec<R>>
 where
     F: Fn(&'a T) -> Fut,
-    Fut: std::future::Future<Output = Result<R>>,
+    Fut: std::future::Future<Output = Result<R>> + Send + 'a,
+    R: Send,
 {
-    futures::stream::iter(items.iter().map(f))
+    // Boxed so the futures' type names no closure (which would make the
+    // whole evaluation's future not `Send`, rust-lang/rust#102211).
+    type Boxed<'b, R> = std::pin::Pin<Box<dyn std::future::Future<Output = Result<R>> + Send + 'b>>;
+    let futures: Vec<Boxed<'a, R>> = items
+        .iter()
+        .map(|i| Box::pin(f(i)) as Boxed<'a, R>)
+        .collect();
+    futures::stream::iter(futures)
         .buffered(concurrency.max(1))
         .collect::<Vec<_>>()
         .await
@@ -450,4 +458,11 @@ pub async fn compare(
         }
     }
     Ok(out)
+}
+
+/// Workers run evaluations on tokio's threads: the future must stay `Send`.
+#[allow(dead_code)]
+fn compare_is_send(a: &Served, b: &Served, i: &Inputs, p: OnProgress) {
+    fn is_send<T: Send>(_: T) {}
+    is_send(compare(a, b, i, 4, p));
 }

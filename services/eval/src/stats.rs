@@ -19,8 +19,10 @@
 //! threshold (0.95) and rolled back when it falls under its complement
 //! (0.05), but only once both arms have a minimum number of votes, which
 //! keeps early noise from deciding; a canary still undecided at its
-//! deadline is rolled back. Looking repeatedly is allowed by this test in a
-//! way it is not for a fixed-sample p-value.
+//! deadline is rolled back. The posterior means the same thing however
+//! often it is looked at, which a fixed-sample p-value does not; its
+//! frequentist error still grows with the number of looks, which is what
+//! the minimum sample and the 0.95 threshold hold down.
 
 /// A 95% interval and the point estimate.
 #[derive(Debug, Clone, Copy, PartialEq)]

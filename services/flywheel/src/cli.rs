@@ -77,6 +77,24 @@ pub enum Command {
         #[command(subcommand)]
         command: crate::artifacts::ArtifactsCommand,
     },
+    /// Evaluate a candidate against a champion (`flywheel eval CANDIDATE
+    /// [--against CHAMPION]`), or read reports (`show ID`, `list`).
+    Eval(Box<crate::eval::EvalArgs>),
+    /// A team's task suites: prompts with checks the gate runs.
+    Suites {
+        #[command(subcommand)]
+        command: crate::eval::SuitesCommand,
+    },
+    /// The audit log: promotions, rejections, canaries, rollbacks, and why.
+    Decisions {
+        #[arg(long)]
+        team: Option<String>,
+        #[arg(long, default_value_t = 50)]
+        limit: i64,
+    },
+    /// Play a scenario through the public API: chats, simulated users'
+    /// votes and corrections, held-out scores cycle by cycle.
+    Simulate(Box<crate::simulate::SimulateArgs>),
     /// The gateway's journal: records set aside (dead letters), replay.
     Journal {
         #[command(subcommand)]
@@ -110,7 +128,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Worker => {
             crate::bootstrap::low_priority_training_pool(&cfg);
             let pool = pool(&cfg).await?;
-            flywheel_jobs::worker::run(pool, cfg.worker()?, crate::serve::shutdown_signal()).await
+            let w = cfg.worker(&pool)?;
+            flywheel_jobs::worker::run(pool, w, crate::serve::shutdown_signal()).await
         }
         Command::Migrate => {
             pool(&cfg).await?;
@@ -154,6 +173,12 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             };
             crate::journal::run(&cfg, command, pool).await
         }
+        Command::Eval(args) => crate::eval::eval(&cfg, &pool(&cfg).await?, *args).await,
+        Command::Suites { command } => crate::eval::suites(&pool(&cfg).await?, command).await,
+        Command::Decisions { team, limit } => {
+            crate::eval::decisions(&pool(&cfg).await?, team.as_deref(), limit).await
+        }
+        Command::Simulate(args) => crate::simulate::run(&cfg, *args).await,
         Command::Jobs { limit } => crate::datasets::jobs(&pool(&cfg).await?, limit).await,
     }
 }

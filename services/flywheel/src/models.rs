@@ -3,6 +3,29 @@
 
 use crate::Config;
 
+/// Who a command acts for, in the audit log: the operating-system user.
+pub fn actor() -> String {
+    std::env::var("USER")
+        .or_else(|_| std::env::var("LOGNAME"))
+        .map(|u| format!("cli:{u}"))
+        .unwrap_or_else(|_| "cli".into())
+}
+
+pub async fn team_id(pool: &flywheel_store::PgPool, team: &str) -> anyhow::Result<uuid::Uuid> {
+    flywheel_store::keys::team_id(pool, team)
+        .await?
+        .ok_or_else(|| anyhow::anyhow!("no team named {team}"))
+}
+
+pub async fn version(
+    pool: &flywheel_store::PgPool,
+    name: &str,
+) -> anyhow::Result<flywheel_store::models::ModelVersion> {
+    flywheel_store::models::by_name(pool, name)
+        .await?
+        .ok_or_else(|| anyhow::anyhow!("no model version named {name}"))
+}
+
 #[derive(Debug, Clone, clap::Subcommand)]
 pub enum ModelsCommand {
     /// Fetch a model and register it: the default SmolLM2-135M-Instruct, or
@@ -23,8 +46,36 @@ pub enum ModelsCommand {
     },
     /// List model versions.
     List,
-    /// Make a model version the champion.
-    Promote { name: String },
+    /// Make a model version the champion: a team's (`--team`, with a
+    /// `--reason` for the audit log) or, without `--team`, the global one
+    /// every team without a champion of its own gets.
+    Promote {
+        name: String,
+        #[arg(long)]
+        team: Option<String>,
+        /// Why (required with --team; kept in `flywheel decisions`).
+        #[arg(long, requires = "team")]
+        reason: Option<String>,
+    },
+    /// Undo a team's last promotion (or stop its running canary).
+    Rollback {
+        #[arg(long)]
+        team: String,
+        #[arg(long)]
+        reason: String,
+    },
+    /// Serve a candidate to a share of a team's traffic, compared live with
+    /// its champion until the thumbs decide.
+    Canary {
+        name: String,
+        #[arg(long)]
+        team: String,
+        /// Share of the team's end users it serves (default: the configured one).
+        #[arg(long)]
+        share: Option<f64>,
+        #[arg(long)]
+        reason: String,
+    },
     /// Register a PEFT LoRA adapter trained elsewhere: merged into its base
     /// (Q8_0 GGUF) as a new model version.
     ImportAdapter {
@@ -36,6 +87,10 @@ pub enum ModelsCommand {
         base: Option<String>,
         #[arg(long)]
         name: String,
+        /// The team whose data trained it: only that team may be served by
+        /// it (without: every team may).
+        #[arg(long)]
+        team: Option<String>,
     },
 }
 
@@ -75,14 +130,90 @@ pub async fn run(
             }
             return Ok(());
         }
-        ModelsCommand::ImportAdapter { dir, base, name } => {
+        ModelsCommand::ImportAdapter {
+            dir,
+            base,
+            name,
+            team,
+        } => {
+            let scope = match &team {
+                Some(t) => Some(team_id(pool, t).await?),
+                None => None,
+            };
             let v = crate::train::import_adapter(cfg, pool, &dir, base.as_deref(), &name).await?;
+            if scope.is_some() {
+                models::set_scope(pool, v.id, scope, false).await?;
+            }
             println!("registered {} ({}) from the adapter in {dir}", v.name, v.id);
             return Ok(());
         }
-        ModelsCommand::Promote { name } => {
+        ModelsCommand::Promote {
+            name, team: None, ..
+        } => {
             let v = models::set_champion(pool, &name).await?;
             println!("{} is now the champion", v.name);
+            return Ok(());
+        }
+        ModelsCommand::Promote {
+            name,
+            team: Some(team),
+            reason,
+        } => {
+            let reason = reason
+                .ok_or_else(|| anyhow::anyhow!("give --reason: it goes into the audit log"))?;
+            let (team_id, v) = (team_id(pool, &team).await?, version(pool, &name).await?);
+            let why = flywheel_jobs::promote::Why {
+                reason: &reason,
+                evidence: serde_json::json!({}),
+                actor: &actor(),
+                evaluation_id: None,
+                canary_id: None,
+            };
+            flywheel_jobs::promote::promote(pool, team_id, &v, "manual_promote", why).await?;
+            println!("{} is now team {team}'s champion", v.name);
+            return Ok(());
+        }
+        ModelsCommand::Rollback { team, reason } => {
+            let team_id = team_id(pool, &team).await?;
+            let done =
+                flywheel_jobs::promote::manual_rollback(pool, team_id, &reason, &actor()).await?;
+            println!("team {team}: {done}");
+            return Ok(());
+        }
+        ModelsCommand::Canary {
+            name,
+            team,
+            share,
+            reason,
+        } => {
+            let (team_id, v) = (team_id(pool, &team).await?, version(pool, &name).await?);
+            let share = share.unwrap_or(cfg.promotion.canary_share);
+            if !(share > 0.0 && share < 1.0) {
+                anyhow::bail!("--share must be between 0 and 1, not {share}");
+            }
+            let why = flywheel_jobs::promote::Why {
+                reason: &reason,
+                evidence: serde_json::json!({}),
+                actor: &actor(),
+                evaluation_id: None,
+                canary_id: None,
+            };
+            let c = flywheel_jobs::promote::start_canary(
+                pool,
+                team_id,
+                &v,
+                share,
+                cfg.promotion.canary_deadline_hours,
+                why,
+            )
+            .await?;
+            println!(
+                "canary {} started: {} serves {:.0}% of team {team}'s users until {}",
+                c.id,
+                v.name,
+                100.0 * share,
+                c.deadline.format("%Y-%m-%d %H:%M UTC")
+            );
             return Ok(());
         }
     };

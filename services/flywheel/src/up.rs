@@ -43,7 +43,7 @@ pub async fn up(mut cfg: Config) -> anyhow::Result<()> {
     };
     let worker = tokio::spawn(flywheel_jobs::worker::run(
         pool.clone(),
-        cfg.worker()?,
+        cfg.worker(&pool)?,
         stopped(stop_rx.clone()),
     ));
     let mut result = crate::serve::serve(cfg, pool, stopped(stop_rx)).await;

@@ -159,7 +159,7 @@ impl AppState {
             loop {
                 let mut listener =
                     match flywheel_store::PgListener::connect_with(state.pool()).await {
-                        Ok(mut l) => match l.listen(flywheel_store::routes::ROUTES_CHANNEL).await {
+                        Ok(mut l) => match l.listen(flywheel_store::notify::ROUTES_CHANNEL).await {
                             Ok(()) => Some(l),
                             Err(_) => None,
                         },

@@ -54,7 +54,7 @@ pub async fn start(
     let canary = row.ok_or_else(|| {
         StoreError::Conflict("this team already runs a canary; end it first".into())
     })?;
-    crate::routes::notify(&mut *conn).await?;
+    crate::notify::routes_changed(&mut *conn).await?;
     Ok(canary)
 }
 
@@ -69,7 +69,7 @@ pub async fn end(conn: &mut PgConnection, id: Uuid, status: &str, reason: &str) 
     .bind(reason)
     .execute(&mut *conn)
     .await?;
-    crate::routes::notify(&mut *conn).await?;
+    crate::notify::routes_changed(&mut *conn).await?;
     Ok(done.rows_affected() == 1)
 }
 

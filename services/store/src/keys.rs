@@ -163,3 +163,22 @@ pub async fn team_id(ex: impl PgExecutor<'_>, team: &str) -> Result<Option<Uuid>
         .fetch_optional(ex)
         .await?)
 }
+
+/// Whether a team pools its feedback into shared datasets.
+pub async fn team_shares(ex: impl PgExecutor<'_>, team_id: Uuid) -> Result<bool> {
+    Ok(
+        sqlx::query_scalar("select share_for_training from teams where id = $1")
+            .bind(team_id)
+            .fetch_optional(ex)
+            .await?
+            .unwrap_or(false),
+    )
+}
+
+/// A team's name.
+pub async fn team_name(ex: impl PgExecutor<'_>, team_id: Uuid) -> Result<Option<String>> {
+    Ok(sqlx::query_scalar("select name from teams where id = $1")
+        .bind(team_id)
+        .fetch_optional(ex)
+        .await?)
+}

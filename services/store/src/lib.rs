@@ -15,6 +15,7 @@ pub mod instance;
 pub mod jobs;
 pub mod keys;
 pub mod models;
+pub mod notify;
 pub mod routes;
 pub mod synth;
 pub mod training;

@@ -132,7 +132,7 @@ pub async fn set_champion(pool: &sqlx::PgPool, name: &str) -> Result<ModelVersio
     .fetch_optional(&mut *tx)
     .await?;
     let v = v.ok_or_else(|| StoreError::NotFound(format!("model version {name}")))?;
-    crate::routes::notify(&mut *tx).await?;
+    crate::notify::routes_changed(&mut *tx).await?;
     tx.commit().await?;
     Ok(v)
 }
@@ -182,7 +182,7 @@ pub async fn set_team_champion(
     if done.rows_affected() == 0 {
         return Err(StoreError::NotFound(format!("team {team_id}")));
     }
-    crate::routes::notify(&mut *conn).await
+    crate::notify::routes_changed(&mut *conn).await
 }
 
 /// Lineage of a trained model version.

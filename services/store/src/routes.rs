@@ -3,23 +3,10 @@
 //! and the channel that tells gateways it changed (`LISTEN flywheel_routes`).
 
 use chrono::{DateTime, Utc};
-use sqlx::PgExecutor;
 use uuid::Uuid;
 
 use crate::Result;
 use crate::models::ModelVersion;
-
-/// Notified (in the transaction that changes them) whenever champions or
-/// canaries change.
-pub const ROUTES_CHANNEL: &str = "flywheel_routes";
-
-pub async fn notify(ex: impl PgExecutor<'_>) -> Result<()> {
-    sqlx::query("select pg_notify($1, '')")
-        .bind(ROUTES_CHANNEL)
-        .execute(ex)
-        .await?;
-    Ok(())
-}
 
 /// A team's routing.
 #[derive(Debug, Clone, PartialEq, sqlx::FromRow)]

@@ -176,7 +176,9 @@ impl Config {
                     default_max_tokens: usize_of("gateway.default_max_tokens", 1)?,
                     log_completions: l.bool("gateway.log_completions")?,
                     max_loaded_models: usize_of("gateway.max_loaded_models", 1)?,
-                    ..Default::default()
+                    route_refresh: std::time::Duration::from_secs(
+                        l.number("gateway.route_refresh_secs", 1..=86_400)?,
+                    ),
                 },
             },
             engine,
@@ -277,8 +279,21 @@ impl Config {
         })
     }
 
+    /// How this process evaluates candidates.
+    pub fn eval_env(&self, pool: &flywheel_store::PgPool) -> flywheel_jobs::evaluate::EvalEnv {
+        flywheel_jobs::evaluate::EvalEnv {
+            versions: crate::bootstrap::versions(self, pool),
+            policy: self.promotion.clone(),
+            concurrency: self.eval_concurrency,
+            retention: None,
+        }
+    }
+
     /// The worker's settings; its name is unique to this process.
-    pub fn worker(&self) -> anyhow::Result<flywheel_jobs::worker::WorkerConfig> {
+    pub fn worker(
+        &self,
+        pool: &flywheel_store::PgPool,
+    ) -> anyhow::Result<flywheel_jobs::worker::WorkerConfig> {
         use flywheel_jobs::{schedule, worker};
         let host = std::fs::read_to_string("/etc/hostname").unwrap_or_default();
         let name = format!(
@@ -293,6 +308,8 @@ impl Config {
         w.max_attempts = j.max_attempts.max(1);
         w.backoff.base = std::time::Duration::from_secs(j.backoff_secs);
         w.training = Some(self.train_env()?);
+        w.canary_check = Some(std::time::Duration::from_secs(self.canary_check_secs));
+        w.evaluation = Some(self.eval_env(pool));
         let min_new = self.training.min_new_examples;
         w.curation = match &j.curation_schedule {
             Some(expr) => Some(schedule::CurationSchedule {

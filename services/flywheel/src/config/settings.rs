@@ -86,6 +86,12 @@ pub const SETTINGS: &[Setting] = &[
         "base engines a gateway keeps loaded, least recently used unloaded first (candidates that are adapters run on their base's engine)",
     ),
     s(
+        "gateway.route_refresh_secs",
+        "FLYWHEEL_ROUTE_REFRESH_SECS",
+        "5",
+        "besides listening for promotions (Postgres NOTIFY), a gateway rereads its teams' champions and canaries this often",
+    ),
+    s(
         "engine.queue_capacity",
         "FLYWHEEL_QUEUE_CAPACITY",
         "64",

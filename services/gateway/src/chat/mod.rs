@@ -91,7 +91,7 @@ async fn create(
         .submit(GenerateRequest {
             prompt_ids,
             params,
-            adapter: None,
+            adapter: served.adapter,
         })
         .map_err(|e| match e {
             SubmitError::QueueFull => AppError::Overloaded {

@@ -1,0 +1,377 @@
+//! The evaluation job: a candidate against the team's champion on the files
+//! that would be served, through the serving engine. The team's task suites,
+//! the general retention suite, the held-out preference pairs and answers
+//! of the candidate's dataset, and latency; every metric with its paired
+//! interval, every example's output for both models, and the gate's
+//! verdict stored. After a training run the job also acts on the verdict:
+//! a passing candidate starts a canary (or is promoted when no canary is
+//! configured), a failing one is rejected, each with its reasons in the
+//! audit log.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use anyhow::Context;
+use flywheel_curation::build::{DpoPair, SftExample};
+use flywheel_engine::{ChatMessage, EngineHandle};
+use flywheel_eval::run::{Answer, Inputs, Pair, Served};
+use flywheel_eval::{Policy, Suite};
+use flywheel_store::PgPool;
+use flywheel_store::evals::{self, NewEvaluation};
+use flywheel_store::models::ModelVersion;
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::promote::{self, LOOP, Why};
+use crate::queue;
+use crate::serving::Versions;
+
+/// The queue's payload.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EvalJob {
+    pub evaluation_id: Uuid,
+    /// Act on the verdict (canary, promotion or rejection), as the loop does
+    /// after a training run; a person's `flywheel eval` only reports.
+    #[serde(default)]
+    pub act: bool,
+}
+
+/// What a worker evaluates with.
+#[derive(Debug, Clone)]
+pub struct EvalEnv {
+    pub versions: Versions,
+    pub policy: Policy,
+    /// Requests in flight at once (the engine batches them).
+    pub concurrency: usize,
+    /// The retention suite; `None`: the one shipped with Flywheel.
+    pub retention: Option<Suite>,
+}
+
+/// How an evaluation ended.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EvalOutcome {
+    pub evaluation_id: Uuid,
+    pub passed: bool,
+    pub reasons: Vec<String>,
+    /// What the job did: `canary_started`, `promote`, `reject`, or nothing.
+    pub action: Option<String>,
+}
+
+/// Creates an evaluation of `candidate` against `champion` and queues it.
+pub async fn enqueue(
+    pool: &PgPool,
+    e: &NewEvaluation,
+    act: bool,
+    max_attempts: u32,
+) -> anyhow::Result<(Uuid, String)> {
+    let mut tx = pool.begin().await?;
+    let id = evals::create(&mut *tx, e).await?;
+    let task = queue::push(
+        &mut tx,
+        queue::EVALUATION,
+        &EvalJob {
+            evaluation_id: id,
+            act,
+        },
+        max_attempts,
+    )
+    .await?;
+    tx.commit().await?;
+    Ok((id, task))
+}
+
+/// Both models as served; engines are shared when the two run on the same
+/// base.
+async fn load_pair(
+    pool: &PgPool,
+    versions: &Versions,
+    candidate: &ModelVersion,
+    champion: &ModelVersion,
+) -> anyhow::Result<(Served, Served)> {
+    let mut engines: HashMap<Uuid, EngineHandle> = HashMap::new();
+    let champion_served = served(pool, versions, &mut engines, champion).await?;
+    let candidate_served = served(pool, versions, &mut engines, candidate).await?;
+    Ok((candidate_served, champion_served))
+}
+
+/// An engine of `v`, from `engines` when one is loaded.
+async fn engine_of(
+    versions: &Versions,
+    engines: &mut HashMap<Uuid, EngineHandle>,
+    v: &ModelVersion,
+) -> anyhow::Result<EngineHandle> {
+    if let Some(e) = engines.get(&v.id) {
+        return Ok(e.clone());
+    }
+    let e = versions.engine(v).await?;
+    engines.insert(v.id, e.clone());
+    Ok(e)
+}
+
+/// `v` as the gateway would serve it: on its base's engine with its
+/// adapter, or on its own.
+async fn served(
+    pool: &PgPool,
+    versions: &Versions,
+    engines: &mut HashMap<Uuid, EngineHandle>,
+    v: &ModelVersion,
+) -> anyhow::Result<Served> {
+    let lineage = flywheel_store::models::lineage(pool, v.id).await?;
+    let on_base = lineage
+        .as_ref()
+        .and_then(|l| Some((l.base_version_id?, l.adapter_path.clone()?)));
+    if let Some((base_id, path)) = on_base
+        && let Some(base) = flywheel_store::models::get(pool, base_id).await?
+    {
+        let engine = engine_of(versions, engines, &base).await?;
+        let weights = versions.adapter(v, &path).await?;
+        if let Ok(id) = engine.add_adapter(weights) {
+            return Ok(Served {
+                engine,
+                adapter: Some(id),
+            });
+        }
+    }
+    Ok(Served {
+        engine: engine_of(versions, engines, v).await?,
+        adapter: None,
+    })
+}
+
+fn messages(m: &[flywheel_curation::build::Message]) -> Vec<ChatMessage> {
+    m.iter()
+        .map(|m| ChatMessage {
+            role: m.role.clone(),
+            content: m.content.clone(),
+        })
+        .collect()
+}
+
+/// The held-out pairs and answers of a dataset version.
+async fn held_out(pool: &PgPool, dataset: Uuid) -> anyhow::Result<(Vec<Pair>, Vec<Answer>)> {
+    let dpo = flywheel_store::datasets::examples(pool, dataset, "dpo", Some("eval")).await?;
+    let sft = flywheel_store::datasets::examples(pool, dataset, "sft", Some("eval")).await?;
+    let pairs = dpo
+        .into_iter()
+        .enumerate()
+        .map(|(i, (_, e))| {
+            let p: DpoPair = serde_json::from_value(e)?;
+            Ok(Pair {
+                id: format!("pair-{i}"),
+                prompt: messages(&p.prompt),
+                chosen: p.chosen,
+                rejected: p.rejected,
+            })
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let answers = sft
+        .into_iter()
+        .enumerate()
+        .map(|(i, (_, e))| {
+            let a: SftExample = serde_json::from_value(e)?;
+            Ok(Answer {
+                id: format!("answer-{i}"),
+                prompt: messages(&a.prompt),
+                answer: a.completion,
+            })
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    Ok((pairs, answers))
+}
+
+/// Runs one evaluation to its end. The step function the worker calls.
+#[tracing::instrument(skip_all, err, fields(evaluation = %job.evaluation_id))]
+pub async fn run(pool: &PgPool, env: &EvalEnv, job: &EvalJob) -> anyhow::Result<EvalOutcome> {
+    let e = evals::get(pool, job.evaluation_id)
+        .await?
+        .with_context(|| format!("evaluation {} does not exist", job.evaluation_id))?;
+    match evaluate(pool, env, &e).await {
+        Ok(outcome) if job.act => act(pool, env, &e, outcome).await,
+        Ok(outcome) => Ok(outcome),
+        Err(err) => {
+            evals::finish(
+                pool,
+                e.id,
+                None,
+                &serde_json::json!([]),
+                &serde_json::json!({}),
+                Some(&format!("{err:#}")),
+            )
+            .await?;
+            Err(err)
+        }
+    }
+}
+
+async fn evaluate(
+    pool: &PgPool,
+    env: &EvalEnv,
+    e: &evals::Evaluation,
+) -> anyhow::Result<EvalOutcome> {
+    evals::start(&mut *pool.acquire().await?, e.id).await?;
+    let get = |id| async move {
+        flywheel_store::models::get(pool, id)
+            .await?
+            .with_context(|| format!("model version {id} is gone"))
+    };
+    let (candidate, champion) = (
+        get(e.candidate_version_id).await?,
+        get(e.champion_version_id).await?,
+    );
+    let task_suites: Vec<Suite> = match e.team_id {
+        Some(team) => evals::team_suites(pool, team)
+            .await?
+            .into_iter()
+            .map(|s| Suite::parse(&s.definition.to_string()))
+            .collect::<Result<_, _>>()?,
+        None => Vec::new(),
+    };
+    let (pairs, answers) = match e.dataset_version_id {
+        Some(d) => held_out(pool, d).await?,
+        None => (Vec::new(), Vec::new()),
+    };
+    let retention = env.retention.clone().unwrap_or_else(Suite::retention);
+    let retention_name = retention.name.clone();
+    let inputs = Inputs {
+        task_suites: task_suites.clone(),
+        retention: Some(retention),
+        pairs,
+        answers,
+        answer_max_tokens: 128,
+    };
+    let (cand, champ) = load_pair(pool, &env.versions, &candidate, &champion).await?;
+    let label = format!("{} vs {}", candidate.name, champion.name);
+    let progress: flywheel_eval::run::OnProgress = Arc::new(move |what: &str| {
+        tracing::info!(evaluation = %label, "evaluating: {what}");
+    });
+    let cmp = flywheel_eval::run::compare(&cand, &champ, &inputs, env.concurrency, progress)
+        .await
+        .context("running the models")?;
+    let metrics: Vec<evals::Metric> = cmp
+        .metrics
+        .iter()
+        .map(|m| evals::Metric {
+            suite: m.suite.clone(),
+            metric: m.metric.clone(),
+            items: m.items as i32,
+            candidate: m.candidate,
+            champion: m.champion,
+            difference: m.difference,
+            ci_low: m.ci_low,
+            ci_high: m.ci_high,
+        })
+        .collect();
+    let items: Vec<evals::Item> = cmp
+        .items
+        .iter()
+        .map(|i| evals::Item {
+            suite: i.suite.clone(),
+            item: i.item.clone(),
+            model_version_id: if i.model == "candidate" {
+                candidate.id
+            } else {
+                champion.id
+            },
+            prompt: i.prompt.clone(),
+            output: i.output.clone(),
+            passed: i.passed,
+            score: i.score,
+        })
+        .collect();
+    evals::add_metrics(pool, e.id, &metrics).await?;
+    evals::add_items(pool, e.id, &items).await?;
+    let names: Vec<String> = task_suites.iter().map(|s| s.name.clone()).collect();
+    let verdict = flywheel_eval::gate::judge(&env.policy, &cmp.metrics, &names, &retention_name);
+    evals::finish(
+        pool,
+        e.id,
+        Some(verdict.passed),
+        &serde_json::to_value(&verdict.reasons)?,
+        &serde_json::to_value(&env.policy)?,
+        None,
+    )
+    .await?;
+    Ok(EvalOutcome {
+        evaluation_id: e.id,
+        passed: verdict.passed,
+        reasons: verdict.reasons,
+        action: None,
+    })
+}
+
+/// The loop's move after an evaluation: a canary (or a promotion) for a
+/// candidate that passed, a rejection on record for one that did not.
+async fn act(
+    pool: &PgPool,
+    env: &EvalEnv,
+    e: &evals::Evaluation,
+    mut outcome: EvalOutcome,
+) -> anyhow::Result<EvalOutcome> {
+    let Some(team) = e.team_id else {
+        return Ok(outcome);
+    };
+    let candidate = flywheel_store::models::get(pool, e.candidate_version_id)
+        .await?
+        .context("the candidate is gone")?;
+    let evidence = serde_json::json!({
+        "evaluation": e.id,
+        "metrics": evals::metrics(pool, e.id).await?,
+        "reasons": outcome.reasons,
+    });
+    let summary = outcome.reasons.join("; ");
+    let action = if !outcome.passed {
+        flywheel_store::decisions::record(
+            pool,
+            &flywheel_store::decisions::NewDecision {
+                team_id: Some(team),
+                kind: "reject",
+                candidate_version_id: Some(candidate.id),
+                champion_version_id: Some(e.champion_version_id),
+                evaluation_id: Some(e.id),
+                reason: &format!("failed the offline gate: {summary}"),
+                evidence,
+                actor: LOOP,
+                ..Default::default()
+            },
+        )
+        .await?;
+        "reject"
+    } else if env.policy.canary_share > 0.0 {
+        let reason = format!("passed the offline gate: {summary}");
+        promote::start_canary(
+            pool,
+            team,
+            &candidate,
+            env.policy.canary_share,
+            env.policy.canary_deadline_hours,
+            Why {
+                reason: &reason,
+                evidence,
+                actor: LOOP,
+                evaluation_id: Some(e.id),
+                canary_id: None,
+            },
+        )
+        .await?;
+        "canary_started"
+    } else {
+        let reason = format!("passed the offline gate: {summary}");
+        promote::promote(
+            pool,
+            team,
+            &candidate,
+            "promote",
+            Why {
+                reason: &reason,
+                evidence,
+                actor: LOOP,
+                evaluation_id: Some(e.id),
+                canary_id: None,
+            },
+        )
+        .await?;
+        "promote"
+    };
+    outcome.action = Some(action.into());
+    Ok(outcome)
+}

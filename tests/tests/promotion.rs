@@ -1,0 +1,748 @@
+//! Promote only winners, on real Postgres, the tiny model, a real gateway:
+//! a better candidate passes the gate and serves its team only; one that
+//! forgets is rejected with the reason stored; a canary worse on live
+//! thumbs is rolled back by itself; a swap under 16 streams fails none and
+//! changes none mid-stream; a slow load never holds up a loaded model.
+//!
+//! Candidates are real LoRA adapters trained here on the tiny model (its
+//! answers are random text, so what counts is that the mechanics move the
+//! right way: the task's answer learned, the retention answers kept or not).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use flywheel_engine::ChatMessage;
+use flywheel_eval::Policy;
+use flywheel_eval::check::Check;
+use flywheel_eval::suite::{Defaults, Suite, SuiteItem};
+use flywheel_gateway::GatewayConfig;
+use flywheel_jobs::evaluate::{EvalEnv, EvalJob};
+use flywheel_store::models::{Lineage, ModelVersion};
+use flywheel_tests::{TestGateway, eventually};
+use flywheel_trainer::data::Message;
+use flywheel_trainer::{Base, Example, Lora, LoraConfig, Objective, TrainConfig, Trainer};
+use futures::StreamExt;
+use serde_json::{Value, json};
+use uuid::Uuid;
+
+const TASK: [&str; 12] = [
+    "route ticket alpha",
+    "route ticket bravo",
+    "route ticket charlie",
+    "route ticket delta",
+    "route ticket echo",
+    "route ticket foxtrot",
+    "route ticket golf",
+    "route ticket hotel",
+    "route ticket india",
+    "route ticket juliet",
+    "route ticket kilo",
+    "route ticket lima",
+];
+const TASK_ANSWER: &str = "ok";
+const GENERAL: [&str; 12] = [
+    "tell me about rivers",
+    "tell me about salt",
+    "tell me about maps",
+    "tell me about owls",
+    "tell me about glass",
+    "tell me about rain",
+    "tell me about bread",
+    "tell me about iron",
+    "tell me about songs",
+    "tell me about moss",
+    "tell me about tides",
+    "tell me about wool",
+];
+
+fn user(text: &str) -> Vec<ChatMessage> {
+    vec![ChatMessage {
+        role: "user".into(),
+        content: text.into(),
+    }]
+}
+
+fn item(id: String, prompt: &str, check: Check) -> SuiteItem {
+    SuiteItem {
+        id,
+        tags: vec![],
+        messages: user(prompt),
+        checks: vec![check],
+        max_tokens: Some(8),
+        response_format: None,
+    }
+}
+
+/// The team's task: answer every routing prompt with exactly "ok".
+fn task_suite() -> Suite {
+    Suite {
+        name: "routing".into(),
+        version: None,
+        description: String::new(),
+        source: "test".into(),
+        license: "Apache-2.0".into(),
+        defaults: Defaults {
+            max_tokens: 8,
+            temperature: 0.0,
+        },
+        items: TASK
+            .iter()
+            .enumerate()
+            .map(|(i, p)| {
+                item(
+                    format!("t{i}"),
+                    p,
+                    Check::Exact {
+                        value: TASK_ANSWER.into(),
+                    },
+                )
+            })
+            .collect(),
+    }
+}
+
+/// What the base says to the general prompts (greedy, 8 tokens), and a
+/// retention suite over them: a general prompt must not get the task's
+/// answer (the tiny model's general answers are random bytes, so the check
+/// is the failure a narrow fine-tune shows: answering everything in the
+/// task's format).
+async fn retention_suite(gw: &TestGateway) -> (Suite, Vec<String>) {
+    let served = flywheel_eval::run::Served {
+        engine: gw.served.engine.clone(),
+        adapter: None,
+    };
+    let mut answers = Vec::new();
+    for p in GENERAL {
+        let g = flywheel_eval::run::generate(&served, &user(p), 8, 0.0)
+            .await
+            .unwrap();
+        answers.push(g.text);
+    }
+    let suite = Suite {
+        name: "retention".into(),
+        items: GENERAL
+            .iter()
+            .zip(&answers)
+            .enumerate()
+            .map(|(i, (p, _))| {
+                item(
+                    format!("r{i}"),
+                    p,
+                    Check::NotContains {
+                        value: TASK_ANSWER.into(),
+                    },
+                )
+            })
+            .collect(),
+        ..task_suite()
+    };
+    (suite, answers)
+}
+
+/// A LoRA adapter trained on `pairs` (prompt, answer) from the tiny base,
+/// registered as a candidate version of `team` served on its base.
+async fn candidate(
+    gw: &TestGateway,
+    name: &str,
+    team: Option<Uuid>,
+    pairs: Vec<(String, String)>,
+) -> ModelVersion {
+    let base_row = flywheel_store::models::get(&gw.db.pool, gw.served.version_id)
+        .await
+        .unwrap()
+        .unwrap();
+    let path = base_row.path.clone();
+    let dir = std::env::temp_dir().join(format!("fw-cand-{}", Uuid::new_v4()));
+    let (lora, dir) = tokio::task::spawn_blocking(move || {
+        let base = Base::load(std::path::Path::new(&path)).unwrap();
+        let examples: Vec<Example> = pairs
+            .iter()
+            .map(|(p, a)| Example::Sft {
+                prompt: base
+                    .encode(
+                        &[Message {
+                            role: "user".into(),
+                            content: p.clone(),
+                        }],
+                        a,
+                    )
+                    .unwrap(),
+            })
+            .collect();
+        let lora = Lora::new(
+            &base.model,
+            LoraConfig {
+                rank: 8,
+                alpha: 16.0,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let config = TrainConfig {
+            objective: Objective::Sft,
+            learning_rate: 2e-2,
+            steps: 300,
+            grad_accum: 2,
+            ..Default::default()
+        };
+        let mut t = Trainer::new(&base.model, lora, config, examples).unwrap();
+        for _ in 0..300 {
+            t.train_step().unwrap();
+        }
+        let mut lora = t.lora;
+        lora.training = false;
+        flywheel_trainer::peft::save(&lora, &base.model, "tiny", &dir).unwrap();
+        (lora, dir)
+    })
+    .await
+    .unwrap();
+    let artifacts = flywheel_jobs::artifacts::Artifacts::open(
+        &std::env::temp_dir()
+            .join(format!("fw-art-{}", Uuid::new_v4()))
+            .display()
+            .to_string(),
+    )
+    .unwrap();
+    let v = flywheel_jobs::train::register_candidate(
+        &gw.db.pool,
+        &artifacts,
+        &std::env::temp_dir().join(format!("fw-cache-{}", Uuid::new_v4())),
+        &flywheel_jobs::train::Candidate {
+            base_path: std::path::Path::new(&base_row.path),
+            lora: &lora,
+            name,
+            note: "test candidate",
+            lineage: &Lineage {
+                base_version_id: Some(base_row.id),
+                dataset_version_id: None,
+                adapter_path: Some(dir.display().to_string()),
+                training: None,
+            },
+        },
+    )
+    .await
+    .unwrap();
+    flywheel_store::models::set_scope(&gw.db.pool, v.id, team, false)
+        .await
+        .unwrap();
+    flywheel_store::models::get(&gw.db.pool, v.id)
+        .await
+        .unwrap()
+        .unwrap()
+}
+
+fn env(gw: &TestGateway, retention: Suite, canary_share: f64) -> EvalEnv {
+    EvalEnv {
+        versions: flywheel_jobs::serving::Versions {
+            pool: gw.db.pool.clone(),
+            cache: std::env::temp_dir().join("fw-eval-cache"),
+            engine: Default::default(),
+        },
+        policy: Policy {
+            canary_share,
+            // Mechanics, not speed: the tiny model's timings are noise.
+            max_latency_ratio: 100.0,
+            ..Default::default()
+        },
+        concurrency: 8,
+        retention: Some(retention),
+    }
+}
+
+async fn evaluate(
+    gw: &TestGateway,
+    env: &EvalEnv,
+    team: Uuid,
+    cand: &ModelVersion,
+) -> flywheel_jobs::evaluate::EvalOutcome {
+    let (id, _) = flywheel_jobs::evaluate::enqueue(
+        &gw.db.pool,
+        &flywheel_store::evals::NewEvaluation {
+            team_id: Some(team),
+            candidate_version_id: cand.id,
+            champion_version_id: gw.served.version_id,
+            dataset_version_id: None,
+            training_run_id: None,
+        },
+        true,
+        1,
+    )
+    .await
+    .unwrap();
+    flywheel_jobs::evaluate::run(
+        &gw.db.pool,
+        env,
+        &EvalJob {
+            evaluation_id: id,
+            act: true,
+        },
+    )
+    .await
+    .unwrap()
+}
+
+async fn add_task_suite(gw: &TestGateway, team: Uuid) {
+    let s = task_suite();
+    flywheel_store::evals::add_suite(
+        &gw.db.pool,
+        Some(team),
+        &s.name,
+        &s.sha256(),
+        &serde_json::to_value(&s).unwrap(),
+    )
+    .await
+    .unwrap();
+}
+
+/// Chat through the API as `key`; returns the body.
+async fn chat(gw: &TestGateway, key: &str, model: &str, user: &str) -> (u16, Value) {
+    gw.post(
+        key,
+        "/v1/chat/completions",
+        json!({"model": model, "max_tokens": 6, "temperature": 0, "user": user,
+               "messages": [{"role": "user", "content": TASK[0]}]}),
+    )
+    .await
+}
+
+#[tokio::test]
+async fn a_better_candidate_passes_the_gate_and_serves_its_team_only() {
+    let gw = TestGateway::tiny().await;
+    let team_a = gw.team_id().await;
+    let (_, key_b) = flywheel_store::keys::create_key(&gw.db.pool, "team-b")
+        .await
+        .unwrap();
+    add_task_suite(&gw, team_a).await;
+    let (retention, answers) = retention_suite(&gw).await;
+    // The task, with the base's own answers to the general prompts replayed.
+    let mut pairs: Vec<(String, String)> = TASK
+        .iter()
+        .map(|p| (p.to_string(), TASK_ANSWER.to_string()))
+        .collect();
+    pairs.extend(
+        GENERAL
+            .iter()
+            .zip(&answers)
+            .map(|(p, a)| (p.to_string(), a.clone())),
+    );
+    let cand = candidate(&gw, "tiny-ft-good", Some(team_a), pairs).await;
+
+    let out = evaluate(&gw, &env(&gw, retention, 0.0), team_a, &cand).await;
+    assert!(out.passed, "{:#?}", out.reasons);
+    assert_eq!(out.action.as_deref(), Some("promote"));
+    let metrics = flywheel_store::evals::metrics(&gw.db.pool, out.evaluation_id)
+        .await
+        .unwrap();
+    let task = metrics.iter().find(|m| m.suite == "routing").unwrap();
+    assert!(task.candidate > 0.9 && task.champion < 0.1, "{task:?}");
+    assert!(task.ci_low > 0.0);
+    let items = flywheel_store::evals::items(&gw.db.pool, out.evaluation_id, Some("routing"))
+        .await
+        .unwrap();
+    assert_eq!(items.len(), 2 * TASK.len(), "every example, both models");
+
+    // Team a is served by its new champion, within seconds, with no restart;
+    // team b still gets the base and may not even name the candidate.
+    let base_name = gw.model().to_string();
+    let served_by = |body: &Value| {
+        body["system_fingerprint"]
+            .as_str()
+            .unwrap_or("")
+            .to_string()
+    };
+    let switched = eventually(10, || async {
+        let (status, body) = chat(&gw, &gw.key, &base_name, "ann").await;
+        (status == 200 && served_by(&body) == cand.id.to_string()).then_some(body)
+    })
+    .await
+    .expect("team a's requests reach the promoted candidate");
+    assert_eq!(switched["model"], "tiny-ft-good");
+    assert_eq!(
+        switched["choices"][0]["message"]["content"], TASK_ANSWER,
+        "{switched}"
+    );
+    let (status, body) = chat(&gw, &key_b, &base_name, "bob").await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        served_by(&body),
+        gw.served.version_id.to_string(),
+        "team b keeps the base"
+    );
+    assert_eq!(chat(&gw, &key_b, "tiny-ft-good", "bob").await.0, 404);
+    let (_, listed) = gw.get(&gw.key, "/v1/models").await;
+    assert_eq!(listed["data"][0]["id"], "tiny-ft-good");
+    assert_eq!(listed["data"][0]["role"], "champion");
+    assert_eq!(listed["data"][0]["sha256"], cand.sha256);
+    let (_, listed_b) = gw.get(&key_b, "/v1/models").await;
+    assert_eq!(listed_b["data"][0]["id"], base_name);
+    // The candidate runs on the base's weights: one engine, an adapter.
+    let loaded = gw.state.models().loaded();
+    assert_eq!(loaded.len(), 1, "{loaded:?}");
+
+    let decisions = flywheel_store::decisions::list(&gw.db.pool, Some(team_a), 10)
+        .await
+        .unwrap();
+    assert_eq!(decisions[0].kind, "promote");
+    assert_eq!(decisions[0].candidate_version_id, Some(cand.id));
+    assert_eq!(decisions[0].champion_version_id, Some(gw.served.version_id));
+}
+
+#[tokio::test]
+async fn a_candidate_that_forgets_is_rejected_with_the_reason_stored() {
+    let gw = TestGateway::tiny().await;
+    let team = gw.team_id().await;
+    add_task_suite(&gw, team).await;
+    let (retention, _) = retention_suite(&gw).await;
+    // The task alone: "ok" to everything, the general answers lost.
+    let pairs = TASK
+        .iter()
+        .chain(GENERAL.iter())
+        .map(|p| (p.to_string(), TASK_ANSWER.to_string()))
+        .collect();
+    let cand = candidate(&gw, "tiny-ft-forgetful", Some(team), pairs).await;
+    let out = evaluate(&gw, &env(&gw, retention, 0.1), team, &cand).await;
+    assert!(!out.passed);
+    assert_eq!(out.action.as_deref(), Some("reject"));
+    let e = flywheel_store::evals::get(&gw.db.pool, out.evaluation_id)
+        .await
+        .unwrap()
+        .unwrap();
+    let reasons = e.reasons.unwrap().to_string();
+    assert!(reasons.contains("pass: task suite routing"), "{reasons}");
+    assert!(
+        reasons.contains("FAIL: retention suite retention"),
+        "{reasons}"
+    );
+    let d = &flywheel_store::decisions::list(&gw.db.pool, Some(team), 10)
+        .await
+        .unwrap()[0];
+    assert_eq!(d.kind, "reject");
+    assert!(d.reason.contains("FAIL: retention suite"), "{}", d.reason);
+    assert_eq!(
+        flywheel_store::models::team_champion(&gw.db.pool, team)
+            .await
+            .unwrap()
+            .unwrap()
+            .id,
+        gw.served.version_id,
+        "the champion stays"
+    );
+}
+
+#[tokio::test]
+async fn a_canary_worse_on_live_thumbs_is_rolled_back_by_itself() {
+    let gw = TestGateway::tiny().await;
+    let team = gw.team_id().await;
+    let cand = candidate(
+        &gw,
+        "tiny-ft-canary",
+        Some(team),
+        TASK.iter()
+            .map(|p| (p.to_string(), "meh".to_string()))
+            .collect(),
+    )
+    .await;
+    let policy = Policy {
+        canary_share: 0.5,
+        canary_min_votes: 10,
+        ..Default::default()
+    };
+    let why = flywheel_jobs::promote::Why {
+        reason: "test canary",
+        evidence: json!({}),
+        actor: "test",
+        evaluation_id: None,
+        canary_id: None,
+    };
+    let canary = flywheel_jobs::promote::start_canary(&gw.db.pool, team, &cand, 0.5, 24.0, why)
+        .await
+        .unwrap();
+    gw.state.refresh_routes().await.unwrap();
+    // 60 end users, each sticky to one side; they dislike the canary.
+    let mut sides = std::collections::HashMap::new();
+    for u in 0..60 {
+        let user = format!("user-{u}");
+        let (status, body) = chat(&gw, &gw.key, gw.model(), &user).await;
+        assert_eq!(status, 200, "{body}");
+        let on_canary = body["system_fingerprint"] == cand.id.to_string();
+        // The same user lands on the same side again.
+        let (_, again) = chat(&gw, &gw.key, gw.model(), &user).await;
+        assert_eq!(
+            again["system_fingerprint"], body["system_fingerprint"],
+            "{user} is sticky"
+        );
+        sides.insert(user.clone(), on_canary);
+        let rating = if on_canary { "down" } else { "up" };
+        let (status, _) = gw
+            .post(
+                &gw.key,
+                "/v1/feedback",
+                json!({"completion_id": body["id"], "rating": rating, "user": user}),
+            )
+            .await;
+        assert_eq!(status, 201);
+    }
+    let on_canary = sides.values().filter(|c| **c).count();
+    assert!(
+        (15..=45).contains(&on_canary),
+        "{on_canary} of 60 users on a 50% canary"
+    );
+    assert!(
+        gw.state
+            .journal()
+            .wait_flushed(Duration::from_secs(10))
+            .await
+    );
+    let checked = flywheel_jobs::canary::check_all(&gw.db.pool, &policy)
+        .await
+        .unwrap();
+    assert_eq!(checked.len(), 1);
+    match &checked[0].1 {
+        flywheel_jobs::canary::Checked::RolledBack(why) => {
+            assert!(why.contains("worse than the champion"), "{why}")
+        }
+        other => panic!("{other:?}"),
+    }
+    let c = flywheel_store::canaries::get(&gw.db.pool, canary.id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(c.status, "rolled_back");
+    let d = &flywheel_store::decisions::list(&gw.db.pool, Some(team), 5)
+        .await
+        .unwrap()[0];
+    assert_eq!(
+        (d.kind.as_str(), d.canary_id),
+        ("rolled_back", Some(canary.id))
+    );
+    // Everyone is on the champion again.
+    gw.state.refresh_routes().await.unwrap();
+    for u in 0..20 {
+        let (_, body) = chat(&gw, &gw.key, gw.model(), &format!("user-{u}")).await;
+        assert_eq!(body["system_fingerprint"], gw.served.version_id.to_string());
+    }
+}
+
+#[tokio::test]
+async fn a_swap_under_16_streams_fails_none_and_changes_none_mid_stream() {
+    let gw = TestGateway::tiny().await;
+    let team = gw.team_id().await;
+    let cand = candidate(
+        &gw,
+        "tiny-ft-swap",
+        Some(team),
+        TASK.iter()
+            .map(|p| (p.to_string(), TASK_ANSWER.to_string()))
+            .collect(),
+    )
+    .await;
+    let (base, key, model) = (gw.base.clone(), gw.key.clone(), gw.model().to_string());
+    let (started_tx, mut started_rx) = tokio::sync::mpsc::channel::<()>(16);
+    let streams: Vec<_> = (0..16)
+        .map(|i| {
+            let (base, key, model, started) =
+                (base.clone(), key.clone(), model.clone(), started_tx.clone());
+            tokio::spawn(async move {
+                let resp = reqwest::Client::new()
+                    .post(format!("{base}/v1/chat/completions"))
+                    .bearer_auth(key)
+                    .json(
+                        &json!({"model": model, "max_tokens": 200, "temperature": 1.0,
+                                  "seed": i, "stream": true, "user": format!("s{i}"),
+                                  "messages": [{"role": "user", "content": format!("story {i}")}]}),
+                    )
+                    .send()
+                    .await
+                    .unwrap();
+                assert_eq!(resp.status(), 200);
+                let mut body = resp.bytes_stream();
+                let (mut fingerprints, mut done, mut text) = (Vec::new(), false, String::new());
+                let mut first = true;
+                while let Some(chunk) = body.next().await {
+                    text.push_str(&String::from_utf8_lossy(&chunk.unwrap()));
+                    while let Some(end) = text.find("\n\n") {
+                        let event: String = text.drain(..end + 2).collect();
+                        let data = event.trim().trim_start_matches("data: ");
+                        if data == "[DONE]" {
+                            done = true;
+                            continue;
+                        }
+                        let v: Value = serde_json::from_str(data).unwrap();
+                        assert!(v.get("error").is_none(), "stream {i} failed: {v}");
+                        fingerprints.push(v["system_fingerprint"].as_str().unwrap().to_string());
+                        if first {
+                            first = false;
+                            let _ = started.send(()).await;
+                        }
+                    }
+                }
+                (done, fingerprints)
+            })
+        })
+        .collect();
+    for _ in 0..16 {
+        started_rx.recv().await.unwrap();
+    }
+    // Every stream is under way: promote now.
+    flywheel_jobs::promote::promote(
+        &gw.db.pool,
+        team,
+        &cand,
+        "manual_promote",
+        flywheel_jobs::promote::Why {
+            reason: "swap under load",
+            evidence: json!({}),
+            actor: "test",
+            evaluation_id: None,
+            canary_id: None,
+        },
+    )
+    .await
+    .unwrap();
+    for (i, s) in streams.into_iter().enumerate() {
+        let (done, fps) = s.await.unwrap();
+        assert!(done, "stream {i} ended without [DONE]");
+        assert!(fps.len() > 2, "stream {i}: {} chunks", fps.len());
+        assert!(
+            fps.iter().all(|f| *f == fps[0]),
+            "stream {i} changed version: {fps:?}"
+        );
+        assert_eq!(
+            fps[0],
+            gw.served.version_id.to_string(),
+            "stream {i} began before the swap"
+        );
+    }
+    // The next requests get the candidate.
+    let after = eventually(10, || async {
+        let (_, body) = chat(&gw, &gw.key, gw.model(), "later").await;
+        (body["system_fingerprint"] == cand.id.to_string()).then_some(())
+    })
+    .await;
+    assert!(
+        after.is_some(),
+        "requests after the swap reach the new champion"
+    );
+}
+
+/// A loader that takes its time for one version.
+struct Slow {
+    inner: Arc<dyn flywheel_gateway::Loader>,
+    slow: Uuid,
+}
+
+impl flywheel_gateway::Loader for Slow {
+    fn engine(
+        &self,
+        v: ModelVersion,
+    ) -> std::pin::Pin<
+        Box<
+            dyn std::future::Future<
+                    Output = Result<
+                        flywheel_engine::EngineHandle,
+                        flywheel_gateway::serving::LoadError,
+                    >,
+                > + Send,
+        >,
+    > {
+        let (inner, slow) = (self.inner.clone(), v.id == self.slow);
+        Box::pin(async move {
+            if slow {
+                tokio::time::sleep(Duration::from_secs(3)).await;
+            }
+            inner.engine(v).await
+        })
+    }
+
+    fn adapter(
+        &self,
+        v: ModelVersion,
+        path: String,
+    ) -> std::pin::Pin<
+        Box<
+            dyn std::future::Future<
+                    Output = Result<
+                        flywheel_engine::AdapterWeights,
+                        flywheel_gateway::serving::LoadError,
+                    >,
+                > + Send,
+        >,
+    > {
+        self.inner.adapter(v, path)
+    }
+}
+
+#[tokio::test]
+async fn a_slow_load_never_holds_up_a_loaded_model_and_the_budget_holds() {
+    let gw = TestGateway::tiny_with(GatewayConfig {
+        max_loaded_models: 1,
+        ..Default::default()
+    })
+    .await;
+    // A second full model (not an adapter): team b's champion.
+    let dir = std::env::temp_dir().join(format!("fw-second-{}", Uuid::new_v4()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = flywheel_model::testing::write_tiny_model(&dir, 21).unwrap();
+    let second = flywheel_modelhub::ModelCache::new(dir.join("cache"))
+        .unwrap()
+        .import(&path, Some("tiny-second"))
+        .await
+        .unwrap();
+    let second = flywheel::register(&gw.db.pool, &second).await.unwrap();
+    let (_, key_b) = flywheel_store::keys::create_key(&gw.db.pool, "team-b")
+        .await
+        .unwrap();
+    let team_b = flywheel_store::keys::team_id(&gw.db.pool, "team-b")
+        .await
+        .unwrap()
+        .unwrap();
+    flywheel_store::models::set_team_champion(
+        &mut gw.db.pool.acquire().await.unwrap(),
+        team_b,
+        Some(second.id),
+    )
+    .await
+    .unwrap();
+    gw.state.set_loader(Arc::new(Slow {
+        inner: flywheel::serve::gateway_loader(&flywheel_tests::config(), &gw.db.pool),
+        slow: second.id,
+    }));
+    gw.state.refresh_routes().await.unwrap();
+    let model = gw.model().to_string();
+    let b = tokio::spawn({
+        let (base, model) = (gw.base.clone(), model.clone());
+        async move {
+            let t = std::time::Instant::now();
+            let resp = reqwest::Client::new()
+                .post(format!("{base}/v1/chat/completions"))
+                .bearer_auth(key_b)
+                .json(&json!({"model": model, "max_tokens": 3,
+                              "messages": [{"role": "user", "content": "hi"}]}))
+                .send()
+                .await
+                .unwrap();
+            (resp.status(), t.elapsed())
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // While team b's model loads, team a's loaded one answers at once.
+    let t = std::time::Instant::now();
+    let (status, _) = chat(&gw, &gw.key, &model, "a").await;
+    assert_eq!(status, 200);
+    let quick = t.elapsed();
+    let (status_b, slow) = b.await.unwrap();
+    assert_eq!(status_b, 200);
+    assert!(slow >= Duration::from_secs(3), "{slow:?}");
+    assert!(
+        quick < Duration::from_secs(2),
+        "the loaded model waited {quick:?}"
+    );
+    // One engine at a time: team b's load unloaded team a's; a's next
+    // request loads it again and still answers.
+    assert_eq!(gw.state.models().loaded().len(), 1);
+    assert_eq!(gw.state.models().loaded()[0].0, second.id);
+    let (status, body) = chat(&gw, &gw.key, &model, "a").await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["system_fingerprint"], gw.served.version_id.to_string());
+    assert_eq!(gw.state.models().loaded()[0].0, gw.served.version_id);
+}
