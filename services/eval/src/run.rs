@@ -304,10 +304,18 @@ pub async fn compare(
             suite.name,
             suite.items.len()
         ));
-        let (cand, champ) = (
-            answer_suite(candidate, suite, concurrency).await?,
-            answer_suite(champion, suite, concurrency).await?,
-        );
+        let t0 = std::time::Instant::now();
+        let cand = answer_suite(candidate, suite, concurrency).await?;
+        let t1 = t0.elapsed().as_secs_f64();
+        let champ = answer_suite(champion, suite, concurrency).await?;
+        let t2 = t0.elapsed().as_secs_f64() - t1;
+        progress(&format!(
+            "suite {}: candidate {:.1} s, champion {:.1} s ({:.0} items per minute per model)",
+            suite.name,
+            t1,
+            t2,
+            60.0 * 2.0 * suite.items.len() as f64 / (t1 + t2).max(1e-9)
+        ));
         let pass = |gens: &[Generation]| -> Vec<f64> {
             suite
                 .items

@@ -209,7 +209,7 @@ pub const SETTINGS: &[Setting] = &[
         "promotion.max_latency_ratio",
         "FLYWHEEL_PROMOTION_MAX_LATENCY_RATIO",
         "1.5",
-        "the candidate's p95 time per output token may be at most this many times the champion's",
+        "the candidate's median time per output token may be at most this many times the champion's",
     ),
     s(
         "promotion.min_items",
