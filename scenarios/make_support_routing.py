@@ -684,7 +684,8 @@ def scenario(traffic, heldout):
             {"name": "contrarian", "share": 0.075, "behaviour": "inverted"},
             {"name": "thumbs-up-spammer", "share": 0.075, "behaviour": "always_up"},
         ],
-        "users_per_rater": 6,
+        "users_per_rater": 3,
+        "second_rater_share": 0.5,
         "traffic": traffic,
         "heldout": heldout,
     }

@@ -11,6 +11,7 @@ use anyhow::{Context, bail};
 use chrono::{DateTime, Utc};
 use flywheel_curation::build::{self, Completion, Dataset, Message, Rating, Rules, Split, Vote};
 use flywheel_curation::pii;
+use flywheel_curation::raters::RaterReport;
 use flywheel_store::PgPool;
 use flywheel_store::datasets::{
     self, LineageRow, NewExample, NewVersion, RatedCompletion, Scope, VoteRow,
@@ -314,6 +315,30 @@ fn prompt_of(messages: &serde_json::Value) -> Option<Vec<Message>> {
         .collect()
 }
 
+/// Lists in the manifest stop here (their totals are given in full).
+const MANIFEST_LIST_MAX: usize = 10_000;
+
+/// How many raters were assessed and left out, with every one left out or
+/// voting always the same way listed.
+fn raters_summary(raters: &[RaterReport]) -> serde_json::Value {
+    let listed: Vec<&RaterReport> = raters
+        .iter()
+        .filter(|r| r.excluded || r.constant)
+        .take(MANIFEST_LIST_MAX)
+        .collect();
+    let compared: Vec<f64> = raters.iter().filter_map(|r| r.agreement).collect();
+    serde_json::json!({
+        "assessed": raters.len(),
+        "excluded": raters.iter().filter(|r| r.excluded).count(),
+        "constant": raters.iter().filter(|r| r.constant).count(),
+        "with_compared_votes": compared.len(),
+        "mean_agreement": if compared.is_empty() { None } else {
+            Some(compared.iter().sum::<f64>() / compared.len() as f64)
+        },
+        "listed": listed,
+    })
+}
+
 fn split_counts<'a>(splits: impl Iterator<Item = &'a Split>) -> serde_json::Value {
     let (mut train, mut eval) = (0, 0);
     for s in splits {
@@ -353,17 +378,35 @@ fn manifest(
             "pii_rules": if job.rules.redact_pii { pii_rules } else { Default::default() },
             "near_duplicate_threshold": job.rules.near_duplicate_threshold,
             "near_duplicate_method": format!(
-                "MinHash, 128 permutations over word 3-shingles of the normalized prompt and \
-                 verdict; exact repeats by signature; LSH with 32 bands of 4, buckets with \
-                 more than {} entries not searched",
+                "MinHash, 128 permutations over word 3-shingles of the normalized prompt \
+                 without system messages {} or more completions share; only examples with \
+                 the same verdict and the same normalized answer taught (the correction of \
+                 a corrected down vote, else the output) can be duplicates; exact repeats \
+                 by signature; LSH with 32 bands of 4, buckets with more than {} entries \
+                 not searched",
+                job.rules.shared_system_min,
                 flywheel_curation::minhash::HOT_BUCKET
             ),
+            "shared_system_min": job.rules.shared_system_min,
             "conflicts": "latest vote per end user, then majority; ties dropped",
             "max_per_user": job.rules.max_per_user,
             "min_output_chars": job.rules.min_output_chars,
             "max_output_chars": job.rules.max_output_chars,
             "eval_fraction": job.rules.eval_fraction,
-            "split": "FNV-1a of the normalized prompt; a prompt is in one split only",
+            "min_eval_examples": job.rules.min_eval_examples,
+            "eval_share": ds.eval_share,
+            "split": "FNV-1a of the normalized prompt into 10,000 buckets; buckets below \
+                      eval_share go to eval, eval_share being eval_fraction raised until each \
+                      kind has min_eval_examples in eval (a quarter of a kind with fewer than \
+                      four times that); a prompt is in one split only",
+            "rater_min_compared": job.rules.rater_min_compared,
+            "rater_min_agreement": job.rules.rater_min_agreement,
+            "raters_method": "each rater's latest vote per completion compared with other \
+                              raters' corrections of the same prompt (without shared system \
+                              messages), else with the majority of their votes on the same \
+                              answer; a second round compares with the raters the first kept; \
+                              raters with at least rater_min_compared compared votes and \
+                              agreement below rater_min_agreement are left out",
         },
         "window": {"start": window.0, "end": window.1, "until": job.until},
         "input": {
@@ -382,6 +425,9 @@ fn manifest(
             "desirable_fraction": if ds.kto.is_empty() { 0.0 } else { desirable as f64 / ds.kto.len() as f64 },
         },
         "dropped": ds.counts,
+        "dropped_examples": ds.dropped.iter().take(MANIFEST_LIST_MAX).collect::<Vec<_>>(),
+        "dropped_examples_total": ds.dropped.len(),
+        "raters": raters_summary(&ds.raters),
         "lineage": {"votes": lineage.len(), "completions": lineage_completions.len()},
     })
 }

@@ -123,12 +123,13 @@ fn rules_fixture(f: &mut Fixture) {
         "Paris. Write to jane.doe@example.com for more.",
     );
     f.vote("paris", "ann", "up", None);
-    // The same prompt, differently typed, also liked: a duplicate.
+    // The same prompt, differently typed, the same answer, also liked: a
+    // duplicate (with another answer it would not be).
     f.completion(
         "paris2",
         "bob",
         "what is the capital of france",
-        "It is Paris.",
+        "paris. Write to jane.doe@example.com for more!",
     );
     f.vote("paris2", "bob", "up", None);
     // The same prompt disliked: the rejected side of a DPO pair.
@@ -241,6 +242,26 @@ async fn curation_applies_each_rule_and_records_manifest_and_lineage() {
     assert_eq!(dropped["tied_votes"], 1, "{m:#}");
     assert_eq!(dropped["filtered_length"], 1, "{m:#}");
     assert_eq!(dropped["over_user_cap"], 3, "{m:#}");
+    // Each one named, with its reason.
+    let reasons: Vec<&str> = m["dropped_examples"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["reason"].as_str().unwrap())
+        .collect();
+    assert_eq!(reasons.len(), 6, "{m:#}");
+    assert_eq!(m["dropped_examples_total"], 6);
+    for (reason, n) in [("near_duplicate", 1), ("tied_votes", 1), ("length", 1), ("over_user_cap", 3)] {
+        assert_eq!(reasons.iter().filter(|r| **r == reason).count(), n, "{reason}");
+    }
+    let dup = m["dropped_examples"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["reason"] == "near_duplicate")
+        .unwrap();
+    assert!(dup["duplicate_of"].is_string(), "{dup}");
+    assert_eq!(m["raters"]["excluded"], 0, "{m:#}");
     assert_eq!(dropped["redactions"]["emails"], 1, "{m:#}");
     assert_eq!(dropped["redactions"]["phones"], 1, "{m:#}");
     assert_eq!(dropped["redactions"]["cards"], 1, "{m:#}");
@@ -270,8 +291,9 @@ async fn curation_applies_each_rule_and_records_manifest_and_lineage() {
     assert!(answers.contains(&"We will call you back today."));
     assert!(answers.contains(&"Red."));
     assert!(!answers.contains(&"Yes, botanically."), "ties are dropped");
-    assert!(
-        !answers.contains(&"It is Paris."),
+    assert_eq!(
+        answers.iter().filter(|a| a.to_lowercase().starts_with("paris")).count(),
+        1,
         "the duplicate is dropped"
     );
     assert_eq!(

@@ -1,14 +1,21 @@
-//! Turning completions and their votes into training examples: conflict
-//! resolution, filters, PII redaction, near-duplicate removal, a cap per
-//! end user, and a train/eval split by prompt hash. Pure and
-//! deterministic: the same inputs (in any order) give the same output.
+//! Turning completions and their votes into training examples: rater
+//! quality, conflict resolution, filters, PII redaction, near-duplicate
+//! removal, a cap per end user, and a train/eval split by prompt hash with
+//! a minimum per kind. Pure and deterministic: the same inputs (in any
+//! order) give the same output.
+//!
+//! Near-duplicates are judged on what varies between requests: system
+//! messages that many completions share (an application's fixed system
+//! prompt) are left out of the comparison, and only examples that teach
+//! the same answer with the same verdict can be duplicates of each other.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use serde::{Deserialize, Serialize};
 
 use crate::minhash::{LshIndex, MinHasher, normalize};
 use crate::pii::{Redactions, redact};
+use crate::raters::{self, RaterReport, Rated};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Message {
@@ -56,6 +63,19 @@ pub struct Rules {
     pub max_output_chars: usize,
     /// Share of prompts (by hash) that go to the eval split.
     pub eval_fraction: f64,
+    /// Examples of each kind (SFT, DPO, KTO) the eval split holds at least,
+    /// where that kind has four times as many (else a quarter of them): the
+    /// share of prompts in eval grows until every kind has its minimum.
+    pub min_eval_examples: usize,
+    /// A system message this many completions share is left out of the
+    /// near-duplicate comparison (0: never).
+    pub shared_system_min: usize,
+    /// Votes of a rater that could be compared with other raters' before
+    /// the rater can be left out.
+    pub rater_min_compared: usize,
+    /// Raters whose compared votes agree less often than this are left out
+    /// (0: keep everyone).
+    pub rater_min_agreement: f64,
 }
 
 impl Default for Rules {
@@ -67,6 +87,10 @@ impl Default for Rules {
             min_output_chars: 1,
             max_output_chars: 20_000,
             eval_fraction: 0.1,
+            min_eval_examples: 8,
+            shared_system_min: 3,
+            rater_min_compared: 3,
+            rater_min_agreement: 0.5,
         }
     }
 }
@@ -114,7 +138,29 @@ pub struct Counts {
     pub filtered_length: usize,
     pub near_duplicates: usize,
     pub over_user_cap: usize,
+    /// Completions whose every vote came from a rater left out.
+    pub rater_excluded: usize,
     pub redactions: Redactions,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DropReason {
+    TiedVotes,
+    Length,
+    NearDuplicate,
+    OverUserCap,
+    RaterExcluded,
+}
+
+/// A rated completion that made no example, and why.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Dropped {
+    pub completion: String,
+    pub reason: DropReason,
+    /// For a near-duplicate: the completion whose example it repeats.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub duplicate_of: Option<String>,
 }
 
 #[derive(Debug, Default, Clone, PartialEq, Serialize)]
@@ -123,6 +169,13 @@ pub struct Dataset {
     pub dpo: Vec<DpoPair>,
     pub kto: Vec<KtoExample>,
     pub counts: Counts,
+    /// Every rated completion left out, in input order.
+    pub dropped: Vec<Dropped>,
+    /// Every rater, with agreement and whether their votes were used.
+    pub raters: Vec<RaterReport>,
+    /// The share of prompt hashes in the eval split (at least the rules'
+    /// `eval_fraction`; more where a kind needed its minimum).
+    pub eval_share: f64,
 }
 
 /// A completion whose votes were resolved.
@@ -135,14 +188,8 @@ struct Resolved<'a> {
 /// Latest vote per user, then the majority; a tie decides nothing. The
 /// latest correction among the votes is kept.
 fn resolve<'a>(c: &'a Completion, votes: &[&Vote]) -> Option<Resolved<'a>> {
-    let mut latest: BTreeMap<&str, &Vote> = BTreeMap::new();
-    for v in votes {
-        let e = latest.entry(v.end_user.as_str()).or_insert(v);
-        if (v.created_at, v.rating == Rating::Down) > (e.created_at, e.rating == Rating::Down) {
-            *e = v;
-        }
-    }
-    let ups = latest.values().filter(|v| v.rating == Rating::Up).count();
+    let latest = latest_votes(votes);
+    let ups = latest.iter().filter(|v| v.rating == Rating::Up).count();
     let downs = latest.len() - ups;
     if ups == downs {
         return None;
@@ -171,16 +218,90 @@ fn prompt_text(prompt: &[Message]) -> String {
         .join("\n")
 }
 
+/// Buckets of the split hash: a prompt is in eval when its bucket is below
+/// `eval_share * SPLIT_BUCKETS`.
+const SPLIT_BUCKETS: u64 = 10_000;
+
 /// Stable across runs and machines (FNV-1a of the normalized prompt).
-fn split_of(prompt_key: &str, eval_fraction: f64) -> Split {
+fn split_bucket(prompt_key: &str) -> u64 {
     let h = prompt_key.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
         (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)
     });
-    if ((h % 10_000) as f64) < eval_fraction * 10_000.0 {
+    h % SPLIT_BUCKETS
+}
+
+/// The smallest bucket cutoff, at least `eval_fraction`'s, that puts the
+/// minimum of every kind in eval (`buckets`: one list per kind).
+fn eval_cutoff(buckets: [&[u64]; 3], rules: &Rules) -> u64 {
+    let base = (rules.eval_fraction.clamp(0.0, 1.0) * SPLIT_BUCKETS as f64).round() as u64;
+    let mut cutoff = base;
+    for kind in buckets {
+        let need = rules.min_eval_examples.min(kind.len() / 4);
+        if need == 0 {
+            continue;
+        }
+        let mut sorted = kind.to_vec();
+        sorted.sort_unstable();
+        cutoff = cutoff.max(sorted[need - 1] + 1);
+    }
+    cutoff
+}
+
+fn split_of(bucket: u64, cutoff: u64) -> Split {
+    if bucket < cutoff {
         Split::Eval
     } else {
         Split::Train
     }
+}
+
+/// System messages at least `min` completions share (normalized).
+fn shared_systems(completions: &[Completion], min: usize) -> HashSet<String> {
+    if min == 0 {
+        return HashSet::new();
+    }
+    let mut seen: HashMap<String, HashSet<&str>> = HashMap::new();
+    for c in completions {
+        for m in c.prompt.iter().filter(|m| m.role == "system") {
+            seen.entry(normalize(&m.content))
+                .or_default()
+                .insert(c.id.as_str());
+        }
+    }
+    seen.into_iter()
+        .filter(|(_, ids)| ids.len() >= min)
+        .map(|(text, _)| text)
+        .collect()
+}
+
+/// What varies between requests: the prompt without shared system
+/// messages, normalized.
+fn varying_prompt(prompt: &[Message], shared: &HashSet<String>) -> String {
+    let kept: Vec<Message> = prompt
+        .iter()
+        .filter(|m| !(m.role == "system" && shared.contains(&normalize(&m.content))))
+        .cloned()
+        .collect();
+    normalize(&prompt_text(&kept))
+}
+
+fn hash_text(text: &str) -> u64 {
+    text.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+/// The latest vote of each end user among one completion's votes (a down
+/// vote wins a tie in time).
+fn latest_votes<'a>(votes: &[&'a Vote]) -> Vec<&'a Vote> {
+    let mut latest: BTreeMap<&str, &Vote> = BTreeMap::new();
+    for v in votes {
+        let e = latest.entry(v.end_user.as_str()).or_insert(v);
+        if (v.created_at, v.rating == Rating::Down) > (e.created_at, e.rating == Rating::Down) {
+            *e = v;
+        }
+    }
+    latest.into_values().collect()
 }
 
 /// Builds SFT, DPO and KTO examples from completions and their votes.
@@ -194,27 +315,93 @@ pub fn build(completions: &[Completion], votes: &[Vote], rules: &Rules) -> Datas
     }
     let mut ordered: Vec<&Completion> = completions.iter().collect();
     ordered.sort_by(|a, b| (a.created_at, &a.id).cmp(&(b.created_at, &b.id)));
+    let shared = shared_systems(completions, rules.shared_system_min);
+    let varying: HashMap<&str, String> = ordered
+        .iter()
+        .filter(|c| by_completion.contains_key(c.id.as_str()))
+        .map(|c| (c.id.as_str(), varying_prompt(&c.prompt, &shared)))
+        .collect();
 
     let mut ds = Dataset::default();
+
+    // Rater quality, on every rater's latest vote per completion.
+    let answers: HashMap<&str, String> = ordered
+        .iter()
+        .filter(|c| by_completion.contains_key(c.id.as_str()))
+        .map(|c| (c.id.as_str(), raters::answer_key(&c.output)))
+        .collect();
+    let mut rated = Vec::new();
+    for c in &ordered {
+        let Some(vs) = by_completion.get(c.id.as_str()) else {
+            continue;
+        };
+        for v in latest_votes(vs) {
+            rated.push(Rated {
+                user: v.end_user.as_str(),
+                prompt: varying[c.id.as_str()].as_str(),
+                answer: answers[c.id.as_str()].as_str(),
+                up: v.rating == Rating::Up,
+                correction: v
+                    .correction
+                    .as_deref()
+                    .filter(|t| !t.trim().is_empty())
+                    .map(raters::answer_key),
+            });
+        }
+    }
+    let rater_reports = if rules.rater_min_agreement > 0.0 {
+        raters::assess(&rated, rules.rater_min_compared, rules.rater_min_agreement)
+    } else {
+        raters::assess(&rated, usize::MAX, 0.0)
+    };
+    let left_out: HashSet<&str> = rater_reports
+        .iter()
+        .filter(|r| r.excluded)
+        .map(|r| r.user.as_str())
+        .collect();
+
     let hasher = MinHasher::default();
     let mut seen = LshIndex::new(4, rules.near_duplicate_threshold);
+    // The completion behind each entry of `seen`.
+    let mut seen_ids: Vec<&str> = Vec::new();
     let mut per_user: HashMap<&str, usize> = HashMap::new();
     // Resolved answers grouped by normalized prompt, for DPO pairs.
     let mut groups: BTreeMap<String, Vec<(Resolved<'_>, Vec<Message>, String)>> = BTreeMap::new();
+    // The split bucket of every example, per kind, in push order.
+    let (mut sft_b, mut dpo_b, mut kto_b) = (Vec::new(), Vec::new(), Vec::new());
+    fn set_aside(ds: &mut Dataset, c: &Completion, reason: DropReason, duplicate_of: Option<&str>) {
+        ds.dropped.push(Dropped {
+            completion: c.id.clone(),
+            reason,
+            duplicate_of: duplicate_of.map(String::from),
+        });
+    }
 
     for c in ordered {
         ds.counts.completions_seen += 1;
-        let Some(vs) = by_completion.get(c.id.as_str()) else {
+        let Some(all) = by_completion.get(c.id.as_str()) else {
             ds.counts.without_votes += 1;
             continue;
         };
-        let Some(r) = resolve(c, vs) else {
+        let vs: Vec<&Vote> = all
+            .iter()
+            .copied()
+            .filter(|v| !left_out.contains(v.end_user.as_str()))
+            .collect();
+        if vs.is_empty() {
+            ds.counts.rater_excluded += 1;
+            set_aside(&mut ds, c, DropReason::RaterExcluded, None);
+            continue;
+        }
+        let Some(r) = resolve(c, &vs) else {
             ds.counts.tied_votes += 1;
+            set_aside(&mut ds, c, DropReason::TiedVotes, None);
             continue;
         };
         let len = c.output.trim().chars().count();
         if len < rules.min_output_chars.max(1) || len > rules.max_output_chars {
             ds.counts.filtered_length += 1;
+            set_aside(&mut ds, c, DropReason::Length, None);
             continue;
         }
         let user = c.end_user.as_deref().unwrap_or("");
@@ -223,17 +410,26 @@ pub fn build(completions: &[Completion], votes: &[Vote], rules: &Rules) -> Datas
             && per_user.get(user).copied().unwrap_or(0) >= rules.max_per_user
         {
             ds.counts.over_user_cap += 1;
+            set_aside(&mut ds, c, DropReason::OverUserCap, None);
             continue;
         }
         let key = normalize(&prompt_text(&c.prompt));
-        // Near-duplicate prompts with the same verdict add nothing; a
-        // duplicate prompt with the opposite verdict still makes a DPO pair.
-        let dup = seen
-            .insert(hasher.signature(&format!("{key} {}", r.up)))
-            .is_err();
-        if dup {
-            ds.counts.near_duplicates += 1;
-            continue;
+        // Near-duplicate prompts that teach the same answer with the same
+        // verdict add nothing; a duplicate prompt with another answer or
+        // the opposite verdict still makes an example (and DPO pairs).
+        let taught = match (&r.correction, r.up) {
+            (Some(gold), false) => gold.as_str(),
+            _ => c.output.as_str(),
+        };
+        let group = hash_text(&format!("{} {}", r.up, normalize(taught)));
+        let signature = hasher.signature(&varying[c.id.as_str()]);
+        match seen.insert_in(signature, group) {
+            Err(dup) => {
+                ds.counts.near_duplicates += 1;
+                set_aside(&mut ds, c, DropReason::NearDuplicate, Some(seen_ids[dup]));
+                continue;
+            }
+            Ok(_) => seen_ids.push(c.id.as_str()),
         }
         *per_user.entry(user).or_default() += 1;
         let mut clean = |t: &str| -> String {
@@ -255,7 +451,9 @@ pub fn build(completions: &[Completion], votes: &[Vote], rules: &Rules) -> Datas
             .collect();
         let output = clean(&c.output);
         let correction = r.correction.as_deref().map(&mut clean);
-        let split = split_of(&key, rules.eval_fraction);
+        let bucket = split_bucket(&key);
+        // Splits are set once every example is in (see `eval_cutoff`).
+        let split = Split::Train;
         if r.up {
             ds.sft.push(SftExample {
                 prompt: prompt.clone(),
@@ -263,6 +461,7 @@ pub fn build(completions: &[Completion], votes: &[Vote], rules: &Rules) -> Datas
                 split,
                 source: c.id.clone(),
             });
+            sft_b.push(bucket);
         } else if let Some(gold) = &correction {
             ds.sft.push(SftExample {
                 prompt: prompt.clone(),
@@ -270,6 +469,7 @@ pub fn build(completions: &[Completion], votes: &[Vote], rules: &Rules) -> Datas
                 split,
                 source: c.id.clone(),
             });
+            sft_b.push(bucket);
             ds.dpo.push(DpoPair {
                 prompt: prompt.clone(),
                 chosen: gold.clone(),
@@ -277,6 +477,7 @@ pub fn build(completions: &[Completion], votes: &[Vote], rules: &Rules) -> Datas
                 split,
                 sources: vec![c.id.clone()],
             });
+            dpo_b.push(bucket);
         }
         ds.kto.push(KtoExample {
             prompt: prompt.clone(),
@@ -285,10 +486,11 @@ pub fn build(completions: &[Completion], votes: &[Vote], rules: &Rules) -> Datas
             split,
             source: c.id.clone(),
         });
+        kto_b.push(bucket);
         groups.entry(key).or_default().push((r, prompt, output));
     }
     for (key, answers) in groups {
-        let split = split_of(&key, rules.eval_fraction);
+        let bucket = split_bucket(&key);
         let ups = answers.iter().filter(|a| a.0.up);
         for (u, prompt, chosen) in ups {
             for (d, _, rejected) in answers.iter().filter(|a| !a.0.up) {
@@ -296,11 +498,24 @@ pub fn build(completions: &[Completion], votes: &[Vote], rules: &Rules) -> Datas
                     prompt: prompt.clone(),
                     chosen: chosen.clone(),
                     rejected: rejected.clone(),
-                    split,
+                    split: Split::Train,
                     sources: vec![u.c.id.clone(), d.c.id.clone()],
                 });
+                dpo_b.push(bucket);
             }
         }
+    }
+    let cutoff = eval_cutoff([&sft_b, &dpo_b, &kto_b], rules);
+    ds.eval_share = cutoff as f64 / SPLIT_BUCKETS as f64;
+    ds.raters = rater_reports;
+    for (e, b) in ds.sft.iter_mut().zip(&sft_b) {
+        e.split = split_of(*b, cutoff);
+    }
+    for (e, b) in ds.dpo.iter_mut().zip(&dpo_b) {
+        e.split = split_of(*b, cutoff);
+    }
+    for (e, b) in ds.kto.iter_mut().zip(&kto_b) {
+        e.split = split_of(*b, cutoff);
     }
     ds
 }
@@ -407,9 +622,9 @@ mod tests {
                 "p2",
                 "bob",
                 "Email me at ann@example.com please!",
-                "Sure.",
+                "Sure, ann@example.com noted!",
                 2,
-            ), // near duplicate, same verdict
+            ), // duplicate: same prompt and answer, same verdict
             completion("p3", "bob", "", "   ", 3), // empty output
         ];
         for i in 0..4 {
@@ -435,12 +650,181 @@ mod tests {
         assert!(!text.contains("ann@example.com") && text.contains("[EMAIL]"));
         assert_eq!(ds.counts.redactions.emails, 2);
         // The split is a function of the prompt alone.
+        let cutoff = (ds.eval_share * SPLIT_BUCKETS as f64).round() as u64;
         for e in &ds.sft {
             assert_eq!(
                 e.split,
-                split_of(&normalize(&prompt_text(&e.prompt)), rules.eval_fraction)
+                split_of(split_bucket(&normalize(&prompt_text(&e.prompt))), cutoff)
             );
         }
+        // Why each rated completion made no example.
+        let why: Vec<(&str, DropReason, Option<&str>)> = ds
+            .dropped
+            .iter()
+            .map(|d| (d.completion.as_str(), d.reason, d.duplicate_of.as_deref()))
+            .collect();
+        assert_eq!(
+            why,
+            [
+                ("p2", DropReason::NearDuplicate, Some("p1")),
+                ("p3", DropReason::Length, None),
+                ("c2", DropReason::OverUserCap, None),
+                ("c3", DropReason::OverUserCap, None),
+            ]
+        );
+    }
+
+    fn with_system(id: &str, user: &str, system: &str, text: &str, output: &str) -> Completion {
+        let mut c = completion(id, user, text, output, 1);
+        c.prompt.insert(
+            0,
+            Message {
+                role: "system".into(),
+                content: system.into(),
+            },
+        );
+        c
+    }
+
+    const SYSTEM: &str = "You are the support assistant of an online shop. Read the \
+        customer's message and reply with a JSON object naming the intent of the message \
+        and the order id it mentions, with no other text. The intents are track_order, \
+        cancel_order, refund, change_address and complaint. Use null when no order id is \
+        given. Be precise and never invent an order id.";
+
+    #[test]
+    fn a_shared_system_prompt_does_not_make_requests_duplicates() {
+        // Six different customer messages answered the same way: the long
+        // shared system prompt would make them near-duplicates.
+        let texts = [
+            "where is my parcel",
+            "my order has not arrived",
+            "when will my package come",
+            "has my order shipped yet",
+            "tracking shows nothing for my order",
+            "is my delivery on its way",
+        ];
+        let cs: Vec<_> = texts
+            .iter()
+            .enumerate()
+            .map(|(i, t)| with_system(&format!("c{i}"), &format!("u{i}"), SYSTEM, t, "track"))
+            .collect();
+        let vs: Vec<_> = cs.iter().map(|c| vote(&c.id, "r", true, 5, None)).collect();
+        let ds = build(&cs, &vs, &Rules::default());
+        assert_eq!((ds.sft.len(), ds.counts.near_duplicates), (6, 0));
+        // The shared system prompt stays in every example.
+        assert!(ds.sft.iter().all(|e| e.prompt[0].content == SYSTEM));
+        // Compared with the system prompt, they are duplicates of the first.
+        let all_of_it = Rules {
+            shared_system_min: 0,
+            ..Rules::default()
+        };
+        let ds = build(&cs, &vs, &all_of_it);
+        assert_eq!((ds.sft.len(), ds.counts.near_duplicates), (1, 5));
+    }
+
+    #[test]
+    fn near_duplicate_prompts_with_different_right_answers_are_both_kept() {
+        // Near, not equal: one word differs in a long message.
+        let a = "hello I ordered a blue winter jacket last week and it still has not \
+                 arrived can you tell me where it is right now please thanks a lot";
+        let b = "hello I ordered a blue winter jacket last week and it still has not \
+                 arrived can you tell me where it is right now please thanks so much";
+        let cs = vec![
+            with_system("a", "u1", SYSTEM, a, "I don't know."),
+            with_system("b", "u2", SYSTEM, b, "I don't know."),
+            with_system("c", "u3", SYSTEM, b, "I don't know."),
+        ];
+        let vs = vec![
+            vote("a", "u1", false, 5, Some(r#"{"intent": "track_order", "order_id": "5015"}"#)),
+            vote("b", "u2", false, 6, Some(r#"{"intent": "track_order", "order_id": "7731"}"#)),
+            vote("c", "u3", false, 7, Some(r#"{"intent": "track_order", "order_id": "5015"}"#)),
+        ];
+        let ds = build(&cs, &vs, &Rules::default());
+        let kept: Vec<&str> = ds.sft.iter().map(|e| e.source.as_str()).collect();
+        assert_eq!(kept, ["a", "b"], "c teaches what a teaches");
+        assert_eq!(ds.dropped[0].duplicate_of.as_deref(), Some("a"));
+    }
+
+    #[test]
+    fn the_eval_split_holds_a_minimum_of_each_kind() {
+        let cs: Vec<_> = (0..40)
+            .map(|i| {
+                completion(
+                    &format!("c{i}"),
+                    &format!("u{i}"),
+                    &format!("question {i} about subject {}", i * 31),
+                    &format!("answer {i}"),
+                    i,
+                )
+            })
+            .collect();
+        // 12 corrected down votes: 40 SFT, 12 DPO, 40 KTO examples.
+        let vs: Vec<_> = (0..40)
+            .map(|i| {
+                let fix = format!("better answer {i}");
+                let down = i % 10 < 3;
+                vote(&format!("c{i}"), "r", !down, 50, down.then_some(fix.as_str()))
+            })
+            .collect();
+        let none = Rules {
+            eval_fraction: 0.0,
+            min_eval_examples: 0,
+            ..Rules::default()
+        };
+        let ds = build(&cs, &vs, &none);
+        assert_eq!((ds.sft.len(), ds.dpo.len(), ds.kto.len()), (40, 12, 40));
+        assert!(ds.kto.iter().all(|e| e.split == Split::Train));
+        let ds = build(&cs, &vs, &Rules { min_eval_examples: 8, ..none });
+        let evals = |splits: Vec<Split>| splits.iter().filter(|s| **s == Split::Eval).count();
+        let sft = evals(ds.sft.iter().map(|e| e.split).collect());
+        let dpo = evals(ds.dpo.iter().map(|e| e.split).collect());
+        let kto = evals(ds.kto.iter().map(|e| e.split).collect());
+        // At least 8 of 40, and 3 of 12 (a quarter): one cutoff for all.
+        assert!(sft >= 8 && kto >= 8 && dpo >= 3, "{sft} {dpo} {kto}");
+        assert!(sft < 40 && dpo < 12, "not everything is eval");
+        assert!(ds.eval_share > 0.0);
+        // One prompt, one split, whatever the kind.
+        for d in &ds.dpo {
+            let s = ds.sft.iter().find(|e| e.prompt == d.prompt).unwrap();
+            assert_eq!(s.split, d.split);
+        }
+    }
+
+    #[test]
+    fn raters_who_disagree_with_everyone_are_left_out() {
+        // Four prompts, each asked by three users; the model is wrong every
+        // time. Two honest raters vote down (one corrects); the spammer
+        // votes up.
+        let mut cs = Vec::new();
+        let mut vs = Vec::new();
+        for i in 0..4 {
+            let text = format!("question number {i} about the topic {}", i * 7);
+            for (who, up, fix) in [
+                ("honest-a", false, Some("right")),
+                ("honest-b", false, None),
+                ("spammer", true, None),
+            ] {
+                let id = format!("{who}-{i}");
+                cs.push(completion(&id, who, &text, "wrong", i));
+                vs.push(vote(&id, who, up, 20, fix));
+            }
+        }
+        let ds = build(&cs, &vs, &Rules::default());
+        let spam = ds.raters.iter().find(|r| r.user == "spammer").unwrap();
+        assert!(spam.excluded && spam.agreement == Some(0.0), "{spam:?}");
+        assert_eq!(ds.counts.rater_excluded, 4);
+        assert!(ds.raters.iter().filter(|r| r.excluded).count() == 1);
+        assert!(ds.kto.iter().all(|e| !e.label), "no up vote of the spammer");
+        assert_eq!((ds.sft.len(), ds.kto.len()), (4, 8));
+        // Without the rule the spammer's up votes become SFT examples of
+        // the wrong answer.
+        let everyone = Rules {
+            rater_min_agreement: 0.0,
+            ..Rules::default()
+        };
+        let ds = build(&cs, &vs, &everyone);
+        assert_eq!(ds.sft.iter().filter(|e| e.completion == "wrong").count(), 4);
     }
 
     #[test]

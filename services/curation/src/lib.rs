@@ -8,3 +8,4 @@ pub mod build;
 pub mod export;
 pub mod minhash;
 pub mod pii;
+pub mod raters;

@@ -318,6 +318,13 @@ pub struct RuleFlags {
     /// Share of prompts (by hash) in the eval split.
     #[arg(long)]
     pub eval_fraction: Option<f64>,
+    /// Examples of each kind the eval split holds at least.
+    #[arg(long)]
+    pub min_eval_examples: Option<usize>,
+    /// Raters whose compared votes agree less often than this (0-1) are
+    /// left out (0: keep everyone).
+    #[arg(long)]
+    pub rater_min_agreement: Option<f64>,
 }
 
 impl RuleFlags {
@@ -337,6 +344,13 @@ impl RuleFlags {
             }
             r.eval_fraction = f;
         }
+        if let Some(a) = self.rater_min_agreement {
+            if !(0.0..=1.0).contains(&a) {
+                bail!("--rater-min-agreement must be between 0 and 1");
+            }
+            r.rater_min_agreement = a;
+        }
+        r.min_eval_examples = self.min_eval_examples.unwrap_or(r.min_eval_examples);
         r.max_per_user = self.max_per_user.unwrap_or(r.max_per_user);
         r.min_output_chars = self.min_output_chars.unwrap_or(r.min_output_chars);
         r.max_output_chars = self.max_output_chars.unwrap_or(r.max_output_chars);

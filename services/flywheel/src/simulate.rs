@@ -33,6 +33,10 @@ pub struct Scenario {
     pub correction_probability: f64,
     pub raters: Vec<Rater>,
     pub users_per_rater: usize,
+    /// Share of chats a second simulated user (drawn like the first) also
+    /// rates, as a reviewer would: what lets curation compare raters.
+    #[serde(default)]
+    pub second_rater_share: f64,
     pub traffic: Vec<Item>,
     pub heldout: Vec<Item>,
     /// Seeds who rates what (default 0).
@@ -105,6 +109,9 @@ impl Scenario {
         if !(0.0..=1.0).contains(&self.correction_probability) {
             bail!("correction_probability must be in [0, 1]");
         }
+        if !(0.0..=1.0).contains(&self.second_rater_share) {
+            bail!("second_rater_share must be in [0, 1]");
+        }
         for (i, item) in self.traffic.iter().chain(&self.heldout).enumerate() {
             for c in &item.checks {
                 c.validate().map_err(|e| anyhow::anyhow!("item {i}: {e}"))?;
@@ -142,6 +149,8 @@ pub struct Traffic {
     pub up: usize,
     pub down: usize,
     pub corrections: usize,
+    /// Votes by second raters (counted in `up`, `down`, `corrections` too).
+    pub second_votes: usize,
     pub failed: usize,
     pub seconds: f64,
 }
@@ -195,6 +204,24 @@ fn rater_of(s: &Scenario, index: usize) -> (&Rater, String) {
     let n = (draw(s.seed, 2, index as u64) * s.users_per_rater as f64) as usize;
     let user = format!("{}-{}", rater.name, n.min(s.users_per_rater - 1));
     (rater, user)
+}
+
+/// Index offset of second raters' draws, apart from every first rater's.
+const SECOND_RATER: usize = 1 << 40;
+
+/// How `rater` votes on chat `index` (a first or second rater's index):
+/// (up, attaches the correction).
+fn vote_of(s: &Scenario, rater: &Rater, index: usize, right: bool) -> (bool, bool) {
+    let up = match rater.behaviour {
+        Behaviour::Honest => right,
+        Behaviour::Noisy => right ^ (draw(s.seed, 3, index as u64) < rater.flip_probability),
+        Behaviour::Inverted => !right,
+        Behaviour::AlwaysUp => true,
+    };
+    let corrects = !up
+        && matches!(rater.behaviour, Behaviour::Honest | Behaviour::Noisy)
+        && draw(s.seed, 4, index as u64) < s.correction_probability;
+    (up, corrects)
 }
 
 struct Reply {
@@ -254,8 +281,9 @@ pub async fn traffic(s: &Scenario, t: &Target, k: usize) -> anyhow::Result<Traff
     let http = reqwest::Client::new();
     let started = Instant::now();
     let first = k * s.chats_per_cycle;
-    // Per chat: (answer right, voted up, correction attached).
-    let results: Vec<anyhow::Result<(bool, bool, bool)>> =
+    // Per chat: whether the answer was right, and each vote (up,
+    // correction attached).
+    let results: Vec<anyhow::Result<(bool, Vec<(bool, bool)>)>> =
         futures::stream::iter(s.traffic_of(k).iter().enumerate())
             .map(|(i, item)| {
                 let http = &http;
@@ -264,36 +292,37 @@ pub async fn traffic(s: &Scenario, t: &Target, k: usize) -> anyhow::Result<Traff
                     let (rater, user) = rater_of(s, index);
                     let reply = chat(http, s, t, &user, &item.user).await?;
                     let right = item.right(&reply.text);
-                    let up = match rater.behaviour {
-                        Behaviour::Honest => right,
-                        Behaviour::Noisy => {
-                            right ^ (draw(s.seed, 3, index as u64) < rater.flip_probability)
+                    let mut raters = vec![(rater, user, index)];
+                    if draw(s.seed, 5, index as u64) < s.second_rater_share {
+                        let (second, user) = rater_of(s, SECOND_RATER + index);
+                        if user != raters[0].1 {
+                            raters.push((second, user, SECOND_RATER + index));
                         }
-                        Behaviour::Inverted => !right,
-                        Behaviour::AlwaysUp => true,
-                    };
-                    let corrects = !up
-                        && matches!(rater.behaviour, Behaviour::Honest | Behaviour::Noisy)
-                        && draw(s.seed, 4, index as u64) < s.correction_probability;
-                    let mut vote = json!({
-                        "completion_id": reply.id,
-                        "rating": if up { "up" } else { "down" },
-                        "user": user,
-                    });
-                    if corrects {
-                        vote["correction"] = item.answer.clone().into();
                     }
-                    let resp = http
-                        .post(format!("{}/v1/feedback", t.url))
-                        .bearer_auth(&t.key)
-                        .json(&vote)
-                        .send()
-                        .await?;
-                    if !resp.status().is_success() {
-                        let status = resp.status();
-                        bail!("feedback answered {status}: {}", resp.text().await?);
+                    let mut votes = Vec::new();
+                    for (rater, user, at) in raters {
+                        let (up, corrects) = vote_of(s, rater, at, right);
+                        let mut vote = json!({
+                            "completion_id": reply.id,
+                            "rating": if up { "up" } else { "down" },
+                            "user": user,
+                        });
+                        if corrects {
+                            vote["correction"] = item.answer.clone().into();
+                        }
+                        let resp = http
+                            .post(format!("{}/v1/feedback", t.url))
+                            .bearer_auth(&t.key)
+                            .json(&vote)
+                            .send()
+                            .await?;
+                        if !resp.status().is_success() {
+                            let status = resp.status();
+                            bail!("feedback answered {status}: {}", resp.text().await?);
+                        }
+                        votes.push((up, corrects));
                     }
-                    Ok((right, up, corrects))
+                    Ok((right, votes))
                 }
             })
             .buffered(t.concurrency.max(1))
@@ -303,11 +332,14 @@ pub async fn traffic(s: &Scenario, t: &Target, k: usize) -> anyhow::Result<Traff
     for r in results {
         out.chats += 1;
         match r {
-            Ok((right, up, corrected)) => {
+            Ok((right, votes)) => {
                 out.right += usize::from(right);
-                out.up += usize::from(up);
-                out.down += usize::from(!up);
-                out.corrections += usize::from(corrected);
+                out.second_votes += votes.len() - 1;
+                for (up, corrected) in votes {
+                    out.up += usize::from(up);
+                    out.down += usize::from(!up);
+                    out.corrections += usize::from(corrected);
+                }
             }
             Err(e) => {
                 out.failed += 1;
@@ -486,13 +518,14 @@ pub async fn run(cfg: &crate::Config, args: SimulateArgs) -> anyhow::Result<()> 
         }
         let sent = traffic(&s, &target, k).await?;
         println!(
-            "cycle {}: {} chats, {} right, {} up, {} down, {} corrections, {} failed, {:.0} s",
+            "cycle {}: {} chats, {} right, {} up, {} down, {} corrections ({} votes by second raters), {} failed, {:.0} s",
             k + 1,
             sent.chats,
             sent.right,
             sent.up,
             sent.down,
             sent.corrections,
+            sent.second_votes,
             sent.failed,
             sent.seconds
         );
@@ -546,6 +579,25 @@ mod tests {
         assert!((a - 0.75).abs() < 0.03, "{counts:?}");
         // Deterministic: the same chat gets the same rater again.
         assert_eq!(rater_of(&s, 17).1, rater_of(&s, 17).1);
+    }
+
+    #[test]
+    fn second_raters_vote_their_own_way() {
+        let s = scenario(json!([
+            {"name": "honest", "share": 0.5, "behaviour": "honest"},
+            {"name": "contrarian", "share": 0.5, "behaviour": "inverted"},
+        ]));
+        let honest = &s.raters[0];
+        let contrarian = &s.raters[1];
+        // Drawn apart from the first rater of the same chat.
+        let same = (0..2000)
+            .filter(|&i| rater_of(&s, i).1 == rater_of(&s, SECOND_RATER + i).1)
+            .count();
+        assert!(same < 2000 / 4, "{same}");
+        for right in [true, false] {
+            assert_eq!(vote_of(&s, honest, 3, right).0, right);
+            assert_eq!(vote_of(&s, contrarian, 3, right), (!right, false));
+        }
     }
 
     #[test]

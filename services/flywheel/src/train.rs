@@ -155,7 +155,10 @@ fn fit(
     let steps = config.steps;
     let mut trainer = Trainer::new(&base.model, lora, config.clone(), train_set)?;
     let eval_before = trainer.evaluate(&eval_set)?;
-    eprintln!("{n_train} train / {n_eval} eval examples; eval loss before: {eval_before:.4}");
+    match n_eval {
+        0 => eprintln!("{n_train} train / 0 eval examples"),
+        _ => eprintln!("{n_train} train / {n_eval} eval examples; eval loss before: {eval_before:.4}"),
+    }
     let started = Instant::now();
     let mut printer = Printer {
         steps,
@@ -181,10 +184,11 @@ fn fit(
         out.join("flywheel_run.json"),
         serde_json::to_string_pretty(&record)?,
     )?;
-    println!(
-        "adapter saved to {} ({seconds:.0} s): eval loss {eval_before:.4} -> {eval_after:.4}",
-        out.display()
-    );
+    let eval = match n_eval {
+        0 => "no eval examples to measure a held-out loss on".to_string(),
+        _ => format!("eval loss {eval_before:.4} -> {eval_after:.4}"),
+    };
+    println!("adapter saved to {} ({seconds:.0} s): {eval}", out.display());
     let mut lora = trainer.lora;
     lora.training = false;
     Ok((lora, record))
