@@ -251,8 +251,17 @@ async fn curation_applies_each_rule_and_records_manifest_and_lineage() {
         .collect();
     assert_eq!(reasons.len(), 6, "{m:#}");
     assert_eq!(m["dropped_examples_total"], 6);
-    for (reason, n) in [("near_duplicate", 1), ("tied_votes", 1), ("length", 1), ("over_user_cap", 3)] {
-        assert_eq!(reasons.iter().filter(|r| **r == reason).count(), n, "{reason}");
+    for (reason, n) in [
+        ("near_duplicate", 1),
+        ("tied_votes", 1),
+        ("length", 1),
+        ("over_user_cap", 3),
+    ] {
+        assert_eq!(
+            reasons.iter().filter(|r| **r == reason).count(),
+            n,
+            "{reason}"
+        );
     }
     let dup = m["dropped_examples"]
         .as_array()
@@ -292,7 +301,10 @@ async fn curation_applies_each_rule_and_records_manifest_and_lineage() {
     assert!(answers.contains(&"Red."));
     assert!(!answers.contains(&"Yes, botanically."), "ties are dropped");
     assert_eq!(
-        answers.iter().filter(|a| a.to_lowercase().starts_with("paris")).count(),
+        answers
+            .iter()
+            .filter(|a| a.to_lowercase().starts_with("paris"))
+            .count(),
         1,
         "the duplicate is dropped"
     );

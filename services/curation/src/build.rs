@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::minhash::{LshIndex, MinHasher, normalize};
 use crate::pii::{Redactions, redact};
-use crate::raters::{self, RaterReport, Rated};
+use crate::raters::{self, Rated, RaterReport};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Message {
@@ -736,9 +736,27 @@ mod tests {
             with_system("c", "u3", SYSTEM, b, "I don't know."),
         ];
         let vs = vec![
-            vote("a", "u1", false, 5, Some(r#"{"intent": "track_order", "order_id": "5015"}"#)),
-            vote("b", "u2", false, 6, Some(r#"{"intent": "track_order", "order_id": "7731"}"#)),
-            vote("c", "u3", false, 7, Some(r#"{"intent": "track_order", "order_id": "5015"}"#)),
+            vote(
+                "a",
+                "u1",
+                false,
+                5,
+                Some(r#"{"intent": "track_order", "order_id": "5015"}"#),
+            ),
+            vote(
+                "b",
+                "u2",
+                false,
+                6,
+                Some(r#"{"intent": "track_order", "order_id": "7731"}"#),
+            ),
+            vote(
+                "c",
+                "u3",
+                false,
+                7,
+                Some(r#"{"intent": "track_order", "order_id": "5015"}"#),
+            ),
         ];
         let ds = build(&cs, &vs, &Rules::default());
         let kept: Vec<&str> = ds.sft.iter().map(|e| e.source.as_str()).collect();
@@ -764,7 +782,13 @@ mod tests {
             .map(|i| {
                 let fix = format!("better answer {i}");
                 let down = i % 10 < 3;
-                vote(&format!("c{i}"), "r", !down, 50, down.then_some(fix.as_str()))
+                vote(
+                    &format!("c{i}"),
+                    "r",
+                    !down,
+                    50,
+                    down.then_some(fix.as_str()),
+                )
             })
             .collect();
         let none = Rules {
@@ -775,7 +799,14 @@ mod tests {
         let ds = build(&cs, &vs, &none);
         assert_eq!((ds.sft.len(), ds.dpo.len(), ds.kto.len()), (40, 12, 40));
         assert!(ds.kto.iter().all(|e| e.split == Split::Train));
-        let ds = build(&cs, &vs, &Rules { min_eval_examples: 8, ..none });
+        let ds = build(
+            &cs,
+            &vs,
+            &Rules {
+                min_eval_examples: 8,
+                ..none
+            },
+        );
         let evals = |splits: Vec<Split>| splits.iter().filter(|s| **s == Split::Eval).count();
         let sft = evals(ds.sft.iter().map(|e| e.split).collect());
         let dpo = evals(ds.dpo.iter().map(|e| e.split).collect());

@@ -136,8 +136,8 @@ fn compare(
         .map(|mut r| {
             r.agreement = (r.compared > 0).then(|| r.agreeing as f64 / r.compared as f64);
             r.constant = r.votes >= CONSTANT_MIN_VOTES && (r.ups == 0 || r.ups == r.votes);
-            r.excluded = r.compared >= min_compared
-                && r.agreement.is_some_and(|a| a < min_agreement);
+            r.excluded =
+                r.compared >= min_compared && r.agreement.is_some_and(|a| a < min_agreement);
             r
         })
         .collect()
@@ -220,7 +220,11 @@ mod tests {
             votes.push(rated("third", p, "answer", false));
         }
         let reports = assess(&votes, 3, 0.5);
-        let excluded: Vec<&str> = reports.iter().filter(|r| r.excluded).map(|r| r.user.as_str()).collect();
+        let excluded: Vec<&str> = reports
+            .iter()
+            .filter(|r| r.excluded)
+            .map(|r| r.user.as_str())
+            .collect();
         assert_eq!(excluded, ["other"]);
     }
 

@@ -157,7 +157,9 @@ fn fit(
     let eval_before = trainer.evaluate(&eval_set)?;
     match n_eval {
         0 => eprintln!("{n_train} train / 0 eval examples"),
-        _ => eprintln!("{n_train} train / {n_eval} eval examples; eval loss before: {eval_before:.4}"),
+        _ => eprintln!(
+            "{n_train} train / {n_eval} eval examples; eval loss before: {eval_before:.4}"
+        ),
     }
     let started = Instant::now();
     let mut printer = Printer {
@@ -188,7 +190,10 @@ fn fit(
         0 => "no eval examples to measure a held-out loss on".to_string(),
         _ => format!("eval loss {eval_before:.4} -> {eval_after:.4}"),
     };
-    println!("adapter saved to {} ({seconds:.0} s): {eval}", out.display());
+    println!(
+        "adapter saved to {} ({seconds:.0} s): {eval}",
+        out.display()
+    );
     let mut lora = trainer.lora;
     lora.training = false;
     Ok((lora, record))
