@@ -276,14 +276,16 @@ async fn chat(
     })
 }
 
+/// One chat of the traffic: whether the answer was right, and each of its
+/// votes (up, with a correction attached).
+type Rated = (bool, Vec<(bool, bool)>);
+
 /// Sends cycle `k`'s traffic and its votes.
 pub async fn traffic(s: &Scenario, t: &Target, k: usize) -> anyhow::Result<Traffic> {
     let http = reqwest::Client::new();
     let started = Instant::now();
     let first = k * s.chats_per_cycle;
-    // Per chat: whether the answer was right, and each vote (up,
-    // correction attached).
-    let results: Vec<anyhow::Result<(bool, Vec<(bool, bool)>)>> =
+    let results: Vec<anyhow::Result<Rated>> =
         futures::stream::iter(s.traffic_of(k).iter().enumerate())
             .map(|(i, item)| {
                 let http = &http;
