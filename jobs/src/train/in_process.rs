@@ -127,7 +127,8 @@ impl TrainingBackend for InProcess {
                     let base = Base::load(&path)?;
                     let (train_set, eval_set) =
                         load_examples(&base, spec.train.objective, rows, spec.train.max_len)?;
-                    let mut trainer = match &resume {
+                    let replay = base.replay_set(&spec.train)?;
+                    let trainer = match &resume {
                         Some((step, dir)) => Trainer::resume(
                             &base.model,
                             dir,
@@ -140,6 +141,7 @@ impl TrainingBackend for InProcess {
                             Trainer::new(&base.model, lora, spec.train.clone(), train_set)?
                         }
                     };
+                    let mut trainer = trainer.with_replay(replay);
                     if want_eval_before {
                         let before = trainer.evaluate(&eval_set)?;
                         let _ = reporter.tx.send(Report::EvalBefore(before));

@@ -63,6 +63,13 @@ pub struct TrainArgs {
     /// DPO's and KTO's beta.
     #[arg(long, default_value_t = 0.1)]
     pub beta: f64,
+    /// Against forgetting: replay the starting model's own answers to this
+    /// many shipped general prompts, one per step (0: off).
+    #[arg(long, default_value_t = TrainConfig::default().replay_prompts)]
+    pub replay_prompts: usize,
+    /// Weight of the replayed answer's loss in each step.
+    #[arg(long, default_value_t = TrainConfig::default().replay_weight)]
+    pub replay_weight: f64,
     /// Where the adapter goes (PEFT layout); not with --queue.
     #[arg(long, short, required_unless_present = "queue")]
     pub out: Option<PathBuf>,
@@ -105,6 +112,8 @@ fn configs(args: &TrainArgs, objective: Objective) -> anyhow::Result<(LoraConfig
             warmup_steps: args.warmup_steps.min(args.steps),
             max_len: args.max_len,
             beta: args.beta,
+            replay_prompts: args.replay_prompts,
+            replay_weight: args.replay_weight,
             ..Default::default()
         },
     ))
@@ -129,12 +138,36 @@ struct Printer {
 impl Progress for Printer {
     fn step(&mut self, _: &Trainer, s: &StepLog) -> anyhow::Result<Control> {
         eprintln!(
-            "step {:>4}/{}  loss {:.4}  lr {:.2e}  grad norm {:.3}  {:.2} s",
-            s.step, self.steps, s.loss, s.learning_rate, s.grad_norm, s.seconds
+            "step {:>4}/{}  loss {:.4}{}  lr {:.2e}  grad norm {:.3}  {:.2} s",
+            s.step,
+            self.steps,
+            s.loss,
+            s.replay_loss
+                .map(|r| format!("  replay {r:.4}"))
+                .unwrap_or_default(),
+            s.learning_rate,
+            s.grad_norm,
+            s.seconds
         );
         self.log.push(s.clone());
         Ok(Control::Continue)
     }
+}
+
+/// The run's replay set, with a line saying what it is and what it cost.
+fn replay_set(base: &Base, config: &TrainConfig) -> anyhow::Result<Vec<flywheel_trainer::Encoded>> {
+    let started = Instant::now();
+    let set = base.replay_set(config)?;
+    if set.is_empty() {
+        return Ok(set);
+    }
+    eprintln!(
+        "replay: the starting model's answers to {} general prompts, one per step at weight {} ({:.1} s)",
+        set.len(),
+        config.replay_weight,
+        started.elapsed().as_secs_f64()
+    );
+    Ok(set)
 }
 
 /// Trains, prints progress, saves the adapter and `flywheel_run.json` in
@@ -153,7 +186,9 @@ fn fit(
     let lora = Lora::new(&base.model, lora_config)?;
     let (n_train, n_eval) = (train_set.len(), eval_set.len());
     let steps = config.steps;
-    let mut trainer = Trainer::new(&base.model, lora, config.clone(), train_set)?;
+    let replay = replay_set(base, &config)?;
+    let mut trainer =
+        Trainer::new(&base.model, lora, config.clone(), train_set)?.with_replay(replay);
     let eval_before = trainer.evaluate(&eval_set)?;
     match n_eval {
         0 => eprintln!("{n_train} train / 0 eval examples"),

@@ -8,6 +8,8 @@ use anyhow::Context;
 use flywheel_model::{ChatMessage, ChatTemplate, Llama, ModelFiles, TextTokenizer};
 use serde::Deserialize;
 
+use crate::TrainConfig;
+
 /// The frozen base model with what it needs to turn chats into tokens.
 pub struct Base {
     pub model: Llama,
@@ -45,6 +47,68 @@ impl Base {
         let mut answer = self.tokenizer.encode(answer)?;
         answer.push(self.eos);
         Ok(Encoded { prompt, answer })
+    }
+}
+
+/// The general prompts shipped for replay, in order
+/// (`services/trainer/replay/general-prompts.json`: written to share no item
+/// and no fact with the retention suite evaluation measures forgetting on).
+pub fn replay_prompts() -> Vec<String> {
+    #[derive(Deserialize)]
+    struct File {
+        prompts: Vec<String>,
+    }
+    let file: File = serde_json::from_str(include_str!("../replay/general-prompts.json"))
+        .expect("the shipped replay prompts parse");
+    file.prompts
+}
+
+/// Most tokens a replayed answer keeps.
+pub const REPLAY_MAX_TOKENS: usize = 48;
+
+impl Base {
+    /// This model's own greedy answer (no adapter) to `prompt`: the prompt's
+    /// ids and up to `max_tokens` answer ids, ending with the end-of-turn
+    /// token when the model ended its turn in time.
+    pub fn greedy_answer(&self, prompt: &[Message], max_tokens: usize) -> anyhow::Result<Encoded> {
+        let mut encoded = self.encode(prompt, "")?;
+        encoded.answer.clear();
+        let mut cache = self.model.new_cache();
+        let mut next = encoded.prompt.clone();
+        while encoded.answer.len() < max_tokens {
+            let logits = self.model.forward(&next, &mut cache)?;
+            let id = logits.argmax(0)?.to_scalar::<u32>()?;
+            encoded.answer.push(id);
+            if id == self.eos {
+                break;
+            }
+            next = vec![id];
+        }
+        Ok(encoded)
+    }
+
+    /// The replay set of a run with `config`: the first
+    /// `config.replay_prompts` shipped general prompts with this model's own
+    /// answers, which training keeps likely while it learns the task (so the
+    /// adapter changes little outside it). Empty when replay is off.
+    pub fn replay_set(&self, config: &TrainConfig) -> anyhow::Result<Vec<Encoded>> {
+        if config.replay_weight <= 0.0 {
+            return Ok(Vec::new());
+        }
+        let max_len = config.max_len;
+        replay_prompts()
+            .into_iter()
+            .take(config.replay_prompts)
+            .map(|p| {
+                let user = Message {
+                    role: "user".into(),
+                    content: p,
+                };
+                Ok(self
+                    .greedy_answer(&[user], REPLAY_MAX_TOKENS)?
+                    .truncated(max_len))
+            })
+            .collect()
     }
 }
 

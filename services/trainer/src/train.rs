@@ -2,7 +2,9 @@
 //! negative log-likelihood; DPO and KTO compare the policy's log-probability
 //! of an answer with the frozen base model's (the reference, computed once
 //! before training). AdamW, gradient accumulation, linear warmup then cosine
-//! decay, clipping by global norm.
+//! decay, clipping by global norm. Against forgetting, a run can replay
+//! the starting model's own answers to general prompts, one per step
+//! ([`Trainer::with_replay`]).
 
 use std::path::Path;
 use std::time::Instant;
@@ -45,6 +47,16 @@ pub struct TrainConfig {
     pub max_len: usize,
     /// DPO's and KTO's beta.
     pub beta: f64,
+    /// Replay against forgetting: this many of the shipped general prompts,
+    /// answered by the model the run starts from before training, one of
+    /// them trained on (SFT) in every step beside the task's examples
+    /// (0: off). The caller builds the set ([`Base::replay_set`]) and hands
+    /// it to [`Trainer::with_replay`].
+    ///
+    /// [`Base::replay_set`]: crate::Base::replay_set
+    pub replay_prompts: usize,
+    /// The replayed example's loss is weighted by this in each step.
+    pub replay_weight: f64,
 }
 
 impl Default for TrainConfig {
@@ -59,6 +71,8 @@ impl Default for TrainConfig {
             max_grad_norm: 1.0,
             max_len: 256,
             beta: 0.1,
+            replay_prompts: 32,
+            replay_weight: 1.0,
         }
     }
 }
@@ -137,6 +151,9 @@ pub struct StepLog {
     pub grad_norm: f64,
     pub tokens: usize,
     pub seconds: f64,
+    /// The replayed general answer's loss this step, when replay is on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replay_loss: Option<f64>,
 }
 
 /// A training run over `examples` (cycled as needed).
@@ -150,6 +167,8 @@ pub struct Trainer<'a> {
     kto_weights: (f64, f64),
     pub step: usize,
     cursor: usize,
+    /// General answers of the starting model, replayed one per step.
+    replay: Vec<Encoded>,
 }
 
 impl<'a> Trainer<'a> {
@@ -210,7 +229,17 @@ impl<'a> Trainer<'a> {
             kto_weights,
             step: 0,
             cursor: 0,
+            replay: Vec::new(),
         })
+    }
+
+    /// Replays `set` (the starting model's own answers to general prompts)
+    /// during training: step `n` also trains on `set[n % len]`, weighted by
+    /// `config.replay_weight`. The index follows the step, so a resumed run
+    /// replays as the uninterrupted one would.
+    pub fn with_replay(mut self, set: Vec<Encoded>) -> Self {
+        self.replay = set.into_iter().filter(|e| !e.answer.is_empty()).collect();
+        self
     }
 
     /// Continues a run from a checkpoint taken after `step` steps: the
@@ -326,20 +355,24 @@ impl<'a> Trainer<'a> {
             summed = Some(match summed {
                 None => grads,
                 Some(mut acc) => {
-                    for v in &vars {
-                        if let Some(g) = grads.get(v.as_tensor()) {
-                            let total = match acc.get(v.as_tensor()) {
-                                Some(prev) => (prev + g)?,
-                                None => g.clone(),
-                            };
-                            acc.insert(v.as_tensor(), total);
-                        }
-                    }
+                    accumulate(&mut acc, &grads, &vars)?;
                     acc
                 }
             });
         }
         let mut grads = summed.expect("grad_accum is at least 1");
+        let weight = self.config.replay_weight;
+        let replay_loss = match self.replay.get(self.step % self.replay.len().max(1)) {
+            Some(r) if weight > 0.0 => {
+                let loss = answer_logprobs(self.model, Some(&self.lora), r)?
+                    .mean_all()?
+                    .neg()?;
+                let value = loss.to_scalar::<f32>()? as f64;
+                accumulate(&mut grads, &(loss * weight)?.backward()?, &vars)?;
+                Some(value)
+            }
+            _ => None,
+        };
         let mut norm_sq = 0.0f64;
         for v in &vars {
             if let Some(g) = grads.get(v.as_tensor()) {
@@ -365,6 +398,7 @@ impl<'a> Trainer<'a> {
             grad_norm,
             tokens,
             seconds: started.elapsed().as_secs_f64(),
+            replay_loss,
         })
     }
 
@@ -392,6 +426,24 @@ impl<'a> Trainer<'a> {
         self.lora.training = training;
         Ok(total / examples.len().max(1) as f64)
     }
+}
+
+/// Adds `grads`' gradients of `vars` into `acc`.
+fn accumulate(
+    acc: &mut GradStore,
+    grads: &GradStore,
+    vars: &[candle_core::Var],
+) -> anyhow::Result<()> {
+    for v in vars {
+        if let Some(g) = grads.get(v.as_tensor()) {
+            let total = match acc.get(v.as_tensor()) {
+                Some(prev) => (prev + g)?,
+                None => g.clone(),
+            };
+            acc.insert(v.as_tensor(), total);
+        }
+    }
+    Ok(())
 }
 
 /// What [`fit`] asks its caller after every step.

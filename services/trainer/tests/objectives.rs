@@ -420,3 +420,84 @@ fn a_resumed_run_continues_with_its_optimizer_state() {
     assert!(d > 1e-4, "fresh moments changed nothing ({d})");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn replay_keeps_the_starting_models_general_answers() {
+    let base = tiny();
+    let config = TrainConfig {
+        objective: Objective::Sft,
+        learning_rate: 1e-2,
+        steps: 24,
+        grad_accum: 2,
+        warmup_steps: 2,
+        replay_prompts: 8,
+        ..Default::default()
+    };
+    let replay = base.replay_set(&config).unwrap();
+    assert_eq!(replay.len(), 8);
+    // The replayed answers are the model's own greedy answers: each token
+    // is the argmax after the ones before it.
+    for e in &replay[..2] {
+        let ids: Vec<u32> = e.prompt.iter().chain(&e.answer).copied().collect();
+        let logits = base
+            .model
+            .logits(
+                &TrainOps::new(None),
+                &ids[..ids.len() - 1],
+                e.prompt.len() - 1,
+            )
+            .unwrap();
+        let argmax: Vec<u32> = logits.argmax(1).unwrap().to_vec1().unwrap();
+        assert_eq!(argmax, e.answer);
+    }
+    let task: Vec<(&str, &str)> = vec![
+        ("capital of france?", "paris"),
+        ("capital of japan?", "tokyo"),
+        ("capital of peru?", "lima"),
+    ];
+    let examples: Vec<Example> = task
+        .iter()
+        .map(|(q, a)| Example::Sft {
+            prompt: encode(&base, q, a),
+        })
+        .collect();
+    let before: Vec<f32> = replay.iter().map(|e| logprob(&base, None, e)).collect();
+    let task_before = logprob(&base, None, &encode(&base, task[0].0, task[0].1));
+    // The same run with and without replay; how far the general answers'
+    // log-probabilities moved, and whether the task was learned.
+    let run = |with_replay: bool| {
+        let mut t = Trainer::new(
+            &base.model,
+            lora(&base, 1),
+            config.clone(),
+            examples.clone(),
+        )
+        .unwrap();
+        if with_replay {
+            t = t.with_replay(replay.clone());
+        }
+        for _ in 0..config.steps {
+            let log = t.train_step().unwrap();
+            assert_eq!(log.replay_loss.is_some(), with_replay);
+        }
+        let mut trained = t.lora;
+        trained.training = false;
+        let drift: f32 = replay
+            .iter()
+            .zip(&before)
+            .map(|(e, b)| (logprob(&base, Some(&trained), e) - b).abs())
+            .sum();
+        let task_after = logprob(&base, Some(&trained), &encode(&base, task[0].0, task[0].1));
+        (drift, task_after)
+    };
+    let (drift_without, task_without) = run(false);
+    let (drift_with, task_with) = run(true);
+    eprintln!(
+        "drift {drift_without} -> {drift_with}; task {task_before} -> {task_without} / {task_with}"
+    );
+    assert!(task_without > task_before + 1.0 && task_with > task_before + 1.0);
+    assert!(
+        drift_with < drift_without * 0.5,
+        "replay should hold the general answers: drift {drift_without} without, {drift_with} with"
+    );
+}
