@@ -5,8 +5,8 @@
 # `train --register` with the defaults, then `flywheel eval` of the
 # candidate against the base on the team's task suite (the scenario's
 # held-out messages) and the shipped general retention suite. A second
-# candidate is trained on the same dataset with replay off
-# (`--replay-prompts 0`) and evaluated the same way, so the counter-measure's
+# candidate is trained on the same dataset with replay on
+# (`--replay-prompts 32`) and evaluated the same way, so the counter-measure's
 # effect is measured on the same traffic in the same run.
 #
 #   scripts/demo-eval.sh [OUT_DIR]        (default target/demo-eval)
@@ -50,11 +50,11 @@ $FW datasets show $TEAM@1 | tee "$OUT/manifest.txt"
 
 echo "== train --register (defaults)"
 $FW train --dataset $TEAM@1 --out "$OUT/adapter" --register smollm2-support-1 \
-    2>&1 | tee "$OUT/train.log" | grep -E "step +(1|25|50|75|100)/|held-out|registered"
+    2>&1 | tee "$OUT/train.log" | grep -E "replay:|step +(1|25|50|75|100)/|held-out|registered"
 t2=$(stamp)
-echo "== the same with replay off"
-$FW train --dataset $TEAM@1 --out "$OUT/adapter-noreplay" --register smollm2-support-1-noreplay \
-    --replay-prompts 0 2>&1 | tee "$OUT/train-noreplay.log" | grep -E "step +(1|25|50|75|100)/|held-out|registered"
+echo "== the same with replay on"
+$FW train --dataset $TEAM@1 --out "$OUT/adapter-replay" --register smollm2-support-1-replay \
+    --replay-prompts 32 2>&1 | tee "$OUT/train-replay.log" | grep -E "replay:|step +(1|25|50|75|100)/|held-out|registered"
 
 echo "== the team's task suite: the scenario's held-out messages"
 python3 - scenarios/support-routing.json "$OUT/task-suite.json" <<'PY'
@@ -84,16 +84,16 @@ $FW eval smollm2-support-1 --team $TEAM 2>&1 | tee "$OUT/eval.txt"
 t4=$(stamp)
 ID=$(grep -oE "^evaluation [0-9a-f-]{36}" "$OUT/eval.txt" | head -1 | cut -d' ' -f2)
 $FW eval show "$ID" --items > "$OUT/eval-items.txt"
-$FW eval smollm2-support-1-noreplay --team $TEAM 2>&1 | tee "$OUT/eval-noreplay.txt"
-ID2=$(grep -oE "^evaluation [0-9a-f-]{36}" "$OUT/eval-noreplay.txt" | head -1 | cut -d' ' -f2)
-$FW eval show "$ID2" --items > "$OUT/eval-items-noreplay.txt"
+$FW eval smollm2-support-1-replay --team $TEAM 2>&1 | tee "$OUT/eval-replay.txt"
+ID2=$(grep -oE "^evaluation [0-9a-f-]{36}" "$OUT/eval-replay.txt" | head -1 | cut -d' ' -f2)
+$FW eval show "$ID2" --items > "$OUT/eval-items-replay.txt"
 $FW decisions --team $TEAM > "$OUT/decisions.txt"
 python3 - "$t0" "$t1" "$t2" "$t3" "$t4" <<'PY'
 import sys
 t = [float(x) for x in sys.argv[1:]]
 print(f"wall time: datasets build {t[1]-t[0]:.0f} s, train {t[2]-t[1]:.0f} s, eval {t[4]-t[3]:.0f} s")
 PY
-for items in "$OUT/eval-items.txt" "$OUT/eval-items-noreplay.txt"; do
+for items in "$OUT/eval-items.txt" "$OUT/eval-items-replay.txt"; do
 echo "== $(basename "$items"): retention items the base passes and the candidate fails (first 12)"
 python3 - "$items" <<'PY'
 import sys, collections
