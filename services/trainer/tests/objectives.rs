@@ -30,6 +30,15 @@ fn encode(base: &Base, prompt: &str, answer: &str) -> Encoded {
     base.encode(&user(prompt), answer).unwrap()
 }
 
+fn sft_examples(base: &Base, pairs: &[(&str, &str)]) -> Vec<Example> {
+    pairs
+        .iter()
+        .map(|(q, a)| Example::Sft {
+            prompt: encode(base, q, a),
+        })
+        .collect()
+}
+
 fn lora(base: &Base, seed: u64) -> Lora {
     Lora::new(
         &base.model,
@@ -159,12 +168,7 @@ fn sft_lowers_the_loss_and_raises_the_answers_likelihood() {
         ("capital of spain?", "madrid"),
         ("capital of peru?", "lima"),
     ];
-    let examples: Vec<Example> = pairs
-        .iter()
-        .map(|(q, a)| Example::Sft {
-            prompt: encode(&base, q, a),
-        })
-        .collect();
+    let examples = sft_examples(&base, &pairs);
     let before = logprob(&base, None, &encode(&base, pairs[0].0, pairs[0].1));
     let config = TrainConfig {
         objective: Objective::Sft,
@@ -455,12 +459,7 @@ fn replay_keeps_the_starting_models_general_answers() {
         ("capital of japan?", "tokyo"),
         ("capital of peru?", "lima"),
     ];
-    let examples: Vec<Example> = task
-        .iter()
-        .map(|(q, a)| Example::Sft {
-            prompt: encode(&base, q, a),
-        })
-        .collect();
+    let examples = sft_examples(&base, &task);
     let before: Vec<f32> = replay.iter().map(|e| logprob(&base, None, e)).collect();
     let task_before = logprob(&base, None, &encode(&base, task[0].0, task[0].1));
     // The same run with and without replay; how far the general answers'
