@@ -33,8 +33,9 @@ impl Base {
         })
     }
 
-    /// Prompt ids and answer ids (with the end-of-turn token) for one example.
-    pub fn encode(&self, prompt: &[Message], answer: &str) -> anyhow::Result<Encoded> {
+    /// The prompt's ids: the chat rendered with the template, ending where
+    /// the assistant's turn starts.
+    fn prompt_ids(&self, prompt: &[Message]) -> anyhow::Result<Vec<u32>> {
         let messages: Vec<ChatMessage> = prompt
             .iter()
             .map(|m| ChatMessage {
@@ -42,11 +43,17 @@ impl Base {
                 content: m.content.clone(),
             })
             .collect();
-        let text = self.template.render(&messages)?;
-        let prompt = self.tokenizer.encode(&text)?;
+        Ok(self.tokenizer.encode(&self.template.render(&messages)?)?)
+    }
+
+    /// Prompt ids and answer ids (with the end-of-turn token) for one example.
+    pub fn encode(&self, prompt: &[Message], answer: &str) -> anyhow::Result<Encoded> {
         let mut answer = self.tokenizer.encode(answer)?;
         answer.push(self.eos);
-        Ok(Encoded { prompt, answer })
+        Ok(Encoded {
+            prompt: self.prompt_ids(prompt)?,
+            answer,
+        })
     }
 }
 
@@ -71,8 +78,10 @@ impl Base {
     /// ids and up to `max_tokens` answer ids, ending with the end-of-turn
     /// token when the model ended its turn in time.
     pub fn greedy_answer(&self, prompt: &[Message], max_tokens: usize) -> anyhow::Result<Encoded> {
-        let mut encoded = self.encode(prompt, "")?;
-        encoded.answer.clear();
+        let mut encoded = Encoded {
+            prompt: self.prompt_ids(prompt)?,
+            answer: Vec::new(),
+        };
         let mut cache = self.model.new_cache();
         let mut next = encoded.prompt.clone();
         while encoded.answer.len() < max_tokens {

@@ -241,7 +241,7 @@ impl<'a> Trainer<'a> {
     /// `config.replay_weight`. The index follows the step, so a resumed run
     /// replays as the uninterrupted one would.
     pub fn with_replay(mut self, set: Vec<Encoded>) -> Self {
-        self.replay = set.into_iter().filter(|e| !e.answer.is_empty()).collect();
+        self.replay = set;
         self
     }
 
