@@ -33,6 +33,9 @@ pub struct CurateJob {
     /// Votes recorded after this are left out (default: when the build starts).
     #[serde(default)]
     pub until: Option<DateTime<Utc>>,
+    /// The loop's cycle this build is the first stage of, if any.
+    #[serde(default)]
+    pub cycle: Option<Uuid>,
 }
 
 /// What a build did.
@@ -451,6 +454,7 @@ mod tests {
             scope: Scope::Team(Uuid::nil()),
             rules: Rules::default(),
             until: None,
+            cycle: None,
         };
         let a = fingerprint(&job, vec![vote(1), vote(2)]);
         assert_eq!(a, fingerprint(&job, vec![vote(2), vote(1)]));

@@ -16,9 +16,10 @@ use flywheel_curation::build::{DpoPair, SftExample};
 use flywheel_engine::{ChatMessage, EngineHandle};
 use flywheel_eval::run::{Answer, Inputs, Pair, Served};
 use flywheel_eval::{Policy, Suite};
-use flywheel_store::PgPool;
+use flywheel_store::cycles::{self, Link, StageEnd};
 use flywheel_store::evals::{self, NewEvaluation};
 use flywheel_store::models::ModelVersion;
+use flywheel_store::{PgPool, Postgres, Transaction};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
@@ -65,9 +66,21 @@ pub async fn enqueue(
     max_attempts: u32,
 ) -> anyhow::Result<(Uuid, String)> {
     let mut tx = pool.begin().await?;
-    let id = evals::create(&mut *tx, e).await?;
+    let queued = enqueue_in(&mut tx, e, act, max_attempts).await?;
+    tx.commit().await?;
+    Ok(queued)
+}
+
+/// [`enqueue`] in the caller's transaction.
+pub async fn enqueue_in(
+    tx: &mut Transaction<'_, Postgres>,
+    e: &NewEvaluation,
+    act: bool,
+    max_attempts: u32,
+) -> anyhow::Result<(Uuid, String)> {
+    let id = evals::create(&mut **tx, e).await?;
     let task = queue::push(
-        &mut tx,
+        tx,
         queue::EVALUATION,
         &EvalJob {
             evaluation_id: id,
@@ -76,7 +89,6 @@ pub async fn enqueue(
         max_attempts,
     )
     .await?;
-    tx.commit().await?;
     Ok((id, task))
 }
 
@@ -320,21 +332,37 @@ async fn act(
     });
     let summary = outcome.reasons.join("; ");
     let action = if !outcome.passed {
-        flywheel_store::decisions::record(
-            pool,
+        let reason = format!("failed the offline gate: {summary}");
+        let mut tx = pool.begin().await?;
+        let decision = flywheel_store::decisions::record(
+            &mut *tx,
             &flywheel_store::decisions::NewDecision {
                 team_id: Some(team),
                 kind: "reject",
                 candidate_version_id: Some(candidate.id),
                 champion_version_id: Some(e.champion_version_id),
                 evaluation_id: Some(e.id),
-                reason: &format!("failed the offline gate: {summary}"),
+                reason: &reason,
                 evidence,
                 actor: LOOP,
                 ..Default::default()
             },
         )
         .await?;
+        cycles::advance_linked(
+            &mut tx,
+            Link::Evaluation(e.id),
+            "evaluate",
+            "done",
+            &StageEnd {
+                note: "failed the gate",
+                decision_id: Some(decision),
+                ..Default::default()
+            },
+            Some(("rejected", &reason)),
+        )
+        .await?;
+        tx.commit().await?;
         "reject"
     } else if env.policy.canary_share > 0.0 {
         let reason = format!("passed the offline gate: {summary}");

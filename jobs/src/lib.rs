@@ -10,6 +10,7 @@
 pub mod artifacts;
 pub mod canary;
 pub mod curate;
+pub mod cycle;
 pub mod evaluate;
 pub mod faults;
 pub mod promote;

@@ -7,6 +7,7 @@ use anyhow::{Context, bail};
 use chrono::Utc;
 use flywheel_store::PgPool;
 use flywheel_store::canaries::{self, Canary};
+use flywheel_store::cycles::{self, Link, StageEnd};
 use flywheel_store::decisions::{self, NewDecision};
 use flywheel_store::models::{self, ModelVersion};
 use uuid::Uuid;
@@ -56,6 +57,7 @@ pub async fn promote(
     let before = models::team_champion(&mut *tx, team)
         .await?
         .context("the team has no champion to replace")?;
+    let mut ended = None;
     if let Some(c) = canaries::running_for(&mut *tx, team).await? {
         let (status, reason) = if c.candidate_version_id == candidate.id {
             ("promoted", why.reason.to_string())
@@ -66,6 +68,7 @@ pub async fn promote(
             )
         };
         canaries::end(&mut tx, c.id, status, &reason).await?;
+        ended = Some((c.id, status, reason));
     }
     models::set_team_champion(&mut tx, team, Some(candidate.id)).await?;
     let id = decisions::record(
@@ -83,6 +86,44 @@ pub async fn promote(
         },
     )
     .await?;
+    // The loop's cycle ends with it: the one whose canary this was, or the
+    // one whose evaluation promoted straight away.
+    let end = StageEnd {
+        decision_id: Some(id),
+        ..Default::default()
+    };
+    if let Some((canary, status, reason)) = &ended {
+        let end = StageEnd {
+            note: status,
+            ..end.clone()
+        };
+        let outcome = Some((*status, reason.as_str()));
+        cycles::advance_linked(
+            &mut tx,
+            Link::Canary(*canary),
+            "canary",
+            "done",
+            &end,
+            outcome,
+        )
+        .await?;
+    }
+    if let Some(evaluation) = why.evaluation_id {
+        let end = StageEnd {
+            note: "passed the gate",
+            ..end
+        };
+        let outcome = Some(("promoted", why.reason));
+        cycles::advance_linked(
+            &mut tx,
+            Link::Evaluation(evaluation),
+            "evaluate",
+            "done",
+            &end,
+            outcome,
+        )
+        .await?;
+    }
     tx.commit().await?;
     tracing::info!(team = %team, candidate = candidate.name, previous = before.name, kind, "promoted");
     Ok(id)
@@ -132,6 +173,22 @@ pub async fn start_canary(
         },
     )
     .await?;
+    if let Some(evaluation) = why.evaluation_id {
+        let end = StageEnd {
+            note: "passed the gate",
+            canary_id: Some(canary.id),
+            ..Default::default()
+        };
+        cycles::advance_linked(
+            &mut tx,
+            Link::Evaluation(evaluation),
+            "evaluate",
+            "canary",
+            &end,
+            None,
+        )
+        .await?;
+    }
     tx.commit().await?;
     Ok(canary)
 }
@@ -148,7 +205,7 @@ pub async fn roll_back_canary(
     if !canaries::end(&mut tx, canary.id, "rolled_back", why.reason).await? {
         return Ok(false);
     }
-    decisions::record(
+    let decision = decisions::record(
         &mut *tx,
         &NewDecision {
             team_id: Some(canary.team_id),
@@ -161,6 +218,21 @@ pub async fn roll_back_canary(
             evidence: why.evidence,
             actor: why.actor,
         },
+    )
+    .await?;
+    let end = StageEnd {
+        note: "rolled back",
+        decision_id: Some(decision),
+        ..Default::default()
+    };
+    let outcome = Some(("rolled_back", why.reason));
+    cycles::advance_linked(
+        &mut tx,
+        Link::Canary(canary.id),
+        "canary",
+        "done",
+        &end,
+        outcome,
     )
     .await?;
     tx.commit().await?;

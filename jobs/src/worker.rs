@@ -10,6 +10,7 @@ use std::time::Duration;
 use apalis::prelude::{Attempt, BoxDynError, Data, TaskId, WorkerBuilder, WorkerBuilderExt};
 use apalis_postgres::{Config, PostgresStorage};
 use flywheel_store::PgPool;
+use flywheel_store::cycles::Link;
 
 use crate::curate::{self, CurateJob};
 use crate::evaluate::{self, EvalEnv, EvalJob};
@@ -88,13 +89,15 @@ struct Ctx {
 }
 
 /// Records an attempt's start and end in `job_runs`; a failure pushes the
-/// task's next attempt back by the backoff.
+/// task's next attempt back by the backoff, and the last attempt's failure
+/// ends the loop's cycle the task belongs to (`cycle`).
 async fn recorded<T, F>(
     ctx: &Ctx,
     kind: &str,
     task_id: &str,
     attempt: u32,
     args: serde_json::Value,
+    cycle: Option<Link>,
     work: F,
 ) -> Result<(), BoxDynError>
 where
@@ -118,6 +121,13 @@ where
             tracing::warn!(task = %task_id, kind, attempt, error = %message, retry_in = ?delay, "job failed");
             flywheel_store::jobs::run_finished(store, run, Err(&message)).await?;
             flywheel_store::jobs::delay_task(store, task_id, delay).await?;
+            let last = flywheel_store::jobs::task_state(store, task_id)
+                .await?
+                .is_some_and(|s| attempt as i64 >= i64::from(s.max_attempts));
+            if let (true, Some(link)) = (last, cycle) {
+                let why = format!("{kind} gave up after {attempt} attempts: {message}");
+                crate::cycle::failed(store, link, &why).await?;
+            }
             Err(message.into())
         }
     }
@@ -136,9 +146,16 @@ async fn train_task(
         .ok_or("this worker takes no training runs")?;
     let args = serde_json::to_value(&job)?;
     let attempt = attempt.current().max(1) as u32;
-    recorded(&ctx, "train", &task_id.to_string(), attempt, args, async {
-        train::run(&ctx.pool, &env, job.run_id).await
-    })
+    let cycle = Some(Link::Run(job.run_id));
+    recorded(
+        &ctx,
+        "train",
+        &task_id.to_string(),
+        attempt,
+        args,
+        cycle,
+        async { train::run(&ctx.pool, &env, job.run_id).await },
+    )
     .await
 }
 
@@ -161,6 +178,7 @@ async fn eval_task(
         &task_id.to_string(),
         attempt,
         args,
+        Some(Link::Evaluation(job.evaluation_id)),
         async { evaluate::run(&ctx.pool, &env, &job).await },
     )
     .await
@@ -175,9 +193,22 @@ async fn curate_task(
 ) -> Result<(), BoxDynError> {
     let args = serde_json::to_value(&job)?;
     let attempt = attempt.current().max(1) as u32;
-    recorded(&ctx, "curate", &task_id.to_string(), attempt, args, async {
-        curate::run(&ctx.pool, &job).await
-    })
+    let cycle = job.cycle.map(Link::Cycle);
+    recorded(
+        &ctx,
+        "curate",
+        &task_id.to_string(),
+        attempt,
+        args,
+        cycle,
+        async {
+            let outcome = curate::run(&ctx.pool, &job).await?;
+            if let Some(id) = job.cycle {
+                crate::cycle::curated(&ctx.pool, id, &outcome).await?;
+            }
+            Ok(outcome)
+        },
+    )
     .await
 }
 

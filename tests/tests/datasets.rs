@@ -109,6 +109,7 @@ impl Fixture {
             scope: Scope::Team(self.team),
             rules,
             until: None,
+            cycle: None,
         }
     }
 }
@@ -504,6 +505,7 @@ async fn shared_datasets_pool_only_teams_that_allow_it() {
         scope: Scope::Shared,
         rules: Rules::default(),
         until: None,
+        cycle: None,
     };
     let out = curate::run(&db.pool, &job).await.unwrap();
     assert_eq!(out.kto, 2);
@@ -530,7 +532,7 @@ async fn a_schedule_slot_fires_once_across_workers() {
         cron: flywheel_jobs::schedule::parse_cron("0 */15 * * * *").unwrap(),
         rules: Rules::default(),
         max_attempts: 3,
-        training: None,
+        cycles: None,
     };
     let slot = Utc::now();
     let fired = flywheel_jobs::schedule::fire_curation(&db.pool, &s, slot)
@@ -551,7 +553,9 @@ async fn a_schedule_slot_fires_once_across_workers() {
 }
 
 #[tokio::test]
-async fn the_training_trigger_starts_one_run_when_enough_new_examples_arrive() {
+async fn a_slot_starts_a_cycle_that_trains_only_on_enough_new_examples() {
+    use flywheel_jobs::cycle::{self, LoopConfig};
+    use flywheel_store::cycles::{self as cycles, Link};
     let db = TestDb::new().await;
     let mut f = Fixture::new(&db.pool, "acme").await;
     flywheel_store::models::set_champion(&db.pool, "fixture-model")
@@ -559,11 +563,9 @@ async fn the_training_trigger_starts_one_run_when_enough_new_examples_arrive() {
         .unwrap();
     rules_fixture(&mut f);
     f.save().await;
-    let first = curate::run(&db.pool, &f.job(Rules::default()))
-        .await
-        .unwrap();
-    let trigger = flywheel_jobs::schedule::TrainingTrigger {
+    let cfg = LoopConfig {
         min_new_examples: 10,
+        rules: Rules::default(),
         spec: flywheel_jobs::train::RunSpec {
             lora: Default::default(),
             train: Default::default(),
@@ -571,27 +573,63 @@ async fn the_training_trigger_starts_one_run_when_enough_new_examples_arrive() {
         },
         max_attempts: 2,
     };
+    let s = flywheel_jobs::schedule::CurationSchedule {
+        cron: flywheel_jobs::schedule::parse_cron("0 */15 * * * *").unwrap(),
+        rules: Rules::default(),
+        max_attempts: 2,
+        cycles: Some(cfg.clone()),
+    };
     let fire = |minutes: i64| {
-        let (pool, trigger) = (db.pool.clone(), trigger.clone());
+        let (pool, s) = (db.pool.clone(), s.clone());
         async move {
             let slot = Utc::now() + Duration::minutes(minutes);
-            flywheel_jobs::schedule::fire_training(&pool, &trigger, slot)
+            flywheel_jobs::schedule::fire_curation(&pool, &s, slot)
                 .await
                 .unwrap()
         }
     };
-    let run = fire(1).await.expect("version 1 is new: a run starts");
-    let r = flywheel_store::training::get(&db.pool, run)
+    // The cycle's first stage, as the worker runs it.
+    let team = f.team;
+    let curate = |id: &str| {
+        let pool = db.pool.clone();
+        let id: Uuid = id.parse().unwrap();
+        async move {
+            let job = CurateJob {
+                scope: Scope::Team(team),
+                rules: Rules::default(),
+                // The fixture's clock runs ahead of the database's.
+                until: Some(Utc::now() + Duration::hours(1)),
+                cycle: Some(id),
+            };
+            let out = curate::run(&pool, &job).await.unwrap();
+            cycle::curated(&pool, id, &out).await.unwrap();
+            cycles::get(&pool, id).await.unwrap().unwrap()
+        }
+    };
+
+    let started = fire(1).await;
+    assert_eq!(started.len(), 1, "acme has new feedback: a cycle starts");
+    assert!(fire(2).await.is_empty(), "one running cycle per team");
+    let c = curate(&started[0]).await;
+    assert_eq!((c.status.as_str(), c.stage.as_str()), ("running", "train"));
+    assert_eq!(c.trigger, "schedule");
+    let run = flywheel_store::training::get(&db.pool, c.training_run_id.unwrap())
         .await
         .unwrap()
         .unwrap();
-    assert_eq!(r.dataset_version_id, first.version_id.unwrap());
-    assert_eq!((r.status.as_str(), r.objective.as_str()), ("queued", "sft"));
-    assert!(fire(2).await.is_none(), "one run per base at a time");
+    assert_eq!(Some(run.dataset_version_id), c.dataset_version_id);
+    assert_eq!(
+        (run.status.as_str(), run.objective.as_str()),
+        ("queued", "sft")
+    );
+    let note = c.stages[0]["note"].as_str().unwrap();
+    assert!(note.starts_with("dataset v1: "), "{note}");
+    assert_eq!(c.stages[0]["stage"], "curate");
 
+    // The run ends (here by hand); its cycle is ended for the test.
     flywheel_store::training::finish(
         &db.pool,
-        run,
+        run.id,
         flywheel_store::training::RunStatus::Succeeded,
         None,
         Some(0.1),
@@ -599,41 +637,85 @@ async fn the_training_trigger_starts_one_run_when_enough_new_examples_arrive() {
     )
     .await
     .unwrap();
-    assert!(fire(3).await.is_none(), "nothing new since the last run");
-
-    for i in 0..12 {
-        let id = format!("new{i}");
-        f.completion(
-            &id,
-            &format!("n{i}"),
-            &format!(
-                "Brand new question {i} about {}",
-                ["kites", "maps", "clocks", "ferns"][i % 4]
-            ),
-            "A fresh answer.",
-        );
-        f.vote(&id, &format!("n{i}"), "up", None);
-    }
-    f.save().await;
-    let second = curate::run(&db.pool, &f.job(Rules::default()))
+    cycle::failed(&db.pool, Link::Run(run.id), "ended by the test")
         .await
         .unwrap();
-    let next = fire(4).await.expect("enough new examples: another run");
-    let r = flywheel_store::training::get(&db.pool, next)
+    let c = cycles::get(&db.pool, c.id).await.unwrap().unwrap();
+    assert_eq!((c.status.as_str(), c.stage.as_str()), ("failed", "done"));
+    assert_eq!(c.reason.as_deref(), Some("ended by the test"));
+    assert!(fire(3).await.is_empty(), "nothing new since the last run");
+
+    // Two new votes (4 examples: SFT and KTO): a cycle, skipped after
+    // curation.
+    fn ask(f: &mut Fixture, from: usize, n: usize) {
+        // Votes after the last version was built.
+        f.clock = f.clock.max(Utc::now());
+        for i in from..from + n {
+            let id = format!("new{i}");
+            f.completion(
+                &id,
+                &format!("n{i}"),
+                &format!(
+                    "Brand new question {i} about {}",
+                    ["kites", "maps", "clocks", "ferns"][i % 4]
+                ),
+                "A fresh answer.",
+            );
+            f.vote(&id, &format!("n{i}"), "up", None);
+        }
+    }
+    ask(&mut f, 0, 2);
+    f.save().await;
+    let started = fire(4).await;
+    assert_eq!(started.len(), 1);
+    let skipped = curate(&started[0]).await;
+    assert_eq!(skipped.status, "skipped");
+    let total = |v: &datasets::DatasetVersion| v.sft_count + v.dpo_count + v.kto_count;
+    let (v1, v2) = (
+        datasets::get(&db.pool, run.dataset_version_id)
+            .await
+            .unwrap()
+            .unwrap(),
+        datasets::get(&db.pool, skipped.dataset_version_id.unwrap())
+            .await
+            .unwrap()
+            .unwrap(),
+    );
+    let new = total(&v2) - total(&v1);
+    assert!((1..10).contains(&new), "{v1:?} {v2:?}");
+    assert_eq!(
+        skipped.reason.unwrap(),
+        format!("{new} new examples since the last run; 10 needed")
+    );
+    assert!(skipped.training_run_id.is_none());
+
+    // Twelve more: the next cycle trains on the newest version.
+    ask(&mut f, 2, 12);
+    f.save().await;
+    let started = fire(5).await;
+    let c = curate(&started[0]).await;
+    assert_eq!(c.stage, "train", "{c:?}");
+    let v = flywheel_store::datasets::get(&db.pool, c.dataset_version_id.unwrap())
         .await
         .unwrap()
         .unwrap();
-    assert_eq!(r.dataset_version_id, second.version_id.unwrap());
+    assert_eq!(v.version, 3);
+    assert_eq!(
+        cycles::list(&db.pool, Some(team), 10).await.unwrap().len(),
+        3
+    );
     // A slot fires once.
-    let slot = Utc::now() + Duration::minutes(5);
-    flywheel_store::training::request_cancel(&db.pool, next)
+    let slot = Utc::now() + Duration::minutes(6);
+    cycle::failed(&db.pool, Link::Cycle(c.id), "ended by the test")
         .await
         .unwrap();
-    let a = flywheel_jobs::schedule::fire_training(&db.pool, &trigger, slot)
+    ask(&mut f, 14, 1);
+    f.save().await;
+    let a = flywheel_jobs::schedule::fire_curation(&db.pool, &s, slot)
         .await
         .unwrap();
-    let b = flywheel_jobs::schedule::fire_training(&db.pool, &trigger, slot)
+    let b = flywheel_jobs::schedule::fire_curation(&db.pool, &s, slot)
         .await
         .unwrap();
-    assert!(a.is_some() && b.is_none());
+    assert!(a.len() == 1 && b.is_empty());
 }

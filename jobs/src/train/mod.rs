@@ -18,8 +18,9 @@ pub mod register;
 mod spec;
 
 use anyhow::{Context, bail};
-use flywheel_store::PgPool;
+use flywheel_store::cycles::{self, Link, StageEnd};
 use flywheel_store::training::{self, RunStatus, TrainingRun};
+use flywheel_store::{PgPool, Postgres, Transaction};
 use uuid::Uuid;
 
 use crate::queue;
@@ -39,8 +40,28 @@ pub async fn create_run(
     max_attempts: u32,
 ) -> anyhow::Result<(Uuid, String)> {
     let mut tx = pool.begin().await?;
+    let queued = queue_run(
+        &mut tx,
+        dataset_version_id,
+        base_version_id,
+        spec,
+        max_attempts,
+    )
+    .await?;
+    tx.commit().await?;
+    Ok(queued)
+}
+
+/// Creates a queued run and its job in the caller's transaction.
+pub async fn queue_run(
+    tx: &mut Transaction<'_, Postgres>,
+    dataset_version_id: Uuid,
+    base_version_id: Uuid,
+    spec: &RunSpec,
+    max_attempts: u32,
+) -> anyhow::Result<(Uuid, String)> {
     let run_id = training::create(
-        &mut *tx,
+        &mut **tx,
         dataset_version_id,
         base_version_id,
         kind_of(spec.train.objective),
@@ -48,8 +69,7 @@ pub async fn create_run(
         spec.train.steps as i32,
     )
     .await?;
-    let task = queue::push(&mut tx, queue::TRAINING, &TrainJob { run_id }, max_attempts).await?;
-    tx.commit().await?;
+    let task = queue::push(tx, queue::TRAINING, &TrainJob { run_id }, max_attempts).await?;
     Ok((run_id, task))
 }
 
@@ -143,8 +163,9 @@ async fn evaluate_candidate(
     let champion = flywheel_store::models::team_champion(pool, team)
         .await?
         .context("the team has no champion")?;
-    let (evaluation, _) = crate::evaluate::enqueue(
-        pool,
+    let mut tx = pool.begin().await?;
+    let (evaluation, _) = crate::evaluate::enqueue_in(
+        &mut tx,
         &flywheel_store::evals::NewEvaluation {
             team_id: Some(team),
             candidate_version_id: candidate.id,
@@ -156,6 +177,25 @@ async fn evaluate_candidate(
         queue::DEFAULT_MAX_ATTEMPTS,
     )
     .await?;
+    let loss = match (o.eval_loss_before, o.eval_loss_after) {
+        (Some(b), Some(a)) => format!(", held-out loss {b:.3} -> {a:.3}"),
+        _ => String::new(),
+    };
+    cycles::advance_linked(
+        &mut tx,
+        Link::Run(run.id),
+        "train",
+        "evaluate",
+        &StageEnd {
+            note: &format!("{} steps{loss}: {}", o.steps, candidate.name),
+            candidate_version_id: Some(candidate.id),
+            evaluation_id: Some(evaluation),
+            ..Default::default()
+        },
+        None,
+    )
+    .await?;
+    tx.commit().await?;
     tracing::info!(%evaluation, candidate = candidate.name, "evaluation queued");
     Ok(RunOutcome {
         evaluation: Some(evaluation),
@@ -177,9 +217,11 @@ async fn train_with_backend(ctx: &RunContext<'_>) -> anyhow::Result<Trained> {
     }
 }
 
-/// Closes a run whose cancel was requested, after `steps` steps.
+/// Closes a run whose cancel was requested, after `steps` steps (and the
+/// loop's cycle that queued it).
 async fn cancelled(pool: &PgPool, run: &TrainingRun, steps: i32) -> anyhow::Result<RunOutcome> {
     training::finish(pool, run.id, RunStatus::Cancelled, None, None, None).await?;
+    cycles::fail_linked(pool, Link::Run(run.id), "the training run was cancelled").await?;
     Ok(RunOutcome {
         status: RunStatus::Cancelled,
         steps,

@@ -398,7 +398,14 @@ pub fn build(completions: &[Completion], votes: &[Vote], rules: &Rules) -> Datas
             set_aside(&mut ds, c, DropReason::TiedVotes, None);
             continue;
         };
-        let len = c.output.trim().chars().count();
+        // What the example teaches: a corrected down vote's correction, else
+        // the output. Its length decides (an empty answer corrected by its
+        // user still teaches the correction).
+        let taught = match (&r.correction, r.up) {
+            (Some(gold), false) => gold.as_str(),
+            _ => c.output.as_str(),
+        };
+        let len = taught.trim().chars().count();
         if len < rules.min_output_chars.max(1) || len > rules.max_output_chars {
             ds.counts.filtered_length += 1;
             set_aside(&mut ds, c, DropReason::Length, None);
@@ -417,10 +424,6 @@ pub fn build(completions: &[Completion], votes: &[Vote], rules: &Rules) -> Datas
         // Near-duplicate prompts that teach the same answer with the same
         // verdict add nothing; a duplicate prompt with another answer or
         // the opposite verdict still makes an example (and DPO pairs).
-        let taught = match (&r.correction, r.up) {
-            (Some(gold), false) => gold.as_str(),
-            _ => c.output.as_str(),
-        };
         let group = hash_text(&format!("{} {}", r.up, normalize(taught)));
         let signature = hasher.signature(&varying[c.id.as_str()]);
         match seen.insert_in(signature, group) {
@@ -470,6 +473,13 @@ pub fn build(completions: &[Completion], votes: &[Vote], rules: &Rules) -> Datas
                 source: c.id.clone(),
             });
             sft_b.push(bucket);
+        }
+        // An empty answer is no preference or KTO example: its correction
+        // (above) is what it teaches.
+        if output.trim().is_empty() {
+            continue;
+        }
+        if let (false, Some(gold)) = (r.up, &correction) {
             ds.dpo.push(DpoPair {
                 prompt: prompt.clone(),
                 chosen: gold.clone(),
@@ -672,6 +682,35 @@ mod tests {
                 ("c3", DropReason::OverUserCap, None),
             ]
         );
+    }
+
+    #[test]
+    fn an_empty_answer_its_user_corrected_still_teaches_the_correction() {
+        let cs = vec![
+            completion("empty", "ann", "route my ticket", "  ", 1),
+            completion("empty-liked", "bob", "say nothing", "", 2),
+            completion("short", "cy", "route this one", "no", 3),
+        ];
+        let vs = vec![
+            vote("empty", "ann", false, 10, Some("ok")),
+            vote("empty-liked", "bob", true, 11, None),
+            vote("short", "cy", false, 12, Some("ok")),
+        ];
+        let ds = build(&cs, &vs, &Rules::default());
+        let taught: Vec<(&str, &str)> = ds
+            .sft
+            .iter()
+            .map(|e| (e.source.as_str(), e.completion.as_str()))
+            .collect();
+        assert_eq!(taught, [("empty", "ok"), ("short", "ok")]);
+        // The liked empty answer teaches nothing; the corrected one makes no
+        // pair or KTO example of its empty text.
+        assert_eq!(ds.counts.filtered_length, 1);
+        assert_eq!(ds.dropped[0].completion, "empty-liked");
+        assert_eq!(ds.dpo.len(), 1);
+        assert_eq!(ds.dpo[0].rejected, "no");
+        assert_eq!(ds.kto.len(), 1);
+        assert_eq!(ds.kto[0].source, "short");
     }
 
     fn with_system(id: &str, user: &str, system: &str, text: &str, output: &str) -> Completion {

@@ -92,6 +92,14 @@ pub enum Command {
         #[arg(long, default_value_t = 50)]
         limit: i64,
     },
+    /// Run one cycle of the loop for a team now (curate, train, evaluate,
+    /// canary, promote or reject) and follow it.
+    Loop(crate::cycles::LoopArgs),
+    /// The loop's cycles: trigger, outcome, wall time per stage.
+    Cycles {
+        #[command(subcommand)]
+        command: crate::cycles::CyclesCommand,
+    },
     /// Play a scenario through the public API: chats, simulated users'
     /// votes and corrections, held-out scores cycle by cycle.
     Simulate(Box<crate::simulate::SimulateArgs>),
@@ -178,6 +186,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Decisions { team, limit } => {
             crate::eval::decisions(&pool(&cfg).await?, team.as_deref(), limit).await
         }
+        Command::Loop(args) => crate::cycles::run_loop(&cfg, &pool(&cfg).await?, args).await,
+        Command::Cycles { command } => crate::cycles::run(&pool(&cfg).await?, command).await,
         Command::Simulate(args) => crate::simulate::run(&cfg, *args).await,
         Command::Jobs { limit } => crate::datasets::jobs(&pool(&cfg).await?, limit).await,
     }

@@ -426,6 +426,7 @@ pub async fn run(
                 scope: ds::scope(pool, team.as_deref(), shared).await?,
                 rules: rules.apply(cfg.jobs.curation_rules.clone())?,
                 until: None,
+                cycle: None,
             };
             let mode = match (inline, no_wait) {
                 (true, _) => RunMode::Inline,

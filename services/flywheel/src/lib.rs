@@ -11,6 +11,7 @@ pub mod artifacts;
 pub mod bootstrap;
 pub mod cli;
 pub mod config;
+pub mod cycles;
 pub mod datasets;
 pub mod eval;
 pub mod journal;

@@ -169,3 +169,38 @@ fn bad_configuration_stops_the_start_and_names_the_setting() {
     assert!(!shown.contains("s3cret"));
     assert!(line("journal.sync").ends_with("default"));
 }
+
+#[tokio::test]
+async fn loop_starts_one_cycle_per_team_and_cycles_lists_it() {
+    let db = fresh_database("fw_cli_loop").await;
+    let (ok, out, err) = flywheel(&db, &["migrate"]);
+    assert!(ok, "{out}{err}");
+    let (ok, _, err) = flywheel(&db, &["keys", "create", "--team", "acme"]);
+    assert!(ok, "{err}");
+    let (ok, out, err) = flywheel(&db, &["loop", "--team", "acme", "--no-wait"]);
+    assert!(ok, "{out}{err}");
+    let id = out
+        .strip_prefix("cycle ")
+        .and_then(|rest| rest.split_whitespace().next())
+        .unwrap_or_else(|| panic!("{out}"))
+        .to_string();
+    // A second start finds the one running.
+    let (ok, again, err) = flywheel(&db, &["loop", "--team", "acme", "--no-wait"]);
+    assert!(ok, "{err}");
+    assert!(
+        again.contains(&format!("already has cycle {id} running (at curate)")),
+        "{again}"
+    );
+    let (ok, list, _) = flywheel(&db, &["cycles", "list", "--team", "acme"]);
+    assert!(ok);
+    let row = list
+        .lines()
+        .find(|l| l.starts_with(&id))
+        .unwrap_or_else(|| panic!("{list}"));
+    assert!(row.contains("manual") && row.contains("running"), "{row}");
+    assert_eq!(list.lines().count(), 2, "a header and one cycle: {list}");
+    let (ok, shown, _) = flywheel(&db, &["cycles", "show", &id]);
+    assert!(ok && shown.contains("team       acme"), "{shown}");
+    let (ok, _, err) = flywheel(&db, &["loop", "--team", "nobody", "--no-wait"]);
+    assert!(!ok && err.contains("nobody"), "{err}");
+}

@@ -121,6 +121,7 @@ async fn failing_jobs_are_retried_with_growing_delays_and_their_errors_kept() {
         scope: Scope::Team(missing),
         rules: Default::default(),
         until: None,
+        cycle: None,
     };
     let task = flywheel_jobs::queue::push_curation(&pool, &job, 3)
         .await

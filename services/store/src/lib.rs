@@ -7,6 +7,7 @@
 pub mod admin;
 pub mod canaries;
 pub mod completions;
+pub mod cycles;
 pub mod datasets;
 pub mod decisions;
 pub mod evals;

@@ -316,19 +316,27 @@ impl Config {
                 cron: schedule::parse_cron(expr)?,
                 rules: j.curation_rules.clone(),
                 max_attempts: w.max_attempts,
-                training: (min_new > 0).then(|| schedule::TrainingTrigger {
-                    min_new_examples: min_new as i64,
-                    spec: flywheel_jobs::train::RunSpec {
-                        lora: Default::default(),
-                        train: Default::default(),
-                        external: false,
-                    },
-                    max_attempts: w.max_attempts,
-                }),
+                cycles: (min_new > 0).then(|| self.loop_config(min_new)),
             }),
             None => None,
         };
         Ok(w)
+    }
+
+    /// What the loop's cycles run with: training once a team's dataset
+    /// holds `min_new_examples` examples its last run did not have, with
+    /// the default training spec.
+    pub fn loop_config(&self, min_new_examples: usize) -> flywheel_jobs::cycle::LoopConfig {
+        flywheel_jobs::cycle::LoopConfig {
+            min_new_examples: min_new_examples.max(1) as i64,
+            rules: self.jobs.curation_rules.clone(),
+            spec: flywheel_jobs::train::RunSpec {
+                lora: Default::default(),
+                train: Default::default(),
+                external: false,
+            },
+            max_attempts: self.jobs.max_attempts.max(1),
+        }
     }
 }
 

@@ -293,7 +293,7 @@ pub const SETTINGS: &[Setting] = &[
         "training.min_new_examples",
         "FLYWHEEL_TRAIN_MIN_NEW_EXAMPLES",
         "200",
-        "on each curation slot, start a run on the champion when a team's newest dataset has this many more examples than its last run's (`0`: never)",
+        "the loop: each curation slot starts a cycle (curate, train, evaluate, canary, promote or reject) that trains when a team's newest dataset has this many more examples than its last run's (`0`: curation only)",
     ),
 ];
 
