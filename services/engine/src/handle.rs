@@ -62,6 +62,7 @@ impl EngineHandle {
                 adapters: Default::default(),
                 next_adapter: AtomicU64::new(1),
                 kernels: cpu,
+                token_bytes: Default::default(),
             })
         };
         let shared = if cpu {

@@ -5,7 +5,8 @@
 //! and reads [`Event`]s back. Behind it: the scheduler (continuous batching,
 //! `scheduler`), the step-model trait (`step`) with our CPU kernels (`cpu`,
 //! `kernels/`, one module per instruction set) and candle's forward for GPUs
-//! (`candle`), sampling and stop strings. Only the handle's types are
+//! (`candle`), sampling, constrained decoding for `response_format`
+//! (`grammar`) and stop strings. Only the handle's types are
 //! public. Reading the model (GGUF, tokenizer, template) and the reference
 //! forward live in `flywheel-model`.
 //!
@@ -14,6 +15,7 @@
 mod adapter;
 mod candle;
 mod cpu;
+mod grammar;
 mod handle;
 mod kernels;
 mod sampling;
@@ -26,6 +28,7 @@ mod types;
 
 pub use adapter::{AdapterPair, AdapterWeights};
 pub use flywheel_model::ChatMessage;
+pub use grammar::Node as JsonShape;
 pub use handle::EngineHandle;
 pub use kernels::Simd;
 pub use sampling::{MIN_TEMPERATURE, SamplingParams};

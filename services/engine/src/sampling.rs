@@ -24,6 +24,9 @@ pub struct SamplingParams {
     /// and reports its log-probability; the generation ends after the last
     /// (evaluations score given answers this way, on the serving path).
     pub forced: Vec<u32>,
+    /// `response_format`: only output that keeps to this JSON shape
+    /// (constrained decoding, [`crate::grammar`]).
+    pub json: Option<std::sync::Arc<crate::grammar::Node>>,
 }
 
 impl Default for SamplingParams {
@@ -41,6 +44,7 @@ impl Default for SamplingParams {
             top_logprobs: 0,
             ignore_eos: false,
             forced: Vec::new(),
+            json: None,
         }
     }
 }

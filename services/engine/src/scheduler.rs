@@ -45,6 +45,10 @@ pub(crate) fn spawn<M: StepModel>(
     Ok(())
 }
 
+/// Under a `response_format`, a sampled (not greedy) request draws from the
+/// this many best tokens that keep the output valid.
+const JSON_SAMPLED_FROM: usize = 64;
+
 /// One request in the running batch.
 struct Seq<C> {
     job: Job,
@@ -53,6 +57,8 @@ struct Seq<C> {
     sampler: Sampler,
     decoder: IncrementalDecoder,
     stops: StopMatcher,
+    /// Where the output stands against its `response_format`, if any.
+    json: Option<crate::grammar::Matcher>,
     /// Prompt tokens already run through the model.
     prefilled: usize,
     /// The token to feed next, once the prompt is done.
@@ -167,6 +173,12 @@ impl<M: StepModel> Scheduler<M> {
             adapter,
             sampler: Sampler::new(job.req.params.clone()),
             stops: StopMatcher::new(job.req.params.stop.clone()),
+            json: job
+                .req
+                .params
+                .json
+                .clone()
+                .map(crate::grammar::Matcher::new),
             cache: self.model.new_cache(),
             decoder: IncrementalDecoder::default(),
             prefilled: 0,
@@ -305,8 +317,29 @@ impl<M: StepModel> Scheduler<M> {
                 )));
                 return Some(End::Cancelled);
             }
-            None => s.sampler.sample(&mut logits),
+            None => {
+                if let Some(m) = &s.json {
+                    let bytes = self.shared.token_bytes.get_or_init(|| tok.token_bytes());
+                    let keep = if p.temperature < crate::MIN_TEMPERATURE {
+                        1
+                    } else {
+                        JSON_SAMPLED_FROM
+                    };
+                    crate::grammar::mask(&mut logits, m, bytes, &tok.stop_ids, keep);
+                }
+                s.sampler.sample(&mut logits)
+            }
         };
+        if let (Some(m), None) = (&mut s.json, forced)
+            && !tok.stop_ids.contains(&next)
+            && let Some(Some(b)) = self
+                .shared
+                .token_bytes
+                .get()
+                .and_then(|t| t.get(next as usize))
+        {
+            m.feed(b);
+        }
         let end = if forced.is_none() && tok.stop_ids.contains(&next) && !p.ignore_eos {
             Some(FinishReason::Stop)
         } else {
@@ -555,6 +588,7 @@ mod tests {
             queued: Default::default(),
             stats: Default::default(),
             adapters: Default::default(),
+            token_bytes: Default::default(),
             next_adapter: Default::default(),
         });
         (

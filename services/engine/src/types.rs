@@ -145,6 +145,8 @@ pub(crate) struct Shared {
     /// runs, so removing one never disturbs a generation in flight.
     pub adapters: RwLock<HashMap<AdapterId, Arc<crate::adapter::Adapter>>>,
     pub next_adapter: AtomicU64,
+    /// Every token's bytes, for constrained decoding (built on first use).
+    pub token_bytes: std::sync::OnceLock<Vec<Option<Box<[u8]>>>>,
 }
 
 #[derive(Default)]

@@ -114,10 +114,23 @@ pub async fn generate(
     max_tokens: usize,
     temperature: f32,
 ) -> Result<Generation> {
+    generate_shaped(m, messages, max_tokens, temperature, None).await
+}
+
+/// [`generate`] under a `response_format` (constrained decoding), as a
+/// request carrying it is served.
+pub async fn generate_shaped(
+    m: &Served,
+    messages: &[ChatMessage],
+    max_tokens: usize,
+    temperature: f32,
+    json: Option<Arc<flywheel_engine::JsonShape>>,
+) -> Result<Generation> {
     let params = SamplingParams {
         temperature,
         max_tokens,
         seed: Some(0),
+        json,
         ..Default::default()
     };
     Ok(drive(m, prompt(m, messages)?, params).await?.0)
@@ -255,7 +268,12 @@ pub type OnProgress = Arc<dyn Fn(&str) + Send + Sync>;
 async fn answer_suite(m: &Served, suite: &Suite, concurrency: usize) -> Result<Vec<Generation>> {
     each(&suite.items, concurrency, |item| {
         let max = item.max_tokens.unwrap_or(suite.defaults.max_tokens);
-        generate(m, &item.messages, max, suite.defaults.temperature)
+        let json = match &item.response_format {
+            Some(rf) => flywheel_engine::JsonShape::from_response_format(rf)
+                .map_err(|e| RunError::Engine(format!("item {}: {e}", item.id))),
+            None => Ok(None),
+        };
+        async move { generate_shaped(m, &item.messages, max, suite.defaults.temperature, json?).await }
     })
     .await
 }

@@ -95,6 +95,45 @@ impl TextTokenizer {
     pub fn token_text(&self, id: u32) -> String {
         self.decode(&[id], false).unwrap_or_default()
     }
+
+    /// The bytes each token stands for, by id (`None` for special tokens,
+    /// which are not text): the vocabulary's byte-level characters mapped
+    /// back to bytes. A token may hold part of a UTF-8 character.
+    pub fn token_bytes(&self) -> Vec<Option<Box<[u8]>>> {
+        let unicode_to_byte = byte_level_inverse();
+        let special = self.inner.get_added_tokens_decoder();
+        (0..self.inner.get_vocab_size(true) as u32)
+            .map(|id| {
+                if special.contains_key(&id) {
+                    return None;
+                }
+                let piece = self.inner.id_to_token(id)?;
+                piece
+                    .chars()
+                    .map(|c| unicode_to_byte.get(&c).copied())
+                    .collect::<Option<Vec<u8>>>()
+                    .map(Vec::into_boxed_slice)
+            })
+            .collect()
+    }
+}
+
+/// GPT-2's byte-level alphabet read backwards: printable bytes stand for
+/// themselves, the other 68 for the characters from U+0100 up, in byte order.
+fn byte_level_inverse() -> std::collections::HashMap<char, u8> {
+    let printable = |b: u8| matches!(b, b'!'..=b'~' | 0xA1..=0xAC | 0xAE..=0xFF);
+    let mut next = 256u32;
+    (0..=255u8)
+        .map(|b| {
+            let c = if printable(b) {
+                char::from(b)
+            } else {
+                next += 1;
+                char::from_u32(next - 1).unwrap_or('?')
+            };
+            (c, b)
+        })
+        .collect()
 }
 
 fn build(tokens: &[String], merges: &[String], pre: &str) -> Result<Tokenizer> {

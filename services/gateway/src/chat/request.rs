@@ -2,8 +2,9 @@
 //! engine parameters. Every rejection names the offending field.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
-use flywheel_engine::{ChatMessage, SamplingParams};
+use flywheel_engine::{ChatMessage, JsonShape, SamplingParams};
 use serde::Deserialize;
 use serde_json::Value;
 
@@ -116,6 +117,11 @@ fn bad(message: impl Into<String>, param: &str) -> AppError {
     AppError::bad_request(message, Some(param))
 }
 
+/// `response_format` as OpenAI's API takes it ([`JsonShape::from_response_format`]).
+fn response_format(value: &serde_json::Value) -> Result<Option<Arc<JsonShape>>, AppError> {
+    JsonShape::from_response_format(value).map_err(|e| bad(e, "response_format"))
+}
+
 /// A validated request, ready for the engine.
 #[derive(Debug)]
 pub struct Validated {
@@ -129,6 +135,7 @@ pub struct Validated {
 
 impl ChatRequest {
     pub fn validate(self) -> Result<Validated, AppError> {
+        let mut json = None;
         for (field, value) in &self.rest {
             if value.is_null() || IGNORED.contains(&field.as_str()) {
                 continue;
@@ -141,16 +148,7 @@ impl ChatRequest {
                 "tool_choice" => return Err(bad("tool calling is not supported", field)),
                 "modalities" if value == &serde_json::json!(["text"]) => {}
                 "modalities" => return Err(bad("only the text modality is supported", field)),
-                "response_format" if value["type"] == "text" => {}
-                "response_format" => {
-                    return Err(bad(
-                        format!(
-                            "response_format type {} is not supported; only \"text\"",
-                            value["type"]
-                        ),
-                        field,
-                    ));
-                }
+                "response_format" => json = response_format(value)?,
                 _ => {
                     return Err(bad(
                         format!("Unrecognized request argument supplied: {field}"),
@@ -261,6 +259,7 @@ impl ChatRequest {
                 top_logprobs,
                 ignore_eos: false,
                 forced: Vec::new(),
+                json,
             },
             max_tokens,
             stream,
