@@ -57,25 +57,7 @@ $FW train --dataset $TEAM@1 --out "$OUT/adapter-replay" --register smollm2-suppo
     --replay-prompts 32 2>&1 | tee "$OUT/train-replay.log" | grep -E "replay:|step +(1|25|50|75|100)/|held-out|registered"
 
 echo "== the team's task suite: the scenario's held-out messages"
-python3 - scenarios/support-routing.json "$OUT/task-suite.json" <<'PY'
-import json, sys
-s = json.load(open(sys.argv[1]))
-suite = {
-    "name": "support-routing-heldout",
-    "description": "The scenario's held-out messages (never sent as traffic): the reply must name the right intent and order id.",
-    "source": "scenarios/support-routing.json",
-    "license": "Apache-2.0",
-    "defaults": {"max_tokens": s["max_tokens"], "temperature": 0},
-    "items": [
-        {"id": f"heldout-{i}",
-         "messages": [{"role": "system", "content": s["system"]},
-                      {"role": "user", "content": it["user"]}],
-         "checks": it["checks"]}
-        for i, it in enumerate(s["heldout"])
-    ],
-}
-json.dump(suite, open(sys.argv[2], "w"), indent=1)
-PY
+scripts/scenario-task-suite.py scenarios/support-routing.json "$OUT/task-suite.json"
 $FW suites add "$OUT/task-suite.json" --team $TEAM
 
 echo "== eval"

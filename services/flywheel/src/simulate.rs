@@ -422,6 +422,15 @@ pub struct SimulateArgs {
     /// Write the report (JSON) here as well.
     #[arg(long)]
     pub report: Option<std::path::PathBuf>,
+    /// After each cycle's traffic, wait for the loop (a worker: `flywheel
+    /// up`) to turn by itself: a cycle of the team that trained ends, and
+    /// none is running; its outcome and stage times go in the report.
+    /// Needs the database (`DATABASE_URL`).
+    #[arg(long)]
+    pub follow_loop: bool,
+    /// How long to wait for the loop per cycle, in minutes.
+    #[arg(long, default_value_t = 40)]
+    pub loop_timeout_minutes: u64,
 }
 
 /// What a simulation measured, cycle by cycle (cycle 0's score is before
@@ -437,7 +446,63 @@ pub struct Report {
 pub struct CycleReport {
     pub cycle: usize,
     pub traffic: Option<Traffic>,
+    /// The loop's cycle that followed the traffic (`--follow-loop`).
+    pub turned: Option<Turned>,
     pub heldout: Option<Score>,
+}
+
+/// What the loop did with a cycle's traffic.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Turned {
+    pub cycle_id: uuid::Uuid,
+    pub status: String,
+    pub reason: Option<String>,
+    /// Seconds per stage, in order.
+    pub stages: Vec<(String, f64)>,
+    /// Cycles that ended skipped meanwhile (too few new examples yet).
+    pub skipped: usize,
+    /// From the traffic's end to the cycle's end.
+    pub waited_seconds: f64,
+}
+
+/// Waits until a cycle of `team` started after `since` has trained and
+/// ended, with no cycle of the team running.
+async fn follow_loop(
+    pool: &flywheel_store::PgPool,
+    team: uuid::Uuid,
+    since: chrono::DateTime<chrono::Utc>,
+    timeout: std::time::Duration,
+) -> anyhow::Result<Turned> {
+    let t0 = std::time::Instant::now();
+    loop {
+        let cycles: Vec<_> = flywheel_store::cycles::list(pool, Some(team), 100)
+            .await?
+            .into_iter()
+            .filter(|c| c.created_at >= since)
+            .collect();
+        let running = cycles.iter().any(|c| c.status == "running");
+        let trained = cycles
+            .iter()
+            .find(|c| c.training_run_id.is_some() && c.status != "running");
+        if let (false, Some(c)) = (running, trained) {
+            return Ok(Turned {
+                cycle_id: c.id,
+                status: c.status.clone(),
+                reason: c.reason.clone(),
+                stages: flywheel_jobs::cycle::stage_seconds(c),
+                skipped: cycles.iter().filter(|c| c.status == "skipped").count(),
+                waited_seconds: t0.elapsed().as_secs_f64(),
+            });
+        }
+        if t0.elapsed() > timeout {
+            bail!(
+                "the loop did not turn within {} minutes (is a worker running, with \
+                 FLYWHEEL_TRAIN_MIN_NEW_EXAMPLES above 0?)",
+                timeout.as_secs() / 60
+            );
+        }
+        tokio::time::sleep(std::time::Duration::from_secs(5)).await;
+    }
 }
 
 fn print_score(label: &str, s: &Score) {
@@ -502,16 +567,25 @@ pub async fn run(cfg: &crate::Config, args: SimulateArgs) -> anyhow::Result<()> 
         print_score(&format!("before cycle {}", args.from_cycle + 1), &score);
         report.cycles.push(CycleReport {
             cycle: args.from_cycle,
-            traffic: None,
             heldout: Some(score),
+            ..Default::default()
         });
         write(&report)?;
     }
     if args.heldout_only {
         return Ok(());
     }
+    let follow = match args.follow_loop {
+        true => {
+            let pool = crate::bootstrap::pool(cfg).await?;
+            let team = crate::models::team_id(&pool, &s.team).await?;
+            Some((pool, team))
+        }
+        false => None,
+    };
     let cycles = args.cycles.unwrap_or(s.cycles);
     for k in args.from_cycle..args.from_cycle + cycles {
+        let started = chrono::Utc::now();
         if (k + 1) * s.chats_per_cycle > s.traffic.len() {
             bail!(
                 "the scenario has traffic for {} cycles",
@@ -534,8 +608,27 @@ pub async fn run(cfg: &crate::Config, args: SimulateArgs) -> anyhow::Result<()> 
         let mut cycle = CycleReport {
             cycle: k + 1,
             traffic: Some(sent),
-            heldout: None,
+            ..Default::default()
         };
+        if let Some((pool, team)) = &follow {
+            let timeout = std::time::Duration::from_secs(args.loop_timeout_minutes * 60);
+            let turned = follow_loop(pool, *team, started, timeout).await?;
+            println!(
+                "cycle {}: the loop's cycle {} ended {} after {:.0} s ({}); {}",
+                k + 1,
+                turned.cycle_id,
+                turned.status,
+                turned.waited_seconds,
+                turned
+                    .stages
+                    .iter()
+                    .map(|(s, t)| format!("{s} {t:.0} s"))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                turned.reason.as_deref().unwrap_or("")
+            );
+            cycle.turned = Some(turned);
+        }
         if !args.no_heldout {
             let score = heldout(&s, &target).await?;
             print_score(&format!("after cycle {}", k + 1), &score);
