@@ -1,13 +1,15 @@
 //! Test support shared by every test that needs more than a function: the
 //! end-to-end tests in this crate and the tests of the `flywheel` binary.
 //! A fresh database per test ([`db`]), the gateway in process ([`gateway`])
-//! or the binary as a process ([`process`]), an S3 stand-in ([`s3`]), and
+//! or the binary as a process ([`process`]), an S3 stand-in ([`s3`]), the
+//! tiny model's task for promotion and loop tests ([`tiny_task`]), and
 //! waiting with a deadline ([`wait`]).
 
 pub mod db;
 pub mod gateway;
 pub mod process;
 pub mod s3;
+pub mod tiny_task;
 pub mod wait;
 
 pub use db::{TestDb, admin_url, fresh_database};

@@ -11,13 +11,12 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use flywheel_engine::ChatMessage;
 use flywheel_eval::Policy;
-use flywheel_eval::check::Check;
-use flywheel_eval::suite::{Defaults, Suite, SuiteItem};
+use flywheel_eval::suite::Suite;
 use flywheel_gateway::GatewayConfig;
 use flywheel_jobs::evaluate::{EvalEnv, EvalJob};
 use flywheel_store::models::{Lineage, ModelVersion};
+use flywheel_tests::tiny_task::{self, ANSWER, GENERAL, ROUTING, user};
 use flywheel_tests::{TestGateway, eventually};
 use flywheel_trainer::data::Message;
 use flywheel_trainer::{Base, Example, Lora, LoraConfig, Objective, TrainConfig, Trainer};
@@ -25,87 +24,8 @@ use futures::StreamExt;
 use serde_json::{Value, json};
 use uuid::Uuid;
 
-const TASK: [&str; 12] = [
-    "route ticket alpha",
-    "route ticket bravo",
-    "route ticket charlie",
-    "route ticket delta",
-    "route ticket echo",
-    "route ticket foxtrot",
-    "route ticket golf",
-    "route ticket hotel",
-    "route ticket india",
-    "route ticket juliet",
-    "route ticket kilo",
-    "route ticket lima",
-];
-const TASK_ANSWER: &str = "ok";
-const GENERAL: [&str; 12] = [
-    "tell me about rivers",
-    "tell me about salt",
-    "tell me about maps",
-    "tell me about owls",
-    "tell me about glass",
-    "tell me about rain",
-    "tell me about bread",
-    "tell me about iron",
-    "tell me about songs",
-    "tell me about moss",
-    "tell me about tides",
-    "tell me about wool",
-];
-
-fn user(text: &str) -> Vec<ChatMessage> {
-    vec![ChatMessage {
-        role: "user".into(),
-        content: text.into(),
-    }]
-}
-
-fn item(id: String, prompt: &str, check: Check) -> SuiteItem {
-    SuiteItem {
-        id,
-        tags: vec![],
-        messages: user(prompt),
-        checks: vec![check],
-        max_tokens: Some(8),
-        response_format: None,
-    }
-}
-
-/// The team's task: answer every routing prompt with exactly "ok".
-fn task_suite() -> Suite {
-    Suite {
-        name: "routing".into(),
-        version: None,
-        description: String::new(),
-        source: "test".into(),
-        license: "Apache-2.0".into(),
-        defaults: Defaults {
-            max_tokens: 8,
-            temperature: 0.0,
-        },
-        items: TASK
-            .iter()
-            .enumerate()
-            .map(|(i, p)| {
-                item(
-                    format!("t{i}"),
-                    p,
-                    Check::Exact {
-                        value: TASK_ANSWER.into(),
-                    },
-                )
-            })
-            .collect(),
-    }
-}
-
-/// What the base says to the general prompts (greedy, 8 tokens), and a
-/// retention suite over them: a general prompt must not get the task's
-/// answer (the tiny model's general answers are random bytes, so the check
-/// is the failure a narrow fine-tune shows: answering everything in the
-/// task's format).
+/// What the base says to the general prompts (greedy, 8 tokens), and the
+/// retention suite over them.
 async fn retention_suite(gw: &TestGateway) -> (Suite, Vec<String>) {
     let served = flywheel_eval::run::Served {
         engine: gw.served.engine.clone(),
@@ -118,25 +38,7 @@ async fn retention_suite(gw: &TestGateway) -> (Suite, Vec<String>) {
             .unwrap();
         answers.push(g.text);
     }
-    let suite = Suite {
-        name: "retention".into(),
-        items: GENERAL
-            .iter()
-            .zip(&answers)
-            .enumerate()
-            .map(|(i, (p, _))| {
-                item(
-                    format!("r{i}"),
-                    p,
-                    Check::NotContains {
-                        value: TASK_ANSWER.into(),
-                    },
-                )
-            })
-            .collect(),
-        ..task_suite()
-    };
-    (suite, answers)
+    (tiny_task::retention_suite(&GENERAL), answers)
 }
 
 /// A LoRA adapter trained on `pairs` (prompt, answer) from the tiny base,
@@ -282,7 +184,7 @@ async fn evaluate(
 }
 
 async fn add_task_suite(gw: &TestGateway, team: Uuid) {
-    let s = task_suite();
+    let s = tiny_task::routing_suite();
     flywheel_store::evals::add_suite(
         &gw.db.pool,
         Some(team),
@@ -300,7 +202,7 @@ async fn chat(gw: &TestGateway, key: &str, model: &str, user: &str) -> (u16, Val
         key,
         "/v1/chat/completions",
         json!({"model": model, "max_tokens": 6, "temperature": 0, "user": user,
-               "messages": [{"role": "user", "content": TASK[0]}]}),
+               "messages": [{"role": "user", "content": ROUTING[0]}]}),
     )
     .await
 }
@@ -315,9 +217,9 @@ async fn a_better_candidate_passes_the_gate_and_serves_its_team_only() {
     add_task_suite(&gw, team_a).await;
     let (retention, answers) = retention_suite(&gw).await;
     // The task, with the base's own answers to the general prompts replayed.
-    let mut pairs: Vec<(String, String)> = TASK
+    let mut pairs: Vec<(String, String)> = ROUTING
         .iter()
-        .map(|p| (p.to_string(), TASK_ANSWER.to_string()))
+        .map(|p| (p.to_string(), ANSWER.to_string()))
         .collect();
     pairs.extend(
         GENERAL
@@ -339,7 +241,7 @@ async fn a_better_candidate_passes_the_gate_and_serves_its_team_only() {
     let items = flywheel_store::evals::items(&gw.db.pool, out.evaluation_id, Some("routing"))
         .await
         .unwrap();
-    assert_eq!(items.len(), 2 * TASK.len(), "every example, both models");
+    assert_eq!(items.len(), 2 * ROUTING.len(), "every example, both models");
 
     // Team a is served by its new champion, within seconds, with no restart;
     // team b still gets the base and may not even name the candidate.
@@ -358,7 +260,7 @@ async fn a_better_candidate_passes_the_gate_and_serves_its_team_only() {
     .expect("team a's requests reach the promoted candidate");
     assert_eq!(switched["model"], "tiny-ft-good");
     assert_eq!(
-        switched["choices"][0]["message"]["content"], TASK_ANSWER,
+        switched["choices"][0]["message"]["content"], ANSWER,
         "{switched}"
     );
     let (status, body) = chat(&gw, &key_b, &base_name, "bob").await;
@@ -394,10 +296,10 @@ async fn a_candidate_that_forgets_is_rejected_with_the_reason_stored() {
     add_task_suite(&gw, team).await;
     let (retention, _) = retention_suite(&gw).await;
     // The task alone: "ok" to everything, the general answers lost.
-    let pairs = TASK
+    let pairs = ROUTING
         .iter()
         .chain(GENERAL.iter())
-        .map(|p| (p.to_string(), TASK_ANSWER.to_string()))
+        .map(|p| (p.to_string(), ANSWER.to_string()))
         .collect();
     let cand = candidate(&gw, "tiny-ft-forgetful", Some(team), pairs).await;
     let out = evaluate(&gw, &env(&gw, retention, 0.1), team, &cand).await;
@@ -437,7 +339,8 @@ async fn a_canary_worse_on_live_thumbs_is_rolled_back_by_itself() {
         &gw,
         "tiny-ft-canary",
         Some(team),
-        TASK.iter()
+        ROUTING
+            .iter()
             .map(|p| (p.to_string(), "meh".to_string()))
             .collect(),
     )
@@ -531,8 +434,9 @@ async fn a_swap_under_16_streams_fails_none_and_changes_none_mid_stream() {
         &gw,
         "tiny-ft-swap",
         Some(team),
-        TASK.iter()
-            .map(|p| (p.to_string(), TASK_ANSWER.to_string()))
+        ROUTING
+            .iter()
+            .map(|p| (p.to_string(), ANSWER.to_string()))
             .collect(),
     )
     .await;

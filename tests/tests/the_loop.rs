@@ -12,34 +12,17 @@
 use std::time::Duration;
 
 use flywheel_curation::build::Rules;
-use flywheel_engine::ChatMessage;
 use flywheel_eval::Policy;
-use flywheel_eval::check::Check;
-use flywheel_eval::suite::{Defaults, Suite, SuiteItem};
 use flywheel_jobs::cycle::LoopConfig;
 use flywheel_jobs::schedule::{CurationSchedule, parse_cron};
 use flywheel_jobs::worker::WorkerConfig;
 use flywheel_store::cycles::Cycle;
+use flywheel_tests::tiny_task::{self, ANSWER, GENERAL, ROUTING};
 use flywheel_tests::{TestGateway, eventually};
 use flywheel_trainer::{LoraConfig, Objective, TrainConfig};
 use serde_json::{Value, json};
 use uuid::Uuid;
 
-/// The task's prompts: cycle 1's traffic and the team's task suite.
-const TASK: [&str; 12] = [
-    "route ticket alpha",
-    "route ticket bravo",
-    "route ticket charlie",
-    "route ticket delta",
-    "route ticket echo",
-    "route ticket foxtrot",
-    "route ticket golf",
-    "route ticket hotel",
-    "route ticket india",
-    "route ticket juliet",
-    "route ticket kilo",
-    "route ticket lima",
-];
 /// Cycle 2's traffic: more of the same task, in prompts never sent before.
 const MORE_TASK: [&str; 12] = [
     "route ticket mike",
@@ -55,47 +38,6 @@ const MORE_TASK: [&str; 12] = [
     "route ticket whiskey",
     "route ticket xray",
 ];
-const ANSWER: &str = "ok";
-const GENERAL: [&str; 8] = [
-    "tell me about rivers",
-    "tell me about salt",
-    "tell me about maps",
-    "tell me about owls",
-    "tell me about glass",
-    "tell me about rain",
-    "tell me about bread",
-    "tell me about iron",
-];
-
-fn suite(name: &str, prompts: &[&str], check: impl Fn() -> Check) -> Suite {
-    Suite {
-        name: name.into(),
-        version: None,
-        description: String::new(),
-        source: "test".into(),
-        license: "Apache-2.0".into(),
-        defaults: Defaults {
-            max_tokens: 8,
-            temperature: 0.0,
-        },
-        items: prompts
-            .iter()
-            .enumerate()
-            .map(|(i, p)| SuiteItem {
-                id: format!("{name}-{i}"),
-                tags: vec![],
-                messages: vec![ChatMessage {
-                    role: "user".into(),
-                    content: (*p).into(),
-                }],
-                checks: vec![check()],
-                max_tokens: Some(8),
-                response_format: None,
-            })
-            .collect(),
-    }
-}
-
 /// One chat through the API as end user `user`; returns (id, answer).
 async fn chat(gw: &TestGateway, user: &str, prompt: &str) -> (String, String) {
     let (status, body) = gw
@@ -179,9 +121,7 @@ async fn two_automatic_cycles_promote_a_winner_then_keep_it_against_a_tie() {
     let pool = gw.db.pool.clone();
     let team = gw.team_id().await;
     let base = gw.served.version_id;
-    let task = suite("routing", &TASK, || Check::Exact {
-        value: ANSWER.into(),
-    });
+    let task = tiny_task::routing_suite();
     flywheel_store::evals::add_suite(
         &pool,
         Some(team),
@@ -193,13 +133,11 @@ async fn two_automatic_cycles_promote_a_winner_then_keep_it_against_a_tie() {
     .unwrap();
     // Forgetting, as a narrow fine-tune does it: the task's answer to
     // everything.
-    let retention = suite("retention", &GENERAL, || Check::NotContains {
-        value: ANSWER.into(),
-    });
+    let retention = tiny_task::retention_suite(&GENERAL);
 
     // Cycle 1's traffic: the task, corrected by its users; general
     // questions, whose answers the users like.
-    for (i, p) in TASK.iter().enumerate() {
+    for (i, p) in ROUTING.iter().enumerate() {
         let user = format!("t{i}");
         let (id, answer) = chat(&gw, &user, p).await;
         assert_ne!(answer, ANSWER, "the base does not know the task yet");
@@ -219,7 +157,7 @@ async fn two_automatic_cycles_promote_a_winner_then_keep_it_against_a_tie() {
     }
 
     let home = std::env::temp_dir().join(format!("fw-loop-{}", Uuid::new_v4()));
-    votes_stored(&gw, (TASK.len() + GENERAL.len()) as i64).await;
+    votes_stored(&gw, (ROUTING.len() + GENERAL.len()) as i64).await;
     let rules = Rules {
         // Every example trains (the tiny model's task is 12 prompts that
         // differ in one word and teach one answer).
@@ -303,7 +241,7 @@ async fn two_automatic_cycles_promote_a_winner_then_keep_it_against_a_tie() {
         .unwrap();
     // 12 corrections and the liked general answers (an empty one is left
     // out by the curation rules).
-    assert!((12..=20).contains(&dataset.sft_count), "{dataset:?}");
+    assert!((12..=24).contains(&dataset.sft_count), "{dataset:?}");
     let run = flywheel_store::training::get(&pool, first.training_run_id.unwrap())
         .await
         .unwrap()
@@ -358,7 +296,7 @@ async fn two_automatic_cycles_promote_a_winner_then_keep_it_against_a_tie() {
 
     // The team is served by its new champion; more traffic, rated as before.
     eventually(20, || async {
-        let (_, answer) = chat(&gw, "probe", TASK[0]).await;
+        let (_, answer) = chat(&gw, "probe", ROUTING[0]).await;
         (answer == ANSWER).then_some(())
     })
     .await
@@ -386,7 +324,17 @@ async fn two_automatic_cycles_promote_a_winner_then_keep_it_against_a_tie() {
         .unwrap()
         .unwrap();
     assert!(v2.version > dataset.version, "{v2:?}");
-    assert!(v2.sft_count >= dataset.sft_count + 10, "cumulative: {v2:?}");
+    // The slot may come while part of cycle 2's votes are still arriving:
+    // what it needs is the minimum of new examples of any kind (a
+    // correction makes three: SFT, DPO and KTO), on top of everything
+    // cycle 1 trained on.
+    let examples =
+        |v: &flywheel_store::datasets::DatasetVersion| v.sft_count + v.dpo_count + v.kto_count;
+    assert!(
+        examples(&v2) >= examples(&dataset) + 10,
+        "{dataset:?} -> {v2:?}"
+    );
+    assert!(v2.sft_count > dataset.sft_count, "cumulative: {v2:?}");
     for c in cycles(&gw, team).await {
         if c.status == "skipped" {
             let why = c.reason.unwrap_or_default();

@@ -118,6 +118,15 @@ pub async fn running_for(ex: impl PgExecutor<'_>, link: Link) -> Result<Option<U
     .await?)
 }
 
+/// The stages behind with the current one appended, its wall time up to
+/// now and its note (the statement's `$4`).
+const BEHIND: &str = "stages || jsonb_build_array(jsonb_build_object(
+    'stage', stage,
+    'started_at', stage_started_at,
+    'finished_at', now(),
+    'seconds', round(extract(epoch from now() - stage_started_at)::numeric, 3),
+    'note', $4::text))";
+
 /// What a stage's end records on its cycle (unset fields stay as they are).
 #[derive(Debug, Clone, Default)]
 pub struct StageEnd<'a> {
@@ -147,15 +156,9 @@ pub async fn advance(
         Some((status, reason)) => (status, Some(reason)),
         None => ("running", None),
     };
-    let done = sqlx::query(
+    let done = sqlx::query(sqlx::AssertSqlSafe(format!(
         "update cycles set
-             stages = stages || jsonb_build_array(jsonb_build_object(
-                 'stage', stage,
-                 'started_at', stage_started_at,
-                 'finished_at', now(),
-                 'seconds', round(extract(epoch from now() - stage_started_at)::numeric, 3),
-                 'note', $4::text)),
-             stage = $3, stage_started_at = now(), status = $5,
+             stages = {BEHIND}, stage = $3, stage_started_at = now(), status = $5,
              reason = coalesce($6, reason),
              finished_at = case when $5 = 'running' then null else now() end,
              dataset_version_id = coalesce($7, dataset_version_id),
@@ -164,8 +167,8 @@ pub async fn advance(
              evaluation_id = coalesce($10, evaluation_id),
              canary_id = coalesce($11, canary_id),
              decision_id = coalesce($12, decision_id)
-         where id = $1 and stage = $2 and status = 'running'",
-    )
+         where id = $1 and stage = $2 and status = 'running'"
+    )))
     .bind(id)
     .bind(from)
     .bind(to)
@@ -186,20 +189,16 @@ pub async fn advance(
 /// Ends a running cycle in whatever stage it is, as `failed` with why
 /// (its stage's job gave up). False when it was not running.
 pub async fn fail(ex: impl PgExecutor<'_>, id: Uuid, reason: &str) -> Result<bool> {
-    let done = sqlx::query(
+    let done = sqlx::query(sqlx::AssertSqlSafe(format!(
         "update cycles set
-             stages = stages || jsonb_build_array(jsonb_build_object(
-                 'stage', stage,
-                 'started_at', stage_started_at,
-                 'finished_at', now(),
-                 'seconds', round(extract(epoch from now() - stage_started_at)::numeric, 3),
-                 'note', 'failed')),
-             stage = 'done', stage_started_at = now(), status = 'failed',
+             stages = {BEHIND}, stage = 'done', stage_started_at = now(), status = $3,
              reason = $2, finished_at = now()
-         where id = $1 and status = 'running'",
-    )
+         where id = $1 and status = 'running'"
+    )))
     .bind(id)
     .bind(reason)
+    .bind("failed")
+    .bind("failed")
     .execute(ex)
     .await?;
     Ok(done.rows_affected() == 1)
