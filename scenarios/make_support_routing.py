@@ -666,7 +666,7 @@ def scenario(traffic, heldout):
                     "type": "object",
                     "properties": {
                         "intent": {"type": "string", "enum": INTENTS},
-                        "order_id": {"type": ["string", "null"], "pattern": "^[0-9]+$"},
+                        "order_id": {"type": ["string", "null"]},
                     },
                     "required": ["intent", "order_id"],
                     "additionalProperties": False,

@@ -39,6 +39,9 @@ pub enum Node {
     Null,
     /// One of these values, each as its exact JSON text.
     Enum(Vec<Vec<u8>>),
+    /// A value of any of these types (`"type": ["string", "null"]`): each
+    /// JSON type starts with its own bytes, so the first byte chooses.
+    OneOf(Vec<Arc<Node>>),
 }
 
 impl Node {
@@ -120,11 +123,25 @@ fn compile(s: &serde_json::Value, at: &str) -> Result<Node, String> {
     let ty = match obj.get("type") {
         None => return Ok(Node::Any),
         Some(serde_json::Value::String(t)) => t.as_str(),
-        Some(_) => {
-            return Err(format!(
-                "{at}.type must be one type name (a list of types is not supported)"
-            ));
+        Some(serde_json::Value::Array(types)) if !types.is_empty() => {
+            // Nullable fields and other unions: the schema once per type.
+            let mut alts = Vec::new();
+            let mut starts = std::collections::HashSet::new();
+            for t in types {
+                let Some(name) = t.as_str() else {
+                    return Err(format!("{at}.type must list type names"));
+                };
+                let first = if name == "integer" { "number" } else { name };
+                if !starts.insert(first) {
+                    return Err(format!("{at}.type lists `{first}` twice"));
+                }
+                let mut one = obj.clone();
+                one.insert("type".into(), t.clone());
+                alts.push(Arc::new(compile(&serde_json::Value::Object(one), at)?));
+            }
+            return Ok(Node::OneOf(alts));
         }
+        Some(_) => return Err(format!("{at}.type must be a type name or a list of them")),
     };
     Ok(match ty {
         "object" => match obj.get("properties") {
@@ -488,6 +505,16 @@ impl Matcher {
 
     /// The first byte of a value of `node`.
     fn start(&mut self, node: Arc<Node>, b: u8) -> Act {
+        if let Node::OneOf(alts) = node.as_ref() {
+            let depth = self.stack.len();
+            for alt in alts {
+                match self.start(alt.clone(), b) {
+                    Act::Refused => self.stack.truncate(depth),
+                    act => return act,
+                }
+            }
+            return Act::Refused;
+        }
         let any = matches!(node.as_ref(), Node::Any);
         let frame = match (node.as_ref(), b) {
             (Node::Enum(values), b) => {
@@ -719,6 +746,26 @@ mod tests {
     }
 
     #[test]
+    fn a_list_of_types_admits_each_and_nothing_else() {
+        let r = Node::from_schema(&json!({
+            "type": "object",
+            "properties": {"order_id": {"type": ["string", "null"]}, "n": {"type": ["integer", "boolean"]}}
+        }))
+        .unwrap();
+        // (Properties come in the order serde_json keeps them: by name.)
+        assert!(accepts(&r, r#"{"n": 3, "order_id": null}"#));
+        assert!(accepts(&r, r#"{"n": true, "order_id": "12"}"#));
+        for bad in [
+            r#"{"n": 3, "order_id": 12}"#,
+            r#"{"n": 3, "order_id": nul}"#,
+            r#"{"n": "3", "order_id": null}"#,
+            r#"{"n": 3.5, "order_id": null}"#,
+        ] {
+            assert!(!accepts(&r, bad), "{bad}");
+        }
+    }
+
+    #[test]
     fn unsupported_keywords_are_named_not_ignored() {
         let e = Node::from_schema(&json!({
             "type": "object",
@@ -730,10 +777,10 @@ mod tests {
         assert!(e.contains("root must be an object"), "{e}");
         assert!(Node::from_schema(&json!({"anyOf": []})).is_err());
         let e = Node::from_schema(&json!({
-            "type": "object", "properties": {"note": {"type": ["string", "null"]}}
+            "type": "object", "properties": {"n": {"type": ["integer", "number"]}}
         }))
         .unwrap_err();
-        assert!(e.contains("list of types"), "{e}");
+        assert!(e.contains("lists `number` twice"), "{e}");
         assert!(
             Node::from_schema(&json!({"type": "object", "properties": {"a": {"enum": []}}}))
                 .is_err()
