@@ -59,3 +59,11 @@ $FW decisions --team $TEAM | tee "$OUT/decisions.txt"
 for e in $(grep -oE "^evaluation [0-9a-f-]{36}" "$OUT/cycles-shown.txt" | cut -d' ' -f2); do
     $FW eval show "$e"
 done > "$OUT/evaluations.txt"
+
+# The dashboard as the run left it, page by page (Chromium, playwright-core
+# from tests/browser; scripts/test.sh installs both).
+export FLYWHEEL_ADMIN_PASSWORD=demo-loop-password
+$FW admin create demo > /dev/null
+mkdir -p "$OUT/screenshots"
+(cd tests/browser && BASE="http://$FLYWHEEL_ADDR" ADMIN_USER=demo \
+    PASSWORD=$FLYWHEEL_ADMIN_PASSWORD SHOTS="$OUT/screenshots" node screenshots.mjs)

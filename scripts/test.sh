@@ -3,6 +3,8 @@
 #   - TEST_DATABASE_URL when set;
 #   - else the server on 127.0.0.1:5432 (user postgres, trust auth) if one answers;
 #   - else a private cluster started by `flywheel postgres` (installed with apt if missing).
+# Chromium (apt) and playwright-core (npm) are installed for the dashboard's
+# browser tests when missing.
 # The real model is pulled once into ~/.cache/flywheel/models (FLYWHEEL_MODEL_CACHE).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -34,5 +36,15 @@ fi
 if ! python3 -c "import moto.server" 2>/dev/null; then
   echo "installing moto (an S3-compatible server for the artifact store tests)"
   python3 -m pip install --quiet 'moto[server]==5.2.5'
+fi
+# The dashboard's browser tests: Debian's Chromium, driven by playwright-core
+# (from npm, pinned in tests/browser/package-lock.json).
+if ! command -v chromium >/dev/null; then
+  echo "installing chromium (the dashboard's browser tests)"
+  if [ "$(id -u)" = 0 ]; then apt-get install -y -q chromium >/dev/null; else sudo apt-get install -y -q chromium >/dev/null; fi
+fi
+if [ ! -d tests/browser/node_modules/playwright-core ]; then
+  echo "installing playwright-core (drives chromium in the dashboard's tests)"
+  (cd tests/browser && npm ci --no-audit --no-fund --silent)
 fi
 cargo test --workspace --all-targets --no-fail-fast "$@"

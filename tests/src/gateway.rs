@@ -243,6 +243,8 @@ pub async fn spawn_gateway(
 ) -> String {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(flywheel_gateway::serve(listener, state, shutdown));
+    let admin = flywheel::serve::admin_state(&config(), state.pool(), state.journal());
+    let app = flywheel_gateway::router(state).merge(flywheel_admin::router(admin));
+    tokio::spawn(flywheel_gateway::serve(listener, app, shutdown));
     base
 }

@@ -54,6 +54,11 @@ pub enum Command {
         #[command(subcommand)]
         command: crate::models::ModelsCommand,
     },
+    /// Accounts of the admin dashboard (/admin).
+    Admin {
+        #[command(subcommand)]
+        command: crate::admin::AdminCommand,
+    },
     /// Team settings.
     Teams {
         #[command(subcommand)]
@@ -167,6 +172,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Keys { command } => crate::keys::run(&pool(&cfg).await?, command).await,
         Command::Models { command } => crate::models::run(&cfg, &pool(&cfg).await?, command).await,
         Command::Teams { command } => crate::teams::run(&pool(&cfg).await?, command).await,
+        Command::Admin { command } => crate::admin::run(&pool(&cfg).await?, command).await,
         Command::Datasets { command } => {
             crate::datasets::run(&cfg, &pool(&cfg).await?, command).await
         }

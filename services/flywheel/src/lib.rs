@@ -7,6 +7,7 @@
 //! SQL lives in `flywheel-store`, the model in `flywheel-model` and
 //! `flywheel-engine`, jobs in `flywheel-jobs`: this crate wires them up.
 
+pub mod admin;
 pub mod artifacts;
 pub mod bootstrap;
 pub mod cli;

@@ -59,6 +59,60 @@ impl Loader for GatewayLoader {
     }
 }
 
+/// The dashboard's state: its own settings, and canaries started from it
+/// as the loop starts them (a tenth of the users when the loop promotes on
+/// offline evidence alone).
+pub fn admin_state(
+    cfg: &Config,
+    pool: &PgPool,
+    journal: &flywheel_gateway::Journal,
+) -> flywheel_admin::AdminState {
+    let share = cfg.promotion.canary_share;
+    let journal = journal.clone();
+    let health: flywheel_admin::Health = Arc::new(move || {
+        let s = journal.stats();
+        vec![
+            (
+                "Journal",
+                format!(
+                    "{} waiting for Postgres, {} stored since start{}",
+                    s.pending,
+                    s.stored,
+                    if s.full {
+                        " (full: new writes are refused)"
+                    } else {
+                        ""
+                    }
+                ),
+            ),
+            (
+                "Set aside",
+                format!(
+                    "{} record(s) Postgres refused (flywheel journal dead-letters)",
+                    s.dead_letters
+                ),
+            ),
+            (
+                "Flushing",
+                if s.database_ok {
+                    "to Postgres".to_string()
+                } else {
+                    "Postgres unreachable: records wait in the journal".to_string()
+                },
+            ),
+        ]
+    });
+    flywheel_admin::AdminState {
+        pool: pool.clone(),
+        health: Some(health),
+        config: flywheel_admin::AdminConfig {
+            canary_share: if share > 0.0 { share } else { 0.1 },
+            canary_deadline_hours: cfg.promotion.canary_deadline_hours,
+            ..cfg.admin.clone()
+        },
+    }
+}
+
 /// Runs the gateway on `cfg.gateway.addr`: it answers at once (`/readyz` says 503)
 /// while the champion is pulled and loaded in the background.
 pub async fn serve(
@@ -79,6 +133,8 @@ pub async fn serve(
     }
     journal.spawn_flusher(pool.clone());
     let state = AppState::new(pool.clone(), cfg.gateway.http.clone(), journal.clone());
+    let app = flywheel_gateway::router(state.clone())
+        .merge(flywheel_admin::router(admin_state(&cfg, &pool, &journal)));
     state.set_loader(gateway_loader(&cfg, &pool));
     state.spawn_key_listener();
     state.spawn_route_listener();
@@ -93,7 +149,7 @@ pub async fn serve(
         anyhow::Ok(())
     });
     tracing::info!(addr = %listener.local_addr()?, "gateway listening");
-    let server = flywheel_gateway::serve(listener, state, shutdown);
+    let server = flywheel_gateway::serve(listener, app, shutdown);
     tokio::pin!(server);
     tokio::select! {
         res = &mut server => res?,

@@ -82,12 +82,14 @@ pub fn router(state: AppState) -> Router {
 
 /// Serves the API on `listener` until `shutdown` completes, then lets
 /// in-flight requests finish.
+/// Serves `app` (the [`router`], with whatever else the binary mounts
+/// beside it, such as the admin dashboard) until `shutdown`.
 pub async fn serve(
     listener: tokio::net::TcpListener,
-    state: AppState,
+    app: Router,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(state))
+    axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
         .await
 }

@@ -5,9 +5,11 @@
 //! The store knows nothing of models, HTTP or jobs: it takes and returns rows.
 
 pub mod admin;
+pub mod admins;
 pub mod canaries;
 pub mod completions;
 pub mod cycles;
+pub mod dashboard;
 pub mod datasets;
 pub mod decisions;
 pub mod evals;

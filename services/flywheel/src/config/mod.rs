@@ -53,6 +53,7 @@ pub struct Config {
     pub jobs: JobSettings,
     pub training: TrainingSettings,
     pub promotion: flywheel_eval::Policy,
+    pub admin: flywheel_admin::AdminConfig,
     /// Evaluation requests in flight at once.
     pub eval_concurrency: usize,
     /// How often the worker checks running canaries.
@@ -215,6 +216,13 @@ impl Config {
                 canary_deadline_hours: l
                     .float("promotion.canary_deadline_hours", 0.0..=10_000.0)?,
                 canary_confidence: l.float("promotion.canary_confidence", 0.5..=0.9999)?,
+            },
+            admin: flywheel_admin::AdminConfig {
+                max_failed_logins: l.number("admin.max_failed_logins", 1..=1000)? as i32,
+                lock_seconds: 60.0 * l.float("admin.lock_minutes", 0.0..=10_000.0)?,
+                session_hours: l.float("admin.session_hours", 0.01..=10_000.0)?,
+                secure_cookies: l.bool("admin.secure_cookies")?,
+                ..Default::default()
             },
             eval_concurrency: usize_of("promotion.eval_concurrency", 1)?,
             canary_check_secs: l.number("jobs.canary_check_secs", 1..=86_400)?,

@@ -248,6 +248,30 @@ pub const SETTINGS: &[Setting] = &[
         "evaluation requests in flight at once (the engine batches them)",
     ),
     s(
+        "admin.max_failed_logins",
+        "FLYWHEEL_ADMIN_MAX_FAILED_LOGINS",
+        "5",
+        "bad dashboard passwords in a row before the account locks",
+    ),
+    s(
+        "admin.lock_minutes",
+        "FLYWHEEL_ADMIN_LOCK_MINUTES",
+        "5",
+        "the first lock's length; each further bad password doubles it",
+    ),
+    s(
+        "admin.session_hours",
+        "FLYWHEEL_ADMIN_SESSION_HOURS",
+        "12",
+        "how long a dashboard session lasts",
+    ),
+    s(
+        "admin.secure_cookies",
+        "FLYWHEEL_ADMIN_SECURE_COOKIES",
+        "false",
+        "mark the session cookie Secure even without X-Forwarded-Proto: https (set it behind TLS)",
+    ),
+    s(
         "jobs.canary_check_secs",
         "FLYWHEEL_CANARY_CHECK_SECS",
         "30",

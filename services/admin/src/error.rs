@@ -1,0 +1,113 @@
+//! What goes wrong in the dashboard: a page with the message and its
+//! status, or (for `/admin/api`) the OpenAI-shaped JSON body the rest of
+//! the API uses.
+
+use axum::http::StatusCode;
+use axum::response::{Html, IntoResponse, Response};
+use serde_json::json;
+
+#[derive(Debug)]
+pub struct AdminError {
+    pub status: StatusCode,
+    pub message: String,
+    /// Rendered as JSON rather than as a page.
+    pub api: bool,
+}
+
+impl AdminError {
+    fn new(status: StatusCode, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            message: message.into(),
+            api: false,
+        }
+    }
+    pub fn bad_request(m: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, m)
+    }
+    pub fn unauthorized() -> Self {
+        Self::new(StatusCode::UNAUTHORIZED, "sign in first")
+    }
+    pub fn forbidden(m: impl Into<String>) -> Self {
+        Self::new(StatusCode::FORBIDDEN, m)
+    }
+    pub fn not_found(m: impl Into<String>) -> Self {
+        Self::new(StatusCode::NOT_FOUND, m)
+    }
+    pub fn conflict(m: impl Into<String>) -> Self {
+        Self::new(StatusCode::CONFLICT, m)
+    }
+    /// The same error, as JSON.
+    pub fn api(mut self) -> Self {
+        self.api = true;
+        self
+    }
+    /// A refused action (no promotion to roll back, another team's
+    /// model): 409 with its message; a database failure: 503.
+    pub fn from_action(e: anyhow::Error) -> Self {
+        if let Some(store) = e.downcast_ref::<flywheel_store::StoreError>() {
+            if store.refusal().is_none() && matches!(store, flywheel_store::StoreError::Db(_)) {
+                tracing::error!(error = %e, "admin action failed");
+                return Self::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "the database is unavailable",
+                );
+            }
+        }
+        Self::conflict(format!("{e:#}"))
+    }
+}
+
+impl From<flywheel_store::StoreError> for AdminError {
+    fn from(e: flywheel_store::StoreError) -> Self {
+        match e {
+            flywheel_store::StoreError::NotFound(what) => {
+                Self::not_found(format!("{what} not found"))
+            }
+            flywheel_store::StoreError::Conflict(m) => Self::conflict(m),
+            other => {
+                tracing::error!(error = %other, "admin page failed");
+                Self::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "the database is unavailable",
+                )
+            }
+        }
+    }
+}
+
+impl From<askama::Error> for AdminError {
+    fn from(e: askama::Error) -> Self {
+        tracing::error!(error = %e, "template failed");
+        Self::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "the page could not be drawn",
+        )
+    }
+}
+
+impl IntoResponse for AdminError {
+    fn into_response(self) -> Response {
+        if self.api {
+            let kind = if self.status.is_server_error() {
+                "server_error"
+            } else {
+                "invalid_request_error"
+            };
+            let body = json!({"error": {
+                "message": self.message, "type": kind, "param": null,
+                "code": self.status.canonical_reason().map(|r| r.to_lowercase().replace(' ', "_")),
+            }});
+            return (self.status, axum::Json(body)).into_response();
+        }
+        let page = crate::pages::ErrorPage {
+            status: self.status.as_u16(),
+            reason: self.status.canonical_reason().unwrap_or("error"),
+            message: &self.message,
+        };
+        match askama::Template::render(&page) {
+            Ok(html) => (self.status, Html(html)).into_response(),
+            Err(_) => (self.status, self.message).into_response(),
+        }
+    }
+}

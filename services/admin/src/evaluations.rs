@@ -1,0 +1,210 @@
+//! One evaluation: the candidate against the champion per metric, with the
+//! difference's confidence interval and the gate's reasons, and every
+//! example side by side (task and retention suites alike).
+
+use std::collections::BTreeMap;
+
+use askama::Template;
+use axum::extract::{Path, State};
+use axum::response::Html;
+use flywheel_store::evals::{Evaluation, Metric};
+use uuid::Uuid;
+
+use crate::AdminState;
+use crate::auth::Signed;
+use crate::error::AdminError;
+use crate::pages::{Chrome, maybe_when, when};
+
+/// One example: the prompt and each side's answer.
+pub struct SideBySide {
+    pub suite: String,
+    pub item: String,
+    pub prompt: String,
+    pub candidate: String,
+    pub candidate_passed: String,
+    pub champion: String,
+    pub champion_passed: String,
+    /// The two answers differ.
+    pub differs: bool,
+}
+
+#[derive(Template)]
+#[template(path = "evaluation.html")]
+struct EvaluationPage {
+    chrome: Chrome,
+    e: Evaluation,
+    candidate: String,
+    champion: String,
+    verdict: String,
+    reasons: Vec<String>,
+    metrics: Vec<Metric>,
+    examples: Vec<SideBySide>,
+    created: String,
+    finished: String,
+}
+
+impl EvaluationPage {
+    fn fmt(&self, v: &f64) -> String {
+        format!("{v:.3}")
+    }
+}
+
+fn passed(p: Option<bool>) -> String {
+    match p {
+        Some(true) => "pass".into(),
+        Some(false) => "fail".into(),
+        None => "-".into(),
+    }
+}
+
+fn prompt_text(v: &serde_json::Value) -> String {
+    match v.as_array() {
+        Some(ms) => ms
+            .iter()
+            .map(|m| {
+                let content = m["content"]
+                    .as_str()
+                    .map_or_else(|| m["content"].to_string(), str::to_string);
+                format!("{}: {content}", m["role"].as_str().unwrap_or("?"))
+            })
+            .collect::<Vec<_>>()
+            .join("\n"),
+        None => v.to_string(),
+    }
+}
+
+pub async fn one(
+    State(state): State<AdminState>,
+    signed: Signed,
+    Path(id): Path<Uuid>,
+) -> Result<Html<String>, AdminError> {
+    let pool = &state.pool;
+    let e = flywheel_store::evals::get(pool, id)
+        .await?
+        .ok_or_else(|| AdminError::not_found(format!("no evaluation has the id {id}")))?;
+    let name = |v: Option<flywheel_store::models::ModelVersion>, id: Uuid| {
+        v.map_or_else(|| id.to_string(), |v| v.name)
+    };
+    let candidate = name(
+        flywheel_store::models::get(pool, e.candidate_version_id).await?,
+        e.candidate_version_id,
+    );
+    let champion = name(
+        flywheel_store::models::get(pool, e.champion_version_id).await?,
+        e.champion_version_id,
+    );
+    let mut pairs: BTreeMap<(String, String), SideBySide> = BTreeMap::new();
+    for item in flywheel_store::evals::items(pool, id, None).await? {
+        let entry = pairs
+            .entry((item.suite.clone(), item.item.clone()))
+            .or_insert_with(|| SideBySide {
+                suite: item.suite.clone(),
+                item: item.item.clone(),
+                prompt: prompt_text(&item.prompt),
+                candidate: String::new(),
+                candidate_passed: "-".into(),
+                champion: String::new(),
+                champion_passed: "-".into(),
+                differs: false,
+            });
+        if item.model_version_id == e.candidate_version_id {
+            entry.candidate = item.output;
+            entry.candidate_passed = passed(item.passed);
+        } else {
+            entry.champion = item.output;
+            entry.champion_passed = passed(item.passed);
+        }
+    }
+    let examples = pairs
+        .into_values()
+        .map(|mut s| {
+            s.differs = s.candidate != s.champion;
+            s
+        })
+        .collect();
+    let reasons = e
+        .reasons
+        .as_ref()
+        .and_then(|r| r.as_array())
+        .map(|rs| {
+            rs.iter()
+                .map(|r| r.as_str().map_or_else(|| r.to_string(), str::to_string))
+                .collect()
+        })
+        .unwrap_or_default();
+    let page = EvaluationPage {
+        chrome: Chrome::new(&signed, "evaluations"),
+        verdict: match e.passed {
+            Some(true) => "passed the gate".into(),
+            Some(false) => "failed the gate".into(),
+            None => e.status.clone(),
+        },
+        metrics: flywheel_store::evals::metrics(pool, id).await?,
+        created: when(&e.created_at),
+        finished: maybe_when(&e.finished_at),
+        candidate,
+        champion,
+        reasons,
+        examples,
+        e,
+    };
+    Ok(Html(page.render()?))
+}
+
+pub struct EvaluationRow {
+    pub e: Evaluation,
+    pub team: String,
+    pub candidate: String,
+    pub champion: String,
+    pub verdict: String,
+    pub created: String,
+}
+
+#[derive(Template)]
+#[template(path = "evaluations.html")]
+struct ListPage {
+    chrome: Chrome,
+    rows: Vec<EvaluationRow>,
+}
+
+pub async fn list(
+    State(state): State<AdminState>,
+    signed: Signed,
+) -> Result<Html<String>, AdminError> {
+    let pool = &state.pool;
+    let names: std::collections::HashMap<Uuid, String> = flywheel_store::models::list(pool)
+        .await?
+        .into_iter()
+        .map(|m| (m.id, m.name))
+        .collect();
+    let teams: std::collections::HashMap<Uuid, String> = flywheel_store::dashboard::teams(pool)
+        .await?
+        .into_iter()
+        .map(|t| (t.id, t.name))
+        .collect();
+    let name = |id: &Uuid| names.get(id).cloned().unwrap_or_else(|| id.to_string());
+    let rows = flywheel_store::evals::list(pool, None, 200)
+        .await?
+        .into_iter()
+        .map(|e| EvaluationRow {
+            team: e
+                .team_id
+                .and_then(|t| teams.get(&t).cloned())
+                .unwrap_or_else(|| "-".into()),
+            candidate: name(&e.candidate_version_id),
+            champion: name(&e.champion_version_id),
+            verdict: match e.passed {
+                Some(true) => "passed".into(),
+                Some(false) => "failed".into(),
+                None => e.status.clone(),
+            },
+            created: when(&e.created_at),
+            e,
+        })
+        .collect();
+    let page = ListPage {
+        chrome: Chrome::new(&signed, "evaluations"),
+        rows,
+    };
+    Ok(Html(page.render()?))
+}

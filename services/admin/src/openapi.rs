@@ -1,0 +1,114 @@
+//! `GET /openapi.json`: the OpenAPI 3.1 description of everything a script
+//! can call, the public API (`/v1`, bearer team keys) and the dashboard's
+//! JSON actions (`/admin/api`, a session cookie and its CSRF token). Kept
+//! by hand beside the routes; a test calls every path it lists.
+
+use axum::Json;
+use serde_json::{Value, json};
+
+fn error_response(description: &str) -> Value {
+    json!({"description": description,
+           "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}})
+}
+
+fn op(summary: &str, security: &str, body: Option<Value>, ok: (&str, &str)) -> Value {
+    let mut o = json!({
+        "summary": summary,
+        "security": [{security: []}],
+        "responses": {
+            ok.0: {"description": ok.1},
+            "400": error_response("the request is malformed; the message says how"),
+            "401": error_response("no or a bad credential"),
+        },
+    });
+    if let Some(schema) = body {
+        o["requestBody"] = json!({"required": true,
+            "content": {"application/json": {"schema": schema}}});
+    }
+    o
+}
+
+fn admin_action(summary: &str, needs_model: bool) -> Value {
+    let mut required = vec!["team", "reason"];
+    if needs_model {
+        required.push("model");
+    }
+    let mut o = op(
+        summary,
+        "session",
+        Some(json!({
+            "type": "object", "required": required,
+            "properties": {
+                "team": {"type": "string"},
+                "model": {"type": "string", "description": "a model version's name"},
+                "reason": {"type": "string", "description": "kept in the audit log"},
+                "share": {"type": "number", "description": "canaries: the share of users, 0 to 1"},
+            },
+        })),
+        ("200", "done; `done` says what happened"),
+    );
+    o["parameters"] = json!([{"name": "X-CSRF-Token", "in": "header", "required": true,
+        "schema": {"type": "string"}, "description": "the session's CSRF token (in every page's forms)"}]);
+    o["responses"]["403"] = error_response("a missing or foreign CSRF token, or a viewer account");
+    o["responses"]["409"] =
+        error_response("refused: nothing to roll back, another team's model, ...");
+    o
+}
+
+/// The document.
+pub fn document() -> Value {
+    let key = "bearer";
+    json!({
+        "openapi": "3.1.0",
+        "info": {
+            "title": "Flywheel",
+            "version": env!("CARGO_PKG_VERSION"),
+            "description": "The OpenAI-compatible API of a team's model, its feedback, and the admin dashboard's actions.",
+        },
+        "paths": {
+            "/v1/chat/completions": {"post": op("A chat completion (OpenAI's shape; `stream` for SSE, `response_format` for JSON)", key,
+                Some(json!({"type": "object", "required": ["messages"], "properties": {
+                    "model": {"type": "string"}, "messages": {"type": "array"}, "max_tokens": {"type": "integer"},
+                    "temperature": {"type": "number"}, "top_p": {"type": "number"}, "stop": {},
+                    "stream": {"type": "boolean"}, "user": {"type": "string"}, "response_format": {"type": "object"}}})),
+                ("200", "the completion, or an event stream"))},
+            "/v1/models": {"get": op("The models this key's team may call", key, None, ("200", "a list"))},
+            "/v1/models/{name}": {"get": op("One model", key, None, ("200", "the model"))},
+            "/v1/feedback": {"post": op("An end user's rating of a completion", key,
+                Some(json!({"type": "object", "required": ["completion_id", "rating"], "properties": {
+                    "completion_id": {"type": "string"}, "rating": {"enum": ["up", "down"]},
+                    "user": {"type": "string"}, "comment": {"type": "string"}, "correction": {"type": "string"}}})),
+                ("201", "stored (acknowledged: never lost)"))},
+            "/v1/feedback/batch": {"post": op("Up to 1,000 ratings at once", key,
+                Some(json!({"type": "object", "required": ["items"], "properties": {"items": {"type": "array"}}})),
+                ("200", "each item's outcome"))},
+            "/v1/completions/{id}": {"get": op("A stored completion", key, None, ("200", "the record"))},
+            "/v1/completions/{id}/feedback": {"get": op("A completion's votes", key, None, ("200", "a page of votes"))},
+            "/v1/users/{user}/data": {"delete": op("Delete an end user's completions and votes", key, None, ("200", "what was deleted"))},
+            "/healthz": {"get": {"summary": "The process answers", "responses": {"200": {"description": "ok"}}}},
+            "/readyz": {"get": {"summary": "A model is loaded", "responses": {"200": {"description": "ready"}, "503": {"description": "loading"}}}},
+            "/metrics": {"get": {"summary": "Prometheus metrics", "responses": {"200": {"description": "text exposition format"}}}},
+            "/admin/api/overview": {"get": op("Per team: champion, canary, traffic and thumbs over time, cycles", "session", None, ("200", "the overview"))},
+            "/admin/api/decisions": {"get": op("The audit log (`?team=T`)", "session", None, ("200", "decisions, newest first"))},
+            "/admin/api/promote": {"post": admin_action("Make a model version the team's champion", true)},
+            "/admin/api/canary": {"post": admin_action("Serve a model version to a share of the team's users", true)},
+            "/admin/api/rollback": {"post": admin_action("Stop the team's canary, or bring back the champion before its last promotion", false)},
+        },
+        "components": {
+            "securitySchemes": {
+                "bearer": {"type": "http", "scheme": "bearer", "description": "a team API key (`flywheel keys create`)"},
+                "session": {"type": "apiKey", "in": "cookie", "name": crate::auth::COOKIE,
+                            "description": "an admin session (POST /admin/login)"},
+            },
+            "schemas": {
+                "Error": {"type": "object", "properties": {"error": {"type": "object", "properties": {
+                    "message": {"type": "string"}, "type": {"type": "string"},
+                    "param": {"type": ["string", "null"]}, "code": {"type": ["string", "null"]}}}}},
+            },
+        },
+    })
+}
+
+pub async fn serve() -> Json<Value> {
+    Json(document())
+}

@@ -1,0 +1,776 @@
+//! The admin dashboard on a real gateway, real Postgres and the tiny
+//! model: no page or action without a session (team API keys open
+//! nothing), no action without the session's CSRF token or by a viewer,
+//! a lock after repeated bad passwords, promotion and rollback from the
+//! pages with their audit entries, and everything users typed shown
+//! escaped. `a_real_browser_...` then drives the same pages in Debian's
+//! headless Chromium (through playwright-core) and keeps screenshots.
+
+use std::collections::HashMap;
+
+use flywheel_tests::TestGateway;
+use reqwest::header::{HeaderMap, LOCATION, SET_COOKIE};
+use serde_json::{Value, json};
+
+const PASSWORD: &str = "correct horse battery";
+
+async fn account(gw: &TestGateway, name: &str, role: &str) {
+    let hash = flywheel_admin::hash_password(PASSWORD).unwrap();
+    flywheel_store::admins::upsert(&gw.db.pool, name, &hash, role)
+        .await
+        .unwrap();
+}
+
+fn form(fields: &[(&str, &str)]) -> String {
+    let enc = |s: &str| -> String {
+        s.bytes()
+            .map(|b| match b {
+                b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                    (b as char).to_string()
+                }
+                b' ' => "+".into(),
+                _ => format!("%{b:02X}"),
+            })
+            .collect()
+    };
+    fields
+        .iter()
+        .map(|(k, v)| format!("{}={}", enc(k), enc(v)))
+        .collect::<Vec<_>>()
+        .join("&")
+}
+
+/// A browser-less admin: follows no redirect, keeps the session cookie.
+struct Client {
+    base: String,
+    http: reqwest::Client,
+    cookie: Option<String>,
+}
+
+struct Resp {
+    status: u16,
+    headers: HeaderMap,
+    body: String,
+}
+
+impl Client {
+    fn new(gw: &TestGateway) -> Self {
+        Self {
+            base: gw.base.clone(),
+            http: reqwest::Client::builder()
+                .redirect(reqwest::redirect::Policy::none())
+                .build()
+                .unwrap(),
+            cookie: None,
+        }
+    }
+
+    async fn send(&self, req: reqwest::RequestBuilder) -> Resp {
+        let req = match &self.cookie {
+            Some(c) => req.header("cookie", c),
+            None => req,
+        };
+        let r = req.send().await.unwrap();
+        Resp {
+            status: r.status().as_u16(),
+            headers: r.headers().clone(),
+            body: r.text().await.unwrap(),
+        }
+    }
+
+    async fn get(&self, path: &str) -> Resp {
+        self.send(self.http.get(format!("{}{path}", self.base)))
+            .await
+    }
+
+    async fn post(&self, path: &str, fields: &[(&str, &str)]) -> Resp {
+        self.send(
+            self.http
+                .post(format!("{}{path}", self.base))
+                .header("content-type", "application/x-www-form-urlencoded")
+                .body(form(fields)),
+        )
+        .await
+    }
+
+    async fn login(&mut self, user: &str, password: &str) -> Resp {
+        let r = self
+            .post(
+                "/admin/login",
+                &[
+                    ("username", user),
+                    ("password", password),
+                    ("next", "/admin"),
+                ],
+            )
+            .await;
+        if let Some(c) = r.headers.get(SET_COOKIE) {
+            let pair = c.to_str().unwrap().split(';').next().unwrap().to_string();
+            self.cookie = Some(pair);
+        }
+        r
+    }
+
+    /// The CSRF token the pages carry for this session.
+    async fn csrf(&self) -> String {
+        let page = self.get("/admin/models").await;
+        assert_eq!(page.status, 200, "{}", page.body);
+        let at = page
+            .body
+            .find(r#"name="csrf" value=""#)
+            .expect("a csrf field")
+            + 19;
+        page.body[at..at + 64].to_string()
+    }
+}
+
+/// POSTs a form of owned fields.
+async fn send(c: &Client, path: &str, f: Vec<(String, String)>) -> Resp {
+    let fields: Vec<(&str, &str)> = f.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    c.post(path, &fields).await
+}
+
+/// A second tiny model (other weights), registered as `name`.
+async fn another_version(gw: &TestGateway, name: &str) -> flywheel_store::models::ModelVersion {
+    let dir = std::env::temp_dir().join(format!("fw-dash-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = flywheel_model::testing::write_tiny_model(&dir, 7).unwrap();
+    let cache = flywheel_modelhub::ModelCache::new(dir.join("cache")).unwrap();
+    let model = cache.import(&path, Some(name)).await.unwrap();
+    flywheel::register(&gw.db.pool, &model).await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_page_or_action_without_a_session_and_team_keys_open_nothing() {
+    let gw = TestGateway::tiny().await;
+    let anon = Client::new(&gw);
+    let r = anon.get("/admin/completions?team=team-a").await;
+    assert_eq!(r.status, 303);
+    assert_eq!(
+        r.headers[LOCATION],
+        "/admin/login?next=/admin/completions%3Fteam%3Dteam-a"
+    );
+    // The team's own API key is no admin credential.
+    let with_key = anon
+        .send(
+            anon.http
+                .get(format!("{}/admin", gw.base))
+                .bearer_auth(&gw.key),
+        )
+        .await;
+    assert_eq!(with_key.status, 303);
+    let api = anon.get("/admin/api/overview").await;
+    assert_eq!(api.status, 401);
+    let err: Value = serde_json::from_str(&api.body).unwrap();
+    assert_eq!(err["error"]["message"], "sign in first");
+    // Actions too, and nothing happens.
+    let r = anon
+        .post(
+            "/admin/models/rollback",
+            &[("team", "team-a"), ("reason", "x"), ("confirm", "yes")],
+        )
+        .await;
+    assert_eq!(r.status, 303);
+    assert!(
+        flywheel_store::decisions::list(&gw.db.pool, None, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    // A cookie that is no session's.
+    let mut forged = Client::new(&gw);
+    forged.cookie = Some(format!("flywheel_admin={}", "ab".repeat(32)));
+    assert_eq!(forged.get("/admin").await.status, 303);
+    // The sign-in page itself is open, and sends no session.
+    let login = anon.get("/admin/login").await;
+    assert_eq!(login.status, 200);
+    assert!(login.headers.get(SET_COOKIE).is_none());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_cookie_is_http_only_strict_and_secure_behind_tls() {
+    let gw = TestGateway::tiny().await;
+    account(&gw, "ada", "admin").await;
+    let mut c = Client::new(&gw);
+    let r = c.login("ada", PASSWORD).await;
+    assert_eq!(r.status, 303, "{}", r.body);
+    assert_eq!(r.headers[LOCATION], "/admin");
+    let cookie = r.headers[SET_COOKIE].to_str().unwrap().to_string();
+    for part in [
+        "HttpOnly",
+        "SameSite=Strict",
+        "Path=/admin",
+        "Max-Age=43200",
+    ] {
+        assert!(cookie.contains(part), "{cookie}");
+    }
+    assert!(!cookie.contains("Secure"), "plain http: {cookie}");
+    let page = c.get("/admin").await;
+    assert_eq!(page.status, 200, "{}", page.body);
+    assert!(page.body.contains("ada (admin)"));
+    // The gateway's own health beside the database's.
+    assert!(
+        page.body.contains("0 waiting for Postgres"),
+        "{}",
+        page.body
+    );
+    assert!(page.body.contains("0 record(s) Postgres refused"));
+    assert_eq!(page.headers["cache-control"], "no-store");
+    assert!(
+        page.headers["content-security-policy"]
+            .to_str()
+            .unwrap()
+            .contains("frame-ancestors 'none'")
+    );
+
+    let behind_tls = c
+        .send(
+            c.http
+                .post(format!("{}/admin/login", gw.base))
+                .header("content-type", "application/x-www-form-urlencoded")
+                .header("x-forwarded-proto", "https")
+                .body(form(&[("username", "ada"), ("password", PASSWORD)])),
+        )
+        .await;
+    assert_eq!(behind_tls.status, 303);
+    assert!(
+        behind_tls.headers[SET_COOKIE]
+            .to_str()
+            .unwrap()
+            .ends_with("; Secure")
+    );
+
+    // Signing out ends the session on the server, not only in the browser.
+    let csrf = c.csrf().await;
+    let out = c.post("/admin/logout", &[("csrf", &csrf)]).await;
+    assert_eq!(out.status, 303);
+    assert_eq!(c.get("/admin").await.status, 303, "the old cookie is dead");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn repeated_bad_passwords_lock_the_account_even_for_the_right_one() {
+    let gw = TestGateway::tiny().await;
+    account(&gw, "bob", "admin").await;
+    let mut c = Client::new(&gw);
+    for i in 1..=4 {
+        let r = c.login("bob", "wrong password").await;
+        assert_eq!(r.status, 401, "attempt {i}");
+        assert!(r.body.contains("wrong username or password"));
+    }
+    // An unknown name gets the same answer as a wrong password.
+    assert_eq!(c.login("nobody", "wrong password").await.status, 401);
+    let fifth = c.login("bob", "wrong password").await;
+    assert_eq!(fifth.status, 429, "{}", fifth.body);
+    let right = c.login("bob", PASSWORD).await;
+    assert_eq!(right.status, 429, "locked, whatever the password");
+    assert!(
+        right.body.contains("locked for 5 more minute(s)"),
+        "{}",
+        right.body
+    );
+    let retry: u64 = right.headers["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((290..=300).contains(&retry), "{retry}");
+    assert!(c.cookie.is_none(), "no session while locked");
+    // Another account is not locked with it.
+    account(&gw, "carol", "admin").await;
+    assert_eq!(c.login("carol", PASSWORD).await.status, 303);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn promote_and_roll_back_need_the_csrf_token_a_reason_and_the_admin_role() {
+    let gw = TestGateway::tiny().await;
+    let team = gw.team_id().await;
+    let base = gw.served.name.clone();
+    let other = another_version(&gw, "tiny-b").await;
+    account(&gw, "ada", "admin").await;
+    account(&gw, "vic", "viewer").await;
+    let mut admin = Client::new(&gw);
+    admin.login("ada", PASSWORD).await;
+    let csrf = admin.csrf().await;
+    let promote = |csrf: &str, reason: &str, confirm: &str| {
+        vec![
+            ("csrf".to_string(), csrf.to_string()),
+            ("team".into(), "team-a".into()),
+            ("model".into(), "tiny-b".into()),
+            ("reason".into(), reason.into()),
+            ("confirm".into(), confirm.into()),
+        ]
+    };
+    let champion = || async {
+        flywheel_store::models::team_champion(&gw.db.pool, team)
+            .await
+            .unwrap()
+            .unwrap()
+            .name
+    };
+
+    // Nothing to roll back yet: a clear 409 with the reason, not a 500.
+    let r = send(
+        &admin,
+        "/admin/models/rollback",
+        vec![
+            ("csrf".into(), csrf.clone()),
+            ("team".into(), "team-a".into()),
+            ("reason".into(), "x".into()),
+            ("confirm".into(), "yes".into()),
+        ],
+    )
+    .await;
+    assert_eq!(r.status, 409, "{}", r.body);
+    assert!(
+        r.body.contains("no promotion of this team is on record"),
+        "{}",
+        r.body
+    );
+
+    // No token, a token of another session, no reason, no confirmation:
+    // refused, and nothing changes.
+    let r = send(
+        &admin,
+        "/admin/models/promote",
+        promote("", "better", "yes"),
+    )
+    .await;
+    assert_eq!(r.status, 403, "{}", r.body);
+    let mut viewer = Client::new(&gw);
+    viewer.login("vic", PASSWORD).await;
+    let viewer_csrf = viewer.csrf().await;
+    assert_ne!(viewer_csrf, csrf);
+    let r = send(
+        &admin,
+        "/admin/models/promote",
+        promote(&viewer_csrf, "better", "yes"),
+    )
+    .await;
+    assert_eq!(r.status, 403, "{}", r.body);
+    let r = send(&admin, "/admin/models/promote", promote(&csrf, "  ", "yes")).await;
+    assert_eq!(r.status, 400, "{}", r.body);
+    assert!(r.body.contains("give a reason"));
+    let r = send(
+        &admin,
+        "/admin/models/promote",
+        promote(&csrf, "better", ""),
+    )
+    .await;
+    assert_eq!(r.status, 400, "{}", r.body);
+    // A viewer with its own token may look, not act.
+    let r = send(
+        &viewer,
+        "/admin/models/promote",
+        promote(&viewer_csrf, "better", "yes"),
+    )
+    .await;
+    assert_eq!(r.status, 403, "{}", r.body);
+    assert!(r.body.contains("viewer role"));
+    assert!(
+        !viewer
+            .get("/admin/models")
+            .await
+            .body
+            .contains("/admin/models/promote")
+    );
+    assert_eq!(champion().await, base);
+    assert!(
+        flywheel_store::decisions::list(&gw.db.pool, None, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+
+    // The real thing.
+    let r = send(
+        &admin,
+        "/admin/models/promote",
+        promote(&csrf, "wins on routing", "yes"),
+    )
+    .await;
+    assert_eq!(r.status, 303, "{}", r.body);
+    assert_eq!(champion().await, "tiny-b");
+    let done = admin.get(r.headers[LOCATION].to_str().unwrap()).await;
+    assert!(
+        done.body
+            .contains("tiny-b is now team team-a&#39;s champion"),
+        "{}",
+        done.body
+    );
+    let audit = admin.get("/admin/decisions?team=team-a").await;
+    assert!(audit.body.contains("manual_promote"));
+    assert!(audit.body.contains("wins on routing"));
+    assert!(audit.body.contains("admin:ada"));
+    let d = &flywheel_store::decisions::list(&gw.db.pool, Some(team), 1)
+        .await
+        .unwrap()[0];
+    assert_eq!(
+        (d.kind.as_str(), d.candidate_version_id, d.actor.as_str()),
+        ("manual_promote", Some(other.id), "admin:ada")
+    );
+
+    // The JSON API: the token in a header.
+    let api = |token: Option<&str>| {
+        let mut req = admin
+            .http
+            .post(format!("{}/admin/api/rollback", gw.base))
+            .json(&json!({"team": "team-a", "reason": "regressed on billing"}));
+        if let Some(t) = token {
+            req = req.header("x-csrf-token", t);
+        }
+        admin.send(req)
+    };
+    let r = api(None).await;
+    assert_eq!(r.status, 403, "{}", r.body);
+    let err: Value = serde_json::from_str(&r.body).unwrap();
+    assert!(err["error"]["message"].as_str().unwrap().contains("CSRF"));
+    let r = api(Some(&csrf)).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(champion().await, base);
+    let list: Vec<Value> =
+        serde_json::from_str(&admin.get("/admin/api/decisions?team=team-a").await.body).unwrap();
+    let kinds: Vec<&str> = list.iter().map(|d| d["kind"].as_str().unwrap()).collect();
+    assert_eq!(kinds, ["manual_rollback", "manual_promote"]);
+    assert_eq!(list[0]["reason"], "regressed on billing");
+    let r = send(
+        &admin,
+        "/admin/models/promote",
+        vec![
+            ("csrf".into(), csrf.clone()),
+            ("team".into(), "team-a".into()),
+            ("model".into(), "no-such-model".into()),
+            ("reason".into(), "x".into()),
+            ("confirm".into(), "yes".into()),
+        ],
+    )
+    .await;
+    assert_eq!(r.status, 400, "{}", r.body);
+}
+
+/// Chats and votes whose text is markup: none of it may reach a page as
+/// markup.
+const SCRIPT: &str = "<script>alert('pwned')</script>";
+const IMG: &str = "\"><img src=x onerror=alert(1)>";
+
+async fn hostile_traffic(gw: &TestGateway) -> (String, String) {
+    let (_, evil_key) =
+        flywheel_store::keys::create_key(&gw.db.pool, "<b>team</b><script>x()</script>")
+            .await
+            .unwrap();
+    let (status, body) = gw
+        .post(
+            &evil_key,
+            "/v1/chat/completions",
+            json!({
+                "model": gw.model(), "max_tokens": 4, "temperature": 0.0,
+                "user": IMG,
+                "messages": [{"role": "user", "content": format!("hello {SCRIPT} {IMG}")}],
+            }),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let id = body["id"].as_str().unwrap().to_string();
+    let (status, body) = gw
+        .post(
+            &evil_key,
+            "/v1/feedback",
+            json!({"completion_id": id, "rating": "down", "user": IMG,
+                   "comment": SCRIPT, "correction": IMG}),
+        )
+        .await;
+    assert_eq!(status, 201, "{body}");
+    (id, evil_key)
+}
+
+fn assert_escaped(page: &str, what: &str) {
+    assert!(
+        !page.contains("<script>"),
+        "{what}: a script tag came through"
+    );
+    assert!(!page.contains("<img"), "{what}: an img tag came through");
+    assert!(
+        !page.contains("<b>team"),
+        "{what}: markup in the team's name"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn markup_in_messages_votes_users_and_team_names_is_shown_escaped() {
+    let gw = TestGateway::tiny().await;
+    let (id, _) = hostile_traffic(&gw).await;
+    assert!(
+        gw.state
+            .journal()
+            .wait_flushed(std::time::Duration::from_secs(10))
+            .await
+    );
+    account(&gw, "ada", "admin").await;
+    let mut c = Client::new(&gw);
+    c.login("ada", PASSWORD).await;
+    let one = flywheel_tests::eventually(15, || async {
+        let r = c.get(&format!("/admin/completions/{id}")).await;
+        (r.status == 200 && r.body.contains("onerror")).then_some(r.body)
+    })
+    .await
+    .expect("the completion and its vote in Postgres");
+    assert_escaped(&one, "completion page");
+    // As text, in entities.
+    assert!(
+        one.contains("&#60;script&#62;alert(&#39;pwned&#39;)&#60;/script&#62;"),
+        "{one}"
+    );
+    assert!(
+        one.contains("&#34;&#62;&#60;img src=x onerror=alert(1)&#62;"),
+        "{one}"
+    );
+    for path in [
+        "/admin".to_string(),
+        "/admin/completions".to_string(),
+        "/admin/teams".to_string(),
+        "/admin/models".to_string(),
+        format!("/admin/completions?q={}", "%3Cscript%3E"),
+    ] {
+        let r = c.get(&path).await;
+        assert_eq!(r.status, 200, "{path}: {}", r.body);
+        assert_escaped(&r.body, &path);
+    }
+    let list = c.get("/admin/completions?q=%3Cscript%3E").await.body;
+    assert!(list.contains(&id), "the text search finds it");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn completions_filter_by_team_rating_version_and_text() {
+    let gw = TestGateway::tiny().await;
+    let up = gw.complete(&gw.key, Some("u1")).await;
+    let down = gw.complete(&gw.key, Some("u2")).await;
+    let unrated = gw.complete(&gw.key, Some("u3")).await;
+    for (id, rating) in [(&up, "up"), (&down, "down")] {
+        let (s, b) = gw
+            .post(
+                &gw.key,
+                "/v1/feedback",
+                json!({"completion_id": id, "rating": rating, "user": "r"}),
+            )
+            .await;
+        assert_eq!(s, 201, "{b}");
+    }
+    let (_, other_key) = flywheel_store::keys::create_key(&gw.db.pool, "team-b")
+        .await
+        .unwrap();
+    let other = gw.complete(&other_key, None).await;
+    assert!(
+        gw.state
+            .journal()
+            .wait_flushed(std::time::Duration::from_secs(10))
+            .await
+    );
+    account(&gw, "ada", "viewer").await;
+    let mut c = Client::new(&gw);
+    c.login("ada", PASSWORD).await;
+    let ids = |body: &str| -> Vec<String> {
+        [&up, &down, &unrated, &other]
+            .into_iter()
+            .filter(|id| body.contains(id.as_str()))
+            .cloned()
+            .collect()
+    };
+    let cases: HashMap<&str, Vec<&String>> = HashMap::from([
+        ("", vec![&up, &down, &unrated, &other]),
+        ("team=team-a", vec![&up, &down, &unrated]),
+        ("team=team-b", vec![&other]),
+        ("team=team-a&rating=up", vec![&up]),
+        ("team=team-a&rating=down", vec![&down]),
+        ("team=team-a&rating=none", vec![&unrated]),
+        ("until=2000-01-01", vec![]),
+        ("q=no+such+text+anywhere", vec![]),
+    ]);
+    for (query, want) in cases {
+        let body = flywheel_tests::eventually(15, || async {
+            let r = c.get(&format!("/admin/completions?{query}")).await;
+            assert_eq!(r.status, 200, "{query}: {}", r.body);
+            (ids(&r.body).len() == want.len()).then_some(r.body)
+        })
+        .await
+        .unwrap_or_else(|| panic!("{query}: wanted {want:?}"));
+        let mut got = ids(&body);
+        got.sort();
+        let mut want: Vec<String> = want.into_iter().cloned().collect();
+        want.sort();
+        assert_eq!(got, want, "{query}");
+    }
+    let model = urlencode(gw.model());
+    let body = c
+        .get(&format!("/admin/completions?model={model}"))
+        .await
+        .body;
+    assert_eq!(ids(&body).len(), 4, "every completion is the base's");
+    for bad in [
+        "rating=sideways",
+        "since=yesterday",
+        "team=nobody",
+        "before=x",
+    ] {
+        let r = c.get(&format!("/admin/completions?{bad}")).await;
+        assert_eq!(r.status, 400, "{bad}: {}", r.body);
+    }
+}
+
+fn urlencode(s: &str) -> String {
+    form(&[("x", s)])[2..].to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_real_browser_signs_in_sees_the_chart_opens_a_completion_promotes_and_rolls_back() {
+    let gw = TestGateway::tiny().await;
+    let team = gw.team_id().await;
+    another_version(&gw, "tiny-b").await;
+    account(&gw, "ada", "admin").await;
+    account(&gw, "locked", "admin").await;
+    // Traffic for the charts: rated answers of the base.
+    for i in 0..6 {
+        let user = format!("user-{i}");
+        let id = gw.complete(&gw.key, Some(&user)).await;
+        let rating = if i % 3 == 0 { "down" } else { "up" };
+        let (s, b) = gw
+            .post(
+                &gw.key,
+                "/v1/feedback",
+                json!({"completion_id": id, "rating": rating, "user": user}),
+            )
+            .await;
+        assert_eq!(s, 201, "{b}");
+    }
+    let (evil, _) = hostile_traffic(&gw).await;
+    assert!(
+        gw.state
+            .journal()
+            .wait_flushed(std::time::Duration::from_secs(10))
+            .await
+    );
+    assert!(
+        gw.wait_for_rows(6, |pool, team| async move {
+            flywheel_store::feedback::count_for_team(&pool, team)
+                .await
+                .unwrap()
+        })
+        .await
+    );
+
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    // Test artifacts (the README's screenshots come from scripts/demo-loop.sh
+    // on the real model).
+    let shots = root.join("../target/dashboard-screenshots");
+    std::fs::create_dir_all(&shots).unwrap();
+    let out = tokio::process::Command::new("node")
+        .arg(root.join("browser/dashboard.mjs"))
+        .current_dir(root.join("browser"))
+        .env("BASE", &gw.base)
+        .env("ADMIN_USER", "ada")
+        .env("LOCK_USER", "locked")
+        .env("PASSWORD", PASSWORD)
+        .env("TEAM", "team-a")
+        .env("CANDIDATE", "tiny-b")
+        .env("BASE_MODEL", gw.model())
+        .env("COMPLETION_ID", &evil)
+        .env("SHOTS", &shots)
+        .output()
+        .await
+        .expect("node runs (scripts/test.sh installs playwright-core and chromium)");
+    let log = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    println!("{log}");
+    assert!(out.status.success(), "the browser run failed:\n{log}");
+
+    // What the browser did is what the database says.
+    let decisions = flywheel_store::decisions::list(&gw.db.pool, Some(team), 10)
+        .await
+        .unwrap();
+    let seen: Vec<(&str, &str, &str)> = decisions
+        .iter()
+        .map(|d| (d.kind.as_str(), d.reason.as_str(), d.actor.as_str()))
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            (
+                "manual_rollback",
+                "rolled back in the browser test",
+                "admin:ada"
+            ),
+            (
+                "manual_promote",
+                "better on routing in the browser test",
+                "admin:ada"
+            ),
+        ]
+    );
+    let champion = flywheel_store::models::team_champion(&gw.db.pool, team)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(champion.name, gw.model());
+    let locked = flywheel_store::admins::by_username(&gw.db.pool, "locked")
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(locked.locked_until.unwrap() > chrono::Utc::now());
+    for name in [
+        "login",
+        "overview",
+        "overview-phone",
+        "completions",
+        "completion",
+        "models",
+        "decisions",
+    ] {
+        let png = shots.join(format!("{name}.png"));
+        let bytes =
+            std::fs::read(&png).unwrap_or_else(|_| panic!("{} was not written", png.display()));
+        assert!(bytes.starts_with(b"\x89PNG"), "{name}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_openapi_document_lists_only_routes_that_exist() {
+    let gw = TestGateway::tiny().await;
+    account(&gw, "ada", "admin").await;
+    let mut c = Client::new(&gw);
+    c.login("ada", PASSWORD).await;
+    let doc: Value = serde_json::from_str(&c.get("/openapi.json").await.body).unwrap();
+    assert_eq!(doc["openapi"], "3.1.0");
+    let paths = doc["paths"].as_object().unwrap();
+    for want in [
+        "/v1/chat/completions",
+        "/v1/feedback",
+        "/admin/api/promote",
+        "/admin/api/rollback",
+    ] {
+        assert!(paths.contains_key(want), "{want}");
+    }
+    for (path, ops) in paths {
+        for method in ops.as_object().unwrap().keys() {
+            let url = format!(
+                "{}{}",
+                gw.base,
+                path.replace("{id}", "x")
+                    .replace("{name}", "x")
+                    .replace("{user}", "x")
+            );
+            let req = match method.as_str() {
+                "get" => c.http.get(&url),
+                "post" => c.http.post(&url).json(&json!({})),
+                "delete" => c.http.delete(&url),
+                other => panic!("{other}"),
+            };
+            let r = c.send(req.bearer_auth(&gw.key)).await;
+            assert_ne!(r.status, 405, "{method} {path}");
+            assert!(
+                !(r.status == 404 && r.body.contains("no such route")),
+                "{method} {path} is documented but not routed"
+            );
+        }
+    }
+}
