@@ -216,6 +216,9 @@ async fn a_session_cookie_is_http_only_strict_and_secure_behind_tls() {
     );
     assert!(page.body.contains("0 record(s) Postgres refused"));
     assert_eq!(page.headers["cache-control"], "no-store");
+    let timing = page.headers["server-timing"].to_str().unwrap();
+    let ms: f64 = timing.strip_prefix("app;dur=").unwrap().parse().unwrap();
+    assert!(ms > 0.0, "{timing}");
     assert!(
         page.headers["content-security-policy"]
             .to_str()
@@ -773,4 +776,91 @@ async fn the_openapi_document_lists_only_routes_that_exist() {
             );
         }
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_made_on_the_teams_page_is_shown_once_works_and_is_revoked_there() {
+    let gw = TestGateway::tiny().await;
+    account(&gw, "ada", "admin").await;
+    account(&gw, "vic", "viewer").await;
+    let mut c = Client::new(&gw);
+    c.login("ada", PASSWORD).await;
+    let csrf = c.csrf().await;
+    let made = c
+        .post("/admin/teams/keys", &[("csrf", &csrf), ("team", "search")])
+        .await;
+    assert_eq!(made.status, 200, "{}", made.body);
+    let at = made
+        .body
+        .find(r#"<code id="secret">"#)
+        .expect("the secret, once")
+        + 18;
+    let secret = made.body[at..].split('<').next().unwrap().to_string();
+    let who = flywheel_store::keys::authenticate(&gw.db.pool, &secret)
+        .await
+        .unwrap()
+        .expect("the key works");
+    assert_eq!(who.team_name, "search");
+    let later = c.get("/admin/teams").await;
+    assert!(!later.body.contains(&secret), "shown once only");
+    assert!(later.body.contains(&secret[..11]), "its prefix is listed");
+
+    // Privacy: store text off for the new team.
+    let r = c
+        .post(
+            "/admin/teams/settings",
+            &[("csrf", &csrf), ("team", "search")],
+        )
+        .await;
+    assert_eq!(r.status, 303, "{}", r.body);
+    let stored: bool = sqlx::query_scalar("select store_text from teams where name = 'search'")
+        .fetch_one(&gw.db.pool)
+        .await
+        .unwrap();
+    assert!(!stored);
+
+    // A viewer may not make or revoke keys.
+    let mut viewer = Client::new(&gw);
+    viewer.login("vic", PASSWORD).await;
+    let vcsrf = viewer.csrf().await;
+    let r = viewer
+        .post("/admin/teams/keys", &[("csrf", &vcsrf), ("team", "x")])
+        .await;
+    assert_eq!(r.status, 403);
+    let prefix = &secret[..11];
+    let r = viewer
+        .post(
+            "/admin/teams/keys/revoke",
+            &[("csrf", &vcsrf), ("prefix", prefix), ("confirm", "yes")],
+        )
+        .await;
+    assert_eq!(r.status, 403);
+    // Unconfirmed: refused; confirmed: the key stops working.
+    let r = c
+        .post(
+            "/admin/teams/keys/revoke",
+            &[("csrf", &csrf), ("prefix", prefix)],
+        )
+        .await;
+    assert_eq!(r.status, 400);
+    let r = c
+        .post(
+            "/admin/teams/keys/revoke",
+            &[("csrf", &csrf), ("prefix", prefix), ("confirm", "yes")],
+        )
+        .await;
+    assert_eq!(r.status, 303, "{}", r.body);
+    assert!(
+        flywheel_store::keys::authenticate(&gw.db.pool, &secret)
+            .await
+            .unwrap()
+            .is_none()
+    );
+    let again = c
+        .post(
+            "/admin/teams/keys/revoke",
+            &[("csrf", &csrf), ("prefix", prefix), ("confirm", "yes")],
+        )
+        .await;
+    assert_eq!(again.status, 409, "{}", again.body);
 }

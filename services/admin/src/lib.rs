@@ -105,13 +105,32 @@ pub fn router(state: AdminState) -> Router {
         .route("/admin/runs/{id}", get(runs::one))
         .route("/admin/runs/{id}/cancel", post(runs::cancel))
         .route("/admin/teams", get(teams::page))
+        .route("/admin/teams/keys", post(teams::create_key))
+        .route("/admin/teams/keys/revoke", post(teams::revoke_key))
+        .route("/admin/teams/settings", post(teams::settings))
         .route("/admin/api/overview", get(overview::api))
         .route("/admin/api/promote", post(models::promote_api))
         .route("/admin/api/canary", post(models::canary_api))
         .route("/admin/api/rollback", post(models::rollback_api))
         .route("/admin/api/decisions", get(models::decisions_api))
         .layer(axum::middleware::map_response(no_store))
+        .layer(axum::middleware::from_fn(server_timing))
         .with_state(state)
+}
+
+/// `Server-Timing: app;dur=<ms>` on every response: the time the page took
+/// on the server (what `scripts/bench-dashboard.sh` reports).
+async fn server_timing(
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let t = std::time::Instant::now();
+    let mut resp = next.run(req).await;
+    let ms = t.elapsed().as_secs_f64() * 1e3;
+    if let Ok(v) = format!("app;dur={ms:.1}").parse() {
+        resp.headers_mut().insert("server-timing", v);
+    }
+    resp
 }
 
 /// Pages carry live data and per-session tokens: never cached, never

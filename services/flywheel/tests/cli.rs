@@ -204,3 +204,70 @@ async fn loop_starts_one_cycle_per_team_and_cycles_lists_it() {
     let (ok, _, err) = flywheel(&db, &["loop", "--team", "nobody", "--no-wait"]);
     assert!(!ok && err.contains("nobody"), "{err}");
 }
+
+fn flywheel_stdin(db: &str, args: &[&str], stdin: &str) -> (bool, String, String) {
+    use std::io::Write;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_flywheel"))
+        .env("FLYWHEEL_HOME", flywheel_tests::test_home())
+        .env("DATABASE_URL", db)
+        .env_remove("FLYWHEEL_ADMIN_PASSWORD")
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(stdin.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).to_string(),
+        String::from_utf8_lossy(&out.stderr).to_string(),
+    )
+}
+
+#[tokio::test]
+async fn admin_create_stores_an_argon2_hash_and_refuses_weak_input() {
+    let db = fresh_database("fw_cli").await;
+    let (ok, out, err) = flywheel(&db, &["migrate"]);
+    assert!(ok, "{out}{err}");
+    let create = ["admin", "create", "ada", "--password-stdin"];
+    let (ok, out, err) = flywheel_stdin(&db, &create, "a long enough password\n");
+    assert!(ok && out.contains("account ada (admin)"), "{out}{err}");
+    let pool = flywheel_store::connect(&db).await.unwrap();
+    let a = flywheel_store::admins::by_username(&pool, "ada")
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        a.password_hash.starts_with("$argon2id$"),
+        "{}",
+        a.password_hash
+    );
+    assert!(!a.password_hash.contains("a long enough password"));
+    let (ok, _, err) = flywheel_stdin(&db, &create, "short\n");
+    assert!(!ok && err.contains("at least 10 characters"), "{err}");
+    let (ok, _, err) = flywheel_stdin(
+        &db,
+        &[
+            "admin",
+            "create",
+            "vic",
+            "--role",
+            "root",
+            "--password-stdin",
+        ],
+        "a long enough password\n",
+    );
+    assert!(!ok && err.contains("role must be viewer or admin"), "{err}");
+    // No password anywhere: an error that says where to give it.
+    let (ok, _, err) = flywheel_stdin(&db, &["admin", "create", "vic"], "");
+    assert!(!ok && err.contains("FLYWHEEL_ADMIN_PASSWORD"), "{err}");
+    let (ok, out, _) = flywheel(&db, &["admin", "list"]);
+    assert!(ok && out.contains("ada") && !out.contains("vic"), "{out}");
+}
