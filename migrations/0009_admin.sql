@@ -29,5 +29,89 @@ create index admin_sessions_account on admin_sessions (account_id);
 -- model version within a team.
 create index completions_team_version_created
     on completions (team_id, model_version_id, created_at desc);
--- Votes by team and time (the overview's thumbs-up rates).
-create index feedback_team_created on feedback (team_id, created_at);
+
+-- The overview's charts: requests, votes and thumbs up per team, model
+-- version and minute, kept exact by triggers on every insert and delete
+-- (statement-level, over the statement's rows at once, so the journal's
+-- batched inserts pay one aggregate each), so a chart reads a few thousand
+-- rows however many millions of completions there are. A vote counts in
+-- the minute it was cast, for the version that wrote the rated answer.
+create table traffic_minutes (
+    team_id           uuid not null references teams (id) on delete cascade,
+    minute            timestamptz not null,
+    model_version_id  uuid not null references model_versions (id) on delete cascade,
+    requests          bigint not null default 0,
+    votes             bigint not null default 0,
+    up                bigint not null default 0,
+    primary key (team_id, minute, model_version_id)
+);
+
+create function traffic_minutes_completions() returns trigger language plpgsql as $$
+begin
+    if tg_op = 'INSERT' then
+        insert into traffic_minutes (team_id, minute, model_version_id, requests)
+        select team_id, date_trunc('minute', created_at), model_version_id, count(*)
+        from new_rows group by 1, 2, 3
+        on conflict (team_id, minute, model_version_id)
+            do update set requests = traffic_minutes.requests + excluded.requests;
+    else
+        update traffic_minutes t set requests = t.requests - d.n
+        from (select team_id, date_trunc('minute', created_at) as minute, model_version_id,
+                     count(*) as n
+              from old_rows group by 1, 2, 3) d
+        where t.team_id = d.team_id and t.minute = d.minute
+          and t.model_version_id = d.model_version_id;
+    end if;
+    return null;
+end $$;
+
+-- Votes need their completion's model version: deleting votes before their
+-- completions (as `delete_user_data` does) keeps the counts exact.
+create function traffic_minutes_feedback() returns trigger language plpgsql as $$
+begin
+    if tg_op = 'INSERT' then
+        insert into traffic_minutes (team_id, minute, model_version_id, votes, up)
+        select v.team_id, date_trunc('minute', v.created_at), c.model_version_id,
+               count(*), count(*) filter (where v.rating = 'up')
+        from new_rows v join completions c on c.id = v.completion_id
+        group by 1, 2, 3
+        on conflict (team_id, minute, model_version_id)
+            do update set votes = traffic_minutes.votes + excluded.votes,
+                          up = traffic_minutes.up + excluded.up;
+    else
+        update traffic_minutes t set votes = t.votes - d.n, up = t.up - d.up
+        from (select v.team_id, date_trunc('minute', v.created_at) as minute,
+                     c.model_version_id, count(*) as n,
+                     count(*) filter (where v.rating = 'up') as up
+              from old_rows v join completions c on c.id = v.completion_id
+              group by 1, 2, 3) d
+        where t.team_id = d.team_id and t.minute = d.minute
+          and t.model_version_id = d.model_version_id;
+    end if;
+    return null;
+end $$;
+
+create trigger completions_traffic_insert after insert on completions
+    referencing new table as new_rows for each statement
+    execute function traffic_minutes_completions();
+create trigger completions_traffic_delete after delete on completions
+    referencing old table as old_rows for each statement
+    execute function traffic_minutes_completions();
+create trigger feedback_traffic_insert after insert on feedback
+    referencing new table as new_rows for each statement
+    execute function traffic_minutes_feedback();
+create trigger feedback_traffic_delete after delete on feedback
+    referencing old table as old_rows for each statement
+    execute function traffic_minutes_feedback();
+
+-- What is there already.
+insert into traffic_minutes (team_id, minute, model_version_id, requests)
+select team_id, date_trunc('minute', created_at), model_version_id, count(*)
+from completions group by 1, 2, 3;
+insert into traffic_minutes (team_id, minute, model_version_id, votes, up)
+select v.team_id, date_trunc('minute', v.created_at), c.model_version_id,
+       count(*), count(*) filter (where v.rating = 'up')
+from feedback v join completions c on c.id = v.completion_id
+group by 1, 2, 3
+on conflict (team_id, minute, model_version_id)
+    do update set votes = excluded.votes, up = excluded.up;

@@ -41,7 +41,11 @@ TEAM=shop-support
 $FW migrate
 $FW models pull
 $FW keys create --team $TEAM > /dev/null
-scripts/scenario-task-suite.py scenarios/support-routing.json "$OUT/task-suite.json"
+# The suite is scored the way the traffic is served: with the schema unless
+# --unstructured.
+STRUCTURED=--structured
+[ "$SIMULATE_FLAGS" = "--unstructured" ] && STRUCTURED=
+scripts/scenario-task-suite.py scenarios/support-routing.json "$OUT/task-suite.json" $STRUCTURED
 $FW suites add "$OUT/task-suite.json" --team $TEAM
 $FW up > "$OUT/up.out" 2> "$OUT/up.log" &
 UP=$!

@@ -864,3 +864,89 @@ async fn a_key_made_on_the_teams_page_is_shown_once_works_and_is_revoked_there()
         .await;
     assert_eq!(again.status, 409, "{}", again.body);
 }
+
+/// (requests, votes, up) of a team: from the chart's per-minute counts,
+/// and counted in the log itself.
+async fn chart_and_log(gw: &TestGateway, team: uuid::Uuid) -> ((i64, i64, i64), (i64, i64, i64)) {
+    let chart: (i64, i64, i64) = sqlx::query_as(
+        "select coalesce(sum(requests), 0)::int8, coalesce(sum(votes), 0)::int8,
+                coalesce(sum(up), 0)::int8
+         from traffic_minutes where team_id = $1",
+    )
+    .bind(team)
+    .fetch_one(&gw.db.pool)
+    .await
+    .unwrap();
+    let log: (i64, i64, i64) = sqlx::query_as(
+        "select (select count(*) from completions where team_id = $1),
+                (select count(*) from feedback where team_id = $1),
+                (select count(*) from feedback where team_id = $1 and rating = 'up')",
+    )
+    .bind(team)
+    .fetch_one(&gw.db.pool)
+    .await
+    .unwrap();
+    (chart, log)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_charts_counts_stay_equal_to_the_log_through_inserts_batches_and_deletions() {
+    let gw = TestGateway::tiny().await;
+    let team = gw.team_id().await;
+    let mut ids = Vec::new();
+    for user in ["ann", "ann", "bo", "cy"] {
+        ids.push(gw.complete(&gw.key, Some(user)).await);
+    }
+    // One by one, and as a batch; two votes on one answer; a user's vote on
+    // another user's answer.
+    for (id, rating, user) in [
+        (&ids[0], "up", "ann"),
+        (&ids[0], "down", "bo"),
+        (&ids[2], "up", "bo"),
+    ] {
+        let (s, b) = gw
+            .post(
+                &gw.key,
+                "/v1/feedback",
+                json!({"completion_id": id, "rating": rating, "user": user}),
+            )
+            .await;
+        assert_eq!(s, 201, "{b}");
+    }
+    let (s, b) = gw
+        .post(
+            &gw.key,
+            "/v1/feedback/batch",
+            json!({"items": [
+                {"completion_id": ids[1], "rating": "up", "user": "ann"},
+                {"completion_id": ids[3], "rating": "down", "user": "cy"},
+            ]}),
+        )
+        .await;
+    assert_eq!(s, 200, "{b}");
+    assert!(
+        gw.state
+            .journal()
+            .wait_flushed(std::time::Duration::from_secs(10))
+            .await
+    );
+    let (chart, log) = chart_and_log(&gw, team).await;
+    assert_eq!(log, (4, 5, 3));
+    assert_eq!(chart, log);
+    // A user's data deleted: their answers, their votes, and the votes on
+    // their answers.
+    let resp = reqwest::Client::new()
+        .delete(format!("{}/v1/users/ann/data", gw.base))
+        .bearer_auth(&gw.key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let (chart, log) = chart_and_log(&gw, team).await;
+    assert_eq!(
+        log,
+        (2, 2, 1),
+        "bo's and cy's answers and the votes on them"
+    );
+    assert_eq!(chart, log);
+}

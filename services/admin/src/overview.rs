@@ -184,22 +184,15 @@ async fn team_view(
     let since = now - TimeDelta::days(WINDOW_DAYS);
     // A window that starts at the team's first traffic, for teams younger
     // than it.
-    let start = dashboard::first_completion(pool, id, since)
+    let start = dashboard::first_traffic(pool, id, since)
         .await?
         .unwrap_or(now);
     let bucket = bucket_seconds(now - start);
-    let requests = dashboard::requests_over_time(pool, id, start, bucket).await?;
-    let votes = dashboard::votes_over_time(pool, id, start, bucket).await?;
-
-    let mut table: BTreeMap<(DateTime<Utc>, Uuid), (i64, i64, i64)> = BTreeMap::new();
-    for b in &requests {
-        table.entry((b.bucket, b.model_version_id)).or_default().0 += b.count;
-    }
-    for b in &votes {
-        let e = table.entry((b.bucket, b.model_version_id)).or_default();
-        e.1 += b.count;
-        e.2 += b.up;
-    }
+    let rows = dashboard::traffic(pool, id, start, bucket).await?;
+    let table: BTreeMap<(DateTime<Utc>, Uuid), (i64, i64, i64)> = rows
+        .iter()
+        .map(|b| ((b.bucket, b.model_version_id), (b.requests, b.votes, b.up)))
+        .collect();
     let buckets: BTreeSet<DateTime<Utc>> = table.keys().map(|(t, _)| *t).collect();
     let buckets: Vec<DateTime<Utc>> = buckets.into_iter().collect();
     let mut versions: Vec<Uuid> = table.keys().map(|(_, v)| *v).collect();
@@ -233,7 +226,7 @@ async fn team_view(
         Some(1.0),
         chart::percent,
     );
-    let rows = table
+    let table_rows: Vec<Row> = table
         .iter()
         .map(|((t, v), (r, n, up))| Row {
             bucket: label(t, bucket),
@@ -244,7 +237,7 @@ async fn team_view(
             up_rate: rate(*up, *n),
         })
         .collect();
-    let sum = |bs: &[Bucket], f: fn(&Bucket) -> i64| bs.iter().map(f).sum::<i64>();
+    let sum = |f: fn(&Bucket) -> i64| rows.iter().map(f).sum::<i64>();
     let champion = models::team_champion(pool, id).await?.map(|v| v.name);
     let canary = match canaries::running_for(pool, id).await? {
         Some(c) => Some(canary_view(state, &c, names).await?),
@@ -256,10 +249,10 @@ async fn team_view(
         name,
         champion,
         canary,
-        completions: sum(&requests, |b| b.count),
-        votes: sum(&votes, |b| b.count),
-        up: sum(&votes, |b| b.up),
-        table: rows,
+        completions: sum(|b| b.requests),
+        votes: sum(|b| b.votes),
+        up: sum(|b| b.up),
+        table: table_rows,
         requests_chart,
         rate_chart,
         running: cycles

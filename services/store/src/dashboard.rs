@@ -32,28 +32,31 @@ pub async fn teams(ex: impl PgExecutor<'_>) -> Result<Vec<TeamRow>> {
     .await?)
 }
 
-/// A team's traffic or votes in one time bucket, for one model version.
+/// A team's traffic and votes in one time bucket, for one model version.
 #[derive(Debug, Clone, sqlx::FromRow, serde::Serialize)]
 pub struct Bucket {
     pub bucket: DateTime<Utc>,
     pub model_version_id: Uuid,
-    pub count: i64,
-    /// Votes only: how many of `count` were thumbs up.
+    pub requests: i64,
+    pub votes: i64,
     pub up: i64,
 }
 
-/// Completions per `bucket_seconds` and model version since `since`.
-pub async fn requests_over_time(
+/// Requests, votes and thumbs up per `bucket_seconds` (a multiple of 60)
+/// and model version since `since`, from the per-minute counts the
+/// triggers of `0009_admin.sql` keep.
+pub async fn traffic(
     ex: impl PgExecutor<'_>,
     team: Uuid,
     since: DateTime<Utc>,
     bucket_seconds: f64,
 ) -> Result<Vec<Bucket>> {
     Ok(sqlx::query_as(
-        "select to_timestamp(floor(extract(epoch from created_at) / $3) * $3) as bucket,
-                model_version_id, count(*) as count, 0::int8 as up
-         from completions where team_id = $1 and created_at >= $2
-         group by 1, 2 order by 1, 2",
+        "select to_timestamp(floor(extract(epoch from minute) / $3) * $3) as bucket,
+                model_version_id, sum(requests)::int8 as requests, sum(votes)::int8 as votes,
+                sum(up)::int8 as up
+         from traffic_minutes where team_id = $1 and minute >= date_trunc('minute', $2::timestamptz)
+         group by 1, 2 having sum(requests) > 0 or sum(votes) > 0 order by 1, 2",
     )
     .bind(team)
     .bind(since)
@@ -62,26 +65,20 @@ pub async fn requests_over_time(
     .await?)
 }
 
-/// Votes per bucket (of the vote's time) and the rated completion's model
-/// version since `since`.
-pub async fn votes_over_time(
+/// The team's first minute with traffic at or after `since`.
+pub async fn first_traffic(
     ex: impl PgExecutor<'_>,
     team: Uuid,
     since: DateTime<Utc>,
-    bucket_seconds: f64,
-) -> Result<Vec<Bucket>> {
-    Ok(sqlx::query_as(
-        "select to_timestamp(floor(extract(epoch from f.created_at) / $3) * $3) as bucket,
-                c.model_version_id, count(*) as count,
-                count(*) filter (where f.rating = 'up') as up
-         from feedback f join completions c on c.id = f.completion_id
-         where f.team_id = $1 and f.created_at >= $2
-         group by 1, 2 order by 1, 2",
+) -> Result<Option<DateTime<Utc>>> {
+    Ok(sqlx::query_scalar(
+        "select min(minute) from traffic_minutes
+         where team_id = $1 and minute >= date_trunc('minute', $2::timestamptz)
+           and (requests > 0 or votes > 0)",
     )
     .bind(team)
     .bind(since)
-    .bind(bucket_seconds)
-    .fetch_all(ex)
+    .fetch_one(ex)
     .await?)
 }
 
@@ -190,19 +187,4 @@ pub async fn ping(ex: impl PgExecutor<'_>) -> Result<f64> {
     let t = std::time::Instant::now();
     sqlx::query("select 1").execute(ex).await?;
     Ok(t.elapsed().as_secs_f64() * 1e3)
-}
-
-/// The team's first completion at or after `since`.
-pub async fn first_completion(
-    ex: impl PgExecutor<'_>,
-    team: Uuid,
-    since: DateTime<Utc>,
-) -> Result<Option<DateTime<Utc>>> {
-    Ok(sqlx::query_scalar(
-        "select min(created_at) from completions where team_id = $1 and created_at >= $2",
-    )
-    .bind(team)
-    .bind(since)
-    .fetch_one(ex)
-    .await?)
 }
