@@ -15,9 +15,11 @@ try {
   await page.fill("input[name=username]", ADMIN_USER);
   await page.fill("input[name=password]", PASSWORD);
   await page.click("button[type=submit]");
-  const shoot = async (path, name) => {
+  // Whole pages, but the first screens only of the long ones (an
+  // evaluation lists every example).
+  const shoot = async (path, name, fullPage = true) => {
     await page.goto(`${BASE}${path}`);
-    await page.screenshot({ path: `${SHOTS}/${name}.png`, fullPage: true });
+    await page.screenshot({ path: `${SHOTS}/${name}.png`, fullPage, clip: fullPage ? undefined : { x: 0, y: 0, width: 1280, height: 1800 } });
     console.log(`screenshot ${name}: ${path}`);
   };
   // The first detail link of a list page, if it has one.
@@ -41,7 +43,7 @@ try {
   if (r) await shoot(r, "run");
   await shoot("/admin/evaluations", "evaluations");
   const e = await first("/admin/evaluations", "table.evaluations a");
-  if (e) await shoot(e, "evaluation");
+  if (e) await shoot(e, "evaluation", false);
   await shoot("/admin/models", "models");
   await shoot("/admin/decisions", "decisions");
   await shoot("/admin/teams", "teams");
