@@ -25,8 +25,10 @@ create table admin_sessions (
 );
 create index admin_sessions_account on admin_sessions (account_id);
 
--- The completions page filters by team and time, newest first, and by
--- model version within a team.
+-- The completions page: newest first across teams (a page of 50 read from
+-- the top of the index, not a sort of every row), and by model version
+-- within a team.
+create index completions_created on completions (created_at desc, id desc);
 create index completions_team_version_created
     on completions (team_id, model_version_id, created_at desc);
 

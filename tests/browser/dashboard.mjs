@@ -124,6 +124,10 @@ try {
   assert.match(await page.textContent("#error-message"), /CSRF token is missing/);
   step("a form without its CSRF token is refused with 403");
 
+  await page.goto(`${BASE}/admin/teams`);
+  assert.ok((await page.locator("tr.team-row").count()) >= 2);
+  await shot("teams");
+
   // Sign out: the pages are closed again.
   await page.goto(`${BASE}/admin`);
   await page.click("form.who button");

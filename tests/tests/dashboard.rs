@@ -728,6 +728,7 @@ async fn a_real_browser_signs_in_sees_the_chart_opens_a_completion_promotes_and_
         "completion",
         "models",
         "decisions",
+        "teams",
     ] {
         let png = shots.join(format!("{name}.png"));
         let bytes =
@@ -949,4 +950,74 @@ async fn the_charts_counts_stay_equal_to_the_log_through_inserts_batches_and_del
         "bo's and cy's answers and the votes on them"
     );
     assert_eq!(chart, log);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_json_api_makes_and_revokes_keys_sets_privacy_and_cancels_runs() {
+    let gw = TestGateway::tiny().await;
+    account(&gw, "ada", "admin").await;
+    let mut c = Client::new(&gw);
+    c.login("ada", PASSWORD).await;
+    let csrf = c.csrf().await;
+    let call = |path: &str, body: Value, token: Option<&str>| {
+        let mut req = c.http.post(format!("{}{path}", gw.base)).json(&body);
+        if let Some(t) = token {
+            req = req.header("x-csrf-token", t);
+        }
+        c.send(req)
+    };
+    let r = call("/admin/api/keys", json!({"team": "search"}), None).await;
+    assert_eq!(r.status, 403, "{}", r.body);
+    let r = call("/admin/api/keys", json!({"team": "search"}), Some(&csrf)).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let made: Value = serde_json::from_str(&r.body).unwrap();
+    let key = made["key"].as_str().unwrap();
+    assert!(key.starts_with(made["prefix"].as_str().unwrap()));
+    assert!(
+        flywheel_store::keys::authenticate(&gw.db.pool, key)
+            .await
+            .unwrap()
+            .is_some()
+    );
+    let r = call(
+        "/admin/api/teams/settings",
+        json!({"team": "search", "store_text": false, "share_for_training": true}),
+        Some(&csrf),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let (store, share): (bool, bool) =
+        sqlx::query_as("select store_text, share_for_training from teams where name = 'search'")
+            .fetch_one(&gw.db.pool)
+            .await
+            .unwrap();
+    assert_eq!((store, share), (false, true));
+    let r = call(
+        "/admin/api/keys/revoke",
+        json!({"prefix": made["prefix"]}),
+        Some(&csrf),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert!(
+        flywheel_store::keys::authenticate(&gw.db.pool, key)
+            .await
+            .unwrap()
+            .is_none()
+    );
+    let nobody = uuid::Uuid::new_v4();
+    let r = call(
+        &format!("/admin/api/runs/{nobody}/cancel"),
+        json!({}),
+        Some(&csrf),
+    )
+    .await;
+    assert_eq!(r.status, 409, "{}", r.body);
+    let err: Value = serde_json::from_str(&r.body).unwrap();
+    assert!(
+        err["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("nothing to cancel")
+    );
 }

@@ -19,9 +19,16 @@ use sha2::{Digest, Sha256};
 
 use crate::AdminState;
 use crate::error::AdminError;
-use crate::pages::LoginPage;
 
 pub const COOKIE: &str = "flywheel_admin";
+
+/// The sign-in page.
+#[derive(askama::Template)]
+#[template(path = "login.html")]
+pub struct LoginPage {
+    pub next: String,
+    pub message: Option<String>,
+}
 
 /// Hashes a password for storage (argon2id, a random salt, PHC string).
 pub fn hash_password(password: &str) -> anyhow::Result<String> {

@@ -6,6 +6,15 @@ use axum::http::StatusCode;
 use axum::response::{Html, IntoResponse, Response};
 use serde_json::json;
 
+/// The page an error is shown on.
+#[derive(askama::Template)]
+#[template(path = "error.html")]
+pub struct ErrorPage<'a> {
+    pub status: u16,
+    pub reason: &'a str,
+    pub message: &'a str,
+}
+
 #[derive(Debug)]
 pub struct AdminError {
     pub status: StatusCode,
@@ -100,7 +109,7 @@ impl IntoResponse for AdminError {
             }});
             return (self.status, axum::Json(body)).into_response();
         }
-        let page = crate::pages::ErrorPage {
+        let page = ErrorPage {
             status: self.status.as_u16(),
             reason: self.status.canonical_reason().unwrap_or("error"),
             message: &self.message,

@@ -47,11 +47,18 @@ fn admin_action(summary: &str, needs_model: bool) -> Value {
         })),
         ("200", "done; `done` says what happened"),
     );
+    o = with_csrf(o);
+    o["responses"]["409"] =
+        error_response("refused: nothing to roll back, another team's model, ...");
+    o
+}
+
+/// An action: the CSRF header, and the refusals every action may answer.
+fn with_csrf(mut o: Value) -> Value {
     o["parameters"] = json!([{"name": "X-CSRF-Token", "in": "header", "required": true,
         "schema": {"type": "string"}, "description": "the session's CSRF token (in every page's forms)"}]);
     o["responses"]["403"] = error_response("a missing or foreign CSRF token, or a viewer account");
-    o["responses"]["409"] =
-        error_response("refused: nothing to roll back, another team's model, ...");
+    o["responses"]["409"] = error_response("refused; the message says why");
     o
 }
 
@@ -93,6 +100,17 @@ pub fn document() -> Value {
             "/admin/api/promote": {"post": admin_action("Make a model version the team's champion", true)},
             "/admin/api/canary": {"post": admin_action("Serve a model version to a share of the team's users", true)},
             "/admin/api/rollback": {"post": admin_action("Stop the team's canary, or bring back the champion before its last promotion", false)},
+            "/admin/api/runs/{id}/cancel": {"post": with_csrf(op("Ask a queued or running training run to stop", "session", None, ("200", "cancel requested")))},
+            "/admin/api/keys": {"post": with_csrf(op("A new API key for a team (made with its first key); the secret is in this response only", "session",
+                Some(json!({"type": "object", "required": ["team"], "properties": {"team": {"type": "string"}}})),
+                ("200", "`team`, `prefix` and `key`")))},
+            "/admin/api/keys/revoke": {"post": with_csrf(op("Revoke a key by its prefix (or id)", "session",
+                Some(json!({"type": "object", "required": ["prefix"], "properties": {"prefix": {"type": "string"}}})),
+                ("200", "revoked")))},
+            "/admin/api/teams/settings": {"post": with_csrf(op("A team's privacy and pooling settings", "session",
+                Some(json!({"type": "object", "required": ["team", "store_text", "share_for_training"], "properties": {
+                    "team": {"type": "string"}, "store_text": {"type": "boolean"}, "share_for_training": {"type": "boolean"}}})),
+                ("200", "saved")))},
         },
         "components": {
             "securitySchemes": {

@@ -1,8 +1,7 @@
 //! What every page shares: the header (who is signed in, the navigation,
-//! the sign-out form with its CSRF token), the sign-in and error pages, and
-//! small formatting helpers for templates.
+//! the sign-out form with its CSRF token) and small formatting helpers for
+//! templates.
 
-use askama::Template;
 use chrono::{DateTime, Utc};
 
 use crate::auth::Signed;
@@ -54,21 +53,6 @@ pub struct NavItem {
     pub path: &'static str,
     pub label: &'static str,
     pub current: bool,
-}
-
-#[derive(Template)]
-#[template(path = "login.html")]
-pub struct LoginPage {
-    pub next: String,
-    pub message: Option<String>,
-}
-
-#[derive(Template)]
-#[template(path = "error.html")]
-pub struct ErrorPage<'a> {
-    pub status: u16,
-    pub reason: &'a str,
-    pub message: &'a str,
 }
 
 pub fn when(t: &DateTime<Utc>) -> String {

@@ -139,12 +139,35 @@ pub async fn cancel(
     Path(id): Path<Uuid>,
     Form(f): Form<CancelForm>,
 ) -> Result<Response, AdminError> {
-    signed.may_act(f.csrf.as_deref())?;
+    request_cancel(&state, &signed, id, f.csrf.as_deref()).await?;
+    Ok(Redirect::to(&format!("/admin/runs/{id}")).into_response())
+}
+
+async fn request_cancel(
+    state: &AdminState,
+    signed: &Signed,
+    id: Uuid,
+    csrf: Option<&str>,
+) -> Result<String, AdminError> {
+    signed.may_act(csrf)?;
     if !flywheel_store::training::request_cancel(&state.pool, id).await? {
         return Err(AdminError::conflict(
-            "the run has finished: nothing to cancel",
+            "no queued or running training run has this id: nothing to cancel",
         ));
     }
     tracing::info!(admin = signed.session.username, run = %id, "training run cancel requested");
-    Ok(Redirect::to(&format!("/admin/runs/{id}")).into_response())
+    Ok(format!("cancel requested for training run {id}"))
+}
+
+pub async fn cancel_api(
+    State(state): State<AdminState>,
+    signed: Signed,
+    Path(id): Path<Uuid>,
+    headers: axum::http::HeaderMap,
+) -> Result<axum::Json<serde_json::Value>, AdminError> {
+    let csrf = headers.get("x-csrf-token").and_then(|v| v.to_str().ok());
+    request_cancel(&state, &signed, id, csrf)
+        .await
+        .map(|done| axum::Json(serde_json::json!({ "done": done })))
+        .map_err(AdminError::api)
 }

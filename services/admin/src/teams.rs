@@ -4,11 +4,13 @@
 //! the privacy and pooling switches.
 
 use askama::Template;
+use axum::Json;
 use axum::extract::{Form, State};
+use axum::http::HeaderMap;
 use axum::response::{Html, IntoResponse, Redirect, Response};
 use flywheel_store::dashboard::TeamRow;
 use flywheel_store::keys::KeyInfo;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::AdminState;
 use crate::auth::Signed;
@@ -64,24 +66,37 @@ pub async fn page(
     render(&state, &signed, None, d.done).await
 }
 
-#[derive(Deserialize)]
-pub struct NewKey {
-    csrf: Option<String>,
-    team: String,
-}
-
-/// Longest team name accepted from the form.
+/// Longest team name accepted.
 const MAX_TEAM: usize = 100;
 
-/// A new key (the team is made with its first key). The secret is in this
-/// response only: the page is not cached, and nothing stores it.
-pub async fn create_key(
-    State(state): State<AdminState>,
-    signed: Signed,
-    Form(f): Form<NewKey>,
-) -> Result<Html<String>, AdminError> {
-    signed.may_act(f.csrf.as_deref())?;
-    let team = f.team.trim();
+fn header_csrf(h: &HeaderMap) -> Option<&str> {
+    h.get("x-csrf-token").and_then(|v| v.to_str().ok())
+}
+
+/// What an action did, as the JSON API returns it.
+#[derive(Serialize)]
+pub struct Outcome {
+    pub done: String,
+}
+
+/// A key just made.
+#[derive(Serialize)]
+pub struct MadeKey {
+    pub team: String,
+    pub prefix: String,
+    /// The secret: here once, stored nowhere.
+    pub key: String,
+}
+
+/// A new key (the team is made with its first key).
+async fn make_key(
+    state: &AdminState,
+    signed: &Signed,
+    team: &str,
+    csrf: Option<&str>,
+) -> Result<MadeKey, AdminError> {
+    signed.may_act(csrf)?;
+    let team = team.trim();
     if team.is_empty() || team.chars().count() > MAX_TEAM {
         return Err(AdminError::bad_request(format!(
             "a team's name has 1 to {MAX_TEAM} characters"
@@ -94,7 +109,72 @@ pub async fn create_key(
         prefix = info.prefix,
         "API key created"
     );
-    render(&state, &signed, Some((team.to_string(), secret)), None).await
+    Ok(MadeKey {
+        team: team.to_string(),
+        prefix: info.prefix,
+        key: secret,
+    })
+}
+
+async fn revoke(
+    state: &AdminState,
+    signed: &Signed,
+    prefix: &str,
+    csrf: Option<&str>,
+) -> Result<String, AdminError> {
+    signed.may_act(csrf)?;
+    let prefix = prefix.trim();
+    if flywheel_store::keys::revoke_key(&state.pool, prefix).await? == 0 {
+        return Err(AdminError::conflict(format!(
+            "no active key has the prefix {prefix:?}"
+        )));
+    }
+    tracing::info!(admin = signed.session.username, prefix, "API key revoked");
+    Ok(format!("key {prefix} revoked"))
+}
+
+async fn set(
+    state: &AdminState,
+    signed: &Signed,
+    team: &str,
+    store: bool,
+    share: bool,
+    csrf: Option<&str>,
+) -> Result<String, AdminError> {
+    signed.may_act(csrf)?;
+    if !flywheel_store::keys::set_store_text(&state.pool, team, store).await?
+        || !flywheel_store::keys::set_share_for_training(&state.pool, team, share).await?
+    {
+        return Err(AdminError::bad_request(format!(
+            "no team is called {team:?}"
+        )));
+    }
+    tracing::info!(
+        admin = signed.session.username,
+        team,
+        store,
+        share,
+        "team settings"
+    );
+    Ok(format!(
+        "team {team}: store_text = {store}, share_for_training = {share}"
+    ))
+}
+
+#[derive(Deserialize)]
+pub struct NewKey {
+    csrf: Option<String>,
+    team: String,
+}
+
+/// The form: the secret is in this page only (never cached, never stored).
+pub async fn create_key(
+    State(state): State<AdminState>,
+    signed: Signed,
+    Form(f): Form<NewKey>,
+) -> Result<Html<String>, AdminError> {
+    let made = make_key(&state, &signed, &f.team, f.csrf.as_deref()).await?;
+    render(&state, &signed, Some((made.team, made.key)), None).await
 }
 
 #[derive(Deserialize)]
@@ -109,24 +189,13 @@ pub async fn revoke_key(
     signed: Signed,
     Form(f): Form<Revoke>,
 ) -> Result<Response, AdminError> {
-    signed.may_act(f.csrf.as_deref())?;
+    signed.check_csrf(f.csrf.as_deref())?;
     if f.confirm.as_deref() != Some("yes") {
         return Err(AdminError::bad_request(
             "tick the confirmation box: the key stops working at once",
         ));
     }
-    let n = flywheel_store::keys::revoke_key(&state.pool, f.prefix.trim()).await?;
-    if n == 0 {
-        return Err(AdminError::conflict(format!(
-            "no active key has the prefix {:?}",
-            f.prefix
-        )));
-    }
-    tracing::info!(
-        admin = signed.session.username,
-        prefix = f.prefix,
-        "API key revoked"
-    );
+    revoke(&state, &signed, &f.prefix, f.csrf.as_deref()).await?;
     Ok(Redirect::to(&format!(
         "/admin/teams?done=key+{}+revoked",
         f.prefix.trim()
@@ -148,22 +217,68 @@ pub async fn settings(
     signed: Signed,
     Form(f): Form<Settings>,
 ) -> Result<Response, AdminError> {
-    signed.may_act(f.csrf.as_deref())?;
     let (store, share) = (f.store_text.is_some(), f.share_for_training.is_some());
-    if !flywheel_store::keys::set_store_text(&state.pool, &f.team, store).await?
-        || !flywheel_store::keys::set_share_for_training(&state.pool, &f.team, share).await?
-    {
-        return Err(AdminError::bad_request(format!(
-            "no team is called {:?}",
-            f.team
-        )));
-    }
-    tracing::info!(
-        admin = signed.session.username,
-        team = f.team,
-        store,
-        share,
-        "team settings"
-    );
+    set(&state, &signed, &f.team, store, share, f.csrf.as_deref()).await?;
     Ok(Redirect::to("/admin/teams?done=settings+saved").into_response())
+}
+
+#[derive(Deserialize)]
+pub struct NewKeyJson {
+    team: String,
+}
+
+pub async fn create_key_api(
+    State(state): State<AdminState>,
+    signed: Signed,
+    headers: HeaderMap,
+    Json(f): Json<NewKeyJson>,
+) -> Result<Json<MadeKey>, AdminError> {
+    make_key(&state, &signed, &f.team, header_csrf(&headers))
+        .await
+        .map(Json)
+        .map_err(AdminError::api)
+}
+
+#[derive(Deserialize)]
+pub struct RevokeJson {
+    prefix: String,
+}
+
+pub async fn revoke_key_api(
+    State(state): State<AdminState>,
+    signed: Signed,
+    headers: HeaderMap,
+    Json(f): Json<RevokeJson>,
+) -> Result<Json<Outcome>, AdminError> {
+    revoke(&state, &signed, &f.prefix, header_csrf(&headers))
+        .await
+        .map(|done| Json(Outcome { done }))
+        .map_err(AdminError::api)
+}
+
+#[derive(Deserialize)]
+pub struct SettingsJson {
+    team: String,
+    store_text: bool,
+    share_for_training: bool,
+}
+
+pub async fn settings_api(
+    State(state): State<AdminState>,
+    signed: Signed,
+    headers: HeaderMap,
+    Json(f): Json<SettingsJson>,
+) -> Result<Json<Outcome>, AdminError> {
+    let csrf = header_csrf(&headers);
+    set(
+        &state,
+        &signed,
+        &f.team,
+        f.store_text,
+        f.share_for_training,
+        csrf,
+    )
+    .await
+    .map(|done| Json(Outcome { done }))
+    .map_err(AdminError::api)
 }
