@@ -54,14 +54,15 @@ impl AdminError {
     /// A refused action (no promotion to roll back, another team's
     /// model): 409 with its message; a database failure: 503.
     pub fn from_action(e: anyhow::Error) -> Self {
-        if let Some(store) = e.downcast_ref::<flywheel_store::StoreError>() {
-            if store.refusal().is_none() && matches!(store, flywheel_store::StoreError::Db(_)) {
-                tracing::error!(error = %e, "admin action failed");
-                return Self::new(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "the database is unavailable",
-                );
-            }
+        if let Some(store) = e.downcast_ref::<flywheel_store::StoreError>()
+            && store.refusal().is_none()
+            && matches!(store, flywheel_store::StoreError::Db(_))
+        {
+            tracing::error!(error = %e, "admin action failed");
+            return Self::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the database is unavailable",
+            );
         }
         Self::conflict(format!("{e:#}"))
     }

@@ -138,6 +138,9 @@ struct OverviewPage {
     o: Overview,
 }
 
+/// (requests, votes, thumbs up) in one bucket for one version.
+type Counts = (i64, i64, i64);
+
 /// A bucket size that gives the window a couple of dozen points.
 fn bucket_seconds(span: TimeDelta) -> f64 {
     let target = span.num_seconds().max(1) as f64 / 24.0;
@@ -189,7 +192,7 @@ async fn team_view(
         .unwrap_or(now);
     let bucket = bucket_seconds(now - start);
     let rows = dashboard::traffic(pool, id, start, bucket).await?;
-    let table: BTreeMap<(DateTime<Utc>, Uuid), (i64, i64, i64)> = rows
+    let table: BTreeMap<(DateTime<Utc>, Uuid), Counts> = rows
         .iter()
         .map(|b| ((b.bucket, b.model_version_id), (b.requests, b.votes, b.up)))
         .collect();
@@ -200,7 +203,7 @@ async fn team_view(
     versions.dedup();
     let name_of = |v: &Uuid| names.get(v).cloned().unwrap_or_else(|| v.to_string());
     let xs: Vec<String> = buckets.iter().map(|t| label(t, bucket)).collect();
-    let series = |f: &dyn Fn(&(i64, i64, i64)) -> Option<f64>| -> Vec<Series> {
+    let series = |f: &dyn Fn(&Counts) -> Option<f64>| -> Vec<Series> {
         versions
             .iter()
             .map(|v| Series {
