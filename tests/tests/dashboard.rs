@@ -21,6 +21,25 @@ async fn account(gw: &TestGateway, name: &str, role: &str) {
         .unwrap();
 }
 
+/// Waits until everything the gateway acknowledged is in Postgres.
+async fn flushed(gw: &TestGateway) {
+    assert!(
+        gw.state
+            .journal()
+            .wait_flushed(std::time::Duration::from_secs(10))
+            .await
+    );
+}
+
+/// A new account `name` with `role`, signed in.
+async fn signed_in(gw: &TestGateway, name: &str, role: &str) -> Client {
+    account(gw, name, role).await;
+    let mut c = Client::new(gw);
+    let r = c.login(name, PASSWORD).await;
+    assert_eq!(r.status, 303, "{}", r.body);
+    c
+}
+
 fn form(fields: &[(&str, &str)]) -> String {
     let enc = |s: &str| -> String {
         s.bytes()
@@ -501,15 +520,8 @@ fn assert_escaped(page: &str, what: &str) {
 async fn markup_in_messages_votes_users_and_team_names_is_shown_escaped() {
     let gw = TestGateway::tiny().await;
     let (id, _) = hostile_traffic(&gw).await;
-    assert!(
-        gw.state
-            .journal()
-            .wait_flushed(std::time::Duration::from_secs(10))
-            .await
-    );
-    account(&gw, "ada", "admin").await;
-    let mut c = Client::new(&gw);
-    c.login("ada", PASSWORD).await;
+    flushed(&gw).await;
+    let c = signed_in(&gw, "ada", "admin").await;
     let one = flywheel_tests::eventually(15, || async {
         let r = c.get(&format!("/admin/completions/{id}")).await;
         (r.status == 200 && r.body.contains("onerror")).then_some(r.body)
@@ -561,15 +573,8 @@ async fn completions_filter_by_team_rating_version_and_text() {
         .await
         .unwrap();
     let other = gw.complete(&other_key, None).await;
-    assert!(
-        gw.state
-            .journal()
-            .wait_flushed(std::time::Duration::from_secs(10))
-            .await
-    );
-    account(&gw, "ada", "viewer").await;
-    let mut c = Client::new(&gw);
-    c.login("ada", PASSWORD).await;
+    flushed(&gw).await;
+    let c = signed_in(&gw, "ada", "viewer").await;
     let ids = |body: &str| -> Vec<String> {
         [&up, &down, &unrated, &other]
             .into_iter()
@@ -644,12 +649,7 @@ async fn a_real_browser_signs_in_sees_the_chart_opens_a_completion_promotes_and_
         assert_eq!(s, 201, "{b}");
     }
     let (evil, _) = hostile_traffic(&gw).await;
-    assert!(
-        gw.state
-            .journal()
-            .wait_flushed(std::time::Duration::from_secs(10))
-            .await
-    );
+    flushed(&gw).await;
     assert!(
         gw.wait_for_rows(6, |pool, team| async move {
             flywheel_store::feedback::count_for_team(&pool, team)
@@ -740,9 +740,7 @@ async fn a_real_browser_signs_in_sees_the_chart_opens_a_completion_promotes_and_
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_openapi_document_lists_only_routes_that_exist() {
     let gw = TestGateway::tiny().await;
-    account(&gw, "ada", "admin").await;
-    let mut c = Client::new(&gw);
-    c.login("ada", PASSWORD).await;
+    let c = signed_in(&gw, "ada", "admin").await;
     let doc: Value = serde_json::from_str(&c.get("/openapi.json").await.body).unwrap();
     assert_eq!(doc["openapi"], "3.1.0");
     let paths = doc["paths"].as_object().unwrap();
@@ -925,12 +923,7 @@ async fn the_charts_counts_stay_equal_to_the_log_through_inserts_batches_and_del
         )
         .await;
     assert_eq!(s, 200, "{b}");
-    assert!(
-        gw.state
-            .journal()
-            .wait_flushed(std::time::Duration::from_secs(10))
-            .await
-    );
+    flushed(&gw).await;
     let (chart, log) = chart_and_log(&gw, team).await;
     assert_eq!(log, (4, 5, 3));
     assert_eq!(chart, log);
@@ -955,9 +948,7 @@ async fn the_charts_counts_stay_equal_to_the_log_through_inserts_batches_and_del
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_json_api_makes_and_revokes_keys_sets_privacy_and_cancels_runs() {
     let gw = TestGateway::tiny().await;
-    account(&gw, "ada", "admin").await;
-    let mut c = Client::new(&gw);
-    c.login("ada", PASSWORD).await;
+    let c = signed_in(&gw, "ada", "admin").await;
     let csrf = c.csrf().await;
     let call = |path: &str, body: Value, token: Option<&str>| {
         let mut req = c.http.post(format!("{}{path}", gw.base)).json(&body);

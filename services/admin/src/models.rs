@@ -14,14 +14,14 @@ use axum::response::{Html, IntoResponse, Redirect, Response};
 use flywheel_jobs::promote::{self, Why};
 use flywheel_store::decisions::Decision;
 use flywheel_store::models::ModelVersion;
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use serde_json::json;
 use uuid::Uuid;
 
 use crate::AdminState;
 use crate::auth::Signed;
 use crate::error::AdminError;
-use crate::pages::{Chrome, short, when};
+use crate::pages::{Chrome, DoneQuery, Outcome, header_csrf, short, when};
 
 pub struct VersionView {
     pub v: ModelVersion,
@@ -51,15 +51,10 @@ struct ModelsPage {
     done: Option<String>,
 }
 
-#[derive(Deserialize)]
-pub struct Done {
-    done: Option<String>,
-}
-
 pub async fn page(
     State(state): State<AdminState>,
     signed: Signed,
-    Query(d): Query<Done>,
+    Query(d): Query<DoneQuery>,
 ) -> Result<Html<String>, AdminError> {
     let pool = &state.pool;
     let all = flywheel_store::models::list(pool).await?;
@@ -304,15 +299,6 @@ pub async fn rollback_form(
     Form(a): Form<Action>,
 ) -> Result<Response, AdminError> {
     form_action(state, signed, Kind::Rollback, a).await
-}
-
-#[derive(Serialize)]
-pub struct Outcome {
-    pub done: String,
-}
-
-fn header_csrf(h: &HeaderMap) -> Option<&str> {
-    h.get("x-csrf-token").and_then(|v| v.to_str().ok())
 }
 
 async fn api_action(

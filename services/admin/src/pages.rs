@@ -74,3 +74,20 @@ pub fn rate(up: i64, votes: i64) -> String {
         format!("{:.0}%", 100.0 * up as f64 / votes as f64)
     }
 }
+
+/// `?done=...`: what the action before the redirect did.
+#[derive(serde::Deserialize)]
+pub struct DoneQuery {
+    pub done: Option<String>,
+}
+
+/// What a JSON action did.
+#[derive(serde::Serialize)]
+pub struct Outcome {
+    pub done: String,
+}
+
+/// The CSRF token of a JSON call.
+pub fn header_csrf(h: &axum::http::HeaderMap) -> Option<&str> {
+    h.get("x-csrf-token").and_then(|v| v.to_str().ok())
+}

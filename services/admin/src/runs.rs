@@ -164,10 +164,9 @@ pub async fn cancel_api(
     signed: Signed,
     Path(id): Path<Uuid>,
     headers: axum::http::HeaderMap,
-) -> Result<axum::Json<serde_json::Value>, AdminError> {
-    let csrf = headers.get("x-csrf-token").and_then(|v| v.to_str().ok());
-    request_cancel(&state, &signed, id, csrf)
+) -> Result<axum::Json<crate::pages::Outcome>, AdminError> {
+    request_cancel(&state, &signed, id, crate::pages::header_csrf(&headers))
         .await
-        .map(|done| axum::Json(serde_json::json!({ "done": done })))
+        .map(|done| axum::Json(crate::pages::Outcome { done }))
         .map_err(AdminError::api)
 }

@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use crate::AdminState;
 use crate::auth::Signed;
 use crate::error::AdminError;
-use crate::pages::{Chrome, maybe_when, when};
+use crate::pages::{Chrome, DoneQuery, Outcome, header_csrf, maybe_when, when};
 
 #[derive(Template)]
 #[template(path = "teams.html")]
@@ -53,31 +53,16 @@ async fn render(
     Ok(Html(page.render()?))
 }
 
-#[derive(Deserialize)]
-pub struct Done {
-    done: Option<String>,
-}
-
 pub async fn page(
     State(state): State<AdminState>,
     signed: Signed,
-    axum::extract::Query(d): axum::extract::Query<Done>,
+    axum::extract::Query(d): axum::extract::Query<DoneQuery>,
 ) -> Result<Html<String>, AdminError> {
     render(&state, &signed, None, d.done).await
 }
 
 /// Longest team name accepted.
 const MAX_TEAM: usize = 100;
-
-fn header_csrf(h: &HeaderMap) -> Option<&str> {
-    h.get("x-csrf-token").and_then(|v| v.to_str().ok())
-}
-
-/// What an action did, as the JSON API returns it.
-#[derive(Serialize)]
-pub struct Outcome {
-    pub done: String,
-}
 
 /// A key just made.
 #[derive(Serialize)]
