@@ -1012,3 +1012,109 @@ async fn the_json_api_makes_and_revokes_keys_sets_privacy_and_cancels_runs() {
             .contains("nothing to cancel")
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_evaluation_shows_each_metric_with_its_interval_and_each_answer_pair_word_by_word() {
+    let gw = TestGateway::tiny().await;
+    let team = gw.team_id().await;
+    let candidate = another_version(&gw, "tiny-b").await;
+    let pool = &gw.db.pool;
+    // The records an evaluation job writes (the job itself is tested in
+    // promotion.rs); here, what the page makes of them.
+    let id = flywheel_store::evals::create(
+        pool,
+        &flywheel_store::evals::NewEvaluation {
+            team_id: Some(team),
+            candidate_version_id: candidate.id,
+            champion_version_id: gw.served.version_id,
+            dataset_version_id: None,
+            training_run_id: None,
+        },
+    )
+    .await
+    .unwrap();
+    flywheel_store::evals::add_metrics(
+        pool,
+        id,
+        &[flywheel_store::evals::Metric {
+            suite: "general-retention".into(),
+            metric: "pass_rate".into(),
+            items: 2,
+            candidate: 0.5,
+            champion: 1.0,
+            difference: -0.5,
+            ci_low: -1.0,
+            ci_high: 0.0,
+        }],
+    )
+    .await
+    .unwrap();
+    let prompt = json!([{"role": "user", "content": "What is the capital of Nepal?"}]);
+    let item = |model, output: &str, passed| flywheel_store::evals::Item {
+        suite: "general-retention".into(),
+        item: "capital-nepal".into(),
+        model_version_id: model,
+        prompt: prompt.clone(),
+        output: output.into(),
+        passed: Some(passed),
+        score: None,
+    };
+    flywheel_store::evals::add_items(
+        pool,
+        id,
+        &[
+            item(
+                candidate.id,
+                "The capital of Nepal is Kathi <Nepal>.",
+                false,
+            ),
+            item(
+                gw.served.version_id,
+                "The capital of Nepal is Kathmandu.",
+                true,
+            ),
+        ],
+    )
+    .await
+    .unwrap();
+    flywheel_store::evals::finish(
+        pool,
+        id,
+        Some(false),
+        &json!(["FAIL: retention suite general-retention: difference -50.0 points"]),
+        &json!({}),
+        None,
+    )
+    .await
+    .unwrap();
+    let c = signed_in(&gw, "ada", "viewer").await;
+    let page = c.get(&format!("/admin/evaluations/{id}")).await;
+    assert_eq!(page.status, 200, "{}", page.body);
+    assert!(page.body.contains("tiny-b against tiny"), "{}", page.body);
+    assert!(page.body.contains("failed the gate"));
+    assert!(page.body.contains("[-1.000, 0.000]"), "the interval");
+    assert!(
+        page.body
+            .contains("FAIL: retention suite general-retention")
+    );
+    // Only the words that differ are marked, escaped.
+    assert!(
+        page.body
+            .contains("The capital of Nepal is <ins>Kathi &#60;Nepal&#62;.</ins>"),
+        "{}",
+        page.body
+    );
+    assert!(
+        page.body
+            .contains("The capital of Nepal is <del>Kathmandu.</del>")
+    );
+    let list = c.get("/admin/evaluations").await;
+    assert!(list.body.contains(&format!("/admin/evaluations/{id}")));
+    for empty in ["/admin/runs", "/admin/datasets"] {
+        assert_eq!(c.get(empty).await.status, 200, "{empty}");
+    }
+    let missing = c
+        .get(&format!("/admin/evaluations/{}", uuid::Uuid::new_v4()))
+        .await;
+    assert_eq!(missing.status, 404);
+}

@@ -26,6 +26,64 @@ pub struct SideBySide {
     pub champion_passed: String,
     /// The two answers differ.
     pub differs: bool,
+    /// The two answers word by word: kept, only the candidate's (`ins`),
+    /// only the champion's (`del`).
+    pub candidate_diff: Vec<Piece>,
+    pub champion_diff: Vec<Piece>,
+}
+
+/// A run of words of one answer, and whether the other answer has them.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Piece {
+    pub text: String,
+    /// Not in the other answer.
+    pub changed: bool,
+}
+
+/// Word-level difference of two answers (longest common subsequence over
+/// whitespace-separated words, whitespace kept with its word): each side
+/// as runs of kept and changed words.
+pub fn word_diff(a: &str, b: &str) -> (Vec<Piece>, Vec<Piece>) {
+    fn words(s: &str) -> Vec<&str> {
+        s.split_inclusive(char::is_whitespace).collect()
+    }
+    let (wa, wb) = (words(a), words(b));
+    let (n, m) = (wa.len(), wb.len());
+    // Answers are a few dozen words: the quadratic table is small.
+    let mut lcs = vec![vec![0u16; m + 1]; n + 1];
+    for i in (0..n).rev() {
+        for j in (0..m).rev() {
+            lcs[i][j] = if wa[i].trim_end() == wb[j].trim_end() {
+                lcs[i + 1][j + 1] + 1
+            } else {
+                lcs[i + 1][j].max(lcs[i][j + 1])
+            };
+        }
+    }
+    let push = |side: &mut Vec<Piece>, w: &str, changed: bool| match side.last_mut() {
+        Some(p) if p.changed == changed => p.text.push_str(w),
+        _ => side.push(Piece {
+            text: w.to_string(),
+            changed,
+        }),
+    };
+    let (mut da, mut db) = (Vec::new(), Vec::new());
+    let (mut i, mut j) = (0, 0);
+    while i < n || j < m {
+        if i < n && j < m && wa[i].trim_end() == wb[j].trim_end() {
+            push(&mut da, wa[i], false);
+            push(&mut db, wb[j], false);
+            i += 1;
+            j += 1;
+        } else if j == m || (i < n && lcs[i + 1][j] >= lcs[i][j + 1]) {
+            push(&mut da, wa[i], true);
+            i += 1;
+        } else {
+            push(&mut db, wb[j], true);
+            j += 1;
+        }
+    }
+    (da, db)
 }
 
 #[derive(Template)]
@@ -106,6 +164,8 @@ pub async fn one(
                 champion: String::new(),
                 champion_passed: "-".into(),
                 differs: false,
+                candidate_diff: Vec::new(),
+                champion_diff: Vec::new(),
             });
         if item.model_version_id == e.candidate_version_id {
             entry.candidate = item.output;
@@ -119,6 +179,7 @@ pub async fn one(
         .into_values()
         .map(|mut s| {
             s.differs = s.candidate != s.champion;
+            (s.candidate_diff, s.champion_diff) = word_diff(&s.candidate, &s.champion);
             s
         })
         .collect();
@@ -207,4 +268,41 @@ pub async fn list(
         rows,
     };
     Ok(Html(page.render()?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn marked(p: &[Piece]) -> String {
+        p.iter()
+            .map(|p| {
+                if p.changed {
+                    format!("[{}]", p.text)
+                } else {
+                    p.text.clone()
+                }
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_diff_marks_only_the_words_that_differ() {
+        let (a, b) = word_diff(
+            "The capital of Nepal is Kathi Nepal.",
+            "The capital of Nepal is Kathmandu.",
+        );
+        assert_eq!(marked(&a), "The capital of Nepal is [Kathi Nepal.]");
+        assert_eq!(marked(&b), "The capital of Nepal is [Kathmandu.]");
+        let (a, b) = word_diff("same words", "same words");
+        assert_eq!(
+            (marked(&a), marked(&b)),
+            ("same words".into(), "same words".into())
+        );
+        let (a, b) = word_diff("", "all new");
+        assert_eq!(
+            (marked(&a), marked(&b)),
+            (String::new(), "[all new]".into())
+        );
+    }
 }
