@@ -132,23 +132,12 @@ impl IntoResponse for NoSession {
     fn into_response(self) -> Response {
         match self {
             Self::Page(next) => {
-                let to = format!("/admin/login?next={}", urlencode(&next));
+                let to = format!("/admin/login?next={}", crate::pages::urlencode(&next));
                 Redirect::to(&to).into_response()
             }
             Self::Api => AdminError::unauthorized().api().into_response(),
         }
     }
-}
-
-fn urlencode(s: &str) -> String {
-    s.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' | b'/' => {
-                (b as char).to_string()
-            }
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
 }
 
 impl FromRequestParts<AdminState> for Signed {
@@ -312,9 +301,10 @@ fn locked(
     Ok(resp)
 }
 
+/// A form that carries only its CSRF token.
 #[derive(Deserialize)]
 pub struct CsrfForm {
-    csrf: Option<String>,
+    pub csrf: Option<String>,
 }
 
 pub async fn logout(

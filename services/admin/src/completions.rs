@@ -73,16 +73,7 @@ impl ListPage {
         when(t)
     }
     fn next_link(&self, cursor: &str) -> String {
-        let enc = |s: &str| -> String {
-            s.bytes()
-                .map(|b| match b {
-                    b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
-                        (b as char).to_string()
-                    }
-                    _ => format!("%{b:02X}"),
-                })
-                .collect()
-        };
+        let enc = crate::pages::urlencode;
         format!(
             "/admin/completions?team={}&model={}&rating={}&q={}&since={}&until={}&before={}",
             enc(&self.q.team),

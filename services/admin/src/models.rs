@@ -264,16 +264,7 @@ async fn form_action(
         ));
     }
     let done = act(&state, &signed, kind, &a, a.csrf.as_deref()).await?;
-    let to = format!(
-        "/admin/models?done={}",
-        done.bytes()
-            .map(|b| if b.is_ascii_alphanumeric() {
-                (b as char).to_string()
-            } else {
-                format!("%{b:02X}")
-            })
-            .collect::<String>()
-    );
+    let to = format!("/admin/models?done={}", crate::pages::urlencode(&done));
     Ok(Redirect::to(&to).into_response())
 }
 

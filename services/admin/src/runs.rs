@@ -5,7 +5,6 @@ use askama::Template;
 use axum::extract::{Form, Path, State};
 use axum::response::{Html, IntoResponse, Redirect, Response};
 use flywheel_store::training::{StepRow, TrainingRun};
-use serde::Deserialize;
 use uuid::Uuid;
 
 use crate::AdminState;
@@ -127,17 +126,12 @@ pub async fn one(
     Ok(Html(page.render()?))
 }
 
-#[derive(Deserialize)]
-pub struct CancelForm {
-    csrf: Option<String>,
-}
-
 /// Asks the run to stop (it stops at its next step).
 pub async fn cancel(
     State(state): State<AdminState>,
     signed: Signed,
     Path(id): Path<Uuid>,
-    Form(f): Form<CancelForm>,
+    Form(f): Form<crate::auth::CsrfForm>,
 ) -> Result<Response, AdminError> {
     request_cancel(&state, &signed, id, f.csrf.as_deref()).await?;
     Ok(Redirect::to(&format!("/admin/runs/{id}")).into_response())
