@@ -132,7 +132,7 @@ impl IntoResponse for NoSession {
     fn into_response(self) -> Response {
         match self {
             Self::Page(next) => {
-                let to = format!("/admin/login?next={}", crate::pages::urlencode(&next));
+                let to = format!("/admin/login?next={}", urlencode(&next));
                 Redirect::to(&to).into_response()
             }
             Self::Api => AdminError::unauthorized().api().into_response(),
@@ -322,6 +322,19 @@ pub async fn logout(
         ),
     );
     Ok(resp)
+}
+
+/// Percent-encodes a value for a URL's path or query (unreserved bytes and
+/// `/` kept).
+pub fn urlencode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' | b'/' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
 }
 
 #[cfg(test)]

@@ -73,7 +73,7 @@ impl ListPage {
         when(t)
     }
     fn next_link(&self, cursor: &str) -> String {
-        let enc = crate::pages::urlencode;
+        let enc = crate::auth::urlencode;
         format!(
             "/admin/completions?team={}&model={}&rating={}&q={}&since={}&until={}&before={}",
             enc(&self.q.team),

@@ -264,7 +264,7 @@ async fn form_action(
         ));
     }
     let done = act(&state, &signed, kind, &a, a.csrf.as_deref()).await?;
-    let to = format!("/admin/models?done={}", crate::pages::urlencode(&done));
+    let to = format!("/admin/models?done={}", crate::auth::urlencode(&done));
     Ok(Redirect::to(&to).into_response())
 }
 
