@@ -52,7 +52,12 @@ pub async fn create_run(
     Ok(queued)
 }
 
-/// Creates a queued run and its job in the caller's transaction.
+/// Creates a queued run and its job in the caller's transaction. The run's
+/// steps are fixed here, from the version's training examples of the
+/// objective ([`TrainConfig::steps_for`]), so the record, the schedule and
+/// a resumed run all agree on them.
+///
+/// [`TrainConfig::steps_for`]: flywheel_trainer::TrainConfig::steps_for
 pub async fn queue_run(
     tx: &mut Transaction<'_, Postgres>,
     dataset_version_id: Uuid,
@@ -60,12 +65,19 @@ pub async fn queue_run(
     spec: &RunSpec,
     max_attempts: u32,
 ) -> anyhow::Result<(Uuid, String)> {
+    let kind = kind_of(spec.train.objective);
+    let train_examples =
+        flywheel_store::datasets::count_examples(&mut **tx, dataset_version_id, kind, "train")
+            .await?;
+    let mut spec = spec.clone();
+    spec.train.steps = spec.train.steps_for(train_examples as usize);
+    spec.train.warmup_steps = spec.train.warmup_steps.min(spec.train.steps);
     let run_id = training::create(
         &mut **tx,
         dataset_version_id,
         base_version_id,
-        kind_of(spec.train.objective),
-        &serde_json::to_value(spec)?,
+        kind,
+        &serde_json::to_value(&spec)?,
         spec.train.steps as i32,
     )
     .await?;

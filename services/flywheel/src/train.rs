@@ -37,8 +37,16 @@ pub struct TrainArgs {
     /// Base model version (default: the champion).
     #[arg(long)]
     pub model: Option<String>,
-    #[arg(long, default_value_t = 100)]
+    /// Optimizer steps; with --epochs above 0, the most a run makes.
+    #[arg(long, default_value_t = TrainConfig::default().steps)]
     pub steps: usize,
+    /// Passes over the training examples, which set the steps (between
+    /// --min-steps and --steps); 0 trains exactly --steps.
+    #[arg(long, default_value_t = TrainConfig::default().epochs)]
+    pub epochs: f64,
+    /// The fewest steps --epochs gives.
+    #[arg(long, default_value_t = TrainConfig::default().min_steps)]
+    pub min_steps: usize,
     #[arg(long, default_value_t = 2e-4)]
     pub learning_rate: f64,
     #[arg(long, default_value_t = 1)]
@@ -67,9 +75,13 @@ pub struct TrainArgs {
     /// many shipped general prompts, one per step (0: off).
     #[arg(long, default_value_t = TrainConfig::default().replay_prompts)]
     pub replay_prompts: usize,
-    /// Weight of the replayed answer's loss in each step.
+    /// Weight of the replayed answer's SFT loss in each step (0: off).
     #[arg(long, default_value_t = TrainConfig::default().replay_weight)]
     pub replay_weight: f64,
+    /// The reference penalty: weight of KL(starting model || adapted model)
+    /// over the replayed chat's next-token distributions in each step (0: off).
+    #[arg(long, default_value_t = TrainConfig::default().reference_kl)]
+    pub reference_kl: f64,
     /// Where the adapter goes (PEFT layout); not with --queue.
     #[arg(long, short, required_unless_present = "queue")]
     pub out: Option<PathBuf>,
@@ -108,12 +120,15 @@ fn configs(args: &TrainArgs, objective: Objective) -> anyhow::Result<(LoraConfig
             objective,
             learning_rate: args.learning_rate,
             steps: args.steps,
+            epochs: args.epochs,
+            min_steps: args.min_steps,
             grad_accum: args.grad_accum,
-            warmup_steps: args.warmup_steps.min(args.steps),
+            warmup_steps: args.warmup_steps,
             max_len: args.max_len,
             beta: args.beta,
             replay_prompts: args.replay_prompts,
             replay_weight: args.replay_weight,
+            reference_kl: args.reference_kl,
             ..Default::default()
         },
     ))
@@ -138,12 +153,15 @@ struct Printer {
 impl Progress for Printer {
     fn step(&mut self, _: &Trainer, s: &StepLog) -> anyhow::Result<Control> {
         eprintln!(
-            "step {:>4}/{}  loss {:.4}{}  lr {:.2e}  grad norm {:.3}  {:.2} s",
+            "step {:>4}/{}  loss {:.4}{}{}  lr {:.2e}  grad norm {:.3}  {:.2} s",
             s.step,
             self.steps,
             s.loss,
             s.replay_loss
                 .map(|r| format!("  replay {r:.4}"))
+                .unwrap_or_default(),
+            s.reference_kl
+                .map(|k| format!("  KL {k:.4}"))
                 .unwrap_or_default(),
             s.learning_rate,
             s.grad_norm,
@@ -162,9 +180,10 @@ fn replay_set(base: &Base, config: &TrainConfig) -> anyhow::Result<Vec<flywheel_
         return Ok(set);
     }
     eprintln!(
-        "replay: the starting model's answers to {} general prompts, one per step at weight {} ({:.1} s)",
+        "replay: the starting model's answers to {} general prompts, one per step: SFT weight {}, reference KL weight {} ({:.1} s)",
         set.len(),
         config.replay_weight,
+        config.reference_kl,
         started.elapsed().as_secs_f64()
     );
     Ok(set)
@@ -178,13 +197,15 @@ fn fit(
     train_set: Vec<flywheel_trainer::Example>,
     eval_set: Vec<flywheel_trainer::Example>,
     lora_config: LoraConfig,
-    config: TrainConfig,
+    mut config: TrainConfig,
     out: &std::path::Path,
     base_name: &str,
     source: serde_json::Value,
 ) -> anyhow::Result<(Lora, serde_json::Value)> {
     let lora = Lora::new(&base.model, lora_config)?;
     let (n_train, n_eval) = (train_set.len(), eval_set.len());
+    config.steps = config.steps_for(n_train);
+    config.warmup_steps = config.warmup_steps.min(config.steps);
     let steps = config.steps;
     let replay = replay_set(base, &config)?;
     let mut trainer =

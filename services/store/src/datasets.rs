@@ -374,6 +374,24 @@ pub async fn examples(
     .await?)
 }
 
+/// How many examples of one kind and split a version holds.
+pub async fn count_examples(
+    ex: impl PgExecutor<'_>,
+    version_id: Uuid,
+    kind: &str,
+    split: &str,
+) -> Result<i64> {
+    Ok(sqlx::query_scalar(
+        "select count(*) from dataset_examples
+         where version_id = $1 and kind = $2 and split = $3",
+    )
+    .bind(version_id)
+    .bind(kind)
+    .bind(split)
+    .fetch_one(ex)
+    .await?)
+}
+
 /// How many lineage rows a version has and how many distinct completions.
 pub async fn lineage_counts(ex: impl PgExecutor<'_>, version_id: Uuid) -> Result<(i64, i64)> {
     Ok(sqlx::query_as(

@@ -99,9 +99,10 @@ impl Base {
     /// The replay set of a run with `config`: the first
     /// `config.replay_prompts` shipped general prompts with this model's own
     /// answers, which training keeps likely while it learns the task (so the
-    /// adapter changes little outside it). Empty when replay is off.
+    /// adapter changes little outside it). Empty when neither replay's SFT
+    /// loss nor the reference penalty is on.
     pub fn replay_set(&self, config: &TrainConfig) -> anyhow::Result<Vec<Encoded>> {
-        if config.replay_weight <= 0.0 {
+        if !config.uses_replay() {
             return Ok(Vec::new());
         }
         let max_len = config.max_len;

@@ -4,7 +4,10 @@
 //! before training). AdamW, gradient accumulation, linear warmup then cosine
 //! decay, clipping by global norm. Against forgetting, a run can replay
 //! the starting model's own answers to general prompts, one per step
-//! ([`Trainer::with_replay`]).
+//! ([`Trainer::with_replay`]): trained on as SFT targets, or held to the
+//! starting model's whole next-token distributions by a reference (KL)
+//! penalty, or both. Steps can follow the dataset's size
+//! ([`TrainConfig::steps_for`]).
 
 use std::path::Path;
 use std::time::Instant;
@@ -37,8 +40,14 @@ pub struct TrainConfig {
     pub objective: Objective,
     pub learning_rate: f64,
     pub weight_decay: f64,
-    /// Optimizer steps.
+    /// Optimizer steps; with `epochs` above 0, the most steps a run makes.
     pub steps: usize,
+    /// Steps from the dataset's size: a run makes this many passes over its
+    /// training examples, between `min_steps` and `steps`
+    /// ([`TrainConfig::steps_for`]); 0 trains exactly `steps`.
+    pub epochs: f64,
+    /// The fewest steps `epochs` gives.
+    pub min_steps: usize,
     /// Examples per optimizer step.
     pub grad_accum: usize,
     pub warmup_steps: usize,
@@ -55,8 +64,15 @@ pub struct TrainConfig {
     ///
     /// [`Base::replay_set`]: crate::Base::replay_set
     pub replay_prompts: usize,
-    /// The replayed example's loss is weighted by this in each step.
+    /// The replayed answer's SFT loss is weighted by this in each step.
     pub replay_weight: f64,
+    /// The reference penalty: each step adds this times the mean, over the
+    /// replayed chat's answer positions, of KL(starting model || adapted
+    /// model) between their next-token distributions (0: off). Where replay
+    /// asks for the starting model's one chosen token, this asks for its
+    /// whole distribution, so the adapter is pulled back on every token it
+    /// would shift, chosen or not.
+    pub reference_kl: f64,
 }
 
 impl Default for TrainConfig {
@@ -65,22 +81,43 @@ impl Default for TrainConfig {
             objective: Objective::Sft,
             learning_rate: 2e-4,
             weight_decay: 0.0,
-            steps: 100,
+            steps: 150,
+            epochs: 3.0,
+            min_steps: 30,
             grad_accum: 1,
             warmup_steps: 0,
             max_grad_norm: 1.0,
             max_len: 256,
             beta: 0.1,
-            // Off by default: measured on the demo scenario (docs/flywheel.md),
-            // 32 prompts at weight 1 left the retention suite where it was
-            // without replay and cost about two minutes a run.
-            replay_prompts: 0,
-            replay_weight: 1.0,
+            // The reference penalty on 16 general chats, without their SFT
+            // loss: the SFT replay alone, 32 prompts at weight 1, left the
+            // retention suite where it was without replay (docs/flywheel.md).
+            replay_prompts: 16,
+            replay_weight: 0.0,
+            reference_kl: 1.0,
         }
     }
 }
 
 impl TrainConfig {
+    /// The steps a run over `train_examples` examples makes: `epochs`
+    /// passes (rounded up, `grad_accum` examples a step) between
+    /// `min_steps` and `steps`, or `steps` when `epochs` is 0.
+    pub fn steps_for(&self, train_examples: usize) -> usize {
+        if self.epochs <= 0.0 {
+            return self.steps;
+        }
+        let per_step = self.grad_accum.max(1) as f64;
+        let wanted = (self.epochs * train_examples as f64 / per_step).ceil() as usize;
+        wanted.clamp(self.min_steps.min(self.steps), self.steps)
+    }
+
+    /// Whether a run needs the replay set: replay's SFT loss or the
+    /// reference penalty is on, over at least one prompt.
+    pub fn uses_replay(&self) -> bool {
+        self.replay_prompts > 0 && (self.replay_weight > 0.0 || self.reference_kl > 0.0)
+    }
+
     /// Linear warmup to the peak, then cosine decay to zero at `steps`.
     pub fn learning_rate_at(&self, step: usize) -> f64 {
         if step < self.warmup_steps {
@@ -117,6 +154,29 @@ pub fn answer_logprobs(model: &Llama, lora: Option<&Lora>, e: &Encoded) -> anyho
     let logp = shifted.broadcast_sub(&log_z)?;
     let targets = Tensor::new(e.answer.as_slice(), logits.device())?.unsqueeze(1)?;
     Ok(logp.gather(&targets, 1)?.squeeze(1)?)
+}
+
+/// Log-softmax over the last dimension.
+fn log_softmax(logits: &Tensor) -> candle_core::Result<Tensor> {
+    let max = logits.max_keepdim(D::Minus1)?.detach();
+    let shifted = logits.broadcast_sub(&max)?;
+    let log_z = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;
+    shifted.broadcast_sub(&log_z)
+}
+
+/// The reference penalty on one chat: the mean over `e`'s answer positions
+/// of KL(P || Q), P the model's next-token distribution without `lora` (the
+/// starting model, no gradient), Q with it. Scalar.
+pub fn reference_kl(model: &Llama, lora: &Lora, e: &Encoded) -> anyhow::Result<Tensor> {
+    if e.prompt.is_empty() || e.answer.is_empty() {
+        bail!("an example needs a prompt and an answer");
+    }
+    let ids: Vec<u32> = e.prompt.iter().chain(&e.answer).copied().collect();
+    let (ids, first) = (&ids[..ids.len() - 1], e.prompt.len() - 1);
+    let log_p = log_softmax(&model.logits(&TrainOps::new(None), ids, first)?.detach())?;
+    let log_q = log_softmax(&model.logits(&TrainOps::new(Some(lora)), ids, first)?)?;
+    let kl = (log_p.exp()? * (&log_p - log_q)?)?.sum(D::Minus1)?;
+    Ok(kl.mean_all()?)
 }
 
 /// Sum of the answer's log-probabilities under the frozen base model.
@@ -157,6 +217,9 @@ pub struct StepLog {
     /// The replayed general answer's loss this step, when replay is on.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub replay_loss: Option<f64>,
+    /// The reference penalty's KL this step (before its weight), when on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reference_kl: Option<f64>,
 }
 
 /// A training run over `examples` (cycled as needed).
@@ -237,8 +300,9 @@ impl<'a> Trainer<'a> {
     }
 
     /// Replays `set` (the starting model's own answers to general prompts)
-    /// during training: step `n` also trains on `set[n % len]`, weighted by
-    /// `config.replay_weight`. The index follows the step, so a resumed run
+    /// during training: step `n` also trains on `set[n % len]`, its SFT loss
+    /// weighted by `config.replay_weight` and its reference penalty by
+    /// `config.reference_kl`. The index follows the step, so a resumed run
     /// replays as the uninterrupted one would.
     pub fn with_replay(mut self, set: Vec<Encoded>) -> Self {
         self.replay = set;
@@ -364,18 +428,23 @@ impl<'a> Trainer<'a> {
             });
         }
         let mut grads = summed.expect("grad_accum is at least 1");
-        let weight = self.config.replay_weight;
-        let replay_loss = match self.replay.get(self.step % self.replay.len().max(1)) {
-            Some(r) if weight > 0.0 => {
+        let (mut replay_loss, mut kl_value) = (None, None);
+        if let Some(r) = self.replay.get(self.step % self.replay.len().max(1)) {
+            let weight = self.config.replay_weight;
+            if weight > 0.0 {
                 let loss = answer_logprobs(self.model, Some(&self.lora), r)?
                     .mean_all()?
                     .neg()?;
-                let value = loss.to_scalar::<f32>()? as f64;
+                replay_loss = Some(loss.to_scalar::<f32>()? as f64);
                 accumulate(&mut grads, &(loss * weight)?.backward()?, &vars)?;
-                Some(value)
             }
-            _ => None,
-        };
+            let weight = self.config.reference_kl;
+            if weight > 0.0 {
+                let kl = reference_kl(self.model, &self.lora, r)?;
+                kl_value = Some(kl.to_scalar::<f32>()? as f64);
+                accumulate(&mut grads, &(kl * weight)?.backward()?, &vars)?;
+            }
+        }
         let mut norm_sq = 0.0f64;
         for v in &vars {
             if let Some(g) = grads.get(v.as_tensor()) {
@@ -402,6 +471,7 @@ impl<'a> Trainer<'a> {
             tokens,
             seconds: started.elapsed().as_secs_f64(),
             replay_loss,
+            reference_kl: kl_value,
         })
     }
 
@@ -493,6 +563,29 @@ mod tests {
         assert!((c.learning_rate_at(2) - 1e-3).abs() < 1e-12);
         assert!(c.learning_rate_at(6) < c.learning_rate_at(3));
         assert!(c.learning_rate_at(10).abs() < 1e-12);
+    }
+
+    #[test]
+    fn steps_follow_the_dataset_between_the_bounds() {
+        let c = TrainConfig {
+            steps: 150,
+            epochs: 3.0,
+            min_steps: 30,
+            grad_accum: 2,
+            ..Default::default()
+        };
+        assert_eq!(
+            c.steps_for(41),
+            62,
+            "3 passes over 41 examples, 2 a step, rounded up"
+        );
+        assert_eq!(c.steps_for(5), 30, "never below min_steps");
+        assert_eq!(c.steps_for(400), 150, "never above steps");
+        let fixed = TrainConfig {
+            epochs: 0.0,
+            ..c.clone()
+        };
+        assert_eq!(fixed.steps_for(41), 150);
     }
 
     #[test]

@@ -435,6 +435,8 @@ fn replay_keeps_the_starting_models_general_answers() {
         grad_accum: 2,
         warmup_steps: 2,
         replay_prompts: 8,
+        replay_weight: 1.0,
+        reference_kl: 0.0,
         ..Default::default()
     };
     let replay = base.replay_set(&config).unwrap();
@@ -498,5 +500,89 @@ fn replay_keeps_the_starting_models_general_answers() {
     assert!(
         drift_with < drift_without * 0.5,
         "replay should hold the general answers: drift {drift_without} without, {drift_with} with"
+    );
+}
+
+#[test]
+fn the_reference_penalty_holds_the_general_distributions() {
+    let base = tiny();
+    let config = TrainConfig {
+        objective: Objective::Sft,
+        learning_rate: 1e-2,
+        steps: 24,
+        grad_accum: 2,
+        warmup_steps: 2,
+        replay_prompts: 8,
+        replay_weight: 0.0,
+        reference_kl: 4.0,
+        ..Default::default()
+    };
+    let replay = base.replay_set(&config).unwrap();
+    assert_eq!(replay.len(), 8, "the penalty alone builds the replay set");
+    let task: Vec<(&str, &str)> = vec![
+        ("capital of france?", "paris"),
+        ("capital of japan?", "tokyo"),
+        ("capital of peru?", "lima"),
+    ];
+    let examples = sft_examples(&base, &task);
+    let task_before = logprob(&base, None, &encode(&base, task[0].0, task[0].1));
+    // General chats the penalty never saw: does it hold the model there too?
+    let unseen: Vec<Encoded> = ["Name a colour.", "How are you today?", "Count to three."]
+        .iter()
+        .map(|p| base.greedy_answer(&user(p), 12).unwrap())
+        .collect();
+    let run = |penalty: bool| {
+        let mut t = Trainer::new(
+            &base.model,
+            lora(&base, 1),
+            config.clone(),
+            examples.clone(),
+        )
+        .unwrap();
+        if penalty {
+            t = t.with_replay(replay.clone());
+        }
+        let mut kls = Vec::new();
+        for _ in 0..config.steps {
+            let log = t.train_step().unwrap();
+            assert_eq!(log.reference_kl.is_some(), penalty);
+            assert!(log.replay_loss.is_none(), "replay's SFT loss is off");
+            kls.extend(log.reference_kl);
+        }
+        let mut trained = t.lora;
+        trained.training = false;
+        let kl = |set: &[Encoded]| -> f32 {
+            set.iter()
+                .map(|e| {
+                    flywheel_trainer::train::reference_kl(&base.model, &trained, e)
+                        .unwrap()
+                        .to_scalar::<f32>()
+                        .unwrap()
+                })
+                .sum::<f32>()
+                / set.len() as f32
+        };
+        let task_after = logprob(&base, Some(&trained), &encode(&base, task[0].0, task[0].1));
+        (kl(&replay), kl(&unseen), task_after, kls)
+    };
+    let (kl_without, unseen_without, task_without, _) = run(false);
+    let (kl_with, unseen_with, task_with, kls) = run(true);
+    eprintln!(
+        "KL on the replayed chats {kl_without} -> {kl_with}, on unseen ones {unseen_without} -> {unseen_with}; task {task_before} -> {task_without} / {task_with}"
+    );
+    // The first step's KL is zero (the adapter starts as the identity).
+    assert!(kls[0].abs() < 1e-5, "first step's KL {}", kls[0]);
+    assert!(
+        kl_without > 1e-3,
+        "the task run moved nothing: KL {kl_without}"
+    );
+    assert!(task_without > task_before + 1.0 && task_with > task_before + 1.0);
+    assert!(
+        kl_with < kl_without * 0.5,
+        "the penalty should hold the replayed chats: KL {kl_without} without, {kl_with} with"
+    );
+    assert!(
+        unseen_with < unseen_without,
+        "the penalty should carry over to chats it never saw: {unseen_without} without, {unseen_with} with"
     );
 }
