@@ -305,6 +305,45 @@ async fn answer_heldout(
     .await
 }
 
+/// Prompts the decode-speed probe runs (the retention suite's first).
+pub const SOLO_PROMPTS: usize = 12;
+/// Tokens each probe answer may run to; answers of fewer than
+/// [`SOLO_MIN_TOKENS`] (either model's) are not counted.
+pub const SOLO_MAX_TOKENS: usize = 48;
+pub const SOLO_MIN_TOKENS: usize = 8;
+
+/// Each model's decode time per token with nothing else on the engine: the
+/// prompts one at a time, the two models taking turns (which goes first
+/// alternates), greedy. In a batched run an item's time per token also
+/// counts the other items' prefills that shared its steps, and a model
+/// whose answers end sooner starts more of them; alone, what is left is
+/// the model's own cost per token (its adapter's included). Paired per
+/// prompt: (candidate, champion) in ms per token.
+async fn solo_latency(
+    candidate: &Served,
+    champion: &Served,
+    prompts: &[&[ChatMessage]],
+) -> Result<(Vec<f64>, Vec<f64>)> {
+    let (mut tc, mut th) = (Vec::new(), Vec::new());
+    for (i, messages) in prompts.iter().enumerate() {
+        let (c, h) = if i % 2 == 0 {
+            let c = generate(candidate, messages, SOLO_MAX_TOKENS, 0.0).await?;
+            (c, generate(champion, messages, SOLO_MAX_TOKENS, 0.0).await?)
+        } else {
+            let h = generate(champion, messages, SOLO_MAX_TOKENS, 0.0).await?;
+            (
+                generate(candidate, messages, SOLO_MAX_TOKENS, 0.0).await?,
+                h,
+            )
+        };
+        if c.tokens >= SOLO_MIN_TOKENS && h.tokens >= SOLO_MIN_TOKENS {
+            tc.push(c.ms_per_token);
+            th.push(h.ms_per_token);
+        }
+    }
+    Ok((tc, th))
+}
+
 /// Runs both models over everything in `inputs` and compares them.
 pub async fn compare(
     candidate: &Served,
@@ -450,6 +489,32 @@ pub async fn compare(
             }
         }
         latency.extend(rc.into_iter().map(|r| r.1).zip(rh.into_iter().map(|r| r.1)));
+    }
+
+    // The latency rule's measurement: each model alone on the engine.
+    let probe: Vec<&[ChatMessage]> = inputs
+        .retention
+        .iter()
+        .chain(&inputs.task_suites)
+        .flat_map(|s| s.items.iter())
+        .take(SOLO_PROMPTS)
+        .map(|i| i.messages.as_slice())
+        .collect();
+    if !probe.is_empty() {
+        progress(&format!(
+            "decode speed, one request at a time ({} prompts)",
+            probe.len()
+        ));
+        let (tc, th) = solo_latency(candidate, champion, &probe).await?;
+        if !tc.is_empty() {
+            out.metrics.push(Metric::paired(
+                "latency",
+                "solo_ms_per_token_p50",
+                &tc,
+                &th,
+                stats::quantile(0.5),
+            ));
+        }
     }
 
     // Latency over every generation, by quantile, paired by item.
