@@ -182,10 +182,13 @@ async fn two_automatic_cycles_promote_a_winner_then_keep_it_against_a_tie() {
                     alpha: 16.0,
                     ..Default::default()
                 },
+                // Steps from the dataset's size: 12 passes, 2 examples a
+                // step, at most 300 (checked against the run below).
                 train: TrainConfig {
                     objective: Objective::Sft,
                     learning_rate: 2e-2,
                     steps: 300,
+                    epochs: 12.0,
                     grad_accum: 2,
                     ..Default::default()
                 },
@@ -282,8 +285,20 @@ async fn two_automatic_cycles_promote_a_winner_then_keep_it_against_a_tie() {
             .iter()
             .all(|s| s["seconds"].as_f64().unwrap() >= 0.0)
     );
+    // The run's steps were fixed from the version's training examples
+    // when it was queued.
+    let train_examples =
+        flywheel_store::datasets::count_examples(&pool, dataset.id, "sft", "train")
+            .await
+            .unwrap();
+    let steps = (12 * train_examples).div_ceil(2).clamp(30, 300);
+    assert!(steps < 300, "the bound, not the dataset, set {steps} steps");
+    assert_eq!(i64::from(run.total_steps), steps);
     assert!(
-        recorded[1]["note"].as_str().unwrap().contains("300 steps"),
+        recorded[1]["note"]
+            .as_str()
+            .unwrap()
+            .contains(&format!("{steps} steps")),
         "{recorded:?}"
     );
     // Nothing new: no second cycle starts by itself.

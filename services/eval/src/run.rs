@@ -306,7 +306,7 @@ async fn answer_heldout(
 }
 
 /// Prompts the decode-speed probe runs (the retention suite's first).
-pub const SOLO_PROMPTS: usize = 12;
+pub const SOLO_PROMPTS: usize = 24;
 /// Tokens each probe answer may run to; answers of fewer than
 /// [`SOLO_MIN_TOKENS`] (either model's) are not counted.
 pub const SOLO_MAX_TOKENS: usize = 48;

@@ -47,23 +47,23 @@ pub struct TrainArgs {
     /// The fewest steps --epochs gives.
     #[arg(long, default_value_t = TrainConfig::default().min_steps)]
     pub min_steps: usize,
-    #[arg(long, default_value_t = 2e-4)]
+    #[arg(long, default_value_t = TrainConfig::default().learning_rate)]
     pub learning_rate: f64,
     #[arg(long, default_value_t = 1)]
     pub grad_accum: usize,
     #[arg(long, default_value_t = 10)]
     pub warmup_steps: usize,
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = LoraConfig::default().rank)]
     pub rank: usize,
-    #[arg(long, default_value_t = 16.0)]
+    #[arg(long, default_value_t = LoraConfig::default().alpha)]
     pub alpha: f64,
     #[arg(long, default_value_t = 0.0)]
     pub dropout: f32,
-    /// Projections to adapt: q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj.
+    /// Projections to adapt (default: all of them).
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "q_proj,k_proj,v_proj,o_proj"
+        default_value = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
     )]
     pub targets: Vec<String>,
     #[arg(long, default_value_t = 256)]
