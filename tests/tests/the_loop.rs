@@ -291,7 +291,7 @@ async fn two_automatic_cycles_promote_a_winner_then_keep_it_against_a_tie() {
         flywheel_store::datasets::count_examples(&pool, dataset.id, "sft", "train")
             .await
             .unwrap();
-    let steps = (12 * train_examples).div_ceil(2).clamp(30, 300);
+    let steps = ((12 * train_examples + 1) / 2).clamp(30, 300);
     assert!(steps < 300, "the bound, not the dataset, set {steps} steps");
     assert_eq!(i64::from(run.total_steps), steps);
     assert!(

@@ -425,19 +425,33 @@ fn a_resumed_run_continues_with_its_optimizer_state() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
-#[test]
-fn replay_keeps_the_starting_models_general_answers() {
-    let base = tiny();
-    let config = TrainConfig {
+/// The task the forgetting tests teach, beside 8 replayed general chats.
+const CAPITALS: [(&str, &str); 3] = [
+    ("capital of france?", "paris"),
+    ("capital of japan?", "tokyo"),
+    ("capital of peru?", "lima"),
+];
+
+/// The run both forgetting tests make, with and without a counter-measure.
+fn against_forgetting() -> TrainConfig {
+    TrainConfig {
         objective: Objective::Sft,
         learning_rate: 1e-2,
         steps: 24,
         grad_accum: 2,
         warmup_steps: 2,
         replay_prompts: 8,
+        ..Default::default()
+    }
+}
+
+#[test]
+fn replay_keeps_the_starting_models_general_answers() {
+    let base = tiny();
+    let config = TrainConfig {
         replay_weight: 1.0,
         reference_kl: 0.0,
-        ..Default::default()
+        ..against_forgetting()
     };
     let replay = base.replay_set(&config).unwrap();
     assert_eq!(replay.len(), 8);
@@ -456,11 +470,7 @@ fn replay_keeps_the_starting_models_general_answers() {
         let argmax: Vec<u32> = logits.argmax(1).unwrap().to_vec1().unwrap();
         assert_eq!(argmax, e.answer);
     }
-    let task: Vec<(&str, &str)> = vec![
-        ("capital of france?", "paris"),
-        ("capital of japan?", "tokyo"),
-        ("capital of peru?", "lima"),
-    ];
+    let task = CAPITALS;
     let examples = sft_examples(&base, &task);
     let before: Vec<f32> = replay.iter().map(|e| logprob(&base, None, e)).collect();
     let task_before = logprob(&base, None, &encode(&base, task[0].0, task[0].1));
@@ -507,23 +517,13 @@ fn replay_keeps_the_starting_models_general_answers() {
 fn the_reference_penalty_holds_the_general_distributions() {
     let base = tiny();
     let config = TrainConfig {
-        objective: Objective::Sft,
-        learning_rate: 1e-2,
-        steps: 24,
-        grad_accum: 2,
-        warmup_steps: 2,
-        replay_prompts: 8,
         replay_weight: 0.0,
         reference_kl: 4.0,
-        ..Default::default()
+        ..against_forgetting()
     };
     let replay = base.replay_set(&config).unwrap();
     assert_eq!(replay.len(), 8, "the penalty alone builds the replay set");
-    let task: Vec<(&str, &str)> = vec![
-        ("capital of france?", "paris"),
-        ("capital of japan?", "tokyo"),
-        ("capital of peru?", "lima"),
-    ];
+    let task = CAPITALS;
     let examples = sft_examples(&base, &task);
     let task_before = logprob(&base, None, &encode(&base, task[0].0, task[0].1));
     // General chats the penalty never saw: does it hold the model there too?
