@@ -54,10 +54,10 @@ pub async fn create_run(
 
 /// Creates a queued run and its job in the caller's transaction. The run's
 /// steps are fixed here, from the version's training examples of the
-/// objective ([`TrainConfig::steps_for`]), so the record, the schedule and
+/// objective ([`TrainConfig::for_examples`]), so the record, the schedule and
 /// a resumed run all agree on them.
 ///
-/// [`TrainConfig::steps_for`]: flywheel_trainer::TrainConfig::steps_for
+/// [`TrainConfig::for_examples`]: flywheel_trainer::TrainConfig::for_examples
 pub async fn queue_run(
     tx: &mut Transaction<'_, Postgres>,
     dataset_version_id: Uuid,
@@ -69,9 +69,10 @@ pub async fn queue_run(
     let train_examples =
         flywheel_store::datasets::count_examples(&mut **tx, dataset_version_id, kind, "train")
             .await?;
-    let mut spec = spec.clone();
-    spec.train.steps = spec.train.steps_for(train_examples as usize);
-    spec.train.warmup_steps = spec.train.warmup_steps.min(spec.train.steps);
+    let spec = RunSpec {
+        train: spec.train.for_examples(train_examples as usize),
+        ..spec.clone()
+    };
     let run_id = training::create(
         &mut **tx,
         dataset_version_id,

@@ -273,12 +273,8 @@ mod tests {
         assert!(v.passed, "{v:?}");
         assert_eq!(v.reasons.len(), 3);
         // Measured alone, the probe decides, whatever the batched median.
-        let slow_alone = [
-            good[0].clone(),
-            good[1].clone(),
-            good[2].clone(),
-            m("latency", "solo_ms_per_token_p50", 20.0, 10.0, 8.0, 12.0),
-        ];
+        let alone = m("latency", "solo_ms_per_token_p50", 20.0, 10.0, 8.0, 12.0);
+        let slow_alone = [&good[..], &[alone]].concat();
         let v = judge(&p, &slow_alone, &tasks, "general-retention");
         assert!(!v.passed, "{v:?}");
         assert!(

@@ -197,15 +197,14 @@ fn fit(
     train_set: Vec<flywheel_trainer::Example>,
     eval_set: Vec<flywheel_trainer::Example>,
     lora_config: LoraConfig,
-    mut config: TrainConfig,
+    config: TrainConfig,
     out: &std::path::Path,
     base_name: &str,
     source: serde_json::Value,
 ) -> anyhow::Result<(Lora, serde_json::Value)> {
     let lora = Lora::new(&base.model, lora_config)?;
     let (n_train, n_eval) = (train_set.len(), eval_set.len());
-    config.steps = config.steps_for(n_train);
-    config.warmup_steps = config.warmup_steps.min(config.steps);
+    let config = config.for_examples(n_train);
     let steps = config.steps;
     let replay = replay_set(base, &config)?;
     let mut trainer =

@@ -115,6 +115,18 @@ impl TrainConfig {
         wanted.clamp(self.min_steps.min(self.steps), self.steps)
     }
 
+    /// This configuration for a run over `train_examples` examples: its
+    /// steps fixed ([`steps_for`](Self::steps_for)) and the warmup no
+    /// longer than them.
+    pub fn for_examples(&self, train_examples: usize) -> Self {
+        let steps = self.steps_for(train_examples);
+        Self {
+            steps,
+            warmup_steps: self.warmup_steps.min(steps),
+            ..self.clone()
+        }
+    }
+
     /// Whether a run needs the replay set: replay's SFT loss or the
     /// reference penalty is on, over at least one prompt.
     pub fn uses_replay(&self) -> bool {
@@ -151,12 +163,8 @@ pub fn answer_logprobs(model: &Llama, lora: Option<&Lora>, e: &Encoded) -> anyho
         };
         return Ok(logits.contiguous()?.apply_op1(op)?);
     }
-    let max = logits.max_keepdim(D::Minus1)?.detach();
-    let shifted = logits.broadcast_sub(&max)?;
-    let log_z = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;
-    let logp = shifted.broadcast_sub(&log_z)?;
     let targets = Tensor::new(e.answer.as_slice(), logits.device())?.unsqueeze(1)?;
-    Ok(logp.gather(&targets, 1)?.squeeze(1)?)
+    Ok(log_softmax(&logits)?.gather(&targets, 1)?.squeeze(1)?)
 }
 
 /// Log-softmax over the last dimension.
@@ -589,6 +597,12 @@ mod tests {
             ..c.clone()
         };
         assert_eq!(fixed.steps_for(41), 150);
+        let long_warmup = TrainConfig {
+            warmup_steps: 100,
+            ..c.clone()
+        }
+        .for_examples(5);
+        assert_eq!((long_warmup.steps, long_warmup.warmup_steps), (30, 30));
     }
 
     #[test]

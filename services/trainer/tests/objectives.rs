@@ -445,6 +445,33 @@ fn against_forgetting() -> TrainConfig {
     }
 }
 
+/// Trains `config.steps` steps from a fresh adapter, with `replay` if
+/// given, handing each step's record to `each`; the trained adapter.
+fn run_with(
+    base: &Base,
+    config: &TrainConfig,
+    examples: &[Example],
+    replay: Option<&Vec<Encoded>>,
+    mut each: impl FnMut(&flywheel_trainer::StepLog),
+) -> Lora {
+    let mut t = Trainer::new(
+        &base.model,
+        lora(base, 1),
+        config.clone(),
+        examples.to_vec(),
+    )
+    .unwrap();
+    if let Some(set) = replay {
+        t = t.with_replay(set.clone());
+    }
+    for _ in 0..config.steps {
+        each(&t.train_step().unwrap());
+    }
+    let mut trained = t.lora;
+    trained.training = false;
+    trained
+}
+
 #[test]
 fn replay_keeps_the_starting_models_general_answers() {
     let base = tiny();
@@ -477,22 +504,15 @@ fn replay_keeps_the_starting_models_general_answers() {
     // The same run with and without replay; how far the general answers'
     // log-probabilities moved, and whether the task was learned.
     let run = |with_replay: bool| {
-        let mut t = Trainer::new(
-            &base.model,
-            lora(&base, 1),
-            config.clone(),
-            examples.clone(),
-        )
-        .unwrap();
-        if with_replay {
-            t = t.with_replay(replay.clone());
-        }
-        for _ in 0..config.steps {
-            let log = t.train_step().unwrap();
-            assert_eq!(log.replay_loss.is_some(), with_replay);
-        }
-        let mut trained = t.lora;
-        trained.training = false;
+        let trained = run_with(
+            &base,
+            &config,
+            &examples,
+            with_replay.then_some(&replay),
+            |log| {
+                assert_eq!(log.replay_loss.is_some(), with_replay);
+            },
+        );
         let drift: f32 = replay
             .iter()
             .zip(&before)
@@ -532,25 +552,18 @@ fn the_reference_penalty_holds_the_general_distributions() {
         .map(|p| base.greedy_answer(&user(p), 12).unwrap())
         .collect();
     let run = |penalty: bool| {
-        let mut t = Trainer::new(
-            &base.model,
-            lora(&base, 1),
-            config.clone(),
-            examples.clone(),
-        )
-        .unwrap();
-        if penalty {
-            t = t.with_replay(replay.clone());
-        }
         let mut kls = Vec::new();
-        for _ in 0..config.steps {
-            let log = t.train_step().unwrap();
-            assert_eq!(log.reference_kl.is_some(), penalty);
-            assert!(log.replay_loss.is_none(), "replay's SFT loss is off");
-            kls.extend(log.reference_kl);
-        }
-        let mut trained = t.lora;
-        trained.training = false;
+        let trained = run_with(
+            &base,
+            &config,
+            &examples,
+            penalty.then_some(&replay),
+            |log| {
+                assert_eq!(log.reference_kl.is_some(), penalty);
+                assert!(log.replay_loss.is_none(), "replay's SFT loss is off");
+                kls.extend(log.reference_kl);
+            },
+        );
         let kl = |set: &[Encoded]| -> f32 {
             set.iter()
                 .map(|e| {
