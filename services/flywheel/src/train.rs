@@ -66,7 +66,7 @@ pub struct TrainArgs {
         default_value = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
     )]
     pub targets: Vec<String>,
-    #[arg(long, default_value_t = 256)]
+    #[arg(long, default_value_t = TrainConfig::default().max_len)]
     pub max_len: usize,
     /// DPO's and KTO's beta.
     #[arg(long, default_value_t = 0.1)]

@@ -14,7 +14,7 @@ use candle_core::{DType, Device, Tensor};
 
 use crate::config::{self, LlamaConfig, Proj};
 use crate::gguf::GgufFile;
-use crate::ops::{Inference, Ops, Site};
+use crate::ops::{Causal, Inference, Ops, Site};
 use crate::{ModelError, Result};
 
 struct Layer {
@@ -42,7 +42,10 @@ pub struct Llama {
 }
 
 /// Keys and values of one sequence, per layer: `(kv_heads, len, head_dim)`.
-#[derive(Default)]
+/// A clone shares the tensors (and, in training, their place in the
+/// gradient graph): sequences that share a prefix continue from clones of
+/// its cache.
+#[derive(Default, Clone)]
 pub struct KvCache {
     layers: Vec<Option<(Tensor, Tensor)>>,
     len: usize,
@@ -132,17 +135,78 @@ impl Llama {
     /// vocab)`, computed with `ops` from an empty cache: the training
     /// forward when `ops` is differentiable.
     pub fn logits(&self, ops: &impl Ops, tokens: &[u32], first: usize) -> Result<Tensor> {
-        if first >= tokens.len() {
-            return Err(ModelError::Invalid(format!(
-                "no logits after position {first} of {}",
-                tokens.len()
-            )));
+        self.logits_after(ops, &mut self.new_cache(), tokens, first)
+    }
+
+    /// Runs `tokens` with `ops` from an empty cache and returns the cache:
+    /// a prefix that several sequences share (a product's system prompt),
+    /// run once and continued by each with [`Llama::logits_after`] on a
+    /// clone. With differentiable `ops` the gradients of every continuation
+    /// flow back through the one prefix.
+    pub fn prefill(&self, ops: &impl Ops, tokens: &[u32]) -> Result<KvCache> {
+        let mut cache = self.new_cache();
+        self.hidden_states(ops, tokens, &mut cache)?;
+        Ok(cache)
+    }
+
+    /// The logits of positions `first..` of `tokens`, which come after what
+    /// `cache` holds (positions counted within `tokens`), computed with
+    /// `ops`; `cache` grows by `tokens`.
+    pub fn logits_after(
+        &self,
+        ops: &impl Ops,
+        cache: &mut KvCache,
+        tokens: &[u32],
+        first: usize,
+    ) -> Result<Tensor> {
+        let mut out = self.logits_packed(ops, cache, &[(tokens, first)])?;
+        Ok(out.remove(0))
+    }
+
+    /// The logits of several sequences that each continue what `cache`
+    /// holds (a prefix they share), run as one packed batch: every weight
+    /// matrix multiplies all their rows at once, and each sequence attends
+    /// to the prefix and to itself only, at the positions it would have
+    /// alone. `seqs` holds each sequence's tokens and the first position
+    /// whose logits are wanted; one `(tokens - first, vocab)` tensor comes
+    /// back per sequence. `cache` is left as it was.
+    pub fn logits_packed(
+        &self,
+        ops: &impl Ops,
+        cache: &KvCache,
+        seqs: &[(&[u32], usize)],
+    ) -> Result<Vec<Tensor>> {
+        let mut tokens = Vec::new();
+        let mut starts = Vec::new();
+        for (seq, first) in seqs {
+            if *first >= seq.len() {
+                return Err(ModelError::Invalid(format!(
+                    "no logits after position {first} of {}",
+                    seq.len()
+                )));
+            }
+            let start = tokens.len();
+            tokens.extend_from_slice(seq);
+            starts.extend(std::iter::repeat_n(start, seq.len()));
         }
-        let hidden = self.hidden_states(ops, tokens, &mut self.new_cache())?;
+        let packed = (seqs.len() > 1).then_some(starts.as_slice());
+        let hidden = self.run(ops, &tokens, packed, &mut cache.clone())?;
         // The output projection is the largest matmul; only the positions
-        // that are scored need it.
-        let hidden = hidden.narrow(0, first, tokens.len() - first)?;
-        ops.linear(&hidden, &self.lm_head, Site::Output)
+        // that are scored need it, all sequences' in one multiply.
+        let mut rows = Vec::with_capacity(seqs.len());
+        let mut at = 0;
+        for (seq, first) in seqs {
+            rows.push(hidden.narrow(0, at + first, seq.len() - first)?);
+            at += seq.len();
+        }
+        let logits = ops.linear(&Tensor::cat(&rows, 0)?, &self.lm_head, Site::Output)?;
+        let mut out = Vec::with_capacity(seqs.len());
+        let mut at = 0;
+        for (seq, first) in seqs {
+            out.push(logits.narrow(0, at, seq.len() - first)?);
+            at += seq.len() - first;
+        }
+        Ok(out)
     }
 
     /// Bytes of weights held (f32), the tied output projection counted once.
@@ -195,15 +259,34 @@ impl Llama {
     }
 
     fn hidden_states(&self, ops: &impl Ops, tokens: &[u32], cache: &mut KvCache) -> Result<Tensor> {
+        self.run(ops, tokens, None, cache)
+    }
+
+    /// The final hidden states of `tokens` after what `cache` holds, which
+    /// grows by them. With `starts`, `tokens` are sequences packed one
+    /// after another (token `i` belongs to the one starting at
+    /// `starts[i]`), each at the positions it would have alone ([`Causal`]).
+    fn run(
+        &self,
+        ops: &impl Ops,
+        tokens: &[u32],
+        starts: Option<&[usize]>,
+        cache: &mut KvCache,
+    ) -> Result<Tensor> {
         let t = tokens.len();
         let pos = cache.len;
         if t == 0 {
             return Err(ModelError::Invalid("no tokens to run".into()));
         }
-        if pos + t > self.cfg.context_length {
+        let positions: Option<Vec<u32>> =
+            starts.map(|s| (0..t).map(|i| (pos + i - s[i]) as u32).collect());
+        let last = positions
+            .as_ref()
+            .and_then(|p| p.iter().max())
+            .map_or(pos + t, |&p| p as usize + 1);
+        if last > self.cfg.context_length {
             return Err(ModelError::Invalid(format!(
-                "{} tokens exceed the context window of {}",
-                pos + t,
+                "{last} tokens exceed the context window of {}",
                 self.cfg.context_length
             )));
         }
@@ -212,12 +295,17 @@ impl Llama {
         }
         let ids = Tensor::new(tokens, &self.device)?;
         let mut x = self.embed.index_select(&ids, 0)?;
-        let cos = self.cos.narrow(0, pos, t)?;
-        let sin = self.sin.narrow(0, pos, t)?;
+        let (cos, sin) = match positions {
+            None => (self.cos.narrow(0, pos, t)?, self.sin.narrow(0, pos, t)?),
+            Some(p) => {
+                let p = Tensor::new(p, &self.device)?;
+                (self.cos.index_select(&p, 0)?, self.sin.index_select(&p, 0)?)
+            }
+        };
         let eps = self.cfg.rms_eps;
         for (i, (layer, slot)) in self.layers.iter().zip(cache.layers.iter_mut()).enumerate() {
             let h = ops.rms_norm(&x, &layer.attn_norm, eps)?;
-            let attn = self.attention(ops, i, layer, &h, (&cos, &sin), slot)?;
+            let attn = self.attention(ops, i, layer, &h, (&cos, &sin), starts, slot)?;
             x = (x + attn)?;
             let h = ops.rms_norm(&x, &layer.ffn_norm, eps)?;
             let gate = ops.linear(&h, &layer.w_gate, Site::Proj(i, Proj::Gate))?;
@@ -236,6 +324,7 @@ impl Llama {
         layer: &Layer,
         h: &Tensor,
         (cos, sin): (&Tensor, &Tensor),
+        starts: Option<&[usize]>,
         slot: &mut Option<(Tensor, Tensor)>,
     ) -> Result<Tensor> {
         let (t, _) = h.dims2()?;
@@ -258,7 +347,12 @@ impl Llama {
         let q = q.reshape((1, nkv, rep * t, hd))?;
         let scale = 1.0 / (hd as f64).sqrt();
         let scores = q.matmul(&k.t()?)?;
-        let att = ops.attention_weights(&scores, scale, t, k.dim(2)? - t)?;
+        let mask = Causal {
+            t,
+            offset: k.dim(2)? - t,
+            starts,
+        };
+        let att = ops.attention_weights(&scores, scale, mask)?;
         let out = att.matmul(&v)?.reshape((1, nh, t, hd))?;
         ops.linear(&ops.merge_heads(&out)?, &layer.wo, Site::Proj(i, Proj::O))
     }

@@ -41,16 +41,9 @@ pub trait Ops {
     fn merge_heads(&self, x: &Tensor) -> Result<Tensor>;
 
     /// Attention weights from scores `(1, kv_heads, rep * t, keys)`:
-    /// `softmax(scale * scores)` under the causal mask. Query heads sharing
-    /// a key head are stacked along the rows, `t` rows each; row `r` is the
-    /// query at position `offset + r % t` and sees keys `0..=` that.
-    fn attention_weights(
-        &self,
-        scores: &Tensor,
-        scale: f64,
-        t: usize,
-        offset: usize,
-    ) -> Result<Tensor>;
+    /// `softmax(scale * scores)` under the causal `mask`. Query heads
+    /// sharing a key head are stacked along the rows, `t` rows each.
+    fn attention_weights(&self, scores: &Tensor, scale: f64, mask: Causal) -> Result<Tensor>;
 
     /// `silu(gate) * up`.
     fn swiglu(&self, gate: &Tensor, up: &Tensor) -> Result<Tensor>;
@@ -89,17 +82,11 @@ impl Ops for Inference {
         Ok(x.transpose(1, 2)?.reshape((t, n * hd))?)
     }
 
-    fn attention_weights(
-        &self,
-        scores: &Tensor,
-        scale: f64,
-        t: usize,
-        offset: usize,
-    ) -> Result<Tensor> {
+    fn attention_weights(&self, scores: &Tensor, scale: f64, mask: Causal) -> Result<Tensor> {
         let mut att = (scores * scale)?;
-        if t > 1 {
+        if mask.t > 1 {
             let rows = scores.dim(2)?;
-            att = att.broadcast_add(&causal_mask(rows, t, offset, scores.device())?)?;
+            att = att.broadcast_add(&mask.additive(rows, scores.device())?)?;
         }
         Ok(candle_nn::ops::softmax_last_dim(&att)?)
     }
@@ -109,22 +96,45 @@ impl Ops for Inference {
     }
 }
 
-/// Additive mask for `rows` query rows (`rows / t` stacked heads of `t`
-/// positions after `offset` cached ones): `(rows, offset + t)`.
-pub fn causal_mask(rows: usize, t: usize, offset: usize, device: &Device) -> Result<Tensor> {
-    let total = offset + t;
-    let mut data = Vec::with_capacity(rows * total);
-    for r in 0..rows {
-        let i = r % t;
-        data.extend((0..total).map(|j| {
-            if j > offset + i {
-                f32::NEG_INFINITY
-            } else {
-                0.0
-            }
-        }));
+/// Which keys each of `t` query positions sees, after `offset` keys
+/// already in the cache. Plainly, position `i` sees keys `0..=offset + i`.
+/// With `starts`, the `t` positions are several sequences packed one after
+/// another behind a prefix they share (the `offset` cached keys): position
+/// `i` belongs to the sequence that starts at `starts[i]` and sees the
+/// prefix and its own sequence up to itself, keys `0..offset` and
+/// `offset + starts[i] ..= offset + i`.
+#[derive(Debug, Clone, Copy)]
+pub struct Causal<'a> {
+    pub t: usize,
+    pub offset: usize,
+    pub starts: Option<&'a [usize]>,
+}
+
+impl Causal<'_> {
+    /// The keys row `r` (query position `r % t`) sees: `0..a` and `b..c`,
+    /// as `(a, b, c)`.
+    pub fn keys(&self, r: usize) -> (usize, usize, usize) {
+        let i = r % self.t.max(1);
+        let start = self.starts.map_or(0, |s| s[i]);
+        (self.offset, self.offset + start, self.offset + i + 1)
     }
-    Ok(Tensor::from_vec(data, (rows, total), device)?)
+
+    /// The mask as an additive `(rows, offset + t)` tensor (0 or -inf).
+    pub fn additive(&self, rows: usize, device: &Device) -> Result<Tensor> {
+        let total = self.offset + self.t;
+        let mut data = Vec::with_capacity(rows * total);
+        for r in 0..rows {
+            let (a, b, c) = self.keys(r);
+            data.extend((0..total).map(|j| {
+                if j < a || (b..c).contains(&j) {
+                    0.0
+                } else {
+                    f32::NEG_INFINITY
+                }
+            }));
+        }
+        Ok(Tensor::from_vec(data, (rows, total), device)?)
+    }
 }
 
 /// Log-softmax of a `(vocab,)` logits tensor, as a vector.

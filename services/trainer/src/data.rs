@@ -174,6 +174,17 @@ pub enum Example {
     },
 }
 
+impl Example {
+    /// The sequences the example runs through the model.
+    pub fn sequences(&self) -> Vec<&Encoded> {
+        match self {
+            Example::Sft { prompt } => vec![prompt],
+            Example::Dpo { chosen, rejected } => vec![chosen, rejected],
+            Example::Kto { completion, .. } => vec![completion],
+        }
+    }
+}
+
 /// A line of `trl-sft`, `trl-dpo` or `trl-kto` JSONL.
 #[derive(Debug, Deserialize)]
 struct Line {

@@ -14,6 +14,7 @@ pub mod merge;
 pub mod ops;
 pub mod optim;
 pub mod peft;
+pub mod prefix;
 pub mod train;
 
 pub use data::{Base, Encoded, Example};

@@ -10,6 +10,7 @@
 //! ([`TrainConfig::steps_for`]).
 
 use std::path::Path;
+use std::rc::Rc;
 use std::time::Instant;
 
 use anyhow::bail;
@@ -22,6 +23,7 @@ use crate::data::{Encoded, Example};
 use crate::lora::Lora;
 use crate::ops::{TrainOps, fused};
 use crate::optim::AdamW;
+use crate::prefix::Prefix;
 
 /// The optimizer's state inside a checkpoint folder (beside the PEFT files).
 pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
@@ -87,7 +89,10 @@ impl Default for TrainConfig {
             grad_accum: 1,
             warmup_steps: 0,
             max_grad_norm: 1.0,
-            max_len: 256,
+            // A product's system prompt alone can be 200 tokens: a sequence
+            // cut to fit loses the start of its prompt, which the model is
+            // never served without.
+            max_len: 512,
             beta: 0.1,
             // The reference penalty on 16 general chats, without their SFT
             // loss. Measured on the demo scenario (docs/flywheel.md): the SFT
@@ -147,24 +152,60 @@ impl TrainConfig {
 /// Log-probabilities of the answer's tokens given everything before them,
 /// `(answer_len,)`, under the base model with `lora` (if any).
 pub fn answer_logprobs(model: &Llama, lora: Option<&Lora>, e: &Encoded) -> anyhow::Result<Tensor> {
+    let (ids, first) = scored(e)?;
+    let logits = model.logits(&TrainOps::new(lora), &ids, first)?;
+    target_logprobs(&logits, &e.answer)
+}
+
+/// [`answer_logprobs`] of sequences that all start with `prefix` (run with
+/// the same `lora`), run together after it as one packed batch
+/// ([`Llama::logits_packed`]): the same values and gradients, the prefix's
+/// work done once and each projection's rows multiplied at once.
+pub fn answer_logprobs_packed(
+    model: &Llama,
+    lora: Option<&Lora>,
+    prefix: &Prefix,
+    seqs: &[&Encoded],
+) -> anyhow::Result<Vec<Tensor>> {
+    let mut owned = Vec::with_capacity(seqs.len());
+    for e in seqs {
+        if !prefix.covers(e) {
+            bail!("the example does not start with the shared prefix");
+        }
+        owned.push(scored(e)?);
+    }
+    let runs: Vec<(&[u32], usize)> = owned
+        .iter()
+        .map(|(ids, first)| (&ids[prefix.len()..], first - prefix.len()))
+        .collect();
+    let logits = model.logits_packed(&TrainOps::new(lora), prefix.kv(), &runs)?;
+    logits
+        .iter()
+        .zip(seqs)
+        .map(|(l, e)| target_logprobs(l, &e.answer))
+        .collect()
+}
+
+/// The tokens a sequence is run on (all but the last: position p predicts
+/// token p + 1) and the first position whose logits score the answer.
+fn scored(e: &Encoded) -> anyhow::Result<(Vec<u32>, usize)> {
     if e.prompt.is_empty() || e.answer.is_empty() {
         bail!("an example needs a prompt and an answer");
     }
-    let ids: Vec<u32> = e.prompt.iter().chain(&e.answer).copied().collect();
-    // Position p predicts token p + 1; the answer starts at prompt.len().
-    let logits = model.logits(
-        &TrainOps::new(lora),
-        &ids[..ids.len() - 1],
-        e.prompt.len() - 1,
-    )?;
-    if fused::fused(&logits) {
+    let ids = e.prompt.iter().chain(&e.answer[..e.answer.len() - 1]);
+    Ok((ids.copied().collect(), e.prompt.len() - 1))
+}
+
+/// The log-probabilities of `targets` under `logits` `(targets, vocab)`.
+fn target_logprobs(logits: &Tensor, targets: &[u32]) -> anyhow::Result<Tensor> {
+    if fused::fused(logits) {
         let op = fused::TargetLogProbs {
-            targets: e.answer.clone(),
+            targets: targets.to_vec(),
         };
         return Ok(logits.contiguous()?.apply_op1(op)?);
     }
-    let targets = Tensor::new(e.answer.as_slice(), logits.device())?.unsqueeze(1)?;
-    Ok(log_softmax(&logits)?.gather(&targets, 1)?.squeeze(1)?)
+    let targets = Tensor::new(targets, logits.device())?.unsqueeze(1)?;
+    Ok(log_softmax(logits)?.gather(&targets, 1)?.squeeze(1)?)
 }
 
 /// Log-softmax over the last dimension.
@@ -358,18 +399,62 @@ impl<'a> Trainer<'a> {
         Ok(trainer)
     }
 
-    /// The loss of one example (scalar tensor) and its token count.
-    fn loss(&self, p: &Prepared, kl: f64) -> anyhow::Result<(Tensor, usize)> {
-        let adapter = Some(&self.lora);
-        let beta = self.config.beta;
-        Ok(match &p.example {
-            Example::Sft { prompt } => {
-                let lp = answer_logprobs(self.model, adapter, prompt)?;
-                (lp.mean_all()?.neg()?, prompt.len())
+    /// The answers' log-probabilities of each of `e`'s sequences, each run
+    /// alone.
+    fn logprobs_alone(&self, e: &Example) -> anyhow::Result<Vec<Tensor>> {
+        e.sequences()
+            .into_iter()
+            .map(|s| answer_logprobs(self.model, Some(&self.lora), s))
+            .collect()
+    }
+
+    /// The answers' log-probabilities of each of the examples' sequences:
+    /// those that share a prompt prefix run packed behind it, the rest alone.
+    fn logprobs_of(&self, examples: &[&Example]) -> anyhow::Result<Vec<Vec<Tensor>>> {
+        let prefixes = Prefix::for_batch(self.model, Some(&self.lora), examples)?;
+        let mut out: Vec<Option<Vec<Tensor>>> = vec![None; examples.len()];
+        for (k, prefix) in prefixes.iter().enumerate() {
+            let Some(prefix) = prefix else { continue };
+            if out[k].is_some() {
+                continue;
             }
+            let members: Vec<usize> = (k..examples.len())
+                .filter(|&m| prefixes[m].as_ref().is_some_and(|p| Rc::ptr_eq(p, prefix)))
+                .collect();
+            let seqs: Vec<&Encoded> = members
+                .iter()
+                .flat_map(|&m| examples[m].sequences())
+                .collect();
+            let mut lps =
+                answer_logprobs_packed(self.model, Some(&self.lora), prefix, &seqs)?.into_iter();
+            for &m in &members {
+                let n = examples[m].sequences().len();
+                out[m] = Some(lps.by_ref().take(n).collect());
+            }
+        }
+        out.into_iter()
+            .zip(examples)
+            .map(|(lp, e)| match lp {
+                Some(lp) => Ok(lp),
+                None => self.logprobs_alone(e),
+            })
+            .collect()
+    }
+
+    /// The loss of one example (scalar tensor) and its token count, from
+    /// the answers' log-probabilities of its sequences.
+    fn loss(&self, p: &Prepared, kl: f64, logprobs: &[Tensor]) -> anyhow::Result<(Tensor, usize)> {
+        let beta = self.config.beta;
+        let lp = |k: usize| -> anyhow::Result<&Tensor> {
+            logprobs
+                .get(k)
+                .ok_or_else(|| anyhow::anyhow!("missing log-probabilities of sequence {k}"))
+        };
+        Ok(match &p.example {
+            Example::Sft { prompt } => (lp(0)?.mean_all()?.neg()?, prompt.len()),
             Example::Dpo { chosen, rejected } => {
-                let c = answer_logprobs(self.model, adapter, chosen)?.sum_all()?;
-                let r = answer_logprobs(self.model, adapter, rejected)?.sum_all()?;
+                let c = lp(0)?.sum_all()?;
+                let r = lp(1)?.sum_all()?;
                 let margin = ((c - p.reference.0 as f64)? - (r - p.reference.1 as f64)?)?;
                 let loss = log_sigmoid(&(margin * beta)?)?.neg()?;
                 (loss, chosen.len() + rejected.len())
@@ -378,8 +463,7 @@ impl<'a> Trainer<'a> {
                 completion,
                 desirable,
             } => {
-                let lp = answer_logprobs(self.model, adapter, completion)?.sum_all()?;
-                let reward = (lp - p.reference.0 as f64)?;
+                let reward = (lp(0)?.sum_all()? - p.reference.0 as f64)?;
                 let (w, z) = if *desirable {
                     (self.kto_weights.0, ((reward - kl)? * beta)?)
                 } else {
@@ -423,22 +507,22 @@ impl<'a> Trainer<'a> {
             0.0
         };
         let vars = self.lora.vars();
-        let mut summed: Option<GradStore> = None;
         let (mut loss_sum, mut tokens) = (0.0, 0);
-        for &i in &batch {
-            let (loss, n) = self.loss(&self.data[i], kl)?;
+        let examples: Vec<&Example> = batch.iter().map(|&i| &self.data[i].example).collect();
+        // Sequences that share a prompt prefix run packed behind it, in one
+        // graph for the batch and one backward pass.
+        let logprobs = self.logprobs_of(&examples)?;
+        let mut total: Option<Tensor> = None;
+        for (&i, lp) in batch.iter().zip(&logprobs) {
+            let (loss, n) = self.loss(&self.data[i], kl, lp)?;
             loss_sum += loss.to_scalar::<f32>()? as f64;
             tokens += n;
-            let grads = (loss / accum as f64)?.backward()?;
-            summed = Some(match summed {
-                None => grads,
-                Some(mut acc) => {
-                    accumulate(&mut acc, &grads, &vars)?;
-                    acc
-                }
+            total = Some(match total {
+                None => loss,
+                Some(t) => (t + loss)?,
             });
         }
-        let mut grads = summed.expect("grad_accum is at least 1");
+        let mut grads = (total.expect("grad_accum is at least 1") / accum as f64)?.backward()?;
         let (mut replay_loss, mut kl_value) = (None, None);
         if let Some(r) = self.replay.get(self.step % self.replay.len().max(1)) {
             let weight = self.config.replay_weight;
@@ -505,7 +589,8 @@ impl<'a> Trainer<'a> {
                 example: example.clone(),
                 reference,
             };
-            total += self.loss(&p, 0.0)?.0.to_scalar::<f32>()? as f64;
+            let lp = self.logprobs_alone(example)?;
+            total += self.loss(&p, 0.0, &lp)?.0.to_scalar::<f32>()? as f64;
         }
         self.lora.training = training;
         Ok(total / examples.len().max(1) as f64)

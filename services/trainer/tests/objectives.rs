@@ -9,7 +9,8 @@ use candle_core::Tensor;
 use flywheel_model::Proj;
 use flywheel_trainer::data::Message;
 use flywheel_trainer::ops::TrainOps;
-use flywheel_trainer::train::answer_logprobs;
+use flywheel_trainer::prefix::Prefix;
+use flywheel_trainer::train::{answer_logprobs, answer_logprobs_packed};
 use flywheel_trainer::{Base, Encoded, Example, Lora, LoraConfig, Objective, TrainConfig, Trainer};
 
 fn tiny() -> Base {
@@ -102,16 +103,7 @@ fn training_forward_matches_serving_forward() {
 fn gradients_match_finite_differences() {
     let base = tiny();
     let e = encode(&base, "abc", "xyz");
-    let l = lora(&base, 5);
-    // Give B values so every path carries gradient.
-    for (i, p) in l.pairs.values().enumerate() {
-        let (out, r) = p.b.as_tensor().dims2().unwrap();
-        let vals: Vec<f32> = (0..out * r)
-            .map(|k| (((k * 31 + i * 17) % 13) as f32 - 6.0) * 0.01)
-            .collect();
-        p.b.set(&Tensor::from_vec(vals, (out, r), base.model.device()).unwrap())
-            .unwrap();
-    }
+    let l = lora_with_values(&base, 5);
     let loss = |l: &Lora| {
         answer_logprobs(&base.model, Some(l), &e)
             .unwrap()
@@ -157,6 +149,104 @@ fn gradients_match_finite_differences() {
             g[at]
         );
     }
+}
+
+/// A LoRA whose B matrices are not zero, so every path carries gradient.
+fn lora_with_values(base: &Base, seed: u64) -> Lora {
+    let l = lora(base, seed);
+    for (i, p) in l.pairs.values().enumerate() {
+        let (out, r) = p.b.as_tensor().dims2().unwrap();
+        let vals: Vec<f32> = (0..out * r)
+            .map(|k| (((k * 31 + i * 17) % 13) as f32 - 6.0) * 0.01)
+            .collect();
+        p.b.set(&Tensor::from_vec(vals, (out, r), base.model.device()).unwrap())
+            .unwrap();
+    }
+    l
+}
+
+#[test]
+fn packed_behind_a_shared_prefix_gives_the_losses_and_gradients_of_whole_sequences() {
+    let base = tiny();
+    let system = "You route support tickets. Pick one intent: refund, cancel_order, \
+                  track_order. Reply with only JSON.";
+    let chat = |q: &str| {
+        vec![
+            Message {
+                role: "system".into(),
+                content: system.into(),
+            },
+            Message {
+                role: "user".into(),
+                content: q.into(),
+            },
+        ]
+    };
+    let seqs: Vec<Encoded> = [
+        ("cancel order 5015", "{\"intent\": \"cancel_order\"}"),
+        ("where is my parcel?", "{\"intent\": \"track_order\"}"),
+        ("I was charged twice", "{\"intent\": \"refund\"}"),
+    ]
+    .iter()
+    .map(|(q, a)| base.encode(&chat(q), a).unwrap())
+    .collect();
+    let refs: Vec<&Encoded> = seqs.iter().collect();
+    let l = lora_with_values(&base, 5);
+    let sum = |lps: Vec<Tensor>| {
+        lps.into_iter()
+            .map(|lp| lp.sum_all().unwrap())
+            .reduce(|a, b| (a + b).unwrap())
+            .unwrap()
+    };
+    let whole = sum(seqs
+        .iter()
+        .map(|e| answer_logprobs(&base.model, Some(&l), e).unwrap())
+        .collect());
+    let prefix = Prefix::shared(&base.model, Some(&l), &refs)
+        .unwrap()
+        .expect("the system prompt is shared");
+    assert!(prefix.len() >= 16, "prefix of {} tokens", prefix.len());
+    assert!(seqs.iter().all(|e| prefix.covers(e)));
+    let shared = sum(answer_logprobs_packed(&base.model, Some(&l), &prefix, &refs).unwrap());
+    let (w, s) = (
+        whole.to_scalar::<f32>().unwrap(),
+        shared.to_scalar::<f32>().unwrap(),
+    );
+    assert!((w - s).abs() < 1e-3 * w.abs().max(1.0), "{w} vs {s}");
+    let (gw, gs) = (whole.backward().unwrap(), shared.backward().unwrap());
+    let mut compared = 0;
+    for ((layer, proj), p) in &l.pairs {
+        for var in [&p.a, &p.b] {
+            let flat = |g: &candle_core::backprop::GradStore| {
+                g.get(var.as_tensor())
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap()
+            };
+            let (a, b) = (flat(&gw), flat(&gs));
+            let scale = a.iter().fold(0f32, |m, x| m.max(x.abs())).max(1e-6);
+            let worst = a
+                .iter()
+                .zip(&b)
+                .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+            assert!(
+                worst <= 1e-3 * scale,
+                "layer {layer} {proj:?}: gradients differ by {worst} (largest {scale})"
+            );
+            compared += 1;
+        }
+    }
+    assert_eq!(compared, 2 * l.pairs.len());
+    // Sequences that do not share the system prompt share nothing worth
+    // running apart.
+    let other = base.encode(&user("hello"), "hi").unwrap();
+    assert!(
+        Prefix::shared(&base.model, Some(&l), &[&seqs[0], &other])
+            .unwrap()
+            .is_none()
+    );
 }
 
 #[test]

@@ -7,10 +7,13 @@
 //! Every op here is checked against the composed formulation and against
 //! finite differences (`tests` below, and the trainer's gradient test).
 
+use std::sync::Arc;
+
 use candle_core::backend::BackendStorage;
 use candle_core::{
     CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Shape, Storage, Tensor,
 };
+use flywheel_model::ops::Causal;
 use rayon::prelude::*;
 
 /// The input as a contiguous f32 slice.
@@ -68,12 +71,15 @@ impl CustomOp1 for FrozenLinear {
 
 /// Attention weights: `softmax(scale * s + causal mask)` over the last
 /// dimension of scores `s` (rows of `kv` keys). Row `r` belongs to query
-/// position `offset + r % t` and sees keys `0..=offset + r % t` (query heads
-/// that share a key head are stacked along the rows, `t` rows each).
+/// position `r % t` (query heads that share a key head are stacked along
+/// the rows, `t` rows each) and sees the keys [`Causal::keys`] gives: keys
+/// `0..=offset + r % t`, or with `starts` (sequences packed behind a shared
+/// prefix) the prefix and its own sequence.
 pub struct CausalSoftmax {
     pub scale: f32,
     pub t: usize,
     pub offset: usize,
+    pub starts: Option<Arc<[usize]>>,
 }
 
 impl CustomOp1 for CausalSoftmax {
@@ -89,21 +95,27 @@ impl CustomOp1 for CausalSoftmax {
         let x = contiguous(storage, layout, "softmax")?;
         let kv = layout.shape().dims().last().copied().unwrap_or(1).max(1);
         let mut out = vec![0f32; x.len()];
+        let mask = Causal {
+            t: self.t,
+            offset: self.offset,
+            starts: self.starts.as_deref(),
+        };
         out.par_chunks_mut(kv)
             .zip(x.par_chunks(kv))
             .enumerate()
             .for_each(|(r, (y, x))| {
-                let seen = (self.offset + r % self.t.max(1) + 1).min(kv);
-                let max = x[..seen]
-                    .iter()
-                    .fold(f32::NEG_INFINITY, |m, &v| m.max(v * self.scale));
+                let (a, b, c) = mask.keys(r);
+                let (a, b, c) = (a.min(kv), b.min(kv), c.min(kv));
+                let seen = || x[..a].iter().zip(0..a).chain(x[b..c].iter().zip(b..c));
+                let max = seen().fold(f32::NEG_INFINITY, |m, (&v, _)| m.max(v * self.scale));
                 let mut sum = 0f32;
-                for (y, &x) in y[..seen].iter_mut().zip(&x[..seen]) {
-                    *y = (x * self.scale - max).exp();
-                    sum += *y;
+                for (&x, j) in seen() {
+                    y[j] = (x * self.scale - max).exp();
+                    sum += y[j];
                 }
                 let inv = 1.0 / sum;
-                y[..seen].iter_mut().for_each(|y| *y *= inv);
+                y[..a].iter_mut().for_each(|y| *y *= inv);
+                y[b..c].iter_mut().for_each(|y| *y *= inv);
                 // Masked keys keep weight 0.
             });
         Ok((CpuStorage::F32(out), layout.shape().clone()))
@@ -652,37 +664,45 @@ mod tests {
     #[test]
     fn causal_softmax_matches_the_composed_version() {
         // 2 key heads, 3 query heads each stacked on 4 positions, 6 keys (2 cached).
-        let (tq, rep, offset) = (4, 3, 2);
-        let kv = offset + tq;
-        let x = t(&data(2 * rep * tq * kv, 1), &[1, 2, rep * tq, kv]);
-        let mask: Vec<f32> = (0..rep * tq)
-            .flat_map(|r| {
-                (0..kv).map(move |j| {
-                    if j > offset + r % tq {
-                        f32::NEG_INFINITY
-                    } else {
-                        0.0
-                    }
+        // Plainly causal after 2 cached keys; then three sequences of 2, 3
+        // and 2 tokens packed behind the same 2 keys.
+        let packed: Arc<[usize]> = Arc::from([0, 0, 2, 2, 2, 5, 5].as_slice());
+        for (tq, starts) in [(4, None), (7, Some(packed))] {
+            let (rep, offset) = (3, 2);
+            let kv = offset + tq;
+            let x = t(&data(2 * rep * tq * kv, 1), &[1, 2, rep * tq, kv]);
+            let mask: Vec<f32> = (0..rep * tq)
+                .flat_map(|r| {
+                    let (i, starts) = (r % tq, starts.clone());
+                    (0..kv).map(move |j| {
+                        let start = offset + starts.as_ref().map_or(0, |s| s[i]);
+                        if j > offset + i || (offset..start).contains(&j) {
+                            f32::NEG_INFINITY
+                        } else {
+                            0.0
+                        }
+                    })
                 })
-            })
-            .collect();
-        let mask = t(&mask, &[rep * tq, kv]);
-        let op = || CausalSoftmax {
-            scale: 0.125,
-            t: tq,
-            offset,
-        };
-        same(
-            &x,
-            |x| x.apply_op1(op()).unwrap(),
-            |x| {
-                let s = (x * 0.125).unwrap().broadcast_add(&mask).unwrap();
-                let max = s.max_keepdim(candle_core::D::Minus1).unwrap().detach();
-                let e = s.broadcast_sub(&max).unwrap().exp().unwrap();
-                e.broadcast_div(&e.sum_keepdim(candle_core::D::Minus1).unwrap())
-                    .unwrap()
-            },
-        );
+                .collect();
+            let mask = t(&mask, &[rep * tq, kv]);
+            let op = || CausalSoftmax {
+                scale: 0.125,
+                t: tq,
+                offset,
+                starts: starts.clone(),
+            };
+            same(
+                &x,
+                |x| x.apply_op1(op()).unwrap(),
+                |x| {
+                    let s = (x * 0.125).unwrap().broadcast_add(&mask).unwrap();
+                    let max = s.max_keepdim(candle_core::D::Minus1).unwrap().detach();
+                    let e = s.broadcast_sub(&max).unwrap().exp().unwrap();
+                    e.broadcast_div(&e.sum_keepdim(candle_core::D::Minus1).unwrap())
+                        .unwrap()
+                },
+            );
+        }
     }
 
     #[test]

@@ -7,7 +7,7 @@
 pub mod fused;
 
 use candle_core::{D, Tensor};
-use flywheel_model::ops::{Site, causal_mask};
+use flywheel_model::ops::{Causal, Site};
 use flywheel_model::{Ops, Result};
 
 use crate::lora::Lora;
@@ -105,26 +105,20 @@ impl Ops for TrainOps<'_> {
         Ok(x.transpose(1, 2)?.reshape((t, n * hd))?)
     }
 
-    fn attention_weights(
-        &self,
-        scores: &Tensor,
-        scale: f64,
-        t: usize,
-        offset: usize,
-    ) -> Result<Tensor> {
+    fn attention_weights(&self, scores: &Tensor, scale: f64, mask: Causal) -> Result<Tensor> {
         if fused::fused(scores) {
             // Scale, mask and softmax in one pass, forward and backward.
             let op = fused::CausalSoftmax {
                 scale: scale as f32,
-                t,
-                offset,
+                t: mask.t,
+                offset: mask.offset,
+                starts: mask.starts.map(Into::into),
             };
             return Ok(scores.apply_op1(op)?);
         }
         let mut att = (scores * scale)?;
-        if t > 1 {
-            let mask = causal_mask(scores.dim(2)?, t, offset, scores.device())?;
-            att = att.broadcast_add(&mask)?;
+        if mask.t > 1 {
+            att = att.broadcast_add(&mask.additive(scores.dim(2)?, scores.device())?)?;
         }
         // Softmax does not change when a constant is subtracted, so the
         // max needs no gradient.
