@@ -14,7 +14,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use flywheel_curation::build::{DpoPair, SftExample};
 use flywheel_engine::{ChatMessage, EngineHandle};
-use flywheel_eval::run::{Answer, Inputs, Pair, Served};
+use flywheel_eval::run::{Answer, Inputs, Memo, Pair, Remembered, Served};
 use flywheel_eval::{Policy, Suite};
 use flywheel_store::cycles::{self, Link, StageEnd};
 use flywheel_store::evals::{self, NewEvaluation};
@@ -128,6 +128,16 @@ async fn served(
     engines: &mut HashMap<Uuid, EngineHandle>,
     v: &ModelVersion,
 ) -> anyhow::Result<Served> {
+    let memo = Some(Arc::new(Memo::new(
+        evals::remembered(pool, v.id)
+            .await?
+            .into_iter()
+            .map(|r| Remembered {
+                key: r.request_sha256,
+                text: r.output,
+                tokens: r.tokens.max(0) as usize,
+            }),
+    )));
     let lineage = flywheel_store::models::lineage(pool, v.id).await?;
     let on_base = lineage
         .as_ref()
@@ -141,12 +151,14 @@ async fn served(
             return Ok(Served {
                 engine,
                 adapter: Some(id),
+                memo,
             });
         }
     }
     Ok(Served {
         engine: engine_of(versions, engines, v).await?,
         adapter: None,
+        memo,
     })
 }
 
@@ -292,6 +304,19 @@ async fn evaluate(
         .collect();
     evals::add_metrics(pool, e.id, &metrics).await?;
     evals::add_items(pool, e.id, &items).await?;
+    for (version, served) in [(candidate.id, &cand), (champion.id, &champ)] {
+        let fresh: Vec<evals::Remembered> = served
+            .memo
+            .iter()
+            .flat_map(|m| m.fresh())
+            .map(|r| evals::Remembered {
+                request_sha256: r.key,
+                output: r.text,
+                tokens: r.tokens as i32,
+            })
+            .collect();
+        evals::remember(pool, version, &fresh).await?;
+    }
     let names: Vec<String> = task_suites.iter().map(|s| s.name.clone()).collect();
     let verdict = flywheel_eval::gate::judge(&env.policy, &cmp.metrics, &names, &retention_name);
     evals::finish(

@@ -1,7 +1,8 @@
 //! Promote only winners, on real Postgres, the tiny model, a real gateway:
 //! a better candidate passes the gate and serves its team only; one that
-//! forgets is rejected with the reason stored; a canary worse on live
-//! thumbs is rolled back by itself; a swap under 16 streams fails none and
+//! forgets is rejected with the reason stored; an evaluation reads the
+//! answers a version gave before; a canary worse on live thumbs is rolled
+//! back by itself; a swap under 16 streams fails none and
 //! changes none mid-stream; a slow load never holds up a loaded model.
 //!
 //! Candidates are real LoRA adapters trained here on the tiny model (its
@@ -31,6 +32,7 @@ async fn retention_suite(gw: &TestGateway) -> (Suite, Vec<String>) {
     let served = flywheel_eval::run::Served {
         engine: gw.served.engine.clone(),
         adapter: None,
+        memo: None,
     };
     let mut answers = Vec::new();
     for p in GENERAL {
@@ -334,6 +336,70 @@ async fn a_candidate_that_forgets_is_rejected_with_the_reason_stored() {
         gw.served.version_id,
         "the champion stays"
     );
+}
+
+#[tokio::test]
+async fn an_evaluation_reads_the_answers_a_version_gave_before() {
+    let gw = TestGateway::tiny().await;
+    let team = gw.team_id().await;
+    add_task_suite(&gw, team).await;
+    let (retention, _) = retention_suite(&gw).await;
+    let pairs = ROUTING
+        .iter()
+        .map(|p| (p.to_string(), ANSWER.to_string()))
+        .collect();
+    let cand = candidate(&gw, "tiny-ft-memo", Some(team), pairs).await;
+    let env = env(&gw, retention.clone(), 0.1);
+    let first = evaluate(&gw, &env, team, &cand).await;
+    let pool = &gw.db.pool;
+    // Every greedy answer of both models is kept: the task suite's and the
+    // retention suite's items.
+    let per_model = ROUTING.len() + retention.items.len();
+    for v in [cand.id, gw.served.version_id] {
+        let kept = flywheel_store::evals::remembered(pool, v).await.unwrap();
+        assert_eq!(kept.len(), per_model, "answers kept for {v}");
+    }
+    // Mark one of the champion's kept answers: an evaluation that reads the
+    // memo shows the mark, one that generates again would not.
+    let kept = flywheel_store::evals::remembered(pool, gw.served.version_id)
+        .await
+        .unwrap();
+    let marked = &kept[0];
+    sqlx::query(
+        "update remembered_answers set output = 'MARKED'
+         where model_version_id = $1 and request_sha256 = $2",
+    )
+    .bind(gw.served.version_id)
+    .bind(&marked.request_sha256)
+    .execute(pool)
+    .await
+    .unwrap();
+    let second = evaluate(&gw, &env, team, &cand).await;
+    let outputs = |id| async move {
+        flywheel_store::evals::items(pool, id, None)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|i| ((i.suite, i.item, i.model_version_id), i.output))
+            .collect::<std::collections::BTreeMap<_, _>>()
+    };
+    let (before, after) = (
+        outputs(first.evaluation_id).await,
+        outputs(second.evaluation_id).await,
+    );
+    assert_eq!(before.len(), after.len());
+    let changed: Vec<_> = before
+        .iter()
+        .filter(|(k, v)| after[*k] != **v)
+        .map(|(k, _)| (k.clone(), after[k].clone()))
+        .collect();
+    assert_eq!(
+        changed.len(),
+        1,
+        "only the marked answer differs: {changed:?}"
+    );
+    assert_eq!(changed[0].0.2, gw.served.version_id);
+    assert_eq!(changed[0].1, "MARKED");
 }
 
 #[tokio::test]

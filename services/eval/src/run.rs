@@ -4,7 +4,8 @@
 //! score given answers (held-out loss, preference margins). Requests go to
 //! the engine together, so it batches them as it batches traffic.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use flywheel_engine::{
@@ -21,6 +22,65 @@ use crate::suite::Suite;
 pub struct Served {
     pub engine: EngineHandle,
     pub adapter: Option<AdapterId>,
+    /// The answers this version is known to give, and those it gave here.
+    pub memo: Option<Arc<Memo>>,
+}
+
+/// One remembered answer.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Remembered {
+    pub key: String,
+    pub text: String,
+    pub tokens: usize,
+}
+
+/// A model version's answers to greedy requests, by [`request_key`]: those
+/// known before (from the evaluation that scored it as the candidate) and
+/// those generated since, for the caller to keep. Greedy decoding on an
+/// engine whose output does not depend on the batch gives the same answer to
+/// the same request, so the next cycle's champion needs no second run of
+/// the suites. Only suite items and held-out answers are remembered; the
+/// latency probe always runs.
+#[derive(Debug, Default)]
+pub struct Memo {
+    known: HashMap<String, (String, usize)>,
+    fresh: Mutex<Vec<Remembered>>,
+}
+
+impl Memo {
+    pub fn new(known: impl IntoIterator<Item = Remembered>) -> Self {
+        Self {
+            known: known
+                .into_iter()
+                .map(|r| (r.key, (r.text, r.tokens)))
+                .collect(),
+            fresh: Mutex::default(),
+        }
+    }
+
+    /// The answers generated since the memo was made.
+    pub fn fresh(&self) -> Vec<Remembered> {
+        self.fresh.lock().map(|f| f.clone()).unwrap_or_default()
+    }
+}
+
+/// The key of a greedy request as the engine sees it: this release of the
+/// engine, the prompt's tokens, the length limit and the response format.
+pub fn request_key(
+    prompt_ids: &[u32],
+    max_tokens: usize,
+    response_format: Option<&serde_json::Value>,
+) -> String {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    h.update(concat!("flywheel-engine ", env!("CARGO_PKG_VERSION"), "\n"));
+    h.update(format!("max_tokens {max_tokens}\n"));
+    h.update(response_format.map(|f| f.to_string()).unwrap_or_default());
+    h.update("\n");
+    for id in prompt_ids {
+        h.update(id.to_le_bytes());
+    }
+    hex::encode(h.finalize())
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -39,6 +99,8 @@ pub struct Generation {
     pub ttft_ms: f64,
     /// Decode time per generated token after the first.
     pub ms_per_token: f64,
+    /// Read from the model's [`Memo`], not generated now (no timings).
+    pub remembered: bool,
 }
 
 /// Runs a request to its end, waiting for room when the engine's queue is
@@ -96,6 +158,7 @@ async fn drive(
             tokens,
             ttft_ms: first.as_secs_f64() * 1000.0,
             ms_per_token,
+            remembered: false,
         },
         logprobs,
     ))
@@ -134,6 +197,55 @@ pub async fn generate_shaped(
         ..Default::default()
     };
     Ok(drive(m, prompt(m, messages)?, params).await?.0)
+}
+
+/// [`generate`] under the item's `response_format`, read from the model's
+/// memo when it is greedy and known there, and kept there when generated.
+async fn generate_remembered(
+    m: &Served,
+    messages: &[ChatMessage],
+    max_tokens: usize,
+    temperature: f32,
+    response_format: Option<&serde_json::Value>,
+) -> Result<Generation> {
+    let ids = prompt(m, messages)?;
+    let memo = m.memo.as_ref().filter(|_| temperature == 0.0);
+    let key = memo.map(|_| request_key(&ids, max_tokens, response_format));
+    if let (Some(memo), Some(key)) = (memo, &key)
+        && let Some((text, tokens)) = memo.known.get(key)
+    {
+        return Ok(Generation {
+            text: text.clone(),
+            tokens: *tokens,
+            ttft_ms: 0.0,
+            ms_per_token: 0.0,
+            remembered: true,
+        });
+    }
+    let json = match response_format {
+        Some(rf) => {
+            flywheel_engine::JsonShape::from_response_format(rf).map_err(RunError::Engine)?
+        }
+        None => None,
+    };
+    let params = SamplingParams {
+        temperature,
+        max_tokens,
+        seed: Some(0),
+        json,
+        ..Default::default()
+    };
+    let g = drive(m, ids, params).await?.0;
+    if let (Some(memo), Some(key)) = (memo, key)
+        && let Ok(mut fresh) = memo.fresh.lock()
+    {
+        fresh.push(Remembered {
+            key,
+            text: g.text.clone(),
+            tokens: g.tokens,
+        });
+    }
+    Ok(g)
 }
 
 /// The log-probability of `answer` (ended as the model ends a turn) after
@@ -265,15 +377,24 @@ pub struct Comparison {
 pub type OnProgress = Arc<dyn Fn(&str) + Send + Sync>;
 
 /// A suite's answers, as served.
-async fn answer_suite(m: &Served, suite: &Suite, concurrency: usize) -> Result<Vec<Generation>> {
+pub async fn answer_suite(
+    m: &Served,
+    suite: &Suite,
+    concurrency: usize,
+) -> Result<Vec<Generation>> {
     each(&suite.items, concurrency, |item| {
         let max = item.max_tokens.unwrap_or(suite.defaults.max_tokens);
-        let json = match &item.response_format {
-            Some(rf) => flywheel_engine::JsonShape::from_response_format(rf)
-                .map_err(|e| RunError::Engine(format!("item {}: {e}", item.id))),
-            None => Ok(None),
-        };
-        async move { generate_shaped(m, &item.messages, max, suite.defaults.temperature, json?).await }
+        async move {
+            generate_remembered(
+                m,
+                &item.messages,
+                max,
+                suite.defaults.temperature,
+                item.response_format.as_ref(),
+            )
+            .await
+            .map_err(|e| RunError::Engine(format!("item {}: {e}", item.id)))
+        }
     })
     .await
 }
@@ -299,7 +420,7 @@ async fn answer_heldout(
 ) -> Result<Vec<(f64, Generation)>> {
     each(answers, concurrency, |a| async move {
         let (lp, n) = score(m, &a.prompt, &a.answer).await?;
-        let g = generate(m, &a.prompt, max_tokens, 0.0).await?;
+        let g = generate_remembered(m, &a.prompt, max_tokens, 0.0, None).await?;
         Ok((-lp / n.max(1) as f64, g))
     })
     .await
@@ -366,12 +487,14 @@ pub async fn compare(
         let t1 = t0.elapsed().as_secs_f64();
         let champ = answer_suite(champion, suite, concurrency).await?;
         let t2 = t0.elapsed().as_secs_f64() - t1;
+        let generated = |g: &[Generation]| g.iter().filter(|g| !g.remembered).count();
+        let (nc, nh) = (generated(&cand), generated(&champ));
         progress(&format!(
-            "suite {}: candidate {:.1} s, champion {:.1} s ({:.0} items per minute per model)",
+            "suite {}: candidate {nc} answers in {t1:.1} s, champion {nh} in {t2:.1} s \
+             ({:.0} answers per minute; {} remembered from earlier evaluations)",
             suite.name,
-            t1,
-            t2,
-            60.0 * 2.0 * suite.items.len() as f64 / (t1 + t2).max(1e-9)
+            60.0 * (nc + nh) as f64 / (t1 + t2).max(1e-9),
+            2 * suite.items.len() - nc - nh,
         ));
         let pass = |gens: &[Generation]| -> Vec<f64> {
             suite
@@ -520,7 +643,7 @@ pub async fn compare(
     // Latency over every generation, by quantile, paired by item.
     let decoded: Vec<&(Generation, Generation)> = latency
         .iter()
-        .filter(|(c, h)| c.tokens > 1 && h.tokens > 1)
+        .filter(|(c, h)| c.tokens > 1 && h.tokens > 1 && !c.remembered && !h.remembered)
         .collect();
     if !decoded.is_empty() {
         let per_token = |f: fn(&(Generation, Generation)) -> f64| {

@@ -261,3 +261,46 @@ pub async fn items(ex: impl PgExecutor<'_>, id: Uuid, suite: Option<&str>) -> Re
     .fetch_all(ex)
     .await?)
 }
+
+/// One remembered answer: a model version's output for a request key.
+#[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
+pub struct Remembered {
+    pub request_sha256: String,
+    pub output: String,
+    pub tokens: i32,
+}
+
+/// The answers `version` is remembered to give (`remembered_answers`).
+pub async fn remembered(ex: impl PgExecutor<'_>, version: Uuid) -> Result<Vec<Remembered>> {
+    Ok(sqlx::query_as(
+        "select request_sha256, output, tokens from remembered_answers
+         where model_version_id = $1",
+    )
+    .bind(version)
+    .fetch_all(ex)
+    .await?)
+}
+
+/// Keeps `version`'s answers for later evaluations (a key already kept
+/// stays as it was).
+pub async fn remember(ex: impl PgExecutor<'_>, version: Uuid, rows: &[Remembered]) -> Result<()> {
+    if rows.is_empty() {
+        return Ok(());
+    }
+    sqlx::query(
+        "insert into remembered_answers (model_version_id, request_sha256, output, tokens)
+         select $1, * from unnest($2::text[], $3::text[], $4::int4[])
+         on conflict do nothing",
+    )
+    .bind(version)
+    .bind(
+        rows.iter()
+            .map(|r| r.request_sha256.clone())
+            .collect::<Vec<_>>(),
+    )
+    .bind(rows.iter().map(|r| r.output.clone()).collect::<Vec<_>>())
+    .bind(rows.iter().map(|r| r.tokens).collect::<Vec<_>>())
+    .execute(ex)
+    .await?;
+    Ok(())
+}
