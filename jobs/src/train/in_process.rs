@@ -12,7 +12,7 @@ use flywheel_trainer::{Base, Control, Lora, Progress, StepLog, Trainer};
 use tokio::sync::mpsc::{UnboundedSender, unbounded_channel};
 
 use super::backend::{RunContext, Trained, TrainingBackend, base_path};
-use super::data::load_examples;
+use super::data::{load_examples, replay_set};
 use super::spec::run_key;
 use crate::artifacts;
 
@@ -117,6 +117,7 @@ impl TrainingBackend for InProcess {
         );
         let (done_tx, done) = tokio::sync::oneshot::channel();
         let nice = env.nice;
+        let (replay_dir, base_sha256) = (env.model_cache.join("replay"), ctx.base.sha256.clone());
         std::thread::Builder::new()
             .name(format!("train-{}", &run.id.simple().to_string()[..8]))
             .spawn(move || {
@@ -127,7 +128,7 @@ impl TrainingBackend for InProcess {
                     let base = Base::load(&path)?;
                     let (train_set, eval_set) =
                         load_examples(&base, spec.train.objective, rows, spec.train.max_len)?;
-                    let replay = base.replay_set(&spec.train)?;
+                    let replay = replay_set(&base, &spec.train, &replay_dir, &base_sha256)?;
                     let trainer = match &resume {
                         Some((step, dir)) => Trainer::resume(
                             &base.model,
