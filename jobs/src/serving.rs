@@ -98,26 +98,30 @@ impl Versions {
         };
         // The candidate's own file has its base's shape.
         let own = self.local(v).await?;
-        tokio::task::spawn_blocking(move || {
-            let gguf = flywheel_model::gguf::GgufFile::open(Path::new(&own.path))?;
-            let shape = flywheel_model::LlamaConfig::from_gguf(&gguf)?;
-            let lora = flywheel_trainer::peft::load_for(&shape, &candle_core::Device::Cpu, &dir)?;
-            let (scale, pairs) = lora.plain()?;
-            anyhow::Ok(AdapterWeights {
-                scale,
-                pairs: pairs
-                    .into_iter()
-                    .map(|(layer, proj, rank, a, b)| AdapterPair {
-                        layer,
-                        proj,
-                        rank,
-                        a,
-                        b,
-                    })
-                    .collect(),
-            })
-        })
-        .await
-        .context("reading the adapter panicked")?
+        tokio::task::spawn_blocking(move || adapter_weights(Path::new(&own.path), &dir))
+            .await
+            .context("reading the adapter panicked")?
     }
+}
+
+/// The LoRA adapter in `dir` (PEFT layout) for a model shaped like the one
+/// in `gguf`, in the serving kernels' layout.
+pub fn adapter_weights(gguf: &Path, dir: &Path) -> anyhow::Result<AdapterWeights> {
+    let file = flywheel_model::gguf::GgufFile::open(gguf)?;
+    let shape = flywheel_model::LlamaConfig::from_gguf(&file)?;
+    let lora = flywheel_trainer::peft::load_for(&shape, &candle_core::Device::Cpu, dir)?;
+    let (scale, pairs) = lora.plain()?;
+    Ok(AdapterWeights {
+        scale,
+        pairs: pairs
+            .into_iter()
+            .map(|(layer, proj, rank, a, b)| AdapterPair {
+                layer,
+                proj,
+                rank,
+                a,
+                b,
+            })
+            .collect(),
+    })
 }
