@@ -1,19 +1,28 @@
 #!/usr/bin/env python3
-"""Writes scenarios/support-routing.json, the demo scenario for `flywheel simulate`.
+"""Writes the demo scenarios for `flywheel simulate`: scenarios/support-routing.json
+and, with --mixed, scenarios/support-routing-mixed.json.
 
 Support-ticket routing for Pebble & Pine, a fictional online homeware shop:
 the assistant must answer with only {"intent": ..., "order_id": ...}.
 
-    python3 scenarios/make_support_routing.py          # writes the file, prints statistics
-    python3 scenarios/make_support_routing.py --check  # exits 1 if the file on disk differs
+    python3 scenarios/make_support_routing.py [--mixed]          # writes the file, prints statistics
+    python3 scenarios/make_support_routing.py [--mixed] --check  # exits 1 if the file on disk differs
 
 Standard library only, and deterministic: the same script always writes the same
 bytes (fixed seed, sorted iteration, no dependence on hash randomisation).
 
 Traffic (sent during cycles) and held-out (scored after each cycle, never sent)
-come from disjoint template sets; the script asserts that, asserts that no
-held-out message or order id appears in traffic, and measures word 5-gram
-overlap between the two sets (printed, and bounded by an assertion).
+come from disjoint template sets; the script asserts that, and that no
+held-out message or order id appears in traffic.
+
+The two files differ in where the held-out templates come from. In
+support-routing.json they are written apart, in words the traffic never uses
+("void", "reroute", "bounced"), with their own greetings: a test of
+vocabulary no user ever sent, bounded by an assertion on shared word
+5-grams. In support-routing-mixed.json all 30 templates of each intent (the
+20 traffic and the 10 held-out ones above) form one pool of how customers
+write, and 10 drawn at random from it are held out: new phrasings from the
+same customers, some of whose wording the traffic has seen.
 """
 
 import itertools
@@ -24,7 +33,9 @@ import sys
 from pathlib import Path
 
 SEED = 20240611
-OUT = Path(__file__).resolve().parent / "support-routing.json"
+MIXED = "--mixed" in sys.argv[1:]
+NAME = "support-routing-mixed" if MIXED else "support-routing"
+OUT = Path(__file__).resolve().parent / f"{NAME}.json"
 
 CYCLES = 3
 CHATS_PER_CYCLE = 120
@@ -490,8 +501,25 @@ class Ids:
                 return n
 
 
+def template_split(rng):
+    """(traffic, held-out) templates per intent, and the greetings and
+    closings each side is rendered with."""
+    if not MIXED:
+        return (TRAFFIC_TEMPLATES, HELDOUT_TEMPLATES,
+                (TRAFFIC_GREETINGS, TRAFFIC_CLOSINGS), (HELDOUT_GREETINGS, HELDOUT_CLOSINGS))
+    traffic, heldout = {}, {}
+    for intent in INTENTS:
+        pool = TRAFFIC_TEMPLATES[intent] + HELDOUT_TEMPLATES[intent]
+        held = set(rng.sample(range(len(pool)), HELDOUT_PER_INTENT))
+        traffic[intent] = [t for k, t in enumerate(pool) if k not in held]
+        heldout[intent] = [t for k, t in enumerate(pool) if k in held]
+    sides = (TRAFFIC_GREETINGS + HELDOUT_GREETINGS[1:], TRAFFIC_CLOSINGS + HELDOUT_CLOSINGS[1:])
+    return traffic, heldout, sides, sides
+
+
 def build():
     rng = random.Random(SEED)
+    traffic_templates, heldout_templates, (tg, tc), (hg, hc) = template_split(rng)
     ids = Ids(rng)
     per_intent = CYCLES * CHATS_PER_CYCLE // len(INTENTS)
     assert per_intent * len(INTENTS) == CYCLES * CHATS_PER_CYCLE
@@ -501,7 +529,7 @@ def build():
     traffic_by_intent = {}
     seen_messages = set()
     for intent in INTENTS:
-        templates = TRAFFIC_TEMPLATES[intent]
+        templates = traffic_templates[intent]
         assert len(templates) >= 12, intent
         assert len(set(templates)) == len(templates), intent
         order = list(range(len(templates)))
@@ -513,7 +541,7 @@ def build():
             template = templates[t]
             for attempt in range(200):
                 order_id = ids.new() if has_id(template) else None
-                msg = render(rng, template, order_id, TRAFFIC_GREETINGS, TRAFFIC_CLOSINGS, True)
+                msg = render(rng, template, order_id, tg, tc, True)
                 sh = shingles3(msg)
                 if msg in seen_messages:
                     continue
@@ -536,7 +564,7 @@ def build():
         for intent in INTENTS:
             for t, it in traffic_by_intent[intent][b * k:(b + 1) * k]:
                 block.append(it)
-                traffic_templates_used.add((intent, TRAFFIC_TEMPLATES[intent][t]))
+                traffic_templates_used.add((intent, traffic_templates[intent][t]))
         rng.shuffle(block)
         traffic.extend(block)
     traffic_ids = set(ids.used)
@@ -544,14 +572,14 @@ def build():
     # --- held-out ----------------------------------------------------------
     heldout = []
     for intent in INTENTS:
-        templates = HELDOUT_TEMPLATES[intent]
+        templates = heldout_templates[intent]
         assert len(templates) == HELDOUT_PER_INTENT, intent
         for template in templates:
             order_id = ids.new() if has_id(template) else None
-            msg = render(rng, template, order_id, HELDOUT_GREETINGS, HELDOUT_CLOSINGS, False)
+            msg = render(rng, template, order_id, hg, hc, False)
             heldout.append(item(msg, intent, order_id))
     rng.shuffle(heldout)
-    return traffic, heldout, traffic_templates_used, traffic_ids
+    return traffic, heldout, (traffic_templates, heldout_templates, traffic_templates_used), traffic_ids
 
 
 def order_id_of(it):
@@ -562,7 +590,8 @@ def intent_of(it):
     return it["checks"][0]["fields"]["intent"]
 
 
-def validate(traffic, heldout, traffic_templates_used, traffic_ids):
+def validate(traffic, heldout, templates, traffic_ids):
+    traffic_templates, heldout_templates, traffic_templates_used = templates
     stats = {}
     # Shapes and answers.
     for it in traffic + heldout:
@@ -588,16 +617,16 @@ def validate(traffic, heldout, traffic_templates_used, traffic_ids):
         assert set(counts.values()) == {CHATS_PER_CYCLE // len(INTENTS)}, counts
     for intent in INTENTS:
         used = {t for i, t in traffic_templates_used if i == intent}
-        assert used == set(TRAFFIC_TEMPLATES[intent]), intent
+        assert used == set(traffic_templates[intent]), intent
 
     # Held-out: 10 per intent, templates disjoint from traffic's, messages and
     # order ids never in traffic.
     assert len(heldout) == HELDOUT_PER_INTENT * len(INTENTS)
     for intent in INTENTS:
         assert sum(intent_of(it) == intent for it in heldout) == HELDOUT_PER_INTENT
-    all_traffic_templates = {t for ts in TRAFFIC_TEMPLATES.values() for t in ts}
+    all_traffic_templates = {t for ts in traffic_templates.values() for t in ts}
     norm_traffic_templates = {" ".join(masked_words(t)) for t in all_traffic_templates}
-    for ts in HELDOUT_TEMPLATES.values():
+    for ts in heldout_templates.values():
         for t in ts:
             assert t not in all_traffic_templates, t
             assert " ".join(masked_words(t)) not in norm_traffic_templates, t
@@ -627,7 +656,8 @@ def validate(traffic, heldout, traffic_templates_used, traffic_ids):
     stats["worst_pair"] = worst
     stats["heldout_5grams"] = total_h5
     stats["heldout_5grams_in_traffic"] = shared_any
-    assert max_shared <= MAX_SHARED_5GRAMS, worst
+    # Only the held-out set written apart promises new vocabulary.
+    assert MIXED or max_shared <= MAX_SHARED_5GRAMS, worst
 
     # Closest pair by 3-shingle Jaccard (the curation's near-duplicate measure).
     h3 = [shingles3(it["user"]) for it in heldout]
@@ -647,13 +677,20 @@ def validate(traffic, heldout, traffic_templates_used, traffic_ids):
 
 
 def scenario(traffic, heldout):
+    heldout_from = (
+        "Held-out phrasings come from templates drawn at random from the same pool as the "
+        "traffic's and never used in traffic. Generated by scenarios/make_support_routing.py "
+        "--mixed."
+        if MIXED else
+        "Held-out phrasings come from templates never used in traffic. Generated by "
+        "scenarios/make_support_routing.py."
+    )
     return {
-        "name": "support-routing",
+        "name": NAME,
         "description": (
             "Support-ticket routing for Pebble & Pine, a fictional homeware shop: reply with only "
             '{"intent", "order_id"} JSON. Eight intents; order ids of 4-7 digits in varied '
-            "forms and positions, or none (null). Held-out phrasings come from templates never "
-            "used in traffic. Generated by scenarios/make_support_routing.py."
+            "forms and positions, or none (null). " + heldout_from
         ),
         "team": "shop-support",
         "system": SYSTEM,
@@ -710,11 +747,11 @@ def main():
     print(f"wrote {OUT}")
     print(f"intents: {len(INTENTS)} ({', '.join(INTENTS)})")
     print(f"traffic: {len(traffic)} messages from "
-          f"{sum(len(v) for v in TRAFFIC_TEMPLATES.values())} templates, "
+          f"{sum(len(v) for v in used[0].values())} templates, "
           f"{stats['traffic_null']} without an order id; "
           f"{CYCLES} blocks of {CHATS_PER_CYCLE}, {CHATS_PER_CYCLE // len(INTENTS)} per intent each")
     print(f"heldout: {len(heldout)} messages from "
-          f"{sum(len(v) for v in HELDOUT_TEMPLATES.values())} disjoint templates, "
+          f"{sum(len(v) for v in used[1].values())} disjoint templates, "
           f"{stats['heldout_null']} without an order id")
     print(f"system prompt: {stats['system_words']} words")
     print(f"word 5-grams (ids masked): max shared between a held-out and a traffic message = "
