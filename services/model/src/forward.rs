@@ -302,10 +302,11 @@ impl Llama {
                 (self.cos.index_select(&p, 0)?, self.sin.index_select(&p, 0)?)
             }
         };
+        let rows = Rows { cos, sin, starts };
         let eps = self.cfg.rms_eps;
         for (i, (layer, slot)) in self.layers.iter().zip(cache.layers.iter_mut()).enumerate() {
             let h = ops.rms_norm(&x, &layer.attn_norm, eps)?;
-            let attn = self.attention(ops, i, layer, &h, (&cos, &sin), starts, slot)?;
+            let attn = self.attention(ops, i, layer, &h, &rows, slot)?;
             x = (x + attn)?;
             let h = ops.rms_norm(&x, &layer.ffn_norm, eps)?;
             let gate = ops.linear(&h, &layer.w_gate, Site::Proj(i, Proj::Gate))?;
@@ -323,10 +324,10 @@ impl Llama {
         i: usize,
         layer: &Layer,
         h: &Tensor,
-        (cos, sin): (&Tensor, &Tensor),
-        starts: Option<&[usize]>,
+        rows: &Rows,
         slot: &mut Option<(Tensor, Tensor)>,
     ) -> Result<Tensor> {
+        let (cos, sin, starts) = (&rows.cos, &rows.sin, rows.starts);
         let (t, _) = h.dims2()?;
         let (nh, nkv, hd) = (self.cfg.n_heads, self.cfg.n_kv_heads, self.cfg.head_dim());
         let heads = |w: &Tensor, n: usize, proj: Proj, rope: bool| -> Result<Tensor> {
@@ -356,6 +357,14 @@ impl Llama {
         let out = att.matmul(&v)?.reshape((1, nh, t, hd))?;
         ops.linear(&ops.merge_heads(&out)?, &layer.wo, Site::Proj(i, Proj::O))
     }
+}
+
+/// What the attention of a run's rows needs besides the rows: their rotary
+/// tables and, for packed sequences, where each row's sequence starts.
+struct Rows<'a> {
+    cos: Tensor,
+    sin: Tensor,
+    starts: Option<&'a [usize]>,
 }
 
 fn rope_tables(cfg: &LlamaConfig, device: &Device) -> Result<(Tensor, Tensor)> {
