@@ -280,56 +280,72 @@ async fn chat(
 /// votes (up, with a correction attached).
 type Rated = (bool, Vec<(bool, bool)>);
 
-/// Sends cycle `k`'s traffic and its votes.
+/// Sends cycle `k`'s traffic, then its votes. The votes go once every chat
+/// is answered, so a curation slot that comes while the batch is under way
+/// finds none of them (a loop that counts new examples then trains on the
+/// whole batch, not on the part that was in when the slot came).
 pub async fn traffic(s: &Scenario, t: &Target, k: usize) -> anyhow::Result<Traffic> {
     let http = reqwest::Client::new();
     let started = Instant::now();
     let first = k * s.chats_per_cycle;
-    let results: Vec<anyhow::Result<Rated>> =
+    let replies: Vec<anyhow::Result<(usize, Reply, bool)>> =
         futures::stream::iter(s.traffic_of(k).iter().enumerate())
             .map(|(i, item)| {
                 let http = &http;
                 async move {
                     let index = first + i;
-                    let (rater, user) = rater_of(s, index);
+                    let (_, user) = rater_of(s, index);
                     let reply = chat(http, s, t, &user, &item.user).await?;
                     let right = item.right(&reply.text);
-                    let mut raters = vec![(rater, user, index)];
-                    if draw(s.seed, 5, index as u64) < s.second_rater_share {
-                        let (second, user) = rater_of(s, SECOND_RATER + index);
-                        if user != raters[0].1 {
-                            raters.push((second, user, SECOND_RATER + index));
-                        }
-                    }
-                    let mut votes = Vec::new();
-                    for (rater, user, at) in raters {
-                        let (up, corrects) = vote_of(s, rater, at, right);
-                        let mut vote = json!({
-                            "completion_id": reply.id,
-                            "rating": if up { "up" } else { "down" },
-                            "user": user,
-                        });
-                        if corrects {
-                            vote["correction"] = item.answer.clone().into();
-                        }
-                        let resp = http
-                            .post(format!("{}/v1/feedback", t.url))
-                            .bearer_auth(&t.key)
-                            .json(&vote)
-                            .send()
-                            .await?;
-                        if !resp.status().is_success() {
-                            let status = resp.status();
-                            bail!("feedback answered {status}: {}", resp.text().await?);
-                        }
-                        votes.push((up, corrects));
-                    }
-                    Ok((right, votes))
+                    Ok((index, reply, right))
                 }
             })
             .buffered(t.concurrency.max(1))
             .collect()
             .await;
+    let results: Vec<anyhow::Result<Rated>> = futures::stream::iter(replies)
+        .map(|answered| {
+            let http = &http;
+            async move {
+                let (index, reply, right) = answered?;
+                let item = &s.traffic[index];
+                let (rater, user) = rater_of(s, index);
+                let mut raters = vec![(rater, user, index)];
+                if draw(s.seed, 5, index as u64) < s.second_rater_share {
+                    let (second, user) = rater_of(s, SECOND_RATER + index);
+                    if user != raters[0].1 {
+                        raters.push((second, user, SECOND_RATER + index));
+                    }
+                }
+                let mut votes = Vec::new();
+                for (rater, user, at) in raters {
+                    let (up, corrects) = vote_of(s, rater, at, right);
+                    let mut vote = json!({
+                        "completion_id": reply.id,
+                        "rating": if up { "up" } else { "down" },
+                        "user": user,
+                    });
+                    if corrects {
+                        vote["correction"] = item.answer.clone().into();
+                    }
+                    let resp = http
+                        .post(format!("{}/v1/feedback", t.url))
+                        .bearer_auth(&t.key)
+                        .json(&vote)
+                        .send()
+                        .await?;
+                    if !resp.status().is_success() {
+                        let status = resp.status();
+                        bail!("feedback answered {status}: {}", resp.text().await?);
+                    }
+                    votes.push((up, corrects));
+                }
+                Ok((right, votes))
+            }
+        })
+        .buffered(t.concurrency.max(1))
+        .collect()
+        .await;
     let mut out = Traffic::default();
     for r in results {
         out.chats += 1;
