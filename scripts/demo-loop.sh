@@ -8,7 +8,8 @@
 # retention suite.
 #
 #   scripts/demo-loop.sh [OUT_DIR] [CYCLES] [--unstructured]
-#       (default target/demo-loop, 3 cycles, response_format sent)
+#       (default target/demo-loop, 3 cycles, response_format sent;
+#       SCENARIO=FILE, default scenarios/support-routing-mixed.json)
 #
 # Settings for a demo that fits an afternoon: a curation slot every minute,
 # a cycle trains once 150 new examples are in (a cycle of 120 chats brings
@@ -22,6 +23,7 @@ cd "$(dirname "$0")/.."
 OUT=$(realpath -m "${1:-target/demo-loop}")
 CYCLES=${2:-3}
 SIMULATE_FLAGS=${3:-}
+SCENARIO=${SCENARIO:-scenarios/support-routing-mixed.json}
 mkdir -p "$OUT"
 DB=flywheel_demo_loop
 ADMIN=${ADMIN_URL:-postgres://postgres@127.0.0.1:5432/postgres}
@@ -45,7 +47,7 @@ $FW keys create --team $TEAM > /dev/null
 # --unstructured.
 STRUCTURED=--structured
 [ "$SIMULATE_FLAGS" = "--unstructured" ] && STRUCTURED=
-scripts/scenario-task-suite.py scenarios/support-routing.json "$OUT/task-suite.json" $STRUCTURED
+scripts/scenario-task-suite.py "$SCENARIO" "$OUT/task-suite.json" $STRUCTURED
 $FW suites add "$OUT/task-suite.json" --team $TEAM
 $FW up > "$OUT/up.out" 2> "$OUT/up.log" &
 UP=$!
@@ -53,7 +55,7 @@ trap 'kill $UP 2>/dev/null || true' EXIT
 until curl -sf "http://$FLYWHEEL_ADDR/readyz" > /dev/null; do sleep 1; done
 
 # shellcheck disable=SC2086
-$FW simulate scenarios/support-routing.json --cycles "$CYCLES" --follow-loop \
+$FW simulate "$SCENARIO" --cycles "$CYCLES" --follow-loop \
     $SIMULATE_FLAGS --report "$OUT/simulate.json" 2>&1 | tee "$OUT/simulate.txt"
 $FW cycles list --team $TEAM | tee "$OUT/cycles.txt"
 for id in $(awk 'NR > 1 && $6 != "skipped" {print $1}' "$OUT/cycles.txt"); do
