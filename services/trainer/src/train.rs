@@ -220,14 +220,28 @@ fn log_softmax(logits: &Tensor) -> candle_core::Result<Tensor> {
 /// of KL(P || Q), P the model's next-token distribution without `lora` (the
 /// starting model, no gradient), Q with it. Scalar.
 pub fn reference_kl(model: &Llama, lora: &Lora, e: &Encoded) -> anyhow::Result<Tensor> {
-    if e.prompt.is_empty() || e.answer.is_empty() {
-        bail!("an example needs a prompt and an answer");
-    }
-    let ids: Vec<u32> = e.prompt.iter().chain(&e.answer).copied().collect();
-    let (ids, first) = (&ids[..ids.len() - 1], e.prompt.len() - 1);
-    let log_p = log_softmax(&model.logits(&TrainOps::new(None), ids, first)?.detach())?;
-    let log_q = log_softmax(&model.logits(&TrainOps::new(Some(lora)), ids, first)?)?;
-    let kl = (log_p.exp()? * (&log_p - log_q)?)?.sum(D::Minus1)?;
+    reference_kl_from(model, lora, e, &starting_logprobs(model, e)?)
+}
+
+/// The starting model's next-token log-probabilities at `e`'s answer
+/// positions, `(answer_len, vocab)`, without gradient: P of the reference
+/// penalty, the same at every step (the starting model is frozen), so a run
+/// computes it once per replayed chat.
+pub fn starting_logprobs(model: &Llama, e: &Encoded) -> anyhow::Result<Tensor> {
+    let (ids, first) = scored(e)?;
+    Ok(log_softmax(&model.logits(&TrainOps::new(None), &ids, first)?.detach())?)
+}
+
+/// [`reference_kl`] with P's log-probabilities given ([`starting_logprobs`]).
+pub fn reference_kl_from(
+    model: &Llama,
+    lora: &Lora,
+    e: &Encoded,
+    log_p: &Tensor,
+) -> anyhow::Result<Tensor> {
+    let (ids, first) = scored(e)?;
+    let log_q = log_softmax(&model.logits(&TrainOps::new(Some(lora)), &ids, first)?)?;
+    let kl = (log_p.exp()? * (log_p - log_q)?)?.sum(D::Minus1)?;
     Ok(kl.mean_all()?)
 }
 
@@ -287,6 +301,9 @@ pub struct Trainer<'a> {
     cursor: usize,
     /// General answers of the starting model, replayed one per step.
     replay: Vec<Encoded>,
+    /// The starting model's log-probabilities on each replayed chat, made
+    /// the first time the chat is replayed.
+    starting: Vec<Option<Tensor>>,
 }
 
 impl<'a> Trainer<'a> {
@@ -348,6 +365,7 @@ impl<'a> Trainer<'a> {
             step: 0,
             cursor: 0,
             replay: Vec::new(),
+            starting: Vec::new(),
         })
     }
 
@@ -357,6 +375,7 @@ impl<'a> Trainer<'a> {
     /// `config.reference_kl`. The index follows the step, so a resumed run
     /// replays as the uninterrupted one would.
     pub fn with_replay(mut self, set: Vec<Encoded>) -> Self {
+        self.starting = vec![None; set.len()];
         self.replay = set;
         self
     }
@@ -524,7 +543,8 @@ impl<'a> Trainer<'a> {
         }
         let mut grads = (total.expect("grad_accum is at least 1") / accum as f64)?.backward()?;
         let (mut replay_loss, mut kl_value) = (None, None);
-        if let Some(r) = self.replay.get(self.step % self.replay.len().max(1)) {
+        let at = self.step % self.replay.len().max(1);
+        if let Some(r) = self.replay.get(at) {
             let weight = self.config.replay_weight;
             if weight > 0.0 {
                 let loss = answer_logprobs(self.model, Some(&self.lora), r)?
@@ -535,7 +555,15 @@ impl<'a> Trainer<'a> {
             }
             let weight = self.config.reference_kl;
             if weight > 0.0 {
-                let kl = reference_kl(self.model, &self.lora, r)?;
+                let log_p = match &self.starting[at] {
+                    Some(p) => p.clone(),
+                    None => {
+                        let p = starting_logprobs(self.model, r)?;
+                        self.starting[at] = Some(p.clone());
+                        p
+                    }
+                };
+                let kl = reference_kl_from(self.model, &self.lora, r, &log_p)?;
                 kl_value = Some(kl.to_scalar::<f32>()? as f64);
                 accumulate(&mut grads, &(kl * weight)?.backward()?, &vars)?;
             }
