@@ -162,6 +162,52 @@ async fn served(
     })
 }
 
+/// Answers the team's task suites and the retention suite with the team's
+/// champion and keeps the answers ([`Memo`]): the champion's half of the
+/// next evaluation against it, done ahead (when a suite is added), so that
+/// evaluation runs only the candidate. Answers already kept are not made
+/// again. Returns the champion's name and the answers generated.
+pub async fn remember_champion(
+    pool: &PgPool,
+    env: &EvalEnv,
+    team: Uuid,
+) -> anyhow::Result<(String, usize)> {
+    let champion = flywheel_store::models::team_champion(pool, team)
+        .await?
+        .context("the team has no champion")?;
+    let served = served(pool, &env.versions, &mut HashMap::new(), &champion).await?;
+    let mut suites: Vec<Suite> = evals::team_suites(pool, team)
+        .await?
+        .into_iter()
+        .map(|s| Suite::parse(&s.definition.to_string()))
+        .collect::<Result<_, _>>()?;
+    suites.push(env.retention.clone().unwrap_or_else(Suite::retention));
+    for suite in &suites {
+        flywheel_eval::run::answer_suite(&served, suite, env.concurrency)
+            .await
+            .with_context(|| format!("answering {}", suite.name))?;
+    }
+    let generated = keep_answers(pool, champion.id, &served).await?;
+    Ok((champion.name, generated))
+}
+
+/// Stores the answers `served` generated (its memo's fresh ones) as
+/// `version`'s; returns how many.
+async fn keep_answers(pool: &PgPool, version: Uuid, served: &Served) -> anyhow::Result<usize> {
+    let fresh: Vec<evals::Remembered> = served
+        .memo
+        .iter()
+        .flat_map(|m| m.fresh())
+        .map(|r| evals::Remembered {
+            request_sha256: r.key,
+            output: r.text,
+            tokens: r.tokens as i32,
+        })
+        .collect();
+    evals::remember(pool, version, &fresh).await?;
+    Ok(fresh.len())
+}
+
 fn messages(m: &[flywheel_curation::build::Message]) -> Vec<ChatMessage> {
     m.iter()
         .map(|m| ChatMessage {
@@ -305,17 +351,7 @@ async fn evaluate(
     evals::add_metrics(pool, e.id, &metrics).await?;
     evals::add_items(pool, e.id, &items).await?;
     for (version, served) in [(candidate.id, &cand), (champion.id, &champ)] {
-        let fresh: Vec<evals::Remembered> = served
-            .memo
-            .iter()
-            .flat_map(|m| m.fresh())
-            .map(|r| evals::Remembered {
-                request_sha256: r.key,
-                output: r.text,
-                tokens: r.tokens as i32,
-            })
-            .collect();
-        evals::remember(pool, version, &fresh).await?;
+        keep_answers(pool, version, served).await?;
     }
     let names: Vec<String> = task_suites.iter().map(|s| s.name.clone()).collect();
     let verdict = flywheel_eval::gate::judge(&env.policy, &cmp.metrics, &names, &retention_name);

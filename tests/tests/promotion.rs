@@ -350,31 +350,33 @@ async fn an_evaluation_reads_the_answers_a_version_gave_before() {
         .collect();
     let cand = candidate(&gw, "tiny-ft-memo", Some(team), pairs).await;
     let env = env(&gw, retention.clone(), 0.1);
-    let first = evaluate(&gw, &env, team, &cand).await;
     let pool = &gw.db.pool;
-    // Every greedy answer of both models is kept: the task suite's and the
-    // retention suite's items.
+    // The champion answers the team's suite and the retention suite ahead
+    // (`flywheel suites add --answer`); a second time there is nothing new.
     let per_model = ROUTING.len() + retention.items.len();
-    for v in [cand.id, gw.served.version_id] {
-        let kept = flywheel_store::evals::remembered(pool, v).await.unwrap();
-        assert_eq!(kept.len(), per_model, "answers kept for {v}");
-    }
+    let (name, generated) = flywheel_jobs::evaluate::remember_champion(pool, &env, team)
+        .await
+        .unwrap();
+    assert_eq!((name.as_str(), generated), (gw.model(), per_model));
+    let again = flywheel_jobs::evaluate::remember_champion(pool, &env, team)
+        .await
+        .unwrap();
+    assert_eq!(again.1, 0);
     // Mark one of the champion's kept answers: an evaluation that reads the
     // memo shows the mark, one that generates again would not.
     let kept = flywheel_store::evals::remembered(pool, gw.served.version_id)
         .await
         .unwrap();
-    let marked = &kept[0];
+    assert_eq!(kept.len(), per_model);
     sqlx::query(
         "update remembered_answers set output = 'MARKED'
          where model_version_id = $1 and request_sha256 = $2",
     )
     .bind(gw.served.version_id)
-    .bind(&marked.request_sha256)
+    .bind(&kept[0].request_sha256)
     .execute(pool)
     .await
     .unwrap();
-    let second = evaluate(&gw, &env, team, &cand).await;
     let outputs = |id| async move {
         flywheel_store::evals::items(pool, id, None)
             .await
@@ -383,23 +385,18 @@ async fn an_evaluation_reads_the_answers_a_version_gave_before() {
             .map(|i| ((i.suite, i.item, i.model_version_id), i.output))
             .collect::<std::collections::BTreeMap<_, _>>()
     };
-    let (before, after) = (
-        outputs(first.evaluation_id).await,
-        outputs(second.evaluation_id).await,
-    );
-    assert_eq!(before.len(), after.len());
-    let changed: Vec<_> = before
-        .iter()
-        .filter(|(k, v)| after[*k] != **v)
-        .map(|(k, _)| (k.clone(), after[k].clone()))
-        .collect();
-    assert_eq!(
-        changed.len(),
-        1,
-        "only the marked answer differs: {changed:?}"
-    );
-    assert_eq!(changed[0].0.2, gw.served.version_id);
-    assert_eq!(changed[0].1, "MARKED");
+    let first = outputs(evaluate(&gw, &env, team, &cand).await.evaluation_id).await;
+    let marked: Vec<_> = first.iter().filter(|(_, o)| *o == "MARKED").collect();
+    assert_eq!(marked.len(), 1, "the champion's answer came from the memo");
+    assert_eq!(marked[0].0.2, gw.served.version_id);
+    // The candidate's answers were generated and are kept now too: a second
+    // evaluation reads both sides and gives the same outputs.
+    let kept = flywheel_store::evals::remembered(pool, cand.id)
+        .await
+        .unwrap();
+    assert_eq!(kept.len(), per_model);
+    let second = outputs(evaluate(&gw, &env, team, &cand).await.evaluation_id).await;
+    assert_eq!(first, second);
 }
 
 #[tokio::test]

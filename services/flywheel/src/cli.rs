@@ -188,7 +188,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             crate::journal::run(&cfg, command, pool).await
         }
         Command::Eval(args) => crate::eval::eval(&cfg, &pool(&cfg).await?, *args).await,
-        Command::Suites { command } => crate::eval::suites(&pool(&cfg).await?, command).await,
+        Command::Suites { command } => crate::eval::suites(&cfg, &pool(&cfg).await?, command).await,
         Command::Decisions { team, limit } => {
             crate::eval::decisions(&pool(&cfg).await?, team.as_deref(), limit).await
         }

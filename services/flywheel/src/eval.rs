@@ -63,6 +63,11 @@ pub enum SuitesCommand {
         file: std::path::PathBuf,
         #[arg(long)]
         team: String,
+        /// Also answer the team's suites and the retention suite with its
+        /// champion now and keep the answers, so the next evaluation
+        /// against that champion runs only the candidate.
+        #[arg(long)]
+        answer: bool,
     },
     /// A team's task suites.
     List {
@@ -275,9 +280,9 @@ async fn list(pool: &PgPool, team: Option<&str>) -> anyhow::Result<()> {
     Ok(())
 }
 
-pub async fn suites(pool: &PgPool, command: SuitesCommand) -> anyhow::Result<()> {
+pub async fn suites(cfg: &Config, pool: &PgPool, command: SuitesCommand) -> anyhow::Result<()> {
     match command {
-        SuitesCommand::Add { file, team } => {
+        SuitesCommand::Add { file, team, answer } => {
             let text = std::fs::read_to_string(&file)
                 .with_context(|| format!("reading {}", file.display()))?;
             let suite = Suite::parse(&text)?;
@@ -296,6 +301,17 @@ pub async fn suites(pool: &PgPool, command: SuitesCommand) -> anyhow::Result<()>
                 suite.items.len(),
                 &stored.sha256[..12]
             );
+            if answer {
+                let started = std::time::Instant::now();
+                let (champion, generated) =
+                    flywheel_jobs::evaluate::remember_champion(pool, &cfg.eval_env(pool), team_id)
+                        .await?;
+                println!(
+                    "{champion} answered the team's suites and the retention suite: \
+                     {generated} answers kept ({:.0} s)",
+                    started.elapsed().as_secs_f64()
+                );
+            }
         }
         SuitesCommand::List { team } => {
             let team_id = team_id(pool, &team).await?;

@@ -229,7 +229,9 @@ pub fn reference_kl(model: &Llama, lora: &Lora, e: &Encoded) -> anyhow::Result<T
 /// computes it once per replayed chat.
 pub fn starting_logprobs(model: &Llama, e: &Encoded) -> anyhow::Result<Tensor> {
     let (ids, first) = scored(e)?;
-    Ok(log_softmax(&model.logits(&TrainOps::new(None), &ids, first)?.detach())?)
+    Ok(log_softmax(
+        &model.logits(&TrainOps::new(None), &ids, first)?.detach(),
+    )?)
 }
 
 /// [`reference_kl`] with P's log-probabilities given ([`starting_logprobs`]).
