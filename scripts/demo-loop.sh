@@ -48,7 +48,11 @@ $FW keys create --team $TEAM > /dev/null
 STRUCTURED=--structured
 [ "$SIMULATE_FLAGS" = "--unstructured" ] && STRUCTURED=
 scripts/scenario-task-suite.py "$SCENARIO" "$OUT/task-suite.json" $STRUCTURED
-$FW suites add "$OUT/task-suite.json" --team $TEAM
+# The base answers the task and retention suites now, before the first
+# cycle, and its answers are kept: each cycle's evaluation then runs only
+# its candidate (a promoted candidate's answers are kept when it is
+# evaluated).
+$FW suites add "$OUT/task-suite.json" --team $TEAM --answer
 $FW up > "$OUT/up.out" 2> "$OUT/up.log" &
 UP=$!
 trap 'kill $UP 2>/dev/null || true' EXIT

@@ -183,13 +183,15 @@ async fn two_automatic_cycles_promote_a_winner_then_keep_it_against_a_tie() {
                     ..Default::default()
                 },
                 // Steps from the dataset's size: 12 passes, 2 examples a
-                // step, at most 300 (checked against the run below).
+                // step, 30 to 300 steps (checked against the run below).
                 train: TrainConfig {
                     objective: Objective::Sft,
                     learning_rate: 2e-2,
                     steps: 300,
                     epochs: 12.0,
+                    min_steps: 30,
                     grad_accum: 2,
+                    max_grad_accum: 2,
                     ..Default::default()
                 },
                 external: false,

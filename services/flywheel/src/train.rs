@@ -41,7 +41,8 @@ pub struct TrainArgs {
     #[arg(long, default_value_t = TrainConfig::default().steps)]
     pub steps: usize,
     /// Passes over the training examples, which set the steps (between
-    /// --min-steps and --steps); 0 trains exactly --steps.
+    /// --min-steps and --steps) and, where --steps would not make them, the
+    /// examples a step (up to --max-grad-accum); 0 trains exactly --steps.
     #[arg(long, default_value_t = TrainConfig::default().epochs)]
     pub epochs: f64,
     /// The fewest steps --epochs gives.
@@ -49,9 +50,13 @@ pub struct TrainArgs {
     pub min_steps: usize,
     #[arg(long, default_value_t = TrainConfig::default().learning_rate)]
     pub learning_rate: f64,
-    #[arg(long, default_value_t = 1)]
+    /// Examples per optimizer step.
+    #[arg(long, default_value_t = TrainConfig::default().grad_accum)]
     pub grad_accum: usize,
-    #[arg(long, default_value_t = 10)]
+    /// The most examples per step --epochs may ask for.
+    #[arg(long, default_value_t = TrainConfig::default().max_grad_accum)]
+    pub max_grad_accum: usize,
+    #[arg(long, default_value_t = TrainConfig::default().warmup_steps)]
     pub warmup_steps: usize,
     #[arg(long, default_value_t = LoraConfig::default().rank)]
     pub rank: usize,
@@ -123,6 +128,7 @@ fn configs(args: &TrainArgs, objective: Objective) -> anyhow::Result<(LoraConfig
             epochs: args.epochs,
             min_steps: args.min_steps,
             grad_accum: args.grad_accum,
+            max_grad_accum: args.max_grad_accum,
             warmup_steps: args.warmup_steps,
             max_len: args.max_len,
             beta: args.beta,
@@ -210,10 +216,11 @@ fn fit(
     let mut trainer =
         Trainer::new(&base.model, lora, config.clone(), train_set)?.with_replay(replay);
     let eval_before = trainer.evaluate(&eval_set)?;
+    let per = config.grad_accum;
     match n_eval {
-        0 => eprintln!("{n_train} train / 0 eval examples"),
+        0 => eprintln!("{n_train} train / 0 eval examples; {steps} steps of {per}"),
         _ => eprintln!(
-            "{n_train} train / {n_eval} eval examples; eval loss before: {eval_before:.4}"
+            "{n_train} train / {n_eval} eval examples; {steps} steps of {per}; eval loss before: {eval_before:.4}"
         ),
     }
     let started = Instant::now();
