@@ -108,15 +108,18 @@ impl Default for TrainConfig {
             // never served without.
             max_len: 512,
             beta: 0.1,
-            // The reference penalty on 16 general chats, without their SFT
-            // loss. Measured on the demo scenario (docs/flywheel.md): the SFT
-            // replay alone (32 prompts, weight 1) left the retention suite
-            // where it was without replay; the penalty at weight 1 moved it
-            // little (-2.6 points [-6.1, +1.2]); at 10 it held (+0.3 [-2.9,
-            // +3.5]) on the same dataset.
-            replay_prompts: 16,
+            // The reference penalty on all 48 shipped general chats, without
+            // their SFT loss. Measured on the demo scenario
+            // (docs/flywheel.md): the SFT replay alone (32 prompts, weight 1)
+            // left the retention suite where it was without replay; the
+            // penalty at weight 1 moved it little (-2.6 points [-6.1,
+            // +1.2]); at 10 on 16 chats it held for 111 steps of one example
+            // (+0.3 [-2.9, +3.5]) but not for 150 steps of two (-1.2 [-3.8,
+            // +1.2] and -1.5 [-4.1, +0.9] in the loop, both rejected); 30 on
+            // 48 chats changed the fewest general answers.
+            replay_prompts: 48,
             replay_weight: 0.0,
-            reference_kl: 10.0,
+            reference_kl: 30.0,
         }
     }
 }
