@@ -110,6 +110,11 @@ pub fn adapter_weights(gguf: &Path, dir: &Path) -> anyhow::Result<AdapterWeights
     let file = flywheel_model::gguf::GgufFile::open(gguf)?;
     let shape = flywheel_model::LlamaConfig::from_gguf(&file)?;
     let lora = flywheel_trainer::peft::load_for(&shape, &candle_core::Device::Cpu, dir)?;
+    Ok(served_adapter(&lora)?)
+}
+
+/// A trained LoRA adapter in the serving kernels' layout.
+pub fn served_adapter(lora: &flywheel_trainer::Lora) -> candle_core::Result<AdapterWeights> {
     let (scale, pairs) = lora.plain()?;
     Ok(AdapterWeights {
         scale,

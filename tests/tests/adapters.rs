@@ -4,7 +4,6 @@
 
 use candle_core::Tensor;
 use flywheel_engine::testing::CpuForward;
-use flywheel_engine::{AdapterPair, AdapterWeights};
 use flywheel_model::Proj;
 use flywheel_trainer::ops::TrainOps;
 use flywheel_trainer::{Base, Lora, LoraConfig};
@@ -53,20 +52,7 @@ fn the_served_adapter_matches_the_trained_one() {
         .to_vec1::<f32>()
         .unwrap();
 
-    let (scale, pairs) = lora.plain().unwrap();
-    let weights = AdapterWeights {
-        scale,
-        pairs: pairs
-            .into_iter()
-            .map(|(layer, proj, rank, a, b)| AdapterPair {
-                layer,
-                proj,
-                rank,
-                a,
-                b,
-            })
-            .collect(),
-    };
+    let weights = flywheel_jobs::serving::served_adapter(&lora).unwrap();
     let engine = CpuForward::load(&path, 2).unwrap();
     let served = engine
         .logits_with(&mut engine.new_sequence(), &tokens, Some(&weights))

@@ -189,6 +189,17 @@ pub async fn generate_shaped(
     temperature: f32,
     json: Option<Arc<flywheel_engine::JsonShape>>,
 ) -> Result<Generation> {
+    generate_ids(m, prompt(m, messages)?, max_tokens, temperature, json).await
+}
+
+/// `ids` continued by `m` at `temperature` with seed 0, under `json`.
+async fn generate_ids(
+    m: &Served,
+    ids: Vec<u32>,
+    max_tokens: usize,
+    temperature: f32,
+    json: Option<Arc<flywheel_engine::JsonShape>>,
+) -> Result<Generation> {
     let params = SamplingParams {
         temperature,
         max_tokens,
@@ -196,7 +207,7 @@ pub async fn generate_shaped(
         json,
         ..Default::default()
     };
-    Ok(drive(m, prompt(m, messages)?, params).await?.0)
+    Ok(drive(m, ids, params).await?.0)
 }
 
 /// [`generate`] under the item's `response_format`, read from the model's
@@ -228,14 +239,7 @@ async fn generate_remembered(
         }
         None => None,
     };
-    let params = SamplingParams {
-        temperature,
-        max_tokens,
-        seed: Some(0),
-        json,
-        ..Default::default()
-    };
-    let g = drive(m, ids, params).await?.0;
+    let g = generate_ids(m, ids, max_tokens, temperature, json).await?;
     if let (Some(memo), Some(key)) = (memo, key)
         && let Ok(mut fresh) = memo.fresh.lock()
     {
