@@ -88,14 +88,14 @@ impl Default for TrainConfig {
             learning_rate: 3e-4,
             weight_decay: 0.0,
             // 150 steps whatever the dataset's size, each of 2 to 4 examples
-            // so the run makes 3 passes where it can. Measured on the demo
-            // scenario (docs/flywheel.md): held-out success rose with the
-            // number of steps more than with the examples per step (50
-            // examples: 61% after 30 steps of 8, 65% after 60 of 8, 81% after
-            // 150 of 2), and fell when 150 steps made less than one pass
-            // (180 examples one a step: 67%); a step of 4 examples costs
-            // about twice one of 1 on two cores, so 150 steps of at most 4
-            // fit a cycle's 15 minutes.
+            // so the run makes 3 passes where it can. On the demo scenario
+            // held-out success rose with the number of steps more than with
+            // the examples a step (exploratory runs, which
+            // scripts/calibrate-training.sh repeats), and with these settings
+            // the loop reached 80% in two cycles (docs/flywheel.md); a step
+            // of 4 examples costs about 1.7 times one of 1 (packed behind
+            // the shared system prompt, docs/benchmarks.md), so 150 steps of
+            // at most 4 fit a cycle's 15 minutes.
             steps: 150,
             epochs: 3.0,
             min_steps: 150,
