@@ -30,7 +30,7 @@ async fn main() -> anyhow::Result<()> {
         models.push(("base".to_string(), None));
     }
     for dir in adapters {
-        let weights = flywheel_jobs::serving::adapter_weights(Path::new(base), Path::new(dir))?;
+        let weights = flywheel_modelhub::adapter_weights(Path::new(base), Path::new(dir))?;
         let id = engine
             .add_adapter(weights)
             .map_err(|e| anyhow::anyhow!("{dir}: {e}"))?;

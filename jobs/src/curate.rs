@@ -398,10 +398,12 @@ fn manifest(
             "eval_fraction": job.rules.eval_fraction,
             "min_eval_examples": job.rules.min_eval_examples,
             "eval_share": ds.eval_share,
+            "eval_filled": ds.eval_filled,
             "split": "FNV-1a of the normalized prompt into 10,000 buckets; buckets below \
-                      eval_share go to eval, eval_share being eval_fraction raised until each \
-                      kind has min_eval_examples in eval (a quarter of a kind with fewer than \
-                      four times that); a prompt is in one split only",
+                      eval_share go to eval; then, for corrections, DPO pairs, KTO votes and \
+                      SFT answers in turn, the newest prompts of that kind go to eval until it \
+                      holds min_eval_examples (a quarter of a kind with fewer than four times \
+                      that); eval_filled prompts were added so; a prompt is in one split only",
             "rater_min_compared": job.rules.rater_min_compared,
             "rater_min_agreement": job.rules.rater_min_agreement,
             "raters_method": "each rater's latest vote per completion compared with other \

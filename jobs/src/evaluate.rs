@@ -3,29 +3,26 @@
 //! the general retention suite, the held-out preference pairs and answers
 //! of the candidate's dataset, and latency; every metric with its paired
 //! interval, every example's output for both models, and the gate's
-//! verdict stored. After a training run the job also acts on the verdict:
-//! a passing candidate starts a canary (or is promoted when no canary is
-//! configured), a failing one is rejected, each with its reasons in the
-//! audit log.
+//! verdict stored. After a training run the verdict goes to the loop
+//! ([`flywheel_loop::cycle::evaluated`]), which acts on it: a canary (or a
+//! promotion when no canary is configured) or a rejection.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
 use anyhow::Context;
-use flywheel_curation::build::{DpoPair, SftExample};
+use flywheel_curation::build::{DpoPair, KtoExample, SftExample};
 use flywheel_engine::{ChatMessage, EngineHandle};
-use flywheel_eval::run::{Answer, Inputs, Memo, Pair, Remembered, Served};
+use flywheel_eval::run::{Answer, Inputs, Memo, Pair, Remembered, Served, Vote};
 use flywheel_eval::{Policy, Suite};
-use flywheel_store::cycles::{self, Link, StageEnd};
 use flywheel_store::evals::{self, NewEvaluation};
 use flywheel_store::models::ModelVersion;
 use flywheel_store::{PgPool, Postgres, Transaction};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use crate::promote::{self, LOOP, Why};
 use crate::queue;
-use crate::serving::Versions;
+use flywheel_modelhub::Versions;
 
 /// The queue's payload.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -217,36 +214,50 @@ fn messages(m: &[flywheel_curation::build::Message]) -> Vec<ChatMessage> {
         .collect()
 }
 
-/// The held-out pairs and answers of a dataset version.
-async fn held_out(pool: &PgPool, dataset: Uuid) -> anyhow::Result<(Vec<Pair>, Vec<Answer>)> {
-    let dpo = flywheel_store::datasets::examples(pool, dataset, "dpo", Some("eval")).await?;
-    let sft = flywheel_store::datasets::examples(pool, dataset, "sft", Some("eval")).await?;
-    let pairs = dpo
-        .into_iter()
-        .enumerate()
-        .map(|(i, (_, e))| {
-            let p: DpoPair = serde_json::from_value(e)?;
-            Ok(Pair {
-                id: format!("pair-{i}"),
-                prompt: messages(&p.prompt),
-                chosen: p.chosen,
-                rejected: p.rejected,
-            })
-        })
-        .collect::<anyhow::Result<Vec<_>>>()?;
-    let answers = sft
-        .into_iter()
-        .enumerate()
-        .map(|(i, (_, e))| {
-            let a: SftExample = serde_json::from_value(e)?;
-            Ok(Answer {
-                id: format!("answer-{i}"),
-                prompt: messages(&a.prompt),
-                answer: a.completion,
-            })
-        })
-        .collect::<anyhow::Result<Vec<_>>>()?;
-    Ok((pairs, answers))
+/// A dataset version's held-out evidence: its eval split's preference
+/// pairs, corrections, liked answers and single votes.
+#[derive(Debug, Default)]
+struct HeldOut {
+    pairs: Vec<Pair>,
+    corrections: Vec<Answer>,
+    liked: Vec<Answer>,
+    votes: Vec<Vote>,
+}
+
+async fn held_out(pool: &PgPool, dataset: Uuid) -> anyhow::Result<HeldOut> {
+    let rows = |kind| flywheel_store::datasets::examples(pool, dataset, kind, Some("eval"));
+    let mut out = HeldOut::default();
+    for (i, (_, e)) in rows("dpo").await?.into_iter().enumerate() {
+        let p: DpoPair = serde_json::from_value(e)?;
+        out.pairs.push(Pair {
+            id: format!("pair-{i}"),
+            prompt: messages(&p.prompt),
+            chosen: p.chosen,
+            rejected: p.rejected,
+        });
+    }
+    for (i, (_, e)) in rows("sft").await?.into_iter().enumerate() {
+        let a: SftExample = serde_json::from_value(e)?;
+        let (list, id) = match a.correction {
+            true => (&mut out.corrections, format!("correction-{i}")),
+            false => (&mut out.liked, format!("liked-{i}")),
+        };
+        list.push(Answer {
+            id,
+            prompt: messages(&a.prompt),
+            answer: a.completion,
+        });
+    }
+    for (i, (_, e)) in rows("kto").await?.into_iter().enumerate() {
+        let k: KtoExample = serde_json::from_value(e)?;
+        out.votes.push(Vote {
+            id: format!("vote-{i}"),
+            prompt: messages(&k.prompt),
+            answer: k.completion,
+            up: k.label,
+        });
+    }
+    Ok(out)
 }
 
 /// Runs one evaluation to its end. The step function the worker calls.
@@ -256,7 +267,18 @@ pub async fn run(pool: &PgPool, env: &EvalEnv, job: &EvalJob) -> anyhow::Result<
         .await?
         .with_context(|| format!("evaluation {} does not exist", job.evaluation_id))?;
     match evaluate(pool, env, &e).await {
-        Ok(outcome) if job.act => act(pool, env, &e, outcome).await,
+        Ok(mut outcome) if job.act => {
+            let kind = flywheel_loop::cycle::evaluated(
+                pool,
+                &env.policy,
+                &e,
+                outcome.passed,
+                &outcome.reasons,
+            )
+            .await?;
+            outcome.action = kind.map(|k| k.to_string());
+            Ok(outcome)
+        }
         Ok(outcome) => Ok(outcome),
         Err(err) => {
             evals::finish(
@@ -296,17 +318,19 @@ async fn evaluate(
             .collect::<Result<_, _>>()?,
         None => Vec::new(),
     };
-    let (pairs, answers) = match e.dataset_version_id {
+    let held = match e.dataset_version_id {
         Some(d) => held_out(pool, d).await?,
-        None => (Vec::new(), Vec::new()),
+        None => HeldOut::default(),
     };
     let retention = env.retention.clone().unwrap_or_else(Suite::retention);
     let retention_name = retention.name.clone();
     let inputs = Inputs {
         task_suites: task_suites.clone(),
         retention: Some(retention),
-        pairs,
-        answers,
+        pairs: held.pairs,
+        corrections: held.corrections,
+        liked: held.liked,
+        votes: held.votes,
         answer_max_tokens: 128,
     };
     let (cand, champ) = load_pair(pool, &env.versions, &candidate, &champion).await?;
@@ -370,97 +394,4 @@ async fn evaluate(
         reasons: verdict.reasons,
         action: None,
     })
-}
-
-/// The loop's move after an evaluation: a canary (or a promotion) for a
-/// candidate that passed, a rejection on record for one that did not.
-async fn act(
-    pool: &PgPool,
-    env: &EvalEnv,
-    e: &evals::Evaluation,
-    mut outcome: EvalOutcome,
-) -> anyhow::Result<EvalOutcome> {
-    let Some(team) = e.team_id else {
-        return Ok(outcome);
-    };
-    let candidate = flywheel_store::models::get(pool, e.candidate_version_id)
-        .await?
-        .context("the candidate is gone")?;
-    let evidence = serde_json::json!({
-        "evaluation": e.id,
-        "metrics": evals::metrics(pool, e.id).await?,
-        "reasons": outcome.reasons,
-    });
-    let summary = outcome.reasons.join("; ");
-    let action = if !outcome.passed {
-        let reason = format!("failed the offline gate: {summary}");
-        let mut tx = pool.begin().await?;
-        let decision = flywheel_store::decisions::record(
-            &mut *tx,
-            &flywheel_store::decisions::NewDecision {
-                team_id: Some(team),
-                kind: "reject",
-                candidate_version_id: Some(candidate.id),
-                champion_version_id: Some(e.champion_version_id),
-                evaluation_id: Some(e.id),
-                reason: &reason,
-                evidence,
-                actor: LOOP,
-                ..Default::default()
-            },
-        )
-        .await?;
-        cycles::advance_linked(
-            &mut tx,
-            Link::Evaluation(e.id),
-            "evaluate",
-            "done",
-            &StageEnd {
-                note: "failed the gate",
-                decision_id: Some(decision),
-                ..Default::default()
-            },
-            Some(("rejected", &reason)),
-        )
-        .await?;
-        tx.commit().await?;
-        "reject"
-    } else if env.policy.canary_share > 0.0 {
-        let reason = format!("passed the offline gate: {summary}");
-        promote::start_canary(
-            pool,
-            team,
-            &candidate,
-            env.policy.canary_share,
-            env.policy.canary_deadline_hours,
-            Why {
-                reason: &reason,
-                evidence,
-                actor: LOOP,
-                evaluation_id: Some(e.id),
-                canary_id: None,
-            },
-        )
-        .await?;
-        "canary_started"
-    } else {
-        let reason = format!("passed the offline gate: {summary}");
-        promote::promote(
-            pool,
-            team,
-            &candidate,
-            "promote",
-            Why {
-                reason: &reason,
-                evidence,
-                actor: LOOP,
-                evaluation_id: Some(e.id),
-                canary_id: None,
-            },
-        )
-        .await?;
-        "promote"
-    };
-    outcome.action = Some(action.into());
-    Ok(outcome)
 }

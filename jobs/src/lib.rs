@@ -1,21 +1,21 @@
-//! Background jobs on apalis with its Postgres storage, in the same database
-//! as everything else: dataset curation and LoRA training runs (with their
-//! backends behind one trait), their schedules, the artifact store, and the
-//! worker that runs them. Each job's step function is public so tests can
-//! run it directly.
+//! The worker: background jobs on apalis with its Postgres storage, in the
+//! same database as everything else. Dataset curation, LoRA training runs
+//! (with their backends behind one trait) and evaluations, their schedules,
+//! the canary monitor, and the queue the loop puts its stages on
+//! ([`stages::JobQueue`]). Each job's step function is public so tests can
+//! run it directly; what a job's end means for its cycle is the loop's to
+//! decide (`flywheel_loop`), not the job's.
 //!
 //! Jobs call the store for every SQL statement and the trainer for every
-//! gradient; they serve no HTTP.
+//! gradient; they serve no HTTP. Nothing but the binary depends on this
+//! crate.
 
-pub mod artifacts;
 pub mod canary;
 pub mod curate;
-pub mod cycle;
 pub mod evaluate;
 pub mod faults;
-pub mod promote;
 pub mod queue;
 pub mod schedule;
-pub mod serving;
+pub mod stages;
 pub mod train;
 pub mod worker;

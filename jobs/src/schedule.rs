@@ -9,9 +9,12 @@ use flywheel_curation::build::Rules;
 use flywheel_store::PgPool;
 use flywheel_store::datasets::{self, Scope};
 
+use flywheel_loop::LoopConfig;
+use flywheel_store::cycles::Trigger;
+
 use crate::curate::CurateJob;
-use crate::cycle::{self, LoopConfig};
 use crate::queue;
+use crate::stages::JobQueue;
 
 /// The scheduled curation: its name in `schedule_ticks` and its cron
 /// expression (seconds first, as the `cron` crate reads it).
@@ -75,8 +78,14 @@ pub async fn fire_curation(
             teams.sort();
             teams.dedup();
             teams.retain(|t| !running.contains(t));
+            let queue = JobQueue {
+                max_attempts: s.max_attempts,
+            };
             for team in teams {
-                if let Some(id) = cycle::start_in(&mut tx, team, "schedule", cfg).await? {
+                let started =
+                    flywheel_loop::cycle::start_in(&mut tx, &queue, team, Trigger::Schedule, cfg)
+                        .await?;
+                if let Some(id) = started {
                     ids.push(id.to_string());
                 }
             }

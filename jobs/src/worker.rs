@@ -16,6 +16,7 @@ use crate::curate::{self, CurateJob};
 use crate::evaluate::{self, EvalEnv, EvalJob};
 use crate::queue;
 use crate::schedule::{self, CurationSchedule};
+use crate::stages::JobQueue;
 use crate::train::{self, TrainEnv, TrainJob};
 
 #[derive(Debug, Clone)]
@@ -83,6 +84,7 @@ impl Backoff {
 struct Ctx {
     pool: PgPool,
     worker: String,
+    max_attempts: u32,
     backoff: Backoff,
     training: Option<TrainEnv>,
     evaluation: Option<EvalEnv>,
@@ -126,7 +128,7 @@ where
                 .is_some_and(|s| attempt as i64 >= i64::from(s.max_attempts));
             if let (true, Some(link)) = (last, cycle) {
                 let why = format!("{kind} gave up after {attempt} attempts: {message}");
-                crate::cycle::failed(store, link, &why).await?;
+                flywheel_loop::cycle::gave_up(store, link, &why).await?;
             }
             Err(message.into())
         }
@@ -204,7 +206,10 @@ async fn curate_task(
         async {
             let outcome = curate::run(&ctx.pool, &job).await?;
             if let Some(id) = job.cycle {
-                crate::cycle::curated(&ctx.pool, id, &outcome).await?;
+                let queue = JobQueue {
+                    max_attempts: ctx.max_attempts,
+                };
+                flywheel_loop::cycle::curated(&ctx.pool, &queue, id, outcome.version_id).await?;
             }
             Ok(outcome)
         },
@@ -242,6 +247,7 @@ pub async fn run(
     let ctx = Ctx {
         pool: pool.clone(),
         worker: config.name.clone(),
+        max_attempts: config.max_attempts,
         backoff: config.backoff,
         training: config.training.clone(),
         evaluation: config.evaluation.clone(),

@@ -2,13 +2,17 @@
 //! end-to-end tests in this crate and the tests of the `flywheel` binary.
 //! A fresh database per test ([`db`]), the gateway in process ([`gateway`])
 //! or the binary as a process ([`process`]), an S3 stand-in ([`s3`]), the
-//! tiny model's task for promotion and loop tests ([`tiny_task`]), and
-//! waiting with a deadline ([`wait`]).
+//! tiny model's task for promotion and loop tests ([`tiny_task`]), the loop
+//! on it with the shipped settings ([`tiny_loop`]), a slower copy of a
+//! model that answers the same ([`slow_model`]), and waiting with a
+//! deadline ([`wait`]).
 
 pub mod db;
 pub mod gateway;
 pub mod process;
 pub mod s3;
+pub mod slow_model;
+pub mod tiny_loop;
 pub mod tiny_task;
 pub mod wait;
 

@@ -27,6 +27,30 @@ pub const ROUTING: [&str; 12] = [
 /// What every routing prompt must get.
 pub const ANSWER: &str = "ok";
 
+/// Words that make routing prompts of a team's traffic: `route ticket
+/// <word>`. No two such prompts are near-duplicates (they share one word
+/// shingle of two), so curation keeps each.
+pub const TICKETS: [&str; 96] = [
+    "amber", "anchor", "apple", "arrow", "aspen", "atlas", "badge", "banjo", "barley", "basil",
+    "beacon", "birch", "bison", "blossom", "bolt", "bramble", "bridge", "brook", "cactus",
+    "canyon", "cedar", "cello", "chalk", "cherry", "cinder", "clover", "cobalt", "comet", "copper",
+    "coral", "crane", "crystal", "daisy", "delta", "desert", "dune", "eagle", "ember", "falcon",
+    "fennel", "fern", "fig", "flint", "forest", "frost", "garnet", "ginger", "glacier", "granite",
+    "harbor", "hazel", "heron", "honey", "indigo", "iris", "ivory", "jade", "jasper", "juniper",
+    "kelp", "kestrel", "lagoon", "lantern", "lemon", "lilac", "linen", "lotus", "maple", "marble",
+    "meadow", "mint", "nectar", "nutmeg", "oak", "ocean", "olive", "onyx", "orchid", "otter",
+    "pebble", "pepper", "pine", "plum", "quartz", "quill", "raven", "reef", "river", "saffron",
+    "sage", "sparrow", "spruce", "thistle", "topaz", "tulip", "willow",
+];
+
+/// Routing prompts `from .. from + n` of [`TICKETS`].
+pub fn tickets(from: usize, n: usize) -> Vec<String> {
+    TICKETS[from..from + n]
+        .iter()
+        .map(|w| format!("route ticket {w}"))
+        .collect()
+}
+
 /// Questions outside the task.
 pub const GENERAL: [&str; 12] = [
     "tell me about rivers",

@@ -52,7 +52,7 @@ fn the_served_adapter_matches_the_trained_one() {
         .to_vec1::<f32>()
         .unwrap();
 
-    let weights = flywheel_jobs::serving::served_adapter(&lora).unwrap();
+    let weights = flywheel_modelhub::served_adapter(&lora).unwrap();
     let engine = CpuForward::load(&path, 2).unwrap();
     let served = engine
         .logits_with(&mut engine.new_sequence(), &tokens, Some(&weights))

@@ -554,8 +554,9 @@ async fn a_schedule_slot_fires_once_across_workers() {
 
 #[tokio::test]
 async fn a_slot_starts_a_cycle_that_trains_only_on_enough_new_examples() {
-    use flywheel_jobs::cycle::{self, LoopConfig};
-    use flywheel_store::cycles::{self as cycles, Link};
+    use flywheel_jobs::stages::{JobQueue, Work};
+    use flywheel_loop::cycle;
+    use flywheel_store::cycles::{self as cycles, Link, Stage, Status, Trigger};
     let db = TestDb::new().await;
     let mut f = Fixture::new(&db.pool, "acme").await;
     flywheel_store::models::set_champion(&db.pool, "fixture-model")
@@ -563,8 +564,20 @@ async fn a_slot_starts_a_cycle_that_trains_only_on_enough_new_examples() {
         .unwrap();
     rules_fixture(&mut f);
     f.save().await;
-    let cfg = LoopConfig {
-        min_new_examples: 10,
+    // The team wrote a task suite, so the gate is judged by it and how much
+    // held-out evidence the few votes here give does not decide whether a
+    // cycle trains (that rule is tested in the_loop.rs).
+    let suite = flywheel_tests::tiny_task::routing_suite();
+    flywheel_store::evals::add_suite(
+        &db.pool,
+        Some(f.team),
+        &suite.name,
+        &suite.sha256(),
+        &serde_json::to_value(&suite).unwrap(),
+    )
+    .await
+    .unwrap();
+    let cfg = Work {
         rules: Rules::default(),
         spec: flywheel_jobs::train::RunSpec {
             lora: Default::default(),
@@ -572,7 +585,8 @@ async fn a_slot_starts_a_cycle_that_trains_only_on_enough_new_examples() {
             external: false,
         },
         max_attempts: 2,
-    };
+    }
+    .loop_config(10, 10);
     let s = flywheel_jobs::schedule::CurationSchedule {
         cron: flywheel_jobs::schedule::parse_cron("0 */15 * * * *").unwrap(),
         rules: Rules::default(),
@@ -602,7 +616,9 @@ async fn a_slot_starts_a_cycle_that_trains_only_on_enough_new_examples() {
                 cycle: Some(id),
             };
             let out = curate::run(&pool, &job).await.unwrap();
-            cycle::curated(&pool, id, &out).await.unwrap();
+            cycle::curated(&pool, &JobQueue::default(), id, out.version_id)
+                .await
+                .unwrap();
             cycles::get(&pool, id).await.unwrap().unwrap()
         }
     };
@@ -611,8 +627,8 @@ async fn a_slot_starts_a_cycle_that_trains_only_on_enough_new_examples() {
     assert_eq!(started.len(), 1, "acme has new feedback: a cycle starts");
     assert!(fire(2).await.is_empty(), "one running cycle per team");
     let c = curate(&started[0]).await;
-    assert_eq!((c.status.as_str(), c.stage.as_str()), ("running", "train"));
-    assert_eq!(c.trigger, "schedule");
+    assert_eq!((c.status, c.stage), (Status::Running, Stage::Train));
+    assert_eq!(c.trigger, Trigger::Schedule);
     let run = flywheel_store::training::get(&db.pool, c.training_run_id.unwrap())
         .await
         .unwrap()
@@ -637,11 +653,11 @@ async fn a_slot_starts_a_cycle_that_trains_only_on_enough_new_examples() {
     )
     .await
     .unwrap();
-    cycle::failed(&db.pool, Link::Run(run.id), "ended by the test")
+    cycle::gave_up(&db.pool, Link::Run(run.id), "ended by the test")
         .await
         .unwrap();
     let c = cycles::get(&db.pool, c.id).await.unwrap().unwrap();
-    assert_eq!((c.status.as_str(), c.stage.as_str()), ("failed", "done"));
+    assert_eq!((c.status, c.stage), (Status::Failed, Stage::Done));
     assert_eq!(c.reason.as_deref(), Some("ended by the test"));
     assert!(fire(3).await.is_empty(), "nothing new since the last run");
 
@@ -669,7 +685,7 @@ async fn a_slot_starts_a_cycle_that_trains_only_on_enough_new_examples() {
     let started = fire(4).await;
     assert_eq!(started.len(), 1);
     let skipped = curate(&started[0]).await;
-    assert_eq!(skipped.status, "skipped");
+    assert_eq!(skipped.status, Status::Skipped);
     let total = |v: &datasets::DatasetVersion| v.sft_count + v.dpo_count + v.kto_count;
     let (v1, v2) = (
         datasets::get(&db.pool, run.dataset_version_id)
@@ -694,7 +710,7 @@ async fn a_slot_starts_a_cycle_that_trains_only_on_enough_new_examples() {
     f.save().await;
     let started = fire(5).await;
     let c = curate(&started[0]).await;
-    assert_eq!(c.stage, "train", "{c:?}");
+    assert_eq!(c.stage, Stage::Train, "{c:?}");
     let v = flywheel_store::datasets::get(&db.pool, c.dataset_version_id.unwrap())
         .await
         .unwrap()
@@ -706,7 +722,7 @@ async fn a_slot_starts_a_cycle_that_trains_only_on_enough_new_examples() {
     );
     // A slot fires once.
     let slot = Utc::now() + Duration::minutes(6);
-    cycle::failed(&db.pool, Link::Cycle(c.id), "ended by the test")
+    cycle::gave_up(&db.pool, Link::Cycle(c.id), "ended by the test")
         .await
         .unwrap();
     ask(&mut f, 14, 1);

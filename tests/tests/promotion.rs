@@ -17,6 +17,8 @@ use flywheel_eval::suite::Suite;
 use flywheel_gateway::GatewayConfig;
 use flywheel_jobs::evaluate::{EvalEnv, EvalJob};
 use flywheel_model::Proj;
+use flywheel_store::canaries::CanaryStatus;
+use flywheel_store::decisions::DecisionKind;
 use flywheel_store::models::{Lineage, ModelVersion};
 use flywheel_tests::tiny_task::{self, ANSWER, GENERAL, ROUTING, user};
 use flywheel_tests::{TestGateway, eventually};
@@ -105,7 +107,7 @@ async fn candidate(
     })
     .await
     .unwrap();
-    let artifacts = flywheel_jobs::artifacts::Artifacts::open(
+    let artifacts = flywheel_modelhub::Artifacts::open(
         &std::env::temp_dir()
             .join(format!("fw-art-{}", Uuid::new_v4()))
             .display()
@@ -142,15 +144,13 @@ async fn candidate(
 
 fn env(gw: &TestGateway, retention: Suite, canary_share: f64) -> EvalEnv {
     EvalEnv {
-        versions: flywheel_jobs::serving::Versions {
+        versions: flywheel_modelhub::Versions {
             pool: gw.db.pool.clone(),
             cache: std::env::temp_dir().join("fw-eval-cache"),
             engine: Default::default(),
         },
         policy: Policy {
             canary_share,
-            // Mechanics, not speed: the tiny model's timings are noise.
-            max_latency_ratio: 100.0,
             ..Default::default()
         },
         concurrency: 8,
@@ -291,7 +291,7 @@ async fn a_better_candidate_passes_the_gate_and_serves_its_team_only() {
     let decisions = flywheel_store::decisions::list(&gw.db.pool, Some(team_a), 10)
         .await
         .unwrap();
-    assert_eq!(decisions[0].kind, "promote");
+    assert_eq!(decisions[0].kind, DecisionKind::Promote);
     assert_eq!(decisions[0].candidate_version_id, Some(cand.id));
     assert_eq!(decisions[0].champion_version_id, Some(gw.served.version_id));
 }
@@ -325,7 +325,7 @@ async fn a_candidate_that_forgets_is_rejected_with_the_reason_stored() {
     let d = &flywheel_store::decisions::list(&gw.db.pool, Some(team), 10)
         .await
         .unwrap()[0];
-    assert_eq!(d.kind, "reject");
+    assert_eq!(d.kind, DecisionKind::Reject);
     assert!(d.reason.contains("FAIL: retention suite"), "{}", d.reason);
     assert_eq!(
         flywheel_store::models::team_champion(&gw.db.pool, team)
@@ -418,14 +418,14 @@ async fn a_canary_worse_on_live_thumbs_is_rolled_back_by_itself() {
         canary_min_votes: 10,
         ..Default::default()
     };
-    let why = flywheel_jobs::promote::Why {
+    let why = flywheel_loop::decide::Why {
         reason: "test canary",
         evidence: json!({}),
         actor: "test",
         evaluation_id: None,
         canary_id: None,
     };
-    let canary = flywheel_jobs::promote::start_canary(&gw.db.pool, team, &cand, 0.5, 24.0, why)
+    let canary = flywheel_loop::decide::start_canary(&gw.db.pool, team, &cand, 0.5, 24.0, why)
         .await
         .unwrap();
     gw.state.refresh_routes().await.unwrap();
@@ -464,12 +464,12 @@ async fn a_canary_worse_on_live_thumbs_is_rolled_back_by_itself() {
             .wait_flushed(Duration::from_secs(10))
             .await
     );
-    let checked = flywheel_jobs::canary::check_all(&gw.db.pool, &policy)
+    let checked = flywheel_loop::canary::check_all(&gw.db.pool, &policy)
         .await
         .unwrap();
     assert_eq!(checked.len(), 1);
     match &checked[0].1 {
-        flywheel_jobs::canary::Checked::RolledBack(why) => {
+        flywheel_loop::canary::Checked::RolledBack(why) => {
             assert!(why.contains("worse than the champion"), "{why}")
         }
         other => panic!("{other:?}"),
@@ -478,13 +478,13 @@ async fn a_canary_worse_on_live_thumbs_is_rolled_back_by_itself() {
         .await
         .unwrap()
         .unwrap();
-    assert_eq!(c.status, "rolled_back");
+    assert_eq!(c.status, CanaryStatus::RolledBack);
     let d = &flywheel_store::decisions::list(&gw.db.pool, Some(team), 5)
         .await
         .unwrap()[0];
     assert_eq!(
-        (d.kind.as_str(), d.canary_id),
-        ("rolled_back", Some(canary.id))
+        (d.kind, d.canary_id),
+        (DecisionKind::RolledBack, Some(canary.id))
     );
     // Everyone is on the champion again.
     gw.state.refresh_routes().await.unwrap();
@@ -556,12 +556,12 @@ async fn a_swap_under_16_streams_fails_none_and_changes_none_mid_stream() {
         started_rx.recv().await.unwrap();
     }
     // Every stream is under way: promote now.
-    flywheel_jobs::promote::promote(
+    flywheel_loop::decide::promote(
         &gw.db.pool,
         team,
         &cand,
-        "manual_promote",
-        flywheel_jobs::promote::Why {
+        DecisionKind::ManualPromote,
+        flywheel_loop::decide::Why {
             reason: "swap under load",
             evidence: json!({}),
             actor: "test",

@@ -14,7 +14,7 @@ use tokio::sync::mpsc::{UnboundedSender, unbounded_channel};
 use super::backend::{RunContext, Trained, TrainingBackend, base_path};
 use super::data::{load_examples, replay_set};
 use super::spec::run_key;
-use crate::artifacts;
+use flywheel_modelhub::artifacts;
 
 pub struct InProcess;
 

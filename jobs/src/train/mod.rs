@@ -18,9 +18,10 @@ pub mod register;
 mod spec;
 
 use anyhow::{Context, bail};
-use flywheel_store::cycles::{self, Link, StageEnd};
+use flywheel_store::PgPool;
+use flywheel_store::cycles::Link;
+use flywheel_store::sqlx::PgConnection;
 use flywheel_store::training::{self, RunStatus, TrainingRun};
-use flywheel_store::{PgPool, Postgres, Transaction};
 use uuid::Uuid;
 
 use crate::queue;
@@ -59,7 +60,7 @@ pub async fn create_run(
 ///
 /// [`TrainConfig::for_examples`]: flywheel_trainer::TrainConfig::for_examples
 pub async fn queue_run(
-    tx: &mut Transaction<'_, Postgres>,
+    conn: &mut PgConnection,
     dataset_version_id: Uuid,
     base_version_id: Uuid,
     spec: &RunSpec,
@@ -67,14 +68,14 @@ pub async fn queue_run(
 ) -> anyhow::Result<(Uuid, String)> {
     let kind = kind_of(spec.train.objective);
     let train_examples =
-        flywheel_store::datasets::count_examples(&mut **tx, dataset_version_id, kind, "train")
+        flywheel_store::datasets::count_examples(&mut *conn, dataset_version_id, kind, "train")
             .await?;
     let spec = RunSpec {
         train: spec.train.for_examples(train_examples as usize),
         ..spec.clone()
     };
     let run_id = training::create(
-        &mut **tx,
+        &mut *conn,
         dataset_version_id,
         base_version_id,
         kind,
@@ -82,7 +83,7 @@ pub async fn queue_run(
         spec.train.steps as i32,
     )
     .await?;
-    let task = queue::push(tx, queue::TRAINING, &TrainJob { run_id }, max_attempts).await?;
+    let task = queue::push(conn, queue::TRAINING, &TrainJob { run_id }, max_attempts).await?;
     Ok((run_id, task))
 }
 
@@ -158,62 +159,27 @@ pub async fn run(pool: &PgPool, env: &TrainEnv, run_id: Uuid) -> anyhow::Result<
     }
 }
 
-/// Every candidate a team's run produced is evaluated against the team's
-/// champion, and the loop acts on the verdict.
+/// Every candidate a team's run produced goes to the loop, which queues
+/// its evaluation against the team's champion.
 async fn evaluate_candidate(
     pool: &PgPool,
     run: &TrainingRun,
     o: RunOutcome,
 ) -> anyhow::Result<RunOutcome> {
-    let dataset = flywheel_store::datasets::get(pool, run.dataset_version_id).await?;
-    let (Some(team), Some(candidate)) = (dataset.and_then(|d| d.team_id), o.candidate.as_ref())
-    else {
+    let Some(name) = o.candidate.as_ref() else {
         return Ok(o);
     };
-    let candidate = flywheel_store::models::by_name(pool, candidate)
+    let candidate = flywheel_store::models::by_name(pool, name)
         .await?
         .context("the candidate is gone")?;
-    let champion = flywheel_store::models::team_champion(pool, team)
-        .await?
-        .context("the team has no champion")?;
-    let mut tx = pool.begin().await?;
-    let (evaluation, _) = crate::evaluate::enqueue_in(
-        &mut tx,
-        &flywheel_store::evals::NewEvaluation {
-            team_id: Some(team),
-            candidate_version_id: candidate.id,
-            champion_version_id: champion.id,
-            dataset_version_id: Some(run.dataset_version_id),
-            training_run_id: Some(run.id),
-        },
-        true,
-        queue::DEFAULT_MAX_ATTEMPTS,
-    )
-    .await?;
     let loss = match (o.eval_loss_before, o.eval_loss_after) {
         (Some(b), Some(a)) => format!(", held-out loss {b:.3} -> {a:.3}"),
         _ => String::new(),
     };
-    cycles::advance_linked(
-        &mut tx,
-        Link::Run(run.id),
-        "train",
-        "evaluate",
-        &StageEnd {
-            note: &format!("{} steps{loss}: {}", o.steps, candidate.name),
-            candidate_version_id: Some(candidate.id),
-            evaluation_id: Some(evaluation),
-            ..Default::default()
-        },
-        None,
-    )
-    .await?;
-    tx.commit().await?;
-    tracing::info!(%evaluation, candidate = candidate.name, "evaluation queued");
-    Ok(RunOutcome {
-        evaluation: Some(evaluation),
-        ..o
-    })
+    let note = format!("{} steps{loss}: {}", o.steps, candidate.name);
+    let queue = crate::stages::JobQueue::default();
+    let evaluation = flywheel_loop::cycle::trained(pool, &queue, run, &candidate, &note).await?;
+    Ok(RunOutcome { evaluation, ..o })
 }
 
 async fn train_with_backend(ctx: &RunContext<'_>) -> anyhow::Result<Trained> {
@@ -234,7 +200,8 @@ async fn train_with_backend(ctx: &RunContext<'_>) -> anyhow::Result<Trained> {
 /// loop's cycle that queued it).
 async fn cancelled(pool: &PgPool, run: &TrainingRun, steps: i32) -> anyhow::Result<RunOutcome> {
     training::finish(pool, run.id, RunStatus::Cancelled, None, None, None).await?;
-    cycles::fail_linked(pool, Link::Run(run.id), "the training run was cancelled").await?;
+    let link = Link::Run(run.id);
+    flywheel_loop::cycle::gave_up(pool, link, "the training run was cancelled").await?;
     Ok(RunOutcome {
         status: RunStatus::Cancelled,
         steps,

@@ -17,7 +17,7 @@ use uuid::Uuid;
 use super::backend::{RunContext, Trained};
 use super::data::load_examples;
 use super::spec::{RunOutcome, RunSpec, run_key};
-use crate::artifacts::Artifacts;
+use flywheel_modelhub::Artifacts;
 
 /// A candidate to register.
 pub struct Candidate<'a> {

@@ -9,7 +9,7 @@ use flywheel_trainer::{LoraConfig, Objective, TrainConfig};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use crate::artifacts::Artifacts;
+use flywheel_modelhub::Artifacts;
 
 /// The queue's payload: which run to (continue to) train.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

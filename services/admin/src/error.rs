@@ -4,6 +4,7 @@
 
 use axum::http::StatusCode;
 use axum::response::{Html, IntoResponse, Response};
+use flywheel_store::ErrorClass;
 use serde_json::json;
 
 /// The page an error is shown on.
@@ -51,38 +52,38 @@ impl AdminError {
         self.api = true;
         self
     }
-    /// A refused action (no promotion to roll back, another team's
-    /// model): 409 with its message; a database failure: 503.
-    pub fn from_action(e: anyhow::Error) -> Self {
-        if let Some(store) = e.downcast_ref::<flywheel_store::StoreError>()
-            && store.refusal().is_none()
-            && matches!(store, flywheel_store::StoreError::Db(_))
-        {
-            tracing::error!(error = %e, "admin action failed");
-            return Self::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "the database is unavailable",
-            );
+    /// An error of a part below, answered as its class says
+    /// ([`ErrorClass::status`], the same mapping the API uses): its message
+    /// for what the asker can act on (not found, conflict, refused), a
+    /// generic one for an outage or a bug, whose detail is logged instead.
+    pub fn classified(class: ErrorClass, message: impl std::fmt::Display) -> Self {
+        let status =
+            StatusCode::from_u16(class.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        match class {
+            ErrorClass::NotFound | ErrorClass::Conflict | ErrorClass::Refused => {
+                Self::new(status, message.to_string())
+            }
+            ErrorClass::Unreachable => {
+                tracing::error!(error = %message, "the database is unavailable");
+                Self::new(status, "the database is unavailable; try again shortly")
+            }
+            ErrorClass::Internal => {
+                tracing::error!(error = %message, "admin request failed");
+                Self::new(status, "the server had an error; it is in the server's log")
+            }
         }
-        Self::conflict(format!("{e:#}"))
     }
 }
 
 impl From<flywheel_store::StoreError> for AdminError {
     fn from(e: flywheel_store::StoreError) -> Self {
-        match e {
-            flywheel_store::StoreError::NotFound(what) => {
-                Self::not_found(format!("{what} not found"))
-            }
-            flywheel_store::StoreError::Conflict(m) => Self::conflict(m),
-            other => {
-                tracing::error!(error = %other, "admin page failed");
-                Self::new(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "the database is unavailable",
-                )
-            }
-        }
+        Self::classified(e.class(), e)
+    }
+}
+
+impl From<flywheel_loop::LoopError> for AdminError {
+    fn from(e: flywheel_loop::LoopError) -> Self {
+        Self::classified(e.class(), e)
     }
 }
 

@@ -11,8 +11,9 @@ use axum::Json;
 use axum::extract::{Form, Query, State};
 use axum::http::HeaderMap;
 use axum::response::{Html, IntoResponse, Redirect, Response};
-use flywheel_jobs::promote::{self, Why};
+use flywheel_loop::decide::{self as promote, Why};
 use flywheel_store::decisions::Decision;
+use flywheel_store::decisions::DecisionKind;
 use flywheel_store::models::ModelVersion;
 use serde::Deserialize;
 use serde_json::json;
@@ -186,7 +187,7 @@ async fn act(
     let pool = &state.pool;
     let team = flywheel_store::keys::team_id(pool, a.team.trim())
         .await?
-        .ok_or_else(|| AdminError::bad_request(format!("no team is called {:?}", a.team)))?;
+        .ok_or_else(|| AdminError::not_found(format!("no team is called {:?}", a.team)))?;
     let version = || async {
         let name = a
             .model
@@ -196,7 +197,7 @@ async fn act(
             .ok_or_else(|| AdminError::bad_request("choose a model version"))?;
         flywheel_store::models::by_name(pool, name)
             .await?
-            .ok_or_else(|| AdminError::bad_request(format!("no model version is called {name:?}")))
+            .ok_or_else(|| AdminError::not_found(format!("no model version is called {name:?}")))
     };
     let actor = format!("admin:{}", signed.session.username);
     let why = || Why {
@@ -209,9 +210,7 @@ async fn act(
     let done = match kind {
         Kind::Promote => {
             let v = version().await?;
-            promote::promote(pool, team, &v, "manual_promote", why())
-                .await
-                .map_err(AdminError::from_action)?;
+            promote::promote(pool, team, &v, DecisionKind::ManualPromote, why()).await?;
             format!("{} is now team {}'s champion", v.name, a.team)
         }
         Kind::Canary => {
@@ -230,8 +229,7 @@ async fn act(
                 state.config.canary_deadline_hours,
                 why(),
             )
-            .await
-            .map_err(AdminError::from_action)?;
+            .await?;
             format!(
                 "{} serves {:.0}% of team {}'s users as a canary",
                 v.name,
@@ -240,9 +238,7 @@ async fn act(
             )
         }
         Kind::Rollback => {
-            let done = promote::manual_rollback(pool, team, reason, &actor)
-                .await
-                .map_err(AdminError::from_action)?;
+            let done = promote::manual_rollback(pool, team, reason, &actor).await?;
             format!("team {}: {done}", a.team)
         }
     };

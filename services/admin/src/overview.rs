@@ -11,7 +11,7 @@ use axum::extract::State;
 use axum::response::Html;
 use chrono::{DateTime, TimeDelta, Utc};
 use flywheel_store::canaries::{self, Arm, Canary};
-use flywheel_store::cycles::Cycle;
+use flywheel_store::cycles::{Cycle, Status};
 use flywheel_store::dashboard::{self, Bucket};
 use flywheel_store::models::{self, ModelVersion};
 use serde::Serialize;
@@ -100,8 +100,8 @@ impl From<&Cycle> for CycleView {
     fn from(c: &Cycle) -> Self {
         Self {
             id: c.id,
-            status: c.status.clone(),
-            stage: c.stage.clone(),
+            status: c.status.to_string(),
+            stage: c.stage.to_string(),
             started: when(&c.created_at),
             finished: maybe_when(&c.finished_at),
             reason: c.reason.clone().unwrap_or_default(),
@@ -260,7 +260,7 @@ async fn team_view(
         rate_chart,
         running: cycles
             .iter()
-            .find(|c| c.status == "running")
+            .find(|c| c.status == Status::Running)
             .map(CycleView::from),
         recent: cycles.iter().map(CycleView::from).collect(),
     })

@@ -63,13 +63,13 @@ pub struct Rules {
     pub max_output_chars: usize,
     /// Share of prompts (by hash) that go to the eval split.
     pub eval_fraction: f64,
-    /// Examples of each kind (SFT, DPO, KTO) the eval split holds at least,
-    /// where that kind has eight times as many (else an eighth of them): the
-    /// share of prompts in eval grows until every kind has its minimum. An
-    /// eighth, not more: one cutoff serves every kind, so a scarce kind's
-    /// minimum moves the others' examples out of training too (a first
-    /// cycle's 29 DPO pairs asking for a quarter took 18 of its 55 SFT
-    /// examples out of training).
+    /// Examples of each kind of evidence (corrections, DPO pairs, KTO votes,
+    /// SFT answers) the eval split holds at least, where that kind has four
+    /// times as many (else a quarter of them, [`Rules::EVAL_SHARE_CAP`]):
+    /// prompts are added to eval, the newest first (corrections first among
+    /// SFT examples), until every kind has its minimum. The loop sets it to
+    /// at least the gate's minimum of held-out items, so the gate can judge
+    /// what the version trains.
     pub min_eval_examples: usize,
     /// A system message this many completions share is left out of the
     /// near-duplicate comparison (0: never).
@@ -91,12 +91,18 @@ impl Default for Rules {
             min_output_chars: 1,
             max_output_chars: 20_000,
             eval_fraction: 0.1,
-            min_eval_examples: 8,
+            min_eval_examples: 10,
             shared_system_min: 3,
             rater_min_compared: 3,
             rater_min_agreement: 0.5,
         }
     }
+}
+
+impl Rules {
+    /// The share of a kind of evidence the eval split takes to reach that
+    /// kind's minimum: training keeps at least three quarters of each kind.
+    pub const EVAL_SHARE_CAP: f64 = 0.25;
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -110,6 +116,10 @@ pub enum Split {
 pub struct SftExample {
     pub prompt: Vec<Message>,
     pub completion: String,
+    /// Written by the user who voted the model's answer down, not the
+    /// model's own liked answer: where the model was wrong.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub correction: bool,
     pub split: Split,
     /// The completion (and so the votes) it came from.
     pub source: String,
@@ -177,9 +187,12 @@ pub struct Dataset {
     pub dropped: Vec<Dropped>,
     /// Every rater, with agreement and whether their votes were used.
     pub raters: Vec<RaterReport>,
-    /// The share of prompt hashes in the eval split (at least the rules'
-    /// `eval_fraction`; more where a kind needed its minimum).
+    /// The share of prompt hashes in the eval split before the minimums
+    /// (the rules' `eval_fraction`).
     pub eval_share: f64,
+    /// Prompts added to eval, newest first, so that each kind of evidence
+    /// has its minimum there.
+    pub eval_filled: usize,
 }
 
 /// A completion whose votes were resolved.
@@ -234,25 +247,54 @@ fn split_bucket(prompt_key: &str) -> u64 {
     h % SPLIT_BUCKETS
 }
 
-/// The smallest bucket cutoff, at least `eval_fraction`'s, that puts the
-/// minimum of every kind in eval (`buckets`: one list per kind).
-fn eval_cutoff(buckets: [&[u64]; 3], rules: &Rules) -> u64 {
-    let base = (rules.eval_fraction.clamp(0.0, 1.0) * SPLIT_BUCKETS as f64).round() as u64;
-    let mut cutoff = base;
-    for kind in buckets {
-        let need = rules.min_eval_examples.min(kind.len() / 8);
-        if need == 0 {
-            continue;
-        }
-        let mut sorted = kind.to_vec();
-        sorted.sort_unstable();
-        cutoff = cutoff.max(sorted[need - 1] + 1);
-    }
-    cutoff
+/// Where an example's prompt is and when its completion was made: what
+/// the split is decided on.
+#[derive(Debug, Clone)]
+struct Placed {
+    key: String,
+    bucket: u64,
+    /// The newest of its completions' times.
+    time: i64,
 }
 
-fn split_of(bucket: u64, cutoff: u64) -> Split {
-    if bucket < cutoff {
+/// The prompts that go to eval: those whose bucket falls below
+/// `eval_fraction`'s share, then, kind by kind (corrections, which the gate
+/// judges first; preference pairs; single votes; every SFT answer), the
+/// newest prompts of that kind not yet in eval until it holds its minimum
+/// (`min_eval_examples`, or a quarter of a smaller kind). Newest first, so
+/// the votes since the last promotion, the corrections of the current
+/// champion above all, are always what the gate reads. Returns the eval
+/// prompts and how many were added beyond the hash share.
+fn eval_prompts(kinds: [Vec<&Placed>; 4], rules: &Rules) -> (HashSet<String>, usize) {
+    let cutoff = (rules.eval_fraction.clamp(0.0, 1.0) * SPLIT_BUCKETS as f64).round() as u64;
+    let mut eval: HashSet<String> = kinds
+        .iter()
+        .flatten()
+        .filter(|p| p.bucket < cutoff)
+        .map(|p| p.key.clone())
+        .collect();
+    let mut filled = 0;
+    for kind in kinds {
+        let cap = (kind.len() as f64 * Rules::EVAL_SHARE_CAP).floor() as usize;
+        let need = rules.min_eval_examples.min(cap);
+        let mut held = kind.iter().filter(|p| eval.contains(&p.key)).count();
+        let mut newest: Vec<&&Placed> = kind.iter().filter(|p| !eval.contains(&p.key)).collect();
+        newest.sort_by(|a, b| (b.time, a.bucket, &a.key).cmp(&(a.time, b.bucket, &b.key)));
+        for p in newest {
+            if held >= need {
+                break;
+            }
+            if eval.insert(p.key.clone()) {
+                filled += 1;
+            }
+            held += kind.iter().filter(|q| q.key == p.key).count();
+        }
+    }
+    (eval, filled)
+}
+
+fn split_of(key: &str, eval: &HashSet<String>) -> Split {
+    if eval.contains(key) {
         Split::Eval
     } else {
         Split::Train
@@ -371,7 +413,7 @@ pub fn build(completions: &[Completion], votes: &[Vote], rules: &Rules) -> Datas
     let mut per_user: HashMap<&str, usize> = HashMap::new();
     // Resolved answers grouped by normalized prompt, for DPO pairs.
     let mut groups: BTreeMap<String, Vec<(Resolved<'_>, Vec<Message>, String)>> = BTreeMap::new();
-    // The split bucket of every example, per kind, in push order.
+    // Where every example's prompt is, per kind, in push order.
     let (mut sft_b, mut dpo_b, mut kto_b) = (Vec::new(), Vec::new(), Vec::new());
     fn set_aside(ds: &mut Dataset, c: &Completion, reason: DropReason, duplicate_of: Option<&str>) {
         ds.dropped.push(Dropped {
@@ -458,25 +500,31 @@ pub fn build(completions: &[Completion], votes: &[Vote], rules: &Rules) -> Datas
             .collect();
         let output = clean(&c.output);
         let correction = r.correction.as_deref().map(&mut clean);
-        let bucket = split_bucket(&key);
-        // Splits are set once every example is in (see `eval_cutoff`).
+        let placed = Placed {
+            bucket: split_bucket(&key),
+            key: key.clone(),
+            time: c.created_at,
+        };
+        // Splits are set once every example is in (see `eval_prompts`).
         let split = Split::Train;
         if r.up {
             ds.sft.push(SftExample {
                 prompt: prompt.clone(),
                 completion: output.clone(),
+                correction: false,
                 split,
                 source: c.id.clone(),
             });
-            sft_b.push(bucket);
+            sft_b.push(placed.clone());
         } else if let Some(gold) = &correction {
             ds.sft.push(SftExample {
                 prompt: prompt.clone(),
                 completion: gold.clone(),
+                correction: true,
                 split,
                 source: c.id.clone(),
             });
-            sft_b.push(bucket);
+            sft_b.push(placed.clone());
         }
         // An empty answer is no preference or KTO example: its correction
         // (above) is what it teaches.
@@ -491,7 +539,7 @@ pub fn build(completions: &[Completion], votes: &[Vote], rules: &Rules) -> Datas
                 split,
                 sources: vec![c.id.clone()],
             });
-            dpo_b.push(bucket);
+            dpo_b.push(placed.clone());
         }
         ds.kto.push(KtoExample {
             prompt: prompt.clone(),
@@ -500,7 +548,7 @@ pub fn build(completions: &[Completion], votes: &[Vote], rules: &Rules) -> Datas
             split,
             source: c.id.clone(),
         });
-        kto_b.push(bucket);
+        kto_b.push(placed);
         groups.entry(key).or_default().push((r, prompt, output));
     }
     for (key, answers) in groups {
@@ -515,21 +563,39 @@ pub fn build(completions: &[Completion], votes: &[Vote], rules: &Rules) -> Datas
                     split: Split::Train,
                     sources: vec![u.c.id.clone(), d.c.id.clone()],
                 });
-                dpo_b.push(bucket);
+                dpo_b.push(Placed {
+                    key: key.clone(),
+                    bucket,
+                    time: u.c.created_at.max(d.c.created_at),
+                });
             }
         }
     }
-    let cutoff = eval_cutoff([&sft_b, &dpo_b, &kto_b], rules);
-    ds.eval_share = cutoff as f64 / SPLIT_BUCKETS as f64;
+    let corrections = ds
+        .sft
+        .iter()
+        .zip(&sft_b)
+        .filter(|(e, _)| e.correction)
+        .map(|(_, p)| p)
+        .collect();
+    let kinds = [
+        corrections,
+        dpo_b.iter().collect(),
+        kto_b.iter().collect(),
+        sft_b.iter().collect(),
+    ];
+    let (eval, filled) = eval_prompts(kinds, rules);
+    ds.eval_share = rules.eval_fraction.clamp(0.0, 1.0);
+    ds.eval_filled = filled;
     ds.raters = rater_reports;
-    for (e, b) in ds.sft.iter_mut().zip(&sft_b) {
-        e.split = split_of(*b, cutoff);
+    for (e, p) in ds.sft.iter_mut().zip(&sft_b) {
+        e.split = split_of(&p.key, &eval);
     }
-    for (e, b) in ds.dpo.iter_mut().zip(&dpo_b) {
-        e.split = split_of(*b, cutoff);
+    for (e, p) in ds.dpo.iter_mut().zip(&dpo_b) {
+        e.split = split_of(&p.key, &eval);
     }
-    for (e, b) in ds.kto.iter_mut().zip(&kto_b) {
-        e.split = split_of(*b, cutoff);
+    for (e, p) in ds.kto.iter_mut().zip(&kto_b) {
+        e.split = split_of(&p.key, &eval);
     }
     ds
 }
@@ -663,13 +729,12 @@ mod tests {
         let text = serde_json::to_string(&ds.sft).unwrap();
         assert!(!text.contains("ann@example.com") && text.contains("[EMAIL]"));
         assert_eq!(ds.counts.redactions.emails, 2);
-        // The split is a function of the prompt alone.
+        // Too few of any kind for a minimum: the split is the hash's alone.
+        assert_eq!(ds.eval_filled, 0);
         let cutoff = (ds.eval_share * SPLIT_BUCKETS as f64).round() as u64;
         for e in &ds.sft {
-            assert_eq!(
-                e.split,
-                split_of(split_bucket(&normalize(&prompt_text(&e.prompt))), cutoff)
-            );
+            let bucket = split_bucket(&normalize(&prompt_text(&e.prompt)));
+            assert_eq!(e.split == Split::Eval, bucket < cutoff);
         }
         // Why each rated completion made no example.
         let why: Vec<(&str, DropReason, Option<&str>)> = ds
@@ -854,18 +919,84 @@ mod tests {
         let sft = evals(ds.sft.iter().map(|e| e.split).collect());
         let dpo = evals(ds.dpo.iter().map(|e| e.split).collect());
         let kto = evals(ds.kto.iter().map(|e| e.split).collect());
-        // At least 5 of 40 and 1 of 12 (an eighth of a kind smaller than
-        // 64): one cutoff for all.
-        assert!(sft >= 5 && kto >= 5 && dpo >= 1, "{sft} {dpo} {kto}");
-        // The scarce kind takes no more: its old quarter (3 of the 12 DPO
-        // pairs) moved the cutoff to 8 SFT examples.
-        assert!(sft < 8 && dpo < 6, "{sft} {dpo}");
-        assert!(ds.eval_share > 0.0);
+        // Corrections and pairs: a quarter of 12; votes and answers: 8.
+        assert_eq!((sft, dpo, kto), (8, 3, 8));
+        assert_eq!(ds.eval_filled, 8);
+        // The newest corrections are the held-out ones (those of the
+        // champion now serving); the older ones train.
+        let held: Vec<&str> = ds
+            .sft
+            .iter()
+            .filter(|e| e.correction && e.split == Split::Eval)
+            .map(|e| e.source.as_str())
+            .collect();
+        assert_eq!(held, ["c30", "c31", "c32"]);
+        // Then the newest of the rest, for the votes' minimum.
+        let rest: Vec<&str> = ds
+            .kto
+            .iter()
+            .filter(|e| e.split == Split::Eval && e.label)
+            .map(|e| e.source.as_str())
+            .collect();
+        assert_eq!(rest, ["c35", "c36", "c37", "c38", "c39"]);
         // One prompt, one split, whatever the kind.
         for d in &ds.dpo {
             let s = ds.sft.iter().find(|e| e.prompt == d.prompt).unwrap();
             assert_eq!(s.split, d.split);
         }
+        // The same input in another order splits the same way.
+        let mut shuffled = cs.clone();
+        shuffled.reverse();
+        let again = build(
+            &shuffled,
+            &vs,
+            &Rules {
+                min_eval_examples: 8,
+                ..none
+            },
+        );
+        assert_eq!(again.sft, ds.sft);
+    }
+
+    #[test]
+    fn a_first_cycle_of_corrections_holds_out_what_the_gate_needs() {
+        // 120 rated chats, 52 of them corrected: the gate's 10 held-out
+        // corrections, the rest of them to train on.
+        let cs: Vec<_> = (0..120)
+            .map(|i| {
+                completion(
+                    &format!("c{i}"),
+                    &format!("u{}", i % 12),
+                    &format!("ticket {i}: my parcel {} went to {}", i * 17, i * 29),
+                    "wrong",
+                    i,
+                )
+            })
+            .collect();
+        let vs: Vec<_> = (0..120)
+            .map(|i| {
+                let down = i % 30 < 13;
+                let fix = format!("fixed {i}");
+                vote(
+                    &format!("c{i}"),
+                    "r",
+                    !down,
+                    200 + i,
+                    down.then_some(fix.as_str()),
+                )
+            })
+            .collect();
+        let ds = build(&cs, &vs, &Rules::default());
+        let corrections = ds.sft.iter().filter(|e| e.correction).count();
+        let held = |e: &&SftExample| e.correction && e.split == Split::Eval;
+        assert_eq!(corrections, 52);
+        assert!(
+            ds.sft.iter().filter(held).count() >= 10,
+            "{:?}",
+            ds.eval_filled
+        );
+        // At most a quarter, plus what the hash share put there.
+        assert!(ds.sft.iter().filter(held).count() <= 13 + 6);
     }
 
     #[test]

@@ -146,6 +146,7 @@ mod tests {
         let e = SftExample {
             prompt: prompt(),
             completion: "Paris.".into(),
+            correction: false,
             split: Split::Train,
             source: "c1".into(),
         };

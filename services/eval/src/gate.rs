@@ -20,7 +20,9 @@ pub struct Policy {
     /// The candidate's median decode time per token may be at most this many
     /// times the champion's.
     pub max_latency_ratio: f64,
-    /// Held-out metrics count as task evidence only with this many items.
+    /// Held-out corrections or preference pairs count as task evidence only
+    /// with this many items (and the loop trains only when a dataset holds
+    /// out that many).
     pub min_items: usize,
     /// Share of a team's traffic a passing candidate serves as a canary
     /// (0: promote on the offline evidence alone).
@@ -53,7 +55,9 @@ impl Default for Policy {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Verdict {
     pub passed: bool,
-    /// One line per rule: what was required, what was measured, ✓ or ✗.
+    /// One line per rule (`pass:` or `FAIL:`): what was required, what was
+    /// measured; then `info:` lines for held-out metrics that are reported
+    /// but decide nothing.
     pub reasons: Vec<String>,
 }
 
@@ -65,8 +69,45 @@ fn rule(ok: bool, text: String) -> String {
     format!("{} {text}", if ok { "pass:" } else { "FAIL:" })
 }
 
+/// The held-out evidence that a candidate is better, in the order the
+/// gate reads it when no task suite can decide: the users' corrections
+/// (does the candidate now give the answer users wrote where the champion
+/// was wrong), then the preference pairs (does it prefer the answer users
+/// chose).
+pub const HELD_OUT_EVIDENCE: [(&str, &str); 2] = [
+    ("heldout-corrections", "contains_match"),
+    ("heldout-dpo", "preference_accuracy"),
+];
+
+/// Held-out metrics reported beside the rules, never deciding: what users
+/// liked (by construction the champion's own answers, so a rewording counts
+/// against the candidate) and the single votes (does the candidate move
+/// toward liked answers and away from disliked ones).
+const REPORTED: [(&str, &str); 2] = [
+    ("heldout-liked", "contains_match"),
+    ("heldout-kto", "vote_agreement"),
+];
+
+/// Whether a suite's items cannot show any candidate better than the
+/// champion: even one passing every item would not have its lower bound
+/// above `bar`.
+pub fn saturated(m: &Metric, bar: f64) -> bool {
+    let failed = ((1.0 - m.champion) * m.items as f64).round() as usize;
+    stats::best_lower_bound(m.items, failed) <= bar
+}
+
 /// Judges an evaluation's metrics. `task_suites` names the team's own
 /// suites; `retention` the general one.
+///
+/// Task evidence: each task suite's pass rate must be shown better (its
+/// lower bound above the policy's bar), unless the suite is saturated (the
+/// champion passes so much of it that no candidate could be shown better):
+/// then it only must not be shown worse, and the held-out evidence decides.
+/// With no suite that can decide, the first held-out evidence of
+/// [`HELD_OUT_EVIDENCE`] with at least `min_items` items must be shown
+/// better. Forgetting: the retention suite's lower bound above its bar.
+/// Speed: the median time per token, measured alone, within the ratio; a
+/// latency that was not measured fails.
 pub fn judge(
     policy: &Policy,
     metrics: &[Metric],
@@ -84,37 +125,63 @@ pub fn judge(
         passed &= ok;
         reasons.push(rule(ok, text));
     };
-    // Task evidence: the team's suites, else held-out answers, else pairs.
-    let mut evidence = 0;
+    let bar = policy.task_min_lower_bound;
+    let mut decided = false;
+    let mut saturated_suites = Vec::new();
     for name in task_suites {
-        if let Some(m) = find(name, "pass_rate") {
-            evidence += 1;
+        let Some(m) = find(name, "pass_rate") else {
+            continue;
+        };
+        if saturated(m, bar) {
+            saturated_suites.push(name.as_str());
             check(
-                m.ci_low > policy.task_min_lower_bound,
+                m.ci_high >= 0.0,
                 format!(
-                    "task suite {name}: pass rate {:.1}% vs {:.1}%, difference {} points [{}, {}], lower bound must exceed {}",
+                    "task suite {name} is saturated (the champion passes {:.1}%: no candidate \
+                     could be shown better on its {} items): {:.1}% vs {:.1}%, difference {} \
+                     points [{}, {}], must not be shown worse",
+                    100.0 * m.champion,
+                    m.items,
                     100.0 * m.candidate,
                     100.0 * m.champion,
                     points(m.difference),
                     points(m.ci_low),
                     points(m.ci_high),
-                    points(policy.task_min_lower_bound)
                 ),
             );
+            continue;
         }
+        decided = true;
+        check(
+            m.ci_low > bar,
+            format!(
+                "task suite {name}: pass rate {:.1}% vs {:.1}%, difference {} points [{}, {}], lower bound must exceed {}",
+                100.0 * m.candidate,
+                100.0 * m.champion,
+                points(m.difference),
+                points(m.ci_low),
+                points(m.ci_high),
+                points(bar)
+            ),
+        );
     }
-    if evidence == 0 {
-        let held_out = [
-            ("heldout-sft", "contains_match"),
-            ("heldout-dpo", "preference_accuracy"),
-        ]
-        .into_iter()
-        .find_map(|(s, k)| find(s, k).filter(|m| m.items >= policy.min_items));
+    if !decided {
+        let held_out = HELD_OUT_EVIDENCE
+            .into_iter()
+            .find_map(|(s, k)| find(s, k).filter(|m| m.items >= policy.min_items));
+        let suites = if saturated_suites.is_empty() {
+            "no task suite".to_string()
+        } else {
+            format!(
+                "the task suites are saturated ({})",
+                saturated_suites.join(", ")
+            )
+        };
         match held_out {
             Some(m) => check(
-                m.ci_low > policy.task_min_lower_bound,
+                m.ci_low > bar,
                 format!(
-                    "held-out {} {}: {:.1}% vs {:.1}% over {} items, difference {} points [{}, {}], lower bound must exceed {}",
+                    "held-out {} {} ({suites}): {:.1}% vs {:.1}% over {} items, difference {} points [{}, {}], lower bound must exceed {}",
                     m.suite,
                     m.metric,
                     100.0 * m.candidate,
@@ -123,13 +190,14 @@ pub fn judge(
                     points(m.difference),
                     points(m.ci_low),
                     points(m.ci_high),
-                    points(policy.task_min_lower_bound)
+                    points(bar)
                 ),
             ),
             None => check(
                 false,
                 format!(
-                    "no evidence the candidate is better: no task suite, and fewer than {} held-out examples",
+                    "no evidence the candidate is better: {suites}, and fewer than {} held-out \
+                     corrections or preference pairs",
                     policy.min_items
                 ),
             ),
@@ -163,19 +231,43 @@ pub fn judge(
         Some(m) => (Some(m), "alone"),
         None => (find("latency", "ms_per_token_p50"), "batched"),
     };
-    if let Some(m) = latency {
-        let ratio = if m.champion > 0.0 {
-            m.candidate / m.champion
-        } else {
-            1.0
-        };
-        check(
-            ratio <= policy.max_latency_ratio,
+    match latency {
+        Some(m) => {
+            let ratio = if m.champion > 0.0 {
+                m.candidate / m.champion
+            } else {
+                1.0
+            };
+            check(
+                ratio <= policy.max_latency_ratio,
+                format!(
+                    "latency ({how}): median {:.1} vs {:.1} ms per token, {:.2}x, at most {:.2}x",
+                    m.candidate, m.champion, ratio, policy.max_latency_ratio
+                ),
+            );
+        }
+        None => check(
+            false,
             format!(
-                "latency ({how}): median {:.1} vs {:.1} ms per token, {:.2}x, at most {:.2}x",
-                m.candidate, m.champion, ratio, policy.max_latency_ratio
+                "latency was not measured (no answer of both models ran to {} tokens), and the \
+                 rule of at most {:.2}x needs it",
+                crate::run::SOLO_MIN_TOKENS,
+                policy.max_latency_ratio
             ),
-        );
+        ),
+    }
+    for (suite, metric) in REPORTED {
+        if let Some(m) = find(suite, metric) {
+            reasons.push(format!(
+                "info: held-out {suite} {metric}: {:.1}% vs {:.1}% over {} items, difference {} points [{}, {}] (reported, not a rule)",
+                100.0 * m.candidate,
+                100.0 * m.champion,
+                m.items,
+                points(m.difference),
+                points(m.ci_low),
+                points(m.ci_high),
+            ));
+        }
     }
     Verdict { passed, reasons }
 }
@@ -299,6 +391,91 @@ mod tests {
         let v = judge(&p, &good[1..], &[], "general-retention");
         assert!(!v.passed);
         assert!(v.reasons[0].contains("no evidence"), "{v:?}");
+    }
+
+    #[test]
+    fn a_saturated_suite_reports_and_the_held_out_corrections_decide() {
+        let p = Policy::default();
+        let tasks = vec!["routing".to_string()];
+        let mut suite = m("routing", "pass_rate", 1.0, 0.975, 0.0, 0.075);
+        suite.items = 40;
+        // The issue's second cycle: 100% vs 97.5% on 40 items cannot show a
+        // gain; 4 failures of 40 could.
+        assert!(saturated(&suite, 0.0));
+        let mut open = suite.clone();
+        open.champion = 0.9;
+        assert!(!saturated(&open, 0.0));
+        let mut corrections = m("heldout-corrections", "contains_match", 0.6, 0.0, 0.3, 0.9);
+        corrections.items = 10;
+        let rest = [
+            m("general-retention", "pass_rate", 0.62, 0.62, -0.02, 0.02),
+            m("latency", "solo_ms_per_token_p50", 14.0, 13.0, 0.0, 2.0),
+        ];
+        let v = judge(
+            &p,
+            &[&[suite.clone(), corrections.clone()][..], &rest].concat(),
+            &tasks,
+            "general-retention",
+        );
+        assert!(v.passed, "{v:?}");
+        assert!(
+            v.reasons[0].starts_with("pass: task suite routing is saturated"),
+            "{v:?}"
+        );
+        assert!(v.reasons[1].contains("held-out heldout-corrections contains_match (the task suites are saturated (routing))"), "{v:?}");
+        // Saturated and shown worse: a veto after all.
+        let mut worse = suite.clone();
+        (worse.candidate, worse.ci_low, worse.ci_high) = (0.8, -0.3, -0.05);
+        let v = judge(
+            &p,
+            &[&[worse, corrections.clone()][..], &rest].concat(),
+            &tasks,
+            "general-retention",
+        );
+        assert!(
+            !v.passed && v.reasons[0].starts_with("FAIL: task suite routing is saturated"),
+            "{v:?}"
+        );
+        // No suite, nine corrections: too few; the pairs, if ten, decide.
+        corrections.items = 9;
+        let v = judge(
+            &p,
+            &[&[corrections.clone()][..], &rest].concat(),
+            &[],
+            "general-retention",
+        );
+        assert!(
+            !v.passed && v.reasons[0].contains("fewer than 10 held-out corrections"),
+            "{v:?}"
+        );
+        let mut pairs = m("heldout-dpo", "preference_accuracy", 0.7, 0.2, 0.1, 0.9);
+        pairs.items = 10;
+        let v = judge(
+            &p,
+            &[&[corrections, pairs][..], &rest].concat(),
+            &[],
+            "general-retention",
+        );
+        assert!(
+            v.passed && v.reasons[0].contains("heldout-dpo preference_accuracy (no task suite)"),
+            "{v:?}"
+        );
+    }
+
+    #[test]
+    fn latency_that_was_not_measured_fails_the_rule() {
+        let p = Policy::default();
+        let tasks = vec!["routing".to_string()];
+        let metrics = [
+            m("routing", "pass_rate", 0.8, 0.1, 0.6, 0.8),
+            m("general-retention", "pass_rate", 0.62, 0.63, -0.025, 0.01),
+        ];
+        let v = judge(&p, &metrics, &tasks, "general-retention");
+        assert!(!v.passed);
+        assert!(
+            v.reasons[2].starts_with("FAIL: latency was not measured"),
+            "{v:?}"
+        );
     }
 
     #[test]

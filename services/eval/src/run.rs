@@ -252,6 +252,35 @@ async fn generate_remembered(
     Ok(g)
 }
 
+/// Log-probabilities a model gave during one comparison, by prompt and
+/// answer: the same disliked answer is a preference pair's rejected side and
+/// a down vote, the same liked answer an SFT item and an up vote, and each
+/// is forced through the engine once.
+#[derive(Debug, Default)]
+struct Scores(Mutex<HashMap<String, (f64, usize)>>);
+
+impl Scores {
+    async fn score(
+        &self,
+        m: &Served,
+        messages: &[ChatMessage],
+        answer: &str,
+    ) -> Result<(f64, usize)> {
+        let key = format!(
+            "{}\u{0}{answer}",
+            serde_json::to_string(messages).unwrap_or_default()
+        );
+        if let Some(hit) = self.0.lock().ok().and_then(|c| c.get(&key).copied()) {
+            return Ok(hit);
+        }
+        let scored = score(m, messages, answer).await?;
+        if let Ok(mut c) = self.0.lock() {
+            c.insert(key, scored);
+        }
+        Ok(scored)
+    }
+}
+
 /// The log-probability of `answer` (ended as the model ends a turn) after
 /// `messages`, and its token count.
 pub async fn score(m: &Served, messages: &[ChatMessage], answer: &str) -> Result<(f64, usize)> {
@@ -309,6 +338,15 @@ pub struct Answer {
     pub answer: String,
 }
 
+/// A held-out single vote: an answer its users liked (`up`) or disliked.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Vote {
+    pub id: String,
+    pub prompt: Vec<ChatMessage>,
+    pub answer: String,
+    pub up: bool,
+}
+
 /// What an evaluation runs both models on.
 #[derive(Debug, Clone, Default)]
 pub struct Inputs {
@@ -317,7 +355,13 @@ pub struct Inputs {
     /// The general retention suite.
     pub retention: Option<Suite>,
     pub pairs: Vec<Pair>,
-    pub answers: Vec<Answer>,
+    /// Held-out corrections: the answers users wrote where the model they
+    /// rated was wrong.
+    pub corrections: Vec<Answer>,
+    /// Held-out answers users liked.
+    pub liked: Vec<Answer>,
+    /// Held-out single votes, up and down.
+    pub votes: Vec<Vote>,
     /// Tokens per held-out answer generation.
     pub answer_max_tokens: usize,
 }
@@ -405,11 +449,30 @@ pub async fn answer_suite(
 
 /// Each pair's margin: log-probability of the chosen answer minus the
 /// rejected one's.
-async fn margins(m: &Served, pairs: &[Pair], concurrency: usize) -> Result<Vec<f64>> {
+async fn margins(
+    m: &Served,
+    scores: &Scores,
+    pairs: &[Pair],
+    concurrency: usize,
+) -> Result<Vec<f64>> {
     each(pairs, concurrency, |p| async move {
-        let (c, _) = score(m, &p.prompt, &p.chosen).await?;
-        let (r, _) = score(m, &p.prompt, &p.rejected).await?;
+        let (c, _) = scores.score(m, &p.prompt, &p.chosen).await?;
+        let (r, _) = scores.score(m, &p.prompt, &p.rejected).await?;
         Ok(c - r)
+    })
+    .await
+}
+
+/// Each vote's answer's mean log-probability per token.
+async fn vote_logprobs(
+    m: &Served,
+    scores: &Scores,
+    votes: &[Vote],
+    concurrency: usize,
+) -> Result<Vec<f64>> {
+    each(votes, concurrency, |v| async move {
+        let (lp, n) = scores.score(m, &v.prompt, &v.answer).await?;
+        Ok(lp / n.max(1) as f64)
     })
     .await
 }
@@ -418,12 +481,13 @@ async fn margins(m: &Served, pairs: &[Pair], concurrency: usize) -> Result<Vec<f
 /// and the model's own answer to the same prompt.
 async fn answer_heldout(
     m: &Served,
+    scores: &Scores,
     answers: &[Answer],
     max_tokens: usize,
     concurrency: usize,
 ) -> Result<Vec<(f64, Generation)>> {
     each(answers, concurrency, |a| async move {
-        let (lp, n) = score(m, &a.prompt, &a.answer).await?;
+        let (lp, n) = scores.score(m, &a.prompt, &a.answer).await?;
         let g = generate_remembered(m, &a.prompt, max_tokens, 0.0, None).await?;
         Ok((-lp / n.max(1) as f64, g))
     })
@@ -479,6 +543,7 @@ pub async fn compare(
 ) -> Result<Comparison> {
     let mut out = Comparison::default();
     let mut latency: Vec<(Generation, Generation)> = Vec::new();
+    let (sc, sh) = (Scores::default(), Scores::default());
     let suites = inputs.task_suites.iter().chain(inputs.retention.as_ref());
     for suite in suites {
         progress(&format!(
@@ -538,8 +603,8 @@ pub async fn compare(
             inputs.pairs.len()
         ));
         let (mc, mh) = (
-            margins(candidate, &inputs.pairs, concurrency).await?,
-            margins(champion, &inputs.pairs, concurrency).await?,
+            margins(candidate, &sc, &inputs.pairs, concurrency).await?,
+            margins(champion, &sh, &inputs.pairs, concurrency).await?,
         );
         let won = |v: &[f64]| {
             v.iter()
@@ -562,60 +627,52 @@ pub async fn compare(
         ));
     }
 
-    if !inputs.answers.is_empty() {
-        progress(&format!("held-out answers ({})", inputs.answers.len()));
+    for (suite, answers) in [
+        ("heldout-corrections", &inputs.corrections),
+        ("heldout-liked", &inputs.liked),
+    ] {
+        if answers.is_empty() {
+            continue;
+        }
+        progress(&format!("held-out {suite} ({})", answers.len()));
         let max = inputs.answer_max_tokens.max(1);
         let (rc, rh) = (
-            answer_heldout(candidate, &inputs.answers, max, concurrency).await?,
-            answer_heldout(champion, &inputs.answers, max, concurrency).await?,
+            answer_heldout(candidate, &sc, answers, max, concurrency).await?,
+            answer_heldout(champion, &sh, answers, max, concurrency).await?,
         );
-        let loss = |r: &[(f64, Generation)]| r.iter().map(|x| x.0).collect::<Vec<_>>();
-        let matches = |r: &[(f64, Generation)], exact: bool| -> Vec<f64> {
-            inputs
-                .answers
-                .iter()
-                .zip(r)
-                .map(|(a, (_, g))| {
-                    let (want, got) = (a.answer.trim(), g.text.trim());
-                    let hit = if exact {
-                        got == want
-                    } else {
-                        got.to_lowercase().contains(&want.to_lowercase())
-                    };
-                    f64::from(u8::from(hit))
-                })
-                .collect()
-        };
+        heldout_metrics(&mut out, suite, answers, &rc, &rh);
+        latency.extend(rc.into_iter().map(|r| r.1).zip(rh.into_iter().map(|r| r.1)));
+    }
+
+    if !inputs.votes.is_empty() {
+        progress(&format!("held-out votes ({})", inputs.votes.len()));
+        let (lc, lh) = (
+            vote_logprobs(candidate, &sc, &inputs.votes, concurrency).await?,
+            vote_logprobs(champion, &sh, &inputs.votes, concurrency).await?,
+        );
+        // Whether the candidate moved the answer's probability the way its
+        // users voted, relative to the champion; chance is a half.
+        let agree: Vec<f64> = inputs
+            .votes
+            .iter()
+            .zip(lc.iter().zip(&lh))
+            .map(|(v, (c, h))| {
+                let d = c - h;
+                if d.abs() < 1e-9 {
+                    0.5
+                } else {
+                    f64::from(u8::from((d > 0.0) == v.up))
+                }
+            })
+            .collect();
+        let chance = vec![0.5; agree.len()];
         out.metrics.push(Metric::paired(
-            "heldout-sft",
-            "loss",
-            &loss(&rc),
-            &loss(&rh),
+            "heldout-kto",
+            "vote_agreement",
+            &agree,
+            &chance,
             stats::mean,
         ));
-        for (name, exact) in [("exact_match", true), ("contains_match", false)] {
-            out.metrics.push(Metric::paired(
-                "heldout-sft",
-                name,
-                &matches(&rc, exact),
-                &matches(&rh, exact),
-                stats::mean,
-            ));
-        }
-        for (who, r) in [("candidate", &rc), ("champion", &rh)] {
-            for (a, (l, g)) in inputs.answers.iter().zip(r.iter()) {
-                out.items.push(ItemOutput {
-                    suite: "heldout-sft".into(),
-                    item: a.id.clone(),
-                    model: who.into(),
-                    prompt: serde_json::to_value(&a.prompt).unwrap_or_default(),
-                    output: g.text.clone(),
-                    passed: Some(g.text.trim() == a.answer.trim()),
-                    score: Some(*l),
-                });
-            }
-        }
-        latency.extend(rc.into_iter().map(|r| r.1).zip(rh.into_iter().map(|r| r.1)));
     }
 
     // The latency rule's measurement: each model alone on the engine.
@@ -676,6 +733,66 @@ pub async fn compare(
         }
     }
     Ok(out)
+}
+
+/// The metrics of held-out answers (corrections or liked ones) and both
+/// models' outputs: loss, exact and contains match of the users' answer.
+fn heldout_metrics(
+    out: &mut Comparison,
+    suite: &str,
+    answers: &[Answer],
+    rc: &[(f64, Generation)],
+    rh: &[(f64, Generation)],
+) {
+    let loss = |r: &[(f64, Generation)]| r.iter().map(|x| x.0).collect::<Vec<_>>();
+    let matches = |r: &[(f64, Generation)], exact: bool| -> Vec<f64> {
+        answers
+            .iter()
+            .zip(r)
+            .map(|(a, (_, g))| {
+                let (want, got) = (a.answer.trim(), g.text.trim());
+                let hit = if exact {
+                    got == want
+                } else {
+                    got.to_lowercase().contains(&want.to_lowercase())
+                };
+                f64::from(u8::from(hit))
+            })
+            .collect()
+    };
+    out.metrics.push(Metric::paired(
+        suite,
+        "loss",
+        &loss(rc),
+        &loss(rh),
+        stats::mean,
+    ));
+    for (name, exact) in [("exact_match", true), ("contains_match", false)] {
+        out.metrics.push(Metric::paired(
+            suite,
+            name,
+            &matches(rc, exact),
+            &matches(rh, exact),
+            stats::mean,
+        ));
+    }
+    let contains = (matches(rc, false), matches(rh, false));
+    for (who, r, hits) in [
+        ("candidate", rc, &contains.0),
+        ("champion", rh, &contains.1),
+    ] {
+        for ((a, (l, g)), hit) in answers.iter().zip(r.iter()).zip(hits) {
+            out.items.push(ItemOutput {
+                suite: suite.into(),
+                item: a.id.clone(),
+                model: who.into(),
+                prompt: serde_json::to_value(&a.prompt).unwrap_or_default(),
+                output: g.text.clone(),
+                passed: Some(*hit > 0.5),
+                score: Some(*l),
+            });
+        }
+    }
 }
 
 /// Workers run evaluations on tokio's threads: the future must stay `Send`.

@@ -87,6 +87,17 @@ pub fn paired(
     }
 }
 
+/// The lower bound [`paired`] gives the best candidate possible on `items`
+/// pass/fail items of which the champion fails `failed`: one that passes
+/// every item. When even that bound is not above a bar, the items cannot
+/// show any candidate better than the champion: they are saturated.
+pub fn best_lower_bound(items: usize, failed: usize) -> f64 {
+    let champion: Vec<f64> = (0..items)
+        .map(|i| f64::from(u8::from(i >= failed)))
+        .collect();
+    paired(&vec![1.0; items], &champion, mean).low
+}
+
 /// The mean, as a statistic for [`paired`].
 pub fn mean(values: &mut dyn Iterator<Item = f64>) -> f64 {
     let (mut sum, mut n) = (0.0, 0usize);

@@ -1,7 +1,7 @@
 //! `flywheel artifacts`: copy files to and from an artifact store
 //! (`file://`, `s3://`) with the settings the worker uses (`AWS_*`).
 
-use flywheel_jobs::artifacts;
+use flywheel_modelhub::artifacts;
 
 #[derive(Debug, Clone, clap::Subcommand)]
 pub enum ArtifactsCommand {

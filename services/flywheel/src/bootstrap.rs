@@ -72,8 +72,8 @@ pub async fn pull(cfg: &Config, spec: Option<&str>) -> anyhow::Result<FetchedMod
 }
 
 /// How this process loads model versions (files, engines, adapters).
-pub fn versions(cfg: &Config, pool: &PgPool) -> flywheel_jobs::serving::Versions {
-    flywheel_jobs::serving::Versions {
+pub fn versions(cfg: &Config, pool: &PgPool) -> flywheel_modelhub::Versions {
+    flywheel_modelhub::Versions {
         pool: pool.clone(),
         cache: cfg.models.cache.clone(),
         engine: cfg.engine.clone(),

@@ -107,7 +107,7 @@ pub enum Command {
     },
     /// Play a scenario through the public API: chats, simulated users'
     /// votes and corrections, held-out scores cycle by cycle.
-    Simulate(Box<crate::simulate::SimulateArgs>),
+    Simulate(Box<flywheel_simulate::SimulateArgs>),
     /// The gateway's journal: records set aside (dead letters), replay.
     Journal {
         #[command(subcommand)]
@@ -194,7 +194,13 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Loop(args) => crate::cycles::run_loop(&cfg, &pool(&cfg).await?, args).await,
         Command::Cycles { command } => crate::cycles::run(&pool(&cfg).await?, command).await,
-        Command::Simulate(args) => crate::simulate::run(&cfg, *args).await,
+        Command::Simulate(args) => {
+            let env = flywheel_simulate::Env {
+                default_url: format!("http://{}", cfg.gateway.addr),
+                database_url: cfg.database.url.as_ref().map(|u| u.0.clone()),
+            };
+            flywheel_simulate::run(&env, *args).await
+        }
         Command::Jobs { limit } => crate::datasets::jobs(&pool(&cfg).await?, limit).await,
     }
 }

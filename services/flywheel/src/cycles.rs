@@ -1,14 +1,18 @@
 //! `flywheel loop --team T`: start one cycle of the loop now and follow it
-//! stage by stage; `flywheel cycles`: what the loop did, cycle by cycle.
-//! The stages run in the worker (`flywheel worker`, or `flywheel up`).
+//! stage by stage; `flywheel cycles`: what the loop did, cycle by cycle,
+//! each drawn on the loop's transition table. The stages run in the worker
+//! (`flywheel worker`, or `flywheel up`).
 
 use std::time::Duration;
 
+use flywheel_jobs::stages::JobQueue;
+use flywheel_loop::machine;
 use flywheel_store::PgPool;
-use flywheel_store::cycles::{self, Cycle};
+use flywheel_store::cycles::{self, Cycle, Stage, Status, Trigger};
 use uuid::Uuid;
 
 use crate::Config;
+use crate::exit::DecidedNo;
 use crate::models::team_id;
 
 #[derive(clap::Args)]
@@ -33,17 +37,30 @@ pub enum CyclesCommand {
         team: Option<String>,
         #[arg(long, default_value_t = 20)]
         limit: i64,
+        /// One JSON object per cycle, a line each.
+        #[arg(long)]
+        json: bool,
     },
-    /// One cycle: every stage with its wall time and note, its records and
-    /// the reason it ended as it did.
-    Show { id: Uuid },
+    /// One cycle: every stage with its wall time and note, its records, the
+    /// reason it ended as it did, and its path through the loop's table.
+    Show {
+        id: Uuid,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 /// Starts a cycle (or finds the one running) and follows it to its end.
+/// A cycle that ends other than promoted is a "no" ([`DecidedNo`]); one
+/// that failed is an error.
 pub async fn run_loop(cfg: &Config, pool: &PgPool, args: LoopArgs) -> anyhow::Result<()> {
     let team = team_id(pool, &args.team).await?;
     let lc = cfg.loop_config(args.min_new_examples);
-    let id = match flywheel_jobs::cycle::start(pool, team, "manual", &lc).await? {
+    let queue = JobQueue {
+        max_attempts: cfg.jobs.max_attempts.max(1),
+    };
+    let started = flywheel_loop::cycle::start(pool, &queue, team, Trigger::Manual, &lc).await?;
+    let id = match started {
         Some(id) => {
             println!("cycle {id} started for team {}", args.team);
             id
@@ -52,7 +69,7 @@ pub async fn run_loop(cfg: &Config, pool: &PgPool, args: LoopArgs) -> anyhow::Re
             let running = cycles::list(pool, Some(team), 1)
                 .await?
                 .into_iter()
-                .find(|c| c.status == "running")
+                .find(|c| c.status == Status::Running)
                 .ok_or_else(|| anyhow::anyhow!("the team's running cycle just ended; try again"))?;
             println!(
                 "team {} already has cycle {} running (at {}); following it",
@@ -70,26 +87,18 @@ pub async fn run_loop(cfg: &Config, pool: &PgPool, args: LoopArgs) -> anyhow::Re
         let c = cycles::get(pool, id)
             .await?
             .ok_or_else(|| anyhow::anyhow!("cycle {id} is gone"))?;
-        let stages = c.stages.as_array().cloned().unwrap_or_default();
+        let stages = c.stage_records();
         for s in stages.iter().skip(printed) {
-            println!(
-                "  {:<9} {:>8.1} s  {}",
-                s["stage"].as_str().unwrap_or("?"),
-                s["seconds"].as_f64().unwrap_or(0.0),
-                s["note"].as_str().unwrap_or("")
-            );
+            println!("  {:<9} {:>8.1} s  {}", s.stage, s.seconds, s.note);
         }
         printed = stages.len();
-        if c.status != "running" {
-            println!(
-                "cycle {}: {} ({})",
-                c.id,
-                c.status,
-                c.reason.as_deref().unwrap_or("")
-            );
-            return match c.status.as_str() {
-                "failed" => Err(anyhow::anyhow!("the cycle failed")),
-                _ => Ok(()),
+        if c.status != Status::Running {
+            let reason = c.reason.clone().unwrap_or_default();
+            println!("cycle {}: {} ({reason})", c.id, c.status);
+            return match c.status {
+                Status::Promoted => Ok(()),
+                Status::Failed => Err(anyhow::anyhow!("the cycle failed: {reason}")),
+                other => Err(DecidedNo(format!("the cycle ended {other}")).into()),
             };
         }
         tokio::time::sleep(Duration::from_secs(2)).await;
@@ -98,35 +107,48 @@ pub async fn run_loop(cfg: &Config, pool: &PgPool, args: LoopArgs) -> anyhow::Re
 
 pub async fn run(pool: &PgPool, command: CyclesCommand) -> anyhow::Result<()> {
     match command {
-        CyclesCommand::List { team, limit } => {
+        CyclesCommand::List { team, limit, json } => {
             let team = match team {
                 Some(t) => Some(team_id(pool, &t).await?),
                 None => None,
             };
+            let list = cycles::list(pool, team, limit).await?;
+            if json {
+                for c in &list {
+                    println!("{}", serde_json::to_string(c)?);
+                }
+                return Ok(());
+            }
             println!(
                 "{:<36}  {:<19}  {:<12}  {:<8}  {:<11}  {:<9}  {:>8}  stages (s)",
                 "cycle", "started", "team", "trigger", "status", "stage", "total s"
             );
-            for c in cycles::list(pool, team, limit).await? {
-                println!("{}", line(&c));
+            for c in &list {
+                println!("{}", line(c));
             }
             Ok(())
         }
-        CyclesCommand::Show { id } => {
+        CyclesCommand::Show { id, json } => {
             let c = cycles::get(pool, id)
                 .await?
                 .ok_or_else(|| anyhow::anyhow!("no cycle {id}"))?;
+            if json {
+                let mut v = serde_json::to_value(&c)?;
+                v["path"] = serde_json::to_value(machine::path(&c))?;
+                println!("{}", serde_json::to_string_pretty(&v)?);
+                return Ok(());
+            }
             show(pool, &c).await
         }
     }
 }
 
 fn line(c: &Cycle) -> String {
-    let stages = flywheel_jobs::cycle::stage_seconds(c);
-    let total: f64 = stages.iter().map(|(_, s)| s).sum();
+    let stages = c.stage_records();
+    let total: f64 = stages.iter().map(|s| s.seconds).sum();
     let stages = stages
         .iter()
-        .map(|(stage, s)| format!("{stage} {s:.0}"))
+        .map(|s| format!("{} {:.0}", s.stage, s.seconds))
         .collect::<Vec<_>>()
         .join(", ");
     format!(
@@ -134,9 +156,9 @@ fn line(c: &Cycle) -> String {
         c.id,
         c.created_at.format("%Y-%m-%d %H:%M:%S"),
         c.team,
-        c.trigger,
-        c.status,
-        c.stage,
+        c.trigger.as_str(),
+        c.status.as_str(),
+        c.stage.as_str(),
         total
     )
 }
@@ -173,16 +195,21 @@ async fn show(pool: &PgPool, c: &Cycle) -> anyhow::Result<()> {
         println!("decision   {d}");
     }
     println!("stages:");
-    for s in c.stages.as_array().into_iter().flatten() {
+    for s in c.stage_records() {
+        let by = s.by.as_deref().unwrap_or("?");
         println!(
-            "  {:<9} {:>8.1} s  {}",
-            s["stage"].as_str().unwrap_or("?"),
-            s["seconds"].as_f64().unwrap_or(0.0),
-            s["note"].as_str().unwrap_or("")
+            "  {:<9} {:>8.1} s  -> {by:<9} {}",
+            s.stage, s.seconds, s.note
         );
+    }
+    if c.status == Status::Running {
+        println!("  {:<9} (running)", c.stage);
     }
     if let Some(r) = &c.reason {
         println!("reason     {r}");
     }
+    let at = (c.status == Status::Running && c.stage != Stage::Done).then_some(c.stage);
+    println!("the loop's table (* the moves this cycle made, ? those open to it now):");
+    print!("{}", machine::render_text(&machine::path(c), at));
     Ok(())
 }

@@ -10,6 +10,7 @@ use flywheel_store::evals::{self, NewEvaluation};
 use uuid::Uuid;
 
 use crate::Config;
+use crate::exit::DecidedNo;
 use crate::models::{team_id, version};
 
 #[derive(Debug, Clone, clap::Args)]
@@ -136,7 +137,15 @@ async fn run(cfg: &Config, pool: &PgPool, a: RunArgs) -> anyhow::Result<()> {
     )
     .await?;
     eprintln!("done in {:.0} s", started.elapsed().as_secs_f64());
-    show(pool, outcome.evaluation_id, false).await
+    show(pool, outcome.evaluation_id, false).await?;
+    if !outcome.passed {
+        return Err(DecidedNo(format!(
+            "{} did not pass the gate against {}",
+            candidate.name, champion.name
+        ))
+        .into());
+    }
+    Ok(())
 }
 
 /// The report `flywheel eval show` prints.
@@ -178,7 +187,8 @@ pub async fn report(pool: &PgPool, id: Uuid, with_items: bool) -> anyhow::Result
     for m in evals::metrics(pool, id).await? {
         let pct = m.metric.ends_with("rate")
             || m.metric.ends_with("accuracy")
-            || m.metric.ends_with("match");
+            || m.metric.ends_with("match")
+            || m.metric.ends_with("agreement");
         let f = |x: f64| {
             if pct {
                 format!("{:.1}%", 100.0 * x)

@@ -1,11 +1,14 @@
 //! `flywheel`: one binary, a subcommand per part of the system. This file
-//! parses the command line, sets up logging and the runtime, and hands over
-//! to the library (`flywheel::cli::run`).
+//! parses the command line, sets up logging and the runtime, hands over to
+//! the library (`flywheel::cli::run`) and turns its result into the exit
+//! code (`flywheel::exit`).
+
+use std::process::ExitCode;
 
 use clap::Parser;
 
 #[allow(unsafe_code)]
-fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<ExitCode> {
     if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
         // candle's element-wise pool spin-waits between ops and competes
         // with its own matmul threads on small machines (a training step:
@@ -22,8 +25,17 @@ fn main() -> anyhow::Result<()> {
         )
         .with_writer(std::io::stderr)
         .init();
-    tokio::runtime::Builder::new_multi_thread()
+    let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
-        .build()?
-        .block_on(flywheel::cli::run(cli))
+        .build()?;
+    match runtime.block_on(flywheel::cli::run(cli)) {
+        Ok(()) => Ok(ExitCode::SUCCESS),
+        Err(e) => match e.downcast_ref::<flywheel::exit::DecidedNo>() {
+            Some(no) => {
+                eprintln!("{no}");
+                Ok(ExitCode::from(flywheel::exit::NO))
+            }
+            None => Err(e),
+        },
+    }
 }

@@ -1,6 +1,8 @@
 //! `flywheel models`: the model-version registry (pull, import, list,
 //! promote, adapters trained elsewhere).
 
+use flywheel_store::decisions::DecisionKind;
+
 use crate::Config;
 
 /// Who a command acts for, in the audit log: the operating-system user.
@@ -162,21 +164,22 @@ pub async fn run(
             let reason = reason
                 .ok_or_else(|| anyhow::anyhow!("give --reason: it goes into the audit log"))?;
             let (team_id, v) = (team_id(pool, &team).await?, version(pool, &name).await?);
-            let why = flywheel_jobs::promote::Why {
+            let why = flywheel_loop::decide::Why {
                 reason: &reason,
                 evidence: serde_json::json!({}),
                 actor: &actor(),
                 evaluation_id: None,
                 canary_id: None,
             };
-            flywheel_jobs::promote::promote(pool, team_id, &v, "manual_promote", why).await?;
+            flywheel_loop::decide::promote(pool, team_id, &v, DecisionKind::ManualPromote, why)
+                .await?;
             println!("{} is now team {team}'s champion", v.name);
             return Ok(());
         }
         ModelsCommand::Rollback { team, reason } => {
             let team_id = team_id(pool, &team).await?;
             let done =
-                flywheel_jobs::promote::manual_rollback(pool, team_id, &reason, &actor()).await?;
+                flywheel_loop::decide::manual_rollback(pool, team_id, &reason, &actor()).await?;
             println!("team {team}: {done}");
             return Ok(());
         }
@@ -191,14 +194,14 @@ pub async fn run(
             if !(share > 0.0 && share < 1.0) {
                 anyhow::bail!("--share must be between 0 and 1, not {share}");
             }
-            let why = flywheel_jobs::promote::Why {
+            let why = flywheel_loop::decide::Why {
                 reason: &reason,
                 evidence: serde_json::json!({}),
                 actor: &actor(),
                 evaluation_id: None,
                 canary_id: None,
             };
-            let c = flywheel_jobs::promote::start_canary(
+            let c = flywheel_loop::decide::start_canary(
                 pool,
                 team_id,
                 &v,

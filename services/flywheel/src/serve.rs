@@ -7,7 +7,7 @@ use anyhow::Context;
 use flywheel_engine::{AdapterWeights, EngineHandle};
 use flywheel_gateway::serving::LoadError;
 use flywheel_gateway::{AppState, Loader, ServedModel};
-use flywheel_jobs::serving::Versions;
+use flywheel_modelhub::Versions;
 use flywheel_store::PgPool;
 use flywheel_store::models::ModelVersion;
 

@@ -401,7 +401,7 @@ pub async fn train(cfg: &crate::Config, pool: &PgPool, args: TrainArgs) -> anyho
         let adapter = std::path::absolute(&out).unwrap_or(out.clone());
         let v = flywheel_jobs::train::register_candidate(
             pool,
-            &flywheel_jobs::artifacts::Artifacts::open(&cfg.training.artifacts)?,
+            &flywheel_modelhub::Artifacts::open(&cfg.training.artifacts)?,
             &cfg.models.cache,
             &Candidate {
                 base_path: &base_path,
@@ -487,7 +487,7 @@ pub async fn import_adapter(
         .then(|| std::env::temp_dir().join(format!("flywheel-adapter-{}", uuid::Uuid::new_v4())));
     let (local, recorded) = match &fetched {
         Some(tmp) => {
-            flywheel_jobs::artifacts::download(dir, tmp).await?;
+            flywheel_modelhub::artifacts::download(dir, tmp).await?;
             (tmp.clone(), dir.to_string())
         }
         None => {
@@ -529,7 +529,7 @@ async fn import_local_adapter(
     .context("loading the adapter panicked")??;
     flywheel_jobs::train::register_candidate(
         pool,
-        &flywheel_jobs::artifacts::Artifacts::open(&cfg.training.artifacts)?,
+        &flywheel_modelhub::Artifacts::open(&cfg.training.artifacts)?,
         &cfg.models.cache,
         &Candidate {
             base_path: &base_path,

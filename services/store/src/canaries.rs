@@ -5,7 +5,17 @@ use chrono::{DateTime, Utc};
 use sqlx::{PgConnection, PgExecutor};
 use uuid::Uuid;
 
+use crate::cycles::text_enum;
 use crate::{Result, StoreError};
+
+text_enum! {
+    /// Where a canary is.
+    CanaryStatus {
+        Running = "running",
+        Promoted = "promoted",
+        RolledBack = "rolled_back",
+    }
+}
 
 #[derive(Debug, Clone, PartialEq, serde::Serialize, sqlx::FromRow)]
 pub struct Canary {
@@ -14,7 +24,7 @@ pub struct Canary {
     pub candidate_version_id: Uuid,
     pub champion_version_id: Uuid,
     pub share: f64,
-    pub status: String,
+    pub status: CanaryStatus,
     pub evaluation_id: Option<Uuid>,
     pub reason: Option<String>,
     pub started_at: DateTime<Utc>,
@@ -59,7 +69,12 @@ pub async fn start(
 }
 
 /// Ends a running canary: `promoted` or `rolled_back`, with why.
-pub async fn end(conn: &mut PgConnection, id: Uuid, status: &str, reason: &str) -> Result<bool> {
+pub async fn end(
+    conn: &mut PgConnection,
+    id: Uuid,
+    status: CanaryStatus,
+    reason: &str,
+) -> Result<bool> {
     let done = sqlx::query(
         "update canaries set status = $2, reason = $3, ended_at = now()
          where id = $1 and status = 'running'",

@@ -392,6 +392,37 @@ pub async fn count_examples(
     .await?)
 }
 
+/// What a version holds of each kind of evidence, in all and in its eval
+/// split: corrections (SFT examples a user wrote), preference pairs (DPO)
+/// and single votes (KTO).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, sqlx::FromRow)]
+pub struct EvidenceCounts {
+    pub corrections: i64,
+    pub eval_corrections: i64,
+    pub pairs: i64,
+    pub eval_pairs: i64,
+    pub votes: i64,
+    pub eval_votes: i64,
+}
+
+pub async fn evidence_counts(ex: impl PgExecutor<'_>, version_id: Uuid) -> Result<EvidenceCounts> {
+    Ok(sqlx::query_as(
+        "select
+             count(*) filter (where kind = 'sft' and (example->>'correction')::boolean)
+                 as corrections,
+             count(*) filter (where kind = 'sft' and split = 'eval'
+                 and (example->>'correction')::boolean) as eval_corrections,
+             count(*) filter (where kind = 'dpo') as pairs,
+             count(*) filter (where kind = 'dpo' and split = 'eval') as eval_pairs,
+             count(*) filter (where kind = 'kto') as votes,
+             count(*) filter (where kind = 'kto' and split = 'eval') as eval_votes
+         from dataset_examples where version_id = $1",
+    )
+    .bind(version_id)
+    .fetch_one(ex)
+    .await?)
+}
+
 /// How many lineage rows a version has and how many distinct completions.
 pub async fn lineage_counts(ex: impl PgExecutor<'_>, version_id: Uuid) -> Result<(i64, i64)> {
     Ok(sqlx::query_as(

@@ -6,12 +6,43 @@ use sqlx::PgExecutor;
 use uuid::Uuid;
 
 use crate::Result;
+use crate::cycles::text_enum;
+
+text_enum! {
+    /// What a decision did to what a team is served.
+    DecisionKind {
+        /// The loop promoted a candidate on the offline evidence.
+        Promote = "promote",
+        /// The loop kept the champion: the candidate failed the gate.
+        Reject = "reject",
+        /// The loop started a canary for a candidate that passed the gate.
+        CanaryStarted = "canary_started",
+        /// The canary won on live thumbs and became champion.
+        CanaryPassed = "canary_passed",
+        /// The canary lost, ran out of time, or another version was promoted.
+        RolledBack = "rolled_back",
+        /// A person made a version the team's champion.
+        ManualPromote = "manual_promote",
+        /// A person stopped a canary or restored the previous champion.
+        ManualRollback = "manual_rollback",
+    }
+}
+
+impl DecisionKind {
+    /// Whether the decision made a new champion (what a rollback undoes).
+    pub fn promotes(self) -> bool {
+        matches!(
+            self,
+            Self::Promote | Self::CanaryPassed | Self::ManualPromote
+        )
+    }
+}
 
 #[derive(Debug, Clone, PartialEq, serde::Serialize, sqlx::FromRow)]
 pub struct Decision {
     pub id: Uuid,
     pub team_id: Option<Uuid>,
-    pub kind: String,
+    pub kind: DecisionKind,
     pub candidate_version_id: Option<Uuid>,
     pub champion_version_id: Option<Uuid>,
     pub evaluation_id: Option<Uuid>,
@@ -23,10 +54,10 @@ pub struct Decision {
 }
 
 /// A decision to record.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct NewDecision<'a> {
     pub team_id: Option<Uuid>,
-    pub kind: &'a str,
+    pub kind: DecisionKind,
     pub candidate_version_id: Option<Uuid>,
     pub champion_version_id: Option<Uuid>,
     pub evaluation_id: Option<Uuid>,
@@ -89,10 +120,17 @@ pub async fn champion_before_last_promotion(
 ) -> Result<Option<Uuid>> {
     Ok(sqlx::query_scalar(
         "select champion_version_id from decisions
-         where team_id = $1 and kind in ('promote', 'canary_passed', 'manual_promote')
+         where team_id = $1 and kind = any($2)
          order by created_at desc, id desc limit 1",
     )
     .bind(team)
+    .bind(
+        DecisionKind::ALL
+            .iter()
+            .filter(|k| k.promotes())
+            .map(|k| k.as_str())
+            .collect::<Vec<_>>(),
+    )
     .fetch_optional(ex)
     .await?
     .flatten())

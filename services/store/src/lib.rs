@@ -43,6 +43,51 @@ pub enum StoreError {
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 
+/// A column value no variant of its enum names (a row written by a newer
+/// release, or by hand).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown {what} `{value}`")]
+pub struct UnknownValue {
+    pub what: &'static str,
+    pub value: String,
+}
+
+/// What an error means to whoever asked, whichever part raised it: the one
+/// classification every face maps to its answer (both HTTP faces through
+/// [`ErrorClass::status`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorClass {
+    /// What was asked for does not exist.
+    NotFound,
+    /// It exists, but its state does not allow this now (a canary already
+    /// running, a name taken, nothing to roll back).
+    Conflict,
+    /// The request's own data can never be accepted as it is (a value the
+    /// database cannot store, a broken constraint, a model the team may not
+    /// use): sending it again gets the same answer.
+    Refused,
+    /// The database could not be reached or answered that it is going away:
+    /// the same request may work later.
+    Unreachable,
+    /// Anything else: a bug or an unexpected failure. Its detail is logged,
+    /// never shown.
+    Internal,
+}
+
+impl ErrorClass {
+    /// The HTTP status every face answers with: 404, 409, 422, 503 or 500.
+    pub fn status(self) -> u16 {
+        match self {
+            Self::NotFound => 404,
+            Self::Conflict => 409,
+            Self::Refused => 422,
+            Self::Unreachable => 503,
+            Self::Internal => 500,
+        }
+    }
+}
+
 /// Postgres refused a statement because of the data it carried, so sending
 /// the same data again gets the same answer: a value it cannot store (a NUL
 /// character in text or JSON, an invalid number), a constraint (a foreign key
@@ -71,6 +116,26 @@ impl StoreError {
             code,
             message: e.message().to_string(),
         })
+    }
+
+    /// What the error means: a missing row, a state that does not allow it,
+    /// data the database refuses (a unique key taken is a conflict: the
+    /// same data may be accepted once the other row is gone), the database
+    /// out of reach, or anything else.
+    pub fn class(&self) -> ErrorClass {
+        if self.is_unreachable() {
+            return ErrorClass::Unreachable;
+        }
+        match self {
+            Self::NotFound(_) => ErrorClass::NotFound,
+            Self::Conflict(_) => ErrorClass::Conflict,
+            Self::Db(sqlx::Error::RowNotFound) => ErrorClass::NotFound,
+            _ => match self.refusal() {
+                Some(r) if r.code == "23505" => ErrorClass::Conflict,
+                Some(_) => ErrorClass::Refused,
+                None => ErrorClass::Internal,
+            },
+        }
     }
 
     /// Whether the error says the database could not be reached at all (as

@@ -277,7 +277,7 @@ impl Config {
             (None, None) => None,
         };
         Ok(TrainEnv {
-            artifacts: flywheel_jobs::artifacts::Artifacts::open(&t.artifacts)
+            artifacts: flywheel_modelhub::Artifacts::open(&t.artifacts)
                 .map_err(|e| anyhow::anyhow!("FLYWHEEL_ARTIFACTS={}: {e:#}", t.artifacts))?,
             work_dir: self.home.join("work"),
             model_cache: self.models.cache.clone(),
@@ -334,9 +334,8 @@ impl Config {
     /// What the loop's cycles run with: training once a team's dataset
     /// holds `min_new_examples` examples its last run did not have, with
     /// the default training spec.
-    pub fn loop_config(&self, min_new_examples: usize) -> flywheel_jobs::cycle::LoopConfig {
-        flywheel_jobs::cycle::LoopConfig {
-            min_new_examples: min_new_examples.max(1) as i64,
+    pub fn loop_config(&self, min_new_examples: usize) -> flywheel_loop::LoopConfig {
+        flywheel_jobs::stages::Work {
             rules: self.jobs.curation_rules.clone(),
             spec: flywheel_jobs::train::RunSpec {
                 lora: Default::default(),
@@ -345,6 +344,7 @@ impl Config {
             },
             max_attempts: self.jobs.max_attempts.max(1),
         }
+        .loop_config(min_new_examples.max(1) as i64, self.promotion.min_items)
     }
 }
 

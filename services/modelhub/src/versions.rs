@@ -41,7 +41,7 @@ impl Versions {
             .cache
             .join(format!(".{}.{}.part", v.sha256, std::process::id()));
         artifacts::download(&v.source, &part).await?;
-        let sha = flywheel_modelhub::sha256_file(&part).await?;
+        let sha = crate::sha256_file(&part).await?;
         if sha != v.sha256 {
             let _ = std::fs::remove_file(&part);
             bail!(
