@@ -164,26 +164,49 @@ pub async fn rate_routing(gw: &TestGateway, user: &str, id: &str, answer: &str) 
     }
 }
 
+/// What a batch of traffic sent: answers already right, votes, and the
+/// training examples curation will make of them. The tiny model often
+/// answers with nothing printable; a corrected empty answer still teaches
+/// its correction (one SFT example) but makes no preference pair or KTO
+/// vote, and a liked empty one makes nothing.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Sent {
+    pub right: usize,
+    pub votes: usize,
+    pub examples: usize,
+}
+
 /// Each prompt sent once by its own user (`{prefix}{i}`) and rated as
-/// [`rate_routing`] does; returns how many answers were already right.
-pub async fn routing_traffic(gw: &TestGateway, prefix: &str, prompts: &[String]) -> usize {
-    let mut right = 0;
+/// [`rate_routing`] does.
+pub async fn routing_traffic(gw: &TestGateway, prefix: &str, prompts: &[String]) -> Sent {
+    let mut sent = Sent::default();
     for (i, p) in prompts.iter().enumerate() {
         let user = format!("{prefix}{i}");
         let (id, answer, _) = chat(gw, &user, p).await;
-        right += usize::from(answer == ANSWER);
+        let printable = !answer.trim().is_empty();
+        sent.votes += 1;
+        if answer == ANSWER {
+            sent.right += 1;
+            sent.examples += 2;
+        } else {
+            sent.examples += 1 + 2 * usize::from(printable);
+        }
         rate_routing(gw, &user, &id, &answer).await;
     }
-    right
+    sent
 }
 
 /// Each general prompt sent once and its answer liked.
-pub async fn liked_general(gw: &TestGateway, prefix: &str, prompts: &[&str]) {
+pub async fn liked_general(gw: &TestGateway, prefix: &str, prompts: &[String]) -> Sent {
+    let mut sent = Sent::default();
     for (i, p) in prompts.iter().enumerate() {
         let user = format!("{prefix}{i}");
-        let (id, _, _) = chat(gw, &user, p).await;
+        let (id, answer, _) = chat(gw, &user, p).await;
+        sent.votes += 1;
+        sent.examples += 2 * usize::from(!answer.trim().is_empty());
         vote(gw, &user, &id, true, None).await;
     }
+    sent
 }
 
 /// Waits until the team's votes in Postgres reach `want`.

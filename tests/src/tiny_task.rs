@@ -43,11 +43,27 @@ pub const TICKETS: [&str; 96] = [
     "sage", "sparrow", "spruce", "thistle", "topaz", "tulip", "willow",
 ];
 
-/// Routing prompts `from .. from + n` of [`TICKETS`].
+/// `{word}` for [`TICKETS`]' words in turn, then `{word} 1`, `{word} 2`
+/// and so on: as many distinct endings as wanted, no two of them
+/// near-duplicate prompts.
+fn ending(i: usize) -> String {
+    match i / TICKETS.len() {
+        0 => TICKETS[i].to_string(),
+        k => format!("{} {k}", TICKETS[i % TICKETS.len()]),
+    }
+}
+
+/// Routing prompts `from .. from + n`: `route ticket <ending>`.
 pub fn tickets(from: usize, n: usize) -> Vec<String> {
-    TICKETS[from..from + n]
-        .iter()
-        .map(|w| format!("route ticket {w}"))
+    (from..from + n)
+        .map(|i| format!("route ticket {}", ending(i)))
+        .collect()
+}
+
+/// General prompts `from .. from + n`: `tell me about <ending>`.
+pub fn topics(from: usize, n: usize) -> Vec<String> {
+    (from..from + n)
+        .map(|i| format!("tell me about {}", ending(i)))
         .collect()
 }
 

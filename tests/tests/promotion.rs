@@ -339,6 +339,69 @@ async fn a_candidate_that_forgets_is_rejected_with_the_reason_stored() {
 }
 
 #[tokio::test]
+async fn a_candidate_slower_than_the_latency_rule_allows_is_rejected_for_it() {
+    let gw = TestGateway::tiny().await;
+    let team = gw.team_id().await;
+    add_task_suite(&gw, team).await;
+    let (retention, answers) = retention_suite(&gw).await;
+    let mut pairs: Vec<(String, String)> = ROUTING
+        .iter()
+        .map(|p| (p.to_string(), ANSWER.to_string()))
+        .collect();
+    pairs.extend(
+        GENERAL
+            .iter()
+            .zip(&answers)
+            .map(|(p, a)| (p.to_string(), a.clone())),
+    );
+    let good = candidate(&gw, "tiny-ft-fast", Some(team), pairs).await;
+    // The same candidate, merged, with 126 idle layers: every answer the
+    // same, each token many times the work.
+    let dir = std::env::temp_dir().join(format!("fw-slow-{}", Uuid::new_v4()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let slow_path = dir.join("slow.gguf");
+    flywheel_tests::slow_model::with_idle_layers(std::path::Path::new(&good.path), &slow_path, 126)
+        .unwrap();
+    let imported = flywheel_modelhub::ModelCache::new(dir.join("cache"))
+        .unwrap()
+        .import(&slow_path, Some("tiny-ft-slow"))
+        .await
+        .unwrap();
+    let slow = flywheel::register(&gw.db.pool, &imported).await.unwrap();
+    flywheel_store::models::set_scope(&gw.db.pool, slow.id, Some(team), false)
+        .await
+        .unwrap();
+    // The shipped policy: at most 1.5x the champion's time per token.
+    let out = evaluate(&gw, &env(&gw, retention, 0.0), team, &slow).await;
+    assert!(!out.passed, "{:#?}", out.reasons);
+    assert_eq!(out.action.as_deref(), Some("reject"));
+    let failed: Vec<&String> = out
+        .reasons
+        .iter()
+        .filter(|r| r.starts_with("FAIL"))
+        .collect();
+    assert_eq!(
+        failed.len(),
+        1,
+        "only the latency rule fails: {:#?}",
+        out.reasons
+    );
+    assert!(failed[0].starts_with("FAIL: latency (alone)"), "{failed:?}");
+    assert!(
+        out.reasons
+            .iter()
+            .any(|r| r.starts_with("pass: task suite routing")),
+        "{:#?}",
+        out.reasons
+    );
+    let d = &flywheel_store::decisions::list(&gw.db.pool, Some(team), 1)
+        .await
+        .unwrap()[0];
+    assert_eq!(d.kind, DecisionKind::Reject);
+    assert!(d.reason.contains("FAIL: latency (alone)"), "{}", d.reason);
+}
+
+#[tokio::test]
 async fn an_evaluation_reads_the_answers_a_version_gave_before() {
     let gw = TestGateway::tiny().await;
     let team = gw.team_id().await;
@@ -717,4 +780,51 @@ async fn a_slow_load_never_holds_up_a_loaded_model_and_the_budget_holds() {
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["system_fingerprint"], gw.served.version_id.to_string());
     assert_eq!(gw.state.models().loaded()[0].0, gw.served.version_id);
+}
+
+#[tokio::test]
+async fn an_output_holding_a_nul_character_is_kept_not_refused() {
+    // Byte-level vocabularies have a token for byte 0, and the tiny model
+    // emits it: Postgres text cannot hold U+0000, so it is kept as U+FFFD
+    // instead of failing the evaluation that stores it.
+    let gw = TestGateway::tiny().await;
+    let pool = &gw.db.pool;
+    let v = gw.served.version_id;
+    let id = flywheel_store::evals::create(
+        pool,
+        &flywheel_store::evals::NewEvaluation {
+            team_id: None,
+            candidate_version_id: v,
+            champion_version_id: v,
+            dataset_version_id: None,
+            training_run_id: None,
+        },
+    )
+    .await
+    .unwrap();
+    let item = flywheel_store::evals::Item {
+        suite: "s".into(),
+        item: "i".into(),
+        model_version_id: v,
+        prompt: json!([{"role": "user", "content": "a\u{0}b"}]),
+        output: "x\u{0}y".into(),
+        passed: Some(false),
+        score: None,
+    };
+    flywheel_store::evals::add_items(pool, id, &[item])
+        .await
+        .unwrap();
+    let stored = flywheel_store::evals::items(pool, id, None).await.unwrap();
+    assert_eq!(stored[0].output, "x\u{FFFD}y");
+    assert_eq!(stored[0].prompt[0]["content"], "a\u{FFFD}b");
+    let kept = flywheel_store::evals::Remembered {
+        request_sha256: "k".into(),
+        output: "\u{0}".into(),
+        tokens: 1,
+    };
+    flywheel_store::evals::remember(pool, v, &[kept])
+        .await
+        .unwrap();
+    let back = flywheel_store::evals::remembered(pool, v).await.unwrap();
+    assert_eq!(back[0].output, "\u{FFFD}");
 }

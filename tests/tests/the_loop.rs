@@ -24,7 +24,7 @@ use flywheel_store::canaries::CanaryStatus;
 use flywheel_store::cycles::{Cycle, Stage, Status, Trigger};
 use flywheel_store::decisions::DecisionKind;
 use flywheel_tests::tiny_loop::{self, chat, rate_routing, routing_traffic, vote, votes_stored};
-use flywheel_tests::tiny_task::{self, ANSWER, GENERAL, ROUTING, tickets};
+use flywheel_tests::tiny_task::{self, ANSWER, GENERAL, ROUTING, tickets, topics};
 use flywheel_tests::{TestGateway, eventually};
 use serde_json::{Value, json};
 use uuid::Uuid;
@@ -79,15 +79,26 @@ fn moves(c: &Cycle) -> Vec<Move> {
     machine::path(c).into_iter().map(|t| t.by).collect()
 }
 
-/// A first cycle's traffic on the default path: 60 routing requests the
-/// base answers wrong, each corrected by its user (60 corrections, 10 of
-/// them held out for the gate), and the general questions, liked: 204
-/// examples, above the shipped minimum of 200 new ones.
-async fn first_traffic(gw: &TestGateway) {
-    let right = routing_traffic(gw, "t", &tickets(0, 60)).await;
-    assert_eq!(right, 0, "the base does not know the task yet");
-    tiny_loop::liked_general(gw, "g", &GENERAL).await;
-    votes_stored(gw, 60 + GENERAL.len() as i64).await;
+fn general() -> Vec<String> {
+    GENERAL.iter().map(|g| g.to_string()).collect()
+}
+
+/// A first cycle's traffic on the default path: the general questions,
+/// liked, and routing requests the base answers wrong, each corrected by
+/// its user, twenty at a time until the examples they make reach the
+/// shipped minimum of new ones (200). Returns the routing requests sent
+/// (each a correction; at least 40, so the gate gets its 10 held out).
+async fn first_traffic(gw: &TestGateway) -> usize {
+    let min = flywheel_tests::config().training.min_new_examples;
+    let liked = tiny_loop::liked_general(gw, "g", &general()).await;
+    let (mut examples, mut votes, mut n) = (liked.examples, liked.votes, 0);
+    while examples < min || n < 40 {
+        let sent = routing_traffic(gw, &format!("t{n}-"), &tickets(n, 20)).await;
+        assert_eq!(sent.right, 0, "the base does not know the task yet");
+        (examples, votes, n) = (examples + sent.examples, votes + sent.votes, n + 20);
+    }
+    votes_stored(gw, votes as i64).await;
+    n
 }
 
 /// Starts a cycle as `flywheel loop` does.
@@ -154,7 +165,8 @@ async fn live_traffic(
     gw.state.refresh_routes().await.unwrap();
     let share = flywheel_tests::config().promotion.canary_share;
     let (mut on_canary, mut on_champion) = (0, 0);
-    let prompts = tickets(60, 36);
+    // Requests none of the training traffic sent.
+    let prompts = tickets(500, 60);
     for u in 0.. {
         if on_canary >= n && on_champion >= n {
             break;
@@ -418,17 +430,17 @@ async fn too_little_held_out_evidence_skips_training_and_says_how_much_more() {
     let gw = TestGateway::tiny().await;
     let pool = gw.db.pool.clone();
     let team = gw.team_id().await;
-    // 24 corrections and 64 liked answers: 208 examples, past the minimum
-    // of new ones, but a quarter of 24 corrections (6) is all curation
+    // 24 corrections and liked answers until the examples pass the minimum
+    // of new ones; but a quarter of 24 corrections (6) is all curation
     // holds out, and the gate needs 10.
-    routing_traffic(&gw, "t", &tickets(0, 24)).await;
-    let general: Vec<String> = tiny_task::TICKETS[24..88]
-        .iter()
-        .map(|w| format!("tell me about {w}"))
-        .collect();
-    let general: Vec<&str> = general.iter().map(String::as_str).collect();
-    tiny_loop::liked_general(&gw, "g", &general).await;
-    votes_stored(&gw, 24 + 64).await;
+    let min = flywheel_tests::config().training.min_new_examples;
+    let fixed = routing_traffic(&gw, "t", &tickets(0, 24)).await;
+    let (mut examples, mut votes, mut n) = (fixed.examples, fixed.votes, 0);
+    while examples < min {
+        let liked = tiny_loop::liked_general(&gw, &format!("g{n}-"), &topics(n, 20)).await;
+        (examples, votes, n) = (examples + liked.examples, votes + liked.votes, n + 20);
+    }
+    votes_stored(&gw, votes as i64).await;
     let home = tiny_loop::home();
     let mut w = tiny_loop::worker(&pool, &home, "w");
     w.training = None;
@@ -441,7 +453,15 @@ async fn too_little_held_out_evidence_skips_training_and_says_how_much_more() {
         reason.starts_with("too little held-out evidence to judge a candidate"),
         "{reason}"
     );
-    assert!(reason.contains("holds out 6 of 24 corrections"), "{reason}");
+    // At least a quarter of them held out, fewer than the gate's 10.
+    let held: usize = reason
+        .split("holds out ")
+        .nth(1)
+        .and_then(|r| r.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap();
+    assert!((6..10).contains(&held), "{reason}");
+    assert!(reason.contains(&format!("holds out {held} of 24 corrections")));
     assert!(
         reason.contains("about 16 more corrections will do"),
         "{reason}"
@@ -480,7 +500,7 @@ async fn two_automatic_cycles_promote_a_winner_then_keep_it_against_a_tie() {
         rate_routing(&gw, &user, &id, &answer).await;
     }
     routing_traffic(&gw, "r", &tickets(0, 40)).await;
-    tiny_loop::liked_general(&gw, "g", &GENERAL).await;
+    tiny_loop::liked_general(&gw, "g", &general()).await;
     votes_stored(&gw, (ROUTING.len() + 40 + GENERAL.len()) as i64).await;
 
     // Each curation slot (every second here: the slots are what this test
@@ -488,10 +508,20 @@ async fn two_automatic_cycles_promote_a_winner_then_keep_it_against_a_tie() {
     // 200 (two batches of a dozen chats; the canary tests run the default),
     // and a passing candidate is promoted on the offline evidence (canary
     // share 0; the tests above run the canary).
+    // Steps from the dataset's size, 12 passes between 30 and 300 steps (the
+    // shipped 150 to 150 would not show the version's size setting them).
+    let mut work = tiny_loop::work();
+    work.spec.train = flywheel_trainer::TrainConfig {
+        steps: 300,
+        epochs: 12.0,
+        min_steps: 30,
+        ..work.spec.train
+    };
+    let train_config = work.spec.train.clone();
     let home = tiny_loop::home();
     let mut w = tiny_loop::worker(&pool, &home, "loop-test");
-    let mut cfg = tiny_loop::loop_config();
-    cfg.min_new_examples = 10;
+    let min_items = flywheel_tests::config().promotion.min_items;
+    let cfg = work.loop_config(10, min_items);
     w.curation = Some(CurationSchedule {
         cron: parse_cron("* * * * * *").unwrap(),
         rules: tiny_loop::work().rules,
@@ -561,10 +591,9 @@ async fn two_automatic_cycles_promote_a_winner_then_keep_it_against_a_tie() {
         flywheel_store::datasets::count_examples(&pool, dataset.id, "sft", "train")
             .await
             .unwrap();
-    let config = flywheel_trainer::TrainConfig::default();
-    let steps = config.for_examples(train_examples as usize).steps as i64;
+    let steps = train_config.for_examples(train_examples as usize).steps as i64;
     assert!(
-        steps < config.steps as i64,
+        steps < train_config.steps as i64,
         "the bound, not the dataset, set {steps} steps"
     );
     assert_eq!(i64::from(run.total_steps), steps);

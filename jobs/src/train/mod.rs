@@ -101,45 +101,10 @@ pub async fn run(pool: &PgPool, env: &TrainEnv, run_id: Uuid) -> anyhow::Result<
         return cancelled(pool, &run, run.step).await;
     }
     training::start(pool, run_id).await?;
-    let spec: RunSpec = serde_json::from_value(run.config.clone())?;
-    let rows = flywheel_store::datasets::examples(
-        pool,
-        run.dataset_version_id,
-        kind_of(spec.train.objective),
-        None,
-    )
-    .await?;
-    let base = flywheel_store::models::get(pool, run.base_version_id)
-        .await?
-        .context("the run's base model version is gone")?;
     let dir = env.work_dir.join("runs").join(run.id.to_string());
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir)?;
-    let ctx = RunContext {
-        pool,
-        env,
-        run: &run,
-        spec: &spec,
-        rows: &rows,
-        base: &base,
-        dir: dir.clone(),
-    };
-    let result = match train_with_backend(&ctx).await {
-        Ok(Trained::Cancelled {
-            steps,
-            resumed_from,
-        }) => {
-            let mut o = cancelled(pool, &run, steps).await?;
-            o.resumed_from = resumed_from;
-            Ok(o)
-        }
-        Ok(trained) => match register::conclude(&ctx, trained).await {
-            Ok(o) => evaluate_candidate(pool, &run, o).await,
-            Err(e) => Err(e),
-        },
-        Err(e) => Err(e),
-    };
-    match result {
+    // Whatever fails once the run is running (its files, the backend, the
+    // candidate) ends it failed, with the error.
+    match train_run(pool, env, &run, &dir).await {
         Ok(o) => {
             let _ = std::fs::remove_dir_all(&dir);
             Ok(o)
@@ -155,6 +120,52 @@ pub async fn run(pool: &PgPool, env: &TrainEnv, run_id: Uuid) -> anyhow::Result<
             )
             .await?;
             Err(e)
+        }
+    }
+}
+
+/// The body of [`run`] once the run is marked running.
+async fn train_run(
+    pool: &PgPool,
+    env: &TrainEnv,
+    run: &TrainingRun,
+    dir: &std::path::Path,
+) -> anyhow::Result<RunOutcome> {
+    let spec: RunSpec = serde_json::from_value(run.config.clone())?;
+    let rows = flywheel_store::datasets::examples(
+        pool,
+        run.dataset_version_id,
+        kind_of(spec.train.objective),
+        None,
+    )
+    .await?;
+    let base = flywheel_store::models::get(pool, run.base_version_id)
+        .await?
+        .context("the run's base model version is gone")?;
+    let _ = std::fs::remove_dir_all(dir);
+    std::fs::create_dir_all(dir)
+        .with_context(|| format!("making the run's working folder {}", dir.display()))?;
+    let ctx = RunContext {
+        pool,
+        env,
+        run,
+        spec: &spec,
+        rows: &rows,
+        base: &base,
+        dir: dir.to_path_buf(),
+    };
+    match train_with_backend(&ctx).await? {
+        Trained::Cancelled {
+            steps,
+            resumed_from,
+        } => {
+            let mut o = cancelled(pool, run, steps).await?;
+            o.resumed_from = resumed_from;
+            Ok(o)
+        }
+        trained => {
+            let o = register::conclude(&ctx, trained).await?;
+            evaluate_candidate(pool, run, o).await
         }
     }
 }

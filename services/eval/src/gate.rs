@@ -17,8 +17,9 @@ pub struct Policy {
     /// The retention suite's pass-rate difference must have its lower bound
     /// above this (−0.03: at most three points worse).
     pub retention_min_lower_bound: f64,
-    /// The candidate's median decode time per token may be at most this many
-    /// times the champion's.
+    /// The candidate's decode time per token, measured alone, must not be
+    /// shown above this many times the champion's (the lower bound of the
+    /// median per-prompt ratio's interval at most this).
     pub max_latency_ratio: f64,
     /// Held-out corrections or preference pairs count as task evidence only
     /// with this many items (and the loop trains only when a dataset holds
@@ -224,15 +225,33 @@ pub fn judge(
     // Measured alone where the evaluation ran the probe: items answered
     // several at a time share their steps with other items' prefills, so a
     // batched time per token moves with the answers' lengths (seen: 1.64x
-    // for an adapter that costs 2% of throughput at serving). Otherwise the
-    // batched median, not the p95 (whose tail moves with the batching from
-    // run to run). Both batched quantiles are reported.
+    // for an adapter that costs 2% of throughput at serving). The rule reads
+    // the median of each prompt's time ratio and its interval: a candidate
+    // is rejected when shown slower than the allowance, so the noise of a
+    // busy machine widens the interval rather than deciding by chance.
+    // Evaluations made before the ratio was measured fall back to the
+    // medians' ratio (alone, else batched).
+    let ratio = find("latency", "solo_time_ratio");
     let (latency, how) = match find("latency", "solo_ms_per_token_p50") {
         Some(m) => (Some(m), "alone"),
         None => (find("latency", "ms_per_token_p50"), "batched"),
     };
-    match latency {
-        Some(m) => {
+    match (ratio, latency) {
+        (Some(r), times) => {
+            let (low, high) = (1.0 + r.ci_low, 1.0 + r.ci_high);
+            let ms = times.map_or(String::new(), |m| {
+                format!(", {:.2} vs {:.2} ms per token", m.candidate, m.champion)
+            });
+            check(
+                low <= policy.max_latency_ratio,
+                format!(
+                    "latency (alone): {:.2}x the champion's time per token [{low:.2}x, {high:.2}x] \
+                     (median over {} prompts{ms}), must not be shown above {:.2}x",
+                    r.candidate, r.items, policy.max_latency_ratio
+                ),
+            );
+        }
+        (None, Some(m)) => {
             let ratio = if m.champion > 0.0 {
                 m.candidate / m.champion
             } else {
@@ -246,7 +265,7 @@ pub fn judge(
                 ),
             );
         }
-        None => check(
+        (None, None) => check(
             false,
             format!(
                 "latency was not measured (no answer of both models ran to {} tokens), and the \
@@ -460,6 +479,55 @@ mod tests {
             v.passed && v.reasons[0].contains("heldout-dpo preference_accuracy (no task suite)"),
             "{v:?}"
         );
+    }
+
+    #[test]
+    fn latency_fails_when_shown_above_the_allowance() {
+        let p = Policy::default();
+        let tasks = vec!["routing".to_string()];
+        let base = [
+            m("routing", "pass_rate", 0.8, 0.1, 0.6, 0.8),
+            m("general-retention", "pass_rate", 0.62, 0.63, -0.025, 0.01),
+        ];
+        let ratio = |est: f64, low: f64, high: f64| {
+            let mut r = m(
+                "latency",
+                "solo_time_ratio",
+                est,
+                1.0,
+                low - 1.0,
+                high - 1.0,
+            );
+            r.items = 24;
+            r
+        };
+        // Twice as slow, and shown so.
+        let v = judge(
+            &p,
+            &[&base[..], &[ratio(2.0, 1.8, 2.2)]].concat(),
+            &tasks,
+            "general-retention",
+        );
+        assert!(
+            !v.passed && v.reasons[2].starts_with("FAIL: latency (alone): 2.00x"),
+            "{v:?}"
+        );
+        // A noisy 1.7x whose interval holds 1.2x: not shown above 1.5x.
+        let v = judge(
+            &p,
+            &[&base[..], &[ratio(1.7, 1.2, 2.3)]].concat(),
+            &tasks,
+            "general-retention",
+        );
+        assert!(v.passed, "{v:?}");
+        // Just above, tightly: shown above.
+        let v = judge(
+            &p,
+            &[&base[..], &[ratio(1.56, 1.52, 1.6)]].concat(),
+            &tasks,
+            "general-retention",
+        );
+        assert!(!v.passed, "{v:?}");
     }
 
     #[test]

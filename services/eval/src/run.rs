@@ -496,14 +496,28 @@ async fn answer_heldout(
 
 /// Prompts the decode-speed probe runs (the retention suite's first).
 pub const SOLO_PROMPTS: usize = 24;
-/// Tokens each probe answer may run to; answers of fewer than
-/// [`SOLO_MIN_TOKENS`] (either model's) are not counted.
+/// Tokens each probe answer runs to, past any end of turn, so every prompt
+/// is measured over the same length whatever the model would answer;
+/// answers cut shorter (an engine error, a full context) than
+/// [`SOLO_MIN_TOKENS`] are not counted.
 pub const SOLO_MAX_TOKENS: usize = 48;
 pub const SOLO_MIN_TOKENS: usize = 8;
 
+/// The probe's greedy decode of `messages`, [`SOLO_MAX_TOKENS`] long.
+async fn probe(m: &Served, messages: &[ChatMessage]) -> Result<Generation> {
+    let params = SamplingParams {
+        temperature: 0.0,
+        max_tokens: SOLO_MAX_TOKENS,
+        ignore_eos: true,
+        seed: Some(0),
+        ..Default::default()
+    };
+    Ok(drive(m, prompt(m, messages)?, params).await?.0)
+}
+
 /// Each model's decode time per token with nothing else on the engine: the
 /// prompts one at a time, the two models taking turns (which goes first
-/// alternates), greedy. In a batched run an item's time per token also
+/// alternates), greedy, each answer run to the same length. In a batched run an item's time per token also
 /// counts the other items' prefills that shared its steps, and a model
 /// whose answers end sooner starts more of them; alone, what is left is
 /// the model's own cost per token (its adapter's included). Paired per
@@ -516,14 +530,11 @@ async fn solo_latency(
     let (mut tc, mut th) = (Vec::new(), Vec::new());
     for (i, messages) in prompts.iter().enumerate() {
         let (c, h) = if i % 2 == 0 {
-            let c = generate(candidate, messages, SOLO_MAX_TOKENS, 0.0).await?;
-            (c, generate(champion, messages, SOLO_MAX_TOKENS, 0.0).await?)
+            let c = probe(candidate, messages).await?;
+            (c, probe(champion, messages).await?)
         } else {
-            let h = generate(champion, messages, SOLO_MAX_TOKENS, 0.0).await?;
-            (
-                generate(candidate, messages, SOLO_MAX_TOKENS, 0.0).await?,
-                h,
-            )
+            let h = probe(champion, messages).await?;
+            (probe(candidate, messages).await?, h)
         };
         if c.tokens >= SOLO_MIN_TOKENS && h.tokens >= SOLO_MIN_TOKENS {
             tc.push(c.ms_per_token);
@@ -696,6 +707,22 @@ pub async fn compare(
                 "solo_ms_per_token_p50",
                 &tc,
                 &th,
+                stats::quantile(0.5),
+            ));
+            // The rule's measure: each prompt's candidate time over the
+            // champion's, the median over prompts with its interval (the
+            // champion's side is 1), so a noisy machine widens the interval
+            // instead of deciding.
+            let ratios: Vec<f64> = tc
+                .iter()
+                .zip(&th)
+                .map(|(c, h)| if *h > 0.0 { c / h } else { 1.0 })
+                .collect();
+            out.metrics.push(Metric::paired(
+                "latency",
+                "solo_time_ratio",
+                &ratios,
+                &vec![1.0; ratios.len()],
                 stats::quantile(0.5),
             ));
         }

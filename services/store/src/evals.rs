@@ -192,6 +192,31 @@ pub async fn add_metrics(ex: impl PgExecutor<'_>, id: Uuid, metrics: &[Metric]) 
     Ok(())
 }
 
+/// A model's output as Postgres can keep it: a NUL character (which a
+/// model may produce, byte-level vocabularies have a token for it) becomes
+/// U+FFFD, the replacement character; text cannot hold U+0000.
+fn storable(text: &str) -> String {
+    text.replace('\0', "\u{FFFD}")
+}
+
+/// [`storable`] for every string in a JSON value (jsonb cannot hold
+/// U+0000 either).
+fn storable_json(v: &serde_json::Value) -> serde_json::Value {
+    use serde_json::Value;
+    match v {
+        Value::String(s) => Value::String(storable(s)),
+        Value::Array(a) => Value::Array(a.iter().map(storable_json).collect()),
+        Value::Object(o) => Value::Object(
+            o.iter()
+                .map(|(k, v)| (storable(k), storable_json(v)))
+                .collect(),
+        ),
+        other => other.clone(),
+    }
+}
+
+/// Stores each example's output of an evaluation (a NUL character in an
+/// output is kept as U+FFFD).
 pub async fn add_items(ex: impl PgExecutor<'_>, id: Uuid, items: &[Item]) -> Result<()> {
     if items.is_empty() {
         return Ok(());
@@ -207,8 +232,18 @@ pub async fn add_items(ex: impl PgExecutor<'_>, id: Uuid, items: &[Item]) -> Res
     .bind(items.iter().map(|i| i.suite.clone()).collect::<Vec<_>>())
     .bind(items.iter().map(|i| i.item.clone()).collect::<Vec<_>>())
     .bind(items.iter().map(|i| i.model_version_id).collect::<Vec<_>>())
-    .bind(items.iter().map(|i| i.prompt.clone()).collect::<Vec<_>>())
-    .bind(items.iter().map(|i| i.output.clone()).collect::<Vec<_>>())
+    .bind(
+        items
+            .iter()
+            .map(|i| storable_json(&i.prompt))
+            .collect::<Vec<_>>(),
+    )
+    .bind(
+        items
+            .iter()
+            .map(|i| storable(&i.output))
+            .collect::<Vec<_>>(),
+    )
     .bind(items.iter().map(|i| i.passed).collect::<Vec<_>>())
     .bind(items.iter().map(|i| i.score).collect::<Vec<_>>())
     .execute(ex)
@@ -282,7 +317,7 @@ pub async fn remembered(ex: impl PgExecutor<'_>, version: Uuid) -> Result<Vec<Re
 }
 
 /// Keeps `version`'s answers for later evaluations (a key already kept
-/// stays as it was).
+/// stays as it was; a NUL character is kept as U+FFFD).
 pub async fn remember(ex: impl PgExecutor<'_>, version: Uuid, rows: &[Remembered]) -> Result<()> {
     if rows.is_empty() {
         return Ok(());
@@ -298,7 +333,7 @@ pub async fn remember(ex: impl PgExecutor<'_>, version: Uuid, rows: &[Remembered
             .map(|r| r.request_sha256.clone())
             .collect::<Vec<_>>(),
     )
-    .bind(rows.iter().map(|r| r.output.clone()).collect::<Vec<_>>())
+    .bind(rows.iter().map(|r| storable(&r.output)).collect::<Vec<_>>())
     .bind(rows.iter().map(|r| r.tokens).collect::<Vec<_>>())
     .execute(ex)
     .await?;
