@@ -4,7 +4,9 @@
 # held-out messages both ways, with the schema (constrained decoding) and
 # without it (free text: nothing but the weights keeps the answer in shape),
 # and on the general retention suite, in one evaluation on the database the
-# demo left. The demo's task suite is one of the two; this adds the other.
+# demo left. The loop never saw these suites (its gate read the team's own
+# held-out votes); they are given to the team here, after the loop, to
+# measure.
 #
 #   scripts/demo-both-modes.sh [OUT_DIR]   (the demo's folder, default target/demo-loop;
 #                                           SCENARIO as the demo had it)
@@ -32,10 +34,13 @@ s["name"] += "-" + sys.argv[2]
 s["description"] += " " + sys.argv[3]
 json.dump(s, open(sys.argv[1], "w"), indent=1)
 PY
+$FW suites add "$OUT/task-suite.json" --team $TEAM
 $FW suites add "$OUT/other-suite.json" --team $TEAM
 CHAMPION=$(psql -Atq "$DATABASE_URL" -c "select m.name from teams t
     join model_versions m on m.id = t.champion_version_id where t.name = '$TEAM'")
 BASE=$(psql -Atq "$DATABASE_URL" -c "select name from model_versions where is_champion")
 [ -n "$CHAMPION" ] || { echo "the team has no champion of its own: nothing was promoted"; exit 1; }
 echo "champion $CHAMPION against the base $BASE"
-$FW eval "$CHAMPION" --against "$BASE" --team $TEAM 2>&1 | grep -v ' INFO ' | tee "$OUT/both-modes-eval.txt"
+# Exit 3 is the gate's "no" (a champion better on the task may still lose
+# on a rule); the report is what this script is for.
+$FW eval "$CHAMPION" --against "$BASE" --team $TEAM 2>&1 | grep -v ' INFO ' | tee "$OUT/both-modes-eval.txt" || true

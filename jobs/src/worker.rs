@@ -156,7 +156,12 @@ async fn train_task(
         attempt,
         args,
         cycle,
-        async { train::run(&ctx.pool, &env, job.run_id).await },
+        async {
+            let queue = JobQueue {
+                max_attempts: ctx.max_attempts,
+            };
+            train::run(&ctx.pool, &env, job.run_id, &queue).await
+        },
     )
     .await
 }

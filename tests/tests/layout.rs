@@ -250,3 +250,98 @@ fn the_cycle_check_sees_a_cycle() {
     }
     assert_eq!(cycles(&edges), vec![vec!["a".to_string(), "b".to_string()]]);
 }
+
+/// A member's short name: `services/loop` is `loop`.
+fn short(member: &str) -> String {
+    member.rsplit('/').next().unwrap_or(member).to_string()
+}
+
+/// The workspace crates a member's `[dependencies]` name (dev-dependencies
+/// aside), by short name.
+fn uses(member: &str) -> BTreeSet<String> {
+    let text = std::fs::read_to_string(root().join(member).join("Cargo.toml")).unwrap();
+    let mut out = BTreeSet::new();
+    let mut in_deps = false;
+    for line in text.lines() {
+        let line = line.trim();
+        if line.starts_with('[') {
+            in_deps = line == "[dependencies]";
+            continue;
+        }
+        let name = line.split(['=', '.', ' ']).next().unwrap_or("");
+        if in_deps && (name == "flywheel" || name.starts_with("flywheel-")) {
+            let short = name.strip_prefix("flywheel-").unwrap_or(name);
+            out.insert(short.to_string());
+        }
+    }
+    out
+}
+
+/// The README's whiteboard of crates: `crate ─▶ uses...` lines in the
+/// block that follows the `<!-- whiteboard -->` mark.
+fn whiteboard() -> BTreeMap<String, BTreeSet<String>> {
+    let readme = std::fs::read_to_string(root().join("README.md")).unwrap();
+    let block = readme
+        .split("<!-- whiteboard -->")
+        .nth(1)
+        .expect("README has a <!-- whiteboard --> block")
+        .split("```")
+        .nth(1)
+        .unwrap();
+    block
+        .lines()
+        .filter_map(|l| l.split_once('─'))
+        .map(|(left, right)| {
+            let name = left.split_whitespace().last().unwrap_or("").to_string();
+            let deps = right
+                .trim_start_matches(['─', '▶'])
+                .split([' ', ','])
+                .map(str::trim)
+                .filter(|d| !d.is_empty() && *d != "(nothing)")
+                .map(str::to_string)
+                .collect();
+            (name, deps)
+        })
+        .collect()
+}
+
+#[test]
+fn the_readme_whiteboard_draws_each_crate_with_what_it_uses() {
+    let drawn = whiteboard();
+    let actual: BTreeMap<String, BTreeSet<String>> = members()
+        .iter()
+        .filter(|m| *m != "tests")
+        .map(|m| (short(m), uses(m)))
+        .collect();
+    assert_eq!(
+        drawn, actual,
+        "README whiteboard vs the crates' [dependencies]"
+    );
+}
+
+#[test]
+fn nothing_but_the_binary_uses_the_worker_and_the_faces_use_no_model_code() {
+    // The test-support crate starts workers in tests; it is no part of the
+    // product.
+    for m in members().iter().filter(|m| *m != "tests") {
+        let u = uses(m);
+        if short(m) != "flywheel" {
+            assert!(!u.contains("jobs"), "{m} uses the worker");
+        }
+    }
+    let admin = uses("services/admin");
+    for forbidden in ["jobs", "engine", "model", "modelhub", "trainer"] {
+        assert!(!admin.contains(forbidden), "the dashboard uses {forbidden}");
+    }
+    assert!(admin.contains("loop") && admin.contains("store"));
+    let gateway = uses("services/gateway");
+    for forbidden in ["jobs", "loop", "model", "modelhub", "trainer"] {
+        assert!(!gateway.contains(forbidden), "the gateway uses {forbidden}");
+    }
+    let the_loop = uses("services/loop");
+    assert_eq!(
+        the_loop,
+        ["eval", "store"].map(String::from).into_iter().collect(),
+        "the loop depends on the store and the evaluation only"
+    );
+}

@@ -90,7 +90,14 @@ pub async fn queue_run(
 /// Trains (or resumes) one run to its end. The step function the worker
 /// calls; public so tests can run it directly.
 #[tracing::instrument(skip_all, err, fields(run = %run_id))]
-pub async fn run(pool: &PgPool, env: &TrainEnv, run_id: Uuid) -> anyhow::Result<RunOutcome> {
+/// The loop gets its candidate through `queue` (where it queues the
+/// evaluation).
+pub async fn run(
+    pool: &PgPool,
+    env: &TrainEnv,
+    run_id: Uuid,
+    queue: &impl flywheel_loop::Queue,
+) -> anyhow::Result<RunOutcome> {
     let run = training::get(pool, run_id)
         .await?
         .with_context(|| format!("training run {run_id} does not exist"))?;
@@ -104,7 +111,7 @@ pub async fn run(pool: &PgPool, env: &TrainEnv, run_id: Uuid) -> anyhow::Result<
     let dir = env.work_dir.join("runs").join(run.id.to_string());
     // Whatever fails once the run is running (its files, the backend, the
     // candidate) ends it failed, with the error.
-    match train_run(pool, env, &run, &dir).await {
+    match train_run(pool, env, &run, &dir, queue).await {
         Ok(o) => {
             let _ = std::fs::remove_dir_all(&dir);
             Ok(o)
@@ -130,6 +137,7 @@ async fn train_run(
     env: &TrainEnv,
     run: &TrainingRun,
     dir: &std::path::Path,
+    queue: &impl flywheel_loop::Queue,
 ) -> anyhow::Result<RunOutcome> {
     let spec: RunSpec = serde_json::from_value(run.config.clone())?;
     let rows = flywheel_store::datasets::examples(
@@ -165,7 +173,7 @@ async fn train_run(
         }
         trained => {
             let o = register::conclude(&ctx, trained).await?;
-            evaluate_candidate(pool, run, o).await
+            evaluate_candidate(pool, run, o, queue).await
         }
     }
 }
@@ -176,6 +184,7 @@ async fn evaluate_candidate(
     pool: &PgPool,
     run: &TrainingRun,
     o: RunOutcome,
+    queue: &impl flywheel_loop::Queue,
 ) -> anyhow::Result<RunOutcome> {
     let Some(name) = o.candidate.as_ref() else {
         return Ok(o);
@@ -188,8 +197,7 @@ async fn evaluate_candidate(
         _ => String::new(),
     };
     let note = format!("{} steps{loss}: {}", o.steps, candidate.name);
-    let queue = crate::stages::JobQueue::default();
-    let evaluation = flywheel_loop::cycle::trained(pool, &queue, run, &candidate, &note).await?;
+    let evaluation = flywheel_loop::cycle::trained(pool, queue, run, &candidate, &note).await?;
     Ok(RunOutcome { evaluation, ..o })
 }
 

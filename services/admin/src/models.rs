@@ -187,7 +187,7 @@ async fn act(
     let pool = &state.pool;
     let team = flywheel_store::keys::team_id(pool, a.team.trim())
         .await?
-        .ok_or_else(|| AdminError::not_found(format!("no team is called {:?}", a.team)))?;
+        .ok_or_else(|| AdminError::bad_request(format!("no team is called {:?}", a.team)))?;
     let version = || async {
         let name = a
             .model
@@ -197,7 +197,7 @@ async fn act(
             .ok_or_else(|| AdminError::bad_request("choose a model version"))?;
         flywheel_store::models::by_name(pool, name)
             .await?
-            .ok_or_else(|| AdminError::not_found(format!("no model version is called {name:?}")))
+            .ok_or_else(|| AdminError::bad_request(format!("no model version is called {name:?}")))
     };
     let actor = format!("admin:{}", signed.session.username);
     let why = || Why {

@@ -54,6 +54,9 @@ pub enum EvalCommand {
     List {
         #[arg(long)]
         team: Option<String>,
+        /// One JSON object per evaluation, a line each.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -74,13 +77,23 @@ pub enum SuitesCommand {
     List {
         #[arg(long)]
         team: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Have the team's champion answer its suites and the retention suite
+    /// now and keep the answers (as `add --answer` does), so the next
+    /// evaluation against it runs only the candidate; for a team with no
+    /// suite of its own, the retention suite.
+    Answer {
+        #[arg(long)]
+        team: String,
     },
 }
 
 pub async fn eval(cfg: &Config, pool: &PgPool, args: EvalArgs) -> anyhow::Result<()> {
     match args.command {
         Some(EvalCommand::Show { id, items }) => show(pool, id, items).await,
-        Some(EvalCommand::List { team }) => list(pool, team.as_deref()).await,
+        Some(EvalCommand::List { team, json }) => list(pool, team.as_deref(), json).await,
         None => run(cfg, pool, args.run).await,
     }
 }
@@ -265,11 +278,17 @@ async fn show(pool: &PgPool, id: Uuid, with_items: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn list(pool: &PgPool, team: Option<&str>) -> anyhow::Result<()> {
+async fn list(pool: &PgPool, team: Option<&str>, json: bool) -> anyhow::Result<()> {
     let team = match team {
         Some(t) => Some(team_id(pool, t).await?),
         None => None,
     };
+    if json {
+        for e in evals::list(pool, team, 50).await? {
+            println!("{}", serde_json::to_string(&e)?);
+        }
+        return Ok(());
+    }
     println!(
         "{:<36}  {:<9}  {:<6}  {:<36}  created",
         "evaluation", "status", "passed", "candidate"
@@ -287,6 +306,20 @@ async fn list(pool: &PgPool, team: Option<&str>) -> anyhow::Result<()> {
             e.created_at.format("%Y-%m-%d %H:%M:%S")
         );
     }
+    Ok(())
+}
+
+/// The team's champion answers its suites and the retention suite now,
+/// and the answers are kept.
+async fn answer_ahead(cfg: &Config, pool: &PgPool, team: Uuid) -> anyhow::Result<()> {
+    let started = std::time::Instant::now();
+    let (champion, generated) =
+        flywheel_jobs::evaluate::remember_champion(pool, &cfg.eval_env(pool), team).await?;
+    println!(
+        "{champion} answered the team's suites and the retention suite: \
+         {generated} answers kept ({:.0} s)",
+        started.elapsed().as_secs_f64()
+    );
     Ok(())
 }
 
@@ -312,20 +345,23 @@ pub async fn suites(cfg: &Config, pool: &PgPool, command: SuitesCommand) -> anyh
                 &stored.sha256[..12]
             );
             if answer {
-                let started = std::time::Instant::now();
-                let (champion, generated) =
-                    flywheel_jobs::evaluate::remember_champion(pool, &cfg.eval_env(pool), team_id)
-                        .await?;
-                println!(
-                    "{champion} answered the team's suites and the retention suite: \
-                     {generated} answers kept ({:.0} s)",
-                    started.elapsed().as_secs_f64()
-                );
+                answer_ahead(cfg, pool, team_id).await?;
             }
         }
-        SuitesCommand::List { team } => {
+        SuitesCommand::Answer { team } => {
             let team_id = team_id(pool, &team).await?;
-            for s in evals::team_suites(pool, team_id).await? {
+            answer_ahead(cfg, pool, team_id).await?;
+        }
+        SuitesCommand::List { team, json } => {
+            let team_id = team_id(pool, &team).await?;
+            let suites = evals::team_suites(pool, team_id).await?;
+            if json {
+                for s in &suites {
+                    println!("{}", serde_json::to_string(s)?);
+                }
+                return Ok(());
+            }
+            for s in suites {
                 let n = s.definition["items"].as_array().map_or(0, Vec::len);
                 println!(
                     "{:<32} {:>5} items  {}  added {}",
