@@ -32,6 +32,8 @@ try {
   await page.setViewportSize({ width: 390, height: 844 });
   await shoot("/admin", "overview-phone");
   await page.setViewportSize({ width: 1280, height: 900 });
+  const cy = await first("/admin", "table.cycles a");
+  if (cy) await shoot(cy, "cycle");
   await shoot("/admin/completions", "completions");
   const c = await first("/admin/completions?rating=corrected", "table.completions a");
   if (c) await shoot(c, "completion");

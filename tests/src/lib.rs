@@ -7,9 +7,11 @@
 //! model that answers the same ([`slow_model`]), and waiting with a
 //! deadline ([`wait`]).
 
+pub mod admin;
 pub mod db;
 pub mod gateway;
 pub mod process;
+pub mod proxy;
 pub mod s3;
 pub mod slow_model;
 pub mod tiny_loop;
@@ -21,6 +23,8 @@ pub use gateway::{
     TestGateway, config, load_engine, model_cache, open_journal, real_engine, real_model,
     spawn_gateway,
 };
-pub use process::{GatewayProcess, TinySetup, cli, free_port, ready, test_home};
+pub use process::{
+    GatewayProcess, Ran, TinySetup, cli, command, free_port, ready, run, spawn, test_home,
+};
 pub use s3::S3;
 pub use wait::{eventually, until};

@@ -30,21 +30,81 @@ pub fn test_home() -> std::path::PathBuf {
     std::env::temp_dir().join("flywheel-test-home")
 }
 
+/// The binary under test as a command: no `FLYWHEEL_*` setting inherited
+/// from whoever runs the tests (but the shared model cache), `FLYWHEEL_HOME`
+/// a temporary folder, `DATABASE_URL` `db` (none when `None`), then `env`,
+/// then `args`. Every test of the binary starts it through here.
+pub fn command(db: Option<&str>, env: &[(&str, &str)], args: &[&str]) -> std::process::Command {
+    let mut c = std::process::Command::new(binary());
+    for (k, _) in std::env::vars() {
+        if k.starts_with("FLYWHEEL_") && k != "FLYWHEEL_MODEL_CACHE" {
+            c.env_remove(k);
+        }
+    }
+    c.env("FLYWHEEL_HOME", test_home());
+    match db {
+        Some(db) => c.env("DATABASE_URL", db),
+        None => c.env_remove("DATABASE_URL"),
+    };
+    c.envs(env.iter().copied()).args(args);
+    c
+}
+
+/// How a run of the binary ended.
+#[derive(Debug, Clone)]
+pub struct Ran {
+    /// The exit code (`None`: killed by a signal).
+    pub code: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Ran {
+    pub fn ok(&self) -> bool {
+        self.code == Some(0)
+    }
+}
+
+/// Runs the binary (as [`command`] builds it) to its end, `stdin` written
+/// to its input.
+pub fn run(db: Option<&str>, env: &[(&str, &str)], args: &[&str], stdin: Option<&str>) -> Ran {
+    use std::io::Write;
+    use std::process::Stdio;
+    let mut child = command(db, env, args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut input = child.stdin.take().unwrap();
+    if let Some(text) = stdin {
+        input.write_all(text.as_bytes()).unwrap();
+    }
+    drop(input);
+    let out = child.wait_with_output().unwrap();
+    Ran {
+        code: out.status.code(),
+        stdout: String::from_utf8_lossy(&out.stdout).to_string(),
+        stderr: String::from_utf8_lossy(&out.stderr).to_string(),
+    }
+}
+
+/// Starts the binary (as [`command`] builds it) in the background, its
+/// output discarded: a `serve` or a `worker`.
+pub fn spawn(db: &str, env: &[(&str, &str)], args: &[&str]) -> std::process::Child {
+    command(Some(db), env, args)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
 /// Runs the binary under test against `db`; panics with its stderr if it
 /// fails, returns its stdout.
 pub fn cli(db: &str, args: &[&str]) -> String {
-    let out = std::process::Command::new(binary())
-        .env("FLYWHEEL_HOME", test_home())
-        .args(args)
-        .env("DATABASE_URL", db)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).to_string()
+    let ran = run(Some(db), &[], args, None);
+    assert!(ran.ok(), "{}", ran.stderr);
+    ran.stdout
 }
 
 /// Whether the gateway at `base` answered `/readyz` with 200 within 60 s.
@@ -126,13 +186,13 @@ impl GatewayProcess {
         env: &[(&str, &str)],
         stderr: std::process::Stdio,
     ) -> std::process::Child {
-        std::process::Command::new(binary())
-            .env("FLYWHEEL_HOME", test_home())
-            .arg("serve")
-            .env("DATABASE_URL", db)
-            .env("FLYWHEEL_ADDR", format!("127.0.0.1:{port}"))
-            .env("FLYWHEEL_JOURNAL_DIR", journal)
-            .envs(env.iter().copied())
+        let addr = format!("127.0.0.1:{port}");
+        let journal = journal.display().to_string();
+        let base = [
+            ("FLYWHEEL_ADDR", addr.as_str()),
+            ("FLYWHEEL_JOURNAL_DIR", journal.as_str()),
+        ];
+        command(Some(db), &[&base[..], env].concat(), &["serve"])
             .stdout(std::process::Stdio::null())
             .stderr(stderr)
             .spawn()

@@ -9,139 +9,9 @@
 use std::collections::HashMap;
 
 use flywheel_tests::TestGateway;
-use reqwest::header::{HeaderMap, LOCATION, SET_COOKIE};
+use flywheel_tests::admin::{Client, PASSWORD, Resp, account, flushed, form, signed_in};
+use reqwest::header::{LOCATION, SET_COOKIE};
 use serde_json::{Value, json};
-
-const PASSWORD: &str = "correct horse battery";
-
-async fn account(gw: &TestGateway, name: &str, role: &str) {
-    let hash = flywheel_admin::hash_password(PASSWORD).unwrap();
-    flywheel_store::admins::upsert(&gw.db.pool, name, &hash, role)
-        .await
-        .unwrap();
-}
-
-/// Waits until everything the gateway acknowledged is in Postgres.
-async fn flushed(gw: &TestGateway) {
-    assert!(
-        gw.state
-            .journal()
-            .wait_flushed(std::time::Duration::from_secs(10))
-            .await
-    );
-}
-
-/// A new account `name` with `role`, signed in.
-async fn signed_in(gw: &TestGateway, name: &str, role: &str) -> Client {
-    account(gw, name, role).await;
-    let mut c = Client::new(gw);
-    let r = c.login(name, PASSWORD).await;
-    assert_eq!(r.status, 303, "{}", r.body);
-    c
-}
-
-fn form(fields: &[(&str, &str)]) -> String {
-    let enc = |s: &str| -> String {
-        s.bytes()
-            .map(|b| match b {
-                b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
-                    (b as char).to_string()
-                }
-                b' ' => "+".into(),
-                _ => format!("%{b:02X}"),
-            })
-            .collect()
-    };
-    fields
-        .iter()
-        .map(|(k, v)| format!("{}={}", enc(k), enc(v)))
-        .collect::<Vec<_>>()
-        .join("&")
-}
-
-/// A browser-less admin: follows no redirect, keeps the session cookie.
-struct Client {
-    base: String,
-    http: reqwest::Client,
-    cookie: Option<String>,
-}
-
-struct Resp {
-    status: u16,
-    headers: HeaderMap,
-    body: String,
-}
-
-impl Client {
-    fn new(gw: &TestGateway) -> Self {
-        Self {
-            base: gw.base.clone(),
-            http: reqwest::Client::builder()
-                .redirect(reqwest::redirect::Policy::none())
-                .build()
-                .unwrap(),
-            cookie: None,
-        }
-    }
-
-    async fn send(&self, req: reqwest::RequestBuilder) -> Resp {
-        let req = match &self.cookie {
-            Some(c) => req.header("cookie", c),
-            None => req,
-        };
-        let r = req.send().await.unwrap();
-        Resp {
-            status: r.status().as_u16(),
-            headers: r.headers().clone(),
-            body: r.text().await.unwrap(),
-        }
-    }
-
-    async fn get(&self, path: &str) -> Resp {
-        self.send(self.http.get(format!("{}{path}", self.base)))
-            .await
-    }
-
-    async fn post(&self, path: &str, fields: &[(&str, &str)]) -> Resp {
-        self.send(
-            self.http
-                .post(format!("{}{path}", self.base))
-                .header("content-type", "application/x-www-form-urlencoded")
-                .body(form(fields)),
-        )
-        .await
-    }
-
-    async fn login(&mut self, user: &str, password: &str) -> Resp {
-        let r = self
-            .post(
-                "/admin/login",
-                &[
-                    ("username", user),
-                    ("password", password),
-                    ("next", "/admin"),
-                ],
-            )
-            .await;
-        if let Some(c) = r.headers.get(SET_COOKIE) {
-            let pair = c.to_str().unwrap().split(';').next().unwrap().to_string();
-            self.cookie = Some(pair);
-        }
-        r
-    }
-
-    /// The CSRF token the pages carry for this session.
-    async fn csrf(&self) -> String {
-        let page = self.get("/admin/models").await;
-        assert_eq!(page.status, 200, "{}", page.body);
-        let at = page
-            .body
-            .find(r#"name="csrf" value=""#)
-            .expect("a csrf field")
-            + 19;
-        page.body[at..at + 64].to_string()
-    }
-}
 
 /// POSTs a form of owned fields.
 async fn send(c: &Client, path: &str, f: Vec<(String, String)>) -> Resp {
@@ -1117,4 +987,58 @@ async fn an_evaluation_shows_each_metric_with_its_interval_and_each_answer_pair_
         .get(&format!("/admin/evaluations/{}", uuid::Uuid::new_v4()))
         .await;
     assert_eq!(missing.status, 404);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cycle_page_draws_the_loops_table_with_the_moves_it_took() {
+    let gw = TestGateway::tiny().await;
+    let pool = &gw.db.pool;
+    let team = gw.team_id().await;
+    let queue = flywheel_jobs::stages::JobQueue::default();
+    let cfg = flywheel_tests::tiny_loop::loop_config();
+    let id = flywheel_loop::cycle::start(
+        pool,
+        &queue,
+        team,
+        flywheel_store::cycles::Trigger::Manual,
+        &cfg,
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    let c = signed_in(&gw, "vic", "viewer").await;
+    // Running, at curation: that stage is the one outlined.
+    let r = c.get(&format!("/admin/cycles/{id}")).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert!(r.body.contains(r#"<svg class="loop-table""#), "{}", r.body);
+    assert_eq!(r.body.matches("<line ").count(), flywheel_loop::TABLE.len());
+    assert!(
+        r.body.contains(r#"class="stage here" x="85""#),
+        "{}",
+        r.body
+    );
+    // Curation found no votes: the loop skipped, and the page says so.
+    flywheel_loop::cycle::curated(pool, &queue, id, None)
+        .await
+        .unwrap();
+    let r = c.get(&format!("/admin/cycles/{id}")).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.body.matches(r#"class="move taken""#).count(), 1);
+    assert!(
+        r.body.contains("the team has no feedback yet"),
+        "{}",
+        r.body
+    );
+    assert!(
+        r.body.contains("<td>curate</td><td>skip</td>"),
+        "{}",
+        r.body
+    );
+    // The overview links each recent cycle to its page.
+    let overview = c.get("/admin").await;
+    assert!(
+        overview.body.contains(&format!("/admin/cycles/{id}")),
+        "{}",
+        overview.body
+    );
 }

@@ -12,6 +12,7 @@
 pub mod backend;
 mod command;
 mod data;
+pub mod foreground;
 mod in_process;
 mod kubernetes;
 pub mod register;

@@ -122,10 +122,12 @@ impl Signed {
 }
 
 /// Without a session: pages send the browser to the sign-in page, the JSON
-/// API answers 401.
+/// API answers 401; a session that could not be read (the database out of
+/// reach) is answered by what went wrong, not with a sign-in page.
 pub enum NoSession {
     Page(String),
     Api,
+    Failed(AdminError),
 }
 
 impl IntoResponse for NoSession {
@@ -136,6 +138,7 @@ impl IntoResponse for NoSession {
                 Redirect::to(&to).into_response()
             }
             Self::Api => AdminError::unauthorized().api().into_response(),
+            Self::Failed(e) => e.into_response(),
         }
     }
 }
@@ -171,8 +174,12 @@ impl FromRequestParts<AdminState> for Signed {
             }),
             Ok(None) => Err(reject()),
             Err(e) => {
-                tracing::error!(error = %e, "reading an admin session");
-                Err(reject())
+                let failed = AdminError::from(e);
+                Err(NoSession::Failed(if path.starts_with("/admin/api") {
+                    failed.api()
+                } else {
+                    failed
+                }))
             }
         }
     }

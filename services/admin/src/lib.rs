@@ -7,6 +7,7 @@
 mod auth;
 mod chart;
 mod completions;
+mod cycles;
 mod datasets;
 mod error;
 mod evaluations;
@@ -101,6 +102,7 @@ pub fn router(state: AdminState) -> Router {
         .route("/admin/datasets", get(datasets::list))
         .route("/admin/datasets/{id}", get(datasets::one))
         .route("/admin/datasets/{id}/export", get(datasets::export))
+        .route("/admin/cycles/{id}", get(cycles::one))
         .route("/admin/runs", get(runs::list))
         .route("/admin/runs/{id}", get(runs::one))
         .route("/admin/runs/{id}/cancel", post(runs::cancel))

@@ -52,7 +52,7 @@ pub struct Vote {
 
 /// The rules, all recorded in the manifest.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default)]
+#[serde(default, deny_unknown_fields)]
 pub struct Rules {
     pub redact_pii: bool,
     /// Estimated Jaccard similarity of prompts at which a later example is a duplicate.

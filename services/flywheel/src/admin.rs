@@ -21,7 +21,11 @@ pub enum AdminCommand {
         password_stdin: bool,
     },
     /// The accounts.
-    List,
+    List {
+        /// One JSON object per account (never a password hash), a line each.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 /// Passwords shorter than this are refused.
@@ -60,7 +64,12 @@ pub async fn run(pool: &PgPool, command: AdminCommand) -> anyhow::Result<()> {
             let a = flywheel_store::admins::upsert(pool, &username, &hash, &role).await?;
             println!("account {} ({}) can sign in at /admin", a.username, a.role);
         }
-        AdminCommand::List => {
+        AdminCommand::List { json: true } => {
+            for a in flywheel_store::admins::list(pool).await? {
+                println!("{}", serde_json::to_string(&a)?);
+            }
+        }
+        AdminCommand::List { json: false } => {
             println!(
                 "{:<24}  {:<7}  {:<6}  created",
                 "username", "role", "locked"

@@ -96,6 +96,9 @@ pub enum Command {
         team: Option<String>,
         #[arg(long, default_value_t = 50)]
         limit: i64,
+        /// One JSON object per decision, a line each.
+        #[arg(long)]
+        json: bool,
     },
     /// Run one cycle of the loop for a team now (curate, train, evaluate,
     /// canary, promote or reject) and follow it.
@@ -117,6 +120,9 @@ pub enum Command {
     Jobs {
         #[arg(long, default_value_t = 20)]
         limit: i64,
+        /// One JSON object per attempt, a line each.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -189,8 +195,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Eval(args) => crate::eval::eval(&cfg, &pool(&cfg).await?, *args).await,
         Command::Suites { command } => crate::eval::suites(&cfg, &pool(&cfg).await?, command).await,
-        Command::Decisions { team, limit } => {
-            crate::eval::decisions(&pool(&cfg).await?, team.as_deref(), limit).await
+        Command::Decisions { team, limit, json } => {
+            crate::eval::decisions(&pool(&cfg).await?, team.as_deref(), limit, json).await
         }
         Command::Loop(args) => crate::cycles::run_loop(&cfg, &pool(&cfg).await?, args).await,
         Command::Cycles { command } => crate::cycles::run(&pool(&cfg).await?, command).await,
@@ -201,6 +207,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             };
             flywheel_simulate::run(&env, *args).await
         }
-        Command::Jobs { limit } => crate::datasets::jobs(&pool(&cfg).await?, limit).await,
+        Command::Jobs { limit, json } => {
+            crate::datasets::jobs(&pool(&cfg).await?, limit, json).await
+        }
     }
 }

@@ -158,7 +158,7 @@ pub async fn resolve(pool: &PgPool, spec: &str) -> anyhow::Result<DatasetVersion
     found.with_context(|| format!("no dataset version {spec}"))
 }
 
-pub async fn list(pool: &PgPool, team: Option<&str>) -> anyhow::Result<()> {
+pub async fn list(pool: &PgPool, team: Option<&str>, json: bool) -> anyhow::Result<()> {
     let team_id = match team {
         Some(name) => Some(
             flywheel_store::keys::team_id(pool, name)
@@ -167,6 +167,12 @@ pub async fn list(pool: &PgPool, team: Option<&str>) -> anyhow::Result<()> {
         ),
         None => None,
     };
+    if json {
+        for v in flywheel_store::datasets::list(pool, team_id).await? {
+            println!("{}", serde_json::to_string(&v)?);
+        }
+        return Ok(());
+    }
     println!(
         "{:<36}  {:>3}  {:>7}  {:>7}  {:>7}  {:<19}  note",
         "id", "ver", "sft", "dpo", "kto", "created"
@@ -269,7 +275,13 @@ pub async fn synth(
     Ok(())
 }
 
-pub async fn jobs(pool: &PgPool, limit: i64) -> anyhow::Result<()> {
+pub async fn jobs(pool: &PgPool, limit: i64, json: bool) -> anyhow::Result<()> {
+    if json {
+        for r in flywheel_store::jobs::recent_runs(pool, limit).await? {
+            println!("{}", serde_json::to_string(&r)?);
+        }
+        return Ok(());
+    }
     println!(
         "{:<36}  {:<8}  {:>3}  {:<10}  {:<19}  {:>8}  error/result",
         "task", "kind", "try", "status", "started", "seconds"
@@ -381,6 +393,9 @@ pub enum DatasetsCommand {
     List {
         #[arg(long)]
         team: Option<String>,
+        /// One JSON object per version, a line each.
+        #[arg(long)]
+        json: bool,
     },
     /// A version's manifest and lineage size (VERSION: id, TEAM@N or shared@N).
     Show { version: String },
@@ -435,7 +450,7 @@ pub async fn run(
             };
             ds::build(pool, job, mode, cfg.jobs.max_attempts).await?;
         }
-        DatasetsCommand::List { team } => ds::list(pool, team.as_deref()).await?,
+        DatasetsCommand::List { team, json } => ds::list(pool, team.as_deref(), json).await?,
         DatasetsCommand::Show { version } => ds::show(pool, &version).await?,
         DatasetsCommand::Export {
             version,

@@ -377,11 +377,22 @@ pub async fn suites(cfg: &Config, pool: &PgPool, command: SuitesCommand) -> anyh
 }
 
 /// `flywheel decisions`: the audit log, newest first.
-pub async fn decisions(pool: &PgPool, team: Option<&str>, limit: i64) -> anyhow::Result<()> {
+pub async fn decisions(
+    pool: &PgPool,
+    team: Option<&str>,
+    limit: i64,
+    json: bool,
+) -> anyhow::Result<()> {
     let team = match team {
         Some(t) => Some(team_id(pool, t).await?),
         None => None,
     };
+    if json {
+        for d in flywheel_store::decisions::list(pool, team, limit).await? {
+            println!("{}", serde_json::to_string(&d)?);
+        }
+        return Ok(());
+    }
     let name = |v: Option<Uuid>| async move {
         match v {
             Some(v) => flywheel_store::models::get(pool, v)

@@ -11,6 +11,9 @@ pub enum KeysCommand {
     List {
         #[arg(long)]
         team: Option<String>,
+        /// One JSON object per key, a line each.
+        #[arg(long)]
+        json: bool,
     },
     /// Revoke a key by id or prefix.
     Revoke { key: String },
@@ -27,7 +30,12 @@ pub async fn run(pool: &flywheel_store::PgPool, command: KeysCommand) -> anyhow:
             );
             println!("{secret}");
         }
-        KeysCommand::List { team } => {
+        KeysCommand::List { team, json: true } => {
+            for k in keys::list_keys(pool, team.as_deref()).await? {
+                println!("{}", serde_json::to_string(&k)?);
+            }
+        }
+        KeysCommand::List { team, json: false } => {
             println!(
                 "{:<36}  {:<16}  {:<12}  {:<20}  status",
                 "id", "team", "prefix", "created"

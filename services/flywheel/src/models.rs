@@ -47,7 +47,11 @@ pub enum ModelsCommand {
         champion: bool,
     },
     /// List model versions.
-    List,
+    List {
+        /// One JSON object per version, a line each.
+        #[arg(long)]
+        json: bool,
+    },
     /// Make a model version the champion: a team's (`--team`, with a
     /// `--reason` for the audit log) or, without `--team`, the global one
     /// every team without a champion of its own gets.
@@ -115,7 +119,13 @@ pub async fn run(
             let cache = flywheel_modelhub::ModelCache::new(&cfg.models.cache)?;
             (cache.import(&path, name.as_deref()).await?, champion)
         }
-        ModelsCommand::List => {
+        ModelsCommand::List { json: true } => {
+            for v in models::list(pool).await? {
+                println!("{}", serde_json::to_string(&v)?);
+            }
+            return Ok(());
+        }
+        ModelsCommand::List { json: false } => {
             println!(
                 "{:<36}  {:<32}  {:<10}  {:<8}  source",
                 "id", "name", "sha256", "champion"

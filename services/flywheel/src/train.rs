@@ -2,19 +2,17 @@
 //! starting from the champion model (or a named version). With `--queue` it
 //! becomes a recorded run for the workers (checkpoints, resume, cancel,
 //! candidate registration: `flywheel_jobs::train`); without, it trains in
-//! this process and writes the adapter (PEFT layout) and a run record to
-//! `--out`. And `flywheel runs ...` to watch and cancel runs.
+//! this process (`flywheel_jobs::train::foreground`) and writes the adapter
+//! (PEFT layout) and a run record to `--out`. And `flywheel runs ...` to
+//! watch and cancel runs. This module parses and dispatches.
 
 use std::path::PathBuf;
-use std::time::Instant;
 
 use anyhow::{Context, bail};
-use flywheel_jobs::train::{Candidate, RunSpec, load_examples};
+use flywheel_jobs::train::{Candidate, RunSpec, foreground, load_examples};
 use flywheel_model::Proj;
 use flywheel_store::PgPool;
-use flywheel_trainer::{
-    Base, Control, Lora, LoraConfig, Objective, Progress, StepLog, TrainConfig, Trainer,
-};
+use flywheel_trainer::{Base, LoraConfig, Objective, TrainConfig};
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct TrainArgs {
@@ -150,117 +148,6 @@ fn parse_objective(s: Option<&str>) -> anyhow::Result<Option<Objective>> {
     })
 }
 
-/// Prints each step as it ends and keeps the records.
-struct Printer {
-    steps: usize,
-    log: Vec<StepLog>,
-}
-
-impl Progress for Printer {
-    fn step(&mut self, _: &Trainer, s: &StepLog) -> anyhow::Result<Control> {
-        eprintln!(
-            "step {:>4}/{}  loss {:.4}{}{}  lr {:.2e}  grad norm {:.3}  {:.2} s",
-            s.step,
-            self.steps,
-            s.loss,
-            s.replay_loss
-                .map(|r| format!("  replay {r:.4}"))
-                .unwrap_or_default(),
-            s.reference_kl
-                .map(|k| format!("  KL {k:.4}"))
-                .unwrap_or_default(),
-            s.learning_rate,
-            s.grad_norm,
-            s.seconds
-        );
-        self.log.push(s.clone());
-        Ok(Control::Continue)
-    }
-}
-
-/// The run's replay set, with a line saying what it is and what it cost.
-fn replay_set(base: &Base, config: &TrainConfig) -> anyhow::Result<Vec<flywheel_trainer::Encoded>> {
-    let started = Instant::now();
-    let set = base.replay_set(config)?;
-    if set.is_empty() {
-        return Ok(set);
-    }
-    eprintln!(
-        "replay: the starting model's answers to {} general prompts, one per step: SFT weight {}, reference KL weight {} ({:.1} s)",
-        set.len(),
-        config.replay_weight,
-        config.reference_kl,
-        started.elapsed().as_secs_f64()
-    );
-    Ok(set)
-}
-
-/// Trains, prints progress, saves the adapter and `flywheel_run.json` in
-/// `out`; returns the trained adapter and the run record.
-#[allow(clippy::too_many_arguments)]
-fn fit(
-    base: &Base,
-    train_set: Vec<flywheel_trainer::Example>,
-    eval_set: Vec<flywheel_trainer::Example>,
-    lora_config: LoraConfig,
-    config: TrainConfig,
-    out: &std::path::Path,
-    base_name: &str,
-    source: serde_json::Value,
-) -> anyhow::Result<(Lora, serde_json::Value)> {
-    let lora = Lora::new(&base.model, lora_config)?;
-    let (n_train, n_eval) = (train_set.len(), eval_set.len());
-    let config = config.for_examples(n_train);
-    let steps = config.steps;
-    let replay = replay_set(base, &config)?;
-    let mut trainer =
-        Trainer::new(&base.model, lora, config.clone(), train_set)?.with_replay(replay);
-    let eval_before = trainer.evaluate(&eval_set)?;
-    let per = config.grad_accum;
-    match n_eval {
-        0 => eprintln!("{n_train} train / 0 eval examples; {steps} steps of {per}"),
-        _ => eprintln!(
-            "{n_train} train / {n_eval} eval examples; {steps} steps of {per}; eval loss before: {eval_before:.4}"
-        ),
-    }
-    let started = Instant::now();
-    let mut printer = Printer {
-        steps,
-        log: Vec::with_capacity(steps),
-    };
-    flywheel_trainer::fit(&mut trainer, &mut printer)?;
-    let log = printer.log;
-    let eval_after = trainer.evaluate(&eval_set)?;
-    let seconds = started.elapsed().as_secs_f64();
-    flywheel_trainer::peft::save(&trainer.lora, &base.model, base_name, out)?;
-    let record = serde_json::json!({
-        "source": source,
-        "base_model": base_name,
-        "objective": config.objective,
-        "lora": trainer.lora.config,
-        "train": config,
-        "examples": {"train": n_train, "eval": n_eval},
-        "eval_loss": {"before": eval_before, "after": eval_after},
-        "seconds": seconds,
-        "steps": log,
-    });
-    std::fs::write(
-        out.join("flywheel_run.json"),
-        serde_json::to_string_pretty(&record)?,
-    )?;
-    let eval = match n_eval {
-        0 => "no eval examples to measure a held-out loss on".to_string(),
-        _ => format!("eval loss {eval_before:.4} -> {eval_after:.4}"),
-    };
-    println!(
-        "adapter saved to {} ({seconds:.0} s): {eval}",
-        out.display()
-    );
-    let mut lora = trainer.lora;
-    lora.training = false;
-    Ok((lora, record))
-}
-
 /// `flywheel train --jsonl FILE --base-gguf MODEL --out DIR`: no database.
 pub async fn train_file(args: TrainArgs) -> anyhow::Result<()> {
     let (Some(jsonl), Some(base_path), Some(out)) =
@@ -271,36 +158,19 @@ pub async fn train_file(args: TrainArgs) -> anyhow::Result<()> {
     let wanted = parse_objective(args.objective.as_deref())?;
     tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
         let base = Base::load(&base_path)?;
-        let read = |path: &std::path::Path| -> anyhow::Result<Vec<flywheel_trainer::Example>> {
-            let text = std::fs::read_to_string(path)
-                .with_context(|| format!("reading {}", path.display()))?;
-            text.lines()
-                .filter(|l| !l.trim().is_empty())
-                .enumerate()
-                .map(|(i, l)| {
-                    flywheel_trainer::data::parse_line(&base, l, args.max_len)
-                        .with_context(|| format!("{} line {}", path.display(), i + 1))
-                })
-                .collect()
-        };
-        let train_set = read(&jsonl)?;
+        let train_set = foreground::read_jsonl(&base, &jsonl, args.max_len)?;
         let eval_set = match &args.eval_jsonl {
-            Some(p) => read(p)?,
+            Some(p) => foreground::read_jsonl(&base, p, args.max_len)?,
             None => Vec::new(),
         };
-        let objective = match (wanted, train_set.first()) {
-            (Some(o), _) => o,
-            (None, Some(flywheel_trainer::Example::Dpo { .. })) => Objective::Dpo,
-            (None, Some(flywheel_trainer::Example::Kto { .. })) => Objective::Kto,
-            (None, _) => Objective::Sft,
-        };
+        let objective = wanted.unwrap_or_else(|| foreground::objective_of(&train_set));
         let (lora_config, config) = configs(&args, objective)?;
         let name = base_path
             .file_stem()
             .map(|s| s.to_string_lossy().to_string())
             .unwrap_or_default();
         let source = serde_json::json!({"jsonl": jsonl});
-        fit(
+        foreground::train(
             &base,
             train_set,
             eval_set,
@@ -382,7 +252,7 @@ pub async fn train(cfg: &crate::Config, pool: &PgPool, args: TrainArgs) -> anyho
         let base = Base::load(std::path::Path::new(&model.path))?;
         let (train_set, eval_set) = load_examples(&base, objective, rows, args.max_len)?;
         let source = serde_json::json!({"dataset_version": dataset_id, "base_model_id": model.id});
-        let (lora, record) = fit(
+        let (lora, record) = foreground::train(
             &base,
             train_set,
             eval_set,
@@ -550,7 +420,11 @@ async fn import_local_adapter(
 #[derive(Debug, Clone, clap::Subcommand)]
 pub enum RunsCommand {
     /// The latest training runs.
-    List,
+    List {
+        /// One JSON object per run, a line each.
+        #[arg(long)]
+        json: bool,
+    },
     /// One run with its per-step loss and learning rate.
     Show { id: uuid::Uuid },
     /// Stop a run at its next step.
@@ -560,7 +434,13 @@ pub enum RunsCommand {
 /// `flywheel runs ...`.
 pub async fn runs(pool: &PgPool, command: RunsCommand) -> anyhow::Result<()> {
     match command {
-        RunsCommand::List => list_runs(pool).await,
+        RunsCommand::List { json: true } => {
+            for r in flywheel_store::training::list(pool, 50).await? {
+                println!("{}", serde_json::to_string(&r)?);
+            }
+            Ok(())
+        }
+        RunsCommand::List { json: false } => list_runs(pool).await,
         RunsCommand::Show { id } => show_run(pool, id).await,
         RunsCommand::Cancel { id } => cancel_run(pool, id).await,
     }

@@ -1,25 +1,12 @@
 //! The `flywheel` binary's admin commands against real Postgres.
 
-use std::process::Command;
-
 use flywheel_tests::fresh_database;
 
 fn flywheel(db: &str, args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_flywheel"))
-        .env("FLYWHEEL_HOME", flywheel_tests::test_home())
-        .args(args)
-        .env("DATABASE_URL", db)
-        .env(
-            "FLYWHEEL_MODEL_CACHE",
-            std::env::temp_dir().join(format!("fw-cli-{}", std::process::id())),
-        )
-        .output()
-        .unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).to_string(),
-        String::from_utf8_lossy(&out.stderr).to_string(),
-    )
+    let cache = std::env::temp_dir().join(format!("fw-cli-{}", std::process::id()));
+    let cache = cache.display().to_string();
+    let ran = flywheel_tests::run(Some(db), &[("FLYWHEEL_MODEL_CACHE", &cache)], args, None);
+    (ran.ok(), ran.stdout, ran.stderr)
 }
 
 #[tokio::test]
@@ -110,17 +97,8 @@ async fn models_import_list_promote() {
 /// Runs the binary with `env` and `args` and no database; returns whether
 /// it succeeded and its stderr.
 fn start_with(env: &[(&str, &str)], args: &[&str]) -> (bool, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_flywheel"))
-        .env("FLYWHEEL_HOME", flywheel_tests::test_home())
-        .env_remove("DATABASE_URL")
-        .envs(env.iter().copied())
-        .args(args)
-        .output()
-        .unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stderr).to_string(),
-    )
+    let ran = flywheel_tests::run(None, env, args, None);
+    (ran.ok(), ran.stderr)
 }
 
 #[test]
@@ -147,14 +125,14 @@ fn bad_configuration_stops_the_start_and_names_the_setting() {
 
     // The same settings, valid, are shown with where they came from.
     std::fs::write(&file, "[gateway]\naddr = \"0.0.0.0:9999\"\n").unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_flywheel"))
-        .args(["--config", file.to_str().unwrap(), "config", "show"])
-        .env("FLYWHEEL_PG_PORT", "6543")
-        .env("DATABASE_URL", "postgres://fw:s3cret@db/fw")
-        .output()
-        .unwrap();
-    let shown = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success());
+    let out = flywheel_tests::run(
+        Some("postgres://fw:s3cret@db/fw"),
+        &[("FLYWHEEL_PG_PORT", "6543")],
+        &["--config", file.to_str().unwrap(), "config", "show"],
+        None,
+    );
+    let shown = &out.stdout;
+    assert!(out.ok());
     let line = |key: &str| {
         shown
             .lines()
@@ -168,6 +146,67 @@ fn bad_configuration_stops_the_start_and_names_the_setting() {
     assert!(line("database.url").contains("postgres://fw:***@db/fw"));
     assert!(!shown.contains("s3cret"));
     assert!(line("journal.sync").ends_with("default"));
+}
+
+#[tokio::test]
+async fn eval_exits_3_when_the_gate_says_no_and_1_when_it_cannot_run() {
+    let db = fresh_database("fw_cli_eval").await;
+    let dir = std::env::temp_dir().join(format!("fw-cli-eval-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let a = flywheel_model::testing::write_tiny_model(&dir, 1).unwrap();
+    let b = flywheel_model::testing::write_tiny_model(&dir, 2).unwrap();
+    for (path, name) in [(&a, "tiny-a"), (&b, "tiny-b")] {
+        let (ok, out, err) = flywheel(
+            &db,
+            &["models", "import", path.to_str().unwrap(), "--name", name],
+        );
+        assert!(ok, "{out}{err}");
+    }
+    // Another random model, no task suite, no held-out votes: nothing shows
+    // it better, so the gate says no, and the exit code says it.
+    let cache = std::env::temp_dir().join(format!("fw-cli-{}", std::process::id()));
+    let cache = cache.display().to_string();
+    let ran = flywheel_tests::run(
+        Some(&db),
+        &[("FLYWHEEL_MODEL_CACHE", &cache)],
+        &["eval", "tiny-b", "--against", "tiny-a"],
+        None,
+    );
+    assert_eq!(ran.code, Some(3), "{}{}", ran.stdout, ran.stderr);
+    assert!(
+        ran.stdout
+            .contains("FAIL: no evidence the candidate is better"),
+        "{}",
+        ran.stdout
+    );
+    assert!(
+        ran.stderr
+            .contains("tiny-b did not pass the gate against tiny-a"),
+        "{}",
+        ran.stderr
+    );
+    // A candidate that does not exist: an error, not a "no".
+    let ran = flywheel_tests::run(
+        Some(&db),
+        &[],
+        &["eval", "nothing", "--against", "tiny-a"],
+        None,
+    );
+    assert_eq!(ran.code, Some(1), "{}", ran.stderr);
+    // --json lists.
+    let (ok, lines, _) = flywheel(&db, &["eval", "list", "--json"]);
+    assert!(ok && lines.lines().count() == 1, "{lines}");
+    let (ok, models, _) = flywheel(&db, &["models", "list", "--json"]);
+    let names: Vec<String> = models
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["name"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    assert!(ok && names.contains(&"tiny-b".to_string()), "{models}");
 }
 
 #[tokio::test]
@@ -201,34 +240,37 @@ async fn loop_starts_one_cycle_per_team_and_cycles_lists_it() {
     assert_eq!(list.lines().count(), 2, "a header and one cycle: {list}");
     let (ok, shown, _) = flywheel(&db, &["cycles", "show", &id]);
     assert!(ok && shown.contains("team       acme"), "{shown}");
+    // The loop's table, every move a line, the ones open to it now marked.
+    assert!(
+        shown.contains("? curate    --train------> train"),
+        "{shown}"
+    );
+    assert!(
+        shown.contains("  canary    --roll_back--> done (rolled_back)"),
+        "{shown}"
+    );
+    let (ok, json, _) = flywheel(&db, &["cycles", "show", &id, "--json"]);
+    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert!(
+        ok && v["status"] == "running" && v["stage"] == "curate",
+        "{json}"
+    );
+    assert_eq!(v["path"], serde_json::json!([]));
+    let (ok, lines, _) = flywheel(&db, &["cycles", "list", "--json"]);
+    assert!(ok);
+    let listed: Vec<serde_json::Value> = lines
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0]["id"], id.as_str());
     let (ok, _, err) = flywheel(&db, &["loop", "--team", "nobody", "--no-wait"]);
     assert!(!ok && err.contains("nobody"), "{err}");
 }
 
 fn flywheel_stdin(db: &str, args: &[&str], stdin: &str) -> (bool, String, String) {
-    use std::io::Write;
-    let mut child = Command::new(env!("CARGO_BIN_EXE_flywheel"))
-        .env("FLYWHEEL_HOME", flywheel_tests::test_home())
-        .env("DATABASE_URL", db)
-        .env_remove("FLYWHEEL_ADMIN_PASSWORD")
-        .args(args)
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(stdin.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).to_string(),
-        String::from_utf8_lossy(&out.stderr).to_string(),
-    )
+    let ran = flywheel_tests::run(Some(db), &[], args, Some(stdin));
+    (ran.ok(), ran.stdout, ran.stderr)
 }
 
 #[tokio::test]

@@ -2,7 +2,7 @@
 //! votes that got a 201 are in the journal and reach Postgres after restart,
 //! each exactly once.
 
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::time::Duration;
 
 use serde_json::json;
@@ -10,16 +10,7 @@ use serde_json::json;
 use flywheel_tests::{cli, fresh_database};
 
 fn serve(db: &str, port: u16, journal: &std::path::Path) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_flywheel"))
-        .env("FLYWHEEL_HOME", flywheel_tests::test_home())
-        .arg("serve")
-        .env("DATABASE_URL", db)
-        .env("FLYWHEEL_ADDR", format!("127.0.0.1:{port}"))
-        .env("FLYWHEEL_JOURNAL_DIR", journal)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap()
+    flywheel_tests::GatewayProcess::spawn(db, port, journal, &[], Stdio::null())
 }
 
 #[tokio::test]

@@ -16,20 +16,11 @@ use flywheel_tests::{GatewayProcess, TinySetup, until};
 
 /// `flywheel journal ...` on `journal`.
 fn journal_cli(db: &str, journal: &std::path::Path, args: &[&str]) -> String {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_flywheel"))
-        .env("FLYWHEEL_HOME", flywheel_tests::test_home())
-        .env("DATABASE_URL", db)
-        .env("FLYWHEEL_JOURNAL_DIR", journal)
-        .arg("journal")
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    let dir = journal.display().to_string();
+    let args = [&["journal"], args].concat();
+    let ran = flywheel_tests::run(Some(db), &[("FLYWHEEL_JOURNAL_DIR", &dir)], &args, None);
+    assert!(ran.ok(), "{}", ran.stderr);
+    ran.stdout
 }
 
 async fn count(pool: &sqlx::PgPool, sql: &str) -> i64 {

@@ -2,8 +2,6 @@
 //! dataset version -> LoRA SFT -> a PEFT adapter and a run record whose
 //! held-out loss fell.
 
-use std::process::Command;
-
 use flywheel_tests::{cli, fresh_database};
 
 #[tokio::test]
@@ -60,14 +58,14 @@ async fn train_turns_a_dataset_version_into_a_peft_adapter() {
     assert!(after < before * 0.8, "held-out loss {before} -> {after}");
 
     // A dataset version that does not exist is a clear error.
-    let bad = Command::new(env!("CARGO_BIN_EXE_flywheel"))
-        .env("FLYWHEEL_HOME", flywheel_tests::test_home())
-        .args(["train", "--dataset", "acme@9", "--out", "/tmp/unused"])
-        .env("DATABASE_URL", &db)
-        .output()
-        .unwrap();
-    assert!(!bad.status.success());
-    assert!(String::from_utf8_lossy(&bad.stderr).contains("no dataset version acme@9"));
+    let bad = flywheel_tests::run(
+        Some(&db),
+        &[],
+        &["train", "--dataset", "acme@9", "--out", "/tmp/unused"],
+        None,
+    );
+    assert!(!bad.ok());
+    assert!(bad.stderr.contains("no dataset version acme@9"));
 
     // The candidate carries its lineage and is served once promoted.
     let pool = flywheel_store::connect(&db).await.unwrap();
@@ -144,16 +142,13 @@ async fn train_turns_a_dataset_version_into_a_peft_adapter() {
         .local_addr()
         .unwrap()
         .port();
-    let mut server = Command::new(env!("CARGO_BIN_EXE_flywheel"))
-        .env("FLYWHEEL_HOME", flywheel_tests::test_home())
-        .arg("serve")
-        .env("DATABASE_URL", &db)
-        .env("FLYWHEEL_ADDR", format!("127.0.0.1:{port}"))
-        .env("FLYWHEEL_JOURNAL_DIR", dir.join("journal"))
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut server = flywheel_tests::GatewayProcess::spawn(
+        &db,
+        port,
+        &dir.join("journal"),
+        &[],
+        std::process::Stdio::null(),
+    );
     let base_url = format!("http://127.0.0.1:{port}");
     let ready = flywheel_tests::ready(&base_url).await;
     let answer: serde_json::Value = if ready {
@@ -248,19 +243,14 @@ fn queue_run_with(db: &str, steps: &str, extra: &[&str]) -> uuid::Uuid {
 }
 
 fn train_worker(db: &str, dir: &std::path::Path, env: &[(&str, &str)]) -> std::process::Child {
-    Command::new(env!("CARGO_BIN_EXE_flywheel"))
-        .env("FLYWHEEL_HOME", flywheel_tests::test_home())
-        .arg("worker")
-        .env("DATABASE_URL", db)
-        .env("FLYWHEEL_ARTIFACTS", dir.join("artifacts"))
-        .env("FLYWHEEL_JOB_HEARTBEAT_SECS", "1")
-        .env("FLYWHEEL_JOB_BACKOFF_SECS", "1")
-        .env("FLYWHEEL_CURATION_SCHEDULE", "off")
-        .envs(env.iter().copied())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap()
+    let artifacts = dir.join("artifacts").display().to_string();
+    let base = [
+        ("FLYWHEEL_ARTIFACTS", artifacts.as_str()),
+        ("FLYWHEEL_JOB_HEARTBEAT_SECS", "1"),
+        ("FLYWHEEL_JOB_BACKOFF_SECS", "1"),
+        ("FLYWHEEL_CURATION_SCHEDULE", "off"),
+    ];
+    flywheel_tests::spawn(db, &[&base[..], env].concat(), &["worker"])
 }
 
 async fn wait_for_run<F: Fn(&flywheel_store::training::TrainingRun) -> bool>(
@@ -367,21 +357,20 @@ async fn a_queued_run_resumes_from_its_checkpoint_after_a_crash() {
     // `flywheel artifacts get` fetches it with the same settings, and the
     // adapter imports from its URL.
     let local = dir.join("fetched");
-    let got = Command::new(env!("CARGO_BIN_EXE_flywheel"))
-        .args(["artifacts", "get", &adapter_url, local.to_str().unwrap()])
-        .envs(s3.env())
-        .output()
-        .unwrap();
-    assert!(
-        got.status.success(),
-        "{}",
-        String::from_utf8_lossy(&got.stderr)
+    let s3_vars = s3.env();
+    let s3_env: Vec<(&str, &str)> = s3_vars.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let got = flywheel_tests::run(
+        None,
+        &s3_env,
+        &["artifacts", "get", &adapter_url, local.to_str().unwrap()],
+        None,
     );
+    assert!(got.ok(), "{}", got.stderr);
     assert!(local.join("adapter_model.safetensors").exists());
-    let imported = Command::new(env!("CARGO_BIN_EXE_flywheel"))
-        .env("FLYWHEEL_HOME", flywheel_tests::test_home())
-        .env("DATABASE_URL", &db)
-        .args([
+    let imported = flywheel_tests::run(
+        Some(&db),
+        &s3_env,
+        &[
             "models",
             "import-adapter",
             &adapter_url,
@@ -389,15 +378,10 @@ async fn a_queued_run_resumes_from_its_checkpoint_after_a_crash() {
             "tiny",
             "--name",
             "tiny-from-s3",
-        ])
-        .envs(s3.env())
-        .output()
-        .unwrap();
-    assert!(
-        imported.status.success(),
-        "{}",
-        String::from_utf8_lossy(&imported.stderr)
+        ],
+        None,
     );
+    assert!(imported.ok(), "{}", imported.stderr);
     let from_s3 = flywheel_store::models::by_name(&pool, "tiny-from-s3")
         .await
         .unwrap()
@@ -424,18 +408,19 @@ async fn a_queued_run_resumes_from_its_checkpoint_after_a_crash() {
         .local_addr()
         .unwrap()
         .port();
-    let mut server = Command::new(env!("CARGO_BIN_EXE_flywheel"))
-        .env("FLYWHEEL_HOME", flywheel_tests::test_home())
-        .env("FLYWHEEL_MODEL_CACHE", dir.join("other-machine"))
-        .arg("serve")
-        .env("DATABASE_URL", &db)
-        .env("FLYWHEEL_ADDR", format!("127.0.0.1:{port}"))
-        .env("FLYWHEEL_JOURNAL_DIR", dir.join("journal"))
-        .envs(s3.env())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    let other_machine = dir.join("other-machine").display().to_string();
+    let env = [
+        &s3_env[..],
+        &[("FLYWHEEL_MODEL_CACHE", other_machine.as_str())],
+    ]
+    .concat();
+    let mut server = flywheel_tests::GatewayProcess::spawn(
+        &db,
+        port,
+        &dir.join("journal"),
+        &env,
+        std::process::Stdio::null(),
+    );
     let ready = flywheel_tests::ready(&format!("http://127.0.0.1:{port}")).await;
     let _ = server.kill();
     let _ = server.wait();
@@ -466,14 +451,14 @@ async fn a_running_run_can_be_cancelled_and_a_base_trains_one_run_at_a_time() {
     let (db, dir) = trained_setup("fw_train_cancel", 17).await;
     let run_id = queue_run(&db, "100000");
     // The base model already has an active run.
-    let second = Command::new(env!("CARGO_BIN_EXE_flywheel"))
-        .env("FLYWHEEL_HOME", flywheel_tests::test_home())
-        .args(["train", "--dataset", "acme@1", "--queue"])
-        .env("DATABASE_URL", &db)
-        .output()
-        .unwrap();
-    assert!(!second.status.success());
-    assert!(String::from_utf8_lossy(&second.stderr).contains("already queued or running"));
+    let second = flywheel_tests::run(
+        Some(&db),
+        &[],
+        &["train", "--dataset", "acme@1", "--queue"],
+        None,
+    );
+    assert!(!second.ok());
+    assert!(second.stderr.contains("already queued or running"));
 
     let pool = flywheel_store::connect(&db).await.unwrap();
     let mut w = train_worker(&db, &dir, &[]);
@@ -486,13 +471,13 @@ async fn a_running_run_can_be_cancelled_and_a_base_trains_one_run_at_a_time() {
     assert_eq!(run.status, "cancelled", "{run:#?}");
     assert!(run.step < 100000 && run.candidate_version_id.is_none());
     // Cancelling again is refused: the run is over.
-    let again = Command::new(env!("CARGO_BIN_EXE_flywheel"))
-        .env("FLYWHEEL_HOME", flywheel_tests::test_home())
-        .args(["runs", "cancel", &run_id.to_string()])
-        .env("DATABASE_URL", &db)
-        .output()
-        .unwrap();
-    assert!(!again.status.success());
+    let again = flywheel_tests::run(
+        Some(&db),
+        &[],
+        &["runs", "cancel", &run_id.to_string()],
+        None,
+    );
+    assert!(!again.ok());
     std::fs::remove_dir_all(&dir).unwrap();
 }
 

@@ -3,7 +3,7 @@
 //! retried with growing delays and recorded; two workers never run one job
 //! twice.
 
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::time::Duration;
 
 use flywheel_jobs::curate::CurateJob;
@@ -15,17 +15,11 @@ use flywheel_tests::{cli, fresh_database, until};
 
 /// A worker process with a fast heartbeat, no schedule and the given knobs.
 fn worker(db: &str, env: &[(&str, &str)]) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_flywheel"))
-        .env("FLYWHEEL_HOME", flywheel_tests::test_home())
-        .arg("worker")
-        .env("DATABASE_URL", db)
-        .env("FLYWHEEL_JOB_HEARTBEAT_SECS", "1")
-        .env("FLYWHEEL_CURATION_SCHEDULE", "off")
-        .envs(env.iter().copied())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap()
+    let base = [
+        ("FLYWHEEL_JOB_HEARTBEAT_SECS", "1"),
+        ("FLYWHEEL_CURATION_SCHEDULE", "off"),
+    ];
+    flywheel_tests::spawn(db, &[&base[..], env].concat(), &["worker"])
 }
 
 /// `datasets build --no-wait` prints the task id.

@@ -21,7 +21,7 @@ pub struct Principal {
     pub store_text: bool,
 }
 
-#[derive(Debug, Clone, sqlx::FromRow)]
+#[derive(Debug, Clone, serde::Serialize, sqlx::FromRow)]
 pub struct KeyInfo {
     pub id: Uuid,
     pub team: String,

@@ -7,7 +7,7 @@ use uuid::Uuid;
 
 use crate::{Result, StoreError};
 
-#[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, sqlx::FromRow)]
 pub struct ModelVersion {
     pub id: Uuid,
     pub name: String,

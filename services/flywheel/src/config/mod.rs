@@ -1,7 +1,8 @@
 //! Configuration: defaults, then an optional `flywheel.toml` (`--config` or
 //! `FLYWHEEL_CONFIG`), then the environment (`FLYWHEEL_*`, and the
 //! conventional `DATABASE_URL`, `HF_ENDPOINT`). Every setting is declared
-//! once in [`settings::SETTINGS`]; parsing is strict (a bad value names its
+//! once, in one entry of [`settings`] (key, variable, default, what it does,
+//! where its value goes); parsing is strict (a bad value names its
 //! variable or key, and stops the start); `flywheel config show` prints the
 //! effective settings and where each came from. CLI flags are only for the
 //! knobs of one command.
@@ -10,7 +11,7 @@ pub mod settings;
 
 use std::path::{Path, PathBuf};
 
-use settings::{ConfigError, Layers, SETTINGS, Source};
+use settings::{ConfigError, Layers, SETTINGS};
 
 /// A database URL whose `Debug` and `Display` hide the password.
 #[derive(Clone)]
@@ -123,112 +124,51 @@ impl Config {
         Self::load(None)
     }
 
+    /// Every setting parsed from its layers (each setting's entry in
+    /// [`settings`] says where its value goes); what no setting covers keeps
+    /// its library default.
     pub fn from_layers(l: Layers) -> Result<Self, ConfigError> {
-        let home = PathBuf::from(l.value("home"));
-        let home = std::path::absolute(&home).unwrap_or(home);
-        // `$FLYWHEEL_HOME/...` defaults live under `home`.
-        let under_home = |key: &str| -> PathBuf {
-            let v = l.value(key);
-            match v.strip_prefix("$FLYWHEEL_HOME/") {
-                Some(rest) => home.join(rest),
-                None => PathBuf::from(v),
-            }
-        };
-        let port = l.number("database.local_port", 1..=65535)? as u16;
-        let usize_of = |key: &str, min: u64| -> Result<usize, ConfigError> {
-            Ok(l.number(key, min..=u32::MAX as u64)? as usize)
-        };
-        let mut journal = flywheel_gateway::JournalConfig::new(under_home("journal.dir"));
-        journal.max_pending = usize_of("journal.max_pending", 1)?;
-        journal.sync = l.parse("journal.sync", "always, batch or never")?;
-        journal.sync_interval =
-            std::time::Duration::from_millis(l.number("journal.sync_ms", 0..=10_000)?);
-        let engine = flywheel_engine::EngineConfig {
-            queue_capacity: usize_of("engine.queue_capacity", 1)?,
-            max_batch: usize_of("engine.max_batch", 1)?,
-            max_batched_tokens: usize_of("engine.max_batched_tokens", 1)?,
-            threads: usize_of("engine.threads", 0)?,
-            simd: l.parse("engine.simd", "avx512, avx2 or portable")?,
-            ..Default::default()
-        };
-        let curation_rules = serde_json::from_str(l.value("jobs.curation_rules"))
-            .map_err(|e| l.invalid("jobs.curation_rules", e.to_string()))?;
-        let curation_schedule = match l.value("jobs.curation_schedule") {
-            "off" => None,
-            expr => {
-                flywheel_jobs::schedule::parse_cron(expr)
-                    .map_err(|e| l.invalid("jobs.curation_schedule", e.to_string()))?;
-                Some(expr.to_string())
-            }
-        };
-        let artifacts = match l.source("training.artifacts") {
-            Source::Default => under_home("training.artifacts").display().to_string(),
-            _ => l.value("training.artifacts").to_string(),
-        };
-        Ok(Self {
+        let mut c = Self {
+            home: PathBuf::new(),
             database: DatabaseSettings {
-                url: l.text("database.url").map(DatabaseUrl),
-                local_port: port,
+                url: None,
+                local_port: 0,
             },
             gateway: GatewaySettings {
-                addr: l.value("gateway.addr").to_string(),
-                http: flywheel_gateway::GatewayConfig {
-                    max_body_bytes: usize_of("gateway.max_body_bytes", 1)?,
-                    default_max_tokens: usize_of("gateway.default_max_tokens", 1)?,
-                    log_completions: l.bool("gateway.log_completions")?,
-                    max_loaded_models: usize_of("gateway.max_loaded_models", 1)?,
-                    route_refresh: std::time::Duration::from_secs(
-                        l.number("gateway.route_refresh_secs", 1..=86_400)?,
-                    ),
-                },
+                addr: String::new(),
+                http: flywheel_gateway::GatewayConfig::default(),
             },
-            engine,
-            journal,
+            engine: flywheel_engine::EngineConfig::default(),
+            journal: flywheel_gateway::JournalConfig::new(PathBuf::new()),
             models: ModelSettings {
-                cache: under_home("models.cache"),
-                pypi_index: l.value("models.pypi_index").to_string(),
-                hf_endpoint: l.value("models.hf_endpoint").to_string(),
+                cache: PathBuf::new(),
+                pypi_index: String::new(),
+                hf_endpoint: String::new(),
             },
             jobs: JobSettings {
-                curation_schedule,
-                curation_rules,
-                max_attempts: l.number("jobs.max_attempts", 1..=1000)? as u32,
-                backoff_secs: l.number("jobs.backoff_secs", 0..=86_400)?,
-                heartbeat_secs: l.number("jobs.heartbeat_secs", 1..=3600)?,
+                curation_schedule: None,
+                curation_rules: Default::default(),
+                max_attempts: 1,
+                backoff_secs: 0,
+                heartbeat_secs: 1,
             },
             training: TrainingSettings {
-                artifacts,
-                checkpoint_every: usize_of("training.checkpoint_every", 1)?,
-                nice: l.number("training.nice", 0..=19)? as i32,
-                external_trainer: l.text("training.external_trainer"),
-                external_trainer_job: l.text("training.external_trainer_job").map(PathBuf::from),
-                kubectl: l.value("training.kubectl").to_string(),
-                min_new_examples: usize_of("training.min_new_examples", 0)?,
+                artifacts: String::new(),
+                checkpoint_every: 1,
+                nice: 0,
+                external_trainer: None,
+                external_trainer_job: None,
+                kubectl: String::new(),
+                min_new_examples: 0,
             },
-            promotion: flywheel_eval::Policy {
-                task_min_lower_bound: l.float("promotion.task_min_lower_bound", -1.0..=1.0)?,
-                retention_min_lower_bound: l
-                    .float("promotion.retention_min_lower_bound", -1.0..=1.0)?,
-                max_latency_ratio: l.float("promotion.max_latency_ratio", 0.1..=100.0)?,
-                min_items: usize_of("promotion.min_items", 1)?,
-                canary_share: l.float("promotion.canary_share", 0.0..=0.9)?,
-                canary_min_votes: l.number("promotion.canary_min_votes", 1..=1_000_000)?,
-                canary_deadline_hours: l
-                    .float("promotion.canary_deadline_hours", 0.0..=10_000.0)?,
-                canary_confidence: l.float("promotion.canary_confidence", 0.5..=0.9999)?,
-            },
-            admin: flywheel_admin::AdminConfig {
-                max_failed_logins: l.number("admin.max_failed_logins", 1..=1000)? as i32,
-                lock_seconds: 60.0 * l.float("admin.lock_minutes", 0.0..=10_000.0)?,
-                session_hours: l.float("admin.session_hours", 0.01..=10_000.0)?,
-                secure_cookies: l.bool("admin.secure_cookies")?,
-                ..Default::default()
-            },
-            eval_concurrency: usize_of("promotion.eval_concurrency", 1)?,
-            canary_check_secs: l.number("jobs.canary_check_secs", 1..=86_400)?,
-            home,
-            layers: l,
-        })
+            promotion: flywheel_eval::Policy::default(),
+            admin: flywheel_admin::AdminConfig::default(),
+            eval_concurrency: 1,
+            canary_check_secs: 1,
+            layers: l.clone(),
+        };
+        settings::apply(&l, &mut c)?;
+        Ok(c)
     }
 
     /// `flywheel config show`: every setting, its value (secrets redacted)
@@ -351,6 +291,7 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use settings::Source;
 
     fn with(file: Option<&str>, env: &[(&str, &str)]) -> Result<Config, String> {
         let path = file.map(|text| {
@@ -429,6 +370,51 @@ mod tests {
             readme.contains(&table),
             "README.md's configuration table differs from the code; it should read:\n{table}"
         );
+    }
+
+    #[test]
+    fn a_misspelt_curation_rule_is_named_not_ignored() {
+        let e = with(
+            None,
+            &[("FLYWHEEL_CURATION_RULES", r#"{"max_per_usr": 5}"#)],
+        )
+        .unwrap_err();
+        assert!(e.starts_with("FLYWHEEL_CURATION_RULES = "), "{e}");
+        assert!(e.contains("unknown field `max_per_usr`"), "{e}");
+        let c = with(
+            None,
+            &[("FLYWHEEL_CURATION_RULES", r#"{"max_per_user": 5}"#)],
+        )
+        .unwrap();
+        assert_eq!(c.jobs.curation_rules.max_per_user, 5);
+    }
+
+    #[test]
+    fn each_setting_is_applied_where_its_entry_says() {
+        // Every setting set to a valid non-default value at once lands in
+        // the configuration (a setting whose entry wrote nowhere would
+        // leave its default).
+        let c = with(
+            None,
+            &[
+                ("FLYWHEEL_MAX_BATCH", "3"),
+                ("FLYWHEEL_PROMOTION_MIN_ITEMS", "12"),
+                ("FLYWHEEL_CANARY_CHECK_SECS", "7"),
+                ("FLYWHEEL_ADMIN_LOCK_MINUTES", "2"),
+                ("FLYWHEEL_JOURNAL_SYNC_MS", "9"),
+                ("FLYWHEEL_TRAIN_NICE", "4"),
+                ("FLYWHEEL_CURATION_SCHEDULE", "off"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(c.engine.max_batch, 3);
+        assert_eq!(c.promotion.min_items, 12);
+        assert_eq!(c.canary_check_secs, 7);
+        assert_eq!(c.admin.lock_seconds, 120.0);
+        assert_eq!(c.journal.sync_interval, std::time::Duration::from_millis(9));
+        assert_eq!(c.training.nice, 4);
+        assert_eq!(c.jobs.curation_schedule, None);
+        assert_eq!(SETTINGS.len(), 47);
     }
 
     #[test]
