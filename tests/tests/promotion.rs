@@ -142,6 +142,21 @@ async fn candidate(
         .unwrap()
 }
 
+/// The task, with the base's own answers to the general prompts replayed:
+/// what a candidate that learns without forgetting trains on.
+fn task_and_replay(answers: &[String]) -> Vec<(String, String)> {
+    ROUTING
+        .iter()
+        .map(|p| (p.to_string(), ANSWER.to_string()))
+        .chain(
+            GENERAL
+                .iter()
+                .zip(answers)
+                .map(|(p, a)| (p.to_string(), a.clone())),
+        )
+        .collect()
+}
+
 fn env(gw: &TestGateway, retention: Suite, canary_share: f64) -> EvalEnv {
     EvalEnv {
         versions: flywheel_modelhub::Versions {
@@ -223,18 +238,7 @@ async fn a_better_candidate_passes_the_gate_and_serves_its_team_only() {
         .unwrap();
     add_task_suite(&gw, team_a).await;
     let (retention, answers) = retention_suite(&gw).await;
-    // The task, with the base's own answers to the general prompts replayed.
-    let mut pairs: Vec<(String, String)> = ROUTING
-        .iter()
-        .map(|p| (p.to_string(), ANSWER.to_string()))
-        .collect();
-    pairs.extend(
-        GENERAL
-            .iter()
-            .zip(&answers)
-            .map(|(p, a)| (p.to_string(), a.clone())),
-    );
-    let cand = candidate(&gw, "tiny-ft-good", Some(team_a), pairs).await;
+    let cand = candidate(&gw, "tiny-ft-good", Some(team_a), task_and_replay(&answers)).await;
 
     let out = evaluate(&gw, &env(&gw, retention, 0.0), team_a, &cand).await;
     assert!(out.passed, "{:#?}", out.reasons);
@@ -344,17 +348,7 @@ async fn a_candidate_slower_than_the_latency_rule_allows_is_rejected_for_it() {
     let team = gw.team_id().await;
     add_task_suite(&gw, team).await;
     let (retention, answers) = retention_suite(&gw).await;
-    let mut pairs: Vec<(String, String)> = ROUTING
-        .iter()
-        .map(|p| (p.to_string(), ANSWER.to_string()))
-        .collect();
-    pairs.extend(
-        GENERAL
-            .iter()
-            .zip(&answers)
-            .map(|(p, a)| (p.to_string(), a.clone())),
-    );
-    let good = candidate(&gw, "tiny-ft-fast", Some(team), pairs).await;
+    let good = candidate(&gw, "tiny-ft-fast", Some(team), task_and_replay(&answers)).await;
     // The same candidate, merged, with 126 idle layers: every answer the
     // same, each token many times the work.
     let dir = std::env::temp_dir().join(format!("fw-slow-{}", Uuid::new_v4()));

@@ -195,22 +195,59 @@ async fn live_traffic(
     (on_canary, on_champion)
 }
 
+/// A team's first cycle on the default path, run by a worker with the
+/// shipped settings, up to its canary.
+struct AtCanary {
+    gw: TestGateway,
+    team: Uuid,
+    cycle: Cycle,
+    candidate: Uuid,
+    canary: Uuid,
+    worker: (
+        tokio::sync::oneshot::Sender<()>,
+        tokio::task::JoinHandle<anyhow::Result<()>>,
+    ),
+}
+
+impl AtCanary {
+    async fn start() -> Self {
+        let gw = TestGateway::tiny().await;
+        let pool = gw.db.pool.clone();
+        let team = gw.team_id().await;
+        let home = tiny_loop::home();
+        let worker = tiny_loop::spawn_worker(&pool, tiny_loop::worker(&pool, &home, "w"));
+        let cycle = first_cycle_to_canary(&gw, team).await;
+        let (candidate, canary) = (
+            cycle.candidate_version_id.unwrap(),
+            cycle.canary_id.unwrap(),
+        );
+        Self {
+            gw,
+            team,
+            cycle,
+            candidate,
+            canary,
+            worker,
+        }
+    }
+
+    async fn stop(self) {
+        let _ = self.worker.0.send(());
+        self.worker.1.await.unwrap().unwrap();
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_first_cycle_judged_on_held_out_corrections_is_promoted_by_its_canary() {
-    let gw = TestGateway::tiny().await;
+    let at = AtCanary::start().await;
+    let (gw, team, c, candidate, canary) = (&at.gw, at.team, &at.cycle, at.candidate, at.canary);
     let pool = gw.db.pool.clone();
-    let team = gw.team_id().await;
-    let home = tiny_loop::home();
-    let (stop, worker) = tiny_loop::spawn_worker(&pool, tiny_loop::worker(&pool, &home, "w"));
-    let c = first_cycle_to_canary(&gw, team).await;
-    let candidate = c.candidate_version_id.unwrap();
-    let canary = c.canary_id.unwrap();
 
     // The users keep chatting: the canary answers their requests right, the
     // champion does not; the worker's monitor decides once each side has
     // the shipped minimum of votes.
     let min = flywheel_tests::config().promotion.canary_min_votes as usize;
-    let sides = live_traffic(&gw, canary, candidate, min, |a| a == ANSWER).await;
+    let sides = live_traffic(gw, canary, candidate, min, |a| a == ANSWER).await;
     assert_eq!(sides, (min, min));
     let c = tiny_loop::wait_cycle(&pool, c.id, None, 120).await;
     assert_eq!(c.status, Status::Promoted, "{c:#?}");
@@ -244,32 +281,26 @@ async fn a_first_cycle_judged_on_held_out_corrections_is_promoted_by_its_canary(
     assert_eq!(champion.id, candidate);
     // Every user is served by it now.
     let served = eventually(20, || async {
-        let (_, answer, by) = chat(&gw, "anyone", "route ticket zebra").await;
+        let (_, answer, by) = chat(gw, "anyone", "route ticket zebra").await;
         (by == candidate.to_string()).then_some(answer)
     })
     .await
     .expect("the new champion serves the team");
     assert_eq!(served, ANSWER);
-    let _ = stop.send(());
-    worker.await.unwrap().unwrap();
+    at.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_canary_its_users_dislike_is_rolled_back_by_the_monitor() {
-    let gw = TestGateway::tiny().await;
+    let at = AtCanary::start().await;
+    let (gw, team, c, candidate, canary) = (&at.gw, at.team, &at.cycle, at.candidate, at.canary);
     let pool = gw.db.pool.clone();
-    let team = gw.team_id().await;
-    let home = tiny_loop::home();
-    let (stop, worker) = tiny_loop::spawn_worker(&pool, tiny_loop::worker(&pool, &home, "w"));
-    let c = first_cycle_to_canary(&gw, team).await;
-    let candidate = c.candidate_version_id.unwrap();
-    let canary = c.canary_id.unwrap();
 
     // The corrections came from users whose idea of the task the others do
     // not share: the live users dislike the answer the canary learned, and
     // like the champion's. The offline evidence passed; the thumbs decide.
     let min = flywheel_tests::config().promotion.canary_min_votes as usize;
-    live_traffic(&gw, canary, candidate, min, |a| a != ANSWER).await;
+    live_traffic(gw, canary, candidate, min, |a| a != ANSWER).await;
     let c = tiny_loop::wait_cycle(&pool, c.id, None, 120).await;
     assert_eq!(c.status, Status::RolledBack, "{c:#?}");
     assert_eq!(
@@ -294,8 +325,7 @@ async fn a_canary_its_users_dislike_is_rolled_back_by_the_monitor() {
         gw.served.version_id,
         "the champion stays"
     );
-    let _ = stop.send(());
-    worker.await.unwrap().unwrap();
+    at.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

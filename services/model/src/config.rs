@@ -43,6 +43,22 @@ impl LlamaConfig {
                 "architecture {arch} is not supported (llama only)"
             )));
         }
+        // Rope scaling (Llama 3.1's `llama3`, `linear`, `yarn`, ...) changes
+        // every rotary frequency; a model that needs it would be served
+        // with the wrong positions, so it is refused until it is supported.
+        if let Ok(kind) = gguf.get_str("llama.rope.scaling.type")
+            && kind != "none"
+        {
+            return Err(ModelError::Load(format!(
+                "rope scaling `{kind}` (llama.rope.scaling.type) is not supported"
+            )));
+        }
+        if gguf.has_tensor("rope_freqs.weight") {
+            return Err(ModelError::Load(
+                "rope scaling by a `rope_freqs.weight` tensor (Llama 3.1's) is not supported"
+                    .into(),
+            ));
+        }
         let hidden = gguf.get_u32("llama.embedding_length")? as usize;
         let n_heads = gguf.get_u32("llama.attention.head_count")? as usize;
         let n_kv_heads = gguf
@@ -148,6 +164,7 @@ impl Proj {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use candle_core::quantized::gguf_file::Value;
 
     #[test]
     fn names_agree_with_both_conventions() {
@@ -158,5 +175,41 @@ mod tests {
             let name = serde_json::to_value(p).unwrap();
             assert!(p.hf_name().ends_with(name.as_str().unwrap()), "{p:?}");
         }
+    }
+
+    /// What loading `overrides`'s variant of the tiny model says.
+    fn load_error(name: &str, overrides: &[(&str, Value)]) -> String {
+        use crate::gguf::GgufFile;
+        let dir = std::env::temp_dir().join(format!("fw-refuse-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = crate::testing::write_tiny_variant(&dir, name, 3, overrides).unwrap();
+        let gguf = GgufFile::open(&path).unwrap();
+        match (
+            LlamaConfig::from_gguf(&gguf),
+            crate::tokenizer::TextTokenizer::from_gguf(&gguf),
+        ) {
+            (Err(e), _) | (_, Err(e)) => e.to_string(),
+            (Ok(_), Ok(_)) => "loaded".into(),
+        }
+    }
+
+    #[test]
+    fn what_would_be_served_wrongly_is_refused_at_load_naming_it() {
+        let s = |v: &str| Value::String(v.into());
+        assert_eq!(load_error("plain", &[]), "loaded");
+        assert_eq!(
+            load_error("gpt2-pre", &[("tokenizer.ggml.pre", s("gpt-2"))]),
+            "loaded"
+        );
+        let e = load_error("llama-pre", &[("tokenizer.ggml.pre", s("llama-bpe"))]);
+        assert!(e.contains("pre-tokenizer `llama-bpe`"), "{e}");
+        let e = load_error("qwen-arch", &[("general.architecture", s("qwen2"))]);
+        assert!(e.contains("architecture qwen2 is not supported"), "{e}");
+        let e = load_error("yarn", &[("llama.rope.scaling.type", s("yarn"))]);
+        assert!(e.contains("rope scaling `yarn`"), "{e}");
+        assert_eq!(
+            load_error("no-scaling", &[("llama.rope.scaling.type", s("none"))]),
+            "loaded"
+        );
     }
 }

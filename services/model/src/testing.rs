@@ -38,7 +38,19 @@ pub fn byte_to_unicode() -> Vec<char> {
 
 /// Writes `tiny-<seed>.gguf` into `dir` (if not already there) and returns its path.
 pub fn write_tiny_model(dir: &Path, seed: u64) -> Result<PathBuf> {
-    let path = dir.join(format!("tiny-{seed}.gguf"));
+    write_tiny_variant(dir, &format!("tiny-{seed}"), seed, &[])
+}
+
+/// Writes `<name>.gguf`: the tiny model with the metadata keys of
+/// `overrides` set (added, or replacing the tiny model's own): a model
+/// Flywheel must refuse, for the tests that it does.
+pub fn write_tiny_variant(
+    dir: &Path,
+    name: &str,
+    seed: u64,
+    overrides: &[(&str, Value)],
+) -> Result<PathBuf> {
+    let path = dir.join(format!("{name}.gguf"));
     if path.exists() {
         return Ok(path);
     }
@@ -75,6 +87,12 @@ pub fn write_tiny_model(dir: &Path, seed: u64) -> Result<PathBuf> {
         ("tokenizer.ggml.eos_token_id", Value::U32(2)),
         ("tokenizer.chat_template", s(CHATML)),
     ];
+
+    let mut metadata = metadata;
+    for (key, value) in overrides {
+        metadata.retain(|(k, _)| k != key);
+        metadata.push((key, value.clone()));
+    }
 
     let dev = Device::Cpu;
     let mut rng = Rng::seeded(seed);

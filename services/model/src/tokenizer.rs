@@ -163,7 +163,18 @@ fn build(tokens: &[String], merges: &[String], pre: &str) -> Result<Tokenizer> {
             PreTokenizerWrapper::ByteLevel(byte_level),
         ])
         .into(),
-        _ => byte_level.into(),
+        // GPT-2's own rules (and a file that names none).
+        "gpt-2" | "gpt2" | "default" => byte_level.into(),
+        // Another family splits text its own way (Llama 3's `llama-bpe`,
+        // Qwen2's `qwen2`, ...): GPT-2's rules would give wrong ids for
+        // every word they split differently, so it is refused, not served.
+        other => {
+            return Err(ModelError::Tokenizer(format!(
+                "pre-tokenizer `{other}` (tokenizer.ggml.pre) is not one Flywheel knows \
+                 (smollm, starcoder, refact, gpt-2): serving it with another family's \
+                 splitting would give wrong token ids"
+            )));
+        }
     };
     tok.with_pre_tokenizer(Some(pre_tokenizer));
     tok.with_decoder(Some(ByteLevelDecoder::default()));

@@ -70,6 +70,11 @@ pub struct SimulateArgs {
     /// share of a team's end users, so it needs many of them to get votes.
     #[arg(long)]
     pub users_per_rater: Option<usize>,
+    /// The model every chat asks for: `default` (the team's champion, or
+    /// its canary for the users it holds), or a version the team may name
+    /// (to score a candidate the loop did not promote).
+    #[arg(long, default_value = "default")]
+    pub model: String,
     /// Chats sent at once, between looks at the loop, while a canary runs.
     #[arg(long, default_value_t = 16)]
     pub canary_chunk: usize,
@@ -149,6 +154,7 @@ pub async fn run(env: &Env, args: SimulateArgs) -> anyhow::Result<()> {
             .to_string(),
         key,
         structured: !args.unstructured && s.response_format.is_some(),
+        model: args.model.clone(),
         concurrency: args.concurrency,
     };
     let mut report = Report {

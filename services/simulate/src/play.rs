@@ -21,6 +21,9 @@ pub struct Target {
     pub key: String,
     /// Send the scenario's `response_format` (constrained decoding).
     pub structured: bool,
+    /// The model requested: `default` (the team's champion, or its canary
+    /// for the users it holds) or a version the team may name.
+    pub model: String,
     /// Chats in flight at once.
     pub concurrency: usize,
 }
@@ -107,7 +110,7 @@ async fn chat(
     message: &str,
 ) -> anyhow::Result<Reply> {
     let mut body = json!({
-        "model": "default",
+        "model": t.model,
         "messages": [
             {"role": "system", "content": s.system},
             {"role": "user", "content": message},
