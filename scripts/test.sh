@@ -33,15 +33,31 @@ if command -v psql >/dev/null; then
 fi
 
 # The S3 tests run against moto's S3-compatible server (a PyPI package).
+# Where the system's Python refuses pip (PEP 668, as on a plain Debian), it
+# goes into a virtual environment under target/, put first on PATH.
+venv=target/test-venv
+[ -x "$venv/bin/python3" ] && export PATH="$PWD/$venv/bin:$PATH"
 if ! python3 -c "import moto.server" 2>/dev/null; then
   echo "installing moto (an S3-compatible server for the artifact store tests)"
-  python3 -m pip install --quiet 'moto[server]==5.2.5'
+  if ! python3 -m pip install --quiet 'moto[server]==5.2.5' 2>/dev/null; then
+    python3 -m venv "$venv" || { echo "python3 -m venv failed: install Debian's python3-venv" >&2; exit 1; }
+    "$venv/bin/python3" -m pip install --quiet 'moto[server]==5.2.5'
+    export PATH="$PWD/$venv/bin:$PATH"
+  fi
 fi
 # The dashboard's browser tests: Debian's Chromium, driven by playwright-core
 # (from npm, pinned in tests/browser/package-lock.json).
 if ! command -v chromium >/dev/null; then
   echo "installing chromium (the dashboard's browser tests)"
-  if [ "$(id -u)" = 0 ]; then apt-get install -y -q chromium >/dev/null; else sudo apt-get install -y -q chromium >/dev/null; fi
+  sudo=; [ "$(id -u)" = 0 ] || sudo=sudo
+  $sudo apt-get update -q >/dev/null
+  $sudo apt-get install -y -q chromium >/dev/null
+fi
+# playwright-core needs Node 20 or newer (Debian 12's own is 18).
+node_major=$(node --version 2>/dev/null | sed -E 's/^v([0-9]+).*/\1/')
+if [ "${node_major:-0}" -lt 20 ]; then
+  echo "the dashboard's browser tests need Node.js 20 or newer with npm (found: $(node --version 2>/dev/null || echo none))" >&2
+  exit 1
 fi
 if [ ! -d tests/browser/node_modules/playwright-core ]; then
   echo "installing playwright-core (drives chromium in the dashboard's tests)"
