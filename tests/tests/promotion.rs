@@ -654,10 +654,13 @@ async fn a_swap_under_16_streams_fails_none_and_changes_none_mid_stream() {
     );
 }
 
-/// A loader that takes its time for one version.
+/// A loader that holds one version's load until the test releases it, and
+/// says when that load has begun.
 struct Slow {
     inner: Arc<dyn flywheel_gateway::Loader>,
     slow: Uuid,
+    started: Arc<tokio::sync::Notify>,
+    release: Arc<tokio::sync::Notify>,
 }
 
 impl flywheel_gateway::Loader for Slow {
@@ -675,9 +678,11 @@ impl flywheel_gateway::Loader for Slow {
         >,
     > {
         let (inner, slow) = (self.inner.clone(), v.id == self.slow);
+        let (started, release) = (self.started.clone(), self.release.clone());
         Box::pin(async move {
             if slow {
-                tokio::time::sleep(Duration::from_secs(3)).await;
+                started.notify_one();
+                release.notified().await;
             }
             inner.engine(v).await
         })
@@ -732,16 +737,18 @@ async fn a_slow_load_never_holds_up_a_loaded_model_and_the_budget_holds() {
     )
     .await
     .unwrap();
+    let (started, release) = (Arc::default(), Arc::<tokio::sync::Notify>::default());
     gw.state.set_loader(Arc::new(Slow {
         inner: flywheel::serve::gateway_loader(&flywheel_tests::config(), &gw.db.pool),
         slow: second.id,
+        started: Arc::clone(&started),
+        release: Arc::clone(&release),
     }));
     gw.state.refresh_routes().await.unwrap();
     let model = gw.model().to_string();
     let b = tokio::spawn({
         let (base, model) = (gw.base.clone(), model.clone());
         async move {
-            let t = std::time::Instant::now();
             let resp = reqwest::Client::new()
                 .post(format!("{base}/v1/chat/completions"))
                 .bearer_auth(key_b)
@@ -750,22 +757,23 @@ async fn a_slow_load_never_holds_up_a_loaded_model_and_the_budget_holds() {
                 .send()
                 .await
                 .unwrap();
-            (resp.status(), t.elapsed())
+            resp.status()
         }
     });
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    // While team b's model loads, team a's loaded one answers at once.
-    let t = std::time::Instant::now();
-    let (status, _) = chat(&gw, &gw.key, &model, "a").await;
+    // While team b's model is loading (held there until released), team
+    // a's loaded one answers: a gateway that made it wait for the load would
+    // never answer, as the load does not end before a's answer comes.
+    tokio::time::timeout(Duration::from_secs(120), started.notified())
+        .await
+        .expect("team b's load begins");
+    let (status, _) =
+        tokio::time::timeout(Duration::from_secs(120), chat(&gw, &gw.key, &model, "a"))
+            .await
+            .expect("the loaded model answers while another model loads");
     assert_eq!(status, 200);
-    let quick = t.elapsed();
-    let (status_b, slow) = b.await.unwrap();
-    assert_eq!(status_b, 200);
-    assert!(slow >= Duration::from_secs(3), "{slow:?}");
-    assert!(
-        quick < Duration::from_secs(2),
-        "the loaded model waited {quick:?}"
-    );
+    assert!(!b.is_finished(), "team b's request waits for its load");
+    release.notify_one();
+    assert_eq!(b.await.unwrap(), 200);
     // One engine at a time: team b's load unloaded team a's; a's next
     // request loads it again and still answers.
     assert_eq!(gw.state.models().loaded().len(), 1);
