@@ -29,19 +29,29 @@ cargo build --release -q -p flywheel
 FW=target/release/flywheel
 TEAM=shop-support
 
-# The base's greedy answers to the 16 held-back replay prompts, as served.
-$FW serve > "$OUT/serve.log" 2>&1 &
-SERVE=$!
-trap 'kill $SERVE 2>/dev/null || true' EXIT
-until curl -sf "http://$FLYWHEEL_ADDR/readyz" > /dev/null; do sleep 1; done
-KEY=$($FW keys create --team $TEAM | tail -1)
-python3 - "$OUT/replay-held-back.json" "http://$FLYWHEEL_ADDR" "$KEY" <<'PY'
+# The base: the version pulled for everyone (no team's), not whatever the
+# team's champion is after the demo.
+BASE=${BASE:-$($FW models list --json | python3 -c '
+import json, sys
+rows = [json.loads(l) for l in sys.stdin if l.strip()]
+print(min((r for r in rows if r["team_id"] is None), key=lambda r: r["created_at"])["name"])')}
+echo "base: $BASE"
+
+# The base's greedy answers to the 16 held-back replay prompts, as served
+# (once: the suite is kept in the database).
+if ! $FW suites list --team $TEAM | grep -q replay-held-back; then
+    $FW serve > "$OUT/serve.log" 2>&1 &
+    SERVE=$!
+    trap 'kill $SERVE 2>/dev/null || true' EXIT
+    until curl -sf "http://$FLYWHEEL_ADDR/readyz" > /dev/null; do sleep 1; done
+    KEY=$($FW keys create --team $TEAM | tail -1)
+    python3 - "$OUT/replay-held-back.json" "http://$FLYWHEEL_ADDR" "$KEY" "$BASE" <<'PY'
 import json, sys, urllib.request
-out, base, key = sys.argv[1:]
+out, base, key, model = sys.argv[1:]
 prompts = json.load(open("services/trainer/replay/general-prompts.json"))["prompts"][32:48]
 items = []
 for i, p in enumerate(prompts):
-    body = json.dumps({"model": "default", "temperature": 0, "max_tokens": 48,
+    body = json.dumps({"model": model, "temperature": 0, "max_tokens": 48,
                        "messages": [{"role": "user", "content": p}]}).encode()
     req = urllib.request.Request(f"{base}/v1/chat/completions", body,
         {"Authorization": f"Bearer {key}", "Content-Type": "application/json"})
@@ -54,16 +64,17 @@ json.dump({"name": "replay-held-back", "description": "The 16 shipped replay pro
            "defaults": {"max_tokens": 48, "temperature": 0}, "items": items},
           open(out, "w"), indent=1)
 PY
-kill $SERVE; wait $SERVE 2>/dev/null || true
-$FW suites list --team $TEAM | grep -q replay-held-back || $FW suites add "$OUT/replay-held-back.json" --team $TEAM
+    kill $SERVE; wait $SERVE 2>/dev/null || true
+    $FW suites add "$OUT/replay-held-back.json" --team $TEAM
+fi
 
 for W in "$@"; do
     NAME=penalty-$W-v$VERSION-$(date +%s)
     start=$(date +%s)
-    $FW train --dataset $TEAM@$VERSION --reference-kl "$W" --replay-prompts 32 \
+    $FW train --dataset $TEAM@$VERSION --model "$BASE" --reference-kl "$W" --replay-prompts 32 \
         --register "$NAME" --out "$OUT/$NAME" > "$OUT/$NAME.train" 2>&1
     trained=$(( $(date +%s) - start ))
-    $FW eval "$NAME" --team $TEAM --dataset $TEAM@$VERSION > "$OUT/$NAME.eval" 2>&1 || true
+    $FW eval "$NAME" --team $TEAM --against "$BASE" --dataset $TEAM@$VERSION > "$OUT/$NAME.eval" 2>&1 || true
     python3 - "$OUT/$NAME.eval" "$W" "$VERSION" "$trained" <<'PY' | tee -a "$OUT/results.tsv"
 import re, sys
 text, w, v, trained = open(sys.argv[1]).read(), *sys.argv[2:]

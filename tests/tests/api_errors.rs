@@ -140,8 +140,9 @@ async fn bad_missing_and_revoked_keys_are_401() {
         .await
         .unwrap();
     // ...yet refused once the gateway hears the revocation (LISTEN/NOTIFY).
-    // The cache alone would go on trusting the key for 30 s; 10 s is well
-    // inside that, so only the notification can make this pass.
+    // While it listens, the cache trusts a key for 30 s without asking
+    // Postgres; 10 s is well inside that, so a revocation the cache did not
+    // drop would fail this.
     let refused = flywheel_tests::eventually(10, || async {
         let (status, _) = post(&gw, Some(&key), chat(&gw, json!({}))).await;
         (status == StatusCode::UNAUTHORIZED).then_some(())

@@ -136,6 +136,12 @@ fn byte_level_inverse() -> std::collections::HashMap<char, u8> {
         .collect()
 }
 
+/// `tokenizer.ggml.pre` values split as SmolLM and StarCoder do: digits one
+/// by one, then GPT-2's rules.
+const DIGITS_THEN_GPT2: &[&str] = &["smollm", "starcoder", "refact"];
+/// GPT-2's own rules (and a file that names none).
+const GPT2: &[&str] = &["gpt-2", "gpt2", "default"];
+
 fn build(tokens: &[String], merges: &[String], pre: &str) -> Result<Tokenizer> {
     let vocab: tokenizers::models::bpe::Vocab = tokens
         .iter()
@@ -157,22 +163,21 @@ fn build(tokens: &[String], merges: &[String], pre: &str) -> Result<Tokenizer> {
     let mut tok = Tokenizer::new(bpe);
     let byte_level = ByteLevel::new(false, true, true);
     let pre_tokenizer: PreTokenizerWrapper = match pre {
-        // Digits one by one, then the GPT-2 regex (SmolLM, StarCoder).
-        "smollm" | "starcoder" | "refact" => Sequence::new(vec![
+        // Digits one by one, then the GPT-2 regex.
+        p if DIGITS_THEN_GPT2.contains(&p) => Sequence::new(vec![
             PreTokenizerWrapper::Digits(Digits::new(true)),
             PreTokenizerWrapper::ByteLevel(byte_level),
         ])
         .into(),
-        // GPT-2's own rules (and a file that names none).
-        "gpt-2" | "gpt2" | "default" => byte_level.into(),
+        p if GPT2.contains(&p) => byte_level.into(),
         // Another family splits text its own way (Llama 3's `llama-bpe`,
         // Qwen2's `qwen2`, ...): GPT-2's rules would give wrong ids for
         // every word they split differently, so it is refused, not served.
         other => {
             return Err(ModelError::Tokenizer(format!(
                 "pre-tokenizer `{other}` (tokenizer.ggml.pre) is not one Flywheel knows \
-                 (smollm, starcoder, refact, gpt-2): serving it with another family's \
-                 splitting would give wrong token ids"
+                 ({}): serving it with another family's splitting would give wrong token ids",
+                [DIGITS_THEN_GPT2, GPT2].concat().join(", ")
             )));
         }
     };
