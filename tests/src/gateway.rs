@@ -135,6 +135,21 @@ impl TestGateway {
         Self::start(&model, engine, cfg).await
     }
 
+    /// A family's tiny reference model (tests/testdata/families/<name>,
+    /// from `scripts/tiny-families.py`) behind a gateway with default
+    /// settings.
+    pub async fn family(name: &str) -> Self {
+        let path = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("testdata/families")
+            .join(name)
+            .join("model.gguf");
+        let dir = std::env::temp_dir().join(format!("fw-{name}-{}", uuid::Uuid::new_v4()));
+        let cache = flywheel_modelhub::ModelCache::new(dir.join("cache")).unwrap();
+        let model = cache.import(&path, Some(name)).await.unwrap();
+        let engine = load_engine(&model, EngineConfig::default()).await;
+        Self::start(&model, engine, GatewayConfig::default()).await
+    }
+
     /// A chat completion through the API; returns its id.
     pub async fn complete(&self, key: &str, user: Option<&str>) -> String {
         let mut body = serde_json::json!({

@@ -22,6 +22,8 @@ struct Layer {
     attn_norm: Vec<f32>,
     /// `attn_q`, `attn_k`, `attn_v` stacked: one pass for all three.
     wqkv: QMatrix,
+    /// Their biases, stacked the same way, in the families that have them.
+    bqkv: Option<Vec<f32>>,
     wo: QMatrix,
     ffn_norm: Vec<f32>,
     /// `ffn_gate` and `ffn_up` stacked.
@@ -104,14 +106,36 @@ impl CpuLlama {
         };
         let mut layers = Vec::with_capacity(cfg.n_layers);
         for i in 0..cfg.n_layers {
-            let mut proj = |p: Proj| mat(gguf, &p.gguf_tensor(i));
+            // q and k in the interleaved order the rotary code computes in.
+            let mut proj = |p: Proj| {
+                let m = mat(gguf, &p.gguf_tensor(i))?;
+                match cfg.row_order(p) {
+                    Some(order) => m.permute_rows(&order),
+                    None => Ok(m),
+                }
+            };
             let wqkv = QMatrix::stack(vec![proj(Proj::Q)?, proj(Proj::K)?, proj(Proj::V)?])?;
             let wo = proj(Proj::O)?;
             let w_gate_up = QMatrix::stack(vec![proj(Proj::Gate)?, proj(Proj::Up)?])?;
             let w_down = proj(Proj::Down)?;
+            let bqkv = match cfg.qkv_bias {
+                true => {
+                    let mut b = Vec::new();
+                    for p in [Proj::Q, Proj::K, Proj::V] {
+                        let v = vec_of(gguf, &config::bias_tensor(i, p))?;
+                        match cfg.row_order(p) {
+                            Some(order) => b.extend(order.iter().map(|&r| v[r])),
+                            None => b.extend(v),
+                        }
+                    }
+                    Some(b)
+                }
+                false => None,
+            };
             layers.push(Layer {
                 attn_norm: vec_of(gguf, &config::block_tensor(i, config::ATTN_NORM))?,
                 wqkv,
+                bqkv,
                 wo,
                 ffn_norm: vec_of(gguf, &config::block_tensor(i, config::FFN_NORM))?,
                 w_gate_up,
@@ -232,6 +256,11 @@ impl CpuLlama {
                 rms_norm(&x[s.clone()], &layer.attn_norm, c.rms_eps, &mut h[s]);
             }
             layer.wqkv.matmul(self.simd, &h, n, &mut qkv);
+            if let Some(b) = &layer.bqkv {
+                for row in qkv.chunks_exact_mut(qkv_dim) {
+                    row.iter_mut().zip(b).for_each(|(y, b)| *y += b);
+                }
+            }
             lora(li, Proj::Q, &h, &mut qkv, qkv_dim, 0);
             lora(li, Proj::K, &h, &mut qkv, qkv_dim, hidden);
             lora(li, Proj::V, &h, &mut qkv, qkv_dim, hidden + kv_dim);

@@ -1,13 +1,26 @@
-//! A llama model's hyper-parameters, and the names of its tensors: the one
-//! table that says what a projection is called in GGUF files and in Hugging
-//! Face (and PEFT) checkpoints.
+//! The hyper-parameters of the transformer every supported family maps
+//! onto (a llama, with optional q/k/v biases), and the names of its
+//! tensors: the one table that says what a projection is called in GGUF
+//! files and in Hugging Face (and PEFT) checkpoints. Which family a file is,
+//! and how its keys read (`LlamaConfig::from_gguf`), is the `family`
+//! module's.
 
-use crate::gguf::GgufFile;
-use crate::{ModelError, Result};
+/// How a file stores the rows of its q and k projections (and biases).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RopeRows {
+    /// Each head's rows permuted so that pairs `(2i, 2i+1)` rotate
+    /// together: what llama.cpp writes for llama, and what our forward
+    /// passes compute in.
+    Interleaved,
+    /// Hugging Face's order: row `i` rotates with row `i + head_dim / 2`.
+    Halves,
+}
 
-/// Hyper-parameters of a llama-architecture model.
+/// Hyper-parameters of a model, whatever its family.
 #[derive(Debug, Clone, PartialEq)]
 pub struct LlamaConfig {
+    /// The family's name (GGUF `general.architecture`).
+    pub family: &'static str,
     pub hidden: usize,
     pub intermediate: usize,
     pub n_layers: usize,
@@ -17,6 +30,11 @@ pub struct LlamaConfig {
     pub rope_theta: f32,
     pub rms_eps: f32,
     pub context_length: usize,
+    /// q, k and v carry biases (Qwen2).
+    pub qkv_bias: bool,
+    /// How the file stores q and k rows; loaders bring them to
+    /// [`RopeRows::Interleaved`].
+    pub rope_rows: RopeRows,
 }
 
 impl LlamaConfig {
@@ -35,53 +53,41 @@ impl LlamaConfig {
         }
     }
 
-    /// The hyper-parameters in a GGUF file's `llama.*` metadata.
-    pub fn from_gguf(gguf: &GgufFile) -> Result<Self> {
-        let arch = gguf.get_str("general.architecture")?;
-        if arch != "llama" {
-            return Err(ModelError::Load(format!(
-                "architecture {arch} is not supported (llama only)"
-            )));
+    /// Heads whose rows the rotary embedding pairs, for `proj` (q and k).
+    pub fn rotated_heads(&self, proj: Proj) -> Option<usize> {
+        match proj {
+            Proj::Q => Some(self.n_heads),
+            Proj::K => Some(self.n_kv_heads),
+            _ => None,
         }
-        // Rope scaling (Llama 3.1's `llama3`, `linear`, `yarn`, ...) changes
-        // every rotary frequency; a model that needs it would be served
-        // with the wrong positions, so it is refused until it is supported.
-        if let Ok(kind) = gguf.get_str("llama.rope.scaling.type")
-            && kind != "none"
-        {
-            return Err(ModelError::Load(format!(
-                "rope scaling `{kind}` (llama.rope.scaling.type) is not supported"
-            )));
-        }
-        if gguf.has_tensor("rope_freqs.weight") {
-            return Err(ModelError::Load(
-                "rope scaling by a `rope_freqs.weight` tensor (Llama 3.1's) is not supported"
-                    .into(),
-            ));
-        }
-        let hidden = gguf.get_u32("llama.embedding_length")? as usize;
-        let n_heads = gguf.get_u32("llama.attention.head_count")? as usize;
-        let n_kv_heads = gguf
-            .get_u32("llama.attention.head_count_kv")
-            .unwrap_or(n_heads as u32) as usize;
-        let vocab = match gguf.get_u32("llama.vocab_size") {
-            Ok(v) => v as usize,
-            Err(_) => gguf.get_strings("tokenizer.ggml.tokens")?.len(),
-        };
-        Ok(Self {
-            hidden,
-            intermediate: gguf.get_u32("llama.feed_forward_length")? as usize,
-            n_layers: gguf.get_u32("llama.block_count")? as usize,
-            n_heads,
-            n_kv_heads,
-            vocab,
-            rope_theta: gguf.get_f32("llama.rope.freq_base").unwrap_or(10_000.0),
-            rms_eps: gguf
-                .get_f32("llama.attention.layer_norm_rms_epsilon")
-                .unwrap_or(1e-5),
-            context_length: gguf.get_u32("llama.context_length").unwrap_or(2048) as usize,
-        })
     }
+
+    /// For `proj`, which stored row each row the forward pass computes in
+    /// comes from (`None` when they are the same): the file's q and k rows
+    /// in Hugging Face order brought to the interleaved order.
+    pub fn row_order(&self, proj: Proj) -> Option<Vec<usize>> {
+        let heads = self.rotated_heads(proj)?;
+        (self.rope_rows == RopeRows::Halves)
+            .then(|| interleaved_from_halves(heads, self.head_dim()))
+    }
+}
+
+/// The permutation llama.cpp's converter applies to q and k: within each
+/// head, interleaved row `2i + j` is Hugging Face row `j * hd / 2 + i`.
+/// Entry `r` of the result is the Hugging Face row of interleaved row `r`.
+pub fn interleaved_from_halves(heads: usize, head_dim: usize) -> Vec<usize> {
+    let half = head_dim / 2;
+    (0..heads * head_dim)
+        .map(|r| {
+            let (h, within) = (r / head_dim, r % head_dim);
+            h * head_dim + (within % 2) * half + within / 2
+        })
+        .collect()
+}
+
+/// The GGUF name of a projection's bias in `layer` (`blk.0.attn_q.bias`).
+pub fn bias_tensor(layer: usize, proj: Proj) -> String {
+    format!("blk.{layer}.{}.bias", proj.gguf_name())
 }
 
 /// The token embedding (and, in small models, the output projection too).
@@ -167,6 +173,15 @@ mod tests {
     use candle_core::quantized::gguf_file::Value;
 
     #[test]
+    fn halves_become_pairs_as_llama_cpp_permutes_them() {
+        // One head of 8: Hugging Face rows 0..4 rotate with 4..8; after
+        // the permutation row 2i holds row i and row 2i+1 holds i + 4.
+        assert_eq!(interleaved_from_halves(1, 8), [0, 4, 1, 5, 2, 6, 3, 7]);
+        let two = interleaved_from_halves(2, 4);
+        assert_eq!(two, [0, 2, 1, 3, 4, 6, 5, 7]);
+    }
+
+    #[test]
     fn names_agree_with_both_conventions() {
         assert_eq!(Proj::O.gguf_tensor(3), "blk.3.attn_output.weight");
         assert_eq!(Proj::Down.hf_name(), "mlp.down_proj");
@@ -203,8 +218,8 @@ mod tests {
         );
         let e = load_error("llama-pre", &[("tokenizer.ggml.pre", s("llama-bpe"))]);
         assert!(e.contains("pre-tokenizer `llama-bpe`"), "{e}");
-        let e = load_error("qwen-arch", &[("general.architecture", s("qwen2"))]);
-        assert!(e.contains("architecture qwen2 is not supported"), "{e}");
+        let e = load_error("gemma-arch", &[("general.architecture", s("gemma2"))]);
+        assert!(e.contains("architecture gemma2 is not supported"), "{e}");
         let e = load_error("yarn", &[("llama.rope.scaling.type", s("yarn"))]);
         assert!(e.contains("rope scaling `yarn`"), "{e}");
         assert_eq!(

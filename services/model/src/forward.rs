@@ -6,9 +6,11 @@
 //! we need f32 activations for correct answers on SmolLM2, and a KV cache
 //! that belongs to each sequence rather than to the model.
 //!
-//! Layout notes: GGUF stores q/k projections permuted for *interleaved*
-//! rotary embeddings (pairs `(2i, 2i+1)` rotate together). Weights are
-//! `(out, in)`; activations are `(tokens, hidden)`.
+//! Layout notes: the forward pass computes q and k in the *interleaved*
+//! order of rotary embeddings (pairs `(2i, 2i+1)` rotate together), which
+//! is how llama GGUF files store them; families stored in Hugging Face's
+//! order have their rows permuted at load ([`LlamaConfig::row_order`]).
+//! Weights are `(out, in)`; activations are `(tokens, hidden)`.
 
 use candle_core::{DType, Device, Tensor};
 
@@ -22,6 +24,8 @@ struct Layer {
     wq: Tensor,
     wk: Tensor,
     wv: Tensor,
+    /// q, k and v biases, in the families that have them.
+    bias: Option<[Tensor; 3]>,
     wo: Tensor,
     ffn_norm: Tensor,
     w_gate: Tensor,
@@ -68,8 +72,18 @@ impl Llama {
         let cfg = LlamaConfig::from_gguf(gguf)?;
         let embed = gguf.tensor_f32(config::TOKEN_EMBEDDING, device)?;
         let mut layers = Vec::with_capacity(cfg.n_layers);
+        // Rows as the forward pass computes in (see the module's notes).
+        let order = |t: Tensor, p: Proj| -> Result<Tensor> {
+            match cfg.row_order(p) {
+                Some(order) => {
+                    let order: Vec<u32> = order.into_iter().map(|r| r as u32).collect();
+                    Ok(t.index_select(&Tensor::new(order, device)?, 0)?)
+                }
+                None => Ok(t),
+            }
+        };
         for i in 0..cfg.n_layers {
-            let mut proj = |p: Proj| gguf.tensor_f32(&p.gguf_tensor(i), device);
+            let mut proj = |p: Proj| order(gguf.tensor_f32(&p.gguf_tensor(i), device)?, p);
             let (wq, wk, wv, wo) = (
                 proj(Proj::Q)?,
                 proj(Proj::K)?,
@@ -77,6 +91,14 @@ impl Llama {
                 proj(Proj::O)?,
             );
             let (w_gate, w_up, w_down) = (proj(Proj::Gate)?, proj(Proj::Up)?, proj(Proj::Down)?);
+            let bias = match cfg.qkv_bias {
+                true => {
+                    let mut b =
+                        |p: Proj| order(gguf.tensor_f32(&config::bias_tensor(i, p), device)?, p);
+                    Some([b(Proj::Q)?, b(Proj::K)?, b(Proj::V)?])
+                }
+                false => None,
+            };
             let mut norm = |n: &str| gguf.tensor_f32(&config::block_tensor(i, n), device);
             layers.push(Layer {
                 attn_norm: norm(config::ATTN_NORM)?,
@@ -84,6 +106,7 @@ impl Llama {
                 wq,
                 wk,
                 wv,
+                bias,
                 wo,
                 w_gate,
                 w_up,
@@ -229,6 +252,11 @@ impl Llama {
                 .iter()
                 .map(|t| t.elem_count())
                 .sum::<usize>()
+                    + l.bias
+                        .iter()
+                        .flatten()
+                        .map(Tensor::elem_count)
+                        .sum::<usize>()
             })
             .sum();
         let head = if self.lm_head.id() == self.embed.id() {
@@ -330,13 +358,16 @@ impl Llama {
         let (cos, sin, starts) = (&rows.cos, &rows.sin, rows.starts);
         let (t, _) = h.dims2()?;
         let (nh, nkv, hd) = (self.cfg.n_heads, self.cfg.n_kv_heads, self.cfg.head_dim());
-        let heads = |w: &Tensor, n: usize, proj: Proj, rope: bool| -> Result<Tensor> {
-            let x = ops.linear(h, w, Site::Proj(i, proj))?;
+        let heads = |w: &Tensor, b: usize, n: usize, proj: Proj, rope: bool| -> Result<Tensor> {
+            let mut x = ops.linear(h, w, Site::Proj(i, proj))?;
+            if let Some(bias) = &layer.bias {
+                x = x.broadcast_add(&bias[b])?;
+            }
             ops.split_heads(&x, n, hd, rope.then_some((cos, sin)))
         };
-        let q = heads(&layer.wq, nh, Proj::Q, true)?;
-        let k = heads(&layer.wk, nkv, Proj::K, true)?;
-        let v = heads(&layer.wv, nkv, Proj::V, false)?;
+        let q = heads(&layer.wq, 0, nh, Proj::Q, true)?;
+        let k = heads(&layer.wk, 1, nkv, Proj::K, true)?;
+        let v = heads(&layer.wv, 2, nkv, Proj::V, false)?;
         let (k, v) = match slot.take() {
             Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
             None => (k, v),

@@ -1,6 +1,9 @@
-//! A llama-architecture model as files and as a forward pass.
+//! A model as files and as a forward pass: one transformer (a llama, with
+//! q/k/v biases where the family has them) that every supported family maps
+//! onto.
 //!
 //! This crate owns reading a model ([`gguf`]: metadata and weights;
+//! [`family`]: one file per architecture, how its files read;
 //! [`config`]: hyper-parameters and the one table of projection names;
 //! [`tokenizer`]; [`template`]; [`ModelFiles::open`] for all of them at once)
 //! and the candle forward pass ([`forward::Llama`]), written once over the
@@ -13,6 +16,7 @@
 //! (gradients, adapters), the database or HTTP.
 
 pub mod config;
+pub mod family;
 pub mod forward;
 pub mod gguf;
 pub mod ops;
@@ -48,7 +52,8 @@ pub enum ModelError {
 
 pub type Result<T, E = ModelError> = std::result::Result<T, E>;
 
-/// The context window a model file declares, if it is a llama GGUF file.
+/// The context window a model file declares, if it is a GGUF file of a
+/// supported family.
 pub fn context_length(path: &std::path::Path) -> Option<i32> {
     let gguf = gguf::GgufFile::open(path).ok()?;
     LlamaConfig::from_gguf(&gguf)

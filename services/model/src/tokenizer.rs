@@ -1,16 +1,22 @@
 //! A Hugging Face `tokenizers` tokenizer rebuilt from GGUF metadata, and
 //! incremental detokenization for streaming.
 //!
-//! GGUF's `gpt2` tokenizer model is byte-level BPE. SmolLM2's `smollm`
-//! pre-tokenizer splits digits one by one before the byte-level regex; with
-//! that order the ids match llama.cpp's (tested against its output).
+//! GGUF's `gpt2` tokenizer model is byte-level BPE. How text is split into
+//! words before BPE (`tokenizer.ggml.pre`) differs by family, and every
+//! name is mapped explicitly: SmolLM2's `smollm` splits digits one by one
+//! before GPT-2's regex (with that order the ids match llama.cpp's, tested
+//! against its output); Qwen2's `qwen2` uses its own regex after NFC (ids
+//! tested against transformers' Qwen2 tokenizer). An unknown name is
+//! refused at load.
 
 use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
 use tokenizers::models::bpe::BPE;
+use tokenizers::normalizers::unicode::NFC;
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::pre_tokenizers::digits::Digits;
 use tokenizers::pre_tokenizers::sequence::Sequence;
-use tokenizers::{AddedToken, PreTokenizerWrapper, Tokenizer};
+use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
+use tokenizers::{AddedToken, PreTokenizerWrapper, SplitDelimiterBehavior, Tokenizer};
 
 use crate::gguf::GgufFile;
 use crate::{ModelError, Result};
@@ -141,6 +147,12 @@ fn byte_level_inverse() -> std::collections::HashMap<char, u8> {
 const DIGITS_THEN_GPT2: &[&str] = &["smollm", "starcoder", "refact"];
 /// GPT-2's own rules (and a file that names none).
 const GPT2: &[&str] = &["gpt-2", "gpt2", "default"];
+/// Qwen2's (and Qwen2.5's) regex, after NFC normalization.
+const QWEN2: &[&str] = &["qwen2"];
+
+/// Qwen2's word-splitting regex, as its `tokenizer.json` gives it: like
+/// Llama 3's, but digits one at a time.
+const QWEN2_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
 fn build(tokens: &[String], merges: &[String], pre: &str) -> Result<Tokenizer> {
     let vocab: tokenizers::models::bpe::Vocab = tokens
@@ -170,14 +182,31 @@ fn build(tokens: &[String], merges: &[String], pre: &str) -> Result<Tokenizer> {
         ])
         .into(),
         p if GPT2.contains(&p) => byte_level.into(),
+        p if QWEN2.contains(&p) => {
+            tok.with_normalizer(Some(NFC))
+                .map_err(|e| ModelError::Tokenizer(e.to_string()))?;
+            let split = Split::new(
+                SplitPattern::Regex(QWEN2_SPLIT.into()),
+                SplitDelimiterBehavior::Isolated,
+                false,
+            )
+            .map_err(|e| ModelError::Tokenizer(e.to_string()))?;
+            // The regex has split the words: the byte-level step only maps
+            // bytes to characters.
+            Sequence::new(vec![
+                PreTokenizerWrapper::Split(split),
+                PreTokenizerWrapper::ByteLevel(ByteLevel::new(false, false, false)),
+            ])
+            .into()
+        }
         // Another family splits text its own way (Llama 3's `llama-bpe`,
-        // Qwen2's `qwen2`, ...): GPT-2's rules would give wrong ids for
+        // ...): GPT-2's rules would give wrong ids for
         // every word they split differently, so it is refused, not served.
         other => {
             return Err(ModelError::Tokenizer(format!(
                 "pre-tokenizer `{other}` (tokenizer.ggml.pre) is not one Flywheel knows \
                  ({}): serving it with another family's splitting would give wrong token ids",
-                [DIGITS_THEN_GPT2, GPT2].concat().join(", ")
+                [DIGITS_THEN_GPT2, GPT2, QWEN2].concat().join(", ")
             )));
         }
     };

@@ -2,7 +2,9 @@
 //! which each adapted projection becomes `W + B A * alpha / r`, re-quantized
 //! to Q8_0 (8-bit blocks keep the adapter's small changes that 4-bit blocks
 //! would round away); every other tensor is copied as stored. The serving
-//! engine reads Q8_0 and Q4_1 alike.
+//! engine reads Q8_0 and Q4_1 alike. An adapter's q and k rows are in the
+//! order the forward pass computes in; a family that stores them otherwise
+//! (Qwen2) gets its change in the file's order.
 
 use std::path::Path;
 
@@ -19,6 +21,7 @@ pub fn merge_to_gguf(base: &Path, lora: &Lora, out: &Path, note: &str) -> anyhow
     let mut file =
         std::fs::File::open(base).with_context(|| format!("opening {}", base.display()))?;
     let content = gguf_file::Content::read(&mut file)?;
+    let cfg = flywheel_model::LlamaConfig::from_gguf(&flywheel_model::gguf::GgufFile::open(base)?)?;
     let mut names: Vec<(&String, u64)> = content
         .tensor_infos
         .iter()
@@ -34,9 +37,17 @@ pub fn merge_to_gguf(base: &Path, lora: &Lora, out: &Path, note: &str) -> anyhow
             .iter()
             .find(|((layer, proj), _)| proj.gguf_tensor(*layer) == *name);
         let tensor = match pair {
-            Some((_, p)) => {
+            Some(((_, proj), p)) => {
                 let w = stored.dequantize(&Device::Cpu)?;
-                let delta: Tensor = (p.b.as_tensor().matmul(p.a.as_tensor())? * scale)?;
+                let mut delta: Tensor = (p.b.as_tensor().matmul(p.a.as_tensor())? * scale)?;
+                if let Some(order) = cfg.row_order(*proj) {
+                    // Row r of the delta belongs in the file's row order[r].
+                    let mut back = vec![0u32; order.len()];
+                    for (r, &stored) in order.iter().enumerate() {
+                        back[stored] = r as u32;
+                    }
+                    delta = delta.index_select(&Tensor::new(back, &Device::Cpu)?, 0)?;
+                }
                 let merged = (w + delta.reshape(stored.shape())?)?;
                 QTensor::quantize(&merged, GgmlDType::Q8_0)?
             }

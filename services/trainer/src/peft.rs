@@ -3,9 +3,10 @@
 //! `base_model.model.model.layers.{i}.self_attn.q_proj.lora_A.weight`, so
 //! PEFT and vLLM load what we train and we load what they train.
 //!
-//! GGUF files store the q and k projections with their rows permuted for
-//! interleaved rotary embeddings (llama.cpp's converter does it); Hugging
-//! Face checkpoints do not. `B`'s rows follow the projection's output rows,
+//! Our forward passes compute q and k with their rows permuted for
+//! interleaved rotary embeddings (as llama.cpp's converter stores llama's;
+//! other families are brought to that order at load); Hugging Face
+//! checkpoints are not permuted. `B`'s rows follow the projection's output rows,
 //! so they are permuted back on save and forward again on load.
 
 use std::collections::{BTreeMap, HashMap};
@@ -28,16 +29,7 @@ fn tensor_name(layer: usize, proj: Proj, ab: &str) -> String {
     )
 }
 
-/// Heads whose rows GGUF permutes for this projection, if any.
-fn permuted_heads(cfg: &LlamaConfig, proj: Proj) -> Option<usize> {
-    match proj {
-        Proj::Q => Some(cfg.n_heads),
-        Proj::K => Some(cfg.n_kv_heads),
-        _ => None,
-    }
-}
-
-/// GGUF row order -> Hugging Face row order, for `(heads * hd, r)`.
+/// Interleaved row order -> Hugging Face row order, for `(heads * hd, r)`.
 fn to_hf_rows(b: &Tensor, heads: usize) -> candle_core::Result<Tensor> {
     let (out, r) = b.dims2()?;
     let hd = out / heads;
@@ -47,7 +39,7 @@ fn to_hf_rows(b: &Tensor, heads: usize) -> candle_core::Result<Tensor> {
         .reshape((out, r))
 }
 
-/// Hugging Face row order -> GGUF row order.
+/// Hugging Face row order -> interleaved row order.
 fn from_hf_rows(b: &Tensor, heads: usize) -> candle_core::Result<Tensor> {
     let (out, r) = b.dims2()?;
     let hd = out / heads;
@@ -63,7 +55,7 @@ pub fn save(lora: &Lora, model: &Llama, base_name: &str, dir: &Path) -> anyhow::
     let mut tensors: HashMap<String, Tensor> = HashMap::new();
     for (&(layer, proj), p) in &lora.pairs {
         let mut b = p.b.as_tensor().to_device(&Device::Cpu)?;
-        if let Some(heads) = permuted_heads(model.config(), proj) {
+        if let Some(heads) = model.config().rotated_heads(proj) {
             b = to_hf_rows(&b, heads)?;
         }
         tensors.insert(
@@ -142,7 +134,7 @@ pub fn load_for(shape: &LlamaConfig, device: &Device, dir: &Path) -> anyhow::Res
                     b.dims()
                 );
             }
-            if let Some(heads) = permuted_heads(shape, proj) {
+            if let Some(heads) = shape.rotated_heads(proj) {
                 b = from_hf_rows(&b, heads)?;
             }
             pairs.insert(

@@ -169,6 +169,42 @@ impl QMatrix {
         Ok(Self::F32(F32Matrix { rows, cols, w }))
     }
 
+    /// The matrix with its rows reordered: row `r` of the result is row
+    /// `order[r]` of this one. Quantized blocks run along a row, so rows
+    /// move byte for byte.
+    pub fn permute_rows(&self, order: &[usize]) -> Result<Self> {
+        if order.len() != self.rows() || order.iter().any(|&r| r >= self.rows()) {
+            return Err(EngineError::Load(format!(
+                "a row order of {} for a matrix of {} rows",
+                order.len(),
+                self.rows()
+            )));
+        }
+        let pick = |raw: &[u8], row_bytes: usize| -> Vec<u8> {
+            order
+                .iter()
+                .flat_map(|&r| raw[r * row_bytes..(r + 1) * row_bytes].iter().copied())
+                .collect()
+        };
+        Ok(match self {
+            Self::Q4_1(m) => Self::Q4_1(Q4_1Matrix {
+                raw: pick(&m.raw, m.cols / QK * Q4_1_BYTES),
+                ..*m
+            }),
+            Self::Q8_0(m) => Self::Q8_0(Q8_0Matrix {
+                raw: pick(&m.raw, m.cols / QK * Q8_0_BYTES),
+                ..*m
+            }),
+            Self::F32(m) => Self::F32(F32Matrix {
+                w: order
+                    .iter()
+                    .flat_map(|&r| m.w[r * m.cols..(r + 1) * m.cols].iter().copied())
+                    .collect(),
+                ..*m
+            }),
+        })
+    }
+
     /// Row `r` as f32 (an embedding lookup).
     pub fn row(&self, r: usize, out: &mut [f32]) {
         match self {

@@ -1,0 +1,110 @@
+//! Model families: each file says how one architecture's GGUF files map
+//! onto the one transformer the forward passes run ([`LlamaConfig`]):
+//! which hyper-parameter keys it reads, whether q, k and v carry biases, and
+//! how its q and k rows are stored.
+//!
+//! A family nobody wrote a file for is refused at load, naming its
+//! architecture: serving it as another would give wrong answers silently.
+
+mod llama;
+mod qwen2;
+
+use crate::config::{LlamaConfig, RopeRows};
+use crate::gguf::GgufFile;
+use crate::{ModelError, Result};
+
+/// One architecture, as GGUF files of it name and lay it out.
+pub trait Family: Sync {
+    /// `general.architecture`, also the prefix of its metadata keys.
+    fn name(&self) -> &'static str;
+
+    /// Whether the q, k and v projections carry biases
+    /// (`blk.N.attn_q.bias`, ...).
+    fn qkv_bias(&self) -> bool {
+        false
+    }
+
+    /// How the q and k rows are stored in GGUF files of this family:
+    /// llama.cpp's converter permutes llama's for interleaved rotary
+    /// embeddings and stores the others as Hugging Face does.
+    fn gguf_rope_rows(&self) -> RopeRows;
+
+    /// The hyper-parameters in the file's metadata.
+    fn config(&self, gguf: &GgufFile) -> Result<LlamaConfig> {
+        read_config(self, gguf)
+    }
+}
+
+impl LlamaConfig {
+    /// The hyper-parameters of a GGUF file of any supported family.
+    pub fn from_gguf(gguf: &GgufFile) -> Result<Self> {
+        of_gguf(gguf)?.config(gguf)
+    }
+}
+
+/// Every family Flywheel serves.
+pub const FAMILIES: &[&dyn Family] = &[&llama::Llama, &qwen2::Qwen2];
+
+/// The family of a GGUF file, by its `general.architecture`.
+pub fn of_gguf(gguf: &GgufFile) -> Result<&'static dyn Family> {
+    let arch = gguf.get_str("general.architecture")?;
+    FAMILIES
+        .iter()
+        .copied()
+        .find(|f| f.name() == arch)
+        .ok_or_else(|| {
+            let known: Vec<&str> = FAMILIES.iter().map(|f| f.name()).collect();
+            ModelError::Load(format!(
+                "architecture {arch} is not supported (Flywheel serves {})",
+                known.join(", ")
+            ))
+        })
+}
+
+/// The `{arch}.*` keys every family here shares (llama.cpp writes the same
+/// names under each architecture's prefix).
+fn read_config<F: Family + ?Sized>(family: &F, gguf: &GgufFile) -> Result<LlamaConfig> {
+    let arch = family.name();
+    let key = |k: &str| format!("{arch}.{k}");
+    // Rope scaling (Llama 3.1's `llama3`, `linear`, `yarn`, ...) changes
+    // every rotary frequency; a model that needs it would be served with
+    // the wrong positions, so it is refused until it is supported.
+    if let Ok(kind) = gguf.get_str(&key("rope.scaling.type"))
+        && kind != "none"
+    {
+        return Err(ModelError::Load(format!(
+            "rope scaling `{kind}` ({}) is not supported",
+            key("rope.scaling.type")
+        )));
+    }
+    if gguf.has_tensor("rope_freqs.weight") {
+        return Err(ModelError::Load(
+            "rope scaling by a `rope_freqs.weight` tensor (Llama 3.1's) is not supported".into(),
+        ));
+    }
+    let hidden = gguf.get_u32(&key("embedding_length"))? as usize;
+    let n_heads = gguf.get_u32(&key("attention.head_count"))? as usize;
+    let n_kv_heads = gguf
+        .get_u32(&key("attention.head_count_kv"))
+        .unwrap_or(n_heads as u32) as usize;
+    let vocab = match gguf.get_u32(&key("vocab_size")) {
+        Ok(v) => v as usize,
+        Err(_) => gguf.get_strings("tokenizer.ggml.tokens")?.len(),
+    };
+    Ok(LlamaConfig {
+        family: arch,
+        hidden,
+        intermediate: gguf.get_u32(&key("feed_forward_length"))? as usize,
+        n_layers: gguf.get_u32(&key("block_count"))? as usize,
+        n_heads,
+        n_kv_heads,
+        vocab,
+        rope_theta: gguf.get_f32(&key("rope.freq_base")).unwrap_or(10_000.0),
+        rms_eps: gguf
+            .get_f32(&key("attention.layer_norm_rms_epsilon"))
+            .unwrap_or(1e-5),
+        context_length: gguf.get_u32(&key("context_length")).unwrap_or(2048) as usize,
+        qkv_bias: family.qkv_bias(),
+        rope_rows: family.gguf_rope_rows(),
+    })
+}
