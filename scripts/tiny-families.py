@@ -38,11 +38,6 @@ import regex
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
-ROPE_THETA = 1_000_000.0
-# The weights' seed: one whose greedy continuations have no near-tie (the
-# script prints the smallest gap between two best logits).
-SEED = 30
-SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
 # ChatML, as Qwen2's own template renders it when the first message is
 # not a system message.
@@ -55,6 +50,85 @@ CHATML = (
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
+
+# Llama 3's chat layout (its headers, the begin-of-text token first),
+# without the tool-calling parts of the shipped template.
+LLAMA3_CHAT = (
+    "{{- bos_token }}"
+    "{%- for message in messages %}"
+    "{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'"
+    " + message['content'] | trim + '<|eot_id|>' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}"
+    "{{- '<|start_header_id|>assistant<|end_header_id|>\n\n' }}"
+    "{%- endif %}"
+)
+
+# Each family: its GGUF architecture and pre-tokenizer name, its word-split
+# regex (from its tokenizer.json) and normalization, special tokens, chat
+# template, end token, and the transformers config of the tiny model.
+FAMILIES = {
+    "qwen2": {
+        "arch": "qwen2",
+        "pre": "qwen2",
+        "split": (
+            r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"""
+            r"""| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+        ),
+        "nfc": True,
+        "specials": ["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        "bos": None,
+        "eos": "<|im_end|>",
+        "template": CHATML,
+        # The weights' seed: one whose greedy continuations hold no near-tie
+        # (the script prints the smallest gap between two best logits).
+        "seed": 30,
+        "config": "Qwen2Config",
+        "model": "Qwen2ForCausalLM",
+        "extra": {
+            "rope_parameters": {"rope_type": "default", "rope_theta": 1_000_000.0},
+            "rms_norm_eps": 1e-6,
+            "tie_word_embeddings": True,
+        },
+    },
+    # Llama 3.1 / 3.2: llama's layout, Llama 3's tokenizer, and its rope
+    # scaling, with the scaling's original context far shorter than the
+    # tiny model's so that it changes most of its frequencies.
+    "llama3": {
+        "arch": "llama",
+        "pre": "llama-bpe",
+        "split": (
+            r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"""
+            r"""| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+        ),
+        "nfc": False,
+        "specials": [
+            "<|begin_of_text|>",
+            "<|end_of_text|>",
+            "<|start_header_id|>",
+            "<|end_header_id|>",
+            "<|eot_id|>",
+        ],
+        "bos": "<|begin_of_text|>",
+        "eos": "<|eot_id|>",
+        "template": LLAMA3_CHAT,
+        "seed": 33,
+        "config": "LlamaConfig",
+        "model": "LlamaForCausalLM",
+        "extra": {
+            "rope_parameters": {
+                "rope_type": "llama3",
+                "rope_theta": 10_000.0,
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 64,
+            },
+            "rms_norm_eps": 1e-5,
+            "tie_word_embeddings": False,
+        },
+    },
+}
 
 # What the BPE merges are learned on: words, numbers, code, other scripts.
 CORPUS = [
@@ -79,7 +153,6 @@ TRICKY = [
     "I'M you'LL they'VE",
     "a\n\n\nb\r\nc\td",
     "x=1+2;y=[3,4]",
-    "<|im_start|>user\nhi<|im_end|>",
     "<|not_special|> text",
     "def add(a, b):\n    return a + b",
     "Route ticket 42 to billing.",
@@ -110,7 +183,7 @@ def byte_level_alphabet():
     return out
 
 
-def learn_vocab(vocab_size):
+def learn_vocab(vocab_size, specials):
     """Byte-level BPE merges learned on CORPUS: the 256 bytes first (in
     byte order), then the merged tokens, then the special tokens. The
     merges are learned with GPT-2's word splitting, not the family's, so
@@ -131,10 +204,10 @@ def learn_vocab(vocab_size):
     for a, b in (m.split(" ") for m in merges):
         if a + b not in tokens:
             tokens.append(a + b)
-    return tokens + SPECIALS, merges
+    return tokens + specials, merges
 
 
-def encode(text, split_regex, tokens, merges, nfc):
+def encode(text, family, tokens, merges):
     """The family's tokenizer rules in plain Python: special tokens matched
     whole, NFC where the family normalizes, words by the family's regex,
     each word's bytes merged by merge rank."""
@@ -142,13 +215,14 @@ def encode(text, split_regex, tokens, merges, nfc):
     ranks = {tuple(m.split(" ")): r for r, m in enumerate(merges)}
     alphabet = byte_level_alphabet()
     ids = []
-    for chunk in re.split("(" + "|".join(map(re.escape, SPECIALS)) + ")", text):
-        if chunk in SPECIALS:
+    specials = family["specials"]
+    for chunk in re.split("(" + "|".join(map(re.escape, specials)) + ")", text):
+        if chunk in specials:
             ids.append(vocab[chunk])
             continue
-        if nfc:
+        if family["nfc"]:
             chunk = unicodedata.normalize("NFC", chunk)
-        for word in regex.findall(split_regex, chunk):
+        for word in regex.findall(family["split"], chunk):
             symbols = [alphabet[b] for b in word.encode("utf-8")]
             while len(symbols) > 1:
                 rank, at = min(
@@ -182,24 +256,83 @@ def randomize(model, seed):
                 p.copy_(torch.randn(p.shape, generator=g) * 4.0 / fan_in**0.5)
 
 
-def qwen2(out):
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-    from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX, Qwen2Tokenizer
+def second_opinion(family, tokens, merges):
+    """The `tokenizers` library (which transformers' tokenizer classes run
+    on, and Flywheel too) set up as the family's tokenizer.json sets it up."""
+    from tokenizers import AddedToken, Regex, decoders, normalizers
 
-    tokens, merges = learn_vocab(400)
-    second_opinion = Qwen2Tokenizer(
-        vocab={t: i for i, t in enumerate(tokens)},
-        merges=[tuple(m.split(" ")) for m in merges],
-        additional_special_tokens=SPECIALS[1:],
+    tok = Tokenizer(
+        models.BPE(
+            vocab={t: i for i, t in enumerate(tokens)},
+            merges=[tuple(m.split(" ")) for m in merges],
+        )
     )
+    if family["nfc"]:
+        tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(family["split"]), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([AddedToken(t, special=True) for t in family["specials"]])
+    return tok
+
+
+def interleave(w, heads):
+    """q or k rows from Hugging Face's order (rotary over halves) to the
+    interleaved one llama.cpp's converter writes for llama: in each head,
+    row 2i + j is row j * head_dim / 2 + i."""
+    rows = w.shape[0]
+    return w.reshape(heads, 2, rows // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def llama3_rope_factors(rope, head_dim):
+    """Llama 3.1's rope scaling as one factor per rotary frequency (the
+    frequency is divided by it): high frequencies kept, low ones divided by
+    `factor`, those between blended by wavelength."""
+    import math
+
+    theta, factor = rope["rope_theta"], rope["factor"]
+    old = rope["original_max_position_embeddings"]
+    low_wave = old / rope["low_freq_factor"]
+    high_wave = old / rope["high_freq_factor"]
+    factors = []
+    for i in range(head_dim // 2):
+        freq = 1.0 / theta ** (2 * i / head_dim)
+        wave = 2 * math.pi / freq
+        if wave < high_wave:
+            factors.append(1.0)
+        elif wave > low_wave:
+            factors.append(factor)
+        else:
+            smooth = (old / wave - rope["low_freq_factor"]) / (
+                rope["high_freq_factor"] - rope["low_freq_factor"]
+            )
+            factors.append(1.0 / ((1 - smooth) / factor + smooth))
+    return np.array(factors, dtype=np.float32)
+
+
+def build(name, family, out):
+    import transformers
+
+    if name == "qwen2":
+        # The regex written above is transformers' for Qwen2.
+        from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
+
+        assert family["split"] == PRETOKENIZE_REGEX
+    specials = family["specials"]
+    tokens, merges = learn_vocab(400, specials)
+    theirs = second_opinion(family, tokens, merges)
 
     def tokenize(text):
-        ids = encode(text, PRETOKENIZE_REGEX, tokens, merges, nfc=True)
-        theirs = second_opinion.encode(text, add_special_tokens=False)
-        assert ids == theirs, f"{text!r}: {ids} here, {theirs} from transformers"
-        return ids, second_opinion.decode(ids, skip_special_tokens=False)
+        ids = encode(text, family, tokens, merges)
+        other = theirs.encode(text, add_special_tokens=False).ids
+        assert ids == other, f"{text!r}: {ids} here, {other} from tokenizers"
+        return ids, theirs.decode(ids, skip_special_tokens=False)
 
-    cfg = Qwen2Config(
+    cfg = getattr(transformers, family["config"])(
         vocab_size=len(tokens),
         hidden_size=64,
         intermediate_size=128,
@@ -207,40 +340,46 @@ def qwen2(out):
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=256,
-        rope_parameters={"rope_type": "default", "rope_theta": ROPE_THETA},
-        rms_norm_eps=1e-6,
-        tie_word_embeddings=True,
-        bos_token_id=None,
-        eos_token_id=tokens.index("<|im_end|>"),
+        bos_token_id=tokens.index(family["bos"]) if family["bos"] else None,
+        eos_token_id=tokens.index(family["eos"]),
+        **family["extra"],
     )
     torch.manual_seed(0)
-    model = Qwen2ForCausalLM(cfg).eval().float()
-    randomize(model, seed=SEED)
+    model = getattr(transformers, family["model"])(cfg).eval().float()
+    randomize(model, seed=family["seed"])
 
-    w = gguf.GGUFWriter(str(out / "model.gguf"), "qwen2")
-    w.add_name("tiny-random-qwen2")
+    arch = family["arch"]
+    rope = family["extra"]["rope_parameters"]
+    head_dim = cfg.hidden_size // cfg.num_attention_heads
+    w = gguf.GGUFWriter(str(out / "model.gguf"), arch)
+    w.add_name(f"tiny-random-{name}")
     w.add_block_count(cfg.num_hidden_layers)
     w.add_context_length(cfg.max_position_embeddings)
     w.add_embedding_length(cfg.hidden_size)
     w.add_feed_forward_length(cfg.intermediate_size)
     w.add_head_count(cfg.num_attention_heads)
     w.add_head_count_kv(cfg.num_key_value_heads)
-    w.add_rope_freq_base(ROPE_THETA)
+    w.add_rope_freq_base(rope["rope_theta"])
     w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("qwen2")
+    w.add_tokenizer_pre(family["pre"])
     w.add_token_list(tokens)
     w.add_token_types(
-        [gguf.TokenType.CONTROL if t in SPECIALS else gguf.TokenType.NORMAL for t in tokens]
+        [gguf.TokenType.CONTROL if t in specials else gguf.TokenType.NORMAL for t in tokens]
     )
     w.add_token_merges(merges)
-    w.add_eos_token_id(tokens.index("<|im_end|>"))
-    w.add_chat_template(CHATML)
-    # llama.cpp's names for Qwen2's tensors; q and k are not permuted (the
-    # converter permutes llama's only).
+    if family["bos"]:
+        w.add_bos_token_id(tokens.index(family["bos"]))
+    w.add_eos_token_id(tokens.index(family["eos"]))
+    w.add_chat_template(family["template"])
+    if rope["rope_type"] == "llama3":
+        w.add_tensor("rope_freqs.weight", llama3_rope_factors(rope, head_dim))
+    # llama.cpp's tensor names; it permutes llama's q and k rows (and no
+    # other family's).
     names = {
         "model.embed_tokens.weight": "token_embd.weight",
         "model.norm.weight": "output_norm.weight",
+        "lm_head.weight": "output.weight",
     }
     per_layer = {
         "self_attn.q_proj": "attn_q",
@@ -257,28 +396,40 @@ def qwen2(out):
         for hf, short in per_layer.items():
             for kind in ("weight", "bias"):
                 names[f"model.layers.{i}.{hf}.{kind}"] = f"blk.{i}.{short}.{kind}"
-    for name, p in model.state_dict().items():
-        if name == "lm_head.weight":
-            continue  # tied to the embedding
-        w.add_tensor(names[name], p.detach().numpy().astype(np.float32))
+    for hf_name, p in model.state_dict().items():
+        if hf_name == "lm_head.weight" and cfg.tie_word_embeddings:
+            continue
+        t = p.detach().numpy().astype(np.float32)
+        if arch == "llama" and ".q_proj." in hf_name:
+            t = interleave(t, cfg.num_attention_heads)
+        if arch == "llama" and ".k_proj." in hf_name:
+            t = interleave(t, cfg.num_key_value_heads)
+        w.add_tensor(names[hf_name], t)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
 
+    from jinja2 import Template
+
+    template = Template(family["template"])
+
     def render(p):
         if "text" in p:
             return p["text"]
-        from jinja2 import Template
+        return template.render(
+            messages=p["messages"], add_generation_prompt=True, bos_token=family["bos"] or ""
+        )
 
-        return Template(CHATML).render(messages=p["messages"], add_generation_prompt=True)
-
-    ref = reference(model, tokenize, render)
-    ref["lora_step"] = lora_step(model, tokenize, out / "adapter")
+    own_markup = render({"messages": [{"role": "user", "content": "hi"}]})
+    ref = reference(model, tokenize, render, TRICKY + [own_markup])
+    lora_prompt = render({"messages": [{"role": "user", "content": "Route ticket 42"}]})
+    lora_answer = '{"team": "billing"}' + family["eos"]
+    ref["lora_step"] = lora_step(model, tokenize, lora_prompt, lora_answer, out / "adapter")
     return ref
 
 
-def lora_step(model, tokenize, adapter_dir):
+def lora_step(model, tokenize, prompt_text, answer_text, adapter_dir):
     """One LoRA training step's loss on one example, through PEFT: the mean
     negative log-likelihood of the answer's tokens with a random adapter on
     all seven projections (B not zero, so the adapter counts), and the sum
@@ -314,8 +465,8 @@ def lora_step(model, tokenize, adapter_dir):
     saved = json.loads(config_file.read_text())
     saved["target_modules"] = sorted(saved["target_modules"])
     config_file.write_text(json.dumps(saved, indent=2, sort_keys=True) + "\n")
-    prompt, _ = tokenize("<|im_start|>user\nRoute ticket 42<|im_end|>\n<|im_start|>assistant\n")
-    answer, _ = tokenize('{"team": "billing"}<|im_end|>')
+    prompt, _ = tokenize(prompt_text)
+    answer, _ = tokenize(answer_text)
     ids = torch.tensor([prompt + answer])
     logits = peft_model(ids).logits[0, len(prompt) - 1 : -1]
     logp = torch.log_softmax(logits.float(), -1)
@@ -331,9 +482,9 @@ def lora_step(model, tokenize, adapter_dir):
     }
 
 
-def reference(model, tokenize, render):
+def reference(model, tokenize, render, strings):
     tricky = []
-    for text in TRICKY:
+    for text in strings:
         ids, decoded = tokenize(text)
         tricky.append({"text": text, "ids": ids, "decoded": decoded})
     cases = []
@@ -361,17 +512,14 @@ def reference(model, tokenize, render):
     return {"tokenize": tricky, "forward": cases, "smallest_greedy_gap": smallest_gap}
 
 
-FAMILIES = {"qwen2": qwen2}
-
-
 def main():
     root = pathlib.Path(sys.argv[1] if len(sys.argv) > 1 else "tests/testdata/families")
     import transformers
 
-    for name, build in FAMILIES.items():
+    for name, family in FAMILIES.items():
         out = root / name
         out.mkdir(parents=True, exist_ok=True)
-        ref = build(out)
+        ref = build(name, family, out)
         ref["made_with"] = {
             "transformers": transformers.__version__,
             "torch": torch.__version__,

@@ -143,11 +143,10 @@ impl CpuLlama {
             });
         }
         let norm = vec_of(gguf, config::OUTPUT_NORM)?;
-        let half = cfg.head_dim() / 2;
+        let freqs = cfg.rope_frequencies(gguf)?;
         let (mut cos, mut sin) = (Vec::new(), Vec::new());
         for p in 0..cfg.context_length {
-            for i in 0..half {
-                let inv = 1.0 / cfg.rope_theta.powf(2.0 * i as f32 / cfg.head_dim() as f32);
+            for inv in &freqs {
                 let a = p as f32 * inv;
                 cos.push(a.cos());
                 sin.push(a.sin());

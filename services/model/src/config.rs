@@ -216,8 +216,8 @@ mod tests {
             load_error("gpt2-pre", &[("tokenizer.ggml.pre", s("gpt-2"))]),
             "loaded"
         );
-        let e = load_error("llama-pre", &[("tokenizer.ggml.pre", s("llama-bpe"))]);
-        assert!(e.contains("pre-tokenizer `llama-bpe`"), "{e}");
+        let e = load_error("falcon-pre", &[("tokenizer.ggml.pre", s("falcon"))]);
+        assert!(e.contains("pre-tokenizer `falcon`"), "{e}");
         let e = load_error("gemma-arch", &[("general.architecture", s("gemma2"))]);
         assert!(e.contains("architecture gemma2 is not supported"), "{e}");
         let e = load_error("yarn", &[("llama.rope.scaling.type", s("yarn"))]);

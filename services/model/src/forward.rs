@@ -120,7 +120,7 @@ impl Llama {
         } else {
             embed.clone()
         };
-        let (cos, sin) = rope_tables(&cfg, device)?;
+        let (cos, sin) = rope_tables(&cfg, &cfg.rope_frequencies(gguf)?, device)?;
         Ok(Self {
             cfg,
             embed,
@@ -398,12 +398,10 @@ struct Rows<'a> {
     starts: Option<&'a [usize]>,
 }
 
-fn rope_tables(cfg: &LlamaConfig, device: &Device) -> Result<(Tensor, Tensor)> {
-    let half = cfg.head_dim() / 2;
-    let inv: Vec<f32> = (0..half)
-        .map(|i| 1.0 / cfg.rope_theta.powf(2.0 * i as f32 / cfg.head_dim() as f32))
-        .collect();
-    let inv = Tensor::from_vec(inv, (1, half), device)?;
+/// Cosines and sines of every position's angle for each rotary frequency,
+/// `(context, head_dim / 2)`.
+fn rope_tables(cfg: &LlamaConfig, freqs: &[f32], device: &Device) -> Result<(Tensor, Tensor)> {
+    let inv = Tensor::from_vec(freqs.to_vec(), (1, freqs.len()), device)?;
     let positions = Tensor::arange(0u32, cfg.context_length as u32, device)?
         .to_dtype(DType::F32)?
         .reshape((cfg.context_length, 1))?;

@@ -1,6 +1,8 @@
 //! Chat templates: the Jinja template in a model's metadata, rendered with
 //! minijinja the way Hugging Face `apply_chat_template` does (Python string
-//! methods through `pycompat`, `raise_exception`, `add_generation_prompt`).
+//! methods through `pycompat`, `raise_exception`, `strftime_now` for the
+//! templates that date their system prompt, as Llama 3.2's does,
+//! `add_generation_prompt`).
 
 use minijinja::{Environment, Error, ErrorKind, context};
 use serde::{Deserialize, Serialize};
@@ -30,6 +32,19 @@ impl ChatTemplate {
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
         env.add_function("raise_exception", |msg: String| -> Result<String, Error> {
             Err(Error::new(ErrorKind::InvalidOperation, msg))
+        });
+        env.add_function("strftime_now", |format: String| -> Result<String, Error> {
+            use std::fmt::Write;
+            let mut out = String::new();
+            // A format chrono cannot write is the template's error, not a
+            // panic (`to_string` would panic on it).
+            write!(out, "{}", chrono::Local::now().format(&format)).map_err(|_| {
+                Error::new(
+                    ErrorKind::InvalidOperation,
+                    format!("strftime_now: cannot format a date as {format:?}"),
+                )
+            })?;
+            Ok(out)
         });
         env.add_template_owned("chat", source.to_string())
             .map_err(|e| ModelError::Template(e.to_string()))?;
@@ -85,6 +100,19 @@ mod tests {
             .render(&[msg("system", "Be brief."), msg("user", "Hi")])
             .unwrap();
         assert!(out.starts_with("<|im_start|>system\nBe brief.<|im_end|>"));
+    }
+
+    #[test]
+    fn a_template_can_date_its_system_prompt() {
+        // As Llama 3.2's does: today's date where transformers gives it.
+        let src =
+            "{% if strftime_now is defined %}{{ strftime_now('%Y') }}{% else %}none{% endif %}";
+        let t = ChatTemplate::new(src, None, None).unwrap();
+        let year = chrono::Local::now().format("%Y").to_string();
+        assert_eq!(t.render(&[msg("user", "hi")]).unwrap(), year);
+        let bad = ChatTemplate::new("{{ strftime_now('%Q') }}", None, None).unwrap();
+        let err = bad.render(&[msg("user", "hi")]).unwrap_err().to_string();
+        assert!(err.contains("cannot format a date"), "{err}");
     }
 
     #[test]

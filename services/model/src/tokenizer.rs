@@ -6,8 +6,9 @@
 //! name is mapped explicitly: SmolLM2's `smollm` splits digits one by one
 //! before GPT-2's regex (with that order the ids match llama.cpp's, tested
 //! against its output); Qwen2's `qwen2` uses its own regex after NFC (ids
-//! tested against transformers' Qwen2 tokenizer). An unknown name is
-//! refused at load.
+//! tested against the family's rules on a tiny vocabulary); Llama 3's
+//! `llama-bpe` the same way without NFC and with digits in threes. An
+//! unknown name is refused at load.
 
 use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
 use tokenizers::models::bpe::BPE;
@@ -149,9 +150,16 @@ const DIGITS_THEN_GPT2: &[&str] = &["smollm", "starcoder", "refact"];
 const GPT2: &[&str] = &["gpt-2", "gpt2", "default"];
 /// Qwen2's (and Qwen2.5's) regex, after NFC normalization.
 const QWEN2: &[&str] = &["qwen2"];
+/// Llama 3's regex (Llama 3, 3.1, 3.2), no normalization.
+const LLAMA3: &[&str] = &["llama-bpe"];
 
-/// Qwen2's word-splitting regex, as its `tokenizer.json` gives it: like
-/// Llama 3's, but digits one at a time.
+/// Llama 3's word-splitting regex, as its `tokenizer.json` gives it:
+/// contractions in any case, a word with one leading non-letter, digits in
+/// runs of up to three, punctuation with one leading space, whitespace.
+const LLAMA3_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+
+/// Qwen2's word-splitting regex, as its `tokenizer.json` gives it: Llama
+/// 3's, but digits one at a time.
 const QWEN2_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
 fn build(tokens: &[String], merges: &[String], pre: &str) -> Result<Tokenizer> {
@@ -185,34 +193,39 @@ fn build(tokens: &[String], merges: &[String], pre: &str) -> Result<Tokenizer> {
         p if QWEN2.contains(&p) => {
             tok.with_normalizer(Some(NFC))
                 .map_err(|e| ModelError::Tokenizer(e.to_string()))?;
-            let split = Split::new(
-                SplitPattern::Regex(QWEN2_SPLIT.into()),
-                SplitDelimiterBehavior::Isolated,
-                false,
-            )
-            .map_err(|e| ModelError::Tokenizer(e.to_string()))?;
-            // The regex has split the words: the byte-level step only maps
-            // bytes to characters.
-            Sequence::new(vec![
-                PreTokenizerWrapper::Split(split),
-                PreTokenizerWrapper::ByteLevel(ByteLevel::new(false, false, false)),
-            ])
-            .into()
+            split_then_bytes(QWEN2_SPLIT)?
         }
-        // Another family splits text its own way (Llama 3's `llama-bpe`,
-        // ...): GPT-2's rules would give wrong ids for
-        // every word they split differently, so it is refused, not served.
+        p if LLAMA3.contains(&p) => split_then_bytes(LLAMA3_SPLIT)?,
+        // Another family splits text its own way: GPT-2's rules would give
+        // wrong ids for every word they split differently, so it is
+        // refused, not served.
         other => {
             return Err(ModelError::Tokenizer(format!(
                 "pre-tokenizer `{other}` (tokenizer.ggml.pre) is not one Flywheel knows \
                  ({}): serving it with another family's splitting would give wrong token ids",
-                [DIGITS_THEN_GPT2, GPT2, QWEN2].concat().join(", ")
+                [DIGITS_THEN_GPT2, GPT2, QWEN2, LLAMA3].concat().join(", ")
             )));
         }
     };
     tok.with_pre_tokenizer(Some(pre_tokenizer));
     tok.with_decoder(Some(ByteLevelDecoder::default()));
     Ok(tok)
+}
+
+/// Words split by `regex` (each match its own word), then their bytes
+/// mapped to byte-level characters: the regex has done the splitting.
+fn split_then_bytes(regex: &str) -> Result<PreTokenizerWrapper> {
+    let split = Split::new(
+        SplitPattern::Regex(regex.into()),
+        SplitDelimiterBehavior::Isolated,
+        false,
+    )
+    .map_err(|e| ModelError::Tokenizer(e.to_string()))?;
+    Ok(Sequence::new(vec![
+        PreTokenizerWrapper::Split(split),
+        PreTokenizerWrapper::ByteLevel(ByteLevel::new(false, false, false)),
+    ])
+    .into())
 }
 
 /// Turns a growing list of token ids into text deltas without splitting a

@@ -35,10 +35,39 @@ pub trait Family: Sync {
     }
 }
 
+/// Llama 3.1's rope scaling as llama.cpp stores it: per rotary frequency, a
+/// factor it is divided by.
+pub const ROPE_FACTORS: &str = "rope_freqs.weight";
+
 impl LlamaConfig {
     /// The hyper-parameters of a GGUF file of any supported family.
     pub fn from_gguf(gguf: &GgufFile) -> Result<Self> {
         of_gguf(gguf)?.config(gguf)
+    }
+
+    /// The rotary frequencies, one per pair of a head's dimensions:
+    /// `theta^(-2i / head_dim)`, each divided by the file's rope factor for
+    /// it where the file has them ([`ROPE_FACTORS`]).
+    pub fn rope_frequencies(&self, gguf: &mut GgufFile) -> Result<Vec<f32>> {
+        let hd = self.head_dim();
+        let mut freqs: Vec<f32> = (0..hd / 2)
+            .map(|i| 1.0 / self.rope_theta.powf(2.0 * i as f32 / hd as f32))
+            .collect();
+        if gguf.has_tensor(ROPE_FACTORS) {
+            let factors = gguf
+                .tensor_f32(ROPE_FACTORS, &candle_core::Device::Cpu)?
+                .flatten_all()?
+                .to_vec1::<f32>()?;
+            if factors.len() != freqs.len() {
+                return Err(ModelError::Load(format!(
+                    "{ROPE_FACTORS} holds {} factors for {} rotary frequencies",
+                    factors.len(),
+                    freqs.len()
+                )));
+            }
+            freqs.iter_mut().zip(&factors).for_each(|(f, k)| *f /= k);
+        }
+        Ok(freqs)
     }
 }
 
@@ -66,9 +95,11 @@ pub fn of_gguf(gguf: &GgufFile) -> Result<&'static dyn Family> {
 fn read_config<F: Family + ?Sized>(family: &F, gguf: &GgufFile) -> Result<LlamaConfig> {
     let arch = family.name();
     let key = |k: &str| format!("{arch}.{k}");
-    // Rope scaling (Llama 3.1's `llama3`, `linear`, `yarn`, ...) changes
-    // every rotary frequency; a model that needs it would be served with
-    // the wrong positions, so it is refused until it is supported.
+    // Rope scaling changes every rotary frequency; a model that needs a
+    // kind we do not apply would be served with the wrong positions, so it
+    // is refused. (Llama 3.1's `llama3` scaling comes as a tensor of
+    // per-frequency factors, `rope_freqs.weight`, which the loaders apply:
+    // [`LlamaConfig::rope_frequencies`].)
     if let Ok(kind) = gguf.get_str(&key("rope.scaling.type"))
         && kind != "none"
     {
@@ -76,11 +107,6 @@ fn read_config<F: Family + ?Sized>(family: &F, gguf: &GgufFile) -> Result<LlamaC
             "rope scaling `{kind}` ({}) is not supported",
             key("rope.scaling.type")
         )));
-    }
-    if gguf.has_tensor("rope_freqs.weight") {
-        return Err(ModelError::Load(
-            "rope scaling by a `rope_freqs.weight` tensor (Llama 3.1's) is not supported".into(),
-        ));
     }
     let hidden = gguf.get_u32(&key("embedding_length"))? as usize;
     let n_heads = gguf.get_u32(&key("attention.head_count"))? as usize;
