@@ -91,6 +91,31 @@ FAMILIES = {
             "tie_word_embeddings": True,
         },
     },
+    # Qwen3: Qwen2's tokenizer and layout without the biases, with an RMS
+    # norm on each head of q and k, and a head size of its own (twice what
+    # hidden / heads would give here, as in the real 0.6B).
+    "qwen3": {
+        "arch": "qwen3",
+        "pre": "qwen2",
+        "split": (
+            r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"""
+            r"""| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+        ),
+        "nfc": True,
+        "specials": ["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        "bos": None,
+        "eos": "<|im_end|>",
+        "template": CHATML,
+        "seed": 30,
+        "config": "Qwen3Config",
+        "model": "Qwen3ForCausalLM",
+        "extra": {
+            "head_dim": 32,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 1_000_000.0},
+            "rms_norm_eps": 1e-6,
+            "tie_word_embeddings": True,
+        },
+    },
     # Llama 3.1 / 3.2: llama's layout, Llama 3's tokenizer, and its rope
     # scaling, with the scaling's original context far shorter than the
     # tiny model's so that it changes most of its frequencies.
@@ -317,7 +342,7 @@ def llama3_rope_factors(rope, head_dim):
 def build(name, family, out):
     import transformers
 
-    if name == "qwen2":
+    if family["pre"] == "qwen2":
         # The regex written above is transformers' for Qwen2.
         from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
 
@@ -350,7 +375,7 @@ def build(name, family, out):
 
     arch = family["arch"]
     rope = family["extra"]["rope_parameters"]
-    head_dim = cfg.hidden_size // cfg.num_attention_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     w = gguf.GGUFWriter(str(out / "model.gguf"), arch)
     w.add_name(f"tiny-random-{name}")
     w.add_block_count(cfg.num_hidden_layers)
@@ -359,6 +384,9 @@ def build(name, family, out):
     w.add_feed_forward_length(cfg.intermediate_size)
     w.add_head_count(cfg.num_attention_heads)
     w.add_head_count_kv(cfg.num_key_value_heads)
+    if head_dim != cfg.hidden_size // cfg.num_attention_heads:
+        w.add_key_length(head_dim)
+        w.add_value_length(head_dim)
     w.add_rope_freq_base(rope["rope_theta"])
     w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     w.add_tokenizer_model("gpt2")
@@ -389,6 +417,8 @@ def build(name, family, out):
         "mlp.gate_proj": "ffn_gate",
         "mlp.up_proj": "ffn_up",
         "mlp.down_proj": "ffn_down",
+        "self_attn.q_norm": "attn_q_norm",
+        "self_attn.k_norm": "attn_k_norm",
         "input_layernorm": "attn_norm",
         "post_attention_layernorm": "ffn_norm",
     }

@@ -1,5 +1,5 @@
-//! The model families beyond SmolLM2's llama (Qwen2; Llama 3 with its
-//! tokenizer and rope scaling), each on a tiny random-weight model of its
+//! The model families beyond SmolLM2's llama (Qwen2; Qwen3; Llama 3 with
+//! its tokenizer and rope scaling), each on a tiny random-weight model of its
 //! own architecture built with the reference implementation
 //! (`scripts/tiny-families.py`: transformers builds and runs it, the script
 //! writes it as llama.cpp lays that family out in GGUF). Against its
@@ -99,6 +99,17 @@ fn qwen2_is_read_with_its_biases_and_rotary_layout() {
 }
 
 #[test]
+fn qwen3_is_read_with_its_head_norms_and_head_size() {
+    let (path, _) = family("qwen3");
+    let cfg = LlamaConfig::from_gguf(&GgufFile::open(&path).unwrap()).unwrap();
+    assert_eq!(cfg.family, "qwen3");
+    assert!(cfg.qk_norm && !cfg.qkv_bias);
+    // Heads of 32 where hidden / heads would give 16.
+    assert_eq!((cfg.head_dim, cfg.hidden / cfg.n_heads), (32, 16));
+    assert_eq!(cfg.proj_shape(flywheel_model::Proj::O), (64, 128));
+}
+
+#[test]
 fn llama3_is_read_as_llama_with_its_rope_factors() {
     let (path, _) = family("llama3");
     let mut gguf = GgufFile::open(&path).unwrap();
@@ -109,7 +120,7 @@ fn llama3_is_read_as_llama_with_its_rope_factors() {
     // Rope scaling keeps the highest frequency and divides the lowest by
     // the scaling factor (8).
     let freqs = cfg.rope_frequencies(&mut gguf).unwrap();
-    let hd = cfg.head_dim() as f32;
+    let hd = cfg.head_dim as f32;
     let plain = |i: usize| 1.0 / cfg.rope_theta.powf(2.0 * i as f32 / hd);
     assert_eq!(freqs[0], plain(0));
     let last = freqs.len() - 1;
@@ -119,6 +130,11 @@ fn llama3_is_read_as_llama_with_its_rope_factors() {
 #[test]
 fn qwen2_tokenizer_matches_the_reference_on_tricky_strings() {
     check_tokenizer("qwen2");
+}
+
+#[test]
+fn qwen3_tokenizer_matches_the_reference_on_tricky_strings() {
+    check_tokenizer("qwen3");
 }
 
 #[test]
@@ -146,6 +162,11 @@ fn check_tokenizer(name: &str) {
 #[test]
 fn qwen2_forward_matches_transformers() {
     check_model_forward("qwen2");
+}
+
+#[test]
+fn qwen3_forward_matches_transformers() {
+    check_model_forward("qwen3");
 }
 
 #[test]
@@ -179,6 +200,11 @@ fn qwen2_serving_forward_matches_transformers() {
 }
 
 #[test]
+fn qwen3_serving_forward_matches_transformers() {
+    check_serving_forward("qwen3");
+}
+
+#[test]
 fn llama3_serving_forward_matches_transformers() {
     check_serving_forward("llama3");
 }
@@ -202,6 +228,11 @@ fn check_serving_forward(name: &str) {
 #[test]
 fn qwen2_lora_step_matches_peft() {
     check_lora_step("qwen2");
+}
+
+#[test]
+fn qwen3_lora_step_matches_peft() {
+    check_lora_step("qwen3");
 }
 
 #[test]
@@ -260,6 +291,11 @@ fn check_lora_step(name: &str) {
 #[tokio::test]
 async fn qwen2_is_served_through_the_api() {
     check_served("qwen2").await;
+}
+
+#[tokio::test]
+async fn qwen3_is_served_through_the_api() {
+    check_served("qwen3").await;
 }
 
 #[tokio::test]

@@ -24,6 +24,8 @@ struct Layer {
     wqkv: QMatrix,
     /// Their biases, stacked the same way, in the families that have them.
     bqkv: Option<Vec<f32>>,
+    /// The per-head norms of q and k, in the families that have them.
+    qk_norm: Option<(Vec<f32>, Vec<f32>)>,
     wo: QMatrix,
     ffn_norm: Vec<f32>,
     /// `ffn_gate` and `ffn_up` stacked.
@@ -132,10 +134,27 @@ impl CpuLlama {
                 }
                 false => None,
             };
+            let qk_norm = match cfg.qk_norm {
+                true => {
+                    let mut per_head = |n: &str| -> Result<Vec<f32>> {
+                        let w = vec_of(gguf, &config::block_tensor(i, n))?;
+                        Ok(match cfg.head_order() {
+                            Some(order) => order.iter().map(|&r| w[r]).collect(),
+                            None => w,
+                        })
+                    };
+                    Some((
+                        per_head(config::ATTN_Q_NORM)?,
+                        per_head(config::ATTN_K_NORM)?,
+                    ))
+                }
+                false => None,
+            };
             layers.push(Layer {
                 attn_norm: vec_of(gguf, &config::block_tensor(i, config::ATTN_NORM))?,
                 wqkv,
                 bqkv,
+                qk_norm,
                 wo,
                 ffn_norm: vec_of(gguf, &config::block_tensor(i, config::FFN_NORM))?,
                 w_gate_up,
@@ -218,9 +237,9 @@ impl CpuLlama {
 
     fn step_inner(&self, items: &mut [BatchItem<'_, SeqCache>]) -> Result<Vec<Option<Vec<f32>>>> {
         let c = &self.cfg;
-        let (hidden, hd, nh, nkv) = (c.hidden, c.head_dim(), c.n_heads, c.n_kv_heads);
-        let kv_dim = nkv * hd;
-        let qkv_dim = hidden + 2 * kv_dim;
+        let (hidden, hd, nh, nkv) = (c.hidden, c.head_dim, c.n_heads, c.n_kv_heads);
+        let (q_dim, kv_dim) = (nh * hd, nkv * hd);
+        let qkv_dim = q_dim + 2 * kv_dim;
         let n: usize = items.iter().map(|i| i.tokens.len()).sum();
         // Row r of the step belongs to item `owner[r].0` at position `owner[r].1`.
         let mut owner = Vec::with_capacity(n);
@@ -244,7 +263,7 @@ impl CpuLlama {
         }
         let mut h = vec![0f32; n * hidden];
         let mut qkv = vec![0f32; n * qkv_dim];
-        let mut att = vec![0f32; n * hidden];
+        let mut att = vec![0f32; n * q_dim];
         let mut proj = vec![0f32; n * hidden];
         let mut gu = vec![0f32; n * 2 * c.intermediate];
         let mut act = vec![0f32; n * c.intermediate];
@@ -261,19 +280,32 @@ impl CpuLlama {
                 }
             }
             lora(li, Proj::Q, &h, &mut qkv, qkv_dim, 0);
-            lora(li, Proj::K, &h, &mut qkv, qkv_dim, hidden);
-            lora(li, Proj::V, &h, &mut qkv, qkv_dim, hidden + kv_dim);
+            lora(li, Proj::K, &h, &mut qkv, qkv_dim, q_dim);
+            lora(li, Proj::V, &h, &mut qkv, qkv_dim, q_dim + kv_dim);
+            if let Some((q_norm, k_norm)) = &layer.qk_norm {
+                // Each head of q and k normed on its own.
+                let mut normed = vec![0f32; hd];
+                for row in qkv.chunks_exact_mut(qkv_dim) {
+                    let (q, k) = row[..q_dim + kv_dim].split_at_mut(q_dim);
+                    for (heads, w) in [(q, q_norm), (k, k_norm)] {
+                        for head in heads.chunks_exact_mut(hd) {
+                            rms_norm(head, w, c.rms_eps, &mut normed);
+                            head.copy_from_slice(&normed);
+                        }
+                    }
+                }
+            }
             for (r, &(_, pos)) in owner.iter().enumerate() {
                 let row = &mut qkv[r * qkv_dim..(r + 1) * qkv_dim];
-                self.rope(&mut row[..hidden + kv_dim], pos);
+                self.rope(&mut row[..q_dim + kv_dim], pos);
             }
             // Append the new keys and values to each sequence's cache.
             let mut r = 0;
             for it in items.iter_mut() {
                 for _ in 0..it.tokens.len() {
                     let row = &qkv[r * qkv_dim..(r + 1) * qkv_dim];
-                    it.cache.k[li].extend_from_slice(&row[hidden..hidden + kv_dim]);
-                    it.cache.v[li].extend_from_slice(&row[hidden + kv_dim..]);
+                    it.cache.k[li].extend_from_slice(&row[q_dim..q_dim + kv_dim]);
+                    it.cache.v[li].extend_from_slice(&row[q_dim + kv_dim..]);
                     r += 1;
                 }
             }
@@ -429,12 +461,12 @@ impl CpuLlama {
 
     /// Interleaved rotary embedding of the q and k heads in `row`.
     fn rope(&self, row: &mut [f32], pos: usize) {
-        let half = self.cfg.head_dim() / 2;
+        let half = self.cfg.head_dim / 2;
         let (cos, sin) = (
             &self.cos[pos * half..(pos + 1) * half],
             &self.sin[pos * half..(pos + 1) * half],
         );
-        for head in row.chunks_exact_mut(self.cfg.head_dim()) {
+        for head in row.chunks_exact_mut(self.cfg.head_dim) {
             for i in 0..half {
                 let (a, b) = (head[2 * i], head[2 * i + 1]);
                 head[2 * i] = a * cos[i] - b * sin[i];

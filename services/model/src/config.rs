@@ -26,27 +26,35 @@ pub struct LlamaConfig {
     pub n_layers: usize,
     pub n_heads: usize,
     pub n_kv_heads: usize,
+    /// Size of one attention head: `hidden / n_heads` unless the file says
+    /// otherwise (Qwen3's heads are larger).
+    pub head_dim: usize,
     pub vocab: usize,
     pub rope_theta: f32,
     pub rms_eps: f32,
     pub context_length: usize,
     /// q, k and v carry biases (Qwen2).
     pub qkv_bias: bool,
+    /// Each head of q and k is RMS-normed before the rotary embedding
+    /// (Qwen3).
+    pub qk_norm: bool,
     /// How the file stores q and k rows; loaders bring them to
     /// [`RopeRows::Interleaved`].
     pub rope_rows: RopeRows,
 }
 
 impl LlamaConfig {
-    pub fn head_dim(&self) -> usize {
-        self.hidden / self.n_heads
+    /// Width of q (and of attention's output): `n_heads * head_dim`.
+    pub fn q_dim(&self) -> usize {
+        self.n_heads * self.head_dim
     }
 
     /// `(out, in)` of a projection's weight.
     pub fn proj_shape(&self, proj: Proj) -> (usize, usize) {
-        let kv = self.n_kv_heads * self.head_dim();
+        let kv = self.n_kv_heads * self.head_dim;
         match proj {
-            Proj::Q | Proj::O => (self.hidden, self.hidden),
+            Proj::Q => (self.q_dim(), self.hidden),
+            Proj::O => (self.hidden, self.q_dim()),
             Proj::K | Proj::V => (kv, self.hidden),
             Proj::Gate | Proj::Up => (self.intermediate, self.hidden),
             Proj::Down => (self.hidden, self.intermediate),
@@ -67,8 +75,13 @@ impl LlamaConfig {
     /// in Hugging Face order brought to the interleaved order.
     pub fn row_order(&self, proj: Proj) -> Option<Vec<usize>> {
         let heads = self.rotated_heads(proj)?;
-        (self.rope_rows == RopeRows::Halves)
-            .then(|| interleaved_from_halves(heads, self.head_dim()))
+        (self.rope_rows == RopeRows::Halves).then(|| interleaved_from_halves(heads, self.head_dim))
+    }
+
+    /// [`row_order`](Self::row_order) within one head: for what is stored
+    /// per head dimension (Qwen3's q and k norms).
+    pub fn head_order(&self) -> Option<Vec<usize>> {
+        (self.rope_rows == RopeRows::Halves).then(|| interleaved_from_halves(1, self.head_dim))
     }
 }
 
@@ -99,6 +112,9 @@ pub const OUTPUT: &str = "output.weight";
 /// Per-layer norms (short names, see [`block_tensor`]).
 pub const ATTN_NORM: &str = "attn_norm";
 pub const FFN_NORM: &str = "ffn_norm";
+/// Per-head norms of q and k, in the families that have them.
+pub const ATTN_Q_NORM: &str = "attn_q_norm";
+pub const ATTN_K_NORM: &str = "attn_k_norm";
 
 /// The GGUF name of a per-layer tensor: `blk.{layer}.{short}.weight`.
 pub fn block_tensor(layer: usize, short: &str) -> String {

@@ -26,6 +26,8 @@ struct Layer {
     wv: Tensor,
     /// q, k and v biases, in the families that have them.
     bias: Option<[Tensor; 3]>,
+    /// The per-head norms of q and k, in the families that have them.
+    qk_norm: Option<[Tensor; 2]>,
     wo: Tensor,
     ffn_norm: Tensor,
     w_gate: Tensor,
@@ -99,6 +101,25 @@ impl Llama {
                 }
                 false => None,
             };
+            let qk_norm = match cfg.qk_norm {
+                true => {
+                    let mut per_head = |n: &str| -> Result<Tensor> {
+                        let w = gguf.tensor_f32(&config::block_tensor(i, n), device)?;
+                        match cfg.head_order() {
+                            Some(order) => {
+                                let order: Vec<u32> = order.into_iter().map(|r| r as u32).collect();
+                                Ok(w.index_select(&Tensor::new(order, device)?, 0)?)
+                            }
+                            None => Ok(w),
+                        }
+                    };
+                    Some([
+                        per_head(config::ATTN_Q_NORM)?,
+                        per_head(config::ATTN_K_NORM)?,
+                    ])
+                }
+                false => None,
+            };
             let mut norm = |n: &str| gguf.tensor_f32(&config::block_tensor(i, n), device);
             layers.push(Layer {
                 attn_norm: norm(config::ATTN_NORM)?,
@@ -107,6 +128,7 @@ impl Llama {
                 wk,
                 wv,
                 bias,
+                qk_norm,
                 wo,
                 w_gate,
                 w_up,
@@ -357,11 +379,16 @@ impl Llama {
     ) -> Result<Tensor> {
         let (cos, sin, starts) = (&rows.cos, &rows.sin, rows.starts);
         let (t, _) = h.dims2()?;
-        let (nh, nkv, hd) = (self.cfg.n_heads, self.cfg.n_kv_heads, self.cfg.head_dim());
+        let (nh, nkv, hd) = (self.cfg.n_heads, self.cfg.n_kv_heads, self.cfg.head_dim);
         let heads = |w: &Tensor, b: usize, n: usize, proj: Proj, rope: bool| -> Result<Tensor> {
             let mut x = ops.linear(h, w, Site::Proj(i, proj))?;
             if let Some(bias) = &layer.bias {
                 x = x.broadcast_add(&bias[b])?;
+            }
+            if let (Some(norms), true) = (&layer.qk_norm, b < 2) {
+                // Each head of q or k normed on its own.
+                let rows = ops.rms_norm(&x.reshape((t * n, hd))?, &norms[b], self.cfg.rms_eps)?;
+                x = rows.reshape((t, n * hd))?;
             }
             ops.split_heads(&x, n, hd, rope.then_some((cos, sin)))
         };

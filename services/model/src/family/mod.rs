@@ -8,6 +8,7 @@
 
 mod llama;
 mod qwen2;
+mod qwen3;
 
 use crate::config::{LlamaConfig, RopeRows};
 use crate::gguf::GgufFile;
@@ -21,6 +22,12 @@ pub trait Family: Sync {
     /// Whether the q, k and v projections carry biases
     /// (`blk.N.attn_q.bias`, ...).
     fn qkv_bias(&self) -> bool {
+        false
+    }
+
+    /// Whether each head of q and k is RMS-normed before the rotary
+    /// embedding (`blk.N.attn_q_norm.weight`, ...).
+    fn qk_norm(&self) -> bool {
         false
     }
 
@@ -49,7 +56,7 @@ impl LlamaConfig {
     /// `theta^(-2i / head_dim)`, each divided by the file's rope factor for
     /// it where the file has them ([`ROPE_FACTORS`]).
     pub fn rope_frequencies(&self, gguf: &mut GgufFile) -> Result<Vec<f32>> {
-        let hd = self.head_dim();
+        let hd = self.head_dim;
         let mut freqs: Vec<f32> = (0..hd / 2)
             .map(|i| 1.0 / self.rope_theta.powf(2.0 * i as f32 / hd as f32))
             .collect();
@@ -72,7 +79,7 @@ impl LlamaConfig {
 }
 
 /// Every family Flywheel serves.
-pub const FAMILIES: &[&dyn Family] = &[&llama::Llama, &qwen2::Qwen2];
+pub const FAMILIES: &[&dyn Family] = &[&llama::Llama, &qwen2::Qwen2, &qwen3::Qwen3];
 
 /// The family of a GGUF file, by its `general.architecture`.
 pub fn of_gguf(gguf: &GgufFile) -> Result<&'static dyn Family> {
@@ -113,6 +120,19 @@ fn read_config<F: Family + ?Sized>(family: &F, gguf: &GgufFile) -> Result<LlamaC
     let n_kv_heads = gguf
         .get_u32(&key("attention.head_count_kv"))
         .unwrap_or(n_heads as u32) as usize;
+    // A head size of its own where the file gives one (Qwen3's).
+    let head_dim = match gguf.get_u32(&key("attention.key_length")) {
+        Ok(k) => k as usize,
+        Err(_) => hidden / n_heads,
+    };
+    if let Ok(v) = gguf.get_u32(&key("attention.value_length"))
+        && v as usize != head_dim
+    {
+        return Err(ModelError::Load(format!(
+            "values of {v} per head with keys of {head_dim} ({}) are not supported",
+            key("attention.value_length")
+        )));
+    }
     let vocab = match gguf.get_u32(&key("vocab_size")) {
         Ok(v) => v as usize,
         Err(_) => gguf.get_strings("tokenizer.ggml.tokens")?.len(),
@@ -124,6 +144,7 @@ fn read_config<F: Family + ?Sized>(family: &F, gguf: &GgufFile) -> Result<LlamaC
         n_layers: gguf.get_u32(&key("block_count"))? as usize,
         n_heads,
         n_kv_heads,
+        head_dim,
         vocab,
         rope_theta: gguf.get_f32(&key("rope.freq_base")).unwrap_or(10_000.0),
         rms_eps: gguf
@@ -131,6 +152,7 @@ fn read_config<F: Family + ?Sized>(family: &F, gguf: &GgufFile) -> Result<LlamaC
             .unwrap_or(1e-5),
         context_length: gguf.get_u32(&key("context_length")).unwrap_or(2048) as usize,
         qkv_bias: family.qkv_bias(),
+        qk_norm: family.qk_norm(),
         rope_rows: family.gguf_rope_rows(),
     })
 }
