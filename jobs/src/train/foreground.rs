@@ -120,10 +120,11 @@ pub fn train(
     let log = printer.log;
     let eval_after = trainer.evaluate(&eval_set)?;
     let seconds = started.elapsed().as_secs_f64();
-    flywheel_trainer::peft::save(&trainer.lora, &base.model, base_name, out)?;
+    let peft_base = base.peft_base_name(base_name);
+    flywheel_trainer::peft::save(&trainer.lora, &base.model, &peft_base, out)?;
     let record = serde_json::json!({
         "source": source,
-        "base_model": base_name,
+        "base_model": peft_base,
         "objective": config.objective,
         "lora": trainer.lora.config,
         "train": config,

@@ -104,7 +104,11 @@ impl TrainingBackend for InProcess {
             tx,
             replies,
             every: env.checkpoint_every.max(1),
-            base_name: ctx.base.name.clone(),
+            // The hub repository it was pulled from, else its name (the
+            // file's own source repository, where it names one, comes first:
+            // `Base::peft_base_name`).
+            base_name: flywheel_modelhub::hub_repo(&ctx.base.source)
+                .unwrap_or_else(|| ctx.base.name.clone()),
             dir: ctx.dir.clone(),
             fresh: resume.is_none(),
         };
@@ -156,7 +160,7 @@ impl TrainingBackend for InProcess {
                     flywheel_trainer::peft::save(
                         &trainer.lora,
                         &base.model,
-                        &reporter.base_name,
+                        &base.peft_base_name(&reporter.base_name),
                         &adapter,
                     )?;
                     let mut lora = trainer.lora;

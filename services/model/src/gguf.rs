@@ -75,6 +75,27 @@ impl GgufFile {
             .map_err(|e| ModelError::Load(format!("{key}: {e}")))
     }
 
+    /// The Hugging Face repository the file was converted from, where its
+    /// metadata names one (llama.cpp's converter writes
+    /// `general.source.huggingface.repository`, or a `general.source.url`
+    /// on huggingface.co): the base an adapter's PEFT config should name.
+    pub fn hub_source(&self) -> Option<String> {
+        if let Ok(repo) = self.get_str("general.source.huggingface.repository")
+            && repo.split('/').count() == 2
+        {
+            return Some(repo.to_string());
+        }
+        let url = self.get_str("general.source.url").ok()?;
+        let path = url.strip_prefix("https://huggingface.co/")?;
+        let mut parts = path.split('/');
+        match (parts.next(), parts.next()) {
+            (Some(owner), Some(repo)) if !owner.is_empty() && !repo.is_empty() => {
+                Some(format!("{owner}/{repo}"))
+            }
+            _ => None,
+        }
+    }
+
     pub fn has_tensor(&self, name: &str) -> bool {
         self.content.tensor_infos.contains_key(name)
     }

