@@ -441,3 +441,81 @@ fn check_merge(name: &str) {
     );
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// The serving engine applies a PEFT adapter on each family as the
+/// candle forward with that adapter does (the LoRA step above checks that
+/// one against PEFT): the adapter's q, k and v land at the right places of
+/// the CPU kernels' stacked projections, whatever the head size.
+#[test]
+fn qwen2_served_adapter_matches_the_adapted_forward() {
+    check_served_adapter("qwen2");
+}
+
+#[test]
+fn qwen3_served_adapter_matches_the_adapted_forward() {
+    check_served_adapter("qwen3");
+}
+
+#[test]
+fn llama3_served_adapter_matches_the_adapted_forward() {
+    check_served_adapter("llama3");
+}
+
+fn check_served_adapter(name: &str) {
+    use flywheel_trainer::data::Encoded;
+    use flywheel_trainer::train::answer_logprobs;
+    let (path, reference) = family(name);
+    let step = &reference["lora_step"];
+    let adapter_dir = path.with_file_name("adapter");
+    let base = Llama::load(
+        &mut GgufFile::open(&path).unwrap(),
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
+    let lora = flywheel_trainer::peft::load(&base, &adapter_dir).unwrap();
+    let weights = flywheel_modelhub::adapter_weights(&path, &adapter_dir).unwrap();
+    let (prompt, answer) = (ids(&step["prompt_ids"]), ids(&step["answer_ids"]));
+    // The adapted forward's log-probability of each answer token.
+    let e = Encoded {
+        prompt: prompt.clone(),
+        answer: answer.clone(),
+    };
+    let want = answer_logprobs(&base, Some(&lora), &e)
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    let plain = answer_logprobs(&base, None, &e)
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    // The serving kernels, token by token after the prompt.
+    let served = CpuForward::load(&path, 2).unwrap();
+    let mut seq = served.new_sequence();
+    let mut logits = served
+        .logits_with(&mut seq, &prompt, Some(&weights))
+        .unwrap();
+    let mut got = Vec::new();
+    for &token in &answer {
+        let t = candle_core::Tensor::new(logits.as_slice(), &candle_core::Device::Cpu).unwrap();
+        got.push(log_softmax(&t).unwrap()[token as usize]);
+        logits = served
+            .logits_with(&mut seq, &[token], Some(&weights))
+            .unwrap();
+    }
+    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+        assert!(
+            (g - w).abs() < LOGPROB_TOLERANCE,
+            "{name}: answer token {i}: {g} served, {w} from the adapted forward (plain {})",
+            plain[i]
+        );
+    }
+    let moved = want
+        .iter()
+        .zip(&plain)
+        .map(|(w, p)| (w - p).abs())
+        .fold(0f32, f32::max);
+    assert!(
+        moved > 100.0 * LOGPROB_TOLERANCE,
+        "the adapter changes the answer ({moved})"
+    );
+}

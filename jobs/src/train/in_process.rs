@@ -105,8 +105,8 @@ impl TrainingBackend for InProcess {
             replies,
             every: env.checkpoint_every.max(1),
             // The hub repository it was pulled from, else its name (the
-            // file's own source repository, where it names one, comes first:
-            // `Base::peft_base_name`).
+            // file's own source repository, where it names one, replaces it
+            // once the base is loaded: `Base::peft_base_name`).
             base_name: flywheel_modelhub::hub_repo(&ctx.base.source)
                 .unwrap_or_else(|| ctx.base.name.clone()),
             dir: ctx.dir.clone(),
@@ -130,6 +130,8 @@ impl TrainingBackend for InProcess {
                 let ended = (|| -> anyhow::Result<Ended> {
                     let mut reporter = reporter;
                     let base = Base::load(&path)?;
+                    // Checkpoints and the adapter name the same base.
+                    reporter.base_name = base.peft_base_name(&reporter.base_name);
                     let (train_set, eval_set) =
                         load_examples(&base, spec.train.objective, rows, spec.train.max_len)?;
                     let replay = replay_set(&base, &spec.train, &replay_dir, &base_sha256)?;
@@ -160,7 +162,7 @@ impl TrainingBackend for InProcess {
                     flywheel_trainer::peft::save(
                         &trainer.lora,
                         &base.model,
-                        &base.peft_base_name(&reporter.base_name),
+                        &reporter.base_name,
                         &adapter,
                     )?;
                     let mut lora = trainer.lora;

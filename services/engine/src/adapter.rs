@@ -8,9 +8,9 @@ use crate::kernels::QMatrix;
 use crate::{EngineError, Result};
 
 /// A LoRA adapter for the serving kernels: per adapted projection `A (rank,
-/// in)` and `B (out, rank)`, row-major f32, rows in the model file's order
-/// (GGUF's interleaved-rope order for q and k); the delta is
-/// `scale * B A x`.
+/// in)` and `B (out, rank)`, row-major f32, rows in the order the forward
+/// passes compute in (the interleaved-rope order for q and k, whatever
+/// order the model's file stores them in); the delta is `scale * B A x`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct AdapterWeights {
     pub scale: f32,

@@ -98,6 +98,7 @@ impl CpuLlama {
     /// the kernels run on (0 = one per core), `simd` caps their instruction set.
     pub fn load(gguf: &mut GgufFile, threads: usize, simd: Simd) -> Result<Self> {
         let cfg = LlamaConfig::from_gguf(gguf)?;
+        cfg.check_tensors(gguf)?;
         fn mat(gguf: &mut GgufFile, name: &str) -> Result<QMatrix> {
             QMatrix::from_qtensor(&gguf.qtensor(name)?)
         }

@@ -98,6 +98,26 @@ pub fn interleaved_from_halves(heads: usize, head_dim: usize) -> Vec<usize> {
         .collect()
 }
 
+/// The inverse of a row order: entry `i` of the result is where row `i`
+/// went (`inverse[order[r]] == r`).
+pub fn inverse_order(order: &[usize]) -> Vec<usize> {
+    let mut inverse = vec![0; order.len()];
+    for (r, &from) in order.iter().enumerate() {
+        inverse[from] = r;
+    }
+    inverse
+}
+
+/// `t`'s rows (its first dimension) gathered by `order`: row `r` of the
+/// result is row `order[r]` of `t`.
+pub fn gather_rows(
+    t: &candle_core::Tensor,
+    order: &[usize],
+) -> candle_core::Result<candle_core::Tensor> {
+    let order: Vec<u32> = order.iter().map(|&r| r as u32).collect();
+    t.index_select(&candle_core::Tensor::new(order, t.device())?, 0)
+}
+
 /// The GGUF name of a projection's bias in `layer` (`blk.0.attn_q.bias`).
 pub fn bias_tensor(layer: usize, proj: Proj) -> String {
     format!("blk.{layer}.{}.bias", proj.gguf_name())
@@ -195,6 +215,10 @@ mod tests {
         assert_eq!(interleaved_from_halves(1, 8), [0, 4, 1, 5, 2, 6, 3, 7]);
         let two = interleaved_from_halves(2, 4);
         assert_eq!(two, [0, 2, 1, 3, 4, 6, 5, 7]);
+        let order = interleaved_from_halves(1, 8);
+        let back = inverse_order(&order);
+        assert_eq!(back, [0, 2, 4, 6, 1, 3, 5, 7]);
+        assert!((0..8).all(|i| order[back[i]] == i));
     }
 
     #[test]
@@ -215,10 +239,8 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let path = crate::testing::write_tiny_variant(&dir, name, 3, overrides).unwrap();
         let gguf = GgufFile::open(&path).unwrap();
-        match (
-            LlamaConfig::from_gguf(&gguf),
-            crate::tokenizer::TextTokenizer::from_gguf(&gguf),
-        ) {
+        let checked = LlamaConfig::from_gguf(&gguf).and_then(|c| c.check_tensors(&gguf));
+        match (checked, crate::tokenizer::TextTokenizer::from_gguf(&gguf)) {
             (Err(e), _) | (_, Err(e)) => e.to_string(),
             (Ok(_), Ok(_)) => "loaded".into(),
         }
@@ -241,6 +263,41 @@ mod tests {
         assert_eq!(
             load_error("no-scaling", &[("llama.rope.scaling.type", s("none"))]),
             "loaded"
+        );
+    }
+
+    #[test]
+    fn metadata_that_disagrees_with_itself_or_the_tensors_is_refused_naming_it() {
+        let u = Value::U32;
+        let e = load_error("no-heads", &[("llama.attention.head_count", u(0))]);
+        assert!(e.contains("0 heads"), "{e}");
+        let e = load_error("kv-3", &[("llama.attention.head_count_kv", u(3))]);
+        assert!(e.contains("4 heads sharing 3"), "{e}");
+        let e = load_error("odd-head", &[("llama.attention.key_length", u(15))]);
+        assert!(e.contains("heads of 15 dimensions"), "{e}");
+        // Heads of 32 where the tensors hold heads of 16.
+        let e = load_error("wide-head", &[("llama.attention.key_length", u(32))]);
+        assert!(
+            e.contains("tensor blk.0.attn_q.weight is [64, 64]") && e.contains("[128, 64]"),
+            "{e}"
+        );
+        let e = load_error("short-ffn", &[("llama.feed_forward_length", u(96))]);
+        assert!(e.contains("blk.0.ffn_gate.weight"), "{e}");
+        // A biased family's file without the biases.
+        let e = load_error(
+            "unbiased-qwen",
+            &[
+                ("general.architecture", Value::String("qwen2".into())),
+                ("qwen2.embedding_length", u(64)),
+                ("qwen2.feed_forward_length", u(128)),
+                ("qwen2.block_count", u(2)),
+                ("qwen2.attention.head_count", u(4)),
+                ("qwen2.attention.head_count_kv", u(2)),
+            ],
+        );
+        assert!(
+            e.contains("the file has no tensor blk.0.attn_q.bias"),
+            "{e}"
         );
     }
 }

@@ -72,15 +72,13 @@ impl Llama {
     /// Loads every weight from a GGUF file, dequantized to f32.
     pub fn load(gguf: &mut GgufFile, device: &Device) -> Result<Self> {
         let cfg = LlamaConfig::from_gguf(gguf)?;
+        cfg.check_tensors(gguf)?;
         let embed = gguf.tensor_f32(config::TOKEN_EMBEDDING, device)?;
         let mut layers = Vec::with_capacity(cfg.n_layers);
         // Rows as the forward pass computes in (see the module's notes).
         let order = |t: Tensor, p: Proj| -> Result<Tensor> {
             match cfg.row_order(p) {
-                Some(order) => {
-                    let order: Vec<u32> = order.into_iter().map(|r| r as u32).collect();
-                    Ok(t.index_select(&Tensor::new(order, device)?, 0)?)
-                }
+                Some(order) => Ok(config::gather_rows(&t, &order)?),
                 None => Ok(t),
             }
         };
@@ -106,10 +104,7 @@ impl Llama {
                     let mut per_head = |n: &str| -> Result<Tensor> {
                         let w = gguf.tensor_f32(&config::block_tensor(i, n), device)?;
                         match cfg.head_order() {
-                            Some(order) => {
-                                let order: Vec<u32> = order.into_iter().map(|r| r as u32).collect();
-                                Ok(w.index_select(&Tensor::new(order, device)?, 0)?)
-                            }
+                            Some(order) => Ok(config::gather_rows(&w, &order)?),
                             None => Ok(w),
                         }
                     };
@@ -380,18 +375,21 @@ impl Llama {
         let (cos, sin, starts) = (&rows.cos, &rows.sin, rows.starts);
         let (t, _) = h.dims2()?;
         let (nh, nkv, hd) = (self.cfg.n_heads, self.cfg.n_kv_heads, self.cfg.head_dim);
-        let heads = |w: &Tensor, b: usize, n: usize, proj: Proj, rope: bool| -> Result<Tensor> {
-            let mut x = ops.linear(h, w, Site::Proj(i, proj))?;
-            if let Some(bias) = &layer.bias {
-                x = x.broadcast_add(&bias[b])?;
-            }
-            if let (Some(norms), true) = (&layer.qk_norm, b < 2) {
-                // Each head of q or k normed on its own.
-                let rows = ops.rms_norm(&x.reshape((t * n, hd))?, &norms[b], self.cfg.rms_eps)?;
-                x = rows.reshape((t, n * hd))?;
-            }
-            ops.split_heads(&x, n, hd, rope.then_some((cos, sin)))
-        };
+        // `which`: 0, 1, 2 for q, k, v (their biases' and norms' index).
+        let heads =
+            |w: &Tensor, which: usize, n: usize, proj: Proj, rope: bool| -> Result<Tensor> {
+                let mut x = ops.linear(h, w, Site::Proj(i, proj))?;
+                if let Some(bias) = &layer.bias {
+                    x = x.broadcast_add(&bias[which])?;
+                }
+                if let (Some(norms), true) = (&layer.qk_norm, which < 2) {
+                    // Each head of q or k normed on its own.
+                    let rows =
+                        ops.rms_norm(&x.reshape((t * n, hd))?, &norms[which], self.cfg.rms_eps)?;
+                    x = rows.reshape((t, n * hd))?;
+                }
+                ops.split_heads(&x, n, hd, rope.then_some((cos, sin)))
+            };
         let q = heads(&layer.wq, 0, nh, Proj::Q, true)?;
         let k = heads(&layer.wk, 1, nkv, Proj::K, true)?;
         let v = heads(&layer.wv, 2, nkv, Proj::V, false)?;

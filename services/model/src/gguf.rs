@@ -96,6 +96,14 @@ impl GgufFile {
         }
     }
 
+    /// A tensor's dimensions as stored (rows first), if the file has it.
+    pub fn tensor_dims(&self, name: &str) -> Option<&[usize]> {
+        self.content
+            .tensor_infos
+            .get(name)
+            .map(|info| info.shape.dims())
+    }
+
     pub fn has_tensor(&self, name: &str) -> bool {
         self.content.tensor_infos.contains_key(name)
     }

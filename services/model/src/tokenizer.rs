@@ -69,7 +69,15 @@ impl TextTokenizer {
 
         let eos_id = tok_id("tokenizer.ggml.eos_token_id");
         let mut stop_ids: Vec<u32> = eos_id.into_iter().collect();
-        for s in ["<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|end|>"] {
+        // ChatML's, Llama 3's (end of turn; end of a message that called a
+        // tool, 3.1) and Phi-3's.
+        for s in [
+            "<|im_end|>",
+            "<|endoftext|>",
+            "<|eot_id|>",
+            "<|eom_id|>",
+            "<|end|>",
+        ] {
             if let Some(id) = inner.token_to_id(s)
                 && !stop_ids.contains(&id)
             {

@@ -42,11 +42,8 @@ pub fn merge_to_gguf(base: &Path, lora: &Lora, out: &Path, note: &str) -> anyhow
                 let mut delta: Tensor = (p.b.as_tensor().matmul(p.a.as_tensor())? * scale)?;
                 if let Some(order) = cfg.row_order(*proj) {
                     // Row r of the delta belongs in the file's row order[r].
-                    let mut back = vec![0u32; order.len()];
-                    for (r, &stored) in order.iter().enumerate() {
-                        back[stored] = r as u32;
-                    }
-                    delta = delta.index_select(&Tensor::new(back, &Device::Cpu)?, 0)?;
+                    let back = flywheel_model::config::inverse_order(&order);
+                    delta = flywheel_model::config::gather_rows(&delta, &back)?;
                 }
                 let merged = (w + delta.reshape(stored.shape())?)?;
                 QTensor::quantize(&merged, GgmlDType::Q8_0)?

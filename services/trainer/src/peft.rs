@@ -14,6 +14,7 @@ use std::path::Path;
 
 use anyhow::{Context, bail};
 use candle_core::{Device, Tensor, Var};
+use flywheel_model::config::{gather_rows, interleaved_from_halves, inverse_order};
 use flywheel_model::{Llama, LlamaConfig, Proj};
 use serde_json::json;
 
@@ -31,22 +32,13 @@ fn tensor_name(layer: usize, proj: Proj, ab: &str) -> String {
 
 /// Interleaved row order -> Hugging Face row order, for `(heads * hd, r)`.
 fn to_hf_rows(b: &Tensor, heads: usize) -> candle_core::Result<Tensor> {
-    let (out, r) = b.dims2()?;
-    let hd = out / heads;
-    b.reshape((heads, hd / 2, 2, r))?
-        .transpose(1, 2)?
-        .contiguous()?
-        .reshape((out, r))
+    let order = interleaved_from_halves(heads, b.dim(0)? / heads);
+    gather_rows(b, &inverse_order(&order))
 }
 
 /// Hugging Face row order -> interleaved row order.
 fn from_hf_rows(b: &Tensor, heads: usize) -> candle_core::Result<Tensor> {
-    let (out, r) = b.dims2()?;
-    let hd = out / heads;
-    b.reshape((heads, 2, hd / 2, r))?
-        .transpose(1, 2)?
-        .contiguous()?
-        .reshape((out, r))
+    gather_rows(b, &interleaved_from_halves(heads, b.dim(0)? / heads))
 }
 
 /// Writes `lora` to `dir` in PEFT layout.
@@ -165,16 +157,19 @@ mod tests {
 
     #[test]
     fn row_permutation_round_trips_and_matches_llama_cpp() {
-        // 2 heads of 4 rows: HF rows [h0: 0 1 2 3 | h1: 4 5 6 7]; GGUF
-        // interleaves each head's halves: [0 2 1 3 | 4 6 5 7].
-        let hf = Tensor::arange(0f32, 8.0, &Device::Cpu)
+        // 2 heads of 8 rows: HF rows [h0: 0..8 | h1: 8..16]; GGUF
+        // interleaves each head's halves (a permutation that is not its
+        // own inverse, so the two directions cannot be swapped unnoticed).
+        let hf = Tensor::arange(0f32, 16.0, &Device::Cpu)
             .unwrap()
-            .reshape((8, 1))
+            .reshape((16, 1))
             .unwrap();
         let gguf = from_hf_rows(&hf, 2).unwrap();
         assert_eq!(
             gguf.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
-            vec![0., 2., 1., 3., 4., 6., 5., 7.]
+            vec![
+                0., 4., 1., 5., 2., 6., 3., 7., 8., 12., 9., 13., 10., 14., 11., 15.
+            ]
         );
         let back = to_hf_rows(&gguf, 2).unwrap();
         assert_eq!(

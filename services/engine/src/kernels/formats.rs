@@ -173,10 +173,14 @@ impl QMatrix {
     /// `order[r]` of this one. Quantized blocks run along a row, so rows
     /// move byte for byte.
     pub fn permute_rows(&self, order: &[usize]) -> Result<Self> {
-        if order.len() != self.rows() || order.iter().any(|&r| r >= self.rows()) {
+        let mut seen = vec![false; self.rows()];
+        let is_permutation = order.len() == self.rows()
+            && order
+                .iter()
+                .all(|&r| r < seen.len() && !std::mem::replace(&mut seen[r], true));
+        if !is_permutation {
             return Err(EngineError::Load(format!(
-                "a row order of {} for a matrix of {} rows",
-                order.len(),
+                "a row order that is not a permutation of the matrix's {} rows",
                 self.rows()
             )));
         }

@@ -1,5 +1,7 @@
-//! Llama (and the models that share its layout: SmolLM2, Mistral's dense
-//! models, ...): no biases, q and k rows permuted by llama.cpp's converter.
+//! Llama (and the models llama.cpp converts as `llama`: SmolLM2, Llama 3,
+//! ...): no biases, q and k rows permuted by llama.cpp's converter. Which
+//! of them load also depends on their tokenizer (the `tokenizer` module's
+//! mapped pre-tokenizers).
 
 use super::Family;
 use crate::config::RopeRows;

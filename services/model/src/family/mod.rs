@@ -52,6 +52,65 @@ impl LlamaConfig {
         of_gguf(gguf)?.config(gguf)
     }
 
+    /// Checks that the file holds every tensor this configuration reads,
+    /// each of the size it says, before anything is loaded: a file whose
+    /// tensors disagree with its own metadata is refused here, naming the
+    /// tensor, rather than failing in the middle of serving.
+    pub fn check_tensors(&self, gguf: &GgufFile) -> Result<()> {
+        use crate::config::{self, Proj};
+        // The embedding and output rows may outnumber the tokenizer's
+        // (vocabularies padded for speed); their width may not differ.
+        for name in [config::TOKEN_EMBEDDING, config::OUTPUT] {
+            match gguf.tensor_dims(name) {
+                Some(&[rows, width]) if rows >= self.vocab && width == self.hidden => {}
+                None if name == config::OUTPUT => {}
+                other => {
+                    return Err(ModelError::Load(format!(
+                        "tensor {name} is {other:?} where the file's metadata makes it \
+                         [{}, {}]",
+                        self.vocab, self.hidden
+                    )));
+                }
+            }
+        }
+        let mut want: Vec<(String, Vec<usize>)> =
+            vec![(config::OUTPUT_NORM.into(), vec![self.hidden])];
+        if gguf.has_tensor(ROPE_FACTORS) {
+            want.push((ROPE_FACTORS.into(), vec![self.head_dim / 2]));
+        }
+        for i in 0..self.n_layers {
+            for p in Proj::ALL {
+                let (out, inp) = self.proj_shape(p);
+                want.push((p.gguf_tensor(i), vec![out, inp]));
+            }
+            for n in [config::ATTN_NORM, config::FFN_NORM] {
+                want.push((config::block_tensor(i, n), vec![self.hidden]));
+            }
+            if self.qkv_bias {
+                for p in [Proj::Q, Proj::K, Proj::V] {
+                    want.push((config::bias_tensor(i, p), vec![self.proj_shape(p).0]));
+                }
+            }
+            if self.qk_norm {
+                for n in [config::ATTN_Q_NORM, config::ATTN_K_NORM] {
+                    want.push((config::block_tensor(i, n), vec![self.head_dim]));
+                }
+            }
+        }
+        for (name, dims) in want {
+            match gguf.tensor_dims(&name) {
+                None => return Err(ModelError::Load(format!("the file has no tensor {name}"))),
+                Some(got) if got != dims.as_slice() => {
+                    return Err(ModelError::Load(format!(
+                        "tensor {name} is {got:?} where the file's metadata makes it {dims:?}"
+                    )));
+                }
+                Some(_) => {}
+            }
+        }
+        Ok(())
+    }
+
     /// The rotary frequencies, one per pair of a head's dimensions:
     /// `theta^(-2i / head_dim)`, each divided by the file's rope factor for
     /// it where the file has them ([`ROPE_FACTORS`]).
@@ -120,11 +179,28 @@ fn read_config<F: Family + ?Sized>(family: &F, gguf: &GgufFile) -> Result<LlamaC
     let n_kv_heads = gguf
         .get_u32(&key("attention.head_count_kv"))
         .unwrap_or(n_heads as u32) as usize;
+    let bad = |what: String| Err(ModelError::Load(format!("{arch} metadata: {what}")));
+    if hidden == 0 || n_heads == 0 || n_kv_heads == 0 || !n_heads.is_multiple_of(n_kv_heads) {
+        return bad(format!(
+            "{n_heads} heads sharing {n_kv_heads} key/value heads over {hidden} dimensions"
+        ));
+    }
     // A head size of its own where the file gives one (Qwen3's).
     let head_dim = match gguf.get_u32(&key("attention.key_length")) {
         Ok(k) => k as usize,
-        Err(_) => hidden / n_heads,
+        Err(_) if hidden.is_multiple_of(n_heads) => hidden / n_heads,
+        Err(_) => {
+            return bad(format!(
+                "{hidden} dimensions do not split into {n_heads} heads"
+            ));
+        }
     };
+    // Rotary embeddings turn pairs of a head's dimensions.
+    if head_dim == 0 || head_dim % 2 != 0 {
+        return bad(format!(
+            "heads of {head_dim} dimensions (an even number is needed)"
+        ));
+    }
     if let Ok(v) = gguf.get_u32(&key("attention.value_length"))
         && v as usize != head_dim
     {
