@@ -439,6 +439,26 @@ fn check_merge(name: &str) {
         (adapted - plain).abs() > 4.0 * rounding,
         "the adapter's change ({plain} -> {adapted}) stands out of the rounding ({from_rounded})"
     );
+    // The merged file is what the serving kernels load for the candidate:
+    // its q and k in 8-bit blocks, whose rows they move byte for byte into
+    // the interleaved order. They give the candle forward's answer on it.
+    let prompt = ids(&step["prompt_ids"]);
+    let served = CpuForward::load(&dir.join("merged.gguf"), 2).unwrap();
+    let fast = served.logits(&mut served.new_sequence(), &prompt).unwrap();
+    let slow = merged.forward(&prompt, &mut merged.new_cache()).unwrap();
+    let fast =
+        log_softmax(&candle_core::Tensor::new(fast.as_slice(), &candle_core::Device::Cpu).unwrap())
+            .unwrap();
+    let slow = log_softmax(&slow).unwrap();
+    let worst = fast
+        .iter()
+        .zip(&slow)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    assert!(
+        worst < LOGPROB_TOLERANCE,
+        "serving kernels vs candle on the merged file: {worst}"
+    );
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
