@@ -25,6 +25,7 @@ float32, never stopped at an end token; a LoRA step's loss and gradients)
 and `adapter/`, the random LoRA adapter that step used, in PEFT's layout.
 """
 
+import copy
 import importlib.metadata
 import json
 import pathlib
@@ -83,6 +84,9 @@ FAMILIES = {
         # The weights' seed: one whose greedy continuations hold no near-tie
         # (the script prints the smallest gap between two best logits).
         "seed": 30,
+        # Each also written with its matrices in these GGUF types (gguf's
+        # own quantizers), its reference computed on what they hold.
+        "formats": ["F16", "BF16", "Q8_0", "Q4_0", "Q4_1"],
         "config": "Qwen2Config",
         "model": "Qwen2ForCausalLM",
         "extra": {
@@ -313,6 +317,12 @@ def interleave(w, heads):
     return w.reshape(heads, 2, rows // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+def deinterleave(w, heads):
+    """The inverse of `interleave`: back to Hugging Face's row order."""
+    rows = w.shape[0]
+    return w.reshape(heads, rows // heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
 def llama3_rope_factors(rope, head_dim):
     """Llama 3.1's rope scaling as one factor per rotary frequency (the
     frequency is divided by it): high frequencies kept, low ones divided by
@@ -376,69 +386,92 @@ def build(name, family, out):
     arch = family["arch"]
     rope = family["extra"]["rope_parameters"]
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    w = gguf.GGUFWriter(str(out / "model.gguf"), arch)
-    w.add_name(f"tiny-random-{name}")
-    w.add_block_count(cfg.num_hidden_layers)
-    w.add_context_length(cfg.max_position_embeddings)
-    w.add_embedding_length(cfg.hidden_size)
-    w.add_feed_forward_length(cfg.intermediate_size)
-    w.add_head_count(cfg.num_attention_heads)
-    w.add_head_count_kv(cfg.num_key_value_heads)
-    if head_dim != cfg.hidden_size // cfg.num_attention_heads:
-        w.add_key_length(head_dim)
-        w.add_value_length(head_dim)
-    w.add_rope_freq_base(rope["rope_theta"])
-    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre(family["pre"])
-    w.add_token_list(tokens)
-    w.add_token_types(
-        [gguf.TokenType.CONTROL if t in specials else gguf.TokenType.NORMAL for t in tokens]
-    )
-    w.add_token_merges(merges)
-    if family["bos"]:
-        w.add_bos_token_id(tokens.index(family["bos"]))
-    w.add_eos_token_id(tokens.index(family["eos"]))
-    w.add_chat_template(family["template"])
-    if rope["rope_type"] == "llama3":
-        w.add_tensor("rope_freqs.weight", llama3_rope_factors(rope, head_dim))
-    # llama.cpp's tensor names; it permutes llama's q and k rows (and no
-    # other family's).
-    names = {
-        "model.embed_tokens.weight": "token_embd.weight",
-        "model.norm.weight": "output_norm.weight",
-        "lm_head.weight": "output.weight",
-    }
-    per_layer = {
-        "self_attn.q_proj": "attn_q",
-        "self_attn.k_proj": "attn_k",
-        "self_attn.v_proj": "attn_v",
-        "self_attn.o_proj": "attn_output",
-        "mlp.gate_proj": "ffn_gate",
-        "mlp.up_proj": "ffn_up",
-        "mlp.down_proj": "ffn_down",
-        "self_attn.q_norm": "attn_q_norm",
-        "self_attn.k_norm": "attn_k_norm",
-        "input_layernorm": "attn_norm",
-        "post_attention_layernorm": "ffn_norm",
-    }
-    for i in range(cfg.num_hidden_layers):
-        for hf, short in per_layer.items():
-            for kind in ("weight", "bias"):
-                names[f"model.layers.{i}.{hf}.{kind}"] = f"blk.{i}.{short}.{kind}"
-    for hf_name, p in model.state_dict().items():
-        if hf_name == "lm_head.weight" and cfg.tie_word_embeddings:
-            continue
-        t = p.detach().numpy().astype(np.float32)
-        if arch == "llama" and ".q_proj." in hf_name:
-            t = interleave(t, cfg.num_attention_heads)
-        if arch == "llama" and ".k_proj." in hf_name:
-            t = interleave(t, cfg.num_key_value_heads)
-        w.add_tensor(names[hf_name], t)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    def write(path, qtype=None):
+        """Writes the model as llama.cpp lays the family out, its matrices in
+        `qtype` (None: F32); returns the state dict of what the file holds,
+        read back as transformers' tensors (the rounding of `qtype` in)."""
+        held = {}
+        w = gguf.GGUFWriter(str(path), arch)
+        w.add_name(f"tiny-random-{name}")
+        w.add_block_count(cfg.num_hidden_layers)
+        w.add_context_length(cfg.max_position_embeddings)
+        w.add_embedding_length(cfg.hidden_size)
+        w.add_feed_forward_length(cfg.intermediate_size)
+        w.add_head_count(cfg.num_attention_heads)
+        w.add_head_count_kv(cfg.num_key_value_heads)
+        if head_dim != cfg.hidden_size // cfg.num_attention_heads:
+            w.add_key_length(head_dim)
+            w.add_value_length(head_dim)
+        w.add_rope_freq_base(rope["rope_theta"])
+        w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+        w.add_tokenizer_model("gpt2")
+        w.add_tokenizer_pre(family["pre"])
+        w.add_token_list(tokens)
+        w.add_token_types(
+            [gguf.TokenType.CONTROL if t in specials else gguf.TokenType.NORMAL for t in tokens]
+        )
+        w.add_token_merges(merges)
+        if family["bos"]:
+            w.add_bos_token_id(tokens.index(family["bos"]))
+        w.add_eos_token_id(tokens.index(family["eos"]))
+        w.add_chat_template(family["template"])
+        if rope["rope_type"] == "llama3":
+            w.add_tensor("rope_freqs.weight", llama3_rope_factors(rope, head_dim))
+        # llama.cpp's tensor names; it permutes llama's q and k rows (and no
+        # other family's).
+        names = {
+            "model.embed_tokens.weight": "token_embd.weight",
+            "model.norm.weight": "output_norm.weight",
+            "lm_head.weight": "output.weight",
+        }
+        per_layer = {
+            "self_attn.q_proj": "attn_q",
+            "self_attn.k_proj": "attn_k",
+            "self_attn.v_proj": "attn_v",
+            "self_attn.o_proj": "attn_output",
+            "mlp.gate_proj": "ffn_gate",
+            "mlp.up_proj": "ffn_up",
+            "mlp.down_proj": "ffn_down",
+            "self_attn.q_norm": "attn_q_norm",
+            "self_attn.k_norm": "attn_k_norm",
+            "input_layernorm": "attn_norm",
+            "post_attention_layernorm": "ffn_norm",
+        }
+        for i in range(cfg.num_hidden_layers):
+            for hf, short in per_layer.items():
+                for kind in ("weight", "bias"):
+                    names[f"model.layers.{i}.{hf}.{kind}"] = f"blk.{i}.{short}.{kind}"
+        for hf_name, p in model.state_dict().items():
+            if hf_name == "lm_head.weight" and cfg.tie_word_embeddings:
+                continue
+            t = p.detach().numpy().astype(np.float32)
+            if arch == "llama" and ".q_proj." in hf_name:
+                t = interleave(t, cfg.num_attention_heads)
+            if arch == "llama" and ".k_proj." in hf_name:
+                t = interleave(t, cfg.num_key_value_heads)
+            if qtype is None or t.ndim != 2:
+                w.add_tensor(names[hf_name], t)
+                stored = t
+            elif qtype == "F16":
+                w.add_tensor(names[hf_name], t.astype(np.float16))
+                stored = t.astype(np.float16).astype(np.float32)
+            else:
+                kind = gguf.GGMLQuantizationType[qtype]
+                raw = gguf.quants.quantize(t, kind)
+                w.add_tensor(names[hf_name], raw, raw_dtype=kind)
+                stored = gguf.quants.dequantize(raw, kind).reshape(t.shape)
+            if arch == "llama" and ".q_proj." in hf_name:
+                stored = deinterleave(stored, cfg.num_attention_heads)
+            if arch == "llama" and ".k_proj." in hf_name:
+                stored = deinterleave(stored, cfg.num_key_value_heads)
+            held[hf_name] = torch.from_numpy(np.ascontiguousarray(stored, dtype=np.float32))
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+        return held
+
+    write(out / "model.gguf")
 
     from jinja2 import Template
 
@@ -455,6 +488,23 @@ def build(name, family, out):
     ref = reference(model, tokenize, render, TRICKY + [own_markup])
     lora_prompt = render({"messages": [{"role": "user", "content": "Route ticket 42"}]})
     lora_answer = '{"team": "billing"}' + family["eos"]
+    if family.get("formats"):
+        ref["formats"] = {}
+        for qtype in family["formats"]:
+            held = write(out / f"model.{qtype.lower()}.gguf", qtype)
+            rounded = copy.deepcopy(model)
+            rounded.load_state_dict(held, strict=False)
+            # One prompt: the first whose greedy steps hold no near-tie on
+            # the rounded weights (rounding makes some, prompt by prompt).
+            for p in PROMPTS:
+                first = reference(rounded, tokenize, render, [], [p])
+                if first["smallest_greedy_gap"] > 0.02:
+                    break
+            ref["formats"][qtype] = {
+                "forward": first["forward"],
+                "smallest_greedy_gap": first["smallest_greedy_gap"],
+            }
+    # Last: PEFT wraps the model in place (and unwraps it after).
     ref["lora_step"] = lora_step(model, tokenize, lora_prompt, lora_answer, out / "adapter")
     return ref
 
@@ -512,14 +562,14 @@ def lora_step(model, tokenize, prompt_text, answer_text, adapter_dir):
     }
 
 
-def reference(model, tokenize, render, strings):
+def reference(model, tokenize, render, strings, prompts=PROMPTS):
     tricky = []
     for text in strings:
         ids, decoded = tokenize(text)
         tricky.append({"text": text, "ids": ids, "decoded": decoded})
     cases = []
     smallest_gap = float("inf")
-    for p in PROMPTS:
+    for p in prompts:
         text = render(p)
         ids, _ = tokenize(text)
         with torch.no_grad():
@@ -560,6 +610,8 @@ def main():
             f"{name}: {out / 'model.gguf'} ({(out / 'model.gguf').stat().st_size} bytes), "
             f"smallest greedy logit gap {ref['smallest_greedy_gap']:.4f}"
         )
+        for qtype, f in ref.get("formats", {}).items():
+            print(f"  {qtype}: smallest greedy logit gap {f['smallest_greedy_gap']:.4f}")
 
 
 if __name__ == "__main__":

@@ -539,3 +539,47 @@ fn check_served_adapter(name: &str) {
         "the adapter changes the answer ({moved})"
     );
 }
+
+/// GGUF's matrix types, on the Qwen2 model written with its matrices in
+/// each (by gguf's own quantizers): both forward passes give what
+/// transformers gives on the weights the file holds (dequantized by gguf),
+/// so the reading of each type is checked, not the rounding. The serving
+/// kernels keep Q8_0 and Q4_1 blocks as stored and compute on them; the
+/// other types reach both passes dequantized by candle.
+#[test]
+fn qwen2_in_every_gguf_type_matches_transformers_on_what_the_file_holds() {
+    let (path, reference) = family("qwen2");
+    let formats = reference["formats"].as_object().unwrap();
+    let names: Vec<&str> = formats.keys().map(String::as_str).collect();
+    assert_eq!(names.len(), 5, "{names:?}");
+    for (format, want) in formats {
+        let gap = want["smallest_greedy_gap"].as_f64().unwrap();
+        assert!(
+            gap > 10.0 * LOGPROB_TOLERANCE as f64,
+            "{format}: near-tie of {gap}"
+        );
+        let file = path.with_file_name(format!("model.{}.gguf", format.to_lowercase()));
+        let case = &want["forward"][0];
+        let mut gguf = GgufFile::open(&file).unwrap();
+        let model = Llama::load(&mut gguf, &candle_core::Device::Cpu).unwrap();
+        let mut cache = model.new_cache();
+        check_forward(
+            case,
+            |tokens| {
+                model
+                    .forward(tokens, &mut cache)
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap()
+            },
+            &format!("model crate, {format}"),
+        );
+        let served = CpuForward::load(&file, 2).unwrap();
+        let mut seq = served.new_sequence();
+        check_forward(
+            case,
+            |tokens| served.logits(&mut seq, tokens).unwrap(),
+            &format!("serving engine, {format}"),
+        );
+    }
+}
