@@ -65,22 +65,28 @@ LLAMA3_CHAT = (
     "{%- endif %}"
 )
 
+# Qwen2's and Qwen3's text side: their pre-tokenizer (its regex from their
+# tokenizer.json; NFC first), special tokens, template and end token.
+QWEN_TEXT = {
+    "pre": "qwen2",
+    "split": (
+        r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"""
+        r"""| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+    ),
+    "nfc": True,
+    "specials": ["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+    "bos": None,
+    "eos": "<|im_end|>",
+    "template": CHATML,
+}
+
 # Each family: its GGUF architecture and pre-tokenizer name, its word-split
 # regex (from its tokenizer.json) and normalization, special tokens, chat
 # template, end token, and the transformers config of the tiny model.
 FAMILIES = {
     "qwen2": {
         "arch": "qwen2",
-        "pre": "qwen2",
-        "split": (
-            r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"""
-            r"""| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
-        ),
-        "nfc": True,
-        "specials": ["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-        "bos": None,
-        "eos": "<|im_end|>",
-        "template": CHATML,
+        **QWEN_TEXT,
         # The weights' seed: one whose greedy continuations hold no near-tie
         # (the script prints the smallest gap between two best logits).
         "seed": 30,
@@ -100,16 +106,7 @@ FAMILIES = {
     # hidden / heads would give here, as in the real 0.6B).
     "qwen3": {
         "arch": "qwen3",
-        "pre": "qwen2",
-        "split": (
-            r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"""
-            r"""| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
-        ),
-        "nfc": True,
-        "specials": ["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-        "bos": None,
-        "eos": "<|im_end|>",
-        "template": CHATML,
+        **QWEN_TEXT,
         "seed": 30,
         "config": "Qwen3Config",
         "model": "Qwen3ForCausalLM",

@@ -12,6 +12,7 @@ pub mod db;
 pub mod gateway;
 pub mod process;
 pub mod proxy;
+pub mod reference;
 pub mod s3;
 pub mod slow_model;
 pub mod tiny_loop;

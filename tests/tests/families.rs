@@ -14,6 +14,7 @@ use flywheel_engine::testing::CpuForward;
 use flywheel_model::gguf::GgufFile;
 use flywheel_model::ops::log_softmax;
 use flywheel_model::{Llama, LlamaConfig, TextTokenizer};
+use flywheel_tests::reference::{argmax, ids};
 use serde_json::Value;
 
 /// Log-probabilities may differ by float summation order, far less than
@@ -36,22 +37,29 @@ fn family(name: &str) -> (PathBuf, Value) {
     (dir.join("model.gguf"), reference)
 }
 
-fn ids(v: &Value) -> Vec<u32> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_u64().unwrap() as u32)
-        .collect()
+/// One test per family for a check: `per_family!(check: test => "family", ...)`.
+macro_rules! per_family {
+    ($check:ident: $($test:ident => $family:literal),* $(,)?) => {
+        $(
+            #[test]
+            fn $test() {
+                $check($family);
+            }
+        )*
+    };
 }
 
-fn argmax(xs: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, &x) in xs.iter().enumerate() {
-        if x > xs[best] {
-            best = i;
-        }
-    }
-    best as u32
+/// A family's model (the candle forward) and its random PEFT adapter, as
+/// our loader reads it.
+fn model_and_adapter(name: &str) -> (PathBuf, Value, Llama, flywheel_trainer::Lora) {
+    let (path, reference) = family(name);
+    let model = Llama::load(
+        &mut GgufFile::open(&path).unwrap(),
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
+    let lora = flywheel_trainer::peft::load(&model, &path.with_file_name("adapter")).unwrap();
+    (path, reference, model, lora)
 }
 
 /// Checks one forward pass against the reference: `logits(prompt or one
@@ -127,20 +135,11 @@ fn llama3_is_read_as_llama_with_its_rope_factors() {
     assert!((freqs[last] * 8.0 - plain(last)).abs() < 1e-6 * plain(last));
 }
 
-#[test]
-fn qwen2_tokenizer_matches_the_reference_on_tricky_strings() {
-    check_tokenizer("qwen2");
-}
-
-#[test]
-fn qwen3_tokenizer_matches_the_reference_on_tricky_strings() {
-    check_tokenizer("qwen3");
-}
-
-#[test]
-fn llama3_tokenizer_matches_the_reference_on_tricky_strings() {
-    check_tokenizer("llama3");
-}
+per_family!(check_tokenizer:
+    qwen2_tokenizer_matches_the_reference_on_tricky_strings => "qwen2",
+    qwen3_tokenizer_matches_the_reference_on_tricky_strings => "qwen3",
+    llama3_tokenizer_matches_the_reference_on_tricky_strings => "llama3",
+);
 
 fn check_tokenizer(name: &str) {
     let (path, reference) = family(name);
@@ -159,20 +158,11 @@ fn check_tokenizer(name: &str) {
     }
 }
 
-#[test]
-fn qwen2_forward_matches_transformers() {
-    check_model_forward("qwen2");
-}
-
-#[test]
-fn qwen3_forward_matches_transformers() {
-    check_model_forward("qwen3");
-}
-
-#[test]
-fn llama3_forward_matches_transformers() {
-    check_model_forward("llama3");
-}
+per_family!(check_model_forward:
+    qwen2_forward_matches_transformers => "qwen2",
+    qwen3_forward_matches_transformers => "qwen3",
+    llama3_forward_matches_transformers => "llama3",
+);
 
 fn check_model_forward(name: &str) {
     let (path, reference) = family(name);
@@ -194,20 +184,11 @@ fn check_model_forward(name: &str) {
     }
 }
 
-#[test]
-fn qwen2_serving_forward_matches_transformers() {
-    check_serving_forward("qwen2");
-}
-
-#[test]
-fn qwen3_serving_forward_matches_transformers() {
-    check_serving_forward("qwen3");
-}
-
-#[test]
-fn llama3_serving_forward_matches_transformers() {
-    check_serving_forward("llama3");
-}
+per_family!(check_serving_forward:
+    qwen2_serving_forward_matches_transformers => "qwen2",
+    qwen3_serving_forward_matches_transformers => "qwen3",
+    llama3_serving_forward_matches_transformers => "llama3",
+);
 
 fn check_serving_forward(name: &str) {
     let (path, reference) = family(name);
@@ -222,32 +203,19 @@ fn check_serving_forward(name: &str) {
     }
 }
 
-/// One LoRA training step on each family's model, against PEFT's: the
-/// same random adapter (saved by PEFT, read by our loader), the same
-/// example; the loss and the sum of the adapter's squared gradients agree.
-#[test]
-fn qwen2_lora_step_matches_peft() {
-    check_lora_step("qwen2");
-}
-
-#[test]
-fn qwen3_lora_step_matches_peft() {
-    check_lora_step("qwen3");
-}
-
-#[test]
-fn llama3_lora_step_matches_peft() {
-    check_lora_step("llama3");
-}
+// One LoRA training step on each family's model, against PEFT's: the
+// same random adapter (saved by PEFT, read by our loader), the same
+// example; the loss and the sum of the adapter's squared gradients agree.
+per_family!(check_lora_step:
+    qwen2_lora_step_matches_peft => "qwen2",
+    qwen3_lora_step_matches_peft => "qwen3",
+    llama3_lora_step_matches_peft => "llama3",
+);
 
 fn check_lora_step(name: &str) {
     use flywheel_trainer::data::Encoded;
-    let (path, reference) = family(name);
+    let (_, reference, model, lora) = model_and_adapter(name);
     let step = &reference["lora_step"];
-    let mut gguf = GgufFile::open(&path).unwrap();
-    let model = Llama::load(&mut gguf, &candle_core::Device::Cpu).unwrap();
-    let adapter = path.with_file_name("adapter");
-    let lora = flywheel_trainer::peft::load(&model, &adapter).unwrap();
     assert_eq!(lora.pairs.len(), 2 * 7, "every projection of both layers");
     let e = Encoded {
         prompt: ids(&step["prompt_ids"]),
@@ -385,13 +353,11 @@ fn check_merge(name: &str) {
     use flywheel_trainer::data::Encoded;
     use flywheel_trainer::lora::{Lora, LoraPair};
     use flywheel_trainer::train::answer_logprobs;
-    let (path, reference) = family(name);
+    let (path, reference, base, lora) = model_and_adapter(name);
     let step = &reference["lora_step"];
     let load = |p: &std::path::Path| {
         Llama::load(&mut GgufFile::open(p).unwrap(), &candle_core::Device::Cpu).unwrap()
     };
-    let base = load(&path);
-    let lora = flywheel_trainer::peft::load(&base, &path.with_file_name("adapter")).unwrap();
     let zero = Lora {
         config: lora.config.clone(),
         pairs: lora
@@ -462,38 +428,23 @@ fn check_merge(name: &str) {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
-/// The serving engine applies a PEFT adapter on each family as the
-/// candle forward with that adapter does (the LoRA step above checks that
-/// one against PEFT): the adapter's q, k and v land at the right places of
-/// the CPU kernels' stacked projections, whatever the head size.
-#[test]
-fn qwen2_served_adapter_matches_the_adapted_forward() {
-    check_served_adapter("qwen2");
-}
-
-#[test]
-fn qwen3_served_adapter_matches_the_adapted_forward() {
-    check_served_adapter("qwen3");
-}
-
-#[test]
-fn llama3_served_adapter_matches_the_adapted_forward() {
-    check_served_adapter("llama3");
-}
+// The serving engine applies a PEFT adapter on each family as the
+// candle forward with that adapter does (the LoRA step above checks that
+// one against PEFT): the adapter's q, k and v land at the right places of
+// the CPU kernels' stacked projections, whatever the head size.
+per_family!(check_served_adapter:
+    qwen2_served_adapter_matches_the_adapted_forward => "qwen2",
+    qwen3_served_adapter_matches_the_adapted_forward => "qwen3",
+    llama3_served_adapter_matches_the_adapted_forward => "llama3",
+);
 
 fn check_served_adapter(name: &str) {
     use flywheel_trainer::data::Encoded;
     use flywheel_trainer::train::answer_logprobs;
-    let (path, reference) = family(name);
+    let (path, reference, base, lora) = model_and_adapter(name);
     let step = &reference["lora_step"];
-    let adapter_dir = path.with_file_name("adapter");
-    let base = Llama::load(
-        &mut GgufFile::open(&path).unwrap(),
-        &candle_core::Device::Cpu,
-    )
-    .unwrap();
-    let lora = flywheel_trainer::peft::load(&base, &adapter_dir).unwrap();
-    let weights = flywheel_modelhub::adapter_weights(&path, &adapter_dir).unwrap();
+    let weights =
+        flywheel_modelhub::adapter_weights(&path, &path.with_file_name("adapter")).unwrap();
     let (prompt, answer) = (ids(&step["prompt_ids"]), ids(&step["answer_ids"]));
     // The adapted forward's log-probability of each answer token.
     let e = Encoded {

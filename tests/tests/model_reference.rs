@@ -6,18 +6,8 @@ use flywheel_model::gguf::GgufFile;
 use flywheel_model::ops::log_softmax;
 use flywheel_model::{Llama, TextTokenizer};
 use flywheel_tests::real_model;
+use flywheel_tests::reference::{argmax, ids};
 use serde_json::Value;
-
-/// The index of the largest value.
-fn argmax(xs: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, &x) in xs.iter().enumerate() {
-        if x > xs[best] {
-            best = i;
-        }
-    }
-    best as u32
-}
 
 /// The `n` highest entries of `logprobs`, best first.
 fn top_n(logprobs: &[f32], n: usize) -> Vec<(u32, f32)> {
@@ -37,14 +27,6 @@ fn lines(name: &str) -> Vec<Value> {
         .unwrap()
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
-}
-
-fn ids(v: &Value) -> Vec<u32> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_u64().unwrap() as u32)
         .collect()
 }
 
