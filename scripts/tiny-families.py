@@ -108,6 +108,8 @@ FAMILIES = {
         "arch": "qwen3",
         **QWEN_TEXT,
         "seed": 30,
+        # The two types the serving kernels compute on as stored.
+        "formats": ["Q8_0", "Q4_1"],
         "config": "Qwen3Config",
         "model": "Qwen3ForCausalLM",
         "extra": {
@@ -139,6 +141,7 @@ FAMILIES = {
         "eos": "<|eot_id|>",
         "template": LLAMA3_CHAT,
         "seed": 33,
+        "formats": ["Q8_0", "Q4_1"],
         "config": "LlamaConfig",
         "model": "LlamaForCausalLM",
         "extra": {

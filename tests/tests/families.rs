@@ -491,18 +491,25 @@ fn check_served_adapter(name: &str) {
     );
 }
 
-/// GGUF's matrix types, on the Qwen2 model written with its matrices in
-/// each (by gguf's own quantizers): both forward passes give what
-/// transformers gives on the weights the file holds (dequantized by gguf),
-/// so the reading of each type is checked, not the rounding. The serving
-/// kernels keep Q8_0 and Q4_1 blocks as stored and compute on them; the
-/// other types reach both passes dequantized by candle.
-#[test]
-fn qwen2_in_every_gguf_type_matches_transformers_on_what_the_file_holds() {
-    let (path, reference) = family("qwen2");
+// GGUF's matrix types, each family's model written with its matrices in
+// them (by gguf's own quantizers): both forward passes give what
+// transformers gives on the weights the file holds (dequantized by gguf),
+// so the reading of each type is checked, not the rounding. The serving
+// kernels keep Q8_0 and Q4_1 blocks as stored and compute on them (moving
+// Qwen's q and k rows byte for byte); the other types (Qwen2's F16, BF16,
+// Q4_0) reach both passes dequantized by candle.
+per_family!(check_formats:
+    qwen2_in_every_gguf_type_matches_transformers_on_what_the_file_holds => "qwen2",
+    qwen3_in_8_and_4_bit_blocks_matches_transformers_on_what_the_file_holds => "qwen3",
+    llama3_in_8_and_4_bit_blocks_matches_transformers_on_what_the_file_holds => "llama3",
+);
+
+fn check_formats(name: &str) {
+    let (path, reference) = family(name);
     let formats = reference["formats"].as_object().unwrap();
     let names: Vec<&str> = formats.keys().map(String::as_str).collect();
-    assert_eq!(names.len(), 5, "{names:?}");
+    let want = if name == "qwen2" { 5 } else { 2 };
+    assert_eq!(names.len(), want, "{names:?}");
     for (format, want) in formats {
         let gap = want["smallest_greedy_gap"].as_f64().unwrap();
         assert!(
