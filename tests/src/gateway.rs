@@ -135,14 +135,10 @@ impl TestGateway {
         Self::start(&model, engine, cfg).await
     }
 
-    /// A family's tiny reference model (tests/testdata/families/<name>,
-    /// from `scripts/tiny-families.py`) behind a gateway with default
-    /// settings.
+    /// A family's tiny reference model ([`crate::reference::family_dir`])
+    /// behind a gateway with default settings.
     pub async fn family(name: &str) -> Self {
-        let path = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-            .join("testdata/families")
-            .join(name)
-            .join("model.gguf");
+        let path = crate::reference::family_dir(name).join("model.gguf");
         let dir = std::env::temp_dir().join(format!("fw-{name}-{}", uuid::Uuid::new_v4()));
         let cache = flywheel_modelhub::ModelCache::new(dir.join("cache")).unwrap();
         let model = cache.import(&path, Some(name)).await.unwrap();

@@ -2,7 +2,17 @@
 //! the tiny family models): token ids from JSON, and the choices a greedy
 //! decoder makes.
 
+use std::path::PathBuf;
+
 use serde_json::Value;
+
+/// A family's tiny reference model and its vectors
+/// (tests/testdata/families/<name>, from `scripts/tiny-families.py`).
+pub fn family_dir(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("testdata/families")
+        .join(name)
+}
 
 /// A JSON array of token ids.
 pub fn ids(v: &Value) -> Vec<u32> {

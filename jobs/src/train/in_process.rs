@@ -104,11 +104,7 @@ impl TrainingBackend for InProcess {
             tx,
             replies,
             every: env.checkpoint_every.max(1),
-            // The hub repository it was pulled from, else its name (the
-            // file's own source repository, where it names one, replaces it
-            // once the base is loaded: `Base::peft_base_name`).
-            base_name: flywheel_modelhub::hub_repo(&ctx.base.source)
-                .unwrap_or_else(|| ctx.base.name.clone()),
+            base_name: flywheel_modelhub::base_name(&ctx.base.source, &ctx.base.name),
             dir: ctx.dir.clone(),
             fresh: resume.is_none(),
         };

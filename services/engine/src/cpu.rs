@@ -121,36 +121,10 @@ impl CpuLlama {
             let wo = proj(Proj::O)?;
             let w_gate_up = QMatrix::stack(vec![proj(Proj::Gate)?, proj(Proj::Up)?])?;
             let w_down = proj(Proj::Down)?;
-            let bqkv = match cfg.qkv_bias {
-                true => {
-                    let mut b = Vec::new();
-                    for p in [Proj::Q, Proj::K, Proj::V] {
-                        let v = vec_of(gguf, &config::bias_tensor(i, p))?;
-                        match cfg.row_order(p) {
-                            Some(order) => b.extend(order.iter().map(|&r| v[r])),
-                            None => b.extend(v),
-                        }
-                    }
-                    Some(b)
-                }
-                false => None,
-            };
-            let qk_norm = match cfg.qk_norm {
-                true => {
-                    let mut per_head = |n: &str| -> Result<Vec<f32>> {
-                        let w = vec_of(gguf, &config::block_tensor(i, n))?;
-                        Ok(match cfg.head_order() {
-                            Some(order) => order.iter().map(|&r| w[r]).collect(),
-                            None => w,
-                        })
-                    };
-                    Some((
-                        per_head(config::ATTN_Q_NORM)?,
-                        per_head(config::ATTN_K_NORM)?,
-                    ))
-                }
-                false => None,
-            };
+            // Biases stacked as the projections are; q/k norms per head.
+            let vectors = cfg.layer_vectors(gguf, i)?;
+            let bqkv = vectors.qkv_bias.map(|b| b.concat());
+            let qk_norm = vectors.qk_norm.map(|[q, k]| (q, k));
             layers.push(Layer {
                 attn_norm: vec_of(gguf, &config::block_tensor(i, config::ATTN_NORM))?,
                 wqkv,

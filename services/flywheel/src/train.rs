@@ -259,7 +259,7 @@ pub async fn train(cfg: &crate::Config, pool: &PgPool, args: TrainArgs) -> anyho
             lora_config,
             train_config,
             &out2,
-            &flywheel_modelhub::hub_repo(&model.source).unwrap_or_else(|| model.name.clone()),
+            &flywheel_modelhub::base_name(&model.source, &model.name),
             source,
         )?;
         anyhow::Ok((record, lora))

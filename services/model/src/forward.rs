@@ -91,29 +91,16 @@ impl Llama {
                 proj(Proj::O)?,
             );
             let (w_gate, w_up, w_down) = (proj(Proj::Gate)?, proj(Proj::Up)?, proj(Proj::Down)?);
-            let bias = match cfg.qkv_bias {
-                true => {
-                    let mut b =
-                        |p: Proj| order(gguf.tensor_f32(&config::bias_tensor(i, p), device)?, p);
-                    Some([b(Proj::Q)?, b(Proj::K)?, b(Proj::V)?])
-                }
-                false => None,
+            // Biases and q/k norms, already in the computed order.
+            let vectors = cfg.layer_vectors(gguf, i)?;
+            let on_device = |v: &Vec<f32>| Tensor::new(v.as_slice(), device);
+            let bias = match &vectors.qkv_bias {
+                Some([q, k, v]) => Some([on_device(q)?, on_device(k)?, on_device(v)?]),
+                None => None,
             };
-            let qk_norm = match cfg.qk_norm {
-                true => {
-                    let mut per_head = |n: &str| -> Result<Tensor> {
-                        let w = gguf.tensor_f32(&config::block_tensor(i, n), device)?;
-                        match cfg.head_order() {
-                            Some(order) => Ok(config::gather_rows(&w, &order)?),
-                            None => Ok(w),
-                        }
-                    };
-                    Some([
-                        per_head(config::ATTN_Q_NORM)?,
-                        per_head(config::ATTN_K_NORM)?,
-                    ])
-                }
-                false => None,
+            let qk_norm = match &vectors.qk_norm {
+                Some([q, k]) => Some([on_device(q)?, on_device(k)?]),
+                None => None,
             };
             let mut norm = |n: &str| gguf.tensor_f32(&config::block_tensor(i, n), device);
             layers.push(Layer {
@@ -272,6 +259,7 @@ impl Llama {
                     + l.bias
                         .iter()
                         .flatten()
+                        .chain(l.qk_norm.iter().flatten())
                         .map(Tensor::elem_count)
                         .sum::<usize>()
             })

@@ -96,6 +96,18 @@ impl GgufFile {
         }
     }
 
+    /// Every tensor's name, in the order the file stores them.
+    pub fn tensor_names(&self) -> Vec<String> {
+        let mut names: Vec<(&String, u64)> = self
+            .content
+            .tensor_infos
+            .iter()
+            .map(|(name, info)| (name, info.offset))
+            .collect();
+        names.sort_by_key(|(_, offset)| *offset);
+        names.into_iter().map(|(name, _)| name.clone()).collect()
+    }
+
     /// A tensor's dimensions as stored (rows first), if the file has it.
     pub fn tensor_dims(&self, name: &str) -> Option<&[usize]> {
         self.content

@@ -161,14 +161,24 @@ const QWEN2: &[&str] = &["qwen2"];
 /// Llama 3's regex (Llama 3, 3.1, 3.2), no normalization.
 const LLAMA3: &[&str] = &["llama-bpe"];
 
-/// Llama 3's word-splitting regex, as its `tokenizer.json` gives it:
-/// contractions in any case, a word with one leading non-letter, digits in
-/// runs of up to three, punctuation with one leading space, whitespace.
-const LLAMA3_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+/// The word-splitting regex Llama 3's and Qwen2's `tokenizer.json` give,
+/// which differ only in how digits go: contractions in any case, a word
+/// with one leading non-letter, `$digits`, punctuation with one leading
+/// space, whitespace.
+macro_rules! split_regex {
+    ($digits:literal) => {
+        concat!(
+            r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|",
+            $digits,
+            r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+        )
+    };
+}
 
-/// Qwen2's word-splitting regex, as its `tokenizer.json` gives it: Llama
-/// 3's, but digits one at a time.
-const QWEN2_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+/// Llama 3's: digits in runs of up to three.
+const LLAMA3_SPLIT: &str = split_regex!(r"\p{N}{1,3}");
+/// Qwen2's: digits one at a time.
+const QWEN2_SPLIT: &str = split_regex!(r"\p{N}");
 
 fn build(tokens: &[String], merges: &[String], pre: &str) -> Result<Tokenizer> {
     let vocab: tokenizers::models::bpe::Vocab = tokens

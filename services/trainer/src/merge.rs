@@ -12,30 +12,24 @@ use anyhow::Context;
 use candle_core::quantized::gguf_file::{self, Value};
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
+use flywheel_model::gguf::GgufFile;
 
 use crate::lora::Lora;
 
 /// Writes `out`: `base` with `lora` merged in. `note` goes into the
 /// metadata (`flywheel.merged_adapter`) so the file says what it is.
 pub fn merge_to_gguf(base: &Path, lora: &Lora, out: &Path, note: &str) -> anyhow::Result<()> {
-    let mut file =
-        std::fs::File::open(base).with_context(|| format!("opening {}", base.display()))?;
-    let content = gguf_file::Content::read(&mut file)?;
-    let cfg = flywheel_model::LlamaConfig::from_gguf(&flywheel_model::gguf::GgufFile::open(base)?)?;
-    let mut names: Vec<(&String, u64)> = content
-        .tensor_infos
-        .iter()
-        .map(|(name, info)| (name, info.offset))
-        .collect();
-    names.sort_by_key(|(_, offset)| *offset);
+    let mut gguf = GgufFile::open(base).with_context(|| format!("opening {}", base.display()))?;
+    let cfg = flywheel_model::LlamaConfig::from_gguf(&gguf)?;
     let scale = lora.config.scale();
+    let names = gguf.tensor_names();
     let mut tensors: Vec<(String, QTensor)> = Vec::with_capacity(names.len());
-    for (name, _) in names {
-        let stored = content.tensor(&mut file, name, &Device::Cpu)?;
+    for name in names {
+        let stored = gguf.qtensor(&name)?;
         let pair = lora
             .pairs
             .iter()
-            .find(|((layer, proj), _)| proj.gguf_tensor(*layer) == *name);
+            .find(|((layer, proj), _)| proj.gguf_tensor(*layer) == name);
         let tensor = match pair {
             Some(((_, proj), p)) => {
                 let w = stored.dequantize(&Device::Cpu)?;
@@ -50,10 +44,10 @@ pub fn merge_to_gguf(base: &Path, lora: &Lora, out: &Path, note: &str) -> anyhow
             }
             None => stored,
         };
-        tensors.push((name.clone(), tensor));
+        tensors.push((name, tensor));
     }
-    let mut metadata: Vec<(String, Value)> = content
-        .metadata
+    let mut metadata: Vec<(String, Value)> = gguf
+        .metadata()
         .iter()
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();

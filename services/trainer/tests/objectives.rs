@@ -695,27 +695,26 @@ fn an_adapters_peft_base_is_the_hub_repository_the_file_names() {
     use candle_core::quantized::gguf_file::Value;
     let dir = std::env::temp_dir().join(format!("fw-peft-base-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let named = flywheel_model::testing::write_tiny_variant(
-        &dir,
+    let with = |name: &str, key: &str, value: &str| {
+        let path = flywheel_model::testing::write_tiny_variant(
+            &dir,
+            name,
+            7,
+            &[(key, Value::String(value.into()))],
+        )
+        .unwrap();
+        Base::load(&path).unwrap()
+    };
+    let named = with(
         "converted",
-        7,
-        &[(
-            "general.source.huggingface.repository",
-            Value::String("HuggingFaceTB/SmolLM2-135M-Instruct".into()),
-        )],
-    )
-    .unwrap();
-    let by_url = flywheel_model::testing::write_tiny_variant(
-        &dir,
+        "general.source.huggingface.repository",
+        "HuggingFaceTB/SmolLM2-135M-Instruct",
+    );
+    let by_url = with(
         "by-url",
-        7,
-        &[(
-            "general.source.url",
-            Value::String("https://huggingface.co/Qwen/Qwen2.5-0.5B-Instruct".into()),
-        )],
-    )
-    .unwrap();
-    let (named, by_url) = (Base::load(&named).unwrap(), Base::load(&by_url).unwrap());
+        "general.source.url",
+        "https://huggingface.co/Qwen/Qwen2.5-0.5B-Instruct",
+    );
     assert_eq!(
         named.peft_base_name("tiny-v3"),
         "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -726,6 +725,5 @@ fn an_adapters_peft_base_is_the_hub_repository_the_file_names() {
     );
     // A file that names no source: the name it was given.
     assert_eq!(tiny().peft_base_name("tiny-v3"), "tiny-v3");
-
     std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -35,11 +35,15 @@ pub trait Family: Sync {
     /// llama.cpp's converter permutes llama's for interleaved rotary
     /// embeddings and stores the others as Hugging Face does.
     fn gguf_rope_rows(&self) -> RopeRows;
+}
 
-    /// The hyper-parameters in the file's metadata.
-    fn config(&self, gguf: &GgufFile) -> Result<LlamaConfig> {
-        read_config(self, gguf)
-    }
+/// A layer's vectors beside its matrices, in the order the forward passes
+/// compute in ([`LlamaConfig::layer_vectors`]).
+pub struct LayerVectors {
+    /// q, k and v biases (Qwen2).
+    pub qkv_bias: Option<[Vec<f32>; 3]>,
+    /// The per-head norms of q and k (Qwen3).
+    pub qk_norm: Option<[Vec<f32>; 2]>,
 }
 
 /// Llama 3.1's rope scaling as llama.cpp stores it: per rotary frequency, a
@@ -49,7 +53,39 @@ pub const ROPE_FACTORS: &str = "rope_freqs.weight";
 impl LlamaConfig {
     /// The hyper-parameters of a GGUF file of any supported family.
     pub fn from_gguf(gguf: &GgufFile) -> Result<Self> {
-        of_gguf(gguf)?.config(gguf)
+        read_config(of_gguf(gguf)?, gguf)
+    }
+
+    /// A layer's q/k/v biases and q/k norms (in the families that have
+    /// them), read and put in the order the forward passes compute in: what
+    /// both loaders take from here.
+    pub fn layer_vectors(&self, gguf: &mut GgufFile, layer: usize) -> Result<LayerVectors> {
+        use crate::config::{self, Proj};
+        let mut read = |name: String, order: Option<Vec<usize>>| -> Result<Vec<f32>> {
+            let v = gguf
+                .tensor_f32(&name, &candle_core::Device::Cpu)?
+                .flatten_all()?
+                .to_vec1::<f32>()?;
+            Ok(match order {
+                Some(order) => order.iter().map(|&r| v[r]).collect(),
+                None => v,
+            })
+        };
+        let qkv_bias = match self.qkv_bias {
+            true => {
+                let mut bias = |p: Proj| read(config::bias_tensor(layer, p), self.row_order(p));
+                Some([bias(Proj::Q)?, bias(Proj::K)?, bias(Proj::V)?])
+            }
+            false => None,
+        };
+        let qk_norm = match self.qk_norm {
+            true => {
+                let mut norm = |n: &str| read(config::block_tensor(layer, n), self.head_order());
+                Some([norm(config::ATTN_Q_NORM)?, norm(config::ATTN_K_NORM)?])
+            }
+            false => None,
+        };
+        Ok(LayerVectors { qkv_bias, qk_norm })
     }
 
     /// Checks that the file holds every tensor this configuration reads,
@@ -158,7 +194,7 @@ pub fn of_gguf(gguf: &GgufFile) -> Result<&'static dyn Family> {
 
 /// The `{arch}.*` keys every family here shares (llama.cpp writes the same
 /// names under each architecture's prefix).
-fn read_config<F: Family + ?Sized>(family: &F, gguf: &GgufFile) -> Result<LlamaConfig> {
+fn read_config(family: &dyn Family, gguf: &GgufFile) -> Result<LlamaConfig> {
     let arch = family.name();
     let key = |k: &str| format!("{arch}.{k}");
     // Rope scaling changes every rotary frequency; a model that needs a
