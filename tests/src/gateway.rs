@@ -79,12 +79,7 @@ impl TestGateway {
         flywheel_store::models::set_champion(&db.pool, &v.name)
             .await
             .unwrap();
-        let served = ServedModel {
-            engine,
-            adapter: None,
-            version_id: v.id,
-            name: v.name.clone(),
-        };
+        let served = ServedModel::on_engine(engine, &v);
         let journal_dir = std::env::temp_dir().join(format!("fw-journal-{}", uuid::Uuid::new_v4()));
         let journal = open_journal(&db.pool, JournalConfig::new(journal_dir)).await;
         journal.spawn_flusher(db.pool.clone());
@@ -111,6 +106,13 @@ impl TestGateway {
             state: state_for_test,
             shutdown: Some(tx),
         }
+    }
+
+    /// The engine serving the gateway's first model.
+    pub fn engine(&self) -> &EngineHandle {
+        self.served
+            .engine()
+            .expect("the test gateway serves an engine")
     }
 
     /// The real model behind a gateway with default settings.

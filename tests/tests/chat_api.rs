@@ -291,7 +291,7 @@ async fn models_lists_the_served_version() {
 #[tokio::test]
 async fn client_leaving_a_stream_stops_generation() {
     let gw = TestGateway::real().await;
-    let before = gw.served.engine.stats().cancelled;
+    let before = gw.engine().stats().cancelled;
     let resp = reqwest::Client::new()
         .post(format!("{}/v1/chat/completions", gw.base))
         .bearer_auth(&gw.key)
@@ -307,7 +307,7 @@ async fn client_leaving_a_stream_stops_generation() {
     assert!(first.starts_with(b"data: "));
     drop(body); // the client goes away after the first chunk
     let stopped = eventually(60, || async {
-        (gw.served.engine.stats().cancelled > before).then_some(())
+        (gw.engine().stats().cancelled > before).then_some(())
     })
     .await;
     assert!(
@@ -370,5 +370,5 @@ async fn eight_seeded_streams_at_once_match_their_solo_runs() {
     for (i, t) in together.into_iter().enumerate() {
         assert_eq!(t.await.unwrap(), alone[i], "stream {i}");
     }
-    assert!(gw.served.engine.stats().last_batch >= 1);
+    assert!(gw.engine().stats().last_batch >= 1);
 }

@@ -200,12 +200,10 @@ async fn a_database_out_of_reach_is_a_503_on_both_faces() {
     let journal = open_journal(&pool, JournalConfig::new(dir.join("journal"))).await;
     journal.spawn_flusher(pool.clone());
     let state = AppState::new(pool.clone(), GatewayConfig::default(), journal.clone());
-    state.set_served(ServedModel {
-        engine: load_engine(&model, EngineConfig::default()).await,
-        adapter: None,
-        version_id: v.id,
-        name: v.name.clone(),
-    });
+    state.set_served(ServedModel::on_engine(
+        load_engine(&model, EngineConfig::default()).await,
+        &v,
+    ));
     state.refresh_routes().await.unwrap();
     let base = flywheel_tests::spawn_gateway(state, std::future::pending()).await;
     let gw_get = |path: String| {

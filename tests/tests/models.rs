@@ -75,7 +75,7 @@ async fn pulls_from_a_hub_endpoint_and_registers_the_version() {
         v.id
     );
     let served = flywheel::load(&cfg, &db.pool, &v).await.unwrap();
-    assert_eq!(served.engine.info().context_length, 256);
+    assert_eq!(served.engine().unwrap().info().context_length, 256);
 
     // A file the hub does not have is a clear error, not a panic.
     let err = flywheel::pull(&cfg, Some("acme/tiny-GGUF/missing.gguf"))

@@ -48,12 +48,7 @@ async fn traffic_survives_a_postgres_restart() {
         flywheel_tests::open_journal(&pool, JournalConfig::new(dir.join("journal"))).await;
     journal.spawn_flusher(pool.clone());
     let state = AppState::new(pool.clone(), GatewayConfig::default(), journal.clone());
-    state.set_served(ServedModel {
-        engine,
-        adapter: None,
-        version_id: version.id,
-        name: "tiny".into(),
-    });
+    state.set_served(ServedModel::on_engine(engine, &version));
     let (_, key) = flywheel_store::keys::create_key(&pool, "t").await.unwrap();
     state.refresh_routes().await.unwrap();
     state.spawn_route_listener();

@@ -32,7 +32,7 @@ use uuid::Uuid;
 /// retention suite over them.
 async fn retention_suite(gw: &TestGateway) -> (Suite, Vec<String>) {
     let served = flywheel_eval::run::Served {
-        engine: gw.served.engine.clone(),
+        engine: gw.engine().clone(),
         adapter: None,
         memo: None,
     };

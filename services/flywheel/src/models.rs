@@ -46,6 +46,32 @@ pub enum ModelsCommand {
         #[arg(long)]
         champion: bool,
     },
+    /// Register a model served by an OpenAI-compatible server elsewhere
+    /// (vLLM, TGI, llama.cpp's server, a hosted API): routed, logged, rated
+    /// and curated like a model served here.
+    AddUpstream {
+        /// The version's name, as clients and the dashboard see it.
+        name: String,
+        /// The API's base URL, up to its version: `http://host:8000/v1`.
+        #[arg(long)]
+        url: String,
+        /// The model name the server knows it by.
+        #[arg(long)]
+        model: String,
+        /// The environment variable holding the API key, on every gateway
+        /// (the key itself is never stored).
+        #[arg(long)]
+        api_key_env: Option<String>,
+        /// The longest one answer may take, in seconds.
+        #[arg(long, default_value_t = 120)]
+        timeout_secs: u32,
+        /// Its context window, when known (shown on the dashboard).
+        #[arg(long)]
+        context_length: Option<i32>,
+        /// Only this team may be served by it (without: every team may).
+        #[arg(long)]
+        team: Option<String>,
+    },
     /// List model versions.
     List {
         /// One JSON object per version, a line each.
@@ -118,6 +144,28 @@ pub async fn run(
         } => {
             let cache = flywheel_modelhub::ModelCache::new(&cfg.models.cache)?;
             (cache.import(&path, name.as_deref()).await?, champion)
+        }
+        ModelsCommand::AddUpstream {
+            name,
+            url,
+            model,
+            api_key_env,
+            timeout_secs,
+            context_length,
+            team,
+        } => {
+            add_upstream(
+                pool,
+                name,
+                url,
+                model,
+                api_key_env,
+                timeout_secs,
+                context_length,
+                team,
+            )
+            .await?;
+            return Ok(());
         }
         ModelsCommand::List { json: true } => {
             for v in models::list(pool).await? {
@@ -236,5 +284,62 @@ pub async fn run(
         models::set_champion(pool, &v.name).await?;
         println!("{} is now the champion", v.name);
     }
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn add_upstream(
+    pool: &flywheel_store::PgPool,
+    name: String,
+    url: String,
+    model: String,
+    api_key_env: Option<String>,
+    timeout_secs: u32,
+    context_length: Option<i32>,
+    team: Option<String>,
+) -> anyhow::Result<()> {
+    if !(url.starts_with("http://") || url.starts_with("https://"))
+        || url.contains(char::is_whitespace)
+    {
+        anyhow::bail!("--url must be an http:// or https:// URL, such as http://127.0.0.1:8000/v1");
+    }
+    if let Some(var) = &api_key_env {
+        let valid = var
+            .chars()
+            .next()
+            .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+            && var.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+        if !valid {
+            anyhow::bail!(
+                "--api-key-env takes the name of an environment variable (such as UPSTREAM_API_KEY), not the key"
+            );
+        }
+        if std::env::var_os(var).is_none() {
+            eprintln!("note: {var} is not set here; every gateway that serves {name} needs it set");
+        }
+    }
+    if timeout_secs == 0 {
+        anyhow::bail!("--timeout-secs must be at least 1");
+    }
+    let scope = match &team {
+        Some(t) => Some(team_id(pool, t).await?),
+        None => None,
+    };
+    let new = flywheel_store::upstreams::NewUpstream {
+        name,
+        base_url: url,
+        model,
+        api_key_env,
+        timeout_ms: i32::try_from(u64::from(timeout_secs) * 1000).unwrap_or(i32::MAX),
+        context_length,
+    };
+    let v = flywheel_store::upstreams::register(pool, &new).await?;
+    if scope.is_some() {
+        flywheel_store::models::set_scope(pool, v.id, scope, false).await?;
+    }
+    println!(
+        "registered {} ({}): served by {} as {}",
+        v.name, v.id, v.source, new.model
+    );
     Ok(())
 }

@@ -17,12 +17,7 @@ use crate::bootstrap::{ensure_champion, versions};
 /// Loads a model version into an engine of its own (on a blocking thread).
 pub async fn load(cfg: &Config, pool: &PgPool, v: &ModelVersion) -> anyhow::Result<ServedModel> {
     let engine = versions(cfg, pool).engine(v).await?;
-    Ok(ServedModel {
-        engine,
-        adapter: None,
-        version_id: v.id,
-        name: v.name.clone(),
-    })
+    Ok(ServedModel::on_engine(engine, v))
 }
 
 /// The gateway's way of loading versions: [`Versions`].

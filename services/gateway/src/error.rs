@@ -32,6 +32,12 @@ pub enum AppError {
     Overloaded { retry_after_s: u64 },
     #[error("{0}")]
     Unavailable(String),
+    /// The upstream serving the model failed.
+    #[error("{0}")]
+    BadGateway(String),
+    /// The upstream serving the model did not answer in time.
+    #[error("{0}")]
+    GatewayTimeout(String),
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -56,6 +62,8 @@ impl AppError {
             Self::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::Overloaded { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::BadGateway(_) => StatusCode::BAD_GATEWAY,
+            Self::GatewayTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -63,7 +71,10 @@ impl AppError {
     fn kind(&self) -> &'static str {
         match self {
             Self::Overloaded { .. } => "rate_limit_error",
-            Self::Unavailable(_) | Self::Internal(_) => "server_error",
+            Self::Unavailable(_)
+            | Self::BadGateway(_)
+            | Self::GatewayTimeout(_)
+            | Self::Internal(_) => "server_error",
             _ => "invalid_request_error",
         }
     }
@@ -78,6 +89,8 @@ impl AppError {
             Self::PayloadTooLarge => Some("request_too_large"),
             Self::Overloaded { .. } => Some("rate_limit_exceeded"),
             Self::Unavailable(_) => Some("service_unavailable"),
+            Self::BadGateway(_) => Some("upstream_error"),
+            Self::GatewayTimeout(_) => Some("upstream_timeout"),
             _ => None,
         }
     }
@@ -109,6 +122,35 @@ impl IntoResponse for AppError {
                 .insert(header::RETRY_AFTER, HeaderValue::from(retry_after_s));
         }
         resp
+    }
+}
+
+/// An upstream's failure, as the client of the gateway should see it: the
+/// request's own fault stays a 4xx, the upstream's is a 502 or 504, a
+/// server Flywheel stopped calling a 503.
+impl From<flywheel_upstream::UpstreamError> for AppError {
+    fn from(e: flywheel_upstream::UpstreamError) -> Self {
+        use flywheel_upstream::UpstreamError as U;
+        match e {
+            U::Status { status: 429, .. } => Self::Overloaded {
+                retry_after_s: crate::RETRY_AFTER.as_secs(),
+            },
+            U::Status {
+                status: 401 | 403, ..
+            } => Self::BadGateway(format!(
+                "the upstream serving this model refused this server's credentials ({e})"
+            )),
+            U::Status { status, message } if (400..500).contains(&status) => Self::BadRequest {
+                message: format!("the upstream serving this model refused the request: {message}"),
+                param: None,
+                code: Some("upstream_rejected"),
+            },
+            U::Timeout(_) => Self::GatewayTimeout(e.to_string()),
+            U::CircuitOpen { .. } | U::MissingKey(_) => Self::Unavailable(e.to_string()),
+            U::Status { .. } | U::Unreachable(_) | U::Protocol(_) => {
+                Self::BadGateway(e.to_string())
+            }
+        }
     }
 }
 

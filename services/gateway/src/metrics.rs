@@ -116,8 +116,8 @@ async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
         "Bytes of model and adapter weights held by the loaded engines.",
         loaded.iter().map(|(_, b)| b).sum::<usize>().to_string(),
     );
-    if let Some(m) = served {
-        let s = m.engine.stats();
+    if let Some(engine) = served.as_ref().and_then(|m| m.engine()) {
+        let s = engine.stats();
         metric(
             "flywheel_engine_queue_depth",
             "gauge",
@@ -155,5 +155,77 @@ async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
             s.failed.to_string(),
         );
     }
+    upstream_metrics(&state, &mut out);
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out)
+}
+
+/// One series per upstream version this gateway has called, labelled with
+/// the version's name.
+fn upstream_metrics(state: &AppState, out: &mut String) {
+    use std::sync::atomic::Ordering::Relaxed;
+    let clients = state.upstream_clients();
+    if clients.is_empty() {
+        return;
+    }
+    let routes = state.routes();
+    let named: Vec<_> = clients
+        .iter()
+        .map(|(id, c)| {
+            let name = routes
+                .version(*id)
+                .map_or_else(|| id.to_string(), |v| v.name.clone());
+            (name.replace('\\', "\\\\").replace('"', "\\\""), c)
+        })
+        .collect();
+    type Read = fn(&flywheel_upstream::Client) -> u64;
+    let series: [(&str, &str, &str, Read); 7] = [
+        (
+            "flywheel_upstream_requests_total",
+            "counter",
+            "Chat requests sent to an upstream.",
+            |c| c.counters().requests.load(Relaxed),
+        ),
+        (
+            "flywheel_upstream_attempts_total",
+            "counter",
+            "HTTP attempts, retries included.",
+            |c| c.counters().attempts.load(Relaxed),
+        ),
+        (
+            "flywheel_upstream_failures_total",
+            "counter",
+            "Attempts and answers the upstream failed (unreachable, timed out, 5xx, broken stream).",
+            |c| c.counters().failures.load(Relaxed),
+        ),
+        (
+            "flywheel_upstream_refused_total",
+            "counter",
+            "Requests refused without calling because the circuit was open.",
+            |c| c.counters().refused_open.load(Relaxed),
+        ),
+        (
+            "flywheel_upstream_prompt_tokens_total",
+            "counter",
+            "Prompt tokens the upstream reported for finished answers.",
+            |c| c.counters().prompt_tokens.load(Relaxed),
+        ),
+        (
+            "flywheel_upstream_completion_tokens_total",
+            "counter",
+            "Completion tokens of finished answers (as reported, else counted).",
+            |c| c.counters().completion_tokens.load(Relaxed),
+        ),
+        (
+            "flywheel_upstream_circuit_open",
+            "gauge",
+            "1 while calls to the upstream are refused.",
+            |c| u64::from(c.circuit_open()),
+        ),
+    ];
+    for (name, kind, help, read) in series {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        for (version, client) in &named {
+            let _ = writeln!(out, "{name}{{version=\"{version}\"}} {}", read(client));
+        }
+    }
 }

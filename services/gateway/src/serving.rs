@@ -25,6 +25,7 @@ use std::time::Instant;
 use flywheel_engine::{AdapterId, AdapterWeights, EngineHandle};
 use flywheel_store::models::ModelVersion;
 use flywheel_store::routes::{RouteSnapshot, TeamRoute};
+use flywheel_store::upstreams::Upstream;
 use sha2::{Digest, Sha256};
 use tokio::sync::OnceCell;
 use uuid::Uuid;
@@ -44,11 +45,54 @@ pub trait Loader: Send + Sync + 'static {
 /// A loaded version, ready to take requests.
 #[derive(Clone)]
 pub struct ServedModel {
-    pub engine: EngineHandle,
-    /// Set when the version runs on its base's engine.
-    pub adapter: Option<AdapterId>,
+    pub backend: Backend,
     pub version_id: Uuid,
     pub name: String,
+}
+
+/// What answers a version's requests.
+#[derive(Clone)]
+pub enum Backend {
+    /// An engine in this process: the version's own, or its base's with
+    /// the version's adapter applied.
+    Engine {
+        engine: EngineHandle,
+        adapter: Option<AdapterId>,
+    },
+    /// An OpenAI-compatible server elsewhere.
+    Upstream(Arc<flywheel_upstream::Client>),
+}
+
+impl ServedModel {
+    /// `version` on an engine of its own.
+    pub fn on_engine(engine: EngineHandle, version: &ModelVersion) -> Self {
+        Self {
+            backend: Backend::Engine {
+                engine,
+                adapter: None,
+            },
+            version_id: version.id,
+            name: version.name.clone(),
+        }
+    }
+
+    /// A generation that failed part-way, as the client sees it: the
+    /// engine's failure is ours (500, detail logged), an upstream's is a
+    /// bad gateway (502).
+    pub fn failed(&self, detail: String) -> crate::AppError {
+        match self.backend {
+            Backend::Engine { .. } => crate::AppError::Internal(detail),
+            Backend::Upstream(_) => crate::AppError::BadGateway(detail),
+        }
+    }
+
+    /// The engine, when one in this process serves it.
+    pub fn engine(&self) -> Option<&EngineHandle> {
+        match &self.backend {
+            Backend::Engine { engine, .. } => Some(engine),
+            Backend::Upstream(_) => None,
+        }
+    }
 }
 
 /// How a request reached its version.
@@ -98,6 +142,7 @@ pub struct RouteTable {
     by_name: HashMap<String, Uuid>,
     links: HashMap<Uuid, (Option<Uuid>, Option<String>)>,
     teams: HashMap<Uuid, TeamRoute>,
+    upstreams: HashMap<Uuid, Upstream>,
     global_champion: Option<Uuid>,
     pub loaded: bool,
 }
@@ -121,7 +166,15 @@ impl RouteTable {
         for r in s.teams {
             t.teams.insert(r.team_id, r);
         }
+        for u in s.upstreams {
+            t.upstreams.insert(u.model_version_id, u);
+        }
         t
+    }
+
+    /// Where a version is served, when an upstream serves it.
+    pub fn upstream_of(&self, id: Uuid) -> Option<&Upstream> {
+        self.upstreams.get(&id)
     }
 
     pub fn version(&self, id: Uuid) -> Option<&ModelVersion> {
@@ -389,8 +442,10 @@ impl ModelPool {
             match attached {
                 Ok(id) => {
                     return Ok(ServedModel {
-                        engine,
-                        adapter: Some(*id),
+                        backend: Backend::Engine {
+                            engine,
+                            adapter: Some(*id),
+                        },
                         version_id: version.id,
                         name: version.name.clone(),
                     });
@@ -401,11 +456,6 @@ impl ModelPool {
             }
         }
         let engine = self.engine(loader, version).await?;
-        Ok(ServedModel {
-            engine,
-            adapter: None,
-            version_id: version.id,
-            name: version.name.clone(),
-        })
+        Ok(ServedModel::on_engine(engine, version))
     }
 }

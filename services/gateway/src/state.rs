@@ -12,7 +12,8 @@ use uuid::Uuid;
 
 use crate::AppError;
 use crate::journal::Journal;
-use crate::serving::{Loader, ModelPool, RouteKind, RouteTable, ServedModel, Unresolved};
+use crate::serving::{Backend, Loader, ModelPool, RouteKind, RouteTable, ServedModel, Unresolved};
+use flywheel_store::upstreams::Upstream;
 
 #[derive(Debug, Clone)]
 pub struct GatewayConfig {
@@ -27,6 +28,8 @@ pub struct GatewayConfig {
     pub max_loaded_models: usize,
     /// How often the routes are read again when no notification came.
     pub route_refresh: Duration,
+    /// Retries and the circuit breaker of upstream versions.
+    pub upstream: flywheel_upstream::Settings,
 }
 
 impl Default for GatewayConfig {
@@ -37,6 +40,7 @@ impl Default for GatewayConfig {
             log_completions: true,
             max_loaded_models: 4,
             route_refresh: Duration::from_secs(5),
+            upstream: flywheel_upstream::Settings::default(),
         }
     }
 }
@@ -60,6 +64,9 @@ struct Inner {
     /// Whether this gateway is hearing revocations (see `spawn_key_listener`).
     listening: AtomicBool,
     recent: Mutex<Recent>,
+    /// A client per upstream version, kept while its settings are the same
+    /// (so its circuit breaker sees every request to it).
+    upstreams: Mutex<HashMap<Uuid, (Upstream, Arc<flywheel_upstream::Client>)>>,
 }
 
 /// Owners of the completions this gateway made or looked up lately, so votes on them
@@ -90,6 +97,7 @@ impl AppState {
                 principals: Mutex::new(HashMap::new()),
                 listening: AtomicBool::new(false),
                 recent: Mutex::new(Recent::default()),
+                upstreams: Mutex::new(HashMap::new()),
             }),
         }
     }
@@ -123,9 +131,9 @@ impl AppState {
     /// Serves `model` (already loaded) from now on: the first model, and
     /// any request routed to its version.
     pub fn set_served(&self, model: ServedModel) {
-        self.inner
-            .models
-            .insert(model.version_id, model.engine.clone());
+        if let Some(engine) = model.engine() {
+            self.inner.models.insert(model.version_id, engine.clone());
+        }
         *self.inner.first.write().unwrap_or_else(|p| p.into_inner()) = Some(model);
     }
 
@@ -225,18 +233,19 @@ impl AppState {
                 });
             }
         };
+        if let Some(upstream) = routes.upstream_of(resolved.version.id) {
+            let served = ServedModel {
+                backend: Backend::Upstream(self.upstream_client(upstream)?),
+                version_id: resolved.version.id,
+                name: resolved.version.name.clone(),
+            };
+            return Ok((served, resolved.kind));
+        }
         if let Some(engine) = self.inner.models.get(resolved.version.id)
             && routes.adapter_of(resolved.version.id).is_none()
         {
-            return Ok((
-                ServedModel {
-                    engine,
-                    adapter: None,
-                    version_id: resolved.version.id,
-                    name: resolved.version.name.clone(),
-                },
-                resolved.kind,
-            ));
+            let served = ServedModel::on_engine(engine, &resolved.version);
+            return Ok((served, resolved.kind));
         }
         let loader = self
             .inner
@@ -263,6 +272,50 @@ impl AppState {
                 ))
             })?;
         Ok((served, resolved.kind))
+    }
+
+    /// The client of an upstream version (made on first use, and again
+    /// when its settings changed).
+    fn upstream_client(&self, u: &Upstream) -> Result<Arc<flywheel_upstream::Client>, AppError> {
+        let mut clients = self
+            .inner
+            .upstreams
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if let Some((seen, client)) = clients.get(&u.model_version_id)
+            && seen == u
+        {
+            return Ok(client.clone());
+        }
+        let key = match &u.api_key_env {
+            Some(var) => Some(
+                std::env::var(var)
+                    .map_err(|_| flywheel_upstream::UpstreamError::MissingKey(var.clone()))?,
+            ),
+            None => None,
+        };
+        let protocol =
+            flywheel_upstream::openai::OpenAi::new(&u.base_url, &u.model, key.as_deref())?;
+        let client = Arc::new(flywheel_upstream::Client::new(
+            Box::new(protocol),
+            Duration::from_millis(u.timeout_ms.max(1) as u64),
+            self.inner.config.upstream.clone(),
+        ));
+        clients.insert(u.model_version_id, (u.clone(), client.clone()));
+        Ok(client)
+    }
+
+    /// The upstream clients made so far, by version (for `/metrics`).
+    pub(crate) fn upstream_clients(&self) -> Vec<(Uuid, Arc<flywheel_upstream::Client>)> {
+        let clients = self
+            .inner
+            .upstreams
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        clients
+            .iter()
+            .map(|(id, (_, c))| (*id, c.clone()))
+            .collect()
     }
 
     pub(crate) fn remember_principal(&self, hash: Vec<u8>, p: Option<&Principal>) {

@@ -121,6 +121,13 @@ pub async fn team_base(pool: &PgPool, team: Uuid) -> Result<ModelVersion> {
                 "the team has no champion (pull a model and make it champion)".into(),
             )
         })?;
+    if champion.format == flywheel_store::upstreams::FORMAT {
+        return Err(LoopError::Conflict(format!(
+            "the team's champion {} is served by an upstream ({}): the loop trains from weights \
+             it holds, and cannot fine-tune a model served elsewhere",
+            champion.name, champion.source
+        )));
+    }
     let base = flywheel_store::models::lineage(pool, champion.id)
         .await?
         .and_then(|l| l.base_version_id);

@@ -58,6 +58,13 @@ impl Versions {
     }
 
     async fn local(&self, v: &ModelVersion) -> anyhow::Result<ModelVersion> {
+        if v.format == flywheel_store::upstreams::FORMAT {
+            bail!(
+                "model version {} is served by an upstream ({}): it has no weights here",
+                v.name,
+                v.source
+            );
+        }
         self.ensure_local(v.clone()).await?.with_context(|| {
             format!(
                 "the file of model version {} is missing ({})",

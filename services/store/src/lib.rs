@@ -22,6 +22,7 @@ pub mod notify;
 pub mod routes;
 pub mod synth;
 pub mod training;
+pub mod upstreams;
 
 pub use sqlx;
 pub use sqlx::postgres::PgListener;

@@ -34,6 +34,8 @@ pub struct RouteSnapshot {
     pub versions: Vec<ModelVersion>,
     pub links: Vec<VersionLink>,
     pub teams: Vec<TeamRoute>,
+    /// Where each upstream version is served.
+    pub upstreams: Vec<crate::upstreams::Upstream>,
     pub read_at: Option<DateTime<Utc>>,
 }
 
@@ -57,12 +59,14 @@ pub async fn snapshot(pool: &sqlx::PgPool) -> Result<RouteSnapshot> {
     )
     .fetch_all(&mut *tx)
     .await?;
+    let upstreams = crate::upstreams::list(&mut *tx).await?;
     let read_at = crate::now(&mut *tx).await?;
     tx.commit().await?;
     Ok(RouteSnapshot {
         versions,
         links,
         teams,
+        upstreams,
         read_at: Some(read_at),
     })
 }

@@ -404,6 +404,10 @@ mod tests {
                 ("FLYWHEEL_JOURNAL_SYNC_MS", "9"),
                 ("FLYWHEEL_TRAIN_NICE", "4"),
                 ("FLYWHEEL_CURATION_SCHEDULE", "off"),
+                ("FLYWHEEL_UPSTREAM_RETRIES", "0"),
+                ("FLYWHEEL_UPSTREAM_BACKOFF_MS", "40"),
+                ("FLYWHEEL_UPSTREAM_BREAKER_FAILURES", "9"),
+                ("FLYWHEEL_UPSTREAM_BREAKER_COOLDOWN_SECS", "8"),
             ],
         )
         .unwrap();
@@ -414,7 +418,17 @@ mod tests {
         assert_eq!(c.journal.sync_interval, std::time::Duration::from_millis(9));
         assert_eq!(c.training.nice, 4);
         assert_eq!(c.jobs.curation_schedule, None);
-        assert_eq!(SETTINGS.len(), 47);
+        let upstream = &c.gateway.http.upstream;
+        assert_eq!(
+            (
+                upstream.retries,
+                upstream.backoff,
+                upstream.breaker_failures
+            ),
+            (0, std::time::Duration::from_millis(40), 9)
+        );
+        assert_eq!(upstream.breaker_cooldown, std::time::Duration::from_secs(8));
+        assert_eq!(SETTINGS.len(), 51);
     }
 
     #[test]

@@ -85,6 +85,18 @@ settings! {
     "gateway.route_refresh_secs", "FLYWHEEL_ROUTE_REFRESH_SECS", "5",
         "besides listening for promotions (Postgres NOTIFY), a gateway rereads its teams' champions and canaries this often"
         => |v, c| c.gateway.http.route_refresh = Duration::from_secs(v.number(1..=86_400)?);
+    "gateway.upstream_retries", "FLYWHEEL_UPSTREAM_RETRIES", "2",
+        "attempts after the first when an upstream version's server fails before answering (unreachable, timed out, 429, 5xx)"
+        => |v, c| c.gateway.http.upstream.retries = v.number(0..=10)? as u32;
+    "gateway.upstream_backoff_ms", "FLYWHEEL_UPSTREAM_BACKOFF_MS", "250",
+        "wait before an upstream's first retry, doubled for each one after"
+        => |v, c| c.gateway.http.upstream.backoff = Duration::from_millis(v.number(0..=60_000)?);
+    "gateway.upstream_breaker_failures", "FLYWHEEL_UPSTREAM_BREAKER_FAILURES", "5",
+        "consecutive failures after which an upstream is not called (503) until its cooldown has passed"
+        => |v, c| c.gateway.http.upstream.breaker_failures = v.number(1..=1_000)? as u32;
+    "gateway.upstream_breaker_cooldown_secs", "FLYWHEEL_UPSTREAM_BREAKER_COOLDOWN_SECS", "30",
+        "how long an upstream's open circuit refuses calls before one trial call"
+        => |v, c| c.gateway.http.upstream.breaker_cooldown = Duration::from_secs(v.number(1..=86_400)?);
     "engine.queue_capacity", "FLYWHEEL_QUEUE_CAPACITY", "64",
         "requests that may wait for the engine before 429"
         => |v, c| c.engine.queue_capacity = v.count(1)?;

@@ -17,7 +17,9 @@ use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::{Extension, Json, Router};
-use flywheel_engine::{Event, GenerateRequest, SubmitError};
+use flywheel_engine::{
+    AdapterId, ChatMessage, EngineHandle, Event, GenerateRequest, SamplingParams, SubmitError,
+};
 use flywheel_store::keys::Principal;
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
@@ -26,7 +28,7 @@ use tokio_stream::wrappers::ReceiverStream;
 
 use crate::error::ApiJson;
 use crate::journal::Record;
-use crate::serving::RouteKind;
+use crate::serving::{Backend, RouteKind};
 use crate::{AppError, AppState, RETRY_AFTER, ServedModel};
 use request::ChatRequest;
 use response::{Chunker, Collected};
@@ -63,51 +65,13 @@ async fn create(
         ));
     }
 
-    let prompt_ids = served
-        .engine
-        .prepare_chat(&v.messages)
-        .map_err(|e| AppError::bad_request(e.to_string(), Some("messages")))?;
-    let ctx = served.engine.info().context_length;
-    let room = ctx.saturating_sub(prompt_ids.len());
-    let too_long = |asked: usize| AppError::BadRequest {
-        message: format!(
-            "This model's maximum context length is {ctx} tokens. However, you requested {} tokens ({} in the messages, {asked} in the completion). Please reduce the length of the messages or completion.",
-            prompt_ids.len() + asked,
-            prompt_ids.len()
-        ),
-        param: Some("messages".into()),
-        code: Some("context_length_exceeded"),
-    };
-    let mut params = v.params;
-    params.max_tokens = match v.max_tokens {
-        _ if room == 0 => return Err(too_long(1)),
-        Some(n) if n > room => return Err(too_long(n)),
-        Some(n) => n,
-        None => state.config().default_max_tokens.min(room),
-    };
-
-    let events = served
-        .engine
-        .submit(GenerateRequest {
-            prompt_ids,
-            params,
-            adapter: served.adapter,
-        })
-        .map_err(|e| match e {
-            SubmitError::QueueFull => AppError::Overloaded {
-                retry_after_s: RETRY_AFTER.as_secs(),
-            },
-            SubmitError::Stopped => {
-                AppError::Unavailable("the inference engine has stopped".into())
-            }
-        })?;
     let log = LogContext {
         state: state.clone(),
         id: id.clone(),
         principal,
         served: served.clone(),
         route,
-        request: body,
+        request: body.clone(),
         end_user,
         request_id: headers
             .get("x-request-id")
@@ -115,6 +79,23 @@ async fn create(
             .map(str::to_string),
         started,
         started_at,
+    };
+    let events = match &served.backend {
+        Backend::Engine { engine, adapter } => {
+            submit(&state, engine, *adapter, v.messages, v.params, v.max_tokens)?
+        }
+        Backend::Upstream(client) => {
+            let request =
+                request::for_upstream(&body, v.max_tokens, state.config().default_max_tokens);
+            match client.chat(request).await {
+                Ok(events) => events,
+                Err(e) => {
+                    // Asked for and not answered: recorded all the same.
+                    let _ = log.record(&Collected::default(), Some("error")).await;
+                    return Err(e.into());
+                }
+            }
+        }
     };
     let chunker = Chunker::new(
         id,
@@ -134,6 +115,51 @@ async fn create(
     }
 }
 
+/// Queues a generation on an engine in this process.
+fn submit(
+    state: &AppState,
+    engine: &EngineHandle,
+    adapter: Option<AdapterId>,
+    messages: Vec<ChatMessage>,
+    mut params: SamplingParams,
+    max_tokens: Option<usize>,
+) -> Result<mpsc::UnboundedReceiver<Event>, AppError> {
+    let prompt_ids = engine
+        .prepare_chat(&messages)
+        .map_err(|e| AppError::bad_request(e.to_string(), Some("messages")))?;
+    let ctx = engine.info().context_length;
+    let room = ctx.saturating_sub(prompt_ids.len());
+    let too_long = |asked: usize| AppError::BadRequest {
+        message: format!(
+            "This model's maximum context length is {ctx} tokens. However, you requested {} tokens ({} in the messages, {asked} in the completion). Please reduce the length of the messages or completion.",
+            prompt_ids.len() + asked,
+            prompt_ids.len()
+        ),
+        param: Some("messages".into()),
+        code: Some("context_length_exceeded"),
+    };
+    params.max_tokens = match max_tokens {
+        _ if room == 0 => return Err(too_long(1)),
+        Some(n) if n > room => return Err(too_long(n)),
+        Some(n) => n,
+        None => state.config().default_max_tokens.min(room),
+    };
+    engine
+        .submit(GenerateRequest {
+            prompt_ids,
+            params,
+            adapter,
+        })
+        .map_err(|e| match e {
+            SubmitError::QueueFull => AppError::Overloaded {
+                retry_after_s: RETRY_AFTER.as_secs(),
+            },
+            SubmitError::Stopped => {
+                AppError::Unavailable("the inference engine has stopped".into())
+            }
+        })
+}
+
 /// Non-streaming: collects the whole answer, records it, then hands it to
 /// the waiting handler. If the handler is gone (client disconnected), the
 /// generation stops and is recorded as cancelled.
@@ -150,7 +176,7 @@ async fn complete(
                 Some(ev) => match collected.push(ev) {
                     Ok(_) if collected.finish.is_some() => break Outcome::Finished,
                     Ok(_) => {}
-                    Err(e) => break Outcome::Failed(e),
+                    Err(e) => break Outcome::Failed(log.served.failed(e)),
                 },
                 None => break Outcome::Failed(AppError::Internal("the engine ended the generation without finishing".into())),
             },
@@ -214,7 +240,7 @@ fn stream(
                 Ok(Some(delta)) => open = send(chunker.delta_chunk(&delta)).await,
                 Ok(None) => {}
                 Err(e) => {
-                    failure = Some(e);
+                    failure = Some(log.served.failed(e));
                     break;
                 }
             }

@@ -133,6 +133,27 @@ pub struct Validated {
     pub include_usage: bool,
 }
 
+/// A validated request as an upstream gets it: what the client asked,
+/// without the fields the gateway answers itself (the model name, how to
+/// stream) or keeps to itself (the end user's id, OpenAI's storage flags),
+/// with the gateway's default length when the client set none.
+pub fn for_upstream(body: &Value, max_tokens: Option<usize>, default_max_tokens: usize) -> Value {
+    let mut out = body.clone();
+    if let Some(fields) = out.as_object_mut() {
+        for field in ["model", "stream", "stream_options", "max_completion_tokens"]
+            .iter()
+            .chain(IGNORED)
+        {
+            fields.remove(*field);
+        }
+        fields.insert(
+            "max_tokens".into(),
+            max_tokens.unwrap_or(default_max_tokens).into(),
+        );
+    }
+    out
+}
+
 impl ChatRequest {
     pub fn validate(self) -> Result<Validated, AppError> {
         let mut json = None;

@@ -3,8 +3,6 @@
 use flywheel_engine::{Event, FinishReason, TokenLogprob};
 use serde_json::{Value, json};
 
-use crate::AppError;
-
 /// What a generation produced so far.
 #[derive(Debug, Default)]
 pub struct Collected {
@@ -24,8 +22,9 @@ pub struct Delta {
 }
 
 impl Collected {
-    /// Folds one engine event in; returns the delta to stream, if any.
-    pub fn push(&mut self, ev: Event) -> Result<Option<Delta>, AppError> {
+    /// Folds one engine event in; returns the delta to stream, if any, or
+    /// what failed.
+    pub fn push(&mut self, ev: Event) -> Result<Option<Delta>, String> {
         match ev {
             Event::Delta { text, logprobs } => {
                 self.first_token_after
@@ -53,7 +52,7 @@ impl Collected {
                 self.completion_tokens = completion_tokens;
                 Ok(None)
             }
-            Event::Error(e) => Err(AppError::Internal(e)),
+            Event::Error(e) => Err(e),
         }
     }
 

@@ -1,0 +1,614 @@
+//! Model versions served by an OpenAI-compatible server elsewhere, through
+//! the real `flywheel serve`: a team starts on "the big model it uses
+//! today", and every answer is logged, rated and curated like one of its
+//! own; the upstream's faults (5xx, a stall, a connection cut mid-answer, a
+//! stopped server) reach clients as OpenAI-shaped errors without losing the
+//! record.
+//!
+//! The upstream here is a **stand-in** ([`StandIn`]): a small server in
+//! this file speaking OpenAI's protocol with a canned answer, so that each
+//! fault can be made to happen on cue. It is not vLLM nor llama.cpp's
+//! server; `scripts/upstream-llamacpp.sh` runs the same path against
+//! llama.cpp's real server (`llama_cpp.server`, from PyPI).
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_openai::Client;
+use async_openai::config::OpenAIConfig;
+use async_openai::types::chat::{
+    ChatCompletionRequestUserMessageArgs, ChatCompletionStreamOptions,
+    CreateChatCompletionRequestArgs,
+};
+use axum::body::{Body, Bytes};
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use axum::{Json, Router};
+use flywheel_tests::process::{GatewayProcess, TinySetup, cli, free_port, ready};
+use flywheel_tests::{eventually, until};
+use futures::StreamExt;
+use serde_json::{Value, json};
+
+/// The stand-in's answer, one streamed piece each.
+const ANSWER: [&str; 4] = ["Route ", "to ", "billing", "."];
+/// The usage the stand-in reports for its whole answer.
+const PROMPT_TOKENS: u64 = 21;
+
+/// What the stand-in does with its next request (without a script: answers).
+#[derive(Debug, Clone)]
+enum Behave {
+    /// Answers with this status and an OpenAI-shaped error.
+    Status(u16),
+    /// Waits this long before answering.
+    Stall(Duration),
+    /// Streams this many pieces, then breaks the connection.
+    CutAfter(usize),
+}
+
+#[derive(Default)]
+struct Script {
+    next: VecDeque<Behave>,
+    /// Each request's `Authorization` header and body.
+    seen: Vec<(Option<String>, Value)>,
+}
+
+/// A stand-in for an OpenAI-compatible server, on its own runtime and
+/// thread so that [`StandIn::stop`] stops it for real: the listener and
+/// every open connection close.
+struct StandIn {
+    base: String,
+    script: Arc<Mutex<Script>>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl StandIn {
+    fn start() -> Self {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        let script = Arc::new(Mutex::new(Script::default()));
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let state = script.clone();
+        let thread = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+                let app = Router::new()
+                    .route("/v1/chat/completions", post(chat))
+                    .with_state(state);
+                tokio::spawn(async move { axum::serve(listener, app).await });
+                let _ = stopped.await;
+            });
+            // Dropping the runtime drops every connection's task with it.
+            drop(rt);
+        });
+        Self {
+            base,
+            script,
+            stop: Some(stop),
+            thread: Some(thread),
+        }
+    }
+
+    fn then(&self, b: Behave) {
+        self.script.lock().unwrap().next.push_back(b);
+    }
+
+    fn seen(&self) -> Vec<(Option<String>, Value)> {
+        self.script.lock().unwrap().seen.clone()
+    }
+
+    fn stop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            t.join().unwrap();
+        }
+    }
+}
+
+impl Drop for StandIn {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+async fn chat(
+    State(script): State<Arc<Mutex<Script>>>,
+    headers: HeaderMap,
+    Json(body): Json<Value>,
+) -> Response {
+    let behave = {
+        let mut s = script.lock().unwrap();
+        let auth = headers
+            .get(header::AUTHORIZATION)
+            .map(|v| v.to_str().unwrap().to_string());
+        s.seen.push((auth, body));
+        s.next.pop_front()
+    };
+    match behave {
+        Some(Behave::Status(code)) => (
+            StatusCode::from_u16(code).unwrap(),
+            Json(
+                json!({"error": {"message": format!("the stand-in failed with {code}"),
+                                  "type": "server_error", "param": null, "code": null}}),
+            ),
+        )
+            .into_response(),
+        Some(Behave::Stall(d)) => {
+            tokio::time::sleep(d).await;
+            events(ANSWER.len())
+        }
+        Some(Behave::CutAfter(n)) => events(n),
+        None => events(ANSWER.len()),
+    }
+}
+
+/// `pieces` of the answer as server-sent events; the whole answer ends
+/// with its finish, usage and `[DONE]`, a shorter one with a broken
+/// connection.
+fn events(pieces: usize) -> Response {
+    let chunk = |delta: Value, finish: Value| {
+        let c = json!({"id": "chatcmpl-standin", "object": "chat.completion.chunk", "created": 0,
+                       "model": "teacher-7b",
+                       "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]});
+        Ok::<_, std::io::Error>(Bytes::from(format!("data: {c}\n\n")))
+    };
+    let mut out = vec![chunk(
+        json!({"role": "assistant", "content": ""}),
+        Value::Null,
+    )];
+    for p in &ANSWER[..pieces] {
+        out.push(chunk(json!({"content": p}), Value::Null));
+    }
+    if pieces == ANSWER.len() {
+        out.push(chunk(json!({}), json!("stop")));
+        let usage = json!({"id": "chatcmpl-standin", "object": "chat.completion.chunk", "created": 0,
+            "model": "teacher-7b", "choices": [],
+            "usage": {"prompt_tokens": PROMPT_TOKENS, "completion_tokens": ANSWER.len(),
+                      "total_tokens": PROMPT_TOKENS + ANSWER.len() as u64}});
+        out.push(Ok(Bytes::from(format!(
+            "data: {usage}\n\ndata: [DONE]\n\n"
+        ))));
+    } else {
+        out.push(Err(std::io::Error::other(
+            "the stand-in cut the connection",
+        )));
+    }
+    // A pause before each piece, as a server generating them: the headers
+    // and the first pieces are on the wire before a cut (a connection
+    // closed before any response is retried, rightly, as unreachable).
+    let paced = futures::stream::iter(out).then(|piece| async {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        piece
+    });
+    Response::builder()
+        .header(header::CONTENT_TYPE, "text/event-stream")
+        .body(Body::from_stream(paced))
+        .unwrap()
+}
+
+/// Registers `name` as an upstream on `url` for team `team` and makes it
+/// the team's champion.
+fn add_upstream(db: &str, name: &str, url: &str, team: &str, extra: &[&str]) {
+    let args = [
+        &[
+            "models",
+            "add-upstream",
+            name,
+            "--url",
+            url,
+            "--model",
+            "teacher-7b",
+            "--team",
+            team,
+        ][..],
+        extra,
+    ]
+    .concat();
+    cli(db, &args);
+    cli(
+        db,
+        &[
+            "models",
+            "promote",
+            name,
+            "--team",
+            team,
+            "--reason",
+            "start on the model we use today",
+        ],
+    );
+}
+
+/// `flywheel serve` with `env`, its log (stderr) in `log`.
+async fn serve(setup: &TinySetup, env: &[(&str, &str)], log: &std::path::Path) -> GatewayProcess {
+    let port = free_port();
+    let stderr = std::fs::File::create(log).unwrap();
+    let child = GatewayProcess::spawn(
+        &setup.db,
+        port,
+        &setup.dir.join("journal"),
+        env,
+        stderr.into(),
+    );
+    let base = format!("http://127.0.0.1:{port}");
+    let gw = GatewayProcess { child, base };
+    assert!(ready(&gw.base).await, "the gateway did not become ready");
+    gw
+}
+
+fn openai(gw: &GatewayProcess, key: &str) -> Client<OpenAIConfig> {
+    Client::with_config(
+        OpenAIConfig::new()
+            .with_api_base(format!("{}/v1", gw.base))
+            .with_api_key(key),
+    )
+}
+
+fn ask(text: &str) -> CreateChatCompletionRequestArgs {
+    let mut args = CreateChatCompletionRequestArgs::default();
+    args.model("default").messages(vec![
+        ChatCompletionRequestUserMessageArgs::default()
+            .content(text)
+            .build()
+            .unwrap()
+            .into(),
+    ]);
+    args
+}
+
+/// A team's completions: (output, finish_reason, prompt_tokens, completion_tokens), oldest first.
+async fn completions(pool: &sqlx::PgPool, version: &str) -> Vec<(String, String, i32, i32)> {
+    sqlx::query_as(
+        "select c.output, c.finish_reason, c.prompt_tokens, c.completion_tokens
+         from completions c join model_versions v on v.id = c.model_version_id
+         where v.name = $1 order by c.created_at",
+    )
+    .bind(version)
+    .fetch_all(pool)
+    .await
+    .unwrap()
+}
+
+#[tokio::test]
+async fn a_team_on_an_upstream_model_is_served_logged_rated_and_curated_as_on_its_own() {
+    let setup = TinySetup::new("fw_upstream").await;
+    let standin = StandIn::start();
+    let key = setup.key("acme");
+    let secret = format!("sk-upstream-{}", uuid::Uuid::new_v4());
+    add_upstream(
+        &setup.db,
+        "big",
+        &format!("{}/v1", standin.base),
+        "acme",
+        &["--api-key-env", "FW_TEST_UPSTREAM_KEY"],
+    );
+    let log = setup.dir.join("gateway.log");
+    let gw = serve(
+        &setup,
+        &[("FW_TEST_UPSTREAM_KEY", &secret), ("RUST_LOG", "debug")],
+        &log,
+    )
+    .await;
+    let client = openai(&gw, &key);
+
+    // A chat, as any OpenAI client sends it.
+    let mut args = ask("My invoice charged me twice.");
+    args.user("end-user-1").max_completion_tokens(40u32);
+    let full = client.chat().create(args.build().unwrap()).await.unwrap();
+    assert_eq!(
+        full.choices[0].message.content.as_deref(),
+        Some("Route to billing.")
+    );
+    assert_eq!(full.model, "big");
+    let usage = full.usage.unwrap();
+    assert_eq!((usage.prompt_tokens, usage.completion_tokens), (21, 4));
+
+    // And a stream, with usage.
+    let mut args = ask("Where do I change my password?");
+    args.user("end-user-2")
+        .stream_options(ChatCompletionStreamOptions {
+            include_usage: Some(true),
+            include_obfuscation: None,
+        });
+    let mut stream = client
+        .chat()
+        .create_stream(args.build().unwrap())
+        .await
+        .unwrap();
+    let (mut text, mut streamed_usage, mut streamed_id) = (String::new(), None, None);
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.unwrap();
+        streamed_id.get_or_insert(chunk.id.clone());
+        for c in &chunk.choices {
+            text.push_str(c.delta.content.as_deref().unwrap_or(""));
+        }
+        streamed_usage = streamed_usage.or(chunk.usage);
+    }
+    assert_eq!(text, "Route to billing.");
+    assert_eq!(streamed_usage.map(|u| u.prompt_tokens), Some(21));
+
+    // What the upstream got: its own model name, the key from the
+    // gateway's environment, the request without the end user's id.
+    let seen = standin.seen();
+    assert_eq!(seen.len(), 2);
+    for (auth, body) in &seen {
+        assert_eq!(auth.as_deref(), Some(format!("Bearer {secret}").as_str()));
+        assert_eq!(body["model"], "teacher-7b");
+        assert_eq!(body["stream"], true);
+        assert!(
+            body.get("user").is_none(),
+            "the end user's id stays here: {body}"
+        );
+    }
+    assert_eq!(seen[0].1["max_tokens"], 40);
+    assert_eq!(seen[1].1["max_tokens"], 512, "the gateway's default length");
+
+    // Logged with the version that answered, and rated.
+    let pool = flywheel_store::connect(&setup.db).await.unwrap();
+    let rows = eventually(20, || async {
+        Some(completions(&pool, "big").await).filter(|r| r.len() == 2)
+    })
+    .await
+    .expect("both answers logged");
+    assert_eq!(rows[0], ("Route to billing.".into(), "stop".into(), 21, 4));
+    let votes = [
+        (full.id.clone(), "up", "end-user-1"),
+        (streamed_id.unwrap(), "down", "end-user-2"),
+    ];
+    for (id, rating, user) in votes {
+        let (status, body) = gw
+            .post(
+                &key,
+                "/v1/feedback",
+                json!({"completion_id": id, "rating": rating, "user": user}),
+            )
+            .await;
+        assert_eq!(status, 201, "{body}");
+    }
+    assert!(
+        until(20, || async {
+            sqlx::query_scalar::<_, i64>("select count(*) from feedback")
+                .fetch_one(&pool)
+                .await
+                .unwrap()
+                == 2
+        })
+        .await,
+        "both votes stored"
+    );
+
+    // Curated like any other answers: the upstream's liked answer is a
+    // KTO example of the team's dataset.
+    cli(
+        &setup.db,
+        &["datasets", "build", "--team", "acme", "--inline"],
+    );
+    let kto = cli(
+        &setup.db,
+        &["datasets", "export", "acme@1", "--format", "trl-kto"],
+    );
+    let examples: Vec<Value> = kto
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(examples.len(), 2, "{kto}");
+    assert!(kto.contains("Route to billing."), "{kto}");
+
+    // The key is never stored, logged or shown.
+    let listed = cli(&setup.db, &["models", "list", "--json"]);
+    let (_, models) = gw_get(&gw, &key, "/v1/models").await;
+    let dump: String = sqlx::query_scalar(
+        "select concat_ws(' ', (select string_agg(row_to_json(u)::text, ' ') from upstreams u),
+                              (select string_agg(row_to_json(v)::text, ' ') from model_versions v),
+                              (select string_agg(row_to_json(c)::text, ' ') from completions c))",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    let logged = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        logged.contains("DEBUG"),
+        "the gateway logged at debug level"
+    );
+    for (place, text) in [
+        ("models list", listed),
+        ("/v1/models", models.to_string()),
+        ("the database", dump),
+        ("the gateway's log", logged),
+    ] {
+        assert!(
+            !text.contains(&secret),
+            "the upstream's key appears in {place}"
+        );
+    }
+}
+
+async fn gw_get(gw: &GatewayProcess, key: &str, path: &str) -> (u16, Value) {
+    let r = reqwest::Client::new()
+        .get(format!("{}{path}", gw.base))
+        .bearer_auth(key)
+        .send()
+        .await
+        .unwrap();
+    (r.status().as_u16(), r.json().await.unwrap())
+}
+
+/// A chat through the gateway's HTTP API (no client library: the faults
+/// below are read off the raw response).
+async fn raw_chat(gw: &GatewayProcess, key: &str, stream: bool) -> (u16, String) {
+    let r = reqwest::Client::new()
+        .post(format!("{}/v1/chat/completions", gw.base))
+        .bearer_auth(key)
+        .json(&json!({"model": "default", "stream": stream,
+                      "messages": [{"role": "user", "content": "My invoice charged me twice."}]}))
+        .send()
+        .await
+        .unwrap();
+    (r.status().as_u16(), r.text().await.unwrap())
+}
+
+fn error_of(body: &str) -> Value {
+    let v: Value = serde_json::from_str(body).unwrap_or_else(|_| panic!("not JSON: {body}"));
+    v["error"].clone()
+}
+
+#[tokio::test]
+async fn upstream_faults_reach_clients_as_openai_errors_and_every_request_is_recorded() {
+    let setup = TinySetup::new("fw_upstream_faults").await;
+    let mut standin = StandIn::start();
+    let key = setup.key("acme");
+    add_upstream(
+        &setup.db,
+        "big",
+        &format!("{}/v1", standin.base),
+        "acme",
+        &["--timeout-secs", "2"],
+    );
+    let log = setup.dir.join("gateway.log");
+    // The circuit opens after four failures in a row and stays open for
+    // the rest of the test.
+    let gw = serve(
+        &setup,
+        &[
+            ("FLYWHEEL_UPSTREAM_BREAKER_FAILURES", "4"),
+            ("FLYWHEEL_UPSTREAM_BREAKER_COOLDOWN_SECS", "600"),
+        ],
+        &log,
+    )
+    .await;
+    let pool = flywheel_store::connect(&setup.db).await.unwrap();
+    let mut expect = Vec::new();
+
+    // 500 three times: the first attempt and both retries fail; a 502.
+    for _ in 0..3 {
+        standin.then(Behave::Status(500));
+    }
+    let (status, body) = raw_chat(&gw, &key, false).await;
+    assert_eq!(status, 502, "{body}");
+    let e = error_of(&body);
+    assert_eq!(
+        (e["type"].as_str(), e["code"].as_str()),
+        (Some("server_error"), Some("upstream_error"))
+    );
+    assert!(e["message"].as_str().unwrap().contains("500"), "{e}");
+    assert_eq!(standin.seen().len(), 3);
+    expect.push(("", "error"));
+
+    // An answer ends the run of failures (three so far).
+    let (status, body) = raw_chat(&gw, &key, false).await;
+    assert_eq!(status, 200, "{body}");
+    expect.push(("Route to billing.", "stop"));
+
+    // A 503 once: the retry answers (and the answer closes the count of
+    // failures in a row).
+    standin.then(Behave::Status(503));
+    let (status, body) = raw_chat(&gw, &key, false).await;
+    assert_eq!(status, 200, "{body}");
+    expect.push(("Route to billing.", "stop"));
+
+    // A request the upstream refuses is the client's fault, and not retried.
+    let before = standin.seen().len();
+    standin.then(Behave::Status(400));
+    let (status, body) = raw_chat(&gw, &key, false).await;
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(error_of(&body)["code"], "upstream_rejected");
+    assert_eq!(standin.seen().len(), before + 1);
+    expect.push(("", "error"));
+
+    // A stall past the version's 2 s: a 504.
+    standin.then(Behave::Stall(Duration::from_secs(5)));
+    let (status, body) = raw_chat(&gw, &key, false).await;
+    assert_eq!(status, 504, "{body}");
+    assert_eq!(error_of(&body)["code"], "upstream_timeout");
+    expect.push(("", "error"));
+
+    // A connection cut mid-answer: the client has the pieces streamed so
+    // far, then an error event; the record keeps what was said.
+    standin.then(Behave::CutAfter(2));
+    let (status, body) = raw_chat(&gw, &key, true).await;
+    assert_eq!(status, 200, "a stream has started before the cut");
+    assert!(
+        body.contains("\"content\":\"Route \"") && body.contains("\"content\":\"to \""),
+        "{body}"
+    );
+    let last: Value = body
+        .lines()
+        .rev()
+        .find_map(|l| l.strip_prefix("data: "))
+        .map(|d| serde_json::from_str(d).unwrap())
+        .unwrap();
+    assert_eq!(last["error"]["code"], "upstream_error", "{body}");
+    assert!(!body.contains("[DONE]"), "{body}");
+    expect.push(("Route to ", "error"));
+
+    // Every request, answered or not, is in the log with what it produced.
+    let rows = eventually(20, || async {
+        Some(completions(&pool, "big").await).filter(|r| r.len() == expect.len())
+    })
+    .await
+    .unwrap_or_else(|| panic!("{} records expected", expect.len()));
+    let got: Vec<(&str, &str)> = rows.iter().map(|r| (r.0.as_str(), r.1.as_str())).collect();
+    assert_eq!(got, expect);
+
+    // The server stops for real: refused connections, retried, then the
+    // circuit opens and the gateway stops calling it (503 at once).
+    let (status, body) = raw_chat(&gw, &key, false).await;
+    assert_eq!(status, 200, "{body}");
+    standin.stop();
+    let (status, body) = raw_chat(&gw, &key, false).await;
+    assert_eq!(status, 502, "{body}");
+    assert!(
+        error_of(&body)["message"]
+            .as_str()
+            .unwrap()
+            .contains("could not be reached"),
+        "{body}"
+    );
+    let mut opened = false;
+    for _ in 0..3 {
+        let (status, body) = raw_chat(&gw, &key, false).await;
+        if status == 503 {
+            assert_eq!(error_of(&body)["code"], "service_unavailable");
+            opened = true;
+            break;
+        }
+        assert_eq!(status, 502, "{body}");
+    }
+    assert!(opened, "four failures in a row open the circuit");
+    let attempts = metric(&gw, "flywheel_upstream_attempts_total").await;
+    let (status, body) = raw_chat(&gw, &key, true).await;
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(
+        metric(&gw, "flywheel_upstream_attempts_total").await,
+        attempts,
+        "an open circuit calls nobody"
+    );
+    assert_eq!(metric(&gw, "flywheel_upstream_circuit_open").await, 1.0);
+    assert!(metric(&gw, "flywheel_upstream_refused_total").await >= 2.0);
+}
+
+/// `name`'s series for the upstream version `big`.
+async fn metric(gw: &GatewayProcess, name: &str) -> f64 {
+    let text = reqwest::get(format!("{}/metrics", gw.base))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let series = format!("{name}{{version=\"big\"}} ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&series))
+        .unwrap_or_else(|| panic!("no {series} in\n{text}"))
+        .parse()
+        .unwrap()
+}

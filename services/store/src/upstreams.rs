@@ -1,0 +1,105 @@
+//! Model versions answered by an OpenAI-compatible server elsewhere (an
+//! upstream) instead of weights in this process. Such a version is an
+//! ordinary row of `model_versions` (format `upstream`), so keys, routing,
+//! canaries, the journal and feedback treat it as any other; this table
+//! says where it is served.
+
+use sqlx::PgExecutor;
+use uuid::Uuid;
+
+use crate::models::ModelVersion;
+use crate::{Result, StoreError};
+
+/// `model_versions.format` of an upstream version.
+pub const FORMAT: &str = "upstream";
+
+/// Where an upstream version is served.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, sqlx::FromRow)]
+pub struct Upstream {
+    pub model_version_id: Uuid,
+    /// Up to and including the API's version prefix: `http://host:8000/v1`.
+    pub base_url: String,
+    /// The model name the upstream knows it by.
+    pub model: String,
+    /// The environment variable that holds the API key (the key itself is
+    /// never stored).
+    pub api_key_env: Option<String>,
+    /// The longest a whole answer may take.
+    pub timeout_ms: i32,
+}
+
+#[derive(Debug, Clone)]
+pub struct NewUpstream {
+    /// The version's name, as clients and the dashboard see it.
+    pub name: String,
+    pub base_url: String,
+    pub model: String,
+    pub api_key_env: Option<String>,
+    pub timeout_ms: i32,
+    pub context_length: Option<i32>,
+}
+
+/// Registers an upstream version. The same name with the same server and
+/// model again returns the existing version; a different one is a conflict.
+pub async fn register(pool: &sqlx::PgPool, new: &NewUpstream) -> Result<ModelVersion> {
+    let base_url = new.base_url.trim_end_matches('/').to_string();
+    // Stands for the "file": what answers, so the same name cannot quietly
+    // come to mean another server.
+    let identity = format!("upstream:{base_url}#{}", new.model);
+    let mut tx = pool.begin().await?;
+    if let Some(existing) = crate::models::by_name(&mut *tx, &new.name).await? {
+        if existing.sha256 == identity {
+            return Ok(existing);
+        }
+        return Err(StoreError::Conflict(format!(
+            "a model version named {} already exists and is not this upstream",
+            new.name
+        )));
+    }
+    let v: ModelVersion = sqlx::query_as(
+        "insert into model_versions (name, source, sha256, format, path, size_bytes, context_length)
+         values ($1, $2, $3, $4, '', 0, $5)
+         returning id, name, source, sha256, format, path, size_bytes, is_champion, created_at,
+                   team_id, pooled, context_length",
+    )
+    .bind(&new.name)
+    .bind(&base_url)
+    .bind(&identity)
+    .bind(FORMAT)
+    .bind(new.context_length)
+    .fetch_one(&mut *tx)
+    .await?;
+    sqlx::query(
+        "insert into upstreams (model_version_id, base_url, model, api_key_env, timeout_ms)
+         values ($1, $2, $3, $4, $5)",
+    )
+    .bind(v.id)
+    .bind(&base_url)
+    .bind(&new.model)
+    .bind(&new.api_key_env)
+    .bind(new.timeout_ms)
+    .execute(&mut *tx)
+    .await?;
+    crate::notify::routes_changed(&mut *tx).await?;
+    tx.commit().await?;
+    Ok(v)
+}
+
+pub async fn list(ex: impl PgExecutor<'_>) -> Result<Vec<Upstream>> {
+    Ok(sqlx::query_as(
+        "select model_version_id, base_url, model, api_key_env, timeout_ms
+         from upstreams order by created_at",
+    )
+    .fetch_all(ex)
+    .await?)
+}
+
+pub async fn get(ex: impl PgExecutor<'_>, version: Uuid) -> Result<Option<Upstream>> {
+    Ok(sqlx::query_as(
+        "select model_version_id, base_url, model, api_key_env, timeout_ms
+         from upstreams where model_version_id = $1",
+    )
+    .bind(version)
+    .fetch_optional(ex)
+    .await?)
+}
