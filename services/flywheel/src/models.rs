@@ -326,6 +326,7 @@ async fn add_upstream(
         None => None,
     };
     let new = flywheel_store::upstreams::NewUpstream {
+        team_id: scope,
         name,
         base_url: url,
         model,
@@ -334,9 +335,6 @@ async fn add_upstream(
         context_length,
     };
     let v = flywheel_store::upstreams::register(pool, &new).await?;
-    if scope.is_some() {
-        flywheel_store::models::set_scope(pool, v.id, scope, false).await?;
-    }
     println!(
         "registered {} ({}): served by {} as {}",
         v.name, v.id, v.source, new.model

@@ -8,7 +8,7 @@
 //! The upstream here is a **stand-in** ([`StandIn`]): a small server in
 //! this file speaking OpenAI's protocol with a canned answer, so that each
 //! fault can be made to happen on cue. It is not vLLM nor llama.cpp's
-//! server; `scripts/upstream-llamacpp.sh` runs the same path against
+//! server; `scripts/upstream-llamacpp.py` runs the same path against
 //! llama.cpp's real server (`llama_cpp.server`, from PyPI).
 
 use std::collections::VecDeque;
@@ -46,6 +46,8 @@ enum Behave {
     Stall(Duration),
     /// Streams this many pieces, then breaks the connection.
     CutAfter(usize),
+    /// Streams the whole answer, this long between pieces.
+    Slow(Duration),
 }
 
 #[derive(Default)]
@@ -145,17 +147,18 @@ async fn chat(
             .into_response(),
         Some(Behave::Stall(d)) => {
             tokio::time::sleep(d).await;
-            events(ANSWER.len())
+            events(ANSWER.len(), Duration::from_millis(20))
         }
-        Some(Behave::CutAfter(n)) => events(n),
-        None => events(ANSWER.len()),
+        Some(Behave::CutAfter(n)) => events(n, Duration::from_millis(20)),
+        Some(Behave::Slow(pause)) => events(ANSWER.len(), pause),
+        None => events(ANSWER.len(), Duration::from_millis(20)),
     }
 }
 
-/// `pieces` of the answer as server-sent events; the whole answer ends
-/// with its finish, usage and `[DONE]`, a shorter one with a broken
-/// connection.
-fn events(pieces: usize) -> Response {
+/// `pieces` of the answer as server-sent events, `pause` before each; the
+/// whole answer ends with its finish, usage and `[DONE]`, a shorter one
+/// with a broken connection.
+fn events(pieces: usize, pause: Duration) -> Response {
     let chunk = |delta: Value, finish: Value| {
         let c = json!({"id": "chatcmpl-standin", "object": "chat.completion.chunk", "created": 0,
                        "model": "teacher-7b",
@@ -186,8 +189,8 @@ fn events(pieces: usize) -> Response {
     // A pause before each piece, as a server generating them: the headers
     // and the first pieces are on the wire before a cut (a connection
     // closed before any response is retried, rightly, as unreachable).
-    let paced = futures::stream::iter(out).then(|piece| async {
-        tokio::time::sleep(Duration::from_millis(20)).await;
+    let paced = futures::stream::iter(out).then(move |piece| async move {
+        tokio::time::sleep(pause).await;
         piece
     });
     Response::builder()
@@ -350,7 +353,9 @@ async fn a_team_on_an_upstream_model_is_served_logged_rated_and_curated_as_on_it
             "the end user's id stays here: {body}"
         );
     }
-    assert_eq!(seen[0].1["max_tokens"], 40);
+    // The length field the client used, passed on as it is.
+    assert_eq!(seen[0].1["max_completion_tokens"], 40);
+    assert!(seen[0].1.get("max_tokens").is_none());
     assert_eq!(seen[1].1["max_tokens"], 512, "the gateway's default length");
 
     // Logged with the version that answered, and rated.
@@ -360,7 +365,9 @@ async fn a_team_on_an_upstream_model_is_served_logged_rated_and_curated_as_on_it
     })
     .await
     .expect("both answers logged");
-    assert_eq!(rows[0], ("Route to billing.".into(), "stop".into(), 21, 4));
+    for row in &rows {
+        assert_eq!(row, &("Route to billing.".into(), "stop".into(), 21, 4));
+    }
     let votes = [
         (full.id.clone(), "up", "end-user-1"),
         (streamed_id.unwrap(), "down", "end-user-2"),
@@ -551,21 +558,46 @@ async fn upstream_faults_reach_clients_as_openai_errors_and_every_request_is_rec
     assert!(!body.contains("[DONE]"), "{body}");
     expect.push(("Route to ", "error"));
 
+    // An answer still coming when the version's 2 s are up: a 504, and
+    // the record keeps what had come.
+    standin.then(Behave::Slow(Duration::from_millis(700)));
+    let (status, body) = raw_chat(&gw, &key, false).await;
+    assert_eq!(status, 504, "{body}");
+    assert_eq!(error_of(&body)["code"], "upstream_timeout");
+    let slow = expect.len();
+    expect.push(("(a part of the answer)", "error"));
+
     // Every request, answered or not, is in the log with what it produced.
     let rows = eventually(20, || async {
         Some(completions(&pool, "big").await).filter(|r| r.len() == expect.len())
     })
     .await
     .unwrap_or_else(|| panic!("{} records expected", expect.len()));
-    let got: Vec<(&str, &str)> = rows.iter().map(|r| (r.0.as_str(), r.1.as_str())).collect();
+    let mut got: Vec<(&str, &str)> = rows.iter().map(|r| (r.0.as_str(), r.1.as_str())).collect();
+    // How much of the slow answer came before the deadline is up to the clock.
+    assert!(
+        !got[slow].0.is_empty()
+            && "Route to billing.".starts_with(got[slow].0)
+            && got[slow].0 != "Route to billing.",
+        "{:?}",
+        got[slow]
+    );
+    got[slow].0 = expect[slow].0;
     assert_eq!(got, expect);
 
     // The server stops for real: refused connections, retried, then the
     // circuit opens and the gateway stops calling it (503 at once).
-    let (status, body) = raw_chat(&gw, &key, false).await;
+    let mut after = 0;
+    let (status, body) = {
+        after += 1;
+        raw_chat(&gw, &key, false).await
+    };
     assert_eq!(status, 200, "{body}");
     standin.stop();
-    let (status, body) = raw_chat(&gw, &key, false).await;
+    let (status, body) = {
+        after += 1;
+        raw_chat(&gw, &key, false).await
+    };
     assert_eq!(status, 502, "{body}");
     assert!(
         error_of(&body)["message"]
@@ -576,7 +608,10 @@ async fn upstream_faults_reach_clients_as_openai_errors_and_every_request_is_rec
     );
     let mut opened = false;
     for _ in 0..3 {
-        let (status, body) = raw_chat(&gw, &key, false).await;
+        let (status, body) = {
+            after += 1;
+            raw_chat(&gw, &key, false).await
+        };
         if status == 503 {
             assert_eq!(error_of(&body)["code"], "service_unavailable");
             opened = true;
@@ -586,7 +621,10 @@ async fn upstream_faults_reach_clients_as_openai_errors_and_every_request_is_rec
     }
     assert!(opened, "four failures in a row open the circuit");
     let attempts = metric(&gw, "flywheel_upstream_attempts_total").await;
-    let (status, body) = raw_chat(&gw, &key, true).await;
+    let (status, body) = {
+        after += 1;
+        raw_chat(&gw, &key, true).await
+    };
     assert_eq!(status, 503, "{body}");
     assert_eq!(
         metric(&gw, "flywheel_upstream_attempts_total").await,
@@ -595,6 +633,20 @@ async fn upstream_faults_reach_clients_as_openai_errors_and_every_request_is_rec
     );
     assert_eq!(metric(&gw, "flywheel_upstream_circuit_open").await, 1.0);
     assert!(metric(&gw, "flywheel_upstream_refused_total").await >= 2.0);
+
+    // Those requests too are recorded, each once: refused or failed.
+    let sent = expect.len() + after;
+    let rows = eventually(20, || async {
+        Some(completions(&pool, "big").await).filter(|r| r.len() >= sent)
+    })
+    .await
+    .unwrap_or_else(|| panic!("{sent} records expected"));
+    assert_eq!(rows.len(), sent);
+    assert!(
+        rows[expect.len() + 1..]
+            .iter()
+            .all(|r| r.1 == "error" && r.0.is_empty())
+    );
 }
 
 /// `name`'s series for the upstream version `big`.

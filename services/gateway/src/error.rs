@@ -135,16 +135,24 @@ impl From<flywheel_upstream::UpstreamError> for AppError {
             U::Status { status: 429, .. } => Self::Overloaded {
                 retry_after_s: crate::RETRY_AFTER.as_secs(),
             },
+            // Its message may quote the key it refused: not passed on.
             U::Status {
-                status: 401 | 403, ..
+                status: status @ (401 | 403),
+                ..
             } => Self::BadGateway(format!(
-                "the upstream serving this model refused this server's credentials ({e})"
+                "the upstream serving this model refused this server's credentials ({status})"
             )),
-            U::Status { status, message } if (400..500).contains(&status) => Self::BadRequest {
+            // What the request asked for, refused: the client's to change.
+            U::Status {
+                status: 400 | 413 | 422,
+                message,
+            } => Self::BadRequest {
                 message: format!("the upstream serving this model refused the request: {message}"),
                 param: None,
                 code: Some("upstream_rejected"),
             },
+            // Anything else (404: a wrong URL or model name) is how the
+            // upstream is set up, not the request.
             U::Timeout(_) => Self::GatewayTimeout(e.to_string()),
             U::CircuitOpen { .. } | U::MissingKey(_) => Self::Unavailable(e.to_string()),
             U::Status { .. } | U::Unreachable(_) | U::Protocol(_) => {

@@ -78,10 +78,14 @@ impl ServedModel {
 
     /// A generation that failed part-way, as the client sees it: the
     /// engine's failure is ours (500, detail logged), an upstream's is a
-    /// bad gateway (502).
+    /// bad gateway (502), or a gateway timeout (504) when its deadline
+    /// passed.
     pub fn failed(&self, detail: String) -> crate::AppError {
         match self.backend {
             Backend::Engine { .. } => crate::AppError::Internal(detail),
+            Backend::Upstream(_) if flywheel_upstream::timed_out(&detail) => {
+                crate::AppError::GatewayTimeout(detail)
+            }
             Backend::Upstream(_) => crate::AppError::BadGateway(detail),
         }
     }

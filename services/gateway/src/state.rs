@@ -287,20 +287,13 @@ impl AppState {
         {
             return Ok(client.clone());
         }
-        let key = match &u.api_key_env {
-            Some(var) => Some(
-                std::env::var(var)
-                    .map_err(|_| flywheel_upstream::UpstreamError::MissingKey(var.clone()))?,
-            ),
-            None => None,
-        };
-        let protocol =
-            flywheel_upstream::openai::OpenAi::new(&u.base_url, &u.model, key.as_deref())?;
-        let client = Arc::new(flywheel_upstream::Client::new(
-            Box::new(protocol),
+        let client = Arc::new(flywheel_upstream::Client::openai(
+            &u.base_url,
+            &u.model,
+            u.api_key_env.as_deref(),
             Duration::from_millis(u.timeout_ms.max(1) as u64),
             self.inner.config.upstream.clone(),
-        ));
+        )?);
         clients.insert(u.model_version_id, (u.clone(), client.clone()));
         Ok(client)
     }

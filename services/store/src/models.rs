@@ -119,6 +119,15 @@ pub async fn champion(ex: impl PgExecutor<'_>) -> Result<Option<ModelVersion>> {
 
 /// Makes `name` the one champion.
 pub async fn set_champion(pool: &sqlx::PgPool, name: &str) -> Result<ModelVersion> {
+    if let Some(v) = by_name(pool, name).await?
+        && v.format == crate::upstreams::FORMAT
+    {
+        // Every gateway loads the global champion into memory at start.
+        return Err(StoreError::Conflict(format!(
+            "{name} is served by an upstream and cannot be the global champion, which every \
+             gateway loads; make it a team's champion (--team)"
+        )));
+    }
     let mut tx = pool.begin().await?;
     sqlx::query("update model_versions set is_champion = false where is_champion")
         .execute(&mut *tx)

@@ -4,6 +4,7 @@
 //! canaries, the journal and feedback treat it as any other; this table
 //! says where it is served.
 
+use sha2::{Digest, Sha256};
 use sqlx::PgExecutor;
 use uuid::Uuid;
 
@@ -37,28 +38,47 @@ pub struct NewUpstream {
     pub api_key_env: Option<String>,
     pub timeout_ms: i32,
     pub context_length: Option<i32>,
+    /// Only this team may be served by it (`None`: every team may).
+    pub team_id: Option<Uuid>,
 }
 
-/// Registers an upstream version. The same name with the same server and
-/// model again returns the existing version; a different one is a conflict.
+/// Registers an upstream version. The same name with the same settings
+/// again returns the existing version; different ones are a conflict. A
+/// URL carrying credentials (`user:key@`) or a query is refused by the
+/// table's check: the key belongs in the environment variable, and the URL
+/// is shown to admins.
 pub async fn register(pool: &sqlx::PgPool, new: &NewUpstream) -> Result<ModelVersion> {
     let base_url = new.base_url.trim_end_matches('/').to_string();
     // Stands for the "file": what answers, so the same name cannot quietly
-    // come to mean another server.
-    let identity = format!("upstream:{base_url}#{}", new.model);
+    // come to mean another server. A digest, as the URL is no client's
+    // business (clients see a version's sha256).
+    let identity = format!(
+        "upstream:{}",
+        hex::encode(Sha256::digest(format!("{base_url}\n{}", new.model)))
+    );
     let mut tx = pool.begin().await?;
     if let Some(existing) = crate::models::by_name(&mut *tx, &new.name).await? {
-        if existing.sha256 == identity {
+        let same = match get(&mut *tx, existing.id).await? {
+            Some(u) => {
+                existing.sha256 == identity
+                    && u.api_key_env == new.api_key_env
+                    && u.timeout_ms == new.timeout_ms
+                    && existing.team_id == new.team_id
+            }
+            None => false,
+        };
+        if same {
             return Ok(existing);
         }
         return Err(StoreError::Conflict(format!(
-            "a model version named {} already exists and is not this upstream",
+            "a model version named {} already exists with other settings",
             new.name
         )));
     }
     let v: ModelVersion = sqlx::query_as(
-        "insert into model_versions (name, source, sha256, format, path, size_bytes, context_length)
-         values ($1, $2, $3, $4, '', 0, $5)
+        "insert into model_versions (name, source, sha256, format, path, size_bytes, context_length,
+                                     team_id)
+         values ($1, $2, $3, $4, '', 0, $5, $6)
          returning id, name, source, sha256, format, path, size_bytes, is_champion, created_at,
                    team_id, pooled, context_length",
     )
@@ -67,6 +87,7 @@ pub async fn register(pool: &sqlx::PgPool, new: &NewUpstream) -> Result<ModelVer
     .bind(&identity)
     .bind(FORMAT)
     .bind(new.context_length)
+    .bind(new.team_id)
     .fetch_one(&mut *tx)
     .await?;
     sqlx::query(

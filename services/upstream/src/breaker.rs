@@ -13,8 +13,9 @@ enum State {
     Closed { failures: u32 },
     /// Calls are refused until `until`.
     Open { until: Instant },
-    /// One trial call is in flight; others are refused until it ends.
-    HalfOpen,
+    /// One trial call is in flight; others are refused until it ends, or
+    /// until `until` (a trial whose end was never heard: its caller left).
+    HalfOpen { until: Instant },
 }
 
 #[derive(Debug)]
@@ -42,17 +43,20 @@ impl Breaker {
         let mut s = self.state();
         match *s {
             State::Closed { .. } => Ok(()),
-            State::Open { until } => {
+            State::Open { until } | State::HalfOpen { until } => {
                 let now = Instant::now();
                 if now >= until {
-                    *s = State::HalfOpen;
+                    *s = State::HalfOpen {
+                        until: now + self.cooldown,
+                    };
                     Ok(())
+                } else if matches!(*s, State::HalfOpen { .. }) {
+                    // The trial decides soon; a caller may come back in a second.
+                    Err(Duration::from_secs(1).min(until - now))
                 } else {
                     Err(until - now)
                 }
             }
-            // The trial decides soon; a caller may come back in a second.
-            State::HalfOpen => Err(Duration::from_secs(1)),
         }
     }
 
@@ -66,7 +70,7 @@ impl Breaker {
         let mut s = self.state();
         let failures = match *s {
             State::Closed { failures } => failures + 1,
-            State::HalfOpen | State::Open { .. } => self.failures_to_open,
+            State::HalfOpen { .. } | State::Open { .. } => self.failures_to_open,
         };
         *s = if failures >= self.failures_to_open {
             tracing::warn!(
@@ -85,7 +89,7 @@ impl Breaker {
     /// request was refused as invalid): a trial lets the next one try.
     pub fn release(&self) {
         let mut s = self.state();
-        if *s == State::HalfOpen {
+        if matches!(*s, State::HalfOpen { .. }) {
             *s = State::Open {
                 until: Instant::now(),
             };
@@ -93,8 +97,11 @@ impl Breaker {
     }
 
     pub fn is_open(&self) -> bool {
-        matches!(*self.state(), State::Open { until } if Instant::now() < until)
-            || *self.state() == State::HalfOpen
+        match *self.state() {
+            State::Closed { .. } => false,
+            State::Open { until } => Instant::now() < until,
+            State::HalfOpen { .. } => true,
+        }
     }
 }
 
@@ -148,5 +155,19 @@ mod tests {
         assert!(b.admit().is_ok());
         b.release();
         assert!(b.admit().is_ok(), "the next call is the new trial");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_trial_never_heard_from_again_expires() {
+        let b = Breaker::new(1, Duration::from_secs(5));
+        b.failure();
+        tokio::time::advance(Duration::from_secs(5)).await;
+        assert!(
+            b.admit().is_ok(),
+            "the trial goes out, and its caller leaves"
+        );
+        assert!(b.admit().is_err());
+        tokio::time::advance(Duration::from_secs(5)).await;
+        assert!(b.admit().is_ok(), "a cooldown later another trial may go");
     }
 }

@@ -33,7 +33,7 @@ pub enum UpstreamError {
     /// No connection (refused, reset, name unknown).
     #[error("the upstream could not be reached: {0}")]
     Unreachable(String),
-    #[error("the upstream did not answer within {0:?}")]
+    #[error("{TIMED_OUT} {0:?}")]
     Timeout(Duration),
     /// The server answered with an HTTP error.
     #[error("the upstream answered {status}: {message}")]
@@ -47,6 +47,15 @@ pub enum UpstreamError {
     /// The version names a key variable this process does not have.
     #[error("the upstream's API key variable {0} is not set on this server")]
     MissingKey(String),
+}
+
+/// How a [`UpstreamError::Timeout`] reads (an answer that timed out
+/// part-way reaches the gateway as an engine event's text).
+pub const TIMED_OUT: &str = "the upstream did not finish within";
+
+/// Whether an answer's failure, as its error event says it, was its deadline.
+pub fn timed_out(detail: &str) -> bool {
+    detail.starts_with(TIMED_OUT)
 }
 
 impl UpstreamError {
@@ -160,6 +169,25 @@ impl Client {
         }
     }
 
+    /// A client of an OpenAI-compatible server whose API key (if any) is in
+    /// the environment variable `api_key_env` of this process.
+    pub fn openai(
+        base_url: &str,
+        model: &str,
+        api_key_env: Option<&str>,
+        timeout: Duration,
+        settings: Settings,
+    ) -> Result<Self, UpstreamError> {
+        let key = match api_key_env {
+            Some(var) => {
+                Some(std::env::var(var).map_err(|_| UpstreamError::MissingKey(var.to_string()))?)
+            }
+            None => None,
+        };
+        let protocol = openai::OpenAi::new(base_url, model, key.as_deref())?;
+        Ok(Self::new(Box::new(protocol), timeout, settings))
+    }
+
     pub fn counters(&self) -> &Counters {
         &self.counters
     }
@@ -180,15 +208,7 @@ impl Client {
     ) -> Result<mpsc::UnboundedReceiver<Event>, UpstreamError> {
         self.counters.requests.fetch_add(1, Ordering::Relaxed);
         let deadline = Instant::now() + self.timeout;
-        let answer = match tokio::time::timeout_at(deadline, self.open_with_retries(&request)).await
-        {
-            Ok(r) => r?,
-            Err(_) => {
-                self.breaker.failure();
-                self.counters.failures.fetch_add(1, Ordering::Relaxed);
-                return Err(UpstreamError::Timeout(self.timeout));
-            }
-        };
+        let answer = self.open_with_retries(&request, deadline).await?;
         let (tx, rx) = mpsc::unbounded_channel();
         let reader = Reader {
             answer,
@@ -197,11 +217,14 @@ impl Client {
             timeout: self.timeout,
         };
         // The reader owns the rest of the answer; the breaker and the
-        // counters hear how it ended.
+        // counters hear how it ended. Only a finished answer shows the
+        // server well: one that accepts requests and then breaks them
+        // still opens the circuit.
         let (breaker, counters) = (self.breaker.clone(), self.counters.clone());
         tokio::spawn(async move {
             match reader.run().await {
                 Ended::Finished { prompt, completion } => {
+                    breaker.success();
                     counters
                         .prompt_tokens
                         .fetch_add(prompt as u64, Ordering::Relaxed);
@@ -209,17 +232,28 @@ impl Client {
                         .completion_tokens
                         .fetch_add(completion as u64, Ordering::Relaxed);
                 }
+                // A long answer that ran past its deadline says nothing
+                // of the server's health.
+                Ended::Failed(UpstreamError::Timeout(_)) | Ended::Abandoned => breaker.release(),
                 Ended::Failed(e) if e.server_fault() => {
                     breaker.failure();
                     counters.failures.fetch_add(1, Ordering::Relaxed);
                 }
-                Ended::Failed(_) | Ended::Abandoned => {}
+                Ended::Failed(_) => breaker.release(),
             }
         });
         Ok(rx)
     }
 
-    async fn open_with_retries(&self, request: &Value) -> Result<Box<dyn Answer>, UpstreamError> {
+    /// Attempts until the server accepts the request, a failure is not
+    /// worth retrying, the retries are spent or `deadline` passes. Each
+    /// attempt that went out is counted once, for the breaker and in the
+    /// counters.
+    async fn open_with_retries(
+        &self,
+        request: &Value,
+        deadline: Instant,
+    ) -> Result<Box<dyn Answer>, UpstreamError> {
         let mut wait = self.settings.backoff;
         let mut attempt = 0;
         loop {
@@ -228,12 +262,10 @@ impl Client {
                 return Err(UpstreamError::CircuitOpen { retry_after });
             }
             self.counters.attempts.fetch_add(1, Ordering::Relaxed);
-            let e = match self.upstream.open(request).await {
-                Ok(answer) => {
-                    self.breaker.success();
-                    return Ok(answer);
-                }
-                Err(e) => e,
+            let e = match tokio::time::timeout_at(deadline, self.upstream.open(request)).await {
+                Ok(Ok(answer)) => return Ok(answer),
+                Ok(Err(e)) => e,
+                Err(_) => UpstreamError::Timeout(self.timeout),
             };
             if e.server_fault() {
                 self.breaker.failure();
@@ -242,6 +274,10 @@ impl Client {
                 self.breaker.release();
             }
             if !e.transient() || attempt >= self.settings.retries {
+                return Err(e);
+            }
+            // No time left for another attempt: the last failure stands.
+            if Instant::now() + wait >= deadline {
                 return Err(e);
             }
             attempt += 1;
@@ -476,6 +512,33 @@ mod tests {
         assert!(
             matches!(&evs[1], Event::Error(e) if e.contains("ended before the answer finished"))
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_server_that_accepts_then_breaks_every_answer_opens_the_circuit() {
+        let half = || {
+            Ok(vec![Piece::Text {
+                text: "half".into(),
+                logprobs: vec![],
+            }])
+        };
+        let c = client(
+            vec![half(), half()],
+            Settings {
+                breaker_failures: 2,
+                ..Settings::default()
+            },
+        );
+        for _ in 0..2 {
+            let evs = events(c.chat(json_request()).await.unwrap()).await;
+            assert!(matches!(evs.last(), Some(Event::Error(_))));
+            // The reader's task reports the end to the breaker.
+            tokio::task::yield_now().await;
+        }
+        assert!(matches!(
+            c.chat(json_request()).await,
+            Err(UpstreamError::CircuitOpen { .. })
+        ));
     }
 
     fn json_request() -> Value {

@@ -86,15 +86,8 @@ async fn create(
         }
         Backend::Upstream(client) => {
             let request =
-                request::for_upstream(&body, v.max_tokens, state.config().default_max_tokens);
-            match client.chat(request).await {
-                Ok(events) => events,
-                Err(e) => {
-                    // Asked for and not answered: recorded all the same.
-                    let _ = log.record(&Collected::default(), Some("error")).await;
-                    return Err(e.into());
-                }
-            }
+                request::for_upstream(&body, &v.messages, state.config().default_max_tokens);
+            reach_upstream(client.clone(), request, log.clone()).await?
         }
     };
     let chunker = Chunker::new(
@@ -112,6 +105,34 @@ async fn create(
             .await
             .map_err(|_| AppError::Internal("the generation task ended early".into()))??;
         Ok(Json(chunker.full_response(&collected)).into_response())
+    }
+}
+
+/// Asks the upstream, in a task of its own: the request is recorded
+/// whether the upstream fails, or the client leaves while it is reached.
+async fn reach_upstream(
+    client: std::sync::Arc<flywheel_upstream::Client>,
+    request: Value,
+    log: LogContext,
+) -> Result<mpsc::UnboundedReceiver<Event>, AppError> {
+    let (tx, rx) = oneshot::channel();
+    tokio::spawn(async move {
+        match client.chat(request).await {
+            Ok(events) => {
+                if let Err(Ok(events)) = tx.send(Ok(events)) {
+                    drop(events); // ends the upstream's answer
+                    let _ = log.record(&Collected::default(), Some("cancelled")).await;
+                }
+            }
+            Err(e) => {
+                let _ = log.record(&Collected::default(), Some("error")).await;
+                let _ = tx.send(Err(e));
+            }
+        }
+    });
+    match rx.await {
+        Ok(r) => r.map_err(AppError::from),
+        Err(_) => Err(AppError::Internal("the upstream task ended early".into())),
     }
 }
 
@@ -271,6 +292,7 @@ fn stream(
 }
 
 /// Everything needed to record a completion once it has ended.
+#[derive(Clone)]
 struct LogContext {
     state: AppState,
     id: String,

@@ -133,23 +133,29 @@ pub struct Validated {
     pub include_usage: bool,
 }
 
-/// A validated request as an upstream gets it: what the client asked,
-/// without the fields the gateway answers itself (the model name, how to
-/// stream) or keeps to itself (the end user's id, OpenAI's storage flags),
-/// with the gateway's default length when the client set none.
-pub fn for_upstream(body: &Value, max_tokens: Option<usize>, default_max_tokens: usize) -> Value {
+/// A validated request as an upstream gets it: the messages as validated
+/// (text parts joined, `developer` as `system`, as the local engine reads
+/// them) and what the client asked, without the fields the gateway answers
+/// itself (the model name, how to stream) or keeps to itself (the end
+/// user's id, OpenAI's storage flags); the length field the client used,
+/// or `max_tokens` at the gateway's default when it set none.
+pub fn for_upstream(body: &Value, messages: &[ChatMessage], default_max_tokens: usize) -> Value {
     let mut out = body.clone();
     if let Some(fields) = out.as_object_mut() {
-        for field in ["model", "stream", "stream_options", "max_completion_tokens"]
-            .iter()
-            .chain(IGNORED)
-        {
+        for field in ["model", "stream", "stream_options"].iter().chain(IGNORED) {
             fields.remove(*field);
         }
-        fields.insert(
-            "max_tokens".into(),
-            max_tokens.unwrap_or(default_max_tokens).into(),
-        );
+        let messages: Vec<Value> = messages
+            .iter()
+            .map(|m| serde_json::json!({"role": m.role, "content": m.content}))
+            .collect();
+        fields.insert("messages".into(), messages.into());
+        let asked = ["max_tokens", "max_completion_tokens"]
+            .iter()
+            .any(|f| fields.get(*f).is_some_and(|v| !v.is_null()));
+        if !asked {
+            fields.insert("max_tokens".into(), default_max_tokens.into());
+        }
     }
     out
 }
