@@ -292,7 +292,11 @@ fn assemble(
     })
 }
 
-fn example(kind: &'static str, split: Split, e: &impl Serialize) -> anyhow::Result<NewExample> {
+pub(crate) fn example(
+    kind: &'static str,
+    split: Split,
+    e: &impl Serialize,
+) -> anyhow::Result<NewExample> {
     Ok(NewExample {
         kind,
         split: match split {
@@ -305,7 +309,7 @@ fn example(kind: &'static str, split: Split, e: &impl Serialize) -> anyhow::Resu
 
 /// The logged `messages` as curation messages; `None` unless every content
 /// is text.
-fn prompt_of(messages: &serde_json::Value) -> Option<Vec<Message>> {
+pub(crate) fn prompt_of(messages: &serde_json::Value) -> Option<Vec<Message>> {
     messages
         .as_array()?
         .iter()

@@ -12,6 +12,7 @@
 
 pub mod canary;
 pub mod curate;
+pub mod distill;
 pub mod evaluate;
 pub mod faults;
 pub mod queue;

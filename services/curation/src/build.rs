@@ -247,6 +247,18 @@ fn split_bucket(prompt_key: &str) -> u64 {
     h % SPLIT_BUCKETS
 }
 
+/// The split of a prompt by its hash alone (as the eval share of a build
+/// places prompts before its minimums): for examples made outside a build,
+/// such as a teacher's answers.
+pub fn split_by_hash(prompt: &[Message], eval_fraction: f64) -> Split {
+    let cutoff = (eval_fraction.clamp(0.0, 1.0) * SPLIT_BUCKETS as f64).round() as u64;
+    if split_bucket(&prompt_text(prompt)) < cutoff {
+        Split::Eval
+    } else {
+        Split::Train
+    }
+}
+
 /// Where an example's prompt is and when its completion was made: what
 /// the split is decided on.
 #[derive(Debug, Clone)]

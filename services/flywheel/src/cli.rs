@@ -69,6 +69,9 @@ pub enum Command {
         #[command(subcommand)]
         command: crate::datasets::DatasetsCommand,
     },
+    /// A teacher model version answers a team's prompts (its log, or a
+    /// file); the answers become the team's next SFT dataset version.
+    Distill(Box<crate::distill::DistillArgs>),
     /// Fine-tune a LoRA adapter on a dataset version.
     Train(Box<crate::train::TrainArgs>),
     /// Training runs: list, show, cancel.
@@ -182,6 +185,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Datasets { command } => {
             crate::datasets::run(&cfg, &pool(&cfg).await?, command).await
         }
+        Command::Distill(args) => crate::distill::run(&cfg, &pool(&cfg).await?, *args).await,
         Command::Train(args) if args.jsonl.is_some() => crate::train::train_file(*args).await,
         Command::Train(args) => crate::train::train(&cfg, &pool(&cfg).await?, *args).await,
         Command::Runs { command } => crate::train::runs(&pool(&cfg).await?, command).await,

@@ -14,6 +14,7 @@ pub mod cli;
 pub mod config;
 pub mod cycles;
 pub mod datasets;
+pub mod distill;
 pub mod eval;
 pub mod exit;
 pub mod journal;

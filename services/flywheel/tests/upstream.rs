@@ -664,3 +664,190 @@ async fn metric(gw: &GatewayProcess, name: &str) -> f64 {
         .parse()
         .unwrap()
 }
+
+/// A chat by `user` through the gateway (the team's champion, the tiny
+/// model, answers); returns its id.
+async fn chat_as(gw: &GatewayProcess, key: &str, user: &str, text: &str) -> String {
+    let (status, body) = gw
+        .post(
+            key,
+            "/v1/chat/completions",
+            json!({"model": "default", "max_tokens": 3, "user": user,
+                   "messages": [{"role": "user", "content": text}]}),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    body["id"].as_str().unwrap().to_string()
+}
+
+async fn delete_user(gw: &GatewayProcess, key: &str, user: &str) {
+    let r = reqwest::Client::new()
+        .delete(format!("{}/v1/users/{user}/data", gw.base))
+        .bearer_auth(key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+}
+
+#[tokio::test]
+async fn distillation_asks_the_teacher_the_teams_own_prompts_and_makes_a_dataset_version() {
+    let setup = TinySetup::new("fw_distill").await;
+    let standin = StandIn::start();
+    let key = setup.key("acme");
+    // The teacher: an upstream the team is not served by (its champion is
+    // the tiny model).
+    cli(
+        &setup.db,
+        &[
+            "models",
+            "add-upstream",
+            "big",
+            "--url",
+            &format!("{}/v1", standin.base),
+            "--model",
+            "teacher-7b",
+        ],
+    );
+    let gw = serve(&setup, &[], &setup.dir.join("gateway.log")).await;
+    let pool = flywheel_store::connect(&setup.db).await.unwrap();
+    let billing = "My invoice charged me twice, write to ann@example.com";
+    chat_as(&gw, &key, "u1", billing).await;
+    chat_as(&gw, &key, "u2", billing).await;
+    chat_as(&gw, &key, "u3", "Where do I change my password?").await;
+    chat_as(&gw, &key, "gone", "Please forget everything about me").await;
+    chat_as(&gw, &key, "u4", "How do I export my reports?").await;
+    assert!(
+        until(20, || async { completions_of_team(&pool).await == 5 }).await,
+        "the chats are logged"
+    );
+    delete_user(&gw, &key, "gone").await;
+
+    // The teacher takes its time over the first prompt (the newest, u4's);
+    // meanwhile u4 has their data deleted.
+    standin.then(Behave::Stall(Duration::from_millis(1500)));
+    let db = setup.db.clone();
+    let run = std::thread::spawn(move || {
+        flywheel_tests::process::run(
+            Some(&db),
+            &[],
+            &[
+                "distill",
+                "--team",
+                "acme",
+                "--teacher",
+                "big",
+                "--concurrency",
+                "1",
+            ],
+            None,
+        )
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    delete_user(&gw, &key, "u4").await;
+    let ran = run.join().unwrap();
+    assert!(ran.ok(), "{}", ran.stderr);
+    assert!(
+        ran.stdout.starts_with("acme@1: 2 SFT examples from big"),
+        "{}",
+        ran.stdout
+    );
+    assert!(ran.stdout.contains("1 duplicates"), "{}", ran.stdout);
+    assert!(
+        ran.stderr.contains("answered 3 of 3 prompts"),
+        "progress: {}",
+        ran.stderr
+    );
+
+    // What the teacher was asked: each distinct prompt once, redacted,
+    // greedy; never the deleted user's.
+    let asked: Vec<String> = standin
+        .seen()
+        .iter()
+        .map(|(_, body)| {
+            assert_eq!(body["temperature"], 0);
+            body["messages"][0]["content"].as_str().unwrap().to_string()
+        })
+        .collect();
+    assert_eq!(
+        asked,
+        [
+            "How do I export my reports?",
+            "Where do I change my password?",
+            "My invoice charged me twice, write to [EMAIL]",
+        ]
+    );
+
+    // The answers are the team's next dataset version, u4's left out.
+    let sft = cli(
+        &setup.db,
+        &["datasets", "export", "acme@1", "--format", "trl-sft"],
+    );
+    let examples: Vec<Value> = sft
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(examples.len(), 2, "{sft}");
+    assert!(!sft.contains("export my reports"), "{sft}");
+    assert!(
+        examples
+            .iter()
+            .all(|e| e.to_string().contains("Route to billing.")),
+        "{sft}"
+    );
+    let shown = cli(&setup.db, &["datasets", "show", "acme@1"]);
+    assert!(
+        ran.stdout.contains("1 dropped as deleted"),
+        "{}",
+        ran.stdout
+    );
+    assert!(
+        shown.contains("big"),
+        "the manifest names the teacher: {shown}"
+    );
+
+    // Its lineage names the requests it used: deleting u3's data marks it.
+    let marked = || async {
+        sqlx::query_scalar::<_, bool>(
+            "select user_data_deleted_at is not null from dataset_versions where version = 1",
+        )
+        .fetch_one(&pool)
+        .await
+        .unwrap()
+    };
+    assert!(!marked().await);
+    delete_user(&gw, &key, "u3").await;
+    assert!(marked().await);
+
+    // A token budget stops the asking: the first answer costs 25 tokens.
+    chat_as(&gw, &key, "u5", "Can I pay by card?").await;
+    chat_as(&gw, &key, "u6", "Is there a mobile app?").await;
+    // u1's and u2's, u5's and u6's: the others' were deleted.
+    assert!(
+        until(20, || async { completions_of_team(&pool).await == 4 }).await,
+        "the chats are logged"
+    );
+    let out = cli(
+        &setup.db,
+        &[
+            "distill",
+            "--team",
+            "acme",
+            "--teacher",
+            "big",
+            "--concurrency",
+            "1",
+            "--budget-tokens",
+            "20",
+        ],
+    );
+    assert!(out.starts_with("acme@2: 1 SFT examples from big"), "{out}");
+    assert!(out.contains("stopped at the token budget"), "{out}");
+}
+
+async fn completions_of_team(pool: &sqlx::PgPool) -> i64 {
+    sqlx::query_scalar("select count(*) from completions")
+        .fetch_one(pool)
+        .await
+        .unwrap()
+}

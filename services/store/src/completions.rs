@@ -126,3 +126,48 @@ pub async fn count_for_team(ex: impl PgExecutor<'_>, team_id: Uuid) -> Result<i6
             .await?,
     )
 }
+
+/// A logged request's messages (what a teacher is asked again when the
+/// team's prompts are distilled).
+#[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
+pub struct LoggedPrompt {
+    pub id: String,
+    pub end_user: Option<String>,
+    /// The request's `messages` as logged (contents are hashes for teams
+    /// that store no text).
+    pub messages: sqlx::types::Json<serde_json::Value>,
+    pub created_at: DateTime<Utc>,
+}
+
+/// A team's logged requests, newest first (by when they were made, not
+/// stored: the journal stores several at once), at most `limit`.
+pub async fn recent_prompts(
+    ex: impl PgExecutor<'_>,
+    team_id: Uuid,
+    limit: i64,
+) -> Result<Vec<LoggedPrompt>> {
+    Ok(sqlx::query_as(
+        "select id, end_user, coalesce(request -> 'messages', '[]') as messages, created_at
+         from completions where team_id = $1
+         order by coalesce(started_at, created_at) desc, id limit $2",
+    )
+    .bind(team_id)
+    .bind(limit)
+    .fetch_all(ex)
+    .await?)
+}
+
+/// Those of `ids` still in a team's log (an end user's deleted data is not).
+pub async fn still_logged(
+    ex: impl PgExecutor<'_>,
+    team_id: Uuid,
+    ids: &[String],
+) -> Result<Vec<String>> {
+    Ok(
+        sqlx::query_scalar("select id from completions where team_id = $1 and id = any($2)")
+            .bind(team_id)
+            .bind(ids)
+            .fetch_all(ex)
+            .await?,
+    )
+}

@@ -229,9 +229,14 @@ pub struct NewExample {
     pub example: String,
 }
 
+/// The `feedback_id` of lineage that no vote gave (the nil id).
+pub const NO_VOTE: Uuid = Uuid::nil();
+
 #[derive(Debug, Clone)]
 pub struct LineageRow {
     pub team_id: Uuid,
+    /// The vote; [`NO_VOTE`] for an example made from a logged prompt
+    /// alone (a teacher's answer to it).
     pub feedback_id: Uuid,
     pub completion_id: String,
     pub voter: String,

@@ -1,0 +1,374 @@
+//! Distillation: a teacher (any model version: an upstream such as the big
+//! model a team uses today, or one served here) answers the team's real
+//! prompts, and its answers become an SFT dataset version the trainer
+//! learns from like any other.
+//!
+//! The prompts are the team's logged requests, newest first (or a file's):
+//! PII redacted as curation redacts it, deduplicated, never those of an end
+//! user whose data was deleted (they are gone from the log, and a prompt
+//! whose request is deleted while the teacher answers is dropped before
+//! the version is written). The version's manifest says where it came from
+//! (teacher, prompts, time, what was dropped and why) and its lineage names
+//! every logged request it used, so a later deletion marks it.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use flywheel_curation::build::{Message, Rules, SftExample, split_by_hash};
+use flywheel_curation::pii::{self, Redactions};
+use flywheel_engine::{ChatMessage, Event};
+use flywheel_store::PgPool;
+use flywheel_store::datasets::{self, LineageRow, NO_VOTE, NewVersion, Scope};
+use flywheel_store::models::ModelVersion;
+use futures::StreamExt;
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+use uuid::Uuid;
+
+/// Bumped when the same input would give a different dataset.
+pub const DISTILLER: &str = "flywheel-distill/1";
+
+/// Where the prompts come from.
+#[derive(Debug, Clone)]
+pub enum Prompts {
+    /// The team's logged requests, newest first.
+    Log,
+    /// Given prompts (a file's), named by `origin` in the manifest.
+    Given {
+        origin: String,
+        prompts: Vec<Vec<Message>>,
+    },
+}
+
+#[derive(Debug, Clone)]
+pub struct DistillJob {
+    pub team: Uuid,
+    pub prompts: Prompts,
+    /// Distinct prompts at most.
+    pub limit: usize,
+    /// The longest answer asked of the teacher.
+    pub max_tokens: usize,
+    /// Stop asking once the teacher has spent this many tokens (prompt and
+    /// answer, as it reports them).
+    pub budget_tokens: Option<u64>,
+    /// Prompts in flight at once.
+    pub concurrency: usize,
+}
+
+/// A model that answers: an upstream, or an engine in this process.
+pub enum Teacher {
+    Upstream(flywheel_upstream::Client),
+    Engine(flywheel_engine::EngineHandle),
+}
+
+/// One answer and the tokens it cost (prompt and answer).
+struct Answer {
+    text: String,
+    tokens: u64,
+}
+
+impl Teacher {
+    /// Greedy, so the dataset is what the teacher says, not one draw of it.
+    async fn answer(&self, prompt: &[Message], max_tokens: usize) -> anyhow::Result<Answer> {
+        let mut events = match self {
+            Teacher::Upstream(client) => {
+                let messages: Vec<_> = prompt
+                    .iter()
+                    .map(|m| serde_json::json!({"role": m.role, "content": m.content}))
+                    .collect();
+                let request = serde_json::json!({
+                    "messages": messages, "max_tokens": max_tokens, "temperature": 0,
+                });
+                client.chat(request).await?
+            }
+            Teacher::Engine(engine) => {
+                let messages: Vec<ChatMessage> = prompt
+                    .iter()
+                    .map(|m| ChatMessage {
+                        role: m.role.clone(),
+                        content: m.content.clone(),
+                    })
+                    .collect();
+                let prompt_ids = engine.prepare_chat(&messages)?;
+                let params = flywheel_engine::SamplingParams {
+                    temperature: 0.0,
+                    max_tokens,
+                    seed: Some(0),
+                    ..Default::default()
+                };
+                engine.submit(flywheel_engine::GenerateRequest {
+                    prompt_ids,
+                    params,
+                    adapter: None,
+                })?
+            }
+        };
+        let mut text = String::new();
+        while let Some(ev) = events.recv().await {
+            match ev {
+                Event::Delta { text: t, .. } => text.push_str(&t),
+                Event::Done {
+                    prompt_tokens,
+                    completion_tokens,
+                    ..
+                } => {
+                    return Ok(Answer {
+                        text,
+                        tokens: (prompt_tokens + completion_tokens) as u64,
+                    });
+                }
+                Event::Error(e) => anyhow::bail!(e),
+            }
+        }
+        anyhow::bail!("the teacher stopped without finishing its answer")
+    }
+}
+
+/// What a distillation did, as its manifest records it.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct Outcome {
+    /// The dataset version written (`None`: no prompt was answered).
+    pub version_id: Option<Uuid>,
+    pub version: Option<i32>,
+    /// Requests read from the log (or the file's prompts).
+    pub prompts_read: usize,
+    /// Whose message contents are hashes (a team that stores no text).
+    pub without_text: usize,
+    pub duplicates: usize,
+    pub asked: usize,
+    pub answered: usize,
+    /// The teacher failed on them, or answered nothing.
+    pub failed: usize,
+    /// Answered, then dropped: their end user's data was deleted meanwhile.
+    pub deleted_meanwhile: usize,
+    pub teacher_tokens: u64,
+    /// Asking stopped because `budget_tokens` was spent.
+    pub stopped_by_budget: bool,
+    pub redactions: Redactions,
+    pub seconds: f64,
+}
+
+/// A prompt to ask, and the logged request it came from.
+struct Asked {
+    prompt: Vec<Message>,
+    source: Option<LoggedSource>,
+}
+
+#[derive(Clone)]
+struct LoggedSource {
+    completion_id: String,
+    end_user: String,
+}
+
+/// Asks `teacher` (the version `teacher_version`) the job's prompts and
+/// writes its answers as the team's next dataset version. `progress` hears
+/// (answered so far, prompts to ask) as answers come in.
+pub async fn run(
+    pool: &PgPool,
+    job: &DistillJob,
+    teacher: &Teacher,
+    teacher_version: &ModelVersion,
+    progress: impl Fn(usize, usize),
+) -> anyhow::Result<Outcome> {
+    let t0 = Instant::now();
+    let mut outcome = Outcome::default();
+    let (asked, origin) = prompts(pool, job, &mut outcome).await?;
+    let total = asked.len();
+    outcome.asked = total;
+
+    let spent = Arc::new(AtomicU64::new(0));
+    let over_budget = |spent: &AtomicU64| {
+        job.budget_tokens
+            .is_some_and(|b| spent.load(Ordering::Relaxed) >= b)
+    };
+    let mut answers = futures::stream::iter(asked.into_iter().enumerate())
+        .map(|(i, a)| {
+            let spent = spent.clone();
+            async move {
+                if over_budget(&spent) {
+                    return (i, a, None);
+                }
+                let r = teacher.answer(&a.prompt, job.max_tokens).await;
+                if let Ok(ans) = &r {
+                    spent.fetch_add(ans.tokens, Ordering::Relaxed);
+                }
+                (i, a, Some(r))
+            }
+        })
+        .buffer_unordered(job.concurrency.max(1));
+    let mut done = Vec::with_capacity(total);
+    let mut last_report = Instant::now();
+    while let Some((i, a, r)) = answers.next().await {
+        match r {
+            None => outcome.stopped_by_budget = true,
+            Some(Ok(ans)) if !ans.text.trim().is_empty() => {
+                outcome.answered += 1;
+                done.push((i, a, ans.text));
+            }
+            Some(Ok(_)) => outcome.failed += 1,
+            Some(Err(e)) => {
+                outcome.failed += 1;
+                tracing::warn!(error = %format!("{e:#}"), "the teacher did not answer a prompt");
+            }
+        }
+        if last_report.elapsed() > Duration::from_secs(2)
+            || outcome.answered + outcome.failed == total
+        {
+            progress(outcome.answered, total);
+            last_report = Instant::now();
+        }
+    }
+    drop(answers);
+    outcome.teacher_tokens = spent.load(Ordering::Relaxed);
+    // In the order asked (newest first), whatever order they finished in.
+    done.sort_by_key(|(i, _, _)| *i);
+
+    // A request deleted while the teacher answered leaves no example.
+    let logged: Vec<String> = done
+        .iter()
+        .filter_map(|(_, a, _)| a.source.as_ref().map(|s| s.completion_id.clone()))
+        .collect();
+    let mut tx = pool.begin().await?;
+    let kept: std::collections::HashSet<String> =
+        flywheel_store::completions::still_logged(&mut *tx, job.team, &logged)
+            .await?
+            .into_iter()
+            .collect();
+    let before = done.len();
+    done.retain(|(_, a, _)| {
+        a.source
+            .as_ref()
+            .is_none_or(|s| kept.contains(&s.completion_id))
+    });
+    outcome.deleted_meanwhile = before - done.len();
+    outcome.seconds = t0.elapsed().as_secs_f64();
+    if done.is_empty() {
+        tx.commit().await?;
+        return Ok(outcome);
+    }
+
+    let eval_fraction = Rules::default().eval_fraction;
+    let mut examples = Vec::with_capacity(done.len());
+    let mut lineage = Vec::new();
+    let mut h = Sha256::new();
+    h.update(DISTILLER.as_bytes());
+    h.update(teacher_version.id.as_bytes());
+    for (n, (_, a, text)) in done.iter().enumerate() {
+        let source = match &a.source {
+            Some(s) => {
+                lineage.push(LineageRow {
+                    team_id: job.team,
+                    feedback_id: NO_VOTE,
+                    completion_id: s.completion_id.clone(),
+                    voter: String::new(),
+                    author: s.end_user.clone(),
+                });
+                s.completion_id.clone()
+            }
+            None => format!("{origin}#{n}"),
+        };
+        let e = SftExample {
+            prompt: a.prompt.clone(),
+            completion: text.clone(),
+            correction: false,
+            split: split_by_hash(&a.prompt, eval_fraction),
+            source,
+        };
+        let line = crate::curate::example("sft", e.split, &e)?;
+        h.update(line.example.as_bytes());
+        examples.push(line);
+    }
+    let manifest = serde_json::json!({
+        "builder": DISTILLER,
+        "distillation": {
+            "teacher": {"id": teacher_version.id, "name": teacher_version.name,
+                        "source": teacher_version.source, "format": teacher_version.format},
+            "prompts": origin,
+            "limit": job.limit,
+            "max_tokens": job.max_tokens,
+            "budget_tokens": job.budget_tokens,
+            "eval_fraction": eval_fraction,
+            "outcome": &outcome,
+        },
+        "counts": {"sft": examples.len(), "dpo": 0, "kto": 0},
+    });
+    let version = NewVersion {
+        id: Uuid::new_v4(),
+        scope: Scope::Team(job.team),
+        fingerprint: hex::encode(h.finalize()),
+        manifest,
+        sft_count: examples.len() as i32,
+        dpo_count: 0,
+        kto_count: 0,
+        window_start: None,
+        window_end: None,
+    };
+    let number = datasets::insert_version(&mut tx, &version, &examples, &lineage)
+        .await?
+        .context("the same teacher gave the same answers to the same prompts before: that dataset version exists")?;
+    tx.commit().await?;
+    outcome.version_id = Some(version.id);
+    outcome.version = Some(number);
+    Ok(outcome)
+}
+
+/// The prompts to ask, redacted and deduplicated, and where they came from.
+async fn prompts(
+    pool: &PgPool,
+    job: &DistillJob,
+    outcome: &mut Outcome,
+) -> anyhow::Result<(Vec<Asked>, String)> {
+    let (candidates, origin): (Vec<Asked>, String) = match &job.prompts {
+        Prompts::Log => {
+            // Enough of the newest requests that duplicates still leave `limit`.
+            let read = (job.limit.saturating_mul(10)).clamp(1_000, 200_000) as i64;
+            let rows = flywheel_store::completions::recent_prompts(pool, job.team, read).await?;
+            outcome.prompts_read = rows.len();
+            let mut out = Vec::with_capacity(rows.len());
+            for r in rows {
+                match crate::curate::prompt_of(&r.messages.0) {
+                    Some(prompt) if !prompt.is_empty() => out.push(Asked {
+                        prompt,
+                        source: Some(LoggedSource {
+                            completion_id: r.id,
+                            end_user: r.end_user.unwrap_or_default(),
+                        }),
+                    }),
+                    _ => outcome.without_text += 1,
+                }
+            }
+            (out, "log".to_string())
+        }
+        Prompts::Given { origin, prompts } => {
+            outcome.prompts_read = prompts.len();
+            let out = prompts
+                .iter()
+                .map(|p| Asked {
+                    prompt: p.clone(),
+                    source: None,
+                })
+                .collect();
+            (out, origin.clone())
+        }
+    };
+    let mut seen = std::collections::HashSet::new();
+    let mut asked = Vec::new();
+    for mut a in candidates {
+        for m in &mut a.prompt {
+            let (text, r) = pii::redact(&m.content);
+            outcome.redactions.add(&r);
+            m.content = text;
+        }
+        let key = serde_json::to_string(&a.prompt)?;
+        if !seen.insert(key) {
+            outcome.duplicates += 1;
+            continue;
+        }
+        if asked.len() < job.limit {
+            asked.push(a);
+        }
+    }
+    Ok((asked, origin))
+}
