@@ -38,7 +38,7 @@ pub struct DistillArgs {
 pub async fn run(cfg: &Config, pool: &PgPool, args: DistillArgs) -> anyhow::Result<()> {
     let team = team_id(pool, &args.team).await?;
     let v = version(pool, &args.teacher).await?;
-    let teacher = if v.format == flywheel_store::upstreams::FORMAT {
+    let teacher = if v.is_upstream() {
         let u = flywheel_store::upstreams::get(pool, v.id)
             .await?
             .with_context(|| format!("{} has no upstream settings", v.name))?;

@@ -121,7 +121,7 @@ pub async fn team_base(pool: &PgPool, team: Uuid) -> Result<ModelVersion> {
                 "the team has no champion (pull a model and make it champion)".into(),
             )
         })?;
-    if champion.format == flywheel_store::upstreams::FORMAT {
+    if champion.is_upstream() {
         return Err(LoopError::Conflict(format!(
             "the team's champion {} is served by an upstream ({}): the loop trains from weights \
              it holds, and cannot fine-tune a model served elsewhere",

@@ -58,7 +58,7 @@ impl Versions {
     }
 
     async fn local(&self, v: &ModelVersion) -> anyhow::Result<ModelVersion> {
-        if v.format == flywheel_store::upstreams::FORMAT {
+        if v.is_upstream() {
             bail!(
                 "model version {} is served by an upstream ({}): it has no weights here",
                 v.name,

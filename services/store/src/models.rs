@@ -26,7 +26,15 @@ pub struct ModelVersion {
     pub context_length: Option<i32>,
 }
 
+/// `format` of a version served by an upstream ([`crate::upstreams`]).
+pub const UPSTREAM_FORMAT: &str = "upstream";
+
 impl ModelVersion {
+    /// Served by an OpenAI-compatible server elsewhere: no weights here.
+    pub fn is_upstream(&self) -> bool {
+        self.format == UPSTREAM_FORMAT
+    }
+
     /// Whether a team may be served by this version: its own candidates,
     /// pooled ones when it pools, base models always.
     pub fn usable_by(&self, team: Uuid, team_pools: bool) -> bool {
@@ -120,7 +128,7 @@ pub async fn champion(ex: impl PgExecutor<'_>) -> Result<Option<ModelVersion>> {
 /// Makes `name` the one champion.
 pub async fn set_champion(pool: &sqlx::PgPool, name: &str) -> Result<ModelVersion> {
     if let Some(v) = by_name(pool, name).await?
-        && v.format == crate::upstreams::FORMAT
+        && v.is_upstream()
     {
         // Every gateway loads the global champion into memory at start.
         return Err(StoreError::Conflict(format!(

@@ -12,7 +12,7 @@ use crate::models::ModelVersion;
 use crate::{Result, StoreError};
 
 /// `model_versions.format` of an upstream version.
-pub const FORMAT: &str = "upstream";
+pub const FORMAT: &str = crate::models::UPSTREAM_FORMAT;
 
 /// Where an upstream version is served.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, sqlx::FromRow)]
