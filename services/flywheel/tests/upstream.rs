@@ -394,6 +394,21 @@ async fn a_team_on_an_upstream_model_is_served_logged_rated_and_curated_as_on_it
         "both votes stored"
     );
 
+    // What the team's use cost, in /metrics.
+    let metrics = reqwest::get(format!("{}/metrics", gw.base))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for line in [
+        "flywheel_upstream_team_requests_total{version=\"big\",team=\"acme\"} 2",
+        "flywheel_upstream_team_prompt_tokens_total{version=\"big\",team=\"acme\"} 42",
+        "flywheel_upstream_team_completion_tokens_total{version=\"big\",team=\"acme\"} 8",
+    ] {
+        assert!(metrics.contains(line), "{line} in\n{metrics}");
+    }
+
     // Curated like any other answers: the upstream's liked answer is a
     // KTO example of the team's dataset.
     cli(

@@ -174,7 +174,7 @@ fn upstream_metrics(state: &AppState, out: &mut String) {
             let name = routes
                 .version(*id)
                 .map_or_else(|| id.to_string(), |v| v.name.clone());
-            (name.replace('\\', "\\\\").replace('"', "\\\""), c)
+            (label(&name), c)
         })
         .collect();
     type Read = fn(&flywheel_upstream::Client) -> u64;
@@ -228,4 +228,43 @@ fn upstream_metrics(state: &AppState, out: &mut String) {
             let _ = writeln!(out, "{name}{{version=\"{version}\"}} {}", read(client));
         }
     }
+    // What each team's use costs.
+    let used = state.upstream_use();
+    type Use = fn(&crate::state::UpstreamUse) -> u64;
+    let per_team: [(&str, &str, Use); 3] = [
+        (
+            "flywheel_upstream_team_requests_total",
+            "Requests a team sent an upstream version.",
+            |u| u.requests,
+        ),
+        (
+            "flywheel_upstream_team_prompt_tokens_total",
+            "Prompt tokens of a team's requests to an upstream version.",
+            |u| u.prompt_tokens,
+        ),
+        (
+            "flywheel_upstream_team_completion_tokens_total",
+            "Completion tokens an upstream version gave a team.",
+            |u| u.completion_tokens,
+        ),
+    ];
+    for (name, help, read) in per_team {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
+        for ((version, team), u) in &used {
+            let _ = writeln!(
+                out,
+                "{name}{{version=\"{}\",team=\"{}\"}} {}",
+                label(version),
+                label(team),
+                read(u)
+            );
+        }
+    }
+}
+
+/// A Prometheus label value, escaped.
+fn label(s: &str) -> String {
+    s.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
 }

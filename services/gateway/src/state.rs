@@ -67,6 +67,16 @@ struct Inner {
     /// A client per upstream version, kept while its settings are the same
     /// (so its circuit breaker sees every request to it).
     upstreams: Mutex<HashMap<Uuid, (Upstream, Arc<flywheel_upstream::Client>)>>,
+    /// What each team's use of each upstream version cost, by (version, team) name.
+    upstream_use: Mutex<std::collections::BTreeMap<(String, String), UpstreamUse>>,
+}
+
+/// Requests and tokens one team sent one upstream version.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct UpstreamUse {
+    pub requests: u64,
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
 }
 
 /// Owners of the completions this gateway made or looked up lately, so votes on them
@@ -98,6 +108,7 @@ impl AppState {
                 listening: AtomicBool::new(false),
                 recent: Mutex::new(Recent::default()),
                 upstreams: Mutex::new(HashMap::new()),
+                upstream_use: Mutex::new(Default::default()),
             }),
         }
     }
@@ -296,6 +307,37 @@ impl AppState {
         )?);
         clients.insert(u.model_version_id, (u.clone(), client.clone()));
         Ok(client)
+    }
+
+    /// Counts one request of `team` to the upstream version `version`.
+    pub(crate) fn count_upstream_use(
+        &self,
+        version: &str,
+        team: &str,
+        prompt: usize,
+        completion: usize,
+    ) {
+        let mut all = self
+            .inner
+            .upstream_use
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let u = all
+            .entry((version.to_string(), team.to_string()))
+            .or_default();
+        u.requests += 1;
+        u.prompt_tokens += prompt as u64;
+        u.completion_tokens += completion as u64;
+    }
+
+    /// Each (version, team)'s use of upstreams so far (for `/metrics`).
+    pub(crate) fn upstream_use(&self) -> Vec<((String, String), UpstreamUse)> {
+        let all = self
+            .inner
+            .upstream_use
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        all.iter().map(|(k, v)| (k.clone(), *v)).collect()
     }
 
     /// The upstream clients made so far, by version (for `/metrics`).

@@ -121,13 +121,6 @@ pub async fn team_base(pool: &PgPool, team: Uuid) -> Result<ModelVersion> {
                 "the team has no champion (pull a model and make it champion)".into(),
             )
         })?;
-    if champion.is_upstream() {
-        return Err(LoopError::Conflict(format!(
-            "the team's champion {} is served by an upstream ({}): the loop trains from weights \
-             it holds, and cannot fine-tune a model served elsewhere",
-            champion.name, champion.source
-        )));
-    }
     let base = flywheel_store::models::lineage(pool, champion.id)
         .await?
         .and_then(|l| l.base_version_id);
@@ -215,6 +208,17 @@ pub async fn curated(
     }
     let suites = evals::team_suites(pool, c.team_id).await?.len();
     if let Judgeable::No(reason) = evidence::judgeable(&counts, suites, &cfg.needs) {
+        return skip(note, reason, Some(v.id)).await;
+    }
+    if let Some(champion) = flywheel_store::models::team_champion(pool, c.team_id).await?
+        && champion.is_upstream()
+    {
+        let reason = format!(
+            "the team's champion {} is served by an upstream, and the loop fine-tunes weights \
+             it holds: distil it into a model served here (flywheel distill) and make that the \
+             team's champion",
+            champion.name
+        );
         return skip(note, reason, Some(v.id)).await;
     }
     let base = team_base(pool, c.team_id).await?;

@@ -331,6 +331,14 @@ impl LogContext {
     /// Writes the completion to the journal; `reason` overrides the
     /// engine's finish reason for cancelled and failed generations.
     async fn record(&self, c: &Collected, reason: Option<&str>) -> Result<(), AppError> {
+        if let Backend::Upstream(_) = self.served.backend {
+            self.state.count_upstream_use(
+                &self.served.name,
+                &self.principal.team_name,
+                c.prompt_tokens,
+                c.completion_tokens,
+            );
+        }
         if !self.state.config().log_completions {
             return Ok(());
         }
