@@ -57,21 +57,22 @@ pub struct DistillJob {
     pub concurrency: usize,
 }
 
-/// A model that answers: an upstream, or an engine in this process.
+/// A model that answers (a teacher, or a judge): an upstream, or an
+/// engine in this process.
 pub enum Teacher {
     Upstream(flywheel_upstream::Client),
     Engine(flywheel_engine::EngineHandle),
 }
 
 /// One answer and the tokens it cost (prompt and answer).
-struct Answer {
-    text: String,
-    tokens: u64,
+pub struct Answer {
+    pub text: String,
+    pub tokens: u64,
 }
 
 impl Teacher {
     /// Greedy, so the dataset is what the teacher says, not one draw of it.
-    async fn answer(&self, prompt: &[Message], max_tokens: usize) -> anyhow::Result<Answer> {
+    pub async fn answer(&self, prompt: &[Message], max_tokens: usize) -> anyhow::Result<Answer> {
         let mut events = match self {
             Teacher::Upstream(client) => {
                 let messages: Vec<_> = prompt

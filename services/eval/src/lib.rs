@@ -12,6 +12,7 @@
 
 pub mod check;
 pub mod gate;
+pub mod judge;
 pub mod run;
 pub mod stats;
 pub mod suite;

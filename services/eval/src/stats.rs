@@ -228,3 +228,45 @@ mod tests {
         assert!((prob_better(500, 500, 500, 500) - 0.5).abs() < 1e-6);
     }
 }
+
+/// The Wilson score interval (95%) of a proportion, `successes` of `n`:
+/// sound at small `n` and near 0 or 1, where the normal approximation is
+/// not. `n = 0` gives the whole of [0, 1].
+pub fn wilson(successes: usize, n: usize) -> Interval {
+    if n == 0 {
+        return Interval {
+            estimate: 0.0,
+            low: 0.0,
+            high: 1.0,
+        };
+    }
+    let (z, n_f) = (1.959_963_984_540_054_f64, n as f64);
+    let p = successes as f64 / n_f;
+    let denom = 1.0 + z * z / n_f;
+    let centre = (p + z * z / (2.0 * n_f)) / denom;
+    let half = z * (p * (1.0 - p) / n_f + z * z / (4.0 * n_f * n_f)).sqrt() / denom;
+    Interval {
+        estimate: p,
+        low: (centre - half).max(0.0),
+        high: (centre + half).min(1.0),
+    }
+}
+
+#[cfg(test)]
+mod wilson_tests {
+    use super::wilson;
+
+    #[test]
+    fn matches_the_textbook_values() {
+        // 8 of 10: Wilson's 95% interval is 0.490 to 0.943.
+        let i = wilson(8, 10);
+        assert!(
+            (i.low - 0.4902).abs() < 1e-3 && (i.high - 0.9433).abs() < 1e-3,
+            "{i:?}"
+        );
+        // All of 20: the upper bound is 1, the lower 0.839.
+        let i = wilson(20, 20);
+        assert!((i.low - 0.8389).abs() < 1e-3 && i.high == 1.0, "{i:?}");
+        assert_eq!((wilson(0, 0).low, wilson(0, 0).high), (0.0, 1.0));
+    }
+}

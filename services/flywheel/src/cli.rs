@@ -72,6 +72,12 @@ pub enum Command {
     /// A teacher model version answers a team's prompts (its log, or a
     /// file); the answers become the team's next SFT dataset version.
     Distill(Box<crate::distill::DistillArgs>),
+    /// Judges: model versions that compare two answers, checked against
+    /// the team's own users before they are trusted.
+    Judges {
+        #[command(subcommand)]
+        command: crate::judges::JudgesCommand,
+    },
     /// Fine-tune a LoRA adapter on a dataset version.
     Train(Box<crate::train::TrainArgs>),
     /// Training runs: list, show, cancel.
@@ -185,6 +191,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Datasets { command } => {
             crate::datasets::run(&cfg, &pool(&cfg).await?, command).await
         }
+        Command::Judges { command } => crate::judges::run(&cfg, &pool(&cfg).await?, command).await,
         Command::Distill(args) => crate::distill::run(&cfg, &pool(&cfg).await?, *args).await,
         Command::Train(args) if args.jsonl.is_some() => crate::train::train_file(*args).await,
         Command::Train(args) => crate::train::train(&cfg, &pool(&cfg).await?, *args).await,

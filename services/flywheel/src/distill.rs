@@ -38,21 +38,7 @@ pub struct DistillArgs {
 pub async fn run(cfg: &Config, pool: &PgPool, args: DistillArgs) -> anyhow::Result<()> {
     let team = team_id(pool, &args.team).await?;
     let v = version(pool, &args.teacher).await?;
-    let teacher = if v.is_upstream() {
-        let u = flywheel_store::upstreams::get(pool, v.id)
-            .await?
-            .with_context(|| format!("{} has no upstream settings", v.name))?;
-        Teacher::Upstream(flywheel_upstream::Client::openai(
-            &u.base_url,
-            &u.model,
-            u.api_key_env.as_deref(),
-            std::time::Duration::from_millis(u.timeout_ms.max(1) as u64),
-            cfg.gateway.http.upstream.clone(),
-        )?)
-    } else {
-        eprintln!("loading {}", v.name);
-        Teacher::Engine(crate::bootstrap::versions(cfg, pool).engine(&v).await?)
-    };
+    let teacher = model(cfg, pool, &v).await?;
     let prompts = match args.prompts.as_str() {
         "log" => Prompts::Log,
         path => Prompts::Given {
@@ -103,6 +89,30 @@ pub async fn run(cfg: &Config, pool: &PgPool, args: DistillArgs) -> anyhow::Resu
         o.seconds
     );
     Ok(())
+}
+
+/// `v` as a model to ask: its upstream, or an engine on its file.
+pub async fn model(
+    cfg: &Config,
+    pool: &PgPool,
+    v: &flywheel_store::models::ModelVersion,
+) -> anyhow::Result<Teacher> {
+    if v.is_upstream() {
+        let u = flywheel_store::upstreams::get(pool, v.id)
+            .await?
+            .with_context(|| format!("{} has no upstream settings", v.name))?;
+        return Ok(Teacher::Upstream(flywheel_upstream::Client::openai(
+            &u.base_url,
+            &u.model,
+            u.api_key_env.as_deref(),
+            std::time::Duration::from_millis(u.timeout_ms.max(1) as u64),
+            cfg.gateway.http.upstream.clone(),
+        )?));
+    }
+    eprintln!("loading {}", v.name);
+    Ok(Teacher::Engine(
+        crate::bootstrap::versions(cfg, pool).engine(v).await?,
+    ))
 }
 
 /// One prompt a line: `{"messages": [{"role", "content"}, ...]}` or

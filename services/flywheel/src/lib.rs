@@ -18,6 +18,7 @@ pub mod distill;
 pub mod eval;
 pub mod exit;
 pub mod journal;
+pub mod judges;
 pub mod keys;
 pub mod models;
 pub mod pg;

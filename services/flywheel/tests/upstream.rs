@@ -48,11 +48,18 @@ enum Behave {
     CutAfter(usize),
     /// Streams the whole answer, this long between pieces.
     Slow(Duration),
+    /// Answers this text.
+    Say(&'static str),
+    /// A judge that prefers the answer holding this word: "A" when the
+    /// prompt's `[Answer A]` section holds it, else "B".
+    Prefer(&'static str),
 }
 
 #[derive(Default)]
 struct Script {
     next: VecDeque<Behave>,
+    /// What to do once `next` is empty (default: answer).
+    always: Option<Behave>,
     /// Each request's `Authorization` header and body.
     seen: Vec<(Option<String>, Value)>,
 }
@@ -103,6 +110,10 @@ impl StandIn {
         self.script.lock().unwrap().next.push_back(b);
     }
 
+    fn always(&self, b: Behave) {
+        self.script.lock().unwrap().always = Some(b);
+    }
+
     fn seen(&self) -> Vec<(Option<String>, Value)> {
         self.script.lock().unwrap().seen.clone()
     }
@@ -128,13 +139,17 @@ async fn chat(
     headers: HeaderMap,
     Json(body): Json<Value>,
 ) -> Response {
+    let prompt = body["messages"][0]["content"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
     let behave = {
         let mut s = script.lock().unwrap();
         let auth = headers
             .get(header::AUTHORIZATION)
             .map(|v| v.to_str().unwrap().to_string());
         s.seen.push((auth, body));
-        s.next.pop_front()
+        s.next.pop_front().or_else(|| s.always.clone())
     };
     match behave {
         Some(Behave::Status(code)) => (
@@ -151,8 +166,31 @@ async fn chat(
         }
         Some(Behave::CutAfter(n)) => events(n, Duration::from_millis(20)),
         Some(Behave::Slow(pause)) => events(ANSWER.len(), pause),
+        Some(Behave::Say(text)) => said(text),
+        Some(Behave::Prefer(word)) => {
+            let a = prompt.split("[Answer A]").nth(1).unwrap_or_default();
+            let a = a.split("[Answer B]").next().unwrap_or_default();
+            said(if a.contains(word) { "A" } else { "B" })
+        }
         None => events(ANSWER.len(), Duration::from_millis(20)),
     }
+}
+
+/// `text` as a whole streamed answer.
+fn said(text: &str) -> Response {
+    let chunk = |delta: Value, finish: Value| {
+        json!({"id": "chatcmpl-standin", "object": "chat.completion.chunk", "created": 0,
+               "model": "teacher-7b", "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]})
+    };
+    let body = format!(
+        "data: {}\n\ndata: {}\n\ndata: [DONE]\n\n",
+        chunk(json!({"content": text}), Value::Null),
+        chunk(json!({}), json!("stop"))
+    );
+    Response::builder()
+        .header(header::CONTENT_TYPE, "text/event-stream")
+        .body(Body::from(body))
+        .unwrap()
 }
 
 /// `pieces` of the answer as server-sent events, `pause` before each; the
@@ -865,4 +903,118 @@ async fn completions_of_team(pool: &sqlx::PgPool) -> i64 {
         .fetch_one(pool)
         .await
         .unwrap()
+}
+
+#[tokio::test]
+async fn a_judge_is_checked_against_the_users_own_choices_and_a_position_biased_one_is_found_out() {
+    let setup = TinySetup::new("fw_judge").await;
+    let standin = StandIn::start();
+    let key = setup.key("acme");
+    cli(
+        &setup.db,
+        &[
+            "models",
+            "add-upstream",
+            "judge",
+            "--url",
+            &format!("{}/v1", standin.base),
+            "--model",
+            "judge-7b",
+        ],
+    );
+    let gw = serve(&setup, &[], &setup.dir.join("gateway.log")).await;
+    // Twelve requests the tiny model answers badly; each user corrects it
+    // to the billing desk: twelve pairs, the correction chosen.
+    for i in 0..12 {
+        let user = format!("u{i}");
+        let id = chat_as(&gw, &key, &user, &format!("Invoice {i} was charged twice")).await;
+        let (status, body) = gw
+            .post(
+                &key,
+                "/v1/feedback",
+                json!({"completion_id": id, "rating": "down", "user": user,
+                       "correction": format!("Send invoice {i} to the billing desk.")}),
+            )
+            .await;
+        assert_eq!(status, 201, "{body}");
+    }
+    let pool = flywheel_store::connect(&setup.db).await.unwrap();
+    assert!(
+        until(20, || async {
+            sqlx::query_scalar::<_, i64>("select count(*) from feedback")
+                .fetch_one(&pool)
+                .await
+                .unwrap()
+                == 12
+        })
+        .await
+    );
+    cli(
+        &setup.db,
+        &["datasets", "build", "--team", "acme", "--inline"],
+    );
+    // As many pairs as curation kept (near-duplicate requests may go).
+    let pairs = cli(
+        &setup.db,
+        &["datasets", "export", "acme@1", "--format", "trl-dpo"],
+    )
+    .lines()
+    .count();
+    assert!(pairs >= 10, "{pairs} pairs");
+    let check = |extra: &[&str]| {
+        let args = [
+            &[
+                "judges",
+                "check",
+                "--judge",
+                "judge",
+                "--dataset",
+                "acme@1",
+                "--json",
+            ][..],
+            extra,
+        ]
+        .concat();
+        flywheel_tests::process::run(Some(&setup.db), &[], &args, None)
+    };
+
+    // A judge that prefers what the users chose, in either position.
+    standin.always(Behave::Prefer("billing"));
+    let ran = check(&[]);
+    assert!(ran.ok(), "{}", ran.stderr);
+    let r: Value = serde_json::from_str(&ran.stdout).unwrap();
+    let report = &r["report"];
+    assert_eq!(report["pairs"], pairs, "{r}");
+    assert_eq!(
+        (report["chosen"].as_u64(), report["inconsistent"].as_u64()),
+        (Some(pairs as u64), Some(0))
+    );
+    assert_eq!(report["trusted"], true);
+    assert!(report["agreement_low"].as_f64().unwrap() > 0.6, "{r}");
+    assert_eq!(report["first_position_share"], 0.5);
+    // Each pair was asked twice, once with each answer first.
+    let asked = standin.seen();
+    assert_eq!(asked.len(), 2 * pairs);
+    let shown_first = |body: &Value| {
+        let p = body["messages"][0]["content"].as_str().unwrap();
+        p.split("[Answer A]")
+            .nth(1)
+            .unwrap()
+            .split("[Answer B]")
+            .next()
+            .unwrap()
+            .contains("billing")
+    };
+    assert_eq!(asked.iter().filter(|(_, b)| shown_first(b)).count(), pairs);
+
+    // One that answers "A" whatever it is shown: found out and not trusted
+    // (exit 3, a decision's no).
+    standin.always(Behave::Say("A"));
+    let ran = check(&[]);
+    assert_eq!(ran.code, Some(3), "{}{}", ran.stdout, ran.stderr);
+    let r: Value = serde_json::from_str(&ran.stdout).unwrap();
+    assert_eq!(r["report"]["inconsistent"], pairs, "{r}");
+    assert_eq!(r["report"]["first_position_share"], 1.0);
+    assert_eq!(r["report"]["trusted"], false);
+    assert!(ran.stderr.contains("not to be trusted"), "{}", ran.stderr);
 }
