@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use flywheel_curation::build::{Message, Rules, SftExample, split_by_hash};
+use flywheel_curation::build::{Message, SftExample, split_by_hash};
 use flywheel_curation::pii::{self, Redactions};
 use flywheel_engine::{ChatMessage, Event};
 use flywheel_store::PgPool;
@@ -55,6 +55,8 @@ pub struct DistillJob {
     pub budget_tokens: Option<u64>,
     /// Prompts in flight at once.
     pub concurrency: usize,
+    /// The share of prompts (by hash) in the eval split, as curation's rules say.
+    pub eval_fraction: f64,
 }
 
 /// A model that answers (a teacher, or a judge): an upstream, or an
@@ -68,6 +70,8 @@ pub enum Teacher {
 pub struct Answer {
     pub text: String,
     pub tokens: u64,
+    /// Ended by the model, not cut at `max_tokens`.
+    pub finished: bool,
 }
 
 impl Teacher {
@@ -113,11 +117,12 @@ impl Teacher {
                 Event::Done {
                     prompt_tokens,
                     completion_tokens,
-                    ..
+                    finish_reason,
                 } => {
                     return Ok(Answer {
                         text,
                         tokens: (prompt_tokens + completion_tokens) as u64,
+                        finished: finish_reason == flywheel_engine::FinishReason::Stop,
                     });
                 }
                 Event::Error(e) => anyhow::bail!(e),
@@ -131,8 +136,12 @@ impl Teacher {
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct Outcome {
     /// The dataset version written (`None`: no prompt was answered).
+    #[serde(skip)]
     pub version_id: Option<Uuid>,
+    #[serde(skip)]
     pub version: Option<i32>,
+    /// Examples written.
+    pub examples: usize,
     /// Requests read from the log (or the file's prompts).
     pub prompts_read: usize,
     /// Whose message contents are hashes (a team that stores no text).
@@ -142,7 +151,11 @@ pub struct Outcome {
     pub answered: usize,
     /// The teacher failed on them, or answered nothing.
     pub failed: usize,
-    /// Answered, then dropped: their end user's data was deleted meanwhile.
+    /// Answers cut at `max_tokens`: left out, as half an answer teaches
+    /// the student to stop mid-sentence.
+    pub truncated: usize,
+    /// Not asked, or asked and dropped: every request holding the prompt
+    /// was deleted (its end user's data) while the distillation ran.
     pub deleted_meanwhile: usize,
     pub teacher_tokens: u64,
     /// Asking stopped because `budget_tokens` was spent.
@@ -151,10 +164,40 @@ pub struct Outcome {
     pub seconds: f64,
 }
 
-/// A prompt to ask, and the logged request it came from.
+/// A prompt to ask, and the logged requests that hold it (none for a
+/// file's): each is named in the lineage, so any of their end users'
+/// deletion marks the version.
 struct Asked {
     prompt: Vec<Message>,
-    source: Option<LoggedSource>,
+    sources: Vec<LoggedSource>,
+}
+
+/// What became of one prompt.
+enum Asking {
+    OverBudget,
+    /// Its requests were deleted before the teacher was asked.
+    Deleted,
+    Answered(anyhow::Result<Answer>),
+}
+
+/// Those of `sources` still in the team's log, their rows locked until
+/// the transaction `ex` belongs to ends (a deletion waits for it).
+async fn still_logged(
+    ex: impl sqlx::PgExecutor<'_>,
+    team: Uuid,
+    sources: &[LoggedSource],
+) -> anyhow::Result<Vec<LoggedSource>> {
+    let ids: Vec<String> = sources.iter().map(|s| s.completion_id.clone()).collect();
+    let kept: std::collections::HashSet<String> =
+        flywheel_store::completions::still_logged(ex, team, &ids)
+            .await?
+            .into_iter()
+            .collect();
+    Ok(sources
+        .iter()
+        .filter(|s| kept.contains(&s.completion_id))
+        .cloned()
+        .collect())
 }
 
 #[derive(Clone)]
@@ -185,38 +228,49 @@ pub async fn run(
             .is_some_and(|b| spent.load(Ordering::Relaxed) >= b)
     };
     let mut answers = futures::stream::iter(asked.into_iter().enumerate())
-        .map(|(i, a)| {
+        .map(|(i, mut a)| {
             let spent = spent.clone();
             async move {
                 if over_budget(&spent) {
-                    return (i, a, None);
+                    return (i, a, Asking::OverBudget);
+                }
+                // Asked only while a request holding it is still logged:
+                // a deleted user's words never reach the teacher.
+                if !a.sources.is_empty() {
+                    match still_logged(pool, job.team, &a.sources).await {
+                        Ok(kept) if kept.is_empty() => return (i, a, Asking::Deleted),
+                        Ok(kept) => a.sources = kept,
+                        Err(e) => return (i, a, Asking::Answered(Err(e))),
+                    }
                 }
                 let r = teacher.answer(&a.prompt, job.max_tokens).await;
                 if let Ok(ans) = &r {
                     spent.fetch_add(ans.tokens, Ordering::Relaxed);
                 }
-                (i, a, Some(r))
+                (i, a, Asking::Answered(r))
             }
         })
         .buffer_unordered(job.concurrency.max(1));
     let mut done = Vec::with_capacity(total);
     let mut last_report = Instant::now();
+    let mut settled = 0;
     while let Some((i, a, r)) = answers.next().await {
+        settled += 1;
         match r {
-            None => outcome.stopped_by_budget = true,
-            Some(Ok(ans)) if !ans.text.trim().is_empty() => {
+            Asking::OverBudget => outcome.stopped_by_budget = true,
+            Asking::Deleted => outcome.deleted_meanwhile += 1,
+            Asking::Answered(Ok(ans)) if ans.text.trim().is_empty() => outcome.failed += 1,
+            Asking::Answered(Ok(ans)) if !ans.finished => outcome.truncated += 1,
+            Asking::Answered(Ok(ans)) => {
                 outcome.answered += 1;
                 done.push((i, a, ans.text));
             }
-            Some(Ok(_)) => outcome.failed += 1,
-            Some(Err(e)) => {
+            Asking::Answered(Err(e)) => {
                 outcome.failed += 1;
                 tracing::warn!(error = %format!("{e:#}"), "the teacher did not answer a prompt");
             }
         }
-        if last_report.elapsed() > Duration::from_secs(2)
-            || outcome.answered + outcome.failed == total
-        {
+        if last_report.elapsed() > Duration::from_secs(2) || settled == total {
             progress(outcome.answered, total);
             last_report = Instant::now();
         }
@@ -226,48 +280,48 @@ pub async fn run(
     // In the order asked (newest first), whatever order they finished in.
     done.sort_by_key(|(i, _, _)| *i);
 
-    // A request deleted while the teacher answered leaves no example.
-    let logged: Vec<String> = done
-        .iter()
-        .filter_map(|(_, a, _)| a.source.as_ref().map(|s| s.completion_id.clone()))
-        .collect();
+    // Requests deleted while the teacher answered leave no lineage, and a
+    // prompt none of whose requests is left no example. The rows read
+    // here stay locked until the version is written, so a deletion that
+    // comes now waits and then marks the version.
     let mut tx = pool.begin().await?;
-    let kept: std::collections::HashSet<String> =
-        flywheel_store::completions::still_logged(&mut *tx, job.team, &logged)
-            .await?
-            .into_iter()
-            .collect();
-    let before = done.len();
-    done.retain(|(_, a, _)| {
-        a.source
-            .as_ref()
-            .is_none_or(|s| kept.contains(&s.completion_id))
-    });
-    outcome.deleted_meanwhile = before - done.len();
+    let mut written = Vec::with_capacity(done.len());
+    for (i, mut a, text) in done {
+        if !a.sources.is_empty() {
+            a.sources = still_logged(&mut *tx, job.team, &a.sources).await?;
+            if a.sources.is_empty() {
+                outcome.deleted_meanwhile += 1;
+                continue;
+            }
+        }
+        written.push((i, a, text));
+    }
+    let done = written;
+    outcome.examples = done.len();
     outcome.seconds = t0.elapsed().as_secs_f64();
     if done.is_empty() {
         tx.commit().await?;
         return Ok(outcome);
     }
 
-    let eval_fraction = Rules::default().eval_fraction;
+    let eval_fraction = job.eval_fraction;
     let mut examples = Vec::with_capacity(done.len());
     let mut lineage = Vec::new();
     let mut h = Sha256::new();
     h.update(DISTILLER.as_bytes());
     h.update(teacher_version.id.as_bytes());
     for (n, (_, a, text)) in done.iter().enumerate() {
-        let source = match &a.source {
-            Some(s) => {
-                lineage.push(LineageRow {
-                    team_id: job.team,
-                    feedback_id: NO_VOTE,
-                    completion_id: s.completion_id.clone(),
-                    voter: String::new(),
-                    author: s.end_user.clone(),
-                });
-                s.completion_id.clone()
-            }
+        for src in &a.sources {
+            lineage.push(LineageRow {
+                team_id: job.team,
+                feedback_id: NO_VOTE,
+                completion_id: src.completion_id.clone(),
+                voter: String::new(),
+                author: src.end_user.clone(),
+            });
+        }
+        let source = match a.sources.first() {
+            Some(s) => s.completion_id.clone(),
             None => format!("{origin}#{n}"),
         };
         let e = SftExample {
@@ -332,10 +386,10 @@ async fn prompts(
                 match crate::curate::prompt_of(&r.messages.0) {
                     Some(prompt) if !prompt.is_empty() => out.push(Asked {
                         prompt,
-                        source: Some(LoggedSource {
+                        sources: vec![LoggedSource {
                             completion_id: r.id,
                             end_user: r.end_user.unwrap_or_default(),
-                        }),
+                        }],
                     }),
                     _ => outcome.without_text += 1,
                 }
@@ -348,14 +402,15 @@ async fn prompts(
                 .iter()
                 .map(|p| Asked {
                     prompt: p.clone(),
-                    source: None,
+                    sources: Vec::new(),
                 })
                 .collect();
             (out, origin.clone())
         }
     };
-    let mut seen = std::collections::HashSet::new();
-    let mut asked = Vec::new();
+    // Prompt (redacted) -> its place in `asked`.
+    let mut seen = std::collections::HashMap::new();
+    let mut asked: Vec<Asked> = Vec::new();
     for mut a in candidates {
         for m in &mut a.prompt {
             let (text, r) = pii::redact(&m.content);
@@ -363,13 +418,17 @@ async fn prompts(
             m.content = text;
         }
         let key = serde_json::to_string(&a.prompt)?;
-        if !seen.insert(key) {
+        if let Some(&at) = seen.get(&key) {
             outcome.duplicates += 1;
+            let first: &mut Asked = &mut asked[at];
+            first.sources.append(&mut a.sources);
             continue;
         }
-        if asked.len() < job.limit {
-            asked.push(a);
+        if asked.len() == job.limit {
+            break;
         }
+        seen.insert(key, asked.len());
+        asked.push(a);
     }
     Ok((asked, origin))
 }

@@ -68,16 +68,43 @@ pub enum Verdict {
     Unreadable,
 }
 
-/// Reads the judge's reply: its first word that is A, B or tie ("A",
-/// "Answer B.", "**tie**").
+/// Reads the judge's reply, as asked ("A", "B" or "tie", with whatever
+/// markdown or punctuation around it), or as judges tend to phrase it
+/// ("Answer B is better", "It's a tie", "Option A"); anything else is
+/// unreadable rather than guessed.
 pub fn parse(reply: &str) -> Verdict {
-    for word in reply.split(|c: char| !c.is_alphanumeric()) {
-        match word.to_ascii_lowercase().as_str() {
-            "a" => return Verdict::First,
-            "b" => return Verdict::Second,
-            "tie" => return Verdict::Tie,
-            _ => {}
+    let text = reply
+        .to_lowercase()
+        .replace(|c: char| !c.is_alphanumeric(), " ");
+    let words: Vec<&str> = text.split_whitespace().collect();
+    let side = |w: &str| match w {
+        "a" => Some(Verdict::First),
+        "b" => Some(Verdict::Second),
+        _ => None,
+    };
+    match words.as_slice() {
+        [] => return Verdict::Unreadable,
+        [only] if *only == "tie" => return Verdict::Tie,
+        [only] => return side(only).unwrap_or(Verdict::Unreadable),
+        _ => {}
+    }
+    // "Answer B", "Option A", "Response A": the side after its noun.
+    for pair in words.windows(2) {
+        if matches!(pair[0], "answer" | "option" | "response")
+            && let Some(v) = side(pair[1])
+        {
+            return v;
         }
+    }
+    if words.contains(&"tie") {
+        return Verdict::Tie;
+    }
+    // "B is better", "B." with a reason after it: a reply that opens with a side.
+    if words.len() > 1
+        && matches!(words[1], "is" | "because" | "wins")
+        && let Some(v) = side(words[0])
+    {
+        return v;
     }
     Verdict::Unreadable
 }
@@ -153,13 +180,22 @@ pub fn agreement(verdicts: &[PairVerdict], replies: &[Verdict], bar: f64) -> Agr
     } else {
         firsts as f64 / picked as f64
     };
-    let trusted = preferences > 0 && low > bar;
+    // Right where it is consistent is not enough: a judge consistent on a
+    // handful of pairs is mostly position or noise.
+    let consistent_enough = 2 * preferences >= verdicts.len();
+    let trusted = preferences > 0 && consistent_enough && low > bar;
     let reason = if preferences == 0 {
         format!(
             "no consistent preference on {} pairs ({} inconsistent across the two orders; it picked the first answer shown in {:.0}% of its picks): ignored",
             verdicts.len(),
             inconsistent,
             100.0 * first_position_share
+        )
+    } else if !consistent_enough {
+        format!(
+            "a consistent preference on only {preferences} of {} pairs ({} inconsistent across the two orders, {ties} ties): ignored",
+            verdicts.len(),
+            inconsistent
         )
     } else if trusted {
         format!(
@@ -204,8 +240,19 @@ mod tests {
         assert_eq!(parse("Answer B is better."), Verdict::Second);
         assert_eq!(parse("**Tie**"), Verdict::Tie);
         assert_eq!(parse("I cannot decide"), Verdict::Unreadable);
-        // "Answer" is not "A".
         assert_eq!(parse("Answer: b"), Verdict::Second);
+        assert_eq!(parse("It's a tie."), Verdict::Tie);
+        assert_eq!(parse("A tie"), Verdict::Tie);
+        assert_eq!(
+            parse("B is better because it routes the ticket."),
+            Verdict::Second
+        );
+        assert_eq!(parse("**A**"), Verdict::First);
+        // An article is not a verdict.
+        assert_eq!(
+            parse("As a careful user I would pick B"),
+            Verdict::Unreadable
+        );
     }
 
     #[test]
@@ -251,6 +298,14 @@ mod tests {
             .collect();
         let c = agreement(&coin, &[], 0.6);
         assert!(!c.trusted && c.agreement_low < 0.5, "{}", c.reason);
+    }
+
+    #[test]
+    fn a_judge_consistent_on_few_pairs_is_not_trusted() {
+        let mut verdicts = vec![PairVerdict::Chosen; 10];
+        verdicts.extend([PairVerdict::Inconsistent; 30]);
+        let a = agreement(&verdicts, &[], 0.6);
+        assert!(a.agreement_low > 0.6 && !a.trusted, "{}", a.reason);
     }
 
     #[test]

@@ -38,6 +38,7 @@ pub struct DistillArgs {
 pub async fn run(cfg: &Config, pool: &PgPool, args: DistillArgs) -> anyhow::Result<()> {
     let team = team_id(pool, &args.team).await?;
     let v = version(pool, &args.teacher).await?;
+    usable_by_team(pool, &v, team).await?;
     let teacher = model(cfg, pool, &v).await?;
     let prompts = match args.prompts.as_str() {
         "log" => Prompts::Log,
@@ -53,6 +54,7 @@ pub async fn run(cfg: &Config, pool: &PgPool, args: DistillArgs) -> anyhow::Resu
         max_tokens: args.max_tokens,
         budget_tokens: args.budget_tokens,
         concurrency: args.concurrency,
+        eval_fraction: cfg.jobs.curation_rules.eval_fraction,
     };
     let o = flywheel_jobs::distill::run(pool, &job, &teacher, &v, |done, total| {
         eprintln!("{} answered {done} of {total} prompts", v.name);
@@ -70,15 +72,16 @@ pub async fn run(cfg: &Config, pool: &PgPool, args: DistillArgs) -> anyhow::Resu
         );
     };
     println!(
-        "{}@{number}: {} SFT examples from {} ({} prompts read, {} duplicates, {} without text, {} asked, {} failed, {} dropped as deleted{}; {} teacher tokens, {:.0} s)",
+        "{}@{number}: {} SFT examples from {} ({} prompts read, {} duplicates, {} without text, {} asked, {} failed, {} cut at --max-tokens, {} dropped as deleted{}; {} teacher tokens, {:.0} s)",
         args.team,
-        o.answered - o.deleted_meanwhile,
+        o.examples,
         v.name,
         o.prompts_read,
         o.duplicates,
         o.without_text,
         o.asked,
         o.failed,
+        o.truncated,
         o.deleted_meanwhile,
         if o.stopped_by_budget {
             ", stopped at the token budget"
@@ -88,6 +91,21 @@ pub async fn run(cfg: &Config, pool: &PgPool, args: DistillArgs) -> anyhow::Resu
         o.teacher_tokens,
         o.seconds
     );
+    Ok(())
+}
+
+/// Refuses a model the team may not use (another team's candidate, or a
+/// pooled one when the team does not pool): its prompts go only where its
+/// own requests may.
+pub async fn usable_by_team(
+    pool: &PgPool,
+    v: &flywheel_store::models::ModelVersion,
+    team: uuid::Uuid,
+) -> anyhow::Result<()> {
+    let pools = flywheel_store::keys::team_shares(pool, team).await?;
+    if !v.usable_by(team, pools) {
+        anyhow::bail!("{} is not a model this team may use", v.name);
+    }
     Ok(())
 }
 

@@ -79,18 +79,24 @@ pub async fn run(cfg: &Config, pool: &PgPool, command: JudgesCommand) -> anyhow:
         );
     }
     let v = crate::models::version(pool, &name).await?;
+    // The team's own pairs go only to a model the team may use.
+    if let Some(team) = version.team_id {
+        crate::distill::usable_by_team(pool, &v, team).await?;
+    }
     let model = crate::distill::model(cfg, pool, &v).await?;
+    let errors = std::sync::atomic::AtomicUsize::new(0);
     let ask = |text: String| {
-        let model = &model;
+        let (model, errors) = (&model, &errors);
         async move {
             let question = [flywheel_curation::build::Message {
                 role: "user".into(),
                 content: text,
             }];
-            match model.answer(&question, 16).await {
+            match model.answer(&question, 32).await {
                 Ok(a) => judge::parse(&a.text),
                 Err(e) => {
                     tracing::warn!(error = %format!("{e:#}"), "the judge did not answer");
+                    errors.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     Verdict::Unreadable
                 }
             }
@@ -118,16 +124,25 @@ pub async fn run(cfg: &Config, pool: &PgPool, command: JudgesCommand) -> anyhow:
             eprintln!("{name}: judged {} of {total} pairs", verdicts.len());
         }
     }
+    drop(asked);
+    // A judge that could not be reached is not a judge that disagrees.
+    let errors = errors.into_inner();
+    if 2 * errors > replies.len() {
+        anyhow::bail!(
+            "{name} failed {errors} of {} questions: no verdict on it as a judge",
+            replies.len()
+        );
+    }
     let a = judge::agreement(&verdicts, &replies, bar);
     if json {
         println!(
             "{}",
-            serde_json::json!({"judge": name, "dataset": dataset, "report": a})
+            serde_json::json!({"judge": name, "dataset": dataset, "report": a, "errors": errors})
         );
     } else {
         println!("{name} on {dataset}: {}", a.reason);
         println!(
-            "pairs {}: users' choice {}, the other {}, tie {}, inconsistent across orders {}",
+            "pairs {}: users' choice {}, the other {}, tie {}, inconsistent across orders {}, questions failed {errors}",
             a.pairs, a.chosen, a.rejected, a.ties, a.inconsistent
         );
     }

@@ -796,7 +796,10 @@ async fn distillation_asks_the_teacher_the_teams_own_prompts_and_makes_a_dataset
             None,
         )
     });
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        until(20, || async { !standin.seen().is_empty() }).await,
+        "the teacher was asked"
+    );
     delete_user(&gw, &key, "u4").await;
     let ran = run.join().unwrap();
     assert!(ran.ok(), "{}", ran.stderr);
@@ -854,9 +857,36 @@ async fn distillation_asks_the_teacher_the_teams_own_prompts_and_makes_a_dataset
         "{}",
         ran.stdout
     );
-    assert!(
-        shown.contains("big"),
-        "the manifest names the teacher: {shown}"
+    // Made by distillation from three logged requests, no votes.
+    let shown: Value = serde_json::from_str(&shown).unwrap();
+    assert_eq!(
+        shown["manifest"]["builder"], "flywheel-distill/1",
+        "{shown}"
+    );
+    assert_eq!(
+        (
+            shown["lineage_rows"]["completions"].as_u64(),
+            shown["lineage_rows"]["votes"].as_u64()
+        ),
+        (Some(3), Some(0)),
+        "{shown}"
+    );
+    let listed = cli(&setup.db, &["datasets", "list", "--team", "acme", "--json"]);
+    let v1: Value = listed
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .find(|v| v["version"] == 1)
+        .unwrap();
+    let d = &v1["manifest"]["distillation"];
+    assert_eq!(d["teacher"]["name"], "big", "{v1}");
+    assert_eq!(d["prompts"], "log");
+    assert_eq!(
+        (
+            d["outcome"]["duplicates"].as_u64(),
+            d["outcome"]["deleted_meanwhile"].as_u64()
+        ),
+        (Some(1), Some(1)),
+        "{d}"
     );
 
     // Its lineage names the requests it used: deleting u3's data marks it.

@@ -192,6 +192,17 @@ pub async fn curated(
         counts.eval_pairs,
         counts.eval_votes,
     );
+    if let Some(champion) = flywheel_store::models::team_champion(pool, c.team_id).await?
+        && champion.is_upstream()
+    {
+        let reason = format!(
+            "the team's champion {} is served by an upstream, and the loop fine-tunes weights \
+             it holds: distil it into a model served here (flywheel distill) and make that the \
+             team's champion",
+            champion.name
+        );
+        return skip(note, reason, Some(v.id)).await;
+    }
     let examples = i64::from(v.sft_count + v.dpo_count + v.kto_count);
     let trained = flywheel_store::training::team_progress(pool)
         .await?
@@ -208,17 +219,6 @@ pub async fn curated(
     }
     let suites = evals::team_suites(pool, c.team_id).await?.len();
     if let Judgeable::No(reason) = evidence::judgeable(&counts, suites, &cfg.needs) {
-        return skip(note, reason, Some(v.id)).await;
-    }
-    if let Some(champion) = flywheel_store::models::team_champion(pool, c.team_id).await?
-        && champion.is_upstream()
-    {
-        let reason = format!(
-            "the team's champion {} is served by an upstream, and the loop fine-tunes weights \
-             it holds: distil it into a model served here (flywheel distill) and make that the \
-             team's champion",
-            champion.name
-        );
         return skip(note, reason, Some(v.id)).await;
     }
     let base = team_base(pool, c.team_id).await?;

@@ -157,7 +157,9 @@ pub async fn recent_prompts(
     .await?)
 }
 
-/// Those of `ids` still in a team's log (an end user's deleted data is not).
+/// Those of `ids` still in a team's log (an end user's deleted data is
+/// not), locked until the caller's transaction ends: a deletion waits for
+/// it, and so sees what it wrote.
 pub async fn still_logged(
     ex: impl PgExecutor<'_>,
     team_id: Uuid,

@@ -428,12 +428,15 @@ pub async fn evidence_counts(ex: impl PgExecutor<'_>, version_id: Uuid) -> Resul
     .await?)
 }
 
-/// How many lineage rows a version has and how many distinct completions.
+/// How many votes a version's lineage names (a distilled example names a
+/// request, no vote) and how many distinct completions.
 pub async fn lineage_counts(ex: impl PgExecutor<'_>, version_id: Uuid) -> Result<(i64, i64)> {
     Ok(sqlx::query_as(
-        "select count(*), count(distinct completion_id) from dataset_lineage where version_id = $1",
+        "select count(*) filter (where feedback_id <> $2), count(distinct completion_id)
+         from dataset_lineage where version_id = $1",
     )
     .bind(version_id)
+    .bind(NO_VOTE)
     .fetch_one(ex)
     .await?)
 }

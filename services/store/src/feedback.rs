@@ -141,7 +141,6 @@ pub async fn delete_user_data(
     end_user: &str,
 ) -> Result<(u64, u64)> {
     let mut tx = pool.begin().await?;
-    crate::datasets::mark_user_deleted(&mut *tx, team_id, end_user).await?;
     let votes = sqlx::query(
         "delete from feedback where team_id = $1
            and (end_user = $2
@@ -158,6 +157,9 @@ pub async fn delete_user_data(
         .execute(&mut *tx)
         .await?
         .rows_affected();
+    // After the deletes: a dataset written while they waited for its rows
+    // (a distillation holds them locked) is committed by now, and marked.
+    crate::datasets::mark_user_deleted(&mut *tx, team_id, end_user).await?;
     tx.commit().await?;
     Ok((completions, votes))
 }
