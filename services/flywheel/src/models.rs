@@ -49,29 +49,7 @@ pub enum ModelsCommand {
     /// Register a model served by an OpenAI-compatible server elsewhere
     /// (vLLM, TGI, llama.cpp's server, a hosted API): routed, logged, rated
     /// and curated like a model served here.
-    AddUpstream {
-        /// The version's name, as clients and the dashboard see it.
-        name: String,
-        /// The API's base URL, up to its version: `http://host:8000/v1`.
-        #[arg(long)]
-        url: String,
-        /// The model name the server knows it by.
-        #[arg(long)]
-        model: String,
-        /// The environment variable holding the API key, on every gateway
-        /// (the key itself is never stored).
-        #[arg(long)]
-        api_key_env: Option<String>,
-        /// The longest one answer may take, in seconds.
-        #[arg(long, default_value_t = 120)]
-        timeout_secs: u32,
-        /// Its context window, when known (shown on the dashboard).
-        #[arg(long)]
-        context_length: Option<i32>,
-        /// Only this team may be served by it (without: every team may).
-        #[arg(long)]
-        team: Option<String>,
-    },
+    AddUpstream(AddUpstream),
     /// List model versions.
     List {
         /// One JSON object per version, a line each.
@@ -126,6 +104,32 @@ pub enum ModelsCommand {
     },
 }
 
+/// `flywheel models add-upstream`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct AddUpstream {
+    /// The version's name, as clients and the dashboard see it.
+    name: String,
+    /// The API's base URL, up to its version: `http://host:8000/v1`.
+    #[arg(long)]
+    url: String,
+    /// The model name the server knows it by.
+    #[arg(long)]
+    model: String,
+    /// The environment variable holding the API key, on every gateway
+    /// (the key itself is never stored).
+    #[arg(long)]
+    api_key_env: Option<String>,
+    /// The longest one answer may take, in seconds.
+    #[arg(long, default_value_t = 120)]
+    timeout_secs: u32,
+    /// Its context window, when known (shown on the dashboard).
+    #[arg(long)]
+    context_length: Option<i32>,
+    /// Only this team may be served by it (without: every team may).
+    #[arg(long)]
+    team: Option<String>,
+}
+
 pub async fn run(
     cfg: &Config,
     pool: &flywheel_store::PgPool,
@@ -145,26 +149,8 @@ pub async fn run(
             let cache = flywheel_modelhub::ModelCache::new(&cfg.models.cache)?;
             (cache.import(&path, name.as_deref()).await?, champion)
         }
-        ModelsCommand::AddUpstream {
-            name,
-            url,
-            model,
-            api_key_env,
-            timeout_secs,
-            context_length,
-            team,
-        } => {
-            add_upstream(
-                pool,
-                name,
-                url,
-                model,
-                api_key_env,
-                timeout_secs,
-                context_length,
-                team,
-            )
-            .await?;
+        ModelsCommand::AddUpstream(args) => {
+            add_upstream(pool, args).await?;
             return Ok(());
         }
         ModelsCommand::List { json: true } => {
@@ -287,17 +273,16 @@ pub async fn run(
     Ok(())
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn add_upstream(
-    pool: &flywheel_store::PgPool,
-    name: String,
-    url: String,
-    model: String,
-    api_key_env: Option<String>,
-    timeout_secs: u32,
-    context_length: Option<i32>,
-    team: Option<String>,
-) -> anyhow::Result<()> {
+async fn add_upstream(pool: &flywheel_store::PgPool, args: AddUpstream) -> anyhow::Result<()> {
+    let AddUpstream {
+        name,
+        url,
+        model,
+        api_key_env,
+        timeout_secs,
+        context_length,
+        team,
+    } = args;
     if !(url.starts_with("http://") || url.starts_with("https://"))
         || url.contains(char::is_whitespace)
     {

@@ -50,6 +50,8 @@ enum Behave {
     Slow(Duration),
     /// Answers this text.
     Say(&'static str),
+    /// Answers this text, cut at the request's length limit.
+    SayCut(&'static str),
     /// A judge that prefers the answer holding this word: "A" when the
     /// prompt's `[Answer A]` section holds it, else "B".
     Prefer(&'static str),
@@ -166,18 +168,19 @@ async fn chat(
         }
         Some(Behave::CutAfter(n)) => events(n, Duration::from_millis(20)),
         Some(Behave::Slow(pause)) => events(ANSWER.len(), pause),
-        Some(Behave::Say(text)) => said(text),
+        Some(Behave::Say(text)) => said(text, "stop"),
+        Some(Behave::SayCut(text)) => said(text, "length"),
         Some(Behave::Prefer(word)) => {
             let a = prompt.split("[Answer A]").nth(1).unwrap_or_default();
             let a = a.split("[Answer B]").next().unwrap_or_default();
-            said(if a.contains(word) { "A" } else { "B" })
+            said(if a.contains(word) { "A" } else { "B" }, "stop")
         }
         None => events(ANSWER.len(), Duration::from_millis(20)),
     }
 }
 
-/// `text` as a whole streamed answer.
-fn said(text: &str) -> Response {
+/// `text` as a streamed answer that ends for `finish`.
+fn said(text: &str, finish: &str) -> Response {
     let chunk = |delta: Value, finish: Value| {
         json!({"id": "chatcmpl-standin", "object": "chat.completion.chunk", "created": 0,
                "model": "teacher-7b", "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]})
@@ -185,7 +188,7 @@ fn said(text: &str) -> Response {
     let body = format!(
         "data: {}\n\ndata: {}\n\ndata: [DONE]\n\n",
         chunk(json!({"content": text}), Value::Null),
-        chunk(json!({}), json!("stop"))
+        chunk(json!({}), json!(finish))
     );
     Response::builder()
         .header(header::CONTENT_TYPE, "text/event-stream")
@@ -237,9 +240,9 @@ fn events(pieces: usize, pause: Duration) -> Response {
         .unwrap()
 }
 
-/// Registers `name` as an upstream on `url` for team `team` and makes it
-/// the team's champion.
-fn add_upstream(db: &str, name: &str, url: &str, team: &str, extra: &[&str]) {
+/// Registers `name` as an upstream (model `teacher-7b`) on `url`, with
+/// `extra` options.
+fn register(db: &str, name: &str, url: &str, extra: &[&str]) {
     let args = [
         &[
             "models",
@@ -249,13 +252,16 @@ fn add_upstream(db: &str, name: &str, url: &str, team: &str, extra: &[&str]) {
             url,
             "--model",
             "teacher-7b",
-            "--team",
-            team,
         ][..],
         extra,
     ]
     .concat();
     cli(db, &args);
+}
+
+/// [`register`]s `name` for team `team` only and makes it the team's champion.
+fn add_upstream(db: &str, name: &str, url: &str, team: &str, extra: &[&str]) {
+    register(db, name, url, &[&["--team", team][..], extra].concat());
     cli(
         db,
         &[
@@ -750,18 +756,7 @@ async fn distillation_asks_the_teacher_the_teams_own_prompts_and_makes_a_dataset
     let key = setup.key("acme");
     // The teacher: an upstream the team is not served by (its champion is
     // the tiny model).
-    cli(
-        &setup.db,
-        &[
-            "models",
-            "add-upstream",
-            "big",
-            "--url",
-            &format!("{}/v1", standin.base),
-            "--model",
-            "teacher-7b",
-        ],
-    );
+    register(&setup.db, "big", &format!("{}/v1", standin.base), &[]);
     let gw = serve(&setup, &[], &setup.dir.join("gateway.log")).await;
     let pool = flywheel_store::connect(&setup.db).await.unwrap();
     let billing = "My invoice charged me twice, write to ann@example.com";
@@ -926,6 +921,63 @@ async fn distillation_asks_the_teacher_the_teams_own_prompts_and_makes_a_dataset
     );
     assert!(out.starts_with("acme@2: 1 SFT examples from big"), "{out}");
     assert!(out.contains("stopped at the token budget"), "{out}");
+
+    // Prompts from a file; an answer cut at the length limit is left out.
+    let file = setup.dir.join("prompts.jsonl");
+    std::fs::write(
+        &file,
+        "{\"prompt\": \"Where is my parcel?\"}\n\n{\"messages\": [{\"role\": \"system\", \"content\": \"Be brief.\"}, {\"role\": \"user\", \"content\": \"Can I get a refund?\"}]}\n",
+    )
+    .unwrap();
+    standin.then(Behave::SayCut("Your parcel is"));
+    let out = cli(
+        &setup.db,
+        &[
+            "distill",
+            "--team",
+            "acme",
+            "--teacher",
+            "big",
+            "--concurrency",
+            "1",
+            "--prompts",
+            file.to_str().unwrap(),
+        ],
+    );
+    assert!(out.starts_with("acme@3: 1 SFT examples from big"), "{out}");
+    assert!(out.contains("1 cut at --max-tokens"), "{out}");
+    let sft = cli(
+        &setup.db,
+        &["datasets", "export", "acme@3", "--format", "messages"],
+    );
+    assert!(
+        sft.contains("Can I get a refund?") && sft.contains("Be brief."),
+        "{sft}"
+    );
+    assert!(!sft.contains("parcel"), "{sft}");
+    let bad = setup.dir.join("bad.jsonl");
+    std::fs::write(&bad, "{\"question\": \"no\"}\n").unwrap();
+    let ran = flywheel_tests::process::run(
+        Some(&setup.db),
+        &[],
+        &[
+            "distill",
+            "--team",
+            "acme",
+            "--teacher",
+            "big",
+            "--prompts",
+            bad.to_str().unwrap(),
+        ],
+        None,
+    );
+    assert_eq!(ran.code, Some(1));
+    assert!(
+        ran.stderr
+            .contains("line 1: expected \"messages\" or \"prompt\""),
+        "{}",
+        ran.stderr
+    );
 }
 
 async fn completions_of_team(pool: &sqlx::PgPool) -> i64 {
@@ -940,18 +992,7 @@ async fn a_judge_is_checked_against_the_users_own_choices_and_a_position_biased_
     let setup = TinySetup::new("fw_judge").await;
     let standin = StandIn::start();
     let key = setup.key("acme");
-    cli(
-        &setup.db,
-        &[
-            "models",
-            "add-upstream",
-            "judge",
-            "--url",
-            &format!("{}/v1", standin.base),
-            "--model",
-            "judge-7b",
-        ],
-    );
+    register(&setup.db, "judge", &format!("{}/v1", standin.base), &[]);
     let gw = serve(&setup, &[], &setup.dir.join("gateway.log")).await;
     // Twelve requests the tiny model answers badly; each user corrects it
     // to the billing desk: twelve pairs, the correction chosen.
