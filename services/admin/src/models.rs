@@ -49,6 +49,8 @@ struct ModelsPage {
     chrome: Chrome,
     versions: Vec<VersionView>,
     teams: Vec<TeamModels>,
+    /// Each team's use of each upstream version in the last 30 days.
+    upstream_use: Vec<flywheel_store::upstreams::Use>,
     done: Option<String>,
 }
 
@@ -134,10 +136,13 @@ pub async fn page(
                 .collect(),
         });
     }
+    let since = chrono::Utc::now() - chrono::Duration::days(30);
+    let upstream_use = flywheel_store::upstreams::usage(pool, since).await?;
     let page = ModelsPage {
         chrome: Chrome::new(&signed, "models"),
         versions,
         teams: team_models,
+        upstream_use,
         done: d.done,
     };
     Ok(Html(page.render()?))

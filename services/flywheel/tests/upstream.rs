@@ -470,6 +470,39 @@ async fn a_team_on_an_upstream_model_is_served_logged_rated_and_curated_as_on_it
     assert_eq!(examples.len(), 2, "{kto}");
     assert!(kto.contains("Route to billing."), "{kto}");
 
+    // The dashboard shows where it is served and what the team's use cost,
+    // from the log.
+    let made = flywheel_tests::process::run(
+        Some(&setup.db),
+        &[],
+        &["admin", "create", "ops", "--password-stdin"],
+        Some(flywheel_tests::admin::PASSWORD),
+    );
+    assert!(made.ok(), "{}", made.stderr);
+    let mut admin = flywheel_tests::admin::Client::at(&gw.base);
+    assert_eq!(
+        admin
+            .login("ops", flywheel_tests::admin::PASSWORD)
+            .await
+            .status,
+        303
+    );
+    let page = admin.get("/admin/models").await;
+    assert_eq!(page.status, 200);
+    assert!(
+        page.body
+            .contains(&format!("upstream: <code>{}/v1</code>", standin.base)),
+        "{}",
+        page.body
+    );
+    assert!(
+        page.body
+            .contains("<td>big</td><td>acme</td><td>2</td><td>0</td><td>42</td><td>8</td>"),
+        "{}",
+        page.body
+    );
+    let page = page.body;
+
     // The key is never stored, logged or shown.
     let listed = cli(&setup.db, &["models", "list", "--json"]);
     let (_, models) = gw_get(&gw, &key, "/v1/models").await;
@@ -491,6 +524,7 @@ async fn a_team_on_an_upstream_model_is_served_logged_rated_and_curated_as_on_it
         ("/v1/models", models.to_string()),
         ("the database", dump),
         ("the gateway's log", logged),
+        ("the dashboard", page),
     ] {
         assert!(
             !text.contains(&secret),
@@ -996,9 +1030,24 @@ async fn a_judge_is_checked_against_the_users_own_choices_and_a_position_biased_
     let gw = serve(&setup, &[], &setup.dir.join("gateway.log")).await;
     // Twelve requests the tiny model answers badly; each user corrects it
     // to the billing desk: twelve pairs, the correction chosen.
-    for i in 0..12 {
+    // Requests unlike each other, so curation keeps each as its own pair.
+    let requests = [
+        "My invoice was charged twice this month",
+        "Why is there a late fee on my statement?",
+        "The card payment failed but money left my account",
+        "Can you refund the duplicate subscription charge?",
+        "I was billed for a plan I cancelled in March",
+        "Where can I download last year's receipts?",
+        "Our company VAT number is missing from the bill",
+        "Please change the billing address to Berlin",
+        "The discount code was not applied at checkout",
+        "How do I switch from monthly to yearly payments?",
+        "A wire transfer from us has not been credited",
+        "Tax on the order looks wrong for Canada",
+    ];
+    for (i, text) in requests.iter().enumerate() {
         let user = format!("u{i}");
-        let id = chat_as(&gw, &key, &user, &format!("Invoice {i} was charged twice")).await;
+        let id = chat_as(&gw, &key, &user, text).await;
         let (status, body) = gw
             .post(
                 &key,
@@ -1031,7 +1080,8 @@ async fn a_judge_is_checked_against_the_users_own_choices_and_a_position_biased_
     )
     .lines()
     .count();
-    assert!(pairs >= 10, "{pairs} pairs");
+    // Enough that a judge right on all of them clears the 0.6 bar (6 do).
+    assert!(pairs >= 8, "{pairs} pairs");
     let check = |extra: &[&str]| {
         let args = [
             &[

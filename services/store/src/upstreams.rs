@@ -124,3 +124,39 @@ pub async fn get(ex: impl PgExecutor<'_>, version: Uuid) -> Result<Option<Upstre
     .fetch_optional(ex)
     .await?)
 }
+
+/// One team's use of one upstream version, from the completion log.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, sqlx::FromRow)]
+pub struct Use {
+    pub version: String,
+    pub team: String,
+    pub requests: i64,
+    /// Requests that ended in an error (the upstream failed, or was not called).
+    pub failed: i64,
+    pub prompt_tokens: i64,
+    pub completion_tokens: i64,
+}
+
+/// What each team's requests to each upstream version cost since `since`,
+/// as the log recorded them (every gateway's, durably), by version and team.
+pub async fn usage(
+    ex: impl PgExecutor<'_>,
+    since: chrono::DateTime<chrono::Utc>,
+) -> Result<Vec<Use>> {
+    Ok(sqlx::query_as(
+        "select v.name as version, t.name as team, count(*) as requests,
+                count(*) filter (where c.finish_reason = 'error') as failed,
+                coalesce(sum(c.prompt_tokens), 0)::bigint as prompt_tokens,
+                coalesce(sum(c.completion_tokens), 0)::bigint as completion_tokens
+         from completions c
+         join model_versions v on v.id = c.model_version_id
+         join teams t on t.id = c.team_id
+         where v.format = $1 and c.created_at >= $2
+         group by v.name, t.name
+         order by v.name, t.name",
+    )
+    .bind(FORMAT)
+    .bind(since)
+    .fetch_all(ex)
+    .await?)
+}
