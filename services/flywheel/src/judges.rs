@@ -66,6 +66,14 @@ pub async fn run(cfg: &Config, pool: &PgPool, command: JudgesCommand) -> anyhow:
         }
     }
     let version = crate::datasets::resolve(pool, &dataset).await?;
+    // A version keeps its examples when an end user's data is deleted
+    // (it is marked): their words are not sent to a judge.
+    if let Some(at) = version.user_data_deleted_at {
+        anyhow::bail!(
+            "{dataset} holds data of an end user who had it deleted ({}): build a new dataset version and check the judge on that",
+            at.format("%Y-%m-%d %H:%M UTC")
+        );
+    }
     let pairs: Vec<DpoPair> = flywheel_store::datasets::examples(pool, version.id, "dpo", None)
         .await?
         .into_iter()

@@ -1138,4 +1138,13 @@ async fn a_judge_is_checked_against_the_users_own_choices_and_a_position_biased_
     assert_eq!(r["report"]["first_position_share"], 1.0);
     assert_eq!(r["report"]["trusted"], false);
     assert!(ran.stderr.contains("not to be trusted"), "{}", ran.stderr);
+
+    // Once an end user in it has their data deleted, the version's pairs go
+    // to no judge.
+    let before = standin.seen().len();
+    delete_user(&gw, &key, "u0").await;
+    let ran = check(&[]);
+    assert_eq!(ran.code, Some(1), "{}", ran.stdout);
+    assert!(ran.stderr.contains("had it deleted"), "{}", ran.stderr);
+    assert_eq!(standin.seen().len(), before, "the judge was asked nothing");
 }
