@@ -714,11 +714,26 @@ async fn upstream_faults_reach_clients_as_openai_errors_and_every_request_is_rec
     }
     assert!(opened, "four failures in a row open the circuit");
     let attempts = metric(&gw, "flywheel_upstream_attempts_total").await;
-    let (status, body) = {
-        after += 1;
-        raw_chat(&gw, &key, true).await
-    };
-    assert_eq!(status, 503, "{body}");
+    after += 1;
+    let r = reqwest::Client::new()
+        .post(format!("{}/v1/chat/completions", gw.base))
+        .bearer_auth(&key)
+        .json(&json!({"model": "default", "stream": true,
+                      "messages": [{"role": "user", "content": "Still there?"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 503);
+    // When to come back: within the 600 s cooldown.
+    let retry_after: u64 = r.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(
+        (1..=600).contains(&retry_after),
+        "retry-after {retry_after}"
+    );
     assert_eq!(
         metric(&gw, "flywheel_upstream_attempts_total").await,
         attempts,

@@ -32,6 +32,9 @@ pub enum AppError {
     Overloaded { retry_after_s: u64 },
     #[error("{0}")]
     Unavailable(String),
+    /// Unavailable for a known while (an upstream's open circuit).
+    #[error("{message}")]
+    UnavailableFor { message: String, retry_after_s: u64 },
     /// The upstream serving the model failed.
     #[error("{0}")]
     BadGateway(String),
@@ -61,7 +64,7 @@ impl AppError {
             Self::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Self::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::Overloaded { .. } => StatusCode::TOO_MANY_REQUESTS,
-            Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Unavailable(_) | Self::UnavailableFor { .. } => StatusCode::SERVICE_UNAVAILABLE,
             Self::BadGateway(_) => StatusCode::BAD_GATEWAY,
             Self::GatewayTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -72,6 +75,7 @@ impl AppError {
         match self {
             Self::Overloaded { .. } => "rate_limit_error",
             Self::Unavailable(_)
+            | Self::UnavailableFor { .. }
             | Self::BadGateway(_)
             | Self::GatewayTimeout(_)
             | Self::Internal(_) => "server_error",
@@ -88,7 +92,7 @@ impl AppError {
             Self::Unprocessable(_) => Some("unprocessable"),
             Self::PayloadTooLarge => Some("request_too_large"),
             Self::Overloaded { .. } => Some("rate_limit_exceeded"),
-            Self::Unavailable(_) => Some("service_unavailable"),
+            Self::Unavailable(_) | Self::UnavailableFor { .. } => Some("service_unavailable"),
             Self::BadGateway(_) => Some("upstream_error"),
             Self::GatewayTimeout(_) => Some("upstream_timeout"),
             _ => None,
@@ -117,7 +121,9 @@ impl IntoResponse for AppError {
             tracing::error!(error = %self, "request failed");
         }
         let mut resp = (status, axum::Json(self.body())).into_response();
-        if let Self::Overloaded { retry_after_s } = self {
+        if let Self::Overloaded { retry_after_s } | Self::UnavailableFor { retry_after_s, .. } =
+            self
+        {
             resp.headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from(retry_after_s));
         }
@@ -154,7 +160,11 @@ impl From<flywheel_upstream::UpstreamError> for AppError {
             // Anything else (404: a wrong URL or model name) is how the
             // upstream is set up, not the request.
             U::Timeout(_) => Self::GatewayTimeout(e.to_string()),
-            U::CircuitOpen { .. } | U::MissingKey(_) => Self::Unavailable(e.to_string()),
+            U::CircuitOpen { retry_after } => Self::UnavailableFor {
+                message: e.to_string(),
+                retry_after_s: retry_after.as_secs().max(1),
+            },
+            U::MissingKey(_) => Self::Unavailable(e.to_string()),
             U::Status { .. } | U::Unreachable(_) | U::Protocol(_) => {
                 Self::BadGateway(e.to_string())
             }

@@ -310,6 +310,14 @@ fn sha256_hex(s: &str) -> String {
     format!("sha256:{}", hex::encode(Sha256::digest(s.as_bytes())))
 }
 
+/// A model's output as Postgres can store it: text there cannot hold NUL,
+/// which a model may generate (a byte token). Stored as U+FFFD, the
+/// replacement character, rather than refused: a refused completion would
+/// take its votes with it.
+fn storable(text: &str) -> String {
+    text.replace('\0', "\u{FFFD}")
+}
+
 /// A team that keeps no message text: contents become hashes and sizes.
 fn redact_request(mut request: Value) -> Value {
     if let Some(messages) = request.get_mut("messages").and_then(Value::as_array_mut) {
@@ -343,7 +351,7 @@ impl LogContext {
             return Ok(());
         }
         let (request, output) = if self.principal.store_text {
-            (self.request.clone(), c.text.clone())
+            (self.request.clone(), storable(&c.text))
         } else {
             (redact_request(self.request.clone()), sha256_hex(&c.text))
         };
@@ -383,5 +391,16 @@ impl LogContext {
         self.state
             .remember_completion(&self.id, self.principal.team_id);
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::storable;
+
+    #[test]
+    fn a_nul_the_model_generated_is_stored_as_the_replacement_character() {
+        assert_eq!(storable("a\0b\0"), "a\u{FFFD}b\u{FFFD}");
+        assert_eq!(storable("plain"), "plain");
     }
 }
