@@ -125,7 +125,7 @@ impl Teacher {
                         finished: finish_reason == flywheel_engine::FinishReason::Stop,
                     });
                 }
-                Event::Error(e) => anyhow::bail!(e),
+                Event::Error(e) | Event::TimedOut(e) => anyhow::bail!(e),
             }
         }
         anyhow::bail!("the teacher stopped without finishing its answer")

@@ -204,7 +204,7 @@ async fn quality_check_answers_every_factual_prompt() {
             match ev {
                 Event::Delta { text: t, .. } => text.push_str(&t),
                 Event::Done { .. } => break,
-                Event::Error(e) => panic!("{e}"),
+                Event::Error(e) | Event::TimedOut(e) => panic!("{e}"),
             }
         }
         if !text.to_lowercase().contains(&expect.to_lowercase()) {

@@ -47,7 +47,7 @@ fn run(engine: &EngineHandle, reqs: Vec<GenerateRequest>) -> (f64, Vec<(f64, usi
                             text.push_str(&t);
                         }
                         Event::Done { .. } => break,
-                        Event::Error(e) => panic!("{e}"),
+                        Event::Error(e) | Event::TimedOut(e) => panic!("{e}"),
                     }
                 }
                 (ttft.unwrap_or(0.0), n, text)

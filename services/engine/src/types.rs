@@ -119,6 +119,9 @@ pub enum Event {
     },
     /// The engine failed on this request; nothing more follows.
     Error(String),
+    /// The generation ran past its deadline (an upstream's answer took
+    /// longer than its version allows); nothing more follows.
+    TimedOut(String),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -142,7 +142,7 @@ async fn drive(
                 tokens = completion_tokens;
                 break;
             }
-            Event::Error(e) => return Err(RunError::Engine(e)),
+            Event::Error(e) | Event::TimedOut(e) => return Err(RunError::Engine(e)),
         }
     }
     let total = started.elapsed();

@@ -426,25 +426,10 @@ async fn a_team_on_an_upstream_model_is_served_logged_rated_and_curated_as_on_it
             .await;
         assert_eq!(status, 201, "{body}");
     }
-    assert!(
-        until(20, || async {
-            sqlx::query_scalar::<_, i64>("select count(*) from feedback")
-                .fetch_one(&pool)
-                .await
-                .unwrap()
-                == 2
-        })
-        .await,
-        "both votes stored"
-    );
+    assert!(votes_stored(&pool, 2).await, "2 votes stored");
 
     // What the team's use cost, in /metrics.
-    let metrics = reqwest::get(format!("{}/metrics", gw.base))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = metrics_text(&gw).await;
     for line in [
         "flywheel_upstream_team_requests_total{version=\"big\",team=\"acme\"} 2",
         "flywheel_upstream_team_prompt_tokens_total{version=\"big\",team=\"acme\"} 42",
@@ -757,14 +742,30 @@ async fn upstream_faults_reach_clients_as_openai_errors_and_every_request_is_rec
     );
 }
 
-/// `name`'s series for the upstream version `big`.
-async fn metric(gw: &GatewayProcess, name: &str) -> f64 {
-    let text = reqwest::get(format!("{}/metrics", gw.base))
+async fn metrics_text(gw: &GatewayProcess) -> String {
+    reqwest::get(format!("{}/metrics", gw.base))
         .await
         .unwrap()
         .text()
         .await
-        .unwrap();
+        .unwrap()
+}
+
+/// Whether `n` votes are in Postgres within 20 s.
+async fn votes_stored(pool: &sqlx::PgPool, n: i64) -> bool {
+    until(20, || async {
+        sqlx::query_scalar::<_, i64>("select count(*) from feedback")
+            .fetch_one(pool)
+            .await
+            .unwrap()
+            == n
+    })
+    .await
+}
+
+/// `name`'s series for the upstream version `big`.
+async fn metric(gw: &GatewayProcess, name: &str) -> f64 {
+    let text = metrics_text(gw).await;
     let series = format!("{name}{{version=\"big\"}} ");
     text.lines()
         .find_map(|l| l.strip_prefix(&series))
@@ -1074,16 +1075,7 @@ async fn a_judge_is_checked_against_the_users_own_choices_and_a_position_biased_
         assert_eq!(status, 201, "{body}");
     }
     let pool = flywheel_store::connect(&setup.db).await.unwrap();
-    assert!(
-        until(20, || async {
-            sqlx::query_scalar::<_, i64>("select count(*) from feedback")
-                .fetch_one(&pool)
-                .await
-                .unwrap()
-                == 12
-        })
-        .await
-    );
+    assert!(votes_stored(&pool, 12).await, "12 votes stored");
     cli(
         &setup.db,
         &["datasets", "build", "--team", "acme", "--inline"],

@@ -78,15 +78,13 @@ impl ServedModel {
 
     /// A generation that failed part-way, as the client sees it: the
     /// engine's failure is ours (500, detail logged), an upstream's is a
-    /// bad gateway (502), or a gateway timeout (504) when its deadline
-    /// passed.
-    pub fn failed(&self, detail: String) -> crate::AppError {
-        match self.backend {
-            Backend::Engine { .. } => crate::AppError::Internal(detail),
-            Backend::Upstream(_) if flywheel_upstream::timed_out(&detail) => {
-                crate::AppError::GatewayTimeout(detail)
-            }
-            Backend::Upstream(_) => crate::AppError::BadGateway(detail),
+    /// bad gateway (502); past its deadline, a gateway timeout (504).
+    pub fn failed(&self, failure: crate::chat::Failure) -> crate::AppError {
+        use crate::chat::Failure;
+        match (&self.backend, failure) {
+            (_, Failure::TimedOut(detail)) => crate::AppError::GatewayTimeout(detail),
+            (Backend::Engine { .. }, Failure::Failed(detail)) => crate::AppError::Internal(detail),
+            (Backend::Upstream(_), Failure::Failed(detail)) => crate::AppError::BadGateway(detail),
         }
     }
 

@@ -33,7 +33,7 @@ pub enum UpstreamError {
     /// No connection (refused, reset, name unknown).
     #[error("the upstream could not be reached: {0}")]
     Unreachable(String),
-    #[error("{TIMED_OUT} {0:?}")]
+    #[error("the upstream did not finish within {0:?}")]
     Timeout(Duration),
     /// The server answered with an HTTP error.
     #[error("the upstream answered {status}: {message}")]
@@ -47,15 +47,6 @@ pub enum UpstreamError {
     /// The version names a key variable this process does not have.
     #[error("the upstream's API key variable {0} is not set on this server")]
     MissingKey(String),
-}
-
-/// How a [`UpstreamError::Timeout`] reads (an answer that timed out
-/// part-way reaches the gateway as an engine event's text).
-pub const TIMED_OUT: &str = "the upstream did not finish within";
-
-/// Whether an answer's failure, as its error event says it, was its deadline.
-pub fn timed_out(detail: &str) -> bool {
-    detail.starts_with(TIMED_OUT)
 }
 
 impl UpstreamError {
@@ -365,7 +356,10 @@ impl Reader {
     }
 
     fn fail(&self, e: UpstreamError) -> Ended {
-        let _ = self.tx.send(Event::Error(e.to_string()));
+        let _ = self.tx.send(match e {
+            UpstreamError::Timeout(_) => Event::TimedOut(e.to_string()),
+            _ => Event::Error(e.to_string()),
+        });
         Ended::Failed(e)
     }
 }

@@ -31,6 +31,7 @@ use crate::journal::Record;
 use crate::serving::{Backend, RouteKind};
 use crate::{AppError, AppState, RETRY_AFTER, ServedModel};
 use request::ChatRequest;
+pub(crate) use response::Failure;
 use response::{Chunker, Collected};
 
 pub fn router() -> Router<AppState> {

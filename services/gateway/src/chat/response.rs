@@ -15,6 +15,14 @@ pub struct Collected {
     pub first_token_after: Option<std::time::Instant>,
 }
 
+/// How a generation stopped part-way.
+#[derive(Debug)]
+pub enum Failure {
+    Failed(String),
+    /// Past its deadline.
+    TimedOut(String),
+}
+
 /// A piece of output to stream.
 pub struct Delta {
     pub text: String,
@@ -24,7 +32,7 @@ pub struct Delta {
 impl Collected {
     /// Folds one engine event in; returns the delta to stream, if any, or
     /// what failed.
-    pub fn push(&mut self, ev: Event) -> Result<Option<Delta>, String> {
+    pub fn push(&mut self, ev: Event) -> Result<Option<Delta>, Failure> {
         match ev {
             Event::Delta { text, logprobs } => {
                 self.first_token_after
@@ -52,7 +60,8 @@ impl Collected {
                 self.completion_tokens = completion_tokens;
                 Ok(None)
             }
-            Event::Error(e) => Err(e),
+            Event::Error(e) => Err(Failure::Failed(e)),
+            Event::TimedOut(e) => Err(Failure::TimedOut(e)),
         }
     }
 
