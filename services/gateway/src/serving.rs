@@ -76,18 +76,6 @@ impl ServedModel {
         }
     }
 
-    /// A generation that failed part-way, as the client sees it: the
-    /// engine's failure is ours (500, detail logged), an upstream's is a
-    /// bad gateway (502); past its deadline, a gateway timeout (504).
-    pub fn failed(&self, failure: crate::chat::Failure) -> crate::AppError {
-        use crate::chat::Failure;
-        match (&self.backend, failure) {
-            (_, Failure::TimedOut(detail)) => crate::AppError::GatewayTimeout(detail),
-            (Backend::Engine { .. }, Failure::Failed(detail)) => crate::AppError::Internal(detail),
-            (Backend::Upstream(_), Failure::Failed(detail)) => crate::AppError::BadGateway(detail),
-        }
-    }
-
     /// The engine, when one in this process serves it.
     pub fn engine(&self) -> Option<&EngineHandle> {
         match &self.backend {

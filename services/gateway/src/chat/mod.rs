@@ -31,8 +31,7 @@ use crate::journal::Record;
 use crate::serving::{Backend, RouteKind};
 use crate::{AppError, AppState, RETRY_AFTER, ServedModel};
 use request::ChatRequest;
-pub(crate) use response::Failure;
-use response::{Chunker, Collected};
+use response::{Chunker, Collected, Failure};
 
 pub fn router() -> Router<AppState> {
     Router::new().route("/chat/completions", post(create))
@@ -137,6 +136,17 @@ async fn reach_upstream(
     }
 }
 
+/// A generation that failed part-way, as the client sees it: the
+/// engine's failure is ours (500, detail logged), an upstream's is a bad
+/// gateway (502); past its deadline, a gateway timeout (504).
+fn failed(served: &ServedModel, failure: Failure) -> AppError {
+    match (&served.backend, failure) {
+        (_, Failure::TimedOut(detail)) => AppError::GatewayTimeout(detail),
+        (Backend::Engine { .. }, Failure::Failed(detail)) => AppError::Internal(detail),
+        (Backend::Upstream(_), Failure::Failed(detail)) => AppError::BadGateway(detail),
+    }
+}
+
 /// Queues a generation on an engine in this process.
 fn submit(
     state: &AppState,
@@ -198,7 +208,7 @@ async fn complete(
                 Some(ev) => match collected.push(ev) {
                     Ok(_) if collected.finish.is_some() => break Outcome::Finished,
                     Ok(_) => {}
-                    Err(e) => break Outcome::Failed(log.served.failed(e)),
+                    Err(e) => break Outcome::Failed(failed(&log.served, e)),
                 },
                 None => break Outcome::Failed(AppError::Internal("the engine ended the generation without finishing".into())),
             },
@@ -262,7 +272,7 @@ fn stream(
                 Ok(Some(delta)) => open = send(chunker.delta_chunk(&delta)).await,
                 Ok(None) => {}
                 Err(e) => {
-                    failure = Some(log.served.failed(e));
+                    failure = Some(failed(&log.served, e));
                     break;
                 }
             }
