@@ -75,6 +75,29 @@ pub struct Answer {
 }
 
 impl Teacher {
+    /// `v` as a model to ask: its upstream (with `settings`' retries and
+    /// breaker), or an engine on its file.
+    pub async fn of(
+        pool: &PgPool,
+        versions: &flywheel_modelhub::Versions,
+        settings: &flywheel_upstream::Settings,
+        v: &ModelVersion,
+    ) -> anyhow::Result<Teacher> {
+        if v.is_upstream() {
+            let u = flywheel_store::upstreams::get(pool, v.id)
+                .await?
+                .with_context(|| format!("{} has no upstream settings", v.name))?;
+            return Ok(Teacher::Upstream(flywheel_upstream::Client::openai(
+                &u.base_url,
+                &u.model,
+                u.api_key_env.as_deref(),
+                Duration::from_millis(u.timeout_ms.max(1) as u64),
+                settings.clone(),
+            )?));
+        }
+        Ok(Teacher::Engine(versions.engine(v).await?))
+    }
+
     /// Greedy, so the dataset is what the teacher says, not one draw of it.
     pub async fn answer(&self, prompt: &[Message], max_tokens: usize) -> anyhow::Result<Answer> {
         let mut events = match self {
@@ -132,6 +155,55 @@ impl Teacher {
     }
 }
 
+/// The tokens `team`'s jobs may still spend on `v` (the team's upstream
+/// budget less what its jobs spent in the window): `None` when `v` is no
+/// upstream (what it costs is this machine's time) or the team set no
+/// budget.
+pub async fn team_allowance(
+    pool: &PgPool,
+    team: Uuid,
+    v: &ModelVersion,
+) -> anyhow::Result<Option<u64>> {
+    if !v.is_upstream() {
+        return Ok(None);
+    }
+    let b = flywheel_store::upstreams::budget(pool, team).await?;
+    if b.left() == Some(0) {
+        anyhow::bail!(
+            "the team's upstream budget is spent: {} of {} tokens in the last {} days (flywheel teams set TEAM --upstream-budget-tokens N)",
+            b.spent,
+            b.budget.unwrap_or_default(),
+            flywheel_store::upstreams::BUDGET_DAYS
+        );
+    }
+    Ok(b.left())
+}
+
+/// The smaller of a job's own budget and what its team has left, and
+/// whether the team's is the one that binds.
+pub fn binding_budget(job: Option<u64>, team_left: Option<u64>) -> (Option<u64>, bool) {
+    match (job, team_left) {
+        (Some(j), Some(t)) => (Some(j.min(t)), t < j),
+        (None, Some(t)) => (Some(t), true),
+        (j, None) => (j, false),
+    }
+}
+
+/// Records what a team's job spent on `v`, when `v` is an upstream.
+pub async fn record_spend(
+    pool: &PgPool,
+    team: Uuid,
+    v: &ModelVersion,
+    purpose: flywheel_store::upstreams::Purpose,
+    calls: u64,
+    tokens: u64,
+) -> anyhow::Result<()> {
+    if v.is_upstream() && calls > 0 {
+        flywheel_store::upstreams::record_spend(pool, team, v.id, purpose, calls, tokens).await?;
+    }
+    Ok(())
+}
+
 /// What a distillation did, as its manifest records it.
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct Outcome {
@@ -160,6 +232,8 @@ pub struct Outcome {
     pub teacher_tokens: u64,
     /// Asking stopped because `budget_tokens` was spent.
     pub stopped_by_budget: bool,
+    /// ... because the team's upstream budget was, which was the lower.
+    pub stopped_by_team_budget: bool,
     pub redactions: Redactions,
     pub seconds: f64,
 }
@@ -222,14 +296,16 @@ pub async fn run(
     let total = asked.len();
     outcome.asked = total;
 
+    // Refused before anything is asked when the team's budget is spent.
+    let team_left = team_allowance(pool, job.team, teacher_version).await?;
+    let (budget, team_binds) = binding_budget(job.budget_tokens, team_left);
     let spent = Arc::new(AtomicU64::new(0));
-    let over_budget = |spent: &AtomicU64| {
-        job.budget_tokens
-            .is_some_and(|b| spent.load(Ordering::Relaxed) >= b)
-    };
+    let calls = Arc::new(AtomicU64::new(0));
+    let over_budget =
+        |spent: &AtomicU64| budget.is_some_and(|b| spent.load(Ordering::Relaxed) >= b);
     let mut answers = futures::stream::iter(asked.into_iter().enumerate())
         .map(|(i, mut a)| {
-            let spent = spent.clone();
+            let (spent, calls) = (spent.clone(), calls.clone());
             async move {
                 if over_budget(&spent) {
                     return (i, a, Asking::OverBudget);
@@ -243,6 +319,7 @@ pub async fn run(
                         Err(e) => return (i, a, Asking::Answered(Err(e))),
                     }
                 }
+                calls.fetch_add(1, Ordering::Relaxed);
                 let r = teacher.answer(&a.prompt, job.max_tokens).await;
                 if let Ok(ans) = &r {
                     spent.fetch_add(ans.tokens, Ordering::Relaxed);
@@ -257,7 +334,10 @@ pub async fn run(
     while let Some((i, a, r)) = answers.next().await {
         settled += 1;
         match r {
-            Asking::OverBudget => outcome.stopped_by_budget = true,
+            Asking::OverBudget => {
+                outcome.stopped_by_budget = !team_binds;
+                outcome.stopped_by_team_budget = team_binds;
+            }
             Asking::Deleted => outcome.deleted_meanwhile += 1,
             Asking::Answered(Ok(ans)) if ans.text.trim().is_empty() => outcome.failed += 1,
             Asking::Answered(Ok(ans)) if !ans.finished => outcome.truncated += 1,
@@ -277,6 +357,15 @@ pub async fn run(
     }
     drop(answers);
     outcome.teacher_tokens = spent.load(Ordering::Relaxed);
+    record_spend(
+        pool,
+        job.team,
+        teacher_version,
+        flywheel_store::upstreams::Purpose::Distill,
+        calls.load(Ordering::Relaxed),
+        outcome.teacher_tokens,
+    )
+    .await?;
     // In the order asked (newest first), whatever order they finished in.
     done.sort_by_key(|(i, _, _)| *i);
 
@@ -344,6 +433,7 @@ pub async fn run(
             "limit": job.limit,
             "max_tokens": job.max_tokens,
             "budget_tokens": job.budget_tokens,
+            "team_budget_left": team_left,
             "eval_fraction": eval_fraction,
             "outcome": &outcome,
         },

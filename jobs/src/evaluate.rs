@@ -1,7 +1,8 @@
 //! The evaluation job: a candidate against the team's champion on the files
 //! that would be served, through the serving engine. The team's task suites,
 //! the general retention suite, the held-out preference pairs and answers
-//! of the candidate's dataset, and latency; every metric with its paired
+//! of the candidate's dataset, latency, and the team's judge where it has
+//! one ([`crate::judge`]); every metric with its paired
 //! interval, every example's output for both models, and the gate's
 //! verdict stored. After a training run the verdict goes to the loop
 //! ([`flywheel_loop::cycle::evaluated`]), which acts on it: a canary (or a
@@ -43,6 +44,8 @@ pub struct EvalEnv {
     pub concurrency: usize,
     /// The retention suite; `None`: the one shipped with Flywheel.
     pub retention: Option<Suite>,
+    /// Retries and circuit breaker of a judge served upstream.
+    pub upstream: flywheel_upstream::Settings,
 }
 
 /// How an evaluation ended.
@@ -338,9 +341,26 @@ async fn evaluate(
     let progress: flywheel_eval::run::OnProgress = Arc::new(move |what: &str| {
         tracing::info!(evaluation = %label, "evaluating: {what}");
     });
-    let cmp = flywheel_eval::run::compare(&cand, &champ, &inputs, env.concurrency, progress)
+    let mut cmp = flywheel_eval::run::compare(&cand, &champ, &inputs, env.concurrency, progress)
         .await
         .context("running the models")?;
+    // The team's judge, checked against its users, then asked about the
+    // held-out answers if they vouch for it.
+    let judged = crate::judge::in_evaluation(
+        pool,
+        &env.versions,
+        &env.upstream,
+        env.concurrency,
+        e,
+        &cmp.items,
+    )
+    .await?;
+    if let Some((report, metric)) = &judged {
+        tracing::info!(evaluation = %e.id, judge = %report.judge, weight = report.weight,
+            "judge: {}", report.reason);
+        cmp.metrics.extend(metric.clone());
+        evals::set_judge(pool, e.id, &serde_json::to_value(report)?).await?;
+    }
     let metrics: Vec<evals::Metric> = cmp
         .metrics
         .iter()
@@ -378,7 +398,18 @@ async fn evaluate(
         keep_answers(pool, version, served).await?;
     }
     let names: Vec<String> = task_suites.iter().map(|s| s.name.clone()).collect();
-    let verdict = flywheel_eval::gate::judge(&env.policy, &cmp.metrics, &names, &retention_name);
+    let judge = judged.map(|(r, _)| flywheel_eval::gate::Judge {
+        name: r.judge,
+        weight: r.weight,
+        reason: r.reason,
+    });
+    let verdict = flywheel_eval::gate::judge(
+        &env.policy,
+        &cmp.metrics,
+        &names,
+        &retention_name,
+        judge.as_ref(),
+    );
     evals::finish(
         pool,
         e.id,

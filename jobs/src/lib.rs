@@ -15,6 +15,7 @@ pub mod curate;
 pub mod distill;
 pub mod evaluate;
 pub mod faults;
+pub mod judge;
 pub mod queue;
 pub mod schedule;
 pub mod stages;

@@ -103,6 +103,7 @@ pub fn worker(pool: &PgPool, home: &Path, name: &str) -> WorkerConfig {
         policy: cfg.promotion.clone(),
         concurrency: cfg.eval_concurrency,
         retention: Some(retention()),
+        upstream: Default::default(),
     });
     w.canary_check = Some(Duration::from_secs(1));
     w

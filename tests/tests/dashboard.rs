@@ -957,10 +957,45 @@ async fn an_evaluation_shows_each_metric_with_its_interval_and_each_answer_pair_
     )
     .await
     .unwrap();
+    // The team's judge, as the evaluation job keeps it.
+    use flywheel_eval::judge::{PairVerdict, agreement};
+    let check = agreement(&[PairVerdict::Chosen; 12], &[], 0.6);
+    let weight_shown = format!(
+        "<th scope=\"row\">Weight in the gate</th><td>{:.2}</td>",
+        check.weight()
+    );
+    let judge = flywheel_jobs::judge::InEvaluation {
+        judge: "judge-7b".into(),
+        weight: check.weight(),
+        reason: check.reason.clone(),
+        check: Some(check),
+        verdicts: Some(flywheel_jobs::judge::Tally {
+            prompts: 20,
+            candidate: 12,
+            champion: 1,
+            ties: 6,
+            inconsistent: 1,
+        }),
+        questions: 64,
+        tokens: 5120,
+    };
+    flywheel_store::evals::set_judge(pool, id, &serde_json::to_value(&judge).unwrap())
+        .await
+        .unwrap();
     let c = signed_in(&gw, "ada", "viewer").await;
     let page = c.get(&format!("/admin/evaluations/{id}")).await;
     assert_eq!(page.status, 200, "{}", page.body);
     assert!(page.body.contains("tiny-b against tiny"), "{}", page.body);
+    for shown in [
+        "judge-7b: <strong>counted in the gate</strong>",
+        "agrees with the users on 12 of 12 consistent preferences",
+        weight_shown.as_str(),
+        "100% (95% interval 76% to 100%), bar 60%",
+        "20 prompts: the candidate&#39;s answer 12, the champion&#39;s 1, tie 6, inconsistent 1",
+        "64 questions, 5120 tokens",
+    ] {
+        assert!(page.body.contains(shown), "{shown}\n{}", page.body);
+    }
     assert!(page.body.contains("failed the gate"));
     assert!(page.body.contains("[-1.000, 0.000]"), "the interval");
     assert!(

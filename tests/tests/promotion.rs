@@ -170,6 +170,7 @@ fn env(gw: &TestGateway, retention: Suite, canary_share: f64) -> EvalEnv {
         },
         concurrency: 8,
         retention: Some(retention),
+        upstream: Default::default(),
     }
 }
 
@@ -828,4 +829,272 @@ async fn an_output_holding_a_nul_character_is_kept_not_refused() {
         .unwrap();
     let back = flywheel_store::evals::remembered(pool, v).await.unwrap();
     assert_eq!(back[0].output, "\u{FFFD}");
+}
+
+/// A dataset version of `team` written as curation would: `train` its
+/// preference pairs, `corrections` and `liked` its held-out answers.
+async fn dataset(
+    gw: &TestGateway,
+    team: Uuid,
+    train: &[(String, &str, &str)],
+    corrections: &[(String, &str)],
+    liked: &[(String, &str)],
+) -> Uuid {
+    use flywheel_curation::build::{DpoPair, Message as Msg, SftExample, Split};
+    let prompt = |p: &str| {
+        vec![Msg {
+            role: "user".into(),
+            content: p.into(),
+        }]
+    };
+    let mut examples = Vec::new();
+    for (p, chosen, rejected) in train {
+        let pair = DpoPair {
+            prompt: prompt(p),
+            chosen: chosen.to_string(),
+            rejected: rejected.to_string(),
+            split: Split::Train,
+            sources: vec![],
+        };
+        examples.push(flywheel_store::datasets::NewExample {
+            kind: "dpo",
+            split: "train",
+            example: serde_json::to_string(&pair).unwrap(),
+        });
+    }
+    for (list, correction) in [(corrections, true), (liked, false)] {
+        for (p, answer) in list {
+            let sft = SftExample {
+                prompt: prompt(p),
+                completion: answer.to_string(),
+                correction,
+                split: Split::Eval,
+                source: String::new(),
+            };
+            examples.push(flywheel_store::datasets::NewExample {
+                kind: "sft",
+                split: "eval",
+                example: serde_json::to_string(&sft).unwrap(),
+            });
+        }
+    }
+    let id = Uuid::new_v4();
+    let mut tx = gw.db.pool.begin().await.unwrap();
+    flywheel_store::datasets::insert_version(
+        &mut tx,
+        &flywheel_store::datasets::NewVersion {
+            id,
+            scope: flywheel_store::datasets::Scope::Team(team),
+            fingerprint: id.to_string(),
+            manifest: json!({"built_by": "the promotion test"}),
+            sft_count: (corrections.len() + liked.len()) as i32,
+            dpo_count: train.len() as i32,
+            kto_count: 0,
+            window_start: None,
+            window_end: None,
+        },
+        &examples,
+        &[],
+    )
+    .await
+    .unwrap();
+    tx.commit().await.unwrap();
+    id
+}
+
+/// One evaluation of `cand` on `dataset`'s held-out evidence, reported
+/// only (no promotion), and what it kept of the team's judge.
+async fn evaluate_on(
+    gw: &TestGateway,
+    env: &EvalEnv,
+    team: Uuid,
+    cand: &ModelVersion,
+    dataset: Uuid,
+) -> (flywheel_jobs::evaluate::EvalOutcome, Option<Value>) {
+    let (id, _) = flywheel_jobs::evaluate::enqueue(
+        &gw.db.pool,
+        &flywheel_store::evals::NewEvaluation {
+            team_id: Some(team),
+            candidate_version_id: cand.id,
+            champion_version_id: gw.served.version_id,
+            dataset_version_id: Some(dataset),
+            training_run_id: None,
+        },
+        false,
+        1,
+    )
+    .await
+    .unwrap();
+    let job = EvalJob {
+        evaluation_id: id,
+        act: false,
+    };
+    let out = flywheel_jobs::evaluate::run(&gw.db.pool, env, &job)
+        .await
+        .unwrap();
+    let e = flywheel_store::evals::get(&gw.db.pool, id)
+        .await
+        .unwrap()
+        .unwrap();
+    (out, e.judge)
+}
+
+/// The gate's borderline case: with no task suite, the users' held-out
+/// corrections show the candidate better on 2 of 10 and the interval
+/// touches zero, so alone they cannot pass it. The team's judge (a
+/// stand-in upstream, scripted to prefer the task's answer; named so) is
+/// checked on the dataset's train pairs, a set apart from the held-out
+/// prompts it then judges: a position-biased one is found out and
+/// ignored, one out of budget is ignored, and one the users vouch for
+/// moves the decision, with the weight it was given.
+#[tokio::test]
+async fn a_judge_that_agrees_with_users_moves_a_borderline_gate_decision() {
+    use flywheel_tests::standin::{Behave, StandIn};
+    let gw = TestGateway::tiny().await;
+    let team = gw.team_id().await;
+    let (retention, answers) = retention_suite(&gw).await;
+    let cand = candidate(&gw, "tiny-ft-judged", Some(team), task_and_replay(&answers)).await;
+    // Checked on routing requests the held-out set does not hold: the users
+    // chose the task's answer over a refusal.
+    let train: Vec<(String, &str, &str)> = tiny_task::tickets(0, 12)
+        .into_iter()
+        .map(|p| (p, ANSWER, "I cannot route that ticket."))
+        .collect();
+    let corrections: Vec<(String, &str)> = ROUTING[..2]
+        .iter()
+        .map(|p| (p.to_string(), ANSWER))
+        .chain(
+            GENERAL[..8]
+                .iter()
+                .map(|p| (p.to_string(), "Escalate to a human agent.")),
+        )
+        .collect();
+    let liked: Vec<(String, &str)> = ROUTING[2..]
+        .iter()
+        .map(|p| (p.to_string(), ANSWER))
+        .collect();
+    let data = dataset(&gw, team, &train, &corrections, &liked).await;
+    let mut env = env(&gw, retention, 0.0);
+    env.upstream.retries = 0;
+
+    // No judge: the users' evidence alone, borderline, fails.
+    let (out, judge) = evaluate_on(&gw, &env, team, &cand, data).await;
+    assert!(!out.passed, "{:#?}", out.reasons);
+    assert!(judge.is_none());
+    let metrics = flywheel_store::evals::metrics(&gw.db.pool, out.evaluation_id)
+        .await
+        .unwrap();
+    let users = metrics
+        .iter()
+        .find(|m| m.suite == "heldout-corrections" && m.metric == "contains_match")
+        .unwrap();
+    assert_eq!(
+        (users.items, users.candidate, users.champion),
+        (10, 0.2, 0.0),
+        "the candidate answers the two routing corrections, the champion neither: {users:?}"
+    );
+    assert!(users.ci_low <= 0.0, "borderline: {users:?}");
+    assert!(
+        out.reasons[0].starts_with("FAIL: held-out heldout-corrections contains_match"),
+        "{:#?}",
+        out.reasons
+    );
+
+    let standin = StandIn::start();
+    let judge_version = flywheel_store::upstreams::register(
+        &gw.db.pool,
+        &flywheel_store::upstreams::NewUpstream {
+            name: "judge-7b".into(),
+            base_url: format!("{}/v1", standin.base),
+            model: "judge-7b".into(),
+            api_key_env: None,
+            timeout_ms: 20_000,
+            context_length: None,
+            team_id: Some(team),
+        },
+    )
+    .await
+    .unwrap();
+    let set_judge = |budget: Option<i64>| {
+        flywheel_store::judges::set(
+            &gw.db.pool,
+            team,
+            judge_version.id,
+            flywheel_eval::judge::DEFAULT_PROMPT,
+            0.6,
+            budget,
+        )
+    };
+
+    // A judge that says "A" whatever it is shown: inconsistent on every
+    // pair of its check, ignored, and asked nothing more.
+    set_judge(None).await.unwrap();
+    standin.always(Behave::Say("A"));
+    let (out, judge) = evaluate_on(&gw, &env, team, &cand, data).await;
+    let judge = judge.expect("the judge's part is kept");
+    assert!(!out.passed, "{:#?}", out.reasons);
+    assert_eq!(judge["weight"], 0.0, "{judge}");
+    assert_eq!(judge["check"]["inconsistent"], 12, "{judge}");
+    assert_eq!(judge["check"]["first_position_share"], 1.0, "{judge}");
+    assert_eq!(judge["questions"], 24, "its check only: {judge}");
+    assert_eq!(standin.seen().len(), 24);
+    let check_cost = judge["tokens"].as_i64().unwrap();
+    assert!(check_cost >= 24, "every answer costs: {judge}");
+    assert!(
+        out.reasons
+            .iter()
+            .any(|r| r.starts_with("info: judge judge-7b") && r.contains("ignored")),
+        "{:#?}",
+        out.reasons
+    );
+
+    // A judge that prefers the task's answer, in either position, but with
+    // a budget that runs out while it judges the held-out prompts: its
+    // verdicts are ignored, and the evaluation says why.
+    standin.always(Behave::PreferExactly(ANSWER));
+    let budget = check_cost + check_cost / 4;
+    set_judge(Some(budget)).await.unwrap();
+    let (out, judge) = evaluate_on(&gw, &env, team, &cand, data).await;
+    let judge = judge.unwrap();
+    assert!(!out.passed, "{:#?}", out.reasons);
+    assert_eq!(judge["check"]["trusted"], true, "{judge}");
+    assert_eq!(judge["weight"], 0.0, "{judge}");
+    assert!(
+        judge["reason"]
+            .as_str()
+            .unwrap()
+            .contains(&format!("stopped at its budget of {budget} tokens")),
+        "{judge}"
+    );
+
+    // The same judge without the budget: trusted (12 of 12), asked about
+    // the 20 held-out prompts, and the decision moves.
+    set_judge(None).await.unwrap();
+    let asked_before = standin.seen().len();
+    let (out, judge) = evaluate_on(&gw, &env, team, &cand, data).await;
+    let judge = judge.unwrap();
+    assert!(out.passed, "{:#?}\n{judge}", out.reasons);
+    let weight = judge["weight"].as_f64().unwrap();
+    assert!(weight > 0.4 && weight < 0.6, "12 of 12 right: {judge}");
+    assert_eq!(judge["verdicts"]["prompts"], 20, "{judge}");
+    assert!(
+        judge["verdicts"]["candidate"].as_u64().unwrap() >= 12,
+        "the candidate's routing answers: {judge}"
+    );
+    assert_eq!(judge["verdicts"]["champion"], 0, "{judge}");
+    assert_eq!(standin.seen().len() - asked_before, 2 * (12 + 20));
+    assert!(
+        out.reasons[0].starts_with("pass: held-out heldout-corrections contains_match")
+            && out.reasons[0].contains(&format!("judge judge-7b at weight {weight:.2}")),
+        "{:#?}",
+        out.reasons
+    );
+    let metrics = flywheel_store::evals::metrics(&gw.db.pool, out.evaluation_id)
+        .await
+        .unwrap();
+    let judged = metrics
+        .iter()
+        .find(|m| (m.suite.as_str(), m.metric.as_str()) == flywheel_eval::judge::JUDGED)
+        .expect("the judge's verdicts are a metric of the evaluation");
+    assert!(judged.ci_low > 0.0, "{judged:?}");
 }

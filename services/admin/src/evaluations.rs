@@ -86,6 +86,71 @@ pub fn word_diff(a: &str, b: &str) -> (Vec<Piece>, Vec<Piece>) {
     (da, db)
 }
 
+/// The team's judge in an evaluation, as the page shows it: each row a
+/// label and a value.
+pub struct JudgeView {
+    pub name: String,
+    /// Counted in the gate, or ignored.
+    pub counted: bool,
+    pub reason: String,
+    pub rows: Vec<(String, String)>,
+}
+
+/// Reads what the evaluation kept of its judge (`flywheel_jobs::judge::InEvaluation`).
+fn judge_view(j: &serde_json::Value) -> JudgeView {
+    let pct = |v: &serde_json::Value| {
+        v.as_f64()
+            .map_or_else(|| "-".to_string(), |x| format!("{:.0}%", 100.0 * x))
+    };
+    let mut rows = Vec::new();
+    let check = &j["check"];
+    if check.is_object() {
+        rows.push((
+            "Checked on the users' preference pairs".into(),
+            format!(
+                "{} pairs: the users' choice {}, the other {}, tie {}, inconsistent across the two orders {}",
+                check["pairs"], check["chosen"], check["rejected"], check["ties"], check["inconsistent"]
+            ),
+        ));
+        rows.push((
+            "Agreement with the users".into(),
+            format!(
+                "{} (95% interval {} to {}), bar {}",
+                pct(&check["agreement"]),
+                pct(&check["agreement_low"]),
+                pct(&check["agreement_high"]),
+                pct(&check["bar"])
+            ),
+        ));
+        rows.push((
+            "Picked the answer shown first".into(),
+            pct(&check["first_position_share"]),
+        ));
+    }
+    let weight = j["weight"].as_f64().unwrap_or(0.0);
+    rows.push(("Weight in the gate".into(), format!("{weight:.2}")));
+    let v = &j["verdicts"];
+    if v.is_object() {
+        rows.push((
+            "Verdicts on the held-out prompts".into(),
+            format!(
+                "{} prompts: the candidate's answer {}, the champion's {}, tie {}, inconsistent {}",
+                v["prompts"], v["candidate"], v["champion"], v["ties"], v["inconsistent"]
+            ),
+        ));
+    }
+    rows.push((
+        "Cost".into(),
+        format!("{} questions, {} tokens", j["questions"], j["tokens"]),
+    ));
+    JudgeView {
+        name: j["judge"].as_str().unwrap_or("?").to_string(),
+        counted: weight > 0.0,
+        reason: j["reason"].as_str().unwrap_or_default().to_string(),
+        rows,
+    }
+}
+
 #[derive(Template)]
 #[template(path = "evaluation.html")]
 struct EvaluationPage {
@@ -97,6 +162,7 @@ struct EvaluationPage {
     reasons: Vec<String>,
     metrics: Vec<Metric>,
     examples: Vec<SideBySide>,
+    judge: Option<JudgeView>,
     created: String,
     finished: String,
 }
@@ -207,6 +273,7 @@ pub async fn one(
         champion,
         reasons,
         examples,
+        judge: e.judge.as_ref().map(judge_view),
         e,
     };
     Ok(Html(page.render()?))

@@ -51,6 +51,9 @@ struct ModelsPage {
     teams: Vec<TeamModels>,
     /// Each team's use of each upstream version in the last 30 days.
     upstream_use: Vec<flywheel_store::upstreams::Use>,
+    /// What the teams' jobs (distillation, judging) spent on upstream
+    /// versions in the last 30 days.
+    upstream_spent: Vec<flywheel_store::upstreams::Spent>,
     done: Option<String>,
 }
 
@@ -138,11 +141,13 @@ pub async fn page(
     }
     let since = chrono::Utc::now() - chrono::Duration::days(30);
     let upstream_use = flywheel_store::upstreams::usage(pool, since).await?;
+    let upstream_spent = flywheel_store::upstreams::spent(pool, since).await?;
     let page = ModelsPage {
         chrome: Chrome::new(&signed, "models"),
         versions,
         teams: team_models,
         upstream_use,
+        upstream_spent,
         done: d.done,
     };
     Ok(Html(page.render()?))

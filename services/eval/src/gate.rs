@@ -5,6 +5,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::judge::JUDGED;
 use crate::run::Metric;
 use crate::stats;
 
@@ -97,8 +98,22 @@ pub fn saturated(m: &Metric, bar: f64) -> bool {
     stats::best_lower_bound(m.items, failed) <= bar
 }
 
+/// The team's judge, as the gate reads it: its verdicts on the held-out
+/// prompts are the metric [`JUDGED`] among the evaluation's.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Judge {
+    /// The model version that judged.
+    pub name: String,
+    /// What one of its verdicts counts against one of the users' own
+    /// held-out items ([`crate::judge::Agreement::weight`]); 0: ignored.
+    pub weight: f64,
+    /// Why it has that weight (its check against the users), in words.
+    pub reason: String,
+}
+
 /// Judges an evaluation's metrics. `task_suites` names the team's own
-/// suites; `retention` the general one.
+/// suites; `retention` the general one; `judge` the team's judge, if it
+/// has one.
 ///
 /// Task evidence: each task suite's pass rate must be shown better (its
 /// lower bound above the policy's bar), unless the suite is saturated (the
@@ -106,7 +121,9 @@ pub fn saturated(m: &Metric, bar: f64) -> bool {
 /// then it only must not be shown worse, and the held-out evidence decides.
 /// With no suite that can decide, the first held-out evidence of
 /// [`HELD_OUT_EVIDENCE`] with at least `min_items` items must be shown
-/// better. Forgetting: the retention suite's lower bound above its bar.
+/// better. A judge the users' votes showed trustworthy joins that
+/// evidence, weighted ([`with_judge`]); a judge that was not is reported
+/// and ignored. Forgetting: the retention suite's lower bound above its bar.
 /// Speed: the median time per token, measured alone, within the ratio; a
 /// latency that was not measured fails.
 pub fn judge(
@@ -114,6 +131,7 @@ pub fn judge(
     metrics: &[Metric],
     task_suites: &[String],
     retention: &str,
+    judge: Option<&Judge>,
 ) -> Verdict {
     let find = |suite: &str, metric: &str| {
         metrics
@@ -166,6 +184,31 @@ pub fn judge(
             ),
         );
     }
+    let judged_metric = find(JUDGED.0, JUDGED.1);
+    // Reported after the rules, where a judge that decides nothing belongs.
+    let mut judge_info = None;
+    if let Some(j) = judge {
+        let what = match judged_metric {
+            Some(m) => format!(
+                "judge {} prefers the candidate's answer on {:.1}% and the champion's on {:.1}% of {} held-out prompts",
+                j.name,
+                100.0 * m.candidate,
+                100.0 * m.champion,
+                m.items
+            ),
+            None => format!("judge {}", j.name),
+        };
+        if j.weight <= 0.0 {
+            judge_info = Some(format!("info: {what}; ignored: {}", j.reason));
+        } else if decided {
+            judge_info = Some(format!(
+                "info: {what} (weight {:.2}; the task suites decide)",
+                j.weight
+            ));
+        }
+    }
+    let judged = judge.zip(judged_metric);
+    let judged = judged.filter(|(j, m)| j.weight > 0.0 && m.items > 0);
     if !decided {
         let held_out = HELD_OUT_EVIDENCE
             .into_iter()
@@ -178,30 +221,42 @@ pub fn judge(
                 saturated_suites.join(", ")
             )
         };
-        match held_out {
-            Some(m) => check(
-                m.ci_low > bar,
-                format!(
-                    "held-out {} {} ({suites}): {:.1}% vs {:.1}% over {} items, difference {} points [{}, {}], lower bound must exceed {}",
-                    m.suite,
-                    m.metric,
-                    100.0 * m.candidate,
-                    100.0 * m.champion,
-                    m.items,
-                    points(m.difference),
-                    points(m.ci_low),
-                    points(m.ci_high),
-                    points(bar)
+        if let Some((j, jm)) = judged {
+            // The users' own evidence, even with fewer items than the
+            // policy asks for alone: the judge's verdicts add to it.
+            let users = held_out.or_else(|| {
+                HELD_OUT_EVIDENCE
+                    .into_iter()
+                    .find_map(|(s, k)| find(s, k).filter(|m| m.items > 0))
+            });
+            let (ok, text) = with_judge(policy, users, j, jm);
+            check(ok, format!("{text} ({suites})"));
+        } else {
+            match held_out {
+                Some(m) => check(
+                    m.ci_low > bar,
+                    format!(
+                        "held-out {} {} ({suites}): {:.1}% vs {:.1}% over {} items, difference {} points [{}, {}], lower bound must exceed {}",
+                        m.suite,
+                        m.metric,
+                        100.0 * m.candidate,
+                        100.0 * m.champion,
+                        m.items,
+                        points(m.difference),
+                        points(m.ci_low),
+                        points(m.ci_high),
+                        points(bar)
+                    ),
                 ),
-            ),
-            None => check(
-                false,
-                format!(
-                    "no evidence the candidate is better: {suites}, and fewer than {} held-out \
-                     corrections or preference pairs",
-                    policy.min_items
+                None => check(
+                    false,
+                    format!(
+                        "no evidence the candidate is better: {suites}, and fewer than {} held-out \
+                         corrections or preference pairs",
+                        policy.min_items
+                    ),
                 ),
-            ),
+            }
         }
     }
     match find(retention, "pass_rate") {
@@ -275,6 +330,7 @@ pub fn judge(
             ),
         ),
     }
+    reasons.extend(judge_info);
     for (suite, metric) in REPORTED {
         if let Some(m) = find(suite, metric) {
             reasons.push(format!(
@@ -289,6 +345,82 @@ pub fn judge(
         }
     }
     Verdict { passed, reasons }
+}
+
+/// The users' held-out evidence (`users`, if any) and a trusted judge's
+/// verdicts on the held-out prompts (`judged`), as one: each judged prompt
+/// counts `judge.weight` of a user's item, and the combined difference, and
+/// each bound of its interval, is the weighted mean of the two's. Averaging
+/// the bounds rather than pooling the items assumes the two may be wrong
+/// together (the judge reads the same prompts), so the combined interval is
+/// never narrower than its parts'. The weighted items must reach the
+/// policy's `min_items`, and the lower bound its bar.
+pub fn with_judge(
+    policy: &Policy,
+    users: Option<&Metric>,
+    judge: &Judge,
+    judged: &Metric,
+) -> (bool, String) {
+    let n_users = users.map_or(0.0, |m| m.items as f64);
+    let n_judged = judge.weight * judged.items as f64;
+    let total = n_users + n_judged;
+    let mean = |of: fn(&Metric) -> f64| {
+        (users.map_or(0.0, |m| m.items as f64 * of(m)) + n_judged * of(judged)) / total
+    };
+    let (d, low, high) = (
+        mean(|m| m.difference),
+        mean(|m| m.ci_low),
+        mean(|m| m.ci_high),
+    );
+    let users_text = match users {
+        Some(m) => format!(
+            "held-out {} {}: {:.1}% vs {:.1}% over {} items, difference {} points [{}, {}]",
+            m.suite,
+            m.metric,
+            100.0 * m.candidate,
+            100.0 * m.champion,
+            m.items,
+            points(m.difference),
+            points(m.ci_low),
+            points(m.ci_high)
+        ),
+        None => "no held-out corrections or preference pairs".to_string(),
+    };
+    let judge_text = format!(
+        "judge {} at weight {:.2} ({}): prefers the candidate's answer on {:.1}% and the \
+         champion's on {:.1}% of {} held-out prompts, difference {} points [{}, {}]",
+        judge.name,
+        judge.weight,
+        judge.reason,
+        100.0 * judged.candidate,
+        100.0 * judged.champion,
+        judged.items,
+        points(judged.difference),
+        points(judged.ci_low),
+        points(judged.ci_high)
+    );
+    let bar = policy.task_min_lower_bound;
+    if total < policy.min_items as f64 {
+        return (
+            false,
+            format!(
+                "no evidence the candidate is better: {users_text}; {judge_text}; together \
+                 {total:.1} weighted items, fewer than {}",
+                policy.min_items
+            ),
+        );
+    }
+    (
+        low > bar,
+        format!(
+            "{users_text}; {judge_text}; together ({total:.1} weighted items) a difference of \
+             {} points [{}, {}], lower bound must exceed {}",
+            points(d),
+            points(low),
+            points(high),
+            points(bar)
+        ),
+    )
 }
 
 /// What a canary's live thumbs say.
@@ -380,13 +512,13 @@ mod tests {
             m("general-retention", "pass_rate", 0.62, 0.63, -0.025, 0.01),
             m("latency", "ms_per_token_p50", 14.0, 13.0, 0.0, 2.0),
         ];
-        let v = judge(&p, &good, &tasks, "general-retention");
+        let v = judge(&p, &good, &tasks, "general-retention", None);
         assert!(v.passed, "{v:?}");
         assert_eq!(v.reasons.len(), 3);
         // Measured alone, the probe decides, whatever the batched median.
         let alone = m("latency", "solo_ms_per_token_p50", 20.0, 10.0, 8.0, 12.0);
         let slow_alone = [&good[..], &[alone]].concat();
-        let v = judge(&p, &slow_alone, &tasks, "general-retention");
+        let v = judge(&p, &slow_alone, &tasks, "general-retention", None);
         assert!(!v.passed, "{v:?}");
         assert!(
             v.reasons
@@ -398,7 +530,7 @@ mod tests {
             m("routing", "pass_rate", 0.8, 0.1, 0.6, 0.8),
             m("general-retention", "pass_rate", 0.50, 0.63, -0.18, -0.08),
         ];
-        let v = judge(&p, &forgetful, &tasks, "general-retention");
+        let v = judge(&p, &forgetful, &tasks, "general-retention", None);
         assert!(!v.passed);
         assert!(
             v.reasons
@@ -407,7 +539,7 @@ mod tests {
             "{v:?}"
         );
         // Better on nothing measurable: not promoted.
-        let v = judge(&p, &good[1..], &[], "general-retention");
+        let v = judge(&p, &good[1..], &[], "general-retention", None);
         assert!(!v.passed);
         assert!(v.reasons[0].contains("no evidence"), "{v:?}");
     }
@@ -435,6 +567,7 @@ mod tests {
             &[&[suite.clone(), corrections.clone()][..], &rest].concat(),
             &tasks,
             "general-retention",
+            None,
         );
         assert!(v.passed, "{v:?}");
         assert!(
@@ -450,6 +583,7 @@ mod tests {
             &[&[worse, corrections.clone()][..], &rest].concat(),
             &tasks,
             "general-retention",
+            None,
         );
         assert!(
             !v.passed && v.reasons[0].starts_with("FAIL: task suite routing is saturated"),
@@ -462,6 +596,7 @@ mod tests {
             &[&[corrections.clone()][..], &rest].concat(),
             &[],
             "general-retention",
+            None,
         );
         assert!(
             !v.passed && v.reasons[0].contains("fewer than 10 held-out corrections"),
@@ -474,9 +609,103 @@ mod tests {
             &[&[corrections, pairs][..], &rest].concat(),
             &[],
             "general-retention",
+            None,
         );
         assert!(
             v.passed && v.reasons[0].contains("heldout-dpo preference_accuracy (no task suite)"),
+            "{v:?}"
+        );
+    }
+
+    #[test]
+    fn a_trusted_judge_moves_a_borderline_decision_by_its_weight() {
+        let p = Policy::default();
+        // Two of ten corrections now answered, none before: the interval
+        // touches zero, so the users' evidence alone cannot pass.
+        let mut corrections = m("heldout-corrections", "contains_match", 0.2, 0.0, 0.0, 0.5);
+        corrections.items = 10;
+        let mut prefers = m(JUDGED.0, JUDGED.1, 0.6, 0.0, 0.4, 0.8);
+        prefers.items = 20;
+        let rest = [
+            m("general-retention", "pass_rate", 0.62, 0.62, -0.02, 0.02),
+            m("latency", "solo_ms_per_token_p50", 14.0, 13.0, 0.0, 2.0),
+        ];
+        let with = |judged: &Metric| [&[corrections.clone(), judged.clone()][..], &rest].concat();
+        let alone = judge(&p, &with(&prefers), &[], "general-retention", None);
+        assert!(
+            !alone.passed && alone.reasons[0].starts_with("FAIL: held-out heldout-corrections"),
+            "{alone:?}"
+        );
+        let trusted = Judge {
+            name: "judge-7b".into(),
+            weight: 0.5,
+            reason: "agrees with the users on 12 of 12".into(),
+        };
+        // 10 items at [0, ...] and 20 verdicts at half weight at [0.4, ...]:
+        // a lower bound of (10 x 0 + 10 x 0.4) / 20 = +20 points.
+        let v = judge(
+            &p,
+            &with(&prefers),
+            &[],
+            "general-retention",
+            Some(&trusted),
+        );
+        assert!(v.passed, "{v:?}");
+        assert!(
+            v.reasons[0].contains("judge judge-7b at weight 0.50")
+                && v.reasons[0].contains(
+                    "together (20.0 weighted items) a difference of +40.0 points [+20.0, +65.0]"
+                ),
+            "{v:?}"
+        );
+        // The same judge preferring the champion pulls the same evidence down.
+        let mut against = prefers.clone();
+        (against.candidate, against.champion) = (0.0, 0.6);
+        (against.difference, against.ci_low, against.ci_high) = (-0.6, -0.8, -0.4);
+        let v = judge(
+            &p,
+            &with(&against),
+            &[],
+            "general-retention",
+            Some(&trusted),
+        );
+        assert!(!v.passed, "{v:?}");
+        // A judge the users' votes did not vouch for is reported, not counted.
+        let ignored = Judge {
+            weight: 0.0,
+            reason: "no consistent preference on 12 pairs".into(),
+            ..trusted.clone()
+        };
+        let v = judge(
+            &p,
+            &with(&prefers),
+            &[],
+            "general-retention",
+            Some(&ignored),
+        );
+        assert!(!v.passed, "{v:?}");
+        assert!(
+            v.reasons
+                .iter()
+                .any(|r| r.starts_with("info: judge judge-7b")
+                    && r.contains("ignored: no consistent")),
+            "{v:?}"
+        );
+        // A weak judge alone cannot stand in for the users' evidence: 20
+        // verdicts at 0.1 are 2 weighted items, fewer than 10.
+        let weak = Judge {
+            weight: 0.1,
+            ..trusted
+        };
+        let v = judge(
+            &p,
+            &[&[prefers][..], &rest].concat(),
+            &[],
+            "general-retention",
+            Some(&weak),
+        );
+        assert!(
+            !v.passed && v.reasons[0].contains("2.0 weighted items, fewer than 10"),
             "{v:?}"
         );
     }
@@ -507,6 +736,7 @@ mod tests {
             &[&base[..], &[ratio(2.0, 1.8, 2.2)]].concat(),
             &tasks,
             "general-retention",
+            None,
         );
         assert!(
             !v.passed && v.reasons[2].starts_with("FAIL: latency (alone): 2.00x"),
@@ -518,6 +748,7 @@ mod tests {
             &[&base[..], &[ratio(1.7, 1.2, 2.3)]].concat(),
             &tasks,
             "general-retention",
+            None,
         );
         assert!(v.passed, "{v:?}");
         // Just above, tightly: shown above.
@@ -526,6 +757,7 @@ mod tests {
             &[&base[..], &[ratio(1.56, 1.52, 1.6)]].concat(),
             &tasks,
             "general-retention",
+            None,
         );
         assert!(!v.passed, "{v:?}");
     }
@@ -538,7 +770,7 @@ mod tests {
             m("routing", "pass_rate", 0.8, 0.1, 0.6, 0.8),
             m("general-retention", "pass_rate", 0.62, 0.63, -0.025, 0.01),
         ];
-        let v = judge(&p, &metrics, &tasks, "general-retention");
+        let v = judge(&p, &metrics, &tasks, "general-retention", None);
         assert!(!v.passed);
         assert!(
             v.reasons[2].starts_with("FAIL: latency was not measured"),

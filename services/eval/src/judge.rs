@@ -11,9 +11,14 @@
 //! the users' answer, with a Wilson interval; it is trusted when the
 //! interval's lower bound is above a bar (chance is one half).
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
-use crate::stats::{Interval, wilson};
+use crate::run::Metric;
+use crate::stats::{self, Interval, wilson};
+
+/// The suite and metric of a judge's verdicts on the candidate's and the
+/// champion's answers to the held-out prompts ([`preference`]).
+pub const JUDGED: (&str, &str) = ("judge-heldout", "preference");
 
 /// The question to the judge; `{question}`, `{first}` and `{second}` are
 /// replaced. A team may give its own (`--prompt`), with the same places.
@@ -137,7 +142,7 @@ pub fn combine(chosen_first: Verdict, chosen_second: Verdict) -> PairVerdict {
 }
 
 /// How a judge did against the users on a set of pairs.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Agreement {
     pub pairs: usize,
     pub chosen: usize,
@@ -230,6 +235,41 @@ pub fn agreement(verdicts: &[PairVerdict], replies: &[Verdict], bar: f64) -> Agr
     }
 }
 
+impl Agreement {
+    /// How much one of the judge's verdicts counts in the gate against one
+    /// of the users' own held-out items: `2 * low - 1` of its agreement's
+    /// interval, so 0 for a judge not shown better than a coin and 1 for
+    /// one shown always to agree; 0 when it is not trusted.
+    pub fn weight(&self) -> f64 {
+        if self.trusted {
+            (2.0 * self.agreement_low - 1.0).clamp(0.0, 1.0)
+        } else {
+            0.0
+        }
+    }
+}
+
+/// The judge's verdicts on held-out prompts, each from both orders, the
+/// candidate's answer in the place of the users' chosen one: the share of
+/// prompts it preferred the candidate's answer on against the share it
+/// preferred the champion's (ties and inconsistent verdicts count for
+/// neither), with the difference's paired interval.
+pub fn preference(verdicts: &[PairVerdict]) -> Metric {
+    let side = |want: PairVerdict| -> Vec<f64> {
+        verdicts
+            .iter()
+            .map(|v| f64::from(u8::from(*v == want)))
+            .collect()
+    };
+    Metric::paired(
+        JUDGED.0,
+        JUDGED.1,
+        &side(PairVerdict::Chosen),
+        &side(PairVerdict::Rejected),
+        stats::mean,
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -306,6 +346,39 @@ mod tests {
         verdicts.extend([PairVerdict::Inconsistent; 30]);
         let a = agreement(&verdicts, &[], 0.6);
         assert!(a.agreement_low > 0.6 && !a.trusted, "{}", a.reason);
+    }
+
+    #[test]
+    fn the_weight_grows_with_the_agreement_shown() {
+        let right = |n: usize, of: usize| {
+            let mut v = vec![PairVerdict::Chosen; n];
+            v.extend(vec![PairVerdict::Rejected; of - n]);
+            agreement(&v, &[], 0.6)
+        };
+        let (few, many) = (right(12, 12), right(60, 60));
+        assert!(few.trusted && many.trusted);
+        // Shown right on more pairs, it counts for more; never above one.
+        assert!(
+            few.weight() > 0.4 && few.weight() < many.weight(),
+            "{few:?}"
+        );
+        assert!(many.weight() <= 1.0);
+        // Right on 70% of 30 is not shown above 60%: no weight at all.
+        let middling = right(21, 30);
+        assert!(
+            !middling.trusted && middling.weight() == 0.0,
+            "{middling:?}"
+        );
+    }
+
+    #[test]
+    fn preference_counts_the_candidate_against_the_champion() {
+        use PairVerdict::*;
+        let m = preference(&[Chosen, Chosen, Chosen, Rejected, Tie, Inconsistent]);
+        assert_eq!((m.suite.as_str(), m.metric.as_str()), JUDGED);
+        assert_eq!(m.items, 6);
+        assert!((m.candidate - 0.5).abs() < 1e-9 && (m.champion - 1.0 / 6.0).abs() < 1e-9);
+        assert!(m.ci_low < m.difference && m.difference < m.ci_high, "{m:?}");
     }
 
     #[test]

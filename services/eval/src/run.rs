@@ -380,7 +380,9 @@ pub struct Metric {
 }
 
 impl Metric {
-    fn paired(
+    /// The paired metric of `cand` and `champ` (item `i` of both is one
+    /// item), with its bootstrap interval.
+    pub fn paired(
         suite: &str,
         metric: &str,
         cand: &[f64],

@@ -83,7 +83,9 @@ pub async fn run(cfg: &Config, pool: &PgPool, args: DistillArgs) -> anyhow::Resu
         o.failed,
         o.truncated,
         o.deleted_meanwhile,
-        if o.stopped_by_budget {
+        if o.stopped_by_team_budget {
+            ", stopped at the team's upstream budget"
+        } else if o.stopped_by_budget {
             ", stopped at the token budget"
         } else {
             ""
@@ -115,22 +117,16 @@ pub async fn model(
     pool: &PgPool,
     v: &flywheel_store::models::ModelVersion,
 ) -> anyhow::Result<Teacher> {
-    if v.is_upstream() {
-        let u = flywheel_store::upstreams::get(pool, v.id)
-            .await?
-            .with_context(|| format!("{} has no upstream settings", v.name))?;
-        return Ok(Teacher::Upstream(flywheel_upstream::Client::openai(
-            &u.base_url,
-            &u.model,
-            u.api_key_env.as_deref(),
-            std::time::Duration::from_millis(u.timeout_ms.max(1) as u64),
-            cfg.gateway.http.upstream.clone(),
-        )?));
+    if !v.is_upstream() {
+        eprintln!("loading {}", v.name);
     }
-    eprintln!("loading {}", v.name);
-    Ok(Teacher::Engine(
-        crate::bootstrap::versions(cfg, pool).engine(v).await?,
-    ))
+    Teacher::of(
+        pool,
+        &crate::bootstrap::versions(cfg, pool),
+        &cfg.gateway.http.upstream,
+        v,
+    )
+    .await
 }
 
 /// One prompt a line: `{"messages": [{"role", "content"}, ...]}` or

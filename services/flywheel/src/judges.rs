@@ -1,18 +1,49 @@
-//! `flywheel judges check`: is a model version a judge the team's users
-//! would agree with? Asked about the preference pairs of a dataset version
-//! (the answers the users chose and rejected), each in both orders
-//! ([`flywheel_eval::judge`]).
+//! `flywheel judges`: a team's judge. `check` asks whether a model version
+//! is a judge the team's users would agree with, on the preference pairs
+//! of a dataset version (the answers the users chose and rejected), each in
+//! both orders ([`flywheel_eval::judge`]); `add` makes it the team's judge,
+//! which every evaluation of the team's candidates checks the same way and,
+//! if the users vouch for it, asks about the held-out answers
+//! ([`flywheel_jobs::judge`]).
 
 use anyhow::Context;
 use flywheel_curation::build::DpoPair;
-use flywheel_eval::judge::{self, Verdict};
+use flywheel_eval::judge;
+use flywheel_jobs::judge::Asking;
 use flywheel_store::PgPool;
-use futures::StreamExt;
 
 use crate::Config;
 
 #[derive(Debug, Clone, clap::Subcommand)]
 pub enum JudgesCommand {
+    /// Make a model version the team's judge in its evaluations (replacing
+    /// the one it had). Each evaluation checks it against the users' own
+    /// choices first; its verdicts count only when its agreement clears the
+    /// bar, weighted by it.
+    Add {
+        /// The judge: any model version the team may use.
+        version: String,
+        #[arg(long)]
+        team: String,
+        /// The judge's prompt, with `{question}`, `{first}` and `{second}`
+        /// (default: a built-in one asking for A, B or tie).
+        #[arg(long)]
+        prompt: Option<std::path::PathBuf>,
+        /// The lower bound of its agreement's 95% interval must be above this.
+        #[arg(long, default_value_t = 0.6)]
+        bar: f64,
+        /// Tokens one evaluation may spend asking it; reached, its verdicts
+        /// are ignored and the evaluation says so.
+        #[arg(long)]
+        budget_tokens: Option<u64>,
+    },
+    /// The teams' judges.
+    List,
+    /// The team has no judge any more.
+    Remove {
+        #[arg(long)]
+        team: String,
+    },
     /// Measure a judge's agreement with the users' own choices on a dataset
     /// version's preference pairs; exits 3 when it is not to be trusted.
     Check {
@@ -42,19 +73,89 @@ pub enum JudgesCommand {
 }
 
 pub async fn run(cfg: &Config, pool: &PgPool, command: JudgesCommand) -> anyhow::Result<()> {
-    let JudgesCommand::Check {
-        judge: name,
-        dataset,
-        prompt,
-        limit,
-        bar,
-        concurrency,
-        json,
-    } = command;
-    if !(0.0..1.0).contains(&bar) {
-        anyhow::bail!("--bar must be from 0 to below 1, not {bar}");
+    match command {
+        JudgesCommand::Add {
+            version,
+            team,
+            prompt,
+            bar,
+            budget_tokens,
+        } => {
+            check_bar(bar)?;
+            let template = template(prompt.as_deref())?;
+            let team_id = crate::models::team_id(pool, &team).await?;
+            let v = crate::models::version(pool, &version).await?;
+            crate::distill::usable_by_team(pool, &v, team_id).await?;
+            let budget = match budget_tokens {
+                Some(0) => anyhow::bail!("--budget-tokens must be above 0"),
+                Some(b) => Some(i64::try_from(b).context("--budget-tokens is too large")?),
+                None => None,
+            };
+            flywheel_store::judges::set(pool, team_id, v.id, &template, bar, budget).await?;
+            println!(
+                "{} judges {team}'s candidates from now on, once each evaluation has checked it against {team}'s users (bar {bar})",
+                v.name
+            );
+            Ok(())
+        }
+        JudgesCommand::List => {
+            let judges = flywheel_store::judges::list(pool).await?;
+            if judges.is_empty() {
+                println!("no team has a judge (flywheel judges add VERSION --team TEAM)");
+            }
+            for j in judges {
+                let budget = j.budget_tokens.map_or("no budget".to_string(), |b| {
+                    format!("{b} tokens per evaluation")
+                });
+                println!("{}\t{}\tbar {}\t{budget}", j.team, j.version, j.bar);
+            }
+            Ok(())
+        }
+        JudgesCommand::Remove { team } => {
+            let team_id = crate::models::team_id(pool, &team).await?;
+            if !flywheel_store::judges::remove(pool, team_id).await? {
+                anyhow::bail!("{team} has no judge");
+            }
+            println!("{team} has no judge now");
+            Ok(())
+        }
+        JudgesCommand::Check {
+            judge: name,
+            dataset,
+            prompt,
+            limit,
+            bar,
+            concurrency,
+            json,
+        } => {
+            check_bar(bar)?;
+            let template = template(prompt.as_deref())?;
+            check(
+                cfg,
+                pool,
+                &name,
+                &dataset,
+                &template,
+                limit,
+                bar,
+                concurrency,
+                json,
+            )
+            .await
+        }
     }
-    let template = match &prompt {
+}
+
+fn check_bar(bar: f64) -> anyhow::Result<()> {
+    if !(0.5..1.0).contains(&bar) {
+        anyhow::bail!("--bar must be from 0.5 (chance) to below 1, not {bar}");
+    }
+    Ok(())
+}
+
+/// The judge's prompt: the file's, or the built-in one.
+fn template(prompt: Option<&std::path::Path>) -> anyhow::Result<String> {
+    let template = match prompt {
         Some(p) => {
             std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?
         }
@@ -65,7 +166,22 @@ pub async fn run(cfg: &Config, pool: &PgPool, command: JudgesCommand) -> anyhow:
             anyhow::bail!("the judge's prompt has no {place}");
         }
     }
-    let version = crate::datasets::resolve(pool, &dataset).await?;
+    Ok(template)
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn check(
+    cfg: &Config,
+    pool: &PgPool,
+    name: &str,
+    dataset: &str,
+    template: &str,
+    limit: usize,
+    bar: f64,
+    concurrency: usize,
+    json: bool,
+) -> anyhow::Result<()> {
+    let version = crate::datasets::resolve(pool, dataset).await?;
     // A version keeps its examples when an end user's data is deleted
     // (it is marked): their words are not sent to a judge.
     if let Some(at) = version.user_data_deleted_at {
@@ -86,71 +202,46 @@ pub async fn run(cfg: &Config, pool: &PgPool, command: JudgesCommand) -> anyhow:
             "{dataset} holds no preference pairs (the users' chosen and rejected answers) to check a judge on"
         );
     }
-    let v = crate::models::version(pool, &name).await?;
+    let v = crate::models::version(pool, name).await?;
     // The team's own pairs go only to a model the team may use.
     if let Some(team) = version.team_id {
         crate::distill::usable_by_team(pool, &v, team).await?;
     }
-    let model = crate::distill::model(cfg, pool, &v).await?;
-    let errors = std::sync::atomic::AtomicUsize::new(0);
-    let ask = |text: String| {
-        let (model, errors) = (&model, &errors);
-        async move {
-            let question = [flywheel_curation::build::Message {
-                role: "user".into(),
-                content: text,
-            }];
-            match model.answer(&question, 32).await {
-                Ok(a) => judge::parse(&a.text),
-                Err(e) => {
-                    tracing::warn!(error = %format!("{e:#}"), "the judge did not answer");
-                    errors.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    Verdict::Unreadable
-                }
-            }
-        }
+    // What the team may still spend on an upstream judge.
+    let team_left = match version.team_id {
+        Some(team) => flywheel_jobs::distill::team_allowance(pool, team, &v).await?,
+        None => None,
     };
-    let total = pairs.len();
-    let mut asked = futures::stream::iter(pairs.iter().enumerate())
-        .map(|(i, p)| {
-            let question = p
-                .prompt
-                .iter()
-                .map(|m| format!("{}: {}", m.role, m.content))
-                .collect::<Vec<_>>()
-                .join("\n");
-            let chosen_first = judge::prompt(&template, &question, &p.chosen, &p.rejected);
-            let chosen_second = judge::prompt(&template, &question, &p.rejected, &p.chosen);
-            async move { (i, ask(chosen_first).await, ask(chosen_second).await) }
+    let model = crate::distill::model(cfg, pool, &v).await?;
+    let asking = Asking::new(&model, template, None, team_left, concurrency);
+    let checked = asking
+        .check(&pairs, bar, |done, of| {
+            eprintln!("{name}: judged {done} of {of} pairs")
         })
-        .buffer_unordered(concurrency.max(1));
-    let (mut verdicts, mut replies) = (Vec::with_capacity(total), Vec::with_capacity(2 * total));
-    while let Some((_, first, second)) = asked.next().await {
-        replies.extend([first, second]);
-        verdicts.push(judge::combine(first, second));
-        if verdicts.len() % 20 == 0 || verdicts.len() == total {
-            eprintln!("{name}: judged {} of {total} pairs", verdicts.len());
-        }
+        .await;
+    if let Some(team) = version.team_id {
+        flywheel_jobs::distill::record_spend(
+            pool,
+            team,
+            &v,
+            flywheel_store::upstreams::Purpose::Judge,
+            asking.asked() as u64,
+            asking.spent(),
+        )
+        .await?;
     }
-    drop(asked);
-    // A judge that could not be reached is not a judge that disagrees.
-    let errors = errors.into_inner();
-    if 2 * errors > replies.len() {
-        anyhow::bail!(
-            "{name} failed {errors} of {} questions: no verdict on it as a judge",
-            replies.len()
-        );
-    }
-    let a = judge::agreement(&verdicts, &replies, bar);
+    let a = checked
+        .map_err(|stopped| anyhow::anyhow!("{name} {stopped}: no verdict on it as a judge"))?;
     if json {
         println!(
             "{}",
-            serde_json::json!({"judge": name, "dataset": dataset, "report": a, "errors": errors})
+            serde_json::json!({"judge": name, "dataset": dataset, "report": a,
+                               "questions": asking.asked(), "tokens": asking.spent()})
         );
     } else {
         println!("{name} on {dataset}: {}", a.reason);
         println!(
-            "pairs {}: users' choice {}, the other {}, tie {}, inconsistent across orders {}, questions failed {errors}",
+            "pairs {}: users' choice {}, the other {}, tie {}, inconsistent across orders {}",
             a.pairs, a.chosen, a.rejected, a.ties, a.inconsistent
         );
     }

@@ -1,4 +1,4 @@
-//! `flywheel teams`: a team's privacy and pooling settings.
+//! `flywheel teams`: a team's privacy, pooling and upstream budget settings.
 
 use flywheel_store::PgPool;
 
@@ -13,7 +13,28 @@ pub enum TeamsCommand {
         /// Let this team's feedback go into datasets shared across teams.
         #[arg(long, action = clap::ArgAction::Set)]
         share_for_training: Option<bool>,
+        /// Tokens the team's jobs may spend on upstream models (teachers
+        /// and judges) in any 30 days; `none`: no limit. A job that reaches
+        /// it stops and says so.
+        #[arg(long, value_parser = budget)]
+        upstream_budget_tokens: Option<Budget>,
     },
+}
+
+/// A budget in tokens, or none.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Budget(Option<i64>);
+
+fn budget(s: &str) -> Result<Budget, String> {
+    match s {
+        "none" => Ok(Budget(None)),
+        n => match n.parse::<i64>() {
+            Ok(n) if n > 0 => Ok(Budget(Some(n))),
+            _ => Err(format!(
+                "expected a number of tokens above 0, or none; not {n}"
+            )),
+        },
+    }
 }
 
 pub async fn run(pool: &PgPool, command: TeamsCommand) -> anyhow::Result<()> {
@@ -21,9 +42,12 @@ pub async fn run(pool: &PgPool, command: TeamsCommand) -> anyhow::Result<()> {
         team,
         store_text,
         share_for_training,
+        upstream_budget_tokens,
     } = command;
-    if store_text.is_none() && share_for_training.is_none() {
-        anyhow::bail!("nothing to set: give --store-text and/or --share-for-training");
+    if store_text.is_none() && share_for_training.is_none() && upstream_budget_tokens.is_none() {
+        anyhow::bail!(
+            "nothing to set: give --store-text, --share-for-training or --upstream-budget-tokens"
+        );
     }
     if let Some(v) = store_text {
         if !flywheel_store::keys::set_store_text(pool, &team, v).await? {
@@ -36,6 +60,18 @@ pub async fn run(pool: &PgPool, command: TeamsCommand) -> anyhow::Result<()> {
             anyhow::bail!("no team named {team}");
         }
         println!("team {team}: share_for_training = {v}");
+    }
+    if let Some(Budget(tokens)) = upstream_budget_tokens {
+        if !flywheel_store::upstreams::set_budget(pool, &team, tokens).await? {
+            anyhow::bail!("no team named {team}");
+        }
+        match tokens {
+            Some(n) => println!(
+                "team {team}: upstream_budget_tokens = {n} per {} days",
+                flywheel_store::upstreams::BUDGET_DAYS
+            ),
+            None => println!("team {team}: upstream_budget_tokens = none"),
+        }
     }
     Ok(())
 }

@@ -5,14 +5,12 @@
 //! stopped server) reach clients as OpenAI-shaped errors without losing the
 //! record.
 //!
-//! The upstream here is a **stand-in** ([`StandIn`]): a small server in
-//! this file speaking OpenAI's protocol with a canned answer, so that each
-//! fault can be made to happen on cue. It is not vLLM nor llama.cpp's
+//! The upstream here is a **stand-in** ([`StandIn`], in the test support
+//! crate): a small server speaking OpenAI's protocol with a canned answer,
+//! so that each fault can be made to happen on cue. It is not vLLM nor llama.cpp's
 //! server; `scripts/upstream-llamacpp.py` runs the same path against
 //! llama.cpp's real server (`llama_cpp.server`, from PyPI).
 
-use std::collections::VecDeque;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_openai::Client;
@@ -21,224 +19,11 @@ use async_openai::types::chat::{
     ChatCompletionRequestUserMessageArgs, ChatCompletionStreamOptions,
     CreateChatCompletionRequestArgs,
 };
-use axum::body::{Body, Bytes};
-use axum::extract::State;
-use axum::http::{HeaderMap, StatusCode, header};
-use axum::response::{IntoResponse, Response};
-use axum::routing::post;
-use axum::{Json, Router};
 use flywheel_tests::process::{GatewayProcess, TinySetup, cli, free_port, ready};
+use flywheel_tests::standin::{Behave, StandIn};
 use flywheel_tests::{eventually, until};
 use futures::StreamExt;
 use serde_json::{Value, json};
-
-/// The stand-in's answer, one streamed piece each.
-const ANSWER: [&str; 4] = ["Route ", "to ", "billing", "."];
-/// The usage the stand-in reports for its whole answer.
-const PROMPT_TOKENS: u64 = 21;
-
-/// What the stand-in does with its next request (without a script: answers).
-#[derive(Debug, Clone)]
-enum Behave {
-    /// Answers with this status and an OpenAI-shaped error.
-    Status(u16),
-    /// Waits this long before answering.
-    Stall(Duration),
-    /// Streams this many pieces, then breaks the connection.
-    CutAfter(usize),
-    /// Streams the whole answer, this long between pieces.
-    Slow(Duration),
-    /// Answers this text.
-    Say(&'static str),
-    /// Answers this text, cut at the request's length limit.
-    SayCut(&'static str),
-    /// A judge that prefers the answer holding this word: "A" when the
-    /// prompt's `[Answer A]` section holds it, else "B".
-    Prefer(&'static str),
-}
-
-#[derive(Default)]
-struct Script {
-    next: VecDeque<Behave>,
-    /// What to do once `next` is empty (default: answer).
-    always: Option<Behave>,
-    /// Each request's `Authorization` header and body.
-    seen: Vec<(Option<String>, Value)>,
-}
-
-/// A stand-in for an OpenAI-compatible server, on its own runtime and
-/// thread so that [`StandIn::stop`] stops it for real: the listener and
-/// every open connection close.
-struct StandIn {
-    base: String,
-    script: Arc<Mutex<Script>>,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl StandIn {
-    fn start() -> Self {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        listener.set_nonblocking(true).unwrap();
-        let base = format!("http://{}", listener.local_addr().unwrap());
-        let script = Arc::new(Mutex::new(Script::default()));
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let state = script.clone();
-        let thread = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            rt.block_on(async move {
-                let listener = tokio::net::TcpListener::from_std(listener).unwrap();
-                let app = Router::new()
-                    .route("/v1/chat/completions", post(chat))
-                    .with_state(state);
-                tokio::spawn(async move { axum::serve(listener, app).await });
-                let _ = stopped.await;
-            });
-            // Dropping the runtime drops every connection's task with it.
-            drop(rt);
-        });
-        Self {
-            base,
-            script,
-            stop: Some(stop),
-            thread: Some(thread),
-        }
-    }
-
-    fn then(&self, b: Behave) {
-        self.script.lock().unwrap().next.push_back(b);
-    }
-
-    fn always(&self, b: Behave) {
-        self.script.lock().unwrap().always = Some(b);
-    }
-
-    fn seen(&self) -> Vec<(Option<String>, Value)> {
-        self.script.lock().unwrap().seen.clone()
-    }
-
-    fn stop(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        if let Some(t) = self.thread.take() {
-            t.join().unwrap();
-        }
-    }
-}
-
-impl Drop for StandIn {
-    fn drop(&mut self) {
-        self.stop();
-    }
-}
-
-async fn chat(
-    State(script): State<Arc<Mutex<Script>>>,
-    headers: HeaderMap,
-    Json(body): Json<Value>,
-) -> Response {
-    let prompt = body["messages"][0]["content"]
-        .as_str()
-        .unwrap_or_default()
-        .to_string();
-    let behave = {
-        let mut s = script.lock().unwrap();
-        let auth = headers
-            .get(header::AUTHORIZATION)
-            .map(|v| v.to_str().unwrap().to_string());
-        s.seen.push((auth, body));
-        s.next.pop_front().or_else(|| s.always.clone())
-    };
-    match behave {
-        Some(Behave::Status(code)) => (
-            StatusCode::from_u16(code).unwrap(),
-            Json(
-                json!({"error": {"message": format!("the stand-in failed with {code}"),
-                                  "type": "server_error", "param": null, "code": null}}),
-            ),
-        )
-            .into_response(),
-        Some(Behave::Stall(d)) => {
-            tokio::time::sleep(d).await;
-            events(ANSWER.len(), Duration::from_millis(20))
-        }
-        Some(Behave::CutAfter(n)) => events(n, Duration::from_millis(20)),
-        Some(Behave::Slow(pause)) => events(ANSWER.len(), pause),
-        Some(Behave::Say(text)) => said(text, "stop"),
-        Some(Behave::SayCut(text)) => said(text, "length"),
-        Some(Behave::Prefer(word)) => {
-            let a = prompt.split("[Answer A]").nth(1).unwrap_or_default();
-            let a = a.split("[Answer B]").next().unwrap_or_default();
-            said(if a.contains(word) { "A" } else { "B" }, "stop")
-        }
-        None => events(ANSWER.len(), Duration::from_millis(20)),
-    }
-}
-
-/// `text` as a streamed answer that ends for `finish`.
-fn said(text: &str, finish: &str) -> Response {
-    let chunk = |delta: Value, finish: Value| {
-        json!({"id": "chatcmpl-standin", "object": "chat.completion.chunk", "created": 0,
-               "model": "teacher-7b", "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]})
-    };
-    let body = format!(
-        "data: {}\n\ndata: {}\n\ndata: [DONE]\n\n",
-        chunk(json!({"content": text}), Value::Null),
-        chunk(json!({}), json!(finish))
-    );
-    Response::builder()
-        .header(header::CONTENT_TYPE, "text/event-stream")
-        .body(Body::from(body))
-        .unwrap()
-}
-
-/// `pieces` of the answer as server-sent events, `pause` before each; the
-/// whole answer ends with its finish, usage and `[DONE]`, a shorter one
-/// with a broken connection.
-fn events(pieces: usize, pause: Duration) -> Response {
-    let chunk = |delta: Value, finish: Value| {
-        let c = json!({"id": "chatcmpl-standin", "object": "chat.completion.chunk", "created": 0,
-                       "model": "teacher-7b",
-                       "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]});
-        Ok::<_, std::io::Error>(Bytes::from(format!("data: {c}\n\n")))
-    };
-    let mut out = vec![chunk(
-        json!({"role": "assistant", "content": ""}),
-        Value::Null,
-    )];
-    for p in &ANSWER[..pieces] {
-        out.push(chunk(json!({"content": p}), Value::Null));
-    }
-    if pieces == ANSWER.len() {
-        out.push(chunk(json!({}), json!("stop")));
-        let usage = json!({"id": "chatcmpl-standin", "object": "chat.completion.chunk", "created": 0,
-            "model": "teacher-7b", "choices": [],
-            "usage": {"prompt_tokens": PROMPT_TOKENS, "completion_tokens": ANSWER.len(),
-                      "total_tokens": PROMPT_TOKENS + ANSWER.len() as u64}});
-        out.push(Ok(Bytes::from(format!(
-            "data: {usage}\n\ndata: [DONE]\n\n"
-        ))));
-    } else {
-        out.push(Err(std::io::Error::other(
-            "the stand-in cut the connection",
-        )));
-    }
-    // A pause before each piece, as a server generating them: the headers
-    // and the first pieces are on the wire before a cut (a connection
-    // closed before any response is retried, rightly, as unreachable).
-    let paced = futures::stream::iter(out).then(move |piece| async move {
-        tokio::time::sleep(pause).await;
-        piece
-    });
-    Response::builder()
-        .header(header::CONTENT_TYPE, "text/event-stream")
-        .body(Body::from_stream(paced))
-        .unwrap()
-}
 
 /// Registers `name` as an upstream (model `teacher-7b`) on `url`, with
 /// `extra` options.
@@ -1028,6 +813,108 @@ async fn distillation_asks_the_teacher_the_teams_own_prompts_and_makes_a_dataset
         "{}",
         ran.stderr
     );
+
+    // What the team's distillations spent on the upstream is recorded, and
+    // a budget for the team's jobs stops the next one where it runs out.
+    let spent: i64 = sqlx::query_scalar(
+        "select coalesce(sum(tokens), 0)::bigint from upstream_spend where purpose = 'distill'",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert!(spent >= 3 * 25, "three distillations asked: {spent}");
+    let budget = (spent + 20).to_string();
+    let set = cli(
+        &setup.db,
+        &["teams", "set", "acme", "--upstream-budget-tokens", &budget],
+    );
+    assert!(
+        set.contains(&format!("upstream_budget_tokens = {budget} per 30 days")),
+        "{set}"
+    );
+    let two = setup.dir.join("two.jsonl");
+    std::fs::write(
+        &two,
+        "{\"prompt\": \"What are your opening hours?\"}\n{\"prompt\": \"Do you ship abroad?\"}\n",
+    )
+    .unwrap();
+    let distill_two = || {
+        flywheel_tests::process::run(
+            Some(&setup.db),
+            &[],
+            &[
+                "distill",
+                "--team",
+                "acme",
+                "--teacher",
+                "big",
+                "--concurrency",
+                "1",
+                "--prompts",
+                two.to_str().unwrap(),
+            ],
+            None,
+        )
+    };
+    let ran = distill_two();
+    assert!(ran.ok(), "{}", ran.stderr);
+    assert!(
+        ran.stdout.starts_with("acme@4: 1 SFT examples from big"),
+        "{}",
+        ran.stdout
+    );
+    assert!(
+        ran.stdout.contains("stopped at the team's upstream budget"),
+        "{}",
+        ran.stdout
+    );
+    // Spent now: the next job is refused before it asks anything.
+    let asked = standin.seen().len();
+    let ran = distill_two();
+    assert_eq!(ran.code, Some(1), "{}", ran.stdout);
+    assert!(
+        ran.stderr.contains(&format!(
+            "the team's upstream budget is spent: {} of {budget} tokens in the last 30 days",
+            spent + 25
+        )),
+        "{}",
+        ran.stderr
+    );
+    assert_eq!(standin.seen().len(), asked, "nothing was asked");
+    let zero = flywheel_tests::process::run(
+        Some(&setup.db),
+        &[],
+        &["teams", "set", "acme", "--upstream-budget-tokens", "0"],
+        None,
+    );
+    assert_eq!(zero.code, Some(2), "{}", zero.stderr);
+
+    // The dashboard shows what the team's jobs spent, beside what its
+    // requests cost.
+    let (calls, tokens): (i64, i64) = sqlx::query_as(
+        "select sum(calls)::bigint, sum(tokens)::bigint from upstream_spend where purpose = 'distill'",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(tokens, spent + 25);
+    let made = flywheel_tests::process::run(
+        Some(&setup.db),
+        &[],
+        &["admin", "create", "ops", "--password-stdin"],
+        Some(flywheel_tests::admin::PASSWORD),
+    );
+    assert!(made.ok(), "{}", made.stderr);
+    let mut admin = flywheel_tests::admin::Client::at(&gw.base);
+    admin.login("ops", flywheel_tests::admin::PASSWORD).await;
+    let page = admin.get("/admin/models").await;
+    assert!(
+        page.body.contains(&format!(
+            "<td>big</td><td>acme</td><td>distill</td><td>{calls}</td><td>{tokens}</td>"
+        )),
+        "{}",
+        page.body
+    );
 }
 
 async fn completions_of_team(pool: &sqlx::PgPool) -> i64 {
@@ -1145,6 +1032,43 @@ async fn a_judge_is_checked_against_the_users_own_choices_and_a_position_biased_
     assert_eq!(r["report"]["first_position_share"], 1.0);
     assert_eq!(r["report"]["trusted"], false);
     assert!(ran.stderr.contains("not to be trusted"), "{}", ran.stderr);
+
+    // Made the team's judge in its evaluations (the gate's use of it is
+    // tested in tests/tests/promotion.rs); a bar at or below chance, or a
+    // prompt without the answers' places, is refused.
+    let added = cli(&setup.db, &["judges", "add", "judge", "--team", "acme"]);
+    assert!(added.contains("judge judges acme's candidates"), "{added}");
+    let listed = cli(&setup.db, &["judges", "list"]);
+    assert!(
+        listed.contains("acme\tjudge\tbar 0.6\tno budget"),
+        "{listed}"
+    );
+    let run = |args: &[&str]| flywheel_tests::process::run(Some(&setup.db), &[], args, None);
+    let low = run(&["judges", "add", "judge", "--team", "acme", "--bar", "0.5"]);
+    assert!(low.ok(), "0.5 is the least bar: {}", low.stderr);
+    let chance = run(&["judges", "add", "judge", "--team", "acme", "--bar", "0.4"]);
+    assert_eq!(chance.code, Some(1), "{}", chance.stdout);
+    assert!(
+        chance.stderr.contains("--bar must be from 0.5"),
+        "{}",
+        chance.stderr
+    );
+    let no_places = setup.dir.join("judge-prompt.txt");
+    std::fs::write(&no_places, "Which is better? Say A or B.").unwrap();
+    let bad = run(&[
+        "judges",
+        "add",
+        "judge",
+        "--team",
+        "acme",
+        "--prompt",
+        no_places.to_str().unwrap(),
+    ]);
+    assert!(bad.stderr.contains("has no {question}"), "{}", bad.stderr);
+    assert!(
+        cli(&setup.db, &["judges", "remove", "--team", "acme"]).contains("acme has no judge now")
+    );
+    assert!(cli(&setup.db, &["judges", "list"]).contains("no team has a judge"));
 
     // Once an end user in it has their data deleted, the version's pairs go
     // to no judge.

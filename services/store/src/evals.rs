@@ -67,11 +67,14 @@ pub struct Evaluation {
     pub error: Option<String>,
     pub created_at: DateTime<Utc>,
     pub finished_at: Option<DateTime<Utc>>,
+    /// The team's judge in this evaluation: its check against the users,
+    /// the weight the gate gave it, its verdicts (`None`: no judge).
+    pub judge: Option<serde_json::Value>,
 }
 
 const COLUMNS: &str = "id, team_id, candidate_version_id, champion_version_id,
     dataset_version_id, training_run_id, status, passed, reasons, policy, error, created_at,
-    finished_at";
+    finished_at, judge";
 
 /// What to compare.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -135,10 +138,12 @@ pub async fn start(conn: &mut sqlx::PgConnection, id: Uuid) -> Result<()> {
         .bind(id)
         .execute(&mut *conn)
         .await?;
-    sqlx::query("update evaluations set status = 'running', error = null where id = $1")
-        .bind(id)
-        .execute(&mut *conn)
-        .await?;
+    sqlx::query(
+        "update evaluations set status = 'running', error = null, judge = null where id = $1",
+    )
+    .bind(id)
+    .execute(&mut *conn)
+    .await?;
     Ok(())
 }
 
@@ -248,6 +253,16 @@ pub async fn add_items(ex: impl PgExecutor<'_>, id: Uuid, items: &[Item]) -> Res
     .bind(items.iter().map(|i| i.score).collect::<Vec<_>>())
     .execute(ex)
     .await?;
+    Ok(())
+}
+
+/// Keeps what the team's judge did in the evaluation.
+pub async fn set_judge(ex: impl PgExecutor<'_>, id: Uuid, judge: &serde_json::Value) -> Result<()> {
+    sqlx::query("update evaluations set judge = $2 where id = $1")
+        .bind(id)
+        .bind(judge)
+        .execute(ex)
+        .await?;
     Ok(())
 }
 

@@ -16,6 +16,7 @@ pub mod evals;
 pub mod feedback;
 pub mod instance;
 pub mod jobs;
+pub mod judges;
 pub mod keys;
 pub mod models;
 pub mod notify;

@@ -160,3 +160,121 @@ pub async fn usage(
     .fetch_all(ex)
     .await?)
 }
+
+/// The days a team's upstream budget counts over, ending now.
+pub const BUDGET_DAYS: i32 = 30;
+
+/// What a job of a team spent on an upstream version.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Purpose {
+    /// A teacher's answers (`flywheel distill`).
+    Distill,
+    /// A judge's verdicts (an evaluation, `flywheel judges check`).
+    Judge,
+}
+
+impl Purpose {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Purpose::Distill => "distill",
+            Purpose::Judge => "judge",
+        }
+    }
+}
+
+/// Records what a team's job spent on an upstream version.
+pub async fn record_spend(
+    ex: impl PgExecutor<'_>,
+    team: Uuid,
+    version: Uuid,
+    purpose: Purpose,
+    calls: u64,
+    tokens: u64,
+) -> Result<()> {
+    sqlx::query(
+        "insert into upstream_spend (team_id, model_version_id, purpose, calls, tokens)
+         values ($1, $2, $3, $4, $5)",
+    )
+    .bind(team)
+    .bind(version)
+    .bind(purpose.as_str())
+    .bind(i32::try_from(calls).unwrap_or(i32::MAX))
+    .bind(i64::try_from(tokens).unwrap_or(i64::MAX))
+    .execute(ex)
+    .await?;
+    Ok(())
+}
+
+/// A team's upstream budget for its jobs and what they spent in the window
+/// ending now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, sqlx::FromRow)]
+pub struct Budget {
+    /// Tokens per [`BUDGET_DAYS`] (`None`: no limit).
+    pub budget: Option<i64>,
+    pub spent: i64,
+}
+
+impl Budget {
+    /// Tokens left (`None`: no limit).
+    pub fn left(&self) -> Option<u64> {
+        self.budget.map(|b| (b - self.spent).max(0) as u64)
+    }
+}
+
+pub async fn budget(ex: impl PgExecutor<'_>, team: Uuid) -> Result<Budget> {
+    Ok(sqlx::query_as(
+        "select t.upstream_budget_tokens as budget,
+                coalesce((select sum(s.tokens) from upstream_spend s
+                          where s.team_id = t.id and s.at > now() - $2 * interval '1 day'), 0)::bigint as spent
+         from teams t where t.id = $1",
+    )
+    .bind(team)
+    .bind(BUDGET_DAYS)
+    .fetch_optional(ex)
+    .await?
+    .unwrap_or(Budget {
+        budget: None,
+        spent: 0,
+    }))
+}
+
+/// Sets a team's upstream budget (`None`: no limit); whether the team exists.
+pub async fn set_budget(ex: impl PgExecutor<'_>, team: &str, tokens: Option<i64>) -> Result<bool> {
+    let done = sqlx::query("update teams set upstream_budget_tokens = $2 where name = $1")
+        .bind(team)
+        .bind(tokens)
+        .execute(ex)
+        .await?;
+    Ok(done.rows_affected() > 0)
+}
+
+/// What jobs spent on upstream versions since `since`, by version, team
+/// and purpose.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, sqlx::FromRow)]
+pub struct Spent {
+    pub version: String,
+    pub team: String,
+    pub purpose: String,
+    pub calls: i64,
+    pub tokens: i64,
+}
+
+pub async fn spent(
+    ex: impl PgExecutor<'_>,
+    since: chrono::DateTime<chrono::Utc>,
+) -> Result<Vec<Spent>> {
+    Ok(sqlx::query_as(
+        "select v.name as version, t.name as team, s.purpose,
+                sum(s.calls)::bigint as calls, sum(s.tokens)::bigint as tokens
+         from upstream_spend s
+         join model_versions v on v.id = s.model_version_id
+         join teams t on t.id = s.team_id
+         where s.at >= $1
+         group by v.name, t.name, s.purpose
+         order by v.name, t.name, s.purpose",
+    )
+    .bind(since)
+    .fetch_all(ex)
+    .await?)
+}

@@ -234,6 +234,7 @@ impl Config {
             policy: self.promotion.clone(),
             concurrency: self.eval_concurrency,
             retention: None,
+            upstream: self.gateway.http.upstream.clone(),
         }
     }
 
