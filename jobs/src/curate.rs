@@ -76,7 +76,14 @@ pub async fn run(pool: &PgPool, job: &CurateJob) -> anyhow::Result<Outcome> {
     // when none does are the votes and completions read whole.
     let ids = datasets::vote_ids(&mut *tx, &teams, until).await?;
     let votes_read = ids.len();
-    let fingerprint = fingerprint(job, ids);
+    // A team's newest distillation is mixed into its curated versions.
+    let distilled = match job.scope {
+        Scope::Team(team) => {
+            datasets::newest_built_by(&mut *tx, team, crate::distill::DISTILLER_NAME).await?
+        }
+        Scope::Shared => None,
+    };
+    let fingerprint = fingerprint(job, ids, distilled.as_ref().map(|d| d.id));
     if let Some(v) = datasets::find_by_fingerprint(&mut *tx, job.scope, &fingerprint).await? {
         tx.commit().await?;
         let load_ms = t0.elapsed().as_millis() as u64;
@@ -96,6 +103,14 @@ pub async fn run(pool: &PgPool, job: &CurateJob) -> anyhow::Result<Outcome> {
     }
     let votes = datasets::votes(&mut *tx, &teams, until).await?;
     let completions = datasets::rated_completions(&mut *tx, &teams, until).await?;
+    let distilled = match distilled {
+        Some(d) => Some(Distilled {
+            examples: datasets::examples(&mut *tx, d.id, "sft", None).await?,
+            lineage: datasets::lineage(&mut *tx, d.id).await?,
+            version: d,
+        }),
+        None => None,
+    };
     tx.commit().await?;
     let load_ms = t0.elapsed().as_millis() as u64;
     tracing::info!(
@@ -124,9 +139,10 @@ pub async fn run(pool: &PgPool, job: &CurateJob) -> anyhow::Result<Outcome> {
 
     let t1 = Instant::now();
     let (job2, fp) = (job.clone(), fingerprint.clone());
-    let built = tokio::task::spawn_blocking(move || assemble(&job2, fp, &votes, completions))
-        .await
-        .context("dataset build panicked")??;
+    let built =
+        tokio::task::spawn_blocking(move || assemble(&job2, fp, &votes, completions, distilled))
+            .await
+            .context("dataset build panicked")??;
     outcome.build_ms = t1.elapsed().as_millis() as u64;
     // Tests stop a worker here, between the build and the write.
     if let Some(p) = crate::faults::get().curate_pause {
@@ -171,7 +187,9 @@ fn found(mut o: Outcome, v: &datasets::DatasetVersion) -> Outcome {
 /// Hash of the builder, scope, rules and every vote id read. Votes are never
 /// edited (a new vote is a new row), and deleting data deletes its votes, so
 /// the ids say exactly what the input was.
-fn fingerprint(job: &CurateJob, mut ids: Vec<Uuid>) -> String {
+/// And the distilled version mixed in, if any: a new distillation makes a
+/// new version.
+fn fingerprint(job: &CurateJob, mut ids: Vec<Uuid>, distilled: Option<Uuid>) -> String {
     let mut h = Sha256::new();
     h.update(BUILDER.as_bytes());
     h.update(serde_json::to_vec(&job.scope).unwrap_or_default());
@@ -180,7 +198,49 @@ fn fingerprint(job: &CurateJob, mut ids: Vec<Uuid>) -> String {
     for id in ids {
         h.update(id.as_bytes());
     }
+    if let Some(d) = distilled {
+        h.update(b"distilled");
+        h.update(d.as_bytes());
+    }
     hex::encode(h.finalize())
+}
+
+/// A distilled version's SFT examples (a teacher's answers to the team's
+/// prompts) and lineage, to mix with the votes' examples.
+struct Distilled {
+    version: datasets::DatasetVersion,
+    examples: Vec<(String, serde_json::Value)>,
+    lineage: Vec<LineageRow>,
+}
+
+/// The distilled examples whose prompt no example of the users' has: where
+/// a user corrected or chose an answer, theirs is taught, not the
+/// teacher's. Returns the examples to add and how many were left out.
+fn mix_in(ds: &Dataset, distilled: &Distilled) -> anyhow::Result<(Vec<NewExample>, usize)> {
+    let key = |p: &[Message]| serde_json::to_string(p).unwrap_or_default();
+    let users: HashSet<String> = ds
+        .sft
+        .iter()
+        .map(|e| key(&e.prompt))
+        .chain(ds.dpo.iter().map(|e| key(&e.prompt)))
+        .collect();
+    let mut out = Vec::new();
+    let mut left_out = 0;
+    for (split, value) in &distilled.examples {
+        let e: build::SftExample =
+            serde_json::from_value(value.clone()).context("reading a distilled example")?;
+        if users.contains(&key(&e.prompt)) {
+            left_out += 1;
+            continue;
+        }
+        let split = if split == "eval" {
+            Split::Eval
+        } else {
+            Split::Train
+        };
+        out.push(example("sft", split, &e)?);
+    }
+    Ok((out, left_out))
 }
 
 struct Built {
@@ -195,6 +255,7 @@ fn assemble(
     fingerprint: String,
     votes: &[VoteRow],
     rows: Vec<RatedCompletion>,
+    distilled: Option<Distilled>,
 ) -> anyhow::Result<Built> {
     let rows_read = rows.len();
     let mut without_text = 0usize;
@@ -266,7 +327,7 @@ fn assemble(
 
     let window_start = votes.iter().map(|v| v.created_at).min();
     let window_end = votes.iter().map(|v| v.created_at).max();
-    let manifest = manifest(
+    let mut manifest = manifest(
         job,
         &ds,
         votes.len(),
@@ -275,13 +336,32 @@ fn assemble(
         &lineage,
         (window_start, window_end),
     );
+    let mut lineage = lineage;
+    let mut sft_count = ds.sft.len();
+    if let Some(d) = distilled {
+        let (added, left_out) = mix_in(&ds, &d)?;
+        sft_count += added.len();
+        manifest["distilled"] = serde_json::json!({
+            "version": d.version.version,
+            "id": d.version.id,
+            "teacher": d.version.manifest["distillation"]["teacher"]["name"],
+            "sft_added": {
+                "train": added.iter().filter(|e| e.split == "train").count(),
+                "eval": added.iter().filter(|e| e.split == "eval").count(),
+            },
+            "left_out_for_the_users_own": left_out,
+        });
+        examples.extend(added);
+        // Its requests' end users: deleting one's data marks this version too.
+        lineage.extend(d.lineage);
+    }
     Ok(Built {
         version: NewVersion {
             id: Uuid::new_v4(),
             scope: job.scope,
             fingerprint,
             manifest,
-            sft_count: ds.sft.len() as i32,
+            sft_count: sft_count as i32,
             dpo_count: ds.dpo.len() as i32,
             kto_count: ds.kto.len() as i32,
             window_start,
@@ -462,11 +542,18 @@ mod tests {
             until: None,
             cycle: None,
         };
-        let a = fingerprint(&job, vec![vote(1), vote(2)]);
-        assert_eq!(a, fingerprint(&job, vec![vote(2), vote(1)]));
-        assert_ne!(a, fingerprint(&job, vec![vote(1), vote(2), vote(3)]));
+        let a = fingerprint(&job, vec![vote(1), vote(2)], None);
+        assert_eq!(a, fingerprint(&job, vec![vote(2), vote(1)], None));
+        assert_ne!(a, fingerprint(&job, vec![vote(1), vote(2), vote(3)], None));
         let mut other = job.clone();
         other.rules.max_per_user = 1;
-        assert_ne!(a, fingerprint(&other, vec![vote(1), vote(2)]));
+        assert_ne!(a, fingerprint(&other, vec![vote(1), vote(2)], None));
+        // A distillation mixed in is part of the input; another one is another.
+        let mixed = fingerprint(&job, vec![vote(1), vote(2)], Some(Uuid::from_u128(7)));
+        assert_ne!(a, mixed);
+        assert_ne!(
+            mixed,
+            fingerprint(&job, vec![vote(1), vote(2)], Some(Uuid::from_u128(8)))
+        );
     }
 }

@@ -30,6 +30,10 @@ use uuid::Uuid;
 /// Bumped when the same input would give a different dataset.
 pub const DISTILLER: &str = "flywheel-distill/1";
 
+/// [`DISTILLER`] without its version: what every distillation's manifest
+/// names as its builder.
+pub const DISTILLER_NAME: &str = "flywheel-distill/";
+
 /// Where the prompts come from.
 #[derive(Debug, Clone)]
 pub enum Prompts {

@@ -917,6 +917,123 @@ async fn distillation_asks_the_teacher_the_teams_own_prompts_and_makes_a_dataset
     );
 }
 
+/// Distillation mixed with the team's own votes: the team's next curated
+/// version holds the teacher's answers beside its users' examples (the
+/// users' own answer where both have one), carries the distillation's
+/// lineage (so deleting an end user's data marks it), and a distillation
+/// that holds a deleted user's data is mixed into nothing more.
+#[tokio::test]
+async fn curation_mixes_the_newest_distillation_with_the_teams_own_votes() {
+    let setup = TinySetup::new("fw_distill_mix").await;
+    let standin = StandIn::start();
+    let key = setup.key("acme");
+    register(&setup.db, "big", &format!("{}/v1", standin.base), &[]);
+    let gw = serve(&setup, &[], &setup.dir.join("gateway.log")).await;
+    let pool = flywheel_store::connect(&setup.db).await.unwrap();
+    chat_as(&gw, &key, "u1", "Where do I change my password?").await;
+    chat_as(&gw, &key, "u2", "How do I export my reports?").await;
+    let invoice = chat_as(&gw, &key, "u3", "My invoice was charged twice").await;
+    let (status, body) = gw
+        .post(
+            &key,
+            "/v1/feedback",
+            json!({"completion_id": invoice, "rating": "down", "user": "u3",
+                   "correction": "Send it to the billing desk."}),
+        )
+        .await;
+    assert_eq!(status, 201, "{body}");
+    assert!(votes_stored(&pool, 1).await, "the vote is stored");
+    let out = cli(
+        &setup.db,
+        &["distill", "--team", "acme", "--teacher", "big"],
+    );
+    assert!(out.starts_with("acme@1: 3 SFT examples from big"), "{out}");
+
+    let built = cli(
+        &setup.db,
+        &["datasets", "build", "--team", "acme", "--inline"],
+    );
+    assert!(built.contains("dataset version 2"), "{built}");
+    let all = |v: &str| {
+        ["train", "eval"]
+            .iter()
+            .map(|split| {
+                cli(
+                    &setup.db,
+                    &[
+                        "datasets", "export", v, "--format", "messages", "--split", split,
+                    ],
+                )
+            })
+            .collect::<String>()
+    };
+    let sft = all("acme@2");
+    // The teacher's answers to the prompts no user answered...
+    for prompt in ["change my password", "export my reports"] {
+        let line = sft
+            .lines()
+            .find(|l| l.contains(prompt))
+            .unwrap_or_else(|| panic!("{prompt}: {sft}"));
+        assert!(line.contains("Route to billing."), "{line}");
+    }
+    // ...and the user's own correction where the teacher answered too.
+    let invoice_lines: Vec<&str> = sft
+        .lines()
+        .filter(|l| l.contains("charged twice"))
+        .collect();
+    assert_eq!(invoice_lines.len(), 1, "{sft}");
+    assert!(
+        invoice_lines[0].contains("Send it to the billing desk."),
+        "{sft}"
+    );
+    let shown: Value =
+        serde_json::from_str(&cli(&setup.db, &["datasets", "show", "acme@2"])).unwrap();
+    let d = &shown["manifest"]["distilled"];
+    assert_eq!(
+        (d["version"].as_i64(), d["teacher"].as_str()),
+        (Some(1), Some("big")),
+        "{shown}"
+    );
+    assert_eq!(d["left_out_for_the_users_own"], 1, "{shown}");
+    assert_eq!(
+        d["sft_added"]["train"].as_u64().unwrap() + d["sft_added"]["eval"].as_u64().unwrap(),
+        2,
+        "{shown}"
+    );
+    assert_eq!(shown["sft_count"], 3, "{shown}");
+    // The same votes and the same distillation: the same version.
+    let again = cli(
+        &setup.db,
+        &["datasets", "build", "--team", "acme", "--inline"],
+    );
+    assert!(
+        again.contains("already holds this input") && again.contains("version 2"),
+        "{again}"
+    );
+
+    // u1 had no vote, only a prompt the teacher answered: deleting their
+    // data marks the mixed version as well as the distilled one.
+    delete_user(&gw, &key, "u1").await;
+    let marked: Vec<i32> = sqlx::query_scalar(
+        "select version from dataset_versions where user_data_deleted_at is not null order by version",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    assert_eq!(marked, [1, 2]);
+    // The marked distillation is mixed into nothing more.
+    let built = cli(
+        &setup.db,
+        &["datasets", "build", "--team", "acme", "--inline"],
+    );
+    assert!(built.contains("dataset version 3"), "{built}");
+    let sft = all("acme@3");
+    assert!(!sft.contains("Route to billing."), "{sft}");
+    let shown: Value =
+        serde_json::from_str(&cli(&setup.db, &["datasets", "show", "acme@3"])).unwrap();
+    assert!(shown["manifest"]["distilled"].is_null(), "{shown}");
+}
+
 async fn completions_of_team(pool: &sqlx::PgPool) -> i64 {
     sqlx::query_scalar("select count(*) from completions")
         .fetch_one(pool)

@@ -174,6 +174,51 @@ pub async fn get(ex: impl PgExecutor<'_>, id: Uuid) -> Result<Option<DatasetVers
     .await?)
 }
 
+/// The team's newest version whose manifest names a builder starting with
+/// `builder` (a distillation's: `flywheel-distill/`) and that holds no data
+/// of an end user who had it deleted.
+pub async fn newest_built_by(
+    ex: impl PgExecutor<'_>,
+    team_id: Uuid,
+    builder: &str,
+) -> Result<Option<DatasetVersion>> {
+    Ok(sqlx::query_as(concat!(
+        "select ",
+        version_columns!(),
+        " from dataset_versions
+         where team_id = $1 and starts_with(manifest->>'builder', $2)
+               and user_data_deleted_at is null
+         order by version desc limit 1"
+    ))
+    .bind(team_id)
+    .bind(builder)
+    .fetch_optional(ex)
+    .await?)
+}
+
+/// A version's lineage: every vote (or logged request) its examples came from.
+pub async fn lineage(ex: impl PgExecutor<'_>, version_id: Uuid) -> Result<Vec<LineageRow>> {
+    let rows: Vec<(Uuid, Uuid, String, String, String)> = sqlx::query_as(
+        "select team_id, feedback_id, completion_id, voter, author from dataset_lineage
+         where version_id = $1",
+    )
+    .bind(version_id)
+    .fetch_all(ex)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(
+            |(team_id, feedback_id, completion_id, voter, author)| LineageRow {
+                team_id,
+                feedback_id,
+                completion_id,
+                voter,
+                author,
+            },
+        )
+        .collect())
+}
+
 /// A team's version by number (`team` `None`: the shared pool).
 pub async fn get_numbered(
     ex: impl PgExecutor<'_>,
