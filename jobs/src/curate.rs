@@ -78,9 +78,7 @@ pub async fn run(pool: &PgPool, job: &CurateJob) -> anyhow::Result<Outcome> {
     let votes_read = ids.len();
     // A team's newest distillation is mixed into its curated versions.
     let distilled = match job.scope {
-        Scope::Team(team) => {
-            datasets::newest_built_by(&mut *tx, team, crate::distill::DISTILLER_NAME).await?
-        }
+        Scope::Team(team) => datasets::newest_distilled(&mut *tx, team).await?,
         Scope::Shared => None,
     };
     let fingerprint = fingerprint(job, ids, distilled.as_ref().map(|d| d.id));
@@ -215,7 +213,8 @@ struct Distilled {
 
 /// The distilled examples whose prompt no example of the users' has: where
 /// a user corrected or chose an answer, theirs is taught, not the
-/// teacher's. Returns the examples to add and how many were left out.
+/// teacher's. All go to the train split. Returns the examples to add and
+/// how many were left out.
 fn mix_in(ds: &Dataset, distilled: &Distilled) -> anyhow::Result<(Vec<NewExample>, usize)> {
     let key = |p: &[Message]| serde_json::to_string(p).unwrap_or_default();
     let users: HashSet<String> = ds
@@ -226,19 +225,20 @@ fn mix_in(ds: &Dataset, distilled: &Distilled) -> anyhow::Result<(Vec<NewExample
         .collect();
     let mut out = Vec::new();
     let mut left_out = 0;
-    for (split, value) in &distilled.examples {
+    for (_, value) in &distilled.examples {
         let e: build::SftExample =
             serde_json::from_value(value.clone()).context("reading a distilled example")?;
         if users.contains(&key(&e.prompt)) {
             left_out += 1;
             continue;
         }
-        let split = if split == "eval" {
-            Split::Eval
-        } else {
-            Split::Train
+        // Taught, never held out: the gate's held-out evidence is what the
+        // users gave, and a teacher's answer is not a user's liked one.
+        let e = build::SftExample {
+            split: Split::Train,
+            ..e
         };
-        out.push(example("sft", split, &e)?);
+        out.push(example("sft", Split::Train, &e)?);
     }
     Ok((out, left_out))
 }
@@ -345,10 +345,7 @@ fn assemble(
             "version": d.version.version,
             "id": d.version.id,
             "teacher": d.version.manifest["distillation"]["teacher"]["name"],
-            "sft_added": {
-                "train": added.iter().filter(|e| e.split == "train").count(),
-                "eval": added.iter().filter(|e| e.split == "eval").count(),
-            },
+            "sft_added_to_train": added.len(),
             "left_out_for_the_users_own": left_out,
         });
         examples.extend(added);

@@ -27,12 +27,9 @@ use serde::Serialize;
 use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
-/// Bumped when the same input would give a different dataset.
+/// Bumped when the same input would give a different dataset; starts with
+/// [`datasets::DISTILLED_BUILDER`], which curation finds distillations by.
 pub const DISTILLER: &str = "flywheel-distill/1";
-
-/// [`DISTILLER`] without its version: what every distillation's manifest
-/// names as its builder.
-pub const DISTILLER_NAME: &str = "flywheel-distill/";
 
 /// Where the prompts come from.
 #[derive(Debug, Clone)]
@@ -525,4 +522,12 @@ async fn prompts(
         asked.push(a);
     }
     Ok((asked, origin))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn curation_finds_distillations_by_their_builder() {
+        assert!(super::DISTILLER.starts_with(flywheel_store::datasets::DISTILLED_BUILDER));
+    }
 }

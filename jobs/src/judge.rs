@@ -133,6 +133,9 @@ impl<'a> Asking<'a> {
         progress: impl Fn(usize, usize),
     ) -> Result<(Vec<PairVerdict>, Vec<Verdict>), Stopped> {
         let total = items.len();
+        // This call's questions only: one `Asking` serves the check and then
+        // the held-out prompts.
+        let (asked_before, failed_before) = (self.asked(), self.failed.load(Ordering::Relaxed));
         // Owned prompts: a future that borrows its item from the closure's
         // argument is not `Send` for every lifetime, as the worker needs.
         let prompts: Vec<(String, String)> = items
@@ -156,9 +159,10 @@ impl<'a> Asking<'a> {
             }
         }
         drop(asked);
+        let asked = self.asked() - asked_before;
         if let Some(budget) = self.budget
             && self.spent() >= budget
-            && self.asked() < 2 * total
+            && asked < 2 * total
         {
             let spent = self.spent();
             return Err(match self.team_binds {
@@ -170,7 +174,7 @@ impl<'a> Asking<'a> {
             });
         }
         // A judge that could not be reached is not a judge that disagrees.
-        let (failed, asked) = (self.failed.load(Ordering::Relaxed), self.asked());
+        let failed = self.failed.load(Ordering::Relaxed) - failed_before;
         if 2 * failed > asked {
             return Err(Stopped::Failing { failed, asked });
         }
@@ -222,8 +226,8 @@ pub struct Tally {
 }
 
 /// The held-out prompts both models answered in the evaluation
-/// (corrections and liked answers), as `(question, candidate's answer,
-/// champion's answer)`.
+/// (corrections and liked answers) differently, as `(question, candidate's
+/// answer, champion's answer)`.
 fn held_out_answers(items: &[ItemOutput]) -> Vec<(String, String, String)> {
     let of = |model: &str, suite: &str, item: &str| {
         items
@@ -238,6 +242,10 @@ fn held_out_answers(items: &[ItemOutput]) -> Vec<(String, String, String)> {
         })
         .filter_map(|c| {
             let h = of("champion", &c.suite, &c.item)?;
+            // The same answer from both: nothing to judge.
+            if c.output.trim() == h.output.trim() {
+                return None;
+            }
             let prompt: Vec<Message> = serde_json::from_value(c.prompt.clone()).ok()?;
             Some((question(&prompt), c.output.clone(), h.output.clone()))
         })
@@ -287,6 +295,23 @@ pub async fn in_evaluation(
             "not asked: the evaluation has no dataset version whose users' choices it could be checked on".into(),
         );
     };
+    // Only the team's own users' words go to the team's judge.
+    if dataset.team_id != Some(team) {
+        return not_asked(
+            report,
+            "not asked: the evaluation's dataset version is not the team's own".into(),
+        );
+    }
+    // A judge grading answers it taught would vouch for itself.
+    if dataset.manifest["distilled"]["teacher"].as_str() == Some(v.name.as_str()) {
+        return not_asked(
+            report,
+            format!(
+                "not asked: {} taught this dataset's distilled answers, and would judge its own student",
+                v.name
+            ),
+        );
+    }
     // Their words go to no judge once an end user in it had their data deleted.
     if dataset.user_data_deleted_at.is_some() {
         return not_asked(
@@ -301,12 +326,21 @@ pub async fn in_evaluation(
         );
     }
     let pairs: Vec<DpoPair> =
-        flywheel_store::datasets::examples(pool, dataset.id, "dpo", Some("train"))
+        match flywheel_store::datasets::examples(pool, dataset.id, "dpo", Some("train"))
             .await?
             .into_iter()
             .take(CHECK_PAIRS)
             .map(|(_, e)| serde_json::from_value(e))
-            .collect::<Result<_, _>>()?;
+            .collect::<Result<_, _>>()
+        {
+            Ok(pairs) => pairs,
+            Err(err) => {
+                return not_asked(
+                    report,
+                    format!("not asked: a preference pair of the dataset could not be read: {err}"),
+                );
+            }
+        };
     if pairs.is_empty() {
         return not_asked(
             report,
@@ -334,8 +368,9 @@ pub async fn in_evaluation(
         team_left,
         concurrency,
     );
-    let report = judged(&asking, &v, &j, &pairs, items, report).await;
-    crate::distill::record_spend(
+    let report = judged(pool, dataset.id, &asking, &v, &j, &pairs, items, report).await;
+    // The spend is kept; failing to keep it does not undo the judging.
+    if let Err(err) = crate::distill::record_spend(
         pool,
         team,
         &v,
@@ -343,13 +378,19 @@ pub async fn in_evaluation(
         report.0.questions as u64,
         report.0.tokens,
     )
-    .await?;
+    .await
+    {
+        tracing::warn!(error = %format!("{err:#}"), judge = %v.name, "the judge's spend was not recorded");
+    }
     Ok(Some(report))
 }
 
 /// The judge checked on `pairs` and, if trusted, asked about the held-out
 /// answers in `items`.
+#[allow(clippy::too_many_arguments)]
 async fn judged(
+    pool: &PgPool,
+    dataset: uuid::Uuid,
     asking: &Asking<'_>,
     v: &flywheel_store::models::ModelVersion,
     j: &flywheel_store::judges::Judge,
@@ -380,6 +421,18 @@ async fn judged(
     report.reason = agreement.reason.clone();
     report.check = Some(agreement.clone());
     if !agreement.trusted {
+        return finish(report, None);
+    }
+    // An end user in the dataset may have had their data deleted while the
+    // judge was checked: their held-out prompts then go to it no more.
+    let marked = flywheel_store::datasets::get(pool, dataset)
+        .await
+        .map(|d| d.is_none_or(|d| d.user_data_deleted_at.is_some()));
+    if !matches!(marked, Ok(false)) {
+        report.reason = format!(
+            "{}; not asked about the held-out prompts: an end user in the dataset had their data deleted meanwhile",
+            agreement.reason
+        );
         return finish(report, None);
     }
     let answers = held_out_answers(items);

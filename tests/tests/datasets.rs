@@ -735,3 +735,62 @@ async fn a_slot_starts_a_cycle_that_trains_only_on_enough_new_examples() {
         .unwrap();
     assert!(a.len() == 1 && b.is_empty());
 }
+
+/// A build reads its input in a snapshot and writes later; an end user
+/// whose data was deleted in between is gone from the log by then. The
+/// version is marked as it is written, so their words are not used
+/// unmarked (here the deletion is made to fall in that gap: the lineage
+/// names a request the log no longer holds).
+#[tokio::test]
+async fn a_version_written_after_its_input_was_deleted_is_marked() {
+    let db = TestDb::new().await;
+    let mut f = Fixture::new(&db.pool, "acme").await;
+    let team = f.team;
+    let write = |completion: String| {
+        let pool = db.pool.clone();
+        async move {
+            let id = Uuid::new_v4();
+            let mut tx = pool.begin().await.unwrap();
+            datasets::insert_version(
+                &mut tx,
+                &datasets::NewVersion {
+                    id,
+                    scope: Scope::Team(team),
+                    fingerprint: id.to_string(),
+                    manifest: json!({}),
+                    sft_count: 0,
+                    dpo_count: 0,
+                    kto_count: 0,
+                    window_start: None,
+                    window_end: None,
+                },
+                &[],
+                &[datasets::LineageRow {
+                    team_id: team,
+                    feedback_id: datasets::NO_VOTE,
+                    completion_id: completion,
+                    voter: String::new(),
+                    author: "gone".into(),
+                }],
+            )
+            .await
+            .unwrap();
+            tx.commit().await.unwrap();
+            datasets::get(&pool, id).await.unwrap().unwrap()
+        }
+    };
+    f.completion("kept", "ann", "a prompt", "an answer");
+    let kept = f.completions[0].id.clone();
+    f.save().await;
+    assert!(
+        write(kept).await.user_data_deleted_at.is_none(),
+        "a request still logged marks nothing"
+    );
+    assert!(
+        write("chatcmpl-deleted-meanwhile".into())
+            .await
+            .user_data_deleted_at
+            .is_some(),
+        "a request no longer logged marks the version"
+    );
+}

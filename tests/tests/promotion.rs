@@ -1068,7 +1068,7 @@ async fn a_judge_that_agrees_with_users_moves_a_borderline_gate_decision() {
     );
 
     // The same judge without the budget: trusted (12 of 12), asked about
-    // the 20 held-out prompts, and the decision moves.
+    // the held-out prompts, and the decision moves.
     set_judge(None).await.unwrap();
     let asked_before = standin.seen().len();
     let (out, judge) = evaluate_on(&gw, &env, team, &cand, data).await;
@@ -1076,13 +1076,15 @@ async fn a_judge_that_agrees_with_users_moves_a_borderline_gate_decision() {
     assert!(out.passed, "{:#?}\n{judge}", out.reasons);
     let weight = judge["weight"].as_f64().unwrap();
     assert!(weight > 0.4 && weight < 0.6, "12 of 12 right: {judge}");
-    assert_eq!(judge["verdicts"]["prompts"], 20, "{judge}");
+    // Held-out prompts both answered the same way are not asked (a tie).
+    let judged = judge["verdicts"]["prompts"].as_u64().unwrap() as usize;
+    assert!((12..=20).contains(&judged), "{judge}");
     assert!(
         judge["verdicts"]["candidate"].as_u64().unwrap() >= 12,
         "the candidate's routing answers: {judge}"
     );
     assert_eq!(judge["verdicts"]["champion"], 0, "{judge}");
-    assert_eq!(standin.seen().len() - asked_before, 2 * (12 + 20));
+    assert_eq!(standin.seen().len() - asked_before, 2 * (12 + judged));
     assert!(
         out.reasons[0].starts_with("pass: held-out heldout-corrections contains_match")
             && out.reasons[0].contains(&format!("judge judge-7b at weight {weight:.2}")),

@@ -348,13 +348,19 @@ pub fn judge(
 }
 
 /// The users' held-out evidence (`users`, if any) and a trusted judge's
-/// verdicts on the held-out prompts (`judged`), as one: each judged prompt
-/// counts `judge.weight` of a user's item, and the combined difference, and
-/// each bound of its interval, is the weighted mean of the two's. Averaging
-/// the bounds rather than pooling the items assumes the two may be wrong
-/// together (the judge reads the same prompts), so the combined interval is
-/// never narrower than its parts'. The weighted items must reach the
-/// policy's `min_items`, and the lower bound its bar.
+/// verdicts on the held-out prompts (`judged`), as one. Each prompt the
+/// judge decided (a preference, not a tie or an inconsistent pair) counts
+/// `judge.weight` of a user's item; ties count in the judge's difference
+/// (as zero) but add no items. The combined difference, and each bound of
+/// its interval, is the weighted mean of the two's. Averaging the bounds
+/// rather than pooling the items claims no precision from putting the two
+/// together (the judge reads the same prompts, so the two can be wrong
+/// together): if each lower bound holds with 97.5%, their weighted mean
+/// holds with at least 95% whatever the dependence between them (both hold
+/// but for at most 2.5% + 2.5%). What it bounds is a blend of two measures
+/// (the users' and the judge's), which is what "weighted by its agreement"
+/// means here. The weighted items must reach the policy's `min_items`, and
+/// the lower bound its bar.
 pub fn with_judge(
     policy: &Policy,
     users: Option<&Metric>,
@@ -362,7 +368,8 @@ pub fn with_judge(
     judged: &Metric,
 ) -> (bool, String) {
     let n_users = users.map_or(0.0, |m| m.items as f64);
-    let n_judged = judge.weight * judged.items as f64;
+    let decided = ((judged.candidate + judged.champion) * judged.items as f64).round();
+    let n_judged = judge.weight * decided;
     let total = n_users + n_judged;
     let mean = |of: fn(&Metric) -> f64| {
         (users.map_or(0.0, |m| m.items as f64 * of(m)) + n_judged * of(judged)) / total
@@ -388,7 +395,8 @@ pub fn with_judge(
     };
     let judge_text = format!(
         "judge {} at weight {:.2} ({}): prefers the candidate's answer on {:.1}% and the \
-         champion's on {:.1}% of {} held-out prompts, difference {} points [{}, {}]",
+         champion's on {:.1}% of {} held-out prompts ({decided} decided), difference {} points \
+         [{}, {}]",
         judge.name,
         judge.weight,
         judge.reason,
@@ -641,8 +649,9 @@ mod tests {
             weight: 0.5,
             reason: "agrees with the users on 12 of 12".into(),
         };
-        // 10 items at [0, ...] and 20 verdicts at half weight at [0.4, ...]:
-        // a lower bound of (10 x 0 + 10 x 0.4) / 20 = +20 points.
+        // 10 items at [0, ...] and 12 decided verdicts (of 20; the rest
+        // ties) at half weight at [0.4, ...]: a lower bound of
+        // (10 x 0 + 6 x 0.4) / 16 = +15 points.
         let v = judge(
             &p,
             &with(&prefers),
@@ -653,9 +662,38 @@ mod tests {
         assert!(v.passed, "{v:?}");
         assert!(
             v.reasons[0].contains("judge judge-7b at weight 0.50")
+                && v.reasons[0].contains("of 20 held-out prompts (12 decided)")
                 && v.reasons[0].contains(
-                    "together (20.0 weighted items) a difference of +40.0 points [+20.0, +65.0]"
+                    "together (16.0 weighted items) a difference of +35.0 points [+15.0, "
                 ),
+            "{v:?}"
+        );
+        // Ties alone add nothing: a judge that decided nothing cannot make
+        // up for too few users' items.
+        let mut few = corrections.clone();
+        (
+            few.items,
+            few.candidate,
+            few.difference,
+            few.ci_low,
+            few.ci_high,
+        ) = (4, 1.0, 1.0, 1.0, 1.0);
+        let mut undecided = prefers.clone();
+        (
+            undecided.candidate,
+            undecided.difference,
+            undecided.ci_low,
+            undecided.ci_high,
+        ) = (0.0, 0.0, 0.0, 0.0);
+        let v = judge(
+            &p,
+            &[&[few, undecided][..], &rest].concat(),
+            &[],
+            "general-retention",
+            Some(&trusted),
+        );
+        assert!(
+            !v.passed && v.reasons[0].contains("4.0 weighted items, fewer than 10"),
             "{v:?}"
         );
         // The same judge preferring the champion pulls the same evidence down.
@@ -691,8 +729,8 @@ mod tests {
                     && r.contains("ignored: no consistent")),
             "{v:?}"
         );
-        // A weak judge alone cannot stand in for the users' evidence: 20
-        // verdicts at 0.1 are 2 weighted items, fewer than 10.
+        // A weak judge alone cannot stand in for the users' evidence: 12
+        // decided verdicts at 0.1 are 1.2 weighted items, fewer than 10.
         let weak = Judge {
             weight: 0.1,
             ..trusted
@@ -705,7 +743,7 @@ mod tests {
             Some(&weak),
         );
         assert!(
-            !v.passed && v.reasons[0].contains("2.0 weighted items, fewer than 10"),
+            !v.passed && v.reasons[0].contains("1.2 weighted items, fewer than 10"),
             "{v:?}"
         );
     }

@@ -182,6 +182,12 @@ async fn check(
     json: bool,
 ) -> anyhow::Result<()> {
     let version = crate::datasets::resolve(pool, dataset).await?;
+    // Pooled feedback was shared for training, not for a judge elsewhere.
+    if version.team_id.is_none() {
+        anyhow::bail!(
+            "{dataset} pools several teams' feedback: check a judge on one team's dataset version"
+        );
+    }
     // A version keeps its examples when an end user's data is deleted
     // (it is marked): their words are not sent to a judge.
     if let Some(at) = version.user_data_deleted_at {

@@ -968,6 +968,14 @@ async fn curation_mixes_the_newest_distillation_with_the_teams_own_votes() {
             .collect::<String>()
     };
     let sft = all("acme@2");
+    // Taught, never held out: the gate's evidence stays the users'.
+    let held_out = cli(
+        &setup.db,
+        &[
+            "datasets", "export", "acme@2", "--format", "messages", "--split", "eval",
+        ],
+    );
+    assert!(!held_out.contains("Route to billing."), "{held_out}");
     // The teacher's answers to the prompts no user answered...
     for prompt in ["change my password", "export my reports"] {
         let line = sft
@@ -995,11 +1003,7 @@ async fn curation_mixes_the_newest_distillation_with_the_teams_own_votes() {
         "{shown}"
     );
     assert_eq!(d["left_out_for_the_users_own"], 1, "{shown}");
-    assert_eq!(
-        d["sft_added"]["train"].as_u64().unwrap() + d["sft_added"]["eval"].as_u64().unwrap(),
-        2,
-        "{shown}"
-    );
+    assert_eq!(d["sft_added_to_train"], 2, "{shown}");
     assert_eq!(shown["sft_count"], 3, "{shown}");
     // The same votes and the same distillation: the same version.
     let again = cli(

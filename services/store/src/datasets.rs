@@ -174,26 +174,29 @@ pub async fn get(ex: impl PgExecutor<'_>, id: Uuid) -> Result<Option<DatasetVers
     .await?)
 }
 
-/// The team's newest version whose manifest names a builder starting with
-/// `builder` (a distillation's: `flywheel-distill/`) and that holds no data
-/// of an end user who had it deleted.
-pub async fn newest_built_by(
+/// What the manifest of every distillation's version names as its builder,
+/// before the builder's own version (`flywheel-distill/1`).
+pub const DISTILLED_BUILDER: &str = "flywheel-distill/";
+
+/// The team's newest distilled version (a teacher's answers), when it holds
+/// no data of an end user who had it deleted: a marked one is mixed into
+/// nothing, and an older one is not taken in its place.
+pub async fn newest_distilled(
     ex: impl PgExecutor<'_>,
     team_id: Uuid,
-    builder: &str,
 ) -> Result<Option<DatasetVersion>> {
-    Ok(sqlx::query_as(concat!(
+    let newest: Option<DatasetVersion> = sqlx::query_as(concat!(
         "select ",
         version_columns!(),
         " from dataset_versions
          where team_id = $1 and starts_with(manifest->>'builder', $2)
-               and user_data_deleted_at is null
          order by version desc limit 1"
     ))
     .bind(team_id)
-    .bind(builder)
+    .bind(DISTILLED_BUILDER)
     .fetch_optional(ex)
-    .await?)
+    .await?;
+    Ok(newest.filter(|v| v.user_data_deleted_at.is_none()))
 }
 
 /// A version's lineage: every vote (or logged request) its examples came from.
@@ -361,6 +364,20 @@ pub async fn insert_version(
         }),
     )
     .await?;
+    // A build reads its input in a snapshot and writes it later: an end
+    // user whose data was deleted in between is in the input but gone from
+    // the log. Such a version is marked as it is written (a deletion and a
+    // write take the same lock, so one of the two sees the other).
+    sqlx::query(
+        "update dataset_versions set user_data_deleted_at = now()
+         where id = $1 and exists (
+             select 1 from dataset_lineage l
+             where l.version_id = $1
+               and not exists (select 1 from completions c where c.id = l.completion_id))",
+    )
+    .bind(v.id)
+    .execute(&mut *conn)
+    .await?;
     Ok(Some(number))
 }
 
@@ -489,10 +506,20 @@ pub async fn lineage_counts(ex: impl PgExecutor<'_>, version_id: Uuid) -> Result
 /// Marks the versions that hold data of `end_user` (as voter or as the
 /// completion's user) in `team_id`; returns how many were marked.
 pub async fn mark_user_deleted(
-    ex: impl PgExecutor<'_>,
+    conn: &mut PgConnection,
     team_id: Uuid,
     end_user: &str,
 ) -> Result<u64> {
+    // The locks a version's write takes ([`insert_version`]): the team's
+    // and the shared pool's. A write that holds one finishes first and is
+    // marked here; one that waits finds the deleted rows gone and marks
+    // itself.
+    for key in [team_id, Uuid::nil()] {
+        sqlx::query("select pg_advisory_xact_lock(hashtext('dataset:' || $1))")
+            .bind(key.to_string())
+            .execute(&mut *conn)
+            .await?;
+    }
     Ok(sqlx::query(
         "update dataset_versions set user_data_deleted_at = now()
          where user_data_deleted_at is null and id in (
@@ -501,7 +528,7 @@ pub async fn mark_user_deleted(
     )
     .bind(team_id)
     .bind(end_user)
-    .execute(ex)
+    .execute(&mut *conn)
     .await?
     .rows_affected())
 }

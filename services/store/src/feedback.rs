@@ -159,7 +159,7 @@ pub async fn delete_user_data(
         .rows_affected();
     // After the deletes: a dataset written while they waited for its rows
     // (a distillation holds them locked) is committed by now, and marked.
-    crate::datasets::mark_user_deleted(&mut *tx, team_id, end_user).await?;
+    crate::datasets::mark_user_deleted(&mut tx, team_id, end_user).await?;
     tx.commit().await?;
     Ok((completions, votes))
 }
