@@ -47,7 +47,7 @@ $FW simulate "$SCENARIO" --cycles 1 --no-heldout --report "$OUT/simulate.json" \
     2>&1 | tee "$OUT/simulate.txt"
 $FW datasets build --team $TEAM --inline | tee "$OUT/dataset.txt"
 JUDGE=${JUDGE:-$($FW models list --json | python3 -c \
-    'import json, sys; print(next(v["name"] for v in json.load(sys.stdin) if v.get("is_champion")))')}
+    'import json, sys; print(next(v["name"] for v in map(json.loads, sys.stdin) if v.get("is_champion")))')}
 set +e
 $FW judges check --judge "$JUDGE" --dataset "$TEAM@1" --limit "$PAIRS" --json \
     > "$OUT/judge.json" 2> "$OUT/judge.log"
@@ -60,6 +60,7 @@ r = json.load(open(sys.argv[1]))
 a = r["report"]
 print(f"judge {r['judge']} on {r['dataset']}: {a['pairs']} pairs, the simulated users' choice "
       f"{a['chosen']}, the other {a['rejected']}, tie {a['ties']}, inconsistent {a['inconsistent']}; "
+      f"{a['unreadable']} of its {r['questions']} replies gave no verdict; "
       f"first answer picked in {100 * a['first_position_share']:.0f}% of its picks; "
       f"{r['questions']} questions, {r['tokens']} tokens")
 print(a["reason"])

@@ -124,7 +124,11 @@ fn judge_view(j: &serde_json::Value) -> JudgeView {
         ));
         rows.push((
             "Picked the answer shown first".into(),
-            pct(&check["first_position_share"]),
+            format!(
+                "{} of its picks; replies with no verdict: {}",
+                pct(&check["first_position_share"]),
+                check["unreadable"]
+            ),
         ));
     }
     let weight = j["weight"].as_f64().unwrap_or(0.0);

@@ -152,6 +152,9 @@ pub struct Agreement {
     /// Of all its replies, the share that picked the first answer shown
     /// (0.5 for a judge without position bias).
     pub first_position_share: f64,
+    /// Its replies that read as no verdict at all.
+    #[serde(default)]
+    pub unreadable: usize,
     /// The share of its consistent preferences that are the users'.
     pub agreement: f64,
     pub agreement_low: f64,
@@ -226,6 +229,10 @@ pub fn agreement(verdicts: &[PairVerdict], replies: &[Verdict], bar: f64) -> Agr
         ties,
         inconsistent,
         first_position_share,
+        unreadable: replies
+            .iter()
+            .filter(|r| **r == Verdict::Unreadable)
+            .count(),
         agreement: estimate,
         agreement_low: low,
         agreement_high: high,
@@ -312,7 +319,7 @@ mod tests {
             .map(|_| combine(Verdict::First, Verdict::First))
             .collect();
         let a = agreement(&verdicts, &[Verdict::First; 60], 0.6);
-        assert_eq!(a.inconsistent, 30);
+        assert_eq!((a.inconsistent, a.unreadable), (30, 0));
         assert!(!a.trusted);
         assert_eq!(a.first_position_share, 1.0);
         assert!(a.reason.contains("ignored"), "{}", a.reason);

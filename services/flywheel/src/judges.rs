@@ -247,8 +247,8 @@ async fn check(
     } else {
         println!("{name} on {dataset}: {}", a.reason);
         println!(
-            "pairs {}: users' choice {}, the other {}, tie {}, inconsistent across orders {}",
-            a.pairs, a.chosen, a.rejected, a.ties, a.inconsistent
+            "pairs {}: users' choice {}, the other {}, tie {}, inconsistent across orders {}; replies with no verdict {}",
+            a.pairs, a.chosen, a.rejected, a.ties, a.inconsistent, a.unreadable
         );
     }
     if !a.trusted {
