@@ -54,6 +54,9 @@ pub struct Outcome {
     pub load_ms: u64,
     pub build_ms: u64,
     pub write_ms: u64,
+    /// What the loop's own distillation did first, if the cycle has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub distilled: Option<String>,
 }
 
 /// Builds (or finds) the dataset version for `job`.
@@ -130,6 +133,7 @@ pub async fn run(pool: &PgPool, job: &CurateJob) -> anyhow::Result<Outcome> {
         load_ms,
         build_ms: 0,
         write_ms: 0,
+        distilled: None,
     };
     if votes.is_empty() {
         return Ok(outcome);

@@ -23,7 +23,7 @@ use flywheel_store::PgPool;
 use flywheel_store::datasets::{self, LineageRow, NO_VOTE, NewVersion, Scope};
 use flywheel_store::models::ModelVersion;
 use futures::StreamExt;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
@@ -203,6 +203,108 @@ pub async fn record_spend(
         flywheel_store::upstreams::record_spend(pool, team, v.id, purpose, calls, tokens).await?;
     }
     Ok(())
+}
+
+/// The loop's own distillation (`training.distill_*`): each cycle's
+/// curation first asks `teacher` the team's newest prompts, while the team
+/// has fewer than `below_votes` votes and has logged prompts since its
+/// newest distillation; the curated version then mixes the answers in.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LoopDistill {
+    /// The teacher's model version.
+    pub teacher: String,
+    /// Distinct prompts at most.
+    pub prompts: usize,
+    pub below_votes: i64,
+}
+
+/// The answers' length limit of the loop's distillations.
+const LOOP_MAX_TOKENS: usize = 256;
+
+/// Runs the loop's distillation for `team` if its data is thin and it has
+/// new prompts; never fails the cycle (a teacher that cannot be reached
+/// leaves the users' data to curate alone). Returns what it did, in words,
+/// for the curation's record.
+pub async fn by_itself(
+    pool: &PgPool,
+    versions: &flywheel_modelhub::Versions,
+    upstream: &flywheel_upstream::Settings,
+    team: Uuid,
+    spec: &LoopDistill,
+    eval_fraction: f64,
+) -> String {
+    match loop_distill(pool, versions, upstream, team, spec, eval_fraction).await {
+        Ok(done) => done,
+        Err(e) => format!("not distilled: {e:#}"),
+    }
+}
+
+async fn loop_distill(
+    pool: &PgPool,
+    versions: &flywheel_modelhub::Versions,
+    upstream: &flywheel_upstream::Settings,
+    team: Uuid,
+    spec: &LoopDistill,
+    eval_fraction: f64,
+) -> anyhow::Result<String> {
+    let votes = flywheel_store::feedback::count_for_team(pool, team).await?;
+    if votes >= spec.below_votes {
+        return Ok(format!(
+            "not distilled: the team has {votes} votes of its own (the teacher is asked below {})",
+            spec.below_votes
+        ));
+    }
+    let newest_prompt = flywheel_store::completions::recent_prompts(pool, team, 1)
+        .await?
+        .into_iter()
+        .next()
+        .map(|p| p.created_at);
+    let newest_distillation = datasets::newest_distilled_at(pool, team).await?;
+    match (newest_prompt, newest_distillation) {
+        (None, _) => return Ok("not distilled: the team has no logged prompt".into()),
+        (Some(p), Some(d)) if p <= d => {
+            return Ok("not distilled: no prompt logged since the newest distillation".into());
+        }
+        _ => {}
+    }
+    let v = flywheel_store::models::by_name(pool, &spec.teacher)
+        .await?
+        .with_context(|| format!("no model version is named {}", spec.teacher))?;
+    if !v.usable_by(team, flywheel_store::keys::team_shares(pool, team).await?) {
+        anyhow::bail!("{} is not a model this team may use", v.name);
+    }
+    let teacher = Teacher::of(pool, versions, upstream, &v).await?;
+    let job = DistillJob {
+        team,
+        prompts: Prompts::Log,
+        limit: spec.prompts,
+        max_tokens: LOOP_MAX_TOKENS,
+        budget_tokens: None,
+        concurrency: 4,
+        eval_fraction,
+    };
+    let o = run(pool, &job, &teacher, &v, |done, total| {
+        tracing::info!(teacher = %v.name, "distilling: {done} of {total} prompts answered")
+    })
+    .await?;
+    Ok(match o.version {
+        Some(n) => format!(
+            "distilled version {n}: {} answers of {} from {} ({} teacher tokens{})",
+            o.examples,
+            o.asked,
+            v.name,
+            o.teacher_tokens,
+            if o.stopped_by_team_budget {
+                ", stopped at the team's upstream budget"
+            } else {
+                ""
+            }
+        ),
+        None => format!(
+            "not distilled: {} answered none of {} prompts ({} failed)",
+            v.name, o.asked, o.failed
+        ),
+    })
 }
 
 /// What a distillation did, as its manifest records it.

@@ -25,6 +25,10 @@ pub struct Work {
     pub spec: RunSpec,
     /// Attempts each stage's job gets.
     pub max_attempts: u32,
+    /// A teacher whose answers each cycle's curation mixes in while the
+    /// team's data is thin (`None`: the loop distils nothing by itself).
+    #[serde(default)]
+    pub distill: Option<crate::distill::LoopDistill>,
 }
 
 impl Work {

@@ -11,6 +11,7 @@ use apalis::prelude::{Attempt, BoxDynError, Data, TaskId, WorkerBuilder, WorkerB
 use apalis_postgres::{Config, PostgresStorage};
 use flywheel_store::PgPool;
 use flywheel_store::cycles::Link;
+use flywheel_store::datasets::Scope;
 
 use crate::curate::{self, CurateJob};
 use crate::evaluate::{self, EvalEnv, EvalJob};
@@ -209,7 +210,9 @@ async fn curate_task(
         args,
         cycle,
         async {
-            let outcome = curate::run(&ctx.pool, &job).await?;
+            let distilled = distill_first(&ctx, &job).await?;
+            let mut outcome = curate::run(&ctx.pool, &job).await?;
+            outcome.distilled = distilled;
             if let Some(id) = job.cycle {
                 let queue = JobQueue {
                     max_attempts: ctx.max_attempts,
@@ -220,6 +223,38 @@ async fn curate_task(
         },
     )
     .await
+}
+
+/// The loop's own distillation, before a cycle's curation, when the
+/// cycle's work names a teacher ([`crate::distill::by_itself`]); what it
+/// did, in words.
+async fn distill_first(ctx: &Ctx, job: &CurateJob) -> anyhow::Result<Option<String>> {
+    let (Some(cycle), Scope::Team(team)) = (job.cycle, job.scope) else {
+        return Ok(None);
+    };
+    let Some(c) = flywheel_store::cycles::get(&ctx.pool, cycle).await? else {
+        return Ok(None);
+    };
+    let work: Option<crate::stages::Work> = serde_json::from_value(c.config["work"].clone()).ok();
+    let Some(spec) = work.and_then(|w| w.distill) else {
+        return Ok(None);
+    };
+    let Some(env) = &ctx.evaluation else {
+        return Ok(Some(
+            "not distilled: this worker loads no models (it takes no evaluations)".into(),
+        ));
+    };
+    let done = crate::distill::by_itself(
+        &ctx.pool,
+        &env.versions,
+        &env.upstream,
+        team,
+        &spec,
+        job.rules.eval_fraction,
+    )
+    .await;
+    tracing::info!(team = %team, "the loop's distillation: {done}");
+    Ok(Some(done))
 }
 
 /// Runs the worker (and, if configured, the curation schedule) until

@@ -59,6 +59,7 @@ pub fn work() -> Work {
             external: false,
         },
         max_attempts: cfg.jobs.max_attempts,
+        distill: None,
     }
 }
 

@@ -585,6 +585,7 @@ async fn a_slot_starts_a_cycle_that_trains_only_on_enough_new_examples() {
             external: false,
         },
         max_attempts: 2,
+        distill: None,
     }
     .loop_config(10, 10);
     let s = flywheel_jobs::schedule::CurationSchedule {

@@ -1038,6 +1038,129 @@ async fn curation_mixes_the_newest_distillation_with_the_teams_own_votes() {
     assert!(shown["manifest"]["distilled"].is_null(), "{shown}");
 }
 
+/// The loop distils by itself (`FLYWHEEL_TRAIN_DISTILL_TEACHER`): a
+/// cycle's curation first asks the teacher the team's newest prompts while
+/// the team's votes are few, and the cycle's dataset mixes the answers in;
+/// with no prompt logged since, or once the team has votes enough, it asks
+/// nothing. The real worker and CLI, the stand-in as the teacher.
+#[tokio::test]
+async fn the_loop_distils_by_itself_while_the_teams_data_is_thin() {
+    let setup = TinySetup::new("fw_loop_distill").await;
+    let standin = StandIn::start();
+    let key = setup.key("acme");
+    register(&setup.db, "big", &format!("{}/v1", standin.base), &[]);
+    let gw = serve(&setup, &[], &setup.dir.join("gateway.log")).await;
+    let pool = flywheel_store::connect(&setup.db).await.unwrap();
+    chat_as(&gw, &key, "u1", "Where do I change my password?").await;
+    chat_as(&gw, &key, "u2", "How do I export my reports?").await;
+    let invoice = chat_as(&gw, &key, "u3", "My invoice was charged twice").await;
+    let (status, body) = gw
+        .post(
+            &key,
+            "/v1/feedback",
+            json!({"completion_id": invoice, "rating": "down", "user": "u3",
+                   "correction": "Send it to the billing desk."}),
+        )
+        .await;
+    assert_eq!(status, 201, "{body}");
+    assert!(votes_stored(&pool, 1).await, "the vote is stored");
+    let mut worker = flywheel_tests::spawn(
+        &setup.db,
+        &[
+            ("FLYWHEEL_JOB_HEARTBEAT_SECS", "1"),
+            ("FLYWHEEL_CURATION_SCHEDULE", "off"),
+        ],
+        &["worker"],
+    );
+    // A cycle, as `flywheel loop` starts one with these settings, run to its
+    // end (it is skipped after curation: a handful of examples is too few
+    // to train on); what its curation's distillation did.
+    let cycle = |env: &[(&str, &str)]| {
+        let env: Vec<(String, String)> = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let (db, pool) = (setup.db.clone(), pool.clone());
+        async move {
+            let env: Vec<(&str, &str)> =
+                env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+            let started = flywheel_tests::process::run(
+                Some(&db),
+                &env,
+                &["loop", "--team", "acme", "--no-wait"],
+                None,
+            );
+            assert!(started.ok(), "{}", started.stderr);
+            let ended = until(60, || async {
+                sqlx::query_scalar::<_, i64>(
+                    "select count(*) from cycles where finished_at is null",
+                )
+                .fetch_one(&pool)
+                .await
+                .unwrap()
+                    == 0
+            })
+            .await;
+            assert!(ended, "the cycle ended");
+            sqlx::query_scalar::<_, Option<String>>(
+                "select result->>'distilled' from job_runs
+                 where kind = 'curate' and status = 'succeeded' order by id desc limit 1",
+            )
+            .fetch_one(&pool)
+            .await
+            .unwrap()
+        }
+    };
+    let teacher = [("FLYWHEEL_TRAIN_DISTILL_TEACHER", "big")];
+    let did = cycle(&teacher).await.unwrap_or_default();
+    assert!(
+        did.starts_with("distilled version 1: 3 answers of 3 from big"),
+        "{did}"
+    );
+    let versions: Vec<(i32, String, Value)> = sqlx::query_as(
+        "select version, manifest->>'builder', manifest from dataset_versions order by version",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    assert_eq!(versions.len(), 2, "{versions:?}");
+    assert_eq!(versions[0].1, "flywheel-distill/1");
+    assert_eq!(
+        versions[1].2["distilled"]["version"], 1,
+        "{:?}",
+        versions[1]
+    );
+    assert_eq!(standin.seen().len(), 3, "each logged prompt once");
+
+    // Nothing logged since: the teacher is not asked again.
+    let did = cycle(&teacher).await.unwrap_or_default();
+    assert!(
+        did.contains("no prompt logged since the newest distillation"),
+        "{did}"
+    );
+    assert_eq!(standin.seen().len(), 3);
+
+    // A new prompt, but the team's own votes are enough now.
+    chat_as(&gw, &key, "u4", "Can I pay by card?").await;
+    assert!(
+        until(20, || async { completions_of_team(&pool).await == 4 }).await,
+        "the chat is logged"
+    );
+    let did = cycle(&[
+        ("FLYWHEEL_TRAIN_DISTILL_TEACHER", "big"),
+        ("FLYWHEEL_TRAIN_DISTILL_BELOW_VOTES", "1"),
+    ])
+    .await
+    .unwrap_or_default();
+    assert!(did.contains("the team has 1 votes of its own"), "{did}");
+    assert_eq!(standin.seen().len(), 3);
+    // Without the setting the loop distils nothing and says nothing of it.
+    assert_eq!(cycle(&[]).await, None);
+    assert_eq!(standin.seen().len(), 3);
+    let _ = worker.kill();
+    let _ = worker.wait();
+}
+
 async fn completions_of_team(pool: &sqlx::PgPool) -> i64 {
     sqlx::query_scalar("select count(*) from completions")
         .fetch_one(pool)

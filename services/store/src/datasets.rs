@@ -199,6 +199,21 @@ pub async fn newest_distilled(
     Ok(newest.filter(|v| v.user_data_deleted_at.is_none()))
 }
 
+/// When the team's newest distillation was made, marked or not.
+pub async fn newest_distilled_at(
+    ex: impl PgExecutor<'_>,
+    team_id: Uuid,
+) -> Result<Option<DateTime<Utc>>> {
+    Ok(sqlx::query_scalar(
+        "select max(created_at) from dataset_versions
+         where team_id = $1 and starts_with(manifest->>'builder', $2)",
+    )
+    .bind(team_id)
+    .bind(DISTILLED_BUILDER)
+    .fetch_one(ex)
+    .await?)
+}
+
 /// A version's lineage: every vote (or logged request) its examples came from.
 pub async fn lineage(ex: impl PgExecutor<'_>, version_id: Uuid) -> Result<Vec<LineageRow>> {
     let rows: Vec<(Uuid, Uuid, String, String, String)> = sqlx::query_as(

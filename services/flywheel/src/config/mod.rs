@@ -104,6 +104,10 @@ pub struct TrainingSettings {
     pub external_trainer_job: Option<PathBuf>,
     pub kubectl: String,
     pub min_new_examples: usize,
+    /// The loop's teacher (`None`: the loop distils nothing by itself).
+    pub distill_teacher: Option<String>,
+    pub distill_prompts: usize,
+    pub distill_below_votes: usize,
 }
 
 impl Config {
@@ -160,6 +164,9 @@ impl Config {
                 external_trainer_job: None,
                 kubectl: String::new(),
                 min_new_examples: 0,
+                distill_teacher: None,
+                distill_prompts: 0,
+                distill_below_votes: 0,
             },
             promotion: flywheel_eval::Policy::default(),
             admin: flywheel_admin::AdminConfig::default(),
@@ -284,6 +291,13 @@ impl Config {
                 external: false,
             },
             max_attempts: self.jobs.max_attempts.max(1),
+            distill: self.training.distill_teacher.clone().map(|teacher| {
+                flywheel_jobs::distill::LoopDistill {
+                    teacher,
+                    prompts: self.training.distill_prompts,
+                    below_votes: self.training.distill_below_votes as i64,
+                }
+            }),
         }
         .loop_config(min_new_examples.max(1) as i64, self.promotion.min_items)
     }
@@ -429,7 +443,7 @@ mod tests {
             (0, std::time::Duration::from_millis(40), 9)
         );
         assert_eq!(upstream.breaker_cooldown, std::time::Duration::from_secs(8));
-        assert_eq!(SETTINGS.len(), 51);
+        assert_eq!(SETTINGS.len(), 54);
     }
 
     #[test]

@@ -211,6 +211,15 @@ settings! {
     "training.min_new_examples", "FLYWHEEL_TRAIN_MIN_NEW_EXAMPLES", "200",
         "the loop: each curation slot starts a cycle (curate, train, evaluate, canary, promote or reject) that trains when a team's newest dataset has this many more examples than its last run's (`0`: curation only)"
         => |v, c| c.training.min_new_examples = v.count(0)?;
+    "training.distill_teacher", "FLYWHEEL_TRAIN_DISTILL_TEACHER", "",
+        "the loop: a model version (such as an upstream big model the team uses) whose answers to the team's newest logged prompts each cycle's curation mixes in while the team's data is thin"
+        => |v, c| c.training.distill_teacher = v.text();
+    "training.distill_prompts", "FLYWHEEL_TRAIN_DISTILL_PROMPTS", "200",
+        "the loop's teacher answers at most this many of the team's newest distinct prompts a cycle"
+        => |v, c| c.training.distill_prompts = v.count(1)?;
+    "training.distill_below_votes", "FLYWHEEL_TRAIN_DISTILL_BELOW_VOTES", "500",
+        "the loop's teacher is asked only while the team has fewer votes than this (its data is thin)"
+        => |v, c| c.training.distill_below_votes = v.count(1)?;
 }
 
 /// The settings as the README's Markdown table (`flywheel config show
