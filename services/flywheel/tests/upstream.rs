@@ -889,8 +889,8 @@ async fn distillation_asks_the_teacher_the_teams_own_prompts_and_makes_a_dataset
     );
     assert_eq!(zero.code, Some(2), "{}", zero.stderr);
 
-    // The dashboard shows what the team's jobs spent, beside what its
-    // requests cost.
+    // So do /metrics, every worker's from the database, and the dashboard,
+    // beside what the team's requests cost.
     let (calls, tokens): (i64, i64) = sqlx::query_as(
         "select sum(calls)::bigint, sum(tokens)::bigint from upstream_spend where purpose = 'distill'",
     )
@@ -898,6 +898,17 @@ async fn distillation_asks_the_teacher_the_teams_own_prompts_and_makes_a_dataset
     .await
     .unwrap();
     assert_eq!(tokens, spent + 25);
+    let scraped = metrics_text(&gw).await;
+    for line in [
+        format!(
+            "flywheel_upstream_job_calls_total{{version=\"big\",team=\"acme\",job=\"distill\"}} {calls}"
+        ),
+        format!(
+            "flywheel_upstream_job_tokens_total{{version=\"big\",team=\"acme\",job=\"distill\"}} {tokens}"
+        ),
+    ] {
+        assert!(scraped.lines().any(|l| l == line), "{line}\n{scraped}");
+    }
     let made = flywheel_tests::process::run(
         Some(&setup.db),
         &[],

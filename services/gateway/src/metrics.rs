@@ -1,5 +1,6 @@
 //! `GET /metrics` in Prometheus' text format: the engine's queue and token
-//! counters and whether a model is loaded.
+//! counters and whether a model is loaded, each upstream version's calls
+//! and costs, and what the teams' jobs spent on upstreams.
 
 use std::fmt::Write;
 
@@ -156,7 +157,57 @@ async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
         );
     }
     upstream_metrics(&state, &mut out);
+    job_spend_metrics(&state, &mut out).await;
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out)
+}
+
+/// What the teams' jobs (distillations, judges) spent on upstream versions,
+/// every worker's, from the database: counters since the first. Left out
+/// when the database does not answer within half a second, so that a
+/// scrape never waits on it.
+async fn job_spend_metrics(state: &AppState, out: &mut String) {
+    let since = chrono::DateTime::UNIX_EPOCH;
+    let read = flywheel_store::upstreams::spent(state.pool(), since);
+    let spent = match tokio::time::timeout(std::time::Duration::from_millis(500), read).await {
+        Ok(Ok(rows)) => rows,
+        Ok(Err(e)) => {
+            tracing::debug!(error = %e, "upstream job spend left out of /metrics");
+            return;
+        }
+        Err(_) => {
+            tracing::debug!("upstream job spend left out of /metrics: the database was slow");
+            return;
+        }
+    };
+    if spent.is_empty() {
+        return;
+    }
+    type Read = fn(&flywheel_store::upstreams::Spent) -> i64;
+    let series: [(&str, &str, Read); 2] = [
+        (
+            "flywheel_upstream_job_calls_total",
+            "Questions a team's jobs (distill, judge) asked an upstream version.",
+            |s| s.calls,
+        ),
+        (
+            "flywheel_upstream_job_tokens_total",
+            "Tokens a team's jobs (distill, judge) spent on an upstream version.",
+            |s| s.tokens,
+        ),
+    ];
+    for (name, help, read) in series {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
+        for s in &spent {
+            let _ = writeln!(
+                out,
+                "{name}{{version=\"{}\",team=\"{}\",job=\"{}\"}} {}",
+                label(&s.version),
+                label(&s.team),
+                label(&s.purpose),
+                read(s)
+            );
+        }
+    }
 }
 
 /// One series per upstream version this gateway has called, labelled with
