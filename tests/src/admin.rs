@@ -111,19 +111,51 @@ impl Client {
         .await
     }
 
+    /// What the sign-in page gives a browser: its CSRF cookie (`name=value`)
+    /// and the same token in its form.
+    pub async fn login_token(&self) -> (String, String) {
+        let page = self.get("/admin/login").await;
+        assert_eq!(page.status, 200, "{}", page.body);
+        let cookie = page.headers[SET_COOKIE]
+            .to_str()
+            .unwrap()
+            .split(';')
+            .next()
+            .unwrap()
+            .to_string();
+        let at = page
+            .body
+            .find(r#"name="csrf" value=""#)
+            .expect("a csrf field")
+            + 19;
+        (cookie, page.body[at..at + 64].to_string())
+    }
+
+    /// Signs in through the sign-in form, as a browser does.
     pub async fn login(&mut self, user: &str, password: &str) -> Resp {
+        let (cookie, csrf) = self.login_token().await;
         let r = self
-            .post(
-                "/admin/login",
-                &[
-                    ("username", user),
-                    ("password", password),
-                    ("next", "/admin"),
-                ],
+            .send(
+                self.http
+                    .post(format!("{}/admin/login", self.base))
+                    .header("content-type", "application/x-www-form-urlencoded")
+                    .header("cookie", cookie)
+                    .body(form(&[
+                        ("username", user),
+                        ("password", password),
+                        ("next", "/admin"),
+                        ("csrf", &csrf),
+                    ])),
             )
             .await;
-        if let Some(c) = r.headers.get(SET_COOKIE) {
-            let pair = c.to_str().unwrap().split(';').next().unwrap().to_string();
+        // The session's cookie (a refusal sends only a fresh form's).
+        if let Some(pair) = r
+            .headers
+            .get_all(SET_COOKIE)
+            .iter()
+            .map(|c| c.to_str().unwrap().split(';').next().unwrap().to_string())
+            .find(|pair| pair.starts_with("flywheel_admin="))
+        {
             self.cookie = Some(pair);
         }
         r

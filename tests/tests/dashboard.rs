@@ -70,10 +70,89 @@ async fn no_page_or_action_without_a_session_and_team_keys_open_nothing() {
     let mut forged = Client::new(&gw);
     forged.cookie = Some(format!("flywheel_admin={}", "ab".repeat(32)));
     assert_eq!(forged.get("/admin").await.status, 303);
-    // The sign-in page itself is open, and sends no session.
+    // The sign-in page itself is open, and sends no session: only its
+    // form's CSRF cookie.
     let login = anon.get("/admin/login").await;
     assert_eq!(login.status, 200);
-    assert!(login.headers.get(SET_COOKIE).is_none());
+    let cookies: Vec<&str> = login
+        .headers
+        .get_all(SET_COOKIE)
+        .iter()
+        .map(|v| v.to_str().unwrap())
+        .collect();
+    assert_eq!(cookies.len(), 1, "{cookies:?}");
+    assert!(
+        cookies[0].starts_with("flywheel_login=")
+            && cookies[0].contains("HttpOnly; SameSite=Strict"),
+        "{cookies:?}"
+    );
+}
+
+/// Login CSRF: a sign-in form posted from another site (no token, or a
+/// token this browser's cookie does not hold) signs nobody in, however
+/// right the password; the page's own form does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sign_in_posted_from_another_site_is_refused() {
+    let gw = TestGateway::tiny().await;
+    account(&gw, "ada", "admin").await;
+    let c = Client::new(&gw);
+    let post = |cookie: Option<String>, csrf: Option<String>| {
+        let mut fields = vec![
+            ("username", "ada".to_string()),
+            ("password", PASSWORD.to_string()),
+        ];
+        fields.extend(csrf.map(|t| ("csrf", t)));
+        let fields: Vec<(&str, &str)> = fields.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        let mut req = c
+            .http
+            .post(format!("{}/admin/login", gw.base))
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body(form(&fields));
+        if let Some(cookie) = cookie {
+            req = req.header("cookie", cookie);
+        }
+        c.send(req)
+    };
+    let signed_in = |r: &Resp| {
+        r.headers
+            .get_all(SET_COOKIE)
+            .iter()
+            .any(|v| v.to_str().unwrap().starts_with("flywheel_admin="))
+    };
+    // No token at all: the attacker's page posts only the credentials.
+    let bare = post(None, None).await;
+    assert_eq!(bare.status, 403, "{}", bare.body);
+    assert!(
+        bare.body.contains("did not come from this site"),
+        "{}",
+        bare.body
+    );
+    assert!(!signed_in(&bare));
+    // The attacker's own token (from their visit to the page), which this
+    // browser's cookie does not hold.
+    let (mine, _) = c.login_token().await;
+    let (_, theirs) = c.login_token().await;
+    let forged = post(Some(mine.clone()), Some(theirs)).await;
+    assert_eq!(forged.status, 403);
+    assert!(!signed_in(&forged));
+    // A token in the form but no cookie (SameSite keeps it from a
+    // cross-site post).
+    let (_, token) = c.login_token().await;
+    let no_cookie = post(None, Some(token)).await;
+    assert_eq!(no_cookie.status, 403);
+    // The page's own form: signed in.
+    let (cookie, token) = c.login_token().await;
+    let ours = post(Some(cookie), Some(token)).await;
+    assert_eq!(ours.status, 303, "{}", ours.body);
+    assert!(signed_in(&ours));
+    // A refusal hands out a fresh form to try again with.
+    assert!(
+        bare.headers[SET_COOKIE]
+            .to_str()
+            .unwrap()
+            .starts_with("flywheel_login=")
+    );
+    assert!(bare.body.contains(r#"name="csrf" value=""#));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -115,13 +194,19 @@ async fn a_session_cookie_is_http_only_strict_and_secure_behind_tls() {
             .contains("frame-ancestors 'none'")
     );
 
+    let (login_cookie, csrf) = c.login_token().await;
     let behind_tls = c
         .send(
             c.http
                 .post(format!("{}/admin/login", gw.base))
                 .header("content-type", "application/x-www-form-urlencoded")
                 .header("x-forwarded-proto", "https")
-                .body(form(&[("username", "ada"), ("password", PASSWORD)])),
+                .header("cookie", login_cookie)
+                .body(form(&[
+                    ("username", "ada"),
+                    ("password", PASSWORD),
+                    ("csrf", &csrf),
+                ])),
         )
         .await;
     assert_eq!(behind_tls.status, 303);

@@ -28,7 +28,14 @@ pub const COOKIE: &str = "flywheel_admin";
 pub struct LoginPage {
     pub next: String,
     pub message: Option<String>,
+    /// The form's sign-in CSRF token, also sent as [`LOGIN_COOKIE`].
+    pub csrf: String,
 }
+
+/// The cookie that carries the sign-in form's CSRF token (double submit):
+/// a form posted from another site has neither, so it cannot sign a
+/// browser in to an attacker's account (login CSRF).
+pub const LOGIN_COOKIE: &str = "flywheel_login";
 
 /// Hashes a password for storage (argon2id, a random salt, PHC string).
 pub fn hash_password(password: &str) -> anyhow::Result<String> {
@@ -65,14 +72,62 @@ fn token_hash(token: &str) -> Vec<u8> {
 }
 
 fn cookie_token(headers: &HeaderMap) -> Option<String> {
+    cookie(headers, COOKIE)
+}
+
+/// The value of cookie `name` the request carries.
+fn cookie(headers: &HeaderMap, name: &str) -> Option<String> {
     headers
         .get_all(header::COOKIE)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(';'))
         .filter_map(|pair| pair.trim().split_once('='))
-        .find(|(name, _)| *name == COOKIE)
+        .find(|(n, _)| *n == name)
         .map(|(_, value)| value.to_string())
+}
+
+/// Equal strings, compared in time that does not depend on where they differ.
+fn same_token(a: &str, b: &str) -> bool {
+    a.len() == b.len()
+        && a.bytes()
+            .zip(b.bytes())
+            .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+            == 0
+}
+
+/// Whether cookies set for this request should be `Secure`.
+fn secure(state: &AdminState, headers: &HeaderMap) -> bool {
+    state.config.secure_cookies
+        || headers
+            .get("x-forwarded-proto")
+            .is_some_and(|p| p.as_bytes().eq_ignore_ascii_case(b"https"))
+}
+
+/// The sign-in page with `status` and `message`, a fresh CSRF token in
+/// its form and in [`LOGIN_COOKIE`].
+fn login_form(
+    status: StatusCode,
+    next: String,
+    message: Option<String>,
+    secure: bool,
+) -> Result<Response, AdminError> {
+    let csrf = random_token();
+    let page = LoginPage {
+        next,
+        message,
+        csrf: csrf.clone(),
+    };
+    let mut resp = (status, Html(askama::Template::render(&page)?)).into_response();
+    let cookie = format!(
+        "{LOGIN_COOKIE}={csrf}; Path=/admin/login; HttpOnly; SameSite=Strict; Max-Age=3600{}",
+        if secure { "; Secure" } else { "" }
+    );
+    resp.headers_mut().insert(
+        header::SET_COOKIE,
+        HeaderValue::from_str(&cookie).expect("hex token"),
+    );
+    Ok(resp)
 }
 
 /// A request made in a live session.
@@ -200,12 +255,17 @@ fn safe_next(next: Option<&str>) -> String {
     }
 }
 
-pub async fn login_page(Query(q): Query<Next>) -> Result<Html<String>, AdminError> {
-    let page = LoginPage {
-        next: safe_next(q.next.as_deref()),
-        message: None,
-    };
-    Ok(Html(askama::Template::render(&page)?))
+pub async fn login_page(
+    State(state): State<AdminState>,
+    headers: HeaderMap,
+    Query(q): Query<Next>,
+) -> Result<Response, AdminError> {
+    login_form(
+        StatusCode::OK,
+        safe_next(q.next.as_deref()),
+        None,
+        secure(&state, &headers),
+    )
 }
 
 #[derive(Deserialize)]
@@ -213,6 +273,8 @@ pub struct Credentials {
     username: String,
     password: String,
     next: Option<String>,
+    /// The sign-in form's CSRF token.
+    csrf: Option<String>,
 }
 
 pub async fn login(
@@ -221,13 +283,22 @@ pub async fn login(
     Form(c): Form<Credentials>,
 ) -> Result<Response, AdminError> {
     let next = safe_next(c.next.as_deref());
+    let secure = secure(&state, &headers);
     let refuse = |status: StatusCode, message: String| -> Result<Response, AdminError> {
-        let page = LoginPage {
-            next: next.clone(),
-            message: Some(message),
-        };
-        Ok((status, Html(askama::Template::render(&page)?)).into_response())
+        login_form(status, next.clone(), Some(message), secure)
     };
+    // Before the password is looked at: a form another site posted carries
+    // no token this browser's cookie matches.
+    let from_our_form = match (cookie(&headers, LOGIN_COOKIE), c.csrf.as_deref()) {
+        (Some(kept), Some(sent)) => same_token(&kept, sent),
+        _ => false,
+    };
+    if !from_our_form {
+        return refuse(
+            StatusCode::FORBIDDEN,
+            "the sign-in form has expired or did not come from this site: sign in again".into(),
+        );
+    }
     let account = admins::by_username(&state.pool, c.username.trim()).await?;
     let hash = account
         .as_ref()
@@ -274,10 +345,6 @@ pub async fn login(
     )
     .await?;
     tracing::info!(username = account.username, "admin signed in");
-    let secure = state.config.secure_cookies
-        || headers
-            .get("x-forwarded-proto")
-            .is_some_and(|p| p.as_bytes().eq_ignore_ascii_case(b"https"));
     let cookie = format!(
         "{COOKIE}={token}; Path=/admin; HttpOnly; SameSite=Strict; Max-Age={}{}",
         (state.config.session_hours * 3600.0) as i64,
@@ -287,6 +354,13 @@ pub async fn login(
     resp.headers_mut().insert(
         header::SET_COOKIE,
         HeaderValue::from_str(&cookie).expect("hex token"),
+    );
+    // The sign-in form's token has done its work.
+    resp.headers_mut().append(
+        header::SET_COOKIE,
+        HeaderValue::from_static(
+            "flywheel_login=; Path=/admin/login; HttpOnly; SameSite=Strict; Max-Age=0",
+        ),
     );
     Ok(resp)
 }
