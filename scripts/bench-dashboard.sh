@@ -48,7 +48,12 @@ measure() {
   $BIN serve > "$FLYWHEEL_HOME/serve.log" 2>&1 &
   local pid=$!
   until curl -sf "$BASE/healthz" > /dev/null; do sleep 0.5; done
-  curl -s -c "$JAR" -o /dev/null -d "username=bench&password=$FLYWHEEL_ADMIN_PASSWORD" "$BASE/admin/login"
+  # The sign-in form's CSRF token: its cookie into the jar, the same token
+  # from the form.
+  local csrf
+  csrf=$(curl -s -c "$JAR" "$BASE/admin/login" | sed -n 's/.*name="csrf" value="\([0-9a-f]*\)".*/\1/p')
+  curl -s -b "$JAR" -c "$JAR" -o /dev/null -d "username=bench&password=$FLYWHEEL_ADMIN_PASSWORD&csrf=$csrf" \
+      "$BASE/admin/login"
   echo "== $label"
   printf "%-52s %10s %10s\n" page "median ms" "max ms"
   while read -r page; do

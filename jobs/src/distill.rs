@@ -58,6 +58,8 @@ pub struct DistillJob {
     pub concurrency: usize,
     /// The share of prompts (by hash) in the eval split, as curation's rules say.
     pub eval_fraction: f64,
+    /// The loop's cycle this distillation is part of, if any.
+    pub cycle: Option<Uuid>,
 }
 
 /// A model that answers (a teacher, or a judge): an upstream, or an
@@ -229,11 +231,11 @@ pub async fn by_itself(
     pool: &PgPool,
     versions: &flywheel_modelhub::Versions,
     upstream: &flywheel_upstream::Settings,
-    team: Uuid,
+    (team, cycle): (Uuid, Uuid),
     spec: &LoopDistill,
     eval_fraction: f64,
 ) -> String {
-    match loop_distill(pool, versions, upstream, team, spec, eval_fraction).await {
+    match loop_distill(pool, versions, upstream, (team, cycle), spec, eval_fraction).await {
         Ok(done) => done,
         Err(e) => format!("not distilled: {e:#}"),
     }
@@ -243,29 +245,29 @@ async fn loop_distill(
     pool: &PgPool,
     versions: &flywheel_modelhub::Versions,
     upstream: &flywheel_upstream::Settings,
-    team: Uuid,
+    (team, cycle): (Uuid, Uuid),
     spec: &LoopDistill,
     eval_fraction: f64,
 ) -> anyhow::Result<String> {
     let votes = flywheel_store::feedback::count_for_team(pool, team).await?;
     if votes >= spec.below_votes {
         return Ok(format!(
-            "not distilled: the team has {votes} votes of its own (the teacher is asked below {})",
+            "not distilled: the team has {votes} vote(s) of its own (the teacher is asked below {})",
             spec.below_votes
         ));
     }
-    let newest_prompt = flywheel_store::completions::recent_prompts(pool, team, 1)
-        .await?
-        .into_iter()
-        .next()
-        .map(|p| p.created_at);
-    let newest_distillation = datasets::newest_distilled_at(pool, team).await?;
-    match (newest_prompt, newest_distillation) {
-        (None, _) => return Ok("not distilled: the team has no logged prompt".into()),
-        (Some(p), Some(d)) if p <= d => {
-            return Ok("not distilled: no prompt logged since the newest distillation".into());
-        }
-        _ => {}
+    // A retried curation does not ask the teacher twice for one cycle.
+    if datasets::distilled_in_cycle(pool, team, cycle).await? {
+        return Ok("not distilled again: this cycle's distillation is written".into());
+    }
+    // New requests since the newest request a distillation of the log read
+    // (one that holds no deleted user's data).
+    let watermark = datasets::distilled_log_until(pool, team).await?;
+    if !flywheel_store::completions::logged_after(pool, team, watermark).await? {
+        return Ok(match watermark {
+            None => "not distilled: the team has no logged prompt".into(),
+            Some(_) => "not distilled: no prompt logged since the newest distillation".into(),
+        });
     }
     let v = flywheel_store::models::by_name(pool, &spec.teacher)
         .await?
@@ -282,6 +284,7 @@ async fn loop_distill(
         budget_tokens: None,
         concurrency: 4,
         eval_fraction,
+        cycle: Some(cycle),
     };
     let o = run(pool, &job, &teacher, &v, |done, total| {
         tracing::info!(teacher = %v.name, "distilling: {done} of {total} prompts answered")
@@ -299,6 +302,10 @@ async fn loop_distill(
             } else {
                 ""
             }
+        ),
+        None if o.asked == 0 => format!(
+            "not distilled: none of the {} logged requests read holds text to ask ({} without)",
+            o.prompts_read, o.without_text
         ),
         None => format!(
             "not distilled: {} answered none of {} prompts ({} failed)",
@@ -333,6 +340,9 @@ pub struct Outcome {
     /// was deleted (its end user's data) while the distillation ran.
     pub deleted_meanwhile: usize,
     pub teacher_tokens: u64,
+    /// The newest logged request read (prompts from the log): the loop
+    /// distils again only once a request newer than this is logged.
+    pub log_until: Option<chrono::DateTime<chrono::Utc>>,
     /// Asking stopped because `budget_tokens` was spent.
     pub stopped_by_budget: bool,
     /// ... because the team's upstream budget was, which was the lower.
@@ -537,6 +547,7 @@ pub async fn run(
             "max_tokens": job.max_tokens,
             "budget_tokens": job.budget_tokens,
             "team_budget_left": team_left,
+            "cycle": job.cycle,
             "eval_fraction": eval_fraction,
             "outcome": &outcome,
         },
@@ -574,6 +585,7 @@ async fn prompts(
             let read = (job.limit.saturating_mul(10)).clamp(1_000, 200_000) as i64;
             let rows = flywheel_store::completions::recent_prompts(pool, job.team, read).await?;
             outcome.prompts_read = rows.len();
+            outcome.log_until = rows.iter().map(|r| r.created_at).max();
             let mut out = Vec::with_capacity(rows.len());
             for r in rows {
                 match crate::curate::prompt_of(&r.messages.0) {

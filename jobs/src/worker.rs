@@ -248,7 +248,7 @@ async fn distill_first(ctx: &Ctx, job: &CurateJob) -> anyhow::Result<Option<Stri
         &ctx.pool,
         &env.versions,
         &env.upstream,
-        team,
+        (team, cycle),
         &spec,
         job.rules.eval_fraction,
     )

@@ -131,7 +131,7 @@ async fn a_sign_in_posted_from_another_site_is_refused() {
     // The attacker's own token (from their visit to the page), which this
     // browser's cookie does not hold.
     let (mine, _) = c.login_token().await;
-    let (_, theirs) = c.login_token().await;
+    let (_, theirs) = Client::new(&gw).login_token().await;
     let forged = post(Some(mine.clone()), Some(theirs)).await;
     assert_eq!(forged.status, 403);
     assert!(!signed_in(&forged));
@@ -145,6 +145,15 @@ async fn a_sign_in_posted_from_another_site_is_refused() {
     let ours = post(Some(cookie), Some(token)).await;
     assert_eq!(ours.status, 303, "{}", ours.body);
     assert!(signed_in(&ours));
+    // Empty is no token, even against an empty cookie.
+    let empty = post(Some("flywheel_login=".into()), Some(String::new())).await;
+    assert_eq!(empty.status, 403);
+    // A second tab's page keeps the token the browser holds, so both work.
+    let mut browser = Client::new(&gw);
+    let (first_tab, token) = browser.login_token().await;
+    browser.cookie = Some(first_tab.clone());
+    let (second_tab, again) = browser.login_token().await;
+    assert_eq!((second_tab, again), (first_tab, token));
     // A refusal hands out a fresh form to try again with.
     assert!(
         bare.headers[SET_COOKIE]

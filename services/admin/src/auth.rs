@@ -87,9 +87,16 @@ fn cookie(headers: &HeaderMap, name: &str) -> Option<String> {
         .map(|(_, value)| value.to_string())
 }
 
-/// Equal strings, compared in time that does not depend on where they differ.
+/// Whether `t` looks like a token this dashboard makes (64 hex digits).
+fn is_token(t: &str) -> bool {
+    t.len() == 64 && t.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+/// Equal tokens, compared in time that does not depend on where they
+/// differ; never two empty ones.
 fn same_token(a: &str, b: &str) -> bool {
-    a.len() == b.len()
+    is_token(a)
+        && a.len() == b.len()
         && a.bytes()
             .zip(b.bytes())
             .fold(0u8, |acc, (x, y)| acc | (x ^ y))
@@ -111,8 +118,11 @@ fn login_form(
     next: String,
     message: Option<String>,
     secure: bool,
+    kept: Option<String>,
 ) -> Result<Response, AdminError> {
-    let csrf = random_token();
+    // The token the browser holds, if any, so that two open sign-in tabs
+    // both work.
+    let csrf = kept.filter(|t| is_token(t)).unwrap_or_else(random_token);
     let page = LoginPage {
         next,
         message,
@@ -265,6 +275,7 @@ pub async fn login_page(
         safe_next(q.next.as_deref()),
         None,
         secure(&state, &headers),
+        cookie(&headers, LOGIN_COOKIE),
     )
 }
 
@@ -284,13 +295,14 @@ pub async fn login(
 ) -> Result<Response, AdminError> {
     let next = safe_next(c.next.as_deref());
     let secure = secure(&state, &headers);
+    let kept = cookie(&headers, LOGIN_COOKIE);
     let refuse = |status: StatusCode, message: String| -> Result<Response, AdminError> {
-        login_form(status, next.clone(), Some(message), secure)
+        login_form(status, next.clone(), Some(message), secure, kept.clone())
     };
     // Before the password is looked at: a form another site posted carries
     // no token this browser's cookie matches.
-    let from_our_form = match (cookie(&headers, LOGIN_COOKIE), c.csrf.as_deref()) {
-        (Some(kept), Some(sent)) => same_token(&kept, sent),
+    let from_our_form = match (kept.as_deref(), c.csrf.as_deref()) {
+        (Some(kept), Some(sent)) => same_token(kept, sent),
         _ => false,
     };
     if !from_our_form {

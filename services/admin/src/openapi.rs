@@ -116,7 +116,7 @@ pub fn document() -> Value {
             "securitySchemes": {
                 "bearer": {"type": "http", "scheme": "bearer", "description": "a team API key (`flywheel keys create`)"},
                 "session": {"type": "apiKey", "in": "cookie", "name": crate::auth::COOKIE,
-                            "description": "an admin session (POST /admin/login)"},
+                            "description": "an admin session (POST /admin/login with the sign-in form's `csrf` field and its `flywheel_login` cookie, both from GET /admin/login)"},
             },
             "schemas": {
                 "Error": {"type": "object", "properties": {"error": {"type": "object", "properties": {

@@ -55,6 +55,7 @@ pub async fn run(cfg: &Config, pool: &PgPool, args: DistillArgs) -> anyhow::Resu
         budget_tokens: args.budget_tokens,
         concurrency: args.concurrency,
         eval_fraction: cfg.jobs.curation_rules.eval_fraction,
+        cycle: None,
     };
     let o = flywheel_jobs::distill::run(pool, &job, &teacher, &v, |done, total| {
         eprintln!("{} answered {done} of {total} prompts", v.name);

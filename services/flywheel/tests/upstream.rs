@@ -1163,11 +1163,19 @@ async fn the_loop_distils_by_itself_while_the_teams_data_is_thin() {
     ])
     .await
     .unwrap_or_default();
-    assert!(did.contains("the team has 1 votes of its own"), "{did}");
+    assert!(did.contains("the team has 1 vote(s) of its own"), "{did}");
     assert_eq!(standin.seen().len(), 3);
     // Without the setting the loop distils nothing and says nothing of it.
     assert_eq!(cycle(&[]).await, None);
     assert_eq!(standin.seen().len(), 3);
+    // With it, and votes still few: the new prompt is reason to ask again
+    // (the newest prompts, the new one among them).
+    let did = cycle(&teacher).await.unwrap_or_default();
+    assert!(
+        did.starts_with("distilled version 3: 4 answers of 4 from big"),
+        "{did}"
+    );
+    assert_eq!(standin.seen().len(), 7);
     let _ = worker.kill();
     let _ = worker.wait();
 }

@@ -139,6 +139,23 @@ pub struct LoggedPrompt {
     pub created_at: DateTime<Utc>,
 }
 
+/// Whether the team has a logged request stored after `after` (any, when
+/// `None`).
+pub async fn logged_after(
+    ex: impl PgExecutor<'_>,
+    team_id: Uuid,
+    after: Option<DateTime<Utc>>,
+) -> Result<bool> {
+    Ok(sqlx::query_scalar(
+        "select exists (select 1 from completions
+                        where team_id = $1 and ($2::timestamptz is null or created_at > $2))",
+    )
+    .bind(team_id)
+    .bind(after)
+    .fetch_one(ex)
+    .await?)
+}
+
 /// A team's logged requests, newest first (by when they were made, not
 /// stored: the journal stores several at once), at most `limit`.
 pub async fn recent_prompts(

@@ -199,17 +199,38 @@ pub async fn newest_distilled(
     Ok(newest.filter(|v| v.user_data_deleted_at.is_none()))
 }
 
-/// When the team's newest distillation was made, marked or not.
-pub async fn newest_distilled_at(
+/// The newest logged request any distillation of the team's log read,
+/// among those that hold no deleted user's data: the loop distils again
+/// only once a newer one is logged.
+pub async fn distilled_log_until(
     ex: impl PgExecutor<'_>,
     team_id: Uuid,
 ) -> Result<Option<DateTime<Utc>>> {
     Ok(sqlx::query_scalar(
-        "select max(created_at) from dataset_versions
-         where team_id = $1 and starts_with(manifest->>'builder', $2)",
+        "select max((manifest->'distillation'->'outcome'->>'log_until')::timestamptz)
+         from dataset_versions
+         where team_id = $1 and starts_with(manifest->>'builder', $2)
+               and user_data_deleted_at is null
+               and manifest->'distillation'->>'prompts' = 'log'",
     )
     .bind(team_id)
     .bind(DISTILLED_BUILDER)
+    .fetch_one(ex)
+    .await?)
+}
+
+/// Whether the loop's cycle `cycle` has written a distillation.
+pub async fn distilled_in_cycle(
+    ex: impl PgExecutor<'_>,
+    team_id: Uuid,
+    cycle: Uuid,
+) -> Result<bool> {
+    Ok(sqlx::query_scalar(
+        "select exists (select 1 from dataset_versions
+                        where team_id = $1 and manifest->'distillation'->>'cycle' = $2)",
+    )
+    .bind(team_id)
+    .bind(cycle.to_string())
     .fetch_one(ex)
     .await?)
 }
