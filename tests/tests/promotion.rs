@@ -174,11 +174,26 @@ fn env(gw: &TestGateway, retention: Suite, canary_share: f64) -> EvalEnv {
     }
 }
 
+/// `cand` against the served champion for `team`, acting on the verdict
+/// (a canary, a promotion or a rejection) as the loop does.
 async fn evaluate(
     gw: &TestGateway,
     env: &EvalEnv,
     team: Uuid,
     cand: &ModelVersion,
+) -> flywheel_jobs::evaluate::EvalOutcome {
+    run_evaluation(gw, env, team, cand, None, true).await
+}
+
+/// One evaluation of `cand` against the served champion, on `dataset`'s
+/// held-out evidence if given; `act`: act on the verdict.
+async fn run_evaluation(
+    gw: &TestGateway,
+    env: &EvalEnv,
+    team: Uuid,
+    cand: &ModelVersion,
+    dataset: Option<Uuid>,
+    act: bool,
 ) -> flywheel_jobs::evaluate::EvalOutcome {
     let (id, _) = flywheel_jobs::evaluate::enqueue(
         &gw.db.pool,
@@ -186,10 +201,10 @@ async fn evaluate(
             team_id: Some(team),
             candidate_version_id: cand.id,
             champion_version_id: gw.served.version_id,
-            dataset_version_id: None,
+            dataset_version_id: dataset,
             training_run_id: None,
         },
-        true,
+        act,
         1,
     )
     .await
@@ -199,7 +214,7 @@ async fn evaluate(
         env,
         &EvalJob {
             evaluation_id: id,
-            act: true,
+            act,
         },
     )
     .await
@@ -911,28 +926,8 @@ async fn evaluate_on(
     cand: &ModelVersion,
     dataset: Uuid,
 ) -> (flywheel_jobs::evaluate::EvalOutcome, Option<Value>) {
-    let (id, _) = flywheel_jobs::evaluate::enqueue(
-        &gw.db.pool,
-        &flywheel_store::evals::NewEvaluation {
-            team_id: Some(team),
-            candidate_version_id: cand.id,
-            champion_version_id: gw.served.version_id,
-            dataset_version_id: Some(dataset),
-            training_run_id: None,
-        },
-        false,
-        1,
-    )
-    .await
-    .unwrap();
-    let job = EvalJob {
-        evaluation_id: id,
-        act: false,
-    };
-    let out = flywheel_jobs::evaluate::run(&gw.db.pool, env, &job)
-        .await
-        .unwrap();
-    let e = flywheel_store::evals::get(&gw.db.pool, id)
+    let out = run_evaluation(gw, env, team, cand, Some(dataset), false).await;
+    let e = flywheel_store::evals::get(&gw.db.pool, out.evaluation_id)
         .await
         .unwrap()
         .unwrap();

@@ -928,6 +928,24 @@ async fn distillation_asks_the_teacher_the_teams_own_prompts_and_makes_a_dataset
     );
 }
 
+/// Three end users ask; u3's answer (the invoice) is voted down and
+/// corrected to the billing desk; the vote is stored.
+async fn three_asked_one_corrected(gw: &GatewayProcess, key: &str, pool: &sqlx::PgPool) {
+    chat_as(gw, key, "u1", "Where do I change my password?").await;
+    chat_as(gw, key, "u2", "How do I export my reports?").await;
+    let invoice = chat_as(gw, key, "u3", "My invoice was charged twice").await;
+    let (status, body) = gw
+        .post(
+            key,
+            "/v1/feedback",
+            json!({"completion_id": invoice, "rating": "down", "user": "u3",
+                   "correction": "Send it to the billing desk."}),
+        )
+        .await;
+    assert_eq!(status, 201, "{body}");
+    assert!(votes_stored(pool, 1).await, "the vote is stored");
+}
+
 /// Distillation mixed with the team's own votes: the team's next curated
 /// version holds the teacher's answers beside its users' examples (the
 /// users' own answer where both have one), carries the distillation's
@@ -941,19 +959,7 @@ async fn curation_mixes_the_newest_distillation_with_the_teams_own_votes() {
     register(&setup.db, "big", &format!("{}/v1", standin.base), &[]);
     let gw = serve(&setup, &[], &setup.dir.join("gateway.log")).await;
     let pool = flywheel_store::connect(&setup.db).await.unwrap();
-    chat_as(&gw, &key, "u1", "Where do I change my password?").await;
-    chat_as(&gw, &key, "u2", "How do I export my reports?").await;
-    let invoice = chat_as(&gw, &key, "u3", "My invoice was charged twice").await;
-    let (status, body) = gw
-        .post(
-            &key,
-            "/v1/feedback",
-            json!({"completion_id": invoice, "rating": "down", "user": "u3",
-                   "correction": "Send it to the billing desk."}),
-        )
-        .await;
-    assert_eq!(status, 201, "{body}");
-    assert!(votes_stored(&pool, 1).await, "the vote is stored");
+    three_asked_one_corrected(&gw, &key, &pool).await;
     let out = cli(
         &setup.db,
         &["distill", "--team", "acme", "--teacher", "big"],
@@ -1062,19 +1068,7 @@ async fn the_loop_distils_by_itself_while_the_teams_data_is_thin() {
     register(&setup.db, "big", &format!("{}/v1", standin.base), &[]);
     let gw = serve(&setup, &[], &setup.dir.join("gateway.log")).await;
     let pool = flywheel_store::connect(&setup.db).await.unwrap();
-    chat_as(&gw, &key, "u1", "Where do I change my password?").await;
-    chat_as(&gw, &key, "u2", "How do I export my reports?").await;
-    let invoice = chat_as(&gw, &key, "u3", "My invoice was charged twice").await;
-    let (status, body) = gw
-        .post(
-            &key,
-            "/v1/feedback",
-            json!({"completion_id": invoice, "rating": "down", "user": "u3",
-                   "correction": "Send it to the billing desk."}),
-        )
-        .await;
-    assert_eq!(status, 201, "{body}");
-    assert!(votes_stored(&pool, 1).await, "the vote is stored");
+    three_asked_one_corrected(&gw, &key, &pool).await;
     let mut worker = flywheel_tests::spawn(
         &setup.db,
         &[
