@@ -223,25 +223,11 @@ pub struct LoopDistill {
 /// The answers' length limit of the loop's distillations.
 const LOOP_MAX_TOKENS: usize = 256;
 
-/// Runs the loop's distillation for `team` if its data is thin and it has
-/// new prompts; never fails the cycle (a teacher that cannot be reached
-/// leaves the users' data to curate alone). Returns what it did, in words,
-/// for the curation's record.
+/// Runs the loop's distillation for `team`'s cycle `cycle` if its data is
+/// thin and it has new prompts. Returns what it did, or why it asked
+/// nothing, in words, for the curation's record; an error (a teacher that
+/// cannot be reached) is the caller's to record without failing the cycle.
 pub async fn by_itself(
-    pool: &PgPool,
-    versions: &flywheel_modelhub::Versions,
-    upstream: &flywheel_upstream::Settings,
-    (team, cycle): (Uuid, Uuid),
-    spec: &LoopDistill,
-    eval_fraction: f64,
-) -> String {
-    match loop_distill(pool, versions, upstream, (team, cycle), spec, eval_fraction).await {
-        Ok(done) => done,
-        Err(e) => format!("not distilled: {e:#}"),
-    }
-}
-
-async fn loop_distill(
     pool: &PgPool,
     versions: &flywheel_modelhub::Versions,
     upstream: &flywheel_upstream::Settings,

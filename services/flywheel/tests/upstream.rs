@@ -61,6 +61,48 @@ fn add_upstream(db: &str, name: &str, url: &str, team: &str, extra: &[&str]) {
     );
 }
 
+/// Team `acme` served by `flywheel serve` on the tiny model, and the
+/// stand-in registered as `name`, a model any team may ask (a teacher or a
+/// judge the team is not served by).
+struct Asked {
+    setup: TinySetup,
+    standin: StandIn,
+    key: String,
+    gw: GatewayProcess,
+    pool: sqlx::PgPool,
+}
+
+async fn with_standin_as(db: &str, name: &str) -> Asked {
+    let setup = TinySetup::new(db).await;
+    let standin = StandIn::start();
+    let key = setup.key("acme");
+    register(&setup.db, name, &format!("{}/v1", standin.base), &[]);
+    let gw = serve(&setup, &[], &setup.dir.join("gateway.log")).await;
+    let pool = flywheel_store::connect(&setup.db).await.unwrap();
+    Asked {
+        setup,
+        standin,
+        key,
+        gw,
+        pool,
+    }
+}
+
+/// A dashboard account `ops`, signed in.
+async fn admin(setup: &TinySetup, gw: &GatewayProcess) -> flywheel_tests::admin::Client {
+    let made = flywheel_tests::process::run(
+        Some(&setup.db),
+        &[],
+        &["admin", "create", "ops", "--password-stdin"],
+        Some(flywheel_tests::admin::PASSWORD),
+    );
+    assert!(made.ok(), "{}", made.stderr);
+    let mut admin = flywheel_tests::admin::Client::at(&gw.base);
+    let signed = admin.login("ops", flywheel_tests::admin::PASSWORD).await;
+    assert_eq!(signed.status, 303, "{}", signed.body);
+    admin
+}
+
 /// `flywheel serve` with `env`, its log (stderr) in `log`.
 async fn serve(setup: &TinySetup, env: &[(&str, &str)], log: &std::path::Path) -> GatewayProcess {
     let port = free_port();
@@ -242,22 +284,7 @@ async fn a_team_on_an_upstream_model_is_served_logged_rated_and_curated_as_on_it
 
     // The dashboard shows where it is served and what the team's use cost,
     // from the log.
-    let made = flywheel_tests::process::run(
-        Some(&setup.db),
-        &[],
-        &["admin", "create", "ops", "--password-stdin"],
-        Some(flywheel_tests::admin::PASSWORD),
-    );
-    assert!(made.ok(), "{}", made.stderr);
-    let mut admin = flywheel_tests::admin::Client::at(&gw.base);
-    assert_eq!(
-        admin
-            .login("ops", flywheel_tests::admin::PASSWORD)
-            .await
-            .status,
-        303
-    );
-    let page = admin.get("/admin/models").await;
+    let page = admin(&setup, &gw).await.get("/admin/models").await;
     assert_eq!(page.status, 200);
     assert!(
         page.body
@@ -586,14 +613,15 @@ async fn delete_user(gw: &GatewayProcess, key: &str, user: &str) {
 
 #[tokio::test]
 async fn distillation_asks_the_teacher_the_teams_own_prompts_and_makes_a_dataset_version() {
-    let setup = TinySetup::new("fw_distill").await;
-    let standin = StandIn::start();
-    let key = setup.key("acme");
     // The teacher: an upstream the team is not served by (its champion is
     // the tiny model).
-    register(&setup.db, "big", &format!("{}/v1", standin.base), &[]);
-    let gw = serve(&setup, &[], &setup.dir.join("gateway.log")).await;
-    let pool = flywheel_store::connect(&setup.db).await.unwrap();
+    let Asked {
+        setup,
+        standin,
+        key,
+        gw,
+        pool,
+    } = with_standin_as("fw_distill", "big").await;
     let billing = "My invoice charged me twice, write to ann@example.com";
     chat_as(&gw, &key, "u1", billing).await;
     chat_as(&gw, &key, "u2", billing).await;
@@ -909,16 +937,7 @@ async fn distillation_asks_the_teacher_the_teams_own_prompts_and_makes_a_dataset
     ] {
         assert!(scraped.lines().any(|l| l == line), "{line}\n{scraped}");
     }
-    let made = flywheel_tests::process::run(
-        Some(&setup.db),
-        &[],
-        &["admin", "create", "ops", "--password-stdin"],
-        Some(flywheel_tests::admin::PASSWORD),
-    );
-    assert!(made.ok(), "{}", made.stderr);
-    let mut admin = flywheel_tests::admin::Client::at(&gw.base);
-    admin.login("ops", flywheel_tests::admin::PASSWORD).await;
-    let page = admin.get("/admin/models").await;
+    let page = admin(&setup, &gw).await.get("/admin/models").await;
     assert!(
         page.body.contains(&format!(
             "<td>big</td><td>acme</td><td>distill</td><td>{calls}</td><td>{tokens}</td>"
@@ -953,12 +972,14 @@ async fn three_asked_one_corrected(gw: &GatewayProcess, key: &str, pool: &sqlx::
 /// that holds a deleted user's data is mixed into nothing more.
 #[tokio::test]
 async fn curation_mixes_the_newest_distillation_with_the_teams_own_votes() {
-    let setup = TinySetup::new("fw_distill_mix").await;
-    let standin = StandIn::start();
-    let key = setup.key("acme");
-    register(&setup.db, "big", &format!("{}/v1", standin.base), &[]);
-    let gw = serve(&setup, &[], &setup.dir.join("gateway.log")).await;
-    let pool = flywheel_store::connect(&setup.db).await.unwrap();
+    // The teacher answers while `_standin` lives.
+    let Asked {
+        setup,
+        standin: _standin,
+        key,
+        gw,
+        pool,
+    } = with_standin_as("fw_distill_mix", "big").await;
     three_asked_one_corrected(&gw, &key, &pool).await;
     let out = cli(
         &setup.db,
@@ -1062,12 +1083,13 @@ async fn curation_mixes_the_newest_distillation_with_the_teams_own_votes() {
 /// nothing. The real worker and CLI, the stand-in as the teacher.
 #[tokio::test]
 async fn the_loop_distils_by_itself_while_the_teams_data_is_thin() {
-    let setup = TinySetup::new("fw_loop_distill").await;
-    let standin = StandIn::start();
-    let key = setup.key("acme");
-    register(&setup.db, "big", &format!("{}/v1", standin.base), &[]);
-    let gw = serve(&setup, &[], &setup.dir.join("gateway.log")).await;
-    let pool = flywheel_store::connect(&setup.db).await.unwrap();
+    let Asked {
+        setup,
+        standin,
+        key,
+        gw,
+        pool,
+    } = with_standin_as("fw_loop_distill", "big").await;
     three_asked_one_corrected(&gw, &key, &pool).await;
     let mut worker = flywheel_tests::spawn(
         &setup.db,
@@ -1183,11 +1205,13 @@ async fn completions_of_team(pool: &sqlx::PgPool) -> i64 {
 
 #[tokio::test]
 async fn a_judge_is_checked_against_the_users_own_choices_and_a_position_biased_one_is_found_out() {
-    let setup = TinySetup::new("fw_judge").await;
-    let standin = StandIn::start();
-    let key = setup.key("acme");
-    register(&setup.db, "judge", &format!("{}/v1", standin.base), &[]);
-    let gw = serve(&setup, &[], &setup.dir.join("gateway.log")).await;
+    let Asked {
+        setup,
+        standin,
+        key,
+        gw,
+        pool,
+    } = with_standin_as("fw_judge", "judge").await;
     // Twelve requests the tiny model answers badly; each user corrects it
     // to the billing desk: twelve pairs, the correction chosen.
     // Requests unlike each other, so curation keeps each as its own pair.
@@ -1218,7 +1242,6 @@ async fn a_judge_is_checked_against_the_users_own_choices_and_a_position_biased_
             .await;
         assert_eq!(status, 201, "{body}");
     }
-    let pool = flywheel_store::connect(&setup.db).await.unwrap();
     assert!(votes_stored(&pool, 12).await, "12 votes stored");
     cli(
         &setup.db,

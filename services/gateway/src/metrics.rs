@@ -182,32 +182,55 @@ async fn job_spend_metrics(state: &AppState, out: &mut String) {
     if spent.is_empty() {
         return;
     }
-    type Read = fn(&flywheel_store::upstreams::Spent) -> i64;
-    let series: [(&str, &str, Read); 2] = [
+    type Spent = flywheel_store::upstreams::Spent;
+    let series: [Series<Spent>; 2] = [
         (
             "flywheel_upstream_job_calls_total",
+            "counter",
             "Questions a team's jobs (distill, judge) asked an upstream version.",
-            |s| s.calls,
+            |s| s.calls.max(0) as u64,
         ),
         (
             "flywheel_upstream_job_tokens_total",
+            "counter",
             "Tokens a team's jobs (distill, judge) spent on an upstream version.",
-            |s| s.tokens,
+            |s| s.tokens.max(0) as u64,
         ),
     ];
-    for (name, help, read) in series {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
-        for s in &spent {
-            let _ = writeln!(
-                out,
-                "{name}{{version=\"{}\",team=\"{}\",job=\"{}\"}} {}",
-                label(&s.version),
-                label(&s.team),
-                label(&s.purpose),
-                read(s)
-            );
+    let rows: Vec<_> = spent
+        .iter()
+        .map(|s| {
+            let labels = labels(&[
+                ("version", &s.version),
+                ("team", &s.team),
+                ("job", &s.purpose),
+            ]);
+            (labels, s)
+        })
+        .collect();
+    table(out, &series, &rows);
+}
+
+/// A family of series read off the same rows: name, kind, help, reader.
+type Series<T> = (&'static str, &'static str, &'static str, fn(&T) -> u64);
+
+/// Each series' HELP and TYPE, then a line per row with its labels.
+fn table<T>(out: &mut String, series: &[Series<T>], rows: &[(String, &T)]) {
+    for (name, kind, help, read) in series {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        for (labels, row) in rows {
+            let _ = writeln!(out, "{name}{{{labels}}} {}", read(row));
         }
     }
+}
+
+/// `name="value"` pairs, the values escaped.
+fn labels(pairs: &[(&str, &str)]) -> String {
+    pairs
+        .iter()
+        .map(|(k, v)| format!("{k}=\"{}\"", label(v)))
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 /// One series per upstream version this gateway has called, labelled with
@@ -225,11 +248,10 @@ fn upstream_metrics(state: &AppState, out: &mut String) {
             let name = routes
                 .version(*id)
                 .map_or_else(|| id.to_string(), |v| v.name.clone());
-            (label(&name), c)
+            (labels(&[("version", &name)]), &**c)
         })
         .collect();
-    type Read = fn(&flywheel_upstream::Client) -> u64;
-    let series: [(&str, &str, &str, Read); 7] = [
+    let series: [Series<flywheel_upstream::Client>; 7] = [
         (
             "flywheel_upstream_requests_total",
             "counter",
@@ -273,44 +295,34 @@ fn upstream_metrics(state: &AppState, out: &mut String) {
             |c| u64::from(c.circuit_open()),
         ),
     ];
-    for (name, kind, help, read) in series {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
-        for (version, client) in &named {
-            let _ = writeln!(out, "{name}{{version=\"{version}\"}} {}", read(client));
-        }
-    }
+    table(out, &series, &named);
     // What each team's use costs.
     let used = state.upstream_use();
-    type Use = fn(&crate::state::UpstreamUse) -> u64;
-    let per_team: [(&str, &str, Use); 3] = [
+    let per_team: [Series<crate::state::UpstreamUse>; 3] = [
         (
             "flywheel_upstream_team_requests_total",
+            "counter",
             "Requests a team sent an upstream version.",
             |u| u.requests,
         ),
         (
             "flywheel_upstream_team_prompt_tokens_total",
+            "counter",
             "Prompt tokens of a team's requests to an upstream version.",
             |u| u.prompt_tokens,
         ),
         (
             "flywheel_upstream_team_completion_tokens_total",
+            "counter",
             "Completion tokens an upstream version gave a team.",
             |u| u.completion_tokens,
         ),
     ];
-    for (name, help, read) in per_team {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
-        for ((version, team), u) in &used {
-            let _ = writeln!(
-                out,
-                "{name}{{version=\"{}\",team=\"{}\"}} {}",
-                label(version),
-                label(team),
-                read(u)
-            );
-        }
-    }
+    let rows: Vec<_> = used
+        .iter()
+        .map(|((version, team), u)| (labels(&[("version", version), ("team", team)]), u))
+        .collect();
+    table(out, &per_team, &rows);
 }
 
 /// A Prometheus label value, escaped.
