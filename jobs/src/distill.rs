@@ -133,6 +133,7 @@ impl Teacher {
                     prompt_ids,
                     params,
                     adapter: None,
+                    ..Default::default()
                 })?
             }
         };

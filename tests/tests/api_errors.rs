@@ -33,6 +33,13 @@ fn chat(gw: &TestGateway, extra: Value) -> Value {
     body
 }
 
+/// A gateway on the real model with an engine of its own.
+async fn real_with(cfg: EngineConfig) -> TestGateway {
+    let model = real_model().await;
+    let engine = load_engine(model, cfg).await;
+    TestGateway::start(model, engine, GatewayConfig::default()).await
+}
+
 /// Asserts OpenAI's error shape and returns the error object.
 fn error_of(body: &Value) -> &Value {
     let e = &body["error"];
@@ -75,6 +82,9 @@ async fn invalid_parameters_are_400_naming_the_field() {
             "stream_options",
         ),
         (json!({"mystery": 1}), "mystery"),
+        (json!({"logit_bias": {"Paris": 5}}), "logit_bias"),
+        (json!({"logit_bias": {"42": 101}}), "logit_bias"),
+        (json!({"logit_bias": {"49152": 1}}), "logit_bias"),
     ];
     for (extra, param) in cases {
         let (status, body) = post(&gw, key, chat(&gw, extra.clone())).await;
@@ -205,18 +215,13 @@ async fn oversized_body_is_413_and_unknown_route_404() {
 
 #[tokio::test]
 async fn full_queue_answers_429_with_retry_after() {
-    let model = real_model().await;
     // One request runs, one waits, the rest are refused.
-    let engine = load_engine(
-        model,
-        EngineConfig {
-            queue_capacity: 1,
-            max_batch: 1,
-            ..Default::default()
-        },
-    )
+    let gw = real_with(EngineConfig {
+        queue_capacity: 1,
+        max_batch: 1,
+        ..Default::default()
+    })
     .await;
-    let gw = TestGateway::start(model, engine, GatewayConfig::default()).await;
     let tasks: Vec<_> = (0..8)
         .map(|i| {
             let body = chat(&gw, json!({"max_tokens": 24, "seed": i, "messages": [{"role": "user", "content": "Tell me a story."}]}));
@@ -285,4 +290,281 @@ async fn not_ready_until_a_model_is_loaded() {
         .unwrap();
     assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
     error_of(&resp.json().await.unwrap());
+}
+
+/// Sends `method path` with `key`; the status and the error's code.
+async fn call(gw: &TestGateway, key: &str, method: &str, path: &str, body: Value) -> (u16, Value) {
+    let url = format!("{}{path}", gw.base);
+    let client = reqwest::Client::new();
+    let req = match method {
+        "GET" => client.get(url),
+        "DELETE" => client.delete(url),
+        _ => client.post(url).json(&body),
+    };
+    let resp = req.bearer_auth(key).send().await.unwrap();
+    (
+        resp.status().as_u16(),
+        resp.json().await.unwrap_or_default(),
+    )
+}
+
+#[tokio::test]
+async fn a_key_opens_only_the_routes_its_scopes_name() {
+    use flywheel_store::keys::{Scope, create_key_with, set_scopes};
+    let gw = TestGateway::tiny().await;
+    let pool = &gw.db.pool;
+    let (_, voter) = create_key_with(pool, "team-a", &[Scope::Feedback])
+        .await
+        .unwrap();
+    let (chatter_info, chatter) = create_key_with(pool, "team-a", &[Scope::Chat])
+        .await
+        .unwrap();
+    let id = gw.complete(&chatter, Some("ann")).await;
+    let routes = [
+        (
+            "POST",
+            "/v1/chat/completions".to_string(),
+            chat(&gw, json!({})),
+        ),
+        (
+            "POST",
+            "/v1/feedback".into(),
+            json!({"completion_id": id, "rating": "up", "user": "ann"}),
+        ),
+        ("GET", format!("/v1/completions/{id}"), Value::Null),
+        ("GET", format!("/v1/completions/{id}/feedback"), Value::Null),
+        ("DELETE", "/v1/users/bob/data".into(), Value::Null),
+        ("POST", "/tokenize".into(), json!({"prompt": "hello"})),
+    ];
+    // (key, which of the routes above it may call)
+    let keys = [
+        (&voter, [false, true, false, false, false, false]),
+        (&chatter, [true, false, false, false, false, true]),
+        (&gw.key, [true, true, true, true, true, true]),
+    ];
+    for (key, allowed) in keys {
+        for ((method, path, body), allowed) in routes.iter().zip(allowed) {
+            let (status, body) = call(&gw, key, method, path, body.clone()).await;
+            if allowed {
+                assert!(
+                    (200..300).contains(&status),
+                    "{method} {path}: {status} {body}"
+                );
+            } else {
+                assert_eq!(status, 403, "{method} {path}: {body}");
+                let e = error_of(&body);
+                assert_eq!(e["code"], "insufficient_permissions");
+                assert!(e["message"].as_str().unwrap().contains("scope"), "{body}");
+            }
+        }
+    }
+    // Every key may list the models it can name.
+    assert_eq!(
+        call(&gw, &voter, "GET", "/v1/models", Value::Null).await.0,
+        200
+    );
+
+    // A scope given later works from the key's next request (the change
+    // is announced as revocations are); one taken away is refused.
+    set_scopes(pool, &chatter_info.prefix, &[Scope::Read])
+        .await
+        .unwrap();
+    let read = format!("/v1/completions/{id}");
+    let changed = flywheel_tests::eventually(10, || async {
+        (call(&gw, &chatter, "GET", &read, Value::Null).await.0 == 200).then_some(())
+    })
+    .await;
+    assert!(changed.is_some(), "the new scope was never honoured");
+    let (status, _) = call(
+        &gw,
+        &chatter,
+        "POST",
+        "/v1/chat/completions",
+        chat(&gw, json!({})),
+    )
+    .await;
+    assert_eq!(status, 403, "chat was taken away");
+}
+
+#[tokio::test]
+async fn a_teams_rate_limits_answer_429_with_retry_after_and_spare_other_teams() {
+    use flywheel_store::keys::{create_key, set_limits};
+    let gw = TestGateway::tiny().await;
+    let pool = &gw.db.pool;
+    let (_, other) = create_key(pool, "team-b").await.unwrap();
+    let (_, thrifty) = create_key(pool, "team-c").await.unwrap();
+    // Set before any key is used, so no gateway has the old limits.
+    assert!(
+        set_limits(pool, "team-a", Some(Some(2)), None)
+            .await
+            .unwrap()
+    );
+    assert!(
+        set_limits(pool, "team-c", None, Some(Some(1)))
+            .await
+            .unwrap()
+    );
+
+    let send = |key: String| {
+        let (url, body) = (
+            format!("{}/v1/chat/completions", gw.base),
+            chat(&gw, json!({})),
+        );
+        async move {
+            let resp = reqwest::Client::new()
+                .post(url)
+                .bearer_auth(key)
+                .json(&body)
+                .send()
+                .await
+                .unwrap();
+            let retry_after = resp
+                .headers()
+                .get("retry-after")
+                .map(|v| v.to_str().unwrap().parse::<u64>().unwrap());
+            (
+                resp.status(),
+                retry_after,
+                resp.json::<Value>().await.unwrap(),
+            )
+        }
+    };
+    // Two requests a minute: the third within the minute is refused.
+    for _ in 0..2 {
+        let (status, _, body) = send(gw.key.clone()).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+    }
+    let (status, retry_after, body) = send(gw.key.clone()).await;
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS, "{body}");
+    assert_eq!(error_of(&body)["code"], "rate_limit_exceeded");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("2 requests per minute"),
+        "{body}"
+    );
+    // One request comes back every 30 s.
+    let retry_after = retry_after.expect("retry-after");
+    assert!((1..=30).contains(&retry_after), "retry-after {retry_after}");
+    // Another team is not held back by team-a's limit.
+    for _ in 0..3 {
+        assert_eq!(send(other.clone()).await.0, StatusCode::OK);
+    }
+    // One token a minute: the first request is let in, and what it used
+    // (its prompt and answer) puts the team in debt.
+    let (status, _, first) = send(thrifty.clone()).await;
+    assert_eq!(status, StatusCode::OK, "{first}");
+    let used = first["usage"]["total_tokens"].as_u64().unwrap();
+    let (status, retry_after, body) = send(thrifty.clone()).await;
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS, "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("1 tokens per minute"),
+        "{body}"
+    );
+    // /metrics counts each team's refusals and why.
+    let metrics = reqwest::get(format!("{}/metrics", gw.base))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for line in [
+        r#"flywheel_team_requests_refused_total{team="team-a",why="requests_per_minute"} 1"#,
+        r#"flywheel_team_requests_refused_total{team="team-c",why="tokens_per_minute"} 1"#,
+    ] {
+        assert!(metrics.contains(line), "{line} in {metrics}");
+    }
+    assert!(
+        !metrics.contains(r#"flywheel_team_requests_refused_total{team="team-b""#),
+        "{metrics}"
+    );
+    // In debt by used - 1 tokens (less what refilled in between, a few
+    // milliseconds' worth) at one a minute.
+    let debt = (used - 1) * 60;
+    let retry_after = retry_after.expect("retry-after");
+    assert!(
+        (debt..=debt + 1).contains(&retry_after),
+        "{retry_after} s for {used} tokens"
+    );
+}
+
+#[tokio::test]
+async fn a_flooding_team_fills_only_its_share_and_another_team_is_served_next() {
+    // One sequence at a time; a team may have 3 waiting.
+    let gw = real_with(EngineConfig {
+        queue_capacity: 8,
+        queue_per_tenant: 3,
+        max_batch: 1,
+        ..Default::default()
+    })
+    .await;
+    let (_, quiet) = flywheel_store::keys::create_key(&gw.db.pool, "team-quiet")
+        .await
+        .unwrap();
+    let long = json!({"max_tokens": 40, "temperature": 0.0, "messages": [{"role": "user", "content": "Count from 1 to 100, one number per line."}]});
+    let spawn = |key: String| {
+        let (url, body) = (
+            format!("{}/v1/chat/completions", gw.base),
+            chat(&gw, long.clone()),
+        );
+        tokio::spawn(async move {
+            let resp = reqwest::Client::new()
+                .post(url)
+                .bearer_auth(key)
+                .json(&body)
+                .send()
+                .await
+                .unwrap();
+            let status = resp.status();
+            let body = resp.json::<Value>().await.unwrap();
+            (status, body, std::time::Instant::now())
+        })
+    };
+    let flood: Vec<_> = (0..8).map(|_| spawn(gw.key.clone())).collect();
+    // The flood holds the running slot and its whole share of the queue.
+    let full = flywheel_tests::eventually(30, || async {
+        (gw.engine().queue_depth() >= 3).then_some(())
+    })
+    .await;
+    assert!(full.is_some(), "the flood never filled its share");
+    let quiet = spawn(quiet).await.unwrap();
+    assert_eq!(quiet.0, StatusCode::OK, "{}", quiet.1);
+    let (mut served_after_quiet, mut refused) = (0, 0);
+    for t in flood {
+        let (status, body, done) = t.await.unwrap();
+        match status {
+            StatusCode::OK if done > quiet.2 => served_after_quiet += 1,
+            StatusCode::OK => {}
+            StatusCode::TOO_MANY_REQUESTS => {
+                refused += 1;
+                assert!(
+                    body["error"]["message"].as_str().unwrap().contains("share"),
+                    "{body}"
+                );
+            }
+            other => panic!("unexpected {other}: {body}"),
+        }
+    }
+    // The quiet team came after the one running, before the flood's queue
+    // (3 waiting; 2 if the running one ended just as the quiet request
+    // came). First come, first served, it would have come after all of them.
+    assert!(refused >= 1, "the flood was never refused");
+    let metrics = reqwest::get(format!("{}/metrics", gw.base))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let line = format!(
+        r#"flywheel_team_requests_refused_total{{team="team-a",why="queue_share"}} {refused}"#
+    );
+    assert!(metrics.contains(&line), "{line} in {metrics}");
+    assert!(
+        served_after_quiet >= 2,
+        "only {served_after_quiet} of the flood's waiting requests ran after the quiet team's"
+    );
 }

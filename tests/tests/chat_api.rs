@@ -372,3 +372,118 @@ async fn eight_seeded_streams_at_once_match_their_solo_runs() {
     }
     assert!(gw.engine().stats().last_batch >= 1);
 }
+
+#[tokio::test]
+async fn tokenize_counts_what_a_completion_reads_and_detokenize_gives_the_text_back() {
+    let gw = TestGateway::real().await;
+    let messages = serde_json::json!([{"role": "user", "content": FRANCE}]);
+    let (status, tokens) = gw
+        .post(
+            &gw.key,
+            "/tokenize",
+            serde_json::json!({"model": gw.model(), "messages": messages}),
+        )
+        .await;
+    assert_eq!(status, 200, "{tokens}");
+    // The count a chat completion of the same conversation reports.
+    let done = client(&gw)
+        .chat()
+        .create(build(ask(&gw, FRANCE).max_tokens(1u32)))
+        .await
+        .unwrap();
+    let prompt_tokens = done.usage.unwrap().prompt_tokens as u64;
+    assert_eq!(tokens["count"].as_u64(), Some(prompt_tokens), "{tokens}");
+    assert_eq!(
+        tokens["tokens"].as_array().unwrap().len() as u64,
+        prompt_tokens
+    );
+    assert_eq!(tokens["max_model_len"], 8192);
+
+    // A text and back.
+    let text = "Flywheel turns feedback into training data: 12 × 3 = 36.";
+    let (status, ids) = gw
+        .post(&gw.key, "/tokenize", serde_json::json!({"prompt": text}))
+        .await;
+    assert_eq!(status, 200, "{ids}");
+    assert!(ids["count"].as_u64().unwrap() > 5, "{ids}");
+    let (status, back) = gw
+        .post(
+            &gw.key,
+            "/detokenize",
+            serde_json::json!({"tokens": ids["tokens"]}),
+        )
+        .await;
+    assert_eq!(status, 200, "{back}");
+    assert_eq!(back["prompt"], text);
+
+    // Bad input is a 4xx naming the field.
+    for (path, body, want) in [
+        (
+            "/tokenize",
+            serde_json::json!({"prompt": "a", "messages": messages}),
+            (400, Some("prompt")),
+        ),
+        ("/tokenize", serde_json::json!({}), (400, Some("prompt"))),
+        (
+            "/detokenize",
+            serde_json::json!({"tokens": [1, 49152]}),
+            (400, Some("tokens")),
+        ),
+        (
+            "/tokenize",
+            serde_json::json!({"prompt": "a", "model": "no-such-model"}),
+            (404, None),
+        ),
+    ] {
+        let (status, body) = gw.post(&gw.key, path, body).await;
+        assert_eq!((status, body["error"]["param"].as_str()), want, "{body}");
+    }
+    let (status, _) = gw
+        .post(
+            "fw-not-a-key",
+            "/tokenize",
+            serde_json::json!({"prompt": "a"}),
+        )
+        .await;
+    assert_eq!(status, 401);
+}
+
+#[tokio::test]
+async fn logit_bias_bans_and_forces_tokens() {
+    let gw = TestGateway::real().await;
+    let first = |bias: serde_json::Value| {
+        let body = serde_json::json!({
+            "model": gw.model(), "temperature": 0.0, "max_tokens": 1, "logprobs": true,
+            "messages": [{"role": "user", "content": FRANCE}], "logit_bias": bias,
+        });
+        let gw = &gw;
+        async move {
+            let (status, done) = gw.post(&gw.key, "/v1/chat/completions", body).await;
+            assert_eq!(status, 200, "{done}");
+            done["choices"][0]["logprobs"]["content"][0]["token"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        }
+    };
+    let id_of = |text: String| {
+        let gw = &gw;
+        async move {
+            let (_, t) = gw
+                .post(&gw.key, "/tokenize", serde_json::json!({"prompt": text}))
+                .await;
+            assert_eq!(t["count"], 1, "{text} is one token: {t}");
+            t["tokens"][0].as_u64().unwrap()
+        }
+    };
+    let plain = first(serde_json::json!({})).await;
+    let plain_id = id_of(plain.clone()).await;
+    // Banned, greedy decoding takes another token.
+    let banned = first(serde_json::json!({ plain_id.to_string(): -100 })).await;
+    assert_ne!(banned, plain);
+    // Pushed up, an unlikely token is taken.
+    let pushed = id_of("Rome".into()).await;
+    let forced = first(serde_json::json!({ pushed.to_string(): 100 })).await;
+    assert_eq!(forced, "Rome");
+    assert_ne!(plain, "Rome");
+}

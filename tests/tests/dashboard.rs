@@ -8,6 +8,7 @@
 
 use std::collections::HashMap;
 
+use flywheel_store::keys::Scope;
 use flywheel_tests::TestGateway;
 use flywheel_tests::admin::{Client, PASSWORD, Resp, account, flushed, form, signed_in};
 use reqwest::header::{LOCATION, SET_COOKIE};
@@ -749,8 +750,17 @@ async fn a_key_made_on_the_teams_page_is_shown_once_works_and_is_revoked_there()
     let mut c = Client::new(&gw);
     c.login("ada", PASSWORD).await;
     let csrf = c.csrf().await;
+    // The form's scope boxes: the ticked ones come back.
     let made = c
-        .post("/admin/teams/keys", &[("csrf", &csrf), ("team", "search")])
+        .post(
+            "/admin/teams/keys",
+            &[
+                ("csrf", &csrf),
+                ("team", "search"),
+                ("scope", "chat"),
+                ("scope", "feedback"),
+            ],
+        )
         .await;
     assert_eq!(made.status, 200, "{}", made.body);
     let at = made
@@ -764,9 +774,76 @@ async fn a_key_made_on_the_teams_page_is_shown_once_works_and_is_revoked_there()
         .unwrap()
         .expect("the key works");
     assert_eq!(who.team_name, "search");
+    assert_eq!(who.scopes, vec![Scope::Chat, Scope::Feedback]);
     let later = c.get("/admin/teams").await;
     assert!(!later.body.contains(&secret), "shown once only");
     assert!(later.body.contains(&secret[..11]), "its prefix is listed");
+    let prefix = &secret[..11];
+    // Its scopes, set again on its row: only what is ticked.
+    let r = c
+        .post(
+            "/admin/teams/keys/scopes",
+            &[("csrf", &csrf), ("prefix", prefix), ("scope", "read")],
+        )
+        .await;
+    assert_eq!(r.status, 303, "{}", r.body);
+    let who = flywheel_store::keys::authenticate(&gw.db.pool, &secret)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(who.scopes, vec![Scope::Read]);
+    let row = c.get("/admin/teams").await.body;
+    let row = &row[row.find(prefix).unwrap()..];
+    let row = &row[..row.find("</tr>").unwrap()];
+    assert!(row.contains(r#"value="read" checked"#), "{row}");
+    assert!(!row.contains(r#"value="chat" checked"#), "{row}");
+    let r = c
+        .post(
+            "/admin/teams/keys/scopes",
+            &[("csrf", &csrf), ("prefix", prefix)],
+        )
+        .await;
+    assert_eq!(r.status, 400, "no scope ticked: {}", r.body);
+    // The team's rate limits on its row; an empty box is no limit.
+    let r = c
+        .post(
+            "/admin/teams/limits",
+            &[
+                ("csrf", &csrf),
+                ("team", "search"),
+                ("requests_per_minute", "90"),
+                ("tokens_per_minute", ""),
+            ],
+        )
+        .await;
+    assert_eq!(r.status, 303, "{}", r.body);
+    let limits: (Option<i32>, Option<i32>) = sqlx::query_as(
+        "select requests_per_minute, tokens_per_minute from teams where name = 'search'",
+    )
+    .fetch_one(&gw.db.pool)
+    .await
+    .unwrap();
+    assert_eq!(limits, (Some(90), None));
+    assert!(
+        c.get("/admin/teams")
+            .await
+            .body
+            .contains(r#"name="requests_per_minute" type="number" min="1" size="7" value="90""#),
+        "the limit is shown in its box"
+    );
+    for bad in ["-3", "0", "lots"] {
+        let r = c
+            .post(
+                "/admin/teams/limits",
+                &[
+                    ("csrf", &csrf),
+                    ("team", "search"),
+                    ("requests_per_minute", bad),
+                ],
+            )
+            .await;
+        assert_eq!(r.status, 400, "{bad}: {}", r.body);
+    }
 
     // Privacy: store text off for the new team.
     let r = c
@@ -790,7 +867,20 @@ async fn a_key_made_on_the_teams_page_is_shown_once_works_and_is_revoked_there()
         .post("/admin/teams/keys", &[("csrf", &vcsrf), ("team", "x")])
         .await;
     assert_eq!(r.status, 403);
-    let prefix = &secret[..11];
+    for (path, fields) in [
+        (
+            "/admin/teams/keys/scopes",
+            [("prefix", prefix), ("scope", "chat")],
+        ),
+        (
+            "/admin/teams/limits",
+            [("team", "search"), ("requests_per_minute", "5")],
+        ),
+    ] {
+        let mut fields = fields.to_vec();
+        fields.push(("csrf", &vcsrf));
+        assert_eq!(viewer.post(path, &fields).await.status, 403, "{path}");
+    }
     let r = viewer
         .post(
             "/admin/teams/keys/revoke",
@@ -947,6 +1037,67 @@ async fn the_json_api_makes_and_revokes_keys_sets_privacy_and_cancels_runs() {
             .await
             .unwrap();
     assert_eq!((store, share), (false, true));
+    // A key made with only some scopes, then given others.
+    let r = call(
+        "/admin/api/keys",
+        json!({"team": "search", "scopes": ["feedback"]}),
+        Some(&csrf),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let narrow: Value = serde_json::from_str(&r.body).unwrap();
+    assert_eq!(narrow["scopes"], json!(["feedback"]));
+    let who = |secret: String| {
+        let pool = gw.db.pool.clone();
+        async move {
+            flywheel_store::keys::authenticate(&pool, &secret)
+                .await
+                .unwrap()
+                .unwrap()
+        }
+    };
+    let narrow_key = narrow["key"].as_str().unwrap().to_string();
+    assert_eq!(who(narrow_key.clone()).await.scopes, vec![Scope::Feedback]);
+    let r = call(
+        "/admin/api/keys/scopes",
+        json!({"prefix": narrow["prefix"], "scopes": ["chat", "read"]}),
+        Some(&csrf),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(
+        who(narrow_key.clone()).await.scopes,
+        vec![Scope::Chat, Scope::Read]
+    );
+    for (bad, status) in [(json!([]), 400), (json!(["admin"]), 422)] {
+        let r = call(
+            "/admin/api/keys/scopes",
+            json!({"prefix": narrow["prefix"], "scopes": bad}),
+            Some(&csrf),
+        )
+        .await;
+        assert_eq!(r.status, status, "{bad}: {}", r.body);
+    }
+    // Rate limits; null is none.
+    let r = call(
+        "/admin/api/teams/limits",
+        json!({"team": "search", "requests_per_minute": null, "tokens_per_minute": 20000}),
+        Some(&csrf),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let limits = who(narrow_key).await.limits;
+    assert_eq!(
+        (limits.requests_per_minute, limits.tokens_per_minute),
+        (None, Some(20_000))
+    );
+    let r = call(
+        "/admin/api/teams/limits",
+        json!({"team": "nobody", "requests_per_minute": 5}),
+        Some(&csrf),
+    )
+    .await;
+    assert_eq!(r.status, 400, "{}", r.body);
     let r = call(
         "/admin/api/keys/revoke",
         json!({"prefix": made["prefix"]}),

@@ -197,6 +197,7 @@ async fn quality_check_answers_every_factual_prompt() {
                 prompt_ids,
                 params,
                 adapter: None,
+                ..Default::default()
             })
             .unwrap();
         let mut text = String::new();

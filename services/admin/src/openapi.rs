@@ -21,6 +21,9 @@ fn op(summary: &str, security: &str, body: Option<Value>, ok: (&str, &str)) -> V
             "401": error_response("no or a bad credential"),
         },
     });
+    if security == "bearer" {
+        o["responses"]["403"] = error_response("the key lacks the scope this route needs");
+    }
     if let Some(schema) = body {
         o["requestBody"] = json!({"required": true,
             "content": {"application/json": {"schema": schema}}});
@@ -54,6 +57,14 @@ fn admin_action(summary: &str, needs_model: bool) -> Value {
 }
 
 /// An action: the CSRF header, and the refusals every action may answer.
+/// A route under the team's rate limits and the engine's queue.
+fn limited(mut o: Value) -> Value {
+    o["responses"]["429"] = error_response(
+        "the team's rate limit is reached or the server is at capacity; `retry-after` says when to retry",
+    );
+    o
+}
+
 fn with_csrf(mut o: Value) -> Value {
     o["parameters"] = json!([{"name": "X-CSRF-Token", "in": "header", "required": true,
         "schema": {"type": "string"}, "description": "the session's CSRF token (in every page's forms)"}]);
@@ -73,12 +84,12 @@ pub fn document() -> Value {
             "description": "The OpenAI-compatible API of a team's model, its feedback, and the admin dashboard's actions.",
         },
         "paths": {
-            "/v1/chat/completions": {"post": op("A chat completion (OpenAI's shape; `stream` for SSE, `response_format` for JSON)", key,
+            "/v1/chat/completions": {"post": limited(op("A chat completion (OpenAI's shape; `stream` for SSE, `response_format` for JSON)", key,
                 Some(json!({"type": "object", "required": ["messages"], "properties": {
                     "model": {"type": "string"}, "messages": {"type": "array"}, "max_tokens": {"type": "integer"},
                     "temperature": {"type": "number"}, "top_p": {"type": "number"}, "stop": {},
                     "stream": {"type": "boolean"}, "user": {"type": "string"}, "response_format": {"type": "object"}}})),
-                ("200", "the completion, or an event stream"))},
+                ("200", "the completion, or an event stream")))},
             "/v1/models": {"get": op("The models this key's team may call", key, None, ("200", "a list"))},
             "/v1/models/{name}": {"get": op("One model", key, None, ("200", "the model"))},
             "/v1/feedback": {"post": op("An end user's rating of a completion", key,
@@ -92,6 +103,12 @@ pub fn document() -> Value {
             "/v1/completions/{id}": {"get": op("A stored completion", key, None, ("200", "the record"))},
             "/v1/completions/{id}/feedback": {"get": op("A completion's votes", key, None, ("200", "a page of votes"))},
             "/v1/users/{user}/data": {"delete": op("Delete an end user's completions and votes", key, None, ("200", "what was deleted"))},
+            "/tokenize": {"post": op("Token ids of a text (`prompt`) or a conversation (`messages`, rendered as a chat completion would be) under the model that would serve it (vLLM's shape)", key,
+                Some(json!({"type": "object", "properties": {"model": {"type": "string"}, "prompt": {"type": "string"}, "messages": {"type": "array"}}})),
+                ("200", "`count`, `max_model_len` and `tokens`"))},
+            "/detokenize": {"post": op("The text of token ids", key,
+                Some(json!({"type": "object", "required": ["tokens"], "properties": {"model": {"type": "string"}, "tokens": {"type": "array", "items": {"type": "integer", "minimum": 0}}}})),
+                ("200", "`prompt`: the text"))},
             "/healthz": {"get": {"summary": "The process answers", "responses": {"200": {"description": "ok"}}}},
             "/readyz": {"get": {"summary": "A model is loaded", "responses": {"200": {"description": "ready"}, "503": {"description": "loading"}}}},
             "/metrics": {"get": {"summary": "Prometheus metrics", "responses": {"200": {"description": "text exposition format"}}}},
@@ -102,8 +119,19 @@ pub fn document() -> Value {
             "/admin/api/rollback": {"post": admin_action("Stop the team's canary, or bring back the champion before its last promotion", false)},
             "/admin/api/runs/{id}/cancel": {"post": with_csrf(op("Ask a queued or running training run to stop", "session", None, ("200", "cancel requested")))},
             "/admin/api/keys": {"post": with_csrf(op("A new API key for a team (made with its first key); the secret is in this response only", "session",
-                Some(json!({"type": "object", "required": ["team"], "properties": {"team": {"type": "string"}}})),
-                ("200", "`team`, `prefix` and `key`")))},
+                Some(json!({"type": "object", "required": ["team"], "properties": {"team": {"type": "string"},
+                    "scopes": {"type": "array", "items": {"$ref": "#/components/schemas/Scope"}, "minItems": 1,
+                               "description": "what the key may do; default: every scope"}}})),
+                ("200", "`team`, `prefix`, `scopes` and `key`")))},
+            "/admin/api/keys/scopes": {"post": with_csrf(op("Set what a live key may do", "session",
+                Some(json!({"type": "object", "required": ["prefix", "scopes"], "properties": {"prefix": {"type": "string"},
+                    "scopes": {"type": "array", "items": {"$ref": "#/components/schemas/Scope"}, "minItems": 1}}})),
+                ("200", "saved; gateways apply it from the key's next request")))},
+            "/admin/api/teams/limits": {"post": with_csrf(op("A team's rate limits, per gateway process (null: none)", "session",
+                Some(json!({"type": "object", "required": ["team"], "properties": {"team": {"type": "string"},
+                    "requests_per_minute": {"type": ["integer", "null"], "minimum": 1},
+                    "tokens_per_minute": {"type": ["integer", "null"], "minimum": 1}}})),
+                ("200", "saved")))},
             "/admin/api/keys/revoke": {"post": with_csrf(op("Revoke a key by its prefix (or id)", "session",
                 Some(json!({"type": "object", "required": ["prefix"], "properties": {"prefix": {"type": "string"}}})),
                 ("200", "revoked")))},
@@ -119,6 +147,8 @@ pub fn document() -> Value {
                             "description": "an admin session (POST /admin/login with the sign-in form's `csrf` field and its `flywheel_login` cookie, both from GET /admin/login)"},
             },
             "schemas": {
+                "Scope": {"enum": ["chat", "feedback", "read", "delete"],
+                          "description": "chat: POST /v1/chat/completions; feedback: POST /v1/feedback and /v1/feedback/batch; read: GET /v1/completions/{id} and its feedback; delete: DELETE /v1/users/{user}/data"},
                 "Error": {"type": "object", "properties": {"error": {"type": "object", "properties": {
                     "message": {"type": "string"}, "type": {"type": "string"},
                     "param": {"type": ["string", "null"]}, "code": {"type": ["string", "null"]}}}}},

@@ -1,7 +1,7 @@
 //! Teams and keys: every team with its privacy settings and its API keys
 //! (prefixes only: a key's secret is shown once, on the page that made it),
 //! and the admin's actions on them: a new key (and team), revoking a key,
-//! the privacy and pooling switches.
+//! the privacy and pooling switches, a key's scopes and a team's rate limits.
 
 use askama::Template;
 use axum::Json;
@@ -9,7 +9,7 @@ use axum::extract::{Form, State};
 use axum::http::HeaderMap;
 use axum::response::{Html, IntoResponse, Redirect, Response};
 use flywheel_store::dashboard::TeamRow;
-use flywheel_store::keys::KeyInfo;
+use flywheel_store::keys::{KeyInfo, Scope};
 use serde::{Deserialize, Serialize};
 
 use crate::AdminState;
@@ -34,6 +34,16 @@ impl TeamsPage {
     }
     fn maybe_when(&self, t: &Option<chrono::DateTime<chrono::Utc>>) -> String {
         maybe_when(t)
+    }
+    /// Every scope with what it opens, for the forms.
+    fn scopes(&self) -> Vec<(&'static str, &'static str)> {
+        Scope::ALL.iter().map(|s| (s.as_str(), s.opens())).collect()
+    }
+    fn has(&self, k: &KeyInfo, scope: &str) -> bool {
+        k.scopes.iter().any(|s| s == scope)
+    }
+    fn limit(&self, n: &Option<i32>) -> String {
+        n.map_or(String::new(), |n| n.to_string())
     }
 }
 
@@ -69,6 +79,8 @@ const MAX_TEAM: usize = 100;
 pub struct MadeKey {
     pub team: String,
     pub prefix: String,
+    /// What the key may do.
+    pub scopes: Vec<String>,
     /// The secret: here once, stored nowhere.
     pub key: String,
 }
@@ -78,6 +90,7 @@ async fn make_key(
     state: &AdminState,
     signed: &Signed,
     team: &str,
+    scopes: &[Scope],
     csrf: Option<&str>,
 ) -> Result<MadeKey, AdminError> {
     signed.may_act(csrf)?;
@@ -87,18 +100,123 @@ async fn make_key(
             "a team's name has 1 to {MAX_TEAM} characters"
         )));
     }
-    let (info, secret) = flywheel_store::keys::create_key(&state.pool, team).await?;
+    if scopes.is_empty() {
+        return Err(AdminError::bad_request("a key needs at least one scope"));
+    }
+    let (info, secret) = flywheel_store::keys::create_key_with(&state.pool, team, scopes).await?;
     tracing::info!(
         admin = signed.session.username,
         team,
         prefix = info.prefix,
+        scopes = info.scopes.join(","),
         "API key created"
     );
     Ok(MadeKey {
         team: team.to_string(),
         prefix: info.prefix,
+        scopes: info.scopes,
         key: secret,
     })
+}
+
+/// Sets a live key's scopes.
+async fn rescope(
+    state: &AdminState,
+    signed: &Signed,
+    prefix: &str,
+    scopes: &[Scope],
+    csrf: Option<&str>,
+) -> Result<String, AdminError> {
+    signed.may_act(csrf)?;
+    let prefix = prefix.trim();
+    if scopes.is_empty() {
+        return Err(AdminError::bad_request(
+            "a key needs at least one scope (revoke it to stop it working)",
+        ));
+    }
+    if flywheel_store::keys::set_scopes(&state.pool, prefix, scopes).await? == 0 {
+        return Err(AdminError::conflict(format!(
+            "no active key has the prefix {prefix:?}"
+        )));
+    }
+    let list = flywheel_store::keys::scope_list(scopes);
+    tracing::info!(
+        admin = signed.session.username,
+        prefix,
+        scopes = list,
+        "API key scopes set"
+    );
+    Ok(format!("key {prefix}: scopes {list}"))
+}
+
+/// Sets a team's rate limits (none: unlimited).
+async fn set_limits(
+    state: &AdminState,
+    signed: &Signed,
+    team: &str,
+    rpm: Option<u32>,
+    tpm: Option<u32>,
+    csrf: Option<&str>,
+) -> Result<String, AdminError> {
+    signed.may_act(csrf)?;
+    if rpm == Some(0) || tpm == Some(0) || [rpm, tpm].iter().flatten().any(|&n| n > i32::MAX as u32)
+    {
+        return Err(AdminError::bad_request(
+            "a limit is a whole number above 0, or empty for none",
+        ));
+    }
+    if !flywheel_store::keys::set_limits(&state.pool, team, Some(rpm), Some(tpm)).await? {
+        return Err(AdminError::bad_request(format!(
+            "no team is called {team:?}"
+        )));
+    }
+    let show = |n: Option<u32>| n.map_or("none".to_string(), |n| n.to_string());
+    tracing::info!(
+        admin = signed.session.username,
+        team,
+        requests_per_minute = show(rpm),
+        tokens_per_minute = show(tpm),
+        "team rate limits"
+    );
+    Ok(format!(
+        "team {team}: requests_per_minute = {}, tokens_per_minute = {}",
+        show(rpm),
+        show(tpm)
+    ))
+}
+
+/// The scopes ticked on a form (`scope` repeated).
+fn ticked(pairs: &[(String, String)]) -> Result<Vec<Scope>, AdminError> {
+    let mut scopes = Vec::new();
+    for (name, value) in pairs {
+        if name == "scope" {
+            let scope: Scope = value.parse().map_err(AdminError::bad_request)?;
+            if !scopes.contains(&scope) {
+                scopes.push(scope);
+            }
+        }
+    }
+    Ok(scopes)
+}
+
+/// A form's field by name.
+fn field<'a>(pairs: &'a [(String, String)], name: &str) -> Option<&'a str> {
+    pairs
+        .iter()
+        .find(|(n, _)| n == name)
+        .map(|(_, v)| v.as_str())
+}
+
+/// A limit from a form: empty is none.
+fn limit_field(pairs: &[(String, String)], name: &str) -> Result<Option<u32>, AdminError> {
+    match field(pairs, name).map(str::trim) {
+        None | Some("") => Ok(None),
+        Some(n) => n.parse().map(Some).map_err(|_| {
+            AdminError::bad_request(format!(
+                "{name}: a whole number above 0, or empty for none; not {n:?}"
+            ))
+        }),
+    }
 }
 
 async fn revoke(
@@ -146,20 +264,51 @@ async fn set(
     ))
 }
 
-#[derive(Deserialize)]
-pub struct NewKey {
-    csrf: Option<String>,
-    team: String,
-}
-
-/// The form: the secret is in this page only (never cached, never stored).
+/// The form (`team`, `scope` once per ticked box): the secret is in this
+/// page only (never cached, never stored).
 pub async fn create_key(
     State(state): State<AdminState>,
     signed: Signed,
-    Form(f): Form<NewKey>,
+    Form(f): Form<Vec<(String, String)>>,
 ) -> Result<Html<String>, AdminError> {
-    let made = make_key(&state, &signed, &f.team, f.csrf.as_deref()).await?;
+    let team = field(&f, "team").unwrap_or_default();
+    let made = make_key(&state, &signed, team, &ticked(&f)?, field(&f, "csrf")).await?;
     render(&state, &signed, Some((made.team, made.key)), None).await
+}
+
+/// The form on a key's row: `prefix` and its ticked `scope`s.
+pub async fn scopes_form(
+    State(state): State<AdminState>,
+    signed: Signed,
+    Form(f): Form<Vec<(String, String)>>,
+) -> Result<Response, AdminError> {
+    let prefix = field(&f, "prefix").unwrap_or_default();
+    let done = rescope(&state, &signed, prefix, &ticked(&f)?, field(&f, "csrf")).await?;
+    Ok(Redirect::to(&format!(
+        "/admin/teams?done={}",
+        crate::auth::urlencode(&done)
+    ))
+    .into_response())
+}
+
+/// The form on a team's row: `requests_per_minute` and
+/// `tokens_per_minute`, each empty for no limit.
+pub async fn limits_form(
+    State(state): State<AdminState>,
+    signed: Signed,
+    Form(f): Form<Vec<(String, String)>>,
+) -> Result<Response, AdminError> {
+    let team = field(&f, "team").unwrap_or_default();
+    let (rpm, tpm) = (
+        limit_field(&f, "requests_per_minute")?,
+        limit_field(&f, "tokens_per_minute")?,
+    );
+    let done = set_limits(&state, &signed, team, rpm, tpm, field(&f, "csrf")).await?;
+    Ok(Redirect::to(&format!(
+        "/admin/teams?done={}",
+        crate::auth::urlencode(&done)
+    ))
+    .into_response())
 }
 
 #[derive(Deserialize)]
@@ -210,6 +359,8 @@ pub async fn settings(
 #[derive(Deserialize)]
 pub struct NewKeyJson {
     team: String,
+    /// Default: every scope.
+    scopes: Option<Vec<Scope>>,
 }
 
 pub async fn create_key_api(
@@ -218,10 +369,57 @@ pub async fn create_key_api(
     headers: HeaderMap,
     Json(f): Json<NewKeyJson>,
 ) -> Result<Json<MadeKey>, AdminError> {
-    make_key(&state, &signed, &f.team, header_csrf(&headers))
+    let scopes = f.scopes.unwrap_or(Scope::ALL.to_vec());
+    make_key(&state, &signed, &f.team, &scopes, header_csrf(&headers))
         .await
         .map(Json)
         .map_err(AdminError::api)
+}
+
+#[derive(Deserialize)]
+pub struct ScopesJson {
+    prefix: String,
+    scopes: Vec<Scope>,
+}
+
+pub async fn scopes_api(
+    State(state): State<AdminState>,
+    signed: Signed,
+    headers: HeaderMap,
+    Json(f): Json<ScopesJson>,
+) -> Result<Json<Outcome>, AdminError> {
+    rescope(&state, &signed, &f.prefix, &f.scopes, header_csrf(&headers))
+        .await
+        .map(|done| Json(Outcome { done }))
+        .map_err(AdminError::api)
+}
+
+#[derive(Deserialize)]
+pub struct LimitsJson {
+    team: String,
+    /// Null or absent: no limit.
+    requests_per_minute: Option<u32>,
+    tokens_per_minute: Option<u32>,
+}
+
+pub async fn limits_api(
+    State(state): State<AdminState>,
+    signed: Signed,
+    headers: HeaderMap,
+    Json(f): Json<LimitsJson>,
+) -> Result<Json<Outcome>, AdminError> {
+    let csrf = header_csrf(&headers);
+    set_limits(
+        &state,
+        &signed,
+        &f.team,
+        f.requests_per_minute,
+        f.tokens_per_minute,
+        csrf,
+    )
+    .await
+    .map(|done| Json(Outcome { done }))
+    .map_err(AdminError::api)
 }
 
 #[derive(Deserialize)]

@@ -92,6 +92,7 @@ fn main() {
             prompt_ids: chat(&engine, "Hi"),
             params: greedy(8),
             adapter: None,
+            ..Default::default()
         }],
     );
 
@@ -105,6 +106,7 @@ fn main() {
                     prompt_ids: long.clone(),
                     params: greedy(1),
                     adapter: None,
+                    ..Default::default()
                 }],
             );
             long.len() as f64 / out[0].0
@@ -121,6 +123,7 @@ fn main() {
                     prompt_ids: short.clone(),
                     params: greedy(DECODE_TOKENS),
                     adapter: None,
+                    ..Default::default()
                 }],
             );
             (out[0].1 - 1) as f64 / (wall - out[0].0)
@@ -148,6 +151,7 @@ fn main() {
                     prompt_ids: chat(&engine, &format!("Write a story about {}.", topics[i])),
                     params: greedy(DECODE_TOKENS),
                     adapter: None,
+                    ..Default::default()
                 })
                 .collect();
             let (wall, out) = run(&engine, reqs);
@@ -185,6 +189,7 @@ fn main() {
                     prompt_ids: chat(&engine, prompt),
                     params,
                     adapter: None,
+                    ..Default::default()
                 }],
             );
             let ok = out[0]

@@ -7,7 +7,7 @@
 
 use std::path::Path;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{SyncSender, TrySendError, sync_channel};
 
 use flywheel_model::{ChatMessage, ModelFiles};
@@ -27,6 +27,9 @@ use crate::types::{
 pub struct EngineHandle {
     tx: SyncSender<Job>,
     shared: Arc<Shared>,
+    /// The queue's bounds: in all, and per tenant.
+    capacity: usize,
+    per_tenant: usize,
 }
 
 impl EngineHandle {
@@ -46,7 +49,10 @@ impl EngineHandle {
             vocab_size: config.vocab,
             weight_bytes: 0,
         };
+        // The thread takes every submitted request off this channel into
+        // its own waiting list; `Shared::queued` bounds the two together.
         let (tx, rx) = sync_channel(cfg.queue_capacity);
+        let (capacity, per_tenant) = (cfg.queue_capacity, cfg.queue_per_tenant);
         let device = flywheel_model::device();
         let llama = config.clone();
         let cpu = device.is_cpu() && cfg.backend == Backend::Auto;
@@ -57,7 +63,7 @@ impl EngineHandle {
                 tokenizer,
                 template,
                 eos,
-                queued: AtomicUsize::new(0),
+                queued: Default::default(),
                 stats: Counters::default(),
                 adapters: Default::default(),
                 next_adapter: AtomicU64::new(1),
@@ -81,7 +87,12 @@ impl EngineHandle {
             shared
         };
         tracing::info!(model = name, path = %path.display(), "model loaded");
-        Ok(Self { tx, shared })
+        Ok(Self {
+            tx,
+            shared,
+            capacity,
+            per_tenant,
+        })
     }
 
     pub fn info(&self) -> &ModelInfo {
@@ -132,7 +143,7 @@ impl EngineHandle {
 
     /// Requests waiting for the engine, not counting the one running.
     pub fn queue_depth(&self) -> usize {
-        self.shared.queued.load(Ordering::Relaxed)
+        self.shared.waiting().total
     }
 
     pub fn stats(&self) -> EngineStats {
@@ -159,6 +170,24 @@ impl EngineHandle {
         Ok(self.shared.tokenizer.encode(&text)?)
     }
 
+    /// Token ids of `text` as it is (special tokens in it recognised).
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        Ok(self.shared.tokenizer.encode(text)?)
+    }
+
+    /// The text of token ids, special tokens kept; an id outside the
+    /// vocabulary is an error.
+    pub fn decode(&self, ids: &[u32]) -> Result<String> {
+        let vocab = self.shared.info.vocab_size;
+        if let Some(bad) = ids.iter().find(|&&id| id as usize >= vocab) {
+            return Err(crate::EngineError::Invalid(format!(
+                "token {bad} is outside the vocabulary (0 to {})",
+                vocab - 1
+            )));
+        }
+        Ok(self.shared.tokenizer.decode(ids, false)?)
+    }
+
     /// Token ids of an assistant's answer as the model would end it (its
     /// text, then the end-of-turn token): what scoring forces.
     pub fn answer_ids(&self, text: &str) -> Result<Vec<u32>> {
@@ -173,11 +202,14 @@ impl EngineHandle {
         req: GenerateRequest,
     ) -> std::result::Result<UnboundedReceiver<Event>, SubmitError> {
         let (events, rx) = unbounded_channel();
-        self.shared.queued.fetch_add(1, Ordering::Relaxed);
+        let tenant = req.tenant;
+        self.shared
+            .waiting()
+            .enter(tenant, self.capacity, self.per_tenant)?;
         match self.tx.try_send(Job { req, events }) {
             Ok(()) => Ok(rx),
             Err(e) => {
-                self.shared.queued.fetch_sub(1, Ordering::Relaxed);
+                self.shared.waiting().leave(tenant);
                 Err(match e {
                     TrySendError::Full(_) => SubmitError::QueueFull,
                     TrySendError::Disconnected(_) => SubmitError::Stopped,

@@ -27,6 +27,9 @@ pub struct SamplingParams {
     /// `response_format`: only output that keeps to this JSON shape
     /// (constrained decoding, [`crate::grammar`]).
     pub json: Option<std::sync::Arc<crate::grammar::Node>>,
+    /// Added to these tokens' logits before anything else (OpenAI's
+    /// `logit_bias`: -100 all but bans a token, 100 all but forces it).
+    pub logit_bias: Vec<(u32, f32)>,
 }
 
 impl Default for SamplingParams {
@@ -45,6 +48,7 @@ impl Default for SamplingParams {
             ignore_eos: false,
             forced: Vec::new(),
             json: None,
+            logit_bias: Vec::new(),
         }
     }
 }
@@ -76,6 +80,11 @@ impl Sampler {
     /// Picks the next token from raw logits (modified in place).
     pub fn sample(&mut self, logits: &mut [f32]) -> u32 {
         let p = &self.params;
+        for &(tok, bias) in &p.logit_bias {
+            if let Some(l) = logits.get_mut(tok as usize) {
+                *l += bias;
+            }
+        }
         if p.presence_penalty != 0.0 || p.frequency_penalty != 0.0 {
             for (&tok, &n) in &self.counts {
                 if let Some(l) = logits.get_mut(tok as usize) {

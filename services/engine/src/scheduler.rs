@@ -4,7 +4,10 @@
 //! it, within a token budget, so a long prompt never stalls the others for
 //! long (continuous batching with chunked prefill). New requests join
 //! between steps; finished or abandoned ones leave and free their cache at
-//! once.
+//! once. Waiting requests are admitted fairly between tenants (teams): a
+//! free slot goes to the tenant with the fewest sequences running, so one
+//! team's flood cannot hold every slot while another team waits; a waiting
+//! request whose client went away leaves the queue at once.
 //!
 //! A step has three parts, as vLLM's engine core has: [`Scheduler::plan`]
 //! decides which sequences run and how many tokens each brings,
@@ -13,7 +16,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::sync::mpsc::{Receiver, TryRecvError};
+use std::sync::mpsc::Receiver;
 use std::time::Instant;
 
 use flywheel_model::IncrementalDecoder;
@@ -86,6 +89,11 @@ struct Scheduler<M: StepModel> {
     shared: Arc<Shared>,
     cfg: EngineConfig,
     active: Vec<Seq<M::Cache>>,
+    /// Submitted, not yet admitted, oldest first.
+    waiting: std::collections::VecDeque<Job>,
+    /// When each tenant last had a request admitted (a count of admissions).
+    last_admitted: std::collections::HashMap<u64, u64>,
+    admissions: u64,
 }
 
 impl<M: StepModel> Scheduler<M> {
@@ -95,32 +103,78 @@ impl<M: StepModel> Scheduler<M> {
             shared,
             cfg,
             active: Vec::new(),
+            waiting: Default::default(),
+            last_admitted: Default::default(),
+            admissions: 0,
         }
     }
 
     fn run(mut self, rx: Receiver<Job>) {
         loop {
-            // Wait for work when idle; otherwise take what is queued, up to
-            // the batch size, without waiting.
-            if self.active.is_empty() {
+            // Wait for work when idle; otherwise take everything submitted
+            // without waiting.
+            if self.active.is_empty() && self.waiting.is_empty() {
                 match rx.recv() {
-                    Ok(job) => self.admit(job),
+                    Ok(job) => self.waiting.push_back(job),
                     Err(_) => return,
                 }
             }
-            while self.active.len() < self.cfg.max_batch.max(1) {
-                match rx.try_recv() {
-                    Ok(job) => self.admit(job),
-                    Err(TryRecvError::Empty) => break,
-                    Err(TryRecvError::Disconnected) if self.active.is_empty() => return,
-                    Err(TryRecvError::Disconnected) => break,
-                }
+            while let Ok(job) = rx.try_recv() {
+                self.waiting.push_back(job);
             }
+            self.drop_abandoned();
+            self.fill();
             self.drop_cancelled();
             if !self.active.is_empty() {
                 self.step();
             }
         }
+    }
+
+    /// Admits waiting requests while the batch has room.
+    fn fill(&mut self) {
+        while self.active.len() < self.cfg.max_batch.max(1) {
+            match self.next_fair() {
+                Some(job) => self.admit(job),
+                None => break,
+            }
+        }
+    }
+
+    /// The waiting request whose tenant has the fewest sequences running;
+    /// among equals, the tenant served least recently, then the oldest
+    /// request (round robin between tenants, first come within one).
+    fn next_fair(&mut self) -> Option<Job> {
+        let running = |tenant: u64| {
+            self.active
+                .iter()
+                .filter(|s| s.job.req.tenant == tenant)
+                .count()
+        };
+        let served = |tenant: u64| self.last_admitted.get(&tenant).copied().unwrap_or(0);
+        let i = (0..self.waiting.len()).min_by_key(|&i| {
+            let tenant = self.waiting[i].req.tenant;
+            (running(tenant), served(tenant), i)
+        })?;
+        let job = self.waiting.remove(i)?;
+        self.admissions += 1;
+        self.last_admitted.insert(job.req.tenant, self.admissions);
+        Some(job)
+    }
+
+    /// Waiting requests whose client went away leave the queue.
+    fn drop_abandoned(&mut self) {
+        let before = self.waiting.len();
+        let shared = &self.shared;
+        self.waiting.retain(|job| {
+            let gone = job.events.is_closed();
+            if gone {
+                shared.waiting().leave(job.req.tenant);
+            }
+            !gone
+        });
+        let gone = (before - self.waiting.len()) as u64;
+        shared.stats.cancelled.fetch_add(gone, Ordering::Relaxed);
     }
 
     /// Sequences whose client went away leave the batch.
@@ -137,7 +191,7 @@ impl<M: StepModel> Scheduler<M> {
     }
 
     fn admit(&mut self, job: Job) {
-        self.shared.queued.fetch_sub(1, Ordering::Relaxed);
+        self.shared.waiting().leave(job.req.tenant);
         let n = job.req.prompt_ids.len();
         if n == 0 || n >= self.model.config().context_length {
             let _ = job.events.send(Event::Error(format!(
@@ -610,7 +664,7 @@ mod tests {
             ..Default::default()
         };
         let (events, mut rx) = unbounded_channel();
-        shared.queued.fetch_add(1, Ordering::Relaxed);
+        shared.waiting().enter(0, usize::MAX, usize::MAX).unwrap();
         scheduler.admit(Job {
             req: GenerateRequest {
                 prompt_ids,
@@ -629,6 +683,131 @@ mod tests {
         assert_eq!(stats.cancelled.load(Ordering::Relaxed), 1);
         let generated = stats.generated_tokens.load(Ordering::Relaxed);
         assert!(generated < 200, "{generated} tokens");
+    }
+
+    /// A waiting job of `tenant` that will not end by itself.
+    fn waiting_job(shared: &Shared, tenant: u64) -> (Job, UnboundedReceiver<Event>) {
+        let (events, rx) = unbounded_channel();
+        shared
+            .waiting()
+            .enter(tenant, usize::MAX, usize::MAX)
+            .unwrap();
+        let job = Job {
+            req: GenerateRequest {
+                prompt_ids: shared.tokenizer.encode("<|im_start|>user\nhello").unwrap(),
+                params: SamplingParams {
+                    max_tokens: 100,
+                    ignore_eos: true,
+                    ..Default::default()
+                },
+                tenant,
+                ..Default::default()
+            },
+            events,
+        };
+        (job, rx)
+    }
+
+    #[test]
+    fn a_free_slot_goes_to_the_tenant_with_the_fewest_running() {
+        let (mut scheduler, shared) = tiny_scheduler();
+        scheduler.cfg.max_batch = 3;
+        let mut receivers = Vec::new();
+        // Tenant 1 floods first; tenant 2's one request comes last.
+        for tenant in [1, 1, 1, 1, 1, 2] {
+            let (job, rx) = waiting_job(&shared, tenant);
+            scheduler.waiting.push_back(job);
+            receivers.push(rx);
+        }
+        scheduler.fill();
+        let running: Vec<u64> = scheduler.active.iter().map(|s| s.job.req.tenant).collect();
+        assert_eq!(running, vec![1, 2, 1], "tenant 2 took the second slot");
+        assert_eq!(shared.waiting().total, 3);
+        assert_eq!(shared.waiting().by_tenant.get(&2), None);
+        // With one slot, a finished sequence's slot goes to the tenant
+        // served least recently, not to the flood's older requests.
+        let (mut one, shared_one) = tiny_scheduler();
+        one.cfg.max_batch = 1;
+        for tenant in [1, 1, 1, 2, 1, 3] {
+            let (job, rx) = waiting_job(&shared_one, tenant);
+            one.waiting.push_back(job);
+            receivers.push(rx);
+        }
+        let mut order = Vec::new();
+        while !one.waiting.is_empty() {
+            one.fill();
+            order.push(one.active[0].job.req.tenant);
+            one.active.clear();
+        }
+        assert_eq!(order, vec![1, 2, 3, 1, 1, 1]);
+        // In a first-come order tenant 2 would have waited behind all five.
+        let (mut fifo, shared) = tiny_scheduler();
+        fifo.cfg.max_batch = 3;
+        for tenant in [1, 1, 1, 1, 1, 2] {
+            let (job, rx) = waiting_job(&shared, tenant);
+            fifo.waiting.push_back(job);
+            receivers.push(rx);
+        }
+        for _ in 0..3 {
+            let job = fifo.waiting.pop_front().unwrap();
+            fifo.admit(job);
+        }
+        assert!(fifo.active.iter().all(|s| s.job.req.tenant == 1));
+    }
+
+    #[test]
+    fn a_waiting_request_whose_client_left_leaves_the_queue_at_once() {
+        let (mut scheduler, shared) = tiny_scheduler();
+        let (kept, _rx) = waiting_job(&shared, 1);
+        let (gone, rx) = waiting_job(&shared, 2);
+        scheduler.waiting.extend([kept, gone]);
+        drop(rx);
+        scheduler.drop_abandoned();
+        assert_eq!(scheduler.waiting.len(), 1);
+        assert_eq!(scheduler.waiting[0].req.tenant, 1);
+        assert_eq!(shared.waiting().total, 1);
+        assert_eq!(shared.stats.cancelled.load(Ordering::Relaxed), 1);
+    }
+
+    #[test]
+    fn a_tenant_that_fills_its_share_of_the_queue_leaves_room_for_others() {
+        // One sequence runs at a time; the queue holds 6, a tenant 2 of them.
+        let engine = tiny_engine_with(EngineConfig {
+            queue_capacity: 6,
+            queue_per_tenant: 2,
+            max_batch: 1,
+            ..Default::default()
+        });
+        let params = SamplingParams {
+            max_tokens: 300,
+            ignore_eos: true,
+            ..Default::default()
+        };
+        let mut receivers = Vec::new();
+        let mut accepted = 0;
+        loop {
+            let req = GenerateRequest {
+                tenant: 1,
+                ..request(&engine, params.clone())
+            };
+            match engine.submit(req) {
+                Ok(rx) => {
+                    receivers.push(rx);
+                    accepted += 1;
+                }
+                Err(SubmitError::TenantQueueFull) => break,
+                Err(e) => panic!("{e}"),
+            }
+            assert!(accepted <= 3 + 20, "tenant 1 was never refused");
+        }
+        // Tenant 1 is refused, tenant 2 is not.
+        let quiet = GenerateRequest {
+            tenant: 2,
+            ..request(&engine, params.clone())
+        };
+        let quiet = engine.submit(quiet).expect("the other tenant gets in");
+        drop(receivers);
+        assert!(matches!(collect(quiet).1, Some(Event::Done { .. })));
     }
 
     #[test]

@@ -3,7 +3,7 @@
 //! the engine thread share.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, AtomicUsize};
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, RwLock};
 
 use flywheel_model::{ChatTemplate, TextTokenizer};
@@ -15,6 +15,9 @@ use crate::sampling::SamplingParams;
 pub struct EngineConfig {
     /// Requests that may wait for the engine; one more is answered 429.
     pub queue_capacity: usize,
+    /// Requests one tenant (a team) may have waiting: past it that tenant
+    /// is refused while the rest of the queue stays open to the others.
+    pub queue_per_tenant: usize,
     /// Sequences generating at once.
     pub max_batch: usize,
     /// Tokens per step, all sequences together: bounds how long one step
@@ -41,6 +44,7 @@ impl Default for EngineConfig {
     fn default() -> Self {
         Self {
             queue_capacity: 64,
+            queue_per_tenant: 32,
             max_batch: 16,
             max_batched_tokens: 256,
             threads: 0,
@@ -67,6 +71,11 @@ pub struct GenerateRequest {
     /// A LoRA adapter added to the base weights for this request only
     /// ([`crate::EngineHandle::add_adapter`]).
     pub adapter: Option<AdapterId>,
+    /// Who asks (the gateway: the team). Tenants share the queue and the
+    /// batch fairly: each may hold at most `queue_per_tenant` of the queue,
+    /// and a free batch slot goes to the waiting tenant with the fewest
+    /// sequences running.
+    pub tenant: u64,
 }
 
 /// An adapter loaded into an engine.
@@ -128,8 +137,17 @@ pub enum Event {
 pub enum SubmitError {
     #[error("the engine queue is full")]
     QueueFull,
+    /// The request's tenant holds its whole share of the queue.
+    #[error("this tenant's share of the engine queue is full")]
+    TenantQueueFull,
     #[error("the engine has stopped")]
     Stopped,
+}
+
+impl Shared {
+    pub fn waiting(&self) -> std::sync::MutexGuard<'_, Waiting> {
+        self.queued.lock().unwrap_or_else(|p| p.into_inner())
+    }
 }
 
 /// What the handle and the engine thread share.
@@ -142,7 +160,7 @@ pub(crate) struct Shared {
     pub template: ChatTemplate,
     /// Ends the assistant's turn.
     pub eos: u32,
-    pub queued: AtomicUsize,
+    pub queued: std::sync::Mutex<Waiting>,
     pub stats: Counters,
     /// Adapters requests may name; a sequence keeps its own `Arc` while it
     /// runs, so removing one never disturbs a generation in flight.
@@ -150,6 +168,47 @@ pub(crate) struct Shared {
     pub next_adapter: AtomicU64,
     /// Every token's bytes, for constrained decoding (built on first use).
     pub token_bytes: std::sync::OnceLock<Vec<Option<Box<[u8]>>>>,
+}
+
+/// Requests submitted and not yet admitted to the batch: in all, and per
+/// tenant.
+#[derive(Debug, Default)]
+pub(crate) struct Waiting {
+    pub total: usize,
+    pub by_tenant: HashMap<u64, usize>,
+}
+
+impl Waiting {
+    /// Counts one more request of `tenant` if the queue and the tenant's
+    /// share of it have room.
+    pub fn enter(
+        &mut self,
+        tenant: u64,
+        capacity: usize,
+        per_tenant: usize,
+    ) -> Result<(), SubmitError> {
+        if self.total >= capacity {
+            return Err(SubmitError::QueueFull);
+        }
+        let mine = self.by_tenant.entry(tenant).or_default();
+        if *mine >= per_tenant.max(1) {
+            return Err(SubmitError::TenantQueueFull);
+        }
+        *mine += 1;
+        self.total += 1;
+        Ok(())
+    }
+
+    /// One request of `tenant` left the queue (admitted, refused or abandoned).
+    pub fn leave(&mut self, tenant: u64) {
+        self.total = self.total.saturating_sub(1);
+        if let Some(n) = self.by_tenant.get_mut(&tenant) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                self.by_tenant.remove(&tenant);
+            }
+        }
+    }
 }
 
 #[derive(Default)]

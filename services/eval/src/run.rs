@@ -114,12 +114,15 @@ async fn drive(
         prompt_ids,
         params,
         adapter: m.adapter,
+        ..Default::default()
     };
     let started = Instant::now();
     let mut rx = loop {
         match m.engine.submit(req.clone()) {
             Ok(rx) => break rx,
-            Err(SubmitError::QueueFull) => tokio::time::sleep(Duration::from_millis(20)).await,
+            Err(SubmitError::QueueFull | SubmitError::TenantQueueFull) => {
+                tokio::time::sleep(Duration::from_millis(20)).await
+            }
             Err(e) => return Err(RunError::Engine(e.to_string())),
         }
     };

@@ -58,6 +58,93 @@ async fn keys_create_list_revoke() {
 }
 
 #[tokio::test]
+async fn keys_carry_scopes_and_teams_carry_rate_limits() {
+    use flywheel_store::keys::{Scope, authenticate};
+    let db = fresh_database("fw_cli").await;
+    let (ok, out, err) = flywheel(&db, &["migrate"]);
+    assert!(ok, "{out}{err}");
+    let pool = flywheel_store::connect(&db).await.unwrap();
+    // By default a key may do everything; --scopes narrows it.
+    let (ok, out, err) = flywheel(&db, &["keys", "create", "--team", "shop"]);
+    assert!(
+        ok && out.contains("scopes chat,feedback,read,delete"),
+        "{out}{err}"
+    );
+    let (ok, out, err) = flywheel(
+        &db,
+        &["keys", "create", "--team", "shop", "--scopes", "feedback"],
+    );
+    assert!(ok, "{out}{err}");
+    let voter = out.lines().last().unwrap().trim().to_string();
+    let who = authenticate(&pool, &voter).await.unwrap().unwrap();
+    assert_eq!(who.scopes, vec![Scope::Feedback]);
+    let (ok, out, _) = flywheel(&db, &["keys", "list", "--team", "shop"]);
+    let line = out
+        .lines()
+        .find(|l| l.contains(&voter[..11]))
+        .unwrap_or_default();
+    assert!(ok && line.contains(" feedback "), "{out}");
+    // Set later, by prefix.
+    let (ok, out, err) = flywheel(&db, &["keys", "scopes", &voter[..11], "feedback,read"]);
+    assert!(ok && out.contains("scopes feedback,read"), "{out}{err}");
+    let who = authenticate(&pool, &voter).await.unwrap().unwrap();
+    assert_eq!(who.scopes, vec![Scope::Feedback, Scope::Read]);
+    // Bad lists are refused with the list of scopes; nothing changes.
+    for bad in ["", "feedback,admin", ","] {
+        let (ok, _, err) = flywheel(&db, &["keys", "scopes", &voter[..11], bad]);
+        assert!(
+            !ok && err.contains("chat,feedback,read,delete"),
+            "{bad:?}: {err}"
+        );
+    }
+    let (ok, _, err) = flywheel(
+        &db,
+        &["keys", "create", "--team", "shop", "--scopes", "everything"],
+    );
+    assert!(!ok && err.contains("no scope is called"), "{err}");
+    let who = authenticate(&pool, &voter).await.unwrap().unwrap();
+    assert_eq!(who.scopes, vec![Scope::Feedback, Scope::Read]);
+
+    // Rate limits: one at a time, the other kept; none removes one.
+    let (ok, out, err) = flywheel(
+        &db,
+        &["teams", "set", "shop", "--requests-per-minute", "120"],
+    );
+    assert!(
+        ok && out.contains("requests_per_minute = 120"),
+        "{out}{err}"
+    );
+    let (ok, out, err) = flywheel(
+        &db,
+        &["teams", "set", "shop", "--tokens-per-minute", "50000"],
+    );
+    assert!(
+        ok && out.contains("tokens_per_minute = 50000"),
+        "{out}{err}"
+    );
+    let limits = authenticate(&pool, &voter).await.unwrap().unwrap().limits;
+    assert_eq!(
+        (limits.requests_per_minute, limits.tokens_per_minute),
+        (Some(120), Some(50_000))
+    );
+    let (ok, out, err) = flywheel(
+        &db,
+        &["teams", "set", "shop", "--requests-per-minute", "none"],
+    );
+    assert!(
+        ok && out.contains("requests_per_minute = none"),
+        "{out}{err}"
+    );
+    let limits = authenticate(&pool, &voter).await.unwrap().unwrap().limits;
+    assert_eq!(
+        (limits.requests_per_minute, limits.tokens_per_minute),
+        (None, Some(50_000))
+    );
+    let (ok, _, err) = flywheel(&db, &["teams", "set", "shop", "--tokens-per-minute", "0"]);
+    assert!(!ok && err.contains("above 0"), "{err}");
+}
+
+#[tokio::test]
 async fn models_import_list_promote() {
     let db = fresh_database("fw_cli").await;
     let dir = std::env::temp_dir().join(format!("fw-cli-models-{}", uuid::Uuid::new_v4()));

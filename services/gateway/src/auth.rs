@@ -3,6 +3,10 @@
 //! asking again, but only while the gateway is listening for revocations,
 //! which clear that trust the moment they commit. Keys confirmed earlier
 //! keep working while Postgres is unreachable.
+//!
+//! A key opens only the routes its scopes name ([`require`]): a key that
+//! only sends votes cannot read the log or delete a user's data. Keys are
+//! looked up by their SHA-256, never compared as secrets, and never logged.
 
 use std::time::Duration;
 
@@ -10,6 +14,8 @@ use axum::extract::{Request, State};
 use axum::http::header;
 use axum::middleware::Next;
 use axum::response::Response;
+
+use flywheel_store::keys::{Principal, Scope, scope_list};
 
 use crate::{AppError, AppState};
 
@@ -65,5 +71,26 @@ pub async fn require_key(
         })?,
     };
     req.extensions_mut().insert(principal);
+    Ok(next.run(req).await)
+}
+
+/// Refuses (403) a request whose key lacks `scope`; runs after
+/// [`require_key`], which put the key's principal on the request.
+pub async fn require(scope: Scope, req: Request, next: Next) -> Result<Response, AppError> {
+    let principal = req
+        .extensions()
+        .get::<Principal>()
+        .ok_or_else(|| AppError::Internal("a scoped route without a key".into()))?;
+    if !principal.may(scope) {
+        return Err(AppError::Forbidden(format!(
+            "This API key lacks the `{}` scope ({}); it has: {}. An admin can give it \
+             with `flywheel keys scopes <prefix> {},{}` or on the dashboard's Teams page.",
+            scope.as_str(),
+            scope.opens(),
+            scope_list(&principal.scopes),
+            scope_list(&principal.scopes),
+            scope.as_str(),
+        )));
+    }
     Ok(next.run(req).await)
 }

@@ -17,6 +17,9 @@ pub enum AppError {
     },
     #[error("{0}")]
     Unauthorized(String),
+    /// The key is valid but lacks the scope this route needs.
+    #[error("{0}")]
+    Forbidden(String),
     #[error("{message}")]
     NotFound { message: String, code: &'static str },
     #[error("{0}")]
@@ -30,6 +33,9 @@ pub enum AppError {
     UnsupportedMediaType(String),
     #[error("the server is at capacity; retry after {retry_after_s} s")]
     Overloaded { retry_after_s: u64 },
+    /// The team's own rate limit (requests or tokens per minute).
+    #[error("{message}")]
+    RateLimited { message: String, retry_after_s: u64 },
     #[error("{0}")]
     Unavailable(String),
     /// Unavailable for a known while (an upstream's open circuit).
@@ -58,12 +64,13 @@ impl AppError {
         match self {
             Self::BadRequest { .. } => StatusCode::BAD_REQUEST,
             Self::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            Self::Forbidden(_) => StatusCode::FORBIDDEN,
             Self::NotFound { .. } => StatusCode::NOT_FOUND,
             Self::Conflict(_) => StatusCode::CONFLICT,
             Self::Unprocessable(_) => StatusCode::UNPROCESSABLE_ENTITY,
             Self::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Self::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            Self::Overloaded { .. } => StatusCode::TOO_MANY_REQUESTS,
+            Self::Overloaded { .. } | Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::Unavailable(_) | Self::UnavailableFor { .. } => StatusCode::SERVICE_UNAVAILABLE,
             Self::BadGateway(_) => StatusCode::BAD_GATEWAY,
             Self::GatewayTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
@@ -73,7 +80,7 @@ impl AppError {
 
     fn kind(&self) -> &'static str {
         match self {
-            Self::Overloaded { .. } => "rate_limit_error",
+            Self::Overloaded { .. } | Self::RateLimited { .. } => "rate_limit_error",
             Self::Unavailable(_)
             | Self::UnavailableFor { .. }
             | Self::BadGateway(_)
@@ -87,11 +94,12 @@ impl AppError {
         match self {
             Self::BadRequest { code, .. } => *code,
             Self::Unauthorized(_) => Some("invalid_api_key"),
+            Self::Forbidden(_) => Some("insufficient_permissions"),
             Self::NotFound { code, .. } => Some(code),
             Self::Conflict(_) => Some("conflict"),
             Self::Unprocessable(_) => Some("unprocessable"),
             Self::PayloadTooLarge => Some("request_too_large"),
-            Self::Overloaded { .. } => Some("rate_limit_exceeded"),
+            Self::Overloaded { .. } | Self::RateLimited { .. } => Some("rate_limit_exceeded"),
             Self::Unavailable(_) | Self::UnavailableFor { .. } => Some("service_unavailable"),
             Self::BadGateway(_) => Some("upstream_error"),
             Self::GatewayTimeout(_) => Some("upstream_timeout"),
@@ -121,8 +129,9 @@ impl IntoResponse for AppError {
             tracing::error!(error = %self, "request failed");
         }
         let mut resp = (status, axum::Json(self.body())).into_response();
-        if let Self::Overloaded { retry_after_s } | Self::UnavailableFor { retry_after_s, .. } =
-            self
+        if let Self::Overloaded { retry_after_s }
+        | Self::RateLimited { retry_after_s, .. }
+        | Self::UnavailableFor { retry_after_s, .. } = self
         {
             resp.headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from(retry_after_s));

@@ -15,6 +15,7 @@ mod feedback;
 mod health;
 mod input;
 pub mod journal;
+mod limits;
 mod metrics;
 mod models;
 mod records;
@@ -39,17 +40,30 @@ const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
 /// The complete HTTP API.
 pub fn router(state: AppState) -> Router {
+    use flywheel_store::keys::Scope;
+    let scoped = |router: Router<AppState>, scope: Scope| {
+        router.route_layer(axum::middleware::from_fn(move |req, next| {
+            auth::require(scope, req, next)
+        }))
+    };
     let api = Router::new()
-        .merge(chat::router())
-        .merge(feedback::router())
-        .merge(records::router())
+        .merge(scoped(chat::router(), Scope::Chat))
+        .merge(scoped(feedback::router(), Scope::Feedback))
+        .merge(scoped(records::read_router(), Scope::Read))
+        .merge(scoped(records::delete_router(), Scope::Delete))
+        // Any key may list the models it can name.
         .merge(models::router())
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
             auth::require_key,
         ));
+    // vLLM's paths, outside `/v1`.
+    let tokens = scoped(chat::tokenize::router(), Scope::Chat).route_layer(
+        axum::middleware::from_fn_with_state(state.clone(), auth::require_key),
+    );
     Router::new()
         .nest("/v1", api)
+        .merge(tokens)
         .merge(health::router())
         .merge(metrics::router())
         .fallback(|| async {

@@ -126,6 +126,12 @@ async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
             s.queued.to_string(),
         );
         metric(
+            "flywheel_engine_running",
+            "gauge",
+            "Sequences in the engine's running batch.",
+            s.running.to_string(),
+        );
+        metric(
             "flywheel_engine_generated_tokens_total",
             "counter",
             "Tokens generated.",
@@ -157,6 +163,7 @@ async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
         );
     }
     upstream_metrics(&state, &mut out);
+    refusal_metrics(&state, &mut out);
     job_spend_metrics(&state, &mut out).await;
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out)
 }
@@ -207,6 +214,26 @@ async fn job_spend_metrics(state: &AppState, out: &mut String) {
             ]);
             (labels, s)
         })
+        .collect();
+    table(out, &series, &rows);
+}
+
+/// Chat requests each team had refused with 429 by its own limits: its
+/// rate limits, or its share of the engine's queue.
+fn refusal_metrics(state: &AppState, out: &mut String) {
+    let refused = state.limiter().refusals();
+    if refused.is_empty() {
+        return;
+    }
+    let series: [Series<u64>; 1] = [(
+        "flywheel_team_requests_refused_total",
+        "counter",
+        "Chat requests refused with 429 by the team's own limits (why: requests_per_minute, tokens_per_minute, queue_share).",
+        |n| *n,
+    )];
+    let rows: Vec<_> = refused
+        .iter()
+        .map(|((team, why), n)| (labels(&[("team", team), ("why", why)]), n))
         .collect();
     table(out, &series, &rows);
 }

@@ -19,11 +19,16 @@ use crate::{AppError, AppState, input};
 const PAGE: i64 = 100;
 const MAX_PAGE: i64 = 1000;
 
-pub fn router() -> Router<AppState> {
+/// Reading back the log (the `read` scope).
+pub fn read_router() -> Router<AppState> {
     Router::new()
         .route("/completions/{id}", get(completion))
         .route("/completions/{id}/feedback", get(feedback))
-        .route("/users/{user}/data", delete(delete_user))
+}
+
+/// Deleting an end user's data (the `delete` scope).
+pub fn delete_router() -> Router<AppState> {
+    Router::new().route("/users/{user}/data", delete(delete_user))
 }
 
 fn not_found(id: &str) -> AppError {

@@ -69,6 +69,8 @@ struct Inner {
     upstreams: Mutex<HashMap<Uuid, (Upstream, Arc<flywheel_upstream::Client>)>>,
     /// What each team's use of each upstream version cost, by (version, team) name.
     upstream_use: Mutex<std::collections::BTreeMap<(String, String), UpstreamUse>>,
+    /// Each team's rate-limit buckets in this process.
+    limiter: crate::limits::Limiter,
 }
 
 /// Requests and tokens one team sent one upstream version.
@@ -109,12 +111,18 @@ impl AppState {
                 recent: Mutex::new(Recent::default()),
                 upstreams: Mutex::new(HashMap::new()),
                 upstream_use: Mutex::new(Default::default()),
+                limiter: Default::default(),
             }),
         }
     }
 
     pub fn pool(&self) -> &PgPool {
         &self.inner.pool
+    }
+
+    /// Per-team rate limits.
+    pub(crate) fn limiter(&self) -> &crate::limits::Limiter {
+        &self.inner.limiter
     }
 
     pub fn config(&self) -> &GatewayConfig {

@@ -19,11 +19,14 @@ pub struct TeamRow {
     pub created_at: DateTime<Utc>,
     /// Keys not revoked.
     pub live_keys: i64,
+    pub requests_per_minute: Option<i32>,
+    pub tokens_per_minute: Option<i32>,
 }
 
 pub async fn teams(ex: impl PgExecutor<'_>) -> Result<Vec<TeamRow>> {
     Ok(sqlx::query_as(
         "select t.id, t.name, t.store_text, t.share_for_training, t.created_at,
+                t.requests_per_minute, t.tokens_per_minute,
                 (select count(*) from api_keys k
                  where k.team_id = t.id and k.revoked_at is null) as live_keys
          from teams t order by t.name",

@@ -11,6 +11,105 @@ use crate::Result;
 
 const KEY_PREFIX: &str = "fw-";
 
+/// What a key may do on the API; a key is given one or more.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Scope {
+    /// Chat completions.
+    Chat,
+    /// Votes, comments and corrections.
+    Feedback,
+    /// Reading back logged completions and their votes.
+    Read,
+    /// Deleting an end user's data.
+    Delete,
+}
+
+impl Scope {
+    /// Every scope: what a key made without a list may do.
+    pub const ALL: [Scope; 4] = [Scope::Chat, Scope::Feedback, Scope::Read, Scope::Delete];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Scope::Chat => "chat",
+            Scope::Feedback => "feedback",
+            Scope::Read => "read",
+            Scope::Delete => "delete",
+        }
+    }
+
+    /// What the scope opens, for help texts and the dashboard.
+    pub fn opens(self) -> &'static str {
+        match self {
+            Scope::Chat => "POST /v1/chat/completions",
+            Scope::Feedback => "POST /v1/feedback",
+            Scope::Read => "GET /v1/completions/{id}",
+            Scope::Delete => "DELETE /v1/users/{user}/data",
+        }
+    }
+}
+
+impl std::str::FromStr for Scope {
+    type Err = String;
+
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        Scope::ALL
+            .into_iter()
+            .find(|scope| scope.as_str() == s.trim())
+            .ok_or_else(|| {
+                format!(
+                    "no scope is called {s:?}; the scopes: {}",
+                    scope_list(&Scope::ALL)
+                )
+            })
+    }
+}
+
+/// A comma-separated list of scopes ("chat,feedback"): known names, at
+/// least one, each once.
+pub fn parse_scopes(list: &str) -> std::result::Result<Vec<Scope>, String> {
+    let mut scopes = Vec::new();
+    for name in list.split(',').filter(|n| !n.trim().is_empty()) {
+        let scope: Scope = name.parse()?;
+        if !scopes.contains(&scope) {
+            scopes.push(scope);
+        }
+    }
+    if scopes.is_empty() {
+        return Err(format!(
+            "a key needs at least one scope: {}",
+            scope_list(&Scope::ALL)
+        ));
+    }
+    Ok(scopes)
+}
+
+/// Scopes as a comma-separated list.
+pub fn scope_list(scopes: &[Scope]) -> String {
+    scopes
+        .iter()
+        .map(|s| s.as_str())
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+fn scope_names(scopes: &[Scope]) -> Vec<String> {
+    scopes.iter().map(|s| s.as_str().to_string()).collect()
+}
+
+/// Names read back from the database; ones this build does not know (a
+/// newer schema) are left out, so they grant nothing.
+fn known_scopes(names: &[String]) -> Vec<Scope> {
+    names.iter().filter_map(|n| n.parse().ok()).collect()
+}
+
+/// A team's rate limits (none: unlimited).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Limits {
+    pub requests_per_minute: Option<u32>,
+    pub tokens_per_minute: Option<u32>,
+}
+
 /// The team a request acts for, found from its key.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Principal {
@@ -19,6 +118,16 @@ pub struct Principal {
     pub key_id: Uuid,
     /// Whether message text may be stored for this team.
     pub store_text: bool,
+    /// What the key may do.
+    pub scopes: Vec<Scope>,
+    /// The team's rate limits.
+    pub limits: Limits,
+}
+
+impl Principal {
+    pub fn may(&self, scope: Scope) -> bool {
+        self.scopes.contains(&scope)
+    }
 }
 
 #[derive(Debug, Clone, serde::Serialize, sqlx::FromRow)]
@@ -26,6 +135,8 @@ pub struct KeyInfo {
     pub id: Uuid,
     pub team: String,
     pub prefix: String,
+    /// What the key may do ([`Scope`] names).
+    pub scopes: Vec<String>,
     pub created_at: DateTime<Utc>,
     pub revoked_at: Option<DateTime<Utc>>,
 }
@@ -47,9 +158,18 @@ pub async fn ensure_team(ex: impl PgExecutor<'_>, name: &str) -> Result<Uuid> {
     Ok(id)
 }
 
-/// Creates a key for `team` (creating the team too) and returns its info and
-/// the secret, which is not stored anywhere.
+/// Creates a key with every scope for `team` (creating the team too) and
+/// returns its info and the secret, which is not stored anywhere.
 pub async fn create_key(pool: &sqlx::PgPool, team: &str) -> Result<(KeyInfo, String)> {
+    create_key_with(pool, team, &Scope::ALL).await
+}
+
+/// [`create_key`] with only `scopes` (at least one).
+pub async fn create_key_with(
+    pool: &sqlx::PgPool,
+    team: &str,
+    scopes: &[Scope],
+) -> Result<(KeyInfo, String)> {
     let mut tx = pool.begin().await?;
     let team_id = ensure_team(&mut *tx, team).await?;
     let mut bytes = [0u8; 24];
@@ -57,12 +177,13 @@ pub async fn create_key(pool: &sqlx::PgPool, team: &str) -> Result<(KeyInfo, Str
     let secret = format!("{KEY_PREFIX}{}", hex::encode(bytes));
     let prefix = secret[..KEY_PREFIX.len() + 8].to_string();
     let (id, created_at): (Uuid, DateTime<Utc>) = sqlx::query_as(
-        "insert into api_keys (team_id, prefix, key_hash) values ($1, $2, $3)
+        "insert into api_keys (team_id, prefix, key_hash, scopes) values ($1, $2, $3, $4)
          returning id, created_at",
     )
     .bind(team_id)
     .bind(&prefix)
     .bind(hash_key(&secret))
+    .bind(scope_names(scopes))
     .fetch_one(&mut *tx)
     .await?;
     tx.commit().await?;
@@ -70,6 +191,7 @@ pub async fn create_key(pool: &sqlx::PgPool, team: &str) -> Result<(KeyInfo, Str
         id,
         team: team.to_string(),
         prefix,
+        scopes: scope_names(scopes),
         created_at,
         revoked_at: None,
     };
@@ -78,26 +200,42 @@ pub async fn create_key(pool: &sqlx::PgPool, team: &str) -> Result<(KeyInfo, Str
 
 /// The principal behind a live (not revoked) key.
 pub async fn authenticate(ex: impl PgExecutor<'_>, secret: &str) -> Result<Option<Principal>> {
-    let row: Option<(Uuid, String, Uuid, bool)> = sqlx::query_as(
-        "select t.id, t.name, k.id, t.store_text from api_keys k join teams t on t.id = k.team_id
+    type Row = (
+        Uuid,
+        String,
+        Uuid,
+        bool,
+        Vec<String>,
+        Option<i32>,
+        Option<i32>,
+    );
+    let row: Option<Row> = sqlx::query_as(
+        "select t.id, t.name, k.id, t.store_text, k.scopes,
+                t.requests_per_minute, t.tokens_per_minute
+         from api_keys k join teams t on t.id = k.team_id
          where k.key_hash = $1 and k.revoked_at is null",
     )
     .bind(hash_key(secret))
     .fetch_optional(ex)
     .await?;
-    Ok(
-        row.map(|(team_id, team_name, key_id, store_text)| Principal {
+    Ok(row.map(
+        |(team_id, team_name, key_id, store_text, scopes, rpm, tpm)| Principal {
             team_id,
             team_name,
             key_id,
             store_text,
-        }),
-    )
+            scopes: known_scopes(&scopes),
+            limits: Limits {
+                requests_per_minute: rpm.map(|n| n as u32),
+                tokens_per_minute: tpm.map(|n| n as u32),
+            },
+        },
+    ))
 }
 
 pub async fn list_keys(ex: impl PgExecutor<'_>, team: Option<&str>) -> Result<Vec<KeyInfo>> {
     Ok(sqlx::query_as(
-        "select k.id, t.name as team, k.prefix, k.created_at, k.revoked_at
+        "select k.id, t.name as team, k.prefix, k.scopes, k.created_at, k.revoked_at
          from api_keys k join teams t on t.id = k.team_id
          where $1::text is null or t.name = $1
          order by k.created_at",
@@ -107,8 +245,19 @@ pub async fn list_keys(ex: impl PgExecutor<'_>, team: Option<&str>) -> Result<Ve
     .await?)
 }
 
-/// The channel on which revocations are announced to running gateways.
+/// The channel on which changes to keys (revocations, scopes) and to
+/// teams' limits are announced to running gateways, which then forget the
+/// keys they had confirmed.
 pub const REVOKED_CHANNEL: &str = "flywheel_keys_revoked";
+
+/// Announces on [`REVOKED_CHANNEL`] when `tx` commits.
+async fn announce(tx: &mut sqlx::Transaction<'_, sqlx::Postgres>) -> Result<()> {
+    sqlx::query("select pg_notify($1, '')")
+        .bind(REVOKED_CHANNEL)
+        .execute(&mut **tx)
+        .await?;
+    Ok(())
+}
 
 /// Revokes a key by id or prefix; returns how many keys were revoked.
 /// Gateways listening on [`REVOKED_CHANNEL`] hear of it when it commits.
@@ -123,12 +272,59 @@ pub async fn revoke_key(pool: &sqlx::PgPool, id_or_prefix: &str) -> Result<u64> 
     .bind(id_or_prefix)
     .execute(&mut *tx)
     .await?;
-    sqlx::query("select pg_notify($1, '')")
-        .bind(REVOKED_CHANNEL)
-        .execute(&mut *tx)
-        .await?;
+    announce(&mut tx).await?;
     tx.commit().await?;
     Ok(done.rows_affected())
+}
+
+/// Sets what a live key (by id or prefix) may do; returns how many keys
+/// changed. Gateways forget what they knew of keys when it commits, so a
+/// scope taken away is refused from the next request on.
+pub async fn set_scopes(pool: &sqlx::PgPool, id_or_prefix: &str, scopes: &[Scope]) -> Result<u64> {
+    let id = Uuid::parse_str(id_or_prefix).ok();
+    let mut tx = pool.begin().await?;
+    let done = sqlx::query(
+        "update api_keys set scopes = $3
+         where revoked_at is null and (id = $1 or prefix = $2)",
+    )
+    .bind(id)
+    .bind(id_or_prefix)
+    .bind(scope_names(scopes))
+    .execute(&mut *tx)
+    .await?;
+    announce(&mut tx).await?;
+    tx.commit().await?;
+    Ok(done.rows_affected())
+}
+
+/// Changes a team's rate limits: for each, `None` leaves it as it is and
+/// `Some(None)` removes it. False if no such team. Running gateways hear of
+/// it when it commits (announced as key changes are) and apply it from the
+/// team's next request.
+pub async fn set_limits(
+    pool: &sqlx::PgPool,
+    team: &str,
+    requests_per_minute: Option<Option<u32>>,
+    tokens_per_minute: Option<Option<u32>>,
+) -> Result<bool> {
+    let as_sql = |n: Option<u32>| n.map(|n| n.min(i32::MAX as u32) as i32);
+    let mut tx = pool.begin().await?;
+    let done = sqlx::query(
+        "update teams set
+            requests_per_minute = case when $2 then $3 else requests_per_minute end,
+            tokens_per_minute = case when $4 then $5 else tokens_per_minute end
+         where name = $1",
+    )
+    .bind(team)
+    .bind(requests_per_minute.is_some())
+    .bind(requests_per_minute.and_then(as_sql))
+    .bind(tokens_per_minute.is_some())
+    .bind(tokens_per_minute.and_then(as_sql))
+    .execute(&mut *tx)
+    .await?;
+    announce(&mut tx).await?;
+    tx.commit().await?;
+    Ok(done.rows_affected() == 1)
 }
 
 /// Sets whether a team's message text is stored; false if no such team.

@@ -100,6 +100,9 @@ settings! {
     "engine.queue_capacity", "FLYWHEEL_QUEUE_CAPACITY", "64",
         "requests that may wait for the engine before 429"
         => |v, c| c.engine.queue_capacity = v.count(1)?;
+    "engine.queue_per_team", "FLYWHEEL_QUEUE_PER_TEAM", "32",
+        "requests one team may have waiting (past it that team gets 429; the rest of the queue stays open to the others)"
+        => |v, c| c.engine.queue_per_tenant = v.count(1)?;
     "engine.max_batch", "FLYWHEEL_MAX_BATCH", "16",
         "sequences generating together"
         => |v, c| c.engine.max_batch = v.count(1)?;

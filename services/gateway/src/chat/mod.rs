@@ -7,6 +7,7 @@
 
 mod request;
 mod response;
+pub mod tokenize;
 
 use std::convert::Infallible;
 use std::time::Instant;
@@ -46,6 +47,7 @@ async fn create(
 ) -> Result<Response, AppError> {
     let started = Instant::now();
     let started_at = chrono::Utc::now();
+    state.limiter().admit(&principal)?;
     crate::input::refuse_nul(&body)?;
     let req: ChatRequest = serde_json::from_value(body.clone())
         .map_err(|e| AppError::bad_request(format!("invalid request: {e}"), None))?;
@@ -82,7 +84,22 @@ async fn create(
     };
     let events = match &served.backend {
         Backend::Engine { engine, adapter } => {
-            submit(&state, engine, *adapter, v.messages, v.params, v.max_tokens)?
+            let tenant = principal_tenant(&log.principal);
+            let (messages, params) = (v.messages, v.params);
+            submit(
+                &state,
+                engine,
+                (*adapter, tenant),
+                messages,
+                params,
+                v.max_tokens,
+            )
+            .inspect_err(|e| {
+                if let AppError::RateLimited { .. } = e {
+                    let team = &log.principal.team_name;
+                    state.limiter().count_refusal(team, "queue_share");
+                }
+            })?
         }
         Backend::Upstream(client) => {
             let request =
@@ -148,10 +165,17 @@ fn failed(served: &ServedModel, failure: Failure) -> AppError {
 }
 
 /// Queues a generation on an engine in this process.
+/// The engine's fairness group for a team's requests.
+fn principal_tenant(p: &Principal) -> u64 {
+    let (high, low) = p.team_id.as_u64_pair();
+    high ^ low
+}
+
+/// Queues a generation on `engine` with `adapter`, as `tenant`.
 fn submit(
     state: &AppState,
     engine: &EngineHandle,
-    adapter: Option<AdapterId>,
+    (adapter, tenant): (Option<AdapterId>, u64),
     messages: Vec<ChatMessage>,
     mut params: SamplingParams,
     max_tokens: Option<usize>,
@@ -159,6 +183,20 @@ fn submit(
     let prompt_ids = engine
         .prepare_chat(&messages)
         .map_err(|e| AppError::bad_request(e.to_string(), Some("messages")))?;
+    let vocab = engine.info().vocab_size;
+    if let Some(&(id, _)) = params
+        .logit_bias
+        .iter()
+        .find(|(id, _)| *id as usize >= vocab)
+    {
+        return Err(AppError::bad_request(
+            format!(
+                "logit_bias names token {id}, outside this model's vocabulary (0 to {})",
+                vocab - 1
+            ),
+            Some("logit_bias"),
+        ));
+    }
     let ctx = engine.info().context_length;
     let room = ctx.saturating_sub(prompt_ids.len());
     let too_long = |asked: usize| AppError::BadRequest {
@@ -181,9 +219,16 @@ fn submit(
             prompt_ids,
             params,
             adapter,
+            tenant,
         })
         .map_err(|e| match e {
             SubmitError::QueueFull => AppError::Overloaded {
+                retry_after_s: RETRY_AFTER.as_secs(),
+            },
+            SubmitError::TenantQueueFull => AppError::RateLimited {
+                message: "This team's share of the model's queue is full (other teams' \
+                          requests are still taken); retry shortly."
+                    .into(),
                 retry_after_s: RETRY_AFTER.as_secs(),
             },
             SubmitError::Stopped => {
@@ -350,6 +395,10 @@ impl LogContext {
     /// Writes the completion to the journal; `reason` overrides the
     /// engine's finish reason for cancelled and failed generations.
     async fn record(&self, c: &Collected, reason: Option<&str>) -> Result<(), AppError> {
+        self.state.limiter().spend(
+            self.principal.team_id,
+            c.prompt_tokens + c.completion_tokens,
+        );
         if let Backend::Upstream(_) = self.served.backend {
             self.state.count_upstream_use(
                 &self.served.name,

@@ -31,6 +31,8 @@ pub struct ChatRequest {
     pub top_logprobs: Option<i64>,
     pub n: Option<i64>,
     pub user: Option<String>,
+    /// Token id (as a string) to a bias from -100 to 100 added to its logit.
+    pub logit_bias: Option<HashMap<String, f32>>,
     /// Everything else, checked against what we support or knowingly ignore.
     #[serde(flatten)]
     pub rest: HashMap<String, Value>,
@@ -97,7 +99,6 @@ const UNSUPPORTED: &[(&str, &str)] = &[
         "function_call",
         "function calling is not supported by this server",
     ),
-    ("logit_bias", "logit_bias is not supported by this server"),
     ("audio", "audio output is not supported by this server"),
     (
         "prediction",
@@ -264,6 +265,7 @@ impl ChatRequest {
             }
             Some(n) => n as usize,
         };
+        let logit_bias = logit_bias(self.logit_bias.unwrap_or_default())?;
         let stream = self.stream.unwrap_or(false);
         if self.stream_options.is_some() && !stream {
             return Err(bad(
@@ -287,6 +289,7 @@ impl ChatRequest {
                 ignore_eos: false,
                 forced: Vec::new(),
                 json,
+                logit_bias,
             },
             max_tokens,
             stream,
@@ -298,7 +301,43 @@ impl ChatRequest {
     }
 }
 
-fn convert_messages(messages: Vec<InMessage>) -> Result<Vec<ChatMessage>, AppError> {
+/// Most entries `logit_bias` may have (as OpenAI's API allows).
+const MAX_LOGIT_BIAS: usize = 300;
+
+/// `logit_bias`, checked: token ids (the model's vocabulary is checked
+/// when the request reaches its engine) and biases from -100 to 100, sorted
+/// by id.
+fn logit_bias(map: HashMap<String, f32>) -> Result<Vec<(u32, f32)>, AppError> {
+    if map.len() > MAX_LOGIT_BIAS {
+        return Err(bad(
+            format!(
+                "logit_bias may name at most {MAX_LOGIT_BIAS} tokens, not {}",
+                map.len()
+            ),
+            "logit_bias",
+        ));
+    }
+    let mut bias = Vec::with_capacity(map.len());
+    for (token, b) in map {
+        let id: u32 = token.trim().parse().map_err(|_| {
+            bad(
+                format!("logit_bias keys are token ids; {token:?} is not one"),
+                "logit_bias",
+            )
+        })?;
+        if !(-100.0..=100.0).contains(&b) {
+            return Err(bad(
+                format!("logit_bias values must be between -100 and 100, got {b} for token {id}"),
+                "logit_bias",
+            ));
+        }
+        bias.push((id, b));
+    }
+    bias.sort_by_key(|&(id, _)| id);
+    Ok(bias)
+}
+
+pub(super) fn convert_messages(messages: Vec<InMessage>) -> Result<Vec<ChatMessage>, AppError> {
     if messages.is_empty() {
         return Err(bad(
             "messages must contain at least one message",

@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# Two teams on one gateway serving the real SmolLM2, one flooding with four
+# times the sequences the engine runs at once (and no regard for
+# retry-after): answered, 429s, 5xx, latency and time to first token of the
+# quiet team beside its own unloaded baseline, measured in the same run;
+# peak memory; how long the engine takes to drain after the flood stops.
+# Run twice, a fresh gateway each: with the shipped per-team share of the
+# queue, and with that share switched off (FLYWHEEL_QUEUE_PER_TEAM equal to
+# the whole queue), which is how the queue behaved before.
+#   scripts/bench-fairness.sh [SECONDS=90] [BUILD=release]
+# Needs: PostgreSQL as for `make test`; the model is pulled when missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+seconds=${1:-90}
+build=${2:-release}
+admin=${TEST_DATABASE_URL:-postgres://postgres@127.0.0.1:5432/postgres}
+if [ "$build" = release ]; then
+  cargo build --release --quiet -p flywheel --bin flywheel
+else
+  cargo build --quiet -p flywheel --bin flywheel
+fi
+bin=$PWD/target/$build/flywheel
+work=$(mktemp -d)
+db="fw_bench_fairness_$(date +%s)"
+psql -q "$admin" -c "create database $db"
+export DATABASE_URL="${admin%/*}/$db"
+export FLYWHEEL_HOME=$work/home RUST_LOG=warn
+port=18093
+export FLYWHEEL_ADDR=127.0.0.1:$port
+$bin migrate >/dev/null
+$bin models pull >/dev/null
+quiet=$($bin keys create --team quiet | tail -1)
+flood=$($bin keys create --team flood | tail -1)
+batch=$($bin config show | awk '$1 == "engine.max_batch" {print $2}')
+clients=$((4 * ${batch:-16}))
+
+gw=""
+trap 'kill $gw 2>/dev/null || true' EXIT
+run() { # label, then env assignments for the gateway
+  local label=$1; shift
+  env "$@" $bin serve 2> "$work/serve-$label.log" & gw=$!
+  until curl -sf "http://$FLYWHEEL_ADDR/readyz" >/dev/null; do sleep 0.5; done
+  echo "== $label: $clients flooding clients for up to $seconds s" >&2
+  python3 bench/flood.py "http://$FLYWHEEL_ADDR" "$quiet" "$flood" "$clients" "$seconds" "$gw" \
+    > "$work/$label.json"
+  kill $gw; wait $gw 2>/dev/null || true
+}
+run shared FLYWHEEL_QUEUE_PER_TEAM=32
+run unshared FLYWHEEL_QUEUE_PER_TEAM=64
+
+python3 - "$work" "$build" <<'PY'
+import json, sys
+work, build = sys.argv[1], sys.argv[2]
+print(f"build: {build}; raw output in {work}\n")
+print("| queue | phase | team | sent | answered | 429 | 5xx | latency p50 / p99 (s) | TTFT p50 / p99 (s) |")
+print("|---|---|---|---|---|---|---|---|---|")
+for label, name in [("shared", "a team may hold 32 of 64"), ("unshared", "one team may hold all 64")]:
+    r = json.load(open(f"{work}/{label}.json"))
+    for phase, team, key in [("alone", "quiet", "quiet_alone"), ("flood", "quiet", "quiet_under_flood"),
+                             ("flood", "flood", "flood")]:
+        s = r[key]
+        print(f"| {name} | {phase} | {team} | {s['sent']} | {s['answered']} | {s['429']} | {s['5xx']} | "
+              f"{s['latency_p50_s']} / {s['latency_p99_s']} | {s['ttft_p50_s']} / {s['ttft_p99_s']} |")
+print()
+for label in ["shared", "unshared"]:
+    r = json.load(open(f"{work}/{label}.json"))
+    print(f"{label}: {r['flood_clients']} flooding clients, recovery {r['recovery_s']} s, peak RSS {r['peak_rss_mib']} MiB")
+PY
+psql -q "$admin" -c "drop database $db with (force)"

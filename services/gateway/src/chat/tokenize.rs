@@ -1,0 +1,110 @@
+//! `POST /tokenize` and `POST /detokenize`, in the shape vLLM serves them:
+//! the token ids of a text, or of a conversation rendered with the chat
+//! template as a chat completion would be, under the model the request
+//! would be served by; and the text of token ids. Clients count tokens
+//! before they send and read back logprobs with them. The `chat` scope.
+
+use axum::extract::State;
+use axum::routing::post;
+use axum::{Extension, Json, Router};
+use flywheel_engine::EngineHandle;
+use flywheel_store::keys::Principal;
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use super::request::{InMessage, convert_messages};
+use crate::error::ApiJson;
+use crate::serving::Backend;
+use crate::{AppError, AppState};
+
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/tokenize", post(tokenize))
+        .route("/detokenize", post(detokenize))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Tokenize {
+    #[serde(default)]
+    model: Option<String>,
+    /// A text, as it is.
+    #[serde(default)]
+    prompt: Option<String>,
+    /// A conversation, rendered as a chat completion renders it (ending
+    /// with the assistant's turn opened).
+    #[serde(default)]
+    messages: Option<Vec<InMessage>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Detokenize {
+    #[serde(default)]
+    model: Option<String>,
+    tokens: Vec<u32>,
+}
+
+/// The engine that serves `model` for this team (its champion, or the
+/// version named; the team's versions share their base's tokenizer).
+async fn engine_for(
+    state: &AppState,
+    principal: &Principal,
+    model: Option<&str>,
+) -> Result<(EngineHandle, String), AppError> {
+    let (served, _) = state
+        .route(principal, model.unwrap_or("default"), None, "tokenize")
+        .await?;
+    match &served.backend {
+        Backend::Engine { engine, .. } => Ok((engine.clone(), served.name.clone())),
+        Backend::Upstream(_) => Err(AppError::bad_request(
+            format!(
+                "`{}` is served by another server; its tokenizer is not here",
+                served.name
+            ),
+            Some("model"),
+        )),
+    }
+}
+
+async fn tokenize(
+    State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
+    ApiJson(body): ApiJson<Value>,
+) -> Result<Json<Value>, AppError> {
+    crate::input::refuse_nul(&body)?;
+    let req: Tokenize = serde_json::from_value(body)
+        .map_err(|e| AppError::bad_request(format!("invalid request: {e}"), None))?;
+    let (engine, model) = engine_for(&state, &principal, req.model.as_deref()).await?;
+    let ids = match (req.prompt, req.messages) {
+        (Some(text), None) => engine.encode(&text),
+        (None, Some(messages)) => engine.prepare_chat(&convert_messages(messages)?),
+        _ => {
+            return Err(AppError::bad_request(
+                "give either `prompt` (a text) or `messages` (a conversation), not both",
+                Some("prompt"),
+            ));
+        }
+    }
+    .map_err(|e| AppError::bad_request(e.to_string(), Some("prompt")))?;
+    Ok(Json(json!({
+        "model": model,
+        "count": ids.len(),
+        "max_model_len": engine.info().context_length,
+        "tokens": ids,
+    })))
+}
+
+async fn detokenize(
+    State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
+    ApiJson(body): ApiJson<Value>,
+) -> Result<Json<Value>, AppError> {
+    let req: Detokenize = serde_json::from_value(body)
+        .map_err(|e| AppError::bad_request(format!("invalid request: {e}"), None))?;
+    let (engine, model) = engine_for(&state, &principal, req.model.as_deref()).await?;
+    let text = engine
+        .decode(&req.tokens)
+        .map_err(|e| AppError::bad_request(e.to_string(), Some("tokens")))?;
+    Ok(Json(json!({"model": model, "prompt": text})))
+}
