@@ -14,6 +14,9 @@ pub struct Faults {
     /// A curation job sleeps this long between its build and its write, so
     /// a test can kill the worker in the middle of a job.
     pub curate_pause: Option<Duration>,
+    /// A fresh (not resumed) training attempt sleeps this long after each
+    /// step, so a test can kill its worker in the middle of a run.
+    pub train_step_pause: Option<Duration>,
 }
 
 impl Faults {
@@ -29,6 +32,7 @@ impl Faults {
             match key {
                 "train_crash_after" => f.train_crash_after = Some(n as usize),
                 "curate_pause_ms" => f.curate_pause = Some(Duration::from_millis(n)),
+                "train_step_pause_ms" => f.train_step_pause = Some(Duration::from_millis(n)),
                 other => return Err(format!("unknown fault {other:?}")),
             }
         }
@@ -58,9 +62,11 @@ mod tests {
 
     #[test]
     fn faults_parse_and_refuse_typos() {
-        let f = Faults::parse("train_crash_after=5, curate_pause_ms=20").unwrap();
+        let f =
+            Faults::parse("train_crash_after=5, curate_pause_ms=20,train_step_pause_ms=7").unwrap();
         assert_eq!(f.train_crash_after, Some(5));
         assert_eq!(f.curate_pause, Some(Duration::from_millis(20)));
+        assert_eq!(f.train_step_pause, Some(Duration::from_millis(7)));
         assert!(Faults::parse("train_crash_afterr=5").is_err());
         assert!(Faults::parse("train_crash_after=five").is_err());
     }

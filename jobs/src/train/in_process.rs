@@ -78,6 +78,11 @@ impl Progress for Reporter {
         if self.fresh && crate::faults::get().train_crash_after == Some(log.step) {
             bail!("simulated crash after step {}", log.step);
         }
+        if self.fresh
+            && let Some(pause) = crate::faults::get().train_step_pause
+        {
+            std::thread::sleep(pause);
+        }
         Ok(Control::Continue)
     }
 }

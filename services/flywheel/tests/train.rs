@@ -274,6 +274,64 @@ async fn wait_for_run<F: Fn(&flywheel_store::training::TrainingRun) -> bool>(
         .unwrap()
 }
 
+/// The fault itself: the worker process training a run is killed
+/// (`SIGKILL`) after its first checkpoint; another worker process takes the
+/// job over once the dead one's heartbeat stops, resumes from that
+/// checkpoint and finishes the run, each step recorded once.
+#[tokio::test]
+async fn a_worker_killed_mid_training_is_replaced_and_the_run_resumes_from_its_checkpoint() {
+    let (db, dir) = trained_setup("fw_train_kill", 17).await;
+    let run_id = queue_run(&db, "8");
+    let pool = flywheel_store::connect(&db).await.unwrap();
+    // This worker checkpoints every 3 steps and waits 1.5 s after each, so
+    // that the kill lands between the checkpoint at 3 and the one at 6.
+    let mut doomed = train_worker(
+        &db,
+        &dir,
+        &[
+            ("FLYWHEEL_CHECKPOINT_EVERY", "3"),
+            ("FLYWHEEL_TEST_FAULTS", "train_step_pause_ms=1500"),
+        ],
+    );
+    let run = wait_for_run(&pool, run_id, 120, |r| {
+        r.checkpoint_step == Some(3) && r.step >= 4
+    })
+    .await;
+    assert_eq!(run.checkpoint_step, Some(3), "{run:#?}");
+    doomed.kill().unwrap(); // SIGKILL: no cleanup, no error recorded
+    doomed.wait().unwrap();
+    let killed_at = flywheel_store::training::get(&pool, run_id)
+        .await
+        .unwrap()
+        .unwrap()
+        .step;
+    assert!((4..8).contains(&killed_at), "killed at step {killed_at}");
+
+    let mut replacement = train_worker(&db, &dir, &[("FLYWHEEL_CHECKPOINT_EVERY", "3")]);
+    let run = wait_for_run(&pool, run_id, 180, |r| r.status == "succeeded").await;
+    let _ = replacement.kill();
+    let _ = replacement.wait();
+    assert_eq!(run.status, "succeeded", "{run:#?}");
+    assert_eq!(run.step, 8);
+    let attempts = flywheel_store::jobs::recent_runs(&pool, 10).await.unwrap();
+    let train: Vec<_> = attempts.iter().filter(|r| r.kind == "train").collect();
+    assert_eq!(train.len(), 2, "{train:#?}");
+    let (second, first) = (train[0], train[1]);
+    // The killed attempt never ended: nothing of it ran after the kill.
+    assert_eq!(first.status, "running", "{first:#?}");
+    assert!(first.finished_at.is_none());
+    assert_eq!(second.status, "succeeded");
+    assert_ne!(first.worker, second.worker);
+    assert_eq!(second.result.as_ref().unwrap()["resumed_from"], 3);
+    let steps = flywheel_store::training::steps(&pool, run_id)
+        .await
+        .unwrap();
+    assert_eq!(
+        steps.iter().map(|s| s.step).collect::<Vec<_>>(),
+        (1..=8).collect::<Vec<_>>()
+    );
+}
+
 /// Checkpoints and adapters in S3-compatible storage: a resumed attempt
 /// reads its checkpoint back from the bucket, as a worker on another machine
 /// would.
