@@ -31,7 +31,7 @@ $bin migrate >/dev/null
 $bin models pull >/dev/null
 quiet=$($bin keys create --team quiet | tail -1)
 flood=$($bin keys create --team flood | tail -1)
-batch=$($bin config show | awk '$1 == "engine.max_batch" {print $2}')
+batch=$($bin config show | awk '$1 == "engine.max_batch" {print $3}')
 clients=$((4 * ${batch:-16}))
 
 gw=""

@@ -257,7 +257,8 @@ pub async fn spawn_gateway(
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
     let admin = flywheel::serve::admin_state(&config(), state.pool(), state.journal());
+    let timeouts = state.config().timeouts;
     let app = flywheel_gateway::router(state).merge(flywheel_admin::router(admin));
-    tokio::spawn(flywheel_gateway::serve(listener, app, shutdown));
+    tokio::spawn(flywheel_gateway::serve(listener, app, timeouts, shutdown));
     base
 }

@@ -568,3 +568,64 @@ async fn a_flooding_team_fills_only_its_share_and_another_team_is_served_next() 
         "only {served_after_quiet} of the flood's waiting requests ran after the quiet team's"
     );
 }
+
+#[tokio::test]
+async fn clients_that_stall_are_timed_out() {
+    use std::time::Duration;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpStream;
+    // Short timeouts, so that the test does not wait the default 30 s.
+    let gw = TestGateway::tiny_with(GatewayConfig {
+        timeouts: flywheel_gateway::Timeouts {
+            header_read: Duration::from_secs(1),
+            body_read: Duration::from_secs(1),
+        },
+        ..Default::default()
+    })
+    .await;
+    let addr = gw.base.trim_start_matches("http://").to_string();
+    // Everything the server sends until it closes the connection (30 s at
+    // most: the connection must not be held open).
+    async fn until_closed(conn: &mut TcpStream) -> String {
+        let mut got = Vec::new();
+        let closed =
+            tokio::time::timeout(Duration::from_secs(30), conn.read_to_end(&mut got)).await;
+        assert!(
+            closed.is_ok(),
+            "the server kept the connection open: {got:?}"
+        );
+        String::from_utf8_lossy(&got).into_owned()
+    }
+
+    // Half a request's headers, then nothing (slowloris): closed unserved.
+    let mut slow = TcpStream::connect(&addr).await.unwrap();
+    slow.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    let got = until_closed(&mut slow).await;
+    assert!(!got.contains("200 OK"), "{got}");
+
+    // A kept-alive connection left idle after its request: closed.
+    let mut idle = TcpStream::connect(&addr).await.unwrap();
+    idle.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let got = until_closed(&mut idle).await;
+    assert!(got.starts_with("HTTP/1.1 200 OK"), "{got}");
+
+    // A body that stops arriving: 408 in OpenAI's shape.
+    let mut dribble = TcpStream::connect(&addr).await.unwrap();
+    let head = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\n\
+         Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{{\"model\": ",
+        gw.key
+    );
+    dribble.write_all(head.as_bytes()).await.unwrap();
+    let got = until_closed(&mut dribble).await;
+    assert!(got.starts_with("HTTP/1.1 408"), "{got}");
+    assert!(got.contains(r#""code":"request_timeout""#), "{got}");
+
+    // A client that keeps its pace is served.
+    let (status, _) = post(&gw, Some(&gw.key), chat(&gw, json!({}))).await;
+    assert_eq!(status, StatusCode::OK);
+}

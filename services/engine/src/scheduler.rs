@@ -249,6 +249,12 @@ impl<M: StepModel> Scheduler<M> {
         let plan = self.plan();
         let logits = self.execute(&plan);
         self.update(&plan, logits);
+        // Finished sequences have left: the gauge must not keep them while
+        // the thread waits for work.
+        self.shared
+            .stats
+            .running
+            .store(self.active.len() as u64, Ordering::Relaxed);
     }
 
     /// How many tokens each active sequence brings to this step:
@@ -808,6 +814,25 @@ mod tests {
         let quiet = engine.submit(quiet).expect("the other tenant gets in");
         drop(receivers);
         assert!(matches!(collect(quiet).1, Some(Event::Done { .. })));
+    }
+
+    #[test]
+    fn the_running_gauge_is_zero_once_every_generation_has_ended() {
+        let engine = tiny_engine(4);
+        let params = SamplingParams {
+            max_tokens: 5,
+            ignore_eos: true,
+            ..Default::default()
+        };
+        let rx = engine.submit(request(&engine, params)).unwrap();
+        assert!(matches!(collect(rx).1, Some(Event::Done { .. })));
+        // The thread goes idle, waiting for work; before this was fixed the
+        // gauge stayed at 1 for as long as no other request came.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while engine.stats().running != 0 && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        assert_eq!(engine.stats().running, 0);
     }
 
     #[test]

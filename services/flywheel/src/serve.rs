@@ -144,7 +144,7 @@ pub async fn serve(
         anyhow::Ok(())
     });
     tracing::info!(addr = %listener.local_addr()?, "gateway listening");
-    let server = flywheel_gateway::serve(listener, app, shutdown);
+    let server = flywheel_gateway::serve(listener, app, cfg.gateway.http.timeouts, shutdown);
     tokio::pin!(server);
     tokio::select! {
         res = &mut server => res?,

@@ -29,6 +29,8 @@ pub enum AppError {
     Unprocessable(String),
     #[error("the request body is larger than this server accepts")]
     PayloadTooLarge,
+    #[error("the request body stopped arriving; send it whole")]
+    RequestTimeout,
     #[error("{0}")]
     UnsupportedMediaType(String),
     #[error("the server is at capacity; retry after {retry_after_s} s")]
@@ -69,6 +71,7 @@ impl AppError {
             Self::Conflict(_) => StatusCode::CONFLICT,
             Self::Unprocessable(_) => StatusCode::UNPROCESSABLE_ENTITY,
             Self::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
             Self::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::Overloaded { .. } | Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::Unavailable(_) | Self::UnavailableFor { .. } => StatusCode::SERVICE_UNAVAILABLE,
@@ -99,6 +102,7 @@ impl AppError {
             Self::Conflict(_) => Some("conflict"),
             Self::Unprocessable(_) => Some("unprocessable"),
             Self::PayloadTooLarge => Some("request_too_large"),
+            Self::RequestTimeout => Some("request_timeout"),
             Self::Overloaded { .. } | Self::RateLimited { .. } => Some("rate_limit_exceeded"),
             Self::Unavailable(_) | Self::UnavailableFor { .. } => Some("service_unavailable"),
             Self::BadGateway(_) => Some("upstream_error"),
@@ -229,6 +233,7 @@ where
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
         match axum::Json::<T>::from_request(req, state).await {
             Ok(axum::Json(v)) => Ok(Self(v)),
+            Err(rejection) if timed_out(&rejection) => Err(AppError::RequestTimeout),
             Err(rejection) => Err(match rejection.status() {
                 StatusCode::PAYLOAD_TOO_LARGE => AppError::PayloadTooLarge,
                 StatusCode::UNSUPPORTED_MEDIA_TYPE => AppError::UnsupportedMediaType(
@@ -241,6 +246,18 @@ where
             }),
         }
     }
+}
+
+/// Whether the body stopped arriving (the gateway's body timeout).
+fn timed_out(rejection: &JsonRejection) -> bool {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(rejection);
+    while let Some(e) = cause {
+        if e.is::<tower_http::timeout::TimeoutError>() {
+            return true;
+        }
+        cause = e.source();
+    }
+    false
 }
 
 #[cfg(test)]

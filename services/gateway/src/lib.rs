@@ -73,6 +73,10 @@ pub fn router(state: AppState) -> Router {
             }
         })
         .layer(DefaultBodyLimit::max(state.config().max_body_bytes))
+        .layer(axum::middleware::map_request_with_state(
+            state.config().timeouts.body_read,
+            body_timeout,
+        ))
         .layer(
             TraceLayer::new_for_http().make_span_with(|req: &Request<_>| {
                 let route = req
@@ -94,18 +98,99 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
-/// Serves the API on `listener` until `shutdown` completes, then lets
-/// in-flight requests finish.
+/// How long the server waits on a client before it gives up on it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Timeouts {
+    /// For a request's headers, from the first byte of the connection or
+    /// from the end of the previous response on a kept-alive one: a client
+    /// that dribbles its headers (slowloris) or a connection left idle is
+    /// closed.
+    pub header_read: Duration,
+    /// Between two pieces of a request body: a body that stops arriving is
+    /// answered 408.
+    pub body_read: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Self {
+            header_read: Duration::from_secs(30),
+            body_read: Duration::from_secs(30),
+        }
+    }
+}
+
 /// Serves `app` (the [`router`], with whatever else the binary mounts
-/// beside it, such as the admin dashboard) until `shutdown`.
+/// beside it, such as the admin dashboard) on `listener` until `shutdown`
+/// completes, then lets in-flight requests finish. HTTP/1.1 through hyper
+/// directly rather than `axum::serve`, which sets no timer and so never
+/// times out a client's headers.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     app: Router,
+    timeouts: Timeouts,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown)
-        .await
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    use hyper_util::service::TowerToHyperService;
+
+    let (closing, closing_rx) = tokio::sync::watch::channel(());
+    // Each connection holds a sender; all dropped: every connection ended.
+    let (open, mut all_closed) = tokio::sync::mpsc::channel::<()>(1);
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    // Out of file descriptors, or a connection reset while
+                    // queued: wait a moment rather than spin.
+                    tracing::warn!(error = %e, "accepting a connection failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let service = TowerToHyperService::new(app.clone());
+        let (mut closing, open) = (closing_rx.clone(), open.clone());
+        tokio::spawn(async move {
+            let mut http = hyper::server::conn::http1::Builder::new();
+            http.timer(TokioTimer::new())
+                .header_read_timeout(timeouts.header_read);
+            let conn = http
+                .serve_connection(TokioIo::new(stream), service)
+                .with_upgrades();
+            let mut conn = std::pin::pin!(conn);
+            tokio::select! {
+                done = conn.as_mut() => {
+                    if let Err(e) = done {
+                        tracing::debug!(error = %e, "connection ended");
+                    }
+                }
+                _ = closing.changed() => {
+                    conn.as_mut().graceful_shutdown();
+                    let _ = conn.await;
+                }
+            }
+            drop(open);
+        });
+    }
+    drop(listener);
+    let _ = closing.send(());
+    drop(open);
+    let _ = all_closed.recv().await;
+    Ok(())
+}
+
+/// A request whose body must keep arriving: at most `limit` between two
+/// pieces (the handler reading it gets an error, answered 408).
+async fn body_timeout(
+    axum::extract::State(limit): axum::extract::State<Duration>,
+    req: Request<axum::body::Body>,
+) -> Request<axum::body::Body> {
+    req.map(|body| axum::body::Body::new(tower_http::timeout::TimeoutBody::new(limit, body)))
 }
 
 /// How long clients are told to wait after a 429.

@@ -30,6 +30,8 @@ pub struct GatewayConfig {
     pub route_refresh: Duration,
     /// Retries and the circuit breaker of upstream versions.
     pub upstream: flywheel_upstream::Settings,
+    /// How long the server waits on a client.
+    pub timeouts: crate::Timeouts,
 }
 
 impl Default for GatewayConfig {
@@ -41,6 +43,7 @@ impl Default for GatewayConfig {
             max_loaded_models: 4,
             route_refresh: Duration::from_secs(5),
             upstream: flywheel_upstream::Settings::default(),
+            timeouts: crate::Timeouts::default(),
         }
     }
 }

@@ -97,6 +97,12 @@ settings! {
     "gateway.upstream_breaker_cooldown_secs", "FLYWHEEL_UPSTREAM_BREAKER_COOLDOWN_SECS", "30",
         "how long an upstream's open circuit refuses calls before one trial call"
         => |v, c| c.gateway.http.upstream.breaker_cooldown = Duration::from_secs(v.number(1..=86_400)?);
+    "gateway.header_read_timeout_secs", "FLYWHEEL_HEADER_READ_TIMEOUT_SECS", "30",
+        "a client must send a request's headers within this; a kept-alive connection idle this long is closed"
+        => |v, c| c.gateway.http.timeouts.header_read = Duration::from_secs(v.number(1..=3_600)?);
+    "gateway.body_read_timeout_secs", "FLYWHEEL_BODY_READ_TIMEOUT_SECS", "30",
+        "most time between two pieces of a request body (past it: 408)"
+        => |v, c| c.gateway.http.timeouts.body_read = Duration::from_secs(v.number(1..=3_600)?);
     "engine.queue_capacity", "FLYWHEEL_QUEUE_CAPACITY", "64",
         "requests that may wait for the engine before 429"
         => |v, c| c.engine.queue_capacity = v.count(1)?;
