@@ -4,34 +4,41 @@
 
 1. Baseline: the quiet team alone sends QUIET_REQUESTS streamed requests,
    one after another.
-2. Flood: FLOOD_CLIENTS clients of the flooding team send non-streamed
-   requests back to back for SECONDS (a refused one is sent again after
-   0.1 s, not after `retry-after`, as a careless client would), while the
-   quiet team sends its requests one after another as in the baseline.
-3. Recovery: the flood stops; the time until the engine's queue and batch
-   are empty again (read from /metrics).
+2. Flood: a child process runs FLOOD_CLIENTS clients of the flooding team,
+   each sending non-streamed requests back to back (a refused one is sent
+   again after 0.1 s, not after `retry-after`, as a careless client
+   would). Once it has filled the engine, the quiet team sends its requests
+   one after another as in the baseline, for at most SECONDS.
+3. Recovery: the flooding process is killed (its connections drop); the
+   time until the engine's queue and batch are empty (read from /metrics),
+   then one more quiet request.
 
 Prints one JSON line: per phase and team, answered / 429 / 5xx / other
 failures, latency and time-to-first-token percentiles; the gateway's peak
-resident memory (VmHWM of PID) and the recovery time.
+resident memory (VmHWM of PID) and the recovery.
+
+    python3 bench/flood.py flood BASE_URL FLOOD_KEY CLIENTS OUT_FILE
+
+is the flooding child: one line per request, "status seconds", in OUT_FILE.
 """
 
 import json
+import os
+import signal
+import subprocess
 import sys
 import threading
 import time
 import urllib.error
 import urllib.request
 
-base, quiet_key, flood_key = sys.argv[1], sys.argv[2], sys.argv[3]
-flood_clients, seconds, pid = int(sys.argv[4]), float(sys.argv[5]), int(sys.argv[6])
 QUIET_REQUESTS = 12
 QUIET_TOKENS = 24
 FLOOD_TOKENS = 64
 PROMPT = "Write a short story about a lighthouse keeper."
 
 
-def post(key, body, stream):
+def post(base, key, body, stream):
     req = urllib.request.Request(f"{base}/v1/chat/completions", data=json.dumps(body).encode(),
                                  headers={"authorization": f"Bearer {key}",
                                           "content-type": "application/json"})
@@ -42,8 +49,11 @@ def post(key, body, stream):
             if stream:
                 for raw in resp:
                     line = raw.decode().strip()
-                    if first is None and line.startswith("data: {") and '"content"' in line:
-                        first = time.perf_counter() - start
+                    if first is None and line.startswith("data: {"):
+                        chunk = json.loads(line[6:])
+                        choices = chunk.get("choices") or [{}]
+                        if choices[0].get("delta", {}).get("content"):
+                            first = time.perf_counter() - start
             else:
                 resp.read()
         return 200, time.perf_counter() - start, first
@@ -54,21 +64,25 @@ def post(key, body, stream):
         return 0, time.perf_counter() - start, None
 
 
-def quiet_run(out):
-    body = {"model": "default", "max_tokens": QUIET_TOKENS, "temperature": 0, "stream": True,
-            "messages": [{"role": "user", "content": "Name three colours."}]}
-    for _ in range(QUIET_REQUESTS):
-        out.append(post(quiet_key, body, True))
-
-
-def flood_run(out, stop):
+def flood_child(base, key, clients, out_path):
     body = {"model": "default", "max_tokens": FLOOD_TOKENS, "temperature": 1.0,
             "messages": [{"role": "user", "content": PROMPT}]}
-    while not stop.is_set():
-        result = post(flood_key, body, False)
-        out.append(result)
-        if result[0] != 200:
-            time.sleep(0.1)
+    lock = threading.Lock()
+    out = open(out_path, "a", buffering=1)
+
+    def client():
+        while True:
+            status, seconds, _ = post(base, key, body, False)
+            with lock:
+                out.write(f"{status} {seconds:.4f}\n")
+            if status != 200:
+                time.sleep(0.1)
+
+    threads = [threading.Thread(target=client, daemon=True) for _ in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
 
 
 def pct(xs, q):
@@ -93,16 +107,13 @@ def summary(results):
     }
 
 
-def engine_busy():
+def metric(base, names):
     text = urllib.request.urlopen(f"{base}/metrics", timeout=10).read().decode()
-    busy = 0.0
-    for line in text.splitlines():
-        if line.startswith(("flywheel_engine_queue_depth", "flywheel_engine_running")):
-            busy += float(line.rsplit(" ", 1)[1])
-    return busy
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.split(" ")[0] in names)
 
 
-def peak_rss_mib():
+def peak_rss_mib(pid):
     with open(f"/proc/{pid}/status") as f:
         for line in f:
             if line.startswith("VmHWM:"):
@@ -110,34 +121,53 @@ def peak_rss_mib():
     return None
 
 
-baseline = []
-quiet_run(baseline)
+def main():
+    base, quiet_key, flood_key = sys.argv[1], sys.argv[2], sys.argv[3]
+    clients, seconds, pid = int(sys.argv[4]), float(sys.argv[5]), int(sys.argv[6])
+    quiet_body = {"model": "default", "max_tokens": QUIET_TOKENS, "temperature": 0,
+                  "stream": True, "messages": [{"role": "user", "content": "Name three colours."}]}
+    baseline = [post(base, quiet_key, quiet_body, True) for _ in range(QUIET_REQUESTS)]
 
-stop = threading.Event()
-flood, quiet = [], []
-threads = [threading.Thread(target=flood_run, args=(flood, stop)) for _ in range(flood_clients)]
-for t in threads:
-    t.start()
-time.sleep(5)  # the flood fills the batch and its share of the queue first
-quiet_thread = threading.Thread(target=quiet_run, args=(quiet,))
-quiet_thread.start()
-deadline = time.time() + seconds
-while time.time() < deadline and quiet_thread.is_alive():
-    time.sleep(0.5)
-quiet_thread.join()
-stop.set()
-stopped = time.perf_counter()
-for t in threads:
-    t.join()
-while engine_busy() > 0:
-    time.sleep(0.1)
-recovery = time.perf_counter() - stopped
+    flood_file = f"/tmp/flood-{os.getpid()}.txt"
+    child = subprocess.Popen([sys.executable, __file__, "flood", base, flood_key, str(clients),
+                              flood_file], start_new_session=True)
+    # The flood fills the batch and its share of the queue first.
+    deadline = time.time() + 60
+    while metric(base, {"flywheel_engine_running"}) < 1 or time.time() < deadline - 50:
+        time.sleep(0.2)
+    quiet = []
+    end = time.time() + seconds
+    while len(quiet) < QUIET_REQUESTS and time.time() < end:
+        quiet.append(post(base, quiet_key, quiet_body, True))
+    busy_before_kill = metric(base, {"flywheel_engine_running", "flywheel_engine_queue_depth"})
+    os.killpg(child.pid, signal.SIGKILL)
+    child.wait()
+    killed = time.perf_counter()
+    while metric(base, {"flywheel_engine_running", "flywheel_engine_queue_depth"}) > 0:
+        time.sleep(0.05)
+    drained = time.perf_counter() - killed
+    after = post(base, quiet_key, quiet_body, True)
 
-print(json.dumps({
-    "flood_clients": flood_clients,
-    "quiet_alone": summary(baseline),
-    "quiet_under_flood": summary(quiet),
-    "flood": summary(flood),
-    "recovery_s": round(recovery, 2),
-    "peak_rss_mib": peak_rss_mib(),
-}))
+    flood = []
+    with open(flood_file) as f:
+        for line in f:
+            status, secs = line.split()
+            flood.append((int(status), float(secs), None))
+    os.remove(flood_file)
+    print(json.dumps({
+        "flood_clients": clients,
+        "quiet_alone": summary(baseline),
+        "quiet_under_flood": summary(quiet),
+        "flood": summary(flood),
+        "engine_busy_at_kill": busy_before_kill,
+        "drained_after_kill_s": round(drained, 3),
+        "quiet_after_kill": summary([after]),
+        "peak_rss_mib": peak_rss_mib(pid),
+    }))
+
+
+if __name__ == "__main__":
+    if sys.argv[1] == "flood":
+        flood_child(sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5])
+    else:
+        main()

@@ -3,15 +3,17 @@
 # times the sequences the engine runs at once (and no regard for
 # retry-after): answered, 429s, 5xx, latency and time to first token of the
 # quiet team beside its own unloaded baseline, measured in the same run;
-# peak memory; how long the engine takes to drain after the flood stops.
-# Run twice, a fresh gateway each: with the shipped per-team share of the
-# queue, and with that share switched off (FLYWHEEL_QUEUE_PER_TEAM equal to
-# the whole queue), which is how the queue behaved before.
-#   scripts/bench-fairness.sh [SECONDS=90] [BUILD=release]
+# peak memory; and, once the flooding process is killed, how long the
+# engine takes to drain and what the quiet team's next request gets.
+# Run twice, a fresh gateway each: with the shipped fair scheduling and with
+# first-come-first-served (FLYWHEEL_SCHEDULING=fifo), how the engine
+# admitted requests before; the per-team share of the queue is the
+# default (32 of 64) in both.
+#   scripts/bench-fairness.sh [SECONDS=120] [BUILD=release]
 # Needs: PostgreSQL as for `make test`; the model is pulled when missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-seconds=${1:-90}
+seconds=${1:-120}
 build=${2:-release}
 admin=${TEST_DATABASE_URL:-postgres://postgres@127.0.0.1:5432/postgres}
 if [ "$build" = release ]; then
@@ -45,25 +47,26 @@ run() { # label, then env assignments for the gateway
     > "$work/$label.json"
   kill $gw; wait $gw 2>/dev/null || true
 }
-run shared FLYWHEEL_QUEUE_PER_TEAM=32
-run unshared FLYWHEEL_QUEUE_PER_TEAM=64
+run fair FLYWHEEL_SCHEDULING=fair
+run fifo FLYWHEEL_SCHEDULING=fifo
 
 python3 - "$work" "$build" <<'PY'
 import json, sys
 work, build = sys.argv[1], sys.argv[2]
 print(f"build: {build}; raw output in {work}\n")
-print("| queue | phase | team | sent | answered | 429 | 5xx | latency p50 / p99 (s) | TTFT p50 / p99 (s) |")
+print("| scheduling | phase | team | sent | answered | 429 | 5xx | latency p50 / p99 (s) | TTFT p50 / p99 (s) |")
 print("|---|---|---|---|---|---|---|---|---|")
-for label, name in [("shared", "a team may hold 32 of 64"), ("unshared", "one team may hold all 64")]:
+for label in ["fair", "fifo"]:
     r = json.load(open(f"{work}/{label}.json"))
     for phase, team, key in [("alone", "quiet", "quiet_alone"), ("flood", "quiet", "quiet_under_flood"),
-                             ("flood", "flood", "flood")]:
+                             ("flood", "flood", "flood"), ("after the kill", "quiet", "quiet_after_kill")]:
         s = r[key]
-        print(f"| {name} | {phase} | {team} | {s['sent']} | {s['answered']} | {s['429']} | {s['5xx']} | "
+        print(f"| {label} | {phase} | {team} | {s['sent']} | {s['answered']} | {s['429']} | {s['5xx']} | "
               f"{s['latency_p50_s']} / {s['latency_p99_s']} | {s['ttft_p50_s']} / {s['ttft_p99_s']} |")
 print()
-for label in ["shared", "unshared"]:
+for label in ["fair", "fifo"]:
     r = json.load(open(f"{work}/{label}.json"))
-    print(f"{label}: {r['flood_clients']} flooding clients, recovery {r['recovery_s']} s, peak RSS {r['peak_rss_mib']} MiB")
+    print(f"{label}: {r['flood_clients']} flooding clients; at the kill {r['engine_busy_at_kill']:.0f} "
+          f"requests in the engine, drained {r['drained_after_kill_s']} s after; peak RSS {r['peak_rss_mib']} MiB")
 PY
 psql -q "$admin" -c "drop database $db with (force)"

@@ -34,7 +34,7 @@ pub use kernels::Simd;
 pub use sampling::{MIN_TEMPERATURE, SamplingParams};
 pub use types::{
     AdapterId, Backend, EngineConfig, EngineStats, Event, FinishReason, GenerateRequest, ModelInfo,
-    SubmitError, TokenLogprob, TopLogprob,
+    Scheduling, SubmitError, TokenLogprob, TopLogprob,
 };
 
 /// Errors from loading a model or running it.

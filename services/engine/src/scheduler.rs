@@ -26,7 +26,8 @@ use crate::sampling::{Sampler, top_n};
 use crate::step::{BatchItem, StepModel};
 use crate::stop::StopMatcher;
 use crate::types::{
-    EngineConfig, Event, FinishReason, GenerateRequest, Shared, TokenLogprob, TopLogprob,
+    EngineConfig, Event, FinishReason, GenerateRequest, Scheduling, Shared, TokenLogprob,
+    TopLogprob,
 };
 use crate::{EngineError, Result};
 
@@ -145,6 +146,9 @@ impl<M: StepModel> Scheduler<M> {
     /// among equals, the tenant served least recently, then the oldest
     /// request (round robin between tenants, first come within one).
     fn next_fair(&mut self) -> Option<Job> {
+        if self.cfg.scheduling == Scheduling::Fifo {
+            return self.waiting.pop_front();
+        }
         let running = |tenant: u64| {
             self.active
                 .iter()
@@ -746,18 +750,16 @@ mod tests {
             one.active.clear();
         }
         assert_eq!(order, vec![1, 2, 3, 1, 1, 1]);
-        // In a first-come order tenant 2 would have waited behind all five.
+        // First come, first served, tenant 2 waits behind all five.
         let (mut fifo, shared) = tiny_scheduler();
         fifo.cfg.max_batch = 3;
+        fifo.cfg.scheduling = Scheduling::Fifo;
         for tenant in [1, 1, 1, 1, 1, 2] {
             let (job, rx) = waiting_job(&shared, tenant);
             fifo.waiting.push_back(job);
             receivers.push(rx);
         }
-        for _ in 0..3 {
-            let job = fifo.waiting.pop_front().unwrap();
-            fifo.admit(job);
-        }
+        fifo.fill();
         assert!(fifo.active.iter().all(|s| s.job.req.tenant == 1));
     }
 

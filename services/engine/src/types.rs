@@ -18,6 +18,8 @@ pub struct EngineConfig {
     /// Requests one tenant (a team) may have waiting: past it that tenant
     /// is refused while the rest of the queue stays open to the others.
     pub queue_per_tenant: usize,
+    /// How a free batch slot is given to a waiting request.
+    pub scheduling: Scheduling,
     /// Sequences generating at once.
     pub max_batch: usize,
     /// Tokens per step, all sequences together: bounds how long one step
@@ -28,6 +30,28 @@ pub struct EngineConfig {
     /// The widest instruction set the CPU kernels may use.
     pub simd: Simd,
     pub backend: Backend,
+}
+
+/// How the engine picks the next waiting request for a free batch slot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Scheduling {
+    /// The tenant with the fewest sequences running, then the one served
+    /// least recently, then the oldest request.
+    #[default]
+    Fair,
+    /// First come, first served, whoever asks.
+    Fifo,
+}
+
+impl std::str::FromStr for Scheduling {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, Self::Err> {
+        match s {
+            "fair" => Ok(Self::Fair),
+            "fifo" => Ok(Self::Fifo),
+            other => Err(format!("{other:?} is not fair or fifo")),
+        }
+    }
 }
 
 /// Which forward pass serves.
@@ -45,6 +69,7 @@ impl Default for EngineConfig {
         Self {
             queue_capacity: 64,
             queue_per_tenant: 32,
+            scheduling: Scheduling::Fair,
             max_batch: 16,
             max_batched_tokens: 256,
             threads: 0,

@@ -109,6 +109,9 @@ settings! {
     "engine.queue_per_team", "FLYWHEEL_QUEUE_PER_TEAM", "32",
         "requests one team may have waiting (past it that team gets 429; the rest of the queue stays open to the others)"
         => |v, c| c.engine.queue_per_tenant = v.count(1)?;
+    "engine.scheduling", "FLYWHEEL_SCHEDULING", "fair",
+        "who gets a free batch slot: `fair` (the team with the fewest sequences running, then the one served least recently) or `fifo` (first come, first served)"
+        => |v, c| c.engine.scheduling = v.parse("fair or fifo")?;
     "engine.max_batch", "FLYWHEEL_MAX_BATCH", "16",
         "sequences generating together"
         => |v, c| c.engine.max_batch = v.count(1)?;
