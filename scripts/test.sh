@@ -4,7 +4,8 @@
 #   - else the server on 127.0.0.1:5432 (user postgres, trust auth) if one answers;
 #   - else a private cluster started by `flywheel postgres` (installed with apt if missing).
 # Chromium (apt) and playwright-core (npm) are installed for the dashboard's
-# browser tests when missing.
+# browser tests when missing; moto and schemathesis (PyPI) for the S3 and
+# fuzz tests.
 # The real model is pulled once into ~/.cache/flywheel/models (FLYWHEEL_MODEL_CACHE).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -42,6 +43,15 @@ if ! python3 -c "import moto.server" 2>/dev/null; then
   if ! python3 -m pip install --quiet 'moto[server]==5.2.5' 2>/dev/null; then
     python3 -m venv "$venv" || { echo "python3 -m venv failed: install Debian's python3-venv" >&2; exit 1; }
     "$venv/bin/python3" -m pip install --quiet 'moto[server]==5.2.5'
+    export PATH="$PWD/$venv/bin:$PATH"
+  fi
+fi
+# The public API is fuzzed by schemathesis (a PyPI package) from /openapi.json.
+if ! command -v schemathesis >/dev/null; then
+  echo "installing schemathesis (fuzzes the public API from its OpenAPI document)"
+  if ! python3 -m pip install --quiet 'schemathesis==4.32.5' 2>/dev/null; then
+    [ -x "$venv/bin/python3" ] || python3 -m venv "$venv" || { echo "python3 -m venv failed: install Debian's python3-venv" >&2; exit 1; }
+    "$venv/bin/python3" -m pip install --quiet 'schemathesis==4.32.5'
     export PATH="$PWD/$venv/bin:$PATH"
   fi
 fi

@@ -629,3 +629,43 @@ async fn clients_that_stall_are_timed_out() {
     let (status, _) = post(&gw, Some(&gw.key), chat(&gw, json!({}))).await;
     assert_eq!(status, StatusCode::OK);
 }
+
+/// The public contract fuzzed: schemathesis (from PyPI; `scripts/test.sh`
+/// installs it) generates requests from `/openapi.json` for every `/v1`
+/// operation and the tokenizer's, valid and not, with a team key. No
+/// answer may be a 5xx, and each must be one the document lists.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn schemathesis_finds_no_server_error_in_the_public_api() {
+    let gw = TestGateway::tiny().await;
+    let auth = format!("Authorization: Bearer {}", gw.key);
+    let out = tokio::process::Command::new("schemathesis")
+        .args([
+            "run",
+            &format!("{}/openapi.json", gw.base),
+            "--url",
+            &gw.base,
+            "--checks",
+            "not_a_server_error,status_code_conformance",
+            "--max-examples",
+            "30",
+            "--generation-deterministic",
+            "--request-timeout",
+            "60",
+            "--include-path-regex",
+            "^/(v1/|tokenize|detokenize)",
+            "--header",
+            &auth,
+        ])
+        .output()
+        .await
+        .expect("run schemathesis (scripts/test.sh installs it from PyPI)");
+    let report = format!(
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    eprintln!("{report}");
+    assert!(out.status.success(), "{report}");
+    // It ran, on every operation it selected.
+    assert!(report.contains("Tested: 10"), "{report}");
+}

@@ -22,7 +22,14 @@ fn op(summary: &str, security: &str, body: Option<Value>, ok: (&str, &str)) -> V
         },
     });
     if security == "bearer" {
-        o["responses"]["403"] = error_response("the key lacks the scope this route needs");
+        let r = &mut o["responses"];
+        r["403"] = error_response("the key lacks the scope this route needs");
+        r["404"] = error_response("no such model, completion or route for this team");
+        r["408"] = error_response("the request body stopped arriving");
+        r["413"] = error_response("the body is larger than the server accepts");
+        r["415"] = error_response("the body is not `application/json`");
+        r["503"] =
+            error_response("the database or the model cannot answer right now; retry shortly");
     }
     if let Some(schema) = body {
         o["requestBody"] = json!({"required": true,
@@ -57,6 +64,89 @@ fn admin_action(summary: &str, needs_model: bool) -> Value {
 }
 
 /// An action: the CSRF header, and the refusals every action may answer.
+/// Every field `POST /v1/chat/completions` accepts, with the bounds it
+/// checks (`services/gateway/src/chat/request.rs`); OpenAI's fields that
+/// change nothing here (`store`, `metadata`, ...) are accepted and ignored.
+fn chat_body() -> Value {
+    let ignored = json!({"description": "accepted and ignored"});
+    let tokens = json!({"type": ["integer", "null"], "minimum": 1});
+    json!({
+        "type": "object",
+        "required": ["model", "messages"],
+        "properties": {
+            "model": {"type": "string", "minLength": 1, "examples": ["default"],
+                      "description": "a version the team may use, its base's name, or `default`"},
+            "messages": {"type": "array", "minItems": 1, "items": {
+                "type": "object", "required": ["role", "content"],
+                "properties": {
+                    "role": {"enum": ["system", "developer", "user", "assistant"]},
+                    "content": {"oneOf": [
+                        {"type": "string"},
+                        {"type": "array", "items": {"type": "object", "required": ["type", "text"],
+                            "properties": {"type": {"const": "text"}, "text": {"type": "string"}}}},
+                    ]},
+                    "name": {"type": "string"},
+                }}},
+            "temperature": {"type": ["number", "null"], "minimum": 0, "maximum": 2},
+            "top_p": {"type": ["number", "null"], "exclusiveMinimum": 0, "maximum": 1},
+            "top_k": {"type": ["integer", "null"], "minimum": 0},
+            "seed": {"type": ["integer", "null"]},
+            "presence_penalty": {"type": ["number", "null"], "minimum": -2, "maximum": 2},
+            "frequency_penalty": {"type": ["number", "null"], "minimum": -2, "maximum": 2},
+            "max_tokens": tokens,
+            "max_completion_tokens": tokens,
+            "stop": {"oneOf": [{"type": "string", "minLength": 1},
+                               {"type": "array", "maxItems": 4, "items": {"type": "string", "minLength": 1}},
+                               {"type": "null"}]},
+            "stream": {"type": ["boolean", "null"]},
+            "stream_options": {"type": ["object", "null"], "properties": {"include_usage": {"type": "boolean"}},
+                               "description": "only with `stream: true`"},
+            "logprobs": {"type": ["boolean", "null"]},
+            "top_logprobs": {"type": ["integer", "null"], "minimum": 0, "maximum": 20,
+                             "description": "only with `logprobs: true`"},
+            "logit_bias": {"type": ["object", "null"], "maxProperties": 300,
+                           "additionalProperties": {"type": "number", "minimum": -100, "maximum": 100},
+                           "description": "token id (as a string) to a bias added to its logit"},
+            "n": {"enum": [1, null], "description": "one choice per request"},
+            "user": {"type": ["string", "null"], "maxLength": 256},
+            "response_format": {"type": ["object", "null"],
+                                "description": "`{\"type\": \"json_object\"}` or `{\"type\": \"json_schema\", \"json_schema\": {\"name\", \"schema\"}}` (OpenAI's strict subset)"},
+            "tool_choice": {"const": "none", "description": "tools are not supported"},
+            "modalities": {"type": "array", "items": {"const": "text"}},
+            "store": ignored, "metadata": ignored, "service_tier": ignored,
+            "parallel_tool_calls": ignored, "safety_identifier": ignored, "prompt_cache_key": ignored,
+        },
+        "additionalProperties": false,
+        "examples": [{"model": "default", "max_tokens": 8,
+                      "messages": [{"role": "user", "content": "Name three colours."}]}],
+    })
+}
+
+/// Each `{name}` in a path, declared as a path parameter of its operations.
+fn declare_path_parameters(doc: &mut Value) {
+    let Some(paths) = doc["paths"].as_object_mut() else {
+        return;
+    };
+    for (path, ops) in paths.iter_mut() {
+        let names: Vec<&str> = path
+            .split('{')
+            .skip(1)
+            .filter_map(|rest| rest.split_once('}').map(|(name, _)| name))
+            .collect();
+        for op in ops.as_object_mut().into_iter().flat_map(|o| o.values_mut()) {
+            let params = op["parameters"].as_array().cloned().unwrap_or_default();
+            let mut params = params;
+            for name in &names {
+                params.push(json!({"name": name, "in": "path", "required": true,
+                                   "schema": {"type": "string", "minLength": 1}}));
+            }
+            if !params.is_empty() {
+                op["parameters"] = Value::Array(params);
+            }
+        }
+    }
+}
+
 /// A route under the team's rate limits and the engine's queue.
 fn limited(mut o: Value) -> Value {
     o["responses"]["429"] = error_response(
@@ -75,6 +165,12 @@ fn with_csrf(mut o: Value) -> Value {
 
 /// The document.
 pub fn document() -> Value {
+    let mut doc = paths();
+    declare_path_parameters(&mut doc);
+    doc
+}
+
+fn paths() -> Value {
     let key = "bearer";
     json!({
         "openapi": "3.1.0",
@@ -85,11 +181,7 @@ pub fn document() -> Value {
         },
         "paths": {
             "/v1/chat/completions": {"post": limited(op("A chat completion (OpenAI's shape; `stream` for SSE, `response_format` for JSON)", key,
-                Some(json!({"type": "object", "required": ["messages"], "properties": {
-                    "model": {"type": "string"}, "messages": {"type": "array"}, "max_tokens": {"type": "integer"},
-                    "temperature": {"type": "number"}, "top_p": {"type": "number"}, "stop": {},
-                    "stream": {"type": "boolean"}, "user": {"type": "string"}, "response_format": {"type": "object"}}})),
-                ("200", "the completion, or an event stream")))},
+                Some(chat_body()), ("200", "the completion, or an event stream")))},
             "/v1/models": {"get": op("The models this key's team may call", key, None, ("200", "a list"))},
             "/v1/models/{name}": {"get": op("One model", key, None, ("200", "the model"))},
             "/v1/feedback": {"post": op("An end user's rating of a completion", key,
