@@ -84,10 +84,15 @@ async fn kill_9_after_acknowledged_votes_loses_none_and_duplicates_none() {
     gateway.wait().unwrap();
     blocker.rollback().await.unwrap();
     let count = || async {
-        sqlx::query_as::<_, (i64, i64)>("select count(*), count(distinct id) from feedback")
-            .fetch_one(&pool)
-            .await
-            .unwrap()
+        // Rows, and the acknowledged votes among them (each vote had its
+        // own user, u0 to u119): a lost vote or a stray row shows in one.
+        sqlx::query_as::<_, (i64, i64)>(
+            "select count(*), count(*) filter (where end_user = any($1)) from feedback",
+        )
+        .bind((0..N).map(|i| format!("u{i}")).collect::<Vec<_>>())
+        .fetch_one(&pool)
+        .await
+        .unwrap()
     };
     assert!(
         count().await.0 < N as i64,
@@ -110,9 +115,166 @@ async fn kill_9_after_acknowledged_votes_loses_none_and_duplicates_none() {
     gateway.kill().unwrap();
     gateway.wait().unwrap();
     assert_eq!(last, (N as i64, N as i64), "every acknowledged vote, once");
+    let users: i64 = sqlx::query_scalar("select count(distinct end_user) from feedback")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(users, N as i64, "one row for each acknowledged vote");
     let completions: i64 = sqlx::query_scalar("select count(*) from completions")
         .fetch_one(&pool)
         .await
         .unwrap();
     assert_eq!(completions, 1);
+}
+
+/// The journal's disk fills up (a 256 KiB tmpfs, mounted for the test: it
+/// needs root, as `make test` runs here) while Postgres is held back: votes
+/// the journal cannot hold are refused with 503, never acknowledged and
+/// lost; every acknowledged one reaches Postgres once the flusher can write,
+/// the journal frees its disk, and votes are taken again.
+#[tokio::test]
+async fn a_full_journal_disk_refuses_votes_and_loses_none_it_acknowledged() {
+    let db = fresh_database("fw_diskfull").await;
+    cli(&db, &["migrate"]);
+    let dir = std::env::temp_dir().join(format!("fw-diskfull-{}", uuid::Uuid::new_v4()));
+    let journal = dir.join("journal");
+    std::fs::create_dir_all(&journal).unwrap();
+    let mounted = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=256k", "tmpfs"])
+        .arg(&journal)
+        .status()
+        .unwrap();
+    assert!(mounted.success(), "mounting a tmpfs needs root");
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount").arg(&self.0).status();
+        }
+    }
+    let _unmount = Unmount(journal.clone());
+    let model = flywheel_model::testing::write_tiny_model(&dir, 5).unwrap();
+    cli(
+        &db,
+        &[
+            "models",
+            "import",
+            model.to_str().unwrap(),
+            "--name",
+            "tiny",
+        ],
+    );
+    let key = cli(&db, &["keys", "create", "--team", "full"])
+        .lines()
+        .last()
+        .unwrap()
+        .to_string();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let base = format!("http://127.0.0.1:{port}");
+    let mut gateway = serve(&db, port, &journal);
+    assert!(
+        flywheel_tests::ready(&base).await,
+        "the gateway did not become ready"
+    );
+    let http = reqwest::Client::new();
+    let chat: serde_json::Value = http
+        .post(format!("{base}/v1/chat/completions"))
+        .bearer_auth(&key)
+        .json(&json!({"model": "tiny", "max_tokens": 3, "messages": [{"role": "user", "content": "hi"}]}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let id = chat["id"].as_str().unwrap().to_string();
+    let pool = flywheel_store::connect(&db).await.unwrap();
+    let mut blocker = pool.begin().await.unwrap();
+    sqlx::query("lock table feedback in access exclusive mode")
+        .execute(&mut *blocker)
+        .await
+        .unwrap();
+    // Votes with comments of 2 KiB and of 50 bytes in turn, until the disk
+    // is full: a short one may fit where a long one was cut off.
+    let vote = |i: usize| {
+        let comment = if i.is_multiple_of(2) {
+            "x".repeat(2048)
+        } else {
+            "y".repeat(50)
+        };
+        http.post(format!("{base}/v1/feedback"))
+            .bearer_auth(&key)
+            .json(&json!({"completion_id": id, "rating": "down", "user": format!("u{i}"), "comment": comment}))
+            .send()
+    };
+    let (mut acknowledged, mut refused) = (Vec::new(), 0);
+    for i in 0..400 {
+        let resp = vote(i).await.unwrap();
+        match resp.status().as_u16() {
+            201 => acknowledged.push(format!("u{i}")),
+            503 => {
+                let body: serde_json::Value = resp.json().await.unwrap();
+                assert!(
+                    body["error"]["message"]
+                        .as_str()
+                        .unwrap()
+                        .contains("disk is full"),
+                    "{body}"
+                );
+                refused += 1;
+            }
+            other => panic!("vote {i}: {other} {}", resp.text().await.unwrap()),
+        }
+    }
+    assert!(refused > 0, "the disk never filled");
+    assert!(
+        acknowledged.len() > 20,
+        "only {} acknowledged",
+        acknowledged.len()
+    );
+
+    // The gateway is killed with its votes only in the full journal, and
+    // started again once Postgres takes writes: its replay of the journal
+    // stores every acknowledged vote, once.
+    gateway.kill().unwrap(); // SIGKILL
+    gateway.wait().unwrap();
+    blocker.rollback().await.unwrap();
+    let mut gateway = serve(&db, port, &journal);
+    assert!(
+        flywheel_tests::ready(&base).await,
+        "the gateway did not start again"
+    );
+    let landed = flywheel_tests::until(60, || async {
+        let n: i64 = sqlx::query_scalar("select count(*) from feedback")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        n >= acknowledged.len() as i64
+    })
+    .await;
+    assert!(landed, "the acknowledged votes did not land");
+    let users: Vec<String> =
+        sqlx::query_scalar("select end_user from feedback order by created_at, end_user")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    let mut sorted = users.clone();
+    sorted.sort();
+    let mut expected = acknowledged.clone();
+    expected.sort();
+    assert_eq!(
+        sorted, expected,
+        "exactly the acknowledged votes, once each"
+    );
+    // The journal frees its disk once everything is stored: votes are taken again.
+    let taken = flywheel_tests::until(60, || async {
+        vote(10_000).await.unwrap().status().as_u16() == 201
+    })
+    .await;
+    assert!(taken, "votes were still refused after the journal drained");
+    gateway.kill().unwrap();
+    gateway.wait().unwrap();
 }

@@ -194,6 +194,13 @@ async fn accept(
             JournalError::Full(_) => AppError::Unavailable(
                 "feedback cannot be accepted right now (the journal is full); retry later".into(),
             ),
+            JournalError::Io(e) if e.kind() == std::io::ErrorKind::StorageFull => {
+                tracing::error!(error = %e, "the journal's disk is full: refusing votes");
+                AppError::Unavailable(
+                    "feedback cannot be accepted right now (the journal's disk is full); retry later"
+                        .into(),
+                )
+            }
             other => AppError::Internal(other.to_string()),
         })?;
     Ok(vote)

@@ -414,7 +414,14 @@ impl Journal {
         bytes.extend_from_slice(&line);
         // One write(2) per record: once it returns, the bytes belong to the
         // kernel and survive the process being killed.
-        (&*st.segment.file).write_all(&bytes)?;
+        if let Err(e) = (&*st.segment.file).write_all(&bytes) {
+            // A short write (a full disk) leaves part of a line: cut it off,
+            // or the next record would be read back glued to it, and lost.
+            if let Err(cut) = st.segment.file.set_len(st.segment.bytes) {
+                tracing::error!(error = %cut, "could not cut a partial journal record");
+            }
+            return Err(e.into());
+        }
         st.segment.started = true;
         st.segment.bytes += bytes.len() as u64;
         let index = st.segment.index;
