@@ -38,6 +38,11 @@ impl LocalPostgres {
         })
     }
 
+    /// The cluster's data folder (its `postmaster.pid` among the rest).
+    pub fn data_dir(&self) -> &Path {
+        &self.data
+    }
+
     pub fn url(&self, database: &str) -> String {
         format!("postgres://postgres@127.0.0.1:{}/{database}", self.port)
     }
