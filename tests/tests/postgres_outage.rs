@@ -67,7 +67,7 @@ async fn gateway_on_own_cluster(
 async fn traffic_survives_a_postgres_restart() {
     let (pg, pool, journal, base, key) = gateway_on_own_cluster("outage").await;
     let http = reqwest::Client::new();
-    let (mut completions, mut votes) = (0, 0);
+    let mut sent = 0;
     let mut saw_degraded = false;
     // Postgres is down for rounds 10..20, a little over a minute: traffic
     // keeps coming every six seconds meanwhile.
@@ -95,33 +95,8 @@ async fn traffic_survives_a_postgres_restart() {
             let listed: serde_json::Value = models.json().await.unwrap();
             assert_eq!(listed["data"][0]["id"], "tiny", "round {round}: {listed}");
         }
-        let resp = http
-            .post(format!("{base}/v1/chat/completions"))
-            .bearer_auth(&key)
-            .json(&json!({"model": "tiny", "max_tokens": 3, "messages": [{"role": "user", "content": format!("n{round}")}]}))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(
-            resp.status(),
-            200,
-            "round {round}: {}",
-            resp.text().await.unwrap()
-        );
-        let id = resp.json::<serde_json::Value>().await.unwrap()["id"]
-            .as_str()
-            .unwrap()
-            .to_string();
-        completions += 1;
-        let resp = http
-            .post(format!("{base}/v1/feedback"))
-            .bearer_auth(&key)
-            .json(&json!({"completion_id": id, "rating": "up"}))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(resp.status(), 201, "round {round}");
-        votes += 1;
+        chat_and_vote(&http, &base, &key, round).await;
+        sent += 1;
         if (10..20).contains(&round) {
             let ready: serde_json::Value = reqwest::get(format!("{base}/readyz"))
                 .await
@@ -137,19 +112,54 @@ async fn traffic_survives_a_postgres_restart() {
         journal.wait_flushed(Duration::from_secs(30)).await,
         "the journal drained"
     );
-    let (c, cd): (i64, i64) =
-        sqlx::query_as("select count(*), count(distinct id) from completions")
-            .fetch_one(&pool)
-            .await
-            .unwrap();
-    let (f, fd): (i64, i64) = sqlx::query_as("select count(*), count(distinct id) from feedback")
-        .fetch_one(&pool)
-        .await
-        .unwrap();
-    assert_eq!((c, cd), (completions, completions));
-    assert_eq!((f, fd), (votes, votes));
+    // Each round's completion (its own message) and its vote, once: a lost
+    // or a doubled one shows.
+    let stored: (i64, i64, i64, i64) = sqlx::query_as(
+        "select (select count(*) from completions),
+                (select count(distinct request->'messages'->0->>'content') from completions),
+                (select count(*) from feedback),
+                (select count(distinct completion_id) from feedback)",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(stored, (sent, sent, sent, sent));
     assert!(journal.stats().flush_failures > 0, "the outage was real");
     pg.stop().unwrap();
+}
+
+/// A chat completion (200) and a vote on it (201).
+async fn chat_and_vote(http: &reqwest::Client, base: &str, key: &str, n: usize) {
+    let resp = http
+        .post(format!("{base}/v1/chat/completions"))
+        .bearer_auth(key)
+        .json(&json!({"model": "tiny", "max_tokens": 3, "messages": [{"role": "user", "content": format!("n{n}")}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        resp.status(),
+        200,
+        "round {n}: {}",
+        resp.text().await.unwrap()
+    );
+    let id = resp.json::<serde_json::Value>().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let resp = http
+        .post(format!("{base}/v1/feedback"))
+        .bearer_auth(key)
+        .json(&json!({"completion_id": id, "rating": "up"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        resp.status(),
+        201,
+        "round {n}: {}",
+        resp.text().await.unwrap()
+    );
 }
 
 /// Signals the cluster's postmaster and every backend it started.
@@ -185,48 +195,13 @@ async fn traffic_survives_a_postgres_that_hangs() {
         .timeout(Duration::from_secs(60))
         .build()
         .unwrap();
-    let round = |n: usize| {
-        let (http, base, key) = (http.clone(), base.clone(), key.clone());
-        async move {
-            let resp = http
-                .post(format!("{base}/v1/chat/completions"))
-                .bearer_auth(&key)
-                .json(&json!({"model": "tiny", "max_tokens": 3, "messages": [{"role": "user", "content": format!("n{n}")}]}))
-                .send()
-                .await
-                .unwrap();
-            assert_eq!(
-                resp.status(),
-                200,
-                "round {n}: {}",
-                resp.text().await.unwrap()
-            );
-            let id = resp.json::<serde_json::Value>().await.unwrap()["id"]
-                .as_str()
-                .unwrap()
-                .to_string();
-            let resp = http
-                .post(format!("{base}/v1/feedback"))
-                .bearer_auth(&key)
-                .json(&json!({"completion_id": id, "rating": "up"}))
-                .send()
-                .await
-                .unwrap();
-            assert_eq!(
-                resp.status(),
-                201,
-                "round {n}: {}",
-                resp.text().await.unwrap()
-            );
-        }
-    };
-    round(0).await; // the key is seen while Postgres answers
+    chat_and_vote(&http, &base, &key, 0).await; // the key is seen while Postgres answers
     signal_cluster(&pg, "STOP");
     // Past the 30 s the gateway trusts a confirmed key without asking.
     let hung = std::time::Instant::now();
     let mut rounds = 1;
     while hung.elapsed() < Duration::from_secs(40) {
-        round(rounds).await;
+        chat_and_vote(&http, &base, &key, rounds).await;
         rounds += 1;
         tokio::time::sleep(Duration::from_secs(4)).await;
     }

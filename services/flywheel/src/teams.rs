@@ -17,44 +17,31 @@ pub enum TeamsCommand {
         /// Tokens the team's jobs may spend on upstream models (teachers
         /// and judges) in any 30 days; `none`: no limit. A job that reaches
         /// it stops and says so.
-        #[arg(long, value_parser = budget)]
-        upstream_budget_tokens: Option<Budget>,
+        #[arg(long, value_parser = or_none(i64::MAX))]
+        upstream_budget_tokens: Option<OrNone>,
         /// Chat requests the team may send a minute, per gateway process;
         /// `none`: no limit. Past it: 429 with `retry-after`.
-        #[arg(long, value_parser = per_minute)]
-        requests_per_minute: Option<PerMinute>,
+        #[arg(long, value_parser = or_none(i32::MAX.into()))]
+        requests_per_minute: Option<OrNone>,
         /// Prompt and completion tokens the team may use a minute, per
         /// gateway process; `none`: no limit.
-        #[arg(long, value_parser = per_minute)]
-        tokens_per_minute: Option<PerMinute>,
+        #[arg(long, value_parser = or_none(i32::MAX.into()))]
+        tokens_per_minute: Option<OrNone>,
     },
 }
 
-/// A rate limit, or none.
+/// A number above 0, or `none` (no limit).
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub struct PerMinute(Option<u32>);
+pub struct OrNone(Option<i64>);
 
-fn per_minute(s: &str) -> Result<PerMinute, String> {
-    match s {
-        "none" => Ok(PerMinute(None)),
-        n => match n.parse::<u32>() {
-            Ok(n) if n > 0 && n <= i32::MAX as u32 => Ok(PerMinute(Some(n))),
-            _ => Err(format!("expected a number above 0, or none; not {n}")),
-        },
-    }
-}
-
-/// A budget in tokens, or none.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Budget(Option<i64>);
-
-fn budget(s: &str) -> Result<Budget, String> {
-    match s {
-        "none" => Ok(Budget(None)),
+/// Parses an [`OrNone`] of at most `max`.
+fn or_none(max: i64) -> impl Fn(&str) -> Result<OrNone, String> + Clone + Send + Sync + 'static {
+    move |s| match s {
+        "none" => Ok(OrNone(None)),
         n => match n.parse::<i64>() {
-            Ok(n) if n > 0 => Ok(Budget(Some(n))),
+            Ok(n) if n > 0 && n <= max => Ok(OrNone(Some(n))),
             _ => Err(format!(
-                "expected a number of tokens above 0, or none; not {n}"
+                "expected a number above 0 (at most {max}), or none; not {n}"
             )),
         },
     }
@@ -82,8 +69,9 @@ pub async fn run(pool: &PgPool, command: TeamsCommand) -> anyhow::Result<()> {
     }
     if requests_per_minute.is_some() || tokens_per_minute.is_some() {
         let (rpm, tpm) = (
-            requests_per_minute.map(|p| p.0),
-            tokens_per_minute.map(|p| p.0),
+            // Bounded by i32::MAX when parsed.
+            requests_per_minute.map(|p| p.0.map(|n| n as u32)),
+            tokens_per_minute.map(|p| p.0.map(|n| n as u32)),
         );
         if !flywheel_store::keys::set_limits(pool, &team, rpm, tpm).await? {
             anyhow::bail!("no team named {team}");
@@ -108,7 +96,7 @@ pub async fn run(pool: &PgPool, command: TeamsCommand) -> anyhow::Result<()> {
         }
         println!("team {team}: share_for_training = {v}");
     }
-    if let Some(Budget(tokens)) = upstream_budget_tokens {
+    if let Some(OrNone(tokens)) = upstream_budget_tokens {
         if !flywheel_store::upstreams::set_budget(pool, &team, tokens).await? {
             anyhow::bail!("no team named {team}");
         }

@@ -130,14 +130,13 @@ async fn kill_9_after_acknowledged_votes_loses_none_and_duplicates_none() {
 /// The journal's disk fills up (a 256 KiB tmpfs, mounted for the test: it
 /// needs root, as `make test` runs here) while Postgres is held back: votes
 /// the journal cannot hold are refused with 503, never acknowledged and
-/// lost; every acknowledged one reaches Postgres once the flusher can write,
-/// the journal frees its disk, and votes are taken again.
+/// lost. The gateway is then killed and started again once Postgres takes
+/// writes: its replay stores exactly the acknowledged votes, the journal
+/// frees its disk, and votes are taken again.
 #[tokio::test]
 async fn a_full_journal_disk_refuses_votes_and_loses_none_it_acknowledged() {
-    let db = fresh_database("fw_diskfull").await;
-    cli(&db, &["migrate"]);
-    let dir = std::env::temp_dir().join(format!("fw-diskfull-{}", uuid::Uuid::new_v4()));
-    let journal = dir.join("journal");
+    let setup = flywheel_tests::TinySetup::new("fw_diskfull").await;
+    let journal = setup.dir.join("journal");
     std::fs::create_dir_all(&journal).unwrap();
     let mounted = std::process::Command::new("mount")
         .args(["-t", "tmpfs", "-o", "size=256k", "tmpfs"])
@@ -152,81 +151,39 @@ async fn a_full_journal_disk_refuses_votes_and_loses_none_it_acknowledged() {
         }
     }
     let _unmount = Unmount(journal.clone());
-    let model = flywheel_model::testing::write_tiny_model(&dir, 5).unwrap();
-    cli(
-        &db,
-        &[
-            "models",
-            "import",
-            model.to_str().unwrap(),
-            "--name",
-            "tiny",
-        ],
-    );
-    let key = cli(&db, &["keys", "create", "--team", "full"])
-        .lines()
-        .last()
-        .unwrap()
-        .to_string();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let base = format!("http://127.0.0.1:{port}");
-    let mut gateway = serve(&db, port, &journal);
-    assert!(
-        flywheel_tests::ready(&base).await,
-        "the gateway did not become ready"
-    );
-    let http = reqwest::Client::new();
-    let chat: serde_json::Value = http
-        .post(format!("{base}/v1/chat/completions"))
-        .bearer_auth(&key)
-        .json(&json!({"model": "tiny", "max_tokens": 3, "messages": [{"role": "user", "content": "hi"}]}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let key = setup.key("full");
+    let gateway = flywheel_tests::GatewayProcess::start(&setup.db, &journal, &[]).await;
+    let chat =
+        json!({"model": "tiny", "max_tokens": 3, "messages": [{"role": "user", "content": "hi"}]});
+    let (status, chat) = gateway.post(&key, "/v1/chat/completions", chat).await;
+    assert_eq!(status, 200, "{chat}");
     let id = chat["id"].as_str().unwrap().to_string();
-    let pool = flywheel_store::connect(&db).await.unwrap();
+    let pool = flywheel_store::connect(&setup.db).await.unwrap();
     let mut blocker = pool.begin().await.unwrap();
     sqlx::query("lock table feedback in access exclusive mode")
         .execute(&mut *blocker)
         .await
         .unwrap();
-    // Votes with comments of 2 KiB and of 50 bytes in turn, until the disk
-    // is full: a short one may fit where a long one was cut off.
+    // Comments of 2 KiB and of 50 bytes in turn, until the disk is full: a
+    // short vote may fit where a long one was cut off.
     let vote = |i: usize| {
         let comment = if i.is_multiple_of(2) {
             "x".repeat(2048)
         } else {
             "y".repeat(50)
         };
-        http.post(format!("{base}/v1/feedback"))
-            .bearer_auth(&key)
-            .json(&json!({"completion_id": id, "rating": "down", "user": format!("u{i}"), "comment": comment}))
-            .send()
+        json!({"completion_id": id, "rating": "down", "user": format!("u{i}"), "comment": comment})
     };
     let (mut acknowledged, mut refused) = (Vec::new(), 0);
     for i in 0..400 {
-        let resp = vote(i).await.unwrap();
-        match resp.status().as_u16() {
-            201 => acknowledged.push(format!("u{i}")),
-            503 => {
-                let body: serde_json::Value = resp.json().await.unwrap();
-                assert!(
-                    body["error"]["message"]
-                        .as_str()
-                        .unwrap()
-                        .contains("disk is full"),
-                    "{body}"
-                );
+        match gateway.post(&key, "/v1/feedback", vote(i)).await {
+            (201, _) => acknowledged.push(format!("u{i}")),
+            (503, body) => {
+                let message = body["error"]["message"].as_str().unwrap_or_default();
+                assert!(message.contains("disk is full"), "{body}");
                 refused += 1;
             }
-            other => panic!("vote {i}: {other} {}", resp.text().await.unwrap()),
+            (other, body) => panic!("vote {i}: {other} {body}"),
         }
     }
     assert!(refused > 0, "the disk never filled");
@@ -236,17 +193,9 @@ async fn a_full_journal_disk_refuses_votes_and_loses_none_it_acknowledged() {
         acknowledged.len()
     );
 
-    // The gateway is killed with its votes only in the full journal, and
-    // started again once Postgres takes writes: its replay of the journal
-    // stores every acknowledged vote, once.
-    gateway.kill().unwrap(); // SIGKILL
-    gateway.wait().unwrap();
+    gateway.kill(); // SIGKILL: the votes are only in the full journal
     blocker.rollback().await.unwrap();
-    let mut gateway = serve(&db, port, &journal);
-    assert!(
-        flywheel_tests::ready(&base).await,
-        "the gateway did not start again"
-    );
+    let gateway = flywheel_tests::GatewayProcess::start(&setup.db, &journal, &[]).await;
     let landed = flywheel_tests::until(60, || async {
         let n: i64 = sqlx::query_scalar("select count(*) from feedback")
             .fetch_one(&pool)
@@ -256,25 +205,21 @@ async fn a_full_journal_disk_refuses_votes_and_loses_none_it_acknowledged() {
     })
     .await;
     assert!(landed, "the acknowledged votes did not land");
-    let users: Vec<String> =
-        sqlx::query_scalar("select end_user from feedback order by created_at, end_user")
-            .fetch_all(&pool)
-            .await
-            .unwrap();
-    let mut sorted = users.clone();
-    sorted.sort();
-    let mut expected = acknowledged.clone();
-    expected.sort();
+    let mut users: Vec<String> = sqlx::query_scalar("select end_user from feedback")
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+    users.sort();
+    acknowledged.sort();
     assert_eq!(
-        sorted, expected,
+        users, acknowledged,
         "exactly the acknowledged votes, once each"
     );
-    // The journal frees its disk once everything is stored: votes are taken again.
+    // The journal frees its disk once everything is stored.
     let taken = flywheel_tests::until(60, || async {
-        vote(10_000).await.unwrap().status().as_u16() == 201
+        gateway.post(&key, "/v1/feedback", vote(10_000)).await.0 == 201
     })
     .await;
     assert!(taken, "votes were still refused after the journal drained");
-    gateway.kill().unwrap();
-    gateway.wait().unwrap();
+    gateway.kill();
 }

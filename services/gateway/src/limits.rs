@@ -52,13 +52,25 @@ impl Bucket {
     }
 }
 
-/// A limit of `what` per minute reached, `wait` seconds before the next try.
-fn reached(what: String, wait: u64) -> AppError {
-    AppError::RateLimited {
-        message: format!(
-            "This team's rate limit of {what} per minute is reached; retry after {wait} s."
-        ),
-        retry_after_s: wait,
+/// A limit reached: which, and how long until the bucket has room.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Refused {
+    /// `requests_per_minute` or `tokens_per_minute` (the `/metrics` label).
+    why: &'static str,
+    per_minute: u32,
+    wait_s: u64,
+}
+
+impl From<Refused> for AppError {
+    fn from(r: Refused) -> Self {
+        let what = r.why.trim_end_matches("_per_minute");
+        AppError::RateLimited {
+            message: format!(
+                "This team's rate limit of {} {what} per minute is reached; retry after {} s.",
+                r.per_minute, r.wait_s
+            ),
+            retry_after_s: r.wait_s,
+        }
     }
 }
 
@@ -79,16 +91,11 @@ pub struct Limiter {
 impl Limiter {
     /// Admits one request of `principal`'s team or says how long to wait.
     pub fn admit(&self, principal: &Principal) -> Result<(), AppError> {
-        let admitted = self.admit_at(principal.team_id, principal.limits, Instant::now());
-        if let Err(AppError::RateLimited { message, .. }) = &admitted {
-            let why = if message.contains("tokens per minute") {
-                "tokens_per_minute"
-            } else {
-                "requests_per_minute"
-            };
-            self.count_refusal(&principal.team_name, why);
-        }
-        admitted
+        self.admit_at(principal.team_id, principal.limits, Instant::now())
+            .map_err(|refused| {
+                self.count_refusal(&principal.team_name, refused.why);
+                refused.into()
+            })
     }
 
     /// Counts a request of `team` refused for `why`.
@@ -103,7 +110,7 @@ impl Limiter {
         refused.iter().map(|(k, v)| (k.clone(), *v)).collect()
     }
 
-    fn admit_at(&self, team: Uuid, limits: Limits, now: Instant) -> Result<(), AppError> {
+    fn admit_at(&self, team: Uuid, limits: Limits, now: Instant) -> Result<(), Refused> {
         let mut teams = self.teams.lock().unwrap_or_else(|e| e.into_inner());
         let b = teams.entry(team).or_default();
         match limits.requests_per_minute {
@@ -111,7 +118,11 @@ impl Limiter {
                 let bucket = b.requests.get_or_insert_with(|| Bucket::full(rpm, now));
                 bucket.refill(rpm, now);
                 if bucket.level < 1.0 {
-                    return Err(reached(format!("{rpm} requests"), bucket.wait_for_one()));
+                    return Err(Refused {
+                        why: "requests_per_minute",
+                        per_minute: rpm,
+                        wait_s: bucket.wait_for_one(),
+                    });
                 }
             }
             None => b.requests = None,
@@ -123,7 +134,11 @@ impl Limiter {
                 if bucket.level <= 0.0 {
                     // Until it is above zero again.
                     let wait = (-bucket.level * 60.0 / bucket.per_minute).floor() as u64 + 1;
-                    return Err(reached(format!("{tpm} tokens"), wait));
+                    return Err(Refused {
+                        why: "tokens_per_minute",
+                        per_minute: tpm,
+                        wait_s: wait,
+                    });
                 }
             }
             None => b.tokens = None,
@@ -162,11 +177,8 @@ mod tests {
         }
     }
 
-    fn retry_after(r: Result<(), AppError>) -> u64 {
-        match r {
-            Err(AppError::RateLimited { retry_after_s, .. }) => retry_after_s,
-            other => panic!("expected a rate limit, got {other:?}"),
-        }
+    fn retry_after(r: Result<(), Refused>) -> u64 {
+        r.expect_err("a rate limit").wait_s
     }
 
     #[test]
