@@ -21,8 +21,11 @@ pub struct SamplingParams {
     /// Keep generating past end-of-turn tokens (benchmarks want exact lengths).
     pub ignore_eos: bool,
     /// Score these tokens instead of sampling: each step takes the next one
-    /// and reports its log-probability; the generation ends after the last
-    /// (evaluations score given answers this way, on the serving path).
+    /// and reports its log-probability (evaluations score given answers
+    /// this way, on the serving path). With `max_tokens` at most their
+    /// number the generation ends after the last; with more, the model
+    /// goes on writing from there (a text completion that echoes its
+    /// prompt with log-probabilities), and `max_tokens` counts both.
     pub forced: Vec<u32>,
     /// `response_format`: only output that keeps to this JSON shape
     /// (constrained decoding, [`crate::grammar`]).

@@ -262,8 +262,12 @@ impl<M: StepModel> Scheduler<M> {
     }
 
     /// How many tokens each active sequence brings to this step:
-    /// generating sequences first (one token each), then prompt chunks in
-    /// arrival order with what is left of the budget.
+    /// generating sequences first (one token each), then prompt chunks.
+    /// Under fair scheduling the prompts share what is left of the budget
+    /// (each gets an equal part, or less if it needs less; the rest goes
+    /// in arrival order), so a short prompt that arrives while a long one
+    /// is being read is read in the next step instead of after it; under
+    /// first come, first served the oldest prompt takes what it can.
     fn plan(&self) -> Plan {
         let mut budget = self.cfg.max_batched_tokens.max(1);
         let mut take = vec![0usize; self.active.len()];
@@ -273,11 +277,22 @@ impl<M: StepModel> Scheduler<M> {
                 budget -= 1;
             }
         }
+        let left = |s: &Seq<M::Cache>| s.job.req.prompt_ids.len() - s.prefilled;
+        let reading = self.active.iter().filter(|s| left(s) > 0).count();
+        if self.cfg.scheduling == Scheduling::Fair && reading > 1 {
+            let share = (budget / reading).max(1);
+            for (i, s) in self.active.iter().enumerate() {
+                if left(s) > 0 && budget > 0 {
+                    take[i] = left(s).min(share).min(budget);
+                    budget -= take[i];
+                }
+            }
+        }
         for (i, s) in self.active.iter().enumerate() {
-            let left = s.job.req.prompt_ids.len() - s.prefilled;
-            if left > 0 && budget > 0 {
-                take[i] = left.min(budget);
-                budget -= take[i];
+            let more = (left(s) - take[i].min(left(s))).min(budget);
+            if left(s) > 0 && more > 0 {
+                take[i] += more;
+                budget -= more;
             }
         }
         let who = (0..take.len()).filter(|&i| take[i] > 0).collect();
@@ -416,7 +431,15 @@ impl<M: StepModel> Scheduler<M> {
                     return Some(End::Cancelled);
                 }
             };
-            let step = s.stops.push(&delta);
+            // Stop strings end what the model writes, not the text it is
+            // given: a forced token is never held back or matched.
+            let step = match forced {
+                Some(_) => crate::stop::StopStep {
+                    emit: delta,
+                    stopped: false,
+                },
+                None => s.stops.push(&delta),
+            };
             let logprobs = logprobs.map(|lp| TokenLogprob {
                 token: tok.token_text(next),
                 logprob: lp[next as usize],
@@ -436,7 +459,8 @@ impl<M: StepModel> Scheduler<M> {
                 return Some(End::Cancelled);
             }
             s.next = [next];
-            if !p.forced.is_empty() {
+            if !p.forced.is_empty() && p.max_tokens <= p.forced.len() {
+                // Scoring: the forced tokens and nothing after them.
                 (s.generated >= p.forced.len()).then_some(FinishReason::Stop)
             } else if step.stopped {
                 Some(FinishReason::Stop)
@@ -549,6 +573,79 @@ mod tests {
         }
     }
 
+    /// The deltas of a generation: each token's text and log-probability.
+    fn tokens(mut rx: UnboundedReceiver<Event>) -> (Vec<(String, f32)>, Option<Event>) {
+        let mut out = Vec::new();
+        while let Some(ev) = rx.blocking_recv() {
+            match ev {
+                Event::Delta {
+                    logprobs: Some(lp), ..
+                } => out.push((lp.token, lp.logprob)),
+                Event::Delta { .. } => {}
+                other => return (out, Some(other)),
+            }
+        }
+        (out, None)
+    }
+
+    #[test]
+    fn forced_tokens_then_free_ones_continue_as_if_the_forced_were_prompt() {
+        let engine = tiny_engine(4);
+        let given = engine.encode(" stop here and go").unwrap();
+        let greedy = |max_tokens, forced: Vec<u32>, stop: Vec<String>| SamplingParams {
+            temperature: 0.0,
+            max_tokens,
+            ignore_eos: true,
+            logprobs: true,
+            forced,
+            stop,
+            ..Default::default()
+        };
+        // The given tokens as part of the prompt, then 4 written.
+        let mut whole = request(&engine, greedy(4, vec![], vec![]));
+        whole.prompt_ids.extend(&given);
+        let (written, _) = tokens(engine.submit(whole).unwrap());
+        assert_eq!(written.len(), 4);
+
+        // The same tokens forced, then 4 written: one stream of both, the
+        // written part the same as above; a stop string inside the forced
+        // text does not end it.
+        let n = given.len();
+        let forced = greedy(n + 4, given.clone(), vec!["stop here".into()]);
+        let (both, done) = tokens(engine.submit(request(&engine, forced)).unwrap());
+        assert_eq!(both.len(), n + 4, "{both:?}");
+        for (i, ((a, la), (b, lb))) in both[n..].iter().zip(&written).enumerate() {
+            assert_eq!(a, b, "token {i}");
+            assert!((la - lb).abs() < 1e-3, "token {i}: {la} vs {lb}");
+        }
+        match done {
+            Some(Event::Done {
+                finish_reason,
+                completion_tokens,
+                ..
+            }) => {
+                assert_eq!(finish_reason, FinishReason::Length);
+                assert_eq!(completion_tokens, n + 4);
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+
+        // Scoring (max_tokens no more than the forced): just those.
+        let (scored, done) = tokens(
+            engine
+                .submit(request(&engine, greedy(n, given, vec![])))
+                .unwrap(),
+        );
+        assert_eq!(scored.len(), n);
+        assert!(matches!(
+            done,
+            Some(Event::Done {
+                finish_reason: FinishReason::Stop,
+                ..
+            })
+        ));
+    }
+
     #[test]
     fn same_seed_gives_same_text() {
         let engine = tiny_engine(4);
@@ -610,6 +707,49 @@ mod tests {
         let together: Vec<_> = receivers.into_iter().map(collect).collect();
         assert_eq!(alone, together);
         assert!(engine.stats().steps > 0);
+    }
+
+    /// Which of a long prompt (submitted first) and a short one (right
+    /// after) gives its first token first, under `scheduling`.
+    fn first_answered(scheduling: Scheduling) -> Vec<&'static str> {
+        let engine = tiny_engine_with(EngineConfig {
+            max_batched_tokens: 4,
+            scheduling,
+            ..Default::default()
+        });
+        let params = SamplingParams {
+            temperature: 0.0,
+            max_tokens: 1,
+            ignore_eos: true,
+            ..Default::default()
+        };
+        let mut long = request(&engine, params.clone());
+        long.prompt_ids.extend(std::iter::repeat_n(40u32, 200));
+        let long = engine.submit(long).unwrap();
+        let short = engine.submit(request(&engine, params)).unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let waiters: Vec<_> = [("long", long), ("short", short)]
+            .into_iter()
+            .map(|(name, mut events)| {
+                let tx = tx.clone();
+                std::thread::spawn(move || {
+                    let _ = events.blocking_recv();
+                    tx.send(name).unwrap();
+                })
+            })
+            .collect();
+        for w in waiters {
+            w.join().unwrap();
+        }
+        drop(tx);
+        rx.iter().collect()
+    }
+
+    #[test]
+    fn a_short_prompt_is_read_beside_a_long_one_not_after_it() {
+        // 200 tokens at 4 a step: the long prompt needs 50 steps.
+        assert_eq!(first_answered(Scheduling::Fair), ["short", "long"]);
+        assert_eq!(first_answered(Scheduling::Fifo), ["long", "short"]);
     }
 
     #[test]
