@@ -579,6 +579,7 @@ async fn clients_that_stall_are_timed_out() {
         timeouts: flywheel_gateway::Timeouts {
             header_read: Duration::from_secs(1),
             body_read: Duration::from_secs(1),
+            response_write: Duration::from_secs(1),
         },
         ..Default::default()
     })
@@ -628,6 +629,93 @@ async fn clients_that_stall_are_timed_out() {
     // A client that keeps its pace is served.
     let (status, _) = post(&gw, Some(&gw.key), chat(&gw, json!({}))).await;
     assert_eq!(status, StatusCode::OK);
+}
+
+/// A streaming client that stops reading: the server cannot write the
+/// next chunk, and after the write timeout it closes the connection and
+/// records the completion as cancelled, with what was generated. Before,
+/// the record waited for as long as the client kept the socket open.
+#[tokio::test]
+async fn a_stream_whose_client_stops_reading_is_cut_off_and_recorded() {
+    use std::time::Duration;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // A long answer is needed to fill the socket buffers and the server's
+    // own between the engine and the socket (several MB on loopback): the
+    // tiny model given an 8k context, its special tokens banned, every token
+    // sent with 20 alternatives.
+    let dir = std::env::temp_dir().join(format!("fw-long-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = flywheel_model::testing::write_tiny_variant(
+        &dir,
+        "tiny-long",
+        3,
+        &[(
+            "llama.context_length",
+            candle_core::quantized::gguf_file::Value::U32(8192),
+        )],
+    )
+    .unwrap();
+    let cache = flywheel_modelhub::ModelCache::new(dir.join("cache")).unwrap();
+    let model = cache.import(&path, Some("tiny-long")).await.unwrap();
+    let engine = load_engine(&model, EngineConfig::default()).await;
+    let gw = TestGateway::start(
+        &model,
+        engine,
+        GatewayConfig {
+            timeouts: flywheel_gateway::Timeouts {
+                response_write: Duration::from_secs(1),
+                ..Default::default()
+            },
+            ..Default::default()
+        },
+    )
+    .await;
+    let addr: std::net::SocketAddr = gw.base.trim_start_matches("http://").parse().unwrap();
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut conn = socket.connect(addr).await.unwrap();
+    let body = json!({"model": "tiny-long", "stream": true, "max_tokens": 8000,
+        "logprobs": true, "top_logprobs": 20, "logit_bias": {"0": -100, "1": -100, "2": -100},
+        "messages": [{"role": "user", "content": "Hi"}]})
+    .to_string();
+    let head = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        gw.key,
+        body.len()
+    );
+    conn.write_all(head.as_bytes()).await.unwrap();
+    let mut first = [0u8; 1024];
+    let n = conn.read(&mut first).await.unwrap();
+    assert!(
+        first[..n].starts_with(b"HTTP/1.1 200 OK"),
+        "{:?}",
+        String::from_utf8_lossy(&first[..n])
+    );
+
+    // The client reads nothing more, and keeps the socket open.
+    let recorded = flywheel_tests::eventually(60, || async {
+        sqlx::query_as::<_, (String, i32)>(
+            "select finish_reason, completion_tokens from completions",
+        )
+        .fetch_optional(&gw.db.pool)
+        .await
+        .unwrap()
+    })
+    .await;
+    let (reason, tokens) = recorded.expect("the stream's completion was never recorded");
+    assert_eq!(reason, "cancelled");
+    assert!(tokens > 0 && tokens < 8000, "{tokens} tokens recorded");
+    // The server closed the connection: what is left in the buffers, then
+    // its end (or a reset).
+    let mut rest = Vec::new();
+    let ended = tokio::time::timeout(Duration::from_secs(30), conn.read_to_end(&mut rest)).await;
+    assert!(ended.is_ok(), "the server kept the connection open");
+    let rest = String::from_utf8_lossy(&rest);
+    assert!(
+        !rest.contains("[DONE]"),
+        "the stream was finished, not cut off"
+    );
 }
 
 /// The public contract fuzzed: schemathesis (from PyPI; `scripts/test.sh`

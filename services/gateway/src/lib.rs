@@ -20,6 +20,7 @@ mod metrics;
 mod models;
 mod records;
 pub mod serving;
+mod stalled;
 mod state;
 
 use std::future::Future;
@@ -109,6 +110,11 @@ pub struct Timeouts {
     /// Between two pieces of a request body: a body that stops arriving is
     /// answered 408.
     pub body_read: Duration,
+    /// For a client to take the next bytes of a response: one that stops
+    /// reading (a stream it no longer drains) is disconnected, and a
+    /// stream's completion recorded as cancelled with what was generated,
+    /// instead of waiting for it forever.
+    pub response_write: Duration,
 }
 
 impl Default for Timeouts {
@@ -116,6 +122,7 @@ impl Default for Timeouts {
         Self {
             header_read: Duration::from_secs(30),
             body_read: Duration::from_secs(30),
+            response_write: Duration::from_secs(30),
         }
     }
 }
@@ -160,7 +167,10 @@ pub async fn serve(
             http.timer(TokioTimer::new())
                 .header_read_timeout(timeouts.header_read);
             let conn = http
-                .serve_connection(TokioIo::new(stream), service)
+                .serve_connection(
+                    TokioIo::new(stalled::WriteDeadline::new(stream, timeouts.response_write)),
+                    service,
+                )
                 .with_upgrades();
             let mut conn = std::pin::pin!(conn);
             tokio::select! {

@@ -103,6 +103,9 @@ settings! {
     "gateway.body_read_timeout_secs", "FLYWHEEL_BODY_READ_TIMEOUT_SECS", "30",
         "most time between two pieces of a request body (past it: 408)"
         => |v, c| c.gateway.http.timeouts.body_read = Duration::from_secs(v.number(1..=3_600)?);
+    "gateway.response_write_timeout_secs", "FLYWHEEL_RESPONSE_WRITE_TIMEOUT_SECS", "30",
+        "most time a client may take to accept more of a response (past it the connection is closed; a stream is recorded as cancelled)"
+        => |v, c| c.gateway.http.timeouts.response_write = Duration::from_secs(v.number(1..=3_600)?);
     "engine.queue_capacity", "FLYWHEEL_QUEUE_CAPACITY", "64",
         "requests that may wait for the engine before 429"
         => |v, c| c.engine.queue_capacity = v.count(1)?;
