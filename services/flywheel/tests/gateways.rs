@@ -193,3 +193,133 @@ async fn two_gateways_on_one_database_both_switch_on_promotion_and_rollback() {
         "{log}"
     );
 }
+
+/// Flips bytes in the middle of `path`, keeping its size: a model file
+/// damaged on disk.
+fn corrupt(path: &Path) {
+    let mut bytes = std::fs::read(path).unwrap();
+    let mid = bytes.len() / 2;
+    for b in &mut bytes[mid..mid + 4096] {
+        *b ^= 0xA5;
+    }
+    std::fs::write(path, bytes).unwrap();
+}
+
+#[tokio::test]
+async fn a_corrupted_model_file_is_refused_at_load_and_the_team_keeps_its_model() {
+    let setup = TinySetup::new("fw_corrupt_model").await;
+    let key = setup.key("acme");
+    let next = flywheel_model::testing::write_tiny_model(&setup.dir, 5).unwrap();
+    cli(
+        &setup.db,
+        &[
+            "models",
+            "import",
+            next.to_str().unwrap(),
+            "--name",
+            "tiny-next",
+        ],
+    );
+    let pool = flywheel_store::connect(&setup.db).await.unwrap();
+    let version = |name: &'static str| {
+        let pool = pool.clone();
+        async move {
+            flywheel_store::models::by_name(&pool, name)
+                .await
+                .unwrap()
+                .unwrap()
+        }
+    };
+    let (base, cand) = (version("tiny").await, version("tiny-next").await);
+
+    let port = flywheel_tests::free_port();
+    let log_path = setup.dir.join("serve.log");
+    let log = std::fs::File::create(&log_path).unwrap();
+    let env = [("FLYWHEEL_ROUTE_REFRESH_SECS", "3600")];
+    let child = GatewayProcess::spawn(
+        &setup.db,
+        port,
+        &setup.dir.join("journal"),
+        &env,
+        log.into(),
+    );
+    let gw = GatewayProcess {
+        child,
+        base: format!("http://127.0.0.1:{port}"),
+    };
+    assert!(flywheel_tests::ready(&gw.base).await);
+    assert_eq!(served_by(&gw, &key, "ann").await, base.id.to_string());
+
+    // The candidate's file is damaged after it was registered; then it is
+    // promoted.
+    corrupt(std::path::Path::new(&cand.path));
+    cli(
+        &setup.db,
+        &[
+            "models",
+            "promote",
+            "tiny-next",
+            "--team",
+            "acme",
+            "--reason",
+            "looked good",
+        ],
+    );
+    let switched = eventually(10, || async {
+        let models: serde_json::Value = reqwest::Client::new()
+            .get(format!("{}/v1/models", gw.base))
+            .bearer_auth(&key)
+            .send()
+            .await
+            .ok()?
+            .json()
+            .await
+            .ok()?;
+        let champion = models["data"]
+            .as_array()?
+            .iter()
+            .find(|m| m["role"] == "champion")
+            .map(|m| m["id"].clone());
+        (champion == Some(json!("tiny-next"))).then_some(())
+    })
+    .await;
+    assert!(switched.is_some(), "the gateway never saw the promotion");
+
+    // Every request of the team is still answered, by the model that
+    // served it before; the damaged file is never loaded.
+    for user in ["ann", "bob", "cyd", "dee"] {
+        assert_eq!(served_by(&gw, &key, user).await, base.id.to_string());
+    }
+    // Named by its own name it is the team's champion route as well, and
+    // is answered the same way.
+    let (status, body) = gw
+        .post(
+            &key,
+            "/v1/chat/completions",
+            json!({"model": "tiny-next", "max_tokens": 2,
+                   "messages": [{"role": "user", "content": "hi"}]}),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["system_fingerprint"], base.id.to_string());
+    let log = std::fs::read_to_string(&log_path).unwrap();
+    assert!(
+        log.contains("has sha256") && log.contains(&cand.sha256),
+        "the gateway's log does not say why:\n{log}"
+    );
+    // What the team was served is recorded as the version that made it:
+    // the six answers, all by the base.
+    let made = eventually(10, || async {
+        let rows: Vec<(uuid::Uuid,)> = sqlx::query_as(
+            "select c.model_version_id from completions c join teams t on t.id = c.team_id
+             where t.name = 'acme'",
+        )
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+        (rows.len() == 6).then_some(rows)
+    })
+    .await
+    .expect("six completions recorded");
+    assert!(made.iter().all(|(v,)| *v == base.id), "{made:?}");
+}

@@ -12,7 +12,10 @@ use uuid::Uuid;
 
 use crate::AppError;
 use crate::journal::Journal;
-use crate::serving::{Backend, Loader, ModelPool, RouteKind, RouteTable, ServedModel, Unresolved};
+use crate::serving::{
+    Backend, Loader, ModelPool, Resolved, RouteKind, RouteTable, ServedModel, Unresolved,
+};
+use flywheel_store::models::ModelVersion;
 use flywheel_store::upstreams::Upstream;
 
 #[derive(Debug, Clone)]
@@ -74,6 +77,10 @@ struct Inner {
     upstream_use: Mutex<std::collections::BTreeMap<(String, String), UpstreamUse>>,
     /// Each team's rate-limit buckets in this process.
     limiter: crate::limits::Limiter,
+    /// Versions whose last load failed, and when.
+    failed_loads: Mutex<HashMap<Uuid, Instant>>,
+    /// The version that last answered each team's champion route here.
+    last_champion: Mutex<HashMap<Uuid, Uuid>>,
 }
 
 /// Requests and tokens one team sent one upstream version.
@@ -98,6 +105,9 @@ const RECENT_CAPACITY: usize = 200_000;
 /// revocations are being heard).
 const KEY_TRUST: Duration = Duration::from_secs(30);
 
+/// How long a version whose load failed is left alone before it is tried again.
+const FAILED_LOAD_PAUSE: Duration = Duration::from_secs(30);
+
 impl AppState {
     pub fn new(pool: PgPool, config: GatewayConfig, journal: Journal) -> Self {
         Self {
@@ -115,6 +125,8 @@ impl AppState {
                 upstreams: Mutex::new(HashMap::new()),
                 upstream_use: Mutex::new(Default::default()),
                 limiter: Default::default(),
+                failed_loads: Mutex::new(HashMap::new()),
+                last_champion: Mutex::new(HashMap::new()),
             }),
         }
     }
@@ -255,19 +267,63 @@ impl AppState {
                 });
             }
         };
-        if let Some(upstream) = routes.upstream_of(resolved.version.id) {
-            let served = ServedModel {
-                backend: Backend::Upstream(self.upstream_client(upstream)?),
-                version_id: resolved.version.id,
-                name: resolved.version.name.clone(),
-            };
-            return Ok((served, resolved.kind));
+        match self.load(&routes, &resolved.version).await {
+            Ok(served) => {
+                if resolved.kind == RouteKind::Champion {
+                    self.remember_champion(principal.team_id, resolved.version.id);
+                }
+                Ok((served, resolved.kind))
+            }
+            // A version the request named is what it asked for; a champion
+            // or canary that cannot be loaded leaves the team on the model
+            // that served it before.
+            Err(e) if resolved.kind == RouteKind::Named => Err(e),
+            Err(e) => {
+                for fallback in self.fallbacks(&routes, principal.team_id, &resolved) {
+                    if let Ok(served) = self.load(&routes, &fallback).await {
+                        tracing::warn!(team = %principal.team_name, model = %resolved.version.name,
+                            serving = %fallback.name, "the routed model cannot be loaded; \
+                            the team's previous model answers");
+                        return Ok((served, RouteKind::Champion));
+                    }
+                }
+                Err(e)
+            }
         }
-        if let Some(engine) = self.inner.models.get(resolved.version.id)
-            && routes.adapter_of(resolved.version.id).is_none()
+    }
+
+    /// `version` loaded: an upstream's client, an engine already in memory,
+    /// or loaded now. A version that failed to load is not tried again for
+    /// [`FAILED_LOAD_PAUSE`] (a corrupted file is not hashed on every request).
+    async fn load(
+        &self,
+        routes: &RouteTable,
+        version: &ModelVersion,
+    ) -> Result<ServedModel, AppError> {
+        if let Some(upstream) = routes.upstream_of(version.id) {
+            return Ok(ServedModel {
+                backend: Backend::Upstream(self.upstream_client(upstream)?),
+                version_id: version.id,
+                name: version.name.clone(),
+            });
+        }
+        if let Some(engine) = self.inner.models.get(version.id)
+            && routes.adapter_of(version.id).is_none()
         {
-            let served = ServedModel::on_engine(engine, &resolved.version);
-            return Ok((served, resolved.kind));
+            return Ok(ServedModel::on_engine(engine, version));
+        }
+        let unavailable = || {
+            AppError::Unavailable(format!(
+                "the model `{}` could not be loaded; retry shortly",
+                version.name
+            ))
+        };
+        if self
+            .lock_failed()
+            .get(&version.id)
+            .is_some_and(|at| at.elapsed() < FAILED_LOAD_PAUSE)
+        {
+            return Err(unavailable());
         }
         let loader = self
             .inner
@@ -278,22 +334,66 @@ impl AppState {
             .ok_or_else(|| {
                 AppError::Unavailable(format!(
                     "the model `{}` is not loaded on this gateway",
-                    resolved.version.name
+                    version.name
                 ))
             })?;
-        let served = self
+        match self
             .inner
             .models
-            .serve(loader.as_ref(), &routes, &resolved.version)
+            .serve(loader.as_ref(), routes, version)
             .await
-            .map_err(|e| {
-                tracing::error!(version = %resolved.version.name, error = %e, "could not load a model");
-                AppError::Unavailable(format!(
-                    "the model `{}` could not be loaded; retry shortly",
-                    resolved.version.name
-                ))
-            })?;
-        Ok((served, resolved.kind))
+        {
+            Ok(served) => {
+                self.lock_failed().remove(&version.id);
+                Ok(served)
+            }
+            Err(e) => {
+                tracing::error!(version = %version.name, error = %e, "could not load a model");
+                self.lock_failed().insert(version.id, Instant::now());
+                Err(unavailable())
+            }
+        }
+    }
+
+    fn lock_failed(&self) -> std::sync::MutexGuard<'_, HashMap<Uuid, Instant>> {
+        self.inner
+            .failed_loads
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Remembers that `version` answered `team`'s champion route.
+    fn remember_champion(&self, team: Uuid, version: Uuid) {
+        self.inner
+            .last_champion
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(team, version);
+    }
+
+    /// What answers `team` when `resolved` (its champion or canary) cannot
+    /// be loaded: for a canary, the champion; then the version that last
+    /// answered the team's champion route on this gateway.
+    fn fallbacks(&self, routes: &RouteTable, team: Uuid, resolved: &Resolved) -> Vec<ModelVersion> {
+        let mut out = Vec::new();
+        if let RouteKind::Canary(_) = resolved.kind
+            && let Some(champion) = routes.champion_of(team)
+        {
+            out.push(champion.clone());
+        }
+        let last = self
+            .inner
+            .last_champion
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&team)
+            .copied();
+        if let Some(v) = last.and_then(|id| routes.version(id)) {
+            out.push(v.clone());
+        }
+        out.retain(|v| v.id != resolved.version.id);
+        out.dedup_by_key(|v| v.id);
+        out
     }
 
     /// The client of an upstream version (made on first use, and again

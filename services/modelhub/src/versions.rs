@@ -73,9 +73,12 @@ impl Versions {
         })
     }
 
-    /// An engine on `v`'s own file (on a blocking thread).
+    /// An engine on `v`'s own file (on a blocking thread). The file is
+    /// hashed first: one whose contents are not the version's (corrupted
+    /// on disk, or replaced) is refused, never served.
     pub async fn engine(&self, v: &ModelVersion) -> anyhow::Result<EngineHandle> {
         let v = self.local(v).await?;
+        verify(&v).await?;
         let cfg = self.engine.clone();
         let engine = tokio::task::spawn_blocking(move || {
             EngineHandle::load(Path::new(&v.path), &v.name, cfg)
@@ -109,6 +112,24 @@ impl Versions {
             .await
             .context("reading the adapter panicked")?
     }
+}
+
+/// Refuses `v`'s file when its sha256 is not the one `v` was registered
+/// with.
+pub async fn verify(v: &ModelVersion) -> anyhow::Result<()> {
+    let sha = crate::sha256_file(Path::new(&v.path))
+        .await
+        .with_context(|| format!("reading {}", v.path))?;
+    if sha != v.sha256 {
+        bail!(
+            "the file of model version {} ({}) has sha256 {sha}, but the version was registered \
+             with {}: the file is corrupted or was replaced, so it is not loaded",
+            v.name,
+            v.path,
+            v.sha256
+        );
+    }
+    Ok(())
 }
 
 /// The LoRA adapter in `dir` (PEFT layout) for a model shaped like the one
