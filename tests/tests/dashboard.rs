@@ -89,6 +89,84 @@ async fn no_page_or_action_without_a_session_and_team_keys_open_nothing() {
     );
 }
 
+/// A key given the `admin` scope calls the JSON API as an admin (no
+/// cookie, no CSRF token) and the audit log names it; a team key without
+/// the scope gets 403, a revoked one 401, and no key opens a page.
+#[tokio::test]
+async fn only_a_key_with_the_admin_scope_opens_the_json_api() {
+    let gw = TestGateway::tiny().await;
+    let pool = &gw.db.pool;
+    let c = Client::new(&gw);
+    let call = |key: &str, path: &str, body: Option<Value>| {
+        let req = match body {
+            Some(b) => c.http.post(format!("{}{path}", gw.base)).json(&b),
+            None => c.http.get(format!("{}{path}", gw.base)),
+        };
+        c.send(req.bearer_auth(key))
+    };
+    // The team's key has the four default scopes, not admin.
+    let r = call(&gw.key, "/admin/api/overview", None).await;
+    assert_eq!(r.status, 403, "{}", r.body);
+    assert!(r.body.contains("not `admin`"), "{}", r.body);
+
+    let (info, ops) = flywheel_store::keys::create_key_with(pool, "platform", &[Scope::Admin])
+        .await
+        .unwrap();
+    let r = call(&ops, "/admin/api/overview", None).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let r = call(
+        &ops,
+        "/admin/api/teams/limits",
+        Some(json!({"team": "team-a", "requests_per_minute": 7, "tokens_per_minute": null})),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let who = flywheel_store::keys::authenticate(pool, &gw.key)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(who.limits.requests_per_minute, Some(7));
+    // An action that goes into the audit log names the key.
+    another_version(&gw, "tiny-b").await;
+    let r = call(
+        &ops,
+        "/admin/api/promote",
+        Some(json!({"team": "team-a", "model": "tiny-b", "reason": "automation check"})),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let decisions = flywheel_store::decisions::list(pool, None, 10)
+        .await
+        .unwrap();
+    assert_eq!(decisions.len(), 1, "{decisions:?}");
+    assert!(
+        decisions[0].actor.contains(&info.id.to_string())
+            && decisions[0].reason == "automation check",
+        "{decisions:?}"
+    );
+    // Pages are for people: the admin key opens none.
+    let page = c
+        .send(c.http.get(format!("{}/admin", gw.base)).bearer_auth(&ops))
+        .await;
+    assert_eq!(page.status, 303);
+    // It opens no route of the team API it was not given.
+    let (status, _) = gw
+        .post(
+            &ops,
+            "/v1/chat/completions",
+            json!({"model": gw.model(), "max_tokens": 1,
+                   "messages": [{"role": "user", "content": "hi"}]}),
+        )
+        .await;
+    assert_eq!(status, 403);
+    // Revoked: refused like no key at all.
+    flywheel_store::keys::revoke_key(pool, &info.prefix)
+        .await
+        .unwrap();
+    let r = call(&ops, "/admin/api/overview", None).await;
+    assert_eq!(r.status, 401, "{}", r.body);
+}
+
 /// Login CSRF: a sign-in form posted from another site (no token, or a
 /// token this browser's cookie does not hold) signs nobody in, however
 /// right the password; the page's own form does.
@@ -1069,7 +1147,7 @@ async fn the_json_api_makes_and_revokes_keys_sets_privacy_and_cancels_runs() {
         who(narrow_key.clone()).await.scopes,
         vec![Scope::Chat, Scope::Read]
     );
-    for (bad, status) in [(json!([]), 400), (json!(["admin"]), 422)] {
+    for (bad, status) in [(json!([]), 400), (json!(["superuser"]), 422)] {
         let r = call(
             "/admin/api/keys/scopes",
             json!({"prefix": narrow["prefix"], "scopes": bad}),

@@ -1,8 +1,9 @@
 //! Signing in: argon2-hashed passwords, a session cookie (HttpOnly,
 //! SameSite=Strict, Secure behind TLS) whose SHA-256 is all the database
 //! keeps, a CSRF token per session that every form and every JSON action
-//! must send back, and a lock after repeated bad passwords. Team API keys
-//! open nothing here.
+//! must send back, and a lock after repeated bad passwords. An API key
+//! opens the JSON API (`/admin/api`, as an admin) only if it was given the
+//! `admin` scope, and never the pages.
 
 use std::sync::LazyLock;
 
@@ -13,6 +14,7 @@ use axum::http::request::Parts;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{Html, IntoResponse, Redirect, Response};
 use flywheel_store::admins::{self, Session};
+use flywheel_store::keys::{self, Principal, Scope};
 use rand::RngCore;
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
@@ -87,6 +89,17 @@ fn cookie(headers: &HeaderMap, name: &str) -> Option<String> {
         .map(|(_, value)| value.to_string())
 }
 
+/// The key of `Authorization: Bearer <key>`, if the request has one.
+fn bearer(headers: &HeaderMap) -> Option<&str> {
+    headers
+        .get(header::AUTHORIZATION)?
+        .to_str()
+        .ok()?
+        .strip_prefix("Bearer ")
+        .map(str::trim)
+        .filter(|k| !k.is_empty())
+}
+
 /// Whether `t` looks like a token this dashboard makes (64 hex digits).
 fn is_token(t: &str) -> bool {
     t.len() == 64 && t.bytes().all(|b| b.is_ascii_hexdigit())
@@ -140,11 +153,15 @@ fn login_form(
     Ok(resp)
 }
 
-/// A request made in a live session.
+/// A request made in a live session, or to the JSON API with an API key
+/// that has the `admin` scope.
 #[derive(Debug, Clone)]
 pub struct Signed {
     pub session: Session,
     token_hash: Vec<u8>,
+    /// Made with an API key: no cookie, so no CSRF token to check (a
+    /// browser never sends a bearer key by itself).
+    by_key: bool,
 }
 
 impl Signed {
@@ -163,8 +180,27 @@ impl Signed {
         }
     }
 
+    /// An admin-scoped API key acting as an admin; the audit log names
+    /// the key and its team.
+    fn by_key(p: &Principal) -> Self {
+        Self {
+            session: Session {
+                account_id: p.key_id,
+                username: format!("key {} of team {}", p.key_id, p.team_name),
+                role: "admin".into(),
+                csrf_token: String::new(),
+                expires_at: chrono::Utc::now(),
+            },
+            token_hash: Vec::new(),
+            by_key: true,
+        }
+    }
+
     /// Refuses a form or call whose CSRF token is not this session's.
     pub fn check_csrf(&self, sent: Option<&str>) -> Result<(), AdminError> {
+        if self.by_key {
+            return Ok(());
+        }
         let ok = sent.is_some_and(|s| {
             let (a, b) = (s.as_bytes(), self.session.csrf_token.as_bytes());
             // The same time whatever prefix matches.
@@ -228,6 +264,22 @@ impl FromRequestParts<AdminState> for Signed {
                 NoSession::Page(full)
             }
         };
+        if path.starts_with("/admin/api")
+            && let Some(secret) = bearer(&parts.headers)
+        {
+            return match keys::authenticate(&state.pool, secret).await {
+                Ok(Some(p)) if p.may(Scope::Admin) => Ok(Self::by_key(&p)),
+                Ok(Some(p)) => Err(NoSession::Failed(
+                    AdminError::forbidden(format!(
+                        "this API key may not use the admin API: it has the scopes {}, not `admin`",
+                        keys::scope_list(&p.scopes)
+                    ))
+                    .api(),
+                )),
+                Ok(None) => Err(NoSession::Api),
+                Err(e) => Err(NoSession::Failed(AdminError::from(e).api())),
+            };
+        }
         let Some(token) = cookie_token(&parts.headers) else {
             return Err(reject());
         };
@@ -236,6 +288,7 @@ impl FromRequestParts<AdminState> for Signed {
             Ok(Some(session)) => Ok(Self {
                 session,
                 token_hash: hash,
+                by_key: false,
             }),
             Ok(None) => Err(reject()),
             Err(e) => {

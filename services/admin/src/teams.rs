@@ -39,6 +39,10 @@ impl TeamsPage {
     fn scopes(&self) -> Vec<(&'static str, &'static str)> {
         Scope::ALL.iter().map(|s| (s.as_str(), s.opens())).collect()
     }
+    /// Whether a new key's box for `scope` starts ticked (not `admin`).
+    fn by_default(&self, scope: &str) -> bool {
+        Scope::DEFAULT.iter().any(|s| s.as_str() == scope)
+    }
     fn has(&self, k: &KeyInfo, scope: &str) -> bool {
         k.scopes.iter().any(|s| s == scope)
     }
@@ -369,7 +373,7 @@ pub async fn create_key_api(
     headers: HeaderMap,
     Json(f): Json<NewKeyJson>,
 ) -> Result<Json<MadeKey>, AdminError> {
-    let scopes = f.scopes.unwrap_or(Scope::ALL.to_vec());
+    let scopes = f.scopes.unwrap_or(Scope::DEFAULT.to_vec());
     make_key(&state, &signed, &f.team, &scopes, header_csrf(&headers))
         .await
         .map(Json)

@@ -19,7 +19,8 @@ pub enum KeysCommand {
         team: String,
         /// What the key may do, comma-separated: chat (chat completions),
         /// feedback (votes), read (logged completions), delete (an end
-        /// user's data). Default: all four.
+        /// user's data), admin (the dashboard's JSON API as an admin, every
+        /// team). Default: the first four.
         #[arg(long, value_parser = scopes)]
         scopes: Option<Scopes>,
     },
@@ -46,7 +47,7 @@ pub async fn run(pool: &flywheel_store::PgPool, command: KeysCommand) -> anyhow:
     use flywheel_store::keys;
     match command {
         KeysCommand::Create { team, scopes } => {
-            let scopes = scopes.map_or(Scope::ALL.to_vec(), |Scopes(s)| s);
+            let scopes = scopes.map_or(Scope::DEFAULT.to_vec(), |Scopes(s)| s);
             let (info, secret) = keys::create_key_with(pool, &team, &scopes).await?;
             println!(
                 "created key {} ({}) for team {}, scopes {}",

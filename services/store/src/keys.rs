@@ -23,11 +23,24 @@ pub enum Scope {
     Read,
     /// Deleting an end user's data.
     Delete,
+    /// The admin API (`/admin/api`) as an admin, for every team: for
+    /// automation run by the platform team, never given by default.
+    Admin,
 }
 
 impl Scope {
-    /// Every scope: what a key made without a list may do.
-    pub const ALL: [Scope; 4] = [Scope::Chat, Scope::Feedback, Scope::Read, Scope::Delete];
+    /// Every scope there is.
+    pub const ALL: [Scope; 5] = [
+        Scope::Chat,
+        Scope::Feedback,
+        Scope::Read,
+        Scope::Delete,
+        Scope::Admin,
+    ];
+
+    /// What a key made without a list may do: everything on the team's
+    /// own API, not the admin API.
+    pub const DEFAULT: [Scope; 4] = [Scope::Chat, Scope::Feedback, Scope::Read, Scope::Delete];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -35,6 +48,7 @@ impl Scope {
             Scope::Feedback => "feedback",
             Scope::Read => "read",
             Scope::Delete => "delete",
+            Scope::Admin => "admin",
         }
     }
 
@@ -45,6 +59,7 @@ impl Scope {
             Scope::Feedback => "POST /v1/feedback",
             Scope::Read => "GET /v1/completions/{id}",
             Scope::Delete => "DELETE /v1/users/{user}/data",
+            Scope::Admin => "/admin/api/* as an admin, every team",
         }
     }
 }
@@ -161,7 +176,7 @@ pub async fn ensure_team(ex: impl PgExecutor<'_>, name: &str) -> Result<Uuid> {
 /// Creates a key with every scope for `team` (creating the team too) and
 /// returns its info and the secret, which is not stored anywhere.
 pub async fn create_key(pool: &sqlx::PgPool, team: &str) -> Result<(KeyInfo, String)> {
-    create_key_with(pool, team, &Scope::ALL).await
+    create_key_with(pool, team, &Scope::DEFAULT).await
 }
 
 /// [`create_key`] with only `scopes` (at least one).
