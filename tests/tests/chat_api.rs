@@ -487,3 +487,185 @@ async fn logit_bias_bans_and_forces_tokens() {
     assert_eq!(forced, "Rome");
     assert_ne!(plain, "Rome");
 }
+
+/// `POST /v1/completions` through the OpenAI client, as evaluation tools
+/// call it. A continuation is scored (`echo`, `logprobs`, `max_tokens` 0):
+/// the prompt's last token gets the log-probability the model gives it when
+/// it reads the prompt before it and writes that token itself (two
+/// different paths through the engine: forced steps and a prefill), and a
+/// right continuation outscores a wrong one. Echo with writing, and the
+/// record keeps the prompt and only what was written.
+#[tokio::test]
+async fn text_completions_score_continuations_as_evaluation_tools_ask() {
+    use async_openai::types::chat::Prompt;
+    use async_openai::types::completions::{CreateCompletionRequest, CreateCompletionRequestArgs};
+    let gw = TestGateway::real().await;
+    let client = client(&gw);
+    let ask = |prompt: Prompt, max_tokens: u32, echo: bool, logprobs: Option<u8>| {
+        let mut a = CreateCompletionRequestArgs::default();
+        a.model(gw.model())
+            .prompt(prompt)
+            .max_tokens(max_tokens)
+            .echo(echo)
+            .temperature(0.0);
+        if let Some(n) = logprobs {
+            a.logprobs(n);
+        }
+        a.build().unwrap()
+    };
+    let ids = |text: String| {
+        let gw = &gw;
+        async move {
+            let (status, t) = gw
+                .post(&gw.key, "/tokenize", serde_json::json!({"prompt": text}))
+                .await;
+            assert_eq!(status, 200, "{t}");
+            serde_json::from_value::<Vec<u32>>(t["tokens"].clone()).unwrap()
+        }
+    };
+    let create = |req: CreateCompletionRequest| {
+        let client = client.clone();
+        async move { client.completions().create(req).await.unwrap() }
+    };
+    let prompt = "The capital of France is";
+    let prompt_ids = ids(prompt.to_string()).await;
+
+    // The model's own next token after reading the prompt, and its
+    // log-probability.
+    let next = create(ask(Prompt::String(prompt.into()), 1, false, Some(1))).await;
+    assert_eq!(next.object, "text_completion");
+    let lp = next.choices[0].logprobs.clone().unwrap();
+    assert_eq!(lp.tokens.len(), 1);
+    let written = lp.token_logprobs[0].unwrap();
+    let with_next = ids(format!("{prompt}{}", lp.tokens[0])).await;
+    assert_eq!(with_next[..prompt_ids.len()], prompt_ids[..]);
+    assert_eq!(with_next.len(), prompt_ids.len() + 1);
+
+    // The prompt and that token scored as given.
+    let scored = create(ask(
+        Prompt::IntegerArray(with_next.clone()),
+        0,
+        true,
+        Some(0),
+    ))
+    .await;
+    let s = &scored.choices[0];
+    assert_eq!(s.text, format!("{prompt}{}", lp.tokens[0]));
+    let l = s.logprobs.clone().unwrap();
+    assert_eq!(l.tokens.len(), with_next.len());
+    assert_eq!(l.tokens.concat(), s.text);
+    assert_eq!(
+        l.token_logprobs[0], None,
+        "the first token has nothing to be scored on"
+    );
+    assert!(
+        l.token_logprobs[1..]
+            .iter()
+            .all(|x| x.is_some_and(|x| x <= 0.0))
+    );
+    let last = l.token_logprobs.last().unwrap().unwrap();
+    assert!(
+        (last - written).abs() < 1e-3,
+        "scored {last}, written with {written}"
+    );
+    let usage = scored.usage.unwrap();
+    assert_eq!(
+        (usage.prompt_tokens as usize, usage.completion_tokens),
+        (with_next.len(), 0)
+    );
+
+    // A right continuation outscores a wrong one (what a multiple-choice
+    // evaluation asks).
+    let continuation = |text: &'static str| {
+        let (create, ask, prompt_ids) = (&create, &ask, &prompt_ids);
+        async move {
+            let full = format!("{prompt}{text}");
+            let r = create(ask(Prompt::String(full), 0, true, Some(0))).await;
+            let l = r.choices[0].logprobs.clone().unwrap();
+            l.token_logprobs[prompt_ids.len()..]
+                .iter()
+                .map(|x| x.unwrap())
+                .sum::<f32>()
+        }
+    };
+    let (paris, london) = (
+        continuation(" Paris.").await,
+        continuation(" London.").await,
+    );
+    assert!(paris > london, "Paris {paris}, London {london}");
+
+    // Echo with writing: the prompt, then what the model wrote.
+    let echoed = create(ask(Prompt::String(prompt.into()), 4, true, None)).await;
+    let text = &echoed.choices[0].text;
+    assert!(
+        text.starts_with(&format!("{prompt}{}", lp.tokens[0])),
+        "{text}"
+    );
+    let usage = echoed.usage.unwrap();
+    assert_eq!(usage.prompt_tokens as usize, prompt_ids.len());
+    assert!(usage.completion_tokens >= 1 && usage.completion_tokens <= 4);
+    let id = echoed.id.clone();
+    let pool = gw.db.pool.clone();
+    let row = eventually(15, || async {
+        sqlx::query_as::<_, (serde_json::Value, String, i32)>(
+            "select request, output, completion_tokens from completions where id = $1",
+        )
+        .bind(&id)
+        .fetch_optional(&pool)
+        .await
+        .unwrap()
+    })
+    .await
+    .expect("the text completion was recorded");
+    assert_eq!(row.0["prompt"], prompt);
+    assert_eq!(
+        format!("{prompt}{}", row.1),
+        *text,
+        "the record holds only what was written"
+    );
+    assert_eq!(row.2 as u32, usage.completion_tokens);
+
+    // What it cannot do is a 400 naming the field.
+    for (body, param) in [
+        (serde_json::json!({"model": gw.model()}), "prompt"),
+        (
+            serde_json::json!({"model": gw.model(), "prompt": "a", "n": 2}),
+            "n",
+        ),
+        (
+            serde_json::json!({"model": gw.model(), "prompt": "a", "stream": true}),
+            "stream",
+        ),
+        (
+            serde_json::json!({"model": gw.model(), "prompt": "a", "suffix": "b"}),
+            "suffix",
+        ),
+        (
+            serde_json::json!({"model": gw.model(), "prompt": ["a", "b"]}),
+            "prompt",
+        ),
+        (
+            serde_json::json!({"model": gw.model(), "prompt": [1, 49152]}),
+            "prompt",
+        ),
+        (
+            serde_json::json!({"model": gw.model(), "prompt": "a", "max_tokens": -1}),
+            "max_tokens",
+        ),
+        (
+            serde_json::json!({"model": gw.model(), "prompt": "a", "logprobs": 21}),
+            "logprobs",
+        ),
+        (
+            serde_json::json!({"model": gw.model(), "prompt": "a", "max_tokens": 9000}),
+            "prompt",
+        ),
+    ] {
+        let (status, err) = gw.post(&gw.key, "/v1/completions", body.clone()).await;
+        assert_eq!(
+            (status, err["error"]["param"].as_str()),
+            (400, Some(param)),
+            "{body} -> {err}"
+        );
+    }
+}

@@ -1,6 +1,7 @@
 //! `GET /openapi.json`: the OpenAPI 3.1 description of everything a script
 //! can call, the public API (`/v1`, bearer team keys) and the dashboard's
-//! JSON actions (`/admin/api`, a session cookie and its CSRF token). Kept
+//! JSON actions (`/admin/api`, a session cookie and its CSRF token, or a
+//! key with the `admin` scope). Kept
 //! by hand beside the routes; a test calls every path it lists.
 
 use axum::Json;
@@ -14,7 +15,12 @@ fn error_response(description: &str) -> Value {
 fn op(summary: &str, security: &str, body: Option<Value>, ok: (&str, &str)) -> Value {
     let mut o = json!({
         "summary": summary,
-        "security": [{security: []}],
+        "security": if security == "session" {
+            // Or a key with the `admin` scope.
+            json!([{"session": []}, {"bearer": []}])
+        } else {
+            json!([{security: []}])
+        },
         "responses": {
             ok.0: {"description": ok.1},
             "400": error_response("the request is malformed; the message says how"),
@@ -122,6 +128,48 @@ fn chat_body() -> Value {
     })
 }
 
+/// Every field `POST /v1/completions` accepts
+/// (`services/gateway/src/chat/text.rs`).
+fn text_body() -> Value {
+    let ids = json!({"type": "array", "minItems": 1, "items": {"type": "integer", "minimum": 0}});
+    json!({
+        "type": "object",
+        "required": ["model", "prompt"],
+        "properties": {
+            "model": {"type": "string", "minLength": 1, "examples": ["default"]},
+            "prompt": {"oneOf": [
+                {"type": "string", "minLength": 1},
+                ids,
+                {"type": "array", "minItems": 1, "maxItems": 1, "items": {"type": "string", "minLength": 1}},
+                {"type": "array", "minItems": 1, "maxItems": 1, "items": ids},
+            ], "description": "text or token ids, one prompt per request"},
+            "max_tokens": {"type": ["integer", "null"], "minimum": 0,
+                           "description": "default 16; 0 with `echo` and `logprobs` scores the prompt"},
+            "echo": {"type": ["boolean", "null"]},
+            "logprobs": {"type": ["integer", "null"], "minimum": 0, "maximum": 20,
+                         "description": "alternatives per token; with `echo`, the prompt's tokens are scored too"},
+            "temperature": {"type": ["number", "null"], "minimum": 0, "maximum": 2},
+            "top_p": {"type": ["number", "null"], "exclusiveMinimum": 0, "maximum": 1},
+            "top_k": {"type": ["integer", "null"], "minimum": 0},
+            "seed": {"type": ["integer", "null"]},
+            "presence_penalty": {"type": ["number", "null"], "minimum": -2, "maximum": 2},
+            "frequency_penalty": {"type": ["number", "null"], "minimum": -2, "maximum": 2},
+            "stop": {"oneOf": [{"type": "string", "minLength": 1},
+                               {"type": "array", "maxItems": 4, "items": {"type": "string", "minLength": 1}},
+                               {"type": "null"}]},
+            "logit_bias": {"type": ["object", "null"], "maxProperties": 300,
+                           "additionalProperties": {"type": "number", "minimum": -100, "maximum": 100}},
+            "n": {"enum": [1, null]},
+            "best_of": {"enum": [1, null]},
+            "stream": {"enum": [false, null], "description": "text completions are not streamed"},
+            "user": {"type": ["string", "null"], "maxLength": 256},
+        },
+        "additionalProperties": false,
+        "examples": [{"model": "default", "prompt": "The capital of France is", "max_tokens": 0,
+                      "echo": true, "logprobs": 1}],
+    })
+}
+
 /// Each `{name}` in a path, declared as a path parameter of its operations.
 fn declare_path_parameters(doc: &mut Value) {
     let Some(paths) = doc["paths"].as_object_mut() else {
@@ -156,9 +204,11 @@ fn limited(mut o: Value) -> Value {
 }
 
 fn with_csrf(mut o: Value) -> Value {
-    o["parameters"] = json!([{"name": "X-CSRF-Token", "in": "header", "required": true,
-        "schema": {"type": "string"}, "description": "the session's CSRF token (in every page's forms)"}]);
-    o["responses"]["403"] = error_response("a missing or foreign CSRF token, or a viewer account");
+    o["parameters"] = json!([{"name": "X-CSRF-Token", "in": "header", "required": false,
+        "schema": {"type": "string"}, "description": "with a session, required: the session's CSRF token (in every page's forms); not with an admin key"}]);
+    o["responses"]["403"] = error_response(
+        "a missing or foreign CSRF token, a viewer account, or a key without the `admin` scope",
+    );
     o["responses"]["409"] = error_response("refused; the message says why");
     o
 }
@@ -182,6 +232,8 @@ fn paths() -> Value {
         "paths": {
             "/v1/chat/completions": {"post": limited(op("A chat completion (OpenAI's shape; `stream` for SSE, `response_format` for JSON)", key,
                 Some(chat_body()), ("200", "the completion, or an event stream")))},
+            "/v1/completions": {"post": limited(op("A text completion (OpenAI's legacy shape, no chat template; `echo` and `logprobs` score the prompt)", key,
+                Some(text_body()), ("200", "the completion")))},
             "/v1/models": {"get": op("The models this key's team may call", key, None, ("200", "a list"))},
             "/v1/models/{name}": {"get": op("One model", key, None, ("200", "the model"))},
             "/v1/feedback": {"post": op("An end user's rating of a completion", key,
@@ -213,7 +265,7 @@ fn paths() -> Value {
             "/admin/api/keys": {"post": with_csrf(op("A new API key for a team (made with its first key); the secret is in this response only", "session",
                 Some(json!({"type": "object", "required": ["team"], "properties": {"team": {"type": "string"},
                     "scopes": {"type": "array", "items": {"$ref": "#/components/schemas/Scope"}, "minItems": 1,
-                               "description": "what the key may do; default: every scope"}}})),
+                               "description": "what the key may do; default: every scope but admin"}}})),
                 ("200", "`team`, `prefix`, `scopes` and `key`")))},
             "/admin/api/keys/scopes": {"post": with_csrf(op("Set what a live key may do", "session",
                 Some(json!({"type": "object", "required": ["prefix", "scopes"], "properties": {"prefix": {"type": "string"},
@@ -234,13 +286,13 @@ fn paths() -> Value {
         },
         "components": {
             "securitySchemes": {
-                "bearer": {"type": "http", "scheme": "bearer", "description": "a team API key (`flywheel keys create`)"},
+                "bearer": {"type": "http", "scheme": "bearer", "description": "an API key (`flywheel keys create`); under /admin/api, one with the `admin` scope"},
                 "session": {"type": "apiKey", "in": "cookie", "name": crate::auth::COOKIE,
                             "description": "an admin session (POST /admin/login with the sign-in form's `csrf` field and its `flywheel_login` cookie, both from GET /admin/login)"},
             },
             "schemas": {
-                "Scope": {"enum": ["chat", "feedback", "read", "delete"],
-                          "description": "chat: POST /v1/chat/completions; feedback: POST /v1/feedback and /v1/feedback/batch; read: GET /v1/completions/{id} and its feedback; delete: DELETE /v1/users/{user}/data"},
+                "Scope": {"enum": ["chat", "feedback", "read", "delete", "admin"],
+                          "description": "chat: POST /v1/chat/completions; feedback: POST /v1/feedback and /v1/feedback/batch; read: GET /v1/completions/{id} and its feedback; delete: DELETE /v1/users/{user}/data; admin: /admin/api as an admin, every team (never a default)"},
                 "Error": {"type": "object", "properties": {"error": {"type": "object", "properties": {
                     "message": {"type": "string"}, "type": {"type": "string"},
                     "param": {"type": ["string", "null"]}, "code": {"type": ["string", "null"]}}}}},

@@ -156,8 +156,9 @@ pub async fn logged_after(
     .await?)
 }
 
-/// A team's logged requests, newest first (by when they were made, not
-/// stored: the journal stores several at once), at most `limit`.
+/// A team's logged chat requests (not text completions, which have no
+/// messages), newest first (by when they were made, not stored: the
+/// journal stores several at once), at most `limit`.
 pub async fn recent_prompts(
     ex: impl PgExecutor<'_>,
     team_id: Uuid,
@@ -165,7 +166,7 @@ pub async fn recent_prompts(
 ) -> Result<Vec<LoggedPrompt>> {
     Ok(sqlx::query_as(
         "select id, end_user, coalesce(request -> 'messages', '[]') as messages, created_at
-         from completions where team_id = $1
+         from completions where team_id = $1 and request ? 'messages'
          order by coalesce(started_at, created_at) desc, id limit $2",
     )
     .bind(team_id)

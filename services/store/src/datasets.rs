@@ -101,7 +101,8 @@ pub async fn vote_ids(
     )
 }
 
-/// The completions those votes rate.
+/// The chat completions those votes rate (a text completion, from
+/// `POST /v1/completions`, has a prompt, not messages, and is not curated).
 pub async fn rated_completions(
     ex: impl PgExecutor<'_>,
     teams: &[Uuid],
@@ -112,6 +113,7 @@ pub async fn rated_completions(
                 c.created_at
          from completions c
          where c.team_id = any($1)
+           and c.request ? 'messages'
            and exists (select 1 from feedback f where f.completion_id = c.id and f.created_at <= $2)",
     )
     .bind(teams)

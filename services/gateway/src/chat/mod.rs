@@ -7,6 +7,7 @@
 
 mod request;
 mod response;
+mod text;
 pub mod tokenize;
 
 use std::convert::Infallible;
@@ -35,7 +36,9 @@ use request::ChatRequest;
 use response::{Chunker, Collected, Failure};
 
 pub fn router() -> Router<AppState> {
-    Router::new().route("/chat/completions", post(create))
+    Router::new()
+        .route("/chat/completions", post(create))
+        .route("/completions", post(text::create))
 }
 
 #[tracing::instrument(skip_all, fields(team = %principal.team_name))]
@@ -86,7 +89,7 @@ async fn create(
         Backend::Engine { engine, adapter } => {
             let tenant = principal_tenant(&log.principal);
             let (messages, params) = (v.messages, v.params);
-            submit(
+            submit_chat(
                 &state,
                 engine,
                 (*adapter, tenant),
@@ -164,18 +167,17 @@ fn failed(served: &ServedModel, failure: Failure) -> AppError {
     }
 }
 
-/// Queues a generation on an engine in this process.
 /// The engine's fairness group for a team's requests.
 fn principal_tenant(p: &Principal) -> u64 {
     let (high, low) = p.team_id.as_u64_pair();
     high ^ low
 }
 
-/// Queues a generation on `engine` with `adapter`, as `tenant`.
-fn submit(
+/// Queues a chat generation on `engine` with `adapter`, as `tenant`.
+fn submit_chat(
     state: &AppState,
     engine: &EngineHandle,
-    (adapter, tenant): (Option<AdapterId>, u64),
+    who: (Option<AdapterId>, u64),
     messages: Vec<ChatMessage>,
     mut params: SamplingParams,
     max_tokens: Option<usize>,
@@ -183,20 +185,6 @@ fn submit(
     let prompt_ids = engine
         .prepare_chat(&messages)
         .map_err(|e| AppError::bad_request(e.to_string(), Some("messages")))?;
-    let vocab = engine.info().vocab_size;
-    if let Some(&(id, _)) = params
-        .logit_bias
-        .iter()
-        .find(|(id, _)| *id as usize >= vocab)
-    {
-        return Err(AppError::bad_request(
-            format!(
-                "logit_bias names token {id}, outside this model's vocabulary (0 to {})",
-                vocab - 1
-            ),
-            Some("logit_bias"),
-        ));
-    }
     let ctx = engine.info().context_length;
     let room = ctx.saturating_sub(prompt_ids.len());
     let too_long = |asked: usize| AppError::BadRequest {
@@ -214,6 +202,31 @@ fn submit(
         Some(n) => n,
         None => state.config().default_max_tokens.min(room),
     };
+    submit(engine, who, prompt_ids, params)
+}
+
+/// Queues `prompt_ids` on `engine` with `adapter`, as `tenant`; `params`
+/// carry their `max_tokens`.
+fn submit(
+    engine: &EngineHandle,
+    (adapter, tenant): (Option<AdapterId>, u64),
+    prompt_ids: Vec<u32>,
+    params: SamplingParams,
+) -> Result<mpsc::UnboundedReceiver<Event>, AppError> {
+    let vocab = engine.info().vocab_size;
+    if let Some(&(id, _)) = params
+        .logit_bias
+        .iter()
+        .find(|(id, _)| *id as usize >= vocab)
+    {
+        return Err(AppError::bad_request(
+            format!(
+                "logit_bias names token {id}, outside this model's vocabulary (0 to {})",
+                vocab - 1
+            ),
+            Some("logit_bias"),
+        ));
+    }
     engine
         .submit(GenerateRequest {
             prompt_ids,

@@ -195,7 +195,85 @@ impl ChatRequest {
             crate::input::end_user(user, "user")?;
         }
         let messages = convert_messages(self.messages)?;
+        let max_tokens = match (self.max_completion_tokens, self.max_tokens) {
+            (Some(n), _) => Some(("max_completion_tokens", n)),
+            (None, Some(n)) => Some(("max_tokens", n)),
+            (None, None) => None,
+        };
+        let max_tokens = match max_tokens {
+            Some((name, n)) if n < 1 => {
+                return Err(bad(format!("{name} must be at least 1, got {n}"), name));
+            }
+            Some((_, n)) => Some(n as usize),
+            None => None,
+        };
+        let logprobs = self.logprobs.unwrap_or(false);
+        let top_logprobs = match self.top_logprobs {
+            None => 0,
+            Some(n) if !(0..=20).contains(&n) => {
+                return Err(bad("top_logprobs must be between 0 and 20", "top_logprobs"));
+            }
+            Some(_) if !logprobs => {
+                return Err(bad(
+                    "top_logprobs requires logprobs to be true",
+                    "top_logprobs",
+                ));
+            }
+            Some(n) => n as usize,
+        };
+        let params = Sampling {
+            temperature: self.temperature,
+            top_p: self.top_p,
+            top_k: self.top_k,
+            seed: self.seed,
+            presence_penalty: self.presence_penalty,
+            frequency_penalty: self.frequency_penalty,
+            stop: self.stop,
+            logit_bias: self.logit_bias,
+        }
+        .params(logprobs, top_logprobs, json)?;
+        let stream = self.stream.unwrap_or(false);
+        if self.stream_options.is_some() && !stream {
+            return Err(bad(
+                "stream_options is only allowed when stream is true",
+                "stream_options",
+            ));
+        }
+        Ok(Validated {
+            messages,
+            params,
+            max_tokens,
+            stream,
+            include_usage: self
+                .stream_options
+                .and_then(|o| o.include_usage)
+                .unwrap_or(false),
+        })
+    }
+}
 
+/// The sampling fields chat and text completions share, as sent.
+pub struct Sampling {
+    pub temperature: Option<f32>,
+    pub top_p: Option<f32>,
+    pub top_k: Option<i64>,
+    pub seed: Option<i64>,
+    pub presence_penalty: Option<f32>,
+    pub frequency_penalty: Option<f32>,
+    pub stop: Option<Stop>,
+    pub logit_bias: Option<HashMap<String, f32>>,
+}
+
+impl Sampling {
+    /// Checked into the engine's parameters (`max_tokens` left unlimited
+    /// for the caller to set), with the log-probabilities and JSON shape
+    /// the endpoint asked for.
+    pub fn params(
+        self,
+        logprobs: bool,
+        top_logprobs: usize,
+        json: Option<Arc<JsonShape>>,
+    ) -> Result<SamplingParams, AppError> {
         let temperature = self.temperature.unwrap_or(1.0);
         if !(0.0..=2.0).contains(&temperature) {
             return Err(bad(
@@ -228,18 +306,6 @@ impl ChatRequest {
                 ));
             }
         }
-        let max_tokens = match (self.max_completion_tokens, self.max_tokens) {
-            (Some(n), _) => Some(("max_completion_tokens", n)),
-            (None, Some(n)) => Some(("max_tokens", n)),
-            (None, None) => None,
-        };
-        let max_tokens = match max_tokens {
-            Some((name, n)) if n < 1 => {
-                return Err(bad(format!("{name} must be at least 1, got {n}"), name));
-            }
-            Some((_, n)) => Some(n as usize),
-            None => None,
-        };
         let stop = match self.stop {
             None => Vec::new(),
             Some(Stop::One(s)) => vec![s],
@@ -251,52 +317,21 @@ impl ChatRequest {
         if stop.iter().any(|s| s.is_empty()) {
             return Err(bad("stop sequences must not be empty", "stop"));
         }
-        let logprobs = self.logprobs.unwrap_or(false);
-        let top_logprobs = match self.top_logprobs {
-            None => 0,
-            Some(n) if !(0..=20).contains(&n) => {
-                return Err(bad("top_logprobs must be between 0 and 20", "top_logprobs"));
-            }
-            Some(_) if !logprobs => {
-                return Err(bad(
-                    "top_logprobs requires logprobs to be true",
-                    "top_logprobs",
-                ));
-            }
-            Some(n) => n as usize,
-        };
-        let logit_bias = logit_bias(self.logit_bias.unwrap_or_default())?;
-        let stream = self.stream.unwrap_or(false);
-        if self.stream_options.is_some() && !stream {
-            return Err(bad(
-                "stream_options is only allowed when stream is true",
-                "stream_options",
-            ));
-        }
-        Ok(Validated {
-            messages,
-            params: SamplingParams {
-                temperature,
-                top_p,
-                top_k,
-                seed: self.seed.map(|s| s as u64),
-                presence_penalty: self.presence_penalty.unwrap_or(0.0),
-                frequency_penalty: self.frequency_penalty.unwrap_or(0.0),
-                max_tokens: max_tokens.unwrap_or(usize::MAX),
-                stop,
-                logprobs,
-                top_logprobs,
-                ignore_eos: false,
-                forced: Vec::new(),
-                json,
-                logit_bias,
-            },
-            max_tokens,
-            stream,
-            include_usage: self
-                .stream_options
-                .and_then(|o| o.include_usage)
-                .unwrap_or(false),
+        Ok(SamplingParams {
+            temperature,
+            top_p,
+            top_k,
+            seed: self.seed.map(|s| s as u64),
+            presence_penalty: self.presence_penalty.unwrap_or(0.0),
+            frequency_penalty: self.frequency_penalty.unwrap_or(0.0),
+            max_tokens: usize::MAX,
+            stop,
+            logprobs,
+            top_logprobs,
+            ignore_eos: false,
+            forced: Vec::new(),
+            json,
+            logit_bias: logit_bias(self.logit_bias.unwrap_or_default())?,
         })
     }
 }
