@@ -17,7 +17,7 @@
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::sync::mpsc::Receiver;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use flywheel_model::IncrementalDecoder;
 use tokio::sync::mpsc::UnboundedSender;
@@ -77,6 +77,26 @@ struct Seq<C> {
 struct Plan {
     take: Vec<usize>,
     who: Vec<usize>,
+    /// Prompt tokens in this step, when others wait on it (a stream's next
+    /// token, another prompt): what the step's time is held to.
+    shared_prompt: usize,
+}
+
+/// Fewest prompt tokens a shared step carries, however slow steps are.
+const MIN_PROMPT_CAP: usize = 16;
+
+/// The prompt tokens a shared step may carry next, from how long the last
+/// one took: cut in proportion when it overran `target`, grown by half
+/// when it took less than half of it; never past `max` (the step budget).
+fn next_prompt_cap(cap: usize, took: Duration, target: Duration, max: usize) -> usize {
+    let cap = if took > target {
+        (cap as f64 * target.as_secs_f64() / took.as_secs_f64()) as usize
+    } else if took < target / 2 {
+        cap + cap / 2 + 1
+    } else {
+        cap
+    };
+    cap.clamp(MIN_PROMPT_CAP.min(max), max)
 }
 
 /// Why a sequence left the batch.
@@ -95,6 +115,9 @@ struct Scheduler<M: StepModel> {
     /// When each tenant last had a request admitted (a count of admissions).
     last_admitted: std::collections::HashMap<u64, u64>,
     admissions: u64,
+    /// Prompt tokens a step may carry while others wait on it (fair
+    /// scheduling), kept so that a step takes about `cfg.step_target`.
+    prompt_cap: usize,
 }
 
 impl<M: StepModel> Scheduler<M> {
@@ -102,11 +125,12 @@ impl<M: StepModel> Scheduler<M> {
         Self {
             model,
             shared,
-            cfg,
             active: Vec::new(),
             waiting: Default::default(),
             last_admitted: Default::default(),
             admissions: 0,
+            prompt_cap: cfg.max_batched_tokens.max(1),
+            cfg,
         }
     }
 
@@ -251,7 +275,16 @@ impl<M: StepModel> Scheduler<M> {
     /// One step: plan, execute, update.
     fn step(&mut self) {
         let plan = self.plan();
+        let started = Instant::now();
         let logits = self.execute(&plan);
+        if plan.shared_prompt > 0 {
+            self.prompt_cap = next_prompt_cap(
+                self.prompt_cap,
+                started.elapsed(),
+                self.cfg.step_target,
+                self.cfg.max_batched_tokens.max(1),
+            );
+        }
         self.update(&plan, logits);
         // Finished sequences have left: the gauge must not keep them while
         // the thread waits for work.
@@ -263,11 +296,14 @@ impl<M: StepModel> Scheduler<M> {
 
     /// How many tokens each active sequence brings to this step:
     /// generating sequences first (one token each), then prompt chunks.
-    /// Under fair scheduling the prompts share what is left of the budget
-    /// (each gets an equal part, or less if it needs less; the rest goes
-    /// in arrival order), so a short prompt that arrives while a long one
-    /// is being read is read in the next step instead of after it; under
-    /// first come, first served the oldest prompt takes what it can.
+    /// Under fair scheduling, while others wait on the step (a stream's
+    /// next token, another prompt), the prompts being read carry at most
+    /// `prompt_cap` tokens, which keeps a step near `cfg.step_target`, and
+    /// share them (each an equal part, or less if it needs less; the rest
+    /// in arrival order): a short prompt that arrives while a long one is
+    /// read is read in the next step, and running streams keep their pace.
+    /// Under first come, first served the oldest prompt takes what is left
+    /// of the budget.
     fn plan(&self) -> Plan {
         let mut budget = self.cfg.max_batched_tokens.max(1);
         let mut take = vec![0usize; self.active.len()];
@@ -277,26 +313,41 @@ impl<M: StepModel> Scheduler<M> {
                 budget -= 1;
             }
         }
+        let decoding = take.iter().sum::<usize>();
         let left = |s: &Seq<M::Cache>| s.job.req.prompt_ids.len() - s.prefilled;
         let reading = self.active.iter().filter(|s| left(s) > 0).count();
-        if self.cfg.scheduling == Scheduling::Fair && reading > 1 {
-            let share = (budget / reading).max(1);
+        let fair = self.cfg.scheduling == Scheduling::Fair;
+        let shared = fair && (decoding > 0 || reading > 1);
+        let mut prompt_budget = if shared {
+            budget.min(self.prompt_cap)
+        } else {
+            budget
+        };
+        if fair && reading > 1 {
+            let share = (prompt_budget / reading).max(1);
             for (i, s) in self.active.iter().enumerate() {
-                if left(s) > 0 && budget > 0 {
-                    take[i] = left(s).min(share).min(budget);
-                    budget -= take[i];
+                if left(s) > 0 && prompt_budget > 0 {
+                    take[i] = left(s).min(share).min(prompt_budget);
+                    prompt_budget -= take[i];
                 }
             }
         }
+        let mut prompt = 0;
         for (i, s) in self.active.iter().enumerate() {
-            let more = (left(s) - take[i].min(left(s))).min(budget);
-            if left(s) > 0 && more > 0 {
-                take[i] += more;
-                budget -= more;
+            if left(s) == 0 {
+                continue;
             }
+            let more = (left(s) - take[i]).min(prompt_budget);
+            take[i] += more;
+            prompt_budget -= more;
+            prompt += take[i];
         }
         let who = (0..take.len()).filter(|&i| take[i] > 0).collect();
-        Plan { take, who }
+        Plan {
+            take,
+            who,
+            shared_prompt: if shared { prompt } else { 0 },
+        }
     }
 
     /// Runs the step model once over the planned sequences; per sequence in
@@ -707,6 +758,23 @@ mod tests {
         let together: Vec<_> = receivers.into_iter().map(collect).collect();
         assert_eq!(alone, together);
         assert!(engine.stats().steps > 0);
+    }
+
+    #[test]
+    fn a_slow_shared_step_carries_fewer_prompt_tokens_and_a_quick_one_more() {
+        let target = Duration::from_millis(500);
+        let next = |cap, ms| next_prompt_cap(cap, Duration::from_millis(ms), target, 256);
+        // Twice the target: half the tokens; ten times: a tenth.
+        assert_eq!(next(256, 1_000), 128);
+        assert_eq!(next(200, 5_000), 20);
+        // Never below the floor, never past the step budget.
+        assert_eq!(next(20, 60_000), MIN_PROMPT_CAP);
+        assert_eq!(next(200, 10), 256);
+        // Quick: grows by half; near the target: kept.
+        assert_eq!(next(64, 100), 97);
+        assert_eq!(next(64, 400), 64);
+        // A budget under the floor is the cap.
+        assert_eq!(next_prompt_cap(4, Duration::from_secs(9), target, 4), 4);
     }
 
     /// Which of a long prompt (submitted first) and a short one (right

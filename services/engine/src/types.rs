@@ -25,6 +25,12 @@ pub struct EngineConfig {
     /// Tokens per step, all sequences together: bounds how long one step
     /// (and so every running stream's next token) can take.
     pub max_batched_tokens: usize,
+    /// How long a step should take while prompts are read beside others
+    /// waiting on it (fair scheduling): the prompt tokens a step carries
+    /// are cut or grown after each step to keep near it, so a stream's
+    /// next token and a short prompt's first wait about this long beside a
+    /// long prompt, not the time of a full-budget step at its length.
+    pub step_target: std::time::Duration,
     /// Kernel threads; 0 means one per core.
     pub threads: usize,
     /// The widest instruction set the CPU kernels may use.
@@ -72,6 +78,7 @@ impl Default for EngineConfig {
             scheduling: Scheduling::Fair,
             max_batch: 16,
             max_batched_tokens: 256,
+            step_target: std::time::Duration::from_millis(500),
             threads: 0,
             simd: Simd::Avx512,
             backend: Backend::Auto,

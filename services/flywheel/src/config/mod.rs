@@ -443,7 +443,7 @@ mod tests {
             (0, std::time::Duration::from_millis(40), 9)
         );
         assert_eq!(upstream.breaker_cooldown, std::time::Duration::from_secs(8));
-        assert_eq!(SETTINGS.len(), 59);
+        assert_eq!(SETTINGS.len(), 61);
     }
 
     #[test]

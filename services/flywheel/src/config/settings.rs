@@ -103,6 +103,9 @@ settings! {
     "gateway.body_read_timeout_secs", "FLYWHEEL_BODY_READ_TIMEOUT_SECS", "30",
         "most time between two pieces of a request body (past it: 408)"
         => |v, c| c.gateway.http.timeouts.body_read = Duration::from_secs(v.number(1..=3_600)?);
+    "gateway.max_choices", "FLYWHEEL_MAX_CHOICES", "8",
+        "most choices (n) one chat request may ask for; they are generated side by side in the batch"
+        => |v, c| c.gateway.http.max_choices = v.number(1..=128)? as usize;
     "gateway.response_write_timeout_secs", "FLYWHEEL_RESPONSE_WRITE_TIMEOUT_SECS", "30",
         "most time a client may take to accept more of a response (past it the connection is closed; a stream is recorded as cancelled)"
         => |v, c| c.gateway.http.timeouts.response_write = Duration::from_secs(v.number(1..=3_600)?);
@@ -121,6 +124,9 @@ settings! {
     "engine.max_batched_tokens", "FLYWHEEL_MAX_BATCHED_TOKENS", "256",
         "tokens per engine step (bounds how long a prompt can hold up running streams)"
         => |v, c| c.engine.max_batched_tokens = v.count(1)?;
+    "engine.step_target_ms", "FLYWHEEL_STEP_TARGET_MS", "500",
+        "how long a step should take while a prompt is read beside running streams (fair scheduling): the prompt tokens a step carries adapt to it"
+        => |v, c| c.engine.step_target = Duration::from_millis(v.number(10..=60_000)?);
     "engine.threads", "FLYWHEEL_THREADS", "0",
         "kernel threads (0: one per core)"
         => |v, c| c.engine.threads = v.count(0)?;
