@@ -669,3 +669,100 @@ async fn text_completions_score_continuations_as_evaluation_tools_ask() {
         );
     }
 }
+
+/// `n` choices, generated side by side: choice i samples as a request of
+/// its own with seed + i would (the same text), streamed or not; each is
+/// recorded under its own id (`<id>-<i>` past the first) and rated by it;
+/// past the configured maximum, 400.
+#[tokio::test]
+async fn n_choices_are_sampled_side_by_side_recorded_and_rated_each() {
+    let gw = TestGateway::real().await;
+    let c = client(&gw);
+    let question = "Name a fruit and say why you like it.";
+    let req = |n: u8, seed: i64| {
+        build(
+            ask(&gw, question)
+                .temperature(1.0)
+                .seed(seed)
+                .n(n)
+                .max_completion_tokens(16u32),
+        )
+    };
+    let alone: Vec<String> = {
+        let mut v = Vec::new();
+        for i in 0..3 {
+            let r = c.chat().create(req(1, 40 + i)).await.unwrap();
+            v.push(r.choices[0].message.content.clone().unwrap());
+        }
+        v
+    };
+    assert!(
+        alone[0] != alone[1] || alone[1] != alone[2],
+        "three seeds gave one text; the test could not tell choices apart: {alone:?}"
+    );
+
+    let three = c.chat().create(req(3, 40)).await.unwrap();
+    assert_eq!(three.choices.len(), 3);
+    for (i, choice) in three.choices.iter().enumerate() {
+        assert_eq!(choice.index as usize, i);
+        assert_eq!(choice.message.content.as_deref(), Some(alone[i].as_str()), "choice {i}");
+    }
+    let usage = three.usage.clone().unwrap();
+    let one = c.chat().create(req(1, 40)).await.unwrap().usage.unwrap();
+    assert_eq!(usage.prompt_tokens, one.prompt_tokens, "the prompt is counted once");
+    let rows = eventually(15, || async {
+        let rows: Vec<(String, String, i32)> = sqlx::query_as(
+            "select id, output, completion_tokens from completions where id like $1 order by id",
+        )
+        .bind(format!("{}%", three.id))
+        .fetch_all(&gw.db.pool)
+        .await
+        .unwrap();
+        (rows.len() == 3).then_some(rows)
+    })
+    .await
+    .expect("three records");
+    let ids: Vec<&str> = rows.iter().map(|r| r.0.as_str()).collect();
+    assert_eq!(
+        ids,
+        [three.id.clone(), format!("{}-1", three.id), format!("{}-2", three.id)]
+    );
+    for (i, row) in rows.iter().enumerate() {
+        assert_eq!(row.1, alone[i]);
+    }
+    assert_eq!(
+        rows.iter().map(|r| r.2 as u32).sum::<u32>(),
+        usage.completion_tokens
+    );
+    let (status, vote) = gw
+        .post(
+            &gw.key,
+            "/v1/feedback",
+            serde_json::json!({"completion_id": format!("{}-2", three.id), "rating": "down", "user": "ann"}),
+        )
+        .await;
+    assert_eq!(status, 201, "{vote}");
+
+    // Streamed: the same texts, told apart by index, each finished.
+    let mut stream = c.chat().create_stream(req(2, 40)).await.unwrap();
+    let (mut texts, mut finished) = (vec![String::new(); 2], vec![false; 2]);
+    while let Some(chunk) = stream.next().await {
+        for ch in chunk.unwrap().choices {
+            let i = ch.index as usize;
+            texts[i].push_str(ch.delta.content.as_deref().unwrap_or(""));
+            finished[i] |= ch.finish_reason.is_some();
+        }
+    }
+    assert_eq!(texts, alone[..2]);
+    assert_eq!(finished, [true, true]);
+
+    let (status, err) = gw
+        .post(
+            &gw.key,
+            "/v1/chat/completions",
+            serde_json::json!({"model": gw.model(), "n": 9,
+                               "messages": [{"role": "user", "content": question}]}),
+        )
+        .await;
+    assert_eq!((status, err["error"]["param"].as_str()), (400, Some("n")), "{err}");
+}

@@ -35,6 +35,8 @@ pub struct GatewayConfig {
     pub upstream: flywheel_upstream::Settings,
     /// How long the server waits on a client.
     pub timeouts: crate::Timeouts,
+    /// Most choices (`n`) one chat request may ask for.
+    pub max_choices: usize,
 }
 
 impl Default for GatewayConfig {
@@ -47,6 +49,7 @@ impl Default for GatewayConfig {
             route_refresh: Duration::from_secs(5),
             upstream: flywheel_upstream::Settings::default(),
             timeouts: crate::Timeouts::default(),
+            max_choices: 8,
         }
     }
 }

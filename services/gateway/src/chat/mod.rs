@@ -26,7 +26,8 @@ use flywheel_store::keys::Principal;
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 use tokio::sync::{mpsc, oneshot};
-use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::wrappers::{ReceiverStream, UnboundedReceiverStream};
+use tokio_stream::{StreamExt, StreamMap};
 
 use crate::error::ApiJson;
 use crate::journal::Record;
@@ -58,6 +59,13 @@ async fn create(
     let end_user = req.user.clone().filter(|u| !u.is_empty());
     let model = req.model.clone();
     let v = req.validate()?;
+    let max_choices = state.config().max_choices;
+    if v.n > max_choices {
+        return Err(AppError::bad_request(
+            format!("n may be at most {max_choices} on this server, not {}", v.n),
+            Some("n"),
+        ));
+    }
     let id = format!("chatcmpl-{}", uuid::Uuid::new_v4());
     // The route is fixed here: a promotion or rollback from now on changes
     // the next request, not this one.
@@ -85,6 +93,14 @@ async fn create(
         started,
         started_at,
     };
+    // Each choice is its own record: the first under the response's id,
+    // choice i under `<id>-<i>`, each rated by that id.
+    let logs: Vec<LogContext> = (0..v.n)
+        .map(|i| LogContext {
+            id: choice_id(&id, i),
+            ..log.clone()
+        })
+        .collect();
     let events = match &served.backend {
         Backend::Engine { engine, adapter } => {
             let tenant = principal_tenant(&log.principal);
@@ -96,6 +112,7 @@ async fn create(
                 messages,
                 params,
                 v.max_tokens,
+                v.n,
             )
             .inspect_err(|e| {
                 if let AppError::RateLimited { .. } = e {
@@ -104,10 +121,19 @@ async fn create(
                 }
             })?
         }
+        Backend::Upstream(_) if v.n > 1 => {
+            return Err(AppError::bad_request(
+                format!(
+                    "the model `{}` is served by an upstream, which answers one choice: n must be 1",
+                    served.name
+                ),
+                Some("n"),
+            ));
+        }
         Backend::Upstream(client) => {
             let request =
                 request::for_upstream(&body, &v.messages, state.config().default_max_tokens);
-            reach_upstream(client.clone(), request, log.clone()).await?
+            vec![reach_upstream(client.clone(), request, log.clone()).await?]
         }
     };
     let chunker = Chunker::new(
@@ -117,14 +143,35 @@ async fn create(
         v.include_usage,
     );
     if v.stream {
-        Ok(stream(events, chunker, log).into_response())
-    } else {
-        let (tx, rx) = oneshot::channel();
-        tokio::spawn(complete(events, log, tx));
+        return Ok(stream(events, chunker, logs).into_response());
+    }
+    // Each choice is collected and recorded by a task of its own, which
+    // records it as cancelled if the client leaves first.
+    let waiting: Vec<_> = events
+        .into_iter()
+        .zip(logs)
+        .map(|(events, log)| {
+            let (tx, rx) = oneshot::channel();
+            tokio::spawn(complete(events, log, tx));
+            rx
+        })
+        .collect();
+    let mut choices = Vec::with_capacity(waiting.len());
+    for rx in waiting {
         let collected = rx
             .await
             .map_err(|_| AppError::Internal("the generation task ended early".into()))??;
-        Ok(Json(chunker.full_response(&collected)).into_response())
+        choices.push(collected);
+    }
+    Ok(Json(chunker.full_response(&choices)).into_response())
+}
+
+/// The id choice `i` of completion `id` is recorded and rated under.
+fn choice_id(id: &str, i: usize) -> String {
+    if i == 0 {
+        id.to_string()
+    } else {
+        format!("{id}-{i}")
     }
 }
 
@@ -173,7 +220,9 @@ fn principal_tenant(p: &Principal) -> u64 {
     high ^ low
 }
 
-/// Queues a chat generation on `engine` with `adapter`, as `tenant`.
+/// Queues `n` generations of a chat on `engine` with `adapter`, as
+/// `tenant`, side by side in the batch; with a seed, choice i samples with
+/// seed + i. If one cannot be queued none is kept (the others stop).
 fn submit_chat(
     state: &AppState,
     engine: &EngineHandle,
@@ -181,7 +230,8 @@ fn submit_chat(
     messages: Vec<ChatMessage>,
     mut params: SamplingParams,
     max_tokens: Option<usize>,
-) -> Result<mpsc::UnboundedReceiver<Event>, AppError> {
+    n: usize,
+) -> Result<Vec<mpsc::UnboundedReceiver<Event>>, AppError> {
     let prompt_ids = engine
         .prepare_chat(&messages)
         .map_err(|e| AppError::bad_request(e.to_string(), Some("messages")))?;
@@ -202,7 +252,13 @@ fn submit_chat(
         Some(n) => n,
         None => state.config().default_max_tokens.min(room),
     };
-    submit(engine, who, prompt_ids, params)
+    (0..n)
+        .map(|i| {
+            let mut params = params.clone();
+            params.seed = params.seed.map(|s| s.wrapping_add(i as u64));
+            submit(engine, who, prompt_ids.clone(), params)
+        })
+        .collect()
 }
 
 /// Queues `prompt_ids` on `engine` with `adapter`, as `tenant`; `params`
@@ -299,12 +355,14 @@ impl Outcome {
     }
 }
 
-/// Streaming: forwards deltas as they come; the record is written before
-/// the final chunks and `[DONE]`, or when the client leaves.
+/// Streaming: forwards each choice's deltas as they come; a choice's
+/// record is written before its finishing chunk, the usage and `[DONE]`
+/// come after the last; a client that leaves gets every unfinished choice
+/// recorded as cancelled.
 fn stream(
-    mut events: mpsc::UnboundedReceiver<Event>,
+    events: Vec<mpsc::UnboundedReceiver<Event>>,
     chunker: Chunker,
-    log: LogContext,
+    logs: Vec<LogContext>,
 ) -> impl IntoResponse {
     let (tx, rx) = mpsc::channel::<Result<SseEvent, Infallible>>(64);
     tokio::spawn(async move {
@@ -316,44 +374,57 @@ fn stream(
                     .is_ok()
             }
         };
-        let mut collected = Collected::default();
-        let mut open = send(chunker.role_chunk()).await;
+        let n = logs.len();
+        let mut collected: Vec<Collected> = (0..n).map(|_| Collected::default()).collect();
+        let mut recorded = vec![false; n];
+        let mut merged = StreamMap::new();
+        for (i, e) in events.into_iter().enumerate() {
+            merged.insert(i, UnboundedReceiverStream::new(e));
+        }
+        let mut open = true;
+        for i in 0..n {
+            open = open && send(chunker.role_chunk(i)).await;
+        }
         let mut failure = None;
-        while open {
-            let Some(ev) = events.recv().await else {
+        while open && recorded.iter().any(|done| !done) {
+            let Some((i, ev)) = merged.next().await else {
                 failure = Some(AppError::Internal(
                     "the engine ended the generation without finishing".into(),
                 ));
                 break;
             };
-            match collected.push(ev) {
-                Ok(Some(delta)) => open = send(chunker.delta_chunk(&delta)).await,
+            match collected[i].push(ev) {
+                Ok(Some(delta)) => open = send(chunker.delta_chunk(i, &delta)).await,
                 Ok(None) => {}
                 Err(e) => {
-                    failure = Some(failed(&log.served, e));
+                    failure = Some(failed(&logs[i].served, e));
                     break;
                 }
             }
-            if collected.finish.is_some() {
-                break;
+            if collected[i].finish.is_some() && !recorded[i] {
+                merged.remove(&i);
+                recorded[i] = true;
+                if let Err(e) = logs[i].record(&collected[i], None).await {
+                    failure = Some(e);
+                    break;
+                }
+                open = open && send(chunker.finish_chunk(i, &collected[i])).await;
             }
         }
-        drop(events); // stops the engine if it is still generating
+        drop(merged); // stops the engine where it is still generating
+        let why = if failure.is_some() { "error" } else { "cancelled" };
+        for i in (0..n).filter(|&i| !recorded[i]) {
+            let _ = logs[i].record(&collected[i], Some(why)).await;
+        }
         if let Some(e) = failure {
-            let _ = log.record(&collected, Some("error")).await;
             send(e.body()).await;
             return;
         }
         if !open {
-            let _ = log.record(&collected, Some("cancelled")).await;
             return;
         }
-        if let Err(e) = log.record(&collected, None).await {
-            send(e.body()).await;
-            return;
-        }
-        for chunk in chunker.final_chunks(&collected) {
-            send(chunk).await;
+        if let Some(usage) = chunker.usage_chunk(&collected) {
+            send(usage).await;
         }
         let _ = tx.send(Ok(SseEvent::default().data("[DONE]"))).await;
     });

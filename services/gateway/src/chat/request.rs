@@ -132,6 +132,8 @@ pub struct Validated {
     pub max_tokens: Option<usize>,
     pub stream: bool,
     pub include_usage: bool,
+    /// Choices to generate (the gateway caps it).
+    pub n: usize,
 }
 
 /// A validated request as an upstream gets it: the messages as validated
@@ -185,9 +187,11 @@ impl ChatRequest {
                 }
             }
         }
-        if self.n.is_some_and(|n| n != 1) {
-            return Err(bad("only n=1 is supported", "n"));
-        }
+        let n = match self.n {
+            None => 1,
+            Some(n) if n < 1 => return Err(bad(format!("n must be at least 1, got {n}"), "n")),
+            Some(n) => usize::try_from(n).unwrap_or(usize::MAX),
+        };
         if self.model.trim().is_empty() {
             return Err(bad("model must not be empty", "model"));
         }
@@ -244,6 +248,7 @@ impl ChatRequest {
             params,
             max_tokens,
             stream,
+            n,
             include_usage: self
                 .stream_options
                 .and_then(|o| o.include_usage)
@@ -473,7 +478,7 @@ mod tests {
             ("temperature", serde_json::json!(-0.5)),
             ("top_p", serde_json::json!(0.0)),
             ("max_tokens", serde_json::json!(0)),
-            ("n", serde_json::json!(2)),
+            ("n", serde_json::json!(0)),
             ("tools", serde_json::json!([{"type": "function"}])),
             (
                 "response_format",

@@ -64,14 +64,6 @@ impl Collected {
             Event::TimedOut(e) => Err(Failure::TimedOut(e)),
         }
     }
-
-    fn usage(&self) -> Value {
-        json!({
-            "prompt_tokens": self.prompt_tokens,
-            "completion_tokens": self.completion_tokens,
-            "total_tokens": self.prompt_tokens + self.completion_tokens,
-        })
-    }
 }
 
 fn logprob_json(lp: &TokenLogprob) -> Value {
@@ -106,11 +98,21 @@ impl Chunker {
         }
     }
 
-    pub fn full_response(&self, c: &Collected) -> Value {
-        let logprobs = if c.logprobs.is_empty() {
-            Value::Null
-        } else {
-            json!({"content": c.logprobs.iter().map(logprob_json).collect::<Vec<_>>()})
+    /// The whole answer: a choice per generation, in order. Usage counts
+    /// the prompt once, as OpenAI's API does, and every choice's tokens.
+    pub fn full_response(&self, choices: &[Collected]) -> Value {
+        let choice = |(i, c): (usize, &Collected)| {
+            let logprobs = if c.logprobs.is_empty() {
+                Value::Null
+            } else {
+                json!({"content": c.logprobs.iter().map(logprob_json).collect::<Vec<_>>()})
+            };
+            json!({
+                "index": i,
+                "message": {"role": "assistant", "content": c.text, "refusal": Value::Null},
+                "logprobs": logprobs,
+                "finish_reason": c.finish.map(FinishReason::as_str),
+            })
         };
         json!({
             "id": self.id,
@@ -118,24 +120,19 @@ impl Chunker {
             "created": self.created,
             "model": self.model,
             "system_fingerprint": self.fingerprint,
-            "choices": [{
-                "index": 0,
-                "message": {"role": "assistant", "content": c.text, "refusal": Value::Null},
-                "logprobs": logprobs,
-                "finish_reason": c.finish.map(FinishReason::as_str),
-            }],
-            "usage": c.usage(),
+            "choices": choices.iter().enumerate().map(choice).collect::<Vec<_>>(),
+            "usage": usage(choices),
         })
     }
 
-    fn chunk(&self, delta: Value, logprobs: Value, finish: Option<&str>) -> Value {
+    fn chunk(&self, index: usize, delta: Value, logprobs: Value, finish: Option<&str>) -> Value {
         let mut v = json!({
             "id": self.id,
             "object": "chat.completion.chunk",
             "created": self.created,
             "model": self.model,
             "system_fingerprint": self.fingerprint,
-            "choices": [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}],
+            "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}],
         });
         if self.include_usage {
             v["usage"] = Value::Null;
@@ -143,36 +140,56 @@ impl Chunker {
         v
     }
 
-    pub fn role_chunk(&self) -> Value {
+    pub fn role_chunk(&self, index: usize) -> Value {
         self.chunk(
+            index,
             json!({"role": "assistant", "content": ""}),
             Value::Null,
             None,
         )
     }
 
-    pub fn delta_chunk(&self, d: &Delta) -> Value {
+    pub fn delta_chunk(&self, index: usize, d: &Delta) -> Value {
         let logprobs = d
             .logprobs
             .as_ref()
             .map_or(Value::Null, |lp| json!({"content": [logprob_json(lp)]}));
-        self.chunk(json!({"content": d.text}), logprobs, None)
+        self.chunk(index, json!({"content": d.text}), logprobs, None)
     }
 
-    /// The chunk carrying `finish_reason`, then usage when asked for.
-    pub fn final_chunks(&self, c: &Collected) -> Vec<Value> {
-        let mut out = vec![self.chunk(json!({}), Value::Null, c.finish.map(FinishReason::as_str))];
-        if self.include_usage {
-            out.push(json!({
+    /// The chunk carrying choice `index`'s `finish_reason`.
+    pub fn finish_chunk(&self, index: usize, c: &Collected) -> Value {
+        self.chunk(
+            index,
+            json!({}),
+            Value::Null,
+            c.finish.map(FinishReason::as_str),
+        )
+    }
+
+    /// The last chunk, with the usage of every choice, when asked for.
+    pub fn usage_chunk(&self, choices: &[Collected]) -> Option<Value> {
+        self.include_usage.then(|| {
+            json!({
                 "id": self.id,
                 "object": "chat.completion.chunk",
                 "created": self.created,
                 "model": self.model,
                 "system_fingerprint": self.fingerprint,
                 "choices": [],
-                "usage": c.usage(),
-            }));
-        }
-        out
+                "usage": usage(choices),
+            })
+        })
     }
+}
+
+/// Usage of a request's choices: the prompt once, every choice's tokens.
+fn usage(choices: &[Collected]) -> Value {
+    let prompt = choices.first().map_or(0, |c| c.prompt_tokens);
+    let completion: usize = choices.iter().map(|c| c.completion_tokens).sum();
+    json!({
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+    })
 }
