@@ -44,6 +44,93 @@ fn op(summary: &str, security: &str, body: Option<Value>, ok: (&str, &str)) -> V
     o
 }
 
+/// `o` answering its success status with `schema` (a name under
+/// `components.schemas`) as JSON.
+fn returns(mut o: Value, schema: &str) -> Value {
+    let ok = o["responses"]
+        .as_object()
+        .and_then(|r| r.keys().find(|k| k.starts_with('2')).cloned())
+        .expect("an operation has a success status");
+    o["responses"][&ok]["content"] = json!({"application/json": {"schema": {"$ref": format!("#/components/schemas/{schema}")}}});
+    o
+}
+
+/// The response bodies of the public API.
+fn response_schemas() -> Value {
+    let count = json!({"type": "integer", "minimum": 0});
+    let usage = json!({"type": "object", "required": ["prompt_tokens", "completion_tokens", "total_tokens"],
+        "properties": {"prompt_tokens": count, "completion_tokens": count, "total_tokens": count}});
+    let finish = json!({"enum": ["stop", "length"]});
+    let time = json!({"type": "string", "format": "date-time"});
+    let vote = json!({"type": "object", "required": ["id", "object", "rating", "created_at"], "properties": {
+        "id": {"type": "string", "format": "uuid"}, "object": {"const": "feedback"},
+        "completion_id": {"type": "string"}, "rating": {"enum": ["up", "down"]},
+        "comment": {"type": ["string", "null"]}, "correction": {"type": ["string", "null"]},
+        "user": {"type": ["string", "null"]}, "created_at": time}});
+    let model = json!({"type": "object", "required": ["id", "object", "created", "owned_by", "role"], "properties": {
+        "id": {"type": "string"}, "object": {"const": "model"}, "created": {"type": "integer"},
+        "owned_by": {"type": "string"}, "version_id": {"type": "string", "format": "uuid"},
+        "sha256": {"type": "string"}, "context_length": {"type": ["integer", "null"]},
+        "role": {"enum": ["champion", "canary", "named"]}}});
+    json!({
+        "ChatCompletion": {"type": "object", "required": ["id", "object", "created", "model", "choices", "usage"], "properties": {
+            "id": {"type": "string"}, "object": {"const": "chat.completion"}, "created": {"type": "integer"},
+            "model": {"type": "string"}, "system_fingerprint": {"type": "string"},
+            "choices": {"type": "array", "minItems": 1, "items": {"type": "object",
+                "required": ["index", "message", "logprobs", "finish_reason"], "properties": {
+                "index": count,
+                "message": {"type": "object", "required": ["role", "content"], "properties": {
+                    "role": {"const": "assistant"}, "content": {"type": "string"}, "refusal": {"type": "null"}}},
+                "logprobs": {"type": ["object", "null"]},
+                "finish_reason": finish}}},
+            "usage": usage}},
+        "TextCompletion": {"type": "object", "required": ["id", "object", "created", "model", "choices", "usage"], "properties": {
+            "id": {"type": "string"}, "object": {"const": "text_completion"}, "created": {"type": "integer"},
+            "model": {"type": "string"}, "system_fingerprint": {"type": "string"},
+            "choices": {"type": "array", "minItems": 1, "maxItems": 1, "items": {"type": "object",
+                "required": ["text", "index", "logprobs", "finish_reason"], "properties": {
+                "text": {"type": "string"}, "index": count, "finish_reason": finish,
+                "logprobs": {"oneOf": [{"type": "null"}, {"type": "object",
+                    "required": ["tokens", "token_logprobs", "top_logprobs", "text_offset"], "properties": {
+                    "tokens": {"type": "array", "items": {"type": "string"}},
+                    "token_logprobs": {"type": "array", "items": {"type": ["number", "null"], "maximum": 0}},
+                    "top_logprobs": {"type": "array", "items": {"type": ["object", "null"]}},
+                    "text_offset": {"type": "array", "items": count}}}]}}}},
+            "usage": usage}},
+        "Model": model,
+        "ModelList": {"type": "object", "required": ["object", "data"], "properties": {
+            "object": {"const": "list"}, "data": {"type": "array", "items": model}}},
+        "Feedback": vote,
+        "FeedbackBatch": {"type": "object", "required": ["object", "created", "duplicates", "failed", "data"], "properties": {
+            "object": {"const": "list"}, "created": count, "duplicates": count, "failed": count,
+            "data": {"type": "array", "items": {"type": "object", "required": ["index", "status"], "properties": {
+                "index": count, "status": {"type": "integer"}, "feedback": vote,
+                "duplicate_of": count, "error": {"type": "object"}}}}}},
+        "CompletionRecord": {"type": "object", "required": ["id", "object", "request", "output", "finish_reason", "usage", "feedback"], "properties": {
+            "id": {"type": "string"}, "object": {"const": "chat.completion.record"},
+            "model_version_id": {"type": "string", "format": "uuid"}, "user": {"type": ["string", "null"]},
+            "request": {"type": "object"}, "output": {"type": "string"}, "finish_reason": {"type": "string"},
+            "usage": usage, "latency_ms": {"type": "number"}, "ttft_ms": {"type": ["number", "null"]},
+            "request_id": {"type": ["string", "null"]}, "started_at": {"type": ["string", "null"]}, "created_at": time,
+            "feedback": {"type": "object", "required": ["votes", "users", "up", "down", "current", "history"], "properties": {
+                "votes": count, "users": count, "up": count, "down": count,
+                "current": {"type": "array", "items": vote}, "current_has_more": {"type": "boolean"},
+                "history": {"type": "array", "items": vote}, "history_has_more": {"type": "boolean"}}}}},
+        "FeedbackPage": {"type": "object", "required": ["object", "data", "has_more"], "properties": {
+            "object": {"const": "list"}, "data": {"type": "array", "items": vote},
+            "first_id": {"type": ["string", "null"]}, "last_id": {"type": ["string", "null"]},
+            "has_more": {"type": "boolean"}}},
+        "Deleted": {"type": "object", "required": ["user", "deleted"], "properties": {
+            "user": {"type": "string"}, "deleted": {"type": "object", "required": ["completions", "feedback"],
+                "properties": {"completions": count, "feedback": count}}}},
+        "Tokens": {"type": "object", "required": ["count", "max_model_len", "tokens"], "properties": {
+            "model": {"type": "string"}, "count": count, "max_model_len": count,
+            "tokens": {"type": "array", "items": count}}},
+        "Text": {"type": "object", "required": ["prompt"], "properties": {
+            "model": {"type": "string"}, "prompt": {"type": "string"}}},
+    })
+}
+
 fn admin_action(summary: &str, needs_model: bool) -> Value {
     let mut required = vec!["team", "reason"];
     if needs_model {
@@ -113,7 +200,8 @@ fn chat_body() -> Value {
             "logit_bias": {"type": ["object", "null"], "maxProperties": 300,
                            "additionalProperties": {"type": "number", "minimum": -100, "maximum": 100},
                            "description": "token id (as a string) to a bias added to its logit"},
-            "n": {"enum": [1, null], "description": "one choice per request"},
+            "n": {"type": ["integer", "null"], "minimum": 1,
+                  "description": "choices, generated side by side (at most FLYWHEEL_MAX_CHOICES, 8 by default); choice i is recorded and rated as `<id>-<i>`, the first as `<id>`"},
             "user": {"type": ["string", "null"], "maxLength": 256},
             "response_format": {"type": ["object", "null"],
                                 "description": "`{\"type\": \"json_object\"}` or `{\"type\": \"json_schema\", \"json_schema\": {\"name\", \"schema\"}}` (OpenAI's strict subset)"},
@@ -195,6 +283,14 @@ fn declare_path_parameters(doc: &mut Value) {
     }
 }
 
+/// The chat operation's answers: JSON, or an event stream of chunks.
+fn chat_op(o: Value) -> Value {
+    let mut o = returns(o, "ChatCompletion");
+    o["responses"]["200"]["content"]["text/event-stream"] =
+        json!({"schema": {"type": "string", "description": "`data: <chat.completion.chunk>` lines, then `data: [DONE]`"}});
+    o
+}
+
 /// A route under the team's rate limits and the engine's queue.
 fn limited(mut o: Value) -> Value {
     o["responses"]["429"] = error_response(
@@ -217,6 +313,12 @@ fn with_csrf(mut o: Value) -> Value {
 pub fn document() -> Value {
     let mut doc = paths();
     declare_path_parameters(&mut doc);
+    if let (Some(schemas), Value::Object(more)) = (
+        doc["components"]["schemas"].as_object_mut(),
+        response_schemas(),
+    ) {
+        schemas.extend(more);
+    }
     doc
 }
 
@@ -230,29 +332,29 @@ fn paths() -> Value {
             "description": "The OpenAI-compatible API of a team's model, its feedback, and the admin dashboard's actions.",
         },
         "paths": {
-            "/v1/chat/completions": {"post": limited(op("A chat completion (OpenAI's shape; `stream` for SSE, `response_format` for JSON)", key,
-                Some(chat_body()), ("200", "the completion, or an event stream")))},
-            "/v1/completions": {"post": limited(op("A text completion (OpenAI's legacy shape, no chat template; `echo` and `logprobs` score the prompt)", key,
-                Some(text_body()), ("200", "the completion")))},
-            "/v1/models": {"get": op("The models this key's team may call", key, None, ("200", "a list"))},
-            "/v1/models/{name}": {"get": op("One model", key, None, ("200", "the model"))},
-            "/v1/feedback": {"post": op("An end user's rating of a completion", key,
+            "/v1/chat/completions": {"post": limited(chat_op(op("A chat completion (OpenAI's shape; `stream` for SSE, `response_format` for JSON)", key,
+                Some(chat_body()), ("200", "the completion, or an event stream"))))},
+            "/v1/completions": {"post": limited(returns(op("A text completion (OpenAI's legacy shape, no chat template; `echo` and `logprobs` score the prompt)", key,
+                Some(text_body()), ("200", "the completion")), "TextCompletion"))},
+            "/v1/models": {"get": returns(op("The models this key's team may call", key, None, ("200", "a list")), "ModelList")},
+            "/v1/models/{name}": {"get": returns(op("One model", key, None, ("200", "the model")), "Model")},
+            "/v1/feedback": {"post": returns(op("An end user's rating of a completion", key,
                 Some(json!({"type": "object", "required": ["completion_id", "rating"], "properties": {
                     "completion_id": {"type": "string"}, "rating": {"enum": ["up", "down"]},
                     "user": {"type": "string"}, "comment": {"type": "string"}, "correction": {"type": "string"}}})),
-                ("201", "stored (acknowledged: never lost)"))},
-            "/v1/feedback/batch": {"post": op("Up to 1,000 ratings at once", key,
+                ("201", "stored (acknowledged: never lost)")), "Feedback")},
+            "/v1/feedback/batch": {"post": returns(op("Up to 1,000 ratings at once", key,
                 Some(json!({"type": "object", "required": ["items"], "properties": {"items": {"type": "array"}}})),
-                ("200", "each item's outcome"))},
-            "/v1/completions/{id}": {"get": op("A stored completion", key, None, ("200", "the record"))},
-            "/v1/completions/{id}/feedback": {"get": op("A completion's votes", key, None, ("200", "a page of votes"))},
-            "/v1/users/{user}/data": {"delete": op("Delete an end user's completions and votes", key, None, ("200", "what was deleted"))},
-            "/tokenize": {"post": op("Token ids of a text (`prompt`) or a conversation (`messages`, rendered as a chat completion would be) under the model that would serve it (vLLM's shape)", key,
+                ("200", "each item's outcome")), "FeedbackBatch")},
+            "/v1/completions/{id}": {"get": returns(op("A stored completion", key, None, ("200", "the record")), "CompletionRecord")},
+            "/v1/completions/{id}/feedback": {"get": returns(op("A completion's votes", key, None, ("200", "a page of votes")), "FeedbackPage")},
+            "/v1/users/{user}/data": {"delete": returns(op("Delete an end user's completions and votes", key, None, ("200", "what was deleted")), "Deleted")},
+            "/tokenize": {"post": returns(op("Token ids of a text (`prompt`) or a conversation (`messages`, rendered as a chat completion would be) under the model that would serve it (vLLM's shape)", key,
                 Some(json!({"type": "object", "properties": {"model": {"type": "string"}, "prompt": {"type": "string"}, "messages": {"type": "array"}}})),
-                ("200", "`count`, `max_model_len` and `tokens`"))},
-            "/detokenize": {"post": op("The text of token ids", key,
+                ("200", "`count`, `max_model_len` and `tokens`")), "Tokens")},
+            "/detokenize": {"post": returns(op("The text of token ids", key,
                 Some(json!({"type": "object", "required": ["tokens"], "properties": {"model": {"type": "string"}, "tokens": {"type": "array", "items": {"type": "integer", "minimum": 0}}}})),
-                ("200", "`prompt`: the text"))},
+                ("200", "`prompt`: the text")), "Text")},
             "/healthz": {"get": {"summary": "The process answers", "responses": {"200": {"description": "ok"}}}},
             "/readyz": {"get": {"summary": "A model is loaded", "responses": {"200": {"description": "ready"}, "503": {"description": "loading"}}}},
             "/metrics": {"get": {"summary": "Prometheus metrics", "responses": {"200": {"description": "text exposition format"}}}},
