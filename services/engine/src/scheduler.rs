@@ -85,13 +85,21 @@ struct Plan {
 /// Fewest prompt tokens a shared step carries, however slow steps are.
 const MIN_PROMPT_CAP: usize = 16;
 
-/// The prompt tokens a shared step may carry next, from how long the last
-/// one took: cut in proportion when it overran `target`, grown by half
-/// when it took less than half of it; never past `max` (the step budget).
-fn next_prompt_cap(cap: usize, took: Duration, target: Duration, max: usize) -> usize {
+/// The prompt tokens a shared step may carry next, from the last one,
+/// which carried `carried` and took `took`: what it carried, cut in
+/// proportion, when it overran `target`; half as much again when it took
+/// less than half of it with the cap full (a step that carried less says
+/// nothing about more); never past `max` (the step budget).
+fn next_prompt_cap(
+    cap: usize,
+    carried: usize,
+    took: Duration,
+    target: Duration,
+    max: usize,
+) -> usize {
     let cap = if took > target {
-        (cap as f64 * target.as_secs_f64() / took.as_secs_f64()) as usize
-    } else if took < target / 2 {
+        (carried as f64 * target.as_secs_f64() / took.as_secs_f64()) as usize
+    } else if took < target / 2 && carried >= cap {
         cap + cap / 2 + 1
     } else {
         cap
@@ -118,6 +126,8 @@ struct Scheduler<M: StepModel> {
     /// Prompt tokens a step may carry while others wait on it (fair
     /// scheduling), kept so that a step takes about `cfg.step_target`.
     prompt_cap: usize,
+    /// Steps taken.
+    steps: usize,
 }
 
 impl<M: StepModel> Scheduler<M> {
@@ -130,6 +140,7 @@ impl<M: StepModel> Scheduler<M> {
             last_admitted: Default::default(),
             admissions: 0,
             prompt_cap: cfg.max_batched_tokens.max(1),
+            steps: 0,
             cfg,
         }
     }
@@ -275,11 +286,13 @@ impl<M: StepModel> Scheduler<M> {
     /// One step: plan, execute, update.
     fn step(&mut self) {
         let plan = self.plan();
+        self.steps = self.steps.wrapping_add(1);
         let started = Instant::now();
         let logits = self.execute(&plan);
         if plan.shared_prompt > 0 {
             self.prompt_cap = next_prompt_cap(
                 self.prompt_cap,
+                plan.shared_prompt,
                 started.elapsed(),
                 self.cfg.step_target,
                 self.cfg.max_batched_tokens.max(1),
@@ -324,8 +337,12 @@ impl<M: StepModel> Scheduler<M> {
             budget
         };
         if fair && reading > 1 {
+            // Where there are more prompts than tokens to share, who goes
+            // first turns with each step.
             let share = (prompt_budget / reading).max(1);
-            for (i, s) in self.active.iter().enumerate() {
+            let n = self.active.len();
+            for i in (0..n).map(|k| (k + self.steps) % n) {
+                let s = &self.active[i];
                 if left(s) > 0 && prompt_budget > 0 {
                     take[i] = left(s).min(share).min(prompt_budget);
                     prompt_budget -= take[i];
@@ -763,61 +780,76 @@ mod tests {
     #[test]
     fn a_slow_shared_step_carries_fewer_prompt_tokens_and_a_quick_one_more() {
         let target = Duration::from_millis(500);
-        let next = |cap, ms| next_prompt_cap(cap, Duration::from_millis(ms), target, 256);
-        // Twice the target: half the tokens; ten times: a tenth.
-        assert_eq!(next(256, 1_000), 128);
-        assert_eq!(next(200, 5_000), 20);
+        let next = |cap, carried, ms| {
+            next_prompt_cap(cap, carried, Duration::from_millis(ms), target, 256)
+        };
+        // Twice the target: half the tokens carried; ten times: a tenth.
+        assert_eq!(next(256, 256, 1_000), 128);
+        assert_eq!(next(200, 200, 5_000), 20);
+        assert_eq!(next(256, 100, 1_000), 50);
         // Never below the floor, never past the step budget.
-        assert_eq!(next(20, 60_000), MIN_PROMPT_CAP);
-        assert_eq!(next(200, 10), 256);
-        // Quick: grows by half; near the target: kept.
-        assert_eq!(next(64, 100), 97);
-        assert_eq!(next(64, 400), 64);
+        assert_eq!(next(20, 20, 60_000), MIN_PROMPT_CAP);
+        assert_eq!(next(200, 200, 10), 256);
+        // Quick with the cap full: grows by half; quick carrying less, or
+        // near the target: kept.
+        assert_eq!(next(64, 64, 100), 97);
+        assert_eq!(next(64, 10, 100), 64);
+        assert_eq!(next(64, 64, 400), 64);
         // A budget under the floor is the cap.
-        assert_eq!(next_prompt_cap(4, Duration::from_secs(9), target, 4), 4);
+        assert_eq!(next_prompt_cap(4, 4, Duration::from_secs(9), target, 4), 4);
     }
 
-    /// Which of a long prompt (submitted first) and a short one (right
-    /// after) gives its first token first, under `scheduling`.
-    fn first_answered(scheduling: Scheduling) -> Vec<&'static str> {
-        let engine = tiny_engine_with(EngineConfig {
-            max_batched_tokens: 4,
-            scheduling,
-            ..Default::default()
-        });
+    /// Which of a long prompt (admitted first, one step read) and a short
+    /// one (admitted after that step) gives its first token first, under
+    /// `scheduling`, stepping the scheduler by hand.
+    fn first_answered(scheduling: Scheduling) -> &'static str {
+        let (mut scheduler, shared) = tiny_scheduler();
+        scheduler.cfg.max_batched_tokens = 4;
+        scheduler.cfg.scheduling = scheduling;
+        scheduler.prompt_cap = 4;
         let params = SamplingParams {
             temperature: 0.0,
             max_tokens: 1,
             ignore_eos: true,
             ..Default::default()
         };
-        let mut long = request(&engine, params.clone());
-        long.prompt_ids.extend(std::iter::repeat_n(40u32, 200));
-        let long = engine.submit(long).unwrap();
-        let short = engine.submit(request(&engine, params)).unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
-        let waiters: Vec<_> = [("long", long), ("short", short)]
-            .into_iter()
-            .map(|(name, mut events)| {
-                let tx = tx.clone();
-                std::thread::spawn(move || {
-                    let _ = events.blocking_recv();
-                    tx.send(name).unwrap();
-                })
-            })
-            .collect();
-        for w in waiters {
-            w.join().unwrap();
+        let short_ids = shared.tokenizer.encode("<|im_start|>user\nhello").unwrap();
+        let mut long_ids = short_ids.clone();
+        long_ids.extend(std::iter::repeat_n(40u32, 200));
+        let job = |prompt_ids: Vec<u32>| {
+            let (events, rx) = unbounded_channel();
+            shared.waiting().enter(0, usize::MAX, usize::MAX).unwrap();
+            let req = GenerateRequest {
+                prompt_ids,
+                params: params.clone(),
+                ..Default::default()
+            };
+            (Job { req, events }, rx)
+        };
+        let (long_job, mut long) = job(long_ids);
+        let (short_job, mut short) = job(short_ids);
+        scheduler.admit(long_job);
+        // The long prompt is being read when the short one arrives.
+        scheduler.step();
+        scheduler.admit(short_job);
+        for _ in 0..200 {
+            scheduler.step();
+            let (l, s) = (long.try_recv().is_ok(), short.try_recv().is_ok());
+            match (l, s) {
+                (true, false) => return "long",
+                (false, true) => return "short",
+                (true, true) => return "both",
+                (false, false) => {}
+            }
         }
-        drop(tx);
-        rx.iter().collect()
+        "neither"
     }
 
     #[test]
     fn a_short_prompt_is_read_beside_a_long_one_not_after_it() {
         // 200 tokens at 4 a step: the long prompt needs 50 steps.
-        assert_eq!(first_answered(Scheduling::Fair), ["short", "long"]);
-        assert_eq!(first_answered(Scheduling::Fifo), ["long", "short"]);
+        assert_eq!(first_answered(Scheduling::Fair), "short");
+        assert_eq!(first_answered(Scheduling::Fifo), "long");
     }
 
     #[test]
