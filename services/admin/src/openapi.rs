@@ -51,7 +51,8 @@ fn returns(mut o: Value, schema: &str) -> Value {
         .as_object()
         .and_then(|r| r.keys().find(|k| k.starts_with('2')).cloned())
         .expect("an operation has a success status");
-    o["responses"][&ok]["content"] = json!({"application/json": {"schema": {"$ref": format!("#/components/schemas/{schema}")}}});
+    o["responses"][&ok]["content"] =
+        json!({"application/json": {"schema": {"$ref": format!("#/components/schemas/{schema}")}}});
     o
 }
 
@@ -107,7 +108,7 @@ fn response_schemas() -> Value {
                 "index": count, "status": {"type": "integer"}, "feedback": vote,
                 "duplicate_of": count, "error": {"type": "object"}}}}}},
         "CompletionRecord": {"type": "object", "required": ["id", "object", "request", "output", "finish_reason", "usage", "feedback"], "properties": {
-            "id": {"type": "string"}, "object": {"const": "chat.completion.record"},
+            "id": {"type": "string"}, "object": {"enum": ["chat.completion.record", "text_completion.record"]},
             "model_version_id": {"type": "string", "format": "uuid"}, "user": {"type": ["string", "null"]},
             "request": {"type": "object"}, "output": {"type": "string"}, "finish_reason": {"type": "string"},
             "usage": usage, "latency_ms": {"type": "number"}, "ttft_ms": {"type": ["number", "null"]},
@@ -250,6 +251,7 @@ fn text_body() -> Value {
             "n": {"enum": [1, null]},
             "best_of": {"enum": [1, null]},
             "stream": {"enum": [false, null], "description": "text completions are not streamed"},
+            "stream_options": {"type": "null"},
             "user": {"type": ["string", "null"], "maxLength": 256},
         },
         "additionalProperties": false,
@@ -286,16 +288,19 @@ fn declare_path_parameters(doc: &mut Value) {
 /// The chat operation's answers: JSON, or an event stream of chunks.
 fn chat_op(o: Value) -> Value {
     let mut o = returns(o, "ChatCompletion");
-    o["responses"]["200"]["content"]["text/event-stream"] =
-        json!({"schema": {"type": "string", "description": "`data: <chat.completion.chunk>` lines, then `data: [DONE]`"}});
+    o["responses"]["200"]["content"]["text/event-stream"] = json!({"schema": {"type": "string", "description": "`data: <chat.completion.chunk>` lines, then `data: [DONE]`"}});
     o
 }
 
 /// A route under the team's rate limits and the engine's queue.
 fn limited(mut o: Value) -> Value {
-    o["responses"]["429"] = error_response(
+    let r = &mut o["responses"];
+    r["429"] = error_response(
         "the team's rate limit is reached or the server is at capacity; `retry-after` says when to retry",
     );
+    r["500"] = error_response("the engine failed on this request (the detail is logged)");
+    r["502"] = error_response("the upstream that serves this model failed");
+    r["504"] = error_response("the upstream that serves this model did not answer in time");
     o
 }
 
@@ -394,7 +399,7 @@ fn paths() -> Value {
             },
             "schemas": {
                 "Scope": {"enum": ["chat", "feedback", "read", "delete", "admin"],
-                          "description": "chat: POST /v1/chat/completions; feedback: POST /v1/feedback and /v1/feedback/batch; read: GET /v1/completions/{id} and its feedback; delete: DELETE /v1/users/{user}/data; admin: /admin/api as an admin, every team (never a default)"},
+                          "description": "chat: POST /v1/chat/completions, /v1/completions, /tokenize and /detokenize; feedback: POST /v1/feedback and /v1/feedback/batch; read: GET /v1/completions/{id} and its feedback; delete: DELETE /v1/users/{user}/data; admin: /admin/api as an admin, every team (never a default)"},
                 "Error": {"type": "object", "properties": {"error": {"type": "object", "properties": {
                     "message": {"type": "string"}, "type": {"type": "string"},
                     "param": {"type": ["string", "null"]}, "code": {"type": ["string", "null"]}}}}},

@@ -88,7 +88,11 @@ async fn completion(
         flywheel_store::feedback::page(pool, &id, View::History, None, PAGE).await?;
     Ok(Json(json!({
         "id": c.id,
-        "object": "chat.completion.record",
+        "object": if c.request.get("prompt").is_some() {
+            "text_completion.record"
+        } else {
+            "chat.completion.record"
+        },
         "model_version_id": c.model_version_id,
         "user": c.end_user,
         "request": c.request,

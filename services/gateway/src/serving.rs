@@ -31,7 +31,7 @@ use tokio::sync::OnceCell;
 use uuid::Uuid;
 
 pub type LoadError = Box<dyn std::error::Error + Send + Sync>;
-type BoxFuture<T> = Pin<Box<dyn Future<Output = Result<T, LoadError>> + Send>>;
+pub(crate) type BoxFuture<T> = Pin<Box<dyn Future<Output = Result<T, LoadError>> + Send>>;
 
 /// How the gateway gets a model version into memory (the `flywheel`
 /// program provides it: files from the cache or the artifact store).

@@ -111,6 +111,51 @@ const KEY_TRUST: Duration = Duration::from_secs(30);
 /// How long a version whose load failed is left alone before it is tried again.
 const FAILED_LOAD_PAUSE: Duration = Duration::from_secs(30);
 
+/// The gateway's loader, refusing at once a version whose load failed
+/// lately and noting each failure: requests that waited on a load that
+/// failed do not each load (and hash) the file again.
+struct Remembering {
+    inner: Arc<dyn Loader>,
+    state: AppState,
+}
+
+impl Remembering {
+    fn guarded<T: Send + 'static>(
+        &self,
+        version: &ModelVersion,
+        load: crate::serving::BoxFuture<T>,
+    ) -> crate::serving::BoxFuture<T> {
+        let (state, id, name) = (self.state.clone(), version.id, version.name.clone());
+        Box::pin(async move {
+            if state.failed_lately(id) {
+                return Err(format!("loading {name} failed moments ago").into());
+            }
+            load.await.inspect_err(|_| {
+                state.lock_failed().insert(id, Instant::now());
+            })
+        })
+    }
+}
+
+impl Loader for Remembering {
+    fn engine(
+        &self,
+        version: ModelVersion,
+    ) -> crate::serving::BoxFuture<flywheel_engine::EngineHandle> {
+        let load = self.inner.engine(version.clone());
+        self.guarded(&version, load)
+    }
+
+    fn adapter(
+        &self,
+        version: ModelVersion,
+        adapter_path: String,
+    ) -> crate::serving::BoxFuture<flywheel_engine::AdapterWeights> {
+        let load = self.inner.adapter(version.clone(), adapter_path);
+        self.guarded(&version, load)
+    }
+}
+
 impl AppState {
     pub fn new(pool: PgPool, config: GatewayConfig, journal: Journal) -> Self {
         Self {
@@ -297,7 +342,8 @@ impl AppState {
 
     /// `version` loaded: an upstream's client, an engine already in memory,
     /// or loaded now. A version that failed to load is not tried again for
-    /// [`FAILED_LOAD_PAUSE`] (a corrupted file is not hashed on every request).
+    /// [`FAILED_LOAD_PAUSE`] (a corrupted file is not hashed on every
+    /// request, nor by each request that waited on the failed load).
     async fn load(
         &self,
         routes: &RouteTable,
@@ -321,11 +367,7 @@ impl AppState {
                 version.name
             ))
         };
-        if self
-            .lock_failed()
-            .get(&version.id)
-            .is_some_and(|at| at.elapsed() < FAILED_LOAD_PAUSE)
-        {
+        if self.failed_lately(version.id) {
             return Err(unavailable());
         }
         let loader = self
@@ -340,19 +382,17 @@ impl AppState {
                     version.name
                 ))
             })?;
-        match self
-            .inner
-            .models
-            .serve(loader.as_ref(), routes, version)
-            .await
-        {
+        let remembering = Remembering {
+            inner: loader,
+            state: self.clone(),
+        };
+        match self.inner.models.serve(&remembering, routes, version).await {
             Ok(served) => {
                 self.lock_failed().remove(&version.id);
                 Ok(served)
             }
             Err(e) => {
                 tracing::error!(version = %version.name, error = %e, "could not load a model");
-                self.lock_failed().insert(version.id, Instant::now());
                 Err(unavailable())
             }
         }
@@ -363,6 +403,13 @@ impl AppState {
             .failed_loads
             .lock()
             .unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Whether a load of `version` failed less than [`FAILED_LOAD_PAUSE`] ago.
+    fn failed_lately(&self, version: Uuid) -> bool {
+        self.lock_failed()
+            .get(&version)
+            .is_some_and(|at| at.elapsed() < FAILED_LOAD_PAUSE)
     }
 
     /// Remembers that `version` answered `team`'s champion route.

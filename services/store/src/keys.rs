@@ -55,7 +55,7 @@ impl Scope {
     /// What the scope opens, for help texts and the dashboard.
     pub fn opens(self) -> &'static str {
         match self {
-            Scope::Chat => "POST /v1/chat/completions",
+            Scope::Chat => "POST /v1/chat/completions, /v1/completions, /tokenize",
             Scope::Feedback => "POST /v1/feedback",
             Scope::Read => "GET /v1/completions/{id}",
             Scope::Delete => "DELETE /v1/users/{user}/data",

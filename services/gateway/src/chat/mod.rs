@@ -72,11 +72,7 @@ async fn create(
     let (served, route) = state
         .route(&principal, &model, end_user.as_deref(), &id)
         .await?;
-    if state.config().log_completions && state.journal().stats().full {
-        return Err(AppError::Unavailable(
-            "completions cannot be recorded right now (the journal is full); retry later".into(),
-        ));
-    }
+    recordable(&state)?;
 
     let log = LogContext {
         state: state.clone(),
@@ -86,10 +82,7 @@ async fn create(
         route,
         request: body.clone(),
         end_user,
-        request_id: headers
-            .get("x-request-id")
-            .and_then(|h| h.to_str().ok())
-            .map(str::to_string),
+        request_id: request_id(&headers),
         started,
         started_at,
     };
@@ -114,12 +107,7 @@ async fn create(
                 v.max_tokens,
                 v.n,
             )
-            .inspect_err(|e| {
-                if let AppError::RateLimited { .. } = e {
-                    let team = &log.principal.team_name;
-                    state.limiter().count_refusal(team, "queue_share");
-                }
-            })?
+            .inspect_err(|e| count_queue_refusal(&state, &log.principal, e))?
         }
         Backend::Upstream(_) if v.n > 1 => {
             return Err(AppError::bad_request(
@@ -145,25 +133,41 @@ async fn create(
     if v.stream {
         return Ok(stream(events, chunker, logs).into_response());
     }
-    // Each choice is collected and recorded by a task of its own, which
-    // records it as cancelled if the client leaves first.
-    let waiting: Vec<_> = events
-        .into_iter()
-        .zip(logs)
-        .map(|(events, log)| {
-            let (tx, rx) = oneshot::channel();
-            tokio::spawn(complete(events, log, tx));
-            rx
-        })
-        .collect();
-    let mut choices = Vec::with_capacity(waiting.len());
-    for rx in waiting {
-        let collected = rx
-            .await
-            .map_err(|_| AppError::Internal("the generation task ended early".into()))??;
-        choices.push(collected);
-    }
+    // Collected and recorded by a task of its own, which records every
+    // choice as cancelled if the client leaves first.
+    let (tx, rx) = oneshot::channel();
+    tokio::spawn(complete(events, logs, tx));
+    let choices = rx
+        .await
+        .map_err(|_| AppError::Internal("the generation task ended early".into()))??;
     Ok(Json(chunker.full_response(&choices)).into_response())
+}
+
+/// Refuses a generation that could not be recorded: the journal is full.
+fn recordable(state: &AppState) -> Result<(), AppError> {
+    if state.config().log_completions && state.journal().stats().full {
+        return Err(AppError::Unavailable(
+            "completions cannot be recorded right now (the journal is full); retry later".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// The client's `x-request-id`, kept with the record.
+fn request_id(headers: &HeaderMap) -> Option<String> {
+    headers
+        .get("x-request-id")
+        .and_then(|h| h.to_str().ok())
+        .map(str::to_string)
+}
+
+/// Counts a refusal by the team's share of the engine's queue.
+fn count_queue_refusal(state: &AppState, principal: &Principal, e: &AppError) {
+    if let AppError::RateLimited { .. } = e {
+        state
+            .limiter()
+            .count_refusal(&principal.team_name, "queue_share");
+    }
 }
 
 /// The id choice `i` of completion `id` is recorded and rated under.
@@ -306,31 +310,50 @@ fn submit(
         })
 }
 
-/// Non-streaming: collects the whole answer, records it, then hands it to
+/// Non-streaming: collects every choice, records them, then hands them to
 /// the waiting handler. If the handler is gone (client disconnected), the
-/// generation stops and is recorded as cancelled.
+/// generations stop and are recorded as cancelled; if one fails, each is
+/// recorded as failed, as the client sees the request.
 async fn complete(
-    mut events: mpsc::UnboundedReceiver<Event>,
-    log: LogContext,
-    done: oneshot::Sender<Result<Collected, AppError>>,
+    events: Vec<mpsc::UnboundedReceiver<Event>>,
+    logs: Vec<LogContext>,
+    done: oneshot::Sender<Result<Vec<Collected>, AppError>>,
 ) {
-    let mut collected = Collected::default();
+    let n = logs.len();
+    let mut collected: Vec<Collected> = (0..n).map(|_| Collected::default()).collect();
+    let mut merged = StreamMap::new();
+    for (i, e) in events.into_iter().enumerate() {
+        merged.insert(i, UnboundedReceiverStream::new(e));
+    }
     let mut done = done;
+    let mut finished = 0;
     let outcome = loop {
+        if finished == n {
+            break Outcome::Finished;
+        }
         tokio::select! {
-            ev = events.recv() => match ev {
-                Some(ev) => match collected.push(ev) {
-                    Ok(_) if collected.finish.is_some() => break Outcome::Finished,
+            item = merged.next() => match item {
+                Some((i, ev)) => match collected[i].push(ev) {
+                    Ok(_) if collected[i].finish.is_some() => {
+                        merged.remove(&i);
+                        finished += 1;
+                    }
                     Ok(_) => {}
-                    Err(e) => break Outcome::Failed(failed(&log.served, e)),
+                    Err(e) => break Outcome::Failed(failed(&logs[i].served, e)),
                 },
                 None => break Outcome::Failed(AppError::Internal("the engine ended the generation without finishing".into())),
             },
             _ = done.closed() => break Outcome::Cancelled,
         }
     };
-    drop(events); // stops the engine if it is still generating
-    let recorded = log.record(&collected, outcome.label()).await;
+    drop(merged); // stops the engine where it is still generating
+    let mut recorded = Ok(());
+    for (log, c) in logs.iter().zip(&collected) {
+        let r = log.record(c, outcome.label()).await;
+        if recorded.is_ok() {
+            recorded = r;
+        }
+    }
     let reply = match (outcome, recorded) {
         (Outcome::Finished, Ok(())) => Ok(collected),
         (Outcome::Finished, Err(e)) | (Outcome::Failed(e), _) => Err(e),
@@ -412,7 +435,11 @@ fn stream(
             }
         }
         drop(merged); // stops the engine where it is still generating
-        let why = if failure.is_some() { "error" } else { "cancelled" };
+        let why = if failure.is_some() {
+            "error"
+        } else {
+            "cancelled"
+        };
         for i in (0..n).filter(|&i| !recorded[i]) {
             let _ = logs[i].record(&collected[i], Some(why)).await;
         }
@@ -468,6 +495,14 @@ fn redact_request(mut request: Value) -> Value {
             };
             m["content"] = json!({"sha256": sha256_hex(&text), "chars": text.chars().count()});
         }
+    }
+    // A text completion's prompt: text, token ids, or a list of either.
+    if let Some(prompt) = request.get_mut("prompt") {
+        let text = match &*prompt {
+            Value::String(s) => s.clone(),
+            other => other.to_string(),
+        };
+        *prompt = json!({"sha256": sha256_hex(&text), "chars": text.chars().count()});
     }
     if request.get("stop").is_some() {
         request["stop"] = json!("[redacted]");
@@ -541,6 +576,27 @@ impl LogContext {
 #[cfg(test)]
 mod tests {
     use super::storable;
+    use serde_json::json;
+
+    #[test]
+    fn a_team_that_keeps_no_text_keeps_no_prompt_of_a_text_completion() {
+        for prompt in [json!("my secret"), json!([17, 4, 9]), json!(["my secret"])] {
+            let kept = super::redact_request(
+                json!({"model": "m", "prompt": prompt.clone(), "max_tokens": 3}),
+            );
+            assert!(!kept.to_string().contains("secret"), "{kept}");
+            let mut fields: Vec<&String> = kept["prompt"].as_object().unwrap().keys().collect();
+            fields.sort();
+            assert_eq!(fields, ["chars", "sha256"], "{kept}");
+            assert!(
+                kept["prompt"]["sha256"]
+                    .as_str()
+                    .unwrap()
+                    .starts_with("sha256:")
+            );
+            assert_eq!(kept["max_tokens"], 3);
+        }
+    }
 
     #[test]
     fn a_nul_the_model_generated_is_stored_as_the_replacement_character() {

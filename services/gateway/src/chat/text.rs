@@ -218,15 +218,14 @@ pub(super) async fn create(
             "model",
         ));
     };
-    if state.config().log_completions && state.journal().stats().full {
-        return Err(AppError::Unavailable(
-            "completions cannot be recorded right now (the journal is full); retry later".into(),
-        ));
-    }
+    super::recordable(&state)?;
     let prompt_ids = match &v.prompt {
         PromptIn::Text(t) => engine.encode(t).map_err(|e| bad(e.to_string(), "prompt"))?,
         PromptIn::Ids(ids) => ids.clone(),
     };
+    if prompt_ids.is_empty() {
+        return Err(bad("the prompt reads as no tokens", "prompt"));
+    }
     let prompt_text = match &v.prompt {
         PromptIn::Text(t) => t.clone(),
         PromptIn::Ids(ids) => engine
@@ -255,10 +254,7 @@ pub(super) async fn create(
         route,
         request: body,
         end_user,
-        request_id: headers
-            .get("x-request-id")
-            .and_then(|h| h.to_str().ok())
-            .map(str::to_string),
+        request_id: super::request_id(&headers),
         started,
         started_at,
     };
@@ -293,7 +289,8 @@ pub(super) async fn create(
             (*adapter, principal_tenant(&log.principal)),
             submitted,
             params,
-        )?;
+        )
+        .inspect_err(|e| super::count_queue_refusal(&state, &log.principal, e))?;
         let (tx, rx) = oneshot::channel();
         tokio::spawn(collect(events, log, forced.len(), prompt_ids.len(), tx));
         rx.await
@@ -326,6 +323,8 @@ struct Answer {
     finish: Option<FinishReason>,
     prompt_tokens: usize,
     completion_tokens: usize,
+    /// When the engine's first token (scored or written) arrived.
+    first_token_after: Option<Instant>,
 }
 
 /// Folds the engine's events into an [`Answer`] (the first `n_forced`
@@ -349,6 +348,7 @@ async fn collect(
             ev = events.recv() => match ev {
                 Some(Event::Delta { text, logprobs }) => {
                     deltas += 1;
+                    a.first_token_after.get_or_insert_with(Instant::now);
                     if deltas <= n_forced {
                         a.scored.extend(logprobs);
                     } else {
@@ -386,6 +386,7 @@ async fn record(log: &LogContext, a: &Answer, reason: Option<&str>) -> Result<()
         finish: a.finish,
         prompt_tokens: a.prompt_tokens,
         completion_tokens: a.completion_tokens,
+        first_token_after: a.first_token_after,
         ..Default::default()
     };
     log.record(&c, reason).await
