@@ -7,13 +7,13 @@
 2. The long team sends one streamed request whose prompt is about
    PROMPT_TOKENS tokens (bench/prompt.txt repeated, counted with /tokenize).
    Half a second later, while it is being read, the short team sends the
-   same short requests one after another until the long request's first
-   token has arrived (at least SHORT_REQUESTS of them).
+   same short requests one after another until the long request has ended
+   (at least SHORT_REQUESTS of them).
 
 Prints one JSON line: the long request's prompt tokens and time to first
 token (how long the engine took to read it), and per phase the short
 requests' time to first token and latency (p50 and max), with how many of
-them were answered before the long prompt was read.
+them were answered before the long request ended.
 """
 
 import json
@@ -93,7 +93,7 @@ def main():
         "long": long_result,
         "short_alone": stats(alone),
         "short_beside_long": stats(beside),
-        "short_answered_while_long_was_read": before_read,
+        "short_answered_before_long_ended": before_read,
     }))
 
 

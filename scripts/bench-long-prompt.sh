@@ -44,13 +44,13 @@ python3 - "$work" "$build" <<'PY'
 import json, sys
 work, build = sys.argv[1], sys.argv[2]
 print(f"build: {build}; raw output in {work}\n")
-print("| scheduling | long prompt (tokens) | long prompt read in (s) | short alone: TTFT p50 / max (s) | short beside it: TTFT p50 / max (s) | short latency beside it: p50 / max (s) | short answered while it was read |")
+print("| scheduling | long prompt (tokens) | long prompt read in (s) | short alone: TTFT p50 / max (s) | short beside it: TTFT p50 / max (s) | short latency beside it: p50 / max (s) | short answered before it ended |")
 print("|---|---|---|---|---|---|---|")
 for label in ["fair", "fifo"]:
     r = json.load(open(f"{work}/{label}.json"))
     a, b = r["short_alone"], r["short_beside_long"]
     print(f"| {label} | {r['prompt_tokens']} | {r['long']['ttft_s']} | {a['ttft_p50_s']} / {a['ttft_max_s']} | "
           f"{b['ttft_p50_s']} / {b['ttft_max_s']} | {b['latency_p50_s']} / {b['latency_max_s']} | "
-          f"{r['short_answered_while_long_was_read']} of {b['sent']} |")
+          f"{r['short_answered_before_long_ended']} of {b['sent']} |")
 PY
 psql -q "$admin" -c "drop database $db with (force)"

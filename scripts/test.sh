@@ -12,6 +12,10 @@ cd "$(dirname "$0")/.."
 
 port_open() { (exec 3<>"/dev/tcp/$1/$2") 2>/dev/null; }
 
+# Rust links with the system's C toolchain, and a few dependencies compile C.
+command -v cargo >/dev/null || { echo "make test needs Rust (rustup.rs), with cargo on PATH" >&2; exit 1; }
+command -v cc >/dev/null || { echo "make test needs a C compiler and linker: apt-get install build-essential" >&2; exit 1; }
+
 if [ -z "${TEST_DATABASE_URL:-}" ]; then
   if port_open 127.0.0.1 5432; then
     export TEST_DATABASE_URL=postgres://postgres@127.0.0.1:5432/postgres
@@ -63,10 +67,19 @@ if ! command -v chromium >/dev/null; then
   $sudo apt-get update -q >/dev/null
   $sudo apt-get install -y -q chromium >/dev/null
 fi
-# playwright-core needs Node 20 or newer (Debian 12's own is 18).
+# playwright-core needs Node 20 or newer (Debian 12's own is 18): where the
+# system's is older, npm installs Node 20 from the npm registry into
+# target/node, put first on PATH.
+[ -x target/node/node_modules/.bin/node ] && export PATH="$PWD/target/node/node_modules/.bin:$PATH"
 node_major=$(node --version 2>/dev/null | sed -E 's/^v([0-9]+).*/\1/')
+if [ "${node_major:-0}" -lt 20 ] && command -v npm >/dev/null; then
+  echo "installing Node.js 20 into target/node (the dashboard's browser tests; found: $(node --version 2>/dev/null || echo none))"
+  npm install --silent --no-audit --no-fund --prefix target/node node@20 >/dev/null
+  export PATH="$PWD/target/node/node_modules/.bin:$PATH"
+  node_major=$(node --version 2>/dev/null | sed -E 's/^v([0-9]+).*/\1/')
+fi
 if [ "${node_major:-0}" -lt 20 ]; then
-  echo "the dashboard's browser tests need Node.js 20 or newer with npm (found: $(node --version 2>/dev/null || echo none))" >&2
+  echo "the dashboard's browser tests need Node.js 20 or newer, or npm to install it (found: $(node --version 2>/dev/null || echo no node))" >&2
   exit 1
 fi
 if [ ! -d tests/browser/node_modules/playwright-core ]; then
