@@ -705,11 +705,18 @@ async fn n_choices_are_sampled_side_by_side_recorded_and_rated_each() {
     assert_eq!(three.choices.len(), 3);
     for (i, choice) in three.choices.iter().enumerate() {
         assert_eq!(choice.index as usize, i);
-        assert_eq!(choice.message.content.as_deref(), Some(alone[i].as_str()), "choice {i}");
+        assert_eq!(
+            choice.message.content.as_deref(),
+            Some(alone[i].as_str()),
+            "choice {i}"
+        );
     }
     let usage = three.usage.clone().unwrap();
     let one = c.chat().create(req(1, 40)).await.unwrap().usage.unwrap();
-    assert_eq!(usage.prompt_tokens, one.prompt_tokens, "the prompt is counted once");
+    assert_eq!(
+        usage.prompt_tokens, one.prompt_tokens,
+        "the prompt is counted once"
+    );
     let rows = eventually(15, || async {
         let rows: Vec<(String, String, i32)> = sqlx::query_as(
             "select id, output, completion_tokens from completions where id like $1 order by id",
@@ -725,7 +732,11 @@ async fn n_choices_are_sampled_side_by_side_recorded_and_rated_each() {
     let ids: Vec<&str> = rows.iter().map(|r| r.0.as_str()).collect();
     assert_eq!(
         ids,
-        [three.id.clone(), format!("{}-1", three.id), format!("{}-2", three.id)]
+        [
+            three.id.clone(),
+            format!("{}-1", three.id),
+            format!("{}-2", three.id)
+        ]
     );
     for (i, row) in rows.iter().enumerate() {
         assert_eq!(row.1, alone[i]);
@@ -764,5 +775,9 @@ async fn n_choices_are_sampled_side_by_side_recorded_and_rated_each() {
                                "messages": [{"role": "user", "content": question}]}),
         )
         .await;
-    assert_eq!((status, err["error"]["param"].as_str()), (400, Some("n")), "{err}");
+    assert_eq!(
+        (status, err["error"]["param"].as_str()),
+        (400, Some("n")),
+        "{err}"
+    );
 }
