@@ -126,8 +126,6 @@ struct Scheduler<M: StepModel> {
     /// Prompt tokens a step may carry while others wait on it (fair
     /// scheduling), kept so that a step takes about `cfg.step_target`.
     prompt_cap: usize,
-    /// Steps taken.
-    steps: usize,
 }
 
 impl<M: StepModel> Scheduler<M> {
@@ -140,7 +138,6 @@ impl<M: StepModel> Scheduler<M> {
             last_admitted: Default::default(),
             admissions: 0,
             prompt_cap: cfg.max_batched_tokens.max(1),
-            steps: 0,
             cfg,
         }
     }
@@ -286,7 +283,6 @@ impl<M: StepModel> Scheduler<M> {
     /// One step: plan, execute, update.
     fn step(&mut self) {
         let plan = self.plan();
-        self.steps = self.steps.wrapping_add(1);
         let started = Instant::now();
         let logits = self.execute(&plan);
         if plan.shared_prompt > 0 {
@@ -311,12 +307,11 @@ impl<M: StepModel> Scheduler<M> {
     /// generating sequences first (one token each), then prompt chunks.
     /// Under fair scheduling, while others wait on the step (a stream's
     /// next token, another prompt), the prompts being read carry at most
-    /// `prompt_cap` tokens, which keeps a step near `cfg.step_target`, and
-    /// share them (each an equal part, or less if it needs less; the rest
-    /// in arrival order): a short prompt that arrives while a long one is
-    /// read is read in the next step, and running streams keep their pace.
-    /// Under first come, first served the oldest prompt takes what is left
-    /// of the budget.
+    /// `prompt_cap` tokens, which keeps a step near `cfg.step_target`, the
+    /// prompt with the fewest tokens left first: a short prompt that
+    /// arrives while a long one is read is read in the next steps, and
+    /// running streams keep their pace. Under first come, first served the
+    /// oldest prompt takes what is left of the budget.
     fn plan(&self) -> Plan {
         let mut budget = self.cfg.max_batched_tokens.max(1);
         let mut take = vec![0usize; self.active.len()];
@@ -337,16 +332,16 @@ impl<M: StepModel> Scheduler<M> {
             budget
         };
         if fair && reading > 1 {
-            // Where there are more prompts than tokens to share, who goes
-            // first turns with each step.
-            let share = (prompt_budget / reading).max(1);
-            let n = self.active.len();
-            for i in (0..n).map(|k| (k + self.steps) % n) {
-                let s = &self.active[i];
-                if left(s) > 0 && prompt_budget > 0 {
-                    take[i] = left(s).min(share).min(prompt_budget);
-                    prompt_budget -= take[i];
-                }
+            // Shortest prompt first: a short request is read in a step or
+            // two beside a long one, which takes what is left.
+            let mut readers: Vec<usize> = (0..self.active.len())
+                .filter(|&i| left(&self.active[i]) > 0)
+                .collect();
+            readers.sort_by_key(|&i| left(&self.active[i]));
+            for i in readers {
+                let part = left(&self.active[i]).min(prompt_budget);
+                take[i] = part;
+                prompt_budget -= part;
             }
         }
         let mut prompt = 0;
