@@ -77,8 +77,8 @@ struct Seq<C> {
 struct Plan {
     take: Vec<usize>,
     who: Vec<usize>,
-    /// Prompt tokens in this step, when others wait on it (a stream's next
-    /// token, another prompt): what the step's time is held to.
+    /// Prompt tokens in this step under fair scheduling, whose step time
+    /// is held near the target.
     shared_prompt: usize,
 }
 
@@ -123,8 +123,8 @@ struct Scheduler<M: StepModel> {
     /// When each tenant last had a request admitted (a count of admissions).
     last_admitted: std::collections::HashMap<u64, u64>,
     admissions: u64,
-    /// Prompt tokens a step may carry while others wait on it (fair
-    /// scheduling), kept so that a step takes about `cfg.step_target`.
+    /// Prompt tokens a step may carry (fair scheduling), kept so that a
+    /// step takes about `cfg.step_target`.
     prompt_cap: usize,
 }
 
@@ -305,13 +305,13 @@ impl<M: StepModel> Scheduler<M> {
 
     /// How many tokens each active sequence brings to this step:
     /// generating sequences first (one token each), then prompt chunks.
-    /// Under fair scheduling, while others wait on the step (a stream's
-    /// next token, another prompt), the prompts being read carry at most
-    /// `prompt_cap` tokens, which keeps a step near `cfg.step_target`, the
-    /// prompt with the fewest tokens left first: a short prompt that
-    /// arrives while a long one is read is read in the next steps, and
-    /// running streams keep their pace. Under first come, first served the
-    /// oldest prompt takes what is left of the budget.
+    /// Under fair scheduling the prompts being read carry at most
+    /// `prompt_cap` tokens, which keeps a step near `cfg.step_target` (also
+    /// with one prompt alone: a request that arrives meanwhile waits for
+    /// that step), the prompt with the fewest tokens left first: a short
+    /// prompt that arrives while a long one is read is read in the next
+    /// steps, and running streams keep their pace. Under first come, first
+    /// served the oldest prompt takes what is left of the budget.
     fn plan(&self) -> Plan {
         let mut budget = self.cfg.max_batched_tokens.max(1);
         let mut take = vec![0usize; self.active.len()];
@@ -321,12 +321,12 @@ impl<M: StepModel> Scheduler<M> {
                 budget -= 1;
             }
         }
-        let decoding = take.iter().sum::<usize>();
         let left = |s: &Seq<M::Cache>| s.job.req.prompt_ids.len() - s.prefilled;
         let reading = self.active.iter().filter(|s| left(s) > 0).count();
+        // A step carrying a prompt is held near the target even when the
+        // prompt is alone: whoever arrives meanwhile waits for that step.
         let fair = self.cfg.scheduling == Scheduling::Fair;
-        let shared = fair && (decoding > 0 || reading > 1);
-        let mut prompt_budget = if shared {
+        let mut prompt_budget = if fair {
             budget.min(self.prompt_cap)
         } else {
             budget
@@ -358,7 +358,7 @@ impl<M: StepModel> Scheduler<M> {
         Plan {
             take,
             who,
-            shared_prompt: if shared { prompt } else { 0 },
+            shared_prompt: if fair { prompt } else { 0 },
         }
     }
 

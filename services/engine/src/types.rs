@@ -25,11 +25,11 @@ pub struct EngineConfig {
     /// Tokens per step, all sequences together: bounds how long one step
     /// (and so every running stream's next token) can take.
     pub max_batched_tokens: usize,
-    /// How long a step should take while prompts are read beside others
-    /// waiting on it (fair scheduling): the prompt tokens a step carries
-    /// are cut or grown after each step to keep near it, so a stream's
-    /// next token and a short prompt's first wait about this long beside a
-    /// long prompt, not the time of a full-budget step at its length.
+    /// How long a step should take while prompts are read (fair
+    /// scheduling): the prompt tokens a step carries are cut or grown after
+    /// each step to keep near it, so a stream's next token and a short
+    /// prompt's first wait about this long beside a long prompt, not the
+    /// time of a full-budget step at its length.
     pub step_target: std::time::Duration,
     /// Kernel threads; 0 means one per core.
     pub threads: usize,

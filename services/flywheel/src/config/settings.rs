@@ -125,7 +125,7 @@ settings! {
         "tokens per engine step (bounds how long a prompt can hold up running streams)"
         => |v, c| c.engine.max_batched_tokens = v.count(1)?;
     "engine.step_target_ms", "FLYWHEEL_STEP_TARGET_MS", "500",
-        "how long a step should take while a prompt is read beside running streams (fair scheduling): the prompt tokens a step carries adapt to it"
+        "how long an engine step should take while prompts are read (fair scheduling): the prompt tokens a step carries adapt to it, so a request arriving beside a long prompt waits about this long"
         => |v, c| c.engine.step_target = Duration::from_millis(v.number(10..=60_000)?);
     "engine.threads", "FLYWHEEL_THREADS", "0",
         "kernel threads (0: one per core)"
