@@ -64,7 +64,7 @@ async fn invalid_parameters_are_400_naming_the_field() {
         (json!({"messages": []}), "messages"),
         (json!({"top_p": 1.5}), "top_p"),
         (json!({"max_tokens": 0}), "max_tokens"),
-        (json!({"n": 3}), "n"),
+        (json!({"n": 9}), "n"),
         (
             json!({"tools": [{"type": "function", "function": {"name": "f"}}]}),
             "tools",
@@ -718,43 +718,61 @@ async fn a_stream_whose_client_stops_reading_is_cut_off_and_recorded() {
     );
 }
 
-/// The public contract fuzzed: schemathesis (from PyPI; `scripts/test.sh`
+/// The contract fuzzed: schemathesis (from PyPI; `scripts/test.sh`
 /// installs it) generates requests from `/openapi.json` for every `/v1`
-/// operation and the tokenizer's, valid and not, with a team key. No
-/// answer may be a 5xx, each must have a status and a content type the
-/// document lists, and its body the schema the document gives it.
+/// operation and the tokenizer's, valid and not, with a team key, and for
+/// every admin action with a key that has the `admin` scope. No answer may
+/// be a 5xx, each must have a status and a content type the document
+/// lists, and its body the schema the document gives it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn schemathesis_finds_no_server_error_in_the_public_api() {
+async fn schemathesis_finds_no_server_error_in_the_public_or_admin_api() {
     let gw = TestGateway::tiny().await;
-    let auth = format!("Authorization: Bearer {}", gw.key);
-    let out = tokio::process::Command::new("schemathesis")
-        .args([
-            "run",
-            &format!("{}/openapi.json", gw.base),
-            "--url",
-            &gw.base,
-            "--checks",
-            "not_a_server_error,status_code_conformance,response_schema_conformance,content_type_conformance",
-            "--max-examples",
-            "30",
-            "--generation-deterministic",
-            "--request-timeout",
-            "60",
-            "--include-path-regex",
-            "^/(v1/|tokenize|detokenize)",
-            "--header",
-            &auth,
-        ])
-        .output()
-        .await
-        .expect("run schemathesis (scripts/test.sh installs it from PyPI)");
-    let report = format!(
-        "{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    eprintln!("{report}");
-    assert!(out.status.success(), "{report}");
-    // It ran, on every operation it selected.
-    assert!(report.contains("Tested: 11"), "{report}");
+    // The public API with the team's key, then the admin API with a key
+    // that has the `admin` scope.
+    let (_, admin) = flywheel_store::keys::create_key_with(
+        &gw.db.pool,
+        "platform",
+        &[flywheel_store::keys::Scope::Admin],
+    )
+    .await
+    .unwrap();
+    for (paths, key, operations) in [
+        ("^/(v1/|tokenize|detokenize)", gw.key.as_str(), 11),
+        ("^/admin/api/", admin.as_str(), 11),
+    ] {
+        let auth = format!("Authorization: Bearer {key}");
+        let out = tokio::process::Command::new("schemathesis")
+            .args([
+                "run",
+                &format!("{}/openapi.json", gw.base),
+                "--url",
+                &gw.base,
+                "--checks",
+                "not_a_server_error,status_code_conformance,response_schema_conformance,content_type_conformance",
+                "--max-examples",
+                "30",
+                "--generation-deterministic",
+                "--request-timeout",
+                "60",
+                "--include-path-regex",
+                paths,
+                "--header",
+                &auth,
+            ])
+            .output()
+            .await
+            .expect("run schemathesis (scripts/test.sh installs it from PyPI)");
+        let report = format!(
+            "{}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        eprintln!("{report}");
+        assert!(out.status.success(), "{paths}: {report}");
+        // It ran, on every operation it selected.
+        assert!(
+            report.contains(&format!("Tested: {operations}")),
+            "{paths}: {report}"
+        );
+    }
 }

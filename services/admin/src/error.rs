@@ -7,6 +7,42 @@ use axum::response::{Html, IntoResponse, Response};
 use flywheel_store::ErrorClass;
 use serde_json::json;
 
+/// A JSON body of the admin API; one that cannot be read (not JSON, the
+/// wrong content type, a field missing) is answered in the API's error
+/// shape with the status axum gives it, never as plain text.
+pub struct ApiJson<T>(pub T);
+
+impl<T: serde::de::DeserializeOwned, S: Send + Sync> axum::extract::FromRequest<S> for ApiJson<T> {
+    type Rejection = AdminError;
+
+    async fn from_request(req: axum::extract::Request, state: &S) -> Result<Self, AdminError> {
+        match axum::Json::<T>::from_request(req, state).await {
+            Ok(axum::Json(v)) => Ok(Self(v)),
+            Err(e) => Err(AdminError::new(e.status(), e.body_text()).api()),
+        }
+    }
+}
+
+/// A path parameter of the admin API, answered in its error shape when it
+/// does not parse (a run id that is no UUID).
+pub struct ApiPath<T>(pub T);
+
+impl<T: serde::de::DeserializeOwned + Send, S: Send + Sync> axum::extract::FromRequestParts<S>
+    for ApiPath<T>
+{
+    type Rejection = AdminError;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &S,
+    ) -> Result<Self, AdminError> {
+        match axum::extract::Path::<T>::from_request_parts(parts, state).await {
+            Ok(axum::extract::Path(v)) => Ok(Self(v)),
+            Err(e) => Err(AdminError::new(e.status(), e.body_text()).api()),
+        }
+    }
+}
+
 /// The page an error is shown on.
 #[derive(askama::Template)]
 #[template(path = "error.html")]

@@ -22,6 +22,7 @@ use uuid::Uuid;
 use crate::AdminState;
 use crate::auth::Signed;
 use crate::error::AdminError;
+use crate::error::ApiJson;
 use crate::pages::{Chrome, DoneQuery, Outcome, header_csrf, short, when};
 
 pub struct VersionView {
@@ -315,7 +316,7 @@ pub async fn promote_api(
     State(state): State<AdminState>,
     signed: Signed,
     headers: HeaderMap,
-    Json(a): Json<Action>,
+    ApiJson(a): ApiJson<Action>,
 ) -> Result<Json<Outcome>, AdminError> {
     api_action(state, signed, headers, Kind::Promote, a).await
 }
@@ -324,7 +325,7 @@ pub async fn canary_api(
     State(state): State<AdminState>,
     signed: Signed,
     headers: HeaderMap,
-    Json(a): Json<Action>,
+    ApiJson(a): ApiJson<Action>,
 ) -> Result<Json<Outcome>, AdminError> {
     api_action(state, signed, headers, Kind::Canary, a).await
 }
@@ -333,7 +334,7 @@ pub async fn rollback_api(
     State(state): State<AdminState>,
     signed: Signed,
     headers: HeaderMap,
-    Json(a): Json<Action>,
+    ApiJson(a): ApiJson<Action>,
 ) -> Result<Json<Outcome>, AdminError> {
     api_action(state, signed, headers, Kind::Rollback, a).await
 }

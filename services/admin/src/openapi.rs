@@ -36,6 +36,15 @@ fn op(summary: &str, security: &str, body: Option<Value>, ok: (&str, &str)) -> V
         r["415"] = error_response("the body is not `application/json`");
         r["503"] =
             error_response("the database or the model cannot answer right now; retry shortly");
+    } else {
+        let r = &mut o["responses"];
+        r["403"] = error_response("a viewer account, or a key without the `admin` scope");
+        r["404"] = error_response("no such team, model, key or run");
+        r["409"] = error_response("refused; the message says why");
+        r["413"] = error_response("the body is larger than the server accepts");
+        r["415"] = error_response("the body is not `application/json`");
+        r["422"] = error_response("a value the action cannot take (an unknown scope, ...)");
+        r["503"] = error_response("the database cannot answer right now; retry shortly");
     }
     if let Some(schema) = body {
         o["requestBody"] = json!({"required": true,

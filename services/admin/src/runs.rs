@@ -11,6 +11,7 @@ use crate::AdminState;
 use crate::auth::Signed;
 use crate::chart::{self, Series};
 use crate::error::AdminError;
+use crate::error::ApiPath;
 use crate::pages::{Chrome, maybe_when, when};
 
 pub struct RunRow {
@@ -156,7 +157,7 @@ async fn request_cancel(
 pub async fn cancel_api(
     State(state): State<AdminState>,
     signed: Signed,
-    Path(id): Path<Uuid>,
+    ApiPath(id): ApiPath<Uuid>,
     headers: axum::http::HeaderMap,
 ) -> Result<axum::Json<crate::pages::Outcome>, AdminError> {
     request_cancel(&state, &signed, id, crate::pages::header_csrf(&headers))

@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
 use crate::AdminState;
 use crate::auth::Signed;
 use crate::error::AdminError;
+use crate::error::ApiJson;
 use crate::pages::{Chrome, DoneQuery, Outcome, header_csrf, maybe_when, when};
 
 #[derive(Template)]
@@ -371,7 +372,7 @@ pub async fn create_key_api(
     State(state): State<AdminState>,
     signed: Signed,
     headers: HeaderMap,
-    Json(f): Json<NewKeyJson>,
+    ApiJson(f): ApiJson<NewKeyJson>,
 ) -> Result<Json<MadeKey>, AdminError> {
     let scopes = f.scopes.unwrap_or(Scope::DEFAULT.to_vec());
     make_key(&state, &signed, &f.team, &scopes, header_csrf(&headers))
@@ -390,7 +391,7 @@ pub async fn scopes_api(
     State(state): State<AdminState>,
     signed: Signed,
     headers: HeaderMap,
-    Json(f): Json<ScopesJson>,
+    ApiJson(f): ApiJson<ScopesJson>,
 ) -> Result<Json<Outcome>, AdminError> {
     rescope(&state, &signed, &f.prefix, &f.scopes, header_csrf(&headers))
         .await
@@ -410,7 +411,7 @@ pub async fn limits_api(
     State(state): State<AdminState>,
     signed: Signed,
     headers: HeaderMap,
-    Json(f): Json<LimitsJson>,
+    ApiJson(f): ApiJson<LimitsJson>,
 ) -> Result<Json<Outcome>, AdminError> {
     let csrf = header_csrf(&headers);
     set_limits(
@@ -435,7 +436,7 @@ pub async fn revoke_key_api(
     State(state): State<AdminState>,
     signed: Signed,
     headers: HeaderMap,
-    Json(f): Json<RevokeJson>,
+    ApiJson(f): ApiJson<RevokeJson>,
 ) -> Result<Json<Outcome>, AdminError> {
     revoke(&state, &signed, &f.prefix, header_csrf(&headers))
         .await
@@ -454,7 +455,7 @@ pub async fn settings_api(
     State(state): State<AdminState>,
     signed: Signed,
     headers: HeaderMap,
-    Json(f): Json<SettingsJson>,
+    ApiJson(f): ApiJson<SettingsJson>,
 ) -> Result<Json<Outcome>, AdminError> {
     let csrf = header_csrf(&headers);
     set(
