@@ -25,6 +25,10 @@ if [ ! -x "$root/usr/bin/apt-get" ]; then
   debootstrap --variant=minbase bookworm "$root" http://deb.debian.org/debian >/dev/null
 fi
 cp /etc/resolv.conf "$root/etc/resolv.conf"
+# Certificate authorities this machine adds to Debian's (a network that
+# intercepts TLS has one), so the chroot reaches the same package indexes.
+mkdir -p "$root/usr/local/share/ca-certificates"
+cp /usr/local/share/ca-certificates/*.crt "$root/usr/local/share/ca-certificates/" 2>/dev/null || true
 
 mounted=()
 bind() { # host path, then its path in the chroot (default: the same)
@@ -48,8 +52,12 @@ for d in test-venv node; do
 done
 
 in_chroot() {
+  # Python's and Node's own certificate lists do not hold a local
+  # authority: they are pointed at the system's bundle.
+  local bundle=/etc/ssl/certs/ca-certificates.crt
   chroot "$root" env -i HOME=/root TERM=dumb \
     PATH=/root/.cargo/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
+    SSL_CERT_FILE=$bundle PIP_CERT=$bundle REQUESTS_CA_BUNDLE=$bundle NODE_EXTRA_CA_CERTS=$bundle \
     bash -c "$1"
 }
 
@@ -58,7 +66,8 @@ in_chroot "cd '$src' && bash scripts/test.sh --no-run" 2>&1 | tail -3 || true
 
 echo "== what a developer installs first"
 in_chroot "apt-get update -q >/dev/null && apt-get install -y -q --no-install-recommends \
-  ca-certificates git make build-essential python3 python3-venv nodejs npm >/dev/null"
+  ca-certificates git make build-essential python3 python3-venv nodejs npm >/dev/null \
+  && update-ca-certificates >/dev/null"
 in_chroot "node --version; npm --version; python3 --version; cc --version | head -1"
 
 if [ "$mode" = setup ]; then
