@@ -9,9 +9,11 @@
 # Node.js 20 from npm) and pass. Before that, it runs `make test` once in
 # the bare chroot (nothing installed) to show that what it cannot install
 # is named in one line.
-#   scripts/debian-check.sh [CHROOT_DIR=/var/tmp/flywheel-debian12] [full|setup]
+#   scripts/debian-check.sh [CHROOT_DIR=/var/tmp/flywheel-debian12] [full|setup] [TEST ARGS]
 # `setup` stops where the tests would run: `scripts/test.sh --no-run`
-# (every install step, then the tests compiled, not run).
+# (every install step, then the tests compiled, not run); TEST ARGS after
+# `full` go to scripts/test.sh (cargo test), e.g. `--test postgres_outage`.
+# The bare step is bare only in a new CHROOT_DIR.
 # Needs root (debootstrap, chroot, bind mounts), the network to Debian's
 # mirror, PyPI and npm, and PostgreSQL on 127.0.0.1:5432 as for `make test`.
 set -euo pipefail
@@ -74,6 +76,6 @@ if [ "$mode" = setup ]; then
   echo "== make test's set-up, the tests compiled but not run"
   in_chroot "cd '$src' && bash scripts/test.sh --no-run"
 else
-  echo "== make test"
-  in_chroot "cd '$src' && make test"
+  echo "== make test ${*:3}"
+  in_chroot "cd '$src' && bash scripts/test.sh ${*:3}"
 fi

@@ -21,8 +21,18 @@ impl LocalPostgres {
         let bin = match find_bin_dir() {
             Some(b) => b,
             None => {
-                install()?;
-                find_bin_dir().context("PostgreSQL was installed but initdb is not found")?
+                // One install at a time in this process: two clusters set up
+                // at once would both run apt-get, and the second fail on its
+                // lock (seen in a clean Debian 12 chroot).
+                let _one = INSTALLING.lock().unwrap_or_else(|p| p.into_inner());
+                match find_bin_dir() {
+                    Some(b) => b,
+                    None => {
+                        install()?;
+                        find_bin_dir()
+                            .context("PostgreSQL was installed but initdb is not found")?
+                    }
+                }
             }
         };
         let run_as = is_root().then_some("postgres");
@@ -177,6 +187,8 @@ fn find_bin_dir() -> Option<PathBuf> {
     versions.pop().map(|(_, b)| b)
 }
 
+static INSTALLING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 fn install() -> anyhow::Result<()> {
     if !is_root() {
         bail!(
@@ -185,7 +197,9 @@ fn install() -> anyhow::Result<()> {
     }
     eprintln!("installing PostgreSQL with apt-get (no DATABASE_URL and no server binaries found)");
     run(Command::new("apt-get").arg("update"))?;
+    // Another process's apt-get is waited for, not failed on.
     run(Command::new("apt-get")
-        .args(["install", "-y", "--no-install-recommends", "postgresql"])
+        .args(["-o", "DPkg::Lock::Timeout=300", "install", "-y"])
+        .args(["--no-install-recommends", "postgresql"])
         .env("DEBIAN_FRONTEND", "noninteractive"))
 }
