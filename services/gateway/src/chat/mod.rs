@@ -51,10 +51,7 @@ async fn create(
 ) -> Result<Response, AppError> {
     let started = Instant::now();
     let started_at = chrono::Utc::now();
-    state.limiter().admit(&principal)?;
-    crate::input::refuse_nul(&body)?;
-    let req: ChatRequest = serde_json::from_value(body.clone())
-        .map_err(|e| AppError::bad_request(format!("invalid request: {e}"), None))?;
+    let req: ChatRequest = admit(&state, &principal, &body)?;
     // An empty `user` names nobody.
     let end_user = req.user.clone().filter(|u| !u.is_empty());
     let model = req.model.clone();
@@ -141,6 +138,19 @@ async fn create(
         .await
         .map_err(|_| AppError::Internal("the generation task ended early".into()))??;
     Ok(Json(chunker.full_response(&choices)).into_response())
+}
+
+/// A generation request let in: within the team's rate limits, with no
+/// NUL anywhere (Postgres could never store it), read as `R`.
+fn admit<R: serde::de::DeserializeOwned>(
+    state: &AppState,
+    principal: &Principal,
+    body: &Value,
+) -> Result<R, AppError> {
+    state.limiter().admit(principal)?;
+    crate::input::refuse_nul(body)?;
+    serde_json::from_value(body.clone())
+        .map_err(|e| AppError::bad_request(format!("invalid request: {e}"), None))
 }
 
 /// Refuses a generation that could not be recorded: the journal is full.

@@ -198,10 +198,7 @@ pub(super) async fn create(
 ) -> Result<Response, AppError> {
     let started = Instant::now();
     let started_at = chrono::Utc::now();
-    state.limiter().admit(&principal)?;
-    crate::input::refuse_nul(&body)?;
-    let req: TextRequest = serde_json::from_value(body.clone())
-        .map_err(|e| AppError::bad_request(format!("invalid request: {e}"), None))?;
+    let req: TextRequest = super::admit(&state, &principal, &body)?;
     let end_user = req.user.clone().filter(|u| !u.is_empty());
     let model = req.model.clone();
     let v = req.validate()?;
