@@ -313,8 +313,15 @@ async fn a_worker_killed_mid_training_is_replaced_and_the_run_resumes_from_its_c
     let _ = replacement.wait();
     assert_eq!(run.status, "succeeded", "{run:#?}");
     assert_eq!(run.step, 8);
-    let attempts = flywheel_store::jobs::recent_runs(&pool, 10).await.unwrap();
-    let train: Vec<_> = attempts.iter().filter(|r| r.kind == "train").collect();
+    // The run is marked done before its job attempt is: wait for that too.
+    let attempts = flywheel_tests::eventually(30, || async {
+        let all = flywheel_store::jobs::recent_runs(&pool, 10).await.unwrap();
+        let train: Vec<_> = all.into_iter().filter(|r| r.kind == "train").collect();
+        (train.first().is_some_and(|r| r.status != "running")).then_some(train)
+    })
+    .await
+    .expect("the second attempt ended");
+    let train: Vec<_> = attempts.iter().collect();
     assert_eq!(train.len(), 2, "{train:#?}");
     let (second, first) = (train[0], train[1]);
     // The killed attempt never ended: nothing of it ran after the kill.
@@ -355,8 +362,15 @@ async fn a_queued_run_resumes_from_its_checkpoint_after_a_crash() {
     assert!(run.eval_loss_after.unwrap() < run.eval_loss_before.unwrap());
     assert!(run.tokens_per_second.is_some_and(|t| t > 0.0), "{run:#?}");
     // Two attempts: the crash after step 5, then a resume from step 3.
-    let attempts = flywheel_store::jobs::recent_runs(&pool, 10).await.unwrap();
-    let train: Vec<_> = attempts.iter().filter(|r| r.kind == "train").collect();
+    // The run is marked done before its job attempt is: wait for that too.
+    let attempts = flywheel_tests::eventually(30, || async {
+        let all = flywheel_store::jobs::recent_runs(&pool, 10).await.unwrap();
+        let train: Vec<_> = all.into_iter().filter(|r| r.kind == "train").collect();
+        (train.first().is_some_and(|r| r.status != "running")).then_some(train)
+    })
+    .await
+    .expect("the second attempt ended");
+    let train: Vec<_> = attempts.iter().collect();
     assert_eq!(train.len(), 2, "{train:#?}");
     let (second, first) = (train[0], train[1]);
     assert_eq!(first.status, "failed");
