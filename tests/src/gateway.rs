@@ -258,7 +258,11 @@ pub async fn spawn_gateway(
     let base = format!("http://{}", listener.local_addr().unwrap());
     let admin = flywheel::serve::admin_state(&config(), state.pool(), state.journal());
     let timeouts = state.config().timeouts;
-    let app = flywheel_gateway::router(state).merge(flywheel_admin::router(admin));
+    let app = flywheel_gateway::router(state)
+        .merge(flywheel_admin::router(admin))
+        .merge(flywheel_admin::openapi::router(
+            flywheel_gateway::openapi::part(),
+        ));
     tokio::spawn(flywheel_gateway::serve(listener, app, timeouts, shutdown));
     base
 }

@@ -795,6 +795,25 @@ async fn the_openapi_document_lists_only_routes_that_exist() {
     ] {
         assert!(paths.contains_key(want), "{want}");
     }
+    // Every answer of every operation has a schema, and every schema named
+    // is defined (the dashboard's part names the gateway's `Error`).
+    let schemas = doc["components"]["schemas"].as_object().unwrap();
+    for (path, ops) in paths {
+        for (method, op) in ops.as_object().unwrap() {
+            for (status, answer) in op["responses"].as_object().unwrap() {
+                let content = answer["content"].as_object();
+                assert!(
+                    content.is_some_and(|c| c.values().all(|m| m["schema"].is_object())),
+                    "{method} {path} {status} has no schema"
+                );
+            }
+        }
+    }
+    let text = doc.to_string();
+    for name in text.split("\"$ref\":\"#/components/schemas/").skip(1) {
+        let name = name.split('"').next().unwrap();
+        assert!(schemas.contains_key(name), "{name} is named, not defined");
+    }
     for (path, ops) in paths {
         for method in ops.as_object().unwrap().keys() {
             let url = format!(

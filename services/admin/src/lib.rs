@@ -88,7 +88,6 @@ pub fn router(state: AdminState) -> Router {
         .route("/admin/login", get(auth::login_page).post(auth::login))
         .route("/admin/logout", post(auth::logout))
         .route("/admin/static/admin.css", get(stylesheet))
-        .route("/openapi.json", get(openapi::serve))
         .route("/admin", get(overview::page))
         .route("/admin/completions", get(completions::list))
         .route("/admin/completions/{id}", get(completions::one))

@@ -15,6 +15,7 @@ use flywheel_loop::decide::{self as promote, Why};
 use flywheel_store::decisions::Decision;
 use flywheel_store::decisions::DecisionKind;
 use flywheel_store::models::ModelVersion;
+use schemars::JsonSchema;
 use serde::Deserialize;
 use serde_json::json;
 use uuid::Uuid;
@@ -155,21 +156,29 @@ pub async fn page(
 }
 
 /// An action's fields, from a form or a JSON body.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 pub struct Action {
     team: String,
+    /// A model version's name (promote and canary).
     #[serde(default)]
     model: Option<String>,
+    /// Kept in the audit log.
     #[serde(default)]
+    #[schemars(required, length(min = 1))]
     reason: String,
     /// Forms: the confirmation box (`yes`). The JSON API confirms by
     /// calling.
     #[serde(default)]
+    #[schemars(skip)]
     confirm: Option<String>,
+    /// Forms: the session's CSRF token (the JSON API takes it as the
+    /// `X-CSRF-Token` header).
     #[serde(default)]
+    #[schemars(skip)]
     csrf: Option<String>,
     /// Canaries: the share of users, 0 to 1 (default from the settings).
     #[serde(default)]
+    #[schemars(range(min = 0.0, max = 1.0))]
     share: Option<f64>,
 }
 

@@ -14,6 +14,7 @@ use flywheel_store::canaries::{self, Arm, Canary};
 use flywheel_store::cycles::{Cycle, Status};
 use flywheel_store::dashboard::{self, Bucket};
 use flywheel_store::models::{self, ModelVersion};
+use schemars::JsonSchema;
 use serde::Serialize;
 use uuid::Uuid;
 
@@ -26,7 +27,7 @@ use crate::pages::{Chrome, maybe_when, rate, when};
 /// How far back the overview looks.
 const WINDOW_DAYS: i64 = 14;
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, JsonSchema)]
 pub struct TeamView {
     pub id: Uuid,
     pub name: String,
@@ -45,7 +46,7 @@ pub struct TeamView {
     pub recent: Vec<CycleView>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, JsonSchema)]
 pub struct Row {
     pub bucket: String,
     pub model: String,
@@ -55,7 +56,7 @@ pub struct Row {
     pub up_rate: String,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, JsonSchema)]
 pub struct CanaryView {
     pub id: Uuid,
     pub candidate: String,
@@ -66,7 +67,7 @@ pub struct CanaryView {
     pub champion_arm: ArmView,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, JsonSchema)]
 pub struct ArmView {
     pub completions: i64,
     pub up: i64,
@@ -85,7 +86,7 @@ impl From<Arm> for ArmView {
     }
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, JsonSchema)]
 pub struct CycleView {
     pub id: Uuid,
     pub status: String,
@@ -110,7 +111,7 @@ impl From<&Cycle> for CycleView {
     }
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, JsonSchema)]
 pub struct Overview {
     pub teams: Vec<TeamView>,
     pub database_ms: String,
@@ -121,7 +122,7 @@ pub struct Overview {
     pub health: Vec<(&'static str, String)>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, JsonSchema)]
 pub struct JobView {
     pub kind: String,
     pub attempt: i32,

@@ -82,7 +82,7 @@ pub struct DoneQuery {
 }
 
 /// What a JSON action did.
-#[derive(serde::Serialize)]
+#[derive(serde::Serialize, schemars::JsonSchema)]
 pub struct Outcome {
     pub done: String,
 }

@@ -10,6 +10,7 @@ use axum::http::HeaderMap;
 use axum::response::{Html, IntoResponse, Redirect, Response};
 use flywheel_store::dashboard::TeamRow;
 use flywheel_store::keys::{KeyInfo, Scope};
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use crate::AdminState;
@@ -80,7 +81,7 @@ pub async fn page(
 const MAX_TEAM: usize = 100;
 
 /// A key just made.
-#[derive(Serialize)]
+#[derive(Serialize, JsonSchema)]
 pub struct MadeKey {
     pub team: String,
     pub prefix: String,
@@ -361,10 +362,13 @@ pub async fn settings(
     Ok(Redirect::to("/admin/teams?done=settings+saved").into_response())
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, JsonSchema)]
 pub struct NewKeyJson {
+    /// Made with its first key.
+    #[schemars(length(min = 1, max = MAX_TEAM))]
     team: String,
-    /// Default: every scope.
+    /// What the key may do; default: every scope but `admin`.
+    #[schemars(length(min = 1))]
     scopes: Option<Vec<Scope>>,
 }
 
@@ -381,9 +385,10 @@ pub async fn create_key_api(
         .map_err(AdminError::api)
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, JsonSchema)]
 pub struct ScopesJson {
     prefix: String,
+    #[schemars(length(min = 1))]
     scopes: Vec<Scope>,
 }
 
@@ -399,11 +404,13 @@ pub async fn scopes_api(
         .map_err(AdminError::api)
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, JsonSchema)]
 pub struct LimitsJson {
     team: String,
     /// Null or absent: no limit.
+    #[schemars(range(min = 1, max = i32::MAX as u32))]
     requests_per_minute: Option<u32>,
+    #[schemars(range(min = 1, max = i32::MAX as u32))]
     tokens_per_minute: Option<u32>,
 }
 
@@ -427,7 +434,7 @@ pub async fn limits_api(
     .map_err(AdminError::api)
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, JsonSchema)]
 pub struct RevokeJson {
     prefix: String,
 }
@@ -444,7 +451,7 @@ pub async fn revoke_key_api(
         .map_err(AdminError::api)
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, JsonSchema)]
 pub struct SettingsJson {
     team: String,
     store_text: bool,

@@ -129,7 +129,10 @@ pub async fn serve(
     journal.spawn_flusher(pool.clone());
     let state = AppState::new(pool.clone(), cfg.gateway.http.clone(), journal.clone());
     let app = flywheel_gateway::router(state.clone())
-        .merge(flywheel_admin::router(admin_state(&cfg, &pool, &journal)));
+        .merge(flywheel_admin::router(admin_state(&cfg, &pool, &journal)))
+        .merge(flywheel_admin::openapi::router(
+            flywheel_gateway::openapi::part(),
+        ));
     state.set_loader(gateway_loader(&cfg, &pool));
     state.spawn_key_listener();
     state.spawn_route_listener();

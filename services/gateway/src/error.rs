@@ -5,7 +5,29 @@ use axum::extract::rejection::JsonRejection;
 use axum::extract::{FromRequest, Request};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use serde_json::json;
+use schemars::JsonSchema;
+use serde::Serialize;
+
+/// Every error answer's body.
+#[derive(Debug, Serialize, JsonSchema)]
+#[schemars(rename = "Error")]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
+}
+
+/// What went wrong, as OpenAI's API says it.
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct ErrorDetail {
+    /// For people: what was wrong and, where it helps, what to do.
+    pub message: String,
+    /// `invalid_request_error`, `rate_limit_error` or `server_error`.
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    /// The request field at fault, where one is.
+    pub param: Option<String>,
+    /// For programs: `invalid_api_key`, `model_not_found`, ...
+    pub code: Option<&'static str>,
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum AppError {
@@ -111,8 +133,8 @@ impl AppError {
         }
     }
 
-    /// The error as the JSON object clients see (also used inside SSE streams).
-    pub fn body(&self) -> serde_json::Value {
+    /// What clients are told.
+    pub fn detail(&self) -> ErrorDetail {
         let message = match self {
             // Internals stay in the log, not in the response.
             Self::Internal(_) => "The server had an error while processing your request.".into(),
@@ -122,7 +144,20 @@ impl AppError {
             Self::BadRequest { param, .. } => param.clone(),
             _ => None,
         };
-        json!({"error": {"message": message, "type": self.kind(), "param": param, "code": self.code()}})
+        ErrorDetail {
+            message,
+            kind: self.kind(),
+            param,
+            code: self.code(),
+        }
+    }
+
+    /// The error as the JSON object clients see (also used inside SSE streams).
+    pub fn body(&self) -> serde_json::Value {
+        serde_json::to_value(ErrorBody {
+            error: self.detail(),
+        })
+        .expect("an error body serializes")
     }
 }
 

@@ -17,10 +17,12 @@ use axum::routing::post;
 use axum::{Extension, Json, Router};
 use flywheel_store::feedback::Feedback;
 use flywheel_store::keys::Principal;
-use serde_json::{Map, Value, json};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
 use uuid::Uuid;
 
-use crate::error::ApiJson;
+use crate::error::{ApiJson, ErrorDetail};
 use crate::input::{self, MAX_USER};
 use crate::journal::{JournalError, Record};
 use crate::{AppError, AppState};
@@ -35,21 +37,125 @@ pub fn router() -> Router<AppState> {
         .route("/feedback/batch", post(batch))
 }
 
+/// An end user's vote on a completion.
+// Read field by field (`parse`), so that each refusal names its field;
+// `FIELDS` is what it reads.
+#[derive(Debug, JsonSchema)]
+#[schemars(deny_unknown_fields)]
+pub struct FeedbackIn {
+    /// The `id` of a chat or text completion (`<id>-<i>` for choice `i`).
+    #[schemars(length(min = 1))]
+    pub completion_id: String,
+    pub rating: Rating,
+    /// The end user who votes; their latest vote on a completion counts.
+    #[schemars(length(max = MAX_USER))]
+    pub user: Option<String>,
+    #[schemars(length(max = MAX_COMMENT))]
+    pub comment: Option<String>,
+    /// The answer the end user wanted: what curation trains on.
+    #[schemars(length(max = MAX_CORRECTION))]
+    pub correction: Option<String>,
+}
+
+/// The fields [`FeedbackIn`] has: anything else is refused.
+const FIELDS: [&str; 5] = ["completion_id", "rating", "comment", "correction", "user"];
+
+#[derive(Debug, JsonSchema)]
+#[schemars(rename_all = "lowercase")]
+pub enum Rating {
+    Up,
+    Down,
+}
+
+impl Rating {
+    fn as_str(&self) -> &'static str {
+        match self {
+            Self::Up => "up",
+            Self::Down => "down",
+        }
+    }
+}
+
+/// Votes sent together.
+#[derive(Debug, Deserialize, JsonSchema)]
+pub struct BatchIn {
+    /// Each is checked on its own: a bad item fails alone.
+    #[schemars(with = "Vec<FeedbackIn>", length(max = MAX_BATCH))]
+    pub items: Vec<Value>,
+}
+
+/// A stored vote.
+#[derive(Debug, Serialize, JsonSchema)]
+#[schemars(rename = "Feedback")]
+pub struct Vote {
+    pub id: Uuid,
+    #[schemars(extend("const" = "feedback"))]
+    pub object: &'static str,
+    pub completion_id: String,
+    #[schemars(extend("enum" = ["up", "down"]))]
+    pub rating: String,
+    pub comment: Option<String>,
+    pub correction: Option<String>,
+    pub user: Option<String>,
+    #[schemars(extend("format" = "date-time"))]
+    pub created_at: String,
+}
+
+impl From<&Feedback> for Vote {
+    fn from(f: &Feedback) -> Self {
+        Self {
+            id: f.id,
+            object: "feedback",
+            completion_id: f.completion_id.clone(),
+            rating: f.rating.clone(),
+            comment: f.comment.clone(),
+            correction: f.correction.clone(),
+            user: (!f.end_user.is_empty()).then(|| f.end_user.clone()),
+            created_at: f.created_at.to_rfc3339(),
+        }
+    }
+}
+
+/// Each item's outcome, in order.
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct FeedbackBatch {
+    #[schemars(extend("const" = "list"))]
+    pub object: &'static str,
+    pub created: usize,
+    pub duplicates: usize,
+    pub failed: usize,
+    pub data: Vec<BatchItem>,
+}
+
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct BatchItem {
+    pub index: usize,
+    /// 201 stored, 200 the same as an earlier item (`duplicate_of`), else
+    /// the status the vote alone would have got.
+    pub status: u16,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub feedback: Option<Vote>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub duplicate_of: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<ErrorDetail>,
+}
+
 async fn create(
     State(state): State<AppState>,
     Extension(principal): Extension<Principal>,
     ApiJson(body): ApiJson<Value>,
-) -> Result<(StatusCode, Json<Value>), AppError> {
+) -> Result<(StatusCode, Json<Vote>), AppError> {
     let vote = accept(&state, &principal, &body).await?;
-    Ok((StatusCode::CREATED, Json(to_json(&vote))))
+    Ok((StatusCode::CREATED, Json(Vote::from(&vote))))
 }
 
 async fn batch(
     State(state): State<AppState>,
     Extension(principal): Extension<Principal>,
     ApiJson(body): ApiJson<Value>,
-) -> Result<Json<Value>, AppError> {
-    let items = body.get("items").and_then(Value::as_array).ok_or_else(|| {
+) -> Result<Json<FeedbackBatch>, AppError> {
+    let BatchIn { items } = serde_json::from_value(body).map_err(|_| {
         AppError::bad_request(
             "`items` must be an array of feedback objects",
             Some("items"),
@@ -69,39 +175,46 @@ async fn batch(
         let key = item.to_string();
         if let Some((first, vote)) = seen.get(&key) {
             duplicates += 1;
-            results.push(json!({"index": index, "status": 200, "duplicate_of": first,
-                                "feedback": to_json(vote)}));
+            results.push(BatchItem {
+                index,
+                status: 200,
+                feedback: Some(Vote::from(vote)),
+                duplicate_of: Some(*first),
+                error: None,
+            });
             continue;
         }
         match accept(&state, &principal, item).await {
             Ok(vote) => {
                 created += 1;
-                results.push(json!({"index": index, "status": 201, "feedback": to_json(&vote)}));
+                results.push(BatchItem {
+                    index,
+                    status: 201,
+                    feedback: Some(Vote::from(&vote)),
+                    duplicate_of: None,
+                    error: None,
+                });
                 seen.insert(key, (index, vote));
             }
             Err(e) => {
                 failed += 1;
-                results.push(json!({"index": index, "status": e.status().as_u16(), "error": e.body()["error"]}));
+                results.push(BatchItem {
+                    index,
+                    status: e.status().as_u16(),
+                    feedback: None,
+                    duplicate_of: None,
+                    error: Some(e.detail()),
+                });
             }
         }
     }
-    Ok(Json(
-        json!({"object": "list", "created": created, "duplicates": duplicates,
-                   "failed": failed, "data": results}),
-    ))
-}
-
-fn to_json(f: &Feedback) -> Value {
-    json!({
-        "id": f.id,
-        "object": "feedback",
-        "completion_id": f.completion_id,
-        "rating": f.rating,
-        "comment": f.comment,
-        "correction": f.correction,
-        "user": if f.end_user.is_empty() { Value::Null } else { json!(f.end_user) },
-        "created_at": f.created_at.to_rfc3339(),
-    })
+    Ok(Json(FeedbackBatch {
+        object: "list",
+        created,
+        duplicates,
+        failed,
+        data: results,
+    }))
 }
 
 fn bad(message: impl Into<String>, param: &str) -> AppError {
@@ -124,19 +237,13 @@ fn optional_text(
     }
 }
 
-/// Validates one vote, checks the completion, and journals it.
-async fn accept(
-    state: &AppState,
-    principal: &Principal,
-    body: &Value,
-) -> Result<Feedback, AppError> {
+/// One vote's fields, checked.
+fn parse(body: &Value) -> Result<FeedbackIn, AppError> {
     let obj = body
         .as_object()
         .ok_or_else(|| AppError::bad_request("feedback must be a JSON object", None))?;
     input::refuse_nul(body)?;
-    if let Some(unknown) = obj.keys().find(|k| {
-        !["completion_id", "rating", "comment", "correction", "user"].contains(&k.as_str())
-    }) {
+    if let Some(unknown) = obj.keys().find(|k| !FIELDS.contains(&k.as_str())) {
         return Err(bad(format!("unknown field `{unknown}`"), unknown));
     }
     let completion_id = match obj.get("completion_id") {
@@ -151,22 +258,41 @@ async fn accept(
             ));
         }
     };
-    let rating = match obj.get("rating") {
-        Some(Value::String(r)) if r == "up" || r == "down" => r.clone(),
-        None | Some(Value::Null) => {
+    let rating = match obj.get("rating").and_then(Value::as_str) {
+        Some("up") => Rating::Up,
+        Some("down") => Rating::Down,
+        None if obj.get("rating").is_none_or(Value::is_null) => {
             return Err(bad("`rating` is required: \"up\" or \"down\"", "rating"));
         }
-        Some(other) => {
+        _ => {
             return Err(bad(
-                format!("`rating` must be \"up\" or \"down\", got {other}"),
+                format!("`rating` must be \"up\" or \"down\", got {}", obj["rating"]),
                 "rating",
             ));
         }
     };
-    let comment = optional_text(obj, "comment", MAX_COMMENT)?;
-    let correction = optional_text(obj, "correction", MAX_CORRECTION)?;
-    let end_user = optional_text(obj, "user", MAX_USER)?.unwrap_or_default();
+    Ok(FeedbackIn {
+        completion_id,
+        rating,
+        comment: optional_text(obj, "comment", MAX_COMMENT)?,
+        correction: optional_text(obj, "correction", MAX_CORRECTION)?,
+        user: optional_text(obj, "user", MAX_USER)?,
+    })
+}
 
+/// Validates one vote, checks the completion, and journals it.
+async fn accept(
+    state: &AppState,
+    principal: &Principal,
+    body: &Value,
+) -> Result<Feedback, AppError> {
+    let FeedbackIn {
+        completion_id,
+        rating,
+        user,
+        comment,
+        correction,
+    } = parse(body)?;
     if !input::plausible_id(&completion_id)
         || owner(state, &completion_id).await? != Some(principal.team_id)
     {
@@ -180,8 +306,8 @@ async fn accept(
         id: Uuid::new_v4(),
         completion_id,
         team_id: principal.team_id,
-        end_user,
-        rating,
+        end_user: user.unwrap_or_default(),
+        rating: rating.as_str().to_string(),
         comment,
         correction,
         created_at: chrono::Utc::now(),

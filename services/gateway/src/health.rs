@@ -4,21 +4,55 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::get;
 use axum::{Json, Router};
-use serde_json::json;
+use schemars::JsonSchema;
+use serde::Serialize;
 
 use crate::AppState;
 use crate::journal::FlushState;
 
 pub fn router() -> Router<AppState> {
     Router::new()
-        .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
+        .route("/healthz", get(|| async { Json(Health { status: "ok" }) }))
         .route("/readyz", get(readyz))
+}
+
+/// `GET /healthz`: the process answers.
+#[derive(Serialize, JsonSchema)]
+pub struct Health {
+    #[schemars(extend("const" = "ok"))]
+    pub status: &'static str,
+}
+
+/// `GET /readyz`: whether this gateway can serve and keep what it is sent.
+#[derive(Serialize, JsonSchema)]
+pub struct Readiness {
+    /// `ready`; `degraded` (writes go to the journal while the database is
+    /// away: acknowledged, not lost); `not ready` (503: no model loaded, or
+    /// the journal is full).
+    #[schemars(extend("enum" = ["ready", "degraded", "not ready"]))]
+    pub status: &'static str,
+    /// The champion served, or `loading`.
+    pub model: String,
+    #[schemars(extend("enum" = ["ok", "unreachable"]))]
+    pub database: &'static str,
+    pub journal: JournalHealth,
+}
+
+#[derive(Serialize, JsonSchema)]
+pub struct JournalHealth {
+    /// Acknowledged records not yet in the database.
+    pub pending: usize,
+    pub full: bool,
+    /// `ok`, or why records are not reaching the database.
+    pub flush: String,
+    /// Records the database refused, set aside.
+    pub dead_letters: usize,
 }
 
 /// Ready when the model is loaded and writes can be accepted: straight into
 /// Postgres, or into the journal while Postgres is away or refusing writes
 /// ("degraded").
-async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<serde_json::Value>) {
+async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<Readiness>) {
     let db_ok = tokio::time::timeout(
         std::time::Duration::from_secs(1),
         flywheel_store::ping(state.pool()),
@@ -45,12 +79,16 @@ async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<serde_json::
     };
     (
         code,
-        Json(json!({
-            "status": status,
-            "model": served.map_or("loading".to_string(), |m| m.name),
-            "database": if db_ok { "ok" } else { "unreachable" },
-            "journal": {"pending": journal.pending, "full": journal.full, "flush": flush,
-                        "dead_letters": journal.dead_letters},
-        })),
+        Json(Readiness {
+            status,
+            model: served.map_or("loading".to_string(), |m| m.name),
+            database: if db_ok { "ok" } else { "unreachable" },
+            journal: JournalHealth {
+                pending: journal.pending,
+                full: journal.full,
+                flush,
+                dead_letters: journal.dead_letters,
+            },
+        }),
     )
 }

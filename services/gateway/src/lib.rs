@@ -18,6 +18,7 @@ pub mod journal;
 mod limits;
 mod metrics;
 mod models;
+pub mod openapi;
 mod records;
 pub mod serving;
 mod stalled;

@@ -9,10 +9,13 @@ use axum::routing::{delete, get};
 use axum::{Extension, Json, Router};
 use flywheel_store::feedback::{Feedback, View};
 use flywheel_store::keys::Principal;
-use serde::Deserialize;
-use serde_json::{Value, json};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
 use uuid::Uuid;
 
+use crate::chat::Usage;
+use crate::feedback::Vote;
 use crate::{AppError, AppState, input};
 
 /// Votes shown with a completion, and the default page size.
@@ -38,13 +41,72 @@ fn not_found(id: &str) -> AppError {
     }
 }
 
-fn vote_json(f: &Feedback) -> Value {
-    json!({
-        "id": f.id, "object": "feedback",
-        "user": if f.end_user.is_empty() { Value::Null } else { json!(f.end_user) },
-        "rating": f.rating, "comment": f.comment, "correction": f.correction,
-        "created_at": f.created_at.to_rfc3339(),
-    })
+/// A stored completion, as `GET /v1/completions/{id}` reads it back.
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct CompletionRecord {
+    pub id: String,
+    #[schemars(extend("enum" = ["chat.completion.record", "text_completion.record"]))]
+    pub object: &'static str,
+    /// The exact version that answered.
+    pub model_version_id: Uuid,
+    pub user: Option<String>,
+    /// The request as it came (a prompt's text is hashed where the team
+    /// keeps no text).
+    pub request: Value,
+    pub output: String,
+    pub finish_reason: String,
+    pub usage: Usage,
+    pub latency_ms: f64,
+    /// Time to the first token.
+    pub ttft_ms: Option<f64>,
+    /// The `x-request-id` it came with.
+    pub request_id: Option<String>,
+    #[schemars(extend("format" = "date-time"))]
+    pub started_at: Option<String>,
+    #[schemars(extend("format" = "date-time"))]
+    pub created_at: String,
+    /// The first page of each view of its votes; the rest from
+    /// `/feedback`.
+    pub feedback: Votes,
+}
+
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct Votes {
+    /// Every vote ever cast.
+    pub votes: i64,
+    /// End users who voted.
+    pub users: i64,
+    /// Latest vote per user, up and down.
+    pub up: i64,
+    pub down: i64,
+    pub current: Vec<Vote>,
+    pub current_has_more: bool,
+    pub history: Vec<Vote>,
+    pub history_has_more: bool,
+}
+
+/// A page of a completion's votes, in OpenAI's list shape.
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct FeedbackPage {
+    #[schemars(extend("const" = "list"))]
+    pub object: &'static str,
+    pub data: Vec<Vote>,
+    pub first_id: Option<Uuid>,
+    pub last_id: Option<Uuid>,
+    pub has_more: bool,
+}
+
+/// What `DELETE /v1/users/{user}/data` removed.
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct Deleted {
+    pub user: String,
+    pub deleted: DeletedCounts,
+}
+
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct DeletedCounts {
+    pub completions: u64,
+    pub feedback: u64,
 }
 
 /// Read your writes: the completion and every vote acknowledged before this
@@ -78,7 +140,7 @@ async fn completion(
     State(state): State<AppState>,
     Extension(principal): Extension<Principal>,
     Path(id): Path<String>,
-) -> Result<Json<Value>, AppError> {
+) -> Result<Json<CompletionRecord>, AppError> {
     let c = own_completion(&state, &principal, &id).await?;
     let pool = state.pool();
     let summary = flywheel_store::feedback::summary(pool, &id).await?;
@@ -86,35 +148,37 @@ async fn completion(
         flywheel_store::feedback::page(pool, &id, View::Current, None, PAGE).await?;
     let (history, history_more) =
         flywheel_store::feedback::page(pool, &id, View::History, None, PAGE).await?;
-    Ok(Json(json!({
-        "id": c.id,
-        "object": if c.request.get("prompt").is_some() {
-            "text_completion.record"
-        } else {
-            "chat.completion.record"
+    let votes = |v: &[Feedback]| v.iter().map(Vote::from).collect();
+    let object = if c.request.get("prompt").is_some() {
+        "text_completion.record"
+    } else {
+        "chat.completion.record"
+    };
+    Ok(Json(CompletionRecord {
+        object,
+        model_version_id: c.model_version_id,
+        user: c.end_user,
+        usage: Usage::new(c.prompt_tokens as usize, c.completion_tokens as usize),
+        latency_ms: c.latency_ms,
+        ttft_ms: c.ttft_ms,
+        request_id: c.request_id,
+        started_at: c.started_at.map(|t| t.to_rfc3339()),
+        created_at: c.created_at.to_rfc3339(),
+        feedback: Votes {
+            votes: summary.votes,
+            users: summary.users,
+            up: summary.up,
+            down: summary.down,
+            current: votes(&current),
+            current_has_more: current_more,
+            history: votes(&history),
+            history_has_more: history_more,
         },
-        "model_version_id": c.model_version_id,
-        "user": c.end_user,
-        "request": c.request,
-        "output": c.output,
-        "finish_reason": c.finish_reason,
-        "usage": {"prompt_tokens": c.prompt_tokens, "completion_tokens": c.completion_tokens,
-                  "total_tokens": c.prompt_tokens + c.completion_tokens},
-        "latency_ms": c.latency_ms,
-        "ttft_ms": c.ttft_ms,
-        "request_id": c.request_id,
-        "started_at": c.started_at.map(|t| t.to_rfc3339()),
-        "created_at": c.created_at.to_rfc3339(),
-        // The first page of each view; the rest from `/feedback`.
-        "feedback": {
-            "votes": summary.votes, "users": summary.users,
-            "up": summary.up, "down": summary.down,
-            "current": current.iter().map(vote_json).collect::<Vec<_>>(),
-            "current_has_more": current_more,
-            "history": history.iter().map(vote_json).collect::<Vec<_>>(),
-            "history_has_more": history_more,
-        },
-    })))
+        id: c.id,
+        request: c.request,
+        output: c.output,
+        finish_reason: c.finish_reason,
+    }))
 }
 
 #[derive(Debug, Deserialize)]
@@ -132,7 +196,7 @@ async fn feedback(
     Extension(principal): Extension<Principal>,
     Path(id): Path<String>,
     Query(q): Query<PageQuery>,
-) -> Result<Json<Value>, AppError> {
+) -> Result<Json<FeedbackPage>, AppError> {
     let view = match q.view.as_deref() {
         None | Some("history") => View::History,
         Some("current") => View::Current,
@@ -163,20 +227,20 @@ async fn feedback(
     own_completion(&state, &principal, &id).await?;
     let (votes, has_more) =
         flywheel_store::feedback::page(state.pool(), &id, view, after, limit).await?;
-    Ok(Json(json!({
-        "object": "list",
-        "data": votes.iter().map(vote_json).collect::<Vec<_>>(),
-        "first_id": votes.first().map(|v| v.id),
-        "last_id": votes.last().map(|v| v.id),
-        "has_more": has_more,
-    })))
+    Ok(Json(FeedbackPage {
+        object: "list",
+        data: votes.iter().map(Vote::from).collect(),
+        first_id: votes.first().map(|v| v.id),
+        last_id: votes.last().map(|v| v.id),
+        has_more,
+    }))
 }
 
 async fn delete_user(
     State(state): State<AppState>,
     Extension(principal): Extension<Principal>,
     Path(user): Path<String>,
-) -> Result<Json<Value>, AppError> {
+) -> Result<Json<Deleted>, AppError> {
     input::end_user(&user, "user")?;
     // Anything of theirs still in the journal must land first, or it would
     // arrive after the delete.
@@ -188,7 +252,11 @@ async fn delete_user(
     let (completions, feedback) =
         flywheel_store::feedback::delete_user_data(state.pool(), principal.team_id, &user).await?;
     state.forget_completions(principal.team_id);
-    Ok(Json(
-        json!({"user": user, "deleted": {"completions": completions, "feedback": feedback}}),
-    ))
+    Ok(Json(Deleted {
+        user,
+        deleted: DeletedCounts {
+            completions,
+            feedback,
+        },
+    }))
 }

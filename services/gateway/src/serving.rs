@@ -26,6 +26,8 @@ use flywheel_engine::{AdapterId, AdapterWeights, EngineHandle};
 use flywheel_store::models::ModelVersion;
 use flywheel_store::routes::{RouteSnapshot, TeamRoute};
 use flywheel_store::upstreams::Upstream;
+use schemars::JsonSchema;
+use serde::Serialize;
 use sha2::{Digest, Sha256};
 use tokio::sync::OnceCell;
 use uuid::Uuid;
@@ -266,16 +268,28 @@ impl RouteTable {
     }
 
     /// What `team` can use by name: its champion, then its canary.
-    pub fn listed(&self, team: Uuid) -> Vec<(&ModelVersion, &'static str)> {
+    pub fn listed(&self, team: Uuid) -> Vec<(&ModelVersion, Role)> {
         let mut out = Vec::new();
         if let Some(c) = self.champion_of(team) {
-            out.push((c, "champion"));
+            out.push((c, Role::Champion));
         }
         if let Some((_, v, _)) = self.canary_of(team) {
-            out.push((v, "canary"));
+            out.push((v, Role::Canary));
         }
         out
     }
+}
+
+/// What a model is to the team.
+#[derive(Debug, Clone, Copy, Serialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Serves `default` and the base's name.
+    Champion,
+    /// Serves a share of the team's end users.
+    Canary,
+    /// Served when named.
+    Named,
 }
 
 /// Where an end user falls in `[0, 1)` for a canary: the same user always

@@ -38,7 +38,7 @@ impl DecisionKind {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, serde::Serialize, sqlx::FromRow)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, schemars::JsonSchema, sqlx::FromRow)]
 pub struct Decision {
     pub id: Uuid,
     pub team_id: Option<Uuid>,

@@ -12,7 +12,9 @@ use crate::Result;
 const KEY_PREFIX: &str = "fw-";
 
 /// What a key may do on the API; a key is given one or more.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, schemars::JsonSchema,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Scope {
     /// Chat completions.

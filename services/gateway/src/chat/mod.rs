@@ -10,6 +10,10 @@ mod response;
 mod text;
 pub mod tokenize;
 
+pub use request::ChatRequest;
+pub use response::{ChatCompletion, ChatCompletionChunk, Usage};
+pub use text::{TextCompletion, TextRequest};
+
 use std::convert::Infallible;
 use std::time::Instant;
 
@@ -33,7 +37,6 @@ use crate::error::ApiJson;
 use crate::journal::Record;
 use crate::serving::{Backend, RouteKind};
 use crate::{AppError, AppState, RETRY_AFTER, ServedModel};
-use request::ChatRequest;
 use response::{Chunker, Collected, Failure};
 
 pub fn router() -> Router<AppState> {

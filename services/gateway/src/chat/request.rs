@@ -5,42 +5,111 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use flywheel_engine::{ChatMessage, JsonShape, SamplingParams};
+use schemars::JsonSchema;
 use serde::Deserialize;
 use serde_json::Value;
 
 use crate::AppError;
 
-#[derive(Debug, Deserialize)]
+/// A chat completion request: OpenAI's fields that this server reads or
+/// ignores; any other field is refused.
+// OpenAI's other fields are ignored (`IGNORED`) or refused with a reason
+// (`UNSUPPORTED`); the schema lists the read and the ignored ones.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[schemars(transform = closed)]
 pub struct ChatRequest {
+    /// A version the team may use, its base's name, or `default`.
+    #[schemars(length(min = 1), example = &"default")]
     pub model: String,
+    #[schemars(length(min = 1))]
     pub messages: Vec<InMessage>,
+    #[schemars(range(min = 0.0, max = 2.0))]
     pub temperature: Option<f32>,
+    #[schemars(range(max = 1.0), extend("exclusiveMinimum" = 0))]
     pub top_p: Option<f32>,
     /// Not in OpenAI's API, but common in compatible servers.
+    #[schemars(range(min = 0))]
     pub top_k: Option<i64>,
     pub seed: Option<i64>,
+    #[schemars(range(min = -2.0, max = 2.0))]
     pub presence_penalty: Option<f32>,
+    #[schemars(range(min = -2.0, max = 2.0))]
     pub frequency_penalty: Option<f32>,
+    #[schemars(range(min = 1))]
     pub max_tokens: Option<i64>,
+    #[schemars(range(min = 1))]
     pub max_completion_tokens: Option<i64>,
     pub stop: Option<Stop>,
     #[serde(default)]
     pub stream: Option<bool>,
+    /// Only with `stream: true`.
     pub stream_options: Option<StreamOptions>,
     pub logprobs: Option<bool>,
+    /// Only with `logprobs: true`.
+    #[schemars(range(min = 0, max = 20))]
     pub top_logprobs: Option<i64>,
+    /// Choices, generated side by side (at most `FLYWHEEL_MAX_CHOICES`, 8
+    /// by default); choice i is recorded and rated as `<id>-<i>`, the first
+    /// as `<id>`.
+    #[schemars(range(min = 1))]
     pub n: Option<i64>,
+    /// The end user, for their votes and their data's deletion.
+    #[schemars(length(max = 256))]
     pub user: Option<String>,
     /// Token id (as a string) to a bias from -100 to 100 added to its logit.
+    #[schemars(extend("maxProperties" = 300, "additionalProperties" = {"type": "number", "minimum": -100, "maximum": 100}))]
     pub logit_bias: Option<HashMap<String, f32>>,
     /// Everything else, checked against what we support or knowingly ignore.
     #[serde(flatten)]
+    #[schemars(skip)]
     pub rest: HashMap<String, Value>,
 }
 
-#[derive(Debug, Deserialize)]
+/// The schema closed to what the request reads: its fields, those taken
+/// from `rest` (`response_format`, and `tool_choice` and `modalities` at
+/// the one value each may have here) and the ignored ones.
+fn closed(schema: &mut schemars::Schema) {
+    if let Some(properties) = schema.get_mut("properties").and_then(Value::as_object_mut) {
+        properties.insert(
+            "response_format".into(),
+            serde_json::json!({"type": ["object", "null"],
+                "description": "`{\"type\": \"json_object\"}` or `{\"type\": \"json_schema\", \"json_schema\": {\"name\", \"schema\"}}` (OpenAI's strict subset)"}),
+        );
+        properties.insert(
+            "tool_choice".into(),
+            serde_json::json!({"enum": ["none", null], "description": "tools are not supported"}),
+        );
+        properties.insert(
+            "modalities".into(),
+            serde_json::json!({"type": ["array", "null"], "items": {"const": "text"}}),
+        );
+    }
+    closed_schema(schema, IGNORED);
+}
+
+/// `schema` closed to its declared properties, plus `ignored`: fields the
+/// server accepts and ignores. For bodies that keep unknown fields aside to
+/// refuse them with a reason (`#[serde(flatten)] rest`), which schemars
+/// cannot see.
+pub(super) fn closed_schema(schema: &mut schemars::Schema, ignored: &[&str]) {
+    if let Some(properties) = schema.get_mut("properties").and_then(Value::as_object_mut) {
+        for name in ignored {
+            properties
+                .entry(*name)
+                .or_insert_with(|| serde_json::json!({"description": "accepted and ignored"}));
+        }
+    }
+    schema.insert("additionalProperties".into(), false.into());
+}
+
+/// A message as sent.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[schemars(transform = closed_message)]
 pub struct InMessage {
+    /// `developer` is read as `system`.
+    #[schemars(extend("enum" = ["system", "developer", "user", "assistant"]))]
     pub role: String,
+    // Required: `None` only so that its absence is refused with its name.
     #[serde(default)]
     pub content: Option<Content>,
     /// Accepted and ignored, as it only labels participants.
@@ -48,32 +117,46 @@ pub struct InMessage {
     #[allow(dead_code)]
     pub name: Option<String>,
     #[serde(flatten)]
+    #[schemars(skip)]
     pub rest: HashMap<String, Value>,
 }
 
-#[derive(Debug, Deserialize)]
+fn closed_message(schema: &mut schemars::Schema) {
+    closed_schema(schema, &[]);
+    if let Some(required) = schema.get_mut("required").and_then(Value::as_array_mut) {
+        required.push("content".into());
+    }
+}
+
+/// Text, or parts of text.
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(untagged)]
 pub enum Content {
     Text(String),
     Parts(Vec<Part>),
 }
 
-#[derive(Debug, Deserialize)]
+/// A part of a message: text only.
+#[derive(Debug, Deserialize, JsonSchema)]
 pub struct Part {
     #[serde(rename = "type")]
+    #[schemars(extend("const" = "text"))]
     pub kind: String,
+    #[schemars(required)]
     pub text: Option<String>,
 }
 
-#[derive(Debug, Deserialize)]
+/// One stop sequence or up to four.
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(untagged)]
 pub enum Stop {
-    One(String),
-    Many(Vec<String>),
+    One(#[schemars(length(min = 1))] String),
+    Many(#[schemars(length(max = 4), inner(length(min = 1)))] Vec<String>),
 }
 
-#[derive(Debug, Deserialize, Default)]
+#[derive(Debug, Deserialize, Default, JsonSchema)]
 pub struct StreamOptions {
+    /// A last chunk with the usage of every choice.
     pub include_usage: Option<bool>,
 }
 

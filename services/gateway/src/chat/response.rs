@@ -1,7 +1,9 @@
 //! OpenAI's response shapes: `chat.completion` and `chat.completion.chunk`.
 
 use flywheel_engine::{Event, FinishReason, TokenLogprob};
-use serde_json::{Value, json};
+use schemars::JsonSchema;
+use serde::Serialize;
+use serde_json::Value;
 
 /// What a generation produced so far.
 #[derive(Debug, Default)]
@@ -66,15 +68,160 @@ impl Collected {
     }
 }
 
-fn logprob_json(lp: &TokenLogprob) -> Value {
-    json!({
-        "token": lp.token,
-        "logprob": lp.logprob,
-        "bytes": lp.token.as_bytes(),
-        "top_logprobs": lp.top.iter().map(|t| json!({
-            "token": t.token, "logprob": t.logprob, "bytes": t.token.as_bytes(),
-        })).collect::<Vec<_>>(),
-    })
+/// `POST /v1/chat/completions`' answer, when not streamed.
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct ChatCompletion {
+    /// The completion's id: what votes name (`<id>-<i>` for choice `i` > 0).
+    pub id: String,
+    #[schemars(extend("const" = "chat.completion"))]
+    pub object: &'static str,
+    /// Unix seconds.
+    pub created: i64,
+    /// The name the request used.
+    pub model: String,
+    /// The model version that answered.
+    pub system_fingerprint: String,
+    #[schemars(length(min = 1))]
+    pub choices: Vec<Choice>,
+    pub usage: Usage,
+}
+
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct Choice {
+    pub index: usize,
+    pub message: AssistantMessage,
+    pub logprobs: Option<ChoiceLogprobs>,
+    pub finish_reason: Option<Finish>,
+}
+
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct AssistantMessage {
+    #[schemars(extend("const" = "assistant"))]
+    pub role: &'static str,
+    pub content: String,
+    /// Always null: this server does not refuse by policy.
+    pub refusal: Option<String>,
+}
+
+/// Why a generation ended.
+#[derive(Debug, Clone, Copy, Serialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Finish {
+    /// An end-of-turn token or a stop sequence.
+    Stop,
+    /// `max_tokens`, or the model's context window.
+    Length,
+}
+
+impl From<FinishReason> for Finish {
+    fn from(f: FinishReason) -> Self {
+        match f {
+            FinishReason::Stop => Self::Stop,
+            FinishReason::Length => Self::Length,
+        }
+    }
+}
+
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct ChoiceLogprobs {
+    pub content: Vec<TokenLogprobs>,
+}
+
+/// A written token, its log-probability and the likeliest alternatives.
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct TokenLogprobs {
+    pub token: String,
+    #[schemars(range(max = 0.0))]
+    pub logprob: f32,
+    /// The token's UTF-8 bytes.
+    pub bytes: Vec<u8>,
+    pub top_logprobs: Vec<Alternative>,
+}
+
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct Alternative {
+    pub token: String,
+    #[schemars(range(max = 0.0))]
+    pub logprob: f32,
+    pub bytes: Vec<u8>,
+}
+
+impl From<&TokenLogprob> for TokenLogprobs {
+    fn from(lp: &TokenLogprob) -> Self {
+        Self {
+            token: lp.token.clone(),
+            logprob: lp.logprob,
+            bytes: lp.token.as_bytes().to_vec(),
+            top_logprobs: lp
+                .top
+                .iter()
+                .map(|t| Alternative {
+                    token: t.token.clone(),
+                    logprob: t.logprob,
+                    bytes: t.token.as_bytes().to_vec(),
+                })
+                .collect(),
+        }
+    }
+}
+
+/// Tokens a request used: the prompt once, and every choice's output.
+#[derive(Debug, Clone, Copy, Serialize, JsonSchema)]
+pub struct Usage {
+    pub prompt_tokens: usize,
+    pub completion_tokens: usize,
+    pub total_tokens: usize,
+}
+
+impl Usage {
+    pub fn new(prompt_tokens: usize, completion_tokens: usize) -> Self {
+        Self {
+            prompt_tokens,
+            completion_tokens,
+            total_tokens: prompt_tokens + completion_tokens,
+        }
+    }
+}
+
+/// One event of a streamed chat completion (`data: <chunk>`), then
+/// `data: [DONE]`.
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct ChatCompletionChunk {
+    pub id: String,
+    #[schemars(extend("const" = "chat.completion.chunk"))]
+    pub object: &'static str,
+    pub created: i64,
+    pub model: String,
+    pub system_fingerprint: String,
+    /// One choice's piece; none in the last chunk, which carries the usage.
+    pub choices: Vec<ChunkChoice>,
+    /// Only with `stream_options.include_usage`: null in every chunk but
+    /// the last.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub usage: Option<Option<Usage>>,
+}
+
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct ChunkChoice {
+    pub index: usize,
+    pub delta: ChunkDelta,
+    pub logprobs: Option<ChoiceLogprobs>,
+    pub finish_reason: Option<Finish>,
+}
+
+/// What a chunk adds: the role first, then text, then nothing with the
+/// finish reason.
+#[derive(Debug, Default, Serialize, JsonSchema)]
+pub struct ChunkDelta {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schemars(extend("const" = "assistant"))]
+    pub role: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub content: Option<String>,
+}
+
+fn to_value(body: impl Serialize) -> Value {
+    serde_json::to_value(body).expect("a response body serializes")
 }
 
 /// Builds response bodies for one completion id.
@@ -101,95 +248,95 @@ impl Chunker {
     /// The whole answer: a choice per generation, in order. Usage counts
     /// the prompt once, as OpenAI's API does, and every choice's tokens.
     pub fn full_response(&self, choices: &[Collected]) -> Value {
-        let choice = |(i, c): (usize, &Collected)| {
-            let logprobs = if c.logprobs.is_empty() {
-                Value::Null
-            } else {
-                json!({"content": c.logprobs.iter().map(logprob_json).collect::<Vec<_>>()})
-            };
-            json!({
-                "index": i,
-                "message": {"role": "assistant", "content": c.text, "refusal": Value::Null},
-                "logprobs": logprobs,
-                "finish_reason": c.finish.map(FinishReason::as_str),
-            })
+        let choice = |(index, c): (usize, &Collected)| Choice {
+            index,
+            message: AssistantMessage {
+                role: "assistant",
+                content: c.text.clone(),
+                refusal: None,
+            },
+            logprobs: (!c.logprobs.is_empty()).then(|| ChoiceLogprobs {
+                content: c.logprobs.iter().map(TokenLogprobs::from).collect(),
+            }),
+            finish_reason: c.finish.map(Finish::from),
         };
-        json!({
-            "id": self.id,
-            "object": "chat.completion",
-            "created": self.created,
-            "model": self.model,
-            "system_fingerprint": self.fingerprint,
-            "choices": choices.iter().enumerate().map(choice).collect::<Vec<_>>(),
-            "usage": usage(choices),
+        to_value(ChatCompletion {
+            id: self.id.clone(),
+            object: "chat.completion",
+            created: self.created,
+            model: self.model.clone(),
+            system_fingerprint: self.fingerprint.clone(),
+            choices: choices.iter().enumerate().map(choice).collect(),
+            usage: usage(choices),
         })
     }
 
-    fn chunk(&self, index: usize, delta: Value, logprobs: Value, finish: Option<&str>) -> Value {
-        let mut v = json!({
-            "id": self.id,
-            "object": "chat.completion.chunk",
-            "created": self.created,
-            "model": self.model,
-            "system_fingerprint": self.fingerprint,
-            "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}],
-        });
-        if self.include_usage {
-            v["usage"] = Value::Null;
-        }
-        v
+    fn chunk(&self, choices: Vec<ChunkChoice>, usage: Option<Usage>) -> Value {
+        to_value(ChatCompletionChunk {
+            id: self.id.clone(),
+            object: "chat.completion.chunk",
+            created: self.created,
+            model: self.model.clone(),
+            system_fingerprint: self.fingerprint.clone(),
+            choices,
+            usage: self.include_usage.then_some(usage),
+        })
+    }
+
+    fn one(
+        &self,
+        index: usize,
+        delta: ChunkDelta,
+        logprobs: Option<ChoiceLogprobs>,
+        finish_reason: Option<Finish>,
+    ) -> Value {
+        let choice = ChunkChoice {
+            index,
+            delta,
+            logprobs,
+            finish_reason,
+        };
+        self.chunk(vec![choice], None)
     }
 
     pub fn role_chunk(&self, index: usize) -> Value {
-        self.chunk(
-            index,
-            json!({"role": "assistant", "content": ""}),
-            Value::Null,
-            None,
-        )
+        let delta = ChunkDelta {
+            role: Some("assistant"),
+            content: Some(String::new()),
+        };
+        self.one(index, delta, None, None)
     }
 
     pub fn delta_chunk(&self, index: usize, d: &Delta) -> Value {
-        let logprobs = d
-            .logprobs
-            .as_ref()
-            .map_or(Value::Null, |lp| json!({"content": [logprob_json(lp)]}));
-        self.chunk(index, json!({"content": d.text}), logprobs, None)
+        let logprobs = d.logprobs.as_ref().map(|lp| ChoiceLogprobs {
+            content: vec![TokenLogprobs::from(lp)],
+        });
+        let delta = ChunkDelta {
+            role: None,
+            content: Some(d.text.clone()),
+        };
+        self.one(index, delta, logprobs, None)
     }
 
     /// The chunk carrying choice `index`'s `finish_reason`.
     pub fn finish_chunk(&self, index: usize, c: &Collected) -> Value {
-        self.chunk(
+        self.one(
             index,
-            json!({}),
-            Value::Null,
-            c.finish.map(FinishReason::as_str),
+            ChunkDelta::default(),
+            None,
+            c.finish.map(Finish::from),
         )
     }
 
     /// The last chunk, with the usage of every choice, when asked for.
     pub fn usage_chunk(&self, choices: &[Collected]) -> Option<Value> {
-        self.include_usage.then(|| {
-            json!({
-                "id": self.id,
-                "object": "chat.completion.chunk",
-                "created": self.created,
-                "model": self.model,
-                "system_fingerprint": self.fingerprint,
-                "choices": [],
-                "usage": usage(choices),
-            })
-        })
+        self.include_usage
+            .then(|| self.chunk(Vec::new(), Some(usage(choices))))
     }
 }
 
 /// Usage of a request's choices: the prompt once, every choice's tokens.
-fn usage(choices: &[Collected]) -> Value {
+fn usage(choices: &[Collected]) -> Usage {
     let prompt = choices.first().map_or(0, |c| c.prompt_tokens);
-    let completion: usize = choices.iter().map(|c| c.completion_tokens).sum();
-    json!({
-        "prompt_tokens": prompt,
-        "completion_tokens": completion,
-        "total_tokens": prompt + completion,
-    })
+    Usage::new(prompt, choices.iter().map(|c| c.completion_tokens).sum())
 }

@@ -12,7 +12,7 @@
 //! and the written text only; curation, which builds chat datasets, passes
 //! text completions by.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::time::Instant;
 
 use axum::extract::State;
@@ -21,12 +21,13 @@ use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
 use flywheel_engine::{EngineHandle, Event, FinishReason, TokenLogprob};
 use flywheel_store::keys::Principal;
-use serde::Deserialize;
-use serde_json::{Value, json};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
 use tokio::sync::{mpsc, oneshot};
 
 use super::request::{Sampling, Stop};
-use super::response::Collected;
+use super::response::{Collected, Finish, Usage};
 use super::{LogContext, Outcome, failed, principal_tenant};
 use crate::error::ApiJson;
 use crate::serving::Backend;
@@ -38,39 +39,72 @@ const DEFAULT_MAX_TOKENS: usize = 16;
 /// Most alternatives `logprobs` may ask for per token.
 const MAX_LOGPROBS: i64 = 20;
 
-#[derive(Debug, Deserialize)]
-struct TextRequest {
+/// A text completion request: OpenAI's fields that this server reads or
+/// ignores; any other field is refused.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[schemars(transform = closed)]
+pub struct TextRequest {
+    /// A version the team may use, its base's name, or `default`.
+    #[schemars(length(min = 1), example = &"default")]
     model: String,
+    /// Text or token ids, one prompt per request.
+    #[schemars(required)]
     prompt: Option<Prompt>,
+    /// Default 16; 0 with `echo` and `logprobs` scores the prompt.
+    #[schemars(range(min = 0))]
     max_tokens: Option<i64>,
+    #[schemars(range(min = 0.0, max = 2.0))]
     temperature: Option<f32>,
+    #[schemars(range(max = 1.0), extend("exclusiveMinimum" = 0))]
     top_p: Option<f32>,
+    #[schemars(range(min = 0))]
     top_k: Option<i64>,
     seed: Option<i64>,
+    #[schemars(range(min = -2.0, max = 2.0))]
     presence_penalty: Option<f32>,
+    #[schemars(range(min = -2.0, max = 2.0))]
     frequency_penalty: Option<f32>,
     stop: Option<Stop>,
-    /// How many alternatives to report per token (0: only the chosen one).
+    /// How many alternatives to report per token (0: only the chosen one);
+    /// with `echo`, the prompt's tokens are scored too.
+    #[schemars(range(min = 0, max = 20))]
     logprobs: Option<i64>,
     echo: Option<bool>,
+    /// Only 1.
+    #[schemars(extend("enum" = [1, null]))]
     n: Option<i64>,
+    /// Only 1.
+    #[schemars(extend("enum" = [1, null]))]
     best_of: Option<i64>,
+    /// Text completions are not streamed.
+    #[schemars(extend("enum" = [false, null]))]
     stream: Option<bool>,
+    /// The end user, for their votes and their data's deletion.
+    #[schemars(length(max = 256))]
     user: Option<String>,
+    /// Token id (as a string) to a bias from -100 to 100 added to its logit.
+    #[schemars(extend("maxProperties" = 300, "additionalProperties" = {"type": "number", "minimum": -100, "maximum": 100}))]
     logit_bias: Option<HashMap<String, f32>>,
     #[serde(flatten)]
+    #[schemars(skip)]
     rest: HashMap<String, Value>,
+}
+
+/// The schema closed to what the request reads, with the fields it
+/// accepts and ignores.
+fn closed(schema: &mut schemars::Schema) {
+    super::request::closed_schema(schema, IGNORED);
 }
 
 /// A prompt as OpenAI's API takes it: text or token ids, alone or in a
 /// list (of one: a request answers one prompt here).
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(untagged)]
 enum Prompt {
-    Text(String),
-    Ids(Vec<u32>),
-    Texts(Vec<String>),
-    IdLists(Vec<Vec<u32>>),
+    Text(#[schemars(length(min = 1))] String),
+    Ids(#[schemars(length(min = 1))] Vec<u32>),
+    Texts(#[schemars(length(min = 1, max = 1))] Vec<String>),
+    IdLists(#[schemars(length(min = 1, max = 1))] Vec<Vec<u32>>),
 }
 
 /// Fields OpenAI defines that change nothing here.
@@ -389,6 +423,48 @@ async fn record(log: &LogContext, a: &Answer, reason: Option<&str>) -> Result<()
     log.record(&c, reason).await
 }
 
+/// `POST /v1/completions`' answer.
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct TextCompletion {
+    pub id: String,
+    #[schemars(extend("const" = "text_completion"))]
+    pub object: &'static str,
+    /// Unix seconds.
+    pub created: i64,
+    pub model: String,
+    /// The model version that answered.
+    pub system_fingerprint: String,
+    /// One: a request answers one prompt here.
+    #[schemars(length(min = 1, max = 1))]
+    pub choices: Vec<TextChoice>,
+    pub usage: Usage,
+}
+
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct TextChoice {
+    /// The written text, after the prompt with `echo`.
+    pub text: String,
+    pub index: usize,
+    pub logprobs: Option<TextLogprobs>,
+    pub finish_reason: Option<Finish>,
+}
+
+/// The legacy API's log-probabilities, column by column: one entry per
+/// token of `text`.
+#[derive(Debug, Default, Serialize, JsonSchema)]
+pub struct TextLogprobs {
+    pub tokens: Vec<String>,
+    /// Null for the prompt's first token, which nothing before it scores.
+    pub token_logprobs: Vec<Option<f32>>,
+    /// The likeliest alternatives (as many as `logprobs` asked) and their
+    /// log-probabilities; null where the token is not scored.
+    pub top_logprobs: Vec<Option<BTreeMap<String, f32>>>,
+    /// Where each token starts in `text`, in characters.
+    pub text_offset: Vec<usize>,
+    #[serde(skip)]
+    at: usize,
+}
+
 /// OpenAI's `text_completion` object.
 fn response(
     id: &str,
@@ -398,17 +474,17 @@ fn response(
     prompt: &str,
     first: Option<String>,
     a: &Answer,
-) -> Value {
+) -> TextCompletion {
     let text = if v.echo {
         format!("{prompt}{}", a.text)
     } else {
         a.text.clone()
     };
     let logprobs = v.logprobs.map(|_| {
-        let mut lp = Logprobs::default();
+        let mut lp = TextLogprobs::default();
         if let Some(first) = first {
             // The first token has nothing before it to be scored on.
-            lp.push(first, None, Value::Null);
+            lp.push(first, None, None);
             for t in &a.scored {
                 lp.token(t);
             }
@@ -416,62 +492,35 @@ fn response(
         for t in &a.written {
             lp.token(t);
         }
-        lp.json()
+        lp
     });
-    json!({
-        "id": id,
-        "object": "text_completion",
-        "created": chrono::Utc::now().timestamp(),
-        "model": model,
-        "system_fingerprint": fingerprint,
-        "choices": [{
-            "text": text,
-            "index": 0,
-            "logprobs": logprobs.unwrap_or(Value::Null),
-            "finish_reason": a.finish.map(FinishReason::as_str),
+    TextCompletion {
+        id: id.to_string(),
+        object: "text_completion",
+        created: chrono::Utc::now().timestamp(),
+        model: model.to_string(),
+        system_fingerprint: fingerprint.to_string(),
+        choices: vec![TextChoice {
+            text,
+            index: 0,
+            logprobs,
+            finish_reason: a.finish.map(Finish::from),
         }],
-        "usage": {
-            "prompt_tokens": a.prompt_tokens,
-            "completion_tokens": a.completion_tokens,
-            "total_tokens": a.prompt_tokens + a.completion_tokens,
-        },
-    })
+        usage: Usage::new(a.prompt_tokens, a.completion_tokens),
+    }
 }
 
-/// The legacy API's column-wise log-probabilities.
-#[derive(Default)]
-struct Logprobs {
-    tokens: Vec<String>,
-    token_logprobs: Vec<Value>,
-    top_logprobs: Vec<Value>,
-    text_offset: Vec<usize>,
-    at: usize,
-}
-
-impl Logprobs {
-    fn push(&mut self, token: String, logprob: Option<f32>, top: Value) {
+impl TextLogprobs {
+    fn push(&mut self, token: String, logprob: Option<f32>, top: Option<BTreeMap<String, f32>>) {
         self.text_offset.push(self.at);
         self.at += token.chars().count();
         self.tokens.push(token);
-        self.token_logprobs.push(json!(logprob));
+        self.token_logprobs.push(logprob);
         self.top_logprobs.push(top);
     }
 
     fn token(&mut self, t: &TokenLogprob) {
-        let top: serde_json::Map<String, Value> = t
-            .top
-            .iter()
-            .map(|a| (a.token.clone(), json!(a.logprob)))
-            .collect();
-        self.push(t.token.clone(), Some(t.logprob), Value::Object(top));
-    }
-
-    fn json(self) -> Value {
-        json!({
-            "tokens": self.tokens,
-            "token_logprobs": self.token_logprobs,
-            "top_logprobs": self.top_logprobs,
-            "text_offset": self.text_offset,
-        })
+        let top = t.top.iter().map(|a| (a.token.clone(), a.logprob)).collect();
+        self.push(t.token.clone(), Some(t.logprob), Some(top));
     }
 }

@@ -9,8 +9,9 @@ use axum::routing::post;
 use axum::{Extension, Json, Router};
 use flywheel_engine::EngineHandle;
 use flywheel_store::keys::Principal;
-use serde::Deserialize;
-use serde_json::{Value, json};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
 
 use super::request::{InMessage, convert_messages};
 use crate::error::ApiJson;
@@ -23,9 +24,11 @@ pub fn router() -> Router<AppState> {
         .route("/detokenize", post(detokenize))
 }
 
-#[derive(Deserialize)]
+/// A text (`prompt`) or a conversation (`messages`) to count: one of the
+/// two.
+#[derive(Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
-struct Tokenize {
+pub struct Tokenize {
     #[serde(default)]
     model: Option<String>,
     /// A text, as it is.
@@ -37,12 +40,31 @@ struct Tokenize {
     messages: Option<Vec<InMessage>>,
 }
 
-#[derive(Deserialize)]
+/// Token ids to turn into text.
+#[derive(Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
-struct Detokenize {
+pub struct Detokenize {
     #[serde(default)]
     model: Option<String>,
     tokens: Vec<u32>,
+}
+
+/// Token ids, as `POST /tokenize` answers.
+#[derive(Serialize, JsonSchema)]
+pub struct Tokens {
+    /// The version whose tokenizer counted.
+    pub model: String,
+    pub count: usize,
+    /// The version's context window, in tokens.
+    pub max_model_len: usize,
+    pub tokens: Vec<u32>,
+}
+
+/// A text, as `POST /detokenize` answers.
+#[derive(Serialize, JsonSchema)]
+pub struct Text {
+    pub model: String,
+    pub prompt: String,
 }
 
 /// The engine that serves `model` for this team (its champion, or the
@@ -71,7 +93,7 @@ async fn tokenize(
     State(state): State<AppState>,
     Extension(principal): Extension<Principal>,
     ApiJson(body): ApiJson<Value>,
-) -> Result<Json<Value>, AppError> {
+) -> Result<Json<Tokens>, AppError> {
     crate::input::refuse_nul(&body)?;
     let req: Tokenize = serde_json::from_value(body)
         .map_err(|e| AppError::bad_request(format!("invalid request: {e}"), None))?;
@@ -87,24 +109,27 @@ async fn tokenize(
         }
     }
     .map_err(|e| AppError::bad_request(e.to_string(), Some("prompt")))?;
-    Ok(Json(json!({
-        "model": model,
-        "count": ids.len(),
-        "max_model_len": engine.info().context_length,
-        "tokens": ids,
-    })))
+    Ok(Json(Tokens {
+        model,
+        count: ids.len(),
+        max_model_len: engine.info().context_length,
+        tokens: ids,
+    }))
 }
 
 async fn detokenize(
     State(state): State<AppState>,
     Extension(principal): Extension<Principal>,
     ApiJson(body): ApiJson<Value>,
-) -> Result<Json<Value>, AppError> {
+) -> Result<Json<Text>, AppError> {
     let req: Detokenize = serde_json::from_value(body)
         .map_err(|e| AppError::bad_request(format!("invalid request: {e}"), None))?;
     let (engine, model) = engine_for(&state, &principal, req.model.as_deref()).await?;
     let text = engine
         .decode(&req.tokens)
         .map_err(|e| AppError::bad_request(e.to_string(), Some("tokens")))?;
-    Ok(Json(json!({"model": model, "prompt": text})))
+    Ok(Json(Text {
+        model,
+        prompt: text,
+    }))
 }
