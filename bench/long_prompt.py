@@ -76,12 +76,15 @@ def main():
                            read_at=started + (first or seconds))
 
     t = threading.Thread(target=read_long)
+    began = time.perf_counter()
     t.start()
     time.sleep(0.5)
-    beside, before_read = [], 0
+    beside, before_read, each = [], 0, []
     while len(beside) < SHORT_REQUESTS or t.is_alive():
+        sent = time.perf_counter() - began
         r = short(base, short_key)
         beside.append(r)
+        each.append([round(sent, 2), round(r[2], 3) if r[2] is not None else None])
         if t.is_alive():
             before_read += 1
         if len(beside) > 200:
@@ -94,6 +97,9 @@ def main():
         "short_alone": stats(alone),
         "short_beside_long": stats(beside),
         "short_answered_before_long_ended": before_read,
+        # Each short request beside it: when it was sent (seconds after the
+        # long one) and its time to first token.
+        "short_beside_long_each": each,
     }))
 
 

@@ -6,12 +6,13 @@
 # step's token budget) and with first-come-first-served
 # (FLYWHEEL_SCHEDULING=fifo: the oldest prompt takes the budget, how the
 # engine read prompts before), both with the default 256 tokens a step.
-#   scripts/bench-long-prompt.sh [PROMPT_TOKENS=8000] [BUILD=release]
+#   scripts/bench-long-prompt.sh [PROMPT_TOKENS=8000] [BUILD=release] [MODES="fair fifo"]
 # Needs: PostgreSQL as for `make test`; the model is pulled when missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 want=${1:-8000}
 build=${2:-release}
+modes=${3:-fair fifo}
 admin=${TEST_DATABASE_URL:-postgres://postgres@127.0.0.1:5432/postgres}
 if [ "$build" = release ]; then
   cargo build --release --quiet -p flywheel --bin flywheel
@@ -32,7 +33,7 @@ short=$($bin keys create --team short | tail -1)
 
 gw=""
 trap 'kill $gw 2>/dev/null || true' EXIT
-for label in fair fifo; do
+for label in $modes; do
   FLYWHEEL_SCHEDULING=$label $bin serve 2> "$work/serve-$label.log" & gw=$!
   until curl -sf "http://$FLYWHEEL_ADDR/readyz" >/dev/null; do sleep 0.5; done
   echo "== $label" >&2
@@ -40,13 +41,13 @@ for label in fair fifo; do
   kill $gw; wait $gw 2>/dev/null || true
 done
 
-python3 - "$work" "$build" <<'PY'
+python3 - "$work" "$build" "$modes" <<'PY'
 import json, sys
 work, build = sys.argv[1], sys.argv[2]
 print(f"build: {build}; raw output in {work}\n")
 print("| scheduling | long prompt (tokens) | long prompt read in (s) | short alone: TTFT p50 / max (s) | short beside it: TTFT p50 / max (s) | short latency beside it: p50 / max (s) | short answered before it ended |")
 print("|---|---|---|---|---|---|---|")
-for label in ["fair", "fifo"]:
+for label in sys.argv[3].split():
     r = json.load(open(f"{work}/{label}.json"))
     a, b = r["short_alone"], r["short_beside_long"]
     print(f"| {label} | {r['prompt_tokens']} | {r['long']['ttft_s']} | {a['ttft_p50_s']} / {a['ttft_max_s']} | "
