@@ -383,6 +383,150 @@ async fn a_journal_for_another_database_is_refused_at_start() {
     );
 }
 
+/// Two gateways on one journal folder would replay and delete each
+/// other's segments: the second refuses to start while the first holds
+/// the folder, and a gateway starts on it once the first is gone, however
+/// it ended (here `kill -9`).
+#[tokio::test]
+async fn a_second_gateway_on_a_journal_in_use_refuses_to_start() {
+    let s = TinySetup::new("fw_jlock").await;
+    let journal = s.dir.join("journal");
+    let key = s.key("acme");
+    let first = GatewayProcess::start(&s.db, &journal, &[]).await;
+
+    let mut second = GatewayProcess::spawn(
+        &s.db,
+        flywheel_tests::free_port(),
+        &journal,
+        &[],
+        std::process::Stdio::piped(),
+    );
+    let mut exited = None;
+    for _ in 0..300 {
+        if let Some(status) = second.try_wait().unwrap() {
+            exited = Some(status);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let status = exited.expect("a second gateway on the same journal must not start");
+    assert!(!status.success());
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut second.stderr.take().unwrap(), &mut stderr).unwrap();
+    assert!(stderr.contains("is in use by another process"), "{stderr}");
+    // The first serves on.
+    let (status, body) = first
+        .post(
+            &key,
+            "/v1/chat/completions",
+            json!({"model": "default", "max_tokens": 2,
+                   "messages": [{"role": "user", "content": "hi"}]}),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+
+    first.kill();
+    let _again = GatewayProcess::start(&s.db, &journal, &[]).await;
+}
+
+/// A deletion sent to one gateway while another holds the user's records
+/// in its journal, unable to reach the database: when those arrive (here
+/// by the replay of the second gateway, killed and started again), none
+/// is stored. What the user sends after the deletion is stored.
+#[tokio::test]
+async fn a_deletion_holds_against_records_another_gateway_delivers_later() {
+    let s = TinySetup::new("fw_jdelete").await;
+    let key = s.key("acme");
+    let upstream =
+        s.db.split_once('@')
+            .map_or(s.db.as_str(), |(_, r)| r)
+            .split('/')
+            .next()
+            .unwrap()
+            .to_string();
+    let proxy = flywheel_tests::proxy::Proxy::start(&upstream).await;
+    let a = GatewayProcess::start(&s.db, &s.dir.join("journal-a"), &[]).await;
+    let b_journal = s.dir.join("journal-b");
+    let b = GatewayProcess::start(&proxy.url(&s.db), &b_journal, &[]).await;
+    let chat = |user: &'static str| {
+        json!({"model": "default", "max_tokens": 2, "user": user,
+               "messages": [{"role": "user", "content": "hi"}]})
+    };
+    // B knows the key while the database is in reach.
+    let (status, first) = b.post(&key, "/v1/chat/completions", chat("ursula")).await;
+    assert_eq!(status, 200, "{first}");
+
+    // B loses the database; ursula's chat and votes wait in its journal.
+    proxy.stop();
+    let (status, held) = b.post(&key, "/v1/chat/completions", chat("ursula")).await;
+    assert_eq!(status, 200, "{held}");
+    for id in [&first["id"], &held["id"]] {
+        let vote = json!({"completion_id": id, "rating": "up", "user": "ursula"});
+        let (status, body) = b.post(&key, "/v1/feedback", vote).await;
+        assert_eq!(status, 201, "{body}");
+    }
+    // Another user's vote on another user's completion, held too: kept.
+    let (status, other) = b.post(&key, "/v1/chat/completions", chat("olga")).await;
+    assert_eq!(status, 200, "{other}");
+    let vote = json!({"completion_id": other["id"], "rating": "down", "user": "olga"});
+    assert_eq!(b.post(&key, "/v1/feedback", vote).await.0, 201);
+
+    // Ursula's data is deleted through A.
+    let resp = reqwest::Client::new()
+        .delete(format!("{}/v1/users/ursula/data", a.base))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+
+    // B comes back and delivers what it held.
+    b.kill();
+    let b = GatewayProcess::start(&s.db, &b_journal, &[]).await;
+    let pool = flywheel_store::connect(&s.db).await.unwrap();
+    assert!(
+        until(30, || async {
+            count(
+                &pool,
+                "select count(*) from feedback where end_user = 'olga'",
+            )
+            .await
+                == 1
+        })
+        .await,
+        "B's journal was not delivered"
+    );
+    assert!(
+        until(10, || async {
+            b.metric("flywheel_journal_pending_records").await == 0.0
+        })
+        .await
+    );
+    for table in ["completions", "feedback"] {
+        let sql = format!("select count(*) from {table} where end_user = 'ursula'");
+        assert_eq!(
+            count(&pool, &sql).await,
+            0,
+            "{table}: deleted data came back"
+        );
+    }
+
+    // She comes back: what she sends now is kept.
+    let (status, again) = b.post(&key, "/v1/chat/completions", chat("ursula")).await;
+    assert_eq!(status, 200, "{again}");
+    assert!(
+        until(10, || async {
+            count(
+                &pool,
+                "select count(*) from completions where end_user = 'ursula'",
+            )
+            .await
+                == 1
+        })
+        .await
+    );
+}
+
 #[tokio::test]
 async fn a_torn_last_record_is_skipped_and_counted() {
     let s = TinySetup::new("fw_torn").await;

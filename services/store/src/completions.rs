@@ -55,7 +55,9 @@ fn champion_route() -> String {
 }
 
 /// Stores many completions in one statement; ids already present are
-/// skipped, so replaying a journal never duplicates a row.
+/// skipped, so replaying a journal never duplicates a row, and so are those
+/// of an end user whose data was deleted after the request began
+/// (`user_deletions`): a gateway's journal may deliver them late.
 pub async fn insert_many(ex: impl PgExecutor<'_>, rows: &[NewCompletion]) -> Result<u64> {
     if rows.is_empty() {
         return Ok(0);
@@ -68,6 +70,13 @@ pub async fn insert_many(ex: impl PgExecutor<'_>, rows: &[NewCompletion]) -> Res
          select * from unnest($1::text[], $2::uuid[], $3::uuid[], $4::text[], $5::jsonb[],
              $6::text[], $7::text[], $8::int4[], $9::int4[], $10::float8[], $11::text[],
              $12::float8[], $13::timestamptz[], $14::text[], $15::uuid[])
+             as c (id, team_id, model_version_id, end_user, request, output, finish_reason,
+                   prompt_tokens, completion_tokens, latency_ms, request_id, ttft_ms,
+                   started_at, route, canary_id)
+         where not exists (
+             select 1 from user_deletions d
+              where d.team_id = c.team_id and d.end_user = c.end_user
+                and d.deleted_at >= coalesce(c.started_at, '-infinity'))
          on conflict (id) do nothing",
     )
     .bind(col(|c| c.id.clone()))

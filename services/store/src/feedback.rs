@@ -20,7 +20,9 @@ pub struct Feedback {
     pub created_at: DateTime<Utc>,
 }
 
-/// Stores votes in one statement; ids already present are skipped.
+/// Stores votes in one statement; ids already present are skipped, and so
+/// are the votes an end user cast before their data was deleted
+/// (`user_deletions`), which a gateway's journal may deliver late.
 pub async fn insert_many(ex: impl PgExecutor<'_>, rows: &[Feedback]) -> Result<u64> {
     if rows.is_empty() {
         return Ok(0);
@@ -30,6 +32,11 @@ pub async fn insert_many(ex: impl PgExecutor<'_>, rows: &[Feedback]) -> Result<u
              created_at)
          select * from unnest($1::uuid[], $2::text[], $3::uuid[], $4::text[], $5::text[],
              $6::text[], $7::text[], $8::timestamptz[])
+             as f (id, completion_id, team_id, end_user, rating, comment, correction, created_at)
+         where not exists (
+             select 1 from user_deletions d
+              where d.team_id = f.team_id and d.end_user = f.end_user
+                and d.deleted_at >= f.created_at)
          on conflict (id) do nothing",
     )
     .bind(rows.iter().map(|f| f.id).collect::<Vec<_>>())
@@ -133,14 +140,31 @@ pub async fn count_for_team(ex: impl PgExecutor<'_>, team_id: Uuid) -> Result<i6
 }
 
 /// Deletes one end user's completions and votes in a team (their own votes,
-/// and everyone's votes on their completions) and marks the dataset versions
-/// built from them; returns how many completions and votes were removed.
+/// and everyone's votes on their completions), marks the dataset versions
+/// built from them, and notes when (`user_deletions`), so that records of
+/// theirs a gateway's journal delivers later are not stored; returns how
+/// many completions and votes were removed.
 pub async fn delete_user_data(
     pool: &sqlx::PgPool,
     team_id: Uuid,
     end_user: &str,
 ) -> Result<(u64, u64)> {
+    // First the note, committed: every insert that starts from now on sees
+    // it. Then, with writes to both tables held off until they are done
+    // (the share lock waits for inserts in flight, which may not have seen
+    // the note, and those are deleted with the rest), the deletes.
+    sqlx::query(
+        "insert into user_deletions (team_id, end_user) values ($1, $2)
+         on conflict (team_id, end_user) do update set deleted_at = now()",
+    )
+    .bind(team_id)
+    .bind(end_user)
+    .execute(pool)
+    .await?;
     let mut tx = pool.begin().await?;
+    sqlx::query("lock table completions, feedback in share mode")
+        .execute(&mut *tx)
+        .await?;
     let votes = sqlx::query(
         "delete from feedback where team_id = $1
            and (end_user = $2

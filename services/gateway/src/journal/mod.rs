@@ -20,6 +20,11 @@
 //! - **A journal belongs to one database.** Each segment starts with a
 //!   header naming the database ([`DatabaseIdentity`]); opening a journal
 //!   that holds records for another database fails.
+//! - **A journal belongs to one gateway.** The folder's `LOCK` file is
+//!   locked (`flock`) while the journal is open; a second gateway pointed
+//!   at the same folder refuses to start, rather than both replaying and
+//!   deleting the same segments. The lock goes with the process, however
+//!   it ends.
 //! - **Damage is detected.** Every line carries a checksum; a last line cut
 //!   short by a crash is skipped and counted, a damaged line elsewhere is set
 //!   aside as text.
@@ -114,6 +119,11 @@ pub enum JournalError {
     #[error("journal: {0}")]
     Io(#[from] std::io::Error),
     #[error(
+        "the journal in {dir} is in use by another process (its LOCK file is locked): \
+         each gateway needs a journal folder of its own (FLYWHEEL_JOURNAL_DIR)"
+    )]
+    Locked { dir: PathBuf },
+    #[error(
         "the journal in {dir} holds {records} records for {theirs}, but this gateway is \
          connected to {ours}. Start it against that database to let them drain, or point \
          FLYWHEEL_JOURNAL_DIR at another folder."
@@ -169,6 +179,8 @@ pub enum FlushState {
 }
 
 struct Inner {
+    /// Held, locked, while the journal is open.
+    _lock: std::fs::File,
     cfg: JournalConfig,
     database: DatabaseIdentity,
     dead: DeadLetters,
@@ -254,6 +266,23 @@ fn open_segment(dir: &Path, index: u64, sync: SyncPolicy) -> std::io::Result<Seg
     })
 }
 
+/// The folder's `LOCK` file, locked for this process: the error says so
+/// when another holds it.
+fn lock(dir: &Path) -> Result<std::fs::File, JournalError> {
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(dir.join("LOCK"))?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => Err(JournalError::Locked {
+            dir: dir.to_path_buf(),
+        }),
+        Err(std::fs::TryLockError::Error(e)) => Err(e.into()),
+    }
+}
+
 impl Journal {
     /// Opens the journal in `cfg.dir` for `database`, loading whatever an
     /// earlier run left unflushed. Fails when the folder holds records for
@@ -263,6 +292,7 @@ impl Journal {
         database: DatabaseIdentity,
     ) -> Result<(Self, Opened), JournalError> {
         std::fs::create_dir_all(&cfg.dir)?;
+        let lock = lock(&cfg.dir)?;
         let dead = DeadLetters::new(&cfg.dir);
         let existing = segment_indices(&cfg.dir)?;
         let mut pending = VecDeque::new();
@@ -320,6 +350,7 @@ impl Journal {
             _ => (None, None),
         };
         let inner = Arc::new(Inner {
+            _lock: lock,
             dead,
             database,
             state: Mutex::new(State {
@@ -811,6 +842,20 @@ mod tests {
         assert!(text.contains("1 records for database \"a\""), "{text}");
         assert!(text.contains("connected to database \"b\""), "{text}");
         // Its own database opens it.
+        assert_eq!(open(JournalConfig::new(&d)).1.replayed, 1);
+    }
+
+    #[tokio::test]
+    async fn a_journal_open_in_one_place_is_refused_in_another_until_closed() {
+        let d = dir();
+        let (j, _) = open(JournalConfig::new(&d));
+        j.append(completion("a")).await.unwrap();
+        let err = Journal::open(JournalConfig::new(&d), db("a"))
+            .err()
+            .expect("the folder is taken");
+        assert!(matches!(err, JournalError::Locked { .. }), "{err}");
+        assert!(err.to_string().contains("FLYWHEEL_JOURNAL_DIR"), "{err}");
+        drop(j);
         assert_eq!(open(JournalConfig::new(&d)).1.replayed, 1);
     }
 
