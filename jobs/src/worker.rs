@@ -28,6 +28,11 @@ pub struct WorkerConfig {
     pub heartbeat: Duration,
     /// Heartbeats missed before a worker's running tasks go back to the queue.
     pub missed_heartbeats: usize,
+    /// After the shutdown signal, how long to wait for running jobs before
+    /// returning without them: their attempts stop heartbeating, and
+    /// another worker takes them over (a training run from its last
+    /// checkpoint), as if this one had died.
+    pub shutdown_grace: Duration,
     pub max_attempts: u32,
     pub backoff: Backoff,
     /// `None`: no scheduled curation in this process.
@@ -47,6 +52,7 @@ impl WorkerConfig {
             name: name.into(),
             heartbeat: Duration::from_secs(3),
             missed_heartbeats: 5,
+            shutdown_grace: Duration::from_secs(20),
             max_attempts: queue::DEFAULT_MAX_ATTEMPTS,
             backoff: Backoff::default(),
             curation: None,
@@ -363,15 +369,33 @@ pub async fn run(
         }
         _ => None,
     };
-    let signal = {
+    // The signal stops taking jobs; those running get the grace period to
+    // end, then are left behind.
+    let grace_over = {
         let stop_all = stop_all.clone();
+        let grace = config.shutdown_grace;
         async move {
             shutdown.await;
+            tracing::info!(
+                ?grace,
+                "stopping: no new jobs; waiting for the running ones"
+            );
             let _ = stop_all.send(());
+            tokio::time::sleep(grace).await;
         }
     };
-    let (_, curation, training, evaluation) = tokio::join!(signal, curation, training, evaluation);
-    let result = curation.and(training).and(evaluation);
+    let result = tokio::select! {
+        (curation, training, evaluation) = async { tokio::join!(curation, training, evaluation) } => {
+            curation.and(training).and(evaluation)
+        }
+        () = grace_over => {
+            tracing::warn!(
+                "jobs still running after the shutdown grace period: left to another worker, \
+                 which takes them over once this one's heartbeat stops"
+            );
+            Ok(())
+        }
+    };
     let _ = stop_tx.send(true);
     if let Some(s) = schedule {
         let _ = s.await;

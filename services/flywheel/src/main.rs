@@ -28,7 +28,11 @@ fn main() -> anyhow::Result<ExitCode> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    match runtime.block_on(flywheel::cli::run(cli)) {
+    let result = runtime.block_on(flywheel::cli::run(cli));
+    // A worker stopped past its grace period leaves its jobs behind, maybe
+    // in blocking tasks: they are not waited for.
+    runtime.shutdown_background();
+    match result {
         Ok(()) => Ok(ExitCode::SUCCESS),
         Err(e) => match e.downcast_ref::<flywheel::exit::DecidedNo>() {
             Some(no) => {

@@ -339,6 +339,69 @@ async fn a_worker_killed_mid_training_is_replaced_and_the_run_resumes_from_its_c
     );
 }
 
+/// A worker stopped as Kubernetes stops a pod (`SIGTERM`) while it
+/// trains a run that has minutes left: it exits within the shipped grace
+/// period (20 s, under Kubernetes' 30 s) instead of training on, and
+/// another worker process resumes the run from its last checkpoint and
+/// finishes it, each step recorded once.
+#[tokio::test]
+async fn a_worker_stopped_with_sigterm_mid_training_exits_within_its_grace_and_the_run_resumes() {
+    let (db, dir) = trained_setup("fw_train_term", 19).await;
+    let run_id = queue_run(&db, "40");
+    let pool = flywheel_store::connect(&db).await.unwrap();
+    // 1.5 s after each step: the 40 steps would take a minute more.
+    let mut stopped = train_worker(
+        &db,
+        &dir,
+        &[
+            ("FLYWHEEL_CHECKPOINT_EVERY", "3"),
+            ("FLYWHEEL_TEST_FAULTS", "train_step_pause_ms=1500"),
+        ],
+    );
+    let run = wait_for_run(&pool, run_id, 120, |r| {
+        r.checkpoint_step == Some(3) && r.step >= 4
+    })
+    .await;
+    assert_eq!(run.checkpoint_step, Some(3), "{run:#?}");
+    let term = std::process::Command::new("kill")
+        .args(["-TERM", &stopped.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(term.success());
+    // Generous for a loaded machine: the bound is the grace period
+    // Kubernetes gives (30 s), not a speed.
+    let exited = flywheel_tests::eventually(30, || {
+        let status = stopped.try_wait().unwrap();
+        async move { status }
+    })
+    .await;
+    let Some(status) = exited else {
+        let _ = stopped.kill();
+        panic!("the worker was still running 30 s after SIGTERM");
+    };
+    assert!(status.success(), "{status}");
+    let left_at = flywheel_store::training::get(&pool, run_id)
+        .await
+        .unwrap()
+        .unwrap()
+        .step;
+    assert!(left_at < 40, "it trained to the end: {left_at}");
+
+    let mut replacement = train_worker(&db, &dir, &[("FLYWHEEL_CHECKPOINT_EVERY", "3")]);
+    let run = wait_for_run(&pool, run_id, 240, |r| r.status == "succeeded").await;
+    let _ = replacement.kill();
+    let _ = replacement.wait();
+    assert_eq!(run.status, "succeeded", "{run:#?}");
+    assert_eq!(run.step, 40);
+    let steps = flywheel_store::training::steps(&pool, run_id)
+        .await
+        .unwrap();
+    assert_eq!(
+        steps.iter().map(|s| s.step).collect::<Vec<_>>(),
+        (1..=40).collect::<Vec<_>>()
+    );
+}
+
 /// Checkpoints and adapters in S3-compatible storage: a resumed attempt
 /// reads its checkpoint back from the bucket, as a worker on another machine
 /// would.

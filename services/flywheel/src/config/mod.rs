@@ -92,6 +92,7 @@ pub struct JobSettings {
     pub max_attempts: u32,
     pub backoff_secs: u64,
     pub heartbeat_secs: u64,
+    pub shutdown_grace_secs: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -155,6 +156,7 @@ impl Config {
                 max_attempts: 1,
                 backoff_secs: 0,
                 heartbeat_secs: 1,
+                shutdown_grace_secs: 0,
             },
             training: TrainingSettings {
                 artifacts: String::new(),
@@ -261,6 +263,7 @@ impl Config {
         let j = &self.jobs;
         let mut w = worker::WorkerConfig::new(name);
         w.heartbeat = std::time::Duration::from_secs(j.heartbeat_secs.max(1));
+        w.shutdown_grace = std::time::Duration::from_secs(j.shutdown_grace_secs);
         w.max_attempts = j.max_attempts.max(1);
         w.backoff.base = std::time::Duration::from_secs(j.backoff_secs);
         w.training = Some(self.train_env()?);
@@ -443,7 +446,7 @@ mod tests {
             (0, std::time::Duration::from_millis(40), 9)
         );
         assert_eq!(upstream.breaker_cooldown, std::time::Duration::from_secs(8));
-        assert_eq!(SETTINGS.len(), 61);
+        assert_eq!(SETTINGS.len(), 62);
     }
 
     #[test]

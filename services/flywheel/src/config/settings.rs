@@ -169,6 +169,9 @@ settings! {
     "jobs.heartbeat_secs", "FLYWHEEL_JOB_HEARTBEAT_SECS", "3",
         "worker heartbeat; 5 missed and its job moves on"
         => |v, c| c.jobs.heartbeat_secs = v.number(1..=3600)?;
+    "jobs.shutdown_grace_secs", "FLYWHEEL_JOB_SHUTDOWN_GRACE_SECS", "20",
+        "on SIGTERM, how long a worker waits for its running jobs before it exits and leaves them to another worker (a training run resumes from its last checkpoint); under Kubernetes' 30 s"
+        => |v, c| c.jobs.shutdown_grace_secs = v.number(0..=86_400)?;
     "promotion.task_min_lower_bound", "FLYWHEEL_PROMOTION_TASK_MIN_LOWER_BOUND", "0",
         "each task suite's pass-rate difference (candidate minus champion) must have its 95% lower bound above this"
         => |v, c| c.promotion.task_min_lower_bound = v.float(-1.0..=1.0)?;
