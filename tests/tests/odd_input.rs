@@ -109,6 +109,26 @@ async fn deleting_a_user_counts_the_votes_on_their_completions() {
     assert_eq!(vote_count(&gw).await, 0);
 }
 
+/// Deletions lock the log's tables while they run: several at once take
+/// turns (a lock mode that let them share would deadlock them, and
+/// Postgres would abort all but one).
+#[tokio::test]
+async fn deletions_of_several_users_at_once_all_succeed() {
+    let gw = TestGateway::tiny().await;
+    let users = ["ann", "ben", "cat", "dov", "eve", "fay"];
+    for user in users {
+        gw.complete(&gw.key, Some(user)).await;
+    }
+    let deletions = users.map(|user| {
+        let gw = &gw;
+        async move { delete(gw, &format!("/v1/users/{user}/data")).await }
+    });
+    for (status, body) in futures::future::join_all(deletions).await {
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(body["deleted"]["completions"], 1, "{body}");
+    }
+}
+
 #[tokio::test]
 async fn the_bearer_scheme_is_case_insensitive() {
     let gw = TestGateway::tiny().await;

@@ -156,9 +156,16 @@ pub fn document(public: Value) -> Value {
             "schemas": {},
         },
     });
+    // The two parts name different things: a name in both is a mistake.
     let merge = |into: &mut Value, from: &Value| {
         if let (Some(into), Some(from)) = (into.as_object_mut(), from.as_object()) {
-            into.extend(from.clone());
+            for (name, v) in from {
+                let clash = into.insert(name.clone(), v.clone());
+                assert!(
+                    clash.is_none(),
+                    "`{name}` is in both parts of the OpenAPI document"
+                );
+            }
         }
     };
     for part in [public, admin_part()] {

@@ -409,7 +409,10 @@ async fn a_second_gateway_on_a_journal_in_use_refuses_to_start() {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let status = exited.expect("a second gateway on the same journal must not start");
+    let Some(status) = exited else {
+        let _ = second.kill();
+        panic!("a second gateway on the same journal must not start");
+    };
     assert!(!status.success());
     let mut stderr = String::new();
     std::io::Read::read_to_string(&mut second.stderr.take().unwrap(), &mut stderr).unwrap();
@@ -465,7 +468,7 @@ async fn a_deletion_holds_against_records_another_gateway_delivers_later() {
         let (status, body) = b.post(&key, "/v1/feedback", vote).await;
         assert_eq!(status, 201, "{body}");
     }
-    // Another user's vote on another user's completion, held too: kept.
+    // Another user's chat and vote, held too: kept.
     let (status, other) = b.post(&key, "/v1/chat/completions", chat("olga")).await;
     assert_eq!(status, 200, "{other}");
     let vote = json!({"completion_id": other["id"], "rating": "down", "user": "olga"});

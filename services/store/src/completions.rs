@@ -57,7 +57,9 @@ fn champion_route() -> String {
 /// Stores many completions in one statement; ids already present are
 /// skipped, so replaying a journal never duplicates a row, and so are those
 /// of an end user whose data was deleted after the request began
-/// (`user_deletions`): a gateway's journal may deliver them late.
+/// (`user_deletions`): a gateway's journal may deliver them late. A record
+/// with no start time (written by an older version) counts as made before
+/// any deletion of its user.
 pub async fn insert_many(ex: impl PgExecutor<'_>, rows: &[NewCompletion]) -> Result<u64> {
     if rows.is_empty() {
         return Ok(0);
@@ -75,7 +77,8 @@ pub async fn insert_many(ex: impl PgExecutor<'_>, rows: &[NewCompletion]) -> Res
                    started_at, route, canary_id)
          where not exists (
              select 1 from user_deletions d
-              where d.team_id = c.team_id and d.end_user = c.end_user
+              where d.team_id = c.team_id
+                and d.end_user_sha256 = encode(sha256(convert_to(c.end_user, 'UTF8')), 'hex')
                 and d.deleted_at >= coalesce(c.started_at, '-infinity'))
          on conflict (id) do nothing",
     )

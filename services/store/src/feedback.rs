@@ -35,7 +35,8 @@ pub async fn insert_many(ex: impl PgExecutor<'_>, rows: &[Feedback]) -> Result<u
              as f (id, completion_id, team_id, end_user, rating, comment, correction, created_at)
          where not exists (
              select 1 from user_deletions d
-              where d.team_id = f.team_id and d.end_user = f.end_user
+              where d.team_id = f.team_id
+                and d.end_user_sha256 = encode(sha256(convert_to(f.end_user, 'UTF8')), 'hex')
                 and d.deleted_at >= f.created_at)
          on conflict (id) do nothing",
     )
@@ -151,18 +152,21 @@ pub async fn delete_user_data(
 ) -> Result<(u64, u64)> {
     // First the note, committed: every insert that starts from now on sees
     // it. Then, with writes to both tables held off until they are done
-    // (the share lock waits for inserts in flight, which may not have seen
-    // the note, and those are deleted with the rest), the deletes.
+    // (the lock waits for inserts in flight, which may not have seen the
+    // note, and those are deleted with the rest), the deletes. The lock's
+    // mode conflicts with itself, so two deletions take turns instead of
+    // deadlocking.
     sqlx::query(
-        "insert into user_deletions (team_id, end_user) values ($1, $2)
-         on conflict (team_id, end_user) do update set deleted_at = now()",
+        "insert into user_deletions (team_id, end_user_sha256)
+         values ($1, encode(sha256(convert_to($2, 'UTF8')), 'hex'))
+         on conflict (team_id, end_user_sha256) do update set deleted_at = now()",
     )
     .bind(team_id)
     .bind(end_user)
     .execute(pool)
     .await?;
     let mut tx = pool.begin().await?;
-    sqlx::query("lock table completions, feedback in share mode")
+    sqlx::query("lock table completions, feedback in share row exclusive mode")
         .execute(&mut *tx)
         .await?;
     let votes = sqlx::query(
