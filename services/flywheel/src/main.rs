@@ -18,13 +18,19 @@ fn main() -> anyhow::Result<ExitCode> {
         unsafe { std::env::set_var("CANDLE_NUM_THREADS", "1") };
     }
     let cli = flywheel::cli::Cli::parse();
-    tracing_subscriber::fmt()
+    let logs = tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| "info,sqlx=warn".into()),
         )
         .with_writer(std::io::stderr)
-        .init();
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+    // For log collectors: a JSON object a line.
+    match std::env::var("FLYWHEEL_LOG_FORMAT").as_deref() {
+        Ok("json") => logs.json().init(),
+        Ok("text") | Err(_) => logs.init(),
+        Ok(other) => anyhow::bail!("FLYWHEEL_LOG_FORMAT is `text` or `json`, not `{other}`"),
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;

@@ -42,6 +42,7 @@ pub async fn require_key(
         })?;
     let hash = flywheel_store::keys::hash_key(key);
     if let Some(principal) = state.fresh_principal(&hash) {
+        log_team(&principal);
         req.extensions_mut().insert(principal);
         return Ok(next.run(req).await);
     }
@@ -70,8 +71,14 @@ pub async fn require_key(
             )
         })?,
     };
+    log_team(&principal);
     req.extensions_mut().insert(principal);
     Ok(next.run(req).await)
+}
+
+/// The team, on the request's access log line.
+fn log_team(principal: &Principal) {
+    tracing::Span::current().record("team", tracing::field::display(&principal.team_name));
 }
 
 /// Refuses (403) a request whose key lacks `scope`; runs after
