@@ -63,7 +63,7 @@ pub fn router(state: AppState) -> Router {
     let tokens = scoped(chat::tokenize::router(), Scope::Chat).route_layer(
         axum::middleware::from_fn_with_state(state.clone(), auth::require_key),
     );
-    Router::new()
+    let routes = Router::new()
         .nest("/v1", api)
         .merge(tokens)
         .merge(health::router())
@@ -79,8 +79,8 @@ pub fn router(state: AppState) -> Router {
         .layer(axum::middleware::map_request_with_state(
             state.config().timeouts.body_read,
             body_timeout,
-        ))
-        .layer(access_log())
+        ));
+    with_access_log(routes)
         .layer(PropagateRequestIdLayer::new(REQUEST_ID))
         .layer(SetRequestIdLayer::new(REQUEST_ID, MakeRequestUuid))
         .with_state(state)
@@ -90,16 +90,8 @@ pub fn router(state: AppState) -> Router {
 /// (`finished processing request`, with its status and latency in ms), in
 /// a span that names the method, the route (its pattern, never the raw
 /// path), the team and the request id. Never a body, a key or a password.
-fn access_log() -> TraceLayer<
-    tower_http::classify::SharedClassifier<tower_http::classify::ServerErrorsAsFailures>,
-    impl Fn(&Request<axum::body::Body>) -> tracing::Span + Clone,
-    tower_http::trace::DefaultOnRequest,
-    tower_http::trace::DefaultOnResponse,
-    tower_http::trace::DefaultOnBodyChunk,
-    tower_http::trace::DefaultOnEos,
-    (),
-> {
-    TraceLayer::new_for_http()
+fn with_access_log(router: Router<AppState>) -> Router<AppState> {
+    let layer = TraceLayer::new_for_http()
         .make_span_with(|req: &Request<_>| {
             let id = req
                 .headers()
@@ -121,7 +113,8 @@ fn access_log() -> TraceLayer<
                 .latency_unit(tower_http::LatencyUnit::Millis),
         )
         // A server error is logged where it happens, with its detail.
-        .on_failure(())
+        .on_failure(());
+    router.layer(layer)
 }
 
 /// The route's pattern (`/v1/models/{name}`), on the access log line.
