@@ -59,6 +59,16 @@ if ! command -v schemathesis >/dev/null; then
     export PATH="$PWD/$venv/bin:$PATH"
   fi
 fi
+# /metrics is read back with the Prometheus project's own text-format parser
+# (the PyPI package prometheus-client).
+if ! python3 -c "import prometheus_client.parser" 2>/dev/null; then
+  echo "installing prometheus-client (parses /metrics in the tests)"
+  if ! python3 -m pip install --quiet 'prometheus-client==0.21.1' 2>/dev/null; then
+    [ -x "$venv/bin/python3" ] || python3 -m venv "$venv" || { echo "python3 -m venv failed: install Debian's python3-venv" >&2; exit 1; }
+    "$venv/bin/python3" -m pip install --quiet 'prometheus-client==0.21.1'
+    export PATH="$PWD/$venv/bin:$PATH"
+  fi
+fi
 # The dashboard's browser tests: Debian's Chromium, driven by playwright-core
 # (from npm, pinned in tests/browser/package-lock.json).
 if ! command -v chromium >/dev/null; then

@@ -68,7 +68,10 @@ pub fn router(state: AppState) -> Router {
         .merge(tokens)
         .merge(health::router())
         .merge(metrics::router())
-        .route_layer(axum::middleware::from_fn(log_route))
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            observe_route,
+        ))
         .fallback(|| async {
             AppError::NotFound {
                 message: "no such route".into(),
@@ -117,14 +120,25 @@ fn with_access_log(router: Router<AppState>) -> Router<AppState> {
     router.layer(layer)
 }
 
-/// The route's pattern (`/v1/models/{name}`), on the access log line.
-async fn log_route(
+/// The route's pattern (`/v1/models/{name}`), on the access log line, and
+/// the request's time to its answer's headers in `/metrics`.
+async fn observe_route(
+    axum::extract::State(state): axum::extract::State<AppState>,
     path: axum::extract::MatchedPath,
     req: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> axum::response::Response {
     tracing::Span::current().record("route", tracing::field::display(path.as_str()));
-    next.run(req).await
+    let started = std::time::Instant::now();
+    let method = req.method().clone();
+    let resp = next.run(req).await;
+    state.meters().observe_http(
+        method.as_str(),
+        path.as_str(),
+        resp.status().as_u16(),
+        started.elapsed().as_secs_f64(),
+    );
+    resp
 }
 
 /// How long the server waits on a client before it gives up on it.

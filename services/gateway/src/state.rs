@@ -80,6 +80,7 @@ struct Inner {
     upstream_use: Mutex<std::collections::BTreeMap<(String, String), UpstreamUse>>,
     /// Each team's rate-limit buckets in this process.
     limiter: crate::limits::Limiter,
+    meters: crate::metrics::Meters,
     /// Versions whose last load failed, and when.
     failed_loads: Mutex<HashMap<Uuid, Instant>>,
     /// The version that last answered each team's champion route here.
@@ -173,6 +174,7 @@ impl AppState {
                 upstreams: Mutex::new(HashMap::new()),
                 upstream_use: Mutex::new(Default::default()),
                 limiter: Default::default(),
+                meters: Default::default(),
                 failed_loads: Mutex::new(HashMap::new()),
                 last_champion: Mutex::new(HashMap::new()),
             }),
@@ -181,6 +183,11 @@ impl AppState {
 
     pub fn pool(&self) -> &PgPool {
         &self.inner.pool
+    }
+
+    /// The histograms of `/metrics`.
+    pub(crate) fn meters(&self) -> &crate::metrics::Meters {
+        &self.inner.meters
     }
 
     /// Per-team rate limits.

@@ -527,6 +527,13 @@ impl LogContext {
     /// Writes the completion to the journal; `reason` overrides the
     /// engine's finish reason for cancelled and failed generations.
     async fn record(&self, c: &Collected, reason: Option<&str>) -> Result<(), AppError> {
+        self.state.meters().observe_completion(
+            &self.served.name,
+            c.first_token_after
+                .map(|t| (t - self.started).as_secs_f64()),
+            self.started.elapsed().as_secs_f64(),
+            c.completion_tokens,
+        );
         self.state.limiter().spend(
             self.principal.team_id,
             c.prompt_tokens + c.completion_tokens,

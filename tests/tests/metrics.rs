@@ -1,0 +1,138 @@
+//! `/metrics` read back as Prometheus reads it: the whole page through the
+//! Prometheus project's own text-format parser (the PyPI package
+//! prometheus-client, which the test command installs), and the histograms
+//! of HTTP requests and of completions moving with the traffic sent.
+
+use flywheel_tests::TestGateway;
+use serde_json::{Value, json};
+
+/// Every sample on the page, `[name, labels, value]`, as the parser reads
+/// it; panics with the parser's error when the page does not parse.
+async fn samples(gw: &TestGateway) -> Vec<(String, Value, f64)> {
+    let page = reqwest::get(format!("{}/metrics", gw.base))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let script = r#"
+import json, sys
+from prometheus_client.parser import text_string_to_metric_families
+out = []
+for family in text_string_to_metric_families(sys.stdin.read()):
+    for s in family.samples:
+        out.append([s.name, s.labels, s.value])
+print(json.dumps(out))
+"#;
+    let mut child = std::process::Command::new("python3")
+        .args(["-c", script])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("python3");
+    std::io::Write::write_all(&mut child.stdin.take().unwrap(), page.as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "the page does not parse: {}\n{page}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rows: Vec<(String, Value, f64)> = serde_json::from_slice(&out.stdout).unwrap();
+    rows
+}
+
+/// The value of `name` whose labels include `labels`, or 0.
+fn value(rows: &[(String, Value, f64)], name: &str, labels: &Value) -> f64 {
+    rows.iter()
+        .filter(|(n, l, _)| {
+            n == name
+                && labels
+                    .as_object()
+                    .unwrap()
+                    .iter()
+                    .all(|(k, v)| l.get(k) == Some(v))
+        })
+        .map(|(_, _, v)| v)
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_parse_and_the_histograms_count_the_traffic() {
+    let gw = TestGateway::tiny().await;
+    let model = gw.model().to_string();
+    let before = samples(&gw).await;
+    let mut written = 0.0;
+    for user in ["a", "b"] {
+        let (status, body) = gw
+            .post(
+                &gw.key,
+                "/v1/chat/completions",
+                json!({"model": model, "max_tokens": 5, "user": user,
+                       "messages": [{"role": "user", "content": "hi"}]}),
+            )
+            .await;
+        assert_eq!(status, 200, "{body}");
+        written += body["usage"]["completion_tokens"].as_f64().unwrap();
+    }
+    let missing = reqwest::Client::new()
+        .get(format!("{}/v1/models/no-such-model", gw.base))
+        .bearer_auth(&gw.key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(missing.status(), 404);
+    let after = samples(&gw).await;
+    let moved =
+        |name: &str, labels: Value| value(&after, name, &labels) - value(&before, name, &labels);
+
+    let chats = json!({"method": "POST", "route": "/v1/chat/completions", "status": "200"});
+    assert_eq!(
+        moved(
+            "flywheel_http_request_duration_seconds_count",
+            chats.clone()
+        ),
+        2.0
+    );
+    assert!(moved("flywheel_http_request_duration_seconds_sum", chats) > 0.0);
+    // The route's pattern, not the path asked for.
+    let missing = json!({"method": "GET", "route": "/v1/models/{name}", "status": "404"});
+    assert_eq!(
+        moved("flywheel_http_request_duration_seconds_count", missing),
+        1.0
+    );
+    assert!(
+        !after
+            .iter()
+            .any(|(_, l, _)| l.to_string().contains("no-such-model")),
+        "a raw path became a label"
+    );
+    // Each bucket counts the requests at most its bound: the last (+Inf)
+    // counts them all.
+    let inf =
+        json!({"method": "POST", "route": "/v1/chat/completions", "status": "200", "le": "+Inf"});
+    assert_eq!(
+        moved("flywheel_http_request_duration_seconds_bucket", inf),
+        2.0
+    );
+
+    let by_model = json!({"model": model});
+    assert_eq!(
+        moved(
+            "flywheel_time_to_first_token_seconds_count",
+            by_model.clone()
+        ),
+        2.0
+    );
+    assert_eq!(
+        moved(
+            "flywheel_completion_duration_seconds_count",
+            by_model.clone()
+        ),
+        2.0
+    );
+    assert_eq!(
+        moved("flywheel_completion_output_tokens_sum", by_model),
+        written
+    );
+}
