@@ -116,6 +116,19 @@ async fn metrics_parse_and_the_histograms_count_the_traffic() {
         2.0
     );
 
+    assert_eq!(
+        value(&after, "flywheel_model_info", &json!({"model": model})),
+        1.0
+    );
+    assert_eq!(
+        value(
+            &after,
+            "flywheel_build_info",
+            &json!({"version": env!("CARGO_PKG_VERSION")})
+        ),
+        1.0
+    );
+
     let by_model = json!({"model": model});
     assert_eq!(
         moved(

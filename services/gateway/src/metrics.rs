@@ -286,11 +286,33 @@ async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
             s.failed.to_string(),
         );
     }
+    info_metrics(&state, &mut out);
     upstream_metrics(&state, &mut out);
     refusal_metrics(&state, &mut out);
     job_spend_metrics(&state, &mut out).await;
     state.meters().encode(&mut out);
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out)
+}
+
+/// What runs: the build, and the version served by default.
+fn info_metrics(state: &AppState, out: &mut String) {
+    let _ = writeln!(
+        out,
+        "# HELP flywheel_build_info The running build (its version as a label).\n\
+         # TYPE flywheel_build_info gauge\n\
+         flywheel_build_info{{version=\"{}\"}} 1",
+        env!("CARGO_PKG_VERSION")
+    );
+    if let Some(m) = state.served() {
+        let _ = writeln!(
+            out,
+            "# HELP flywheel_model_info The model version this gateway serves by default.\n\
+             # TYPE flywheel_model_info gauge\n\
+             flywheel_model_info{{model=\"{}\",version_id=\"{}\"}} 1",
+            label(&m.name),
+            m.version_id
+        );
+    }
 }
 
 /// What the teams' jobs (distillations, judges) spent on upstream versions,
