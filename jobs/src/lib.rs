@@ -16,6 +16,7 @@ pub mod distill;
 pub mod evaluate;
 pub mod faults;
 pub mod judge;
+pub mod meters;
 pub mod queue;
 pub mod schedule;
 pub mod stages;

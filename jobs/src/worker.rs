@@ -117,7 +117,10 @@ where
     let run =
         flywheel_store::jobs::run_started(store, task_id, kind, attempt as i32, &ctx.worker, &args)
             .await?;
-    match work.await {
+    let started = std::time::Instant::now();
+    let ended = work.await;
+    crate::meters::observe_job(kind, ended.is_ok(), started.elapsed().as_secs_f64());
+    match ended {
         Ok(outcome) => {
             let result = serde_json::to_value(&outcome)?;
             flywheel_store::jobs::run_finished(store, run, Ok(&result)).await?;

@@ -42,6 +42,9 @@ pub fn command(db: Option<&str>, env: &[(&str, &str)], args: &[&str]) -> std::pr
         }
     }
     c.env("FLYWHEEL_HOME", test_home());
+    // Many workers run at once in the tests: each listener on a port of
+    // its own.
+    c.env("FLYWHEEL_WORKER_ADDR", "127.0.0.1:0");
     match db {
         Some(db) => c.env("DATABASE_URL", db),
         None => c.env_remove("DATABASE_URL"),

@@ -156,8 +156,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Worker => {
             crate::bootstrap::low_priority_training_pool(&cfg);
             let pool = pool(&cfg).await?;
-            let w = cfg.worker(&pool)?;
-            flywheel_jobs::worker::run(pool, w, crate::serve::shutdown_signal()).await
+            crate::worker::run(&cfg, pool, crate::serve::shutdown_signal()).await
         }
         Command::Migrate => {
             pool(&cfg).await?;

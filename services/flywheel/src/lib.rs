@@ -1,7 +1,8 @@
 //! The `flywheel` program as a library: the command line ([`cli`]), the
 //! layered configuration ([`config`]), getting a database and a model ready
-//! ([`bootstrap`]), running the gateway ([`serve`]) or everything at once
-//! ([`up`]), and one module per command group. `main.rs` only parses and
+//! ([`bootstrap`]), running the gateway ([`serve`]), the job worker
+//! ([`worker`]) or everything at once ([`up`]), and one module per command
+//! group. `main.rs` only parses and
 //! dispatches; tests drive these functions directly.
 //!
 //! SQL lives in `flywheel-store`, the model in `flywheel-model` and
@@ -26,6 +27,7 @@ pub mod serve;
 pub mod teams;
 pub mod train;
 pub mod up;
+pub mod worker;
 
 pub use bootstrap::{connect_and_migrate, ensure_champion, ensure_local, pull, register};
 pub use config::Config;

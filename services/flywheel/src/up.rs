@@ -41,6 +41,7 @@ pub async fn up(mut cfg: Config) -> anyhow::Result<()> {
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|stop| *stop).await;
     };
+    let worker_listener = crate::worker::listen(&cfg.jobs.addr, pool.clone()).await?;
     let worker = tokio::spawn(flywheel_jobs::worker::run(
         pool.clone(),
         cfg.worker(&pool)?,
@@ -51,6 +52,9 @@ pub async fn up(mut cfg: Config) -> anyhow::Result<()> {
         Ok(Err(e)) if result.is_ok() => result = Err(e),
         Err(e) if result.is_ok() => result = Err(anyhow::anyhow!("worker panicked: {e}")),
         _ => {}
+    }
+    if let Some(l) = worker_listener {
+        l.abort();
     }
     if let Some(pg) = local {
         eprintln!("stopping PostgreSQL");

@@ -182,3 +182,105 @@ async fn two_workers_run_each_job_once() {
     let versions = flywheel_store::datasets::list(&pool, None).await.unwrap();
     assert_eq!(versions.len(), teams.len());
 }
+
+/// The worker's own listener: probes and its jobs' figures, read back with
+/// the Prometheus project's Python parser (as the gateway's are in
+/// `tests/tests/metrics.rs`).
+#[tokio::test]
+async fn a_worker_answers_probes_and_counts_its_jobs_by_kind_and_outcome() {
+    let db = fresh_database("fw_worker_metrics").await;
+    cli(
+        &db,
+        &[
+            "datasets",
+            "synth",
+            "--team",
+            "acme",
+            "--completions",
+            "40",
+            "--ratings",
+            "20",
+        ],
+    );
+    let pool = flywheel_store::connect(&db).await.unwrap();
+    let port = flywheel_tests::free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let _w = Killed(worker(&db, &[("FLYWHEEL_WORKER_ADDR", &addr)]));
+    let base = format!("http://{addr}");
+    assert!(
+        until(30, || async {
+            reqwest::get(format!("{base}/healthz"))
+                .await
+                .is_ok_and(|r| r.status() == 200)
+        })
+        .await,
+        "the worker's listener never answered"
+    );
+    assert_eq!(
+        reqwest::get(format!("{base}/readyz"))
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+
+    // One curation that succeeds, one that fails (its team does not exist).
+    let ok = enqueue_build(&db, "acme");
+    let missing = CurateJob {
+        scope: Scope::Team(uuid::Uuid::new_v4()),
+        rules: Default::default(),
+        until: None,
+        cycle: None,
+    };
+    let bad = flywheel_jobs::queue::push_curation(&pool, &missing, 1)
+        .await
+        .unwrap();
+    assert!(
+        until(60, || async {
+            state(&pool, &ok).await.status == "Done" && state(&pool, &bad).await.status == "Failed"
+        })
+        .await
+    );
+    let page = reqwest::get(format!("{base}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let script = r#"
+import json, sys
+from prometheus_client.parser import text_string_to_metric_families
+print(json.dumps([[s.name, s.labels, s.value]
+                  for f in text_string_to_metric_families(sys.stdin.read()) for s in f.samples]))
+"#;
+    let mut child = std::process::Command::new("python3")
+        .args(["-c", script])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(&mut child.stdin.take().unwrap(), page.as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}\n{page}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rows: Vec<(String, serde_json::Value, f64)> = serde_json::from_slice(&out.stdout).unwrap();
+    let count = |outcome: &str| {
+        rows.iter()
+            .filter(|(n, l, _)| {
+                n == "flywheel_job_duration_seconds_count"
+                    && l["kind"] == "curate"
+                    && l["outcome"] == outcome
+            })
+            .map(|(_, _, v)| v)
+            .sum::<f64>()
+    };
+    assert_eq!((count("succeeded"), count("failed")), (1.0, 1.0), "{page}");
+    assert!(
+        rows.iter()
+            .any(|(n, _, v)| n == "flywheel_database_up" && *v == 1.0)
+    );
+}

@@ -93,6 +93,9 @@ pub struct JobSettings {
     pub backoff_secs: u64,
     pub heartbeat_secs: u64,
     pub shutdown_grace_secs: u64,
+    /// The worker's listener (`/metrics`, `/healthz`, `/readyz`); empty:
+    /// none.
+    pub addr: String,
 }
 
 #[derive(Debug, Clone)]
@@ -157,6 +160,7 @@ impl Config {
                 backoff_secs: 0,
                 heartbeat_secs: 1,
                 shutdown_grace_secs: 0,
+                addr: String::new(),
             },
             training: TrainingSettings {
                 artifacts: String::new(),
@@ -446,7 +450,7 @@ mod tests {
             (0, std::time::Duration::from_millis(40), 9)
         );
         assert_eq!(upstream.breaker_cooldown, std::time::Duration::from_secs(8));
-        assert_eq!(SETTINGS.len(), 62);
+        assert_eq!(SETTINGS.len(), 63);
     }
 
     #[test]

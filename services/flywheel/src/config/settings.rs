@@ -172,6 +172,9 @@ settings! {
     "jobs.shutdown_grace_secs", "FLYWHEEL_JOB_SHUTDOWN_GRACE_SECS", "20",
         "on SIGTERM, how long a worker waits for its running jobs before it exits and leaves them to another worker (a training run resumes from its last checkpoint); under Kubernetes' 30 s"
         => |v, c| c.jobs.shutdown_grace_secs = v.number(0..=86_400)?;
+    "jobs.addr", "FLYWHEEL_WORKER_ADDR", "127.0.0.1:9090",
+        "the worker's own listener: `/metrics` (its jobs), `/healthz`, `/readyz` (the database); empty: none"
+        => |v, c| c.jobs.addr = v.raw().trim().to_string();
     "promotion.task_min_lower_bound", "FLYWHEEL_PROMOTION_TASK_MIN_LOWER_BOUND", "0",
         "each task suite's pass-rate difference (candidate minus champion) must have its 95% lower bound above this"
         => |v, c| c.promotion.task_min_lower_bound = v.float(-1.0..=1.0)?;
