@@ -47,12 +47,22 @@ pub struct WorkerConfig {
 }
 
 impl WorkerConfig {
+    /// The grace period a stop gets: at most a heartbeat short of the time
+    /// after which other workers take a silent worker's jobs (a stopping
+    /// worker no longer heartbeats: past that, another would start a job
+    /// this one still runs).
+    pub fn effective_grace(&self) -> Duration {
+        let silent = self.heartbeat * self.missed_heartbeats as u32;
+        self.shutdown_grace
+            .min(silent.saturating_sub(self.heartbeat))
+    }
+
     pub fn new(name: impl Into<String>) -> Self {
         Self {
             name: name.into(),
             heartbeat: Duration::from_secs(3),
             missed_heartbeats: 5,
-            shutdown_grace: Duration::from_secs(20),
+            shutdown_grace: Duration::from_secs(10),
             max_attempts: queue::DEFAULT_MAX_ATTEMPTS,
             backoff: Backoff::default(),
             curation: None,
@@ -374,9 +384,17 @@ pub async fn run(
     };
     // The signal stops taking jobs; those running get the grace period to
     // end, then are left behind.
+    let grace = config.effective_grace();
+    if grace < config.shutdown_grace {
+        tracing::warn!(
+            asked = ?config.shutdown_grace,
+            ?grace,
+            "the shutdown grace is cut short: other workers take a silent worker's jobs after \
+             FLYWHEEL_JOB_HEARTBEAT_SECS x 5"
+        );
+    }
     let grace_over = {
         let stop_all = stop_all.clone();
-        let grace = config.shutdown_grace;
         async move {
             shutdown.await;
             tracing::info!(
@@ -388,6 +406,8 @@ pub async fn run(
         }
     };
     let result = tokio::select! {
+        // The workers first: with no grace at all they still stop cleanly.
+        biased;
         (curation, training, evaluation) = async { tokio::join!(curation, training, evaluation) } => {
             curation.and(training).and(evaluation)
         }
@@ -412,6 +432,19 @@ pub async fn run(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_shutdown_grace_ends_before_other_workers_take_over() {
+        let mut c = WorkerConfig::new("w");
+        c.heartbeat = Duration::from_secs(3);
+        c.missed_heartbeats = 5;
+        c.shutdown_grace = Duration::from_secs(10);
+        assert_eq!(c.effective_grace(), Duration::from_secs(10));
+        c.shutdown_grace = Duration::from_secs(15);
+        assert_eq!(c.effective_grace(), Duration::from_secs(12));
+        c.heartbeat = Duration::from_secs(1);
+        assert_eq!(c.effective_grace(), Duration::from_secs(4));
+    }
 
     #[test]
     fn backoff_doubles_up_to_its_cap() {

@@ -340,8 +340,10 @@ async fn a_worker_killed_mid_training_is_replaced_and_the_run_resumes_from_its_c
 }
 
 /// A worker stopped as Kubernetes stops a pod (`SIGTERM`) while it
-/// trains a run that has minutes left: it exits within the shipped grace
-/// period (20 s, under Kubernetes' 30 s) instead of training on, and
+/// trains a run that has minutes left: it exits within its grace period
+/// (10 s by default, under Kubernetes' 30 s; 4 s here, a heartbeat short of
+/// the 5 s after which these workers, heartbeating every second, take a
+/// silent one's job) instead of training on, and
 /// another worker process resumes the run from its last checkpoint and
 /// finishes it, each step recorded once.
 #[tokio::test]

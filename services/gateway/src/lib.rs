@@ -16,6 +16,7 @@ mod health;
 mod input;
 pub mod journal;
 mod limits;
+mod meters;
 mod metrics;
 mod models;
 pub mod openapi;

@@ -6,11 +6,6 @@
 
 use std::fmt::Write;
 
-use prometheus_client::encoding::EncodeLabelSet;
-use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
-use prometheus_client::registry::Registry;
-
 use axum::Router;
 use axum::extract::State;
 use axum::http::header;
@@ -21,123 +16,6 @@ use crate::AppState;
 
 pub fn router() -> Router<AppState> {
     Router::new().route("/metrics", get(metrics))
-}
-
-/// An HTTP request's labels: bounded (the route's pattern, never the raw
-/// path; no team or user).
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct HttpLabels {
-    method: String,
-    route: String,
-    status: String,
-}
-
-/// A completion's label: the model version that answered.
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct ModelLabel {
-    model: String,
-}
-
-type Histograms<L> = Family<L, Histogram, fn() -> Histogram>;
-
-fn seconds() -> Histogram {
-    // 5 ms to 41 s.
-    Histogram::new(exponential_buckets(0.005, 2.0, 14))
-}
-
-fn tokens() -> Histogram {
-    // 1 to 4,096.
-    Histogram::new(exponential_buckets(1.0, 2.0, 13))
-}
-
-/// The histograms, kept by the gateway and read by `/metrics`.
-pub struct Meters {
-    registry: Registry,
-    http: Histograms<HttpLabels>,
-    first_token: Histograms<ModelLabel>,
-    duration: Histograms<ModelLabel>,
-    output_tokens: Histograms<ModelLabel>,
-}
-
-impl Default for Meters {
-    fn default() -> Self {
-        let mut registry = Registry::default();
-        let http = Histograms::<HttpLabels>::new_with_constructor(seconds as fn() -> Histogram);
-        let first_token =
-            Histograms::<ModelLabel>::new_with_constructor(seconds as fn() -> Histogram);
-        let duration = Histograms::<ModelLabel>::new_with_constructor(seconds as fn() -> Histogram);
-        let output_tokens =
-            Histograms::<ModelLabel>::new_with_constructor(tokens as fn() -> Histogram);
-        registry.register(
-            "flywheel_http_request_duration_seconds",
-            "Time from a request's arrival to its answer's headers (a stream's first bytes), by method, route pattern and status",
-            http.clone(),
-        );
-        registry.register(
-            "flywheel_time_to_first_token_seconds",
-            "Time from a completion request's arrival to its first token, by the model version that answered",
-            first_token.clone(),
-        );
-        registry.register(
-            "flywheel_completion_duration_seconds",
-            "Time from a completion request's arrival to its end, by the model version that answered",
-            duration.clone(),
-        );
-        registry.register(
-            "flywheel_completion_output_tokens",
-            "Tokens a completion wrote, by the model version that answered",
-            output_tokens.clone(),
-        );
-        Self {
-            registry,
-            http,
-            first_token,
-            duration,
-            output_tokens,
-        }
-    }
-}
-
-impl Meters {
-    pub fn observe_http(&self, method: &str, route: &str, status: u16, seconds: f64) {
-        let labels = HttpLabels {
-            method: method.to_string(),
-            route: route.to_string(),
-            status: status.to_string(),
-        };
-        self.http.get_or_create(&labels).observe(seconds);
-    }
-
-    /// A completion that ended: its model version, time to first token
-    /// (none when it wrote nothing), duration and tokens written.
-    pub fn observe_completion(
-        &self,
-        model: &str,
-        first_token: Option<f64>,
-        seconds: f64,
-        tokens: usize,
-    ) {
-        let label = ModelLabel {
-            model: model.to_string(),
-        };
-        if let Some(t) = first_token {
-            self.first_token.get_or_create(&label).observe(t);
-        }
-        self.duration.get_or_create(&label).observe(seconds);
-        self.output_tokens
-            .get_or_create(&label)
-            .observe(tokens as f64);
-    }
-
-    /// Appends the histograms in the text format (without OpenMetrics'
-    /// closing `# EOF`, as the rest of the page is Prometheus' format).
-    fn encode(&self, out: &mut String) {
-        let mut text = String::new();
-        if prometheus_client::encoding::text::encode(&mut text, &self.registry).is_ok() {
-            out.push_str(text.trim_end().trim_end_matches("# EOF").trim_end());
-            out.push('\n');
-        }
-    }
 }
 
 async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
@@ -309,7 +187,7 @@ fn info_metrics(state: &AppState, out: &mut String) {
             "# HELP flywheel_model_info The model version this gateway serves by default.\n\
              # TYPE flywheel_model_info gauge\n\
              flywheel_model_info{{model=\"{}\",version_id=\"{}\"}} 1",
-            label(&m.name),
+            crate::meters::escaped(&m.name),
             m.version_id
         );
     }
@@ -402,7 +280,7 @@ fn table<T>(out: &mut String, series: &[Series<T>], rows: &[(String, &T)]) {
 fn labels(pairs: &[(&str, &str)]) -> String {
     pairs
         .iter()
-        .map(|(k, v)| format!("{k}=\"{}\"", label(v)))
+        .map(|(k, v)| format!("{k}=\"{}\"", crate::meters::escaped(v)))
         .collect::<Vec<_>>()
         .join(",")
 }
@@ -497,11 +375,4 @@ fn upstream_metrics(state: &AppState, out: &mut String) {
         .map(|((version, team), u)| (labels(&[("version", version), ("team", team)]), u))
         .collect();
     table(out, &per_team, &rows);
-}
-
-/// A Prometheus label value, escaped.
-fn label(s: &str) -> String {
-    s.replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
 }

@@ -80,7 +80,7 @@ struct Inner {
     upstream_use: Mutex<std::collections::BTreeMap<(String, String), UpstreamUse>>,
     /// Each team's rate-limit buckets in this process.
     limiter: crate::limits::Limiter,
-    meters: crate::metrics::Meters,
+    meters: crate::meters::Meters,
     /// Versions whose last load failed, and when.
     failed_loads: Mutex<HashMap<Uuid, Instant>>,
     /// The version that last answered each team's champion route here.
@@ -186,7 +186,7 @@ impl AppState {
     }
 
     /// The histograms of `/metrics`.
-    pub(crate) fn meters(&self) -> &crate::metrics::Meters {
+    pub(crate) fn meters(&self) -> &crate::meters::Meters {
         &self.inner.meters
     }
 

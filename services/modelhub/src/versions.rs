@@ -37,9 +37,11 @@ impl Versions {
         tracing::info!(model = v.name, source = v.source, "fetching the model file");
         std::fs::create_dir_all(&self.cache)?;
         let path = self.cache.join(format!("{}.gguf", v.sha256));
-        let part = self
-            .cache
-            .join(format!(".{}.{}.part", v.sha256, std::process::id()));
+        let part = self.cache.join(format!(
+            ".{}.{}.part",
+            v.sha256,
+            uuid::Uuid::new_v4().simple()
+        ));
         artifacts::download(&v.source, &part).await?;
         let sha = crate::sha256_file(&part).await?;
         if sha != v.sha256 {

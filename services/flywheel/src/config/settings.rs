@@ -169,10 +169,10 @@ settings! {
     "jobs.heartbeat_secs", "FLYWHEEL_JOB_HEARTBEAT_SECS", "3",
         "worker heartbeat; 5 missed and its job moves on"
         => |v, c| c.jobs.heartbeat_secs = v.number(1..=3600)?;
-    "jobs.shutdown_grace_secs", "FLYWHEEL_JOB_SHUTDOWN_GRACE_SECS", "20",
-        "on SIGTERM, how long a worker waits for its running jobs before it exits and leaves them to another worker (a training run resumes from its last checkpoint); under Kubernetes' 30 s"
+    "jobs.shutdown_grace_secs", "FLYWHEEL_JOB_SHUTDOWN_GRACE_SECS", "10",
+        "on SIGTERM, how long a worker waits for its running jobs before it exits and leaves them to another worker (a training run resumes from its last checkpoint); cut to a heartbeat short of 5, after which another worker takes a silent one's jobs"
         => |v, c| c.jobs.shutdown_grace_secs = v.number(0..=86_400)?;
-    "jobs.addr", "FLYWHEEL_WORKER_ADDR", "127.0.0.1:9090",
+    "jobs.addr", "FLYWHEEL_WORKER_ADDR", "127.0.0.1:8081",
         "the worker's own listener: `/metrics` (its jobs), `/healthz`, `/readyz` (the database); empty: none"
         => |v, c| c.jobs.addr = v.raw().trim().to_string();
     "promotion.task_min_lower_bound", "FLYWHEEL_PROMOTION_TASK_MIN_LOWER_BOUND", "0",
