@@ -12,6 +12,7 @@ pub mod admin;
 pub mod db;
 pub mod gateway;
 pub mod process;
+pub mod prometheus;
 pub mod proxy;
 pub mod reference;
 pub mod s3;

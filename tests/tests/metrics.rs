@@ -4,10 +4,10 @@
 //! of HTTP requests and of completions moving with the traffic sent.
 
 use flywheel_tests::TestGateway;
+use flywheel_tests::prometheus::value;
 use serde_json::{Value, json};
 
-/// Every sample on the page, `[name, labels, value]`, as the parser reads
-/// it; panics with the parser's error when the page does not parse.
+/// Every sample on the gateway's page.
 async fn samples(gw: &TestGateway) -> Vec<(String, Value, f64)> {
     let page = reqwest::get(format!("{}/metrics", gw.base))
         .await
@@ -15,46 +15,7 @@ async fn samples(gw: &TestGateway) -> Vec<(String, Value, f64)> {
         .text()
         .await
         .unwrap();
-    let script = r#"
-import json, sys
-from prometheus_client.parser import text_string_to_metric_families
-out = []
-for family in text_string_to_metric_families(sys.stdin.read()):
-    for s in family.samples:
-        out.append([s.name, s.labels, s.value])
-print(json.dumps(out))
-"#;
-    let mut child = std::process::Command::new("python3")
-        .args(["-c", script])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("python3");
-    std::io::Write::write_all(&mut child.stdin.take().unwrap(), page.as_bytes()).unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "the page does not parse: {}\n{page}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let rows: Vec<(String, Value, f64)> = serde_json::from_slice(&out.stdout).unwrap();
-    rows
-}
-
-/// The value of `name` whose labels include `labels`, or 0.
-fn value(rows: &[(String, Value, f64)], name: &str, labels: &Value) -> f64 {
-    rows.iter()
-        .filter(|(n, l, _)| {
-            n == name
-                && labels
-                    .as_object()
-                    .unwrap()
-                    .iter()
-                    .all(|(k, v)| l.get(k) == Some(v))
-        })
-        .map(|(_, _, v)| v)
-        .sum()
+    flywheel_tests::prometheus::samples(&page)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

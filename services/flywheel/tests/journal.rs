@@ -23,6 +23,17 @@ fn journal_cli(db: &str, journal: &std::path::Path, args: &[&str]) -> String {
     ran.stdout
 }
 
+/// How `child` ended, if it did within 30 s.
+async fn exit_of(child: &mut std::process::Child) -> Option<std::process::ExitStatus> {
+    for _ in 0..300 {
+        if let Some(status) = child.try_wait().unwrap() {
+            return Some(status);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    None
+}
+
 async fn count(pool: &sqlx::PgPool, sql: &str) -> i64 {
     sqlx::query_scalar(sqlx::AssertSqlSafe(sql.to_string()))
         .fetch_one(pool)
@@ -348,15 +359,9 @@ async fn a_journal_for_another_database_is_refused_at_start() {
         &[],
         std::process::Stdio::piped(),
     );
-    let mut exited = None;
-    for _ in 0..300 {
-        if let Some(status) = wrong.try_wait().unwrap() {
-            exited = Some(status);
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let status = exited.expect("a gateway on another database must not start");
+    let status = exit_of(&mut wrong)
+        .await
+        .expect("a gateway on another database must not start");
     assert!(!status.success());
     let mut stderr = String::new();
     std::io::Read::read_to_string(&mut wrong.stderr.take().unwrap(), &mut stderr).unwrap();
@@ -401,15 +406,7 @@ async fn a_second_gateway_on_a_journal_in_use_refuses_to_start() {
         &[],
         std::process::Stdio::piped(),
     );
-    let mut exited = None;
-    for _ in 0..300 {
-        if let Some(status) = second.try_wait().unwrap() {
-            exited = Some(status);
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let Some(status) = exited else {
+    let Some(status) = exit_of(&mut second).await else {
         let _ = second.kill();
         panic!("a second gateway on the same journal must not start");
     };

@@ -247,36 +247,13 @@ async fn a_worker_answers_probes_and_counts_its_jobs_by_kind_and_outcome() {
         .text()
         .await
         .unwrap();
-    let script = r#"
-import json, sys
-from prometheus_client.parser import text_string_to_metric_families
-print(json.dumps([[s.name, s.labels, s.value]
-                  for f in text_string_to_metric_families(sys.stdin.read()) for s in f.samples]))
-"#;
-    let mut child = std::process::Command::new("python3")
-        .args(["-c", script])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    std::io::Write::write_all(&mut child.stdin.take().unwrap(), page.as_bytes()).unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}\n{page}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let rows: Vec<(String, serde_json::Value, f64)> = serde_json::from_slice(&out.stdout).unwrap();
+    let rows = flywheel_tests::prometheus::samples(&page);
     let count = |outcome: &str| {
-        rows.iter()
-            .filter(|(n, l, _)| {
-                n == "flywheel_job_duration_seconds_count"
-                    && l["kind"] == "curate"
-                    && l["outcome"] == outcome
-            })
-            .map(|(_, _, v)| v)
-            .sum::<f64>()
+        flywheel_tests::prometheus::value(
+            &rows,
+            "flywheel_job_duration_seconds_count",
+            &serde_json::json!({"kind": "curate", "outcome": outcome}),
+        )
     };
     assert_eq!((count("succeeded"), count("failed")), (1.0, 1.0), "{page}");
     assert!(
