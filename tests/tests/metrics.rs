@@ -24,7 +24,7 @@ async fn metrics_parse_and_the_histograms_count_the_traffic() {
     let model = gw.model().to_string();
     let before = samples(&gw).await;
     let (mut written, mut wrote_any) = (0.0, 0.0);
-    for user in ["a", "b"] {
+    for (user, rating) in [("a", "up"), ("b", "down")] {
         let (status, body) = gw
             .post(
                 &gw.key,
@@ -38,6 +38,8 @@ async fn metrics_parse_and_the_histograms_count_the_traffic() {
         written += tokens;
         // The random tiny model may end at once: no first token then.
         wrote_any += f64::from(u8::from(tokens > 0.0));
+        let vote = json!({"completion_id": body["id"], "rating": rating, "user": user});
+        assert_eq!(gw.post(&gw.key, "/v1/feedback", vote).await.0, 201);
     }
     let missing = reqwest::Client::new()
         .get(format!("{}/v1/models/no-such-model", gw.base))
@@ -92,6 +94,19 @@ async fn metrics_parse_and_the_histograms_count_the_traffic() {
         ),
         1.0
     );
+
+    // Votes by the version that made the completions, and their rating.
+    let version = gw.served.version_id.to_string();
+    for rating in ["up", "down"] {
+        assert_eq!(
+            moved(
+                "flywheel_votes_total",
+                json!({"version_id": version, "rating": rating})
+            ),
+            1.0,
+            "{rating}"
+        );
+    }
 
     let by_model = json!({"model": model});
     assert_eq!(

@@ -199,7 +199,8 @@ pub async fn one(
     let missing = || AdminError::not_found(format!("no completion has the id {id:?}"));
     let team = flywheel_store::completions::owner(pool, &id)
         .await?
-        .ok_or_else(missing)?;
+        .ok_or_else(missing)?
+        .team_id;
     let c = flywheel_store::completions::get(pool, team, &id)
         .await?
         .ok_or_else(missing)?;

@@ -15,6 +15,7 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::post;
 use axum::{Extension, Json, Router};
+use flywheel_store::completions::Owner;
 use flywheel_store::feedback::Feedback;
 use flywheel_store::keys::Principal;
 use schemars::JsonSchema;
@@ -293,15 +294,17 @@ async fn accept(
         comment,
         correction,
     } = parse(body)?;
-    if !input::plausible_id(&completion_id)
-        || owner(state, &completion_id).await? != Some(principal.team_id)
-    {
-        // Another team's completion is indistinguishable from none at all.
+    let owner = match input::plausible_id(&completion_id) {
+        true => owner(state, &completion_id).await?,
+        false => None,
+    };
+    // Another team's completion is indistinguishable from none at all.
+    let Some(owner) = owner.filter(|o| o.team_id == principal.team_id) else {
         return Err(AppError::NotFound {
             message: format!("No completion `{completion_id}` was found."),
             code: "completion_not_found",
         });
-    }
+    };
     let vote = Feedback {
         id: Uuid::new_v4(),
         completion_id,
@@ -329,13 +332,16 @@ async fn accept(
             }
             other => AppError::Internal(other.to_string()),
         })?;
+    state
+        .meters()
+        .observe_vote(owner.model_version_id, &vote.rating);
     Ok(vote)
 }
 
-/// The team that owns a completion: from the journal, the completions this
-/// gateway made or looked up lately, or Postgres. An error when none can
-/// answer.
-pub(crate) async fn owner(state: &AppState, id: &str) -> Result<Option<Uuid>, AppError> {
+/// The team that owns a completion and the version that made it: from the
+/// journal, the completions this gateway made or looked up lately, or
+/// Postgres. An error when none can answer.
+pub(crate) async fn owner(state: &AppState, id: &str) -> Result<Option<Owner>, AppError> {
     if let Some(team) = state
         .journal()
         .pending_owner(id)
@@ -351,9 +357,9 @@ pub(crate) async fn owner(state: &AppState, id: &str) -> Result<Option<Uuid>, Ap
     {
         // A completion's team never changes: later votes on it (often on
         // another gateway than the one that answered) need not ask again.
-        Ok(Ok(Some(team))) => {
-            state.remember_completion(id, team);
-            Ok(Some(team))
+        Ok(Ok(Some(owner))) => {
+            state.remember_completion(id, owner);
+            Ok(Some(owner))
         }
         Ok(Ok(None)) => Ok(None),
         _ => Err(AppError::Unavailable(

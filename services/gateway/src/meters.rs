@@ -4,6 +4,7 @@
 //! out by `/metrics` ([`crate::metrics`]).
 
 use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
@@ -31,6 +32,13 @@ struct ModelLabel {
     model: String,
 }
 
+/// A vote's labels: the version that made the completion, the rating.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct VoteLabels {
+    version_id: String,
+    rating: String,
+}
+
 type Histograms<L> = Family<L, Histogram, fn() -> Histogram>;
 
 fn seconds() -> Histogram {
@@ -50,6 +58,7 @@ pub struct Meters {
     first_token: Histograms<ModelLabel>,
     duration: Histograms<ModelLabel>,
     output_tokens: Histograms<ModelLabel>,
+    votes: Family<VoteLabels, Counter>,
 }
 
 impl Default for Meters {
@@ -81,8 +90,15 @@ impl Default for Meters {
             "Tokens a completion wrote, by the model version that answered",
             output_tokens.clone(),
         );
+        let votes = Family::<VoteLabels, Counter>::default();
+        registry.register(
+            "flywheel_votes",
+            "Votes acknowledged, by the model version whose completion they rate (its name: flywheel_model_info) and the rating",
+            votes.clone(),
+        );
         Self {
             registry,
+            votes,
             http,
             first_token,
             duration,
@@ -99,6 +115,15 @@ impl Meters {
             status: status.to_string(),
         };
         self.http.get_or_create(&labels).observe(seconds);
+    }
+
+    /// A vote acknowledged.
+    pub fn observe_vote(&self, version: uuid::Uuid, rating: &str) {
+        let labels = VoteLabels {
+            version_id: version.to_string(),
+            rating: escaped(rating),
+        };
+        self.votes.get_or_create(&labels).inc();
     }
 
     /// A completion that ended: its model version, time to first token

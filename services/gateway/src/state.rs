@@ -99,7 +99,7 @@ pub struct UpstreamUse {
 /// can be checked while Postgres is away.
 #[derive(Default)]
 struct Recent {
-    owners: HashMap<String, Uuid>,
+    owners: HashMap<String, flywheel_store::completions::Owner>,
     order: VecDeque<String>,
 }
 
@@ -617,9 +617,9 @@ impl AppState {
         })
     }
 
-    pub(crate) fn remember_completion(&self, id: &str, team: Uuid) {
+    pub(crate) fn remember_completion(&self, id: &str, owner: flywheel_store::completions::Owner) {
         let mut r = self.inner.recent.lock().unwrap_or_else(|e| e.into_inner());
-        if r.owners.insert(id.to_string(), team).is_none() {
+        if r.owners.insert(id.to_string(), owner).is_none() {
             r.order.push_back(id.to_string());
         }
         while r.order.len() > RECENT_CAPACITY {
@@ -629,14 +629,14 @@ impl AppState {
         }
     }
 
-    pub(crate) fn recent_owner(&self, id: &str) -> Option<Uuid> {
+    pub(crate) fn recent_owner(&self, id: &str) -> Option<flywheel_store::completions::Owner> {
         let r = self.inner.recent.lock().unwrap_or_else(|e| e.into_inner());
         r.owners.get(id).copied()
     }
 
     pub(crate) fn forget_completions(&self, team: Uuid) {
         let mut r = self.inner.recent.lock().unwrap_or_else(|e| e.into_inner());
-        r.owners.retain(|_, t| *t != team);
+        r.owners.retain(|_, o| o.team_id != team);
         let owners = std::mem::take(&mut r.owners);
         r.order.retain(|id| owners.contains_key(id));
         r.owners = owners;

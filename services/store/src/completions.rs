@@ -106,14 +106,25 @@ pub async fn insert_many(ex: impl PgExecutor<'_>, rows: &[NewCompletion]) -> Res
     Ok(done.rows_affected())
 }
 
-/// The team that owns a completion, if it exists.
-pub async fn owner(ex: impl PgExecutor<'_>, id: &str) -> Result<Option<Uuid>> {
-    Ok(
-        sqlx::query_scalar("select team_id from completions where id = $1")
+/// Whose a completion is, and which version made it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Owner {
+    pub team_id: Uuid,
+    pub model_version_id: Uuid,
+}
+
+/// The team that owns a completion and the version that made it, if it
+/// exists.
+pub async fn owner(ex: impl PgExecutor<'_>, id: &str) -> Result<Option<Owner>> {
+    let row: Option<(Uuid, Uuid)> =
+        sqlx::query_as("select team_id, model_version_id from completions where id = $1")
             .bind(id)
             .fetch_optional(ex)
-            .await?,
-    )
+            .await?;
+    Ok(row.map(|(team_id, model_version_id)| Owner {
+        team_id,
+        model_version_id,
+    }))
 }
 
 /// A team's own completion; other teams' ids are simply not found.

@@ -587,8 +587,13 @@ impl LogContext {
                 tracing::error!(error = %e, id = self.id, "could not record a completion");
                 AppError::Unavailable(format!("the completion could not be recorded: {e}"))
             })?;
-        self.state
-            .remember_completion(&self.id, self.principal.team_id);
+        self.state.remember_completion(
+            &self.id,
+            flywheel_store::completions::Owner {
+                team_id: self.principal.team_id,
+                model_version_id: self.served.version_id,
+            },
+        );
         Ok(())
     }
 }

@@ -48,11 +48,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
+use flywheel_store::completions::Owner;
+
 use flywheel_store::PgPool;
 use flywheel_store::instance::DatabaseIdentity;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{Notify, watch};
-use uuid::Uuid;
 
 pub use dead_letter::{DeadLetter, DeadLetters};
 pub use record::Record;
@@ -161,7 +162,7 @@ struct State {
     pending: VecDeque<(u64, Record)>,
     /// Completions not yet in Postgres: id -> team, so votes on them are
     /// accepted before the row exists.
-    pending_completions: HashMap<String, Uuid>,
+    pending_completions: HashMap<String, Owner>,
     /// Records this process wrote, for the syncer.
     written_seq: u64,
 }
@@ -283,6 +284,14 @@ fn lock(dir: &Path) -> Result<std::fs::File, JournalError> {
     }
 }
 
+/// Whose a journalled completion is.
+fn owner_of(c: &flywheel_store::completions::NewCompletion) -> Owner {
+    Owner {
+        team_id: c.team_id,
+        model_version_id: c.model_version_id,
+    }
+}
+
 impl Journal {
     /// Opens the journal in `cfg.dir` for `database`, loading whatever an
     /// earlier run left unflushed. Fails when the folder holds records for
@@ -328,7 +337,7 @@ impl Journal {
             opened.corrupt += c.corrupt.len();
             for rec in c.records {
                 if let Record::Completion(c) = &rec {
-                    pending_completions.insert(c.id.clone(), c.team_id);
+                    pending_completions.insert(c.id.clone(), owner_of(c));
                 }
                 pending.push_back((index, rec));
             }
@@ -457,7 +466,7 @@ impl Journal {
         st.segment.bytes += bytes.len() as u64;
         let index = st.segment.index;
         if let Record::Completion(c) = &rec {
-            st.pending_completions.insert(c.id.clone(), c.team_id);
+            st.pending_completions.insert(c.id.clone(), owner_of(c));
         }
         st.pending.push_back((index, rec));
         st.written_seq += 1;
@@ -471,7 +480,7 @@ impl Journal {
     }
 
     /// The team of a completion that is still only in the journal.
-    pub fn pending_owner(&self, completion_id: &str) -> Option<Uuid> {
+    pub fn pending_owner(&self, completion_id: &str) -> Option<Owner> {
         self.lock().pending_completions.get(completion_id).copied()
     }
 
@@ -741,6 +750,7 @@ fn group_commit(journal: Weak<Inner>, wake: std::sync::mpsc::Receiver<()>) {
 #[cfg(test)]
 mod tests {
     use flywheel_store::completions::NewCompletion;
+    use uuid::Uuid;
 
     use super::*;
 
@@ -791,7 +801,7 @@ mod tests {
         assert_eq!(opened, Opened::default());
         j.append(completion("a")).await.unwrap();
         j.append(completion("b")).await.unwrap();
-        assert_eq!(j.pending_owner("a"), Some(Uuid::nil()));
+        assert_eq!(j.pending_owner("a").map(|o| o.team_id), Some(Uuid::nil()));
         drop(j);
         // A write cut short by a crash.
         let mut f = std::fs::OpenOptions::new()
@@ -803,7 +813,7 @@ mod tests {
         let (j, opened) = open(JournalConfig::new(&d));
         assert_eq!((opened.replayed, opened.torn, opened.corrupt), (2, 1, 0));
         assert_eq!(j.stats().pending, 2);
-        assert_eq!(j.pending_owner("b"), Some(Uuid::nil()));
+        assert_eq!(j.pending_owner("b").map(|o| o.team_id), Some(Uuid::nil()));
     }
 
     #[tokio::test]
@@ -917,7 +927,7 @@ mod tests {
         assert!(segment_indices(&d).unwrap().len() >= 3);
         j.forget(2);
         assert_eq!(j.pending_owner("a"), None);
-        assert_eq!(j.pending_owner("c"), Some(Uuid::nil()));
+        assert_eq!(j.pending_owner("c").map(|o| o.team_id), Some(Uuid::nil()));
         let left = segment_indices(&d).unwrap();
         // The segment holding "c" and the current one remain.
         assert!(left.len() <= 2, "{left:?}");
