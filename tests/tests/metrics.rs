@@ -95,6 +95,28 @@ async fn metrics_parse_and_the_histograms_count_the_traffic() {
         1.0
     );
 
+    // Every loaded engine by the version it loaded: here the one engine.
+    assert!(
+        moved(
+            "flywheel_engines_prompt_tokens_total",
+            json!({"model": model})
+        ) > 0.0
+    );
+    assert!(
+        moved(
+            "flywheel_engines_generated_tokens_total",
+            json!({"model": model})
+        ) >= written
+    );
+    for gauge in ["flywheel_engines_queue_depth", "flywheel_engines_running"] {
+        assert!(
+            after
+                .iter()
+                .any(|(n, l, _)| n == gauge && l["model"] == model.as_str()),
+            "{gauge}"
+        );
+    }
+
     // Votes by the version that made the completions, and their rating.
     let version = gw.served.version_id.to_string();
     for rating in ["up", "down"] {

@@ -165,6 +165,7 @@ async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
         );
     }
     info_metrics(&state, &mut out);
+    engine_metrics(&state, &mut out);
     upstream_metrics(&state, &mut out);
     refusal_metrics(&state, &mut out);
     job_spend_metrics(&state, &mut out).await;
@@ -283,6 +284,63 @@ fn labels(pairs: &[(&str, &str)]) -> String {
         .map(|(k, v)| format!("{k}=\"{}\"", crate::meters::escaped(v)))
         .collect::<Vec<_>>()
         .join(",")
+}
+
+/// Every loaded engine's queue, batch and tokens, labelled with the name of
+/// the version it loaded (its base: a team's adapters run on it), the
+/// engine serving `default` included; the unlabelled `flywheel_engine_*`
+/// series are that one's alone.
+fn engine_metrics(state: &AppState, out: &mut String) {
+    let routes = state.routes();
+    let engines: Vec<(String, flywheel_engine::EngineStats)> = state
+        .models()
+        .loaded()
+        .into_iter()
+        .filter_map(|(id, _)| {
+            let engine = state.models().get(id)?;
+            let name = routes
+                .version(id)
+                .map_or_else(|| id.to_string(), |v| v.name.clone());
+            Some((labels(&[("model", &name)]), engine.stats()))
+        })
+        .collect();
+    if engines.is_empty() {
+        return;
+    }
+    let rows: Vec<_> = engines.iter().map(|(l, s)| (l.clone(), s)).collect();
+    let series: [Series<flywheel_engine::EngineStats>; 5] = [
+        (
+            "flywheel_engines_queue_depth",
+            "gauge",
+            "Requests waiting, by loaded engine.",
+            |s| s.queued as u64,
+        ),
+        (
+            "flywheel_engines_running",
+            "gauge",
+            "Sequences in the running batch, by loaded engine.",
+            |s| s.running,
+        ),
+        (
+            "flywheel_engines_last_batch",
+            "gauge",
+            "Sequences in the last step, by loaded engine.",
+            |s| s.last_batch,
+        ),
+        (
+            "flywheel_engines_generated_tokens_total",
+            "counter",
+            "Tokens generated, by loaded engine.",
+            |s| s.generated_tokens,
+        ),
+        (
+            "flywheel_engines_prompt_tokens_total",
+            "counter",
+            "Prompt tokens read, by loaded engine.",
+            |s| s.prompt_tokens,
+        ),
+    ];
+    table(out, &series, &rows);
 }
 
 /// One series per upstream version this gateway has called, labelled with
