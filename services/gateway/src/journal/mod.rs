@@ -786,8 +786,23 @@ mod tests {
         std::env::temp_dir().join(format!("fw-journal-{}", Uuid::new_v4()))
     }
 
+    /// Opens `cfg`'s journal for database `name`. One just dropped may
+    /// still be held for a moment by its group-commit thread, finishing a
+    /// sync: its lock is waited for (a second at most).
+    fn open_as(cfg: JournalConfig, name: &str) -> Result<(Journal, Opened), JournalError> {
+        for _ in 0..50 {
+            match Journal::open(cfg.clone(), db(name)) {
+                Err(JournalError::Locked { .. }) => {
+                    std::thread::sleep(std::time::Duration::from_millis(20))
+                }
+                other => return other,
+            }
+        }
+        Journal::open(cfg, db(name))
+    }
+
     fn open(cfg: JournalConfig) -> (Journal, Opened) {
-        Journal::open(cfg, db("a")).unwrap()
+        open_as(cfg, "a").unwrap()
     }
 
     fn last_segment(d: &Path) -> PathBuf {
@@ -845,7 +860,7 @@ mod tests {
         let (j, _) = open(JournalConfig::new(&d));
         j.append(completion("a")).await.unwrap();
         drop(j);
-        let err = Journal::open(JournalConfig::new(&d), db("b"))
+        let err = open_as(JournalConfig::new(&d), "b")
             .err()
             .expect("another database");
         let text = err.to_string();
