@@ -64,12 +64,10 @@ pub struct Meters {
 impl Default for Meters {
     fn default() -> Self {
         let mut registry = Registry::default();
-        let http = Histograms::<HttpLabels>::new_with_constructor(seconds as fn() -> Histogram);
-        let first_token =
-            Histograms::<ModelLabel>::new_with_constructor(seconds as fn() -> Histogram);
-        let duration = Histograms::<ModelLabel>::new_with_constructor(seconds as fn() -> Histogram);
-        let output_tokens =
-            Histograms::<ModelLabel>::new_with_constructor(tokens as fn() -> Histogram);
+        let http = Histograms::new_with_constructor(seconds as fn() -> Histogram);
+        let first_token = Histograms::new_with_constructor(seconds as fn() -> Histogram);
+        let duration = Histograms::new_with_constructor(seconds as fn() -> Histogram);
+        let output_tokens = Histograms::new_with_constructor(tokens as fn() -> Histogram);
         registry.register(
             "flywheel_http_request_duration_seconds",
             "Time from a request's arrival to its answer's headers (a stream's first bytes), by method, route pattern and status",
@@ -121,7 +119,7 @@ impl Meters {
     pub fn observe_vote(&self, version: uuid::Uuid, rating: &str) {
         let labels = VoteLabels {
             version_id: version.to_string(),
-            rating: escaped(rating),
+            rating: rating.to_string(),
         };
         self.votes.get_or_create(&labels).inc();
     }

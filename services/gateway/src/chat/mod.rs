@@ -402,13 +402,9 @@ fn stream(
 ) -> impl IntoResponse {
     let (tx, rx) = mpsc::channel::<Result<SseEvent, Infallible>>(64);
     tokio::spawn(async move {
-        let send = |v: Value| {
+        let send = |line: String| {
             let tx = tx.clone();
-            async move {
-                tx.send(Ok(SseEvent::default().data(v.to_string())))
-                    .await
-                    .is_ok()
-            }
+            async move { tx.send(Ok(SseEvent::default().data(line))).await.is_ok() }
         };
         let n = logs.len();
         let mut collected: Vec<Collected> = (0..n).map(|_| Collected::default()).collect();
@@ -457,7 +453,7 @@ fn stream(
             let _ = logs[i].record(&collected[i], Some(why)).await;
         }
         if let Some(e) = failure {
-            send(e.body()).await;
+            send(e.body().to_string()).await;
             return;
         }
         if !open {

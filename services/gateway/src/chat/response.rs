@@ -3,7 +3,6 @@
 use flywheel_engine::{Event, FinishReason, TokenLogprob};
 use schemars::JsonSchema;
 use serde::Serialize;
-use serde_json::Value;
 
 /// What a generation produced so far.
 #[derive(Debug, Default)]
@@ -220,8 +219,10 @@ pub struct ChunkDelta {
     pub content: Option<String>,
 }
 
-fn to_value(body: impl Serialize) -> Value {
-    serde_json::to_value(body).expect("a response body serializes")
+/// A chunk as one line of JSON (an SSE event's data): written straight
+/// from its type, as each streamed token makes one.
+fn to_line(chunk: &ChatCompletionChunk) -> String {
+    serde_json::to_string(chunk).expect("a chunk serializes")
 }
 
 /// Builds response bodies for one completion id.
@@ -247,7 +248,7 @@ impl Chunker {
 
     /// The whole answer: a choice per generation, in order. Usage counts
     /// the prompt once, as OpenAI's API does, and every choice's tokens.
-    pub fn full_response(&self, choices: &[Collected]) -> Value {
+    pub fn full_response(&self, choices: &[Collected]) -> ChatCompletion {
         let choice = |(index, c): (usize, &Collected)| Choice {
             index,
             message: AssistantMessage {
@@ -260,7 +261,7 @@ impl Chunker {
             }),
             finish_reason: c.finish.map(Finish::from),
         };
-        to_value(ChatCompletion {
+        ChatCompletion {
             id: self.id.clone(),
             object: "chat.completion",
             created: self.created,
@@ -268,11 +269,11 @@ impl Chunker {
             system_fingerprint: self.fingerprint.clone(),
             choices: choices.iter().enumerate().map(choice).collect(),
             usage: usage(choices),
-        })
+        }
     }
 
-    fn chunk(&self, choices: Vec<ChunkChoice>, usage: Option<Usage>) -> Value {
-        to_value(ChatCompletionChunk {
+    fn chunk(&self, choices: Vec<ChunkChoice>, usage: Option<Usage>) -> String {
+        to_line(&ChatCompletionChunk {
             id: self.id.clone(),
             object: "chat.completion.chunk",
             created: self.created,
@@ -289,7 +290,7 @@ impl Chunker {
         delta: ChunkDelta,
         logprobs: Option<ChoiceLogprobs>,
         finish_reason: Option<Finish>,
-    ) -> Value {
+    ) -> String {
         let choice = ChunkChoice {
             index,
             delta,
@@ -299,7 +300,7 @@ impl Chunker {
         self.chunk(vec![choice], None)
     }
 
-    pub fn role_chunk(&self, index: usize) -> Value {
+    pub fn role_chunk(&self, index: usize) -> String {
         let delta = ChunkDelta {
             role: Some("assistant"),
             content: Some(String::new()),
@@ -307,7 +308,7 @@ impl Chunker {
         self.one(index, delta, None, None)
     }
 
-    pub fn delta_chunk(&self, index: usize, d: &Delta) -> Value {
+    pub fn delta_chunk(&self, index: usize, d: &Delta) -> String {
         let logprobs = d.logprobs.as_ref().map(|lp| ChoiceLogprobs {
             content: vec![TokenLogprobs::from(lp)],
         });
@@ -319,7 +320,7 @@ impl Chunker {
     }
 
     /// The chunk carrying choice `index`'s `finish_reason`.
-    pub fn finish_chunk(&self, index: usize, c: &Collected) -> Value {
+    pub fn finish_chunk(&self, index: usize, c: &Collected) -> String {
         self.one(
             index,
             ChunkDelta::default(),
@@ -329,7 +330,7 @@ impl Chunker {
     }
 
     /// The last chunk, with the usage of every choice, when asked for.
-    pub fn usage_chunk(&self, choices: &[Collected]) -> Option<Value> {
+    pub fn usage_chunk(&self, choices: &[Collected]) -> Option<String> {
         self.include_usage
             .then(|| self.chunk(Vec::new(), Some(usage(choices))))
     }
