@@ -274,6 +274,62 @@ async fn wait_for_run<F: Fn(&flywheel_store::training::TrainingRun) -> bool>(
         .unwrap()
 }
 
+/// A worker that checkpoints every 3 steps and waits 1.5 s after each,
+/// once it has passed its checkpoint at step 3 of `run_id`.
+async fn worker_past_its_first_checkpoint(
+    db: &str,
+    dir: &std::path::Path,
+    pool: &flywheel_store::PgPool,
+    run_id: uuid::Uuid,
+) -> std::process::Child {
+    let worker = train_worker(
+        db,
+        dir,
+        &[
+            ("FLYWHEEL_CHECKPOINT_EVERY", "3"),
+            ("FLYWHEEL_TEST_FAULTS", "train_step_pause_ms=1500"),
+        ],
+    );
+    let run = wait_for_run(pool, run_id, 120, |r| {
+        r.checkpoint_step == Some(3) && r.step >= 4
+    })
+    .await;
+    assert_eq!(run.checkpoint_step, Some(3), "{run:#?}");
+    worker
+}
+
+/// Another worker takes `run_id` over and finishes its `steps`, each
+/// recorded once; it is returned still running (its job attempt is marked
+/// done after the run) and killed when dropped.
+async fn replacement_finishes(
+    db: &str,
+    dir: &std::path::Path,
+    pool: &flywheel_store::PgPool,
+    run_id: uuid::Uuid,
+    steps: i32,
+) -> Killed {
+    let replacement = Killed(train_worker(db, dir, &[("FLYWHEEL_CHECKPOINT_EVERY", "3")]));
+    let run = wait_for_run(pool, run_id, 240, |r| r.status == "succeeded").await;
+    assert_eq!(run.status, "succeeded", "{run:#?}");
+    assert_eq!(run.step, steps);
+    let recorded = flywheel_store::training::steps(pool, run_id).await.unwrap();
+    assert_eq!(
+        recorded.iter().map(|s| s.step).collect::<Vec<_>>(),
+        (1..=steps).collect::<Vec<_>>()
+    );
+    replacement
+}
+
+/// A worker process, killed when dropped.
+struct Killed(std::process::Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// The fault itself: the worker process training a run is killed
 /// (`SIGKILL`) after its first checkpoint; another worker process takes the
 /// job over once the dead one's heartbeat stops, resumes from that
@@ -283,21 +339,8 @@ async fn a_worker_killed_mid_training_is_replaced_and_the_run_resumes_from_its_c
     let (db, dir) = trained_setup("fw_train_kill", 17).await;
     let run_id = queue_run(&db, "8");
     let pool = flywheel_store::connect(&db).await.unwrap();
-    // This worker checkpoints every 3 steps and waits 1.5 s after each, so
-    // that the kill lands between the checkpoint at 3 and the one at 6.
-    let mut doomed = train_worker(
-        &db,
-        &dir,
-        &[
-            ("FLYWHEEL_CHECKPOINT_EVERY", "3"),
-            ("FLYWHEEL_TEST_FAULTS", "train_step_pause_ms=1500"),
-        ],
-    );
-    let run = wait_for_run(&pool, run_id, 120, |r| {
-        r.checkpoint_step == Some(3) && r.step >= 4
-    })
-    .await;
-    assert_eq!(run.checkpoint_step, Some(3), "{run:#?}");
+    // The kill lands between the checkpoint at 3 and the one at 6.
+    let mut doomed = worker_past_its_first_checkpoint(&db, &dir, &pool, run_id).await;
     doomed.kill().unwrap(); // SIGKILL: no cleanup, no error recorded
     doomed.wait().unwrap();
     let killed_at = flywheel_store::training::get(&pool, run_id)
@@ -307,12 +350,7 @@ async fn a_worker_killed_mid_training_is_replaced_and_the_run_resumes_from_its_c
         .step;
     assert!((4..8).contains(&killed_at), "killed at step {killed_at}");
 
-    let mut replacement = train_worker(&db, &dir, &[("FLYWHEEL_CHECKPOINT_EVERY", "3")]);
-    let run = wait_for_run(&pool, run_id, 180, |r| r.status == "succeeded").await;
-    let _ = replacement.kill();
-    let _ = replacement.wait();
-    assert_eq!(run.status, "succeeded", "{run:#?}");
-    assert_eq!(run.step, 8);
+    let _replacement = replacement_finishes(&db, &dir, &pool, run_id, 8).await;
     // The run is marked done before its job attempt is: wait for that too.
     let attempts = flywheel_tests::eventually(30, || async {
         let all = flywheel_store::jobs::recent_runs(&pool, 10).await.unwrap();
@@ -330,13 +368,6 @@ async fn a_worker_killed_mid_training_is_replaced_and_the_run_resumes_from_its_c
     assert_eq!(second.status, "succeeded");
     assert_ne!(first.worker, second.worker);
     assert_eq!(second.result.as_ref().unwrap()["resumed_from"], 3);
-    let steps = flywheel_store::training::steps(&pool, run_id)
-        .await
-        .unwrap();
-    assert_eq!(
-        steps.iter().map(|s| s.step).collect::<Vec<_>>(),
-        (1..=8).collect::<Vec<_>>()
-    );
 }
 
 /// A worker stopped as Kubernetes stops a pod (`SIGTERM`) while it
@@ -351,20 +382,8 @@ async fn a_worker_stopped_with_sigterm_mid_training_exits_within_its_grace_and_t
     let (db, dir) = trained_setup("fw_train_term", 19).await;
     let run_id = queue_run(&db, "40");
     let pool = flywheel_store::connect(&db).await.unwrap();
-    // 1.5 s after each step: the 40 steps would take a minute more.
-    let mut stopped = train_worker(
-        &db,
-        &dir,
-        &[
-            ("FLYWHEEL_CHECKPOINT_EVERY", "3"),
-            ("FLYWHEEL_TEST_FAULTS", "train_step_pause_ms=1500"),
-        ],
-    );
-    let run = wait_for_run(&pool, run_id, 120, |r| {
-        r.checkpoint_step == Some(3) && r.step >= 4
-    })
-    .await;
-    assert_eq!(run.checkpoint_step, Some(3), "{run:#?}");
+    // At 1.5 s a step, the 40 steps would take a minute more.
+    let mut stopped = worker_past_its_first_checkpoint(&db, &dir, &pool, run_id).await;
     let term = std::process::Command::new("kill")
         .args(["-TERM", &stopped.id().to_string()])
         .status()
@@ -389,19 +408,7 @@ async fn a_worker_stopped_with_sigterm_mid_training_exits_within_its_grace_and_t
         .step;
     assert!(left_at < 40, "it trained to the end: {left_at}");
 
-    let mut replacement = train_worker(&db, &dir, &[("FLYWHEEL_CHECKPOINT_EVERY", "3")]);
-    let run = wait_for_run(&pool, run_id, 240, |r| r.status == "succeeded").await;
-    let _ = replacement.kill();
-    let _ = replacement.wait();
-    assert_eq!(run.status, "succeeded", "{run:#?}");
-    assert_eq!(run.step, 40);
-    let steps = flywheel_store::training::steps(&pool, run_id)
-        .await
-        .unwrap();
-    assert_eq!(
-        steps.iter().map(|s| s.step).collect::<Vec<_>>(),
-        (1..=40).collect::<Vec<_>>()
-    );
+    let _replacement = replacement_finishes(&db, &dir, &pool, run_id, 40).await;
 }
 
 /// Checkpoints and adapters in S3-compatible storage: a resumed attempt
