@@ -31,6 +31,22 @@ fn enqueue_build(db: &str, team: &str) -> String {
         .to_string()
 }
 
+/// A curation of a team that does not exist, queued with `attempts`:
+/// every attempt fails. Returns its task id and the team it names.
+async fn failing_curation(pool: &PgPool, attempts: u32) -> (String, uuid::Uuid) {
+    let missing = uuid::Uuid::new_v4();
+    let job = CurateJob {
+        scope: Scope::Team(missing),
+        rules: Default::default(),
+        until: None,
+        cycle: None,
+    };
+    let task = flywheel_jobs::queue::push_curation(pool, &job, attempts)
+        .await
+        .unwrap();
+    (task, missing)
+}
+
 async fn state(pool: &PgPool, task: &str) -> TaskState {
     flywheel_store::jobs::task_state(pool, task)
         .await
@@ -110,16 +126,7 @@ async fn failing_jobs_are_retried_with_growing_delays_and_their_errors_kept() {
     cli(&db, &["migrate"]);
     let pool = flywheel_store::connect(&db).await.unwrap();
     let _w = Killed(worker(&db, &[("FLYWHEEL_JOB_BACKOFF_SECS", "1")]));
-    let missing = uuid::Uuid::new_v4();
-    let job = CurateJob {
-        scope: Scope::Team(missing),
-        rules: Default::default(),
-        until: None,
-        cycle: None,
-    };
-    let task = flywheel_jobs::queue::push_curation(&pool, &job, 3)
-        .await
-        .unwrap();
+    let (task, missing) = failing_curation(&pool, 3).await;
     assert!(
         until(60, || async {
             let s = state(&pool, &task).await;
@@ -226,15 +233,7 @@ async fn a_worker_answers_probes_and_counts_its_jobs_by_kind_and_outcome() {
 
     // One curation that succeeds, one that fails (its team does not exist).
     let ok = enqueue_build(&db, "acme");
-    let missing = CurateJob {
-        scope: Scope::Team(uuid::Uuid::new_v4()),
-        rules: Default::default(),
-        until: None,
-        cycle: None,
-    };
-    let bad = flywheel_jobs::queue::push_curation(&pool, &missing, 1)
-        .await
-        .unwrap();
+    let (bad, _) = failing_curation(&pool, 1).await;
     assert!(
         until(60, || async {
             state(&pool, &ok).await.status == "Done" && state(&pool, &bad).await.status == "Failed"
