@@ -60,7 +60,7 @@ pub struct Outcome {
 }
 
 /// Builds (or finds) the dataset version for `job`.
-#[tracing::instrument(skip_all, err, fields(scope = ?job.scope))]
+#[tracing::instrument(name = "curate", skip_all, err, fields(scope = ?job.scope))]
 pub async fn run(pool: &PgPool, job: &CurateJob) -> anyhow::Result<Outcome> {
     let t0 = Instant::now();
     // One snapshot for both reads, so votes and completions agree.

@@ -264,7 +264,7 @@ async fn held_out(pool: &PgPool, dataset: Uuid) -> anyhow::Result<HeldOut> {
 }
 
 /// Runs one evaluation to its end. The step function the worker calls.
-#[tracing::instrument(skip_all, err, fields(evaluation = %job.evaluation_id))]
+#[tracing::instrument(name = "evaluate", skip_all, err, fields(evaluation = %job.evaluation_id))]
 pub async fn run(pool: &PgPool, env: &EvalEnv, job: &EvalJob) -> anyhow::Result<EvalOutcome> {
     let e = evals::get(pool, job.evaluation_id)
         .await?

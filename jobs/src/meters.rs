@@ -1,12 +1,14 @@
 //! The worker's figures for `/metrics` (its own listener, in the binary):
-//! each job attempt's duration by kind and outcome, through
-//! prometheus-client. One registry for the process, as Prometheus' own
+//! each job attempt's duration by kind and outcome, and the tokens its
+//! in-process training steps read, through prometheus-client. One registry for the process, as Prometheus' own
 //! clients keep a default one.
 
 use std::sync::LazyLock;
 
 use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
@@ -21,6 +23,9 @@ struct JobLabels {
 struct Meters {
     registry: Registry,
     jobs: Family<JobLabels, Histogram, fn() -> Histogram>,
+    training_tokens: Counter,
+    training_seconds: Counter<f64>,
+    training_speed: Gauge<f64, std::sync::atomic::AtomicU64>,
 }
 
 fn job_seconds() -> Histogram {
@@ -36,7 +41,31 @@ static METERS: LazyLock<Meters> = LazyLock::new(|| {
         "Job attempts by kind and outcome, and how long each took",
         jobs.clone(),
     );
-    Meters { registry, jobs }
+    let training_tokens = Counter::default();
+    registry.register(
+        "flywheel_training_tokens",
+        "Tokens read by training steps run in this worker",
+        training_tokens.clone(),
+    );
+    let training_seconds = Counter::default();
+    registry.register(
+        "flywheel_training_step_seconds",
+        "Time spent in those steps (tokens/s: the rate of one over the rate of the other)",
+        training_seconds.clone(),
+    );
+    let training_speed = Gauge::default();
+    registry.register(
+        "flywheel_training_tokens_per_second",
+        "The last training step's speed, in tokens a second",
+        training_speed.clone(),
+    );
+    Meters {
+        registry,
+        jobs,
+        training_tokens,
+        training_seconds,
+        training_speed,
+    }
 });
 
 /// A job attempt that ended.
@@ -46,6 +75,15 @@ pub(crate) fn observe_job(kind: &str, succeeded: bool, seconds: f64) {
         outcome: if succeeded { "succeeded" } else { "failed" }.to_string(),
     };
     METERS.jobs.get_or_create(&labels).observe(seconds);
+}
+
+/// A training step that read `tokens` in `seconds`.
+pub(crate) fn observe_training_step(tokens: usize, seconds: f64) {
+    METERS.training_tokens.inc_by(tokens as u64);
+    if seconds > 0.0 {
+        METERS.training_seconds.inc_by(seconds);
+        METERS.training_speed.set(tokens as f64 / seconds);
+    }
 }
 
 /// The figures in Prometheus' text format (OpenMetrics' closing `# EOF`

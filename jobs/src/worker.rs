@@ -12,6 +12,7 @@ use apalis_postgres::{Config, PostgresStorage};
 use flywheel_store::PgPool;
 use flywheel_store::cycles::Link;
 use flywheel_store::datasets::Scope;
+use tracing::Instrument;
 
 use crate::curate::{self, CurateJob};
 use crate::evaluate::{self, EvalEnv, EvalJob};
@@ -128,7 +129,21 @@ where
         flywheel_store::jobs::run_started(store, task_id, kind, attempt as i32, &ctx.worker, &args)
             .await?;
     let started = std::time::Instant::now();
-    let ended = work.await;
+    // A trace per attempt: the job, its stage's spans (curate, train with
+    // its step count, evaluate), and the loop's moves it makes.
+    let span = tracing::info_span!(
+        "job",
+        otel.name = %format!("job {kind}"),
+        job.kind = kind,
+        job.task = task_id,
+        job.attempt = i64::from(attempt),
+        job.outcome = tracing::field::Empty,
+    );
+    let ended = work.instrument(span.clone()).await;
+    span.record(
+        "job.outcome",
+        if ended.is_ok() { "succeeded" } else { "failed" },
+    );
     crate::meters::observe_job(kind, ended.is_ok(), started.elapsed().as_secs_f64());
     match ended {
         Ok(outcome) => {

@@ -54,6 +54,8 @@ struct Script {
     always: Option<Behave>,
     /// Each request's `Authorization` header and body.
     seen: Vec<(Option<String>, Value)>,
+    /// Each request's W3C `traceparent` header.
+    traceparents: Vec<Option<String>>,
 }
 
 /// A stand-in for an OpenAI-compatible server, on its own runtime and
@@ -110,6 +112,11 @@ impl StandIn {
         self.script.lock().unwrap().seen.clone()
     }
 
+    /// The `traceparent` each request carried, in order.
+    pub fn traceparents(&self) -> Vec<Option<String>> {
+        self.script.lock().unwrap().traceparents.clone()
+    }
+
     pub fn stop(&mut self) {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
@@ -141,6 +148,10 @@ async fn chat(
             .get(header::AUTHORIZATION)
             .map(|v| v.to_str().unwrap().to_string());
         s.seen.push((auth, body));
+        let traceparent = headers
+            .get("traceparent")
+            .map(|v| v.to_str().unwrap().to_string());
+        s.traceparents.push(traceparent);
         s.next.pop_front().or_else(|| s.always.clone())
     };
     match behave {

@@ -71,6 +71,7 @@ impl Fixture {
             completion_tokens: 5,
             latency_ms: 10.0,
             request_id: None,
+            trace_id: None,
             ttft_ms: None,
             started_at: None,
             route: "champion".into(),

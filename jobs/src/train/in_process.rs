@@ -183,6 +183,7 @@ impl TrainingBackend for InProcess {
             match report {
                 Report::EvalBefore(loss) => training::set_eval_before(pool, run.id, loss).await?,
                 Report::Step(s) => {
+                    crate::meters::observe_training_step(s.tokens, s.seconds);
                     let step = training::NewStep {
                         step: s.step as i32,
                         loss: s.loss,

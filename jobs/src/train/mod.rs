@@ -90,9 +90,15 @@ pub async fn queue_run(
 
 /// Trains (or resumes) one run to its end. The step function the worker
 /// calls; public so tests can run it directly.
-#[tracing::instrument(skip_all, err, fields(run = %run_id))]
 /// The loop gets its candidate through `queue` (where it queues the
-/// evaluation).
+/// evaluation). Traced as one span (`train`) with the run's step count,
+/// not a span per step.
+#[tracing::instrument(
+    name = "train",
+    skip_all,
+    err,
+    fields(run = %run_id, steps = tracing::field::Empty, status = tracing::field::Empty)
+)]
 pub async fn run(
     pool: &PgPool,
     env: &TrainEnv,
@@ -115,6 +121,9 @@ pub async fn run(
     match train_run(pool, env, &run, &dir, queue).await {
         Ok(o) => {
             let _ = std::fs::remove_dir_all(&dir);
+            let span = tracing::Span::current();
+            span.record("steps", o.steps);
+            span.record("status", tracing::field::debug(o.status));
             Ok(o)
         }
         Err(e) => {

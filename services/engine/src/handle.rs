@@ -206,7 +206,7 @@ impl EngineHandle {
         self.shared
             .waiting()
             .enter(tenant, self.capacity, self.per_tenant)?;
-        match self.tx.try_send(Job { req, events }) {
+        match self.tx.try_send(Job::new(req, events)) {
             Ok(()) => Ok(rx),
             Err(e) => {
                 self.shared.waiting().leave(tenant);

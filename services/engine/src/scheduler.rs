@@ -34,6 +34,27 @@ use crate::{EngineError, Result};
 pub(crate) struct Job {
     pub req: GenerateRequest,
     pub events: UnboundedSender<Event>,
+    /// The span that submitted the request (the gateway's request, an
+    /// evaluation job): the parent of the request's phases.
+    parent: tracing::Span,
+    /// The phase the request is in, as a span that ends with it:
+    /// `engine.queue` from submission to admission, `engine.prefill` from
+    /// there to the first token, `engine.decode` from there to the end.
+    phase: tracing::Span,
+}
+
+impl Job {
+    /// A request submitted from within the current span.
+    pub(crate) fn new(req: GenerateRequest, events: UnboundedSender<Event>) -> Self {
+        let parent = tracing::Span::current();
+        let phase = tracing::info_span!(parent: &parent, "engine.queue");
+        Self {
+            req,
+            events,
+            parent,
+            phase,
+        }
+    }
 }
 
 pub(crate) fn spawn<M: StepModel>(
@@ -226,9 +247,13 @@ impl<M: StepModel> Scheduler<M> {
             .store(self.active.len() as u64, Ordering::Relaxed);
     }
 
-    fn admit(&mut self, job: Job) {
+    fn admit(&mut self, mut job: Job) {
         self.shared.waiting().leave(job.req.tenant);
         let n = job.req.prompt_ids.len();
+        // Counts as i64: `tracing` hands unsigned values to trace exporters
+        // as text.
+        job.phase =
+            tracing::info_span!(parent: &job.parent, "engine.prefill", prompt_tokens = n as i64);
         if n == 0 || n >= self.model.config().context_length {
             let _ = job.events.send(Event::Error(format!(
                 "a prompt of {n} tokens does not fit the context window of {}",
@@ -444,6 +469,11 @@ impl<M: StepModel> Scheduler<M> {
         let p = &s.job.req.params;
         if s.first_token {
             s.first_token = false;
+            s.job.phase = tracing::info_span!(
+                parent: &s.job.parent,
+                "engine.decode",
+                output_tokens = tracing::field::Empty
+            );
             stats
                 .ttft_micros
                 .fetch_add(s.admitted.elapsed().as_micros() as u64, Ordering::Relaxed);
@@ -534,6 +564,7 @@ impl<M: StepModel> Scheduler<M> {
             }
         };
         let reason = end?;
+        s.job.phase.record("output_tokens", s.generated as i64);
         let rest = s.stops.flush();
         if !rest.is_empty() {
             let _ = s.job.events.send(Event::Delta {
@@ -819,7 +850,7 @@ mod tests {
                 params: params.clone(),
                 ..Default::default()
             };
-            (Job { req, events }, rx)
+            (Job::new(req, events), rx)
         };
         let (long_job, mut long) = job(long_ids);
         let (short_job, mut short) = job(short_ids);
@@ -910,14 +941,14 @@ mod tests {
         };
         let (events, mut rx) = unbounded_channel();
         shared.waiting().enter(0, usize::MAX, usize::MAX).unwrap();
-        scheduler.admit(Job {
-            req: GenerateRequest {
+        scheduler.admit(Job::new(
+            GenerateRequest {
                 prompt_ids,
                 params: long,
                 ..Default::default()
             },
             events,
-        });
+        ));
         while !matches!(rx.try_recv(), Ok(Event::Delta { .. })) {
             scheduler.step();
         }
@@ -937,8 +968,8 @@ mod tests {
             .waiting()
             .enter(tenant, usize::MAX, usize::MAX)
             .unwrap();
-        let job = Job {
-            req: GenerateRequest {
+        let job = Job::new(
+            GenerateRequest {
                 prompt_ids: shared.tokenizer.encode("<|im_start|>user\nhello").unwrap(),
                 params: SamplingParams {
                     max_tokens: 100,
@@ -949,7 +980,7 @@ mod tests {
                 ..Default::default()
             },
             events,
-        };
+        );
         (job, rx)
     }
 

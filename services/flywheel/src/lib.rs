@@ -25,6 +25,7 @@ pub mod models;
 pub mod pg;
 pub mod serve;
 pub mod teams;
+pub mod telemetry;
 pub mod train;
 pub mod up;
 pub mod worker;

@@ -1,7 +1,7 @@
 //! `flywheel`: one binary, a subcommand per part of the system. This file
-//! parses the command line, sets up logging and the runtime, hands over to
-//! the library (`flywheel::cli::run`) and turns its result into the exit
-//! code (`flywheel::exit`).
+//! parses the command line, sets up logs and traces (`flywheel::telemetry`)
+//! and the runtime, hands over to the library (`flywheel::cli::run`) and
+//! turns its result into the exit code (`flywheel::exit`).
 
 use std::process::ExitCode;
 
@@ -18,19 +18,7 @@ fn main() -> anyhow::Result<ExitCode> {
         unsafe { std::env::set_var("CANDLE_NUM_THREADS", "1") };
     }
     let cli = flywheel::cli::Cli::parse();
-    let logs = tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info,sqlx=warn".into()),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
-    // For log collectors: a JSON object a line.
-    match std::env::var("FLYWHEEL_LOG_FORMAT").as_deref() {
-        Ok("json") => logs.json().init(),
-        Ok("text") | Err(_) => logs.init(),
-        Ok(other) => anyhow::bail!("FLYWHEEL_LOG_FORMAT is `text` or `json`, not `{other}`"),
-    }
+    let telemetry = flywheel::telemetry::init()?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
@@ -38,6 +26,7 @@ fn main() -> anyhow::Result<ExitCode> {
     // A worker stopped past its grace period leaves its jobs behind, maybe
     // in blocking tasks: they are not waited for.
     runtime.shutdown_background();
+    telemetry.shutdown();
     match result {
         Ok(()) => Ok(ExitCode::SUCCESS),
         Err(e) => match e.downcast_ref::<flywheel::exit::DecidedNo>() {

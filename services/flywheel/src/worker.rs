@@ -83,6 +83,17 @@ async fn metrics(axum::extract::State(pool): axum::extract::State<PgPool>) -> im
         env!("CARGO_PKG_VERSION"),
         u8::from(database_up(&pool).await)
     );
+    // Outcomes from the database, where every worker's cycles end: the
+    // same figure on every worker (aggregate with max, not sum).
+    if let Ok(counts) = flywheel_store::cycles::count_by_status(&pool).await {
+        out.push_str(
+            "# HELP flywheel_cycles Loop cycles by status, all teams (ended ones stay: a rise in `rejected` is a cycle rejected).\n\
+             # TYPE flywheel_cycles gauge\n",
+        );
+        for (status, n) in counts {
+            out.push_str(&format!("flywheel_cycles{{status=\"{status}\"}} {n}\n"));
+        }
+    }
     flywheel_jobs::meters::encode(&mut out);
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out)
 }

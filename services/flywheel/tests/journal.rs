@@ -87,6 +87,7 @@ fn completion(id: &str, team: Uuid, model: Uuid, user: Option<String>, output: &
         completion_tokens: 1,
         latency_ms: 1.0,
         request_id: None,
+        trace_id: None,
         ttft_ms: None,
         started_at: None,
         route: "champion".into(),

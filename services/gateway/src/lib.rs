@@ -24,6 +24,7 @@ mod records;
 pub mod serving;
 mod stalled;
 mod state;
+mod trace;
 
 use std::future::Future;
 use std::time::Duration;
@@ -93,7 +94,9 @@ pub fn router(state: AppState) -> Router {
 /// The access log: a line per request at `info` when its answer starts
 /// (`finished processing request`, with its status and latency in ms), in
 /// a span that names the method, the route (its pattern, never the raw
-/// path), the team and the request id. Never a body, a key or a password.
+/// path), the team, the request id and the trace id. Never a body, a key or
+/// a password. Exported as a trace, the span is the request's server span
+/// (`POST /v1/chat/completions`), a child of the caller's `traceparent`.
 fn with_access_log(router: Router<AppState>) -> Router<AppState> {
     let layer = TraceLayer::new_for_http()
         .make_span_with(|req: &Request<_>| {
@@ -103,18 +106,39 @@ fn with_access_log(router: Router<AppState>) -> Router<AppState> {
                 .and_then(|v| v.to_str().ok())
                 .unwrap_or_default()
                 .to_string();
-            tracing::info_span!(
+            let span = tracing::info_span!(
                 "http",
                 method = %req.method(),
                 route = tracing::field::Empty,
                 team = tracing::field::Empty,
                 request_id = %id,
-            )
+                trace_id = tracing::field::Empty,
+                "otel.name" = %req.method(),
+                "otel.kind" = "server",
+                "http.request.method" = %req.method(),
+                "http.route" = tracing::field::Empty,
+                "http.response.status_code" = tracing::field::Empty,
+            );
+            trace::join_caller(&span, req.headers());
+            if let Some(trace) = trace::trace_id(&span, req.headers()) {
+                span.record("trace_id", trace);
+            }
+            span
         })
         .on_response(
-            tower_http::trace::DefaultOnResponse::new()
-                .level(tracing::Level::INFO)
-                .latency_unit(tower_http::LatencyUnit::Millis),
+            |resp: &axum::http::Response<_>, latency: Duration, span: &tracing::Span| {
+                // As an integer: `tracing` hands unsigned values to the exporter
+                // as text.
+                span.record(
+                    "http.response.status_code",
+                    i64::from(resp.status().as_u16()),
+                );
+                use tower_http::trace::OnResponse;
+                tower_http::trace::DefaultOnResponse::new()
+                    .level(tracing::Level::INFO)
+                    .latency_unit(tower_http::LatencyUnit::Millis)
+                    .on_response(resp, latency, span)
+            },
         )
         // A server error is logged where it happens, with its detail.
         .on_failure(());
@@ -129,7 +153,10 @@ async fn observe_route(
     req: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> axum::response::Response {
-    tracing::Span::current().record("route", tracing::field::display(path.as_str()));
+    let span = tracing::Span::current();
+    span.record("route", path.as_str());
+    span.record("http.route", path.as_str());
+    trace::rename(&span, format!("{} {}", req.method(), path.as_str()));
     let started = std::time::Instant::now();
     let method = req.method().clone();
     let resp = next.run(req).await;

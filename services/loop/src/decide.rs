@@ -86,6 +86,7 @@ fn record<'a>(
 /// the offline evidence), `CanaryPassed` or `ManualPromote`. A running
 /// canary ends (promoted if it was this candidate's, rolled back
 /// otherwise), and so does the cycle behind it or behind the evaluation.
+#[tracing::instrument(name = "promote", skip_all, fields(team = %team, candidate = %candidate.id, kind = %kind))]
 pub async fn promote(
     pool: &PgPool,
     team: Uuid,
@@ -157,6 +158,7 @@ pub async fn promote(
 
 /// Starts a canary: `candidate` serves `share` of the team's end users,
 /// compared live with the champion, until promoted or rolled back.
+#[tracing::instrument(name = "canary.start", skip_all, fields(team = %team, candidate = %candidate.id, share = share))]
 pub async fn start_canary(
     pool: &PgPool,
     team: Uuid,
@@ -217,6 +219,7 @@ pub async fn start_canary(
 
 /// Records that the candidate of `evaluation` failed the offline gate: a
 /// `reject` decision, and the cycle behind the evaluation ends rejected.
+#[tracing::instrument(name = "reject", skip_all, fields(team = %team, candidate = %candidate))]
 pub async fn reject(
     pool: &PgPool,
     team: Uuid,
@@ -252,6 +255,7 @@ pub async fn reject(
 
 /// Ends a running canary without promoting it (`RolledBack` by the loop,
 /// `ManualRollback` when a person asked). False when it was not running.
+#[tracing::instrument(name = "canary.roll_back", skip_all, fields(canary = %canary.id, kind = %kind))]
 pub async fn roll_back_canary(
     pool: &PgPool,
     canary: &Canary,

@@ -151,6 +151,7 @@ pub fn next(from: Stage, by: Move) -> Result<Transition, IllegalMove> {
 /// and, when the move ends it, `reason`. `Ok(None)` when the cycle was no
 /// longer at `from` (a job retried after its cycle moved on: nothing
 /// changes); the transition made otherwise.
+#[tracing::instrument(name = "cycle.move", skip_all, fields(cycle = %cycle, from = ?from, by = ?by))]
 pub async fn apply(
     conn: &mut PgConnection,
     cycle: uuid::Uuid,

@@ -19,6 +19,7 @@ pub struct Completion {
     pub completion_tokens: i32,
     pub latency_ms: f64,
     pub request_id: Option<String>,
+    pub trace_id: Option<String>,
     pub ttft_ms: Option<f64>,
     pub started_at: Option<DateTime<Utc>>,
     pub created_at: DateTime<Utc>,
@@ -38,6 +39,9 @@ pub struct NewCompletion {
     pub latency_ms: f64,
     #[serde(default)]
     pub request_id: Option<String>,
+    /// The trace the request belongs to (32 hex digits).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trace_id: Option<String>,
     #[serde(default)]
     pub ttft_ms: Option<f64>,
     #[serde(default)]
@@ -68,13 +72,13 @@ pub async fn insert_many(ex: impl PgExecutor<'_>, rows: &[NewCompletion]) -> Res
     let done = sqlx::query(
         "insert into completions (id, team_id, model_version_id, end_user, request, output,
              finish_reason, prompt_tokens, completion_tokens, latency_ms, request_id, ttft_ms,
-             started_at, route, canary_id)
+             started_at, route, canary_id, trace_id)
          select * from unnest($1::text[], $2::uuid[], $3::uuid[], $4::text[], $5::jsonb[],
              $6::text[], $7::text[], $8::int4[], $9::int4[], $10::float8[], $11::text[],
-             $12::float8[], $13::timestamptz[], $14::text[], $15::uuid[])
+             $12::float8[], $13::timestamptz[], $14::text[], $15::uuid[], $16::text[])
              as c (id, team_id, model_version_id, end_user, request, output, finish_reason,
                    prompt_tokens, completion_tokens, latency_ms, request_id, ttft_ms,
-                   started_at, route, canary_id)
+                   started_at, route, canary_id, trace_id)
          where not exists (
              select 1 from user_deletions d
               where d.team_id = c.team_id
@@ -101,6 +105,7 @@ pub async fn insert_many(ex: impl PgExecutor<'_>, rows: &[NewCompletion]) -> Res
     .bind(rows.iter().map(|c| c.started_at).collect::<Vec<_>>())
     .bind(col(|c| c.route.clone()))
     .bind(rows.iter().map(|c| c.canary_id).collect::<Vec<_>>())
+    .bind(rows.iter().map(|c| c.trace_id.clone()).collect::<Vec<_>>())
     .execute(ex)
     .await?;
     Ok(done.rows_affected())
@@ -131,8 +136,8 @@ pub async fn owner(ex: impl PgExecutor<'_>, id: &str) -> Result<Option<Owner>> {
 pub async fn get(ex: impl PgExecutor<'_>, team_id: Uuid, id: &str) -> Result<Option<Completion>> {
     Ok(sqlx::query_as(
         "select id, team_id, model_version_id, end_user, request, output, finish_reason,
-                prompt_tokens, completion_tokens, latency_ms, request_id, ttft_ms, started_at,
-                created_at
+                prompt_tokens, completion_tokens, latency_ms, request_id, trace_id, ttft_ms,
+                started_at, created_at
          from completions where id = $1 and team_id = $2",
     )
     .bind(id)

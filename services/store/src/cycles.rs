@@ -192,6 +192,16 @@ pub async fn running_teams(ex: impl PgExecutor<'_>) -> Result<Vec<Uuid>> {
     )
 }
 
+/// How many cycles there are in each status (`running`, `promoted`,
+/// `rejected`, ...), every team together; statuses with none are left out.
+pub async fn count_by_status(ex: impl PgExecutor<'_>) -> Result<Vec<(String, i64)>> {
+    Ok(
+        sqlx::query_as("select status, count(*) from cycles group by status order by status")
+            .fetch_all(ex)
+            .await?,
+    )
+}
+
 /// The running cycle a record belongs to: by its own id, its training
 /// run, its evaluation or its canary.
 #[derive(Debug, Clone, Copy)]

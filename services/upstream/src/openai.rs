@@ -9,6 +9,7 @@ use std::time::Duration;
 use flywheel_engine::{FinishReason, TokenLogprob, TopLogprob};
 use reqwest::header::{ACCEPT, AUTHORIZATION, HeaderValue};
 use serde_json::{Value, json};
+use tracing::Instrument;
 
 use crate::{Answer, BoxFuture, Piece, Upstream, UpstreamError};
 
@@ -61,7 +62,15 @@ impl Upstream for OpenAi {
         &'a self,
         request: &'a Value,
     ) -> BoxFuture<'a, Result<Box<dyn Answer>, UpstreamError>> {
-        Box::pin(async move {
+        let span = tracing::info_span!(
+            "upstream",
+            otel.name = %format!("chat {}", self.model),
+            otel.kind = "client",
+            gen_ai.operation.name = "chat",
+            gen_ai.request.model = %self.model,
+            server.address = %self.url,
+        );
+        let call = async move {
             let mut req = self
                 .http
                 .post(&self.url)
@@ -69,6 +78,9 @@ impl Upstream for OpenAi {
                 .json(&self.body(request));
             if let Some(key) = &self.key {
                 req = req.header(AUTHORIZATION, key.clone());
+            }
+            for (name, value) in trace_context() {
+                req = req.header(name, value);
             }
             let resp = req.send().await.map_err(|e| {
                 // Without the URL: the error says what failed, the version's
@@ -108,8 +120,20 @@ impl Upstream for OpenAi {
                 pending: VecDeque::new(),
                 done: false,
             }) as Box<dyn Answer>)
-        })
+        };
+        Box::pin(call.instrument(span))
     }
+}
+
+/// The current span's context as W3C headers (`traceparent`,
+/// `tracestate`), by the global propagator: the upstream's spans join our
+/// trace. Nothing where no trace is exported.
+fn trace_context() -> Vec<(String, String)> {
+    use tracing_opentelemetry::OpenTelemetrySpanExt;
+    let cx = tracing::Span::current().context();
+    let mut headers = std::collections::HashMap::new();
+    opentelemetry::global::get_text_map_propagator(|p| p.inject_context(&cx, &mut headers));
+    headers.into_iter().collect()
 }
 
 /// The message of an error body in OpenAI's shape, else the body itself

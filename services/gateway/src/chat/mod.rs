@@ -32,6 +32,7 @@ use sha2::{Digest, Sha256};
 use tokio::sync::{mpsc, oneshot};
 use tokio_stream::wrappers::{ReceiverStream, UnboundedReceiverStream};
 use tokio_stream::{StreamExt, StreamMap};
+use tracing::Instrument;
 
 use crate::error::ApiJson;
 use crate::journal::Record;
@@ -45,12 +46,24 @@ pub fn router() -> Router<AppState> {
         .route("/completions", post(text::create))
 }
 
-#[tracing::instrument(skip_all, fields(team = %principal.team_name))]
 async fn create(
     State(state): State<AppState>,
     Extension(principal): Extension<Principal>,
     headers: HeaderMap,
     ApiJson(body): ApiJson<Value>,
+) -> Result<Response, AppError> {
+    let span = gen_ai_span("chat", &principal);
+    chat(state, principal, headers, body, span.clone())
+        .instrument(span)
+        .await
+}
+
+async fn chat(
+    state: AppState,
+    principal: Principal,
+    headers: HeaderMap,
+    body: Value,
+    span: tracing::Span,
 ) -> Result<Response, AppError> {
     let started = Instant::now();
     let started_at = chrono::Utc::now();
@@ -59,6 +72,7 @@ async fn create(
     let end_user = req.user.clone().filter(|u| !u.is_empty());
     let model = req.model.clone();
     let v = req.validate()?;
+    traced_request(&span, "chat", &model, v.max_tokens, &v.params);
     let max_choices = state.config().max_choices;
     if v.n > max_choices {
         return Err(AppError::bad_request(
@@ -73,6 +87,7 @@ async fn create(
         .route(&principal, &model, end_user.as_deref(), &id)
         .await?;
     recordable(&state)?;
+    traced_route(&span, &id, &served, route);
 
     let log = LogContext {
         state: state.clone(),
@@ -83,6 +98,8 @@ async fn create(
         request: body.clone(),
         end_user,
         request_id: request_id(&headers),
+        trace_id: crate::trace::trace_id(&span, &headers),
+        span,
         started,
         started_at,
     };
@@ -136,7 +153,8 @@ async fn create(
     // Collected and recorded by a task of its own, which records every
     // choice as cancelled if the client leaves first.
     let (tx, rx) = oneshot::channel();
-    tokio::spawn(complete(events, logs, tx));
+    // In the request's span: the journal's append is its child.
+    tokio::spawn(complete(events, logs, tx).in_current_span());
     let choices = rx
         .await
         .map_err(|_| AppError::Internal("the generation task ended early".into()))??;
@@ -164,6 +182,59 @@ fn recordable(state: &AppState) -> Result<(), AppError> {
         ));
     }
     Ok(())
+}
+
+/// The span of one generation request, named and described as OpenTelemetry's
+/// GenAI semantic conventions say (`chat <model>`, `gen_ai.*` attributes;
+/// the usage and finish reasons are recorded with the completion). It
+/// lasts until the completion is in the journal, past the HTTP exchange
+/// for a stream; the engine's queue, prefill and decode spans are its
+/// children.
+fn gen_ai_span(operation: &'static str, principal: &Principal) -> tracing::Span {
+    use tracing::field::Empty;
+    tracing::info_span!(
+        "gen_ai",
+        otel.name = operation,
+        gen_ai.operation.name = operation,
+        gen_ai.provider.name = "flywheel",
+        gen_ai.request.model = Empty,
+        gen_ai.request.max_tokens = Empty,
+        gen_ai.request.temperature = Empty,
+        gen_ai.request.top_p = Empty,
+        gen_ai.response.id = Empty,
+        gen_ai.response.model = Empty,
+        gen_ai.response.finish_reasons = Empty,
+        gen_ai.usage.input_tokens = Empty,
+        gen_ai.usage.output_tokens = Empty,
+        flywheel.model_version_id = Empty,
+        flywheel.route = Empty,
+        team = %principal.team_name,
+    )
+}
+
+/// What was asked, on the request's span, named `<operation> <model>`.
+fn traced_request(
+    span: &tracing::Span,
+    operation: &str,
+    model: &str,
+    max_tokens: Option<usize>,
+    p: &SamplingParams,
+) {
+    crate::trace::rename(span, format!("{operation} {model}"));
+    span.record("gen_ai.request.model", model);
+    if let Some(n) = max_tokens {
+        span.record("gen_ai.request.max_tokens", n as i64);
+    }
+    span.record("gen_ai.request.temperature", f64::from(p.temperature));
+    span.record("gen_ai.request.top_p", f64::from(p.top_p));
+}
+
+/// Which model version answers, on the request's span.
+fn traced_route(span: &tracing::Span, id: &str, served: &ServedModel, route: RouteKind) {
+    span.record("gen_ai.response.id", id);
+    span.record("gen_ai.response.model", served.name.as_str());
+    span.record("flywheel.model_version_id", served.version_id.to_string());
+    span.record("flywheel.route", route.label());
 }
 
 /// The client's `x-request-id`, kept with the record.
@@ -200,7 +271,8 @@ async fn reach_upstream(
     log: LogContext,
 ) -> Result<mpsc::UnboundedReceiver<Event>, AppError> {
     let (tx, rx) = oneshot::channel();
-    tokio::spawn(async move {
+    let span = log.span.clone();
+    let task = async move {
         match client.chat(request).await {
             Ok(events) => {
                 if let Err(Ok(events)) = tx.send(Ok(events)) {
@@ -213,7 +285,10 @@ async fn reach_upstream(
                 let _ = tx.send(Err(e));
             }
         }
-    });
+    };
+    // The upstream's span, and the `traceparent` sent to it, under this
+    // request's.
+    tokio::spawn(task.instrument(span));
     match rx.await {
         Ok(r) => r.map_err(AppError::from),
         Err(_) => Err(AppError::Internal("the upstream task ended early".into())),
@@ -401,69 +476,72 @@ fn stream(
     logs: Vec<LogContext>,
 ) -> impl IntoResponse {
     let (tx, rx) = mpsc::channel::<Result<SseEvent, Infallible>>(64);
-    tokio::spawn(async move {
-        let send = |line: String| {
-            let tx = tx.clone();
-            async move { tx.send(Ok(SseEvent::default().data(line))).await.is_ok() }
-        };
-        let n = logs.len();
-        let mut collected: Vec<Collected> = (0..n).map(|_| Collected::default()).collect();
-        let mut recorded = vec![false; n];
-        let mut merged = StreamMap::new();
-        for (i, e) in events.into_iter().enumerate() {
-            merged.insert(i, UnboundedReceiverStream::new(e));
-        }
-        let mut open = true;
-        for i in 0..n {
-            open = open && send(chunker.role_chunk(i)).await;
-        }
-        let mut failure = None;
-        while open && recorded.iter().any(|done| !done) {
-            let Some((i, ev)) = merged.next().await else {
-                failure = Some(AppError::Internal(
-                    "the engine ended the generation without finishing".into(),
-                ));
-                break;
+    tokio::spawn(
+        async move {
+            let send = |line: String| {
+                let tx = tx.clone();
+                async move { tx.send(Ok(SseEvent::default().data(line))).await.is_ok() }
             };
-            match collected[i].push(ev) {
-                Ok(Some(delta)) => open = send(chunker.delta_chunk(i, &delta)).await,
-                Ok(None) => {}
-                Err(e) => {
-                    failure = Some(failed(&logs[i].served, e));
+            let n = logs.len();
+            let mut collected: Vec<Collected> = (0..n).map(|_| Collected::default()).collect();
+            let mut recorded = vec![false; n];
+            let mut merged = StreamMap::new();
+            for (i, e) in events.into_iter().enumerate() {
+                merged.insert(i, UnboundedReceiverStream::new(e));
+            }
+            let mut open = true;
+            for i in 0..n {
+                open = open && send(chunker.role_chunk(i)).await;
+            }
+            let mut failure = None;
+            while open && recorded.iter().any(|done| !done) {
+                let Some((i, ev)) = merged.next().await else {
+                    failure = Some(AppError::Internal(
+                        "the engine ended the generation without finishing".into(),
+                    ));
                     break;
+                };
+                match collected[i].push(ev) {
+                    Ok(Some(delta)) => open = send(chunker.delta_chunk(i, &delta)).await,
+                    Ok(None) => {}
+                    Err(e) => {
+                        failure = Some(failed(&logs[i].served, e));
+                        break;
+                    }
+                }
+                if collected[i].finish.is_some() && !recorded[i] {
+                    merged.remove(&i);
+                    recorded[i] = true;
+                    if let Err(e) = logs[i].record(&collected[i], None).await {
+                        failure = Some(e);
+                        break;
+                    }
+                    open = open && send(chunker.finish_chunk(i, &collected[i])).await;
                 }
             }
-            if collected[i].finish.is_some() && !recorded[i] {
-                merged.remove(&i);
-                recorded[i] = true;
-                if let Err(e) = logs[i].record(&collected[i], None).await {
-                    failure = Some(e);
-                    break;
-                }
-                open = open && send(chunker.finish_chunk(i, &collected[i])).await;
+            drop(merged); // stops the engine where it is still generating
+            let why = if failure.is_some() {
+                "error"
+            } else {
+                "cancelled"
+            };
+            for i in (0..n).filter(|&i| !recorded[i]) {
+                let _ = logs[i].record(&collected[i], Some(why)).await;
             }
+            if let Some(e) = failure {
+                send(e.body().to_string()).await;
+                return;
+            }
+            if !open {
+                return;
+            }
+            if let Some(usage) = chunker.usage_chunk(&collected) {
+                send(usage).await;
+            }
+            let _ = tx.send(Ok(SseEvent::default().data("[DONE]"))).await;
         }
-        drop(merged); // stops the engine where it is still generating
-        let why = if failure.is_some() {
-            "error"
-        } else {
-            "cancelled"
-        };
-        for i in (0..n).filter(|&i| !recorded[i]) {
-            let _ = logs[i].record(&collected[i], Some(why)).await;
-        }
-        if let Some(e) = failure {
-            send(e.body().to_string()).await;
-            return;
-        }
-        if !open {
-            return;
-        }
-        if let Some(usage) = chunker.usage_chunk(&collected) {
-            send(usage).await;
-        }
-        let _ = tx.send(Ok(SseEvent::default().data("[DONE]"))).await;
-    });
+        .in_current_span(),
+    );
     Sse::new(ReceiverStream::new(rx)).keep_alive(KeepAlive::default())
 }
 
@@ -478,6 +556,10 @@ struct LogContext {
     request: Value,
     end_user: Option<String>,
     request_id: Option<String>,
+    /// The trace the request belongs to (exported or the caller's).
+    trace_id: Option<String>,
+    /// The request's GenAI span ([`gen_ai_span`]).
+    span: tracing::Span,
     started: Instant,
     started_at: chrono::DateTime<chrono::Utc>,
 }
@@ -542,6 +624,14 @@ impl LogContext {
                 c.completion_tokens,
             );
         }
+        let finish = reason.or(c.finish.map(|f| f.as_str())).unwrap_or("error");
+        // Counts as integers: `tracing` hands unsigned values to the
+        // exporter as text.
+        self.span
+            .record("gen_ai.usage.input_tokens", c.prompt_tokens as i64);
+        self.span
+            .record("gen_ai.usage.output_tokens", c.completion_tokens as i64);
+        self.span.record("gen_ai.response.finish_reasons", finish);
         if !self.state.config().log_completions {
             return Ok(());
         }
@@ -557,14 +647,12 @@ impl LogContext {
             end_user: self.end_user.clone(),
             request,
             output,
-            finish_reason: reason
-                .or(c.finish.map(|f| f.as_str()))
-                .unwrap_or("error")
-                .to_string(),
+            finish_reason: finish.to_string(),
             prompt_tokens: c.prompt_tokens as i32,
             completion_tokens: c.completion_tokens as i32,
             latency_ms: self.started.elapsed().as_secs_f64() * 1000.0,
             request_id: self.request_id.clone(),
+            trace_id: self.trace_id.clone(),
             ttft_ms: c
                 .first_token_after
                 .map(|d| (d - self.started).as_secs_f64() * 1000.0),

@@ -25,6 +25,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tokio::sync::{mpsc, oneshot};
+use tracing::Instrument;
 
 use super::request::{Sampling, Stop};
 use super::response::{Collected, Finish, Usage};
@@ -223,12 +224,24 @@ impl TextRequest {
     }
 }
 
-#[tracing::instrument(skip_all, fields(team = %principal.team_name))]
 pub(super) async fn create(
     State(state): State<AppState>,
     Extension(principal): Extension<Principal>,
     headers: HeaderMap,
     ApiJson(body): ApiJson<Value>,
+) -> Result<Response, AppError> {
+    let span = super::gen_ai_span("text_completion", &principal);
+    complete_text(state, principal, headers, body, span.clone())
+        .instrument(span)
+        .await
+}
+
+async fn complete_text(
+    state: AppState,
+    principal: Principal,
+    headers: HeaderMap,
+    body: Value,
+    span: tracing::Span,
 ) -> Result<Response, AppError> {
     let started = Instant::now();
     let started_at = chrono::Utc::now();
@@ -236,10 +249,18 @@ pub(super) async fn create(
     let end_user = req.user.clone().filter(|u| !u.is_empty());
     let model = req.model.clone();
     let v = req.validate()?;
+    super::traced_request(
+        &span,
+        "text_completion",
+        &model,
+        Some(v.max_tokens),
+        &v.params,
+    );
     let id = format!("cmpl-{}", uuid::Uuid::new_v4());
     let (served, route) = state
         .route(&principal, &model, end_user.as_deref(), &id)
         .await?;
+    super::traced_route(&span, &id, &served, route);
     let Backend::Engine { engine, adapter } = &served.backend else {
         return Err(bad(
             format!(
@@ -286,6 +307,8 @@ pub(super) async fn create(
         request: body,
         end_user,
         request_id: super::request_id(&headers),
+        trace_id: crate::trace::trace_id(&span, &headers),
+        span,
         started,
         started_at,
     };
@@ -323,7 +346,7 @@ pub(super) async fn create(
         )
         .inspect_err(|e| super::count_queue_refusal(&state, &log.principal, e))?;
         let (tx, rx) = oneshot::channel();
-        tokio::spawn(collect(events, log, forced.len(), prompt_ids.len(), tx));
+        tokio::spawn(collect(events, log, forced.len(), prompt_ids.len(), tx).in_current_span());
         rx.await
             .map_err(|_| AppError::Internal("the generation task ended early".into()))??
     };

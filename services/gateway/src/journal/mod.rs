@@ -54,6 +54,7 @@ use flywheel_store::PgPool;
 use flywheel_store::instance::DatabaseIdentity;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{Notify, watch};
+use tracing::Instrument;
 
 pub use dead_letter::{DeadLetter, DeadLetters};
 pub use record::Record;
@@ -399,6 +400,7 @@ impl Journal {
     /// Writes a record to the journal. When this returns `Ok` the record
     /// survives the process dying (and, unless the policy is `never`, the
     /// machine losing power); it reaches Postgres later.
+    #[tracing::instrument(name = "journal.append", skip_all)]
     pub async fn append(&self, rec: Record) -> Result<(), JournalError> {
         let (seq, file) = self.write(rec)?;
         match self.inner.cfg.sync {
@@ -591,7 +593,18 @@ impl Journal {
                     tokio::time::timeout(Duration::from_secs(1), self.inner.wake.notified()).await;
                 continue;
             }
-            let (done, stopped) = self.store_or_set_aside(&pool, &batch).await;
+            // A trace of its own: one flush stores the records of many
+            // requests.
+            let span = tracing::info_span!(
+                "journal.flush",
+                records = batch.len() as i64,
+                stored = tracing::field::Empty
+            );
+            let (done, stopped) = self
+                .store_or_set_aside(&pool, &batch)
+                .instrument(span.clone())
+                .await;
+            span.record("stored", done as i64);
             if done > 0 {
                 self.forget(done);
                 self.inner
@@ -767,6 +780,7 @@ mod tests {
             completion_tokens: 1,
             latency_ms: 1.0,
             request_id: None,
+            trace_id: None,
             ttft_ms: None,
             started_at: None,
             route: "champion".into(),
