@@ -308,10 +308,44 @@ async fn replacement_finishes(
     run_id: uuid::Uuid,
     steps: i32,
 ) -> Killed {
-    let replacement = Killed(train_worker(db, dir, &[("FLYWHEEL_CHECKPOINT_EVERY", "3")]));
+    let addr = format!("127.0.0.1:{}", flywheel_tests::free_port());
+    let replacement = Killed(train_worker(
+        db,
+        dir,
+        &[
+            ("FLYWHEEL_CHECKPOINT_EVERY", "3"),
+            ("FLYWHEEL_WORKER_ADDR", &addr),
+        ],
+    ));
     let run = wait_for_run(pool, run_id, 240, |r| r.status == "succeeded").await;
     assert_eq!(run.status, "succeeded", "{run:#?}");
     assert_eq!(run.step, steps);
+    // Its /metrics counts the tokens of the steps it ran (those after the
+    // checkpoint it resumed from: the last steps) and their speed.
+    let page = reqwest::get(format!("http://{addr}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let rows = flywheel_tests::prometheus::samples(&page);
+    let none = serde_json::json!({});
+    let tokens = flywheel_tests::prometheus::value(&rows, "flywheel_training_tokens_total", &none);
+    let ran: Vec<i32> =
+        sqlx::query_scalar("select tokens from training_steps where run_id = $1 order by step")
+            .bind(run_id)
+            .fetch_all(pool)
+            .await
+            .unwrap();
+    let last_steps: Vec<f64> = (1..ran.len())
+        .map(|from| ran[from..].iter().map(|&t| f64::from(t)).sum())
+        .collect();
+    assert!(last_steps.contains(&tokens), "{tokens} tokens: {page}");
+    assert!(
+        flywheel_tests::prometheus::value(&rows, "flywheel_training_tokens_per_second", &none)
+            > 0.0,
+        "{page}"
+    );
     let recorded = flywheel_store::training::steps(pool, run_id).await.unwrap();
     assert_eq!(
         recorded.iter().map(|s| s.step).collect::<Vec<_>>(),

@@ -259,4 +259,48 @@ async fn a_worker_answers_probes_and_counts_its_jobs_by_kind_and_outcome() {
         rows.iter()
             .any(|(n, _, v)| n == "flywheel_database_up" && *v == 1.0)
     );
+
+    // A loop cycle that asks for more new examples than there are: it
+    // curates, then ends skipped; the page counts cycles by status.
+    let out = cli(
+        &db,
+        &[
+            "loop",
+            "--team",
+            "acme",
+            "--min-new-examples",
+            "100000",
+            "--no-wait",
+        ],
+    );
+    assert!(
+        until(60, || async {
+            flywheel_store::cycles::count_by_status(&pool)
+                .await
+                .unwrap()
+                .iter()
+                .any(|(s, _)| s != "running")
+        })
+        .await,
+        "the cycle never ended: {out}"
+    );
+    let ended = flywheel_store::cycles::count_by_status(&pool)
+        .await
+        .unwrap();
+    assert_eq!(ended, [("skipped".to_string(), 1)], "{out}");
+    let page = reqwest::get(format!("{base}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let rows = flywheel_tests::prometheus::samples(&page);
+    let cycles = |status: &str| {
+        flywheel_tests::prometheus::value(
+            &rows,
+            "flywheel_cycles",
+            &serde_json::json!({"status": status}),
+        )
+    };
+    assert_eq!((cycles("skipped"), cycles("running")), (1.0, 0.0), "{page}");
 }
