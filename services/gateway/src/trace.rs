@@ -37,6 +37,12 @@ pub(crate) fn rename(span: &tracing::Span, name: String) {
     span.context().span().update_name(name);
 }
 
+/// Sets an attribute of `span`'s exported span, without a field of the
+/// `tracing` span (so not on its log lines).
+pub(crate) fn set(span: &tracing::Span, key: &'static str, value: impl Into<opentelemetry::Value>) {
+    span.set_attribute(key, value);
+}
+
 /// The trace `span` belongs to, as 32 hex digits: its exported trace, or
 /// where none is exported, the caller's (from `traceparent`), so a record
 /// can still be found from the caller's side.
