@@ -138,20 +138,41 @@ fn compose_sends_traces_to_a_collector_and_metrics_to_prometheus_and_grafana() {
 }
 
 #[test]
-fn the_image_keeps_its_state_on_its_volume_and_runs_as_another_user() {
-    let text = std::fs::read_to_string(root().join("deploy/Dockerfile")).unwrap();
-    let runtime = text
-        .rsplit_once("\nFROM ")
-        .map(|(_, last)| last)
-        .expect("a runtime stage");
-    assert!(runtime.contains("FLYWHEEL_HOME=/data"), "{runtime}");
-    assert!(runtime.contains("VOLUME /data"), "{runtime}");
-    let user = runtime
-        .lines()
-        .find_map(|l| l.strip_prefix("USER "))
-        .expect("a USER line");
-    assert_ne!(user.trim(), "root");
-    assert!(runtime.contains("HEALTHCHECK"), "{runtime}");
+fn the_images_keep_their_state_on_their_volume_and_run_as_another_user() {
+    // deploy/Dockerfile (CPU) and deploy/Dockerfile.cuda (candle's CUDA
+    // kernels): the same runtime either way.
+    for (file, features) in [
+        ("Dockerfile", None),
+        ("Dockerfile.cuda", Some("--features cuda")),
+    ] {
+        let text = std::fs::read_to_string(root().join("deploy").join(file)).unwrap();
+        let runtime = text
+            .rsplit_once("\nFROM ")
+            .map(|(_, last)| last)
+            .expect("a runtime stage");
+        assert!(runtime.contains("FLYWHEEL_HOME=/data"), "{file}: {runtime}");
+        assert!(runtime.contains("VOLUME /data"), "{file}: {runtime}");
+        let user = runtime
+            .lines()
+            .find_map(|l| l.strip_prefix("USER "))
+            .expect("a USER line");
+        assert_ne!(user.trim(), "root", "{file}");
+        assert!(runtime.contains("HEALTHCHECK"), "{file}: {runtime}");
+        // Workers submit training Jobs with kubectl.
+        assert!(
+            runtime.contains("/usr/local/bin/kubectl"),
+            "{file}: {runtime}"
+        );
+        let build = text
+            .lines()
+            .find(|l| l.contains("cargo build --release"))
+            .expect("a release build");
+        if let Some(f) = features {
+            assert!(build.contains(f), "{file}: {build}");
+        } else {
+            assert!(!build.contains("--features"), "{file}: {build}");
+        }
+    }
     let ignored = std::fs::read_to_string(root().join(".dockerignore")).unwrap();
     for path in ["target/", ".flywheel/"] {
         assert!(ignored.lines().any(|l| l == path), "{path}");
