@@ -350,7 +350,29 @@ fn the_helm_chart_renders_gateways_workers_and_gpu_training_that_kubernetes_acce
     assert_eq!(pod["nodeSelector"]["nvidia.com/gpu.present"], "true");
     assert_eq!(pod["tolerations"][0]["key"], "nvidia.com/gpu");
 
-    // The validator rejects what Kubernetes would: a replica count as text.
+    // The whole run spec reaches the trainer, Flywheel's own by default and
+    // the reference TRL + PEFT script when asked.
+    assert!(filled.contains("--spec \"$W/spec.json\""), "{filled}");
+    assert!(filled.contains("flywheel train --jsonl"), "{filled}");
+    let trl = render(&[
+        "training.trainer=trl",
+        "training.image=registry/flywheel-trl:1",
+    ]);
+    let template = find(&trl, "ConfigMap", "fw-flywheel-training-job")["data"]["train-job.yaml"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        template.contains("python3 /opt/flywheel/train_trl.py --train"),
+        "{template}"
+    );
+    assert!(
+        template.contains("image: \"registry/flywheel-trl:1\""),
+        "{template}"
+    );
+    flywheel_jobs::train::KubeJob::new(template, "kubectl".into()).unwrap();
+
+    // The validator rejects what Kubernetes would: a count given as text.
     let broken = dir.join("broken.yaml");
     std::fs::write(
         &broken,

@@ -63,10 +63,25 @@ pub fn tail(text: &str, n: usize) -> String {
     lines.into_iter().rev().collect::<Vec<_>>().join(" | ")
 }
 
-/// The dataset as TRL JSONL for external trainers: written to the run's
-/// scratch folder and kept in the artifact store (`runs/<id>/data/`).
-/// Returns the (train, eval) files.
-pub async fn export_data(ctx: &RunContext<'_>) -> anyhow::Result<(PathBuf, PathBuf)> {
+/// What an external trainer is given, in the run's scratch folder and
+/// under `runs/<id>/data/` in the artifact store.
+pub struct Exported {
+    /// The training examples, TRL JSONL.
+    pub train: PathBuf,
+    /// The held-out examples, TRL JSONL.
+    pub eval: PathBuf,
+    /// The whole run spec as JSON (`{"lora": {...}, "train": {...}}`):
+    /// rank, alpha, dropout, target projections, learning rate, steps,
+    /// warm-up, accumulation, maximum length, the preference `beta`, the
+    /// replay and reference (KL) penalty weights, as the in-process
+    /// trainer would use them.
+    pub spec: PathBuf,
+}
+
+/// The dataset as TRL JSONL for external trainers, with the run's spec:
+/// written to the run's scratch folder and kept in the artifact store
+/// (`runs/<id>/data/`).
+pub async fn export_data(ctx: &RunContext<'_>) -> anyhow::Result<Exported> {
     use flywheel_curation::export::Format;
     let format = match ctx.spec.train.objective {
         Objective::Sft => Format::TrlSft,
@@ -83,15 +98,26 @@ pub async fn export_data(ctx: &RunContext<'_>) -> anyhow::Result<(PathBuf, PathB
             train_text.push_str(&line);
         }
     }
+    let spec_file = ctx.dir.join("spec.json");
     tokio::fs::write(&train_file, train_text).await?;
     tokio::fs::write(&eval_file, eval_text).await?;
-    for (file, name) in [(&train_file, "train.jsonl"), (&eval_file, "eval.jsonl")] {
+    let spec = serde_json::json!({"lora": ctx.spec.lora, "train": ctx.spec.train});
+    tokio::fs::write(&spec_file, serde_json::to_string_pretty(&spec)?).await?;
+    for (file, name) in [
+        (&train_file, "train.jsonl"),
+        (&eval_file, "eval.jsonl"),
+        (&spec_file, "spec.json"),
+    ] {
         ctx.env
             .artifacts
             .put_file(&run_key(ctx.run.id, &format!("data/{name}")), file)
             .await?;
     }
-    Ok((train_file, eval_file))
+    Ok(Exported {
+        train: train_file,
+        eval: eval_file,
+        spec: spec_file,
+    })
 }
 
 /// The base model's file on this machine.

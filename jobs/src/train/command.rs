@@ -17,13 +17,14 @@ pub struct Command<'a> {
 
 impl TrainingBackend for Command<'_> {
     async fn train(&self, ctx: &RunContext<'_>) -> anyhow::Result<Trained> {
-        let (train_file, eval_file) = export_data(ctx).await?;
+        let data = export_data(ctx).await?;
         let adapter = ctx.dir.join("adapter");
         let exe = std::env::current_exe()?;
         let command = self
             .template
-            .replace("{train}", &train_file.display().to_string())
-            .replace("{eval}", &eval_file.display().to_string())
+            .replace("{train}", &data.train.display().to_string())
+            .replace("{eval}", &data.eval.display().to_string())
+            .replace("{spec}", &data.spec.display().to_string())
             .replace("{base}", &base_path(ctx).display().to_string())
             .replace("{out}", &adapter.display().to_string())
             .replace("{objective}", kind_of(ctx.spec.train.objective))

@@ -106,6 +106,10 @@ impl TrainingBackend for Kubernetes<'_> {
                 "{eval_url}",
                 &env.artifacts.url(&run_key(run.id, "data/eval.jsonl")),
             )
+            .replace(
+                "{spec_url}",
+                &env.artifacts.url(&run_key(run.id, "data/spec.json")),
+            )
             .replace("{base_url}", &env.artifacts.url(&base_key))
             .replace("{out_url}", &env.artifacts.url(&out_key))
             .replace("{base_name}", &base.name)

@@ -50,9 +50,10 @@ pub struct TrainEnv {
 #[derive(Debug, Clone)]
 pub enum External {
     /// `FLYWHEEL_EXTERNAL_TRAINER`: a shell command run on the worker's
-    /// machine with `{train}`, `{eval}` (TRL JSONL files), `{base}` (the base
-    /// GGUF), `{out}` (where it must leave a PEFT adapter), `{objective}`,
-    /// `{steps}` and `{flywheel}` (this program) filled in.
+    /// machine with `{train}`, `{eval}` (TRL JSONL files), `{spec}` (the
+    /// whole run spec, JSON), `{base}` (the base GGUF), `{out}` (where it
+    /// must leave a PEFT adapter), `{objective}`, `{steps}` and `{flywheel}`
+    /// (this program) filled in.
     Command(String),
     /// `FLYWHEEL_EXTERNAL_TRAINER_JOB`: a Kubernetes Job manifest (YAML or
     /// JSON) submitted with `kubectl`; see [`KubeJob`].
@@ -101,8 +102,9 @@ pub(crate) fn run_key(run: Uuid, what: &str) -> String {
 }
 
 /// A Kubernetes Job template. Its containers reach the data through the
-/// artifact store: `{train_url}`, `{eval_url}`, `{base_url}` (the base GGUF,
-/// uploaded once per model) to read, `{out_url}` to leave the adapter under;
+/// artifact store: `{train_url}`, `{eval_url}`, `{spec_url}` (the whole run
+/// spec, JSON), `{base_url}` (the base GGUF, uploaded once per model) to
+/// read, `{out_url}` to leave the adapter under;
 /// also `{job}` (the Job's name, which the manifest must use), `{run}`,
 /// `{base_name}`, `{objective}`, `{steps}`.
 #[derive(Debug, Clone)]
@@ -117,11 +119,12 @@ pub struct KubeJob {
 }
 
 /// What a Job template may ask for.
-pub const JOB_PLACEHOLDERS: [&str; 9] = [
+pub const JOB_PLACEHOLDERS: [&str; 10] = [
     "job",
     "run",
     "train_url",
     "eval_url",
+    "spec_url",
     "base_url",
     "out_url",
     "base_name",

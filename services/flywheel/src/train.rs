@@ -85,6 +85,11 @@ pub struct TrainArgs {
     /// over the replayed chat's next-token distributions in each step (0: off).
     #[arg(long, default_value_t = TrainConfig::default().reference_kl)]
     pub reference_kl: f64,
+    /// With --jsonl: the whole run spec as an external trainer is given it
+    /// (`{spec}`, `{spec_url}`: `{"lora": {...}, "train": {...}}`). Its
+    /// settings are used instead of the flags'.
+    #[arg(long, requires = "jsonl")]
+    pub spec: Option<PathBuf>,
     /// Where the adapter goes (PEFT layout); not with --queue.
     #[arg(long, short, required_unless_present = "queue")]
     pub out: Option<PathBuf>,
@@ -138,6 +143,32 @@ fn configs(args: &TrainArgs, objective: Objective) -> anyhow::Result<(LoraConfig
     ))
 }
 
+/// The adapter's and the optimizer's settings from a run's spec file; an
+/// `--objective` that names another objective is refused.
+fn spec_configs(
+    path: &std::path::Path,
+    wanted: Option<Objective>,
+) -> anyhow::Result<(LoraConfig, TrainConfig)> {
+    #[derive(serde::Deserialize)]
+    struct Spec {
+        lora: LoraConfig,
+        train: TrainConfig,
+    }
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let spec: Spec = serde_json::from_str(&text)
+        .with_context(|| format!("{} is not a run spec", path.display()))?;
+    if let Some(w) = wanted
+        && w != spec.train.objective
+    {
+        bail!(
+            "--objective {w:?} disagrees with the spec's {:?}",
+            spec.train.objective
+        );
+    }
+    Ok((spec.lora, spec.train))
+}
+
 fn parse_objective(s: Option<&str>) -> anyhow::Result<Option<Objective>> {
     Ok(match s {
         None => None,
@@ -163,8 +194,13 @@ pub async fn train_file(args: TrainArgs) -> anyhow::Result<()> {
             Some(p) => foreground::read_jsonl(&base, p, args.max_len)?,
             None => Vec::new(),
         };
-        let objective = wanted.unwrap_or_else(|| foreground::objective_of(&train_set));
-        let (lora_config, config) = configs(&args, objective)?;
+        let (lora_config, config) = match &args.spec {
+            Some(path) => spec_configs(path, wanted)?,
+            None => configs(
+                &args,
+                wanted.unwrap_or_else(|| foreground::objective_of(&train_set)),
+            )?,
+        };
         let name = base_path
             .file_stem()
             .map(|s| s.to_string_lossy().to_string())

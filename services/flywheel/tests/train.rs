@@ -666,9 +666,10 @@ async fn an_external_trainer_command_trains_a_run_at_low_priority() {
     let pool = flywheel_store::connect(&db).await.unwrap();
     // The external command here is Flywheel's own file-based trainer under
     // `nice`: any tool that reads TRL JSONL and writes a PEFT adapter fits.
+    // It takes the run's settings (rank 4, 4 steps, ...) from the spec file
+    // alone: by its flags' defaults it would train rank 16 for longer.
     let command = "nice -n 10 {flywheel} train --jsonl {train} --eval-jsonl {eval} \
-                   --base-gguf {base} --out {out} --steps {steps} --rank 4 --max-len 96 \
-                   --learning-rate 5e-3 --warmup-steps 1";
+                   --base-gguf {base} --out {out} --spec {spec}";
     let mut w = train_worker(&db, &dir, &[("FLYWHEEL_EXTERNAL_TRAINER", command)]);
     let run = wait_for_run(&pool, run_id, 90, |r| {
         matches!(r.status.as_str(), "succeeded" | "failed")
@@ -695,6 +696,11 @@ async fn an_external_trainer_command_trains_a_run_at_low_priority() {
         serde_json::from_str(&std::fs::read_to_string(adapter.join("flywheel_run.json")).unwrap())
             .unwrap();
     assert_eq!(record["steps"].as_array().unwrap().len(), 4);
+    let peft: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(adapter.join("adapter_config.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(peft["r"], 4, "the spec's rank: {peft}");
 
     // A command that fails fails the run, with its output in the error.
     let (db2, dir2) = trained_setup("fw_train_external_bad", 23).await;
@@ -761,9 +767,9 @@ async fn an_external_trainer_job_trains_through_the_object_store() {
          {flywheel} artifacts get {{train_url}} $W/train.jsonl; \
          {flywheel} artifacts get {{eval_url}} $W/eval.jsonl; \
          {flywheel} artifacts get {{base_url}} $W/base.gguf; \
+         {flywheel} artifacts get {{spec_url}} $W/spec.json; \
          {flywheel} train --jsonl $W/train.jsonl --eval-jsonl $W/eval.jsonl \
-           --base-gguf $W/base.gguf --out $W/adapter --steps {{steps}} --rank 4 \
-           --max-len 96 --learning-rate 5e-3 --warmup-steps 1; \
+           --base-gguf $W/base.gguf --out $W/adapter --spec $W/spec.json; \
          {flywheel} artifacts put $W/adapter {{out_url}}"
     );
     let template = dir.join("job.json");
