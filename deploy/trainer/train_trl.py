@@ -52,8 +52,11 @@ def read_jsonl(path):
 
 
 def as_prompt_completion(row):
-    """An SFT conversation as TRL's prompt and completion: the messages
-    before the last answer, and that answer."""
+    """An SFT example as TRL's prompt and completion (Flywheel exports
+    them so); a whole conversation (`messages`) is split before its last
+    answer."""
+    if "messages" not in row:
+        return row
     messages = row["messages"]
     return {"prompt": messages[:-1], "completion": messages[-1:]}
 
