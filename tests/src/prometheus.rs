@@ -28,6 +28,12 @@ print(json.dumps([[s.name, s.labels, s.value]
     serde_json::from_slice(&out.stdout).unwrap()
 }
 
+/// The samples of the `/metrics` page at `url`.
+pub async fn scrape(url: &str) -> Vec<(String, serde_json::Value, f64)> {
+    let page = reqwest::get(url).await.unwrap().text().await.unwrap();
+    samples(&page)
+}
+
 /// The sum of the values of `name` whose labels include `labels` (an
 /// object), 0 when there are none.
 pub fn value(

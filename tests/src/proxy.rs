@@ -43,6 +43,17 @@ impl Proxy {
         Self { port, stop }
     }
 
+    /// A proxy to the server of database URL `db` (`postgres://...@host:port/name`).
+    pub async fn for_database(db: &str) -> Self {
+        let server = db
+            .split_once('@')
+            .map_or(db, |(_, r)| r)
+            .split('/')
+            .next()
+            .unwrap();
+        Self::start(server).await
+    }
+
     /// `url` (a `postgres://` URL) with its host and port this proxy's.
     pub fn url(&self, url: &str) -> String {
         let (scheme, rest) = url.split_once("://").unwrap();

@@ -14,23 +14,7 @@ fn root() -> PathBuf {
 
 #[test]
 fn the_compose_file_runs_a_gateway_and_a_worker_on_one_database() {
-    // PyYAML, which the test command's Python has (schemathesis needs it).
-    let script = r#"
-import json, sys, yaml
-d = yaml.safe_load(open(sys.argv[1]))
-print(json.dumps(d["services"]))
-"#;
-    let out = std::process::Command::new("python3")
-        .args(["-c", script])
-        .arg(root().join("deploy/compose.yaml"))
-        .output()
-        .expect("python3");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let services: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let services = compose_services();
     let (gateway, worker) = (&services["gateway"], &services["worker"]);
     assert_eq!(gateway["command"], serde_json::json!(["serve"]));
     assert_eq!(worker["command"], serde_json::json!(["worker"]));
@@ -64,23 +48,10 @@ print(json.dumps(d["services"]))
     }
 }
 
-/// The compose file's services, as JSON (PyYAML resolves the anchors).
+/// The compose file's services, as JSON (PyYAML, which the test command's
+/// Python has for schemathesis, resolves the anchors).
 fn compose_services() -> serde_json::Value {
-    let script = r#"
-import json, sys, yaml
-print(json.dumps(yaml.safe_load(open(sys.argv[1]))["services"]))
-"#;
-    let out = std::process::Command::new("python3")
-        .args(["-c", script])
-        .arg(root().join("deploy/compose.yaml"))
-        .output()
-        .expect("python3");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
+    yaml_documents(&root().join("deploy/compose.yaml"))[0]["services"].clone()
 }
 
 #[test]

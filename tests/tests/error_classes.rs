@@ -188,14 +188,7 @@ async fn a_database_out_of_reach_is_a_503_on_both_faces() {
     let (_, key) = flywheel_store::keys::create_key(&direct, "team-a")
         .await
         .unwrap();
-    let upstream = url
-        .split_once('@')
-        .map_or(url.as_str(), |(_, r)| r)
-        .split('/')
-        .next()
-        .unwrap()
-        .to_string();
-    let proxy = Proxy::start(&upstream).await;
+    let proxy = Proxy::for_database(&url).await;
     let pool = flywheel_store::connect(&proxy.url(&url)).await.unwrap();
     let journal = open_journal(&pool, JournalConfig::new(dir.join("journal"))).await;
     journal.spawn_flusher(pool.clone());

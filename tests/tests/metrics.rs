@@ -23,7 +23,7 @@ async fn metrics_parse_and_the_histograms_count_the_traffic() {
     let gw = TestGateway::tiny().await;
     let model = gw.model().to_string();
     let before = samples(&gw).await;
-    let (mut written, mut wrote_any) = (0.0, 0.0);
+    let (mut written, mut wrote_any, mut wrote_two) = (0.0, 0.0, 0.0);
     for (user, rating) in [("a", "up"), ("b", "down")] {
         let (status, body) = gw
             .post(
@@ -38,9 +38,39 @@ async fn metrics_parse_and_the_histograms_count_the_traffic() {
         written += tokens;
         // The random tiny model may end at once: no first token then.
         wrote_any += f64::from(u8::from(tokens > 0.0));
+        wrote_two += f64::from(u8::from(tokens > 1.0));
         let vote = json!({"completion_id": body["id"], "rating": rating, "user": user});
         assert_eq!(gw.post(&gw.key, "/v1/feedback", vote).await.0, 201);
     }
+    // A chat that cannot end before its 4 tokens (its end-of-turn tokens
+    // banned): at least one completion with gaps between its tokens.
+    let (status, stops) = gw
+        .post(
+            &gw.key,
+            "/tokenize",
+            json!({"model": model, "prompt": "<|im_end|><|endoftext|>"}),
+        )
+        .await;
+    assert_eq!(status, 200, "{stops}");
+    let bias: serde_json::Map<String, Value> = stops["tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| (t.to_string(), json!(-100)))
+        .collect();
+    let (status, body) = gw
+        .post(
+            &gw.key,
+            "/v1/chat/completions",
+            json!({"model": model, "max_tokens": 4, "logit_bias": bias,
+                   "messages": [{"role": "user", "content": "hi"}]}),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["usage"]["completion_tokens"], 4, "{body}");
+    written += 4.0;
+    wrote_any += 1.0;
+    wrote_two += 1.0;
     let missing = reqwest::Client::new()
         .get(format!("{}/v1/models/no-such-model", gw.base))
         .bearer_auth(&gw.key)
@@ -58,7 +88,7 @@ async fn metrics_parse_and_the_histograms_count_the_traffic() {
             "flywheel_http_request_duration_seconds_count",
             chats.clone()
         ),
-        2.0
+        3.0
     );
     assert!(moved("flywheel_http_request_duration_seconds_sum", chats) > 0.0);
     // The route's pattern, not the path asked for.
@@ -79,7 +109,7 @@ async fn metrics_parse_and_the_histograms_count_the_traffic() {
         json!({"method": "POST", "route": "/v1/chat/completions", "status": "200", "le": "+Inf"});
     assert_eq!(
         moved("flywheel_http_request_duration_seconds_bucket", inf),
-        2.0
+        3.0
     );
 
     assert_eq!(
@@ -143,7 +173,14 @@ async fn metrics_parse_and_the_histograms_count_the_traffic() {
             "flywheel_completion_duration_seconds_count",
             by_model.clone()
         ),
-        2.0
+        3.0
+    );
+    assert_eq!(
+        moved(
+            "flywheel_inter_token_latency_seconds_count",
+            by_model.clone()
+        ),
+        wrote_two
     );
     assert_eq!(
         moved("flywheel_completion_output_tokens_sum", by_model),

@@ -438,14 +438,7 @@ async fn a_second_gateway_on_a_journal_in_use_refuses_to_start() {
 async fn a_deletion_holds_against_records_another_gateway_delivers_later() {
     let s = TinySetup::new("fw_jdelete").await;
     let key = s.key("acme");
-    let upstream =
-        s.db.split_once('@')
-            .map_or(s.db.as_str(), |(_, r)| r)
-            .split('/')
-            .next()
-            .unwrap()
-            .to_string();
-    let proxy = flywheel_tests::proxy::Proxy::start(&upstream).await;
+    let proxy = flywheel_tests::proxy::Proxy::for_database(&s.db).await;
     let a = GatewayProcess::start(&s.db, &s.dir.join("journal-a"), &[]).await;
     let b_journal = s.dir.join("journal-b");
     let b = GatewayProcess::start(&proxy.url(&s.db), &b_journal, &[]).await;

@@ -1,6 +1,6 @@
 //! What `flywheel serve` writes to its log: an access line per API request
 //! at the default level, naming the method, the route's pattern, the team,
-//! the request id, the status and the latency, and never the message, the
+//! the request id, the caller's trace id, the status and the latency, and never the message, the
 //! answer or the key; as text by default, as JSON objects with
 //! `FLYWHEEL_LOG_FORMAT=json`.
 
@@ -10,6 +10,7 @@ use flywheel_tests::{GatewayProcess, TinySetup};
 use serde_json::{Value, json};
 
 const SECRET: &str = "the-secret-question-31337";
+const TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
 
 /// Starts a gateway with `env`, sends a chat with [`SECRET`] and asks for
 /// a model that does not exist, and returns what it wrote to stderr.
@@ -27,15 +28,17 @@ async fn log_of(s: &TinySetup, key: &str, name: &str, env: &[(&str, &str)]) -> S
         base: format!("http://127.0.0.1:{port}"),
     };
     assert!(flywheel_tests::ready(&gw.base).await);
-    let (status, body) = gw
-        .post(
-            key,
-            "/v1/chat/completions",
-            json!({"model": "default", "max_tokens": 3,
-                   "messages": [{"role": "user", "content": SECRET}]}),
-        )
-        .await;
-    assert_eq!(status, 200, "{body}");
+    // With the caller's trace context: its trace id goes on the line.
+    let chat = reqwest::Client::new()
+        .post(format!("{}/v1/chat/completions", gw.base))
+        .bearer_auth(key)
+        .header("traceparent", format!("00-{TRACE}-00f067aa0ba902b7-01"))
+        .json(&json!({"model": "default", "max_tokens": 3,
+                      "messages": [{"role": "user", "content": SECRET}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(chat.status(), 200);
     let missing = reqwest::Client::new()
         .get(format!("{}/v1/models/no-such-model", gw.base))
         .bearer_auth(key)
@@ -70,8 +73,10 @@ async fn each_api_request_writes_an_access_line_without_text_or_keys() {
         .iter()
         .find(|l| l.contains("route=/v1/chat/completions"))
         .unwrap_or_else(|| panic!("no access line for the chat in\n{text}"));
+    let trace = format!("trace_id={TRACE}");
     for part in [
         "method=POST",
+        trace.as_str(),
         "team=acme",
         "request_id=",
         "status=200",
@@ -105,6 +110,7 @@ async fn each_api_request_writes_an_access_line_without_text_or_keys() {
     assert_eq!(chat["fields"]["status"], 200, "{chat}");
     assert_eq!(chat["span"]["method"], "POST", "{chat}");
     assert_eq!(chat["span"]["team"], "acme", "{chat}");
+    assert_eq!(chat["span"]["trace_id"], TRACE, "{chat}");
     assert!(
         chat["span"]["request_id"]
             .as_str()

@@ -134,14 +134,7 @@ async fn three_gateways_and_two_workers_share_one_database_and_lose_nothing() {
     let key = s.key("acme");
     let pool = flywheel_store::connect(&s.db).await.unwrap();
     // Gateway C reaches Postgres through a proxy the test can cut.
-    let upstream =
-        s.db.split_once('@')
-            .map_or(s.db.as_str(), |(_, r)| r)
-            .split('/')
-            .next()
-            .unwrap()
-            .to_string();
-    let proxy = flywheel_tests::proxy::Proxy::start(&upstream).await;
+    let proxy = flywheel_tests::proxy::Proxy::for_database(&s.db).await;
     let journals: Vec<_> = ["a", "b", "c"]
         .iter()
         .map(|n| s.dir.join(format!("journal-{n}")))

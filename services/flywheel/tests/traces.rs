@@ -220,8 +220,10 @@ async fn a_chat_is_traced_into_the_callers_trace_with_genai_attributes() {
     );
     assert_eq!(str_attr(&chat, "team").as_deref(), Some("acme"));
 
-    // The engine's phases and the journal's append, under the chat span.
+    // The routing, the engine's phases and the journal's append, under the
+    // chat span.
     for name in [
+        "route",
         "engine.queue",
         "engine.prefill",
         "engine.decode",

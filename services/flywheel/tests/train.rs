@@ -322,13 +322,7 @@ async fn replacement_finishes(
     assert_eq!(run.step, steps);
     // Its /metrics counts the tokens of the steps it ran (those after the
     // checkpoint it resumed from: the last steps) and their speed.
-    let page = reqwest::get(format!("http://{addr}/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    let rows = flywheel_tests::prometheus::samples(&page);
+    let rows = flywheel_tests::prometheus::scrape(&format!("http://{addr}/metrics")).await;
     let none = serde_json::json!({});
     let tokens = flywheel_tests::prometheus::value(&rows, "flywheel_training_tokens_total", &none);
     let ran: Vec<i32> =
@@ -340,11 +334,11 @@ async fn replacement_finishes(
     let last_steps: Vec<f64> = (1..ran.len())
         .map(|from| ran[from..].iter().map(|&t| f64::from(t)).sum())
         .collect();
-    assert!(last_steps.contains(&tokens), "{tokens} tokens: {page}");
+    assert!(last_steps.contains(&tokens), "{tokens} tokens: {rows:?}");
     assert!(
         flywheel_tests::prometheus::value(&rows, "flywheel_training_tokens_per_second", &none)
             > 0.0,
-        "{page}"
+        "{rows:?}"
     );
     let recorded = flywheel_store::training::steps(pool, run_id).await.unwrap();
     assert_eq!(

@@ -240,13 +240,7 @@ async fn a_worker_answers_probes_and_counts_its_jobs_by_kind_and_outcome() {
         })
         .await
     );
-    let page = reqwest::get(format!("{base}/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    let rows = flywheel_tests::prometheus::samples(&page);
+    let rows = flywheel_tests::prometheus::scrape(&format!("{base}/metrics")).await;
     let count = |outcome: &str| {
         flywheel_tests::prometheus::value(
             &rows,
@@ -254,7 +248,11 @@ async fn a_worker_answers_probes_and_counts_its_jobs_by_kind_and_outcome() {
             &serde_json::json!({"kind": "curate", "outcome": outcome}),
         )
     };
-    assert_eq!((count("succeeded"), count("failed")), (1.0, 1.0), "{page}");
+    assert_eq!(
+        (count("succeeded"), count("failed")),
+        (1.0, 1.0),
+        "{rows:?}"
+    );
     assert!(
         rows.iter()
             .any(|(n, _, v)| n == "flywheel_database_up" && *v == 1.0)
@@ -288,13 +286,7 @@ async fn a_worker_answers_probes_and_counts_its_jobs_by_kind_and_outcome() {
         .await
         .unwrap();
     assert_eq!(ended, [("skipped".to_string(), 1)], "{out}");
-    let page = reqwest::get(format!("{base}/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    let rows = flywheel_tests::prometheus::samples(&page);
+    let rows = flywheel_tests::prometheus::scrape(&format!("{base}/metrics")).await;
     let cycles = |status: &str| {
         flywheel_tests::prometheus::value(
             &rows,
@@ -302,5 +294,9 @@ async fn a_worker_answers_probes_and_counts_its_jobs_by_kind_and_outcome() {
             &serde_json::json!({"status": status}),
         )
     };
-    assert_eq!((cycles("skipped"), cycles("running")), (1.0, 0.0), "{page}");
+    assert_eq!(
+        (cycles("skipped"), cycles("running")),
+        (1.0, 0.0),
+        "{rows:?}"
+    );
 }

@@ -121,7 +121,7 @@ fn with_access_log(router: Router<AppState>) -> Router<AppState> {
             trace::rename(&span, req.method().to_string());
             trace::set(&span, "http.request.method", req.method().to_string());
             if let Some(trace) = trace::trace_id(&span, req.headers()) {
-                span.record("trace_id", trace);
+                span.record("trace_id", tracing::field::display(trace));
             }
             span
         })

@@ -46,6 +46,11 @@ fn seconds() -> Histogram {
     Histogram::new(exponential_buckets(0.005, 2.0, 14))
 }
 
+fn token_gaps() -> Histogram {
+    // 1 ms to 8 s.
+    Histogram::new(exponential_buckets(0.001, 2.0, 14))
+}
+
 fn tokens() -> Histogram {
     // 1 to 4,096.
     Histogram::new(exponential_buckets(1.0, 2.0, 13))
@@ -56,6 +61,7 @@ pub struct Meters {
     registry: Registry,
     http: Histograms<HttpLabels>,
     first_token: Histograms<ModelLabel>,
+    inter_token: Histograms<ModelLabel>,
     duration: Histograms<ModelLabel>,
     output_tokens: Histograms<ModelLabel>,
     votes: Family<VoteLabels, Counter>,
@@ -66,6 +72,7 @@ impl Default for Meters {
         let mut registry = Registry::default();
         let http = Histograms::new_with_constructor(seconds as fn() -> Histogram);
         let first_token = Histograms::new_with_constructor(seconds as fn() -> Histogram);
+        let inter_token = Histograms::new_with_constructor(token_gaps as fn() -> Histogram);
         let duration = Histograms::new_with_constructor(seconds as fn() -> Histogram);
         let output_tokens = Histograms::new_with_constructor(tokens as fn() -> Histogram);
         registry.register(
@@ -77,6 +84,11 @@ impl Default for Meters {
             "flywheel_time_to_first_token_seconds",
             "Time from a completion request's arrival to its first token, by the model version that answered",
             first_token.clone(),
+        );
+        registry.register(
+            "flywheel_inter_token_latency_seconds",
+            "A completion's mean time between two tokens it wrote (from its first token to its end, over the gaps), by the model version that answered; completions of two or more tokens",
+            inter_token.clone(),
         );
         registry.register(
             "flywheel_completion_duration_seconds",
@@ -99,6 +111,7 @@ impl Default for Meters {
             votes,
             http,
             first_token,
+            inter_token,
             duration,
             output_tokens,
         }
@@ -125,7 +138,8 @@ impl Meters {
     }
 
     /// A completion that ended: its model version, time to first token
-    /// (none when it wrote nothing), duration and tokens written.
+    /// (none when it wrote nothing), duration and tokens written; its mean
+    /// gap between tokens follows from them.
     pub fn observe_completion(
         &self,
         model: &str,
@@ -140,6 +154,10 @@ impl Meters {
         };
         if let Some(t) = first_token {
             self.first_token.get_or_create(&label).observe(t);
+            if tokens >= 2 {
+                let gap = (seconds - t).max(0.0) / (tokens - 1) as f64;
+                self.inter_token.get_or_create(&label).observe(gap);
+            }
         }
         self.duration.get_or_create(&label).observe(seconds);
         self.output_tokens

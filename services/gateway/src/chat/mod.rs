@@ -83,8 +83,11 @@ async fn chat(
     let id = format!("chatcmpl-{}", uuid::Uuid::new_v4());
     // The route is fixed here: a promotion or rollback from now on changes
     // the next request, not this one.
+    // Which version answers (champion, canary or the one named), as a
+    // span of its own: it may read the database.
     let (served, route) = state
         .route(&principal, &model, end_user.as_deref(), &id)
+        .instrument(tracing::info_span!("route"))
         .await?;
     recordable(&state)?;
     traced_route(&span, &id, &served, route);

@@ -257,8 +257,11 @@ async fn complete_text(
         &v.params,
     );
     let id = format!("cmpl-{}", uuid::Uuid::new_v4());
+    // Which version answers (champion, canary or the one named), as a
+    // span of its own: it may read the database.
     let (served, route) = state
         .route(&principal, &model, end_user.as_deref(), &id)
+        .instrument(tracing::info_span!("route"))
         .await?;
     super::traced_route(&span, &id, &served, route);
     let Backend::Engine { engine, adapter } = &served.backend else {
