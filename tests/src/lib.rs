@@ -28,7 +28,7 @@ pub use gateway::{
     spawn_gateway,
 };
 pub use process::{
-    GatewayProcess, Ran, TinySetup, cli, command, free_port, ready, run, spawn, test_home,
+    GatewayProcess, Ran, TinySetup, cli, command, free_port, ready, run, spawn, synth, test_home,
 };
 pub use s3::S3;
 pub use wait::{eventually, until};

@@ -110,6 +110,25 @@ pub fn cli(db: &str, args: &[&str]) -> String {
     ran.stdout
 }
 
+/// `flywheel datasets synth`: `completions` simulated completions of
+/// `team` (made if missing), `ratings` of them rated.
+pub fn synth(db: &str, team: &str, completions: usize, ratings: usize) {
+    let (c, r) = (completions.to_string(), ratings.to_string());
+    cli(
+        db,
+        &[
+            "datasets",
+            "synth",
+            "--team",
+            team,
+            "--completions",
+            &c,
+            "--ratings",
+            &r,
+        ],
+    );
+}
+
 /// Whether the gateway at `base` answered `/readyz` with 200 within 60 s.
 pub async fn ready(base: &str) -> bool {
     until(60, || async {

@@ -187,3 +187,68 @@ async fn metrics_parse_and_the_histograms_count_the_traffic() {
         written
     );
 }
+
+/// A team whose champion is a model of its own (not an adapter) is served
+/// by an engine of its own: its completions are counted under its version,
+/// and that engine's queue, batch and tokens have their own series.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_team_champion_on_its_own_engine_has_its_own_series() {
+    let gw = TestGateway::tiny().await;
+    let dir = std::env::temp_dir().join(format!("fw-metrics-own-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = flywheel_model::testing::write_tiny_model(&dir, 21).unwrap();
+    let own = flywheel_modelhub::ModelCache::new(dir.join("cache"))
+        .unwrap()
+        .import(&path, Some("tiny-own"))
+        .await
+        .unwrap();
+    let own = flywheel::register(&gw.db.pool, &own).await.unwrap();
+    let (_, key) = flywheel_store::keys::create_key(&gw.db.pool, "team-own")
+        .await
+        .unwrap();
+    let team = flywheel_store::keys::team_id(&gw.db.pool, "team-own")
+        .await
+        .unwrap()
+        .unwrap();
+    flywheel_store::models::set_team_champion(
+        &mut gw.db.pool.acquire().await.unwrap(),
+        team,
+        Some(own.id),
+    )
+    .await
+    .unwrap();
+    gw.state.set_loader(flywheel::serve::gateway_loader(
+        &flywheel_tests::config(),
+        &gw.db.pool,
+    ));
+    gw.state.refresh_routes().await.unwrap();
+
+    let before = samples(&gw).await;
+    let (status, body) = gw
+        .post(
+            &key,
+            "/v1/chat/completions",
+            json!({"model": gw.model(), "max_tokens": 3,
+                   "messages": [{"role": "user", "content": "hi"}]}),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["model"], "tiny-own", "served by the team's champion");
+    let after = samples(&gw).await;
+    let own_model = json!({"model": "tiny-own"});
+    let moved = |name: &str| value(&after, name, &own_model) - value(&before, name, &own_model);
+    assert_eq!(moved("flywheel_completion_duration_seconds_count"), 1.0);
+    assert_eq!(
+        moved("flywheel_completion_output_tokens_sum"),
+        body["usage"]["completion_tokens"].as_f64().unwrap()
+    );
+    assert!(moved("flywheel_engines_prompt_tokens_total") > 0.0);
+    for gauge in ["flywheel_engines_queue_depth", "flywheel_engines_running"] {
+        assert!(
+            after
+                .iter()
+                .any(|(n, l, _)| n == gauge && l["model"] == "tiny-own"),
+            "{gauge}"
+        );
+    }
+}

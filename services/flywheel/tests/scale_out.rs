@@ -349,5 +349,13 @@ async fn three_gateways_and_two_workers_share_one_database_and_lose_nothing() {
             "{table}: deleted data came back"
         );
     }
-    assert!(held.iter().all(|id| !id.is_empty()));
+    // Her held chat is not stored; olga's is, under the id C gave it.
+    for (id, want) in [(&held[0], 0), (&held[1], 1)] {
+        let n: i64 = sqlx::query_scalar("select count(*) from completions where id = $1")
+            .bind(id)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        assert_eq!(n, want, "held chat {id}");
+    }
 }

@@ -373,7 +373,11 @@ async fn a_worker_traces_each_job_and_its_stage() {
     assert_eq!(curate.trace_id, job.trace_id);
     assert_eq!(str_attr(&job, "job.kind").as_deref(), Some("curate"));
     assert_eq!(int_attr(&job, "job.attempt"), Some(1));
-    assert!(str_attr(&job, "job.outcome").is_some());
+    assert_eq!(
+        str_attr(&job, "job.outcome").as_deref(),
+        Some("succeeded"),
+        "{job:?}"
+    );
     let services: Vec<String> = got.spans().into_iter().map(|(svc, _)| svc).collect();
     assert!(
         services.iter().all(|s| s == "flywheel-worker"),

@@ -196,19 +196,7 @@ async fn trained_setup(prefix: &str, seed: u64) -> (String, std::path::PathBuf) 
             "--champion",
         ],
     );
-    cli(
-        &db,
-        &[
-            "datasets",
-            "synth",
-            "--team",
-            "acme",
-            "--completions",
-            "400",
-            "--ratings",
-            "200",
-        ],
-    );
+    flywheel_tests::synth(&db, "acme", 400, 200);
     cli(&db, &["datasets", "build", "--team", "acme", "--inline"]);
     (db, dir)
 }

@@ -70,19 +70,7 @@ impl Drop for Killed {
 #[tokio::test]
 async fn a_worker_killed_mid_job_is_replaced_and_the_job_finishes_once() {
     let db = fresh_database("fw_worker_kill").await;
-    cli(
-        &db,
-        &[
-            "datasets",
-            "synth",
-            "--team",
-            "acme",
-            "--completions",
-            "400",
-            "--ratings",
-            "200",
-        ],
-    );
+    flywheel_tests::synth(&db, "acme", 400, 200);
     let pool = flywheel_store::connect(&db).await.unwrap();
     // This worker stops for a minute between building and writing.
     let mut slow = worker(&db, &[("FLYWHEEL_TEST_FAULTS", "curate_pause_ms=60000")]);
@@ -156,19 +144,7 @@ async fn two_workers_run_each_job_once() {
     let db = fresh_database("fw_worker_pair").await;
     let teams = ["north", "south", "east", "west"];
     for team in teams {
-        cli(
-            &db,
-            &[
-                "datasets",
-                "synth",
-                "--team",
-                team,
-                "--completions",
-                "200",
-                "--ratings",
-                "100",
-            ],
-        );
+        flywheel_tests::synth(&db, team, 200, 100);
     }
     let pool = flywheel_store::connect(&db).await.unwrap();
     let _a = Killed(worker(&db, &[]));
@@ -196,19 +172,7 @@ async fn two_workers_run_each_job_once() {
 #[tokio::test]
 async fn a_worker_answers_probes_and_counts_its_jobs_by_kind_and_outcome() {
     let db = fresh_database("fw_worker_metrics").await;
-    cli(
-        &db,
-        &[
-            "datasets",
-            "synth",
-            "--team",
-            "acme",
-            "--completions",
-            "40",
-            "--ratings",
-            "20",
-        ],
-    );
+    flywheel_tests::synth(&db, "acme", 40, 20);
     let pool = flywheel_store::connect(&db).await.unwrap();
     let port = flywheel_tests::free_port();
     let addr = format!("127.0.0.1:{port}");
