@@ -24,16 +24,21 @@ async fn metrics_parse_and_the_histograms_count_the_traffic() {
     let model = gw.model().to_string();
     let before = samples(&gw).await;
     let (mut written, mut wrote_any, mut wrote_two) = (0.0, 0.0, 0.0);
+    // The three chats below ask the same; the second and third start from
+    // the first's kept cache (all but the prompt's last token).
+    let asked = "hi, my parcel has not arrived yet";
+    let mut prompt_tokens = 0.0;
     for (user, rating) in [("a", "up"), ("b", "down")] {
         let (status, body) = gw
             .post(
                 &gw.key,
                 "/v1/chat/completions",
                 json!({"model": model, "max_tokens": 5, "user": user,
-                       "messages": [{"role": "user", "content": "hi"}]}),
+                       "messages": [{"role": "user", "content": asked}]}),
             )
             .await;
         assert_eq!(status, 200, "{body}");
+        prompt_tokens = body["usage"]["prompt_tokens"].as_f64().unwrap();
         let tokens = body["usage"]["completion_tokens"].as_f64().unwrap();
         written += tokens;
         // The random tiny model may end at once: no first token then.
@@ -63,7 +68,7 @@ async fn metrics_parse_and_the_histograms_count_the_traffic() {
             &gw.key,
             "/v1/chat/completions",
             json!({"model": model, "max_tokens": 4, "logit_bias": bias,
-                   "messages": [{"role": "user", "content": "hi"}]}),
+                   "messages": [{"role": "user", "content": asked}]}),
         )
         .await;
     assert_eq!(status, 200, "{body}");
@@ -81,6 +86,19 @@ async fn metrics_parse_and_the_histograms_count_the_traffic() {
     let after = samples(&gw).await;
     let moved =
         |name: &str, labels: Value| value(&after, name, &labels) - value(&before, name, &labels);
+
+    assert!(
+        prompt_tokens > 16.0,
+        "{prompt_tokens}: too short to be kept"
+    );
+    assert_eq!(
+        moved("flywheel_engine_prompt_tokens_cached_total", json!({})),
+        2.0 * (prompt_tokens - 1.0)
+    );
+    assert_eq!(
+        moved("flywheel_engine_prompt_tokens_total", json!({})),
+        prompt_tokens + 2.0
+    );
 
     let chats = json!({"method": "POST", "route": "/v1/chat/completions", "status": "200"});
     assert_eq!(

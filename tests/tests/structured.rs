@@ -1,8 +1,8 @@
 //! `response_format` through the public API: constrained decoding keeps a
 //! model that knows nothing (the tiny random-weight model, whose free
 //! answers are random bytes) to the schema a router asks for, so it cannot
-//! invent an intent; a schema outside the supported subset is a 400 naming
-//! the keyword.
+//! invent an intent, and writes it compact; a schema outside the supported
+//! subset is a 400 naming the keyword.
 
 use flywheel_tests::TestGateway;
 use serde_json::{Value, json};
@@ -72,6 +72,8 @@ async fn a_schema_with_an_enum_keeps_a_random_model_to_the_listed_intents() {
             assert!(v["order_id"].is_i64() || v["order_id"].is_u64(), "{text}");
             assert!(v["urgent"].is_boolean(), "{text}");
             assert_eq!(v.as_object().unwrap().len(), 3, "{text}");
+            // Compact, as OpenAI returns it: no whitespace between tokens.
+            assert_eq!(text, v.to_string());
             seen.insert(text.to_string());
         }
     }

@@ -60,6 +60,24 @@ impl SeqCache {
     pub fn len(&self) -> usize {
         self.len
     }
+
+    /// A copy of the first `n` positions (`None` past the end).
+    fn prefix(&self, n: usize) -> Option<SeqCache> {
+        if n > self.len {
+            return None;
+        }
+        let rows = |layers: &[Vec<f32>]| -> Vec<Vec<f32>> {
+            layers
+                .iter()
+                .map(|l| l[..l.len() / self.len.max(1) * n].to_vec())
+                .collect()
+        };
+        Some(SeqCache {
+            k: rows(&self.k),
+            v: rows(&self.v),
+            len: n,
+        })
+    }
 }
 
 fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
@@ -90,6 +108,13 @@ impl StepModel for CpuLlama {
     }
     fn step(&self, items: &mut [BatchItem<'_, SeqCache>]) -> Result<Vec<Option<Vec<f32>>>> {
         CpuLlama::step(self, items)
+    }
+    fn cache_prefix(cache: &SeqCache, n: usize) -> Option<SeqCache> {
+        cache.prefix(n)
+    }
+    fn cache_bytes(cache: &SeqCache) -> usize {
+        let floats: usize = cache.k.iter().chain(&cache.v).map(Vec::capacity).sum();
+        floats * std::mem::size_of::<f32>()
     }
 }
 

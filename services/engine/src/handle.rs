@@ -158,6 +158,7 @@ impl EngineHandle {
             ttft_count: get(&c.ttft_count),
             generated_tokens: get(&c.generated_tokens),
             prompt_tokens: get(&c.prompt_tokens),
+            cached_prompt_tokens: get(&c.cached_prompt_tokens),
             finished: get(&c.finished),
             cancelled: get(&c.cancelled),
             failed: get(&c.failed),

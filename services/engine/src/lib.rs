@@ -18,6 +18,7 @@ mod cpu;
 mod grammar;
 mod handle;
 mod kernels;
+mod prefix;
 mod sampling;
 mod scheduler;
 mod step;

@@ -84,10 +84,20 @@ struct Seq<C> {
     stops: StopMatcher,
     /// Where the output stands against its `response_format`, if any.
     json: Option<crate::grammar::Matcher>,
+    /// Tokens of the bytes the `response_format` forces next, not yet
+    /// emitted: one per step, or all at once when jumping forward.
+    forced_run: std::collections::VecDeque<u32>,
+    /// Whether this sequence jumps forward (not with log-probabilities,
+    /// which need a forward pass at every token).
+    jump: bool,
     /// Prompt tokens already run through the model.
     prefilled: usize,
-    /// The token to feed next, once the prompt is done.
-    next: [u32; 1],
+    /// The tokens to feed next, once the prompt is done: the one chosen
+    /// last, and the forced ones after it when jumping forward.
+    next: Vec<u32>,
+    /// Every token written so far, in order (what the cache holds after
+    /// the prompt, when the sequence is kept for reuse).
+    output: Vec<u32>,
     generated: usize,
     admitted: Instant,
     first_token: bool,
@@ -147,6 +157,8 @@ struct Scheduler<M: StepModel> {
     /// Prompt tokens a step may carry (fair scheduling), kept so that a
     /// step takes about `cfg.step_target`.
     prompt_cap: usize,
+    /// Finished sequences' caches, for prompts that begin the same way.
+    prefixes: crate::prefix::PrefixCache<M::Cache>,
 }
 
 impl<M: StepModel> Scheduler<M> {
@@ -159,6 +171,7 @@ impl<M: StepModel> Scheduler<M> {
             last_admitted: Default::default(),
             admissions: 0,
             prompt_cap: cfg.max_batched_tokens.max(1),
+            prefixes: crate::prefix::PrefixCache::new(cfg.prefix_cache_bytes),
             cfg,
         }
     }
@@ -236,15 +249,52 @@ impl<M: StepModel> Scheduler<M> {
 
     /// Sequences whose client went away leave the batch.
     fn drop_cancelled(&mut self) {
-        let stats = &self.shared.stats;
-        let before = self.active.len();
-        self.active.retain(|s| !s.job.events.is_closed());
-        stats
-            .cancelled
-            .fetch_add((before - self.active.len()) as u64, Ordering::Relaxed);
-        stats
+        let mut i = 0;
+        while i < self.active.len() {
+            if self.active[i].job.events.is_closed() {
+                let s = self.active.remove(i);
+                self.keep(s);
+                self.shared.stats.cancelled.fetch_add(1, Ordering::Relaxed);
+            } else {
+                i += 1;
+            }
+        }
+        self.shared
+            .stats
             .running
             .store(self.active.len() as u64, Ordering::Relaxed);
+    }
+
+    /// A sequence that left the batch: its cache is kept for prompts that
+    /// begin with the same tokens (its prompt, then what it wrote).
+    fn keep(&mut self, s: Seq<M::Cache>) {
+        let bytes = M::cache_bytes(&s.cache);
+        if self.cfg.prefix_cache_bytes == 0 || bytes == 0 {
+            return;
+        }
+        let held = M::cache_len(&s.cache);
+        let prompt = &s.job.req.prompt_ids;
+        let mut tokens = prompt[..held.min(prompt.len())].to_vec();
+        tokens.extend(s.output.iter().take(held.saturating_sub(prompt.len())));
+        self.prefixes
+            .insert(s.job.req.adapter, tokens, s.cache, bytes);
+    }
+
+    /// A new sequence's cache and the prompt tokens it already holds: a
+    /// copy of the longest kept beginning of its prompt (all but the last
+    /// token, whose logits are needed), else an empty one.
+    fn start_cache(&mut self, req: &GenerateRequest) -> (M::Cache, usize) {
+        let last = req.prompt_ids.len().saturating_sub(1);
+        if let Some((kept, n)) = self.prefixes.longest(req.adapter, &req.prompt_ids, last)
+            && let Some(cache) = M::cache_prefix(kept, n)
+        {
+            self.shared
+                .stats
+                .cached_prompt_tokens
+                .fetch_add(n as u64, Ordering::Relaxed);
+            return (cache, n);
+        }
+        (self.model.new_cache(), 0)
     }
 
     fn admit(&mut self, mut job: Job) {
@@ -284,6 +334,7 @@ impl<M: StepModel> Scheduler<M> {
                 }
             }
         };
+        let (cache, prefilled) = self.start_cache(&job.req);
         self.active.push(Seq {
             adapter,
             sampler: Sampler::new(job.req.params.clone()),
@@ -294,10 +345,13 @@ impl<M: StepModel> Scheduler<M> {
                 .json
                 .clone()
                 .map(crate::grammar::Matcher::new),
-            cache: self.model.new_cache(),
+            forced_run: Default::default(),
+            jump: self.cfg.jump_forward && !job.req.params.logprobs,
+            cache,
             decoder: IncrementalDecoder::default(),
-            prefilled: 0,
-            next: [0],
+            prefilled,
+            next: Vec::new(),
+            output: Vec::new(),
             generated: 0,
             admitted: Instant::now(),
             first_token: true,
@@ -329,7 +383,8 @@ impl<M: StepModel> Scheduler<M> {
     }
 
     /// How many tokens each active sequence brings to this step:
-    /// generating sequences first (one token each), then prompt chunks.
+    /// generating sequences first (one token each, or a forced run after
+    /// it), then prompt chunks.
     /// Under fair scheduling the prompts being read carry at most
     /// `prompt_cap` tokens, which keeps a step near `cfg.step_target` (also
     /// with one prompt alone: a request that arrives meanwhile waits for
@@ -341,9 +396,9 @@ impl<M: StepModel> Scheduler<M> {
         let mut budget = self.cfg.max_batched_tokens.max(1);
         let mut take = vec![0usize; self.active.len()];
         for (i, s) in self.active.iter().enumerate() {
-            if s.prefilled == s.job.req.prompt_ids.len() && budget > 0 {
-                take[i] = 1;
-                budget -= 1;
+            if s.prefilled == s.job.req.prompt_ids.len() {
+                take[i] = s.next.len().min(budget);
+                budget -= take[i];
             }
         }
         let left = |s: &Seq<M::Cache>| s.job.req.prompt_ids.len() - s.prefilled;
@@ -400,7 +455,7 @@ impl<M: StepModel> Scheduler<M> {
                 let end = s.prefilled + plan.take[i];
                 (&s.job.req.prompt_ids[s.prefilled..end], end == prompt_len)
             } else {
-                (&s.next[..], true)
+                (&s.next[..plan.take[i]], plan.take[i] == s.next.len())
             };
             items.push(BatchItem {
                 cache: &mut s.cache,
@@ -444,6 +499,8 @@ impl<M: StepModel> Scheduler<M> {
                 stats
                     .prompt_tokens
                     .fetch_add(plan.take[i] as u64, Ordering::Relaxed);
+            } else {
+                s.next.drain(..plan.take[i]);
             }
             let Some(logits) = logits else { continue };
             if let Some(end) = self.emit(i, logits) {
@@ -451,8 +508,8 @@ impl<M: StepModel> Scheduler<M> {
             }
         }
         for (i, end) in ended.into_iter().rev() {
-            // Dropping the sequence frees its cache.
-            self.active.remove(i);
+            let s = self.active.remove(i);
+            self.keep(s);
             match end {
                 End::Finished => stats.finished.fetch_add(1, Ordering::Relaxed),
                 End::Cancelled => stats.cancelled.fetch_add(1, Ordering::Relaxed),
@@ -460,13 +517,19 @@ impl<M: StepModel> Scheduler<M> {
         }
     }
 
-    /// Samples sequence `i`'s next token and streams it; says if it ended.
+    /// Chooses sequence `i`'s next token (a scored or forced one, else one
+    /// sampled from `logits`) and streams it; when the sequence jumps
+    /// forward, the tokens its `response_format` forces after that one
+    /// follow at once, to be run through the model together next step.
+    /// Says if the sequence ended.
     fn emit(&mut self, i: usize, mut logits: Vec<f32>) -> Option<End> {
-        let tok = &self.shared.tokenizer;
-        let stats = &self.shared.stats;
+        let shared = &*self.shared;
+        let tok = &shared.tokenizer;
+        let stats = &shared.stats;
         let ctx = self.model.config().context_length;
         let s = &mut self.active[i];
-        let p = &s.job.req.params;
+        debug_assert!(s.next.is_empty(), "logits come once every token is fed");
+        let room = ctx.saturating_sub(M::cache_len(&s.cache));
         if s.first_token {
             s.first_token = false;
             s.job.phase = tracing::info_span!(
@@ -479,9 +542,15 @@ impl<M: StepModel> Scheduler<M> {
                 .fetch_add(s.admitted.elapsed().as_micros() as u64, Ordering::Relaxed);
             stats.ttft_count.fetch_add(1, Ordering::Relaxed);
         }
-        let forced = p.forced.get(s.generated).copied();
-        let logprobs = (p.logprobs || forced.is_some()).then(|| log_softmax(&logits));
-        let next = match forced {
+        let p = &s.job.req.params;
+        let scored = p.forced.get(s.generated).copied();
+        let logprobs = (p.logprobs || scored.is_some()).then(|| log_softmax(&logits));
+        let keep = if p.temperature < crate::MIN_TEMPERATURE {
+            1
+        } else {
+            JSON_SAMPLED_FROM
+        };
+        let next = match scored {
             Some(t) if (t as usize) < logits.len() => t,
             Some(t) => {
                 let _ = s.job.events.send(Event::Error(format!(
@@ -489,81 +558,39 @@ impl<M: StepModel> Scheduler<M> {
                 )));
                 return Some(End::Cancelled);
             }
-            None => {
-                if let Some(m) = &s.json {
-                    let bytes = self.shared.token_bytes.get_or_init(|| tok.token_bytes());
-                    let keep = if p.temperature < crate::MIN_TEMPERATURE {
-                        1
-                    } else {
-                        JSON_SAMPLED_FROM
-                    };
-                    crate::grammar::mask(&mut logits, m, bytes, &tok.stop_ids, keep);
+            None => match s.next_forced(shared) {
+                Some(t) => t,
+                None => {
+                    if let Some(m) = &s.json {
+                        let bytes = shared.token_bytes.get_or_init(|| tok.token_bytes());
+                        crate::grammar::mask(&mut logits, m, bytes, &tok.stop_ids, keep);
+                    }
+                    s.sampler.sample(&mut logits)
                 }
-                s.sampler.sample(&mut logits)
-            }
+            },
         };
-        if let (Some(m), None) = (&mut s.json, forced)
-            && !tok.stop_ids.contains(&next)
-            && let Some(Some(b)) = self
-                .shared
-                .token_bytes
-                .get()
-                .and_then(|t| t.get(next as usize))
-        {
-            m.feed(b);
+        let mut end = s.push(shared, next, scored.is_some(), logprobs, room);
+        if s.jump {
+            while let Ok(None) = end {
+                let Some(t) = s.next_forced(shared) else {
+                    break;
+                };
+                end = s.push(shared, t, false, None, room);
+            }
+            // A complete value leaves only the end of the turn: no pass
+            // is run to sample it.
+            let complete = s.json.as_ref().is_some_and(|m| m.is_complete());
+            if let Ok(None) = end
+                && complete
+                && !s.job.req.params.ignore_eos
+            {
+                end = Ok(Some(FinishReason::Stop));
+            }
         }
-        let end = if forced.is_none() && tok.stop_ids.contains(&next) && !p.ignore_eos {
-            Some(FinishReason::Stop)
-        } else {
-            s.generated += 1;
-            stats.generated_tokens.fetch_add(1, Ordering::Relaxed);
-            let delta = match s.decoder.push(tok, next) {
-                Ok(d) => d,
-                Err(e) => {
-                    let _ = s.job.events.send(Event::Error(e.to_string()));
-                    return Some(End::Cancelled);
-                }
-            };
-            // Stop strings end what the model writes, not the text it is
-            // given: a forced token is never held back or matched.
-            let step = match forced {
-                Some(_) => crate::stop::StopStep {
-                    emit: delta,
-                    stopped: false,
-                },
-                None => s.stops.push(&delta),
-            };
-            let logprobs = logprobs.map(|lp| TokenLogprob {
-                token: tok.token_text(next),
-                logprob: lp[next as usize],
-                top: top_n(&lp, p.top_logprobs)
-                    .into_iter()
-                    .map(|(id, logprob)| TopLogprob {
-                        token: tok.token_text(id),
-                        logprob,
-                    })
-                    .collect(),
-            });
-            let sent = s.job.events.send(Event::Delta {
-                text: step.emit,
-                logprobs,
-            });
-            if sent.is_err() {
-                return Some(End::Cancelled);
-            }
-            s.next = [next];
-            if !p.forced.is_empty() && p.max_tokens <= p.forced.len() {
-                // Scoring: the forced tokens and nothing after them.
-                (s.generated >= p.forced.len()).then_some(FinishReason::Stop)
-            } else if step.stopped {
-                Some(FinishReason::Stop)
-            } else if s.generated >= p.max_tokens || M::cache_len(&s.cache) >= ctx {
-                Some(FinishReason::Length)
-            } else {
-                None
-            }
+        let reason = match end {
+            Ok(reason) => reason?,
+            Err(e) => return Some(e),
         };
-        let reason = end?;
         s.job.phase.record("output_tokens", s.generated as i64);
         let rest = s.stops.flush();
         if !rest.is_empty() {
@@ -578,6 +605,115 @@ impl<M: StepModel> Scheduler<M> {
             completion_tokens: s.generated,
         });
         Some(End::Finished)
+    }
+}
+
+impl<C> Seq<C> {
+    /// The next token of the bytes the `response_format` forces, if any:
+    /// the forced bytes (whole characters) are tokenized once and their
+    /// tokens handed out in order, the same whether they go one per step or
+    /// all at once, so jumping forward never changes the output. Bytes the
+    /// tokenizer would not spell back exactly are left to sampling.
+    fn next_forced(&mut self, shared: &Shared) -> Option<u32> {
+        if self.forced_run.is_empty() && self.job.req.params.forced.is_empty() {
+            let m = self.json.as_ref()?;
+            let bytes = m.forced();
+            let whole = match std::str::from_utf8(&bytes) {
+                Ok(t) => t,
+                Err(e) => std::str::from_utf8(&bytes[..e.valid_up_to()]).unwrap_or_default(),
+            };
+            if whole.is_empty() {
+                return None;
+            }
+            let tok = &shared.tokenizer;
+            let table = shared.token_bytes.get_or_init(|| tok.token_bytes());
+            let ids = tok.encode(whole).ok()?;
+            let mut spelled = Vec::with_capacity(whole.len());
+            for id in &ids {
+                spelled.extend_from_slice(table.get(*id as usize)?.as_deref()?);
+            }
+            if spelled != whole.as_bytes() {
+                return None;
+            }
+            self.forced_run = ids.into();
+        }
+        self.forced_run.pop_front()
+    }
+
+    /// Streams `next` as the sequence's next token and queues it to be fed;
+    /// `Ok(Some)` when the sequence ends with it, `Err` when it must leave
+    /// (its client went away, or the token could not be decoded). `room`:
+    /// tokens the cache had room for when the step's logits came.
+    fn push(
+        &mut self,
+        shared: &Shared,
+        next: u32,
+        scored: bool,
+        logprobs: Option<Vec<f32>>,
+        room: usize,
+    ) -> std::result::Result<Option<FinishReason>, End> {
+        let tok = &shared.tokenizer;
+        let p = &self.job.req.params;
+        if let (Some(m), false) = (&mut self.json, scored)
+            && !tok.stop_ids.contains(&next)
+            && let Some(Some(b)) = shared.token_bytes.get().and_then(|t| t.get(next as usize))
+        {
+            m.feed(b);
+        }
+        if !scored && tok.stop_ids.contains(&next) && !p.ignore_eos {
+            return Ok(Some(FinishReason::Stop));
+        }
+        self.generated += 1;
+        shared
+            .stats
+            .generated_tokens
+            .fetch_add(1, Ordering::Relaxed);
+        let delta = match self.decoder.push(tok, next) {
+            Ok(d) => d,
+            Err(e) => {
+                let _ = self.job.events.send(Event::Error(e.to_string()));
+                return Err(End::Cancelled);
+            }
+        };
+        // Stop strings end what the model writes, not the text it is
+        // given: a scored token is never held back or matched.
+        let step = match scored {
+            true => crate::stop::StopStep {
+                emit: delta,
+                stopped: false,
+            },
+            false => self.stops.push(&delta),
+        };
+        let logprobs = logprobs.map(|lp| TokenLogprob {
+            token: tok.token_text(next),
+            logprob: lp[next as usize],
+            top: top_n(&lp, p.top_logprobs)
+                .into_iter()
+                .map(|(id, logprob)| TopLogprob {
+                    token: tok.token_text(id),
+                    logprob,
+                })
+                .collect(),
+        });
+        let sent = self.job.events.send(Event::Delta {
+            text: step.emit,
+            logprobs,
+        });
+        if sent.is_err() {
+            return Err(End::Cancelled);
+        }
+        self.next.push(next);
+        self.output.push(next);
+        Ok(if !p.forced.is_empty() && p.max_tokens <= p.forced.len() {
+            // Scoring: the forced tokens and nothing after them.
+            (self.generated >= p.forced.len()).then_some(FinishReason::Stop)
+        } else if step.stopped {
+            Some(FinishReason::Stop)
+        } else if self.generated >= p.max_tokens || self.next.len() > room {
+            Some(FinishReason::Length)
+        } else {
+            None
+        })
     }
 }
 
@@ -894,6 +1030,224 @@ mod tests {
         let b = collect(candle.submit(request(&candle, params)).unwrap());
         assert!(matches!(b.1, Some(Event::Done { .. })));
         assert_eq!(a, b);
+    }
+
+    /// One `response_format` request alone on `engine`: its text, finish
+    /// reason and token count, and the steps (forward passes) it took.
+    fn structured(
+        engine: &EngineHandle,
+        params: SamplingParams,
+        prompt: &str,
+    ) -> (String, FinishReason, usize, u64) {
+        let before = engine.stats().steps;
+        let prompt_ids = engine
+            .prepare_chat(&[ChatMessage {
+                role: "user".into(),
+                content: prompt.into(),
+            }])
+            .unwrap();
+        let rx = engine
+            .submit(GenerateRequest {
+                prompt_ids,
+                params,
+                ..Default::default()
+            })
+            .unwrap();
+        let (text, done) = collect(rx);
+        let Some(Event::Done {
+            finish_reason,
+            completion_tokens,
+            ..
+        }) = done
+        else {
+            panic!("{done:?}")
+        };
+        (
+            text,
+            finish_reason,
+            completion_tokens,
+            engine.stats().steps - before,
+        )
+    }
+
+    #[test]
+    fn jumping_forward_writes_the_same_output_in_fewer_forward_passes() {
+        use crate::grammar::Node;
+        // Keys, a long constant, enum values sharing their first bytes, a
+        // nullable field and an array: runs the schema forces, long and
+        // short, between the model's own choices.
+        let schema = Node::from_schema(&serde_json::json!({
+            "type": "object",
+            "properties": {
+                "intent": {"enum": ["refund", "return_item", "track_order"]},
+                "note": {"const": "routed by the support desk, see the handbook"},
+                "order_id": {"type": ["string", "null"]},
+                "tags": {"type": "array", "items": {"enum": ["late", "lost"]}},
+                "urgent": {"type": "boolean"}
+            }
+        }))
+        .unwrap();
+        let off = tiny_engine_with(EngineConfig {
+            jump_forward: false,
+            ..Default::default()
+        });
+        let on = tiny_engine(8);
+        // A step budget smaller than the constant's run: it is fed over
+        // several steps.
+        let narrow = tiny_engine_with(EngineConfig {
+            max_batched_tokens: 4,
+            ..Default::default()
+        });
+        let (mut steps_off, mut steps_on) = (0, 0);
+        for (i, prompt) in ["where is 1234", "refund please", "hello", "lost box"]
+            .iter()
+            .enumerate()
+        {
+            for temperature in [0.0, 1.0] {
+                let params = SamplingParams {
+                    temperature,
+                    seed: Some(i as u64),
+                    max_tokens: 300,
+                    json: Some(schema.clone()),
+                    ..Default::default()
+                };
+                let a = structured(&off, params.clone(), prompt);
+                let b = structured(&on, params.clone(), prompt);
+                let c = structured(&narrow, params, prompt);
+                assert_eq!(
+                    (&a.0, a.1, a.2),
+                    (&b.0, b.1, b.2),
+                    "{prompt} at {temperature}"
+                );
+                assert_eq!(
+                    (&a.0, a.1, a.2),
+                    (&c.0, c.1, c.2),
+                    "{prompt} at {temperature}"
+                );
+                assert_eq!(a.1, FinishReason::Stop, "{}", a.0);
+                let v: serde_json::Value = serde_json::from_str(&a.0).unwrap();
+                assert_eq!(v["note"], "routed by the support desk, see the handbook");
+                // Compact, as OpenAI writes it.
+                assert_eq!(a.0, v.to_string());
+                steps_off += a.3;
+                steps_on += b.3;
+            }
+        }
+        // Without jumping, a pass per token and one for the end of the
+        // turn; with it, the forced runs (at least the constant's 40-odd
+        // bytes per answer) take none of their own.
+        assert!(steps_on * 2 < steps_off, "{steps_on} vs {steps_off}");
+    }
+
+    #[test]
+    fn log_probabilities_are_reported_for_forced_tokens_too() {
+        let schema = crate::grammar::Node::from_schema(&serde_json::json!({
+            "type": "object", "properties": {"intent": {"enum": ["refund", "track_order"]}}
+        }))
+        .unwrap();
+        let engine = tiny_engine(8);
+        let params = SamplingParams {
+            temperature: 0.0,
+            logprobs: true,
+            json: Some(schema),
+            ..Default::default()
+        };
+        let (with_logprobs, done) =
+            tokens(engine.submit(request(&engine, params.clone())).unwrap());
+        assert!(matches!(done, Some(Event::Done { .. })), "{done:?}");
+        let text: String = with_logprobs.iter().map(|(t, _)| t.as_str()).collect();
+        // Every token has its own log-probability (a pass each), and the
+        // text is what a request without them gets.
+        assert!(
+            with_logprobs
+                .iter()
+                .all(|(_, lp)| lp.is_finite() && *lp <= 0.0)
+        );
+        let plain = SamplingParams {
+            logprobs: false,
+            ..params
+        };
+        let (without, _) = collect(engine.submit(request(&engine, plain)).unwrap());
+        assert_eq!(text, without);
+        assert!(text.starts_with(r#"{"intent":""#), "{text}");
+    }
+
+    /// A chat's prompt: one shared system prompt and `turns` (user, then
+    /// assistant, alternating).
+    fn conversation(engine: &EngineHandle, turns: &[&str]) -> Vec<u32> {
+        let mut messages = vec![ChatMessage {
+            role: "system".into(),
+            content: "You route support tickets for a homeware shop. Pick one intent.".into(),
+        }];
+        for (i, t) in turns.iter().enumerate() {
+            messages.push(ChatMessage {
+                role: if i % 2 == 0 { "user" } else { "assistant" }.into(),
+                content: (*t).into(),
+            });
+        }
+        engine.prepare_chat(&messages).unwrap()
+    }
+
+    #[test]
+    fn prompts_that_begin_alike_are_read_once_and_answered_the_same() {
+        let kept = tiny_engine(8);
+        let fresh = tiny_engine_with(EngineConfig {
+            prefix_cache_bytes: 0,
+            ..Default::default()
+        });
+        let ask = |engine: &EngineHandle, prompt_ids: Vec<u32>, seed| {
+            let params = SamplingParams {
+                temperature: 1.0,
+                seed: Some(seed),
+                max_tokens: 12,
+                ..Default::default()
+            };
+            let before = engine.stats();
+            let rx = engine
+                .submit(GenerateRequest {
+                    prompt_ids,
+                    params,
+                    ..Default::default()
+                })
+                .unwrap();
+            let (text, done) = collect(rx);
+            assert!(matches!(done, Some(Event::Done { .. })), "{done:?}");
+            let after = engine.stats();
+            (
+                text,
+                after.prompt_tokens - before.prompt_tokens,
+                after.cached_prompt_tokens - before.cached_prompt_tokens,
+            )
+        };
+        let first = conversation(&kept, &["where is order 1234?"]);
+        let second = conversation(&kept, &["I want a refund"]);
+        let shared = first
+            .iter()
+            .zip(&second)
+            .take_while(|(a, b)| a == b)
+            .count();
+        assert!(shared > crate::prefix::MIN_SHARED, "{shared}");
+
+        let (a, read, cached) = ask(&kept, first.clone(), 1);
+        assert_eq!((read, cached), (first.len() as u64, 0));
+        assert_eq!(a, ask(&fresh, first.clone(), 1).0);
+        // The second question after the same system prompt reads only
+        // what differs, and answers as an engine that read it all.
+        let (b, read, cached) = ask(&kept, second.clone(), 2);
+        assert_eq!(cached, shared as u64);
+        assert_eq!(read, (second.len() - shared) as u64);
+        assert_eq!(b, ask(&fresh, second.clone(), 2).0);
+        // The conversation's next turn starts from the first one's cache:
+        // its whole prompt, and of its answer as many tokens as the
+        // template's rendering shares (the random model's bytes are not
+        // re-tokenized alike, so here none).
+        let next = conversation(&kept, &["where is order 1234?", &a, "and when?"]);
+        let (c, _, cached) = ask(&kept, next.clone(), 3);
+        assert!(cached >= first.len() as u64, "{cached} of {}", first.len());
+        assert_eq!(c, ask(&fresh, next.clone(), 3).0);
+        // The same prompt again: all but its last token.
+        let (_, read, cached) = ask(&kept, second.clone(), 4);
+        assert_eq!((read, cached), (1, second.len() as u64 - 1));
     }
 
     /// A scheduler on the tiny model, driven step by step by the test.

@@ -24,4 +24,14 @@ pub trait StepModel: Send + 'static {
     fn cache_len(cache: &Self::Cache) -> usize;
     /// Runs one step; per item, the logits after its last token when asked for.
     fn step(&self, items: &mut [BatchItem<'_, Self::Cache>]) -> Result<Vec<Option<Vec<f32>>>>;
+    /// A new cache holding the first `n` positions of `cache`, for a prompt
+    /// that begins as that sequence did ([`crate::prefix`]); `None` where
+    /// the model cannot copy its caches (then nothing is kept for reuse).
+    fn cache_prefix(_cache: &Self::Cache, _n: usize) -> Option<Self::Cache> {
+        None
+    }
+    /// Bytes `cache` holds.
+    fn cache_bytes(_cache: &Self::Cache) -> usize {
+        0
+    }
 }

@@ -36,6 +36,14 @@ pub struct EngineConfig {
     /// The widest instruction set the CPU kernels may use.
     pub simd: Simd,
     pub backend: Backend,
+    /// Under a `response_format`, append the bytes the schema forces (keys,
+    /// punctuation, the rest of an enum value) in one forward pass rather
+    /// than one pass per token. The output is the same either way; off is
+    /// the benchmark's baseline.
+    pub jump_forward: bool,
+    /// Bytes of finished requests' caches kept so that a prompt beginning
+    /// like an earlier one starts from them ([`crate::prefix`]; 0: off).
+    pub prefix_cache_bytes: usize,
 }
 
 /// How the engine picks the next waiting request for a free batch slot.
@@ -82,6 +90,8 @@ impl Default for EngineConfig {
             threads: 0,
             simd: Simd::Avx512,
             backend: Backend::Auto,
+            jump_forward: true,
+            prefix_cache_bytes: 256 << 20,
         }
     }
 }
@@ -247,6 +257,9 @@ impl Waiting {
 pub(crate) struct Counters {
     pub generated_tokens: AtomicU64,
     pub prompt_tokens: AtomicU64,
+    /// Prompt tokens not read because an earlier request's cache began
+    /// the same way.
+    pub cached_prompt_tokens: AtomicU64,
     pub finished: AtomicU64,
     pub cancelled: AtomicU64,
     pub failed: AtomicU64,
@@ -268,6 +281,8 @@ pub struct EngineStats {
     pub steps: u64,
     pub generated_tokens: u64,
     pub prompt_tokens: u64,
+    /// Prompt tokens taken from an earlier request's cache instead of read.
+    pub cached_prompt_tokens: u64,
     pub finished: u64,
     pub cancelled: u64,
     pub failed: u64,

@@ -146,6 +146,12 @@ async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
             s.prompt_tokens.to_string(),
         );
         metric(
+            "flywheel_engine_prompt_tokens_cached_total",
+            "counter",
+            "Prompt tokens not read because an earlier request's kept cache began the same way.",
+            s.cached_prompt_tokens.to_string(),
+        );
+        metric(
             "flywheel_engine_requests_finished_total",
             "counter",
             "Generations that ran to a stop or length limit.",
@@ -338,6 +344,12 @@ fn engine_metrics(state: &AppState, out: &mut String) {
             "counter",
             "Prompt tokens read, by loaded engine.",
             |s| s.prompt_tokens,
+        ),
+        (
+            "flywheel_engines_prompt_tokens_cached_total",
+            "counter",
+            "Prompt tokens taken from a kept cache instead of read, by loaded engine.",
+            |s| s.cached_prompt_tokens,
         ),
     ];
     table(out, &series, &rows);

@@ -133,6 +133,9 @@ settings! {
     "engine.simd", "FLYWHEEL_SIMD", "avx512",
         "widest instruction set the kernels may use: `avx512`, `avx2` or `portable` (the CPU's own limit applies too)"
         => |v, c| c.engine.simd = v.parse("avx512, avx2 or portable")?;
+    "engine.prefix_cache_mb", "FLYWHEEL_PREFIX_CACHE_MB", "256",
+        "memory per loaded engine for the keys and values of finished requests, so a prompt that begins like an earlier one (a shared system prompt, a conversation's next turn) is not read again; least recently used dropped first (0: off)"
+        => |v, c| c.engine.prefix_cache_bytes = v.count(0)? << 20;
     "journal.dir", "FLYWHEEL_JOURNAL_DIR", "$FLYWHEEL_HOME/journal",
         "acknowledged writes waiting for Postgres, and set-aside records"
         => |v, c| c.journal.dir = v.under(&c.home);
