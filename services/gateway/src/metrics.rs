@@ -314,7 +314,7 @@ fn engine_metrics(state: &AppState, out: &mut String) {
         return;
     }
     let rows: Vec<_> = engines.iter().map(|(l, s)| (l.clone(), s)).collect();
-    let series: [Series<flywheel_engine::EngineStats>; 5] = [
+    let series: [Series<flywheel_engine::EngineStats>; 6] = [
         (
             "flywheel_engines_queue_depth",
             "gauge",
