@@ -25,6 +25,10 @@ db="fw_bench_long_prompt_$(date +%s)"
 psql -q "$admin" -c "create database $db"
 export DATABASE_URL="${admin%/*}/$db"
 export FLYWHEEL_HOME=$work/home RUST_LOG=warn
+# The prefix cache off: the short requests repeat one prompt, which the
+# cache would serve from memory after the first, and this measures how
+# prompts being read share the engine.
+export FLYWHEEL_PREFIX_CACHE_MB=0
 export FLYWHEEL_ADDR=127.0.0.1:18094
 $bin migrate >/dev/null
 $bin models pull >/dev/null

@@ -72,6 +72,12 @@ fn main() {
             threads,
             max_batch: 16,
             max_batched_tokens: 512,
+            // The kernels' speed, as llama.cpp's is measured: each prompt
+            // read in full every run (the prefix cache would keep the long
+            // prompt after its first run), one pass per token (no guessing
+            // ahead; `bench_structured` measures both).
+            prefix_cache_bytes: 0,
+            speculative: false,
             ..Default::default()
         },
     )

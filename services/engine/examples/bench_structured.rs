@@ -96,16 +96,19 @@ struct Side {
     steps: u64,
     cached: u64,
     read: u64,
+    drafted: u64,
+    accepted: u64,
     tokens: usize,
     texts: Vec<String>,
 }
 
 fn main() {
     let mut args = std::env::args().skip(1);
-    let usage = "usage: bench_structured MODEL.gguf SCENARIO.json [threads] [messages] [rounds]";
+    let usage = "usage: bench_structured MODEL.gguf SCENARIO.json QUALITY.jsonl [threads] [messages] [rounds]";
     let model = args.next().expect(usage);
     let scenario: Value =
         serde_json::from_str(&std::fs::read_to_string(args.next().expect(usage)).unwrap()).unwrap();
+    let quality = args.next().expect(usage);
     let threads: usize = args.next().map_or(2, |t| t.parse().unwrap());
     let messages: usize = args.next().map_or(40, |t| t.parse().unwrap());
     let rounds: usize = args.next().map_or(3, |t| t.parse().unwrap());
@@ -121,11 +124,12 @@ fn main() {
     // Each configuration starts each pass on a fresh engine, so no pass
     // finds the previous pass's prompts kept.
     let configs = [
-        ("one pass per token", false, 0),
-        ("jump-forward", true, 0),
-        ("jump-forward and prefix cache", true, 256 << 20),
+        ("one pass per token", false, 0, false),
+        ("jump-forward", true, 0, false),
+        ("jump-forward and prefix cache", true, 256 << 20, false),
+        ("all three (the default)", true, 256 << 20, true),
     ];
-    let load = |jump_forward, prefix_cache_bytes| {
+    let load = |jump_forward, prefix_cache_bytes, speculative| {
         EngineHandle::load(
             std::path::Path::new(&model),
             "bench",
@@ -137,6 +141,7 @@ fn main() {
                 queue_per_tenant: 1024,
                 jump_forward,
                 prefix_cache_bytes,
+                speculative,
                 ..Default::default()
             },
         )
@@ -179,9 +184,9 @@ fn main() {
         })
         .collect();
     for round in 0..rounds {
-        for (&(_, jump, prefix), side) in configs.iter().zip(&mut sides) {
+        for (&(_, jump, prefix, spec), side) in configs.iter().zip(&mut sides) {
             // One at a time: each answer's own latency.
-            let engine = load(jump, prefix);
+            let engine = load(jump, prefix, spec);
             let (mut wall, mut after_first, mut tokens, mut texts) = (0.0, 0.0, 0, Vec::new());
             for req in requests(&engine) {
                 let (w, mut out) = run(&engine, vec![req]);
@@ -199,12 +204,14 @@ fn main() {
                 side.steps = stats.steps;
                 side.cached = stats.cached_prompt_tokens;
                 side.read = stats.prompt_tokens;
+                side.drafted = stats.draft_tokens;
+                side.accepted = stats.draft_tokens_accepted;
                 side.tokens = tokens;
                 side.texts = texts;
             }
             drop(engine);
             // All at once, batched as the gateway batches its traffic.
-            let engine = load(jump, prefix);
+            let engine = load(jump, prefix, spec);
             let (wall, out) = run(&engine, requests(&engine));
             let tokens: usize = out.iter().map(|a| a.tokens).sum();
             side.together = side.together.max(tokens as f64 / wall);
@@ -216,28 +223,96 @@ fn main() {
     let report: Vec<Value> = configs
         .iter()
         .zip(&sides)
-        .map(|(&(name, jump_forward, prefix_cache_bytes), s)| {
-            let ok = s
-                .texts
-                .iter()
-                .zip(&items)
-                .filter(|(t, i)| right(t, i))
-                .count();
-            let n = items.len() as f64;
+        .map(
+            |(&(name, jump_forward, prefix_cache_bytes, speculative), s)| {
+                let ok = s
+                    .texts
+                    .iter()
+                    .zip(&items)
+                    .filter(|(t, i)| right(t, i))
+                    .count();
+                let n = items.len() as f64;
+                json!({
+                    "engine": name,
+                    "jump_forward": jump_forward,
+                    "prefix_cache_bytes": prefix_cache_bytes,
+                    "speculative": speculative,
+                    "draft_tokens_per_answer": s.drafted as f64 / n,
+                    "draft_tokens_accepted_per_answer": s.accepted as f64 / n,
+                    "seconds_per_answer_alone": s.latency,
+                    "seconds_after_first_text_alone": s.after_first,
+                    "tokens_per_s_together": s.together,
+                    "seconds_after_first_text_together": s.together_after_first,
+                    "tokens_per_answer": s.tokens as f64 / n,
+                    "steps_per_answer": s.steps as f64 / n,
+                    "prompt_tokens_read_per_answer": s.read as f64 / n,
+                    "prompt_tokens_cached_per_answer": s.cached as f64 / n,
+                    "right": ok,
+                    "same_text_as_first": s.texts == first.texts,
+                })
+            },
+        )
+        .collect();
+    // Free text: the quality prompts (greedy, 48 tokens), one at a time,
+    // with and without guessing ahead; nothing to jump over there.
+    let quality: Vec<Value> = std::fs::read_to_string(&quality)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let mut free = Vec::new();
+    for speculative in [false, true] {
+        let (mut best, mut texts, mut stats) = (0f64, Vec::new(), None);
+        for _ in 0..rounds {
+            let engine = load(false, 0, speculative);
+            let (mut wall, mut tokens) = (0.0, 0);
+            texts.clear();
+            for q in &quality {
+                let req = GenerateRequest {
+                    prompt_ids: engine
+                        .prepare_chat(&[ChatMessage {
+                            role: "user".into(),
+                            content: q["prompt"].as_str().unwrap().into(),
+                        }])
+                        .unwrap(),
+                    params: SamplingParams {
+                        temperature: 0.0,
+                        max_tokens: 48,
+                        ..Default::default()
+                    },
+                    ..Default::default()
+                };
+                let (w, mut out) = run(&engine, vec![req]);
+                let a = out.remove(0);
+                wall += w;
+                tokens += a.tokens;
+                texts.push(a.text);
+            }
+            best = best.max(tokens as f64 / wall);
+            stats = Some(engine.stats());
+        }
+        let stats = stats.unwrap();
+        let right = texts
+            .iter()
+            .zip(&quality)
+            .filter(|(t, q)| {
+                t.to_lowercase()
+                    .contains(&q["expect"].as_str().unwrap().to_lowercase())
+            })
+            .count();
+        free.push((speculative, best, texts, stats, right));
+    }
+    let free_report: Vec<Value> = free
+        .iter()
+        .map(|(speculative, best, texts, stats, right)| {
             json!({
-                "engine": name,
-                "jump_forward": jump_forward,
-                "prefix_cache_bytes": prefix_cache_bytes,
-                "seconds_per_answer_alone": s.latency,
-                "seconds_after_first_text_alone": s.after_first,
-                "tokens_per_s_together": s.together,
-                "seconds_after_first_text_together": s.together_after_first,
-                "tokens_per_answer": s.tokens as f64 / n,
-                "steps_per_answer": s.steps as f64 / n,
-                "prompt_tokens_read_per_answer": s.read as f64 / n,
-                "prompt_tokens_cached_per_answer": s.cached as f64 / n,
-                "right": ok,
-                "same_text_as_first": s.texts == first.texts,
+                "speculative": speculative,
+                "tokens_per_s_alone": best,
+                "draft_tokens": stats.draft_tokens,
+                "draft_tokens_accepted": stats.draft_tokens_accepted,
+                "right": right,
+                "of": quality.len(),
+                "same_text_as_first": texts == &free[0].2,
             })
         })
         .collect();
@@ -249,6 +324,7 @@ fn main() {
             "threads": threads,
             "rounds": rounds,
             "engines": report,
+            "quality_prompts": free_report,
             "example_answer": first.texts.first(),
         })
     );

@@ -61,6 +61,25 @@ impl SeqCache {
         self.len
     }
 
+    /// Keeps the first `n` positions.
+    fn truncate(&mut self, n: usize) {
+        if n >= self.len {
+            return;
+        }
+        let row = |l: &Vec<f32>| l.len() / self.len;
+        let (k, v) = (
+            self.k.iter().map(row).collect::<Vec<_>>(),
+            self.v.iter().map(row).collect::<Vec<_>>(),
+        );
+        for (l, w) in self.k.iter_mut().zip(k) {
+            l.truncate(w * n);
+        }
+        for (l, w) in self.v.iter_mut().zip(v) {
+            l.truncate(w * n);
+        }
+        self.len = n;
+    }
+
     /// A copy of the first `n` positions (`None` past the end).
     fn prefix(&self, n: usize) -> Option<SeqCache> {
         if n > self.len {
@@ -111,6 +130,12 @@ impl StepModel for CpuLlama {
     }
     fn cache_prefix(cache: &SeqCache, n: usize) -> Option<SeqCache> {
         cache.prefix(n)
+    }
+    fn verifies(&self) -> bool {
+        true
+    }
+    fn truncate_cache(cache: &mut SeqCache, n: usize) {
+        cache.truncate(n);
     }
     fn cache_bytes(cache: &SeqCache) -> usize {
         let floats: usize = cache.k.iter().chain(&cache.v).map(Vec::capacity).sum();
@@ -382,7 +407,7 @@ impl CpuLlama {
             last += it.tokens.len();
             it.cache.len += it.tokens.len();
             if it.want_logits {
-                rows.push(last - 1);
+                rows.extend(last - 1 - it.verify.min(it.tokens.len() - 1)..last);
             }
         }
         let mut normed = vec![0f32; rows.len() * hidden];
@@ -400,13 +425,15 @@ impl CpuLlama {
         if !rows.is_empty() {
             head.matmul(self.simd, &normed, rows.len(), &mut logits);
         }
-        let mut chunks = logits.chunks_exact(vocab);
+        let mut taken = 0;
         Ok(items
             .iter()
             .map(|it| {
-                it.want_logits
-                    .then(|| chunks.next().map(<[f32]>::to_vec))
-                    .flatten()
+                it.want_logits.then(|| {
+                    let n = it.verify.min(it.tokens.len() - 1) + 1;
+                    taken += n;
+                    logits[(taken - n) * vocab..taken * vocab].to_vec()
+                })
             })
             .collect())
     }
@@ -506,6 +533,7 @@ mod tests {
                 cache: &mut fc,
                 tokens: &prompt,
                 want_logits: true,
+                verify: 0,
                 adapter: None,
             }])
             .unwrap();
@@ -527,6 +555,7 @@ mod tests {
                 cache: &mut fc,
                 tokens: &[7],
                 want_logits: true,
+                verify: 0,
                 adapter: None,
             }])
             .unwrap();
@@ -553,6 +582,7 @@ mod tests {
                 cache: &mut c,
                 tokens: p,
                 want_logits: true,
+                verify: 0,
                 adapter: None,
             }])
             .unwrap()[0]
@@ -568,12 +598,14 @@ mod tests {
                     cache: &mut ca,
                     tokens: &a[..25],
                     want_logits: false,
+                    verify: 0,
                     adapter: None,
                 },
                 BatchItem {
                     cache: &mut cb,
                     tokens: &b,
                     want_logits: true,
+                    verify: 0,
                     adapter: None,
                 },
             ])
@@ -585,6 +617,7 @@ mod tests {
                 cache: &mut ca,
                 tokens: &a[25..],
                 want_logits: true,
+                verify: 0,
                 adapter: None,
             }])
             .unwrap();
@@ -629,6 +662,7 @@ mod tests {
                 cache: &mut c,
                 tokens: &prompt,
                 want_logits: true,
+                verify: 0,
                 adapter: a,
             }])
             .unwrap()[0]
@@ -651,12 +685,14 @@ mod tests {
                     cache: &mut c1,
                     tokens: &prompt,
                     want_logits: true,
+                    verify: 0,
                     adapter: Some(&real),
                 },
                 BatchItem {
                     cache: &mut c2,
                     tokens: &prompt,
                     want_logits: true,
+                    verify: 0,
                     adapter: None,
                 },
             ])

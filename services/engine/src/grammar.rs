@@ -774,7 +774,7 @@ mod tests {
             "type": "object", "properties": {"w": {"enum": ["caf\u{e9}", "caf\u{e8}"]}}
         }))
         .unwrap();
-        let mut m = Matcher::new(accents);
+        let m = Matcher::new(accents);
         assert_eq!(m.forced(), b"{\"w\":\"caf\xc3");
     }
 

@@ -159,6 +159,8 @@ impl EngineHandle {
             generated_tokens: get(&c.generated_tokens),
             prompt_tokens: get(&c.prompt_tokens),
             cached_prompt_tokens: get(&c.cached_prompt_tokens),
+            draft_tokens: get(&c.draft_tokens),
+            draft_tokens_accepted: get(&c.draft_tokens_accepted),
             finished: get(&c.finished),
             cancelled: get(&c.cancelled),
             failed: get(&c.failed),

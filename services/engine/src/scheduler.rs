@@ -98,6 +98,8 @@ struct Seq<C> {
     /// Every token written so far, in order (what the cache holds after
     /// the prompt, when the sequence is kept for reuse).
     output: Vec<u32>,
+    /// The guessed tokens at the end of `next`, checked when it is fed.
+    drafted: Vec<u32>,
     generated: usize,
     admitted: Instant,
     first_token: bool,
@@ -352,6 +354,7 @@ impl<M: StepModel> Scheduler<M> {
             prefilled,
             next: Vec::new(),
             output: Vec::new(),
+            drafted: Vec::new(),
             generated: 0,
             admitted: Instant::now(),
             first_token: true,
@@ -361,6 +364,7 @@ impl<M: StepModel> Scheduler<M> {
 
     /// One step: plan, execute, update.
     fn step(&mut self) {
+        self.fit_drafts();
         let plan = self.plan();
         let started = Instant::now();
         let logits = self.execute(&plan);
@@ -451,16 +455,23 @@ impl<M: StepModel> Scheduler<M> {
                 continue;
             }
             let prompt_len = s.job.req.prompt_ids.len();
-            let (tokens, want_logits) = if s.prefilled < prompt_len {
+            let (tokens, want_logits, verify) = if s.prefilled < prompt_len {
                 let end = s.prefilled + plan.take[i];
-                (&s.job.req.prompt_ids[s.prefilled..end], end == prompt_len)
+                (
+                    &s.job.req.prompt_ids[s.prefilled..end],
+                    end == prompt_len,
+                    0,
+                )
             } else {
-                (&s.next[..plan.take[i]], plan.take[i] == s.next.len())
+                let all = plan.take[i] == s.next.len();
+                let verify = if all { s.drafted.len() } else { 0 };
+                (&s.next[..plan.take[i]], all, verify)
             };
             items.push(BatchItem {
                 cache: &mut s.cache,
                 tokens,
                 want_logits,
+                verify,
                 adapter: s.adapter.as_deref(),
             });
         }
@@ -521,15 +532,25 @@ impl<M: StepModel> Scheduler<M> {
     /// sampled from `logits`) and streams it; when the sequence jumps
     /// forward, the tokens its `response_format` forces after that one
     /// follow at once, to be run through the model together next step.
-    /// Says if the sequence ended.
-    fn emit(&mut self, i: usize, mut logits: Vec<f32>) -> Option<End> {
+    /// When the step checked a draft (`logits` then holds a row per drafted
+    /// token and one more), each row chooses in turn as a step of its own
+    /// would have, and the drafted tokens the model chose are kept: the
+    /// first that differs is replaced by the model's choice and the rest
+    /// dropped, keys and values included. Says if the sequence ended.
+    fn emit(&mut self, i: usize, logits: Vec<f32>) -> Option<End> {
         let shared = &*self.shared;
-        let tok = &shared.tokenizer;
         let stats = &shared.stats;
         let ctx = self.model.config().context_length;
+        let may_draft =
+            self.cfg.speculative && self.model.verifies() && self.active.len() <= SPECULATE_UP_TO;
+        let budget = self.cfg.max_batched_tokens.max(1);
         let s = &mut self.active[i];
         debug_assert!(s.next.is_empty(), "logits come once every token is fed");
-        let room = ctx.saturating_sub(M::cache_len(&s.cache));
+        let drafted = std::mem::take(&mut s.drafted);
+        // Positions the cache has room for beyond what it held before the
+        // draft (the drafted tokens the model keeps take their places).
+        let held = M::cache_len(&s.cache) - drafted.len();
+        let room = ctx.saturating_sub(held);
         if s.first_token {
             s.first_token = false;
             s.job.phase = tracing::info_span!(
@@ -542,40 +563,41 @@ impl<M: StepModel> Scheduler<M> {
                 .fetch_add(s.admitted.elapsed().as_micros() as u64, Ordering::Relaxed);
             stats.ttft_count.fetch_add(1, Ordering::Relaxed);
         }
-        let p = &s.job.req.params;
-        let scored = p.forced.get(s.generated).copied();
-        let logprobs = (p.logprobs || scored.is_some()).then(|| log_softmax(&logits));
-        let keep = if p.temperature < crate::MIN_TEMPERATURE {
-            1
-        } else {
-            JSON_SAMPLED_FROM
-        };
-        let next = match scored {
-            Some(t) if (t as usize) < logits.len() => t,
-            Some(t) => {
-                let _ = s.job.events.send(Event::Error(format!(
-                    "forced token {t} is outside the vocabulary"
-                )));
-                return Some(End::Cancelled);
+        let vocab = logits.len() / (drafted.len() + 1);
+        let mut kept = 0;
+        let mut end = Ok(None);
+        for row in logits.chunks_exact(vocab) {
+            let (next, scored, logprobs) = match s.choose(shared, row.to_vec()) {
+                Ok(c) => c,
+                Err(e) => return Some(e),
+            };
+            // A drafted token the model chose is in the cache already.
+            let in_cache = drafted.get(kept) == Some(&next);
+            end = s.push(shared, next, scored, logprobs, room - kept, in_cache);
+            if !in_cache {
+                break;
             }
-            None => match s.next_forced(shared) {
-                Some(t) => t,
-                None => {
-                    if let Some(m) = &s.json {
-                        let bytes = shared.token_bytes.get_or_init(|| tok.token_bytes());
-                        crate::grammar::mask(&mut logits, m, bytes, &tok.stop_ids, keep);
-                    }
-                    s.sampler.sample(&mut logits)
-                }
-            },
-        };
-        let mut end = s.push(shared, next, scored.is_some(), logprobs, room);
+            kept += 1;
+            if !matches!(end, Ok(None)) {
+                break;
+            }
+        }
+        if !drafted.is_empty() {
+            M::truncate_cache(&mut s.cache, held + kept);
+            stats
+                .draft_tokens
+                .fetch_add(drafted.len() as u64, Ordering::Relaxed);
+            stats
+                .draft_tokens_accepted
+                .fetch_add(kept as u64, Ordering::Relaxed);
+        }
+        let room = room - kept;
         if s.jump {
             while let Ok(None) = end {
                 let Some(t) = s.next_forced(shared) else {
                     break;
                 };
-                end = s.push(shared, t, false, None, room);
+                end = s.push(shared, t, false, None, room, false);
             }
             // A complete value leaves only the end of the turn: no pass
             // is run to sample it.
@@ -586,6 +608,13 @@ impl<M: StepModel> Scheduler<M> {
             {
                 end = Ok(Some(FinishReason::Stop));
             }
+        }
+        if may_draft && matches!(end, Ok(None)) {
+            let max = DRAFT_TOKENS
+                .min(room.saturating_sub(s.next.len()))
+                .min(budget.saturating_sub(s.next.len()))
+                .min(s.job.req.params.max_tokens.saturating_sub(s.generated));
+            s.draft(shared, max);
         }
         let reason = match end {
             Ok(reason) => reason?,
@@ -606,9 +635,137 @@ impl<M: StepModel> Scheduler<M> {
         });
         Some(End::Finished)
     }
+
+    /// Drafts that would not fit this step's token budget beside the
+    /// generating sequences before them are dropped: a draft is checked
+    /// whole or not at all.
+    fn fit_drafts(&mut self) {
+        let mut budget = self.cfg.max_batched_tokens.max(1);
+        for s in &mut self.active {
+            if s.prefilled < s.job.req.prompt_ids.len() {
+                continue;
+            }
+            if s.next.len() > budget && !s.drafted.is_empty() {
+                s.next.truncate(s.next.len() - s.drafted.len());
+                s.drafted.clear();
+            }
+            budget = budget.saturating_sub(s.next.len());
+        }
+    }
+}
+
+/// Most tokens guessed ahead at once.
+const DRAFT_TOKENS: usize = 5;
+
+/// Longest run of last tokens looked up in what came before.
+const DRAFT_NGRAM: usize = 3;
+
+/// Drafts are made only while the batch holds at most this many
+/// sequences: a draft's rows cost compute a full batch does not have.
+const SPECULATE_UP_TO: usize = 4;
+
+/// Tokens to guess next (prompt lookup): where the last `n` tokens of
+/// `prompt` then `output` (`n` from [`DRAFT_NGRAM`] down to 1) appeared
+/// before, the up to `max` tokens that followed them at the latest such
+/// place.
+fn guess(prompt: &[u32], output: &[u32], max: usize) -> Vec<u32> {
+    let seen: Vec<u32> = prompt.iter().chain(output).copied().collect();
+    let len = seen.len();
+    if max == 0 || len < 2 {
+        return Vec::new();
+    }
+    for n in (1..=DRAFT_NGRAM.min(len - 1)).rev() {
+        let tail = &seen[len - n..];
+        if let Some(at) = (0..len - n).rev().find(|&at| &seen[at..at + n] == tail) {
+            let from = at + n;
+            return seen[from..(from + max).min(len)].to_vec();
+        }
+    }
+    Vec::new()
 }
 
 impl<C> Seq<C> {
+    /// The next token from one row of logits, as a step chooses it: a
+    /// scored token, else a forced one, else one sampled under the
+    /// `response_format`'s mask; with its log-probabilities when asked.
+    #[allow(clippy::type_complexity)]
+    fn choose(
+        &mut self,
+        shared: &Shared,
+        mut logits: Vec<f32>,
+    ) -> std::result::Result<(u32, bool, Option<Vec<f32>>), End> {
+        let tok = &shared.tokenizer;
+        let p = &self.job.req.params;
+        let scored = p.forced.get(self.generated).copied();
+        let logprobs = (p.logprobs || scored.is_some()).then(|| log_softmax(&logits));
+        let keep = if p.temperature < crate::MIN_TEMPERATURE {
+            1
+        } else {
+            JSON_SAMPLED_FROM
+        };
+        let next = match scored {
+            Some(t) if (t as usize) < logits.len() => t,
+            Some(t) => {
+                let _ = self.job.events.send(Event::Error(format!(
+                    "forced token {t} is outside the vocabulary"
+                )));
+                return Err(End::Cancelled);
+            }
+            None => match self.next_forced(shared) {
+                Some(t) => t,
+                None => {
+                    if let Some(m) = &self.json {
+                        let bytes = shared.token_bytes.get_or_init(|| tok.token_bytes());
+                        crate::grammar::mask(&mut logits, m, bytes, &tok.stop_ids, keep);
+                    }
+                    self.sampler.sample(&mut logits)
+                }
+            },
+        };
+        Ok((next, scored.is_some(), logprobs))
+    }
+
+    /// Guesses up to `max` tokens to follow what is queued to feed, and
+    /// queues them too, to be checked in the same pass. Only a greedy
+    /// request's guess can be checked exactly (its choice is the best
+    /// logit, whatever the draws), and one that reports log-probabilities
+    /// or scores given tokens is left as it is; under a `response_format`
+    /// the guess stops where the schema would refuse it.
+    fn draft(&mut self, shared: &Shared, max: usize) {
+        let p = &self.job.req.params;
+        let greedy = p.temperature < crate::MIN_TEMPERATURE;
+        if !greedy || p.logprobs || !p.forced.is_empty() || !self.forced_run.is_empty() {
+            return;
+        }
+        if self.json.is_some() && !self.jump {
+            return;
+        }
+        let mut guess = guess(&self.job.req.prompt_ids, &self.output, max);
+        if let Some(m) = &self.json {
+            let Some(table) = shared.token_bytes.get() else {
+                return;
+            };
+            let mut m = m.clone();
+            let fits = guess
+                .iter()
+                .take_while(|&&t| {
+                    !m.is_complete()
+                        && table
+                            .get(t as usize)
+                            .and_then(|b| b.as_deref())
+                            .is_some_and(|b| m.feed(b))
+                })
+                .count();
+            guess.truncate(fits);
+        }
+        let stops = &shared.tokenizer.stop_ids;
+        if let Some(at) = guess.iter().position(|t| stops.contains(t)) {
+            guess.truncate(at);
+        }
+        self.next.extend(&guess);
+        self.drafted = guess;
+    }
+
     /// The next token of the bytes the `response_format` forces, if any:
     /// the forced bytes (whole characters) are tokenized once and their
     /// tokens handed out in order, the same whether they go one per step or
@@ -640,10 +797,11 @@ impl<C> Seq<C> {
         self.forced_run.pop_front()
     }
 
-    /// Streams `next` as the sequence's next token and queues it to be fed;
-    /// `Ok(Some)` when the sequence ends with it, `Err` when it must leave
-    /// (its client went away, or the token could not be decoded). `room`:
-    /// tokens the cache had room for when the step's logits came.
+    /// Streams `next` as the sequence's next token and queues it to be fed
+    /// (unless it is `in_cache`: a drafted token the model kept); `Ok(Some)`
+    /// when the sequence ends with it, `Err` when it must leave (its client
+    /// went away, or the token could not be decoded). `room`: tokens the
+    /// cache has room for beyond those it holds.
     fn push(
         &mut self,
         shared: &Shared,
@@ -651,6 +809,7 @@ impl<C> Seq<C> {
         scored: bool,
         logprobs: Option<Vec<f32>>,
         room: usize,
+        in_cache: bool,
     ) -> std::result::Result<Option<FinishReason>, End> {
         let tok = &shared.tokenizer;
         let p = &self.job.req.params;
@@ -702,7 +861,9 @@ impl<C> Seq<C> {
         if sent.is_err() {
             return Err(End::Cancelled);
         }
-        self.next.push(next);
+        if !in_cache {
+            self.next.push(next);
+        }
         self.output.push(next);
         Ok(if !p.forced.is_empty() && p.max_tokens <= p.forced.len() {
             // Scoring: the forced tokens and nothing after them.
@@ -1032,6 +1193,20 @@ mod tests {
         assert_eq!(a, b);
     }
 
+    /// Submits one request and reads it to its end.
+    fn generate(
+        engine: &EngineHandle,
+        prompt_ids: Vec<u32>,
+        params: SamplingParams,
+    ) -> (String, Option<Event>) {
+        let req = GenerateRequest {
+            prompt_ids,
+            params,
+            ..Default::default()
+        };
+        collect(engine.submit(req).unwrap())
+    }
+
     /// One `response_format` request alone on `engine`: its text, finish
     /// reason and token count, and the steps (forward passes) it took.
     fn structured(
@@ -1046,14 +1221,7 @@ mod tests {
                 content: prompt.into(),
             }])
             .unwrap();
-        let rx = engine
-            .submit(GenerateRequest {
-                prompt_ids,
-                params,
-                ..Default::default()
-            })
-            .unwrap();
-        let (text, done) = collect(rx);
+        let (text, done) = generate(engine, prompt_ids, params);
         let Some(Event::Done {
             finish_reason,
             completion_tokens,
@@ -1172,6 +1340,93 @@ mod tests {
         assert!(text.starts_with(r#"{"intent":""#), "{text}");
     }
 
+    #[test]
+    fn guesses_follow_the_latest_place_the_last_tokens_appeared() {
+        // "7 8 9" appeared twice before; the later place is followed by 5.
+        let prompt = [1, 7, 8, 9, 2, 3, 7, 8, 9, 5, 6];
+        assert_eq!(guess(&prompt, &[7, 8, 9], 3), vec![5, 6, 7]);
+        // Only the last token seen before: what followed it.
+        assert_eq!(guess(&prompt, &[4, 2], 2), vec![3, 7]);
+        // Never seen: no guess; nothing asked for: none.
+        assert_eq!(guess(&prompt, &[42], 3), Vec::<u32>::new());
+        assert_eq!(guess(&prompt, &[7, 8, 9], 0), Vec::<u32>::new());
+    }
+
+    #[test]
+    fn speculating_writes_the_same_greedy_text_in_fewer_passes() {
+        use crate::grammar::Node;
+        // The prefix cache off in all three, so steps count the same reads.
+        let config = |speculative, max_batched_tokens| EngineConfig {
+            speculative,
+            max_batched_tokens,
+            prefix_cache_bytes: 0,
+            ..Default::default()
+        };
+        let off = tiny_engine_with(config(false, 256));
+        let on = tiny_engine_with(config(true, 256));
+        // A budget of 3 tokens a step: most drafts do not fit and are dropped.
+        let narrow = tiny_engine_with(config(true, 3));
+        let schema = Node::from_schema(&serde_json::json!({
+            "type": "object",
+            "properties": {"note": {"type": "string"}, "n": {"type": "integer"}}
+        }))
+        .unwrap();
+        let greedy = |max_tokens, json: Option<Arc<Node>>| SamplingParams {
+            temperature: 0.0,
+            max_tokens,
+            json,
+            ..Default::default()
+        };
+        let cases = [
+            (
+                "repeat after me: blue green blue green blue green",
+                greedy(60, None),
+            ),
+            ("count 1 2 3 1 2 3 1 2 3", greedy(60, None)),
+            ("hello", greedy(7, None)),
+            (
+                "note: the parcel is late, the parcel is late",
+                greedy(80, Some(schema)),
+            ),
+        ];
+        let (mut steps_off, mut steps_on) = (0, 0);
+        for (prompt, params) in &cases {
+            let a = structured(&off, params.clone(), prompt);
+            let b = structured(&on, params.clone(), prompt);
+            let c = structured(&narrow, params.clone(), prompt);
+            assert_eq!((&a.0, a.1, a.2), (&b.0, b.1, b.2), "{prompt}");
+            assert_eq!((&a.0, a.1, a.2), (&c.0, c.1, c.2), "{prompt}");
+            steps_off += a.3;
+            steps_on += b.3;
+        }
+        // Several at once: each row of a step checks its own draft.
+        let submit_all = |engine: &EngineHandle| -> Vec<String> {
+            let rxs: Vec<_> = cases
+                .iter()
+                .map(|(prompt, params)| {
+                    let prompt_ids = conversation(engine, &[prompt]);
+                    engine
+                        .submit(GenerateRequest {
+                            prompt_ids,
+                            params: params.clone(),
+                            ..Default::default()
+                        })
+                        .unwrap()
+                })
+                .collect();
+            rxs.into_iter().map(|rx| collect(rx).0).collect()
+        };
+        assert_eq!(submit_all(&off), submit_all(&on));
+        let stats = on.stats();
+        assert!(stats.draft_tokens_accepted > 0, "{stats:?}");
+        assert!(
+            stats.draft_tokens_accepted < stats.draft_tokens,
+            "{stats:?}"
+        );
+        assert_eq!(off.stats().draft_tokens, 0);
+        assert!(steps_on < steps_off, "{steps_on} vs {steps_off}");
+    }
+
     /// A chat's prompt: one shared system prompt and `turns` (user, then
     /// assistant, alternating).
     fn conversation(engine: &EngineHandle, turns: &[&str]) -> Vec<u32> {
@@ -1203,14 +1458,7 @@ mod tests {
                 ..Default::default()
             };
             let before = engine.stats();
-            let rx = engine
-                .submit(GenerateRequest {
-                    prompt_ids,
-                    params,
-                    ..Default::default()
-                })
-                .unwrap();
-            let (text, done) = collect(rx);
+            let (text, done) = generate(engine, prompt_ids, params);
             assert!(matches!(done, Some(Event::Done { .. })), "{done:?}");
             let after = engine.stats();
             (

@@ -13,6 +13,10 @@ pub struct BatchItem<'a, C> {
     pub tokens: &'a [u32],
     /// Whether the logits after this item's last token are needed.
     pub want_logits: bool,
+    /// Positions before the last whose logits are wanted as well (a draft
+    /// being checked, [`crate::scheduler`]): with `want_logits`, the item's
+    /// logits are `verify + 1` rows, one per position, the last token's last.
+    pub verify: usize,
     /// The LoRA adapter this sequence runs with, if any.
     pub adapter: Option<&'a crate::adapter::Adapter>,
 }
@@ -34,4 +38,12 @@ pub trait StepModel: Send + 'static {
     fn cache_bytes(_cache: &Self::Cache) -> usize {
         0
     }
+    /// Whether [`BatchItem::verify`] and [`StepModel::truncate_cache`] are
+    /// supported (speculative decoding runs only where they are).
+    fn verifies(&self) -> bool {
+        false
+    }
+    /// Keeps the first `n` positions of `cache` (a rejected draft's keys
+    /// and values dropped).
+    fn truncate_cache(_cache: &mut Self::Cache, _n: usize) {}
 }

@@ -48,6 +48,7 @@ impl CpuForward {
             cache: &mut seq.0,
             tokens,
             want_logits: true,
+            verify: 0,
             adapter: adapter.as_ref(),
         }])?;
         Ok(out.remove(0).unwrap_or_default())

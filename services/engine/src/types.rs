@@ -41,6 +41,13 @@ pub struct EngineConfig {
     /// than one pass per token. The output is the same either way; off is
     /// the benchmark's baseline.
     pub jump_forward: bool,
+    /// Greedy requests guess their next tokens from what came before (the
+    /// prompt and the output so far: where the last few tokens appeared
+    /// earlier, what followed them there) and check the guess in one
+    /// forward pass, keeping what the model would have written anyway:
+    /// the same text, fewer passes where the output repeats its input.
+    /// Only while the batch is small (a big batch has no time to spare).
+    pub speculative: bool,
     /// Bytes of finished requests' caches kept so that a prompt beginning
     /// like an earlier one starts from them ([`crate::prefix`]; 0: off).
     pub prefix_cache_bytes: usize,
@@ -91,6 +98,7 @@ impl Default for EngineConfig {
             simd: Simd::Avx512,
             backend: Backend::Auto,
             jump_forward: true,
+            speculative: true,
             prefix_cache_bytes: 256 << 20,
         }
     }
@@ -260,6 +268,10 @@ pub(crate) struct Counters {
     /// Prompt tokens not read because an earlier request's cache began
     /// the same way.
     pub cached_prompt_tokens: AtomicU64,
+    /// Tokens guessed ahead and checked (speculative decoding), and of
+    /// them those the model wrote.
+    pub draft_tokens: AtomicU64,
+    pub draft_tokens_accepted: AtomicU64,
     pub finished: AtomicU64,
     pub cancelled: AtomicU64,
     pub failed: AtomicU64,
@@ -283,6 +295,9 @@ pub struct EngineStats {
     pub prompt_tokens: u64,
     /// Prompt tokens taken from an earlier request's cache instead of read.
     pub cached_prompt_tokens: u64,
+    /// Tokens guessed ahead and checked, and of them those the model wrote.
+    pub draft_tokens: u64,
+    pub draft_tokens_accepted: u64,
     pub finished: u64,
     pub cancelled: u64,
     pub failed: u64,

@@ -152,6 +152,18 @@ async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
             s.cached_prompt_tokens.to_string(),
         );
         metric(
+            "flywheel_engine_draft_tokens_total",
+            "counter",
+            "Tokens guessed ahead from the prompt and output and checked in one pass (speculative decoding).",
+            s.draft_tokens.to_string(),
+        );
+        metric(
+            "flywheel_engine_draft_tokens_accepted_total",
+            "counter",
+            "Guessed tokens the model wrote as guessed.",
+            s.draft_tokens_accepted.to_string(),
+        );
+        metric(
             "flywheel_engine_requests_finished_total",
             "counter",
             "Generations that ran to a stop or length limit.",
