@@ -33,6 +33,11 @@ pub struct SamplingParams {
     /// Added to these tokens' logits before anything else (OpenAI's
     /// `logit_bias`: -100 all but bans a token, 100 all but forces it).
     pub logit_bias: Vec<(u32, f32)>,
+    /// May a greedy request guess tokens ahead (speculative decoding, where
+    /// the engine's `speculative` allows it)? The text is the same either
+    /// way; a probe of the model's own cost per token turns it off, since
+    /// how many guesses are kept depends on what the text repeats.
+    pub speculative: bool,
 }
 
 impl Default for SamplingParams {
@@ -52,6 +57,7 @@ impl Default for SamplingParams {
             forced: Vec::new(),
             json: None,
             logit_bias: Vec::new(),
+            speculative: true,
         }
     }
 }

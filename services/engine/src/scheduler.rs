@@ -101,7 +101,7 @@ struct Seq<C> {
     /// The guessed tokens at the end of `next`, checked when it is fed.
     drafted: Vec<u32>,
     /// Tokens guessed so far, and of them those the model kept; and the
-    /// tokens chosen since the last guess (see [`MIN_KEPT`]).
+    /// steps since the last guess (see [`MIN_KEPT`]).
     guessed: usize,
     guessed_kept: usize,
     since_guess: usize,
@@ -283,8 +283,11 @@ impl<M: StepModel> Scheduler<M> {
         let prompt = &s.job.req.prompt_ids;
         let mut tokens = prompt[..held.min(prompt.len())].to_vec();
         tokens.extend(s.output.iter().take(held.saturating_sub(prompt.len())));
-        self.prefixes
-            .insert(s.job.req.adapter, tokens, s.cache, bytes);
+        let owner = crate::prefix::Owner {
+            tenant: s.job.req.tenant,
+            adapter: s.job.req.adapter,
+        };
+        self.prefixes.insert(owner, tokens, s.cache, bytes);
     }
 
     /// A new sequence's cache and the prompt tokens it already holds: a
@@ -292,7 +295,11 @@ impl<M: StepModel> Scheduler<M> {
     /// token, whose logits are needed), else an empty one.
     fn start_cache(&mut self, req: &GenerateRequest) -> (M::Cache, usize) {
         let last = req.prompt_ids.len().saturating_sub(1);
-        if let Some((kept, n)) = self.prefixes.longest(req.adapter, &req.prompt_ids, last)
+        let owner = crate::prefix::Owner {
+            tenant: req.tenant,
+            adapter: req.adapter,
+        };
+        if let Some((kept, n)) = self.prefixes.longest(owner, &req.prompt_ids, last)
             && let Some(cache) = M::cache_prefix(kept, n)
         {
             self.shared
@@ -407,10 +414,21 @@ impl<M: StepModel> Scheduler<M> {
     fn plan(&self) -> Plan {
         let mut budget = self.cfg.max_batched_tokens.max(1);
         let mut take = vec![0usize; self.active.len()];
-        for (i, s) in self.active.iter().enumerate() {
-            if s.prefilled == s.job.req.prompt_ids.len() {
-                take[i] = s.next.len().min(budget);
-                budget -= take[i];
+        // One token for each generating sequence first, then the rest of
+        // each one's queue (a forced run, a draft): a long run never holds
+        // another stream's next token back.
+        let generating: Vec<usize> = (0..self.active.len())
+            .filter(|&i| self.active[i].prefilled == self.active[i].job.req.prompt_ids.len())
+            .collect();
+        for &i in &generating {
+            take[i] = self.active[i].next.len().min(budget).min(1);
+            budget -= take[i];
+        }
+        for &i in &generating {
+            if take[i] == 1 {
+                let more = (self.active[i].next.len() - 1).min(budget);
+                take[i] += more;
+                budget -= more;
             }
         }
         let left = |s: &Seq<M::Cache>| s.job.req.prompt_ids.len() - s.prefilled;
@@ -646,20 +664,34 @@ impl<M: StepModel> Scheduler<M> {
         Some(End::Finished)
     }
 
-    /// Drafts that would not fit this step's token budget beside the
-    /// generating sequences before them are dropped: a draft is checked
-    /// whole or not at all.
+    /// Drafts that [`Scheduler::plan`] would not feed whole this step are
+    /// dropped: a draft is checked whole or not at all. (The same
+    /// reckoning as the plan's: a token for each generating sequence, then
+    /// the rest of each one's queue, in order.)
     fn fit_drafts(&mut self) {
-        let mut budget = self.cfg.max_batched_tokens.max(1);
+        let budget = self.cfg.max_batched_tokens.max(1);
+        let generating = self
+            .active
+            .iter()
+            .filter(|s| s.prefilled == s.job.req.prompt_ids.len())
+            .count();
+        let ones = generating.min(budget);
+        let mut extra = budget - ones;
+        let mut seen = 0;
         for s in &mut self.active {
             if s.prefilled < s.job.req.prompt_ids.len() {
                 continue;
             }
-            if s.next.len() > budget && !s.drafted.is_empty() {
+            let fed = seen < ones;
+            seen += 1;
+            let rest = s.next.len().saturating_sub(1);
+            if !s.drafted.is_empty() && (!fed || rest > extra) {
                 s.next.truncate(s.next.len() - s.drafted.len());
                 s.drafted.clear();
             }
-            budget = budget.saturating_sub(s.next.len());
+            if fed {
+                extra -= s.next.len().saturating_sub(1).min(extra);
+            }
         }
     }
 }
@@ -675,8 +707,8 @@ const DRAFT_TOKENS: usize = 5;
 /// over it.
 const MIN_KEPT: f64 = 0.35;
 
-/// Tokens chosen between two guesses of a sequence that has stopped
-/// guessing (see [`MIN_KEPT`]).
+/// Steps between two guesses of a sequence that has stopped guessing (see
+/// [`MIN_KEPT`]).
 const PROBE_EVERY: usize = 16;
 
 /// Longest run of last tokens looked up in what came before.
@@ -756,7 +788,12 @@ impl<C> Seq<C> {
     fn draft(&mut self, shared: &Shared, max: usize) {
         let p = &self.job.req.params;
         let greedy = p.temperature < crate::MIN_TEMPERATURE;
-        if !greedy || p.logprobs || !p.forced.is_empty() || !self.forced_run.is_empty() {
+        if !greedy
+            || !p.speculative
+            || p.logprobs
+            || !p.forced.is_empty()
+            || !self.forced_run.is_empty()
+        {
             return;
         }
         if self.json.is_some() && !self.jump {
@@ -1458,6 +1495,91 @@ mod tests {
         );
         assert_eq!(off.stats().draft_tokens, 0);
         assert!(steps_on < steps_off, "{steps_on} vs {steps_off}");
+    }
+
+    #[test]
+    fn guessing_and_jumping_keep_the_text_at_a_tight_budget_and_at_the_context_end() {
+        use crate::grammar::Node;
+        let config = |on: bool, max_batched_tokens| EngineConfig {
+            speculative: on,
+            jump_forward: on,
+            max_batched_tokens,
+            prefix_cache_bytes: 0,
+            ..Default::default()
+        };
+        let schema = Node::from_schema(&serde_json::json!({
+            "type": "object",
+            "properties": {"a": {"type": "string"}, "b": {"const": "a fixed closing note"}}
+        }))
+        .unwrap();
+        let run = |engine: &EngineHandle, reqs: &[(Vec<u32>, SamplingParams)]| {
+            let rxs: Vec<_> = reqs
+                .iter()
+                .map(|(prompt_ids, params)| {
+                    engine
+                        .submit(GenerateRequest {
+                            prompt_ids: prompt_ids.clone(),
+                            params: params.clone(),
+                            ..Default::default()
+                        })
+                        .unwrap()
+                })
+                .collect();
+            rxs.into_iter().map(collect).collect::<Vec<_>>()
+        };
+        let off = tiny_engine_with(config(false, 4));
+        let greedy = |max_tokens, ignore_eos, json: Option<Arc<Node>>| SamplingParams {
+            temperature: 0.0,
+            max_tokens,
+            ignore_eos,
+            json,
+            ..Default::default()
+        };
+        // Four at once with 4 tokens a step: each stream gets its token
+        // every step, and a draft or a run that does not fit waits or goes.
+        let together: Vec<_> = [
+            "repeat after me: blue green blue green blue green",
+            "count 1 2 3 1 2 3 1 2 3",
+            "abc abc abc abc",
+            "note: late, late, late",
+        ]
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            let json = (i == 3).then(|| schema.clone());
+            (conversation(&off, &[p]), greedy(60, false, json))
+        })
+        .collect();
+        let on = tiny_engine_with(config(true, 4));
+        assert_eq!(run(&off, &together), run(&on, &together));
+        assert!(on.stats().draft_tokens > 0, "{:?}", on.stats());
+        // A prompt that leaves the context 16 positions: the answers stop
+        // at the window, with the same text and length either way.
+        let long = "blue green ".repeat(200);
+        let mut prompt = conversation(&off, &[&long]);
+        let tail = prompt.split_off(prompt.len() - 8);
+        prompt.truncate(flywheel_model::testing::TINY_CONTEXT as usize - 16 - tail.len());
+        prompt.extend(tail);
+        let at_the_end = [
+            (prompt.clone(), greedy(100, true, None)),
+            (prompt, greedy(100, false, Some(schema))),
+        ];
+        let (off, on) = (
+            tiny_engine_with(config(false, 256)),
+            tiny_engine_with(config(true, 256)),
+        );
+        for (i, req) in at_the_end.into_iter().enumerate() {
+            let a = run(&off, std::slice::from_ref(&req));
+            assert_eq!(a, run(&on, std::slice::from_ref(&req)));
+            let (text, done) = &a[0];
+            let Some(Event::Done { finish_reason, .. }) = done else {
+                panic!("{done:?} after {text:?}");
+            };
+            // The plain answer, past every end of turn, ends at the window.
+            if i == 0 {
+                assert_eq!(*finish_reason, FinishReason::Length, "{text:?}");
+            }
+        }
     }
 
     /// A chat's prompt: one shared system prompt and `turns` (user, then

@@ -515,6 +515,9 @@ async fn probe(m: &Served, messages: &[ChatMessage]) -> Result<Generation> {
         max_tokens: SOLO_MAX_TOKENS,
         ignore_eos: true,
         seed: Some(0),
+        // The model's own cost per token: guessing ahead would make it
+        // depend on how much each model's answer repeats its prompt.
+        speculative: false,
         ..Default::default()
     };
     Ok(drive(m, prompt(m, messages)?, params).await?.0)

@@ -420,6 +420,7 @@ impl Sampling {
             forced: Vec::new(),
             json,
             logit_bias: logit_bias(self.logit_bias.unwrap_or_default())?,
+            speculative: true,
         })
     }
 }
