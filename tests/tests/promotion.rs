@@ -588,14 +588,37 @@ async fn a_swap_under_16_streams_fails_none_and_changes_none_mid_stream() {
     // of three; with this, 16 of 16 in six).
     let (status, _) = chat(&gw, &gw.key, gw.model(), "warm-up").await;
     assert_eq!(status, 200);
+    // Every stream runs to its 200 tokens: the tiny model's random weights
+    // would end some at an end-of-turn token at once (in a loaded full run
+    // 0 of 16 were still open when the promotion committed).
+    let (status, stops) = gw
+        .post(
+            &gw.key,
+            "/tokenize",
+            json!({"model": gw.model(), "prompt": "<|im_end|><|endoftext|>"}),
+        )
+        .await;
+    assert_eq!(status, 200, "{stops}");
+    let bias: serde_json::Map<String, Value> = stops["tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| (t.to_string(), json!(-100)))
+        .collect();
+    let bias = Value::Object(bias);
     let (started_tx, mut started_rx) = tokio::sync::mpsc::channel::<()>(16);
     // Set once the promotion has committed: chunks a stream reads after it
     // show the stream was open across the swap.
     let promoted = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let streams: Vec<_> = (0..16)
         .map(|i| {
-            let (base, key, model, started) =
-                (base.clone(), key.clone(), model.clone(), started_tx.clone());
+            let (base, key, model, started, bias) = (
+                base.clone(),
+                key.clone(),
+                model.clone(),
+                started_tx.clone(),
+                bias.clone(),
+            );
             let promoted = promoted.clone();
             tokio::spawn(async move {
                 let resp = reqwest::Client::new()
@@ -604,6 +627,7 @@ async fn a_swap_under_16_streams_fails_none_and_changes_none_mid_stream() {
                     .json(
                         &json!({"model": model, "max_tokens": 200, "temperature": 1.0,
                                   "seed": i, "stream": true, "user": format!("s{i}"),
+                                  "logit_bias": bias,
                                   "messages": [{"role": "user", "content": format!("story {i}")}]}),
                     )
                     .send()
@@ -675,9 +699,7 @@ async fn a_swap_under_16_streams_fails_none_and_changes_none_mid_stream() {
         );
     }
     // The swap happened while streams were open, else the checks above
-    // would hold by construction. Some streams end early at an end token
-    // (the tiny model's weights are random); 11 to 16 of 16 were still open
-    // in runs on their own, more under load.
+    // would hold by construction.
     eprintln!("{open_across} of 16 streams read chunks after the swap");
     assert!(
         open_across >= 4,
