@@ -191,6 +191,27 @@ impl TestGateway {
         )
     }
 
+    /// A `logit_bias` that bans the served model's end-of-turn tokens (as
+    /// `/tokenize` reads them), so a chat runs to its `max_tokens`: the
+    /// tiny model's random weights would otherwise end some answers at once.
+    pub async fn no_end_of_turn(&self) -> serde_json::Value {
+        let (status, stops) = self
+            .post(
+                &self.key,
+                "/tokenize",
+                serde_json::json!({"model": self.model(), "prompt": "<|im_end|><|endoftext|>"}),
+            )
+            .await;
+        assert_eq!(status, 200, "{stops}");
+        stops["tokens"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| (t.to_string(), serde_json::json!(-100)))
+            .collect::<serde_json::Map<_, _>>()
+            .into()
+    }
+
     pub async fn get(&self, key: &str, path: &str) -> (u16, serde_json::Value) {
         let resp = reqwest::Client::new()
             .get(format!("{}{path}", self.base))

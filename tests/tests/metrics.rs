@@ -49,20 +49,7 @@ async fn metrics_parse_and_the_histograms_count_the_traffic() {
     }
     // A chat that cannot end before its 4 tokens (its end-of-turn tokens
     // banned): at least one completion with gaps between its tokens.
-    let (status, stops) = gw
-        .post(
-            &gw.key,
-            "/tokenize",
-            json!({"model": model, "prompt": "<|im_end|><|endoftext|>"}),
-        )
-        .await;
-    assert_eq!(status, 200, "{stops}");
-    let bias: serde_json::Map<String, Value> = stops["tokens"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|t| (t.to_string(), json!(-100)))
-        .collect();
+    let bias = gw.no_end_of_turn().await;
     let (status, body) = gw
         .post(
             &gw.key,

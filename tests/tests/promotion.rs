@@ -591,21 +591,7 @@ async fn a_swap_under_16_streams_fails_none_and_changes_none_mid_stream() {
     // Every stream runs to its 200 tokens: the tiny model's random weights
     // would end some at an end-of-turn token at once (in a loaded full run
     // 0 of 16 were still open when the promotion committed).
-    let (status, stops) = gw
-        .post(
-            &gw.key,
-            "/tokenize",
-            json!({"model": gw.model(), "prompt": "<|im_end|><|endoftext|>"}),
-        )
-        .await;
-    assert_eq!(status, 200, "{stops}");
-    let bias: serde_json::Map<String, Value> = stops["tokens"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|t| (t.to_string(), json!(-100)))
-        .collect();
-    let bias = Value::Object(bias);
+    let bias = gw.no_end_of_turn().await;
     let (started_tx, mut started_rx) = tokio::sync::mpsc::channel::<()>(16);
     // Set once the promotion has committed: chunks a stream reads after it
     // show the stream was open across the swap.
