@@ -14,9 +14,13 @@ here in plain Python (its regex through the `regex` module, byte-level BPE
 by merge rank, as GPT-2's encoder does), and transformers' tokenizer class
 for the family must give the same ids (it runs on the `tokenizers` library
 that Flywheel uses too, so it is the second opinion, not the reference).
+Mistral's tokenizer is SentencePiece's BPE, learned on the same corpus by
+the `sentencepiece` library, which gives the reference ids (on each text
+between special tokens, as llama.cpp tokenizes); transformers' Llama
+tokenizer, converted from that SentencePiece model, must agree.
 
-    pip install torch transformers gguf peft
-    scripts/tiny-families.py [OUT_DIR]     # default tests/testdata/families
+    pip install torch transformers gguf peft sentencepiece
+    scripts/tiny-families.py [OUT_DIR [FAMILY...]]   # default tests/testdata/families, every family
 
 Writes, per family, `OUT_DIR/<family>/model.gguf`, `reference.json` (the
 tokenizer's ids on tricky strings; for each prompt its ids, the top 5
@@ -63,6 +67,25 @@ LLAMA3_CHAT = (
     "{%- if add_generation_prompt %}"
     "{{- '<|start_header_id|>assistant<|end_header_id|>\n\n' }}"
     "{%- endif %}"
+)
+
+# Mistral's instruction layout ([INST] ... [/INST], the begin-of-sequence
+# token first, each answer closed by the end token), a system message put in
+# front of the first instruction as Mistral's later templates do.
+MISTRAL_CHAT = (
+    "{%- if messages[0]['role'] == 'system' %}"
+    "{%- set system = messages[0]['content'] + '\n\n' %}"
+    "{%- set messages = messages[1:] %}"
+    "{%- else %}{%- set system = '' %}{%- endif %}"
+    "{{- bos_token }}"
+    "{%- for message in messages %}"
+    "{%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{- raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}"
+    "{%- endif %}"
+    "{%- if message['role'] == 'user' %}"
+    "{{- '[INST] ' + (system if loop.first else '') + message['content'] + ' [/INST]' }}"
+    "{%- else %}{{- message['content'] + eos_token }}{%- endif %}"
+    "{%- endfor %}"
 )
 
 # Qwen2's and Qwen3's text side: their pre-tokenizer (its regex from their
@@ -157,7 +180,32 @@ FAMILIES = {
             "tie_word_embeddings": False,
         },
     },
+    # Mistral (v0.2, v0.3; Llama 2 is the same to Flywheel): llama's layout
+    # and a SentencePiece tokenizer (GGUF tokenizer model `llama`), no
+    # sliding window.
+    "mistral": {
+        "arch": "llama",
+        "spm": True,
+        "specials": ["<unk>", "<s>", "</s>"],
+        "bos": "<s>",
+        "eos": "</s>",
+        "template": MISTRAL_CHAT,
+        "seed": 34,
+        "formats": ["Q8_0", "Q4_1"],
+        "config": "MistralConfig",
+        "model": "MistralForCausalLM",
+        "extra": {
+            "rope_parameters": {"rope_type": "default", "rope_theta": 1_000_000.0},
+            "rms_norm_eps": 1e-5,
+            "tie_word_embeddings": False,
+            "sliding_window": None,
+        },
+    },
 }
+
+# Characters the corpus never holds: a SentencePiece tokenizer spells them
+# by their bytes.
+UNSEEN = ["Ωmega ≈ 3 ½", "Grüße, Ελλάδα"]
 
 # What the BPE merges are learned on: words, numbers, code, other scripts.
 CORPUS = [
@@ -265,6 +313,141 @@ def encode(text, family, tokens, merges):
     return ids
 
 
+def learn_sentencepiece(vocab_size):
+    """A SentencePiece BPE model learned on CORPUS as Llama's and Mistral's
+    were set up: byte fallback, no normalization, a space in front of each
+    text; ids 0-2 `<unk>`, `<s>`, `</s>`, then the 256 byte pieces."""
+    import io
+
+    import sentencepiece as spm
+
+    lines = [line for text in CORPUS for line in text.split("\n") if line.strip()]
+    out = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines),
+        model_writer=out,
+        model_type="bpe",
+        vocab_size=vocab_size,
+        byte_fallback=True,
+        character_coverage=1.0,
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        add_dummy_prefix=True,
+        split_digits=False,
+        allow_whitespace_only_pieces=True,
+        hard_vocab_limit=False,
+        num_threads=1,
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=-1,
+        minloglevel=2,
+    )
+    return out.getvalue()
+
+
+class SentencePieceText:
+    """A SentencePiece tokenizer: the reference ids from the `sentencepiece`
+    library, transformers' Llama tokenizer converted from the same model as
+    the second opinion, and its GGUF metadata as llama.cpp writes it."""
+
+    def __init__(self, family):
+        import tempfile
+
+        import sentencepiece as spm
+        from transformers import LlamaTokenizer
+
+        self.family = family
+        self.proto = learn_sentencepiece(500)
+        self.sp = spm.SentencePieceProcessor(model_proto=self.proto)
+        sp = self.sp
+        self.tokens = [sp.id_to_piece(i) for i in range(sp.get_piece_size())]
+        self.scores = [sp.get_score(i) for i in range(sp.get_piece_size())]
+        self.types = []
+        for i in range(sp.get_piece_size()):
+            if sp.is_unknown(i):
+                self.types.append(gguf.TokenType.UNKNOWN)
+            elif sp.is_control(i):
+                self.types.append(gguf.TokenType.CONTROL)
+            elif sp.is_byte(i):
+                self.types.append(gguf.TokenType.BYTE)
+            elif sp.is_unused(i):
+                self.types.append(gguf.TokenType.UNUSED)
+            else:
+                self.types.append(gguf.TokenType.NORMAL)
+        assert self.tokens[:3] == family["specials"], self.tokens[:3]
+        with tempfile.TemporaryDirectory() as d:
+            path = pathlib.Path(d) / "tokenizer.model"
+            path.write_bytes(self.proto)
+            converted = LlamaTokenizer.from_pretrained(d, legacy=True)
+        # transformers' converted model (its merges derived by transformers
+        # from the SentencePiece model), with the text set up as Llama 2's
+        # tokenizer.json sets it up: a `▁` put in front of every text
+        # between special tokens, even one that begins with a space (the
+        # Metaspace step transformers now uses skips those, where
+        # sentencepiece and llama.cpp do not).
+        from tokenizers import normalizers
+
+        self.theirs = converted.backend_tokenizer
+        self.theirs.normalizer = normalizers.Sequence(
+            [normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")]
+        )
+        self.theirs.pre_tokenizer = None
+
+    def encode(self, text):
+        specials = self.family["specials"][1:]  # `<unk>` is not matched in text
+        ids = []
+        for chunk in re.split("(" + "|".join(map(re.escape, specials)) + ")", text):
+            if chunk in specials:
+                ids.append(self.tokens.index(chunk))
+            elif chunk:
+                ids.extend(self.sp.encode(chunk))
+        return ids
+
+    def tokenize(self, text):
+        ids = self.encode(text)
+        other = self.theirs.encode(text, add_special_tokens=False).ids
+        assert ids == other, f"{text!r}: {ids} from sentencepiece, {other} from transformers"
+        return ids, self.theirs.decode(ids, skip_special_tokens=False)
+
+    def write_gguf(self, w):
+        w.add_tokenizer_model("llama")
+        w.add_token_list(self.tokens)
+        w.add_token_scores(self.scores)
+        w.add_token_types(self.types)
+        w.add_add_space_prefix(True)
+        w.add_unk_token_id(0)
+
+
+class ByteLevelText:
+    """A byte-level BPE tokenizer by the family's rules, checked against the
+    `tokenizers` library set up as the family's tokenizer.json."""
+
+    def __init__(self, family):
+        self.family = family
+        self.tokens, self.merges = learn_vocab(400, family["specials"])
+        self.theirs = second_opinion(family, self.tokens, self.merges)
+
+    def tokenize(self, text):
+        ids = encode(text, self.family, self.tokens, self.merges)
+        other = self.theirs.encode(text, add_special_tokens=False).ids
+        assert ids == other, f"{text!r}: {ids} here, {other} from tokenizers"
+        return ids, self.theirs.decode(ids, skip_special_tokens=False)
+
+    def write_gguf(self, w):
+        specials = self.family["specials"]
+        w.add_tokenizer_model("gpt2")
+        w.add_tokenizer_pre(self.family["pre"])
+        w.add_token_list(self.tokens)
+        w.add_token_types(
+            [
+                gguf.TokenType.CONTROL if t in specials else gguf.TokenType.NORMAL
+                for t in self.tokens
+            ]
+        )
+        w.add_token_merges(self.merges)
+
+
 def randomize(model, seed):
     """Weights large enough that the tiny model's choices are clear (the
     default init gives near-uniform logits) and its layers outweigh the
@@ -352,20 +535,13 @@ def llama3_rope_factors(rope, head_dim):
 def build(name, family, out):
     import transformers
 
-    if family["pre"] == "qwen2":
+    if family.get("pre") == "qwen2":
         # The regex written above is transformers' for Qwen2.
         from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
 
         assert family["split"] == PRETOKENIZE_REGEX
-    specials = family["specials"]
-    tokens, merges = learn_vocab(400, specials)
-    theirs = second_opinion(family, tokens, merges)
-
-    def tokenize(text):
-        ids = encode(text, family, tokens, merges)
-        other = theirs.encode(text, add_special_tokens=False).ids
-        assert ids == other, f"{text!r}: {ids} here, {other} from tokenizers"
-        return ids, theirs.decode(ids, skip_special_tokens=False)
+    text_side = SentencePieceText(family) if family.get("spm") else ByteLevelText(family)
+    tokens, tokenize = text_side.tokens, text_side.tokenize
 
     cfg = getattr(transformers, family["config"])(
         vocab_size=len(tokens),
@@ -404,13 +580,7 @@ def build(name, family, out):
             w.add_value_length(head_dim)
         w.add_rope_freq_base(rope["rope_theta"])
         w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
-        w.add_tokenizer_model("gpt2")
-        w.add_tokenizer_pre(family["pre"])
-        w.add_token_list(tokens)
-        w.add_token_types(
-            [gguf.TokenType.CONTROL if t in specials else gguf.TokenType.NORMAL for t in tokens]
-        )
-        w.add_token_merges(merges)
+        text_side.write_gguf(w)
         if family["bos"]:
             w.add_bos_token_id(tokens.index(family["bos"]))
         w.add_eos_token_id(tokens.index(family["eos"]))
@@ -485,7 +655,8 @@ def build(name, family, out):
         )
 
     own_markup = render({"messages": [{"role": "user", "content": "hi"}]})
-    ref = reference(model, tokenize, render, TRICKY + [own_markup])
+    unseen = UNSEEN if family.get("spm") else []
+    ref = reference(model, tokenize, render, TRICKY + unseen + [own_markup])
     lora_prompt = render({"messages": [{"role": "user", "content": "Route ticket 42"}]})
     lora_answer = '{"team": "billing"}' + family["eos"]
     if family.get("formats"):
@@ -596,7 +767,10 @@ def main():
     root = pathlib.Path(sys.argv[1] if len(sys.argv) > 1 else "tests/testdata/families")
     import transformers
 
+    only = sys.argv[2:]
     for name, family in FAMILIES.items():
+        if only and name not in only:
+            continue
         out = root / name
         out.mkdir(parents=True, exist_ok=True)
         ref = build(name, family, out)

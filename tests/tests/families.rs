@@ -1,5 +1,6 @@
 //! The model families beyond SmolLM2's llama (Qwen2; Qwen3; Llama 3 with
-//! its tokenizer and rope scaling), each on a tiny random-weight model of its
+//! its tokenizer and rope scaling; Mistral, a llama with a SentencePiece
+//! tokenizer), each on a tiny random-weight model of its
 //! own architecture built with the reference implementation
 //! (`scripts/tiny-families.py`: transformers builds and runs it, the script
 //! writes it as llama.cpp lays that family out in GGUF). Against its
@@ -169,10 +170,42 @@ fn llama3_is_read_as_llama_with_its_rope_factors() {
     assert!((freqs[last] * 8.0 - plain(last)).abs() < 1e-6 * plain(last));
 }
 
+#[test]
+fn mistral_is_read_as_llama_with_a_sentencepiece_tokenizer() {
+    let (path, reference) = family("mistral");
+    let gguf = GgufFile::open(&path).unwrap();
+    let cfg = LlamaConfig::from_gguf(&gguf).unwrap();
+    assert_eq!(cfg.family, "llama");
+    assert_eq!(cfg.rope_rows, flywheel_model::config::RopeRows::Interleaved);
+    let tok = TextTokenizer::from_gguf(&gguf).unwrap();
+    assert_eq!(tok.spelling, flywheel_model::Spelling::SentencePiece);
+    assert_eq!(tok.stop_ids, [2], "</s>");
+    // Characters the vocabulary has no piece for are spelled by their
+    // bytes' pieces, and read back whole.
+    let unseen = reference["tokenize"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["text"] == "Ωmega ≈ 3 ½")
+        .unwrap();
+    let ids = ids(&unseen["ids"]);
+    let bytes = tok.token_bytes();
+    assert!(
+        ids.iter()
+            .filter(|&&i| bytes[i as usize]
+                .as_deref()
+                .is_some_and(|b| b.len() == 1 && b[0] >= 0x80))
+            .count()
+            >= 6,
+        "{ids:?}"
+    );
+}
+
 per_family!(check_tokenizer:
     qwen2_tokenizer_matches_the_reference_on_tricky_strings => "qwen2",
     qwen3_tokenizer_matches_the_reference_on_tricky_strings => "qwen3",
     llama3_tokenizer_matches_the_reference_on_tricky_strings => "llama3",
+    mistral_tokenizer_matches_the_reference_on_tricky_strings => "mistral",
 );
 
 fn check_tokenizer(name: &str) {
@@ -192,10 +225,47 @@ fn check_tokenizer(name: &str) {
     }
 }
 
+// The chat template in each family's file, rendered by us, gives the
+// prompt the reference rendered with Python's Jinja (what transformers'
+// `apply_chat_template` runs), and its ids: with a system message and
+// without.
+per_family!(check_template:
+    qwen2_chat_template_renders_as_jinja_does => "qwen2",
+    qwen3_chat_template_renders_as_jinja_does => "qwen3",
+    llama3_chat_template_renders_as_jinja_does => "llama3",
+    mistral_chat_template_renders_as_jinja_does => "mistral",
+);
+
+fn check_template(name: &str) {
+    use flywheel_model::ChatMessage;
+    let (path, reference) = family(name);
+    let files = flywheel_model::ModelFiles::open(&path).unwrap();
+    let msg = |role: &str, content: &str| ChatMessage {
+        role: role.into(),
+        content: content.into(),
+    };
+    // scripts/tiny-families.py's first two prompts.
+    let chats = [
+        vec![msg("user", "Route ticket 42 to billing.")],
+        vec![
+            msg("system", "Answer in JSON."),
+            msg("user", "What is 12 + 34?"),
+        ],
+    ];
+    for (chat, case) in chats.iter().zip(reference["forward"].as_array().unwrap()) {
+        assert_eq!(
+            files.template.render(chat).unwrap(),
+            case["prompt"].as_str().unwrap()
+        );
+        assert_eq!(files.prompt_ids(chat).unwrap(), ids(&case["prompt_ids"]));
+    }
+}
+
 per_family!(check_model_forward:
     qwen2_forward_matches_transformers => "qwen2",
     qwen3_forward_matches_transformers => "qwen3",
     llama3_forward_matches_transformers => "llama3",
+    mistral_forward_matches_transformers => "mistral",
 );
 
 fn check_model_forward(name: &str) {
@@ -210,6 +280,7 @@ per_family!(check_serving_forward:
     qwen2_serving_forward_matches_transformers => "qwen2",
     qwen3_serving_forward_matches_transformers => "qwen3",
     llama3_serving_forward_matches_transformers => "llama3",
+    mistral_serving_forward_matches_transformers => "mistral",
 );
 
 fn check_serving_forward(name: &str) {
@@ -227,6 +298,7 @@ per_family!(check_lora_step:
     qwen2_lora_step_matches_peft => "qwen2",
     qwen3_lora_step_matches_peft => "qwen3",
     llama3_lora_step_matches_peft => "llama3",
+    mistral_lora_step_matches_peft => "mistral",
 );
 
 fn check_lora_step(name: &str) {
@@ -277,6 +349,7 @@ per_family!(async check_served:
     qwen2_is_served_through_the_api => "qwen2",
     qwen3_is_served_through_the_api => "qwen3",
     llama3_is_served_through_the_api => "llama3",
+    mistral_is_served_through_the_api => "mistral",
 );
 
 async fn check_served(name: &str) {
@@ -437,6 +510,7 @@ per_family!(check_served_adapter:
     qwen2_served_adapter_matches_the_adapted_forward => "qwen2",
     qwen3_served_adapter_matches_the_adapted_forward => "qwen3",
     llama3_served_adapter_matches_the_adapted_forward => "llama3",
+    mistral_served_adapter_matches_the_adapted_forward => "mistral",
 );
 
 fn check_served_adapter(name: &str) {
@@ -502,6 +576,7 @@ per_family!(check_formats:
     qwen2_in_every_gguf_type_matches_transformers_on_what_the_file_holds => "qwen2",
     qwen3_in_8_and_4_bit_blocks_matches_transformers_on_what_the_file_holds => "qwen3",
     llama3_in_8_and_4_bit_blocks_matches_transformers_on_what_the_file_holds => "llama3",
+    mistral_in_8_and_4_bit_blocks_matches_transformers_on_what_the_file_holds => "mistral",
 );
 
 fn check_formats(name: &str) {

@@ -854,7 +854,7 @@ impl<C> Seq<C> {
             }
             let tok = &shared.tokenizer;
             let table = shared.token_bytes.get_or_init(|| tok.token_bytes());
-            let ids = tok.encode(whole).ok()?;
+            let ids = tok.encode_continuation(whole).ok()?;
             let mut spelled = Vec::with_capacity(whole.len());
             for id in &ids {
                 spelled.extend_from_slice(table.get(*id as usize)?.as_deref()?);

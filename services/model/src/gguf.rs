@@ -75,6 +75,22 @@ impl GgufFile {
             .map_err(|e| ModelError::Load(format!("{key}: {e}")))
     }
 
+    pub fn get_f32s(&self, key: &str) -> Result<Vec<f32>> {
+        self.get(key)?
+            .to_vec()
+            .map_err(|e| ModelError::Load(format!("{key}: {e}")))?
+            .iter()
+            .map(|v| v.to_f32())
+            .collect::<candle_core::Result<Vec<_>>>()
+            .map_err(|e| ModelError::Load(format!("{key}: {e}")))
+    }
+
+    pub fn get_bool(&self, key: &str) -> Result<bool> {
+        self.get(key)?
+            .to_bool()
+            .map_err(|e| ModelError::Load(format!("{key}: {e}")))
+    }
+
     /// The Hugging Face repository the file was converted from, where its
     /// metadata names one (llama.cpp's converter writes
     /// `general.source.huggingface.repository`, or a `general.source.url`

@@ -33,7 +33,7 @@ pub use files::ModelFiles;
 pub use forward::{KvCache, Llama};
 pub use ops::{Ops, Site};
 pub use template::{CHATML, ChatMessage, ChatTemplate};
-pub use tokenizer::{IncrementalDecoder, TextTokenizer};
+pub use tokenizer::{IncrementalDecoder, Spelling, TextTokenizer};
 
 /// Errors from reading a model or running it.
 #[derive(Debug, thiserror::Error)]

@@ -1,6 +1,13 @@
 //! A Hugging Face `tokenizers` tokenizer rebuilt from GGUF metadata, and
 //! incremental detokenization for streaming.
 //!
+//! GGUF's `llama` tokenizer model is SentencePiece's BPE (Llama 2, Mistral
+//! v0.1-0.3): text with `▁` for each space, one more in front, merged by
+//! the score of the piece a merge makes, a character no piece holds spelled
+//! as its bytes (`<0x0A>`). The file carries pieces and scores, not merges:
+//! they are derived here (ids tested against the `sentencepiece` library on
+//! a tiny vocabulary).
+//!
 //! GGUF's `gpt2` tokenizer model is byte-level BPE. How text is split into
 //! words before BPE (`tokenizer.ggml.pre`) differs by family, and every
 //! name is mapped explicitly: SmolLM2's `smollm` splits digits one by one
@@ -13,23 +20,52 @@
 use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
 use tokenizers::models::bpe::BPE;
 use tokenizers::normalizers::unicode::NFC;
+use tokenizers::normalizers::{Prepend, Replace};
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::pre_tokenizers::digits::Digits;
 use tokenizers::pre_tokenizers::sequence::Sequence;
 use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
-use tokenizers::{AddedToken, PreTokenizerWrapper, SplitDelimiterBehavior, Tokenizer};
+use tokenizers::{
+    AddedToken, NormalizerWrapper, PreTokenizerWrapper, SplitDelimiterBehavior, Tokenizer,
+};
 
 use crate::gguf::GgufFile;
 use crate::{ModelError, Result};
 
+/// GGUF `token_type` of ordinary pieces.
+const TOKEN_TYPE_NORMAL: i32 = 1;
 /// GGUF `token_type` of control tokens (`<|im_start|>` and friends).
 const TOKEN_TYPE_CONTROL: i32 = 3;
 /// GGUF `token_type` of user-defined tokens, also matched whole in text.
 const TOKEN_TYPE_USER_DEFINED: i32 = 4;
 
+/// The bytes each token stands for, by id; `None` for special tokens.
+pub type TokenBytes = Vec<Option<Box<[u8]>>>;
+
+/// SentencePiece's stand-in for a space.
+const SPACE: &str = "\u{2581}";
+
+/// How a vocabulary spells text (GGUF's `tokenizer.ggml.model`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Spelling {
+    /// `gpt2`: byte-level BPE, every byte a printable character.
+    ByteLevel,
+    /// `llama`: SentencePiece BPE, `▁` for a space, `<0xXX>` for a byte.
+    SentencePiece,
+}
+
 /// The tokenizer plus the ids generation needs to know about.
 pub struct TextTokenizer {
     inner: Tokenizer,
+    pub spelling: Spelling,
+    /// SentencePiece vocabularies that put a space before the text
+    /// (`tokenizer.ggml.add_space_prefix`, on unless the file says not):
+    /// the same tokenizer without it, for text that continues a sequence.
+    continuation: Option<Tokenizer>,
+    /// SentencePiece vocabularies: the bytes of each token (`None` for a
+    /// special token), which decoding joins, and whether it drops the space
+    /// that begins a text.
+    pieces: Option<(TokenBytes, bool)>,
     /// Tokens that end generation (`eos`, `<|im_end|>`, `<|endoftext|>`).
     pub stop_ids: Vec<u32>,
     pub bos: Option<String>,
@@ -40,32 +76,52 @@ impl TextTokenizer {
     /// Builds the tokenizer described by a GGUF file's `tokenizer.ggml.*` keys.
     pub fn from_gguf(gguf: &GgufFile) -> Result<Self> {
         let model = gguf.get_str("tokenizer.ggml.model")?;
-        if model != "gpt2" {
-            return Err(ModelError::Tokenizer(format!(
-                "tokenizer model {model} is not supported (byte-level BPE `gpt2` only)"
-            )));
-        }
         let tokens = gguf.get_strings("tokenizer.ggml.tokens")?;
-        let merges = gguf
-            .get_strings("tokenizer.ggml.merges")
-            .unwrap_or_default();
         let types = gguf
             .get_i32s("tokenizer.ggml.token_type")
             .unwrap_or_default();
-        let pre = gguf.get_str("tokenizer.ggml.pre").unwrap_or("default");
         let tok_id = |key: &str| gguf.get_u32(key).ok();
         let name = |id: Option<u32>| id.and_then(|i| tokens.get(i as usize).cloned());
-
-        let mut inner = build(&tokens, &merges, pre)?;
+        let mut space_prefix = false;
+        let (mut inner, spelling, mut continuation) = match model {
+            "gpt2" => {
+                let merges = gguf
+                    .get_strings("tokenizer.ggml.merges")
+                    .unwrap_or_default();
+                let pre = gguf.get_str("tokenizer.ggml.pre").unwrap_or("default");
+                (build(&tokens, &merges, pre)?, Spelling::ByteLevel, None)
+            }
+            "llama" => {
+                let scores = gguf.get_f32s("tokenizer.ggml.scores")?;
+                let prefix = gguf
+                    .get_bool("tokenizer.ggml.add_space_prefix")
+                    .unwrap_or(true);
+                let unk = name(tok_id("tokenizer.ggml.unknown_token_id"));
+                let bpe = sentencepiece(&tokens, &scores, &types, unk)?;
+                let continuation = prefix
+                    .then(|| spm_tokenizer(bpe.clone(), false))
+                    .transpose()?;
+                let inner = spm_tokenizer(bpe, prefix)?;
+                space_prefix = prefix;
+                (inner, Spelling::SentencePiece, continuation)
+            }
+            other => {
+                return Err(ModelError::Tokenizer(format!(
+                    "tokenizer model `{other}` (tokenizer.ggml.model) is not supported \
+                     (byte-level BPE `gpt2` and SentencePiece BPE `llama` are)"
+                )));
+            }
+        };
         let special: Vec<AddedToken> = types
             .iter()
             .enumerate()
             .filter(|(_, t)| matches!(**t, TOKEN_TYPE_CONTROL | TOKEN_TYPE_USER_DEFINED))
             .map(|(i, _)| AddedToken::from(tokens[i].clone(), true))
             .collect();
-        inner
-            .add_special_tokens(special)
-            .map_err(|e| ModelError::Tokenizer(e.to_string()))?;
+        for tok in std::iter::once(&mut inner).chain(continuation.as_mut()) {
+            tok.add_special_tokens(special.clone())
+                .map_err(|e| ModelError::Tokenizer(e.to_string()))?;
+        }
 
         let eos_id = tok_id("tokenizer.ggml.eos_token_id");
         let mut stop_ids: Vec<u32> = eos_id.into_iter().collect();
@@ -84,12 +140,19 @@ impl TextTokenizer {
                 stop_ids.push(id);
             }
         }
-        Ok(Self {
+        let mut tok = Self {
             inner,
+            spelling,
+            continuation,
+            pieces: None,
             stop_ids,
             bos: name(tok_id("tokenizer.ggml.bos_token_id")),
             eos: name(eos_id),
-        })
+        };
+        if spelling == Spelling::SentencePiece {
+            tok.pieces = Some((tok.token_bytes(), space_prefix));
+        }
+        Ok(tok)
     }
 
     /// Token ids of `text`, with special tokens in the text recognised.
@@ -100,21 +163,71 @@ impl TextTokenizer {
             .map_err(|e| ModelError::Tokenizer(e.to_string()))
     }
 
-    /// Text of `ids`; special tokens are kept when `skip_special` is false.
-    pub fn decode(&self, ids: &[u32], skip_special: bool) -> Result<String> {
-        self.inner
-            .decode(ids, skip_special)
-            .map_err(|e| ModelError::Tokenizer(e.to_string()))
+    /// Token ids of `text` as it continues a sequence: as [`encode`](Self::encode),
+    /// but without the space a SentencePiece vocabulary puts before a text
+    /// of its own (what the model writes after its prompt, forced bytes).
+    pub fn encode_continuation(&self, text: &str) -> Result<Vec<u32>> {
+        match &self.continuation {
+            Some(tok) => tok
+                .encode_fast(text, false)
+                .map(|e| e.get_ids().to_vec())
+                .map_err(|e| ModelError::Tokenizer(e.to_string())),
+            None => self.encode(text),
+        }
     }
 
+    /// Text of `ids`; special tokens are kept when `skip_special` is false.
+    /// A SentencePiece vocabulary's tokens are joined as bytes, read as
+    /// UTF-8 with each invalid sequence a U+FFFD (as llama.cpp's bytes
+    /// read), the space that begins the text dropped.
+    pub fn decode(&self, ids: &[u32], skip_special: bool) -> Result<String> {
+        let Some((pieces, space_prefix)) = &self.pieces else {
+            return self
+                .inner
+                .decode(ids, skip_special)
+                .map_err(|e| ModelError::Tokenizer(e.to_string()));
+        };
+        let mut bytes = Vec::new();
+        for &id in ids {
+            match pieces.get(id as usize) {
+                Some(Some(b)) => bytes.extend_from_slice(b),
+                Some(None) if !skip_special => bytes
+                    .extend_from_slice(self.inner.id_to_token(id).unwrap_or_default().as_bytes()),
+                Some(None) => {}
+                None => {
+                    return Err(ModelError::Tokenizer(format!(
+                        "token id {id} is outside the vocabulary"
+                    )));
+                }
+            }
+        }
+        let mut text = String::from_utf8_lossy(&bytes).into_owned();
+        if *space_prefix && text.starts_with(' ') {
+            text.remove(0);
+        }
+        Ok(text)
+    }
+
+    /// One token's text on its own. A SentencePiece token keeps the space
+    /// its `▁` stands for (decoding drops the one that begins a text).
     pub fn token_text(&self, id: u32) -> String {
-        self.decode(&[id], false).unwrap_or_default()
+        match self.spelling {
+            Spelling::SentencePiece if !self.inner.get_added_tokens_decoder().contains_key(&id) => {
+                self.inner
+                    .id_to_token(id)
+                    .and_then(|piece| spm_piece_bytes(&piece))
+                    .map(|b| String::from_utf8_lossy(&b).into_owned())
+                    .unwrap_or_default()
+            }
+            _ => self.decode(&[id], false).unwrap_or_default(),
+        }
     }
 
     /// The bytes each token stands for, by id (`None` for special tokens,
     /// which are not text): the vocabulary's byte-level characters mapped
-    /// back to bytes. A token may hold part of a UTF-8 character.
-    pub fn token_bytes(&self) -> Vec<Option<Box<[u8]>>> {
+    /// back to bytes, or a SentencePiece piece with its `▁` as spaces. A
+    /// token may hold part of a UTF-8 character.
+    pub fn token_bytes(&self) -> TokenBytes {
         let unicode_to_byte = byte_level_inverse();
         let special = self.inner.get_added_tokens_decoder();
         (0..self.inner.get_vocab_size(true) as u32)
@@ -123,11 +236,14 @@ impl TextTokenizer {
                     return None;
                 }
                 let piece = self.inner.id_to_token(id)?;
-                piece
-                    .chars()
-                    .map(|c| unicode_to_byte.get(&c).copied())
-                    .collect::<Option<Vec<u8>>>()
-                    .map(Vec::into_boxed_slice)
+                match self.spelling {
+                    Spelling::ByteLevel => piece
+                        .chars()
+                        .map(|c| unicode_to_byte.get(&c).copied())
+                        .collect::<Option<Vec<u8>>>(),
+                    Spelling::SentencePiece => spm_piece_bytes(&piece),
+                }
+                .map(Vec::into_boxed_slice)
             })
             .collect()
     }
@@ -149,6 +265,88 @@ fn byte_level_inverse() -> std::collections::HashMap<char, u8> {
             (c, b)
         })
         .collect()
+}
+
+/// The bytes a SentencePiece piece stands for: `<0xXX>` one byte, any
+/// other its text with `▁` as a space.
+fn spm_piece_bytes(piece: &str) -> Option<Vec<u8>> {
+    if let Some(hex) = piece.strip_prefix("<0x").and_then(|p| p.strip_suffix('>'))
+        && hex.len() == 2
+    {
+        return u8::from_str_radix(hex, 16).ok().map(|b| vec![b]);
+    }
+    Some(piece.replace(SPACE, " ").into_bytes())
+}
+
+/// SentencePiece's BPE on a GGUF vocabulary, as llama.cpp runs it: the
+/// text's characters are merged, pair by pair, into the adjacent pair whose
+/// joined piece has the highest score (leftmost first among equals), and a
+/// character no piece holds is spelled by its bytes' `<0xXX>` pieces. In
+/// merge-rank terms: every ordinary piece, split anywhere into two pieces
+/// of the vocabulary, is a merge ranked by its own score.
+fn sentencepiece(
+    tokens: &[String],
+    scores: &[f32],
+    types: &[i32],
+    unk: Option<String>,
+) -> Result<BPE> {
+    if scores.len() != tokens.len() {
+        return Err(ModelError::Tokenizer(format!(
+            "{} scores (tokenizer.ggml.scores) for {} tokens",
+            scores.len(),
+            tokens.len()
+        )));
+    }
+    let vocab: tokenizers::models::bpe::Vocab = tokens
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t.clone(), i as u32))
+        .collect();
+    let kind = |i: usize| types.get(i).copied().unwrap_or(TOKEN_TYPE_NORMAL);
+    let mut ranked: Vec<(f32, usize, &str, &str)> = Vec::new();
+    for (id, piece) in tokens.iter().enumerate() {
+        if !matches!(kind(id), TOKEN_TYPE_NORMAL | TOKEN_TYPE_USER_DEFINED) {
+            continue;
+        }
+        for (at, _) in piece.char_indices().skip(1) {
+            let (a, b) = piece.split_at(at);
+            if vocab.contains_key(a) && vocab.contains_key(b) {
+                ranked.push((scores[id], id, a, b));
+            }
+        }
+    }
+    ranked.sort_by(|x, y| y.0.total_cmp(&x.0).then(x.1.cmp(&y.1)));
+    let merges = ranked
+        .into_iter()
+        .map(|(_, _, a, b)| (a.to_string(), b.to_string()))
+        .collect();
+    let mut bpe = BPE::builder()
+        .vocab_and_merges(vocab, merges)
+        .byte_fallback(true);
+    if let Some(unk) = unk {
+        bpe = bpe.unk_token(unk);
+    }
+    bpe.build()
+        .map_err(|e| ModelError::Tokenizer(e.to_string()))
+}
+
+/// A SentencePiece tokenizer: spaces to `▁` (one put in front of each text
+/// between special tokens when `space_prefix`, as llama.cpp does), no
+/// word splitting. (Decoding is [`TextTokenizer::decode`]'s.)
+fn spm_tokenizer(bpe: BPE, space_prefix: bool) -> Result<Tokenizer> {
+    let err = |e: tokenizers::Error| ModelError::Tokenizer(e.to_string());
+    let escape = Replace::new(" ", SPACE).map_err(err)?;
+    let normalizer: NormalizerWrapper = match space_prefix {
+        true => tokenizers::normalizers::Sequence::new(vec![
+            Prepend::new(SPACE.into()).into(),
+            escape.into(),
+        ])
+        .into(),
+        false => escape.into(),
+    };
+    let mut tok = Tokenizer::new(bpe);
+    tok.with_normalizer(Some(normalizer)).map_err(err)?;
+    Ok(tok)
 }
 
 /// `tokenizer.ggml.pre` values split as SmolLM and StarCoder do: digits one
@@ -264,7 +462,11 @@ impl IncrementalDecoder {
         let before = tok.decode(&self.ids[self.prefix..self.read], true)?;
         let after = tok.decode(&self.ids[self.prefix..], true)?;
         // An incomplete UTF-8 sequence decodes to U+FFFD: wait for more bytes.
-        if after.len() > before.len() && !after.ends_with('\u{FFFD}') {
+        // `before` is where `after` began (the ids it decodes are a prefix
+        // of `after`'s, ending at complete text); should a vocabulary's
+        // decoding ever change what it had, wait rather than split text.
+        if after.len() > before.len() && !after.ends_with('\u{FFFD}') && after.starts_with(&before)
+        {
             let delta = after[before.len()..].to_string();
             self.prefix = self.read;
             self.read = self.ids.len();
@@ -314,6 +516,130 @@ mod tests {
             out.push_str(&delta);
         }
         assert_eq!(out, text);
+    }
+
+    /// A SentencePiece vocabulary by hand: `<unk>`, `<s>`, `</s>`, the
+    /// byte pieces, then pieces with scores.
+    fn spm(pieces: &[(&str, f32)]) -> TextTokenizer {
+        let mut tokens: Vec<String> = vec!["<unk>".into(), "<s>".into(), "</s>".into()];
+        let mut types = vec![2, TOKEN_TYPE_CONTROL, TOKEN_TYPE_CONTROL];
+        let mut scores = vec![0.0; 3];
+        for b in 0..=255u8 {
+            tokens.push(format!("<0x{b:02X}>"));
+            types.push(6);
+            scores.push(0.0);
+        }
+        for (p, score) in pieces {
+            tokens.push(p.to_string());
+            types.push(TOKEN_TYPE_NORMAL);
+            scores.push(*score);
+        }
+        let bpe = sentencepiece(&tokens, &scores, &types, Some("<unk>".into())).unwrap();
+        let mut inner = spm_tokenizer(bpe.clone(), true).unwrap();
+        let mut continuation = spm_tokenizer(bpe, false).unwrap();
+        for t in [&mut inner, &mut continuation] {
+            t.add_special_tokens([
+                AddedToken::from("<s>", true),
+                AddedToken::from("</s>", true),
+            ])
+            .unwrap();
+        }
+        let mut tok = TextTokenizer {
+            inner,
+            spelling: Spelling::SentencePiece,
+            continuation: Some(continuation),
+            pieces: None,
+            stop_ids: vec![2],
+            bos: Some("<s>".into()),
+            eos: Some("</s>".into()),
+        };
+        tok.pieces = Some((tok.token_bytes(), true));
+        tok
+    }
+
+    fn pieces(tok: &TextTokenizer, ids: &[u32]) -> Vec<String> {
+        ids.iter()
+            .map(|&i| tok.inner.id_to_token(i).unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn sentencepiece_merges_the_best_scored_piece_first() {
+        let single = [("\u{2581}", -1.0), ("a", -2.0), ("b", -3.0), ("c", -4.0)];
+        // `ab` outscores `bc`: "abc" is ab + c. With the scores the other
+        // way round it is a + bc, though the merges are the same pairs.
+        let tok = spm(&[&single[..], &[("ab", -5.0), ("bc", -6.0)]].concat());
+        let ids = tok.encode("abc").unwrap();
+        assert_eq!(pieces(&tok, &ids), ["\u{2581}", "ab", "c"]);
+        let tok = spm(&[&single[..], &[("ab", -6.0), ("bc", -5.0)]].concat());
+        let ids = tok.encode("abc").unwrap();
+        assert_eq!(pieces(&tok, &ids), ["\u{2581}", "a", "bc"]);
+        assert_eq!(tok.decode(&ids, false).unwrap(), "abc");
+    }
+
+    #[test]
+    fn sentencepiece_spaces_bytes_and_special_tokens() {
+        let tok = spm(&[
+            ("\u{2581}", -1.0),
+            ("a", -2.0),
+            ("b", -3.0),
+            ("\u{2581}a", -4.0),
+            ("\u{2581}b", -5.0),
+        ]);
+        // A space in front of the text and of each text after a special
+        // token, as llama.cpp tokenizes; a character no piece holds as its
+        // UTF-8 bytes.
+        let ids = tok.encode("a b<s>a é").unwrap();
+        assert_eq!(
+            pieces(&tok, &ids),
+            [
+                "\u{2581}a",
+                "\u{2581}b",
+                "<s>",
+                "\u{2581}a",
+                "\u{2581}",
+                "<0xC3>",
+                "<0xA9>"
+            ]
+        );
+        assert_eq!(tok.decode(&ids, false).unwrap(), "a b<s> a é");
+        // Continuing a sequence: no space in front.
+        let cont = tok.encode_continuation("a b").unwrap();
+        assert_eq!(pieces(&tok, &cont), ["a", "\u{2581}b"]);
+        // What each token stands for, as the schema's matcher reads it.
+        let bytes = tok.token_bytes();
+        let byte_of = |p: &str| bytes[tok.inner.token_to_id(p).unwrap() as usize].clone();
+        assert_eq!(byte_of("\u{2581}a").as_deref(), Some(&b" a"[..]));
+        assert_eq!(byte_of("<0xC3>").as_deref(), Some(&[0xC3u8][..]));
+        assert_eq!(byte_of("<s>"), None);
+        assert_eq!(
+            tok.token_text(tok.inner.token_to_id("\u{2581}b").unwrap()),
+            " b"
+        );
+    }
+
+    #[test]
+    fn sentencepiece_bytes_stream_as_they_decode() {
+        // A model's stray bytes: a valid one then an invalid one, a
+        // character in three byte pieces, a last one still incomplete.
+        let tok = spm(&[("\u{2581}", -1.0), ("a", -2.0), ("\u{2581}a", -3.0)]);
+        let id = |p: &str| tok.inner.token_to_id(p).unwrap();
+        let ids = [
+            id("\u{2581}a"),
+            id("<0x22>"),
+            id("<0xAD>"),
+            id("\u{2581}"),
+            id("a"),
+            id("<0xE2>"),
+            id("<0x82>"),
+            id("<0xAC>"),
+            id("<0xC3>"),
+        ];
+        let whole = tok.decode(&ids[..ids.len() - 1], true).unwrap();
+        assert_eq!(whole, "a\"\u{FFFD} a\u{20AC}");
+        let mut dec = IncrementalDecoder::default();
+        let streamed: String = ids.iter().map(|&i| dec.push(&tok, i).unwrap()).collect();
+        assert_eq!(streamed, whole);
     }
 
     fn tempdir() -> std::path::PathBuf {
