@@ -565,6 +565,56 @@ fn check_served_adapter(name: &str) {
     );
 }
 
+// What the engine says a model will take before loading it is what the
+// loaded kernels hold, in every GGUF type: Q4_1 and Q8_0 blocks as stored,
+// the other types (F16, BF16, Q4_0) expanded to f32. And a sequence that
+// fills the context takes no more than the plan counts for it.
+#[test]
+fn the_memory_plan_is_what_the_serving_kernels_hold() {
+    use flywheel_engine::{EngineConfig, MemoryPlan};
+    let (path, reference) = family("qwen2");
+    let mut files = vec![path.clone()];
+    for format in reference["formats"].as_object().unwrap().keys() {
+        files.push(path.with_file_name(format!("model.{}.gguf", format.to_lowercase())));
+    }
+    assert_eq!(files.len(), 6, "F32 and five other types");
+    // A context shorter than the model's 256, and not a power of two (a
+    // vector doubling its way there would overshoot it).
+    let engine = EngineConfig {
+        max_context: 200,
+        ..Default::default()
+    };
+    let mut seen = std::collections::HashSet::new();
+    for file in &files {
+        let plan = MemoryPlan::for_file(file, &engine).unwrap();
+        assert_eq!(plan.context, 200);
+        let mut model = CpuForward::load(file, 1).unwrap();
+        model.limit_context(plan.context);
+        assert_eq!(
+            (plan.weights + plan.tables) as usize,
+            model.held_bytes(),
+            "{}",
+            file.display()
+        );
+        seen.insert(plan.weights);
+        // Fill the context, a few tokens at a time as a long answer would.
+        let mut seq = model.new_sequence();
+        let context = plan.context;
+        let mut fed = 0;
+        while fed < context {
+            let n = (context - fed).min(37);
+            let tokens: Vec<u32> = (0..n as u32).map(|i| (i * 7 + fed as u32) % 300).collect();
+            model.logits(&mut seq, &tokens).unwrap();
+            fed += n;
+        }
+        let took = CpuForward::sequence_bytes(&seq) as u64;
+        assert_eq!(took, plan.one_sequence(), "a sequence filling the context");
+    }
+    // F16, BF16 and Q4_0 take as much as F32 once expanded; Q4_1 and Q8_0
+    // less, each its own.
+    assert_eq!(seen.len(), 3, "{seen:?}");
+}
+
 // GGUF's matrix types, each family's model written with its matrices in
 // them (by gguf's own quantizers): both forward passes give what
 // transformers gives on the weights the file holds (dequantized by gguf),

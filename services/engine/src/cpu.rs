@@ -107,6 +107,17 @@ fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
     }
 }
 
+/// Makes room for `add` more values in a cache that will never hold more
+/// than `most`: doubling, as a vector grows, but never past `most`, so a
+/// sequence's cache takes at most what the memory plan counts for it.
+fn grow_within(cache: &mut Vec<f32>, add: usize, most: usize) {
+    let want = cache.len() + add;
+    if want > cache.capacity() {
+        let target = (cache.capacity() * 2).min(most).max(want);
+        cache.reserve_exact(target - cache.len());
+    }
+}
+
 fn vec_of(gguf: &mut GgufFile, name: &str) -> Result<Vec<f32>> {
     Ok(gguf
         .tensor_f32(name, &candle_core::Device::Cpu)?
@@ -214,6 +225,44 @@ impl CpuLlama {
         })
     }
 
+    /// Serves at most `n` positions (fewer than the model's context, to
+    /// bound the memory its caches may take).
+    pub fn limit_context(&mut self, n: usize) {
+        if n < self.cfg.context_length {
+            let half = self.cfg.head_dim / 2;
+            self.cfg.context_length = n;
+            self.cos.truncate(n * half);
+            self.sin.truncate(n * half);
+        }
+    }
+
+    /// Bytes the model holds: every matrix as the kernels keep it, the
+    /// vectors beside them and the rotary tables (what the memory plan
+    /// reckons before loading).
+    pub fn held_bytes(&self) -> usize {
+        let f32s = |v: &[f32]| std::mem::size_of_val(v);
+        let layers: usize = self
+            .layers
+            .iter()
+            .map(|l| {
+                l.wqkv.weight_bytes()
+                    + l.wo.weight_bytes()
+                    + l.w_gate_up.weight_bytes()
+                    + l.w_down.weight_bytes()
+                    + f32s(&l.attn_norm)
+                    + f32s(&l.ffn_norm)
+                    + l.bqkv.as_deref().map_or(0, f32s)
+                    + l.qk_norm.as_ref().map_or(0, |(q, k)| f32s(q) + f32s(k))
+            })
+            .sum();
+        layers
+            + self.embed.weight_bytes()
+            + self.lm_head.as_ref().map_or(0, |m| m.weight_bytes())
+            + f32s(&self.norm)
+            + f32s(&self.cos)
+            + f32s(&self.sin)
+    }
+
     /// Bytes of weights read per step (whatever the batch size).
     pub fn weight_bytes(&self) -> usize {
         let layers: usize = self
@@ -265,6 +314,7 @@ impl CpuLlama {
         let (hidden, hd, nh, nkv) = (c.hidden, c.head_dim, c.n_heads, c.n_kv_heads);
         let (q_dim, kv_dim) = (nh * hd, nkv * hd);
         let qkv_dim = q_dim + 2 * kv_dim;
+        let context = c.context_length;
         let n: usize = items.iter().map(|i| i.tokens.len()).sum();
         // Row r of the step belongs to item `owner[r].0` at position `owner[r].1`.
         let mut owner = Vec::with_capacity(n);
@@ -329,8 +379,13 @@ impl CpuLlama {
             for it in items.iter_mut() {
                 for _ in 0..it.tokens.len() {
                     let row = &qkv[r * qkv_dim..(r + 1) * qkv_dim];
-                    it.cache.k[li].extend_from_slice(&row[q_dim..q_dim + kv_dim]);
-                    it.cache.v[li].extend_from_slice(&row[q_dim + kv_dim..]);
+                    for (cache, part) in [
+                        (&mut it.cache.k[li], &row[q_dim..q_dim + kv_dim]),
+                        (&mut it.cache.v[li], &row[q_dim + kv_dim..]),
+                    ] {
+                        grow_within(cache, kv_dim, context * kv_dim);
+                        cache.extend_from_slice(part);
+                    }
                     r += 1;
                 }
             }

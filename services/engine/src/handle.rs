@@ -38,11 +38,24 @@ impl EngineHandle {
         let files = ModelFiles::open(path)?;
         let ModelFiles {
             mut gguf,
-            config,
+            mut config,
             tokenizer,
             template,
             eos,
         } = files;
+        let device = flywheel_model::device();
+        let cpu = device.is_cpu() && cfg.backend == Backend::Auto;
+        // What the CPU kernels will hold, said and checked before a weight
+        // is read (a GPU's memory is candle's to manage).
+        let plan = crate::MemoryPlan::new(&gguf, &config, &cfg);
+        if cpu {
+            match crate::MemoryLimit::now(cfg.memory_budget) {
+                Some(limit) => plan.check(name, &limit)?,
+                None => tracing::warn!(model = name, "cannot tell how much memory is available"),
+            }
+            tracing::info!(model = name, memory = %plan, "memory");
+        }
+        config.context_length = plan.context;
         let mut info = ModelInfo {
             name: name.to_string(),
             context_length: config.context_length,
@@ -53,9 +66,7 @@ impl EngineHandle {
         // its own waiting list; `Shared::queued` bounds the two together.
         let (tx, rx) = sync_channel(cfg.queue_capacity);
         let (capacity, per_tenant) = (cfg.queue_capacity, cfg.queue_per_tenant);
-        let device = flywheel_model::device();
         let llama = config.clone();
-        let cpu = device.is_cpu() && cfg.backend == Backend::Auto;
         let shared = |info| {
             Arc::new(Shared {
                 info,
@@ -73,14 +84,16 @@ impl EngineHandle {
         };
         let shared = if cpu {
             // Our kernels: quantized weights, batched steps.
-            let model = CpuLlama::load(&mut gguf, cfg.threads, cfg.simd)?;
+            let mut model = CpuLlama::load(&mut gguf, cfg.threads, cfg.simd)?;
+            model.limit_context(plan.context);
             info.weight_bytes = model.weight_bytes();
             let shared = shared(info);
             spawn(model, shared.clone(), cfg, rx)?;
             shared
         } else {
             // A GPU through candle: the reference forward on that device.
-            let model = flywheel_model::Llama::load(&mut gguf, &device)?;
+            let mut model = flywheel_model::Llama::load(&mut gguf, &device)?;
+            model.limit_context(plan.context)?;
             info.weight_bytes = model.weight_bytes();
             let shared = shared(info);
             spawn(model, shared.clone(), cfg, rx)?;

@@ -18,6 +18,7 @@ mod cpu;
 mod grammar;
 mod handle;
 mod kernels;
+mod memory;
 mod prefix;
 mod sampling;
 mod scheduler;
@@ -32,6 +33,7 @@ pub use flywheel_model::ChatMessage;
 pub use grammar::Node as JsonShape;
 pub use handle::EngineHandle;
 pub use kernels::Simd;
+pub use memory::{MemoryLimit, MemoryPlan, Size};
 pub use sampling::{MIN_TEMPERATURE, SamplingParams};
 pub use types::{
     AdapterId, Backend, EngineConfig, EngineStats, Event, FinishReason, GenerateRequest, ModelInfo,
@@ -47,6 +49,9 @@ pub enum EngineError {
     Candle(#[from] candle_core::Error),
     #[error("model file: {0}")]
     Load(String),
+    /// The model needs more memory than the engine may take.
+    #[error("{0}")]
+    DoesNotFit(String),
     #[error("{0}")]
     Invalid(String),
 }

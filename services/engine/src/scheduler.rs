@@ -1008,6 +1008,78 @@ mod tests {
     }
 
     #[test]
+    fn a_model_that_does_not_fit_is_refused_before_it_loads() {
+        let dir = std::env::temp_dir().join(format!("fw-engine-mem-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = tiny::write_tiny_model(&dir, 1).unwrap();
+        let plan = crate::MemoryPlan::for_file(&path, &EngineConfig::default()).unwrap();
+        let budget = |bytes| EngineConfig {
+            memory_budget: Some(bytes),
+            ..Default::default()
+        };
+        let err = EngineHandle::load(&path, "tiny", budget(plan.needed() - 1))
+            .err()
+            .expect("a byte short is refused");
+        assert!(matches!(err, EngineError::DoesNotFit(_)), "{err:?}");
+        let said = err.to_string();
+        for part in [
+            "tiny does not fit",
+            "needs about",
+            "FLYWHEEL_MEMORY_MB",
+            "prefix cache",
+        ] {
+            assert!(said.contains(part), "{part:?} in {said}");
+        }
+        EngineHandle::load(&path, "tiny", budget(plan.needed())).expect("exactly enough loads");
+    }
+
+    #[test]
+    fn a_shorter_context_is_served_and_needs_less() {
+        let dir = std::env::temp_dir().join(format!("fw-engine-ctx-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = tiny::write_tiny_model(&dir, 1).unwrap();
+        let short = EngineConfig {
+            max_context: 32,
+            ..Default::default()
+        };
+        let full = crate::MemoryPlan::for_file(&path, &EngineConfig::default()).unwrap();
+        let plan = crate::MemoryPlan::for_file(&path, &short).unwrap();
+        assert_eq!(
+            (full.context, plan.context),
+            (tiny::TINY_CONTEXT as usize, 32)
+        );
+        assert_eq!(full.one_sequence(), 8 * plan.one_sequence());
+        let engine = EngineHandle::load(&path, "tiny", short).unwrap();
+        assert_eq!(engine.info().context_length, 32);
+        // An answer stops at the shorter context, for length.
+        let params = SamplingParams {
+            temperature: 0.0,
+            max_tokens: 100,
+            ignore_eos: true,
+            ..Default::default()
+        };
+        let req = request(&engine, params.clone());
+        let n_prompt = req.prompt_ids.len();
+        match collect(engine.submit(req).unwrap()).1 {
+            Some(Event::Done {
+                finish_reason: FinishReason::Length,
+                prompt_tokens,
+                completion_tokens,
+                // The last token is written, never fed: it takes no place.
+            }) => assert_eq!(prompt_tokens + completion_tokens, 32 + 1),
+            other => panic!("unexpected {other:?}"),
+        }
+        // A prompt as long as the context is refused.
+        let mut req = request(&engine, params);
+        req.prompt_ids = req.prompt_ids.iter().cycle().take(32).copied().collect();
+        assert!(n_prompt < 32);
+        match collect(engine.submit(req).unwrap()).1 {
+            Some(Event::Error(e)) => assert!(e.contains("context window of 32"), "{e}"),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    #[test]
     fn max_tokens_ends_with_length_and_counts_tokens() {
         let engine = tiny_engine(4);
         let params = SamplingParams {

@@ -25,6 +25,23 @@ impl CpuForward {
         })
     }
 
+    /// Serves at most `n` positions, as `EngineConfig::max_context` has the
+    /// engine do.
+    pub fn limit_context(&mut self, n: usize) {
+        self.model.limit_context(n);
+    }
+
+    /// Bytes the loaded model holds (weights as the kernels keep them,
+    /// vectors, rotary tables).
+    pub fn held_bytes(&self) -> usize {
+        self.model.held_bytes()
+    }
+
+    /// Bytes a sequence's cache has taken (its capacity, not its length).
+    pub fn sequence_bytes(seq: &Sequence) -> usize {
+        <CpuLlama as crate::step::StepModel>::cache_bytes(&seq.0)
+    }
+
     pub fn new_sequence(&self) -> Sequence {
         Sequence(self.model.new_cache())
     }

@@ -51,6 +51,12 @@ pub struct EngineConfig {
     /// Bytes of finished requests' caches kept so that a prompt beginning
     /// like an earlier one starts from them ([`crate::prefix`]; 0: off).
     pub prefix_cache_bytes: usize,
+    /// Positions served (prompt and answer together); 0: the model's own
+    /// context. Longer models' keys and values take memory in proportion.
+    pub max_context: usize,
+    /// Bytes the engine may take ([`crate::memory`]); `None`: what the
+    /// machine has available when it loads.
+    pub memory_budget: Option<u64>,
 }
 
 /// How the engine picks the next waiting request for a free batch slot.
@@ -100,6 +106,8 @@ impl Default for EngineConfig {
             jump_forward: true,
             speculative: true,
             prefix_cache_bytes: 256 << 20,
+            max_context: 0,
+            memory_budget: None,
         }
     }
 }

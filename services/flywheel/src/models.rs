@@ -266,11 +266,33 @@ pub async fn run(
     };
     let v = crate::bootstrap::register(pool, &fetched).await?;
     println!("registered {} ({}) sha256 {}", v.name, v.id, v.sha256);
+    memory_note(cfg, &v.name, &fetched.path);
     if champion || models::champion(pool).await?.is_none() {
         models::set_champion(pool, &v.name).await?;
         println!("{} is now the champion", v.name);
     }
     Ok(())
+}
+
+/// Says what serving a model file will take under this configuration, and
+/// whether this machine has it now (the gateway refuses to load a model
+/// that does not fit; the file may be meant for another machine).
+fn memory_note(cfg: &Config, name: &str, path: &std::path::Path) {
+    use flywheel_engine::{MemoryLimit, MemoryPlan, Size};
+    match MemoryPlan::for_file(path, &cfg.engine) {
+        Ok(plan) => {
+            println!(
+                "serving it takes about {} of memory: {plan}",
+                Size(plan.needed())
+            );
+            if let Some(limit) = MemoryLimit::now(cfg.engine.memory_budget)
+                && let Err(e) = plan.check(name, &limit)
+            {
+                eprintln!("warning: this machine cannot serve it now: {e}");
+            }
+        }
+        Err(e) => eprintln!("warning: cannot tell how much memory serving {name} takes: {e}"),
+    }
 }
 
 async fn add_upstream(pool: &flywheel_store::PgPool, args: AddUpstream) -> anyhow::Result<()> {

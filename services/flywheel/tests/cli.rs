@@ -181,6 +181,44 @@ async fn models_import_list_promote() {
     assert!(!ok && err.contains("No such file"), "{err}");
 }
 
+// A model is registered with what serving it takes; a gateway allowed
+// less refuses it before loading, saying what it needs and what to change.
+#[tokio::test]
+async fn a_model_that_does_not_fit_is_refused_with_what_it_needs() {
+    let db = fresh_database("fw_cli").await;
+    let dir = std::env::temp_dir().join(format!("fw-cli-memory-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let tiny = flywheel_model::testing::write_tiny_model(&dir, 1).unwrap();
+    let (ok, out, err) = flywheel(
+        &db,
+        &["models", "import", tiny.to_str().unwrap(), "--name", "tiny"],
+    );
+    assert!(ok, "{out}{err}");
+    assert!(
+        out.contains("serving it takes about") && out.contains("for one sequence of 256 tokens"),
+        "{out}"
+    );
+    // 256 MiB of prefix cache alone is more than a budget of 100 MiB.
+    let ran = flywheel_tests::run(
+        Some(&db),
+        &[
+            ("FLYWHEEL_MEMORY_MB", "100"),
+            ("FLYWHEEL_ADDR", "127.0.0.1:0"),
+        ],
+        &["serve"],
+        None,
+    );
+    assert!(!ran.ok(), "{}", ran.stderr);
+    for part in [
+        "tiny does not fit in memory",
+        "prefix cache up to 256 MiB",
+        "100 MiB is available (the configured budget, FLYWHEEL_MEMORY_MB)",
+        "FLYWHEEL_PREFIX_CACHE_MB",
+    ] {
+        assert!(ran.stderr.contains(part), "{part:?} in {}", ran.stderr);
+    }
+}
+
 /// Runs the binary with `env` and `args` and no database; returns whether
 /// it succeeded and its stderr.
 fn start_with(env: &[(&str, &str)], args: &[&str]) -> (bool, String) {

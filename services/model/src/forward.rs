@@ -235,6 +235,17 @@ impl Llama {
         }
         Ok(out)
     }
+    /// Serves at most `n` positions (fewer than the model's context, to
+    /// bound the memory its caches may take); more is refused as beyond
+    /// the context.
+    pub fn limit_context(&mut self, n: usize) -> Result<()> {
+        if n < self.cfg.context_length {
+            self.cfg.context_length = n;
+            self.cos = self.cos.narrow(0, 0, n)?;
+            self.sin = self.sin.narrow(0, 0, n)?;
+        }
+        Ok(())
+    }
 
     /// Bytes of weights held (f32), the tied output projection counted once.
     pub fn weight_bytes(&self) -> usize {

@@ -132,6 +132,14 @@ impl GgufFile {
             .map(|info| info.shape.dims())
     }
 
+    /// A tensor's type as stored, if the file has it.
+    pub fn tensor_dtype(&self, name: &str) -> Option<candle_core::quantized::GgmlDType> {
+        self.content
+            .tensor_infos
+            .get(name)
+            .map(|info| info.ggml_dtype)
+    }
+
     pub fn has_tensor(&self, name: &str) -> bool {
         self.content.tensor_infos.contains_key(name)
     }

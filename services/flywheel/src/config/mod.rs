@@ -431,11 +431,15 @@ mod tests {
                 ("FLYWHEEL_UPSTREAM_BREAKER_FAILURES", "9"),
                 ("FLYWHEEL_UPSTREAM_BREAKER_COOLDOWN_SECS", "8"),
                 ("FLYWHEEL_PREFIX_CACHE_MB", "8"),
+                ("FLYWHEEL_MAX_CONTEXT", "512"),
+                ("FLYWHEEL_MEMORY_MB", "3000"),
             ],
         )
         .unwrap();
         assert_eq!(c.engine.max_batch, 3);
         assert_eq!(c.engine.prefix_cache_bytes, 8 << 20);
+        assert_eq!(c.engine.max_context, 512);
+        assert_eq!(c.engine.memory_budget, Some(3000 << 20));
         assert_eq!(c.promotion.min_items, 12);
         assert_eq!(c.canary_check_secs, 7);
         assert_eq!(c.admin.lock_seconds, 120.0);
@@ -452,7 +456,7 @@ mod tests {
             (0, std::time::Duration::from_millis(40), 9)
         );
         assert_eq!(upstream.breaker_cooldown, std::time::Duration::from_secs(8));
-        assert_eq!(SETTINGS.len(), 64);
+        assert_eq!(SETTINGS.len(), 66);
     }
 
     #[test]

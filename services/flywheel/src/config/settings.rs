@@ -136,6 +136,12 @@ settings! {
     "engine.prefix_cache_mb", "FLYWHEEL_PREFIX_CACHE_MB", "256",
         "memory per loaded engine for the keys and values of finished requests, so a prompt that begins like an earlier one (a shared system prompt, a conversation's next turn) is not read again; least recently used dropped first (0: off)"
         => |v, c| c.engine.prefix_cache_bytes = v.count(0)? << 20;
+    "engine.max_context", "FLYWHEEL_MAX_CONTEXT", "0",
+        "most tokens one request may hold, prompt and answer together (0: the model's own context); each token's keys and values take memory, so a model of long context may need less to fit"
+        => |v, c| c.engine.max_context = v.count(0)?;
+    "engine.memory_mb", "FLYWHEEL_MEMORY_MB", "0",
+        "memory one loaded model may take (0: what the machine or its cgroup has available when it loads); a model whose weights, prefix cache and one request of the full context need more is refused before it loads, saying what it needs"
+        => |v, c| c.engine.memory_budget = match v.count(0)? { 0 => None, mb => Some((mb as u64) << 20) };
     "journal.dir", "FLYWHEEL_JOURNAL_DIR", "$FLYWHEEL_HOME/journal",
         "acknowledged writes waiting for Postgres, and set-aside records"
         => |v, c| c.journal.dir = v.under(&c.home);
