@@ -615,6 +615,36 @@ fn the_memory_plan_is_what_the_serving_kernels_hold() {
     assert_eq!(seen.len(), 3, "{seen:?}");
 }
 
+// A model stored in f32, quantized at load (FLYWHEEL_QUANTIZE), answers as
+// the same model written in that type by gguf's own quantizer does (its
+// reference computed by transformers on what that file holds), and takes
+// what the memory plan says.
+per_family!(check_quantized_at_load:
+    qwen2_quantized_at_load_answers_as_the_file_quantized_by_gguf => "qwen2",
+    mistral_quantized_at_load_answers_as_the_file_quantized_by_gguf => "mistral",
+);
+
+fn check_quantized_at_load(name: &str) {
+    use flywheel_engine::{EngineConfig, MemoryPlan, Quantize};
+    let (path, reference) = family(name);
+    for (quantize, format) in [(Quantize::Q8_0, "Q8_0"), (Quantize::Q4_1, "Q4_1")] {
+        let model = CpuForward::load_as(&path, 2, quantize).unwrap();
+        let case = &reference["formats"][format]["forward"][0];
+        check_on_kernels(&model, case, &format!("F32 quantized to {format} at load"));
+        let engine = EngineConfig {
+            quantize,
+            ..Default::default()
+        };
+        let plan = MemoryPlan::for_file(&path, &engine).unwrap();
+        assert_eq!((plan.weights + plan.tables) as usize, model.held_bytes());
+        assert_eq!(plan.expanded, 0);
+        // As much as the file gguf wrote in that type holds, read as stored.
+        let stored = path.with_file_name(format!("model.{}.gguf", format.to_lowercase()));
+        let as_stored = MemoryPlan::for_file(&stored, &EngineConfig::default()).unwrap();
+        assert_eq!(plan.weights, as_stored.weights, "{format}");
+    }
+}
+
 // GGUF's matrix types, each family's model written with its matrices in
 // them (by gguf's own quantizers): both forward passes give what
 // transformers gives on the weights the file holds (dequantized by gguf),

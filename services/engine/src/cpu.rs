@@ -16,6 +16,7 @@ use rayon::prelude::*;
 use crate::adapter::{Adapter, proj_index};
 use crate::kernels::{QMatrix, Simd, axpy, dot};
 use crate::step::{BatchItem, StepModel};
+use crate::types::Quantize;
 use crate::{EngineError, Result};
 
 struct Layer {
@@ -157,12 +158,25 @@ impl StepModel for CpuLlama {
 impl CpuLlama {
     /// Loads the weights in their stored formats; `threads` sizes the pool
     /// the kernels run on (0 = one per core), `simd` caps their instruction set.
+    #[cfg(test)]
     pub fn load(gguf: &mut GgufFile, threads: usize, simd: Simd) -> Result<Self> {
+        Self::load_as(gguf, threads, simd, Quantize::Keep)
+    }
+
+    /// [`load`](Self::load), matrices of types without a kernel quantized
+    /// as `quantize` says.
+    pub fn load_as(
+        gguf: &mut GgufFile,
+        threads: usize,
+        simd: Simd,
+        quantize: Quantize,
+    ) -> Result<Self> {
         let cfg = LlamaConfig::from_gguf(gguf)?;
         cfg.check_tensors(gguf)?;
-        fn mat(gguf: &mut GgufFile, name: &str) -> Result<QMatrix> {
-            QMatrix::from_qtensor(&gguf.qtensor(name)?)
-        }
+        let to = quantize.ggml_dtype();
+        let mat = |gguf: &mut GgufFile, name: &str| -> Result<QMatrix> {
+            QMatrix::from_qtensor_as(&gguf.qtensor(name)?, to)
+        };
         let embed = mat(gguf, config::TOKEN_EMBEDDING)?;
         let lm_head = match gguf.has_tensor(config::OUTPUT) {
             true => Some(mat(gguf, config::OUTPUT)?),

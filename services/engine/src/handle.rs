@@ -84,7 +84,7 @@ impl EngineHandle {
         };
         let shared = if cpu {
             // Our kernels: quantized weights, batched steps.
-            let mut model = CpuLlama::load(&mut gguf, cfg.threads, cfg.simd)?;
+            let mut model = CpuLlama::load_as(&mut gguf, cfg.threads, cfg.simd, cfg.quantize)?;
             model.limit_context(plan.context);
             info.weight_bytes = model.weight_bytes();
             let shared = shared(info);

@@ -37,7 +37,7 @@ pub use memory::{MemoryLimit, MemoryPlan, Size};
 pub use sampling::{MIN_TEMPERATURE, SamplingParams};
 pub use types::{
     AdapterId, Backend, EngineConfig, EngineStats, Event, FinishReason, GenerateRequest, ModelInfo,
-    Scheduling, SubmitError, TokenLogprob, TopLogprob,
+    Quantize, Scheduling, SubmitError, TokenLogprob, TopLogprob,
 };
 
 /// Errors from loading a model or running it.

@@ -3,7 +3,7 @@
 //!
 //! The figures are what the CPU kernels hold: Q4_1 and Q8_0 matrices as
 //! stored, every other type expanded to f32 (so a Q4_K or F16 file takes
-//! about 8x or 2x its size), the rotary tables, the keys and values of each
+//! about 8x or 2x its size) or quantized at load (`Quantize`), the rotary tables, the keys and values of each
 //! sequence (f32, growing with it up to the context), and the prefix
 //! cache's budget. A model is refused when the weights, the tables, the
 //! prefix cache and one sequence at the full context do not fit in what
@@ -52,6 +52,7 @@ impl MemoryPlan {
     pub fn new(gguf: &GgufFile, config: &LlamaConfig, engine: &EngineConfig) -> Self {
         let mut weights = 0u64;
         let mut expanded = 0;
+        let to = engine.quantize.ggml_dtype();
         for name in gguf.tensor_names() {
             let (Some(dims), Some(dtype)) = (gguf.tensor_dims(&name), gguf.tensor_dtype(&name))
             else {
@@ -59,12 +60,17 @@ impl MemoryPlan {
             };
             let elements: u64 = dims.iter().map(|&d| d as u64).product();
             let cols = dims.last().copied().unwrap_or(0);
-            let kept = matches!(dtype, GgmlDType::Q4_1 | GgmlDType::Q8_0)
-                && dims.len() == 2
-                && cols % dtype.block_size() == 0;
-            weights += match kept {
-                true => elements / dtype.block_size() as u64 * dtype.type_size() as u64,
-                false => {
+            let blocks = |t: GgmlDType| cols % t.block_size() == 0;
+            let held = match dtype {
+                GgmlDType::Q4_1 | GgmlDType::Q8_0 if dims.len() == 2 && blocks(dtype) => {
+                    Some(dtype)
+                }
+                // Quantized at load (`Quantize`), where the rows split into blocks.
+                _ => to.filter(|&t| dims.len() == 2 && blocks(t)),
+            };
+            weights += match held {
+                Some(t) => elements / t.block_size() as u64 * t.type_size() as u64,
+                None => {
                     expanded += usize::from(dims.len() == 2 && dtype != GgmlDType::F32);
                     elements * 4
                 }
@@ -108,7 +114,10 @@ impl MemoryPlan {
         }
         let mut advice = vec!["a smaller model or quantization"];
         if self.expanded > 0 {
-            advice.push("the same model in Q4_1 or Q8_0 (other types are expanded to f32)");
+            advice.push(
+                "its matrices quantized at load (FLYWHEEL_QUANTIZE=q8_0 or q4_1; other types \
+                 than Q4_1 and Q8_0 are expanded to f32)",
+            );
         }
         advice.push("a shorter context (FLYWHEEL_MAX_CONTEXT)");
         if self.prefix_cache > 0 {

@@ -20,8 +20,14 @@ pub struct Sequence(SeqCache);
 
 impl CpuForward {
     pub fn load(path: &Path, threads: usize) -> Result<Self> {
+        Self::load_as(path, threads, crate::Quantize::Keep)
+    }
+
+    /// [`load`](Self::load) with matrices of other types quantized at load.
+    pub fn load_as(path: &Path, threads: usize, quantize: crate::Quantize) -> Result<Self> {
+        let mut gguf = GgufFile::open(path)?;
         Ok(Self {
-            model: CpuLlama::load(&mut GgufFile::open(path)?, threads, Simd::Avx512)?,
+            model: CpuLlama::load_as(&mut gguf, threads, Simd::Avx512, quantize)?,
         })
     }
 

@@ -57,6 +57,46 @@ pub struct EngineConfig {
     /// Bytes the engine may take ([`crate::memory`]); `None`: what the
     /// machine has available when it loads.
     pub memory_budget: Option<u64>,
+    /// What the CPU kernels do with matrices stored in a type they do not
+    /// compute on (F16, BF16, Q4_0, the K-quants): expand them to f32, or
+    /// quantize them once at load into a type they do.
+    pub quantize: Quantize,
+}
+
+/// How matrices of other types are held by the CPU kernels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Quantize {
+    /// Expanded to f32: as exact as the file, 4 bytes a weight.
+    #[default]
+    Keep,
+    /// Quantized to Q8_0 at load: 1.06 bytes a weight.
+    Q8_0,
+    /// Quantized to Q4_1 at load: 0.63 bytes a weight.
+    Q4_1,
+}
+
+impl Quantize {
+    /// The type matrices are quantized to; `None` for [`Quantize::Keep`].
+    pub fn ggml_dtype(self) -> Option<candle_core::quantized::GgmlDType> {
+        use candle_core::quantized::GgmlDType;
+        match self {
+            Self::Keep => None,
+            Self::Q8_0 => Some(GgmlDType::Q8_0),
+            Self::Q4_1 => Some(GgmlDType::Q4_1),
+        }
+    }
+}
+
+impl std::str::FromStr for Quantize {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, Self::Err> {
+        match s {
+            "keep" => Ok(Self::Keep),
+            "q8_0" => Ok(Self::Q8_0),
+            "q4_1" => Ok(Self::Q4_1),
+            other => Err(format!("{other:?} is not keep, q8_0 or q4_1")),
+        }
+    }
 }
 
 /// How the engine picks the next waiting request for a free batch slot.
@@ -108,6 +148,7 @@ impl Default for EngineConfig {
             prefix_cache_bytes: 256 << 20,
             max_context: 0,
             memory_budget: None,
+            quantize: Quantize::Keep,
         }
     }
 }

@@ -72,6 +72,22 @@ impl QMatrix {
         Ok(Self::F32(F32Matrix { rows, cols, w }))
     }
 
+    /// [`from_qtensor`](Self::from_qtensor), a matrix of a type without a
+    /// kernel quantized to `to` (Q8_0 or Q4_1) rather than expanded, where
+    /// its rows split into blocks.
+    pub fn from_qtensor_as(t: &QTensor, to: Option<GgmlDType>) -> Result<Self> {
+        let (_, cols) = t.shape().dims2()?;
+        match to {
+            Some(to)
+                if !matches!(t.dtype(), GgmlDType::Q4_1 | GgmlDType::Q8_0) && cols % QK == 0 =>
+            {
+                let w = t.dequantize(&candle_core::Device::Cpu)?;
+                Self::from_qtensor(&QTensor::quantize(&w, to)?)
+            }
+            _ => Self::from_qtensor(t),
+        }
+    }
+
     /// Takes a GGUF tensor as it is stored when we have a kernel for its
     /// format; any other format is dequantized to f32.
     pub fn from_qtensor(t: &QTensor) -> Result<Self> {

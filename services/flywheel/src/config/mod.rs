@@ -433,6 +433,7 @@ mod tests {
                 ("FLYWHEEL_PREFIX_CACHE_MB", "8"),
                 ("FLYWHEEL_MAX_CONTEXT", "512"),
                 ("FLYWHEEL_MEMORY_MB", "3000"),
+                ("FLYWHEEL_QUANTIZE", "q4_1"),
             ],
         )
         .unwrap();
@@ -440,6 +441,7 @@ mod tests {
         assert_eq!(c.engine.prefix_cache_bytes, 8 << 20);
         assert_eq!(c.engine.max_context, 512);
         assert_eq!(c.engine.memory_budget, Some(3000 << 20));
+        assert_eq!(c.engine.quantize, flywheel_engine::Quantize::Q4_1);
         assert_eq!(c.promotion.min_items, 12);
         assert_eq!(c.canary_check_secs, 7);
         assert_eq!(c.admin.lock_seconds, 120.0);
@@ -456,7 +458,7 @@ mod tests {
             (0, std::time::Duration::from_millis(40), 9)
         );
         assert_eq!(upstream.breaker_cooldown, std::time::Duration::from_secs(8));
-        assert_eq!(SETTINGS.len(), 66);
+        assert_eq!(SETTINGS.len(), 67);
     }
 
     #[test]

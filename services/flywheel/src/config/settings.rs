@@ -139,6 +139,9 @@ settings! {
     "engine.max_context", "FLYWHEEL_MAX_CONTEXT", "0",
         "most tokens one request may hold, prompt and answer together (0: the model's own context); each token's keys and values take memory, so a model of long context may need less to fit"
         => |v, c| c.engine.max_context = v.count(0)?;
+    "engine.quantize", "FLYWHEEL_QUANTIZE", "keep",
+        "what the CPU kernels do with matrices of a type they do not compute on as stored (anything but Q4_1 and Q8_0: F32, F16, BF16, Q4_0, the K-quants): `keep` expands them to f32 (4 bytes a weight, as exact as the file), `q8_0` or `q4_1` quantizes them once at load (1.06 or 0.63 bytes a weight)"
+        => |v, c| c.engine.quantize = v.parse("keep, q8_0 or q4_1")?;
     "engine.memory_mb", "FLYWHEEL_MEMORY_MB", "0",
         "memory one loaded model may take (0: what the machine or its cgroup has available when it loads); a model whose weights, prefix cache and one request of the full context need more is refused before it loads, saying what it needs"
         => |v, c| c.engine.memory_budget = match v.count(0)? { 0 => None, mb => Some((mb as u64) << 20) };
