@@ -48,9 +48,13 @@ impl EngineHandle {
         // What the CPU kernels will hold, said and checked before a weight
         // is read (a GPU's memory is candle's to manage).
         let plan = crate::MemoryPlan::new(&gguf, &config, &cfg);
+        let mut kv_budget = None;
         if cpu {
             match crate::MemoryLimit::now(cfg.memory_budget) {
-                Some(limit) => plan.check(name, &limit)?,
+                Some(limit) => {
+                    plan.check(name, &limit)?;
+                    kv_budget = Some(limit.bytes - (plan.needed() - plan.one_sequence()));
+                }
                 None => tracing::warn!(model = name, "cannot tell how much memory is available"),
             }
             tracing::info!(model = name, memory = %plan, "memory");
@@ -80,6 +84,8 @@ impl EngineHandle {
                 next_adapter: AtomicU64::new(1),
                 kernels: cpu,
                 token_bytes: Default::default(),
+                kv_per_token: plan.kv_per_token,
+                kv_budget,
             })
         };
         let shared = if cpu {
@@ -166,6 +172,8 @@ impl EngineHandle {
             queued: self.queue_depth(),
             running: get(&c.running),
             last_batch: get(&c.last_batch),
+            peak_batch: get(&c.peak_batch),
+            held_for_memory: get(&c.held_for_memory),
             steps: get(&c.steps),
             ttft_micros: get(&c.ttft_micros),
             ttft_count: get(&c.ttft_count),

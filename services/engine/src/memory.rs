@@ -8,9 +8,11 @@
 //! cache's budget. A model is refused when the weights, the tables, the
 //! prefix cache and one sequence at the full context do not fit in what
 //! the machine has available (or the configured budget, if less): such an
-//! engine could not answer one long request. More sequences than fit at
-//! full context are allowed (they rarely all reach it); the plan says how
-//! much a full batch of them would take.
+//! engine could not answer one long request. What the limit leaves beside
+//! the rest is the running sequences' budget for keys and values, which
+//! the scheduler admits requests within (each reckoned at its prompt and
+//! `max_tokens`); the plan says how much a full batch at the full context
+//! would take.
 
 use std::fmt;
 use std::path::Path;

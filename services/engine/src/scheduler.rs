@@ -205,22 +205,63 @@ impl<M: StepModel> Scheduler<M> {
         }
     }
 
-    /// Admits waiting requests while the batch has room.
+    /// Admits waiting requests while the batch has room, and the memory
+    /// for the next one's keys and values: a request is held back (not
+    /// passed over) until the running sequences leave room for it, though
+    /// one always runs (the model was loaded only if one of the full
+    /// context fits).
     fn fill(&mut self) {
         while self.active.len() < self.cfg.max_batch.max(1) {
-            match self.next_fair() {
-                Some(job) => self.admit(job),
-                None => break,
+            let Some(i) = self.next_fair() else { break };
+            if !self.active.is_empty() && !self.has_room_for(&self.waiting[i].req) {
+                self.shared
+                    .stats
+                    .held_for_memory
+                    .fetch_add(1, Ordering::Relaxed);
+                break;
             }
+            let Some(job) = self.waiting.remove(i) else {
+                break;
+            };
+            if self.cfg.scheduling == Scheduling::Fair {
+                self.admissions += 1;
+                self.last_admitted.insert(job.req.tenant, self.admissions);
+            }
+            self.admit(job);
         }
     }
 
-    /// The waiting request whose tenant has the fewest sequences running;
-    /// among equals, the tenant served least recently, then the oldest
-    /// request (round robin between tenants, first come within one).
-    fn next_fair(&mut self) -> Option<Job> {
+    /// The keys and values a request may come to hold: its prompt, its
+    /// answer and a draft, within the context.
+    fn reservation(&self, req: &GenerateRequest) -> u64 {
+        let most = req.prompt_ids.len() + req.params.max_tokens + DRAFT_TOKENS;
+        self.shared.kv_per_token * most.min(self.model.config().context_length) as u64
+    }
+
+    /// Whether `req`'s [`reservation`](Self::reservation) fits beside the
+    /// running sequences' within the engine's budget for them.
+    fn has_room_for(&self, req: &GenerateRequest) -> bool {
+        let Some(budget) = self.shared.kv_budget else {
+            return true;
+        };
+        let running: u64 = self
+            .active
+            .iter()
+            .map(|s| self.reservation(&s.job.req))
+            .sum();
+        running + self.reservation(req) <= budget
+    }
+
+    /// Which waiting request goes next: the oldest under FIFO; else the one
+    /// whose tenant has the fewest sequences running, among equals the
+    /// tenant served least recently, then the oldest request (round robin
+    /// between tenants, first come within one).
+    fn next_fair(&self) -> Option<usize> {
+        if self.waiting.is_empty() {
+            return None;
+        }
         if self.cfg.scheduling == Scheduling::Fifo {
-            return self.waiting.pop_front();
+            return Some(0);
         }
         let running = |tenant: u64| {
             self.active
@@ -229,14 +270,10 @@ impl<M: StepModel> Scheduler<M> {
                 .count()
         };
         let served = |tenant: u64| self.last_admitted.get(&tenant).copied().unwrap_or(0);
-        let i = (0..self.waiting.len()).min_by_key(|&i| {
+        (0..self.waiting.len()).min_by_key(|&i| {
             let tenant = self.waiting[i].req.tenant;
             (running(tenant), served(tenant), i)
-        })?;
-        let job = self.waiting.remove(i)?;
-        self.admissions += 1;
-        self.last_admitted.insert(job.req.tenant, self.admissions);
-        Some(job)
+        })
     }
 
     /// Waiting requests whose client went away leave the queue.
@@ -506,6 +543,9 @@ impl<M: StepModel> Scheduler<M> {
         stats
             .last_batch
             .store(plan.who.len() as u64, Ordering::Relaxed);
+        stats
+            .peak_batch
+            .fetch_max(plan.who.len() as u64, Ordering::Relaxed);
         self.model.step(&mut items)
     }
 
@@ -1031,6 +1071,56 @@ mod tests {
             assert!(said.contains(part), "{part:?} in {said}");
         }
         EngineHandle::load(&path, "tiny", budget(plan.needed())).expect("exactly enough loads");
+    }
+
+    #[test]
+    fn requests_wait_while_the_running_ones_hold_the_memory_for_keys_and_values() {
+        let dir = std::env::temp_dir().join(format!("fw-engine-kv-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = tiny::write_tiny_model(&dir, 1).unwrap();
+        let base = EngineConfig {
+            prefix_cache_bytes: 0,
+            ..Default::default()
+        };
+        let plan = crate::MemoryPlan::for_file(&path, &base).unwrap();
+        // Room for two sequences of the full context beside the weights.
+        let cfg = EngineConfig {
+            memory_budget: Some(plan.needed() + plan.one_sequence()),
+            ..base
+        };
+        let engine = EngineHandle::load(&path, "tiny", cfg).unwrap();
+        let params = SamplingParams {
+            temperature: 0.0,
+            max_tokens: 400,
+            ignore_eos: true,
+            ..Default::default()
+        };
+        let runs: Vec<_> = (0..5)
+            .map(|_| engine.submit(request(&engine, params.clone())).unwrap())
+            .collect();
+        for rx in runs {
+            match collect(rx).1 {
+                Some(Event::Done {
+                    finish_reason: FinishReason::Length,
+                    ..
+                }) => {}
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        let stats = engine.stats();
+        assert_eq!(stats.peak_batch, 2, "{stats:?}");
+        assert!(stats.held_for_memory > 0, "{stats:?}");
+        // Without the limit all five run at once.
+        let free = tiny_engine_with(EngineConfig {
+            prefix_cache_bytes: 0,
+            ..Default::default()
+        });
+        let runs: Vec<_> = (0..5)
+            .map(|_| free.submit(request(&free, params.clone())).unwrap())
+            .collect();
+        runs.into_iter().for_each(|rx| drop(collect(rx)));
+        assert_eq!(free.stats().peak_batch, 5);
+        assert_eq!(free.stats().held_for_memory, 0);
     }
 
     #[test]
@@ -1748,6 +1838,8 @@ mod tests {
             stats: Default::default(),
             adapters: Default::default(),
             token_bytes: Default::default(),
+            kv_per_token: 0,
+            kv_budget: None,
             next_adapter: Default::default(),
         });
         (

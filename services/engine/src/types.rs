@@ -267,6 +267,12 @@ pub(crate) struct Shared {
     pub next_adapter: AtomicU64,
     /// Every token's bytes, for constrained decoding (built on first use).
     pub token_bytes: std::sync::OnceLock<Vec<Option<Box<[u8]>>>>,
+    /// Keys and values of one token, all layers ([`crate::MemoryPlan`]).
+    pub kv_per_token: u64,
+    /// Bytes the running sequences' keys and values may take together
+    /// (what the memory limit leaves beside the weights, the tables and the
+    /// prefix cache); `None`: not bounded.
+    pub kv_budget: Option<u64>,
 }
 
 /// Requests submitted and not yet admitted to the batch: in all, and per
@@ -327,6 +333,11 @@ pub(crate) struct Counters {
     pub steps: AtomicU64,
     pub running: AtomicU64,
     pub last_batch: AtomicU64,
+    /// The most sequences any step has run.
+    pub peak_batch: AtomicU64,
+    /// Times the next waiting request was held back because the running
+    /// sequences' keys and values left no room for its own.
+    pub held_for_memory: AtomicU64,
     pub ttft_micros: AtomicU64,
     pub ttft_count: AtomicU64,
 }
@@ -339,6 +350,10 @@ pub struct EngineStats {
     pub running: u64,
     /// Sequences in the last step.
     pub last_batch: u64,
+    /// The most sequences any step has run.
+    pub peak_batch: u64,
+    /// Times the next waiting request was held back for memory.
+    pub held_for_memory: u64,
     pub steps: u64,
     pub generated_tokens: u64,
     pub prompt_tokens: u64,

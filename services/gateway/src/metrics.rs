@@ -164,6 +164,12 @@ async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
             s.draft_tokens_accepted.to_string(),
         );
         metric(
+            "flywheel_engine_held_for_memory_total",
+            "counter",
+            "Times the next waiting request was held back because the running sequences' keys and values left no room for its own (FLYWHEEL_MEMORY_MB).",
+            s.held_for_memory.to_string(),
+        );
+        metric(
             "flywheel_engine_requests_finished_total",
             "counter",
             "Generations that ran to a stop or length limit.",
@@ -326,7 +332,7 @@ fn engine_metrics(state: &AppState, out: &mut String) {
         return;
     }
     let rows: Vec<_> = engines.iter().map(|(l, s)| (l.clone(), s)).collect();
-    let series: [Series<flywheel_engine::EngineStats>; 6] = [
+    let series: [Series<flywheel_engine::EngineStats>; 7] = [
         (
             "flywheel_engines_queue_depth",
             "gauge",
@@ -362,6 +368,12 @@ fn engine_metrics(state: &AppState, out: &mut String) {
             "counter",
             "Prompt tokens taken from a kept cache instead of read, by loaded engine.",
             |s| s.cached_prompt_tokens,
+        ),
+        (
+            "flywheel_engines_held_for_memory_total",
+            "counter",
+            "Times the next waiting request was held back because the running sequences' keys and values left no room for its own, by loaded engine.",
+            |s| s.held_for_memory,
         ),
     ];
     table(out, &series, &rows);
