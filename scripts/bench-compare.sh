@@ -4,6 +4,8 @@
 # the machine's drift hits both alike. For refactors that must not change
 # speed.
 #   scripts/bench-compare.sh REF [ROUNDS=2] [THREADS=2]
+# BENCH_ENGINE_ONLY=1 skips the trainer (for engine-only changes: more
+# rounds in the same time).
 # Needs the model in the cache (any `make test` run pulls it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -23,11 +25,12 @@ for r in $(seq "$rounds"); do
   for side in $order; do
     dir=$PWD; [ "$side" = old ] && dir=$old
     "$dir/target/release/examples/bench" "$model" "$threads" tests/testdata/quality.jsonl > "$out/engine-$side-$r.json"
+    [ -n "${BENCH_ENGINE_ONLY:-}" ] && continue
     RAYON_NUM_THREADS=$threads CANDLE_NUM_THREADS=1 "$dir/target/release/examples/bench_step" "$model" 6 2>/dev/null > "$out/train-$side-$r.json"
   done
 done
 python3 - "$out" "$rounds" "$(git rev-parse --short HEAD)" "$(git -C "$old" rev-parse --short HEAD)" <<'PY'
-import json, sys, statistics as st
+import json, os, sys, statistics as st
 out, rounds, new, old = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
 load = lambda k, s: [json.load(open(f"{out}/{k}-{s}-{r}.json")) for r in range(1, rounds + 1)]
 rows = []
@@ -37,6 +40,8 @@ for label, kind, get in [
     ("engine aggregate decode tokens/s, 8 streams", "engine", lambda d: next(a["decode_tokens_per_s"] for a in d["aggregate"] if a["streams"] == 8)),
     ("trainer seconds per step (median of 6)", "train", lambda d: d["seconds_per_step_median"]),
 ]:
+    if kind == "train" and not os.path.exists(f"{out}/train-new-1.json"):
+        continue
     a = [get(d) for d in load(kind, "new")]
     b = [get(d) for d in load(kind, "old")]
     rows.append((label, a, b))

@@ -34,6 +34,16 @@ struct Layer {
     w_down: QMatrix,
 }
 
+impl Layer {
+    /// Bytes of the layer's matrices as held.
+    fn matrix_bytes(&self) -> usize {
+        self.wqkv.weight_bytes()
+            + self.wo.weight_bytes()
+            + self.w_gate_up.weight_bytes()
+            + self.w_down.weight_bytes()
+    }
+}
+
 pub struct CpuLlama {
     cfg: LlamaConfig,
     embed: QMatrix,
@@ -259,10 +269,7 @@ impl CpuLlama {
             .layers
             .iter()
             .map(|l| {
-                l.wqkv.weight_bytes()
-                    + l.wo.weight_bytes()
-                    + l.w_gate_up.weight_bytes()
-                    + l.w_down.weight_bytes()
+                l.matrix_bytes()
                     + f32s(&l.attn_norm)
                     + f32s(&l.ffn_norm)
                     + l.bqkv.as_deref().map_or(0, f32s)
@@ -279,16 +286,7 @@ impl CpuLlama {
 
     /// Bytes of weights read per step (whatever the batch size).
     pub fn weight_bytes(&self) -> usize {
-        let layers: usize = self
-            .layers
-            .iter()
-            .map(|l| {
-                l.wqkv.weight_bytes()
-                    + l.wo.weight_bytes()
-                    + l.w_gate_up.weight_bytes()
-                    + l.w_down.weight_bytes()
-            })
-            .sum();
+        let layers: usize = self.layers.iter().map(Layer::matrix_bytes).sum();
         layers + self.lm_head.as_ref().unwrap_or(&self.embed).weight_bytes()
     }
 

@@ -66,21 +66,24 @@ impl GgufFile {
     }
 
     pub fn get_i32s(&self, key: &str) -> Result<Vec<i32>> {
-        self.get(key)?
-            .to_vec()
-            .map_err(|e| ModelError::Load(format!("{key}: {e}")))?
-            .iter()
-            .map(|v| v.to_i32())
-            .collect::<candle_core::Result<Vec<_>>>()
-            .map_err(|e| ModelError::Load(format!("{key}: {e}")))
+        self.get_array(key, Value::to_i32)
     }
 
     pub fn get_f32s(&self, key: &str) -> Result<Vec<f32>> {
+        self.get_array(key, Value::to_f32)
+    }
+
+    /// An array's values, each read by `read`.
+    fn get_array<T>(
+        &self,
+        key: &str,
+        read: impl Fn(&Value) -> candle_core::Result<T>,
+    ) -> Result<Vec<T>> {
         self.get(key)?
             .to_vec()
             .map_err(|e| ModelError::Load(format!("{key}: {e}")))?
             .iter()
-            .map(|v| v.to_f32())
+            .map(read)
             .collect::<candle_core::Result<Vec<_>>>()
             .map_err(|e| ModelError::Load(format!("{key}: {e}")))
     }
