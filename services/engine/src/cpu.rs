@@ -263,6 +263,7 @@ impl CpuLlama {
     /// Bytes the model holds: every matrix as the kernels keep it, the
     /// vectors beside them and the rotary tables (what the memory plan
     /// reckons before loading).
+    #[cfg(any(test, feature = "testing"))]
     pub fn held_bytes(&self) -> usize {
         let f32s = |v: &[f32]| std::mem::size_of_val(v);
         let layers: usize = self
