@@ -1015,6 +1015,13 @@ mod tests {
         })
     }
 
+    /// The tiny model, written in a folder of its own for `tag`'s tests.
+    fn tiny_model_in(tag: &str) -> std::path::PathBuf {
+        let dir = std::env::temp_dir().join(format!("fw-engine-{tag}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        tiny::write_tiny_model(&dir, 1).unwrap()
+    }
+
     fn tiny_engine_with(cfg: EngineConfig) -> EngineHandle {
         let dir = std::env::temp_dir().join(format!("fw-engine-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
@@ -1049,9 +1056,7 @@ mod tests {
 
     #[test]
     fn a_model_that_does_not_fit_is_refused_before_it_loads() {
-        let dir = std::env::temp_dir().join(format!("fw-engine-mem-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = tiny::write_tiny_model(&dir, 1).unwrap();
+        let path = tiny_model_in("mem");
         let plan = crate::MemoryPlan::for_file(&path, &EngineConfig::default()).unwrap();
         let budget = |bytes| EngineConfig {
             memory_budget: Some(bytes),
@@ -1075,9 +1080,7 @@ mod tests {
 
     #[test]
     fn requests_wait_while_the_running_ones_hold_the_memory_for_keys_and_values() {
-        let dir = std::env::temp_dir().join(format!("fw-engine-kv-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = tiny::write_tiny_model(&dir, 1).unwrap();
+        let path = tiny_model_in("kv");
         let base = EngineConfig {
             prefix_cache_bytes: 0,
             ..Default::default()
@@ -1125,9 +1128,7 @@ mod tests {
 
     #[test]
     fn a_shorter_context_is_served_and_needs_less() {
-        let dir = std::env::temp_dir().join(format!("fw-engine-ctx-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = tiny::write_tiny_model(&dir, 1).unwrap();
+        let path = tiny_model_in("ctx");
         let short = EngineConfig {
             max_context: 32,
             ..Default::default()

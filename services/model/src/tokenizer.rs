@@ -228,6 +228,9 @@ impl TextTokenizer {
     /// back to bytes, or a SentencePiece piece with its `▁` as spaces. A
     /// token may hold part of a UTF-8 character.
     pub fn token_bytes(&self) -> TokenBytes {
+        if let Some((pieces, _)) = &self.pieces {
+            return pieces.clone();
+        }
         let unicode_to_byte = byte_level_inverse();
         let special = self.inner.get_added_tokens_decoder();
         (0..self.inner.get_vocab_size(true) as u32)
