@@ -1118,9 +1118,12 @@ async fn the_loop_distils_by_itself_while_the_teams_data_is_thin() {
                 None,
             );
             assert!(started.ok(), "{}", started.stderr);
+            // The cycle ends inside its curation job, a moment before the
+            // job's own run is recorded as finished: wait for both.
             let ended = until(60, || async {
                 sqlx::query_scalar::<_, i64>(
-                    "select count(*) from cycles where finished_at is null",
+                    "select (select count(*) from cycles where finished_at is null)
+                          + (select count(*) from job_runs where status = 'running')",
                 )
                 .fetch_one(&pool)
                 .await
@@ -1128,7 +1131,7 @@ async fn the_loop_distils_by_itself_while_the_teams_data_is_thin() {
                     == 0
             })
             .await;
-            assert!(ended, "the cycle ended");
+            assert!(ended, "the cycle and its jobs ended");
             sqlx::query_scalar::<_, Option<String>>(
                 "select result->>'distilled' from job_runs
                  where kind = 'curate' and status = 'succeeded' order by id desc limit 1",
