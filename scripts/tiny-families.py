@@ -26,7 +26,9 @@ Writes, per family, `OUT_DIR/<family>/model.gguf`, `reference.json` (the
 tokenizer's ids on tricky strings; for each prompt its ids, the top 5
 next-token log-probabilities and the greedy continuation of 32 tokens, in
 float32, never stopped at an end token; a LoRA step's loss and gradients)
-and `adapter/`, the random LoRA adapter that step used, in PEFT's layout.
+`adapter/`, the random LoRA adapter that step used, in PEFT's layout, and
+`hf/`, the same model as a Hugging Face folder (what `flywheel models
+import` converts).
 """
 
 import copy
@@ -116,6 +118,9 @@ FAMILIES = {
         # Each also written with its matrices in these GGUF types (gguf's
         # own quantizers), its reference computed on what they hold.
         "formats": ["F16", "BF16", "Q8_0", "Q4_0", "Q4_1"],
+        # Its Hugging Face folder holds the chat template in
+        # tokenizer_config.json.
+        "template_in_config": True,
         "config": "Qwen2Config",
         "model": "Qwen2ForCausalLM",
         "extra": {
@@ -163,6 +168,10 @@ FAMILIES = {
         "bos": "<|begin_of_text|>",
         "eos": "<|eot_id|>",
         "template": LLAMA3_CHAT,
+        # Its Hugging Face folder: sharded, and ending answers at either
+        # end token (generation_config.json's list, as Llama 3.1's).
+        "shard": "200KB",
+        "stop": ["<|end_of_text|>", "<|eot_id|>"],
         "seed": 33,
         "formats": ["Q8_0", "Q4_1"],
         "config": "LlamaConfig",
@@ -642,6 +651,7 @@ def build(name, family, out):
         return held
 
     write(out / "model.gguf")
+    write_hf(out / "hf", model, family, text_side)
 
     from jinja2 import Template
 
@@ -678,6 +688,37 @@ def build(name, family, out):
     # Last: PEFT wraps the model in place (and unwraps it after).
     ref["lora_step"] = lora_step(model, tokenize, lora_prompt, lora_answer, out / "adapter")
     return ref
+
+
+def write_hf(path, model, family, text_side):
+    """The same model as a Hugging Face folder, laid out as the hub holds
+    one: config.json, generation_config.json, the weights in safetensors
+    (sharded with an index where the family says), tokenizer.json and
+    tokenizer_config.json, the chat template as transformers saves it."""
+    import shutil
+
+    from transformers import PreTrainedTokenizerFast
+
+    shutil.rmtree(path, ignore_errors=True)
+    if family.get("stop"):
+        # Instruct models list every token that ends an answer here.
+        model.generation_config.eos_token_id = [text_side.tokens.index(t) for t in family["stop"]]
+    model.save_pretrained(str(path), max_shard_size=family.get("shard", "1GB"))
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=text_side.theirs,
+        bos_token=family["bos"],
+        eos_token=family["eos"],
+        chat_template=family["template"],
+    )
+    fast.save_pretrained(str(path))
+    if family.get("template_in_config"):
+        # As most folders on the hub hold it (saved before transformers
+        # wrote chat_template.jinja).
+        jinja = path / "chat_template.jinja"
+        config = json.loads((path / "tokenizer_config.json").read_text())
+        config["chat_template"] = jinja.read_text()
+        (path / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+        jinja.unlink()
 
 
 def lora_step(model, tokenize, prompt_text, answer_text, adapter_dir):

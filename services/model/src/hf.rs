@@ -1,0 +1,595 @@
+//! Hugging Face folders (`config.json`, `*.safetensors`, `tokenizer.json`,
+//! `tokenizer_config.json`, `generation_config.json`), converted into one
+//! GGUF file laid out as llama.cpp's converter lays out that family, so
+//! that everything after import (serving, training, merging, the memory
+//! plan) reads one format.
+//!
+//! The weights keep their type (F32, F16, BF16; the norms and biases become
+//! F32, as llama.cpp writes them) and are written one tensor at a time from
+//! the memory-mapped safetensors. Llama's q and k rows are permuted as
+//! llama.cpp permutes them. The tokenizer is not translated into GGUF's
+//! keys: `tokenizer.json` goes into the file whole
+//! (`tokenizer.huggingface.json`, a key of the GGUF spec) and is read back
+//! through the `tokenizers` crate ([`crate::tokenizer`]). The chat template
+//! (from `tokenizer_config.json` or `chat_template.jinja`), the begin and
+//! end tokens, and every end token `generation_config.json` lists are kept.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::quantized::GgmlDType;
+use candle_core::quantized::gguf_file::Value;
+use serde_json::Value as Json;
+
+use crate::config::interleaved_from_halves;
+use crate::gguf::{self, TensorSpec};
+use crate::{ModelError, Result};
+
+/// The GGUF key holding a Hugging Face `tokenizer.json`, whole.
+pub const TOKENIZER_JSON: &str = "tokenizer.huggingface.json";
+/// Every token that ends an answer, from `generation_config.json`.
+pub const EOS_TOKEN_IDS: &str = "flywheel.eos_token_ids";
+
+/// What a conversion wrote.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Converted {
+    /// The GGUF architecture (`llama` for Llama and Mistral folders).
+    pub architecture: &'static str,
+    pub tensors: usize,
+    pub bytes: u64,
+}
+
+/// Whether `path` is a folder in Hugging Face's layout.
+pub fn is_folder(path: &Path) -> bool {
+    path.is_dir() && path.join("config.json").is_file()
+}
+
+/// The files of a folder the conversion reads: what a hub download fetches.
+/// `*.safetensors` and the index are matched by name; the rest are these.
+pub const FOLDER_FILES: &[&str] = &[
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "chat_template.jinja",
+    "model.safetensors.index.json",
+];
+
+/// The GGUF architecture a folder's `config.json` `model_type` converts to.
+fn architecture(model_type: &str) -> Result<&'static str> {
+    match model_type {
+        "llama" | "mistral" => Ok("llama"),
+        "qwen2" => Ok("qwen2"),
+        "qwen3" => Ok("qwen3"),
+        other => Err(ModelError::Load(format!(
+            "model_type `{other}` (config.json) is not supported: Flywheel converts \
+             llama, mistral, qwen2 and qwen3 folders"
+        ))),
+    }
+}
+
+/// A folder's module names, per layer, as GGUF short names.
+const LAYER_TENSORS: &[(&str, &str)] = &[
+    ("input_layernorm", "attn_norm"),
+    ("self_attn.q_proj", "attn_q"),
+    ("self_attn.k_proj", "attn_k"),
+    ("self_attn.v_proj", "attn_v"),
+    ("self_attn.q_norm", "attn_q_norm"),
+    ("self_attn.k_norm", "attn_k_norm"),
+    ("self_attn.o_proj", "attn_output"),
+    ("post_attention_layernorm", "ffn_norm"),
+    ("mlp.gate_proj", "ffn_gate"),
+    ("mlp.up_proj", "ffn_up"),
+    ("mlp.down_proj", "ffn_down"),
+];
+
+fn read_json(path: &Path) -> Result<Json> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| ModelError::Load(format!("{}: {e}", path.display())))?;
+    serde_json::from_str(&text).map_err(|e| ModelError::Load(format!("{}: {e}", path.display())))
+}
+
+fn read_optional_json(path: &Path) -> Result<Option<Json>> {
+    match path.is_file() {
+        true => read_json(path).map(Some),
+        false => Ok(None),
+    }
+}
+
+/// The hyper-parameters of `config.json`, as GGUF keys, and how its rope
+/// is scaled.
+struct Hparams {
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    keys: Vec<(String, Value)>,
+    /// Llama 3.1's per-frequency factors (`rope_freqs.weight`).
+    rope_factors: Option<Vec<f32>>,
+}
+
+fn hparams(config: &Json, arch: &str) -> Result<Hparams> {
+    let bad = |what: String| ModelError::Load(format!("config.json: {what}"));
+    let int = |k: &str| -> Result<usize> {
+        config[k]
+            .as_u64()
+            .map(|v| v as usize)
+            .ok_or_else(|| bad(format!("no whole number `{k}`")))
+    };
+    let act = config["hidden_act"].as_str().unwrap_or("silu");
+    if act != "silu" {
+        return Err(bad(format!("activation `{act}` (a llama uses silu)")));
+    }
+    for k in ["attention_bias", "mlp_bias"] {
+        if arch == "llama" && config[k].as_bool() == Some(true) {
+            return Err(bad(format!("`{k}` is set: a llama without biases is read")));
+        }
+    }
+    let (hidden, heads) = (int("hidden_size")?, int("num_attention_heads")?);
+    let kv_heads = match config["num_key_value_heads"].as_u64() {
+        Some(k) => k as usize,
+        None => heads,
+    };
+    if heads == 0 || !hidden.is_multiple_of(heads) && config["head_dim"].is_null() {
+        return Err(bad(format!("{hidden} dimensions over {heads} heads")));
+    }
+    let head_dim = config["head_dim"]
+        .as_u64()
+        .map_or(hidden / heads, |d| d as usize);
+    // transformers 5 puts rope_theta and the scaling in `rope_parameters`;
+    // older files have `rope_theta` and `rope_scaling` at the top.
+    let rope = match &config["rope_parameters"] {
+        Json::Object(_) => config["rope_parameters"].clone(),
+        _ => {
+            let mut r = config["rope_scaling"].clone();
+            if !r.is_object() {
+                r = serde_json::json!({});
+            }
+            r["rope_theta"] = config["rope_theta"].clone();
+            r
+        }
+    };
+    let theta = rope["rope_theta"].as_f64().unwrap_or(10_000.0);
+    let kind = rope["rope_type"]
+        .as_str()
+        .or(rope["type"].as_str())
+        .unwrap_or("default");
+    let rope_factors = match kind {
+        "default" => None,
+        "llama3" => Some(llama3_rope_factors(&rope, theta, head_dim)?),
+        other => {
+            return Err(bad(format!(
+                "rope scaling `{other}` is not supported (none and llama3 are)"
+            )));
+        }
+    };
+    let u = |v: usize| Value::U32(v as u32);
+    let key = |k: &str| format!("{arch}.{k}");
+    let mut keys = vec![
+        (key("block_count"), u(int("num_hidden_layers")?)),
+        (
+            key("context_length"),
+            u(int("max_position_embeddings").unwrap_or(2048)),
+        ),
+        (key("embedding_length"), u(hidden)),
+        (key("feed_forward_length"), u(int("intermediate_size")?)),
+        (key("attention.head_count"), u(heads)),
+        (key("attention.head_count_kv"), u(kv_heads)),
+        (key("rope.freq_base"), Value::F32(theta as f32)),
+        (
+            key("attention.layer_norm_rms_epsilon"),
+            Value::F32(config["rms_norm_eps"].as_f64().unwrap_or(1e-6) as f32),
+        ),
+        (key("vocab_size"), u(int("vocab_size")?)),
+    ];
+    if head_dim * heads != hidden {
+        keys.push((key("attention.key_length"), u(head_dim)));
+        keys.push((key("attention.value_length"), u(head_dim)));
+    }
+    Ok(Hparams {
+        heads,
+        kv_heads,
+        head_dim,
+        keys,
+        rope_factors,
+    })
+}
+
+/// Llama 3.1's rope scaling as one factor per rotary frequency, which the
+/// frequency is divided by: frequencies whose wavelength is short against
+/// the original context kept, long ones divided by `factor`, those between
+/// blended by wavelength (what llama.cpp's converter stores as
+/// `rope_freqs.weight`).
+fn llama3_rope_factors(rope: &Json, theta: f64, head_dim: usize) -> Result<Vec<f32>> {
+    let get = |k: &str| {
+        rope[k].as_f64().ok_or_else(|| {
+            ModelError::Load(format!("config.json: llama3 rope scaling has no `{k}`"))
+        })
+    };
+    let factor = get("factor")?;
+    let (low, high) = (get("low_freq_factor")?, get("high_freq_factor")?);
+    let original = get("original_max_position_embeddings")?;
+    let (low_wave, high_wave) = (original / low, original / high);
+    Ok((0..head_dim / 2)
+        .map(|i| {
+            let freq = 1.0 / theta.powf(2.0 * i as f64 / head_dim as f64);
+            let wave = 2.0 * std::f64::consts::PI / freq;
+            let f = if wave < high_wave {
+                1.0
+            } else if wave > low_wave {
+                factor
+            } else {
+                let smooth = (original / wave - low) / (high - low);
+                1.0 / ((1.0 - smooth) / factor + smooth)
+            };
+            f as f32
+        })
+        .collect())
+}
+
+/// The safetensors files of a folder: those its index names, or the one
+/// `model.safetensors`.
+fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    if let Some(index) = read_optional_json(&dir.join("model.safetensors.index.json"))? {
+        let map = index["weight_map"].as_object().ok_or_else(|| {
+            ModelError::Load("model.safetensors.index.json has no weight_map".into())
+        })?;
+        let mut files: Vec<PathBuf> = map
+            .values()
+            .filter_map(Json::as_str)
+            .map(|f| dir.join(f))
+            .collect();
+        files.sort();
+        files.dedup();
+        return Ok(files);
+    }
+    let one = dir.join("model.safetensors");
+    match one.is_file() {
+        true => Ok(vec![one]),
+        false => Err(ModelError::Load(format!(
+            "{} holds no model.safetensors or model.safetensors.index.json \
+             (PyTorch .bin checkpoints are not read)",
+            dir.display()
+        ))),
+    }
+}
+
+/// The GGUF name of a folder's tensor, `None` for what a converter leaves
+/// out (precomputed rotary frequencies).
+fn gguf_name(name: &str) -> Option<Option<String>> {
+    if name.ends_with("rotary_emb.inv_freq") {
+        return Some(None);
+    }
+    let global = match name {
+        "model.embed_tokens.weight" => Some("token_embd.weight"),
+        "model.norm.weight" => Some("output_norm.weight"),
+        "lm_head.weight" => Some("output.weight"),
+        _ => None,
+    };
+    if let Some(g) = global {
+        return Some(Some(g.into()));
+    }
+    let rest = name.strip_prefix("model.layers.")?;
+    let (layer, rest) = rest.split_once('.')?;
+    let layer: usize = layer.parse().ok()?;
+    let (module, kind) = rest.rsplit_once('.')?;
+    if kind != "weight" && kind != "bias" {
+        return None;
+    }
+    let short = LAYER_TENSORS.iter().find(|(m, _)| *m == module)?.1;
+    Some(Some(format!("blk.{layer}.{short}.{kind}")))
+}
+
+/// A tensor to write: where it comes from and how.
+struct Source {
+    /// The folder's name for it.
+    name: String,
+    /// Rows to gather (llama's q and k), by [`interleaved_from_halves`].
+    order: Option<Vec<usize>>,
+}
+
+/// Converts the Hugging Face folder `dir` into the GGUF file `out`, then
+/// reads `out` back as a model is read at load (hyper-parameters, every
+/// tensor's size, the tokenizer, the template), so a folder that converts
+/// is one that loads.
+pub fn convert(dir: &Path, out: &Path) -> Result<Converted> {
+    let config = read_json(&dir.join("config.json"))?;
+    let model_type = config["model_type"].as_str().unwrap_or_default();
+    let arch = architecture(model_type)?;
+    let hp = hparams(&config, arch)?;
+    let tokenizer_json = std::fs::read_to_string(dir.join("tokenizer.json")).map_err(|e| {
+        ModelError::Load(format!(
+            "{}: {e} (a folder's tokenizer is read from its tokenizer.json)",
+            dir.join("tokenizer.json").display()
+        ))
+    })?;
+    let tokenizer: tokenizers::Tokenizer = tokenizer_json
+        .parse()
+        .map_err(|e| ModelError::Tokenizer(format!("tokenizer.json: {e}")))?;
+    let tokenizer_config =
+        read_optional_json(&dir.join("tokenizer_config.json"))?.unwrap_or(Json::Null);
+    let generation = read_optional_json(&dir.join("generation_config.json"))?.unwrap_or(Json::Null);
+
+    let mut metadata: Vec<(String, Value)> = vec![
+        ("general.architecture".into(), Value::String(arch.into())),
+        (
+            "general.name".into(),
+            Value::String(
+                dir.file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default(),
+            ),
+        ),
+    ];
+    metadata.extend(hp.keys.iter().cloned());
+    metadata.push((TOKENIZER_JSON.into(), Value::String(tokenizer_json)));
+    // Begin and end tokens: tokenizer_config.json names them (the end of an
+    // assistant's turn for instruct models), generation_config.json gives
+    // ids.
+    let token_id = |v: &Json| -> Option<u32> {
+        let text = v.as_str().or(v["content"].as_str())?;
+        tokenizer.token_to_id(text)
+    };
+    let first_id = |v: &Json| v.as_u64().or(v[0].as_u64()).map(|i| i as u32);
+    let bos = token_id(&tokenizer_config["bos_token"])
+        .or_else(|| first_id(&generation["bos_token_id"]))
+        .or_else(|| first_id(&config["bos_token_id"]));
+    let eos = token_id(&tokenizer_config["eos_token"])
+        .or_else(|| first_id(&generation["eos_token_id"]))
+        .or_else(|| first_id(&config["eos_token_id"]));
+    if let Some(id) = bos {
+        metadata.push(("tokenizer.ggml.bos_token_id".into(), Value::U32(id)));
+    }
+    if let Some(id) = eos {
+        metadata.push(("tokenizer.ggml.eos_token_id".into(), Value::U32(id)));
+    }
+    let stops: Vec<Value> = match &generation["eos_token_id"] {
+        Json::Array(ids) => ids.iter().filter_map(first_id).map(Value::U32).collect(),
+        one => first_id(one).map(Value::U32).into_iter().collect(),
+    };
+    if !stops.is_empty() {
+        metadata.push((EOS_TOKEN_IDS.into(), Value::Array(stops)));
+    }
+    if let Some(template) = chat_template(dir, &tokenizer_config)? {
+        metadata.push(("tokenizer.chat_template".into(), Value::String(template)));
+    }
+
+    let st = map_weights(&weight_files(dir)?)?;
+    let mut found: BTreeMap<(usize, usize, String), (TensorSpec, Source)> = BTreeMap::new();
+    for (name, view) in st.tensors() {
+        let Some(target) = gguf_name(&name) else {
+            return Err(ModelError::Load(format!(
+                "tensor {name} is not one a {model_type} model has"
+            )));
+        };
+        let Some(target) = target else { continue };
+        let dims = view.shape().to_vec();
+        let dtype = match (view.dtype(), dims.len()) {
+            (_, 1) => GgmlDType::F32,
+            (safetensors::Dtype::F32, _) => GgmlDType::F32,
+            (safetensors::Dtype::F16, _) => GgmlDType::F16,
+            (safetensors::Dtype::BF16, _) => GgmlDType::BF16,
+            (other, _) => {
+                return Err(ModelError::Load(format!(
+                    "tensor {name} is {other:?} (F32, F16 and BF16 are read)"
+                )));
+            }
+        };
+        let heads = match () {
+            _ if arch != "llama" => None,
+            _ if name.contains(".q_proj.") => Some(hp.heads),
+            _ if name.contains(".k_proj.") => Some(hp.kv_heads),
+            _ => None,
+        };
+        let order = heads.map(|h| interleaved_from_halves(h, hp.head_dim));
+        // Files in layer order, each layer's in the order llama.cpp writes.
+        let sort = match target.strip_prefix("blk.") {
+            Some(rest) => {
+                let (layer, short) = rest.split_once('.').unwrap_or_default();
+                let pos = LAYER_TENSORS
+                    .iter()
+                    .position(|(_, s)| short.starts_with(&format!("{s}.")))
+                    .unwrap_or(0);
+                (1 + layer.parse::<usize>().unwrap_or(0), pos, target.clone())
+            }
+            None if target == "token_embd.weight" => (0, 0, target.clone()),
+            None => (usize::MAX, 0, target.clone()),
+        };
+        found.insert(
+            sort,
+            (
+                TensorSpec {
+                    name: target,
+                    dims,
+                    dtype,
+                },
+                Source { name, order },
+            ),
+        );
+    }
+    let mut specs: Vec<TensorSpec> = Vec::new();
+    let mut sources: Vec<Option<Source>> = Vec::new();
+    if let Some(f) = &hp.rope_factors {
+        specs.push(TensorSpec {
+            name: crate::family::ROPE_FACTORS.into(),
+            dims: vec![f.len()],
+            dtype: GgmlDType::F32,
+        });
+        sources.push(None);
+    }
+    for (_, (spec, source)) in found {
+        specs.push(spec);
+        sources.push(Some(source));
+    }
+    let bytes = gguf::write(out, &metadata, &specs, |i| {
+        let Some(source) = &sources[i] else {
+            let factors = hp.rope_factors.as_deref().unwrap_or_default();
+            return Ok(factors.iter().flat_map(|x| x.to_le_bytes()).collect());
+        };
+        tensor_bytes(&st, source, &specs[i])
+    })?;
+
+    // Read back as a load reads it.
+    let files = crate::ModelFiles::open(out)?;
+    files.config.check_tensors(&files.gguf)?;
+    Ok(Converted {
+        architecture: arch,
+        tensors: specs.len(),
+        bytes,
+    })
+}
+
+/// The safetensors files, memory-mapped: a converter reads each weight
+/// once, and an 8B model's 16 GB need not fit in memory beside its copy.
+#[allow(unsafe_code)]
+fn map_weights(files: &[PathBuf]) -> Result<candle_core::safetensors::MmapedSafetensors> {
+    // SAFETY: the maps are read only, for the length of one conversion; a
+    // file another process changes meanwhile gives wrong bytes (as reading
+    // it would), which the check after writing may catch, never unsafety
+    // in this process beyond what reading a changing file gives.
+    unsafe { candle_core::safetensors::MmapedSafetensors::multi(files) }
+        .map_err(|e| ModelError::Load(format!("safetensors: {e}")))
+}
+
+/// The chat template: `tokenizer_config.json`'s `chat_template` (a string,
+/// or a list of named templates, of which `default`), else the
+/// `chat_template.jinja` file transformers now saves beside it.
+fn chat_template(dir: &Path, tokenizer_config: &Json) -> Result<Option<String>> {
+    match &tokenizer_config["chat_template"] {
+        Json::String(s) => return Ok(Some(s.clone())),
+        Json::Array(named) => {
+            if let Some(t) = named
+                .iter()
+                .find(|t| t["name"] == "default")
+                .and_then(|t| t["template"].as_str())
+            {
+                return Ok(Some(t.to_string()));
+            }
+        }
+        _ => {}
+    }
+    let file = dir.join("chat_template.jinja");
+    match file.is_file() {
+        true => std::fs::read_to_string(&file)
+            .map(Some)
+            .map_err(|e| ModelError::Load(format!("{}: {e}", file.display()))),
+        false => Ok(None),
+    }
+}
+
+/// One tensor's bytes as the GGUF file stores them: vectors as F32, rows
+/// gathered where llama's q and k are permuted.
+fn tensor_bytes(
+    st: &candle_core::safetensors::MmapedSafetensors,
+    source: &Source,
+    spec: &TensorSpec,
+) -> Result<Vec<u8>> {
+    let load = |e: candle_core::Error| ModelError::Load(format!("tensor {}: {e}", source.name));
+    let view = st.get(&source.name).map_err(load)?;
+    let raw = view.data();
+    let data: Vec<u8> = match (spec.dtype, view.dtype()) {
+        (GgmlDType::F32, safetensors::Dtype::F32)
+        | (GgmlDType::F16, safetensors::Dtype::F16)
+        | (GgmlDType::BF16, safetensors::Dtype::BF16) => raw.to_vec(),
+        _ => {
+            let t = st
+                .load(&source.name, &candle_core::Device::Cpu)
+                .and_then(|t| t.to_dtype(candle_core::DType::F32))
+                .and_then(|t| t.flatten_all())
+                .and_then(|t| t.to_vec1::<f32>())
+                .map_err(load)?;
+            t.iter().flat_map(|x| x.to_le_bytes()).collect()
+        }
+    };
+    let Some(order) = &source.order else {
+        return Ok(data);
+    };
+    let rows = spec.dims[0];
+    if order.len() != rows {
+        return Err(ModelError::Load(format!(
+            "tensor {} has {rows} rows where config.json makes it {}",
+            source.name,
+            order.len()
+        )));
+    }
+    let row = data.len() / rows;
+    Ok(order
+        .iter()
+        .flat_map(|&r| &data[r * row..(r + 1) * row])
+        .copied()
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn folder_names_become_llama_cpp_names() {
+        assert_eq!(
+            gguf_name("model.layers.3.self_attn.q_proj.bias"),
+            Some(Some("blk.3.attn_q.bias".into()))
+        );
+        assert_eq!(
+            gguf_name("model.layers.0.post_attention_layernorm.weight"),
+            Some(Some("blk.0.ffn_norm.weight".into()))
+        );
+        assert_eq!(
+            gguf_name("lm_head.weight"),
+            Some(Some("output.weight".into()))
+        );
+        assert_eq!(
+            gguf_name("model.layers.0.self_attn.rotary_emb.inv_freq"),
+            Some(None)
+        );
+        // What no family here has is not dropped quietly.
+        assert_eq!(gguf_name("model.layers.0.mlp.gate_up_proj.weight"), None);
+        assert_eq!(gguf_name("model.vision_tower.weight"), None);
+    }
+
+    #[test]
+    fn llama3_factors_keep_high_frequencies_and_divide_low_ones() {
+        let rope = serde_json::json!({
+            "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192,
+        });
+        let f = llama3_rope_factors(&rope, 500_000.0, 128).unwrap();
+        assert_eq!(f.len(), 64);
+        assert_eq!(f[0], 1.0);
+        assert_eq!(f[63], 8.0);
+        // Between, blended: rising from 1 to 8.
+        let between: Vec<f32> = f.iter().copied().filter(|&x| x > 1.0 && x < 8.0).collect();
+        assert!(!between.is_empty());
+        assert!(between.windows(2).all(|w| w[0] <= w[1]), "{between:?}");
+    }
+
+    #[test]
+    fn what_would_be_read_wrongly_is_refused_naming_it() {
+        let e = architecture("phi3").unwrap_err().to_string();
+        assert!(e.contains("model_type `phi3`"), "{e}");
+        let base = serde_json::json!({
+            "hidden_size": 64, "num_attention_heads": 4, "num_hidden_layers": 2,
+            "intermediate_size": 128, "vocab_size": 100,
+        });
+        assert!(hparams(&base, "llama").is_ok());
+        let with = |k: &str, v: Json| {
+            let mut c = base.clone();
+            c[k] = v;
+            hparams(&c, "llama")
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default()
+        };
+        assert!(with("hidden_act", "gelu".into()).contains("activation `gelu`"));
+        assert!(with("attention_bias", true.into()).contains("attention_bias"));
+        let e = with(
+            "rope_scaling",
+            serde_json::json!({"rope_type": "yarn", "factor": 4.0}),
+        );
+        assert!(e.contains("rope scaling `yarn`"), "{e}");
+        let e = with(
+            "rope_parameters",
+            serde_json::json!({"rope_type": "longrope", "rope_theta": 1e4}),
+        );
+        assert!(e.contains("rope scaling `longrope`"), "{e}");
+    }
+}
