@@ -338,6 +338,91 @@ fn check_hf_folder(name: &str) {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// A folder saved in half precision (Qwen2's, its weights rounded to BF16
+/// and to F16 here as `save_pretrained` does for such models) keeps its
+/// matrices in that type: the same bytes gguf's own converter gives
+/// (`model.bf16.gguf`, `model.f16.gguf`), the norms and biases as F32.
+#[test]
+fn a_half_precision_folder_keeps_its_matrices_in_their_type() {
+    use candle_core::DType;
+    use candle_core::quantized::GgmlDType;
+    let (path, _) = family("qwen2");
+    let folder = path.with_file_name("hf");
+    let weights =
+        candle_core::safetensors::load(folder.join("model.safetensors"), &candle_core::Device::Cpu)
+            .unwrap();
+    for (dtype, ggml, file) in [
+        (DType::BF16, GgmlDType::BF16, "model.bf16.gguf"),
+        (DType::F16, GgmlDType::F16, "model.f16.gguf"),
+    ] {
+        let dir = std::env::temp_dir().join(format!("fw-hf-{dtype:?}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        for f in std::fs::read_dir(&folder).unwrap() {
+            let f = f.unwrap().path();
+            std::fs::copy(&f, dir.join(f.file_name().unwrap())).unwrap();
+        }
+        let half: std::collections::HashMap<String, candle_core::Tensor> = weights
+            .iter()
+            .map(|(k, t)| (k.clone(), t.to_dtype(dtype).unwrap()))
+            .collect();
+        candle_core::safetensors::save(&half, dir.join("model.safetensors")).unwrap();
+        let out = dir.join("out.gguf");
+        flywheel_model::hf::convert(&dir, &out).unwrap();
+        let (mut ours, mut theirs) = (
+            GgufFile::open(&out).unwrap(),
+            GgufFile::open(&path.with_file_name(file)).unwrap(),
+        );
+        for name in ours.tensor_names() {
+            let matrix = ours.tensor_dims(&name).unwrap().len() == 2;
+            let stored = ours.tensor_dtype(&name).unwrap();
+            assert_eq!(stored, if matrix { ggml } else { GgmlDType::F32 }, "{name}");
+            let read = |g: &mut GgufFile| {
+                g.tensor_f32(&name, &candle_core::Device::Cpu)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap()
+            };
+            let got = read(&mut ours);
+            if matrix {
+                assert!(got == read(&mut theirs), "{name} in {file}");
+            } else {
+                // The folder's own rounding of it.
+                let hf = name_in_folder(&name);
+                let want = half[&hf]
+                    .to_dtype(DType::F32)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap();
+                assert!(got == want, "{name}");
+            }
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
+
+/// A Qwen2 GGUF tensor's name in the Hugging Face folder (the vectors).
+fn name_in_folder(gguf: &str) -> String {
+    if gguf == "output_norm.weight" {
+        return "model.norm.weight".into();
+    }
+    let rest = gguf.strip_prefix("blk.").unwrap();
+    let (layer, rest) = rest.split_once('.').unwrap();
+    let (short, kind) = rest.rsplit_once('.').unwrap();
+    let module = match short {
+        "attn_norm" => "input_layernorm",
+        "ffn_norm" => "post_attention_layernorm",
+        "attn_q" => "self_attn.q_proj",
+        "attn_k" => "self_attn.k_proj",
+        "attn_v" => "self_attn.v_proj",
+        other => panic!("{other}"),
+    };
+    format!("model.layers.{layer}.{module}.{kind}")
+}
+
 per_family!(check_model_forward:
     qwen2_forward_matches_transformers => "qwen2",
     qwen3_forward_matches_transformers => "qwen3",

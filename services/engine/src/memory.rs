@@ -104,11 +104,6 @@ impl MemoryPlan {
         self.weights + self.tables + self.prefix_cache + self.one_sequence()
     }
 
-    /// What it takes when every batch slot fills the context.
-    pub fn full_batch(&self) -> u64 {
-        self.weights + self.tables + self.prefix_cache + self.one_sequence() * self.max_batch as u64
-    }
-
     /// Refuses the model when [`needed`](Self::needed) exceeds `limit`.
     pub fn check(&self, name: &str, limit: &MemoryLimit) -> Result<()> {
         if self.needed() <= limit.bytes {
@@ -161,7 +156,7 @@ impl fmt::Display for MemoryPlan {
 
 /// The positions an engine serves: the model's context, capped by
 /// `EngineConfig::max_context` where that is set and shorter.
-pub fn served_context(config: &LlamaConfig, engine: &EngineConfig) -> usize {
+fn served_context(config: &LlamaConfig, engine: &EngineConfig) -> usize {
     match engine.max_context {
         0 => config.context_length,
         n => n.min(config.context_length),

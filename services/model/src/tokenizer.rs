@@ -292,15 +292,13 @@ impl TextTokenizer {
     /// One token's text on its own. A SentencePiece token keeps the space
     /// its `▁` stands for (decoding drops the one that begins a text).
     pub fn token_text(&self, id: u32) -> String {
-        match self.spelling {
-            Spelling::SentencePiece if !self.inner.get_added_tokens_decoder().contains_key(&id) => {
-                self.inner
-                    .id_to_token(id)
-                    .and_then(|piece| spm_piece_bytes(&piece))
-                    .map(|b| String::from_utf8_lossy(&b).into_owned())
-                    .unwrap_or_default()
-            }
-            _ => self.decode(&[id], false).unwrap_or_default(),
+        match &self.pieces {
+            Some((pieces, _)) => match pieces.get(id as usize) {
+                Some(Some(bytes)) => String::from_utf8_lossy(bytes).into_owned(),
+                Some(None) => self.inner.id_to_token(id).unwrap_or_default(),
+                None => String::new(),
+            },
+            None => self.decode(&[id], false).unwrap_or_default(),
         }
     }
 
