@@ -404,6 +404,37 @@ fn a_half_precision_folder_keeps_its_matrices_in_their_type() {
     }
 }
 
+// A folder converted with its matrices quantized (`--quantize q8_0|q4_1`)
+// holds them in that type and answers as transformers does on the file
+// gguf's own quantizer wrote in it (the reference's `formats`).
+per_family!(check_folder_quantized:
+    qwen2_folder_quantized_as_converted_answers_as_the_file_quantized_by_gguf => "qwen2",
+    mistral_folder_quantized_as_converted_answers_as_the_file_quantized_by_gguf => "mistral",
+);
+
+fn check_folder_quantized(name: &str) {
+    use candle_core::quantized::GgmlDType;
+    let (path, reference) = family(name);
+    let dir = std::env::temp_dir().join(format!("fw-hf-q-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    for (dtype, format) in [(GgmlDType::Q8_0, "Q8_0"), (GgmlDType::Q4_1, "Q4_1")] {
+        let out = dir.join(format!("{format}.gguf"));
+        flywheel_model::hf::convert_as(&path.with_file_name("hf"), &out, Some(dtype)).unwrap();
+        let g = GgufFile::open(&out).unwrap();
+        for n in g.tensor_names() {
+            let want = match g.tensor_dims(&n).unwrap().len() {
+                2 => dtype,
+                _ => GgmlDType::F32,
+            };
+            assert_eq!(g.tensor_dtype(&n), Some(want), "{n}");
+        }
+        let case = &reference["formats"][format]["forward"][0];
+        let model = CpuForward::load(&out, 2).unwrap();
+        check_on_kernels(&model, case, &format!("folder converted to {format}"));
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 /// A Qwen2 GGUF tensor's name in the Hugging Face folder (the vectors).
 fn name_in_folder(gguf: &str) -> String {
     if gguf == "output_norm.weight" {

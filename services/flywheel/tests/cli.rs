@@ -211,6 +211,46 @@ async fn a_hugging_face_folder_is_converted_and_registered() {
         .unwrap();
     let gguf = flywheel_model::gguf::GgufFile::open(std::path::Path::new(&v.path)).unwrap();
     assert_eq!(gguf.get_str("general.architecture").unwrap(), "llama");
+    assert_eq!(
+        gguf.tensor_dtype("blk.0.attn_q.weight"),
+        Some(candle_core::quantized::GgmlDType::F32)
+    );
+    // Its matrices quantized as it is converted; a GGUF file is not.
+    let (ok, out, err) = flywheel(
+        &db,
+        &[
+            "models",
+            "import",
+            folder.to_str().unwrap(),
+            "--name",
+            "q8",
+            "--quantize",
+            "q8_0",
+        ],
+    );
+    assert!(ok, "{out}{err}");
+    let v = flywheel_store::models::by_name(&pool, "q8")
+        .await
+        .unwrap()
+        .unwrap();
+    let gguf = flywheel_model::gguf::GgufFile::open(std::path::Path::new(&v.path)).unwrap();
+    assert_eq!(
+        gguf.tensor_dtype("blk.0.attn_q.weight"),
+        Some(candle_core::quantized::GgmlDType::Q8_0)
+    );
+    let (ok, _, err) = flywheel(
+        &db,
+        &[
+            "models",
+            "import",
+            &v.path,
+            "--name",
+            "again",
+            "--quantize",
+            "q4_1",
+        ],
+    );
+    assert!(!ok && err.contains("FLYWHEEL_QUANTIZE"), "{err}");
 
     let refused = |name: &str, why: &str| {
         let (ok, out, err) = flywheel(

@@ -39,6 +39,9 @@ pub struct Converted {
     pub bytes: u64,
 }
 
+/// Values per block of the quantized types written here.
+const QUANT_BLOCK: usize = 32;
+
 /// Whether `path` is a folder in Hugging Face's layout.
 pub fn is_folder(path: &Path) -> bool {
     path.is_dir() && path.join("config.json").is_file()
@@ -292,6 +295,22 @@ struct Source {
 /// tensor's size, the tokenizer, the template), so a folder that converts
 /// is one that loads.
 pub fn convert(dir: &Path, out: &Path) -> Result<Converted> {
+    convert_as(dir, out, None)
+}
+
+/// [`convert`], the matrices quantized to `quantize` (Q8_0 or Q4_1, the
+/// types the serving kernels compute on) where given, as llama.cpp's
+/// converter does with `--outtype q8_0`: a smaller file and no
+/// quantization at each load. Each row of a matrix splits into blocks of
+/// 32; a matrix whose rows do not keeps its type.
+pub fn convert_as(dir: &Path, out: &Path, quantize: Option<GgmlDType>) -> Result<Converted> {
+    if let Some(q) = quantize
+        && !matches!(q, GgmlDType::Q8_0 | GgmlDType::Q4_1)
+    {
+        return Err(ModelError::Invalid(format!(
+            "quantizing to {q:?} (Q8_0 and Q4_1 are what the kernels compute on)"
+        )));
+    }
     let config = read_json(&dir.join("config.json"))?;
     let model_type = config["model_type"].as_str().unwrap_or_default();
     let arch = architecture(model_type)?;
@@ -365,6 +384,9 @@ pub fn convert(dir: &Path, out: &Path) -> Result<Converted> {
         let dims = view.shape().to_vec();
         let dtype = match (view.dtype(), dims.len()) {
             (_, 1) => GgmlDType::F32,
+            (_, 2) if quantize.is_some() && dims[1] % QUANT_BLOCK == 0 => {
+                quantize.unwrap_or(GgmlDType::Q8_0)
+            }
             (safetensors::Dtype::F32, _) => GgmlDType::F32,
             (safetensors::Dtype::F16, _) => GgmlDType::F16,
             (safetensors::Dtype::BF16, _) => GgmlDType::BF16,
@@ -484,6 +506,27 @@ fn tensor_bytes(
     spec: &TensorSpec,
 ) -> Result<Vec<u8>> {
     let load = |e: candle_core::Error| ModelError::Load(format!("tensor {}: {e}", source.name));
+    if matches!(spec.dtype, GgmlDType::Q8_0 | GgmlDType::Q4_1) {
+        // Rows put in order first, then each quantized in blocks.
+        let f32s = GgmlDType::F32;
+        let rows = tensor_bytes(
+            st,
+            source,
+            &TensorSpec {
+                dtype: f32s,
+                ..spec.clone()
+            },
+        )?;
+        let values: Vec<f32> = rows
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect();
+        let t =
+            candle_core::Tensor::from_vec(values, spec.dims.as_slice(), &candle_core::Device::Cpu)
+                .map_err(load)?;
+        let q = candle_core::quantized::QTensor::quantize(&t, spec.dtype).map_err(load)?;
+        return Ok(q.data().map_err(load)?.into_owned());
+    }
     let view = st.get(&source.name).map_err(load)?;
     let raw = view.data();
     let data: Vec<u8> = match (spec.dtype, view.dtype()) {

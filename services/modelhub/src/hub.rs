@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use futures::StreamExt;
 use tokio::io::AsyncWriteExt;
 
-use crate::{FetchError, FetchedModel, ModelCache, Result, sha256_file};
+use crate::{FetchError, FetchedModel, GgmlDType, ModelCache, Result, sha256_file};
 
 /// Where and how the hub is reached: the endpoint, the hub's own cache, and
 /// whether the network may be used (`HF_HUB_OFFLINE`).
@@ -64,15 +64,20 @@ fn wanted(file: &str) -> bool {
 
 impl ModelCache {
     /// Pulls `repo` at `revision` as a Hugging Face folder and converts it
-    /// into one GGUF file, named after the repository.
+    /// into one GGUF file, named after the repository (and the type its
+    /// matrices were quantized to, when `quantize` says one).
     pub async fn pull_hub_folder(
         &self,
         hub: &Hub,
         repo: &str,
         revision: &str,
+        quantize: Option<GgmlDType>,
     ) -> Result<FetchedModel> {
         let source = format!("hf:{repo}@{revision}");
-        let name = repo.rsplit('/').next().unwrap_or(repo).to_string();
+        let mut name = repo.rsplit('/').next().unwrap_or(repo).to_string();
+        if let Some(q) = quantize {
+            name = format!("{name}-{q:?}");
+        }
         if let Some(found) = self.find_cached(&name, &source).await? {
             return Ok(found);
         }
@@ -94,7 +99,7 @@ impl ModelCache {
         };
         tokio::fs::create_dir_all(self.dir()).await?;
         let part = self.part_path(&name);
-        self.convert(&folder, &part).await?;
+        self.convert(&folder, &part, quantize).await?;
         self.keep(part, &name, source).await
     }
 

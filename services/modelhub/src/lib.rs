@@ -20,6 +20,7 @@ pub use versions::{Versions, adapter_weights, served_adapter};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+pub use candle_core::quantized::GgmlDType;
 use futures::StreamExt;
 use sha2::{Digest, Sha256};
 use tokio::io::AsyncWriteExt;
@@ -206,7 +207,26 @@ impl ModelCache {
     /// (`config.json`, safetensors, `tokenizer.json`) is converted into one
     /// GGUF file ([`flywheel_model::hf`]).
     pub async fn import(&self, path: &Path, name: Option<&str>) -> Result<FetchedModel> {
+        self.import_as(path, name, None).await
+    }
+
+    /// [`import`](Self::import), a folder's matrices quantized to
+    /// `quantize` (Q8_0 or Q4_1) as it is converted; a GGUF file is copied
+    /// as it is.
+    pub async fn import_as(
+        &self,
+        path: &Path,
+        name: Option<&str>,
+        quantize: Option<GgmlDType>,
+    ) -> Result<FetchedModel> {
         let folder = flywheel_model::hf::is_folder(path);
+        if quantize.is_some() && !folder {
+            return Err(FetchError::Invalid(format!(
+                "{} is a file: --quantize converts a Hugging Face folder (a GGUF file is \
+                 quantized when served, with FLYWHEEL_QUANTIZE)",
+                path.display()
+            )));
+        }
         let name = match name {
             Some(n) => n.to_string(),
             // A folder's whole name (`Qwen2.5-0.5B-Instruct`), a file's stem.
@@ -221,7 +241,7 @@ impl ModelCache {
         tokio::fs::create_dir_all(&self.dir).await?;
         let part = self.part_path(&name);
         if folder {
-            self.convert(path, &part).await?;
+            self.convert(path, &part, quantize).await?;
         } else {
             tokio::fs::copy(path, &part).await?;
         }
@@ -231,12 +251,14 @@ impl ModelCache {
 
     /// Converts a Hugging Face folder into the GGUF file `part`, on a
     /// blocking thread (it reads every weight once).
-    async fn convert(&self, folder: &Path, part: &Path) -> Result<()> {
+    async fn convert(&self, folder: &Path, part: &Path, quantize: Option<GgmlDType>) -> Result<()> {
         let (from, to) = (folder.to_path_buf(), part.to_path_buf());
         tracing::info!(folder = %from.display(), "converting a Hugging Face folder to GGUF");
-        let done = tokio::task::spawn_blocking(move || flywheel_model::hf::convert(&from, &to))
-            .await
-            .map_err(|e| FetchError::Invalid(format!("the conversion stopped: {e}")))?;
+        let done = tokio::task::spawn_blocking(move || {
+            flywheel_model::hf::convert_as(&from, &to, quantize)
+        })
+        .await
+        .map_err(|e| FetchError::Invalid(format!("the conversion stopped: {e}")))?;
         match done {
             Ok(c) => {
                 tracing::info!(
