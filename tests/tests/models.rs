@@ -85,15 +85,20 @@ async fn pulls_from_a_hub_endpoint_and_registers_the_version() {
     assert!(format!("{err:#}").contains("404"), "{err:#}");
 }
 
+/// The commit the hub stand-in's `main` names.
+const STANDIN_COMMIT: &str = "0123456789abcdef";
+
 /// A file the hub stand-in was asked for, and the byte range.
 type Asked = (String, Option<String>);
 
 /// A hub stand-in serving one repository, `acme/tiny-llama3`: the tiny
 /// Llama 3's Hugging Face folder (three safetensors shards and an index),
-/// listed by the revision API beside files the conversion does not read
-/// (which it does not serve), the weights with the sha256 the hub gives in
-/// `X-Linked-Etag`, byte ranges honoured. It records each file asked for
-/// with its range; `corrupt` flips a byte of every weight file it sends.
+/// listed by the revision API (with each large file's size and sha256, as
+/// `?blobs=true` gives them, and the commit `main` names) beside files the
+/// conversion does not read (which it does not serve: a `.bin`, a README,
+/// a second copy of the weights); files only at that commit, byte ranges
+/// honoured. It records each file asked for with its range; `corrupt`
+/// flips a byte of every weight file it sends.
 struct StandinHub {
     endpoint: String,
     asked: std::sync::Arc<std::sync::Mutex<Vec<Asked>>>,
@@ -109,11 +114,21 @@ async fn standin_hub() -> StandinHub {
         .map(|f| f.unwrap().file_name().to_string_lossy().into_owned())
         .collect();
     files.sort();
+    // As `?blobs=true` lists them: large files with their LFS digest.
     let listed: Vec<serde_json::Value> = files
         .iter()
-        .map(String::as_str)
-        .chain(["README.md", "pytorch_model.bin"])
-        .map(|f| serde_json::json!({"rfilename": f}))
+        .map(|f| {
+            let bytes = std::fs::read(folder.join(f)).unwrap();
+            match f.ends_with(".safetensors") {
+                true => serde_json::json!({"rfilename": f, "size": bytes.len(), "lfs": {
+                    "sha256": hex::encode(sha2::Sha256::digest(&bytes)), "size": bytes.len()}}),
+                false => serde_json::json!({"rfilename": f, "size": bytes.len()}),
+            }
+        })
+        .chain(
+            ["README.md", "pytorch_model.bin", "consolidated.safetensors"]
+                .map(|f| serde_json::json!({"rfilename": f})),
+        )
         .collect();
     let asked = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
     let corrupt = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -126,9 +141,9 @@ async fn standin_hub() -> StandinHub {
                     let listed = listed.clone();
                     async move {
                         match (owner.as_str(), repo.as_str()) {
-                            ("acme", "tiny-llama3") => {
-                                Ok(axum::Json(serde_json::json!({"siblings": listed})))
-                            }
+                            ("acme", "tiny-llama3") => Ok(axum::Json(
+                                serde_json::json!({"sha": STANDIN_COMMIT, "siblings": listed}),
+                            )),
                             _ => Err(StatusCode::NOT_FOUND),
                         }
                     }
@@ -138,7 +153,7 @@ async fn standin_hub() -> StandinHub {
         .route(
             "/{owner}/{repo}/resolve/{rev}/{*file}",
             get(
-                move |Path((_, _, _, file)): Path<(String, String, String, String)>,
+                move |Path((_, _, rev, file)): Path<(String, String, String, String)>,
                       headers: HeaderMap| {
                     let (folder, log, flip) = (folder.clone(), log.clone(), flip.clone());
                     async move {
@@ -146,21 +161,24 @@ async fn standin_hub() -> StandinHub {
                             .get("range")
                             .map(|r| r.to_str().unwrap().to_string());
                         log.lock().unwrap().push((file.clone(), range.clone()));
+                        // Files are asked for at the commit the listing named.
                         let Ok(mut bytes) = std::fs::read(folder.join(&file)) else {
                             return StatusCode::NOT_FOUND.into_response();
                         };
+                        if rev != STANDIN_COMMIT {
+                            return StatusCode::NOT_FOUND.into_response();
+                        }
                         let mut head = HeaderMap::new();
-                        if file.ends_with(".safetensors") {
-                            let sha = hex::encode(sha2::Sha256::digest(&bytes));
-                            head.insert("x-linked-etag", format!("\"{sha}\"").parse().unwrap());
-                            if flip.load(Ordering::SeqCst) {
-                                let last = bytes.len() - 1;
-                                bytes[last] ^= 1;
-                            }
+                        if file.ends_with(".safetensors") && flip.load(Ordering::SeqCst) {
+                            let last = bytes.len() - 1;
+                            bytes[last] ^= 1;
                         }
                         match range.as_deref().and_then(|r| r.strip_prefix("bytes=")) {
                             Some(from) => {
                                 let from: usize = from.trim_end_matches('-').parse().unwrap();
+                                let range =
+                                    format!("bytes {from}-{}/{}", bytes.len() - 1, bytes.len());
+                                head.insert("content-range", range.parse().unwrap());
                                 (StatusCode::PARTIAL_CONTENT, head, bytes[from..].to_vec())
                                     .into_response()
                             }
@@ -201,7 +219,17 @@ async fn pulls_a_model_folder_from_the_hub_checking_and_resuming_each_file() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("where the hub says"), "{err}");
-    let into = cache.dir().join("hf/acme--tiny-llama3/main");
+    // A repository the hub does not have is a clear error.
+    let err = cache
+        .pull_hub_folder(&cfg_hub, "acme/absent", "main", None)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("404"), "{err}");
+    let into = cache
+        .dir()
+        .join("hf/acme--tiny-llama3")
+        .join(STANDIN_COMMIT);
     let shard = "model-00001-of-00003.safetensors";
     assert!(!into.join(shard).exists() && !into.join(format!("{shard}.part")).exists());
 
@@ -225,9 +253,10 @@ async fn pulls_a_model_folder_from_the_hub_checking_and_resuming_each_file() {
         "{asked:?}"
     );
     assert!(
-        asked
-            .iter()
-            .all(|(f, _)| f != "README.md" && f != "pytorch_model.bin"),
+        asked.iter().all(|(f, _)| !matches!(
+            f.as_str(),
+            "README.md" | "pytorch_model.bin" | "consolidated.safetensors"
+        )),
         "{asked:?}"
     );
     assert_eq!(std::fs::read(into.join(shard)).unwrap(), whole);

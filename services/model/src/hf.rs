@@ -167,12 +167,18 @@ fn hparams(config: &Json, arch: &str) -> Result<Hparams> {
     };
     let u = |v: usize| Value::U32(v as u32);
     let key = |k: &str| format!("{arch}.{k}");
+    // A sliding window (Mistral v0.1's 4,096 positions) attends like the
+    // full context up to its length: the context served stops there, so
+    // every answer is the model's own.
+    let mut context = int("max_position_embeddings").unwrap_or(2048);
+    if config["use_sliding_window"].as_bool() != Some(false)
+        && let Some(window) = config["sliding_window"].as_u64()
+    {
+        context = context.min(window as usize);
+    }
     let mut keys = vec![
         (key("block_count"), u(int("num_hidden_layers")?)),
-        (
-            key("context_length"),
-            u(int("max_position_embeddings").unwrap_or(2048)),
-        ),
+        (key("context_length"), u(context)),
         (key("embedding_length"), u(hidden)),
         (key("feed_forward_length"), u(int("intermediate_size")?)),
         (key("attention.head_count"), u(heads)),
@@ -428,6 +434,17 @@ pub fn convert_as(dir: &Path, out: &Path, quantize: Option<GgmlDType>) -> Result
             ),
         );
     }
+    // Transformers ties the output to the embedding only when the config
+    // says so; a folder that says not and holds no output is broken.
+    if config["tie_word_embeddings"].as_bool() == Some(false)
+        && !found.values().any(|(spec, _)| spec.name == "output.weight")
+    {
+        return Err(ModelError::Load(
+            "config.json says tie_word_embeddings is false, and no lm_head.weight is in the \
+             weights"
+                .into(),
+        ));
+    }
     let mut specs: Vec<TensorSpec> = Vec::new();
     let mut sources: Vec<Option<Source>> = Vec::new();
     if let Some(f) = &hp.rope_factors {
@@ -634,5 +651,39 @@ mod tests {
             serde_json::json!({"rope_type": "longrope", "rope_theta": 1e4}),
         );
         assert!(e.contains("rope scaling `longrope`"), "{e}");
+    }
+
+    /// The value of `key` among a conversion's keys.
+    fn key<'a>(hp: &'a Hparams, key: &str) -> &'a Value {
+        &hp.keys.iter().find(|(k, _)| k == key).unwrap().1
+    }
+
+    #[test]
+    fn older_configs_rope_and_sliding_window_are_read() {
+        // transformers 4's layout, as Llama 3.1's config.json on the hub.
+        let llama31 = serde_json::json!({
+            "hidden_size": 64, "num_attention_heads": 4, "num_hidden_layers": 2,
+            "intermediate_size": 128, "vocab_size": 100, "max_position_embeddings": 131072,
+            "rope_theta": 500000.0,
+            "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
+        });
+        let hp = hparams(&llama31, "llama").unwrap();
+        assert_eq!(key(&hp, "llama.rope.freq_base").to_f32().unwrap(), 500000.0);
+        let factors = hp.rope_factors.clone().unwrap();
+        assert_eq!((factors[0], factors[7]), (1.0, 8.0));
+        assert_eq!(key(&hp, "llama.context_length").to_u32().unwrap(), 131072);
+        // Mistral v0.1: a window of 4,096 in a context of 32,768.
+        let mut mistral = llama31.clone();
+        mistral["rope_scaling"] = Json::Null;
+        mistral["max_position_embeddings"] = 32768.into();
+        mistral["sliding_window"] = 4096.into();
+        let hp = hparams(&mistral, "llama").unwrap();
+        assert!(hp.rope_factors.is_none());
+        assert_eq!(key(&hp, "llama.context_length").to_u32().unwrap(), 4096);
+        // Qwen2's configs carry a window they do not use.
+        mistral["use_sliding_window"] = false.into();
+        let hp = hparams(&mistral, "llama").unwrap();
+        assert_eq!(key(&hp, "llama.context_length").to_u32().unwrap(), 32768);
     }
 }

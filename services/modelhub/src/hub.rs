@@ -31,9 +31,13 @@ impl Hub {
             .map(PathBuf::from)
             .or_else(|| var("HF_HOME").map(|h| PathBuf::from(h).join("hub")))
             .or_else(|| var("HOME").map(|h| PathBuf::from(h).join(".cache/huggingface/hub")));
-        let offline = var("HF_HUB_OFFLINE")
-            .map(|v| !matches!(v.to_string_lossy().as_ref(), "0" | "false" | "no"))
-            .unwrap_or(false);
+        // As huggingface_hub reads it.
+        let offline = var("HF_HUB_OFFLINE").is_some_and(|v| {
+            matches!(
+                v.to_string_lossy().to_ascii_uppercase().as_str(),
+                "1" | "ON" | "YES" | "TRUE"
+            )
+        });
         Self {
             endpoint: endpoint.trim_end_matches('/').to_string(),
             cache,
@@ -52,14 +56,8 @@ impl Hub {
             .map(|c| c.trim().to_string())
             .unwrap_or_else(|_| revision.to_string());
         let dir = root.join("snapshots").join(commit);
-        flywheel_model::hf::is_folder(&dir).then_some(dir)
+        complete(&dir).then_some(dir)
     }
-}
-
-/// Whether the conversion reads `file` of a repository.
-fn wanted(file: &str) -> bool {
-    flywheel_model::hf::FOLDER_FILES.contains(&file)
-        || (!file.contains('/') && file.ends_with(".safetensors"))
 }
 
 impl ModelCache {
@@ -104,48 +102,91 @@ impl ModelCache {
     }
 
     /// Downloads the files of `repo` the conversion reads into
-    /// `<cache>/hf/<owner>--<repo>/<revision>/`; files already there whole
-    /// are kept, a `.part` left by a stopped download is resumed.
+    /// `<cache>/hf/<owner>--<repo>/<commit>/` (the commit the revision names
+    /// now, so a branch that moves between two tries never mixes two
+    /// versions' files); files already there whole are kept, a `.part` left
+    /// by a stopped download is resumed. The weights are those the index
+    /// names, or `model.safetensors` (not every `*.safetensors`: some
+    /// repositories hold the same weights twice).
     async fn download_folder(&self, hub: &Hub, repo: &str, revision: &str) -> Result<PathBuf> {
-        let listing = format!("{}/api/models/{repo}/revision/{revision}", hub.endpoint);
-        let info: serde_json::Value = self.get(&listing).await?.json().await?;
-        let files: Vec<String> = info["siblings"]
+        let listing = format!(
+            "{}/api/models/{repo}/revision/{revision}?blobs=true",
+            hub.endpoint
+        );
+        let info: serde_json::Value = match self.get(&listing).await {
+            Ok(resp) => resp.json().await?,
+            Err(FetchError::Status { status, .. }) if matches!(status, 401 | 403) => {
+                return Err(FetchError::Invalid(format!(
+                    "the hub answered {status} for {repo}: a private or gated repository needs \
+                     HF_TOKEN set to a token that may read it (and, for a gated one, its terms \
+                     accepted on the hub)"
+                )));
+            }
+            Err(e) => return Err(e),
+        };
+        let commit = info["sha"]
+            .as_str()
+            .filter(|c| !c.is_empty() && c.bytes().all(|b| b.is_ascii_alphanumeric()))
+            .unwrap_or(revision)
+            .to_string();
+        let blobs: std::collections::HashMap<String, Blob> = info["siblings"]
             .as_array()
             .into_iter()
             .flatten()
-            .filter_map(|s| s["rfilename"].as_str())
-            .filter(|f| wanted(f))
-            .map(str::to_string)
+            .filter_map(|s| {
+                let name = s["rfilename"].as_str()?.to_string();
+                let blob = Blob {
+                    sha256: s["lfs"]["sha256"].as_str().map(str::to_ascii_lowercase),
+                    size: s["lfs"]["size"].as_u64().or(s["size"].as_u64()),
+                };
+                Some((name, blob))
+            })
             .collect();
-        if !files.iter().any(|f| f.ends_with(".safetensors")) {
-            return Err(FetchError::Invalid(format!(
-                "{repo}@{revision} holds no safetensors weights (for a GGUF file, \
-                 pull owner/repo/file.gguf)"
-            )));
-        }
         let dir = self
             .dir()
             .join("hf")
             .join(repo.replace('/', "--"))
-            .join(revision);
+            .join(&commit);
         tokio::fs::create_dir_all(&dir).await?;
-        for (i, file) in files.iter().enumerate() {
-            let to = dir.join(file);
-            if tokio::fs::try_exists(&to).await? {
-                continue;
+        let fetch = |file: String| {
+            let (dir, blob) = (dir.clone(), blobs.get(&file).cloned());
+            let url = format!("{}/{repo}/resolve/{commit}/{file}", hub.endpoint);
+            async move {
+                let to = dir.join(&file);
+                if !tokio::fs::try_exists(&to).await? {
+                    tracing::info!("{repo}: {file}");
+                    self.download_checked(&url, &to, blob.as_ref()).await?;
+                }
+                Ok::<_, FetchError>(())
             }
-            tracing::info!("{repo}: file {} of {}: {file}", i + 1, files.len());
-            let url = format!("{}/{repo}/resolve/{revision}/{file}", hub.endpoint);
-            self.download_checked(&url, &to).await?;
+        };
+        let mut small: Vec<&String> = blobs
+            .keys()
+            .filter(|f| flywheel_model::hf::FOLDER_FILES.contains(&f.as_str()))
+            .collect();
+        small.sort();
+        for file in small {
+            fetch(file.clone()).await?;
+        }
+        let weights = weight_files(&dir, &blobs)?;
+        for (i, file) in weights.iter().enumerate() {
+            tracing::info!("{repo}: weights {} of {}", i + 1, weights.len());
+            if !blobs.contains_key(file) {
+                return Err(FetchError::Invalid(format!(
+                    "{repo}@{revision}: its index names {file}, which the repository does not hold"
+                )));
+            }
+            fetch(file.clone()).await?;
         }
         Ok(dir)
     }
 
     /// Downloads `url` to `to` through `to.part`, resuming a part left
     /// before (an HTTP range request; a server that ignores it sends the
-    /// whole file again), and checks the whole file against the sha256 the
-    /// hub gives for large files (`X-Linked-Etag`).
-    async fn download_checked(&self, url: &str, to: &Path) -> Result<()> {
+    /// whole file again), and checks the whole file against the size and
+    /// sha256 the hub's listing gives for it, or the `X-Linked-Etag` it
+    /// answers with.
+    async fn download_checked(&self, url: &str, to: &Path, blob: Option<&Blob>) -> Result<()> {
         let part = to.with_extension(format!(
             "{}.part",
             to.extension().and_then(|e| e.to_str()).unwrap_or("")
@@ -153,7 +194,20 @@ impl ModelCache {
         let have = tokio::fs::metadata(&part).await.map_or(0, |m| m.len());
         let resp = self.get_from(url, have).await?;
         let resumed = resp.status() == reqwest::StatusCode::PARTIAL_CONTENT;
-        let digest = resp
+        if resumed {
+            let range = resp
+                .headers()
+                .get(reqwest::header::CONTENT_RANGE)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default();
+            if !range.starts_with(&format!("bytes {have}-")) {
+                tokio::fs::remove_file(&part).await?;
+                return Err(FetchError::Invalid(format!(
+                    "{url}: asked from byte {have}, answered {range:?}; the part is deleted, try again"
+                )));
+            }
+        }
+        let etag = resp
             .headers()
             .get("x-linked-etag")
             .and_then(|v| v.to_str().ok())
@@ -161,7 +215,10 @@ impl ModelCache {
                 v.trim_start_matches("W/")
                     .trim_matches('"')
                     .to_ascii_lowercase()
-            })
+            });
+        let digest = blob
+            .and_then(|b| b.sha256.clone())
+            .or(etag)
             .filter(|d| d.len() == 64 && d.bytes().all(|b| b.is_ascii_hexdigit()));
         let mut file = match resumed {
             true => {
@@ -179,43 +236,89 @@ impl ModelCache {
         }
         file.flush().await?;
         file.sync_all().await?;
-        if let Some(want) = digest {
-            let got = sha256_file(&part).await?;
-            if got != want {
-                tokio::fs::remove_file(&part).await?;
-                return Err(FetchError::Invalid(format!(
-                    "{url}: sha256 {got} where the hub says {want}; the download is deleted"
-                )));
+        let size = tokio::fs::metadata(&part).await?.len();
+        let wrong = match (blob.and_then(|b| b.size), digest) {
+            (Some(want), _) if want != size => {
+                Some(format!("{size} bytes where the hub says {want}"))
             }
+            (_, Some(want)) => {
+                let got = sha256_file(&part).await?;
+                (got != want).then(|| format!("sha256 {got} where the hub says {want}"))
+            }
+            _ => None,
+        };
+        if let Some(wrong) = wrong {
+            tokio::fs::remove_file(&part).await?;
+            return Err(FetchError::Invalid(format!(
+                "{url}: {wrong}; the download is deleted"
+            )));
         }
         tokio::fs::rename(&part, to).await?;
         Ok(())
     }
 }
 
+/// What the hub's listing says of one file.
+#[derive(Debug, Clone)]
+struct Blob {
+    /// Large files' (LFS) content digest.
+    sha256: Option<String>,
+    size: Option<u64>,
+}
+
+/// The weight files of a folder whose index (if any) is already in `dir`:
+/// those the index names, or `model.safetensors` when the listing holds it.
+fn weight_files(
+    dir: &Path,
+    listed: &std::collections::HashMap<String, Blob>,
+) -> Result<Vec<String>> {
+    let index = dir.join("model.safetensors.index.json");
+    if let Ok(text) = std::fs::read_to_string(&index) {
+        let v: serde_json::Value = serde_json::from_str(&text)
+            .map_err(|e| FetchError::Invalid(format!("{}: {e}", index.display())))?;
+        let mut files: Vec<String> = v["weight_map"]
+            .as_object()
+            .into_iter()
+            .flat_map(|m| m.values())
+            .filter_map(|f| f.as_str().map(str::to_string))
+            .collect();
+        files.sort();
+        files.dedup();
+        return Ok(files);
+    }
+    match listed.contains_key("model.safetensors") {
+        true => Ok(vec!["model.safetensors".into()]),
+        false => Err(FetchError::Invalid(
+            "the repository holds neither model.safetensors nor model.safetensors.index.json \
+             (for a GGUF file, pull owner/repo/file.gguf)"
+                .into(),
+        )),
+    }
+}
+
+/// Whether a snapshot holds all a conversion reads: a model folder with
+/// its tokenizer and every weight file (a snapshot Python filled only
+/// partly, with a config fetched alone, is not one).
+fn complete(dir: &Path) -> bool {
+    if !flywheel_model::hf::is_folder(dir) || !dir.join("tokenizer.json").is_file() {
+        return false;
+    }
+    let listed: std::collections::HashMap<String, Blob> = std::collections::HashMap::from([(
+        "model.safetensors".to_string(),
+        Blob {
+            sha256: None,
+            size: None,
+        },
+    )]);
+    match weight_files(dir, &listed) {
+        Ok(files) => files.iter().all(|f| dir.join(f).is_file()),
+        Err(_) => false,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn the_files_a_conversion_reads_are_pulled_and_no_others() {
-        for f in [
-            "config.json",
-            "tokenizer.json",
-            "model-00001-of-00002.safetensors",
-            "model.safetensors.index.json",
-        ] {
-            assert!(wanted(f), "{f}");
-        }
-        for f in [
-            "pytorch_model.bin",
-            "README.md",
-            "original/consolidated.safetensors",
-            "model.gguf",
-        ] {
-            assert!(!wanted(f), "{f}");
-        }
-    }
 
     #[test]
     fn a_snapshot_is_found_through_its_ref() {
@@ -230,9 +333,20 @@ mod tests {
             cache: Some(root.clone()),
             offline: true,
         };
-        // A snapshot without a model folder in it is not one.
+        // A snapshot without a whole model folder in it is not one: a
+        // config alone, or an index whose shards are not all there.
         assert_eq!(hub.snapshot("acme/tiny", "main"), None);
         std::fs::write(snap.join("config.json"), "{}").unwrap();
+        std::fs::write(snap.join("tokenizer.json"), "{}").unwrap();
+        assert_eq!(hub.snapshot("acme/tiny", "main"), None);
+        std::fs::write(
+            snap.join("model.safetensors.index.json"),
+            r#"{"weight_map": {"a": "model-1.safetensors", "b": "model-2.safetensors"}}"#,
+        )
+        .unwrap();
+        std::fs::write(snap.join("model-1.safetensors"), "").unwrap();
+        assert_eq!(hub.snapshot("acme/tiny", "main"), None);
+        std::fs::write(snap.join("model-2.safetensors"), "").unwrap();
         assert_eq!(hub.snapshot("acme/tiny", "main"), Some(snap.clone()));
         assert_eq!(hub.snapshot("acme/tiny", "abc123"), Some(snap));
         assert_eq!(hub.snapshot("acme/other", "main"), None);
