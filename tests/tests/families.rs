@@ -288,6 +288,16 @@ per_family!(check_hf_folder:
     mistral_hugging_face_folder_converts_and_answers_as_transformers => "mistral",
 );
 
+/// A tensor of a GGUF file, as f32 values.
+fn values(g: &mut GgufFile, name: &str) -> Vec<f32> {
+    g.tensor_f32(name, &candle_core::Device::Cpu)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap()
+}
+
 fn check_hf_folder(name: &str) {
     let (path, reference) = family(name);
     let folder = path.with_file_name("hf");
@@ -306,16 +316,11 @@ fn check_hf_folder(name: &str) {
     assert_eq!(names, want);
     assert_eq!(done.tensors, names.len());
     for n in &names {
-        let read = |g: &mut GgufFile| {
-            g.tensor_f32(n, &candle_core::Device::Cpu)
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1::<f32>()
-                .unwrap()
-        };
         assert_eq!(ours.tensor_dims(n), theirs.tensor_dims(n), "{n}");
-        assert!(read(&mut ours) == read(&mut theirs), "{name}: tensor {n}");
+        assert!(
+            values(&mut ours, n) == values(&mut theirs, n),
+            "{name}: tensor {n}"
+        );
     }
     tokenizer_matches(&out, &reference);
     template_matches(&out, &reference);
@@ -376,17 +381,9 @@ fn a_half_precision_folder_keeps_its_matrices_in_their_type() {
             let matrix = ours.tensor_dims(&name).unwrap().len() == 2;
             let stored = ours.tensor_dtype(&name).unwrap();
             assert_eq!(stored, if matrix { ggml } else { GgmlDType::F32 }, "{name}");
-            let read = |g: &mut GgufFile| {
-                g.tensor_f32(&name, &candle_core::Device::Cpu)
-                    .unwrap()
-                    .flatten_all()
-                    .unwrap()
-                    .to_vec1::<f32>()
-                    .unwrap()
-            };
-            let got = read(&mut ours);
+            let got = values(&mut ours, &name);
             if matrix {
-                assert!(got == read(&mut theirs), "{name} in {file}");
+                assert!(got == values(&mut theirs, &name), "{name} in {file}");
             } else {
                 // The folder's own rounding of it.
                 let hf = name_in_folder(&name);

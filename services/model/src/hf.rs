@@ -21,7 +21,7 @@ use candle_core::quantized::GgmlDType;
 use candle_core::quantized::gguf_file::Value;
 use serde_json::Value as Json;
 
-use crate::config::interleaved_from_halves;
+use crate::config::{self, Proj, gather_rows, interleaved_from_halves};
 use crate::gguf::{self, TensorSpec};
 use crate::{ModelError, Result};
 
@@ -71,20 +71,18 @@ fn architecture(model_type: &str) -> Result<&'static str> {
     }
 }
 
-/// A folder's module names, per layer, as GGUF short names.
-const LAYER_TENSORS: &[(&str, &str)] = &[
-    ("input_layernorm", "attn_norm"),
-    ("self_attn.q_proj", "attn_q"),
-    ("self_attn.k_proj", "attn_k"),
-    ("self_attn.v_proj", "attn_v"),
-    ("self_attn.q_norm", "attn_q_norm"),
-    ("self_attn.k_norm", "attn_k_norm"),
-    ("self_attn.o_proj", "attn_output"),
-    ("post_attention_layernorm", "ffn_norm"),
-    ("mlp.gate_proj", "ffn_gate"),
-    ("mlp.up_proj", "ffn_up"),
-    ("mlp.down_proj", "ffn_down"),
-];
+/// A folder's module names, per layer, with their GGUF short names: the
+/// norms, then the projections as [`Proj`] names them (the one table).
+fn layer_tensors() -> impl Iterator<Item = (&'static str, &'static str)> {
+    [
+        ("input_layernorm", config::ATTN_NORM),
+        ("post_attention_layernorm", config::FFN_NORM),
+        ("self_attn.q_norm", config::ATTN_Q_NORM),
+        ("self_attn.k_norm", config::ATTN_K_NORM),
+    ]
+    .into_iter()
+    .chain(Proj::ALL.map(|p| (p.hf_name(), p.gguf_name())))
+}
 
 fn read_json(path: &Path) -> Result<Json> {
     let text = std::fs::read_to_string(path)
@@ -235,21 +233,30 @@ fn llama3_rope_factors(rope: &Json, theta: f64, head_dim: usize) -> Result<Vec<f
         .collect())
 }
 
+/// The weight files a folder's `model.safetensors.index.json` names, if it
+/// has one (a hub download reads it to know which files to fetch).
+pub fn indexed_weights(dir: &Path) -> Result<Option<Vec<String>>> {
+    let Some(index) = read_optional_json(&dir.join("model.safetensors.index.json"))? else {
+        return Ok(None);
+    };
+    let map = index["weight_map"]
+        .as_object()
+        .ok_or_else(|| ModelError::Load("model.safetensors.index.json has no weight_map".into()))?;
+    let mut files: Vec<String> = map
+        .values()
+        .filter_map(Json::as_str)
+        .map(str::to_string)
+        .collect();
+    files.sort();
+    files.dedup();
+    Ok(Some(files))
+}
+
 /// The safetensors files of a folder: those its index names, or the one
 /// `model.safetensors`.
 fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
-    if let Some(index) = read_optional_json(&dir.join("model.safetensors.index.json"))? {
-        let map = index["weight_map"].as_object().ok_or_else(|| {
-            ModelError::Load("model.safetensors.index.json has no weight_map".into())
-        })?;
-        let mut files: Vec<PathBuf> = map
-            .values()
-            .filter_map(Json::as_str)
-            .map(|f| dir.join(f))
-            .collect();
-        files.sort();
-        files.dedup();
-        return Ok(files);
+    if let Some(files) = indexed_weights(dir)? {
+        return Ok(files.iter().map(|f| dir.join(f)).collect());
     }
     let one = dir.join("model.safetensors");
     match one.is_file() {
@@ -284,7 +291,7 @@ fn gguf_name(name: &str) -> Option<Option<String>> {
     if kind != "weight" && kind != "bias" {
         return None;
     }
-    let short = LAYER_TENSORS.iter().find(|(m, _)| *m == module)?.1;
+    let short = layer_tensors().find(|(m, _)| *m == module)?.1;
     Some(Some(format!("blk.{layer}.{short}.{kind}")))
 }
 
@@ -388,15 +395,13 @@ pub fn convert_as(dir: &Path, out: &Path, quantize: Option<GgmlDType>) -> Result
         };
         let Some(target) = target else { continue };
         let dims = view.shape().to_vec();
-        let dtype = match (view.dtype(), dims.len()) {
-            (_, 1) => GgmlDType::F32,
-            (_, 2) if quantize.is_some() && dims[1] % QUANT_BLOCK == 0 => {
-                quantize.unwrap_or(GgmlDType::Q8_0)
-            }
-            (safetensors::Dtype::F32, _) => GgmlDType::F32,
-            (safetensors::Dtype::F16, _) => GgmlDType::F16,
-            (safetensors::Dtype::BF16, _) => GgmlDType::BF16,
-            (other, _) => {
+        let dtype = match (quantize, view.dtype(), dims.len()) {
+            (_, _, 1) => GgmlDType::F32,
+            (Some(q), _, 2) if dims[1] % QUANT_BLOCK == 0 => q,
+            (_, safetensors::Dtype::F32, _) => GgmlDType::F32,
+            (_, safetensors::Dtype::F16, _) => GgmlDType::F16,
+            (_, safetensors::Dtype::BF16, _) => GgmlDType::BF16,
+            (_, other, _) => {
                 return Err(ModelError::Load(format!(
                     "tensor {name} is {other:?} (F32, F16 and BF16 are read)"
                 )));
@@ -413,8 +418,7 @@ pub fn convert_as(dir: &Path, out: &Path, quantize: Option<GgmlDType>) -> Result
         let sort = match target.strip_prefix("blk.") {
             Some(rest) => {
                 let (layer, short) = rest.split_once('.').unwrap_or_default();
-                let pos = LAYER_TENSORS
-                    .iter()
+                let pos = layer_tensors()
                     .position(|(_, s)| short.starts_with(&format!("{s}.")))
                     .unwrap_or(0);
                 (1 + layer.parse::<usize>().unwrap_or(0), pos, target.clone())
@@ -525,22 +529,13 @@ fn tensor_bytes(
     let load = |e: candle_core::Error| ModelError::Load(format!("tensor {}: {e}", source.name));
     if matches!(spec.dtype, GgmlDType::Q8_0 | GgmlDType::Q4_1) {
         // Rows put in order first, then each quantized in blocks.
-        let f32s = GgmlDType::F32;
-        let rows = tensor_bytes(
-            st,
-            source,
-            &TensorSpec {
-                dtype: f32s,
-                ..spec.clone()
-            },
-        )?;
-        let values: Vec<f32> = rows
-            .chunks_exact(4)
-            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-            .collect();
-        let t =
-            candle_core::Tensor::from_vec(values, spec.dims.as_slice(), &candle_core::Device::Cpu)
-                .map_err(load)?;
+        let mut t = st
+            .load(&source.name, &candle_core::Device::Cpu)
+            .and_then(|t| t.to_dtype(candle_core::DType::F32))
+            .map_err(load)?;
+        if let Some(order) = &source.order {
+            t = gather_rows(&t, order).map_err(load)?;
+        }
         let q = candle_core::quantized::QTensor::quantize(&t, spec.dtype).map_err(load)?;
         return Ok(q.data().map_err(load)?.into_owned());
     }

@@ -331,33 +331,34 @@ impl TextTokenizer {
     }
 }
 
-/// Whether a tokenizer.json step (or a sequence of them) is of `kind`.
-fn mentions(step: &serde_json::Value, kind: &str) -> bool {
-    step["type"] == kind
+/// Whether a tokenizer.json step, or any step of a sequence of them, is
+/// one `is` picks.
+fn any_step(step: &serde_json::Value, is: &dyn Fn(&serde_json::Value) -> bool) -> bool {
+    is(step)
         || ["pretokenizers", "decoders", "normalizers"]
             .iter()
             .filter_map(|k| step[*k].as_array())
             .flatten()
-            .any(|s| mentions(s, kind))
+            .any(|s| any_step(s, is))
+}
+
+/// Whether a tokenizer.json step (or a sequence of them) is of `kind`.
+fn mentions(step: &serde_json::Value, kind: &str) -> bool {
+    any_step(step, &|s| s["type"] == kind)
 }
 
 /// Whether a tokenizer.json normalizer or pre-tokenizer puts a `▁` in front
 /// of the text: a `Prepend` of it (Llama 2's files), or a `Metaspace` that
 /// prepends (newer files).
 fn prepends_space(step: &serde_json::Value) -> bool {
-    let here = match step["type"].as_str() {
-        Some("Prepend") => step["prepend"] == SPACE,
-        Some("Metaspace") => match step["prepend_scheme"].as_str() {
+    any_step(step, &|s| match s["type"].as_str() {
+        Some("Prepend") => s["prepend"] == SPACE,
+        Some("Metaspace") => match s["prepend_scheme"].as_str() {
             Some(scheme) => scheme != "never",
-            None => step["add_prefix_space"] == true,
+            None => s["add_prefix_space"] == true,
         },
         _ => false,
-    };
-    here || ["pretokenizers", "normalizers"]
-        .iter()
-        .filter_map(|k| step[*k].as_array())
-        .flatten()
-        .any(prepends_space)
+    })
 }
 
 /// GPT-2's byte-level alphabet read backwards: printable bytes stand for

@@ -168,7 +168,7 @@ impl ModelCache {
         for file in small {
             fetch(file.clone()).await?;
         }
-        let weights = weight_files(&dir, &blobs)?;
+        let weights = weight_files(&dir, blobs.contains_key("model.safetensors"))?;
         for (i, file) in weights.iter().enumerate() {
             tracing::info!("{repo}: weights {} of {}", i + 1, weights.len());
             if !blobs.contains_key(file) {
@@ -267,28 +267,15 @@ struct Blob {
 }
 
 /// The weight files of a folder whose index (if any) is already in `dir`:
-/// those the index names, or `model.safetensors` when the listing holds it.
-fn weight_files(
-    dir: &Path,
-    listed: &std::collections::HashMap<String, Blob>,
-) -> Result<Vec<String>> {
-    let index = dir.join("model.safetensors.index.json");
-    if let Ok(text) = std::fs::read_to_string(&index) {
-        let v: serde_json::Value = serde_json::from_str(&text)
-            .map_err(|e| FetchError::Invalid(format!("{}: {e}", index.display())))?;
-        let mut files: Vec<String> = v["weight_map"]
-            .as_object()
-            .into_iter()
-            .flat_map(|m| m.values())
-            .filter_map(|f| f.as_str().map(str::to_string))
-            .collect();
-        files.sort();
-        files.dedup();
-        return Ok(files);
-    }
-    match listed.contains_key("model.safetensors") {
-        true => Ok(vec!["model.safetensors".into()]),
-        false => Err(FetchError::Invalid(
+/// those the index names, else `model.safetensors` when `has_single` says
+/// the repository holds it.
+fn weight_files(dir: &Path, has_single: bool) -> Result<Vec<String>> {
+    let indexed = flywheel_model::hf::indexed_weights(dir)
+        .map_err(|e| FetchError::Invalid(format!("{}: {e}", dir.display())))?;
+    match (indexed, has_single) {
+        (Some(files), _) => Ok(files),
+        (None, true) => Ok(vec!["model.safetensors".into()]),
+        (None, false) => Err(FetchError::Invalid(
             "the repository holds neither model.safetensors nor model.safetensors.index.json \
              (for a GGUF file, pull owner/repo/file.gguf)"
                 .into(),
@@ -300,20 +287,9 @@ fn weight_files(
 /// its tokenizer and every weight file (a snapshot Python filled only
 /// partly, with a config fetched alone, is not one).
 fn complete(dir: &Path) -> bool {
-    if !flywheel_model::hf::is_folder(dir) || !dir.join("tokenizer.json").is_file() {
-        return false;
-    }
-    let listed: std::collections::HashMap<String, Blob> = std::collections::HashMap::from([(
-        "model.safetensors".to_string(),
-        Blob {
-            sha256: None,
-            size: None,
-        },
-    )]);
-    match weight_files(dir, &listed) {
-        Ok(files) => files.iter().all(|f| dir.join(f).is_file()),
-        Err(_) => false,
-    }
+    flywheel_model::hf::is_folder(dir)
+        && dir.join("tokenizer.json").is_file()
+        && weight_files(dir, true).is_ok_and(|files| files.iter().all(|f| dir.join(f).is_file()))
 }
 
 #[cfg(test)]
