@@ -90,6 +90,16 @@ MISTRAL_CHAT = (
     "{%- endfor %}"
 )
 
+# Phi-3's chat layout: each message under its role's token and closed by
+# the end token, the assistant's role token last.
+PHI3_CHAT = (
+    "{%- for message in messages %}"
+    "{{- '<|' + message['role'] + '|>\n' + message['content'] + '<|end|>\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|assistant|>\n' }}"
+    "{%- else %}{{- eos_token }}{%- endif %}"
+)
+
 # Qwen2's and Qwen3's text side: their pre-tokenizer (its regex from their
 # tokenizer.json; NFC first), special tokens, template and end token.
 QWEN_TEXT = {
@@ -208,6 +218,39 @@ FAMILIES = {
             "rms_norm_eps": 1e-5,
             "tie_word_embeddings": False,
             "sliding_window": None,
+        },
+    },
+    # Phi-3 / Phi-3.5: q, k and v in one matrix and gate and up in another,
+    # a SentencePiece tokenizer with Phi-3's added tokens, Phi-3.5's
+    # long-context rope scaling (the original context far shorter than the
+    # tiny model's, so the long and short factors differ where it is
+    # served) and a sliding window.
+    "phi3": {
+        "arch": "phi3",
+        "spm": True,
+        "specials": ["<unk>", "<s>", "</s>"],
+        "added": ["<|endoftext|>", "<|assistant|>", "<|end|>", "<|user|>", "<|system|>"],
+        "bos": "<s>",
+        "eos": "<|endoftext|>",
+        "stop": ["<|endoftext|>", "<|assistant|>", "<|end|>"],
+        "template": PHI3_CHAT,
+        "seed": 37,
+        "formats": ["Q8_0", "Q4_1"],
+        "config": "Phi3Config",
+        "model": "Phi3ForCausalLM",
+        "peft_targets": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"],
+        "extra": {
+            "rope_parameters": {
+                "rope_type": "longrope",
+                "rope_theta": 10_000.0,
+                "short_factor": [1.0, 1.0, 1.1, 1.2, 1.5, 2.0, 2.5, 3.0],
+                "long_factor": [1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0],
+            },
+            "original_max_position_embeddings": 64,
+            "sliding_window": 200,
+            "rms_norm_eps": 1e-5,
+            "tie_word_embeddings": False,
+            "pad_token_id": None,
         },
     },
 }
@@ -385,6 +428,12 @@ class SentencePieceText:
             else:
                 self.types.append(gguf.TokenType.NORMAL)
         assert self.tokens[:3] == family["specials"], self.tokens[:3]
+        # Added tokens after SentencePiece's own (Phi-3's role and end
+        # tokens), control tokens as llama.cpp's converter types them.
+        self.added = family.get("added", [])
+        self.tokens += self.added
+        self.scores += [0.0] * len(self.added)
+        self.types += [gguf.TokenType.CONTROL] * len(self.added)
         with tempfile.TemporaryDirectory() as d:
             path = pathlib.Path(d) / "tokenizer.model"
             path.write_bytes(self.proto)
@@ -402,9 +451,13 @@ class SentencePieceText:
             [normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")]
         )
         self.theirs.pre_tokenizer = None
+        from tokenizers import AddedToken
+
+        self.theirs.add_special_tokens([AddedToken(t, special=True) for t in self.added])
 
     def encode(self, text):
-        specials = self.family["specials"][1:]  # `<unk>` is not matched in text
+        # `<unk>` is not matched in text.
+        specials = self.family["specials"][1:] + self.added
         ids = []
         for chunk in re.split("(" + "|".join(map(re.escape, specials)) + ")", text):
             if chunk in specials:
@@ -570,6 +623,20 @@ def build(name, family, out):
 
     arch = family["arch"]
     rope = family["extra"]["rope_parameters"]
+    # What the references are computed on: the model as Flywheel serves it.
+    # With longrope that is at the context the file gives (the window,
+    # 200), longer than the original (64), where llama.cpp and Flywheel use
+    # the long factors at every position; transformers uses them only for
+    # runs longer than the original, so the served model is the same
+    # weights with the long factors in the short ones' place. The model
+    # itself (short factors) is the reference for a context cut to the
+    # original.
+    served = model
+    if rope["rope_type"] == "longrope":
+        long_cfg = copy.deepcopy(cfg)
+        long_cfg.rope_parameters = dict(cfg.rope_parameters, short_factor=rope["long_factor"])
+        served = getattr(transformers, family["model"])(long_cfg).eval().float()
+        served.load_state_dict(model.state_dict())
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     def write(path, qtype=None):
         """Writes the model as llama.cpp lays the family out, its matrices in
@@ -596,6 +663,21 @@ def build(name, family, out):
         w.add_chat_template(family["template"])
         if rope["rope_type"] == "llama3":
             w.add_tensor("rope_freqs.weight", llama3_rope_factors(rope, head_dim))
+        if rope["rope_type"] == "longrope":
+            # As llama.cpp's converter writes Phi-3.5's: the factors as two
+            # tensors, the attention factor transformers derives from the
+            # context over the original one.
+            import math
+
+            old = family["extra"]["original_max_position_embeddings"]
+            scale = cfg.max_position_embeddings / old
+            w.add_rope_dimension_count(head_dim)
+            w.add_rope_scaling_orig_ctx_len(old)
+            w.add_rope_scaling_attn_factors(math.sqrt(1 + math.log(scale) / math.log(old)))
+            w.add_tensor("rope_factors_long.weight", np.array(rope["long_factor"], np.float32))
+            w.add_tensor("rope_factors_short.weight", np.array(rope["short_factor"], np.float32))
+        if family["extra"].get("sliding_window"):
+            w.add_sliding_window(family["extra"]["sliding_window"])
         # llama.cpp's tensor names; it permutes llama's q and k rows (and no
         # other family's).
         names = {
@@ -611,6 +693,8 @@ def build(name, family, out):
             "mlp.gate_proj": "ffn_gate",
             "mlp.up_proj": "ffn_up",
             "mlp.down_proj": "ffn_down",
+            "self_attn.qkv_proj": "attn_qkv",
+            "mlp.gate_up_proj": "ffn_up",
             "self_attn.q_norm": "attn_q_norm",
             "self_attn.k_norm": "attn_k_norm",
             "input_layernorm": "attn_norm",
@@ -666,14 +750,20 @@ def build(name, family, out):
 
     own_markup = render({"messages": [{"role": "user", "content": "hi"}]})
     unseen = UNSEEN if family.get("spm") else []
-    ref = reference(model, tokenize, render, TRICKY + unseen + [own_markup])
+    ref = reference(served, tokenize, render, TRICKY + unseen + [own_markup])
+    if served is not model:
+        short = reference(model, tokenize, render, [], PROMPTS[:1])
+        case = short["forward"][0]
+        positions = len(case["prompt_ids"]) + len(case["greedy_ids"])
+        assert positions <= family["extra"]["original_max_position_embeddings"], positions
+        ref["short_context"] = short["forward"]
     lora_prompt = render({"messages": [{"role": "user", "content": "Route ticket 42"}]})
     lora_answer = '{"team": "billing"}' + family["eos"]
     if family.get("formats"):
         ref["formats"] = {}
         for qtype in family["formats"]:
             held = write(out / f"model.{qtype.lower()}.gguf", qtype)
-            rounded = copy.deepcopy(model)
+            rounded = copy.deepcopy(served)
             rounded.load_state_dict(held, strict=False)
             # One prompt: the first whose greedy steps hold no near-tie on
             # the rounded weights (rounding makes some, prompt by prompt).
@@ -686,7 +776,14 @@ def build(name, family, out):
                 "smallest_greedy_gap": first["smallest_greedy_gap"],
             }
     # Last: PEFT wraps the model in place (and unwraps it after).
-    ref["lora_step"] = lora_step(model, tokenize, lora_prompt, lora_answer, out / "adapter")
+    ref["lora_step"] = lora_step(
+        served,
+        tokenize,
+        lora_prompt,
+        lora_answer,
+        out / "adapter",
+        family.get("peft_targets"),
+    )
     return ref
 
 
@@ -721,7 +818,7 @@ def write_hf(path, model, family, text_side):
         jinja.unlink()
 
 
-def lora_step(model, tokenize, prompt_text, answer_text, adapter_dir):
+def lora_step(model, tokenize, prompt_text, answer_text, adapter_dir, targets=None):
     """One LoRA training step's loss on one example, through PEFT: the mean
     negative log-likelihood of the answer's tokens with a random adapter on
     all seven projections (B not zero, so the adapter counts), and the sum
@@ -733,7 +830,8 @@ def lora_step(model, tokenize, prompt_text, answer_text, adapter_dir):
         r=4,
         lora_alpha=8,
         lora_dropout=0.0,
-        target_modules=[
+        target_modules=targets
+        or [
             "q_proj",
             "k_proj",
             "v_proj",
@@ -765,12 +863,19 @@ def lora_step(model, tokenize, prompt_text, answer_text, adapter_dir):
     loss = -logp[torch.arange(len(answer)), torch.tensor(answer)].mean()
     loss.backward()
     grad_sq = sum(float((p.grad**2).sum()) for n, p in peft_model.named_parameters() if "lora_" in n)
+    # B's alone: a fused module's A serves all its projections, so its
+    # gradient is theirs summed, where an adapter per projection has one
+    # A each; B's rows are each projection's own either way.
+    grad_sq_b = sum(
+        float((p.grad**2).sum()) for n, p in peft_model.named_parameters() if "lora_B" in n
+    )
     peft_model.unload()
     return {
         "prompt_ids": prompt,
         "answer_ids": answer,
         "loss": float(loss),
         "lora_grad_sq_sum": grad_sq,
+        "lora_b_grad_sq_sum": grad_sq_b,
     }
 
 

@@ -1,6 +1,7 @@
 //! The model families beyond SmolLM2's llama (Qwen2; Qwen3; Llama 3 with
 //! its tokenizer and rope scaling; Mistral, a llama with a SentencePiece
-//! tokenizer), each on a tiny random-weight model of its
+//! tokenizer; Phi-3 with its fused matrices, longrope and sliding window),
+//! each on a tiny random-weight model of its
 //! own architecture built with the reference implementation
 //! (`scripts/tiny-families.py`: transformers builds and runs it, the script
 //! writes it as llama.cpp lays that family out in GGUF). Against its
@@ -162,12 +163,54 @@ fn llama3_is_read_as_llama_with_its_rope_factors() {
     assert_eq!(cfg.rope_rows, flywheel_model::config::RopeRows::Interleaved);
     // Rope scaling keeps the highest frequency and divides the lowest by
     // the scaling factor (8).
-    let freqs = cfg.rope_frequencies(&mut gguf).unwrap();
+    let freqs = cfg.rope(&mut gguf).unwrap().freqs;
     let hd = cfg.head_dim as f32;
     let plain = |i: usize| 1.0 / cfg.rope_theta.powf(2.0 * i as f32 / hd);
     assert_eq!(freqs[0], plain(0));
     let last = freqs.len() - 1;
     assert!((freqs[last] * 8.0 - plain(last)).abs() < 1e-6 * plain(last));
+}
+
+/// Phi-3: q, k and v read from their rows of one matrix, gate and up from
+/// theirs; the context capped at the sliding window (200 of 256), longer
+/// than longrope's original context (64), so served with the long factors
+/// (the reference's `forward`); cut to the original, with the short ones,
+/// as transformers runs a short sequence (`short_context`). Its added role
+/// and end tokens are whole tokens, and every end token of its
+/// generation_config.json ends an answer.
+#[test]
+fn phi3_is_read_with_fused_matrices_longrope_and_its_window() {
+    let (path, reference) = family("phi3");
+    let mut gguf = GgufFile::open(&path).unwrap();
+    let cfg = LlamaConfig::from_gguf(&gguf).unwrap();
+    assert_eq!(cfg.family, "phi3");
+    assert!(cfg.fused_qkv && cfg.fused_gate_up);
+    assert!(!gguf.has_tensor("blk.0.attn_q.weight") && !gguf.has_tensor("blk.0.ffn_gate.weight"));
+    assert_eq!(cfg.context_length, 200, "the sliding window");
+    let rope = cfg.rope(&mut gguf).unwrap();
+    let (long, original) = rope.long.clone().unwrap();
+    assert_eq!(original, 64);
+    assert_eq!(rope.frequencies(200), long.as_slice());
+    assert_eq!(rope.frequencies(64), rope.freqs.as_slice());
+    // sqrt(1 + ln 4 / ln 64), 256 positions over 64.
+    assert!((rope.scale - (1.0f32 + 2.0 / 6.0).sqrt()).abs() < 1e-6);
+    let tok = TextTokenizer::from_gguf(&gguf).unwrap();
+    let end = tok.encode("<|end|>").unwrap();
+    assert_eq!(end.len(), 1);
+    for t in ["<|endoftext|>", "<|end|>"] {
+        let id = tok.encode(t).unwrap()[0];
+        assert!(tok.stop_ids.contains(&id), "{t}");
+    }
+    // Both forward passes, cut to the original context: the short factors.
+    let case = &reference["short_context"][0];
+    let mut slow = load_candle(&path);
+    slow.limit_context(64).unwrap();
+    check_on_candle(&slow, case, "model crate, short context");
+    let mut fast = CpuForward::load(&path, 2).unwrap();
+    fast.limit_context(64);
+    check_on_kernels(&fast, case, "serving engine, short context");
+    // And the long factors are what the full context gives, not the short.
+    assert_ne!(case["greedy_ids"], reference["forward"][0]["greedy_ids"]);
 }
 
 #[test]
@@ -206,6 +249,7 @@ per_family!(check_tokenizer:
     qwen3_tokenizer_matches_the_reference_on_tricky_strings => "qwen3",
     llama3_tokenizer_matches_the_reference_on_tricky_strings => "llama3",
     mistral_tokenizer_matches_the_reference_on_tricky_strings => "mistral",
+    phi3_tokenizer_matches_the_reference_on_tricky_strings => "phi3",
 );
 
 fn check_tokenizer(name: &str) {
@@ -239,6 +283,7 @@ per_family!(check_template:
     qwen3_chat_template_renders_as_jinja_does => "qwen3",
     llama3_chat_template_renders_as_jinja_does => "llama3",
     mistral_chat_template_renders_as_jinja_does => "mistral",
+    phi3_chat_template_renders_as_jinja_does => "phi3",
 );
 
 fn check_template(name: &str) {
@@ -286,6 +331,7 @@ per_family!(check_hf_folder:
     qwen3_hugging_face_folder_converts_and_answers_as_transformers => "qwen3",
     llama3_hugging_face_folder_converts_and_answers_as_transformers => "llama3",
     mistral_hugging_face_folder_converts_and_answers_as_transformers => "mistral",
+    phi3_hugging_face_folder_converts_and_answers_as_transformers => "phi3",
 );
 
 /// A tensor of a GGUF file, as f32 values.
@@ -407,6 +453,7 @@ fn a_half_precision_folder_keeps_its_matrices_in_their_type() {
 per_family!(check_folder_quantized:
     qwen2_folder_quantized_as_converted_answers_as_the_file_quantized_by_gguf => "qwen2",
     mistral_folder_quantized_as_converted_answers_as_the_file_quantized_by_gguf => "mistral",
+    phi3_folder_quantized_as_converted_answers_as_the_file_quantized_by_gguf => "phi3",
 );
 
 fn check_folder_quantized(name: &str) {
@@ -456,6 +503,7 @@ per_family!(check_model_forward:
     qwen3_forward_matches_transformers => "qwen3",
     llama3_forward_matches_transformers => "llama3",
     mistral_forward_matches_transformers => "mistral",
+    phi3_forward_matches_transformers => "phi3",
 );
 
 fn check_model_forward(name: &str) {
@@ -471,6 +519,7 @@ per_family!(check_serving_forward:
     qwen3_serving_forward_matches_transformers => "qwen3",
     llama3_serving_forward_matches_transformers => "llama3",
     mistral_serving_forward_matches_transformers => "mistral",
+    phi3_serving_forward_matches_transformers => "phi3",
 );
 
 fn check_serving_forward(name: &str) {
@@ -489,6 +538,7 @@ per_family!(check_lora_step:
     qwen3_lora_step_matches_peft => "qwen3",
     llama3_lora_step_matches_peft => "llama3",
     mistral_lora_step_matches_peft => "mistral",
+    phi3_lora_step_matches_peft => "phi3",
 );
 
 fn check_lora_step(name: &str) {
@@ -524,7 +574,28 @@ fn check_lora_step(name: &str) {
                 .unwrap() as f64
         })
         .sum();
-    let want = step["lora_grad_sq_sum"].as_f64().unwrap();
+    // A fused module's `A` (Phi-3's `qkv_proj`) serves all its projections
+    // in PEFT, one copy each here, so the gradients of `B` alone are what
+    // both have alike there.
+    let (grad_sq, want) = match step["lora_b_grad_sq_sum"].as_f64() {
+        Some(b_only) if model.config().fused_qkv => {
+            let bs: f64 = lora
+                .pairs
+                .values()
+                .map(|p| {
+                    let g = grads.get(p.b.as_tensor()).unwrap();
+                    g.sqr()
+                        .unwrap()
+                        .sum_all()
+                        .unwrap()
+                        .to_scalar::<f32>()
+                        .unwrap() as f64
+                })
+                .sum();
+            (bs, b_only)
+        }
+        _ => (grad_sq, step["lora_grad_sq_sum"].as_f64().unwrap()),
+    };
     assert!(
         (grad_sq - want).abs() < 1e-3 * want,
         "sum of squared adapter gradients {grad_sq} here, {want} in PEFT"
@@ -540,6 +611,7 @@ per_family!(async check_served:
     qwen3_is_served_through_the_api => "qwen3",
     llama3_is_served_through_the_api => "llama3",
     mistral_is_served_through_the_api => "mistral",
+    phi3_is_served_through_the_api => "phi3",
 );
 
 async fn check_served(name: &str) {
@@ -617,14 +689,128 @@ async fn check_served(name: &str) {
 /// check could not tell.)
 #[test]
 fn qwen2_merged_gguf_answers_like_base_plus_adapter() {
-    check_merge("qwen2");
+    check_merge("qwen2", 1.0);
 }
 
-fn check_merge(name: &str) {
+/// Phi-3's merge: each projection's change goes to its rows of the fused
+/// `attn_qkv` and `ffn_up`. The adapter's `B` is tripled: at PEFT's
+/// random size its change (4 nats) does not stand out of this model's
+/// 8-bit rounding (1.6) by the margin the check asks.
+#[test]
+fn phi3_merged_gguf_answers_like_base_plus_adapter() {
+    check_merge("phi3", 3.0);
+}
+
+/// An adapter trained here on Phi-3 (one per projection, on some of each
+/// fused module's projections) is written under PEFT's fused modules:
+/// `qkv_proj` and `gate_up_proj` of the summed rank with `rank_pattern` and
+/// `alpha_pattern` keeping the scale, whose change (`B A` times the
+/// pattern's alpha over rank, as PEFT computes it) is each projection's at
+/// its rows and zero where a projection has none; read back, it is the
+/// same adapter.
+#[test]
+fn phi3_adapters_are_exported_under_peft_fused_modules() {
+    use flywheel_model::Proj;
+    use flywheel_trainer::lora::{Lora, LoraConfig};
+    let (path, _, base, _) = model_and_adapter("phi3");
+    let config = LoraConfig {
+        rank: 2,
+        alpha: 6.0,
+        targets: vec![Proj::Q, Proj::V, Proj::Gate, Proj::Down],
+        ..Default::default()
+    };
+    let mut lora = Lora::new(&base, config).unwrap();
+    for (i, p) in lora.pairs.values_mut().enumerate() {
+        let b =
+            candle_core::Tensor::randn(0f32, 0.3, p.b.dims(), &candle_core::Device::Cpu).unwrap();
+        p.b = candle_core::Var::from_tensor(&(b + i as f64).unwrap()).unwrap();
+    }
+    let dir = std::env::temp_dir().join(format!("fw-phi3-peft-{}", std::process::id()));
+    flywheel_trainer::peft::save(&lora, &base, "microsoft/Phi-3.5-mini-instruct", &dir).unwrap();
+    let cfg: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("adapter_config.json")).unwrap())
+            .unwrap();
+    assert_eq!(
+        cfg["target_modules"],
+        serde_json::json!(["qkv_proj", "gate_up_proj", "down_proj"])
+    );
+    assert_eq!(
+        cfg["rank_pattern"],
+        serde_json::json!({"qkv_proj": 4, "gate_up_proj": 2})
+    );
+    assert_eq!(
+        cfg["alpha_pattern"],
+        serde_json::json!({"qkv_proj": 12.0, "gate_up_proj": 6.0})
+    );
+    let tensors = candle_core::safetensors::load(
+        dir.join("adapter_model.safetensors"),
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
+    let cfg_m = base.config();
+    let (q, kv) = (cfg_m.proj_shape(Proj::Q).0, cfg_m.proj_shape(Proj::K).0);
+    let t = |n: &str| {
+        tensors[&format!("base_model.model.model.layers.1.self_attn.qkv_proj.lora_{n}.weight")]
+            .clone()
+    };
+    let fused = (t("B").matmul(&t("A")).unwrap() * (12.0 / 4.0)).unwrap();
+    assert_eq!(fused.dims2().unwrap(), (q + 2 * kv, 64));
+    // Each projection's change, rows in Hugging Face's order (q's rows
+    // are permuted for the rotary embedding inside).
+    let own = |p: Proj| {
+        let pair = &lora.pairs[&(1, p)];
+        let d = (pair.b.as_tensor().matmul(pair.a.as_tensor()).unwrap() * 3.0).unwrap();
+        match cfg_m.row_order(p) {
+            Some(order) => {
+                let back = flywheel_model::config::inverse_order(&order);
+                flywheel_model::config::gather_rows(&d, &back).unwrap()
+            }
+            None => d,
+        }
+    };
+    let diff = |a: &candle_core::Tensor, b: &candle_core::Tensor| -> f32 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar()
+            .unwrap()
+    };
+    assert!(diff(&fused.narrow(0, 0, q).unwrap(), &own(Proj::Q)) < 1e-5);
+    let k_rows = fused.narrow(0, q, kv).unwrap();
+    assert_eq!(
+        diff(&k_rows, &k_rows.zeros_like().unwrap()),
+        0.0,
+        "k has no adapter"
+    );
+    assert!(diff(&fused.narrow(0, q + kv, kv).unwrap(), &own(Proj::V)) < 1e-5);
+    // Read back: the same pairs, the same answers.
+    let loaded = flywheel_trainer::peft::load(&base, &dir).unwrap();
+    assert_eq!(
+        loaded.pairs.keys().collect::<Vec<_>>(),
+        lora.pairs.keys().collect::<Vec<_>>()
+    );
+    for (k, p) in &lora.pairs {
+        let l = &loaded.pairs[k];
+        assert!(diff(p.a.as_tensor(), l.a.as_tensor()) == 0.0, "{k:?} A");
+        assert!(diff(p.b.as_tensor(), l.b.as_tensor()) < 1e-6, "{k:?} B");
+    }
+    let weights = flywheel_modelhub::adapter_weights(&path, &dir).unwrap();
+    assert_eq!(weights.pairs.len(), lora.pairs.len());
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// `boost` scales the adapter's `B`.
+fn check_merge(name: &str, boost: f64) {
     use flywheel_trainer::data::Encoded;
     use flywheel_trainer::lora::{Lora, LoraPair};
     use flywheel_trainer::train::answer_logprobs;
-    let (path, reference, base, lora) = model_and_adapter(name);
+    let (path, reference, base, mut lora) = model_and_adapter(name);
+    for p in lora.pairs.values_mut() {
+        p.b = candle_core::Var::from_tensor(&(p.b.as_tensor() * boost).unwrap()).unwrap();
+    }
     let step = &reference["lora_step"];
     let zero = Lora {
         config: lora.config.clone(),
@@ -701,6 +887,7 @@ per_family!(check_served_adapter:
     qwen3_served_adapter_matches_the_adapted_forward => "qwen3",
     llama3_served_adapter_matches_the_adapted_forward => "llama3",
     mistral_served_adapter_matches_the_adapted_forward => "mistral",
+    phi3_served_adapter_matches_the_adapted_forward => "phi3",
 );
 
 fn check_served_adapter(name: &str) {
@@ -812,6 +999,7 @@ fn the_memory_plan_is_what_the_serving_kernels_hold() {
 per_family!(check_quantized_at_load:
     qwen2_quantized_at_load_answers_as_the_file_quantized_by_gguf => "qwen2",
     mistral_quantized_at_load_answers_as_the_file_quantized_by_gguf => "mistral",
+    phi3_quantized_at_load_answers_as_the_file_quantized_by_gguf => "phi3",
 );
 
 fn check_quantized_at_load(name: &str) {
@@ -847,6 +1035,7 @@ per_family!(check_formats:
     qwen3_in_8_and_4_bit_blocks_matches_transformers_on_what_the_file_holds => "qwen3",
     llama3_in_8_and_4_bit_blocks_matches_transformers_on_what_the_file_holds => "llama3",
     mistral_in_8_and_4_bit_blocks_matches_transformers_on_what_the_file_holds => "mistral",
+    phi3_in_8_and_4_bit_blocks_matches_transformers_on_what_the_file_holds => "phi3",
 );
 
 fn check_formats(name: &str) {

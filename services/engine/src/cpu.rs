@@ -10,6 +10,7 @@
 //! tested against (and what training differentiates through).
 
 use flywheel_model::config::{self, LlamaConfig, Proj};
+use flywheel_model::family::Rope;
 use flywheel_model::gguf::GgufFile;
 use rayon::prelude::*;
 
@@ -51,6 +52,8 @@ pub struct CpuLlama {
     lm_head: Option<QMatrix>,
     layers: Vec<Layer>,
     norm: Vec<f32>,
+    /// The rotary embedding, whose tables follow the context served.
+    rope: Rope,
     /// `[position][head_dim / 2]`.
     cos: Vec<f32>,
     sin: Vec<f32>,
@@ -196,7 +199,7 @@ impl CpuLlama {
         for i in 0..cfg.n_layers {
             // q and k in the interleaved order the rotary code computes in.
             let mut proj = |p: Proj| {
-                let m = mat(gguf, &p.gguf_tensor(i))?;
+                let m = QMatrix::from_qtensor_as(&cfg.proj_qtensor(gguf, i, p)?, to)?;
                 match cfg.row_order(p) {
                     Some(order) => m.permute_rows(&order),
                     None => Ok(m),
@@ -222,15 +225,8 @@ impl CpuLlama {
             });
         }
         let norm = vec_of(gguf, config::OUTPUT_NORM)?;
-        let freqs = cfg.rope_frequencies(gguf)?;
-        let (mut cos, mut sin) = (Vec::new(), Vec::new());
-        for p in 0..cfg.context_length {
-            for inv in &freqs {
-                let a = p as f32 * inv;
-                cos.push(a.cos());
-                sin.push(a.sin());
-            }
-        }
+        let rope = cfg.rope(gguf)?;
+        let (cos, sin) = rope.tables(cfg.context_length);
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(threads)
             .thread_name(|i| format!("flywheel-kernel-{i}"))
@@ -242,6 +238,7 @@ impl CpuLlama {
             lm_head,
             layers,
             norm,
+            rope,
             cos,
             sin,
             pool,
@@ -253,10 +250,10 @@ impl CpuLlama {
     /// bound the memory its caches may take).
     pub fn limit_context(&mut self, n: usize) {
         if n < self.cfg.context_length {
-            let half = self.cfg.head_dim / 2;
             self.cfg.context_length = n;
-            self.cos.truncate(n * half);
-            self.sin.truncate(n * half);
+            // Rebuilt, not cut: longrope's frequencies depend on the
+            // context served.
+            (self.cos, self.sin) = self.rope.tables(n);
         }
     }
 

@@ -19,6 +19,7 @@ use std::path::Path;
 
 use candle_core::quantized::GgmlDType;
 use flywheel_model::LlamaConfig;
+use flywheel_model::family::{ROPE_FACTORS, ROPE_FACTORS_LONG, ROPE_FACTORS_SHORT};
 use flywheel_model::gguf::GgufFile;
 
 use crate::{EngineConfig, EngineError, Result};
@@ -55,7 +56,12 @@ impl MemoryPlan {
         let mut weights = 0u64;
         let mut expanded = 0;
         let to = engine.quantize.ggml_dtype();
+        // Rope factors become the rotary tables (`tables`), not weights.
+        let rope = [ROPE_FACTORS, ROPE_FACTORS_LONG, ROPE_FACTORS_SHORT];
         for name in gguf.tensor_names() {
+            if rope.contains(&name.as_str()) {
+                continue;
+            }
             let (Some(dims), Some(dtype)) = (gguf.tensor_dims(&name), gguf.tensor_dtype(&name))
             else {
                 continue;

@@ -41,6 +41,12 @@ pub struct LlamaConfig {
     /// How the file stores q and k rows; loaders bring them to
     /// [`RopeRows::Interleaved`].
     pub rope_rows: RopeRows,
+    /// q, k and v stored as one matrix, their rows one after another
+    /// (Phi-3's `attn_qkv`).
+    pub fused_qkv: bool,
+    /// gate and up stored as one matrix, gate's rows first (Phi-3's
+    /// `ffn_up`).
+    pub fused_gate_up: bool,
 }
 
 impl LlamaConfig {
@@ -76,6 +82,49 @@ impl LlamaConfig {
     pub fn row_order(&self, proj: Proj) -> Option<Vec<usize>> {
         let heads = self.rotated_heads(proj)?;
         (self.rope_rows == RopeRows::Halves).then(|| interleaved_from_halves(heads, self.head_dim))
+    }
+
+    /// Where `layer`'s `proj` is stored: the GGUF tensor that holds its
+    /// rows and the first of them there. A projection of its own starts at
+    /// row 0 of its tensor; in a family that fuses projections into one
+    /// matrix ([`fused_qkv`](Self::fused_qkv),
+    /// [`fused_gate_up`](Self::fused_gate_up)) each has its rows of it.
+    pub fn stored_at(&self, layer: usize, proj: Proj) -> (String, usize) {
+        let rows = |p: Proj| self.proj_shape(p).0;
+        match proj {
+            Proj::Q | Proj::K | Proj::V if self.fused_qkv => {
+                let first = match proj {
+                    Proj::Q => 0,
+                    Proj::K => rows(Proj::Q),
+                    _ => rows(Proj::Q) + rows(Proj::K),
+                };
+                (block_tensor(layer, ATTN_QKV), first)
+            }
+            Proj::Gate | Proj::Up if self.fused_gate_up => {
+                let first = if proj == Proj::Gate {
+                    0
+                } else {
+                    rows(Proj::Gate)
+                };
+                (block_tensor(layer, FFN_GATE_UP), first)
+            }
+            _ => (proj.gguf_tensor(layer), 0),
+        }
+    }
+
+    /// The matrices of `layer` as the file stores them, each with its
+    /// `(rows, columns)`: one per projection, or one per fused group.
+    pub fn stored_matrices(&self, layer: usize) -> Vec<(String, (usize, usize))> {
+        let mut out: Vec<(String, (usize, usize))> = Vec::new();
+        for p in Proj::ALL {
+            let (name, _) = self.stored_at(layer, p);
+            let (rows, cols) = self.proj_shape(p);
+            match out.iter_mut().find(|(n, _)| *n == name) {
+                Some((_, shape)) => shape.0 += rows,
+                None => out.push((name, (rows, cols))),
+            }
+        }
+        out
     }
 
     /// [`row_order`](Self::row_order) within one head: for what is stored
@@ -132,6 +181,10 @@ pub const OUTPUT: &str = "output.weight";
 /// Per-layer norms (short names, see [`block_tensor`]).
 pub const ATTN_NORM: &str = "attn_norm";
 pub const FFN_NORM: &str = "ffn_norm";
+/// q, k and v in one matrix (Phi-3), short name as [`ATTN_NORM`].
+pub const ATTN_QKV: &str = "attn_qkv";
+/// gate and up in one matrix (Phi-3): llama.cpp names it as up alone.
+pub const FFN_GATE_UP: &str = "ffn_up";
 /// Per-head norms of q and k, in the families that have them.
 pub const ATTN_Q_NORM: &str = "attn_q_norm";
 pub const ATTN_K_NORM: &str = "attn_k_norm";

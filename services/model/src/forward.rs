@@ -12,9 +12,10 @@
 //! order have their rows permuted at load ([`LlamaConfig::row_order`]).
 //! Weights are `(out, in)`; activations are `(tokens, hidden)`.
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 
 use crate::config::{self, LlamaConfig, Proj};
+use crate::family::Rope;
 use crate::gguf::GgufFile;
 use crate::ops::{Causal, Inference, Ops, Site};
 use crate::{ModelError, Result};
@@ -42,6 +43,7 @@ pub struct Llama {
     layers: Vec<Layer>,
     norm: Tensor,
     lm_head: Tensor,
+    rope: Rope,
     cos: Tensor,
     sin: Tensor,
     device: Device,
@@ -83,7 +85,7 @@ impl Llama {
             }
         };
         for i in 0..cfg.n_layers {
-            let mut proj = |p: Proj| order(gguf.tensor_f32(&p.gguf_tensor(i), device)?, p);
+            let mut proj = |p: Proj| order(cfg.proj_qtensor(gguf, i, p)?.dequantize(device)?, p);
             let (wq, wk, wv, wo) = (
                 proj(Proj::Q)?,
                 proj(Proj::K)?,
@@ -124,8 +126,10 @@ impl Llama {
         } else {
             embed.clone()
         };
-        let (cos, sin) = rope_tables(&cfg, &cfg.rope_frequencies(gguf)?, device)?;
+        let rope = cfg.rope(gguf)?;
+        let (cos, sin) = rope_tables(&rope, cfg.context_length, device)?;
         Ok(Self {
+            rope,
             cfg,
             embed,
             layers,
@@ -241,8 +245,9 @@ impl Llama {
     pub fn limit_context(&mut self, n: usize) -> Result<()> {
         if n < self.cfg.context_length {
             self.cfg.context_length = n;
-            self.cos = self.cos.narrow(0, 0, n)?;
-            self.sin = self.sin.narrow(0, 0, n)?;
+            // Rebuilt, not cut: longrope's frequencies depend on the
+            // context served.
+            (self.cos, self.sin) = rope_tables(&self.rope, n, &self.device)?;
         }
         Ok(())
     }
@@ -422,13 +427,13 @@ struct Rows<'a> {
     starts: Option<&'a [usize]>,
 }
 
-/// Cosines and sines of every position's angle for each rotary frequency,
-/// `(context, head_dim / 2)`.
-fn rope_tables(cfg: &LlamaConfig, freqs: &[f32], device: &Device) -> Result<(Tensor, Tensor)> {
-    let inv = Tensor::from_vec(freqs.to_vec(), (1, freqs.len()), device)?;
-    let positions = Tensor::arange(0u32, cfg.context_length as u32, device)?
-        .to_dtype(DType::F32)?
-        .reshape((cfg.context_length, 1))?;
-    let freqs = positions.broadcast_mul(&inv)?;
-    Ok((freqs.cos()?, freqs.sin()?))
+/// Cosines and sines of every position's angle for each rotary frequency
+/// of a model serving `context` positions, `(context, head_dim / 2)`.
+fn rope_tables(rope: &Rope, context: usize, device: &Device) -> Result<(Tensor, Tensor)> {
+    let (cos, sin) = rope.tables(context);
+    let half = cos.len() / context.max(1);
+    Ok((
+        Tensor::from_vec(cos, (context, half), device)?,
+        Tensor::from_vec(sin, (context, half), device)?,
+    ))
 }

@@ -154,6 +154,41 @@ impl GgufFile {
             .map_err(|e| ModelError::Load(format!("tensor {name}: {e}")))
     }
 
+    /// Rows `first..first + n` of a matrix as stored (quantized or not), on
+    /// the CPU: one projection of a fused matrix. Rows are whole blocks, so
+    /// the slice is the stored bytes themselves.
+    pub fn rows(
+        &mut self,
+        name: &str,
+        first: usize,
+        n: usize,
+    ) -> Result<candle_core::quantized::QTensor> {
+        let whole = self.qtensor(name)?;
+        let (rows, cols) = whole
+            .shape()
+            .dims2()
+            .map_err(|e| ModelError::Load(format!("tensor {name}: {e}")))?;
+        if first == 0 && n == rows {
+            return Ok(whole);
+        }
+        if first + n > rows {
+            return Err(ModelError::Load(format!(
+                "tensor {name} has {rows} rows, not {}",
+                first + n
+            )));
+        }
+        let dtype = whole.dtype();
+        let row_bytes = cols / dtype.block_size() * dtype.type_size();
+        let data = whole.data()?;
+        let bytes = &data[first * row_bytes..(first + n) * row_bytes];
+        Ok(candle_core::quantized::ggml_file::qtensor_from_ggml(
+            dtype,
+            bytes,
+            vec![n, cols],
+            &Device::Cpu,
+        )?)
+    }
+
     /// Loads one tensor and dequantizes it to f32.
     ///
     /// SmolLM2's weights are Q4_1; running them through candle's quantized

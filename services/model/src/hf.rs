@@ -64,16 +64,25 @@ fn architecture(model_type: &str) -> Result<&'static str> {
         "llama" | "mistral" => Ok("llama"),
         "qwen2" => Ok("qwen2"),
         "qwen3" => Ok("qwen3"),
+        "phi3" => Ok("phi3"),
         other => Err(ModelError::Load(format!(
             "model_type `{other}` (config.json) is not supported: Flywheel converts \
-             llama, mistral, qwen2 and qwen3 folders"
+             llama, mistral, qwen2, qwen3 and phi3 folders"
         ))),
     }
 }
 
 /// A folder's module names, per layer, with their GGUF short names: the
-/// norms, then the projections as [`Proj`] names them (the one table).
-fn layer_tensors() -> impl Iterator<Item = (&'static str, &'static str)> {
+/// norms, then the projections as [`Proj`] names them (the one table), and
+/// in Phi-3 its fused matrices.
+fn layer_tensors(arch: &str) -> impl Iterator<Item = (&'static str, &'static str)> {
+    let fused: &[(&str, &str)] = match arch {
+        "phi3" => &[
+            ("self_attn.qkv_proj", config::ATTN_QKV),
+            ("mlp.gate_up_proj", config::FFN_GATE_UP),
+        ],
+        _ => &[],
+    };
     [
         ("input_layernorm", config::ATTN_NORM),
         ("post_attention_layernorm", config::FFN_NORM),
@@ -81,6 +90,7 @@ fn layer_tensors() -> impl Iterator<Item = (&'static str, &'static str)> {
         ("self_attn.k_norm", config::ATTN_K_NORM),
     ]
     .into_iter()
+    .chain(fused.iter().copied())
     .chain(Proj::ALL.map(|p| (p.hf_name(), p.gguf_name())))
 }
 
@@ -104,8 +114,9 @@ struct Hparams {
     kv_heads: usize,
     head_dim: usize,
     keys: Vec<(String, Value)>,
-    /// Llama 3.1's per-frequency factors (`rope_freqs.weight`).
-    rope_factors: Option<Vec<f32>>,
+    /// Rope scaling's per-frequency factors, by GGUF tensor name: Llama
+    /// 3.1's `rope_freqs.weight`, Phi-3's long and short ones.
+    rope_factors: Vec<(&'static str, Vec<f32>)>,
 }
 
 fn hparams(config: &Json, arch: &str) -> Result<Hparams> {
@@ -154,17 +165,41 @@ fn hparams(config: &Json, arch: &str) -> Result<Hparams> {
         .as_str()
         .or(rope["type"].as_str())
         .unwrap_or("default");
+    let u = |v: usize| Value::U32(v as u32);
+    let key = |k: &str| format!("{arch}.{k}");
+    let partial = rope["partial_rotary_factor"]
+        .as_f64()
+        .or(config["partial_rotary_factor"].as_f64())
+        .unwrap_or(1.0);
+    if partial != 1.0 {
+        return Err(bad(format!(
+            "partial_rotary_factor {partial}: rotary embeddings over part of each head are \
+             not supported"
+        )));
+    }
+    let mut scaling_keys = Vec::new();
     let rope_factors = match kind {
-        "default" => None,
-        "llama3" => Some(llama3_rope_factors(&rope, theta, head_dim)?),
+        "default" => Vec::new(),
+        "llama3" => vec![(
+            crate::family::ROPE_FACTORS,
+            llama3_rope_factors(&rope, theta, head_dim)?,
+        )],
+        "longrope" | "su" if arch == "phi3" => {
+            let lr = longrope(config, &rope, head_dim)?;
+            scaling_keys.push((key("rope.scaling.original_context_length"), u(lr.original)));
+            scaling_keys.push((key("rope.scaling.attn_factor"), Value::F32(lr.attn_factor)));
+            vec![
+                (crate::family::ROPE_FACTORS_LONG, lr.long),
+                (crate::family::ROPE_FACTORS_SHORT, lr.short),
+            ]
+        }
         other => {
             return Err(bad(format!(
-                "rope scaling `{other}` is not supported (none and llama3 are)"
+                "rope scaling `{other}` is not supported (none, llama3, and Phi-3's longrope \
+                 are)"
             )));
         }
     };
-    let u = |v: usize| Value::U32(v as u32);
-    let key = |k: &str| format!("{arch}.{k}");
     // A sliding window (Mistral v0.1's 4,096 positions) attends like the
     // full context up to its length: the context served stops there, so
     // every answer is the model's own.
@@ -188,6 +223,7 @@ fn hparams(config: &Json, arch: &str) -> Result<Hparams> {
         ),
         (key("vocab_size"), u(int("vocab_size")?)),
     ];
+    keys.extend(scaling_keys);
     if head_dim * heads != hidden {
         keys.push((key("attention.key_length"), u(head_dim)));
         keys.push((key("attention.value_length"), u(head_dim)));
@@ -198,6 +234,64 @@ fn hparams(config: &Json, arch: &str) -> Result<Hparams> {
         head_dim,
         keys,
         rope_factors,
+    })
+}
+
+/// Phi-3's longrope, as GGUF keeps it.
+struct LongRope {
+    long: Vec<f32>,
+    short: Vec<f32>,
+    original: usize,
+    attn_factor: f32,
+}
+
+/// Phi-3's longrope from its config: the long and short factors (one per
+/// rotary frequency, which it is divided by), the original context, and the
+/// attention factor the cosines and sines are scaled by, given or, as
+/// transformers computes it, `sqrt(1 + ln(factor) / ln(original))` with
+/// `factor` the context over the original one.
+fn longrope(config: &Json, rope: &Json, head_dim: usize) -> Result<LongRope> {
+    let bad = |what: String| ModelError::Load(format!("config.json: longrope {what}"));
+    let factors = |k: &str| -> Result<Vec<f32>> {
+        let list = rope[k]
+            .as_array()
+            .ok_or_else(|| bad(format!("has no `{k}` list")))?;
+        let v: Vec<f32> = list
+            .iter()
+            .filter_map(|x| x.as_f64())
+            .map(|x| x as f32)
+            .collect();
+        if v.len() != head_dim / 2 || v.len() != list.len() {
+            return Err(bad(format!(
+                "`{k}` holds {} numbers for {} rotary frequencies",
+                list.len(),
+                head_dim / 2
+            )));
+        }
+        Ok(v)
+    };
+    let original = rope["original_max_position_embeddings"]
+        .as_u64()
+        .or(config["original_max_position_embeddings"].as_u64())
+        .ok_or_else(|| bad("has no original_max_position_embeddings".into()))?
+        as usize;
+    let attn_factor = match rope["attention_factor"].as_f64() {
+        Some(a) => a,
+        None => {
+            let factor = rope["factor"].as_f64().unwrap_or_else(|| {
+                config["max_position_embeddings"].as_f64().unwrap_or(0.0) / original as f64
+            });
+            match factor > 1.0 {
+                true => (1.0 + factor.ln() / (original as f64).ln()).sqrt(),
+                false => 1.0,
+            }
+        }
+    };
+    Ok(LongRope {
+        long: factors("long_factor")?,
+        short: factors("short_factor")?,
+        original,
+        attn_factor: attn_factor as f32,
     })
 }
 
@@ -271,7 +365,7 @@ fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
 
 /// The GGUF name of a folder's tensor, `None` for what a converter leaves
 /// out (precomputed rotary frequencies).
-fn gguf_name(name: &str) -> Option<Option<String>> {
+fn gguf_name(name: &str, arch: &str) -> Option<Option<String>> {
     if name.ends_with("rotary_emb.inv_freq") {
         return Some(None);
     }
@@ -291,7 +385,7 @@ fn gguf_name(name: &str) -> Option<Option<String>> {
     if kind != "weight" && kind != "bias" {
         return None;
     }
-    let short = layer_tensors().find(|(m, _)| *m == module)?.1;
+    let short = layer_tensors(arch).find(|(m, _)| *m == module)?.1;
     Some(Some(format!("blk.{layer}.{short}.{kind}")))
 }
 
@@ -388,7 +482,7 @@ pub fn convert_as(dir: &Path, out: &Path, quantize: Option<GgmlDType>) -> Result
     let st = map_weights(&weight_files(dir)?)?;
     let mut found: BTreeMap<(usize, usize, String), (TensorSpec, Source)> = BTreeMap::new();
     for (name, view) in st.tensors() {
-        let Some(target) = gguf_name(&name) else {
+        let Some(target) = gguf_name(&name, arch) else {
             return Err(ModelError::Load(format!(
                 "tensor {name} is not one a {model_type} model has"
             )));
@@ -418,7 +512,7 @@ pub fn convert_as(dir: &Path, out: &Path, quantize: Option<GgmlDType>) -> Result
         let sort = match target.strip_prefix("blk.") {
             Some(rest) => {
                 let (layer, short) = rest.split_once('.').unwrap_or_default();
-                let pos = layer_tensors()
+                let pos = layer_tensors(arch)
                     .position(|(_, s)| short.starts_with(&format!("{s}.")))
                     .unwrap_or(0);
                 (1 + layer.parse::<usize>().unwrap_or(0), pos, target.clone())
@@ -451,9 +545,9 @@ pub fn convert_as(dir: &Path, out: &Path, quantize: Option<GgmlDType>) -> Result
     }
     let mut specs: Vec<TensorSpec> = Vec::new();
     let mut sources: Vec<Option<Source>> = Vec::new();
-    if let Some(f) = &hp.rope_factors {
+    for (name, f) in &hp.rope_factors {
         specs.push(TensorSpec {
-            name: crate::family::ROPE_FACTORS.into(),
+            name: (*name).into(),
             dims: vec![f.len()],
             dtype: GgmlDType::F32,
         });
@@ -465,7 +559,7 @@ pub fn convert_as(dir: &Path, out: &Path, quantize: Option<GgmlDType>) -> Result
     }
     let bytes = gguf::write(out, &metadata, &specs, |i| {
         let Some(source) = &sources[i] else {
-            let factors = hp.rope_factors.as_deref().unwrap_or_default();
+            let factors = &hp.rope_factors[i].1;
             return Ok(factors.iter().flat_map(|x| x.to_le_bytes()).collect());
         };
         tensor_bytes(&st, source, &specs[i])
@@ -581,24 +675,36 @@ mod tests {
     #[test]
     fn folder_names_become_llama_cpp_names() {
         assert_eq!(
-            gguf_name("model.layers.3.self_attn.q_proj.bias"),
+            gguf_name("model.layers.3.self_attn.q_proj.bias", "llama"),
             Some(Some("blk.3.attn_q.bias".into()))
         );
         assert_eq!(
-            gguf_name("model.layers.0.post_attention_layernorm.weight"),
+            gguf_name("model.layers.0.post_attention_layernorm.weight", "llama"),
             Some(Some("blk.0.ffn_norm.weight".into()))
         );
         assert_eq!(
-            gguf_name("lm_head.weight"),
+            gguf_name("lm_head.weight", "llama"),
             Some(Some("output.weight".into()))
         );
         assert_eq!(
-            gguf_name("model.layers.0.self_attn.rotary_emb.inv_freq"),
+            gguf_name("model.layers.0.self_attn.rotary_emb.inv_freq", "llama"),
             Some(None)
         );
         // What no family here has is not dropped quietly.
-        assert_eq!(gguf_name("model.layers.0.mlp.gate_up_proj.weight"), None);
-        assert_eq!(gguf_name("model.vision_tower.weight"), None);
+        assert_eq!(
+            gguf_name("model.layers.0.mlp.gate_up_proj.weight", "llama"),
+            None
+        );
+        // Phi-3's fused matrices, as llama.cpp names them.
+        assert_eq!(
+            gguf_name("model.layers.1.mlp.gate_up_proj.weight", "phi3"),
+            Some(Some("blk.1.ffn_up.weight".into()))
+        );
+        assert_eq!(
+            gguf_name("model.layers.1.self_attn.qkv_proj.weight", "phi3"),
+            Some(Some("blk.1.attn_qkv.weight".into()))
+        );
+        assert_eq!(gguf_name("model.vision_tower.weight", "llama"), None);
     }
 
     #[test]
@@ -619,8 +725,8 @@ mod tests {
 
     #[test]
     fn what_would_be_read_wrongly_is_refused_naming_it() {
-        let e = architecture("phi3").unwrap_err().to_string();
-        assert!(e.contains("model_type `phi3`"), "{e}");
+        let e = architecture("gemma2").unwrap_err().to_string();
+        assert!(e.contains("model_type `gemma2`"), "{e}");
         let base = serde_json::json!({
             "hidden_size": 64, "num_attention_heads": 4, "num_hidden_layers": 2,
             "intermediate_size": 128, "vocab_size": 100,
@@ -645,7 +751,42 @@ mod tests {
             "rope_parameters",
             serde_json::json!({"rope_type": "longrope", "rope_theta": 1e4}),
         );
+        // Longrope is Phi-3's, read there only.
         assert!(e.contains("rope scaling `longrope`"), "{e}");
+        let e = with("partial_rotary_factor", 0.75.into());
+        assert!(e.contains("partial_rotary_factor 0.75"), "{e}");
+    }
+
+    #[test]
+    fn phi3s_longrope_becomes_two_factor_tensors_and_an_attention_factor() {
+        let mut phi = serde_json::json!({
+            "hidden_size": 64, "num_attention_heads": 4, "num_hidden_layers": 2,
+            "intermediate_size": 128, "vocab_size": 100, "max_position_embeddings": 1024,
+            "original_max_position_embeddings": 64,
+            "rope_parameters": {"rope_type": "longrope", "rope_theta": 1e4,
+                "long_factor": [1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0],
+                "short_factor": [1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.5]},
+        });
+        let hp = hparams(&phi, "phi3").unwrap();
+        let names: Vec<&str> = hp.rope_factors.iter().map(|(n, _)| *n).collect();
+        assert_eq!(
+            names,
+            ["rope_factors_long.weight", "rope_factors_short.weight"]
+        );
+        assert_eq!(hp.rope_factors[0].1[7], 8.0);
+        assert_eq!(hp.rope_factors[1].1[7], 1.5);
+        let orig = key(&hp, "phi3.rope.scaling.original_context_length");
+        assert_eq!(orig.to_u32().unwrap(), 64);
+        // 1024 / 64 = 16: sqrt(1 + ln 16 / ln 64) = sqrt(1 + 4/6).
+        let attn = key(&hp, "phi3.rope.scaling.attn_factor").to_f32().unwrap();
+        assert!((attn - (1.0f32 + 4.0 / 6.0).sqrt()).abs() < 1e-6, "{attn}");
+        phi["rope_parameters"]["attention_factor"] = 1.25.into();
+        let hp = hparams(&phi, "phi3").unwrap();
+        let attn = key(&hp, "phi3.rope.scaling.attn_factor").to_f32().unwrap();
+        assert_eq!(attn, 1.25);
+        phi["rope_parameters"]["long_factor"] = serde_json::json!([1.0, 2.0]);
+        let e = hparams(&phi, "phi3").err().unwrap().to_string();
+        assert!(e.contains("`long_factor` holds 2 numbers for 8"), "{e}");
     }
 
     /// The value of `key` among a conversion's keys.
@@ -665,7 +806,7 @@ mod tests {
         });
         let hp = hparams(&llama31, "llama").unwrap();
         assert_eq!(key(&hp, "llama.rope.freq_base").to_f32().unwrap(), 500000.0);
-        let factors = hp.rope_factors.clone().unwrap();
+        let factors = hp.rope_factors[0].1.clone();
         assert_eq!((factors[0], factors[7]), (1.0, 8.0));
         assert_eq!(key(&hp, "llama.context_length").to_u32().unwrap(), 131072);
         // Mistral v0.1: a window of 4,096 in a context of 32,768.
@@ -674,7 +815,7 @@ mod tests {
         mistral["max_position_embeddings"] = 32768.into();
         mistral["sliding_window"] = 4096.into();
         let hp = hparams(&mistral, "llama").unwrap();
-        assert!(hp.rope_factors.is_none());
+        assert!(hp.rope_factors.is_empty());
         assert_eq!(key(&hp, "llama.context_length").to_u32().unwrap(), 4096);
         // Qwen2's configs carry a window they do not use.
         mistral["use_sliding_window"] = false.into();

@@ -105,7 +105,9 @@ impl Lora {
         for (&(layer, proj), p) in &self.pairs {
             let a = p.a.as_tensor().flatten_all()?.to_vec1::<f32>()?;
             let b = p.b.as_tensor().flatten_all()?.to_vec1::<f32>()?;
-            out.push((layer, proj, self.config.rank, a, b));
+            // An imported adapter's pairs may differ in rank (a fused
+            // PEFT module split into its projections).
+            out.push((layer, proj, p.a.as_tensor().dim(0)?, a, b));
         }
         Ok((self.config.scale() as f32, out))
     }

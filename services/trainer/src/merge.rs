@@ -4,7 +4,8 @@
 //! would round away); every other tensor is copied as stored. The serving
 //! engine reads Q8_0 and Q4_1 alike. An adapter's q and k rows are in the
 //! order the forward pass computes in; a family that stores them otherwise
-//! (Qwen2) gets its change in the file's order.
+//! (Qwen2) gets its change in the file's order, and one that fuses
+//! projections into one matrix (Phi-3) gets each at its rows there.
 
 use std::path::Path;
 
@@ -26,25 +27,35 @@ pub fn merge_to_gguf(base: &Path, lora: &Lora, out: &Path, note: &str) -> anyhow
     let mut tensors: Vec<(String, QTensor)> = Vec::with_capacity(names.len());
     for name in names {
         let stored = gguf.qtensor(&name)?;
-        let pair = lora
+        // The adapted projections stored in this tensor, each at its rows
+        // (several where the family fuses them: Phi-3's `attn_qkv`).
+        let pairs: Vec<_> = lora
             .pairs
             .iter()
-            .find(|((layer, proj), _)| proj.gguf_tensor(*layer) == name);
-        let tensor = match pair {
-            Some(((_, proj), p)) => {
-                let w = stored.dequantize(&Device::Cpu)?;
-                let mut delta: Tensor = (p.b.as_tensor().matmul(p.a.as_tensor())? * scale)?;
-                if let Some(order) = cfg.row_order(*proj) {
-                    // Row r of the delta belongs in the file's row order[r].
-                    let back = flywheel_model::config::inverse_order(&order);
-                    delta = flywheel_model::config::gather_rows(&delta, &back)?;
-                }
-                let merged = (w + delta.reshape(stored.shape())?)?;
-                QTensor::quantize(&merged, GgmlDType::Q8_0)?
+            .filter_map(|(&(layer, proj), p)| {
+                let (tensor, first) = cfg.stored_at(layer, proj);
+                (tensor == name).then_some((proj, first, p))
+            })
+            .collect();
+        if pairs.is_empty() {
+            tensors.push((name, stored));
+            continue;
+        }
+        let mut w = stored.dequantize(&Device::Cpu)?;
+        for (proj, first, p) in pairs {
+            let mut delta: Tensor = (p.b.as_tensor().matmul(p.a.as_tensor())? * scale)?;
+            if let Some(order) = cfg.row_order(proj) {
+                // Row r of the delta belongs in the file's row order[r].
+                let back = flywheel_model::config::inverse_order(&order);
+                delta = flywheel_model::config::gather_rows(&delta, &back)?;
             }
-            None => stored,
-        };
-        tensors.push((name, tensor));
+            let rows = delta.dim(0)?;
+            w = w.slice_assign(
+                &[first..first + rows, 0..w.dim(1)?],
+                &(w.narrow(0, first, rows)? + delta)?,
+            )?;
+        }
+        tensors.push((name, QTensor::quantize(&w, GgmlDType::Q8_0)?));
     }
     let mut metadata: Vec<(String, Value)> = gguf
         .metadata()

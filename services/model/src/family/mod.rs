@@ -7,6 +7,7 @@
 //! architecture: serving it as another would give wrong answers silently.
 
 mod llama;
+mod phi3;
 mod qwen2;
 mod qwen3;
 
@@ -31,6 +32,13 @@ pub trait Family: Sync {
         false
     }
 
+    /// Whether the family stores gate and up as one matrix (`ffn_up`, gate's
+    /// rows first) and may store q, k and v as one (`attn_qkv`; files with
+    /// them apart are read too, as llama.cpp reads them).
+    fn fused(&self) -> bool {
+        false
+    }
+
     /// How the q and k rows are stored in GGUF files of this family:
     /// llama.cpp's converter permutes llama's for interleaved rotary
     /// embeddings and stores the others as Hugging Face does.
@@ -49,6 +57,52 @@ pub struct LayerVectors {
 /// Llama 3.1's rope scaling as llama.cpp stores it: per rotary frequency, a
 /// factor it is divided by.
 pub const ROPE_FACTORS: &str = "rope_freqs.weight";
+/// Phi-3's long-context rope scaling ("longrope"): per rotary frequency, the
+/// factor it is divided by when the context served is longer than the
+/// original one (long), and when it is not (short).
+pub const ROPE_FACTORS_LONG: &str = "rope_factors_long.weight";
+pub const ROPE_FACTORS_SHORT: &str = "rope_factors_short.weight";
+
+/// A model's rotary embedding: the frequency of each pair of a head's
+/// dimensions, and what the cosines and sines are scaled by.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Rope {
+    /// The frequencies within the original context.
+    pub freqs: Vec<f32>,
+    /// Longrope's: the frequencies beyond it, and the original context.
+    pub long: Option<(Vec<f32>, usize)>,
+    /// Longrope's attention factor (`rope.scaling.attn_factor`), else 1.
+    pub scale: f32,
+}
+
+impl Rope {
+    /// The frequencies a model serving `context` positions rotates by: the
+    /// long ones where the context is longer than the original, for every
+    /// position alike, as llama.cpp chooses (transformers chooses by each
+    /// run's length, which a cache that outlives a run cannot follow; the
+    /// two agree whenever the context served is the original or less).
+    pub fn frequencies(&self, context: usize) -> &[f32] {
+        match &self.long {
+            Some((long, original)) if context > *original => long,
+            _ => &self.freqs,
+        }
+    }
+
+    /// The cosines and sines of every position below `context` for each
+    /// frequency, row-major `(context, freqs)`, times the scale.
+    pub fn tables(&self, context: usize) -> (Vec<f32>, Vec<f32>) {
+        let freqs = self.frequencies(context);
+        let (mut cos, mut sin) = (Vec::new(), Vec::new());
+        for p in 0..context {
+            for inv in freqs {
+                let a = p as f32 * inv;
+                cos.push(a.cos() * self.scale);
+                sin.push(a.sin() * self.scale);
+            }
+        }
+        (cos, sin)
+    }
+}
 
 impl LlamaConfig {
     /// The hyper-parameters of a GGUF file of any supported family.
@@ -88,6 +142,18 @@ impl LlamaConfig {
         Ok(LayerVectors { qkv_bias, qk_norm })
     }
 
+    /// `layer`'s `proj` as the file stores it (its rows of a fused matrix
+    /// where the family fuses it), before any row order is applied.
+    pub fn proj_qtensor(
+        &self,
+        gguf: &mut GgufFile,
+        layer: usize,
+        proj: crate::config::Proj,
+    ) -> Result<candle_core::quantized::QTensor> {
+        let (name, first) = self.stored_at(layer, proj);
+        gguf.rows(&name, first, self.proj_shape(proj).0)
+    }
+
     /// Checks that the file holds every tensor this configuration reads,
     /// each of the size it says, before anything is loaded: a file whose
     /// tensors disagree with its own metadata is refused here, naming the
@@ -111,13 +177,14 @@ impl LlamaConfig {
         }
         let mut want: Vec<(String, Vec<usize>)> =
             vec![(config::OUTPUT_NORM.into(), vec![self.hidden])];
-        if gguf.has_tensor(ROPE_FACTORS) {
-            want.push((ROPE_FACTORS.into(), vec![self.head_dim / 2]));
+        for name in [ROPE_FACTORS, ROPE_FACTORS_LONG, ROPE_FACTORS_SHORT] {
+            if gguf.has_tensor(name) {
+                want.push((name.into(), vec![self.head_dim / 2]));
+            }
         }
         for i in 0..self.n_layers {
-            for p in Proj::ALL {
-                let (out, inp) = self.proj_shape(p);
-                want.push((p.gguf_tensor(i), vec![out, inp]));
+            for (name, (rows, cols)) in self.stored_matrices(i) {
+                want.push((name, vec![rows, cols]));
             }
             for n in [config::ATTN_NORM, config::FFN_NORM] {
                 want.push((config::block_tensor(i, n), vec![self.hidden]));
@@ -147,34 +214,73 @@ impl LlamaConfig {
         Ok(())
     }
 
-    /// The rotary frequencies, one per pair of a head's dimensions:
+    /// The rotary embedding: per pair of a head's dimensions the frequency
     /// `theta^(-2i / head_dim)`, each divided by the file's rope factor for
-    /// it where the file has them ([`ROPE_FACTORS`]).
-    pub fn rope_frequencies(&self, gguf: &mut GgufFile) -> Result<Vec<f32>> {
+    /// it where the file has them ([`ROPE_FACTORS`]; Phi-3's long and short
+    /// ones, [`ROPE_FACTORS_LONG`]).
+    pub fn rope(&self, gguf: &mut GgufFile) -> Result<Rope> {
         let hd = self.head_dim;
-        let mut freqs: Vec<f32> = (0..hd / 2)
+        let base: Vec<f32> = (0..hd / 2)
             .map(|i| 1.0 / self.rope_theta.powf(2.0 * i as f32 / hd as f32))
             .collect();
-        if gguf.has_tensor(ROPE_FACTORS) {
+        let mut divided = |name: &str| -> Result<Option<Vec<f32>>> {
+            if !gguf.has_tensor(name) {
+                return Ok(None);
+            }
             let factors = gguf
-                .tensor_f32(ROPE_FACTORS, &candle_core::Device::Cpu)?
+                .tensor_f32(name, &candle_core::Device::Cpu)?
                 .flatten_all()?
                 .to_vec1::<f32>()?;
-            if factors.len() != freqs.len() {
+            if factors.len() != base.len() {
                 return Err(ModelError::Load(format!(
-                    "{ROPE_FACTORS} holds {} factors for {} rotary frequencies",
+                    "{name} holds {} factors for {} rotary frequencies",
                     factors.len(),
-                    freqs.len()
+                    base.len()
                 )));
             }
-            freqs.iter_mut().zip(&factors).for_each(|(f, k)| *f /= k);
-        }
-        Ok(freqs)
+            Ok(Some(
+                base.iter().zip(&factors).map(|(f, k)| f / k).collect(),
+            ))
+        };
+        let freqs = divided(ROPE_FACTORS)?;
+        let short = divided(ROPE_FACTORS_SHORT)?;
+        let long = divided(ROPE_FACTORS_LONG)?;
+        let key = |k: &str| format!("{}.{k}", self.family);
+        let long = match (long, short.is_some()) {
+            (None, false) => None,
+            (Some(long), true) => {
+                let original = gguf
+                    .get_u32(&key("rope.scaling.original_context_length"))
+                    .map_err(|_| {
+                        ModelError::Load(format!(
+                            "{ROPE_FACTORS_LONG} without {}",
+                            key("rope.scaling.original_context_length")
+                        ))
+                    })?;
+                Some((long, original as usize))
+            }
+            _ => {
+                return Err(ModelError::Load(format!(
+                    "{ROPE_FACTORS_LONG} and {ROPE_FACTORS_SHORT} come together"
+                )));
+            }
+        };
+        let scale = match long {
+            Some(_) => gguf
+                .get_f32(&key("rope.scaling.attn_factor"))
+                .unwrap_or(1.0),
+            None => 1.0,
+        };
+        Ok(Rope {
+            freqs: short.or(freqs).unwrap_or(base),
+            long,
+            scale,
+        })
     }
 }
 
 /// Every family Flywheel serves.
-pub const FAMILIES: &[&dyn Family] = &[&llama::Llama, &qwen2::Qwen2, &qwen3::Qwen3];
+pub const FAMILIES: &[&dyn Family] = &[&llama::Llama, &qwen2::Qwen2, &qwen3::Qwen3, &phi3::Phi3];
 
 /// The family of a GGUF file, by its `general.architecture`.
 pub fn of_gguf(gguf: &GgufFile) -> Result<&'static dyn Family> {
@@ -201,9 +307,12 @@ fn read_config(family: &dyn Family, gguf: &GgufFile) -> Result<LlamaConfig> {
     // kind we do not apply would be served with the wrong positions, so it
     // is refused. (Llama 3.1's `llama3` scaling comes as a tensor of
     // per-frequency factors, `rope_freqs.weight`, which the loaders apply:
-    // [`LlamaConfig::rope_frequencies`].)
+    // [`LlamaConfig::rope`]; so does Phi-3's longrope, whose factors come
+    // as two such tensors.)
+    let longrope = gguf.has_tensor(ROPE_FACTORS_LONG);
     if let Ok(kind) = gguf.get_str(&key("rope.scaling.type"))
         && kind != "none"
+        && !(longrope && matches!(kind, "longrope" | "su"))
     {
         return Err(ModelError::Load(format!(
             "rope scaling `{kind}` ({}) is not supported",
@@ -211,6 +320,8 @@ fn read_config(family: &dyn Family, gguf: &GgufFile) -> Result<LlamaConfig> {
         )));
     }
     let hidden = gguf.get_u32(&key("embedding_length"))? as usize;
+    let fused_qkv =
+        family.fused() && gguf.has_tensor(&crate::config::block_tensor(0, crate::config::ATTN_QKV));
     let n_heads = gguf.get_u32(&key("attention.head_count"))? as usize;
     let n_kv_heads = gguf
         .get_u32(&key("attention.head_count_kv"))
@@ -245,6 +356,26 @@ fn read_config(family: &dyn Family, gguf: &GgufFile) -> Result<LlamaConfig> {
             key("attention.value_length")
         )));
     }
+    // Rotary embeddings over part of each head (Phi-4-mini's) are not
+    // computed here.
+    if let Ok(dims) = gguf.get_u32(&key("rope.dimension_count"))
+        && dims as usize != head_dim
+    {
+        return Err(ModelError::Load(format!(
+            "rotary embeddings over {dims} of a head's {head_dim} dimensions ({}) are not \
+             supported",
+            key("rope.dimension_count")
+        )));
+    }
+    // A sliding window attends like the full context up to its length:
+    // the context served stops there, so every answer is the model's own
+    // (Phi-3 mini's 2,047 of 4,096).
+    let mut context_length = gguf.get_u32(&key("context_length")).unwrap_or(2048) as usize;
+    if let Ok(window) = gguf.get_u32(&key("attention.sliding_window"))
+        && window > 0
+    {
+        context_length = context_length.min(window as usize);
+    }
     let vocab = match gguf.get_u32(&key("vocab_size")) {
         Ok(v) => v as usize,
         Err(_) => gguf.get_strings("tokenizer.ggml.tokens")?.len(),
@@ -262,9 +393,11 @@ fn read_config(family: &dyn Family, gguf: &GgufFile) -> Result<LlamaConfig> {
         rms_eps: gguf
             .get_f32(&key("attention.layer_norm_rms_epsilon"))
             .unwrap_or(1e-5),
-        context_length: gguf.get_u32(&key("context_length")).unwrap_or(2048) as usize,
+        context_length,
         qkv_bias: family.qkv_bias(),
         qk_norm: family.qk_norm(),
         rope_rows: family.gguf_rope_rows(),
+        fused_qkv,
+        fused_gate_up: family.fused(),
     })
 }
