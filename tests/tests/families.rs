@@ -1055,3 +1055,115 @@ fn check_formats(name: &str) {
         check_on_kernels(&served, case, &format!("serving engine, {format}"));
     }
 }
+
+// candle-transformers' own GGUF models (the model code of the customer's
+// chosen stack) as a third opinion beside transformers, on the families it
+// reads as we do: each reference prompt's first log-probabilities and its
+// greedy continuation, on the F32 files (its quantized matmul rounds the
+// activations to 8 bits on Q8_0/Q4_1 files, which we do not). Its
+// `quantized_llama` and `quantized_phi3` apply neither Llama 3.1's rope
+// factors nor Phi-3's longrope (and `quantized_phi3` ignores
+// `rope.freq_base`), so Llama 3 and Phi-3 are checked against
+// transformers alone; docs/models.md says which is which.
+per_family!(check_candle_transformers:
+    qwen2_candle_transformers_agrees_with_both_forwards => "qwen2",
+    qwen3_candle_transformers_agrees_with_both_forwards => "qwen3",
+    mistral_candle_transformers_agrees_with_both_forwards => "mistral",
+);
+
+/// candle-transformers' model of the family `path` holds, as a function
+/// from tokens (continuing one sequence) to the last position's logits.
+fn candle_transformers_model(path: &Path) -> impl FnMut(&[u32]) -> Vec<f32> {
+    use candle_core::quantized::gguf_file::{Content, Value};
+    use candle_transformers::models::{quantized_llama, quantized_qwen2, quantized_qwen3};
+    enum Model {
+        Llama(quantized_llama::ModelWeights),
+        Qwen2(quantized_qwen2::ModelWeights),
+        Qwen3(quantized_qwen3::ModelWeights),
+    }
+    let dev = candle_core::Device::Cpu;
+    let mut file = std::fs::File::open(path).unwrap();
+    let mut ct = Content::read(&mut file).unwrap();
+    let arch = ct.metadata["general.architecture"]
+        .to_string()
+        .unwrap()
+        .clone();
+    let mut model = match arch.as_str() {
+        "llama" => {
+            // llama.cpp's converter writes the rotary width, which
+            // quantized_llama requires; the tiny files leave it out (the
+            // whole head, as Flywheel reads it).
+            let heads = ct.metadata["llama.attention.head_count"].to_u32().unwrap();
+            let width = ct.metadata["llama.embedding_length"].to_u32().unwrap();
+            ct.metadata.insert(
+                "llama.rope.dimension_count".into(),
+                Value::U32(width / heads),
+            );
+            Model::Llama(quantized_llama::ModelWeights::from_gguf(ct, &mut file, &dev).unwrap())
+        }
+        "qwen2" => {
+            Model::Qwen2(quantized_qwen2::ModelWeights::from_gguf(ct, &mut file, &dev).unwrap())
+        }
+        "qwen3" => {
+            // quantized_qwen3 computes in F16 unless `general.dtype` says 0
+            // (a key llama.cpp's files do not have): F32, as the file is.
+            ct.metadata.insert("general.dtype".into(), Value::U32(0));
+            Model::Qwen3(quantized_qwen3::ModelWeights::from_gguf(ct, &mut file, &dev).unwrap())
+        }
+        other => panic!("{other}"),
+    };
+    let mut at = 0;
+    move |tokens: &[u32]| {
+        let x = candle_core::Tensor::new(tokens, &candle_core::Device::Cpu)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
+        let logits = match &mut model {
+            Model::Llama(m) => m.forward(&x, at),
+            Model::Qwen2(m) => m.forward(&x, at),
+            Model::Qwen3(m) => m.forward(&x, at),
+        }
+        .unwrap();
+        at += tokens.len();
+        logits.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+    }
+}
+
+fn check_candle_transformers(name: &str) {
+    let (path, reference) = family(name);
+    for case in reference["forward"].as_array().unwrap() {
+        check_forward(
+            case,
+            candle_transformers_model(&path),
+            "candle-transformers",
+        );
+    }
+    // And ours against it directly on the first prompt: every token's
+    // log-probability, not
+    // only the top five's and the argmax.
+    let case = &reference["forward"][0];
+    let prompt = ids(&case["prompt_ids"]);
+    let theirs = candle_transformers_model(&path)(&prompt);
+    let model = load_candle(&path);
+    let ours = model
+        .forward(&prompt, &mut model.new_cache())
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    let served = CpuForward::load(&path, 2).unwrap();
+    let fast = served.logits(&mut served.new_sequence(), &prompt).unwrap();
+    let theirs = logprobs(&theirs);
+    for (what, got) in [("model crate", &ours), ("serving engine", &fast)] {
+        assert_eq!(got.len(), theirs.len());
+        let got = logprobs(got);
+        let worst = got
+            .iter()
+            .zip(&theirs)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        assert!(
+            worst < LOGPROB_TOLERANCE,
+            "{name}: {what} vs candle-transformers: {worst}"
+        );
+    }
+}
