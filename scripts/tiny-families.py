@@ -100,6 +100,23 @@ PHI3_CHAT = (
     "{%- else %}{{- eos_token }}{%- endif %}"
 )
 
+# Gemma's chat layout: turns between `<start_of_turn>` and `<end_of_turn>`,
+# the assistant's role named `model`, a system message put at the start of
+# the first user turn (Gemma has no system role), the begin token first.
+GEMMA_CHAT = (
+    "{{- bos_token }}"
+    "{%- if messages[0]['role'] == 'system' %}"
+    "{%- set system = messages[0]['content'] + '\n\n' %}"
+    "{%- set messages = messages[1:] %}"
+    "{%- else %}{%- set system = '' %}{%- endif %}"
+    "{%- for message in messages %}"
+    "{%- set role = 'model' if message['role'] == 'assistant' else message['role'] %}"
+    "{{- '<start_of_turn>' + role + '\n' + (system if loop.first else '')"
+    " + message['content'] | trim + '<end_of_turn>\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<start_of_turn>model\n' }}{%- endif %}"
+)
+
 # Qwen2's and Qwen3's text side: their pre-tokenizer (its regex from their
 # tokenizer.json; NFC first), special tokens, template and end token.
 QWEN_TEXT = {
@@ -253,6 +270,38 @@ FAMILIES = {
             "pad_token_id": None,
         },
     },
+    # Gemma 2: GELU on the gate, embeddings scaled by sqrt(hidden), norms on
+    # the attention's and the feed-forward's outputs, soft-capped attention
+    # scores and logits (caps lower than the real 50 and 30, so that this
+    # small model's scores and logits reach them), a head size of its own, a
+    # sliding window on every other layer; a SentencePiece vocabulary that
+    # puts no space in front of a text.
+    "gemma2": {
+        "arch": "gemma2",
+        "spm": True,
+        "space_prefix": False,
+        "specials": ["<unk>", "<s>", "</s>"],
+        "added": ["<start_of_turn>", "<end_of_turn>"],
+        "bos": "<s>",
+        "eos": "</s>",
+        "stop": ["</s>", "<end_of_turn>"],
+        "template": GEMMA_CHAT,
+        "seed": 37,
+        "embed_std": 0.125,
+        "formats": ["Q8_0", "Q4_1"],
+        "config": "Gemma2Config",
+        "model": "Gemma2ForCausalLM",
+        "extra": {
+            "head_dim": 32,
+            "query_pre_attn_scalar": 32,
+            "attn_logit_softcapping": 20.0,
+            "final_logit_softcapping": 10.0,
+            "sliding_window": 200,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 10_000.0},
+            "rms_norm_eps": 1e-6,
+            "tie_word_embeddings": True,
+        },
+    },
 }
 
 # Characters the corpus never holds: a SentencePiece tokenizer spells them
@@ -365,7 +414,7 @@ def encode(text, family, tokens, merges):
     return ids
 
 
-def learn_sentencepiece(vocab_size):
+def learn_sentencepiece(vocab_size, prefix=True):
     """A SentencePiece BPE model learned on CORPUS as Llama's and Mistral's
     were set up: byte fallback, no normalization, a space in front of each
     text; ids 0-2 `<unk>`, `<s>`, `</s>`, then the 256 byte pieces."""
@@ -384,7 +433,7 @@ def learn_sentencepiece(vocab_size):
         character_coverage=1.0,
         normalization_rule_name="identity",
         remove_extra_whitespaces=False,
-        add_dummy_prefix=True,
+        add_dummy_prefix=prefix,
         split_digits=False,
         allow_whitespace_only_pieces=True,
         hard_vocab_limit=False,
@@ -410,7 +459,9 @@ class SentencePieceText:
         from transformers import LlamaTokenizer
 
         self.family = family
-        self.proto = learn_sentencepiece(500)
+        # Gemma's vocabulary puts no space in front of a text.
+        self.prefix = family.get("space_prefix", True)
+        self.proto = learn_sentencepiece(500, self.prefix)
         self.sp = spm.SentencePieceProcessor(model_proto=self.proto)
         sp = self.sp
         self.tokens = [sp.id_to_piece(i) for i in range(sp.get_piece_size())]
@@ -447,9 +498,19 @@ class SentencePieceText:
         from tokenizers import normalizers
 
         self.theirs = converted.backend_tokenizer
-        self.theirs.normalizer = normalizers.Sequence(
-            [normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")]
-        )
+        if self.prefix:
+            self.theirs.normalizer = normalizers.Sequence(
+                [normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")]
+            )
+        else:
+            # As Gemma's tokenizer.json: spaces escaped, none put in front,
+            # none taken off the front when decoding.
+            from tokenizers import decoders
+
+            self.theirs.normalizer = normalizers.Replace(" ", "\u2581")
+            self.theirs.decoder = decoders.Sequence(
+                [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
+            )
         self.theirs.pre_tokenizer = None
         from tokenizers import AddedToken
 
@@ -477,7 +538,7 @@ class SentencePieceText:
         w.add_token_list(self.tokens)
         w.add_token_scores(self.scores)
         w.add_token_types(self.types)
-        w.add_add_space_prefix(True)
+        w.add_add_space_prefix(self.prefix)
         w.add_unk_token_id(0)
 
 
@@ -510,7 +571,7 @@ class ByteLevelText:
         w.add_token_merges(self.merges)
 
 
-def randomize(model, seed):
+def randomize(model, seed, embed_std=1.0):
     """Weights large enough that the tiny model's choices are clear (the
     default init gives near-uniform logits) and its layers outweigh the
     tied embedding (else it repeats one token: a weak greedy check),
@@ -524,7 +585,7 @@ def randomize(model, seed):
             elif name.endswith(".bias"):
                 p.copy_(0.5 * torch.randn(p.shape, generator=g))
             elif "embed_tokens" in name:
-                p.copy_(torch.randn(p.shape, generator=g))
+                p.copy_(embed_std * torch.randn(p.shape, generator=g))
             else:
                 fan_in = p.shape[-1]
                 p.copy_(torch.randn(p.shape, generator=g) * 4.0 / fan_in**0.5)
@@ -619,7 +680,9 @@ def build(name, family, out):
     )
     torch.manual_seed(0)
     model = getattr(transformers, family["model"])(cfg).eval().float()
-    randomize(model, seed=family["seed"])
+    # Gemma multiplies its embeddings by sqrt(hidden): drawn that much
+    # smaller, they do not drown the layers.
+    randomize(model, seed=family["seed"], embed_std=family.get("embed_std", 1.0))
 
     arch = family["arch"]
     rope = family["extra"]["rope_parameters"]
@@ -678,6 +741,9 @@ def build(name, family, out):
             w.add_tensor("rope_factors_short.weight", np.array(rope["short_factor"], np.float32))
         if family["extra"].get("sliding_window"):
             w.add_sliding_window(family["extra"]["sliding_window"])
+        if arch == "gemma2":
+            w.add_attn_logit_softcapping(cfg.attn_logit_softcapping)
+            w.add_final_logit_softcapping(cfg.final_logit_softcapping)
         # llama.cpp's tensor names; it permutes llama's q and k rows (and no
         # other family's).
         names = {
@@ -700,6 +766,14 @@ def build(name, family, out):
             "input_layernorm": "attn_norm",
             "post_attention_layernorm": "ffn_norm",
         }
+        if arch == "gemma2":
+            per_layer.update(
+                {
+                    "post_attention_layernorm": "post_attention_norm",
+                    "pre_feedforward_layernorm": "ffn_norm",
+                    "post_feedforward_layernorm": "post_ffw_norm",
+                }
+            )
         for i in range(cfg.num_hidden_layers):
             for hf, short in per_layer.items():
                 for kind in ("weight", "bias"):
@@ -713,7 +787,10 @@ def build(name, family, out):
             if arch == "llama" and ".k_proj." in hf_name:
                 t = interleave(t, cfg.num_key_value_heads)
             if qtype is None or t.ndim != 2:
-                w.add_tensor(names[hf_name], t)
+                # Gemma's norms multiply by 1 + weight; llama.cpp stores
+                # the sum.
+                plus = 1.0 if arch == "gemma2" and hf_name.endswith("norm.weight") else 0.0
+                w.add_tensor(names[hf_name], t + np.float32(plus))
                 stored = t
             elif qtype == "F16":
                 w.add_tensor(names[hf_name], t.astype(np.float16))

@@ -1,6 +1,7 @@
 //! The model families beyond SmolLM2's llama (Qwen2; Qwen3; Llama 3 with
 //! its tokenizer and rope scaling; Mistral, a llama with a SentencePiece
-//! tokenizer; Phi-3 with its fused matrices, longrope and sliding window),
+//! tokenizer; Phi-3 with its fused matrices, longrope and sliding window;
+//! Gemma 2 with its norms, soft-caps and GELU),
 //! each on a tiny random-weight model of its
 //! own architecture built with the reference implementation
 //! (`scripts/tiny-families.py`: transformers builds and runs it, the script
@@ -213,6 +214,40 @@ fn phi3_is_read_with_fused_matrices_longrope_and_its_window() {
     assert_ne!(case["greedy_ids"], reference["forward"][0]["greedy_ids"]);
 }
 
+/// Gemma 2: GELU on the gate, embeddings scaled by sqrt(hidden), the two
+/// extra norms, soft-capped scores and logits, its own head size and query
+/// scaling, the sliding window capping the context; a SentencePiece
+/// vocabulary with no space put in front, and `<end_of_turn>` ending an
+/// answer.
+#[test]
+fn gemma2_is_read_with_its_norms_caps_and_window() {
+    use flywheel_model::config::Activation;
+    let (path, _) = family("gemma2");
+    let gguf = GgufFile::open(&path).unwrap();
+    let cfg = LlamaConfig::from_gguf(&gguf).unwrap();
+    assert_eq!(cfg.family, "gemma2");
+    assert_eq!(cfg.activation, Activation::GeluTanh);
+    assert_eq!(cfg.embed_scale, Some(8.0));
+    assert!(cfg.post_norms);
+    assert_eq!(
+        (cfg.attn_softcap, cfg.final_softcap),
+        (Some(20.0), Some(10.0))
+    );
+    // Heads of 32 (hidden / heads would give 16), scaled by 1 / sqrt(32).
+    assert_eq!(cfg.head_dim, 32);
+    assert!((cfg.attn_scale - 1.0 / 32f32.sqrt()).abs() < 1e-7);
+    assert_eq!(cfg.context_length, 200, "the sliding window");
+    let tok = TextTokenizer::from_gguf(&gguf).unwrap();
+    let end = tok.encode("<end_of_turn>").unwrap();
+    assert_eq!(end.len(), 1);
+    assert!(tok.stop_ids.contains(&end[0]));
+    // No space in front: "hi" is the same tokens alone and after a token.
+    let alone = tok.encode("hi").unwrap();
+    let after = tok.encode("<start_of_turn>hi").unwrap();
+    assert_eq!(&after[1..], alone.as_slice());
+    assert_ne!(tok.encode(" hi").unwrap(), alone);
+}
+
 #[test]
 fn mistral_is_read_as_llama_with_a_sentencepiece_tokenizer() {
     let (path, reference) = family("mistral");
@@ -250,6 +285,7 @@ per_family!(check_tokenizer:
     llama3_tokenizer_matches_the_reference_on_tricky_strings => "llama3",
     mistral_tokenizer_matches_the_reference_on_tricky_strings => "mistral",
     phi3_tokenizer_matches_the_reference_on_tricky_strings => "phi3",
+    gemma2_tokenizer_matches_the_reference_on_tricky_strings => "gemma2",
 );
 
 fn check_tokenizer(name: &str) {
@@ -284,6 +320,7 @@ per_family!(check_template:
     llama3_chat_template_renders_as_jinja_does => "llama3",
     mistral_chat_template_renders_as_jinja_does => "mistral",
     phi3_chat_template_renders_as_jinja_does => "phi3",
+    gemma2_chat_template_renders_as_jinja_does => "gemma2",
 );
 
 fn check_template(name: &str) {
@@ -332,6 +369,7 @@ per_family!(check_hf_folder:
     llama3_hugging_face_folder_converts_and_answers_as_transformers => "llama3",
     mistral_hugging_face_folder_converts_and_answers_as_transformers => "mistral",
     phi3_hugging_face_folder_converts_and_answers_as_transformers => "phi3",
+    gemma2_hugging_face_folder_converts_and_answers_as_transformers => "gemma2",
 );
 
 /// A tensor of a GGUF file, as f32 values.
@@ -454,6 +492,7 @@ per_family!(check_folder_quantized:
     qwen2_folder_quantized_as_converted_answers_as_the_file_quantized_by_gguf => "qwen2",
     mistral_folder_quantized_as_converted_answers_as_the_file_quantized_by_gguf => "mistral",
     phi3_folder_quantized_as_converted_answers_as_the_file_quantized_by_gguf => "phi3",
+    gemma2_folder_quantized_as_converted_answers_as_the_file_quantized_by_gguf => "gemma2",
 );
 
 fn check_folder_quantized(name: &str) {
@@ -504,6 +543,7 @@ per_family!(check_model_forward:
     llama3_forward_matches_transformers => "llama3",
     mistral_forward_matches_transformers => "mistral",
     phi3_forward_matches_transformers => "phi3",
+    gemma2_forward_matches_transformers => "gemma2",
 );
 
 fn check_model_forward(name: &str) {
@@ -520,6 +560,7 @@ per_family!(check_serving_forward:
     llama3_serving_forward_matches_transformers => "llama3",
     mistral_serving_forward_matches_transformers => "mistral",
     phi3_serving_forward_matches_transformers => "phi3",
+    gemma2_serving_forward_matches_transformers => "gemma2",
 );
 
 fn check_serving_forward(name: &str) {
@@ -539,6 +580,7 @@ per_family!(check_lora_step:
     llama3_lora_step_matches_peft => "llama3",
     mistral_lora_step_matches_peft => "mistral",
     phi3_lora_step_matches_peft => "phi3",
+    gemma2_lora_step_matches_peft => "gemma2",
 );
 
 fn check_lora_step(name: &str) {
@@ -612,6 +654,7 @@ per_family!(async check_served:
     llama3_is_served_through_the_api => "llama3",
     mistral_is_served_through_the_api => "mistral",
     phi3_is_served_through_the_api => "phi3",
+    gemma2_is_served_through_the_api => "gemma2",
 );
 
 async fn check_served(name: &str) {
@@ -888,6 +931,7 @@ per_family!(check_served_adapter:
     llama3_served_adapter_matches_the_adapted_forward => "llama3",
     mistral_served_adapter_matches_the_adapted_forward => "mistral",
     phi3_served_adapter_matches_the_adapted_forward => "phi3",
+    gemma2_served_adapter_matches_the_adapted_forward => "gemma2",
 );
 
 fn check_served_adapter(name: &str) {
@@ -1000,6 +1044,7 @@ per_family!(check_quantized_at_load:
     qwen2_quantized_at_load_answers_as_the_file_quantized_by_gguf => "qwen2",
     mistral_quantized_at_load_answers_as_the_file_quantized_by_gguf => "mistral",
     phi3_quantized_at_load_answers_as_the_file_quantized_by_gguf => "phi3",
+    gemma2_quantized_at_load_answers_as_the_file_quantized_by_gguf => "gemma2",
 );
 
 fn check_quantized_at_load(name: &str) {
@@ -1036,6 +1081,7 @@ per_family!(check_formats:
     llama3_in_8_and_4_bit_blocks_matches_transformers_on_what_the_file_holds => "llama3",
     mistral_in_8_and_4_bit_blocks_matches_transformers_on_what_the_file_holds => "mistral",
     phi3_in_8_and_4_bit_blocks_matches_transformers_on_what_the_file_holds => "phi3",
+    gemma2_in_8_and_4_bit_blocks_matches_transformers_on_what_the_file_holds => "gemma2",
 );
 
 fn check_formats(name: &str) {

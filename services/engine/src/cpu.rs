@@ -9,7 +9,7 @@
 //! The candle forward in `flywheel_model` is the reference this one is
 //! tested against (and what training differentiates through).
 
-use flywheel_model::config::{self, LlamaConfig, Proj};
+use flywheel_model::config::{self, Activation, LlamaConfig, Proj};
 use flywheel_model::family::Rope;
 use flywheel_model::gguf::GgufFile;
 use rayon::prelude::*;
@@ -28,6 +28,8 @@ struct Layer {
     bqkv: Option<Vec<f32>>,
     /// The per-head norms of q and k, in the families that have them.
     qk_norm: Option<(Vec<f32>, Vec<f32>)>,
+    /// The norms of the attention's and the feed-forward's outputs (Gemma 2).
+    post_norms: Option<(Vec<f32>, Vec<f32>)>,
     wo: QMatrix,
     ffn_norm: Vec<f32>,
     /// `ffn_gate` and `ffn_up` stacked.
@@ -213,11 +215,13 @@ impl CpuLlama {
             let vectors = cfg.layer_vectors(gguf, i)?;
             let bqkv = vectors.qkv_bias.map(|b| b.concat());
             let qk_norm = vectors.qk_norm.map(|[q, k]| (q, k));
+            let post_norms = vectors.post_norms.map(|[a, f]| (a, f));
             layers.push(Layer {
                 attn_norm: vec_of(gguf, &config::block_tensor(i, config::ATTN_NORM))?,
                 wqkv,
                 bqkv,
                 qk_norm,
+                post_norms,
                 wo,
                 ffn_norm: vec_of(gguf, &config::block_tensor(i, config::FFN_NORM))?,
                 w_gate_up,
@@ -272,6 +276,7 @@ impl CpuLlama {
                     + f32s(&l.ffn_norm)
                     + l.bqkv.as_deref().map_or(0, f32s)
                     + l.qk_norm.as_ref().map_or(0, |(q, k)| f32s(q) + f32s(k))
+                    + l.post_norms.as_ref().map_or(0, |(a, f)| f32s(a) + f32s(f))
             })
             .sum();
         layers
@@ -346,6 +351,19 @@ impl CpuLlama {
             self.embed
                 .row(*tok as usize, &mut x[r * hidden..(r + 1) * hidden]);
         }
+        if let Some(scale) = c.embed_scale {
+            x.iter_mut().for_each(|v| *v *= scale);
+        }
+        // Gemma 2's norm of a sublayer's output before it joins the
+        // residual.
+        let post_norm = |out: &mut [f32], w: Option<&Vec<f32>>| {
+            let Some(w) = w else { return };
+            let mut normed = vec![0f32; hidden];
+            for row in out.chunks_exact_mut(hidden) {
+                rms_norm(row, w, c.rms_eps, &mut normed);
+                row.copy_from_slice(&normed);
+            }
+        };
         let mut h = vec![0f32; n * hidden];
         let mut qkv = vec![0f32; n * qkv_dim];
         let mut att = vec![0f32; n * q_dim];
@@ -404,7 +422,7 @@ impl CpuLlama {
                 .iter()
                 .map(|it| (it.cache.k[li].as_slice(), it.cache.v[li].as_slice()))
                 .collect();
-            let scale = 1.0 / (hd as f32).sqrt();
+            let (scale, cap) = (c.attn_scale, c.attn_softcap);
             let simd = self.simd;
             // About two tasks per thread: enough to balance, few enough to
             // keep rayon's overhead off the single-stream path.
@@ -427,6 +445,11 @@ impl CpuLlama {
                             ) * scale
                         })
                         .collect();
+                    if let Some(cap) = cap {
+                        scores
+                            .iter_mut()
+                            .for_each(|s| *s = config::softcap(*s, cap));
+                    }
                     let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
                     let mut sum = 0.0;
                     for s in scores.iter_mut() {
@@ -444,6 +467,7 @@ impl CpuLlama {
                 });
             layer.wo.matmul(self.simd, &att, n, &mut proj);
             lora(li, Proj::O, &att, &mut proj, hidden, 0);
+            post_norm(&mut proj, layer.post_norms.as_ref().map(|(a, _)| a));
             x.iter_mut().zip(&proj).for_each(|(x, p)| *x += p);
 
             for r in 0..n {
@@ -456,12 +480,17 @@ impl CpuLlama {
             lora(li, Proj::Up, &h, &mut gu, 2 * f, f);
             for r in 0..n {
                 let (g, u) = gu[r * 2 * f..(r + 1) * 2 * f].split_at(f);
-                for ((a, g), u) in act[r * f..(r + 1) * f].iter_mut().zip(g).zip(u) {
-                    *a = g / (1.0 + (-g).exp()) * u;
+                let out = act[r * f..(r + 1) * f].iter_mut().zip(g).zip(u);
+                match c.activation {
+                    Activation::Silu => out.for_each(|((a, g), u)| *a = g / (1.0 + (-g).exp()) * u),
+                    Activation::GeluTanh => {
+                        out.for_each(|((a, g), u)| *a = config::gelu_tanh(*g) * u)
+                    }
                 }
             }
             layer.w_down.matmul(self.simd, &act, n, &mut proj);
             lora(li, Proj::Down, &act, &mut proj, hidden, 0);
+            post_norm(&mut proj, layer.post_norms.as_ref().map(|(_, f)| f));
             x.iter_mut().zip(&proj).for_each(|(x, p)| *x += p);
         }
 
@@ -489,6 +518,11 @@ impl CpuLlama {
         let mut logits = vec![0f32; rows.len() * vocab];
         if !rows.is_empty() {
             head.matmul(self.simd, &normed, rows.len(), &mut logits);
+        }
+        if let Some(cap) = c.final_softcap {
+            logits
+                .iter_mut()
+                .for_each(|l| *l = config::softcap(*l, cap));
         }
         let mut taken = 0;
         Ok(items

@@ -264,8 +264,8 @@ async fn a_hugging_face_folder_is_converted_and_registered() {
     std::fs::copy(source.join("tokenizer.json"), folder.join("tokenizer.json")).unwrap();
     let config = folder.join("config.json");
     let text = std::fs::read_to_string(&config).unwrap();
-    std::fs::write(&config, text.replace("\"llama\"", "\"gemma2\"")).unwrap();
-    refused("gemma", "model_type `gemma2`");
+    std::fs::write(&config, text.replace("\"llama\"", "\"gemma3\"")).unwrap();
+    refused("gemma", "model_type `gemma3`");
     let (_, listed, _) = flywheel(&db, &["models", "list"]);
     assert!(
         !listed.contains("no-tok") && !listed.contains("gemma"),

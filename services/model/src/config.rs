@@ -47,6 +47,44 @@ pub struct LlamaConfig {
     /// gate and up stored as one matrix, gate's rows first (Phi-3's
     /// `ffn_up`).
     pub fused_gate_up: bool,
+    /// The feed-forward's gate activation.
+    pub activation: Activation,
+    /// The embeddings are multiplied by this (Gemma's `sqrt(hidden)`).
+    pub embed_scale: Option<f32>,
+    /// The attention's output and the feed-forward's are each RMS-normed
+    /// before they join the residual (Gemma 2's `post_attention_norm` and
+    /// `post_ffw_norm`).
+    pub post_norms: bool,
+    /// What the attention scores `q . k` are multiplied by:
+    /// `1 / sqrt(head_dim)`, or Gemma 2's `1 / sqrt(query_pre_attn_scalar)`.
+    pub attn_scale: f32,
+    /// Scaled scores become `cap * tanh(score / cap)` (Gemma 2's
+    /// `attn_logit_softcapping`).
+    pub attn_softcap: Option<f32>,
+    /// Logits become `cap * tanh(logit / cap)` (Gemma 2's
+    /// `final_logit_softcapping`).
+    pub final_softcap: Option<f32>,
+}
+
+/// The activation of the feed-forward's gate, times up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activation {
+    /// `silu(gate) * up` (SwiGLU: llama, Qwen, Phi-3).
+    Silu,
+    /// `gelu(gate) * up` with GELU's tanh approximation (Gemma's
+    /// `gelu_pytorch_tanh`).
+    GeluTanh,
+}
+
+/// `cap * tanh(x / cap)`.
+pub fn softcap(x: f32, cap: f32) -> f32 {
+    cap * (x / cap).tanh()
+}
+
+/// GELU, tanh approximation (`gelu_pytorch_tanh`).
+pub fn gelu_tanh(x: f32) -> f32 {
+    const C: f32 = 0.797_884_6; // sqrt(2 / pi)
+    0.5 * x * (1.0 + (C * (x + 0.044_715 * x * x * x)).tanh())
 }
 
 impl LlamaConfig {
@@ -185,6 +223,9 @@ pub const FFN_NORM: &str = "ffn_norm";
 pub const ATTN_QKV: &str = "attn_qkv";
 /// gate and up in one matrix (Phi-3): llama.cpp names it as up alone.
 pub const FFN_GATE_UP: &str = "ffn_up";
+/// Gemma 2's norms of the attention's and the feed-forward's outputs.
+pub const POST_ATTN_NORM: &str = "post_attention_norm";
+pub const POST_FFN_NORM: &str = "post_ffw_norm";
 /// Per-head norms of q and k, in the families that have them.
 pub const ATTN_Q_NORM: &str = "attn_q_norm";
 pub const ATTN_K_NORM: &str = "attn_k_norm";
@@ -309,8 +350,8 @@ mod tests {
         );
         let e = load_error("falcon-pre", &[("tokenizer.ggml.pre", s("falcon"))]);
         assert!(e.contains("pre-tokenizer `falcon`"), "{e}");
-        let e = load_error("gemma-arch", &[("general.architecture", s("gemma2"))]);
-        assert!(e.contains("architecture gemma2 is not supported"), "{e}");
+        let e = load_error("gemma-arch", &[("general.architecture", s("gemma3"))]);
+        assert!(e.contains("architecture gemma3 is not supported"), "{e}");
         let e = load_error("yarn", &[("llama.rope.scaling.type", s("yarn"))]);
         assert!(e.contains("rope scaling `yarn`"), "{e}");
         assert_eq!(

@@ -14,7 +14,7 @@
 
 use candle_core::{Device, Tensor};
 
-use crate::config::{self, LlamaConfig, Proj};
+use crate::config::{self, Activation, LlamaConfig, Proj};
 use crate::family::Rope;
 use crate::gguf::GgufFile;
 use crate::ops::{Causal, Inference, Ops, Site};
@@ -29,6 +29,8 @@ struct Layer {
     bias: Option<[Tensor; 3]>,
     /// The per-head norms of q and k, in the families that have them.
     qk_norm: Option<[Tensor; 2]>,
+    /// The norms of the attention's and the feed-forward's outputs (Gemma 2).
+    post_norms: Option<[Tensor; 2]>,
     wo: Tensor,
     ffn_norm: Tensor,
     w_gate: Tensor,
@@ -104,6 +106,10 @@ impl Llama {
                 Some([q, k]) => Some([on_device(q)?, on_device(k)?]),
                 None => None,
             };
+            let post_norms = match &vectors.post_norms {
+                Some([a, f]) => Some([on_device(a)?, on_device(f)?]),
+                None => None,
+            };
             let mut norm = |n: &str| gguf.tensor_f32(&config::block_tensor(i, n), device);
             layers.push(Layer {
                 attn_norm: norm(config::ATTN_NORM)?,
@@ -113,6 +119,7 @@ impl Llama {
                 wv,
                 bias,
                 qk_norm,
+                post_norms,
                 wo,
                 w_gate,
                 w_up,
@@ -157,9 +164,8 @@ impl Llama {
     pub fn forward(&self, tokens: &[u32], cache: &mut KvCache) -> Result<Tensor> {
         let hidden = self.hidden_states(&Inference, tokens, cache)?;
         let last = hidden.narrow(0, tokens.len() - 1, 1)?;
-        Ok(Inference
-            .linear(&last, &self.lm_head, Site::Output)?
-            .squeeze(0)?)
+        let logits = self.capped(Inference.linear(&last, &self.lm_head, Site::Output)?)?;
+        Ok(logits.squeeze(0)?)
     }
 
     /// The logits of positions `first..` of `tokens`, `(tokens - first,
@@ -231,6 +237,7 @@ impl Llama {
             at += seq.len();
         }
         let logits = ops.linear(&Tensor::cat(&rows, 0)?, &self.lm_head, Site::Output)?;
+        let logits = self.capped(logits)?;
         let mut out = Vec::with_capacity(seqs.len());
         let mut at = 0;
         for (seq, first) in seqs {
@@ -239,6 +246,14 @@ impl Llama {
         }
         Ok(out)
     }
+    /// Logits soft-capped where the family caps them (Gemma 2).
+    fn capped(&self, logits: Tensor) -> Result<Tensor> {
+        match self.cfg.final_softcap {
+            Some(cap) => crate::ops::softcap(&logits, cap),
+            None => Ok(logits),
+        }
+    }
+
     /// Serves at most `n` positions (fewer than the model's context, to
     /// bound the memory its caches may take); more is refused as beyond
     /// the context.
@@ -276,6 +291,7 @@ impl Llama {
                         .iter()
                         .flatten()
                         .chain(l.qk_norm.iter().flatten())
+                        .chain(l.post_norms.iter().flatten())
                         .map(Tensor::elem_count)
                         .sum::<usize>()
             })
@@ -344,6 +360,9 @@ impl Llama {
         }
         let ids = Tensor::new(tokens, &self.device)?;
         let mut x = self.embed.index_select(&ids, 0)?;
+        if let Some(scale) = self.cfg.embed_scale {
+            x = (x * f64::from(scale))?;
+        }
         let (cos, sin) = match positions {
             None => (self.cos.narrow(0, pos, t)?, self.sin.narrow(0, pos, t)?),
             Some(p) => {
@@ -355,13 +374,23 @@ impl Llama {
         let eps = self.cfg.rms_eps;
         for (i, (layer, slot)) in self.layers.iter().zip(cache.layers.iter_mut()).enumerate() {
             let h = ops.rms_norm(&x, &layer.attn_norm, eps)?;
-            let attn = self.attention(ops, i, layer, &h, &rows, slot)?;
+            let mut attn = self.attention(ops, i, layer, &h, &rows, slot)?;
+            if let Some([post, _]) = &layer.post_norms {
+                attn = ops.rms_norm(&attn, post, eps)?;
+            }
             x = (x + attn)?;
             let h = ops.rms_norm(&x, &layer.ffn_norm, eps)?;
             let gate = ops.linear(&h, &layer.w_gate, Site::Proj(i, Proj::Gate))?;
             let up = ops.linear(&h, &layer.w_up, Site::Proj(i, Proj::Up))?;
-            let act = ops.swiglu(&gate, &up)?;
-            x = (x + ops.linear(&act, &layer.w_down, Site::Proj(i, Proj::Down))?)?;
+            let act = match self.cfg.activation {
+                Activation::Silu => ops.swiglu(&gate, &up)?,
+                Activation::GeluTanh => ops.geglu(&gate, &up)?,
+            };
+            let mut down = ops.linear(&act, &layer.w_down, Site::Proj(i, Proj::Down))?;
+            if let Some([_, post]) = &layer.post_norms {
+                down = ops.rms_norm(&down, post, eps)?;
+            }
+            x = (x + down)?;
         }
         cache.len += t;
         ops.rms_norm(&x, &self.norm, eps)
@@ -406,14 +435,14 @@ impl Llama {
         // a kv head are stacked along the row axis, (1, nkv, rep*t, hd).
         let rep = nh / nkv;
         let q = q.reshape((1, nkv, rep * t, hd))?;
-        let scale = 1.0 / (hd as f64).sqrt();
+        let scale = f64::from(self.cfg.attn_scale);
         let scores = q.matmul(&k.t()?)?;
         let mask = Causal {
             t,
             offset: k.dim(2)? - t,
             starts,
         };
-        let att = ops.attention_weights(&scores, scale, mask)?;
+        let att = ops.attention_weights(&scores, scale, self.cfg.attn_softcap, mask)?;
         let out = att.matmul(&v)?.reshape((1, nh, t, hd))?;
         ops.linear(&ops.merge_heads(&out)?, &layer.wo, Site::Proj(i, Proj::O))
     }

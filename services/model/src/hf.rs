@@ -65,9 +65,10 @@ fn architecture(model_type: &str) -> Result<&'static str> {
         "qwen2" => Ok("qwen2"),
         "qwen3" => Ok("qwen3"),
         "phi3" => Ok("phi3"),
+        "gemma2" => Ok("gemma2"),
         other => Err(ModelError::Load(format!(
             "model_type `{other}` (config.json) is not supported: Flywheel converts \
-             llama, mistral, qwen2, qwen3 and phi3 folders"
+             llama, mistral, qwen2, qwen3, phi3 and gemma2 folders"
         ))),
     }
 }
@@ -76,22 +77,29 @@ fn architecture(model_type: &str) -> Result<&'static str> {
 /// norms, then the projections as [`Proj`] names them (the one table), and
 /// in Phi-3 its fused matrices.
 fn layer_tensors(arch: &str) -> impl Iterator<Item = (&'static str, &'static str)> {
-    let fused: &[(&str, &str)] = match arch {
+    let own: &[(&str, &str)] = match arch {
         "phi3" => &[
             ("self_attn.qkv_proj", config::ATTN_QKV),
             ("mlp.gate_up_proj", config::FFN_GATE_UP),
         ],
+        // Gemma 2's four norms: its post_attention_layernorm is the
+        // attention output's, not the feed-forward's input's.
+        "gemma2" => &[
+            ("post_attention_layernorm", config::POST_ATTN_NORM),
+            ("pre_feedforward_layernorm", config::FFN_NORM),
+            ("post_feedforward_layernorm", config::POST_FFN_NORM),
+        ],
         _ => &[],
     };
-    [
-        ("input_layernorm", config::ATTN_NORM),
-        ("post_attention_layernorm", config::FFN_NORM),
-        ("self_attn.q_norm", config::ATTN_Q_NORM),
-        ("self_attn.k_norm", config::ATTN_K_NORM),
-    ]
-    .into_iter()
-    .chain(fused.iter().copied())
-    .chain(Proj::ALL.map(|p| (p.hf_name(), p.gguf_name())))
+    own.iter()
+        .copied()
+        .chain([
+            ("input_layernorm", config::ATTN_NORM),
+            ("post_attention_layernorm", config::FFN_NORM),
+            ("self_attn.q_norm", config::ATTN_Q_NORM),
+            ("self_attn.k_norm", config::ATTN_K_NORM),
+        ])
+        .chain(Proj::ALL.map(|p| (p.hf_name(), p.gguf_name())))
 }
 
 fn read_json(path: &Path) -> Result<Json> {
@@ -127,9 +135,18 @@ fn hparams(config: &Json, arch: &str) -> Result<Hparams> {
             .map(|v| v as usize)
             .ok_or_else(|| bad(format!("no whole number `{k}`")))
     };
-    let act = config["hidden_act"].as_str().unwrap_or("silu");
-    if act != "silu" {
-        return Err(bad(format!("activation `{act}` (a llama uses silu)")));
+    // Gemma's gate activation is GELU's tanh approximation; the others'
+    // SiLU.
+    let (want, kind) = match arch {
+        "gemma2" => ("gelu_pytorch_tanh", "a gemma2"),
+        _ => ("silu", "a llama"),
+    };
+    let act = config["hidden_activation"]
+        .as_str()
+        .or(config["hidden_act"].as_str())
+        .unwrap_or(want);
+    if act != want {
+        return Err(bad(format!("activation `{act}` ({kind} uses {want})")));
     }
     for k in ["attention_bias", "mlp_bias"] {
         if arch == "llama" && config[k].as_bool() == Some(true) {
@@ -224,6 +241,22 @@ fn hparams(config: &Json, arch: &str) -> Result<Hparams> {
         (key("vocab_size"), u(int("vocab_size")?)),
     ];
     keys.extend(scaling_keys);
+    if arch == "gemma2" {
+        for (k, gguf_key) in [
+            ("attn_logit_softcapping", "attn_logit_softcapping"),
+            ("final_logit_softcapping", "final_logit_softcapping"),
+        ] {
+            if let Some(cap) = config[k].as_f64() {
+                keys.push((key(gguf_key), Value::F32(cap as f32)));
+            }
+        }
+        if let Some(q) = config["query_pre_attn_scalar"].as_f64() {
+            keys.push((
+                crate::family::QUERY_PRE_ATTN_SCALAR.into(),
+                Value::F32(q as f32),
+            ));
+        }
+    }
     if head_dim * heads != hidden {
         keys.push((key("attention.key_length"), u(head_dim)));
         keys.push((key("attention.value_length"), u(head_dim)));
@@ -395,6 +428,8 @@ struct Source {
     name: String,
     /// Rows to gather (llama's q and k), by [`interleaved_from_halves`].
     order: Option<Vec<usize>>,
+    /// Gemma's norms multiply by `1 + weight`: llama.cpp stores the sum.
+    plus_one: bool,
 }
 
 /// Converts the Hugging Face folder `dir` into the GGUF file `out`, then
@@ -528,7 +563,11 @@ pub fn convert_as(dir: &Path, out: &Path, quantize: Option<GgmlDType>) -> Result
                     dims,
                     dtype,
                 },
-                Source { name, order },
+                Source {
+                    plus_one: arch == "gemma2" && name.ends_with("norm.weight"),
+                    name,
+                    order,
+                },
             ),
         );
     }
@@ -636,6 +675,15 @@ fn tensor_bytes(
     let view = st.get(&source.name).map_err(load)?;
     let raw = view.data();
     let data: Vec<u8> = match (spec.dtype, view.dtype()) {
+        _ if source.plus_one => {
+            let t = st
+                .load(&source.name, &candle_core::Device::Cpu)
+                .and_then(|t| t.to_dtype(candle_core::DType::F32))
+                .and_then(|t| t.flatten_all())
+                .and_then(|t| t.to_vec1::<f32>())
+                .map_err(load)?;
+            t.iter().flat_map(|x| (x + 1.0).to_le_bytes()).collect()
+        }
         (GgmlDType::F32, safetensors::Dtype::F32)
         | (GgmlDType::F16, safetensors::Dtype::F16)
         | (GgmlDType::BF16, safetensors::Dtype::BF16) => raw.to_vec(),
@@ -725,8 +773,8 @@ mod tests {
 
     #[test]
     fn what_would_be_read_wrongly_is_refused_naming_it() {
-        let e = architecture("gemma2").unwrap_err().to_string();
-        assert!(e.contains("model_type `gemma2`"), "{e}");
+        let e = architecture("gemma3_text").unwrap_err().to_string();
+        assert!(e.contains("model_type `gemma3_text`"), "{e}");
         let base = serde_json::json!({
             "hidden_size": 64, "num_attention_heads": 4, "num_hidden_layers": 2,
             "intermediate_size": 128, "vocab_size": 100,
@@ -755,6 +803,42 @@ mod tests {
         assert!(e.contains("rope scaling `longrope`"), "{e}");
         let e = with("partial_rotary_factor", 0.75.into());
         assert!(e.contains("partial_rotary_factor 0.75"), "{e}");
+    }
+
+    #[test]
+    fn gemma2s_caps_and_query_scaling_are_kept_and_its_activation_checked() {
+        let mut gemma = serde_json::json!({
+            "hidden_size": 64, "num_attention_heads": 4, "num_hidden_layers": 2,
+            "intermediate_size": 128, "vocab_size": 100, "head_dim": 32,
+            "hidden_activation": "gelu_pytorch_tanh", "max_position_embeddings": 8192,
+            "sliding_window": 4096, "attn_logit_softcapping": 50.0,
+            "final_logit_softcapping": 30.0, "query_pre_attn_scalar": 144,
+        });
+        let hp = hparams(&gemma, "gemma2").unwrap();
+        let f = |k: &str| key(&hp, k).to_f32().unwrap();
+        assert_eq!(f("gemma2.attn_logit_softcapping"), 50.0);
+        assert_eq!(f("gemma2.final_logit_softcapping"), 30.0);
+        assert_eq!(f(crate::family::QUERY_PRE_ATTN_SCALAR), 144.0);
+        assert_eq!(key(&hp, "gemma2.context_length").to_u32().unwrap(), 4096);
+        assert_eq!(
+            key(&hp, "gemma2.attention.key_length").to_u32().unwrap(),
+            32
+        );
+        // Gemma's norms are stored as llama.cpp stores them, 1 added.
+        assert_eq!(
+            gguf_name("model.layers.0.post_attention_layernorm.weight", "gemma2"),
+            Some(Some("blk.0.post_attention_norm.weight".into()))
+        );
+        assert_eq!(
+            gguf_name("model.layers.0.pre_feedforward_layernorm.weight", "gemma2"),
+            Some(Some("blk.0.ffn_norm.weight".into()))
+        );
+        gemma["hidden_activation"] = "silu".into();
+        let e = hparams(&gemma, "gemma2").err().unwrap().to_string();
+        assert!(
+            e.contains("activation `silu` (a gemma2 uses gelu_pytorch_tanh)"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -41,12 +41,32 @@ pub trait Ops {
     fn merge_heads(&self, x: &Tensor) -> Result<Tensor>;
 
     /// Attention weights from scores `(1, kv_heads, rep * t, keys)`:
-    /// `softmax(scale * scores)` under the causal `mask`. Query heads
-    /// sharing a key head are stacked along the rows, `t` rows each.
-    fn attention_weights(&self, scores: &Tensor, scale: f64, mask: Causal) -> Result<Tensor>;
+    /// `softmax(scale * scores)` under the causal `mask`, the scaled scores
+    /// soft-capped first where `softcap` gives a cap (Gemma 2). Query
+    /// heads sharing a key head are stacked along the rows, `t` rows each.
+    fn attention_weights(
+        &self,
+        scores: &Tensor,
+        scale: f64,
+        softcap: Option<f32>,
+        mask: Causal,
+    ) -> Result<Tensor>;
 
     /// `silu(gate) * up`.
     fn swiglu(&self, gate: &Tensor, up: &Tensor) -> Result<Tensor>;
+
+    /// `gelu(gate) * up`, GELU's tanh approximation (Gemma), composed of
+    /// candle's differentiable ops.
+    fn geglu(&self, gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+        Ok((gate.gelu()? * up)?)
+    }
+}
+
+/// `cap * tanh(x / cap)` of every element, composed of candle's
+/// differentiable ops.
+pub fn softcap(x: &Tensor, cap: f32) -> Result<Tensor> {
+    let cap = f64::from(cap);
+    Ok(((x / cap)?.tanh()? * cap)?)
 }
 
 /// The inference implementation: candle's fused kernels.
@@ -82,8 +102,17 @@ impl Ops for Inference {
         Ok(x.transpose(1, 2)?.reshape((t, n * hd))?)
     }
 
-    fn attention_weights(&self, scores: &Tensor, scale: f64, mask: Causal) -> Result<Tensor> {
+    fn attention_weights(
+        &self,
+        scores: &Tensor,
+        scale: f64,
+        cap: Option<f32>,
+        mask: Causal,
+    ) -> Result<Tensor> {
         let mut att = (scores * scale)?;
+        if let Some(cap) = cap {
+            att = softcap(&att, cap)?;
+        }
         if mask.t > 1 {
             let rows = scores.dim(2)?;
             att = att.broadcast_add(&mask.additive(rows, scores.device())?)?;

@@ -205,13 +205,14 @@ impl TextTokenizer {
             }
         }
         // ChatML's, Llama 3's (end of turn; end of a message that called a
-        // tool, 3.1) and Phi-3's.
+        // tool, 3.1), Phi-3's and Gemma's.
         for s in [
             "<|im_end|>",
             "<|endoftext|>",
             "<|eot_id|>",
             "<|eom_id|>",
             "<|end|>",
+            "<end_of_turn>",
         ] {
             if let Some(id) = inner.token_to_id(s)
                 && !stop_ids.contains(&id)

@@ -6,6 +6,7 @@
 //! A family nobody wrote a file for is refused at load, naming its
 //! architecture: serving it as another would give wrong answers silently.
 
+mod gemma2;
 mod llama;
 mod phi3;
 mod qwen2;
@@ -39,10 +40,30 @@ pub trait Family: Sync {
         false
     }
 
+    /// Gemma's layer: GELU (tanh approximation) on the gate, embeddings
+    /// scaled by `sqrt(hidden)`, and norms of the attention's and the
+    /// feed-forward's outputs before each joins the residual.
+    fn gemma(&self) -> bool {
+        false
+    }
+
+    /// What `q . k` is scaled by, where it is not `1 / sqrt(head_dim)`.
+    fn attn_scale(&self, _shape: &Shape) -> Option<f32> {
+        None
+    }
+
     /// How the q and k rows are stored in GGUF files of this family:
     /// llama.cpp's converter permutes llama's for interleaved rotary
     /// embeddings and stores the others as Hugging Face does.
     fn gguf_rope_rows(&self) -> RopeRows;
+}
+
+/// The sizes a family's own rules may depend on.
+pub struct Shape {
+    pub hidden: usize,
+    pub heads: usize,
+    pub head_dim: usize,
+    pub layers: usize,
 }
 
 /// A layer's vectors beside its matrices, in the order the forward passes
@@ -52,6 +73,8 @@ pub struct LayerVectors {
     pub qkv_bias: Option<[Vec<f32>; 3]>,
     /// The per-head norms of q and k (Qwen3).
     pub qk_norm: Option<[Vec<f32>; 2]>,
+    /// The norms of the attention's and the feed-forward's outputs (Gemma 2).
+    pub post_norms: Option<[Vec<f32>; 2]>,
 }
 
 /// Llama 3.1's rope scaling as llama.cpp stores it: per rotary frequency, a
@@ -139,7 +162,18 @@ impl LlamaConfig {
             }
             false => None,
         };
-        Ok(LayerVectors { qkv_bias, qk_norm })
+        let post_norms = match self.post_norms {
+            true => {
+                let mut norm = |n: &str| read(config::block_tensor(layer, n), None);
+                Some([norm(config::POST_ATTN_NORM)?, norm(config::POST_FFN_NORM)?])
+            }
+            false => None,
+        };
+        Ok(LayerVectors {
+            qkv_bias,
+            qk_norm,
+            post_norms,
+        })
     }
 
     /// `layer`'s `proj` as the file stores it (its rows of a fused matrix
@@ -197,6 +231,11 @@ impl LlamaConfig {
             if self.qk_norm {
                 for n in [config::ATTN_Q_NORM, config::ATTN_K_NORM] {
                     want.push((config::block_tensor(i, n), vec![self.head_dim]));
+                }
+            }
+            if self.post_norms {
+                for n in [config::POST_ATTN_NORM, config::POST_FFN_NORM] {
+                    want.push((config::block_tensor(i, n), vec![self.hidden]));
                 }
             }
         }
@@ -279,8 +318,19 @@ impl LlamaConfig {
     }
 }
 
+/// The query scaling a converted Hugging Face folder records where its
+/// config gives one (Gemma 2's `query_pre_attn_scalar`): llama.cpp's files
+/// have no key for it (llama.cpp derives it from the model's size).
+pub const QUERY_PRE_ATTN_SCALAR: &str = "flywheel.query_pre_attn_scalar";
+
 /// Every family Flywheel serves.
-pub const FAMILIES: &[&dyn Family] = &[&llama::Llama, &qwen2::Qwen2, &qwen3::Qwen3, &phi3::Phi3];
+pub const FAMILIES: &[&dyn Family] = &[
+    &llama::Llama,
+    &qwen2::Qwen2,
+    &qwen3::Qwen3,
+    &phi3::Phi3,
+    &gemma2::Gemma2,
+];
 
 /// The family of a GGUF file, by its `general.architecture`.
 pub fn of_gguf(gguf: &GgufFile) -> Result<&'static dyn Family> {
@@ -380,11 +430,28 @@ fn read_config(family: &dyn Family, gguf: &GgufFile) -> Result<LlamaConfig> {
         Ok(v) => v as usize,
         Err(_) => gguf.get_strings("tokenizer.ggml.tokens")?.len(),
     };
+    let n_layers = gguf.get_u32(&key("block_count"))? as usize;
+    let shape = Shape {
+        hidden,
+        heads: n_heads,
+        head_dim,
+        layers: n_layers,
+    };
+    // A converted folder records what its config says
+    // (`flywheel.query_pre_attn_scalar`); else the family's rule.
+    let attn_scale = match gguf.get_f32(QUERY_PRE_ATTN_SCALAR) {
+        Ok(q) if q > 0.0 => 1.0 / q.sqrt(),
+        _ => family
+            .attn_scale(&shape)
+            .unwrap_or(1.0 / (head_dim as f32).sqrt()),
+    };
+    let cap = |k: &str| gguf.get_f32(&key(k)).ok().filter(|c| *c > 0.0);
+    let gemma = family.gemma();
     Ok(LlamaConfig {
         family: arch,
         hidden,
         intermediate: gguf.get_u32(&key("feed_forward_length"))? as usize,
-        n_layers: gguf.get_u32(&key("block_count"))? as usize,
+        n_layers,
         n_heads,
         n_kv_heads,
         head_dim,
@@ -399,5 +466,14 @@ fn read_config(family: &dyn Family, gguf: &GgufFile) -> Result<LlamaConfig> {
         rope_rows: family.gguf_rope_rows(),
         fused_qkv,
         fused_gate_up: family.fused(),
+        activation: match gemma {
+            true => crate::config::Activation::GeluTanh,
+            false => crate::config::Activation::Silu,
+        },
+        embed_scale: gemma.then(|| (hidden as f32).sqrt()),
+        post_norms: gemma,
+        attn_scale,
+        attn_softcap: cap("attn_logit_softcapping"),
+        final_softcap: cap("final_logit_softcapping"),
     })
 }

@@ -105,8 +105,16 @@ impl Ops for TrainOps<'_> {
         Ok(x.transpose(1, 2)?.reshape((t, n * hd))?)
     }
 
-    fn attention_weights(&self, scores: &Tensor, scale: f64, mask: Causal) -> Result<Tensor> {
-        if fused::fused(scores) {
+    fn attention_weights(
+        &self,
+        scores: &Tensor,
+        scale: f64,
+        cap: Option<f32>,
+        mask: Causal,
+    ) -> Result<Tensor> {
+        // The fused op has no soft-cap: capped scores (Gemma 2) take the
+        // composed path.
+        if fused::fused(scores) && cap.is_none() {
             // Scale, mask and softmax in one pass, forward and backward.
             let op = fused::CausalSoftmax {
                 scale: scale as f32,
@@ -117,6 +125,9 @@ impl Ops for TrainOps<'_> {
             return Ok(scores.apply_op1(op)?);
         }
         let mut att = (scores * scale)?;
+        if let Some(cap) = cap {
+            att = flywheel_model::ops::softcap(&att, cap)?;
+        }
         if mask.t > 1 {
             att = att.broadcast_add(&mask.additive(scores.dim(2)?, scores.device())?)?;
         }
