@@ -601,42 +601,27 @@ fn check_lora_step(name: &str) {
         "loss {got} here, {want} in PEFT"
     );
     let grads = loss.backward().unwrap();
-    let grad_sq: f64 = lora
-        .vars()
-        .iter()
-        .map(|v| {
-            let g = grads
-                .get(v.as_tensor())
-                .expect("every adapter matrix has a gradient");
-            g.sqr()
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap() as f64
-        })
-        .sum();
+    let squares = |t: &candle_core::Tensor| -> f64 {
+        let g = grads.get(t).expect("every adapter matrix has a gradient");
+        g.sqr()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap() as f64
+    };
     // A fused module's `A` (Phi-3's `qkv_proj`) serves all its projections
     // in PEFT, one copy each here, so the gradients of `B` alone are what
     // both have alike there.
-    let (grad_sq, want) = match step["lora_b_grad_sq_sum"].as_f64() {
-        Some(b_only) if model.config().fused_qkv => {
-            let bs: f64 = lora
-                .pairs
-                .values()
-                .map(|p| {
-                    let g = grads.get(p.b.as_tensor()).unwrap();
-                    g.sqr()
-                        .unwrap()
-                        .sum_all()
-                        .unwrap()
-                        .to_scalar::<f32>()
-                        .unwrap() as f64
-                })
-                .sum();
-            (bs, b_only)
-        }
-        _ => (grad_sq, step["lora_grad_sq_sum"].as_f64().unwrap()),
+    let (grad_sq, want): (f64, f64) = match step["lora_b_grad_sq_sum"].as_f64() {
+        Some(b_only) if model.config().fused_qkv => (
+            lora.pairs.values().map(|p| squares(p.b.as_tensor())).sum(),
+            b_only,
+        ),
+        _ => (
+            lora.vars().iter().map(|v| squares(v.as_tensor())).sum(),
+            step["lora_grad_sq_sum"].as_f64().unwrap(),
+        ),
     };
     assert!(
         (grad_sq - want).abs() < 1e-3 * want,

@@ -1,7 +1,9 @@
 //! The hyper-parameters of the transformer every supported family maps
-//! onto (a llama, with optional q/k/v biases), and the names of its
+//! onto (a llama, with what each family adds: q/k/v biases, q/k norms,
+//! fused matrices, Gemma's norms, soft-caps and GELU), and the names of its
 //! tensors: the one table that says what a projection is called in GGUF
-//! files and in Hugging Face (and PEFT) checkpoints. Which family a file is,
+//! files and in Hugging Face (and PEFT) checkpoints, and where a fused
+//! matrix holds it ([`LlamaConfig::stored_at`]). Which family a file is,
 //! and how its keys read (`LlamaConfig::from_gguf`), is the `family`
 //! module's.
 
