@@ -6,6 +6,7 @@
 //! `HF_HOME/hub`, where Python's `huggingface_hub` puts it) is used without
 //! the network, and with `HF_HUB_OFFLINE` nothing else is tried.
 
+use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 
 use futures::StreamExt;
@@ -26,12 +27,21 @@ pub struct Hub {
 impl Hub {
     /// The hub as Hugging Face's environment variables describe it.
     pub fn from_env(endpoint: &str) -> Self {
-        let var = |k: &str| std::env::var_os(k).filter(|v| !v.is_empty());
+        Self::from_vars(endpoint, |k| std::env::var_os(k))
+    }
+
+    /// The hub as the variables `var` gives describe it, read as
+    /// huggingface_hub reads them: the cache is `HF_HUB_CACHE`, else
+    /// `HF_HOME/hub`, else `XDG_CACHE_HOME/huggingface/hub`, else
+    /// `~/.cache/huggingface/hub`; offline when `HF_HUB_OFFLINE` is 1, ON,
+    /// YES or TRUE in any case. An empty variable counts as unset.
+    pub fn from_vars(endpoint: &str, var: impl Fn(&str) -> Option<OsString>) -> Self {
+        let var = |k: &str| var(k).filter(|v| !v.is_empty());
         let cache = var("HF_HUB_CACHE")
             .map(PathBuf::from)
             .or_else(|| var("HF_HOME").map(|h| PathBuf::from(h).join("hub")))
+            .or_else(|| var("XDG_CACHE_HOME").map(|c| PathBuf::from(c).join("huggingface/hub")))
             .or_else(|| var("HOME").map(|h| PathBuf::from(h).join(".cache/huggingface/hub")));
-        // As huggingface_hub reads it.
         let offline = var("HF_HUB_OFFLINE").is_some_and(|v| {
             matches!(
                 v.to_string_lossy().to_ascii_uppercase().as_str(),
@@ -295,6 +305,42 @@ fn complete(dir: &Path) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The hub the variables `vars` describe.
+    fn hub(vars: &[(&str, &str)]) -> Hub {
+        let vars: Vec<(String, OsString)> = vars
+            .iter()
+            .map(|(k, v)| (k.to_string(), OsString::from(v)))
+            .collect();
+        Hub::from_vars("https://hub.example/", |k| {
+            vars.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone())
+        })
+    }
+
+    #[test]
+    fn the_environment_is_read_as_huggingface_hub_reads_it() {
+        let home = [("HOME", "/home/u")];
+        let at = |vars: &[(&str, &str)]| hub(vars).cache.unwrap();
+        assert_eq!(at(&home), PathBuf::from("/home/u/.cache/huggingface/hub"));
+        let xdg = [("HOME", "/home/u"), ("XDG_CACHE_HOME", "/x")];
+        assert_eq!(at(&xdg), PathBuf::from("/x/huggingface/hub"));
+        let hf_home = [("XDG_CACHE_HOME", "/x"), ("HF_HOME", "/h")];
+        assert_eq!(at(&hf_home), PathBuf::from("/h/hub"));
+        let both = [("HF_HOME", "/h"), ("HF_HUB_CACHE", "/c")];
+        assert_eq!(at(&both), PathBuf::from("/c"));
+        // An empty variable is no variable.
+        let empty = [("HOME", "/home/u"), ("HF_HOME", "")];
+        assert_eq!(at(&empty), PathBuf::from("/home/u/.cache/huggingface/hub"));
+        assert_eq!(hub(&[]).cache, None);
+        assert_eq!(hub(&[]).endpoint, "https://hub.example");
+        for on in ["1", "ON", "yes", "True"] {
+            assert!(hub(&[("HF_HUB_OFFLINE", on)]).offline, "{on}");
+        }
+        for off in ["0", "false", "no", "", "offline"] {
+            assert!(!hub(&[("HF_HUB_OFFLINE", off)]).offline, "{off}");
+        }
+        assert!(!hub(&[]).offline);
+    }
 
     #[test]
     fn a_snapshot_is_found_through_its_ref() {
