@@ -156,34 +156,35 @@ impl GgufFile {
 
     /// Rows `first..first + n` of a matrix as stored (quantized or not), on
     /// the CPU: one projection of a fused matrix. Rows are whole blocks, so
-    /// the slice is the stored bytes themselves.
+    /// the slice is the stored bytes themselves, and only those are read.
     pub fn rows(
         &mut self,
         name: &str,
         first: usize,
         n: usize,
     ) -> Result<candle_core::quantized::QTensor> {
-        let whole = self.qtensor(name)?;
-        let (rows, cols) = whole
-            .shape()
-            .dims2()
-            .map_err(|e| ModelError::Load(format!("tensor {name}: {e}")))?;
-        if first == 0 && n == rows {
-            return Ok(whole);
-        }
+        use std::io::{Read, Seek, SeekFrom};
+        let bad = |e: String| ModelError::Load(format!("tensor {name}: {e}"));
+        let info = self
+            .content
+            .tensor_infos
+            .get(name)
+            .ok_or_else(|| bad("not in the file".into()))?;
+        let (rows, cols) = info.shape.dims2().map_err(|e| bad(e.to_string()))?;
         if first + n > rows {
-            return Err(ModelError::Load(format!(
-                "tensor {name} has {rows} rows, not {}",
-                first + n
-            )));
+            return Err(bad(format!("has {rows} rows, not {}", first + n)));
         }
-        let dtype = whole.dtype();
+        let dtype = info.ggml_dtype;
         let row_bytes = cols / dtype.block_size() * dtype.type_size();
-        let data = whole.data()?;
-        let bytes = &data[first * row_bytes..(first + n) * row_bytes];
+        let at = self.content.tensor_data_offset + info.offset + (first * row_bytes) as u64;
+        let mut bytes = vec![0u8; n * row_bytes];
+        self.file
+            .seek(SeekFrom::Start(at))
+            .and_then(|_| self.file.read_exact(&mut bytes))
+            .map_err(|e| bad(e.to_string()))?;
         Ok(candle_core::quantized::ggml_file::qtensor_from_ggml(
             dtype,
-            bytes,
+            &bytes,
             vec![n, cols],
             &Device::Cpu,
         )?)
