@@ -217,18 +217,12 @@ fn hparams(config: &Json, arch: &str) -> Result<Hparams> {
             )));
         }
     };
-    // A sliding window (Mistral v0.1's 4,096 positions) attends like the
-    // full context up to its length: the context served stops there, so
-    // every answer is the model's own.
-    let mut context = int("max_position_embeddings").unwrap_or(2048);
-    if config["use_sliding_window"].as_bool() != Some(false)
-        && let Some(window) = config["sliding_window"].as_u64()
-    {
-        context = context.min(window as usize);
-    }
     let mut keys = vec![
         (key("block_count"), u(int("num_hidden_layers")?)),
-        (key("context_length"), u(context)),
+        (
+            key("context_length"),
+            u(int("max_position_embeddings").unwrap_or(2048)),
+        ),
         (key("embedding_length"), u(hidden)),
         (key("feed_forward_length"), u(int("intermediate_size")?)),
         (key("attention.head_count"), u(heads)),
@@ -241,6 +235,15 @@ fn hparams(config: &Json, arch: &str) -> Result<Hparams> {
         (key("vocab_size"), u(int("vocab_size")?)),
     ];
     keys.extend(scaling_keys);
+    // A sliding window (Mistral v0.1's 4,096 positions), which the loader
+    // caps the context at (`attention.sliding_window`, as llama.cpp writes
+    // it for the families that have one); Qwen2's configs carry one they
+    // do not use.
+    if config["use_sliding_window"].as_bool() != Some(false)
+        && let Some(window) = config["sliding_window"].as_u64()
+    {
+        keys.push((key("attention.sliding_window"), u(window as usize)));
+    }
     if arch == "gemma2" {
         for (k, gguf_key) in [
             ("attn_logit_softcapping", "attn_logit_softcapping"),
@@ -819,7 +822,9 @@ mod tests {
         assert_eq!(f("gemma2.attn_logit_softcapping"), 50.0);
         assert_eq!(f("gemma2.final_logit_softcapping"), 30.0);
         assert_eq!(f(crate::family::QUERY_PRE_ATTN_SCALAR), 144.0);
-        assert_eq!(key(&hp, "gemma2.context_length").to_u32().unwrap(), 4096);
+        assert_eq!(key(&hp, "gemma2.context_length").to_u32().unwrap(), 8192);
+        let window = key(&hp, "gemma2.attention.sliding_window");
+        assert_eq!(window.to_u32().unwrap(), 4096);
         assert_eq!(
             key(&hp, "gemma2.attention.key_length").to_u32().unwrap(),
             32
@@ -900,10 +905,12 @@ mod tests {
         mistral["sliding_window"] = 4096.into();
         let hp = hparams(&mistral, "llama").unwrap();
         assert!(hp.rope_factors.is_empty());
-        assert_eq!(key(&hp, "llama.context_length").to_u32().unwrap(), 4096);
+        assert_eq!(key(&hp, "llama.context_length").to_u32().unwrap(), 32768);
+        let window = "llama.attention.sliding_window";
+        assert_eq!(key(&hp, window).to_u32().unwrap(), 4096);
         // Qwen2's configs carry a window they do not use.
         mistral["use_sliding_window"] = false.into();
         let hp = hparams(&mistral, "llama").unwrap();
-        assert_eq!(key(&hp, "llama.context_length").to_u32().unwrap(), 32768);
+        assert!(hp.keys.iter().all(|(k, _)| k != window));
     }
 }
