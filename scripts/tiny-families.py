@@ -117,6 +117,26 @@ GEMMA_CHAT = (
     "{%- if add_generation_prompt %}{{- '<start_of_turn>model\n' }}{%- endif %}"
 )
 
+# SmolLM3's chat layout: ChatML turns, a system turn that always opens the
+# chat with its metadata block (reasoning off: `/no_think`) and the
+# caller's system message as custom instructions, and the assistant's turn
+# opened with an empty thinking block, as SmolLM3's template does when
+# reasoning is off (without its tool-calling and date parts).
+SMOLLM3_CHAT = (
+    "{%- if messages[0]['role'] == 'system' %}"
+    "{%- set system = messages[0]['content'] %}"
+    "{%- set messages = messages[1:] %}"
+    "{%- else %}{%- set system = '' %}{%- endif %}"
+    "{{- '<|im_start|>system\n## Metadata\n\nReasoning Mode: /no_think\n\n'"
+    " + '## Custom Instructions\n\n' + system + '\n\n<|im_end|>\n' }}"
+    "{%- for message in messages %}"
+    "{{- '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}"
+    "{{- '<|im_start|>assistant\n<think>\n\n</think>\n' }}"
+    "{%- endif %}"
+)
+
 # Qwen2's and Qwen3's text side: their pre-tokenizer (its regex from their
 # tokenizer.json; NFC first), special tokens, template and end token.
 QWEN_TEXT = {
@@ -131,6 +151,12 @@ QWEN_TEXT = {
     "eos": "<|im_end|>",
     "template": CHATML,
 }
+
+# Llama 3's word-split regex (its tokenizer.json's), which SmolLM3 shares.
+LLAMA3_SPLIT = (
+    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"""
+    r"""| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+)
 
 # Each family: its GGUF architecture and pre-tokenizer name, its word-split
 # regex (from its tokenizer.json) and normalization, special tokens, chat
@@ -180,10 +206,7 @@ FAMILIES = {
     "llama3": {
         "arch": "llama",
         "pre": "llama-bpe",
-        "split": (
-            r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"""
-            r"""| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
-        ),
+        "split": LLAMA3_SPLIT,
         "nfc": False,
         "specials": [
             "<|begin_of_text|>",
@@ -298,6 +321,33 @@ FAMILIES = {
             "final_logit_softcapping": 10.0,
             "sliding_window": 200,
             "rope_parameters": {"rope_type": "default", "rope_theta": 10_000.0},
+            "rms_norm_eps": 1e-6,
+            "tie_word_embeddings": True,
+        },
+    },
+    # SmolLM3: llama's layout and Llama 3's tokenizer (ChatML's turn tokens
+    # added), no rotary embedding in the last of every four layers: four
+    # layers here, so that one attends by content alone.
+    "smollm3": {
+        "arch": "smollm3",
+        "pre": "llama-bpe",
+        "split": LLAMA3_SPLIT,
+        "nfc": False,
+        "specials": ["<|begin_of_text|>", "<|end_of_text|>", "<|im_start|>", "<|im_end|>"],
+        "bos": None,
+        "eos": "<|im_end|>",
+        "template": SMOLLM3_CHAT,
+        "layers": 4,
+        "seed": 40,
+        "formats": ["Q8_0", "Q4_1"],
+        "config": "SmolLM3Config",
+        "model": "SmolLM3ForCausalLM",
+        "extra": {
+            "rope_parameters": {"rope_type": "default", "rope_theta": 10_000.0},
+            "no_rope_layer_interval": 4,
+            "pad_token_id": None,
+            "use_sliding_window": False,
+            "sliding_window": None,
             "rms_norm_eps": 1e-6,
             "tie_word_embeddings": True,
         },
@@ -670,7 +720,7 @@ def build(name, family, out):
         vocab_size=len(tokens),
         hidden_size=64,
         intermediate_size=128,
-        num_hidden_layers=2,
+        num_hidden_layers=family.get("layers", 2),
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=256,
@@ -744,8 +794,8 @@ def build(name, family, out):
         if arch == "gemma2":
             w.add_attn_logit_softcapping(cfg.attn_logit_softcapping)
             w.add_final_logit_softcapping(cfg.final_logit_softcapping)
-        # llama.cpp's tensor names; it permutes llama's q and k rows (and no
-        # other family's).
+        # llama.cpp's tensor names; it permutes llama's q and k rows (and
+        # SmolLM3's, a llama to its converter; no other family's).
         names = {
             "model.embed_tokens.weight": "token_embd.weight",
             "model.norm.weight": "output_norm.weight",
@@ -782,9 +832,9 @@ def build(name, family, out):
             if hf_name == "lm_head.weight" and cfg.tie_word_embeddings:
                 continue
             t = p.detach().numpy().astype(np.float32)
-            if arch == "llama" and ".q_proj." in hf_name:
+            if arch in ("llama", "smollm3") and ".q_proj." in hf_name:
                 t = interleave(t, cfg.num_attention_heads)
-            if arch == "llama" and ".k_proj." in hf_name:
+            if arch in ("llama", "smollm3") and ".k_proj." in hf_name:
                 t = interleave(t, cfg.num_key_value_heads)
             if qtype is None or t.ndim != 2:
                 # Gemma's norms multiply by 1 + weight; llama.cpp stores
@@ -800,9 +850,9 @@ def build(name, family, out):
                 raw = gguf.quants.quantize(t, kind)
                 w.add_tensor(names[hf_name], raw, raw_dtype=kind)
                 stored = gguf.quants.dequantize(raw, kind).reshape(t.shape)
-            if arch == "llama" and ".q_proj." in hf_name:
+            if arch in ("llama", "smollm3") and ".q_proj." in hf_name:
                 stored = deinterleave(stored, cfg.num_attention_heads)
-            if arch == "llama" and ".k_proj." in hf_name:
+            if arch in ("llama", "smollm3") and ".k_proj." in hf_name:
                 stored = deinterleave(stored, cfg.num_key_value_heads)
             held[hf_name] = torch.from_numpy(np.ascontiguousarray(stored, dtype=np.float32))
         w.write_header_to_file()

@@ -248,6 +248,24 @@ fn gemma2_is_read_with_its_norms_caps_and_window() {
     assert_ne!(tok.encode(" hi").unwrap(), alone);
 }
 
+/// SmolLM3: llama's layout with no rotary embedding in the last of every
+/// four layers (the tiny model's fourth), Llama 3's pre-tokenizer, and
+/// ChatML's end of turn ending an answer.
+#[test]
+fn smollm3_is_read_with_a_layer_without_rotary_embedding() {
+    let (path, _) = family("smollm3");
+    let gguf = GgufFile::open(&path).unwrap();
+    let cfg = LlamaConfig::from_gguf(&gguf).unwrap();
+    assert_eq!(cfg.family, "smollm3");
+    assert_eq!(cfg.rope_rows, flywheel_model::config::RopeRows::Interleaved);
+    let rotates: Vec<bool> = (0..cfg.n_layers).map(|l| cfg.rotates(l)).collect();
+    assert_eq!(rotates, [true, true, true, false]);
+    let tok = TextTokenizer::from_gguf(&gguf).unwrap();
+    let end = tok.encode("<|im_end|>").unwrap();
+    assert_eq!(end.len(), 1);
+    assert!(tok.stop_ids.contains(&end[0]));
+}
+
 #[test]
 fn mistral_is_read_as_llama_with_a_sentencepiece_tokenizer() {
     let (path, reference) = family("mistral");
@@ -286,6 +304,7 @@ per_family!(check_tokenizer:
     mistral_tokenizer_matches_the_reference_on_tricky_strings => "mistral",
     phi3_tokenizer_matches_the_reference_on_tricky_strings => "phi3",
     gemma2_tokenizer_matches_the_reference_on_tricky_strings => "gemma2",
+    smollm3_tokenizer_matches_the_reference_on_tricky_strings => "smollm3",
 );
 
 fn check_tokenizer(name: &str) {
@@ -321,6 +340,7 @@ per_family!(check_template:
     mistral_chat_template_renders_as_jinja_does => "mistral",
     phi3_chat_template_renders_as_jinja_does => "phi3",
     gemma2_chat_template_renders_as_jinja_does => "gemma2",
+    smollm3_chat_template_renders_as_jinja_does => "smollm3",
 );
 
 fn check_template(name: &str) {
@@ -370,6 +390,7 @@ per_family!(check_hf_folder:
     mistral_hugging_face_folder_converts_and_answers_as_transformers => "mistral",
     phi3_hugging_face_folder_converts_and_answers_as_transformers => "phi3",
     gemma2_hugging_face_folder_converts_and_answers_as_transformers => "gemma2",
+    smollm3_hugging_face_folder_converts_and_answers_as_transformers => "smollm3",
 );
 
 /// A tensor of a GGUF file, as f32 values.
@@ -493,6 +514,7 @@ per_family!(check_folder_quantized:
     mistral_folder_quantized_as_converted_answers_as_the_file_quantized_by_gguf => "mistral",
     phi3_folder_quantized_as_converted_answers_as_the_file_quantized_by_gguf => "phi3",
     gemma2_folder_quantized_as_converted_answers_as_the_file_quantized_by_gguf => "gemma2",
+    smollm3_folder_quantized_as_converted_answers_as_the_file_quantized_by_gguf => "smollm3",
 );
 
 fn check_folder_quantized(name: &str) {
@@ -544,6 +566,7 @@ per_family!(check_model_forward:
     mistral_forward_matches_transformers => "mistral",
     phi3_forward_matches_transformers => "phi3",
     gemma2_forward_matches_transformers => "gemma2",
+    smollm3_forward_matches_transformers => "smollm3",
 );
 
 fn check_model_forward(name: &str) {
@@ -561,6 +584,7 @@ per_family!(check_serving_forward:
     mistral_serving_forward_matches_transformers => "mistral",
     phi3_serving_forward_matches_transformers => "phi3",
     gemma2_serving_forward_matches_transformers => "gemma2",
+    smollm3_serving_forward_matches_transformers => "smollm3",
 );
 
 fn check_serving_forward(name: &str) {
@@ -581,13 +605,19 @@ per_family!(check_lora_step:
     mistral_lora_step_matches_peft => "mistral",
     phi3_lora_step_matches_peft => "phi3",
     gemma2_lora_step_matches_peft => "gemma2",
+    smollm3_lora_step_matches_peft => "smollm3",
 );
 
 fn check_lora_step(name: &str) {
     use flywheel_trainer::data::Encoded;
     let (_, reference, model, lora) = model_and_adapter(name);
     let step = &reference["lora_step"];
-    assert_eq!(lora.pairs.len(), 2 * 7, "every projection of both layers");
+    let layers = model.config().n_layers;
+    assert_eq!(
+        lora.pairs.len(),
+        layers * 7,
+        "every projection of every layer"
+    );
     let e = Encoded {
         prompt: ids(&step["prompt_ids"]),
         answer: ids(&step["answer_ids"]),
@@ -640,6 +670,7 @@ per_family!(async check_served:
     mistral_is_served_through_the_api => "mistral",
     phi3_is_served_through_the_api => "phi3",
     gemma2_is_served_through_the_api => "gemma2",
+    smollm3_is_served_through_the_api => "smollm3",
 );
 
 async fn check_served(name: &str) {
@@ -917,6 +948,7 @@ per_family!(check_served_adapter:
     mistral_served_adapter_matches_the_adapted_forward => "mistral",
     phi3_served_adapter_matches_the_adapted_forward => "phi3",
     gemma2_served_adapter_matches_the_adapted_forward => "gemma2",
+    smollm3_served_adapter_matches_the_adapted_forward => "smollm3",
 );
 
 fn check_served_adapter(name: &str) {
@@ -1030,6 +1062,7 @@ per_family!(check_quantized_at_load:
     mistral_quantized_at_load_answers_as_the_file_quantized_by_gguf => "mistral",
     phi3_quantized_at_load_answers_as_the_file_quantized_by_gguf => "phi3",
     gemma2_quantized_at_load_answers_as_the_file_quantized_by_gguf => "gemma2",
+    smollm3_quantized_at_load_answers_as_the_file_quantized_by_gguf => "smollm3",
 );
 
 fn check_quantized_at_load(name: &str) {
@@ -1067,6 +1100,7 @@ per_family!(check_formats:
     mistral_in_8_and_4_bit_blocks_matches_transformers_on_what_the_file_holds => "mistral",
     phi3_in_8_and_4_bit_blocks_matches_transformers_on_what_the_file_holds => "phi3",
     gemma2_in_8_and_4_bit_blocks_matches_transformers_on_what_the_file_holds => "gemma2",
+    smollm3_in_8_and_4_bit_blocks_matches_transformers_on_what_the_file_holds => "smollm3",
 );
 
 fn check_formats(name: &str) {

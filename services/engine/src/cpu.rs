@@ -398,9 +398,11 @@ impl CpuLlama {
                     }
                 }
             }
-            for (r, &(_, pos)) in owner.iter().enumerate() {
-                let row = &mut qkv[r * qkv_dim..(r + 1) * qkv_dim];
-                self.rope(&mut row[..q_dim + kv_dim], pos);
+            if c.rotates(li) {
+                for (r, &(_, pos)) in owner.iter().enumerate() {
+                    let row = &mut qkv[r * qkv_dim..(r + 1) * qkv_dim];
+                    self.rope(&mut row[..q_dim + kv_dim], pos);
+                }
             }
             // Append the new keys and values to each sequence's cache.
             let mut r = 0;

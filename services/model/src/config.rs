@@ -66,6 +66,9 @@ pub struct LlamaConfig {
     /// Logits become `cap * tanh(logit / cap)` (Gemma 2's
     /// `final_logit_softcapping`).
     pub final_softcap: Option<f32>,
+    /// Every this many layers, the last attends without a rotary embedding
+    /// (SmolLM3's NoPE layers): [`LlamaConfig::rotates`].
+    pub no_rope_step: Option<usize>,
 }
 
 /// The activation of the feed-forward's gate, times up.
@@ -90,6 +93,14 @@ pub fn gelu_tanh(x: f32) -> f32 {
 }
 
 impl LlamaConfig {
+    /// Whether `layer` turns q and k by the rotary embedding: every layer
+    /// but SmolLM3's NoPE ones (the last of every `no_rope_step`, as
+    /// llama.cpp counts them).
+    pub fn rotates(&self, layer: usize) -> bool {
+        self.no_rope_step
+            .is_none_or(|step| !(layer + 1).is_multiple_of(step))
+    }
+
     /// Width of q (and of attention's output): `n_heads * head_dim`.
     pub fn q_dim(&self) -> usize {
         self.n_heads * self.head_dim

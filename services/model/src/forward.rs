@@ -423,8 +423,9 @@ impl Llama {
                 }
                 ops.split_heads(&x, n, hd, rope.then_some((cos, sin)))
             };
-        let q = heads(&layer.wq, 0, nh, Proj::Q, true)?;
-        let k = heads(&layer.wk, 1, nkv, Proj::K, true)?;
+        let rotates = self.cfg.rotates(i);
+        let q = heads(&layer.wq, 0, nh, Proj::Q, rotates)?;
+        let k = heads(&layer.wk, 1, nkv, Proj::K, rotates)?;
         let v = heads(&layer.wv, 2, nkv, Proj::V, false)?;
         let (k, v) = match slot.take() {
             Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),

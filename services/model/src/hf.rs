@@ -66,9 +66,10 @@ fn architecture(model_type: &str) -> Result<&'static str> {
         "qwen3" => Ok("qwen3"),
         "phi3" => Ok("phi3"),
         "gemma2" => Ok("gemma2"),
+        "smollm3" => Ok("smollm3"),
         other => Err(ModelError::Load(format!(
             "model_type `{other}` (config.json) is not supported: Flywheel converts \
-             llama, mistral, qwen2, qwen3, phi3 and gemma2 folders"
+             llama, mistral, qwen2, qwen3, phi3, gemma2 and smollm3 folders"
         ))),
     }
 }
@@ -149,9 +150,14 @@ fn hparams(config: &Json, arch: &str) -> Result<Hparams> {
         return Err(bad(format!("activation `{act}` ({kind} uses {want})")));
     }
     for k in ["attention_bias", "mlp_bias"] {
-        if arch == "llama" && config[k].as_bool() == Some(true) {
-            return Err(bad(format!("`{k}` is set: a llama without biases is read")));
+        if permuted(arch) && config[k].as_bool() == Some(true) {
+            return Err(bad(format!(
+                "`{k}` is set: a {arch} without biases is read"
+            )));
         }
+    }
+    if arch == "smollm3" {
+        no_rope_layers(config, int("num_hidden_layers")?)?;
     }
     let (hidden, heads) = (int("hidden_size")?, int("num_attention_heads")?);
     let kv_heads = match config["num_key_value_heads"].as_u64() {
@@ -271,6 +277,39 @@ fn hparams(config: &Json, arch: &str) -> Result<Hparams> {
         keys,
         rope_factors,
     })
+}
+
+/// Whether llama.cpp's converter permutes the family's q and k rows for
+/// interleaved rotary embeddings (its `LlamaModel` and what derives from
+/// it), rather than storing them as Hugging Face does.
+fn permuted(arch: &str) -> bool {
+    matches!(arch, "llama" | "smollm3")
+}
+
+/// SmolLM3's layers without a rotary embedding must be the last of every
+/// four, the pattern llama.cpp fixes for the architecture (its files have
+/// no key for it): `no_rope_layers` (1 where a layer rotates) and
+/// `no_rope_layer_interval` are checked against it.
+fn no_rope_layers(config: &Json, layers: usize) -> Result<()> {
+    let bad = |what: String| ModelError::Load(format!("config.json: {what}"));
+    let step = config["no_rope_layer_interval"].as_u64().unwrap_or(4) as usize;
+    let pattern: Vec<u64> = (0..layers)
+        .map(|i| u64::from(!(i + 1).is_multiple_of(4)))
+        .collect();
+    let given: Option<Vec<u64>> = config["no_rope_layers"]
+        .as_array()
+        .map(|a| a.iter().map(|v| v.as_u64().unwrap_or(u64::MAX)).collect());
+    match given {
+        Some(list) if list != pattern => Err(bad(format!(
+            "no_rope_layers {list:?}: layers without a rotary embedding other than every \
+             fourth are not supported (llama.cpp's files cannot say so)"
+        ))),
+        None if step != 4 => Err(bad(format!(
+            "no_rope_layer_interval {step}: only every fourth layer without a rotary \
+             embedding is supported (llama.cpp's files cannot say otherwise)"
+        ))),
+        _ => Ok(()),
+    }
 }
 
 /// Phi-3's longrope, as GGUF keeps it.
@@ -540,7 +579,7 @@ pub fn convert_as(dir: &Path, out: &Path, quantize: Option<GgmlDType>) -> Result
             }
         };
         let heads = match () {
-            _ if arch != "llama" => None,
+            _ if !permuted(arch) => None,
             _ if name.contains(".q_proj.") => Some(hp.heads),
             _ if name.contains(".k_proj.") => Some(hp.kv_heads),
             _ => None,
@@ -806,6 +845,31 @@ mod tests {
         assert!(e.contains("rope scaling `longrope`"), "{e}");
         let e = with("partial_rotary_factor", 0.75.into());
         assert!(e.contains("partial_rotary_factor 0.75"), "{e}");
+    }
+
+    #[test]
+    fn smollm3s_layers_without_rope_must_be_every_fourth() {
+        let mut smol = serde_json::json!({
+            "hidden_size": 64, "num_attention_heads": 4, "num_hidden_layers": 8,
+            "intermediate_size": 128, "vocab_size": 100,
+            "no_rope_layers": [1, 1, 1, 0, 1, 1, 1, 0], "no_rope_layer_interval": 4,
+        });
+        assert!(hparams(&smol, "smollm3").is_ok());
+        smol["no_rope_layers"] = serde_json::json!([1, 1, 0, 1, 1, 0, 1, 1]);
+        let e = hparams(&smol, "smollm3").err().unwrap().to_string();
+        assert!(e.contains("no_rope_layers [1, 1, 0, 1, 1, 0, 1, 1]"), "{e}");
+        // The interval alone (transformers builds the list from it).
+        smol["no_rope_layers"] = Json::Null;
+        assert!(hparams(&smol, "smollm3").is_ok());
+        smol["no_rope_layer_interval"] = 3.into();
+        let e = hparams(&smol, "smollm3").err().unwrap().to_string();
+        assert!(e.contains("no_rope_layer_interval 3"), "{e}");
+        // Its q and k rows are permuted as llama's, and biases refused.
+        assert!(permuted("smollm3") && permuted("llama") && !permuted("qwen2"));
+        smol["no_rope_layer_interval"] = 4.into();
+        smol["attention_bias"] = true.into();
+        let e = hparams(&smol, "smollm3").err().unwrap().to_string();
+        assert!(e.contains("`attention_bias` is set"), "{e}");
     }
 
     #[test]

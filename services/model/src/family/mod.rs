@@ -11,6 +11,7 @@ mod llama;
 mod phi3;
 mod qwen2;
 mod qwen3;
+mod smollm3;
 
 use crate::config::{LlamaConfig, RopeRows};
 use crate::gguf::GgufFile;
@@ -45,6 +46,12 @@ pub trait Family: Sync {
     /// feed-forward's outputs before each joins the residual.
     fn gemma(&self) -> bool {
         false
+    }
+
+    /// Every this many layers, the last of them attends without a rotary
+    /// embedding (SmolLM3's "NoPE" layers: 3, 7, 11, ... counted from 0).
+    fn no_rope_step(&self) -> Option<usize> {
+        None
     }
 
     /// What `q . k` is scaled by, where it is not `1 / sqrt(head_dim)`.
@@ -330,6 +337,7 @@ pub const FAMILIES: &[&dyn Family] = &[
     &qwen3::Qwen3,
     &phi3::Phi3,
     &gemma2::Gemma2,
+    &smollm3::SmolLm3,
 ];
 
 /// The family of a GGUF file, by its `general.architecture`.
@@ -475,5 +483,6 @@ fn read_config(family: &dyn Family, gguf: &GgufFile) -> Result<LlamaConfig> {
         attn_scale,
         attn_softcap: cap("attn_logit_softcapping"),
         final_softcap: cap("final_logit_softcapping"),
+        no_rope_step: family.no_rope_step(),
     })
 }
