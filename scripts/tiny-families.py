@@ -182,6 +182,25 @@ FAMILIES = {
             "tie_word_embeddings": True,
         },
     },
+    # Qwen2 again, wide enough for the K-quants (their blocks are 256 of a
+    # row's values): one layer, no folder (the family's own are above).
+    "qwen2-k": {
+        "arch": "qwen2",
+        **QWEN_TEXT,
+        "hidden": 256,
+        "intermediate": 256,
+        "layers": 1,
+        "folder": False,
+        "seed": 30,
+        "formats": ["Q4_K", "Q5_K", "Q6_K"],
+        "config": "Qwen2Config",
+        "model": "Qwen2ForCausalLM",
+        "extra": {
+            "rope_parameters": {"rope_type": "default", "rope_theta": 1_000_000.0},
+            "rms_norm_eps": 1e-6,
+            "tie_word_embeddings": True,
+        },
+    },
     # Qwen3: Qwen2's tokenizer and layout without the biases, with an RMS
     # norm on each head of q and k, and a head size of its own (twice what
     # hidden / heads would give here, as in the real 0.6B).
@@ -705,6 +724,98 @@ def llama3_rope_factors(rope, head_dim):
     return np.array(factors, dtype=np.float32)
 
 
+# The K-quants, written here: gguf's Python package reads them but has no
+# quantizer for them. Each 256-value block of a row splits into sub-blocks
+# with a scale (and, for Q4_K and Q5_K, a minimum) of their own, the
+# sub-blocks' scales quantized again against one f16 scale per block. These
+# pick each scale from its sub-block's range, plainly (llama.cpp searches
+# for better ones); the layout is llama.cpp's, and `k_quantize` checks it by
+# reading the bytes back with gguf's own dequantizer.
+QK_K = 256
+
+
+def f16(x):
+    return np.asarray(x, np.float32).astype(np.float16)
+
+
+def k_pack_scales(sc, mn):
+    """Q4_K's and Q5_K's 12 bytes of eight 6-bit scales and eight 6-bit
+    minimums: the first four of each in the low six bits of bytes 0-3 and
+    4-7, the last four's low nibbles in bytes 8-11 and their top two bits in
+    the top two bits of bytes 0-7."""
+    n = sc.shape[0]
+    out = np.zeros((n, 12), np.uint8)
+    out[:, 0:4] = (sc[:, 0:4] & 0x3F) | ((sc[:, 4:8] >> 4) << 6)
+    out[:, 4:8] = (mn[:, 0:4] & 0x3F) | ((mn[:, 4:8] >> 4) << 6)
+    out[:, 8:12] = (sc[:, 4:8] & 0x0F) | ((mn[:, 4:8] & 0x0F) << 4)
+    return out
+
+
+def k_scale_min(x, levels):
+    """Q4_K's and Q5_K's sub-block scales and minimums (x: blocks of eight
+    sub-blocks of 32): value = d * sc * q - dmin * m, q in 0..levels."""
+    lo = np.minimum(x.min(-1), 0.0)
+    hi = x.max(-1)
+    scale = (hi - lo) / levels
+    d = f16(scale.max(-1) / 63)
+    dmin = f16(-lo.min(-1) / 63)
+    d32, dmin32 = d.astype(np.float32)[:, None], dmin.astype(np.float32)[:, None]
+    sc = np.clip(np.round(np.divide(scale, d32, out=np.zeros_like(scale), where=d32 > 0)), 0, 63)
+    mn = np.clip(np.round(np.divide(-lo, dmin32, out=np.zeros_like(lo), where=dmin32 > 0)), 0, 63)
+    step = (d32 * sc)[..., None]
+    q = np.divide(x + (dmin32 * mn)[..., None], step, out=np.zeros_like(x), where=step > 0)
+    q = np.clip(np.round(q), 0, levels).astype(np.uint8)
+    return d, dmin, sc.astype(np.uint8), mn.astype(np.uint8), q
+
+
+def k_quantize(t, qtype):
+    """`t` (rows a multiple of 256 wide) as Q4_K, Q5_K or Q6_K blocks."""
+    blocks = t.reshape(-1, QK_K).astype(np.float32)
+    n = blocks.shape[0]
+    if qtype in ("Q4_K", "Q5_K"):
+        levels = 15 if qtype == "Q4_K" else 31
+        d, dmin, sc, mn, q = k_scale_min(blocks.reshape(n, 8, 32), levels)
+        low = q & 0x0F
+        # Four 32-byte chunks: sub-block 2c in the low nibbles, 2c + 1 in
+        # the high ones.
+        qs = (low[:, 0::2] | (low[:, 1::2] << 4)).reshape(n, 128)
+        parts = [d.view(np.uint8).reshape(n, 2), dmin.view(np.uint8).reshape(n, 2)]
+        parts.append(k_pack_scales(sc, mn))
+        if qtype == "Q5_K":
+            # Bit i of byte b: the fifth bit of sub-block i's value b.
+            high = (q >> 4) & 1
+            qh = np.zeros((n, 32), np.uint8)
+            for i in range(8):
+                qh |= high[:, i, :] << i
+            parts.append(qh)
+        parts.append(qs)
+    else:
+        # Q6_K: sixteen groups of 16 with an 8-bit scale each, q in -32..31.
+        groups = blocks.reshape(n, 16, 16)
+        scale = np.abs(groups).max(-1) / 31
+        d = f16(np.abs(scale).max(-1) / 127)
+        d32 = d.astype(np.float32)[:, None]
+        sc = np.clip(np.round(np.divide(scale, d32, out=np.zeros_like(scale), where=d32 > 0)), -128, 127)
+        step = (d32 * sc)[..., None]
+        q = np.divide(groups, step, out=np.zeros_like(groups), where=step != 0)
+        q = (np.clip(np.round(q), -32, 31) + 32).astype(np.uint8).reshape(n, 2, 128)
+        # Each half of 128: its values 0-63 and 64-127 share the low
+        # nibbles of 64 bytes; its four runs of 32 share 32 bytes of high
+        # bits, two each.
+        ql = ((q[:, :, :64] & 0x0F) | ((q[:, :, 64:] & 0x0F) << 4)).reshape(n, 128)
+        hi = (q >> 4).reshape(n, 2, 4, 32)
+        qh = (hi[:, :, 0] | (hi[:, :, 1] << 2) | (hi[:, :, 2] << 4) | (hi[:, :, 3] << 6))
+        parts = [ql, qh.reshape(n, 64), sc.astype(np.int8).view(np.uint8), d.view(np.uint8).reshape(n, 2)]
+    raw = np.concatenate(parts, axis=1).reshape(t.shape[0], -1)
+    kind = gguf.GGMLQuantizationType[qtype]
+    back = gguf.quants.dequantize(raw, kind).reshape(t.shape)
+    # Read back by gguf: within a step of each sub-block's grid of the
+    # weights (a layout written wrongly lands far off).
+    worst = np.abs(back - t).max() / np.abs(t).max()
+    assert worst < {"Q4_K": 0.1, "Q5_K": 0.05, "Q6_K": 0.05}[qtype], (qtype, worst)
+    return raw
+
+
 def build(name, family, out):
     import transformers
 
@@ -718,8 +829,8 @@ def build(name, family, out):
 
     cfg = getattr(transformers, family["config"])(
         vocab_size=len(tokens),
-        hidden_size=64,
-        intermediate_size=128,
+        hidden_size=family.get("hidden", 64),
+        intermediate_size=family.get("intermediate", 128),
         num_hidden_layers=family.get("layers", 2),
         num_attention_heads=4,
         num_key_value_heads=2,
@@ -847,7 +958,10 @@ def build(name, family, out):
                 stored = t.astype(np.float16).astype(np.float32)
             else:
                 kind = gguf.GGMLQuantizationType[qtype]
-                raw = gguf.quants.quantize(t, kind)
+                if qtype.endswith("_K"):
+                    raw = k_quantize(t, qtype)
+                else:
+                    raw = gguf.quants.quantize(t, kind)
                 w.add_tensor(names[hf_name], raw, raw_dtype=kind)
                 stored = gguf.quants.dequantize(raw, kind).reshape(t.shape)
             if arch in ("llama", "smollm3") and ".q_proj." in hf_name:
@@ -862,7 +976,8 @@ def build(name, family, out):
         return held
 
     write(out / "model.gguf")
-    write_hf(out / "hf", model, family, text_side)
+    if family.get("folder", True):
+        write_hf(out / "hf", model, family, text_side)
 
     from jinja2 import Template
 

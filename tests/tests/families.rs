@@ -1092,7 +1092,9 @@ fn check_quantized_at_load(name: &str) {
 // so the reading of each type is checked, not the rounding. The serving
 // kernels keep Q8_0 and Q4_1 blocks as stored and compute on them (moving
 // Qwen's q and k rows byte for byte); the other types (Qwen2's F16, BF16,
-// Q4_0) reach both passes dequantized by candle.
+// Q4_0, and the K-quants: Q4_K, Q5_K and Q6_K on a Qwen2 wide enough for
+// their 256-value blocks, written by the generator's own quantizer, which
+// gguf reads back) reach both passes dequantized by candle.
 per_family!(check_formats:
     qwen2_in_every_gguf_type_matches_transformers_on_what_the_file_holds => "qwen2",
     qwen3_in_8_and_4_bit_blocks_matches_transformers_on_what_the_file_holds => "qwen3",
@@ -1101,6 +1103,7 @@ per_family!(check_formats:
     phi3_in_8_and_4_bit_blocks_matches_transformers_on_what_the_file_holds => "phi3",
     gemma2_in_8_and_4_bit_blocks_matches_transformers_on_what_the_file_holds => "gemma2",
     smollm3_in_8_and_4_bit_blocks_matches_transformers_on_what_the_file_holds => "smollm3",
+    qwen2_in_k_quants_matches_transformers_on_what_the_file_holds => "qwen2-k",
 );
 
 fn check_formats(name: &str) {
