@@ -344,6 +344,43 @@ FAMILIES = {
             "tie_word_embeddings": True,
         },
     },
+    # Gemma 3: Gemma 2's layer and vocabulary without the soft-caps, with
+    # q and k norms, five sliding-window layers to one global (six layers
+    # here, a window shorter than the prompts), the local layers turning by
+    # a rotary base of 10,000, the global one by its own with linear
+    # scaling (as the 4B and larger).
+    "gemma3": {
+        "arch": "gemma3",
+        "spm": True,
+        "space_prefix": False,
+        "specials": ["<unk>", "<s>", "</s>"],
+        "added": ["<start_of_turn>", "<end_of_turn>"],
+        "bos": "<s>",
+        "eos": "</s>",
+        "stop": ["</s>", "<end_of_turn>"],
+        "template": GEMMA_CHAT,
+        "layers": 6,
+        "seed": 31,
+        "embed_std": 0.125,
+        "formats": ["Q8_0", "Q4_1"],
+        "config": "Gemma3TextConfig",
+        "model": "Gemma3ForCausalLM",
+        "extra": {
+            "head_dim": 32,
+            "query_pre_attn_scalar": 32,
+            "sliding_window": 16,
+            "rope_parameters": {
+                "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
+                "full_attention": {
+                    "rope_type": "linear",
+                    "factor": 8.0,
+                    "rope_theta": 1_000_000.0,
+                },
+            },
+            "rms_norm_eps": 1e-6,
+            "tie_word_embeddings": True,
+        },
+    },
     # SmolLM3: llama's layout and Llama 3's tokenizer (ChatML's turn tokens
     # added), no rotary embedding in the last of every four layers: four
     # layers here, so that one attends by content alone.
@@ -847,6 +884,8 @@ def build(name, family, out):
 
     arch = family["arch"]
     rope = family["extra"]["rope_parameters"]
+    # Gemma 3's global layers' (its local ones' base is fixed by llama.cpp).
+    rope = rope.get("full_attention", rope)
     # What the references are computed on: the model as Flywheel serves it.
     # With longrope that is at the context the file gives (the window,
     # 200), longer than the original (64), where llama.cpp and Flywheel use
@@ -887,6 +926,9 @@ def build(name, family, out):
         w.add_chat_template(family["template"])
         if rope["rope_type"] == "llama3":
             w.add_tensor("rope_freqs.weight", llama3_rope_factors(rope, head_dim))
+        if rope["rope_type"] == "linear":
+            w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+            w.add_rope_scaling_factor(rope["factor"])
         if rope["rope_type"] == "longrope":
             # As llama.cpp's converter writes Phi-3.5's: the factors as two
             # tensors, the attention factor transformers derives from the
@@ -927,7 +969,7 @@ def build(name, family, out):
             "input_layernorm": "attn_norm",
             "post_attention_layernorm": "ffn_norm",
         }
-        if arch == "gemma2":
+        if arch in ("gemma2", "gemma3"):
             per_layer.update(
                 {
                     "post_attention_layernorm": "post_attention_norm",
@@ -950,7 +992,7 @@ def build(name, family, out):
             if qtype is None or t.ndim != 2:
                 # Gemma's norms multiply by 1 + weight; llama.cpp stores
                 # the sum.
-                plus = 1.0 if arch == "gemma2" and hf_name.endswith("norm.weight") else 0.0
+                plus = 1.0 if arch in ("gemma2", "gemma3") and hf_name.endswith("norm.weight") else 0.0
                 w.add_tensor(names[hf_name], t + np.float32(plus))
                 stored = t
             elif qtype == "F16":

@@ -216,7 +216,7 @@ fn phi3_is_read_with_fused_matrices_longrope_and_its_window() {
 
 /// Gemma 2: GELU on the gate, embeddings scaled by sqrt(hidden), the two
 /// extra norms, soft-capped scores and logits, its own head size and query
-/// scaling, the sliding window capping the context; a SentencePiece
+/// scaling, the sliding window on alternate layers; a SentencePiece
 /// vocabulary with no space put in front, and `<end_of_turn>` ending an
 /// answer.
 #[test]
@@ -236,7 +236,11 @@ fn gemma2_is_read_with_its_norms_caps_and_window() {
     // Heads of 32 (hidden / heads would give 16), scaled by 1 / sqrt(32).
     assert_eq!(cfg.head_dim, 32);
     assert!((cfg.attn_scale - 1.0 / 32f32.sqrt()).abs() < 1e-7);
-    assert_eq!(cfg.context_length, 200, "the sliding window");
+    // The window on every other layer, the first included; the others
+    // see the whole context, which the window no longer caps.
+    assert_eq!(cfg.context_length, 256);
+    let windows: Vec<Option<usize>> = (0..cfg.n_layers).map(|l| cfg.window(l)).collect();
+    assert_eq!(windows, [Some(200), None]);
     let tok = TextTokenizer::from_gguf(&gguf).unwrap();
     let end = tok.encode("<end_of_turn>").unwrap();
     assert_eq!(end.len(), 1);
@@ -246,6 +250,40 @@ fn gemma2_is_read_with_its_norms_caps_and_window() {
     let after = tok.encode("<start_of_turn>hi").unwrap();
     assert_eq!(&after[1..], alone.as_slice());
     assert_ne!(tok.encode(" hi").unwrap(), alone);
+}
+
+/// Gemma 3: Gemma 2's layer without its caps, q and k norms, and five
+/// sliding-window layers to one global, whose window does not cap the
+/// context; the local layers turn by a base of 10,000, the global one by
+/// the file's with its linear scaling.
+#[test]
+fn gemma3_is_read_with_local_and_global_layers() {
+    let (path, reference) = family("gemma3");
+    let mut gguf = GgufFile::open(&path).unwrap();
+    let cfg = LlamaConfig::from_gguf(&gguf).unwrap();
+    assert_eq!(cfg.family, "gemma3");
+    assert!(cfg.qk_norm && cfg.post_norms);
+    assert_eq!((cfg.attn_softcap, cfg.final_softcap), (None, None));
+    assert_eq!(
+        cfg.context_length, 256,
+        "the window does not cap the context"
+    );
+    let windows: Vec<Option<usize>> = (0..cfg.n_layers).map(|l| cfg.window(l)).collect();
+    assert_eq!(
+        windows,
+        [Some(16); 5].into_iter().chain([None]).collect::<Vec<_>>()
+    );
+    // The reference's prompts and answers run past the window.
+    let case = &reference["forward"][0];
+    assert!(ids(&case["prompt_ids"]).len() + 32 > 16);
+    let global = cfg.rope(&mut gguf).unwrap();
+    let local = cfg.local_rope().unwrap();
+    // Heads of 32: the first frequency is 1 in both, divided by 8 in the
+    // global layers; the last follows each base.
+    assert_eq!((global.freqs[0], local.freqs[0]), (1.0 / 8.0, 1.0));
+    let last = |theta: f32| 1.0 / theta.powf(30.0 / 32.0);
+    assert!((global.freqs[15] - last(1e6) / 8.0).abs() < 1e-9);
+    assert!((local.freqs[15] - last(1e4)).abs() < 1e-7);
 }
 
 /// SmolLM3: llama's layout with no rotary embedding in the last of every
@@ -304,6 +342,7 @@ per_family!(check_tokenizer:
     mistral_tokenizer_matches_the_reference_on_tricky_strings => "mistral",
     phi3_tokenizer_matches_the_reference_on_tricky_strings => "phi3",
     gemma2_tokenizer_matches_the_reference_on_tricky_strings => "gemma2",
+    gemma3_tokenizer_matches_the_reference_on_tricky_strings => "gemma3",
     smollm3_tokenizer_matches_the_reference_on_tricky_strings => "smollm3",
 );
 
@@ -340,6 +379,7 @@ per_family!(check_template:
     mistral_chat_template_renders_as_jinja_does => "mistral",
     phi3_chat_template_renders_as_jinja_does => "phi3",
     gemma2_chat_template_renders_as_jinja_does => "gemma2",
+    gemma3_chat_template_renders_as_jinja_does => "gemma3",
     smollm3_chat_template_renders_as_jinja_does => "smollm3",
 );
 
@@ -390,6 +430,7 @@ per_family!(check_hf_folder:
     mistral_hugging_face_folder_converts_and_answers_as_transformers => "mistral",
     phi3_hugging_face_folder_converts_and_answers_as_transformers => "phi3",
     gemma2_hugging_face_folder_converts_and_answers_as_transformers => "gemma2",
+    gemma3_hugging_face_folder_converts_and_answers_as_transformers => "gemma3",
     smollm3_hugging_face_folder_converts_and_answers_as_transformers => "smollm3",
 );
 
@@ -514,6 +555,7 @@ per_family!(check_folder_quantized:
     mistral_folder_quantized_as_converted_answers_as_the_file_quantized_by_gguf => "mistral",
     phi3_folder_quantized_as_converted_answers_as_the_file_quantized_by_gguf => "phi3",
     gemma2_folder_quantized_as_converted_answers_as_the_file_quantized_by_gguf => "gemma2",
+    gemma3_folder_quantized_as_converted_answers_as_the_file_quantized_by_gguf => "gemma3",
     smollm3_folder_quantized_as_converted_answers_as_the_file_quantized_by_gguf => "smollm3",
 );
 
@@ -566,6 +608,7 @@ per_family!(check_model_forward:
     mistral_forward_matches_transformers => "mistral",
     phi3_forward_matches_transformers => "phi3",
     gemma2_forward_matches_transformers => "gemma2",
+    gemma3_forward_matches_transformers => "gemma3",
     smollm3_forward_matches_transformers => "smollm3",
 );
 
@@ -584,6 +627,7 @@ per_family!(check_serving_forward:
     mistral_serving_forward_matches_transformers => "mistral",
     phi3_serving_forward_matches_transformers => "phi3",
     gemma2_serving_forward_matches_transformers => "gemma2",
+    gemma3_serving_forward_matches_transformers => "gemma3",
     smollm3_serving_forward_matches_transformers => "smollm3",
 );
 
@@ -605,6 +649,7 @@ per_family!(check_lora_step:
     mistral_lora_step_matches_peft => "mistral",
     phi3_lora_step_matches_peft => "phi3",
     gemma2_lora_step_matches_peft => "gemma2",
+    gemma3_lora_step_matches_peft => "gemma3",
     smollm3_lora_step_matches_peft => "smollm3",
 );
 
@@ -670,6 +715,7 @@ per_family!(async check_served:
     mistral_is_served_through_the_api => "mistral",
     phi3_is_served_through_the_api => "phi3",
     gemma2_is_served_through_the_api => "gemma2",
+    gemma3_is_served_through_the_api => "gemma3",
     smollm3_is_served_through_the_api => "smollm3",
 );
 
@@ -948,6 +994,7 @@ per_family!(check_served_adapter:
     mistral_served_adapter_matches_the_adapted_forward => "mistral",
     phi3_served_adapter_matches_the_adapted_forward => "phi3",
     gemma2_served_adapter_matches_the_adapted_forward => "gemma2",
+    gemma3_served_adapter_matches_the_adapted_forward => "gemma3",
     smollm3_served_adapter_matches_the_adapted_forward => "smollm3",
 );
 
@@ -1062,6 +1109,7 @@ per_family!(check_quantized_at_load:
     mistral_quantized_at_load_answers_as_the_file_quantized_by_gguf => "mistral",
     phi3_quantized_at_load_answers_as_the_file_quantized_by_gguf => "phi3",
     gemma2_quantized_at_load_answers_as_the_file_quantized_by_gguf => "gemma2",
+    gemma3_quantized_at_load_answers_as_the_file_quantized_by_gguf => "gemma3",
     smollm3_quantized_at_load_answers_as_the_file_quantized_by_gguf => "smollm3",
 );
 
@@ -1102,6 +1150,7 @@ per_family!(check_formats:
     mistral_in_8_and_4_bit_blocks_matches_transformers_on_what_the_file_holds => "mistral",
     phi3_in_8_and_4_bit_blocks_matches_transformers_on_what_the_file_holds => "phi3",
     gemma2_in_8_and_4_bit_blocks_matches_transformers_on_what_the_file_holds => "gemma2",
+    gemma3_in_8_and_4_bit_blocks_matches_transformers_on_what_the_file_holds => "gemma3",
     smollm3_in_8_and_4_bit_blocks_matches_transformers_on_what_the_file_holds => "smollm3",
     qwen2_in_k_quants_matches_transformers_on_what_the_file_holds => "qwen2-k",
 );

@@ -59,6 +59,8 @@ pub struct CpuLlama {
     /// `[position][head_dim / 2]`.
     cos: Vec<f32>,
     sin: Vec<f32>,
+    /// The sliding-window layers' own rotary embedding and tables (Gemma 3).
+    local: Option<(Rope, Vec<f32>, Vec<f32>)>,
     pool: rayon::ThreadPool,
     simd: Simd,
 }
@@ -231,6 +233,10 @@ impl CpuLlama {
         let norm = vec_of(gguf, config::OUTPUT_NORM)?;
         let rope = cfg.rope(gguf)?;
         let (cos, sin) = rope.tables(cfg.context_length);
+        let local = cfg.local_rope().map(|r| {
+            let (cos, sin) = r.tables(cfg.context_length);
+            (r, cos, sin)
+        });
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(threads)
             .thread_name(|i| format!("flywheel-kernel-{i}"))
@@ -245,6 +251,7 @@ impl CpuLlama {
             rope,
             cos,
             sin,
+            local,
             pool,
             simd: Simd::detect(simd),
         })
@@ -258,6 +265,9 @@ impl CpuLlama {
             // Rebuilt, not cut: longrope's frequencies depend on the
             // context served.
             (self.cos, self.sin) = self.rope.tables(n);
+            if let Some((rope, cos, sin)) = &mut self.local {
+                (*cos, *sin) = rope.tables(n);
+            }
         }
     }
 
@@ -285,6 +295,10 @@ impl CpuLlama {
             + f32s(&self.norm)
             + f32s(&self.cos)
             + f32s(&self.sin)
+            + self
+                .local
+                .as_ref()
+                .map_or(0, |(_, cos, sin)| f32s(cos) + f32s(sin))
     }
 
     /// Bytes of weights read per step (whatever the batch size).
@@ -398,10 +412,11 @@ impl CpuLlama {
                     }
                 }
             }
+            let window = c.window(li);
             if c.rotates(li) {
                 for (r, &(_, pos)) in owner.iter().enumerate() {
                     let row = &mut qkv[r * qkv_dim..(r + 1) * qkv_dim];
-                    self.rope(&mut row[..q_dim + kv_dim], pos);
+                    self.rope(&mut row[..q_dim + kv_dim], pos, window.is_some());
                 }
             }
             // Append the new keys and values to each sequence's cache.
@@ -438,7 +453,10 @@ impl CpuLlama {
                     let (k, v) = caches[item];
                     let kvh = head / (nh / nkv);
                     let q = &qkv[r * qkv_dim + head * hd..r * qkv_dim + (head + 1) * hd];
-                    let mut scores: Vec<f32> = (0..=pos)
+                    // A sliding-window layer sees the newest `window`
+                    // positions, its own included.
+                    let first = window.map_or(0, |w| (pos + 1).saturating_sub(w));
+                    let mut scores: Vec<f32> = (first..=pos)
                         .map(|p| {
                             dot(
                                 simd,
@@ -459,7 +477,7 @@ impl CpuLlama {
                         sum += *s;
                     }
                     out.fill(0.0);
-                    for (p, s) in scores.iter().enumerate() {
+                    for (p, s) in (first..).zip(&scores) {
                         axpy(
                             out,
                             s / sum,
@@ -587,12 +605,17 @@ impl CpuLlama {
         }
     }
 
-    /// Interleaved rotary embedding of the q and k heads in `row`.
-    fn rope(&self, row: &mut [f32], pos: usize) {
+    /// Interleaved rotary embedding of the q and k heads in `row`, by the
+    /// sliding-window layers' own tables where `local` and they have them.
+    fn rope(&self, row: &mut [f32], pos: usize, local: bool) {
         let half = self.cfg.head_dim / 2;
+        let (cos, sin) = match (&self.local, local) {
+            (Some((_, cos, sin)), true) => (cos, sin),
+            _ => (&self.cos, &self.sin),
+        };
         let (cos, sin) = (
-            &self.cos[pos * half..(pos + 1) * half],
-            &self.sin[pos * half..(pos + 1) * half],
+            &cos[pos * half..(pos + 1) * half],
+            &sin[pos * half..(pos + 1) * half],
         );
         for head in row.chunks_exact_mut(self.cfg.head_dim) {
             for i in 0..half {

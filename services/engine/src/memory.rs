@@ -89,7 +89,12 @@ impl MemoryPlan {
         Self {
             weights,
             expanded,
-            tables: context as u64 * config.head_dim as u64 * f32_bytes,
+            // Cosines and sines, half a head each per position; twice
+            // where the sliding-window layers turn by their own (Gemma 3).
+            tables: context as u64
+                * config.head_dim as u64
+                * f32_bytes
+                * (1 + u64::from(config.local_rope().is_some())),
             kv_per_token: 2
                 * config.n_layers as u64
                 * (config.n_kv_heads * config.head_dim) as u64

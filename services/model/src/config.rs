@@ -69,6 +69,22 @@ pub struct LlamaConfig {
     /// Every this many layers, the last attends without a rotary embedding
     /// (SmolLM3's NoPE layers): [`LlamaConfig::rotates`].
     pub no_rope_step: Option<usize>,
+    /// Sliding-window attention on most layers (Gemma 3's local layers):
+    /// [`LlamaConfig::window`].
+    pub sliding: Option<Sliding>,
+}
+
+/// Layers that attend to a window of the newest positions only: every
+/// layer but the last of every `pattern` (Gemma 2's one local layer to one
+/// global, Gemma 3's five to one).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Sliding {
+    /// Positions a local layer's query sees, itself included.
+    pub window: usize,
+    pub pattern: usize,
+    /// The local layers' own rotary base (Gemma 3's 10,000; the global
+    /// layers take `rope_theta` and its scaling), where they have one.
+    pub rope_theta: Option<f32>,
 }
 
 /// The activation of the feed-forward's gate, times up.
@@ -99,6 +115,14 @@ impl LlamaConfig {
     pub fn rotates(&self, layer: usize) -> bool {
         self.no_rope_step
             .is_none_or(|step| !(layer + 1).is_multiple_of(step))
+    }
+
+    /// The window of positions `layer` attends to, where it is a sliding
+    /// (local) layer.
+    pub fn window(&self, layer: usize) -> Option<usize> {
+        self.sliding
+            .filter(|s| !(layer + 1).is_multiple_of(s.pattern.max(1)))
+            .map(|s| s.window)
     }
 
     /// Width of q (and of attention's output): `n_heads * head_dim`.
@@ -363,8 +387,8 @@ mod tests {
         );
         let e = load_error("falcon-pre", &[("tokenizer.ggml.pre", s("falcon"))]);
         assert!(e.contains("pre-tokenizer `falcon`"), "{e}");
-        let e = load_error("gemma-arch", &[("general.architecture", s("gemma3"))]);
-        assert!(e.contains("architecture gemma3 is not supported"), "{e}");
+        let e = load_error("gemma-arch", &[("general.architecture", s("gemma3n"))]);
+        assert!(e.contains("architecture gemma3n is not supported"), "{e}");
         let e = load_error("yarn", &[("llama.rope.scaling.type", s("yarn"))]);
         assert!(e.contains("rope scaling `yarn`"), "{e}");
         assert_eq!(

@@ -48,6 +48,8 @@ pub struct Llama {
     rope: Rope,
     cos: Tensor,
     sin: Tensor,
+    /// The sliding-window layers' own rotary embedding and tables (Gemma 3).
+    local: Option<(Rope, Tensor, Tensor)>,
     device: Device,
 }
 
@@ -135,8 +137,16 @@ impl Llama {
         };
         let rope = cfg.rope(gguf)?;
         let (cos, sin) = rope_tables(&rope, cfg.context_length, device)?;
+        let local = match cfg.local_rope() {
+            Some(r) => {
+                let (cos, sin) = rope_tables(&r, cfg.context_length, device)?;
+                Some((r, cos, sin))
+            }
+            None => None,
+        };
         Ok(Self {
             rope,
+            local,
             cfg,
             embed,
             layers,
@@ -263,6 +273,9 @@ impl Llama {
             // Rebuilt, not cut: longrope's frequencies depend on the
             // context served.
             (self.cos, self.sin) = rope_tables(&self.rope, n, &self.device)?;
+            if let Some((rope, cos, sin)) = &mut self.local {
+                (*cos, *sin) = rope_tables(rope, n, &self.device)?;
+            }
         }
         Ok(())
     }
@@ -363,14 +376,26 @@ impl Llama {
         if let Some(scale) = self.cfg.embed_scale {
             x = (x * f64::from(scale))?;
         }
-        let (cos, sin) = match positions {
-            None => (self.cos.narrow(0, pos, t)?, self.sin.narrow(0, pos, t)?),
-            Some(p) => {
-                let p = Tensor::new(p, &self.device)?;
-                (self.cos.index_select(&p, 0)?, self.sin.index_select(&p, 0)?)
-            }
+        let at = |cos: &Tensor, sin: &Tensor| -> Result<(Tensor, Tensor)> {
+            Ok(match &positions {
+                None => (cos.narrow(0, pos, t)?, sin.narrow(0, pos, t)?),
+                Some(p) => {
+                    let p = Tensor::new(p.as_slice(), &self.device)?;
+                    (cos.index_select(&p, 0)?, sin.index_select(&p, 0)?)
+                }
+            })
         };
-        let rows = Rows { cos, sin, starts };
+        let (cos, sin) = at(&self.cos, &self.sin)?;
+        let local = match &self.local {
+            Some((_, cos, sin)) => Some(at(cos, sin)?),
+            None => None,
+        };
+        let rows = Rows {
+            cos,
+            sin,
+            local,
+            starts,
+        };
         let eps = self.cfg.rms_eps;
         for (i, (layer, slot)) in self.layers.iter().zip(cache.layers.iter_mut()).enumerate() {
             let h = ops.rms_norm(&x, &layer.attn_norm, eps)?;
@@ -405,7 +430,13 @@ impl Llama {
         rows: &Rows,
         slot: &mut Option<(Tensor, Tensor)>,
     ) -> Result<Tensor> {
-        let (cos, sin, starts) = (&rows.cos, &rows.sin, rows.starts);
+        // A sliding-window layer turns by its own tables where it has them.
+        let window = self.cfg.window(i);
+        let (cos, sin) = match (&rows.local, window) {
+            (Some((cos, sin)), Some(_)) => (cos, sin),
+            _ => (&rows.cos, &rows.sin),
+        };
+        let starts = rows.starts;
         let (t, _) = h.dims2()?;
         let (nh, nkv, hd) = (self.cfg.n_heads, self.cfg.n_kv_heads, self.cfg.head_dim);
         // `which`: 0, 1, 2 for q, k, v (their biases' and norms' index).
@@ -442,6 +473,7 @@ impl Llama {
             t,
             offset: k.dim(2)? - t,
             starts,
+            window,
         };
         let att = ops.attention_weights(&scores, scale, self.cfg.attn_softcap, mask)?;
         let out = att.matmul(&v)?.reshape((1, nh, t, hd))?;
@@ -454,6 +486,8 @@ impl Llama {
 struct Rows<'a> {
     cos: Tensor,
     sin: Tensor,
+    /// The sliding-window layers' own tables, where they have them.
+    local: Option<(Tensor, Tensor)>,
     starts: Option<&'a [usize]>,
 }
 

@@ -66,10 +66,12 @@ fn architecture(model_type: &str) -> Result<&'static str> {
         "qwen3" => Ok("qwen3"),
         "phi3" => Ok("phi3"),
         "gemma2" => Ok("gemma2"),
+        "gemma3_text" => Ok("gemma3"),
         "smollm3" => Ok("smollm3"),
         other => Err(ModelError::Load(format!(
             "model_type `{other}` (config.json) is not supported: Flywheel converts \
-             llama, mistral, qwen2, qwen3, phi3, gemma2 and smollm3 folders"
+             llama, mistral, qwen2, qwen3, phi3, gemma2, gemma3_text (Gemma 3's text \
+             models) and smollm3 folders"
         ))),
     }
 }
@@ -83,9 +85,9 @@ fn layer_tensors(arch: &str) -> impl Iterator<Item = (&'static str, &'static str
             ("self_attn.qkv_proj", config::ATTN_QKV),
             ("mlp.gate_up_proj", config::FFN_GATE_UP),
         ],
-        // Gemma 2's four norms: its post_attention_layernorm is the
+        // Gemma's four norms: its post_attention_layernorm is the
         // attention output's, not the feed-forward's input's.
-        "gemma2" => &[
+        "gemma2" | "gemma3" => &[
             ("post_attention_layernorm", config::POST_ATTN_NORM),
             ("pre_feedforward_layernorm", config::FFN_NORM),
             ("post_feedforward_layernorm", config::POST_FFN_NORM),
@@ -139,7 +141,7 @@ fn hparams(config: &Json, arch: &str) -> Result<Hparams> {
     // Gemma's gate activation is GELU's tanh approximation; the others'
     // SiLU.
     let (want, kind) = match arch {
-        "gemma2" => ("gelu_pytorch_tanh", "a gemma2"),
+        "gemma2" | "gemma3" => ("gelu_pytorch_tanh", "a gemma"),
         _ => ("silu", "a llama"),
     };
     let act = config["hidden_activation"]
@@ -159,6 +161,9 @@ fn hparams(config: &Json, arch: &str) -> Result<Hparams> {
     if arch == "smollm3" {
         no_rope_layers(config, int("num_hidden_layers")?)?;
     }
+    if arch == "gemma3" {
+        gemma3_layers(config, int("num_hidden_layers")?)?;
+    }
     let (hidden, heads) = (int("hidden_size")?, int("num_attention_heads")?);
     let kv_heads = match config["num_key_value_heads"].as_u64() {
         Some(k) => k as usize,
@@ -173,6 +178,9 @@ fn hparams(config: &Json, arch: &str) -> Result<Hparams> {
     // transformers 5 puts rope_theta and the scaling in `rope_parameters`;
     // older files have `rope_theta` and `rope_scaling` at the top.
     let rope = match &config["rope_parameters"] {
+        // Per kind of layer (Gemma 3): the global layers' here, the local
+        // ones' checked by `gemma3_layers`.
+        Json::Object(p) if p.contains_key("full_attention") => p["full_attention"].clone(),
         Json::Object(_) => config["rope_parameters"].clone(),
         _ => {
             let mut r = config["rope_scaling"].clone();
@@ -203,6 +211,15 @@ fn hparams(config: &Json, arch: &str) -> Result<Hparams> {
     let mut scaling_keys = Vec::new();
     let rope_factors = match kind {
         "default" => Vec::new(),
+        "linear" => {
+            let factor = rope["factor"]
+                .as_f64()
+                .filter(|f| *f > 0.0)
+                .ok_or_else(|| bad("linear rope scaling without a factor".into()))?;
+            scaling_keys.push((key("rope.scaling.type"), Value::String("linear".into())));
+            scaling_keys.push((key("rope.scaling.factor"), Value::F32(factor as f32)));
+            Vec::new()
+        }
         "llama3" => vec![(
             crate::family::ROPE_FACTORS,
             llama3_rope_factors(&rope, theta, head_dim)?,
@@ -218,8 +235,8 @@ fn hparams(config: &Json, arch: &str) -> Result<Hparams> {
         }
         other => {
             return Err(bad(format!(
-                "rope scaling `{other}` is not supported (none, llama3, and Phi-3's longrope \
-                 are)"
+                "rope scaling `{other}` is not supported (none, linear, llama3, and Phi-3's \
+                 longrope are)"
             )));
         }
     };
@@ -250,7 +267,7 @@ fn hparams(config: &Json, arch: &str) -> Result<Hparams> {
     {
         keys.push((key("attention.sliding_window"), u(window as usize)));
     }
-    if arch == "gemma2" {
+    if matches!(arch, "gemma2" | "gemma3") {
         for (k, gguf_key) in [
             ("attn_logit_softcapping", "attn_logit_softcapping"),
             ("final_logit_softcapping", "final_logit_softcapping"),
@@ -310,6 +327,51 @@ fn no_rope_layers(config: &Json, layers: usize) -> Result<()> {
         ))),
         _ => Ok(()),
     }
+}
+
+/// Gemma 3's local and global layers must be the pattern llama.cpp fixes
+/// for the architecture (five sliding-window layers, then one global), the
+/// local layers turning by a rotary base of 10,000 without scaling: its
+/// files can record neither.
+fn gemma3_layers(config: &Json, layers: usize) -> Result<()> {
+    let bad = |what: String| ModelError::Load(format!("config.json: {what}"));
+    let pattern: Vec<&str> = (0..layers)
+        .map(|i| match (i + 1).is_multiple_of(6) {
+            true => "full_attention",
+            false => "sliding_attention",
+        })
+        .collect();
+    if let Some(types) = config["layer_types"].as_array() {
+        let given: Vec<&str> = types.iter().map(|t| t.as_str().unwrap_or("?")).collect();
+        if given != pattern {
+            return Err(bad(format!(
+                "layer_types {given:?}: only five sliding-window layers to one global, in \
+                 that order, are supported (llama.cpp's files cannot say otherwise)"
+            )));
+        }
+    } else if let Some(p) = config["sliding_window_pattern"].as_u64()
+        && p != 6
+    {
+        return Err(bad(format!(
+            "sliding_window_pattern {p}: only 6 is supported (llama.cpp's files cannot say \
+             otherwise)"
+        )));
+    }
+    let local = &config["rope_parameters"]["sliding_attention"];
+    let (theta, kind) = match local.is_object() {
+        true => (
+            local["rope_theta"].as_f64(),
+            local["rope_type"].as_str().unwrap_or("default"),
+        ),
+        false => (config["rope_local_base_freq"].as_f64(), "default"),
+    };
+    if theta.is_some_and(|t| t != 10_000.0) || kind != "default" {
+        return Err(bad(format!(
+            "the sliding-window layers' rope (base {theta:?}, {kind}): only a base of 10,000 \
+             without scaling is supported (llama.cpp's files cannot say otherwise)"
+        )));
+    }
+    Ok(())
 }
 
 /// Phi-3's longrope, as GGUF keeps it.
@@ -606,7 +668,7 @@ pub fn convert_as(dir: &Path, out: &Path, quantize: Option<GgmlDType>) -> Result
                     dtype,
                 },
                 Source {
-                    plus_one: arch == "gemma2" && name.ends_with("norm.weight"),
+                    plus_one: matches!(arch, "gemma2" | "gemma3") && name.ends_with("norm.weight"),
                     name,
                     order,
                 },
@@ -815,8 +877,8 @@ mod tests {
 
     #[test]
     fn what_would_be_read_wrongly_is_refused_naming_it() {
-        let e = architecture("gemma3_text").unwrap_err().to_string();
-        assert!(e.contains("model_type `gemma3_text`"), "{e}");
+        let e = architecture("gemma3").unwrap_err().to_string();
+        assert!(e.contains("model_type `gemma3`"), "{e}");
         let base = serde_json::json!({
             "hidden_size": 64, "num_attention_heads": 4, "num_hidden_layers": 2,
             "intermediate_size": 128, "vocab_size": 100,
@@ -845,6 +907,65 @@ mod tests {
         assert!(e.contains("rope scaling `longrope`"), "{e}");
         let e = with("partial_rotary_factor", 0.75.into());
         assert!(e.contains("partial_rotary_factor 0.75"), "{e}");
+    }
+
+    #[test]
+    fn gemma3s_local_and_global_layers_are_checked_and_its_scaling_kept() {
+        let sliding = |n: usize| -> Vec<Json> {
+            (0..n)
+                .map(|i| match (i + 1) % 6 {
+                    0 => "full_attention".into(),
+                    _ => "sliding_attention".into(),
+                })
+                .collect()
+        };
+        let mut gemma = serde_json::json!({
+            "hidden_size": 64, "num_attention_heads": 4, "num_hidden_layers": 12,
+            "intermediate_size": 128, "vocab_size": 100, "head_dim": 32,
+            "hidden_activation": "gelu_pytorch_tanh", "sliding_window": 1024,
+            "query_pre_attn_scalar": 256, "layer_types": sliding(12),
+            "rope_parameters": {
+                "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
+            },
+        });
+        let hp = hparams(&gemma, "gemma3").unwrap();
+        assert_eq!(key(&hp, "gemma3.rope.freq_base").to_f32().unwrap(), 1e6);
+        assert_eq!(
+            key(&hp, "gemma3.rope.scaling.type").to_string().unwrap(),
+            "linear"
+        );
+        assert_eq!(
+            key(&hp, "gemma3.rope.scaling.factor").to_f32().unwrap(),
+            8.0
+        );
+        assert_eq!(
+            key(&hp, "gemma3.attention.sliding_window")
+                .to_u32()
+                .unwrap(),
+            1024
+        );
+        // Another pattern of local and global layers, or another local
+        // rope, cannot be recorded in llama.cpp's files: refused.
+        gemma["layer_types"][0] = "full_attention".into();
+        let e = hparams(&gemma, "gemma3").err().unwrap().to_string();
+        assert!(e.contains("layer_types"), "{e}");
+        gemma["layer_types"] = Json::Array(sliding(12));
+        gemma["rope_parameters"]["sliding_attention"]["rope_theta"] = 1e5.into();
+        let e = hparams(&gemma, "gemma3").err().unwrap().to_string();
+        assert!(e.contains("sliding-window layers' rope"), "{e}");
+        // Older configs: the pattern and the local base at the top.
+        let older = serde_json::json!({
+            "hidden_size": 64, "num_attention_heads": 4, "num_hidden_layers": 12,
+            "intermediate_size": 128, "vocab_size": 100,
+            "hidden_activation": "gelu_pytorch_tanh", "sliding_window_pattern": 6,
+            "rope_local_base_freq": 10000.0, "rope_theta": 1e6,
+        });
+        assert!(hparams(&older, "gemma3").is_ok());
+        let mut other = older.clone();
+        other["sliding_window_pattern"] = 4.into();
+        let e = hparams(&other, "gemma3").err().unwrap().to_string();
+        assert!(e.contains("sliding_window_pattern 4"), "{e}");
     }
 
     #[test]
@@ -905,7 +1026,7 @@ mod tests {
         gemma["hidden_activation"] = "silu".into();
         let e = hparams(&gemma, "gemma2").err().unwrap().to_string();
         assert!(
-            e.contains("activation `silu` (a gemma2 uses gelu_pytorch_tanh)"),
+            e.contains("activation `silu` (a gemma uses gelu_pytorch_tanh)"),
             "{e}"
         );
     }

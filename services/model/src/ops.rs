@@ -113,7 +113,7 @@ impl Ops for Inference {
         if let Some(cap) = cap {
             att = softcap(&att, cap)?;
         }
-        if mask.t > 1 {
+        if mask.masks() {
             let rows = scores.dim(2)?;
             att = att.broadcast_add(&mask.additive(rows, scores.device())?)?;
         }
@@ -137,15 +137,41 @@ pub struct Causal<'a> {
     pub t: usize,
     pub offset: usize,
     pub starts: Option<&'a [usize]>,
+    /// A sliding-window layer's window: a query sees only the keys fewer
+    /// than this many positions before its own (Gemma 3's local layers).
+    pub window: Option<usize>,
 }
 
 impl Causal<'_> {
-    /// The keys row `r` (query position `r % t`) sees: `0..a` and `b..c`,
-    /// as `(a, b, c)`.
+    /// The keys row `r` (query position `r % t`) sees before any window:
+    /// `0..a` and `b..c`, as `(a, b, c)`.
     pub fn keys(&self, r: usize) -> (usize, usize, usize) {
         let i = r % self.t.max(1);
         let start = self.starts.map_or(0, |s| s[i]);
         (self.offset, self.offset + start, self.offset + i + 1)
+    }
+
+    /// Whether row `r` sees key `j`: causally, and within the window. A
+    /// packed sequence's rows and keys are at the positions they would have
+    /// alone; the shared prefix's keys at their own.
+    pub fn sees(&self, r: usize, j: usize) -> bool {
+        let (a, b, c) = self.keys(r);
+        if !(j < a || (b..c).contains(&j)) {
+            return false;
+        }
+        let Some(window) = self.window else {
+            return true;
+        };
+        let start = b - a;
+        let query = c - 1 - start;
+        let key = if j < a { j } else { j - start };
+        query - key < window
+    }
+
+    /// Whether anything is masked: several rows, or a window that old
+    /// keys may fall out of even for one.
+    pub fn masks(&self) -> bool {
+        self.t > 1 || self.window.is_some()
     }
 
     /// The mask as an additive `(rows, offset + t)` tensor (0 or -inf).
@@ -153,13 +179,9 @@ impl Causal<'_> {
         let total = self.offset + self.t;
         let mut data = Vec::with_capacity(rows * total);
         for r in 0..rows {
-            let (a, b, c) = self.keys(r);
-            data.extend((0..total).map(|j| {
-                if j < a || (b..c).contains(&j) {
-                    0.0
-                } else {
-                    f32::NEG_INFINITY
-                }
+            data.extend((0..total).map(|j| match self.sees(r, j) {
+                true => 0.0,
+                false => f32::NEG_INFINITY,
             }));
         }
         Ok(Tensor::from_vec(data, (rows, total), device)?)
@@ -169,4 +191,72 @@ impl Causal<'_> {
 /// Log-softmax of a `(vocab,)` logits tensor, as a vector.
 pub fn log_softmax(logits: &Tensor) -> Result<Vec<f32>> {
     Ok(candle_nn::ops::log_softmax(logits, D::Minus1)?.to_vec1::<f32>()?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Causal;
+
+    fn seen(mask: &Causal, r: usize) -> Vec<usize> {
+        (0..mask.offset + mask.t)
+            .filter(|&j| mask.sees(r, j))
+            .collect()
+    }
+
+    #[test]
+    fn a_window_hides_keys_as_far_back_as_it_is_long() {
+        // One sequence, 4 cached keys, 3 new rows at positions 4, 5, 6.
+        let plain = Causal {
+            t: 3,
+            offset: 4,
+            starts: None,
+            window: None,
+        };
+        assert_eq!(seen(&plain, 2), [0, 1, 2, 3, 4, 5, 6]);
+        let windowed = Causal {
+            window: Some(3),
+            ..plain
+        };
+        assert_eq!(seen(&windowed, 0), [2, 3, 4]);
+        assert_eq!(seen(&windowed, 2), [4, 5, 6]);
+        // One new row: the oldest keys fall out even with nothing to hide
+        // causally.
+        let step = Causal {
+            t: 1,
+            offset: 6,
+            starts: None,
+            window: Some(3),
+        };
+        assert!(
+            step.masks()
+                && !Causal {
+                    window: None,
+                    ..step
+                }
+                .masks()
+        );
+        assert_eq!(seen(&step, 0), [4, 5, 6]);
+    }
+
+    #[test]
+    fn packed_sequences_see_their_window_at_the_positions_they_have_alone() {
+        // A prefix of 3 keys (positions 0-2), then two sequences packed:
+        // rows 0-1 (positions 3, 4) and rows 2-4 (positions 3, 4, 5),
+        // keys 3-4 and 5-7.
+        let starts = [0, 0, 2, 2, 2];
+        let mask = Causal {
+            t: 5,
+            offset: 3,
+            starts: Some(&starts),
+            window: Some(3),
+        };
+        assert_eq!(seen(&mask, 1), [2, 3, 4]);
+        assert_eq!(seen(&mask, 2), [1, 2, 5]);
+        assert_eq!(seen(&mask, 4), [5, 6, 7]);
+        let plain = Causal {
+            window: None,
+            ..mask
+        };
+        assert_eq!(seen(&plain, 4), [0, 1, 2, 5, 6, 7]);
+    }
 }

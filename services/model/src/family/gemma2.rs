@@ -5,8 +5,8 @@
 //! weight with Gemma's `1 +` already added), soft-capped attention scores
 //! and logits (`gemma2.attn_logit_softcapping`,
 //! `gemma2.final_logit_softcapping`), and sliding-window attention on every
-//! other layer, whose window caps the context served (4,096 of 8,192), where
-//! sliding and full attention are the same. Its q and k rows are stored as
+//! other layer (the first, third, ...: 4,096 of its 8,192 positions), the
+//! others attending to the whole context. Its q and k rows are stored as
 //! Hugging Face stores them.
 
 use super::{Family, Shape};
@@ -21,6 +21,10 @@ impl Family for Gemma2 {
 
     fn gemma(&self) -> bool {
         true
+    }
+
+    fn sliding(&self) -> Option<(usize, Option<f32>)> {
+        Some((2, None))
     }
 
     /// Gemma 2 scales `q . k` by `1 / sqrt(query_pre_attn_scalar)`: the

@@ -7,6 +7,7 @@
 //! architecture: serving it as another would give wrong answers silently.
 
 mod gemma2;
+mod gemma3;
 mod llama;
 mod phi3;
 mod qwen2;
@@ -51,6 +52,15 @@ pub trait Family: Sync {
     /// Every this many layers, the last of them attends without a rotary
     /// embedding (SmolLM3's "NoPE" layers: 3, 7, 11, ... counted from 0).
     fn no_rope_step(&self) -> Option<usize> {
+        None
+    }
+
+    /// Sliding-window attention on all layers but the last of every this
+    /// many, those local layers turning by a rotary base of their own where
+    /// given (Gemma 2's 2; Gemma 3's 6 and 10,000, which llama.cpp fixes for
+    /// the architecture). A family without it (`None`) that records a
+    /// window is served up to it ([`read_config`]).
+    fn sliding(&self) -> Option<(usize, Option<f32>)> {
         None
     }
 
@@ -317,10 +327,35 @@ impl LlamaConfig {
                 .unwrap_or(1.0),
             None => 1.0,
         };
+        // Linear scaling (Gemma 3's global layers, some llamas): positions
+        // divided by the factor, so every frequency is.
+        let linear = match gguf.get_str(&key("rope.scaling.type")) {
+            Ok("linear") => gguf
+                .get_f32(&key("rope.scaling.factor"))
+                .ok()
+                .filter(|f| *f > 0.0)
+                .unwrap_or(1.0),
+            _ => 1.0,
+        };
+        let freqs = short.or(freqs).unwrap_or(base);
         Ok(Rope {
-            freqs: short.or(freqs).unwrap_or(base),
+            freqs: freqs.iter().map(|f| f / linear).collect(),
             long,
             scale,
+        })
+    }
+
+    /// The rotary embedding of the sliding-window layers, where they turn
+    /// by a base of their own (Gemma 3's local layers: no scaling).
+    pub fn local_rope(&self) -> Option<Rope> {
+        let theta = self.sliding?.rope_theta?;
+        let hd = self.head_dim;
+        Some(Rope {
+            freqs: (0..hd / 2)
+                .map(|i| 1.0 / theta.powf(2.0 * i as f32 / hd as f32))
+                .collect(),
+            long: None,
+            scale: 1.0,
         })
     }
 }
@@ -337,6 +372,7 @@ pub const FAMILIES: &[&dyn Family] = &[
     &qwen3::Qwen3,
     &phi3::Phi3,
     &gemma2::Gemma2,
+    &gemma3::Gemma3,
     &smollm3::SmolLm3,
 ];
 
@@ -370,6 +406,7 @@ fn read_config(family: &dyn Family, gguf: &GgufFile) -> Result<LlamaConfig> {
     let longrope = gguf.has_tensor(ROPE_FACTORS_LONG);
     if let Ok(kind) = gguf.get_str(&key("rope.scaling.type"))
         && kind != "none"
+        && kind != "linear"
         && !(longrope && matches!(kind, "longrope" | "su"))
     {
         return Err(ModelError::Load(format!(
@@ -425,14 +462,28 @@ fn read_config(family: &dyn Family, gguf: &GgufFile) -> Result<LlamaConfig> {
             key("rope.dimension_count")
         )));
     }
-    // A sliding window attends like the full context up to its length:
-    // the context served stops there, so every answer is the model's own
-    // (Phi-3 mini's 2,047 of 4,096).
+    // Where the family's layers slide (Gemma 2 and 3), the window is
+    // attended as such. Elsewhere a sliding window attends like the full context up
+    // to its length: the context served stops there, so every answer is the
+    // model's own (Phi-3 mini's 2,047 of 4,096).
     let mut context_length = gguf.get_u32(&key("context_length")).unwrap_or(2048) as usize;
+    let mut sliding = None;
     if let Ok(window) = gguf.get_u32(&key("attention.sliding_window"))
         && window > 0
     {
-        context_length = context_length.min(window as usize);
+        match family.sliding() {
+            Some((pattern, rope_theta)) => {
+                let pattern = gguf
+                    .get_u32(&key("attention.sliding_window_pattern"))
+                    .map_or(pattern, |p| p as usize);
+                sliding = Some(crate::config::Sliding {
+                    window: window as usize,
+                    pattern,
+                    rope_theta,
+                });
+            }
+            None => context_length = context_length.min(window as usize),
+        }
     }
     let vocab = match gguf.get_u32(&key("vocab_size")) {
         Ok(v) => v as usize,
@@ -484,5 +535,6 @@ fn read_config(family: &dyn Family, gguf: &GgufFile) -> Result<LlamaConfig> {
         attn_softcap: cap("attn_logit_softcapping"),
         final_softcap: cap("final_logit_softcapping"),
         no_rope_step: family.no_rope_step(),
+        sliding,
     })
 }

@@ -99,6 +99,7 @@ impl CustomOp1 for CausalSoftmax {
             t: self.t,
             offset: self.offset,
             starts: self.starts.as_deref(),
+            window: None,
         };
         out.par_chunks_mut(kv)
             .zip(x.par_chunks(kv))

@@ -112,9 +112,9 @@ impl Ops for TrainOps<'_> {
         cap: Option<f32>,
         mask: Causal,
     ) -> Result<Tensor> {
-        // The fused op has no soft-cap: capped scores (Gemma 2) take the
-        // composed path.
-        if fused::fused(scores) && cap.is_none() {
+        // The fused op has no soft-cap and no window: capped scores (Gemma
+        // 2) and sliding-window layers (Gemma 3) take the composed path.
+        if fused::fused(scores) && cap.is_none() && mask.window.is_none() {
             // Scale, mask and softmax in one pass, forward and backward.
             let op = fused::CausalSoftmax {
                 scale: scale as f32,
@@ -128,7 +128,7 @@ impl Ops for TrainOps<'_> {
         if let Some(cap) = cap {
             att = flywheel_model::ops::softcap(&att, cap)?;
         }
-        if mask.t > 1 {
+        if mask.masks() {
             att = att.broadcast_add(&mask.additive(scores.dim(2)?, scores.device())?)?;
         }
         // Softmax does not change when a constant is subtracted, so the
