@@ -201,6 +201,25 @@ FAMILIES = {
             "tie_word_embeddings": True,
         },
     },
+    # Qwen2 again, its weights drawn as gently as Flywheel's own tiny
+    # llama's, for the loop's end-to-end test (the reference weights above
+    # are drawn sharp so that a forward pass that drops anything is caught;
+    # a few LoRA steps barely move them).
+    "qwen2-loop": {
+        "arch": "qwen2",
+        **QWEN_TEXT,
+        "gentle": True,
+        "folder": False,
+        "seed": 30,
+        "formats": [],
+        "config": "Qwen2Config",
+        "model": "Qwen2ForCausalLM",
+        "extra": {
+            "rope_parameters": {"rope_type": "default", "rope_theta": 1_000_000.0},
+            "rms_norm_eps": 1e-6,
+            "tie_word_embeddings": True,
+        },
+    },
     # Qwen3: Qwen2's tokenizer and layout without the biases, with an RMS
     # norm on each head of q and k, and a head size of its own (twice what
     # hidden / heads would give here, as in the real 0.6B).
@@ -677,6 +696,25 @@ class ByteLevelText:
         w.add_token_merges(self.merges)
 
 
+def randomize_gently(model, seed):
+    """Weights drawn as Flywheel's own tiny llama draws them
+    (`services/model/src/testing.rs`: uniform within 0.3, embeddings within
+    1, norms one), biases within 0.1: a model whose answers a few LoRA steps
+    can change, for the loop's end-to-end test."""
+    g = torch.Generator().manual_seed(seed)
+    uniform = lambda p, r: p.copy_((torch.rand(p.shape, generator=g) * 2 - 1) * r)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            elif name.endswith(".bias"):
+                uniform(p, 0.1)
+            elif "embed_tokens" in name:
+                uniform(p, 1.0)
+            else:
+                uniform(p, 0.3)
+
+
 def randomize(model, seed, embed_std=1.0):
     """Weights large enough that the tiny model's choices are clear (the
     default init gives near-uniform logits) and its layers outweigh the
@@ -880,7 +918,10 @@ def build(name, family, out):
     model = getattr(transformers, family["model"])(cfg).eval().float()
     # Gemma multiplies its embeddings by sqrt(hidden): drawn that much
     # smaller, they do not drown the layers.
-    randomize(model, seed=family["seed"], embed_std=family.get("embed_std", 1.0))
+    if family.get("gentle"):
+        randomize_gently(model, seed=family["seed"])
+    else:
+        randomize(model, seed=family["seed"], embed_std=family.get("embed_std", 1.0))
 
     arch = family["arch"]
     rope = family["extra"]["rope_parameters"]

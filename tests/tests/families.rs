@@ -610,6 +610,7 @@ per_family!(check_model_forward:
     gemma2_forward_matches_transformers => "gemma2",
     gemma3_forward_matches_transformers => "gemma3",
     smollm3_forward_matches_transformers => "smollm3",
+    qwen2_loop_model_forward_matches_transformers => "qwen2-loop",
 );
 
 fn check_model_forward(name: &str) {
@@ -629,6 +630,7 @@ per_family!(check_serving_forward:
     gemma2_serving_forward_matches_transformers => "gemma2",
     gemma3_serving_forward_matches_transformers => "gemma3",
     smollm3_serving_forward_matches_transformers => "smollm3",
+    qwen2_loop_model_serving_forward_matches_transformers => "qwen2-loop",
 );
 
 fn check_serving_forward(name: &str) {
