@@ -90,6 +90,22 @@ MISTRAL_CHAT = (
     "{%- endfor %}"
 )
 
+# Mistral's later instruction layout (Ministral, Mistral NeMo): `[INST]`
+# and `[/INST]` as tokens of their own, no spaces around them, a system
+# message in front of the last instruction.
+MISTRAL_TEKKEN_CHAT = (
+    "{%- if messages[0]['role'] == 'system' %}"
+    "{%- set system = messages[0]['content'] + '\n\n' %}"
+    "{%- set messages = messages[1:] %}"
+    "{%- else %}{%- set system = '' %}{%- endif %}"
+    "{{- bos_token }}"
+    "{%- for message in messages %}"
+    "{%- if message['role'] == 'user' %}"
+    "{{- '[INST]' + (system if loop.last else '') + message['content'] + '[/INST]' }}"
+    "{%- else %}{{- message['content'] + eos_token }}{%- endif %}"
+    "{%- endfor %}"
+)
+
 # Phi-3's chat layout: each message under its role's token and closed by
 # the end token, the assistant's role token last.
 PHI3_CHAT = (
@@ -288,6 +304,36 @@ FAMILIES = {
         "eos": "</s>",
         "template": MISTRAL_CHAT,
         "seed": 34,
+        "formats": ["Q8_0", "Q4_1"],
+        "config": "MistralConfig",
+        "model": "MistralForCausalLM",
+        "extra": {
+            "rope_parameters": {"rope_type": "default", "rope_theta": 1_000_000.0},
+            "rms_norm_eps": 1e-5,
+            "tie_word_embeddings": False,
+            "sliding_window": None,
+        },
+    },
+    # Ministral (8B) and Mistral NeMo: llama's layout with Mistral's
+    # byte-level BPE tokenizer (`tekken`: words split by letter case, digits
+    # one by one, no contractions).
+    "ministral": {
+        "arch": "llama",
+        "pre": "tekken",
+        "split": (
+            r"""[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+"""
+            r"""|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*"""
+            r"""|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+        ),
+        "nfc": False,
+        "specials": ["<unk>", "<s>", "</s>", "[INST]", "[/INST]"],
+        "bos": "<s>",
+        "eos": "</s>",
+        "template": MISTRAL_TEKKEN_CHAT,
+        # Where tekken splits as no other family here does: at a change of
+        # letter case, and slashes kept with the punctuation before them.
+        "tricky": ["HelloWorld XMLHttpRequest iPhone", "path//to/ file.rs", "ÉCOLE École"],
+        "seed": 37,
         "formats": ["Q8_0", "Q4_1"],
         "config": "MistralConfig",
         "model": "MistralForCausalLM",
@@ -1075,7 +1121,7 @@ def build(name, family, out):
 
     own_markup = render({"messages": [{"role": "user", "content": "hi"}]})
     unseen = UNSEEN if family.get("spm") else []
-    ref = reference(served, tokenize, render, TRICKY + unseen + [own_markup])
+    ref = reference(served, tokenize, render, TRICKY + unseen + family.get("tricky", []) + [own_markup])
     if served is not model:
         short = reference(model, tokenize, render, [], PROMPTS[:1])
         case = short["forward"][0]

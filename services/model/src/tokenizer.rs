@@ -469,8 +469,10 @@ const DIGITS_THEN_GPT2: &[&str] = &["smollm", "starcoder", "refact"];
 const GPT2: &[&str] = &["gpt-2", "gpt2", "default"];
 /// Qwen2's (and Qwen2.5's) regex, after NFC normalization.
 const QWEN2: &[&str] = &["qwen2"];
-/// Llama 3's regex (Llama 3, 3.1, 3.2), no normalization.
+/// Llama 3's regex (Llama 3, 3.1, 3.2, SmolLM3), no normalization.
 const LLAMA3: &[&str] = &["llama-bpe"];
+/// Mistral's byte-level BPE (Ministral, Mistral NeMo), no normalization.
+const TEKKEN: &[&str] = &["tekken"];
 
 /// The word-splitting regex Llama 3's and Qwen2's `tokenizer.json` give,
 /// which differ only in how digits go: contractions in any case, a word
@@ -490,6 +492,14 @@ macro_rules! split_regex {
 const LLAMA3_SPLIT: &str = split_regex!(r"\p{N}{1,3}");
 /// Qwen2's: digits one at a time.
 const QWEN2_SPLIT: &str = split_regex!(r"\p{N}");
+/// Tekken's (its tokenizer.json's): words split where the letters' case
+/// changes (an upper-case run, then lower-case), no contractions, digits one
+/// at a time, slashes kept after punctuation.
+const TEKKEN_SPLIT: &str = concat!(
+    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+",
+    r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*",
+    r"|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+);
 
 fn build(tokens: &[String], merges: &[String], pre: &str) -> Result<Tokenizer> {
     let vocab: tokenizers::models::bpe::Vocab = tokens
@@ -525,6 +535,7 @@ fn build(tokens: &[String], merges: &[String], pre: &str) -> Result<Tokenizer> {
             split_then_bytes(QWEN2_SPLIT)?
         }
         p if LLAMA3.contains(&p) => split_then_bytes(LLAMA3_SPLIT)?,
+        p if TEKKEN.contains(&p) => split_then_bytes(TEKKEN_SPLIT)?,
         // Another family splits text its own way: GPT-2's rules would give
         // wrong ids for every word they split differently, so it is
         // refused, not served.
@@ -532,7 +543,9 @@ fn build(tokens: &[String], merges: &[String], pre: &str) -> Result<Tokenizer> {
             return Err(ModelError::Tokenizer(format!(
                 "pre-tokenizer `{other}` (tokenizer.ggml.pre) is not one Flywheel knows \
                  ({}): serving it with another family's splitting would give wrong token ids",
-                [DIGITS_THEN_GPT2, GPT2, QWEN2, LLAMA3].concat().join(", ")
+                [DIGITS_THEN_GPT2, GPT2, QWEN2, LLAMA3, TEKKEN]
+                    .concat()
+                    .join(", ")
             )));
         }
     };
