@@ -70,6 +70,30 @@ impl Hub {
     }
 }
 
+/// The hub token as huggingface_hub finds it: `HF_TOKEN` (or the older
+/// `HUGGING_FACE_HUB_TOKEN`), else the file `huggingface-cli login` writes:
+/// `HF_TOKEN_PATH`, else `HF_HOME/token`, else
+/// `XDG_CACHE_HOME/huggingface/token`, else `~/.cache/huggingface/token`.
+/// Surrounding whitespace is dropped; an empty token counts as none.
+pub fn token_from_vars(var: impl Fn(&str) -> Option<OsString>) -> Option<String> {
+    let var = |k: &str| var(k).filter(|v| !v.is_empty());
+    let clean = |t: String| Some(t.trim().to_string()).filter(|t| !t.is_empty());
+    if let Some(t) = var("HF_TOKEN").or_else(|| var("HUGGING_FACE_HUB_TOKEN")) {
+        return clean(t.to_string_lossy().into_owned());
+    }
+    let file = var("HF_TOKEN_PATH")
+        .map(PathBuf::from)
+        .or_else(|| var("HF_HOME").map(|h| PathBuf::from(h).join("token")))
+        .or_else(|| var("XDG_CACHE_HOME").map(|c| PathBuf::from(c).join("huggingface/token")))
+        .or_else(|| var("HOME").map(|h| PathBuf::from(h).join(".cache/huggingface/token")))?;
+    clean(std::fs::read_to_string(file).ok()?)
+}
+
+/// [`token_from_vars`] on the process's environment.
+pub fn token_from_env() -> Option<String> {
+    token_from_vars(|k| std::env::var_os(k))
+}
+
 impl ModelCache {
     /// Pulls `repo` at `revision` as a Hugging Face folder and converts it
     /// into one GGUF file, named after the repository (and the type its
@@ -340,6 +364,49 @@ mod tests {
             assert!(!hub(&[("HF_HUB_OFFLINE", off)]).offline, "{off}");
         }
         assert!(!hub(&[]).offline);
+    }
+
+    #[test]
+    fn the_token_is_found_as_huggingface_hub_finds_it() {
+        let root = std::env::temp_dir().join(format!("fw-hub-token-{}", uuid::Uuid::new_v4()));
+        let home = root.join("home");
+        std::fs::create_dir_all(home.join(".cache/huggingface")).unwrap();
+        std::fs::create_dir_all(root.join("hf")).unwrap();
+        std::fs::write(home.join(".cache/huggingface/token"), "hf_login\n").unwrap();
+        std::fs::write(root.join("hf/token"), "hf_home\n").unwrap();
+        std::fs::write(root.join("elsewhere"), "  hf_path  ").unwrap();
+        let p = |p: &Path| p.to_str().unwrap().to_string();
+        let token = |vars: &[(&str, String)]| {
+            token_from_vars(|k| {
+                vars.iter()
+                    .find(|(n, _)| *n == k)
+                    .map(|(_, v)| OsString::from(v))
+            })
+        };
+        let h = ("HOME", p(&home));
+        // `huggingface-cli login`'s file, where HF_HOME says, or where
+        // HF_TOKEN_PATH says.
+        assert_eq!(token(&[h.clone()]).as_deref(), Some("hf_login"));
+        let hf_home = ("HF_HOME", p(&root.join("hf")));
+        assert_eq!(
+            token(&[h.clone(), hf_home.clone()]).as_deref(),
+            Some("hf_home")
+        );
+        let path = ("HF_TOKEN_PATH", p(&root.join("elsewhere")));
+        assert_eq!(
+            token(&[h.clone(), hf_home.clone(), path.clone()]).as_deref(),
+            Some("hf_path")
+        );
+        // The variable first, the older name too; an empty one is none.
+        let var = ("HF_TOKEN", "hf_var".to_string());
+        assert_eq!(token(&[h.clone(), path, var]).as_deref(), Some("hf_var"));
+        let old = ("HUGGING_FACE_HUB_TOKEN", "hf_old".to_string());
+        assert_eq!(token(&[h.clone(), old]).as_deref(), Some("hf_old"));
+        let empty = ("HF_TOKEN", String::new());
+        assert_eq!(token(&[h, empty]).as_deref(), Some("hf_login"));
+        // No file, no token.
+        assert_eq!(token(&[("HOME", p(&root))]), None);
+        std::fs::remove_dir_all(&root).unwrap();
     }
 
     #[test]

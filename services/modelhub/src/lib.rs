@@ -164,7 +164,8 @@ impl ModelCache {
     }
 
     /// Downloads `file` of `repo` from a Hugging Face hub endpoint
-    /// (`https://huggingface.co` or `HF_ENDPOINT`), honouring `HF_TOKEN`.
+    /// (`https://huggingface.co` or `HF_ENDPOINT`), honouring `HF_TOKEN` or
+    /// the token file `huggingface-cli login` writes ([`hub::token_from_vars`]).
     pub async fn pull_hub(
         &self,
         endpoint: &str,
@@ -306,7 +307,7 @@ impl ModelCache {
 
     async fn send(&self, url: &str, mut req: reqwest::RequestBuilder) -> Result<reqwest::Response> {
         if (url.contains("/resolve/") || url.contains("/api/models/"))
-            && let Ok(token) = std::env::var("HF_TOKEN")
+            && let Some(token) = hub::token_from_env()
         {
             req = req.bearer_auth(token);
         }
