@@ -174,6 +174,30 @@ LLAMA3_SPLIT = (
     r"""| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
 )
 
+# Qwen2's transformers classes and settings, for its three tiny models.
+QWEN2_MODEL = {
+    "config": "Qwen2Config",
+    "model": "Qwen2ForCausalLM",
+    "extra": {
+        "rope_parameters": {"rope_type": "default", "rope_theta": 1_000_000.0},
+        "rms_norm_eps": 1e-6,
+        "tie_word_embeddings": True,
+    },
+}
+
+# Gemma's text side (Gemma 2 and 3): a SentencePiece vocabulary that puts no
+# space in front of a text, its turn tokens, template and end tokens.
+GEMMA_TEXT = {
+    "spm": True,
+    "space_prefix": False,
+    "specials": ["<unk>", "<s>", "</s>"],
+    "added": ["<start_of_turn>", "<end_of_turn>"],
+    "bos": "<s>",
+    "eos": "</s>",
+    "stop": ["</s>", "<end_of_turn>"],
+    "template": GEMMA_CHAT,
+}
+
 # Each family: its GGUF architecture and pre-tokenizer name, its word-split
 # regex (from its tokenizer.json) and normalization, special tokens, chat
 # template, end token, and the transformers config of the tiny model.
@@ -190,13 +214,7 @@ FAMILIES = {
         # Its Hugging Face folder holds the chat template in
         # tokenizer_config.json.
         "template_in_config": True,
-        "config": "Qwen2Config",
-        "model": "Qwen2ForCausalLM",
-        "extra": {
-            "rope_parameters": {"rope_type": "default", "rope_theta": 1_000_000.0},
-            "rms_norm_eps": 1e-6,
-            "tie_word_embeddings": True,
-        },
+        **QWEN2_MODEL,
     },
     # Qwen2 again, wide enough for the K-quants (their blocks are 256 of a
     # row's values): one layer, no folder (the family's own are above).
@@ -209,13 +227,7 @@ FAMILIES = {
         "folder": False,
         "seed": 30,
         "formats": ["Q4_K", "Q5_K", "Q6_K"],
-        "config": "Qwen2Config",
-        "model": "Qwen2ForCausalLM",
-        "extra": {
-            "rope_parameters": {"rope_type": "default", "rope_theta": 1_000_000.0},
-            "rms_norm_eps": 1e-6,
-            "tie_word_embeddings": True,
-        },
+        **QWEN2_MODEL,
     },
     # Qwen2 again, its weights drawn as gently as Flywheel's own tiny
     # llama's, for the loop's end-to-end test (the reference weights above
@@ -228,13 +240,7 @@ FAMILIES = {
         "folder": False,
         "seed": 30,
         "formats": [],
-        "config": "Qwen2Config",
-        "model": "Qwen2ForCausalLM",
-        "extra": {
-            "rope_parameters": {"rope_type": "default", "rope_theta": 1_000_000.0},
-            "rms_norm_eps": 1e-6,
-            "tie_word_embeddings": True,
-        },
+        **QWEN2_MODEL,
     },
     # Qwen3: Qwen2's tokenizer and layout without the biases, with an RMS
     # norm on each head of q and k, and a head size of its own (twice what
@@ -385,14 +391,7 @@ FAMILIES = {
     # puts no space in front of a text.
     "gemma2": {
         "arch": "gemma2",
-        "spm": True,
-        "space_prefix": False,
-        "specials": ["<unk>", "<s>", "</s>"],
-        "added": ["<start_of_turn>", "<end_of_turn>"],
-        "bos": "<s>",
-        "eos": "</s>",
-        "stop": ["</s>", "<end_of_turn>"],
-        "template": GEMMA_CHAT,
+        **GEMMA_TEXT,
         "seed": 37,
         "embed_std": 0.125,
         "formats": ["Q8_0", "Q4_1"],
@@ -416,14 +415,7 @@ FAMILIES = {
     # scaling (as the 4B and larger).
     "gemma3": {
         "arch": "gemma3",
-        "spm": True,
-        "space_prefix": False,
-        "specials": ["<unk>", "<s>", "</s>"],
-        "added": ["<start_of_turn>", "<end_of_turn>"],
-        "bos": "<s>",
-        "eos": "</s>",
-        "stop": ["</s>", "<end_of_turn>"],
-        "template": GEMMA_CHAT,
+        **GEMMA_TEXT,
         "layers": 6,
         "seed": 31,
         "embed_std": 0.125,

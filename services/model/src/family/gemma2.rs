@@ -31,11 +31,7 @@ impl Family for Gemma2 {
     /// head size in the 2B and 9B, `hidden / heads` in the 27B (46 layers),
     /// as llama.cpp tells them apart.
     fn attn_scale(&self, s: &Shape) -> Option<f32> {
-        let scalar = match s.layers {
-            46 => s.hidden / s.heads,
-            _ => s.head_dim,
-        };
-        Some(1.0 / (scalar as f32).sqrt())
+        Some(super::gemma_query_scale(s, 46))
     }
 
     fn gguf_rope_rows(&self) -> RopeRows {

@@ -34,11 +34,7 @@ impl Family for Gemma3 {
     /// `hidden / heads` in the 27B (62 layers), as llama.cpp tells them
     /// apart.
     fn attn_scale(&self, s: &Shape) -> Option<f32> {
-        let scalar = match s.layers {
-            62 => s.hidden / s.heads,
-            _ => s.head_dim,
-        };
-        Some(1.0 / (scalar as f32).sqrt())
+        Some(super::gemma_query_scale(s, 62))
     }
 
     fn gguf_rope_rows(&self) -> RopeRows {

@@ -360,6 +360,17 @@ impl LlamaConfig {
     }
 }
 
+/// Gemma's `1 / sqrt(query_pre_attn_scalar)` as llama.cpp infers it from
+/// the shape: `hidden / heads` in the largest model (told by its
+/// `big_layers` layers), the head size in the others.
+fn gemma_query_scale(s: &Shape, big_layers: usize) -> f32 {
+    let scalar = match s.layers == big_layers {
+        true => s.hidden / s.heads,
+        false => s.head_dim,
+    };
+    1.0 / (scalar as f32).sqrt()
+}
+
 /// The query scaling a converted Hugging Face folder records where its
 /// config gives one (Gemma 2's `query_pre_attn_scalar`): llama.cpp's files
 /// have no key for it (llama.cpp derives it from the model's size).
