@@ -386,7 +386,7 @@ mod tests {
         let h = ("HOME", p(&home));
         // `huggingface-cli login`'s file, where HF_HOME says, or where
         // HF_TOKEN_PATH says.
-        assert_eq!(token(&[h.clone()]).as_deref(), Some("hf_login"));
+        assert_eq!(token(std::slice::from_ref(&h)).as_deref(), Some("hf_login"));
         let hf_home = ("HF_HOME", p(&root.join("hf")));
         assert_eq!(
             token(&[h.clone(), hf_home.clone()]).as_deref(),
