@@ -387,8 +387,9 @@ FAMILIES = {
     # the attention's and the feed-forward's outputs, soft-capped attention
     # scores and logits (caps lower than the real 50 and 30, so that this
     # small model's scores and logits reach them), a head size of its own, a
-    # sliding window on every other layer; a SentencePiece vocabulary that
-    # puts no space in front of a text.
+    # sliding window on every other layer (shorter than the prompts and
+    # answers, longer than the loop test's task needs); a SentencePiece
+    # vocabulary that puts no space in front of a text.
     "gemma2": {
         "arch": "gemma2",
         **GEMMA_TEXT,
@@ -402,7 +403,7 @@ FAMILIES = {
             "query_pre_attn_scalar": 32,
             "attn_logit_softcapping": 20.0,
             "final_logit_softcapping": 10.0,
-            "sliding_window": 200,
+            "sliding_window": 32,
             "rope_parameters": {"rope_type": "default", "rope_theta": 10_000.0},
             "rms_norm_eps": 1e-6,
             "tie_word_embeddings": True,

@@ -240,7 +240,7 @@ fn gemma2_is_read_with_its_norms_caps_and_window() {
     // see the whole context, which the window no longer caps.
     assert_eq!(cfg.context_length, 256);
     let windows: Vec<Option<usize>> = (0..cfg.n_layers).map(|l| cfg.window(l)).collect();
-    assert_eq!(windows, [Some(200), None]);
+    assert_eq!(windows, [Some(32), None]);
     let tok = TextTokenizer::from_gguf(&gguf).unwrap();
     let end = tok.encode("<end_of_turn>").unwrap();
     assert_eq!(end.len(), 1);
