@@ -267,6 +267,7 @@ FAMILIES = {
         "arch": "llama",
         "pre": "llama-bpe",
         "split": LLAMA3_SPLIT,
+        "ignore_merges": True,
         "nfc": False,
         "specials": [
             "<|begin_of_text|>",
@@ -326,6 +327,7 @@ FAMILIES = {
     "ministral": {
         "arch": "llama",
         "pre": "tekken",
+        "ignore_merges": True,
         "split": (
             r"""[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+"""
             r"""|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*"""
@@ -444,8 +446,11 @@ FAMILIES = {
     # layers here, so that one attends by content alone.
     "smollm3": {
         "arch": "smollm3",
-        "pre": "llama-bpe",
+        # llama.cpp's converter names SmolLM3's tokenizer (Llama 3's rules)
+        # `smaug-bpe`.
+        "pre": "smaug-bpe",
         "split": LLAMA3_SPLIT,
+        "ignore_merges": True,
         "nfc": False,
         "specials": ["<|begin_of_text|>", "<|end_of_text|>", "<|im_start|>", "<|im_end|>"],
         "bos": None,
@@ -552,7 +557,9 @@ def learn_vocab(vocab_size, specials):
 def encode(text, family, tokens, merges):
     """The family's tokenizer rules in plain Python: special tokens matched
     whole, NFC where the family normalizes, words by the family's regex,
-    each word's bytes merged by merge rank."""
+    each word's bytes merged by merge rank (a word the vocabulary holds
+    whole taken as one token first, where the family's tokenizer.json says
+    `ignore_merges`, as Llama 3's and tekken's do)."""
     vocab = {t: i for i, t in enumerate(tokens)}
     ranks = {tuple(m.split(" ")): r for r, m in enumerate(merges)}
     alphabet = byte_level_alphabet()
@@ -566,6 +573,10 @@ def encode(text, family, tokens, merges):
             chunk = unicodedata.normalize("NFC", chunk)
         for word in regex.findall(family["split"], chunk):
             symbols = [alphabet[b] for b in word.encode("utf-8")]
+            whole = "".join(symbols)
+            if family.get("ignore_merges") and whole in vocab:
+                ids.append(vocab[whole])
+                continue
             while len(symbols) > 1:
                 rank, at = min(
                     (ranks.get(pair, float("inf")), i)
@@ -783,6 +794,7 @@ def second_opinion(family, tokens, merges):
         models.BPE(
             vocab={t: i for i, t in enumerate(tokens)},
             merges=[tuple(m.split(" ")) for m in merges],
+            ignore_merges=family.get("ignore_merges", False),
         )
     )
     if family["nfc"]:

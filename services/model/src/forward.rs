@@ -469,11 +469,14 @@ impl Llama {
         let q = q.reshape((1, nkv, rep * t, hd))?;
         let scale = f64::from(self.cfg.attn_scale);
         let scores = q.matmul(&k.t()?)?;
+        // A window no key falls out of (fewer keys than it holds) masks
+        // nothing: left out, so short sequences keep the fused attention.
+        let keys = k.dim(2)?;
         let mask = Causal {
             t,
-            offset: k.dim(2)? - t,
+            offset: keys - t,
             starts,
-            window,
+            window: window.filter(|&w| w < keys),
         };
         let att = ops.attention_weights(&scores, scale, self.cfg.attn_softcap, mask)?;
         let out = att.matmul(&v)?.reshape((1, nh, t, hd))?;

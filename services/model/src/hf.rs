@@ -335,6 +335,15 @@ fn no_rope_layers(config: &Json, layers: usize) -> Result<()> {
 /// files can record neither.
 fn gemma3_layers(config: &Json, layers: usize) -> Result<()> {
     let bad = |what: String| ModelError::Load(format!("config.json: {what}"));
+    // EmbeddingGemma shares the model_type and attends both ways: not a
+    // model that generates.
+    if config["use_bidirectional_attention"].as_bool() == Some(true) {
+        return Err(bad(
+            "use_bidirectional_attention is set (an embedding model, such as EmbeddingGemma): \
+             Flywheel serves models that generate"
+                .into(),
+        ));
+    }
     let pattern: Vec<&str> = (0..layers)
         .map(|i| match (i + 1).is_multiple_of(6) {
             true => "full_attention",
@@ -954,6 +963,10 @@ mod tests {
         gemma["rope_parameters"]["sliding_attention"]["rope_theta"] = 1e5.into();
         let e = hparams(&gemma, "gemma3").err().unwrap().to_string();
         assert!(e.contains("sliding-window layers' rope"), "{e}");
+        gemma["rope_parameters"]["sliding_attention"]["rope_theta"] = 1e4.into();
+        gemma["use_bidirectional_attention"] = true.into();
+        let e = hparams(&gemma, "gemma3").err().unwrap().to_string();
+        assert!(e.contains("use_bidirectional_attention"), "{e}");
         // Older configs: the pattern and the local base at the top.
         let older = serde_json::json!({
             "hidden_size": 64, "num_attention_heads": 4, "num_hidden_layers": 12,

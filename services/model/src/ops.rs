@@ -131,7 +131,8 @@ impl Ops for Inference {
 /// another behind a prefix they share (the `offset` cached keys): position
 /// `i` belongs to the sequence that starts at `starts[i]` and sees the
 /// prefix and its own sequence up to itself, keys `0..offset` and
-/// `offset + starts[i] ..= offset + i`.
+/// `offset + starts[i] ..= offset + i`. With `window`, only the keys fewer
+/// than that many positions back of those ([`Causal::sees`]).
 #[derive(Debug, Clone, Copy)]
 pub struct Causal<'a> {
     pub t: usize,

@@ -469,8 +469,9 @@ const DIGITS_THEN_GPT2: &[&str] = &["smollm", "starcoder", "refact"];
 const GPT2: &[&str] = &["gpt-2", "gpt2", "default"];
 /// Qwen2's (and Qwen2.5's) regex, after NFC normalization.
 const QWEN2: &[&str] = &["qwen2"];
-/// Llama 3's regex (Llama 3, 3.1, 3.2, SmolLM3), no normalization.
-const LLAMA3: &[&str] = &["llama-bpe"];
+/// Llama 3's regex (Llama 3, 3.1, 3.2; SmolLM3, whose tokenizer llama.cpp's
+/// converter names `smaug-bpe`), no normalization.
+const LLAMA3: &[&str] = &["llama-bpe", "smaug-bpe"];
 /// Mistral's byte-level BPE (Ministral, Mistral NeMo), no normalization.
 const TEKKEN: &[&str] = &["tekken"];
 
@@ -515,8 +516,13 @@ fn build(tokens: &[String], merges: &[String], pre: &str) -> Result<Tokenizer> {
                 .ok_or_else(|| ModelError::Tokenizer(format!("malformed merge {m:?}")))
         })
         .collect::<Result<Vec<_>>>()?;
+    // Llama 3's and tekken's tokenizer.json (and llama.cpp for them) take a
+    // word the vocabulary holds whole as one token, whatever the merges
+    // would make of it.
+    let ignore_merges = LLAMA3.contains(&pre) || TEKKEN.contains(&pre);
     let bpe = BPE::builder()
         .vocab_and_merges(vocab, merges)
+        .ignore_merges(ignore_merges)
         .build()
         .map_err(|e| ModelError::Tokenizer(e.to_string()))?;
     let mut tok = Tokenizer::new(bpe);

@@ -152,8 +152,8 @@ impl ModelCache {
             Err(FetchError::Status { status, .. }) if matches!(status, 401 | 403) => {
                 return Err(FetchError::Invalid(format!(
                     "the hub answered {status} for {repo}: a private or gated repository needs \
-                     HF_TOKEN set to a token that may read it (and, for a gated one, its terms \
-                     accepted on the hub)"
+                     a token that may read it, in HF_TOKEN or saved by `huggingface-cli login` \
+                     (and, for a gated one, its terms accepted on the hub)"
                 )));
             }
             Err(e) => return Err(e),

@@ -275,10 +275,7 @@ impl LlamaConfig {
     /// it where the file has them ([`ROPE_FACTORS`]; Phi-3's long and short
     /// ones, [`ROPE_FACTORS_LONG`]).
     pub fn rope(&self, gguf: &mut GgufFile) -> Result<Rope> {
-        let hd = self.head_dim;
-        let base: Vec<f32> = (0..hd / 2)
-            .map(|i| 1.0 / self.rope_theta.powf(2.0 * i as f32 / hd as f32))
-            .collect();
+        let base = base_frequencies(self.rope_theta, self.head_dim);
         let mut divided = |name: &str| -> Result<Option<Vec<f32>>> {
             if !gguf.has_tensor(name) {
                 return Ok(None);
@@ -349,15 +346,20 @@ impl LlamaConfig {
     /// by a base of their own (Gemma 3's local layers: no scaling).
     pub fn local_rope(&self) -> Option<Rope> {
         let theta = self.sliding?.rope_theta?;
-        let hd = self.head_dim;
         Some(Rope {
-            freqs: (0..hd / 2)
-                .map(|i| 1.0 / theta.powf(2.0 * i as f32 / hd as f32))
-                .collect(),
+            freqs: base_frequencies(theta, self.head_dim),
             long: None,
             scale: 1.0,
         })
     }
+}
+
+/// The rotary frequency of each pair of a head's dimensions:
+/// `theta^(-2i / head_dim)`.
+fn base_frequencies(theta: f32, head_dim: usize) -> Vec<f32> {
+    (0..head_dim / 2)
+        .map(|i| 1.0 / theta.powf(2.0 * i as f32 / head_dim as f32))
+        .collect()
 }
 
 /// Gemma's `1 / sqrt(query_pre_attn_scalar)` as llama.cpp infers it from
@@ -484,9 +486,19 @@ fn read_config(family: &dyn Family, gguf: &GgufFile) -> Result<LlamaConfig> {
     {
         match family.sliding() {
             Some((pattern, rope_theta)) => {
-                let pattern = gguf
-                    .get_u32(&key("attention.sliding_window_pattern"))
-                    .map_or(pattern, |p| p as usize);
+                // A pattern in the file (as a number; llama.cpp writes
+                // per-layer flags for other architectures) replaces the
+                // family's; anything else is refused rather than guessed.
+                let pattern_key = key("attention.sliding_window_pattern");
+                let pattern = match gguf.get_u32(&pattern_key) {
+                    Ok(p) if p > 0 => p as usize,
+                    Err(_) if !gguf.metadata().contains_key(&pattern_key) => pattern,
+                    _ => {
+                        return Err(ModelError::Load(format!(
+                            "{pattern_key} other than a positive number is not supported"
+                        )));
+                    }
+                };
                 sliding = Some(crate::config::Sliding {
                     window: window as usize,
                     pattern,
