@@ -185,6 +185,19 @@ QWEN2_MODEL = {
     },
 }
 
+# Mistral's transformers classes and settings (no sliding window), for its
+# two tiny models.
+MISTRAL_MODEL = {
+    "config": "MistralConfig",
+    "model": "MistralForCausalLM",
+    "extra": {
+        "rope_parameters": {"rope_type": "default", "rope_theta": 1_000_000.0},
+        "rms_norm_eps": 1e-5,
+        "tie_word_embeddings": False,
+        "sliding_window": None,
+    },
+}
+
 # Gemma's text side (Gemma 2 and 3): a SentencePiece vocabulary that puts no
 # space in front of a text, its turn tokens, template and end tokens.
 GEMMA_TEXT = {
@@ -312,14 +325,7 @@ FAMILIES = {
         "template": MISTRAL_CHAT,
         "seed": 34,
         "formats": ["Q8_0", "Q4_1"],
-        "config": "MistralConfig",
-        "model": "MistralForCausalLM",
-        "extra": {
-            "rope_parameters": {"rope_type": "default", "rope_theta": 1_000_000.0},
-            "rms_norm_eps": 1e-5,
-            "tie_word_embeddings": False,
-            "sliding_window": None,
-        },
+        **MISTRAL_MODEL,
     },
     # Ministral (8B) and Mistral NeMo: llama's layout with Mistral's
     # byte-level BPE tokenizer (`tekken`: words split by letter case, digits
@@ -343,14 +349,7 @@ FAMILIES = {
         "tricky": ["HelloWorld XMLHttpRequest iPhone", "path//to/ file.rs", "ÉCOLE École"],
         "seed": 37,
         "formats": ["Q8_0", "Q4_1"],
-        "config": "MistralConfig",
-        "model": "MistralForCausalLM",
-        "extra": {
-            "rope_parameters": {"rope_type": "default", "rope_theta": 1_000_000.0},
-            "rms_norm_eps": 1e-5,
-            "tie_word_embeddings": False,
-            "sliding_window": None,
-        },
+        **MISTRAL_MODEL,
     },
     # Phi-3 / Phi-3.5: q, k and v in one matrix and gate and up in another,
     # a SentencePiece tokenizer with Phi-3's added tokens, Phi-3.5's
