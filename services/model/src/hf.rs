@@ -191,7 +191,12 @@ fn hparams(config: &Json, arch: &str) -> Result<Hparams> {
             r
         }
     };
-    let theta = rope["rope_theta"].as_f64().unwrap_or(10_000.0);
+    // transformers' defaults where a config gives no base: Gemma 3's
+    // global layers 1,000,000, the others 10,000.
+    let theta = rope["rope_theta"].as_f64().unwrap_or(match arch {
+        "gemma3" => 1_000_000.0,
+        _ => 10_000.0,
+    });
     let kind = rope["rope_type"]
         .as_str()
         .or(rope["type"].as_str())
@@ -975,6 +980,11 @@ mod tests {
             "rope_local_base_freq": 10000.0, "rope_theta": 1e6,
         });
         assert!(hparams(&older, "gemma3").is_ok());
+        // No base given: transformers' default for Gemma 3, not llama's.
+        let mut bare = older.clone();
+        bare.as_object_mut().unwrap().remove("rope_theta");
+        let hp = hparams(&bare, "gemma3").unwrap();
+        assert_eq!(key(&hp, "gemma3.rope.freq_base").to_f32().unwrap(), 1e6);
         let mut other = older.clone();
         other["sliding_window_pattern"] = 4.into();
         let e = hparams(&other, "gemma3").err().unwrap().to_string();

@@ -42,12 +42,7 @@ impl Hub {
             .or_else(|| var("HF_HOME").map(|h| PathBuf::from(h).join("hub")))
             .or_else(|| var("XDG_CACHE_HOME").map(|c| PathBuf::from(c).join("huggingface/hub")))
             .or_else(|| var("HOME").map(|h| PathBuf::from(h).join(".cache/huggingface/hub")));
-        let offline = var("HF_HUB_OFFLINE").is_some_and(|v| {
-            matches!(
-                v.to_string_lossy().to_ascii_uppercase().as_str(),
-                "1" | "ON" | "YES" | "TRUE"
-            )
-        });
+        let offline = var("HF_HUB_OFFLINE").is_some_and(|v| truthy(&v));
         Self {
             endpoint: endpoint.trim_end_matches('/').to_string(),
             cache,
@@ -70,16 +65,33 @@ impl Hub {
     }
 }
 
+/// A boolean variable as huggingface_hub reads one: 1, ON, YES or TRUE in
+/// any case.
+fn truthy(v: &OsString) -> bool {
+    matches!(
+        v.to_string_lossy().to_ascii_uppercase().as_str(),
+        "1" | "ON" | "YES" | "TRUE"
+    )
+}
+
 /// The hub token as huggingface_hub finds it: `HF_TOKEN` (or the older
 /// `HUGGING_FACE_HUB_TOKEN`), else the file `huggingface-cli login` writes:
 /// `HF_TOKEN_PATH`, else `HF_HOME/token`, else
 /// `XDG_CACHE_HOME/huggingface/token`, else `~/.cache/huggingface/token`.
-/// Surrounding whitespace is dropped; an empty token counts as none.
+/// Surrounding whitespace is dropped; a token of none counts as none (and
+/// the next place is looked in). With `HF_HUB_DISABLE_IMPLICIT_TOKEN` set
+/// (1, ON, YES, TRUE), none is sent.
 pub fn token_from_vars(var: impl Fn(&str) -> Option<OsString>) -> Option<String> {
     let var = |k: &str| var(k).filter(|v| !v.is_empty());
     let clean = |t: String| Some(t.trim().to_string()).filter(|t| !t.is_empty());
-    if let Some(t) = var("HF_TOKEN").or_else(|| var("HUGGING_FACE_HUB_TOKEN")) {
-        return clean(t.to_string_lossy().into_owned());
+    if var("HF_HUB_DISABLE_IMPLICIT_TOKEN").is_some_and(|v| truthy(&v)) {
+        return None;
+    }
+    let given = ["HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"]
+        .into_iter()
+        .find_map(|k| clean(var(k)?.to_string_lossy().into_owned()));
+    if given.is_some() {
+        return given;
     }
     let file = var("HF_TOKEN_PATH")
         .map(PathBuf::from)
@@ -403,7 +415,14 @@ mod tests {
         let old = ("HUGGING_FACE_HUB_TOKEN", "hf_old".to_string());
         assert_eq!(token(&[h.clone(), old]).as_deref(), Some("hf_old"));
         let empty = ("HF_TOKEN", String::new());
-        assert_eq!(token(&[h, empty]).as_deref(), Some("hf_login"));
+        assert_eq!(token(&[h.clone(), empty]).as_deref(), Some("hf_login"));
+        let spaces = ("HF_TOKEN", "  ".to_string());
+        assert_eq!(token(&[h.clone(), spaces]).as_deref(), Some("hf_login"));
+        // Implicit tokens turned off: none, from the variable or the file.
+        let off = ("HF_HUB_DISABLE_IMPLICIT_TOKEN", "1".to_string());
+        let var = ("HF_TOKEN", "hf_var".to_string());
+        assert_eq!(token(&[h.clone(), off.clone(), var]), None);
+        assert_eq!(token(&[h, off]), None);
         // No file, no token.
         assert_eq!(token(&[("HOME", p(&root))]), None);
         std::fs::remove_dir_all(&root).unwrap();
