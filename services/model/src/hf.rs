@@ -21,7 +21,7 @@ use candle_core::quantized::GgmlDType;
 use candle_core::quantized::gguf_file::Value;
 use serde_json::Value as Json;
 
-use crate::config::{self, Proj, gather_rows, interleaved_from_halves};
+use crate::config::{self, Proj, RopeRows, gather_rows, interleaved_from_halves};
 use crate::gguf::{self, TensorSpec};
 use crate::{ModelError, Result};
 
@@ -87,7 +87,7 @@ fn layer_tensors(arch: &str) -> impl Iterator<Item = (&'static str, &'static str
         ],
         // Gemma's four norms: its post_attention_layernorm is the
         // attention output's, not the feed-forward's input's.
-        "gemma2" | "gemma3" => &[
+        _ if gemma(arch) => &[
             ("post_attention_layernorm", config::POST_ATTN_NORM),
             ("pre_feedforward_layernorm", config::FFN_NORM),
             ("post_feedforward_layernorm", config::POST_FFN_NORM),
@@ -140,9 +140,9 @@ fn hparams(config: &Json, arch: &str) -> Result<Hparams> {
     };
     // Gemma's gate activation is GELU's tanh approximation; the others'
     // SiLU.
-    let (want, kind) = match arch {
-        "gemma2" | "gemma3" => ("gelu_pytorch_tanh", "a gemma"),
-        _ => ("silu", "a llama"),
+    let (want, kind) = match gemma(arch) {
+        true => ("gelu_pytorch_tanh", "a gemma"),
+        false => ("silu", "a llama"),
     };
     let act = config["hidden_activation"]
         .as_str()
@@ -158,11 +158,12 @@ fn hparams(config: &Json, arch: &str) -> Result<Hparams> {
             )));
         }
     }
-    if arch == "smollm3" {
-        no_rope_layers(config, int("num_hidden_layers")?)?;
+    let family = crate::family::by_name(arch);
+    if let Some(step) = family.and_then(|f| f.no_rope_step()) {
+        no_rope_layers(config, int("num_hidden_layers")?, step)?;
     }
-    if arch == "gemma3" {
-        gemma3_layers(config, int("num_hidden_layers")?)?;
+    if let Some((pattern, local_theta)) = family.and_then(|f| f.sliding()) {
+        sliding_layers(config, int("num_hidden_layers")?, pattern, local_theta)?;
     }
     let (hidden, heads) = (int("hidden_size")?, int("num_attention_heads")?);
     let kv_heads = match config["num_key_value_heads"].as_u64() {
@@ -272,7 +273,7 @@ fn hparams(config: &Json, arch: &str) -> Result<Hparams> {
     {
         keys.push((key("attention.sliding_window"), u(window as usize)));
     }
-    if matches!(arch, "gemma2" | "gemma3") {
+    if gemma(arch) {
         for (k, gguf_key) in [
             ("attn_logit_softcapping", "attn_logit_softcapping"),
             ("final_logit_softcapping", "final_logit_softcapping"),
@@ -303,42 +304,57 @@ fn hparams(config: &Json, arch: &str) -> Result<Hparams> {
 
 /// Whether llama.cpp's converter permutes the family's q and k rows for
 /// interleaved rotary embeddings (its `LlamaModel` and what derives from
-/// it), rather than storing them as Hugging Face does.
+/// it), rather than storing them as Hugging Face does: the family's own
+/// [`Family::gguf_rope_rows`](crate::family::Family::gguf_rope_rows).
 fn permuted(arch: &str) -> bool {
-    matches!(arch, "llama" | "smollm3")
+    crate::family::by_name(arch).is_some_and(|f| f.gguf_rope_rows() == RopeRows::Interleaved)
+}
+
+/// Whether the family has Gemma's layer ([`Family::gemma`](crate::family::Family::gemma)).
+fn gemma(arch: &str) -> bool {
+    crate::family::by_name(arch).is_some_and(|f| f.gemma())
 }
 
 /// SmolLM3's layers without a rotary embedding must be the last of every
-/// four, the pattern llama.cpp fixes for the architecture (its files have
-/// no key for it): `no_rope_layers` (1 where a layer rotates) and
+/// `step` (4), the pattern llama.cpp fixes for the architecture (its files
+/// have no key for it): `no_rope_layers` (1 where a layer rotates) and
 /// `no_rope_layer_interval` are checked against it.
-fn no_rope_layers(config: &Json, layers: usize) -> Result<()> {
+fn no_rope_layers(config: &Json, layers: usize, step: usize) -> Result<()> {
     let bad = |what: String| ModelError::Load(format!("config.json: {what}"));
-    let step = config["no_rope_layer_interval"].as_u64().unwrap_or(4) as usize;
+    let given_step = config["no_rope_layer_interval"]
+        .as_u64()
+        .map_or(step, |s| s as usize);
     let pattern: Vec<u64> = (0..layers)
-        .map(|i| u64::from(!(i + 1).is_multiple_of(4)))
+        .map(|i| u64::from(!(i + 1).is_multiple_of(step)))
         .collect();
     let given: Option<Vec<u64>> = config["no_rope_layers"]
         .as_array()
         .map(|a| a.iter().map(|v| v.as_u64().unwrap_or(u64::MAX)).collect());
     match given {
         Some(list) if list != pattern => Err(bad(format!(
-            "no_rope_layers {list:?}: layers without a rotary embedding other than every \
-             fourth are not supported (llama.cpp's files cannot say so)"
+            "no_rope_layers {list:?}: layers without a rotary embedding other than the \
+             last of every {step} are not supported (llama.cpp's files cannot say so)"
         ))),
-        None if step != 4 => Err(bad(format!(
-            "no_rope_layer_interval {step}: only every fourth layer without a rotary \
-             embedding is supported (llama.cpp's files cannot say otherwise)"
+        None if given_step != step => Err(bad(format!(
+            "no_rope_layer_interval {given_step}: only the last of every {step} layers \
+             without a rotary embedding is supported (llama.cpp's files cannot say otherwise)"
         ))),
         _ => Ok(()),
     }
 }
 
-/// Gemma 3's local and global layers must be the pattern llama.cpp fixes
-/// for the architecture (five sliding-window layers, then one global), the
-/// local layers turning by a rotary base of 10,000 without scaling: its
-/// files can record neither.
-fn gemma3_layers(config: &Json, layers: usize) -> Result<()> {
+/// The local (sliding-window) and global layers must be the pattern
+/// llama.cpp fixes for the architecture (Gemma 2's one local to one global,
+/// Gemma 3's five to one: the last of every `pattern` global), the local
+/// layers turning by their own rotary base (`local_theta`, Gemma 3's
+/// 10,000) without scaling where they have one: its files can record
+/// neither.
+fn sliding_layers(
+    config: &Json,
+    layers: usize,
+    pattern: usize,
+    local_theta: Option<f32>,
+) -> Result<()> {
     let bad = |what: String| ModelError::Load(format!("config.json: {what}"));
     // EmbeddingGemma shares the model_type and attends both ways: not a
     // model that generates.
@@ -349,28 +365,32 @@ fn gemma3_layers(config: &Json, layers: usize) -> Result<()> {
                 .into(),
         ));
     }
-    let pattern: Vec<&str> = (0..layers)
-        .map(|i| match (i + 1).is_multiple_of(6) {
+    let types: Vec<&str> = (0..layers)
+        .map(|i| match (i + 1).is_multiple_of(pattern) {
             true => "full_attention",
             false => "sliding_attention",
         })
         .collect();
-    if let Some(types) = config["layer_types"].as_array() {
-        let given: Vec<&str> = types.iter().map(|t| t.as_str().unwrap_or("?")).collect();
-        if given != pattern {
+    if let Some(given) = config["layer_types"].as_array() {
+        let given: Vec<&str> = given.iter().map(|t| t.as_str().unwrap_or("?")).collect();
+        if given != types {
             return Err(bad(format!(
-                "layer_types {given:?}: only five sliding-window layers to one global, in \
-                 that order, are supported (llama.cpp's files cannot say otherwise)"
+                "layer_types {given:?}: only {} sliding-window layers to one global, in \
+                 that order, are supported (llama.cpp's files cannot say otherwise)",
+                pattern - 1
             )));
         }
     } else if let Some(p) = config["sliding_window_pattern"].as_u64()
-        && p != 6
+        && p as usize != pattern
     {
         return Err(bad(format!(
-            "sliding_window_pattern {p}: only 6 is supported (llama.cpp's files cannot say \
-             otherwise)"
+            "sliding_window_pattern {p}: only {pattern} is supported (llama.cpp's files cannot \
+             say otherwise)"
         )));
     }
+    let Some(want) = local_theta else {
+        return Ok(());
+    };
     let local = &config["rope_parameters"]["sliding_attention"];
     let (theta, kind) = match local.is_object() {
         true => (
@@ -379,9 +399,9 @@ fn gemma3_layers(config: &Json, layers: usize) -> Result<()> {
         ),
         false => (config["rope_local_base_freq"].as_f64(), "default"),
     };
-    if theta.is_some_and(|t| t != 10_000.0) || kind != "default" {
+    if theta.is_some_and(|t| t != f64::from(want)) || kind != "default" {
         return Err(bad(format!(
-            "the sliding-window layers' rope (base {theta:?}, {kind}): only a base of 10,000 \
+            "the sliding-window layers' rope (base {theta:?}, {kind}): only a base of {want} \
              without scaling is supported (llama.cpp's files cannot say otherwise)"
         )));
     }
@@ -682,7 +702,7 @@ pub fn convert_as(dir: &Path, out: &Path, quantize: Option<GgmlDType>) -> Result
                     dtype,
                 },
                 Source {
-                    plus_one: matches!(arch, "gemma2" | "gemma3") && name.ends_with("norm.weight"),
+                    plus_one: gemma(arch) && name.ends_with("norm.weight"),
                     name,
                     order,
                 },

@@ -389,20 +389,21 @@ pub const FAMILIES: &[&dyn Family] = &[
     &smollm3::SmolLm3,
 ];
 
+/// The family whose GGUF architecture is `arch`.
+pub fn by_name(arch: &str) -> Option<&'static dyn Family> {
+    FAMILIES.iter().copied().find(|f| f.name() == arch)
+}
+
 /// The family of a GGUF file, by its `general.architecture`.
 pub fn of_gguf(gguf: &GgufFile) -> Result<&'static dyn Family> {
     let arch = gguf.get_str("general.architecture")?;
-    FAMILIES
-        .iter()
-        .copied()
-        .find(|f| f.name() == arch)
-        .ok_or_else(|| {
-            let known: Vec<&str> = FAMILIES.iter().map(|f| f.name()).collect();
-            ModelError::Load(format!(
-                "architecture {arch} is not supported (Flywheel serves {})",
-                known.join(", ")
-            ))
-        })
+    by_name(arch).ok_or_else(|| {
+        let known: Vec<&str> = FAMILIES.iter().map(|f| f.name()).collect();
+        ModelError::Load(format!(
+            "architecture {arch} is not supported (Flywheel serves {})",
+            known.join(", ")
+        ))
+    })
 }
 
 /// The `{arch}.*` keys every family here shares (llama.cpp writes the same
