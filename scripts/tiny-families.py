@@ -71,15 +71,22 @@ LLAMA3_CHAT = (
     "{%- endif %}"
 )
 
-# Mistral's instruction layout ([INST] ... [/INST], the begin-of-sequence
-# token first, each answer closed by the end token), a system message put in
-# front of the first instruction as Mistral's later templates do.
-MISTRAL_CHAT = (
+# The templates that put a system message into a turn of their own
+# choosing: it taken apart from the rest (`system`, with a blank line after
+# it), `messages` the turns after it.
+SYSTEM_APART = (
     "{%- if messages[0]['role'] == 'system' %}"
     "{%- set system = messages[0]['content'] + '\n\n' %}"
     "{%- set messages = messages[1:] %}"
     "{%- else %}{%- set system = '' %}{%- endif %}"
-    "{{- bos_token }}"
+)
+
+# Mistral's instruction layout ([INST] ... [/INST], the begin-of-sequence
+# token first, each answer closed by the end token), a system message put in
+# front of the first instruction as Mistral's later templates do.
+MISTRAL_CHAT = (
+    SYSTEM_APART
+    + "{{- bos_token }}"
     "{%- for message in messages %}"
     "{%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
     "{{- raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}"
@@ -94,11 +101,8 @@ MISTRAL_CHAT = (
 # and `[/INST]` as tokens of their own, no spaces around them, a system
 # message in front of the last instruction.
 MISTRAL_TEKKEN_CHAT = (
-    "{%- if messages[0]['role'] == 'system' %}"
-    "{%- set system = messages[0]['content'] + '\n\n' %}"
-    "{%- set messages = messages[1:] %}"
-    "{%- else %}{%- set system = '' %}{%- endif %}"
-    "{{- bos_token }}"
+    SYSTEM_APART
+    + "{{- bos_token }}"
     "{%- for message in messages %}"
     "{%- if message['role'] == 'user' %}"
     "{{- '[INST]' + (system if loop.last else '') + message['content'] + '[/INST]' }}"
@@ -121,11 +125,8 @@ PHI3_CHAT = (
 # the first user turn (Gemma has no system role), the begin token first.
 GEMMA_CHAT = (
     "{{- bos_token }}"
-    "{%- if messages[0]['role'] == 'system' %}"
-    "{%- set system = messages[0]['content'] + '\n\n' %}"
-    "{%- set messages = messages[1:] %}"
-    "{%- else %}{%- set system = '' %}{%- endif %}"
-    "{%- for message in messages %}"
+    + SYSTEM_APART
+    + "{%- for message in messages %}"
     "{%- set role = 'model' if message['role'] == 'assistant' else message['role'] %}"
     "{{- '<start_of_turn>' + role + '\n' + (system if loop.first else '')"
     " + message['content'] | trim + '<end_of_turn>\n' }}"
