@@ -541,16 +541,6 @@ async fn two_automatic_cycles_on_a_gemma2_model() {
     two_automatic_cycles(gw, tiny_loop::work().spec.lora).await;
 }
 
-// The same two cycles, the same settings, on a tiny Qwen2
-// (tests/testdata/families/qwen2-loop, built with transformers, its weights
-// drawn as the tiny llama's are): its q/k/v biases and byte-level BPE
-// vocabulary curated, trained, evaluated and promoted as the llama is.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn two_automatic_cycles_on_a_qwen2_model() {
-    let gw = TestGateway::family("qwen2-loop").await;
-    two_automatic_cycles(gw, tiny_loop::work().spec.lora).await;
-}
-
 /// The scheduled loop's two cycles on `gw`'s model, its adapters `lora`.
 async fn two_automatic_cycles(gw: TestGateway, lora: flywheel_trainer::LoraConfig) {
     let pool = gw.db.pool.clone();
